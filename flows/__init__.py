@@ -1,0 +1,1 @@
+"""valuegate.flows: see DESIGN §2."""

@@ -1,0 +1,1 @@
+"""valuegate.storage: see DESIGN §2."""

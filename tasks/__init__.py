@@ -1,0 +1,1 @@
+"""valuegate.tasks: see DESIGN §2."""

@@ -1,0 +1,211 @@
+"""Batched forward-only extraction: samples → token blocks → sparse features.
+
+One forward pass of the base model per length-sorted batch; the LM head is applied in float32 to the
+counted positions only, in chunks of whole samples whose ``(positions, V)`` probability block fits
+``prob_budget_mb``, so peak memory never holds float32 logits for a whole batch when V is large.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from valuegate.errors import ValuegateError
+from valuegate.settings import ExtractSettings
+from valuegate.tasks.forvalue import SparseFeatures, TokenBlock, gaussian_projection, hardest_positions, \
+    logit_jacobian, sparse_features
+from valuegate.tasks.ingest import Sample
+from valuegate.tasks.model import EncodedSample, LoadedModel, length_batches
+
+__all__ = ["ExtractionStats", "extract_sparse", "extract_token_blocks", "iter_token_blocks", "pad_batch"]
+
+
+@dataclass
+class ExtractionStats:
+    """What an extraction did: samples, counted tokens, padded tokens run through the model, seconds."""
+
+    samples: int = 0
+    counted_tokens: int = 0
+    model_tokens: int = 0
+    seconds: float = 0.0
+
+
+def pad_batch(encoded: list[EncodedSample], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad a batch. Returns ``input_ids`` and ``attention_mask``, both ``(B, T)`` int64.
+
+    Right padding keeps every real token's position and causal context identical to the unpadded
+    sample, whatever the tokenizer's own ``padding_side``.
+    """
+    t = max(len(e.input_ids) for e in encoded)
+    ids = torch.full((len(encoded), t), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(encoded), t), dtype=torch.long)
+    for b, e in enumerate(encoded):
+        ids[b, :len(e.input_ids)] = torch.from_numpy(e.input_ids)
+        mask[b, :len(e.input_ids)] = 1
+    return ids.to(device), mask.to(device)
+
+
+def _chunks_by_budget(counts: list[int], max_rows: int) -> list[tuple[int, int]]:
+    """Cut consecutive samples into ``[lo, hi)`` runs whose counted rows sum to at most ``max_rows``."""
+    out, lo, acc = [], 0, 0
+    for i, c in enumerate(counts):
+        if i > lo and acc + c > max_rows:
+            out.append((lo, i))
+            lo, acc = i, 0
+        acc += c
+    if lo < len(counts):
+        out.append((lo, len(counts)))
+    return out
+
+
+def iter_token_blocks(lm: LoadedModel, encoded: list[EncodedSample], cfg: ExtractSettings,
+                      samples: list[Sample] | None = None, lowest_likelihood_ratio: float = 1.0,
+                      progress: bool = True, desc: str = "extract",
+                      stats: ExtractionStats | None = None) -> Iterator[tuple[list[int], TokenBlock]]:
+    """Run the model over the samples and yield token blocks of counted positions.
+
+    Args:
+        lm: the loaded model.
+        encoded: token ids and masks, one per sample.
+        cfg: batch size, token and memory budgets.
+        samples: the samples (only to name file and row in errors).
+        lowest_likelihood_ratio: keep only this fraction of each sample's counted positions, the hardest.
+        progress: show a progress bar on stderr.
+        desc: label of the progress bar.
+        stats: filled in as the work goes.
+
+    Yields:
+        ``(indices, block)``: ``indices[i]`` is the position in ``encoded`` of the block's sample i.
+
+    Raises:
+        ValuegateError: a sample's hidden states or probabilities are not finite (names file and row).
+    """
+    import time
+
+    pad_id = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0
+    lengths = [len(e.input_ids) for e in encoded]
+    batches = length_batches(lengths, cfg.batch_size, cfg.max_batch_tokens)
+    factor = 3 if lm.softcap is None and lm.logit_scale == 1.0 else 4  # logits, log-probs, probs (+ jac)
+    max_rows = max(1, (cfg.prob_budget_mb << 20) // (lm.vocab_size * 4 * factor))
+    bar = tqdm(total=len(encoded), desc=desc, unit="sample", disable=not progress, leave=False)
+    try:
+        for batch in batches:
+            t0 = time.perf_counter()
+            items = [encoded[i] for i in batch]
+            ids, mask = pad_batch(items, pad_id, lm.device)
+            with torch.inference_mode():
+                hidden = lm.final_hidden(ids, mask)
+                counted = torch.zeros_like(mask, dtype=torch.bool)
+                for b, e in enumerate(items):
+                    counted[b, :len(e.counted)] = torch.from_numpy(e.counted)
+                counts = [e.n_counted for e in items]
+                for lo, hi in _chunks_by_budget(counts, max_rows):
+                    block = _token_block(lm, hidden[lo:hi], ids[lo:hi], counted[lo:hi], counts[lo:hi])
+                    _check_finite(block, [batch[i] for i in range(lo, hi)], samples)
+                    if lowest_likelihood_ratio < 1.0:
+                        block = _keep_rows(block, hardest_positions(block.log_likelihood, block.sample,
+                                                                    block.n_samples, lowest_likelihood_ratio))
+                    yield batch[lo:hi], block
+            if stats is not None:
+                stats.samples += len(batch)
+                stats.counted_tokens += sum(counts)
+                stats.model_tokens += int(ids.numel())
+                stats.seconds += time.perf_counter() - t0
+            bar.update(len(batch))
+    finally:
+        bar.close()
+
+
+def _token_block(lm: LoadedModel, hidden: torch.Tensor, ids: torch.Tensor, counted: torch.Tensor,
+                 counts: list[int]) -> TokenBlock:
+    """Counted positions of a run of samples: ``hidden (b, T, d)``, ``ids (b, T)``, ``counted (b, T)``."""
+    h = hidden[counted].float()
+    targets = ids[:, 1:][counted[:, :-1]]
+    sample = torch.repeat_interleave(torch.arange(len(counts), device=h.device),
+                                     torch.tensor(counts, device=h.device))
+    raw = lm.raw_logits(h)
+    jac = logit_jacobian(raw, lm.logit_scale, lm.softcap)
+    if lm.softcap is not None:
+        logits = lm.softcap * torch.tanh(raw * (lm.logit_scale / lm.softcap))
+    elif lm.logit_scale != 1.0:
+        logits = raw * lm.logit_scale
+    else:
+        logits = raw
+    del raw
+    logp = torch.log_softmax(logits, dim=-1)
+    del logits
+    ll = logp.gather(1, targets[:, None])[:, 0]
+    probs = logp.exp_()
+    return TokenBlock(hidden=h, probs=probs, targets=targets, sample=sample, n_samples=len(counts),
+                      logit_jac=jac, log_likelihood=ll)
+
+
+def _keep_rows(block: TokenBlock, keep: torch.Tensor) -> TokenBlock:
+    return TokenBlock(hidden=block.hidden[keep], probs=block.probs[keep], targets=block.targets[keep],
+                      sample=block.sample[keep], n_samples=block.n_samples,
+                      logit_jac=None if block.logit_jac is None else block.logit_jac[keep],
+                      log_likelihood=block.log_likelihood[keep])
+
+
+def _check_finite(block: TokenBlock, indices: list[int], samples: list[Sample] | None) -> None:
+    bad_rows = ~(torch.isfinite(block.hidden).all(1) & torch.isfinite(block.log_likelihood))
+    if bool(bad_rows.any()):
+        first = int(block.sample[bad_rows][0])
+        idx = indices[first]
+        where = f"{samples[idx].source}: row {samples[idx].row}" if samples else f"sample {idx}"
+        raise ValuegateError(f"{where}: the model produced non-finite hidden states or probabilities "
+                             "(try --dtype float32)")
+
+
+def extract_token_blocks(lm: LoadedModel, encoded: list[EncodedSample], cfg: ExtractSettings,
+                         samples: list[Sample] | None = None, lowest_likelihood_ratio: float = 1.0,
+                         progress: bool = True, desc: str = "extract") -> TokenBlock:
+    """All counted positions of all samples as one block, in the input order (for the exact path).
+
+    Memory: ``(Σ counted positions) × V × 4`` bytes: meant for validation sets and small train sets.
+    """
+    parts: list[tuple[list[int], TokenBlock]] = list(
+        iter_token_blocks(lm, encoded, cfg, samples, lowest_likelihood_ratio, progress, desc))
+    order = [i for idx, _ in parts for i in idx]
+    block = TokenBlock.concat([b for _, b in parts])
+    # reorder rows so sample i of the block is encoded[i]
+    inverse = np.empty(len(order), dtype=np.int64)
+    inverse[np.asarray(order)] = np.arange(len(order))
+    new_sample = torch.from_numpy(np.asarray(order, dtype=np.int64))[block.sample]
+    perm = torch.argsort(new_sample, stable=True)
+    return TokenBlock(hidden=block.hidden[perm], probs=block.probs[perm], targets=block.targets[perm],
+                      sample=new_sample[perm], n_samples=block.n_samples,
+                      logit_jac=None if block.logit_jac is None else block.logit_jac[perm],
+                      log_likelihood=block.log_likelihood[perm])
+
+
+def projections(cfg: ExtractSettings, hidden_size: int, vocab_size: int) -> tuple[torch.Tensor | None,
+                                                                                   torch.Tensor | None]:
+    """``P_h (k_h, d)`` and ``P_e (k_e, V)`` of the settings (None where the width is 0)."""
+    ph = gaussian_projection(cfg.seed, hidden_size, cfg.hidden_dim) if cfg.hidden_dim else None
+    pe = gaussian_projection(cfg.seed + 1, vocab_size, cfg.error_dim) if cfg.error_dim else None
+    return ph, pe
+
+
+def extract_sparse(lm: LoadedModel, encoded: list[EncodedSample], cfg: ExtractSettings,
+                   samples: list[Sample] | None = None, lowest_likelihood_ratio: float = 1.0,
+                   progress: bool = True, desc: str = "extract",
+                   stats: ExtractionStats | None = None) -> list[SparseFeatures]:
+    """Sparse features of every sample, in the input order."""
+    ph, pe = projections(cfg, lm.hidden_size, lm.vocab_size)
+    if ph is not None:
+        ph = ph.to(lm.device)
+    if pe is not None:
+        pe = pe.to(lm.device)
+    out: list[SparseFeatures | None] = [None] * len(encoded)
+    for idx, block in iter_token_blocks(lm, encoded, cfg, samples, lowest_likelihood_ratio, progress, desc,
+                                        stats):
+        for i, f in zip(idx, sparse_features(block, cfg.support_k, ph, pe), strict=True):
+            out[i] = f
+    if any(f is None for f in out):  # pragma: no cover - every sample yields a block row
+        raise ValuegateError("internal: a sample produced no features")
+    return out  # type: ignore[return-value]

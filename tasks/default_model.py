@@ -24,6 +24,7 @@ import base64
 import contextlib
 import datetime as _dt
 import hashlib
+import importlib.metadata
 import importlib.util
 import json
 import os
@@ -401,15 +402,33 @@ def _gguf_metadata(gguf_path: Path) -> dict[str, Any]:
 
 @contextlib.contextmanager
 def _transformers_progress(enabled: bool) -> Iterator[None]:
+    """Switch transformers' progress bars off for the duration when ``enabled`` is false.
+
+    Its legacy GGUF loader calls a bare ``tqdm`` ("Converting and de-quantizing GGUF tensors...") that
+    ignores transformers' own switch, so that module's ``tqdm`` is swapped for a disabled one too.
+    """
+    if enabled:
+        yield
+        return
+    import functools
+
     from transformers.utils import logging as hf_logging
 
     was = hf_logging.is_progress_bar_enabled()
-    if not enabled and was:
-        hf_logging.disable_progress_bar()
+    hf_logging.disable_progress_bar()
+    gguf_utils = sys.modules.get("transformers.modeling_gguf_pytorch_utils")
+    if gguf_utils is None:
+        with contextlib.suppress(ImportError):
+            import transformers.modeling_gguf_pytorch_utils as gguf_utils
+    bare = getattr(gguf_utils, "tqdm", None)
+    if bare is not None:
+        gguf_utils.tqdm = functools.partial(bare, disable=True)
     try:
         yield
     finally:
-        if not enabled and was:
+        if bare is not None:
+            gguf_utils.tqdm = bare
+        if was:
             hf_logging.enable_progress_bar()
 
 
@@ -489,8 +508,6 @@ def _convert(gguf_path: Path, source: dict[str, Any], target: Path, progress: bo
         missing = [name for name in REQUIRED_FILES if not files.get(name)]
         if missing:
             raise ValuegateError(f"save_pretrained did not write {missing} into {tmp}")
-        import gguf as gguf_pkg
-
         template = tokenizer.chat_template or ""
         template_kind = "chatml" if CHATML_START in template else ("other" if template else None)
 
@@ -510,7 +527,7 @@ def _convert(gguf_path: Path, source: dict[str, Any], target: Path, progress: bo
             "gguf_load_seconds": round(load_s, 2),
             "transformers_version": transformers.__version__,
             "torch_version": torch.__version__,
-            "gguf_version": getattr(gguf_pkg, "__version__", None),
+            "gguf_version": importlib.metadata.version("gguf"),
             "tokenizer": {
                 "bos_token": tokenizer.bos_token,
                 "eos_token": tokenizer.eos_token,
@@ -526,6 +543,7 @@ def _convert(gguf_path: Path, source: dict[str, Any], target: Path, progress: bo
         }
         marker["conversion_seconds"] = round(time.perf_counter() - started, 2)
         _write_marker(tmp, marker)
+        _publish_permissions(tmp)
         _fsync_tree(tmp)
         _install(tmp, target)
     finally:
@@ -575,6 +593,16 @@ def _write_marker(model_dir: Path, marker: dict[str, Any]) -> None:
     with path.open("w", encoding="utf-8") as fh:
         json.dump(marker, fh, indent=2, sort_keys=False)
         fh.write("\n")
+
+
+def _publish_permissions(directory: Path) -> None:
+    """Give the directory and its files the usual umask permissions (mkdtemp and safetensors use 0700/0600)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    directory.chmod(0o777 & ~umask)
+    for path in directory.iterdir():
+        if path.is_file():
+            path.chmod(0o666 & ~umask)
 
 
 def _fsync_tree(directory: Path) -> None:

@@ -1,0 +1,121 @@
+"""Tiny models and tokenizers built offline, in-process, for the tests (no downloads).
+
+Every family the engine claims is built here from its config with random weights: Llama (tied and
+untied head), GPT-2, Qwen2, Mistral, Phi (head with bias), Gemma and Gemma-2 (logit soft-capping).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+from transformers import (
+    AutoModelForCausalLM,
+    Gemma2Config,
+    GemmaConfig,
+    GPT2Config,
+    LlamaConfig,
+    MistralConfig,
+    PhiConfig,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+)
+
+WORDS = [f"w{i}" for i in range(40)] + ["user", "assistant", "system", "hello", "answer"]
+SPECIALS = ["<pad>", "<eos>", "<unk>", "<|im_start|>", "<|im_end|>"]
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }} {{ m['content'] }}<|im_end|> {% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant {% endif %}"
+)
+FAMILIES = ["llama-tied", "llama", "gpt2", "qwen2", "mistral", "phi", "gemma", "gemma2"]
+
+
+def tiny_tokenizer() -> PreTrainedTokenizerFast:
+    """Tokenizer over :data:`WORDS` with ChatML-like special tokens and a chat template."""
+    # A BPE trained on the word list (each word ends up one token). Not WordLevel: transformers 5 maps
+    # qwen2 configs to Qwen2Tokenizer, which rebuilds a BPE from tokenizer.json and cannot read WordLevel.
+    tk = Tokenizer(models.BPE(unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    tk.train_from_iterator([" ".join(WORDS)] * 3,
+                           trainers.BpeTrainer(vocab_size=200, special_tokens=SPECIALS, show_progress=False))
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>",
+                                  additional_special_tokens=["<|im_start|>", "<|im_end|>"])
+    tok.chat_template = CHAT_TEMPLATE
+    return tok
+
+
+def tiny_config(family: str, vocab_size: int):
+    """A 2-layer config of the family, hidden size 32."""
+    common = dict(vocab_size=vocab_size, pad_token_id=0, eos_token_id=1, bos_token_id=1)
+    llama_like = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, max_position_embeddings=128, **common)
+    if family == "llama-tied":
+        return LlamaConfig(tie_word_embeddings=True, **llama_like)
+    if family == "llama":
+        return LlamaConfig(tie_word_embeddings=False, **llama_like)
+    if family == "qwen2":
+        return Qwen2Config(tie_word_embeddings=False, **llama_like)
+    if family == "mistral":
+        return MistralConfig(tie_word_embeddings=False, **llama_like)
+    if family == "gpt2":
+        return GPT2Config(n_embd=32, n_layer=2, n_head=4, n_positions=128, **common)
+    if family == "phi":
+        return PhiConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                         max_position_embeddings=128, **common)
+    if family == "gemma":
+        return GemmaConfig(head_dim=8, **llama_like)
+    if family == "gemma2":
+        # a small cap so the soft-capping Jacobian is far from 1 on random weights
+        return Gemma2Config(head_dim=8, final_logit_softcapping=0.5, attn_logit_softcapping=50.0,
+                            query_pre_attn_scalar=8, sliding_window=64, **llama_like)
+    raise ValueError(family)
+
+
+def build_tiny_model(family: str, directory: Path, seed: int = 0) -> Path:
+    """Build, save (model + tokenizer) and return the directory of a tiny random model."""
+    tok = tiny_tokenizer()
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(family, len(tok)))
+    with torch.no_grad():  # random heads with a little spread so probabilities are not uniform
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.3)
+    model.eval()
+    directory.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(directory)
+    tok.save_pretrained(directory)
+    return directory
+
+
+def random_rows(n: int, seed: int, kind: str = "prompt_response") -> list[dict]:
+    """Random samples of the given shape over the tiny vocabulary."""
+    rng = np.random.default_rng(seed)
+    words = WORDS[:40]
+
+    def phrase(lo: int, hi: int) -> str:
+        return " ".join(rng.choice(words, int(rng.integers(lo, hi))))
+
+    rows = []
+    for i in range(n):
+        if kind == "prompt_response":
+            rows.append({"prompt": phrase(1, 7) + " ", "response": phrase(1, 8), "tag": f"r{i}"})
+        elif kind == "text":
+            rows.append({"text": phrase(3, 12), "tag": f"r{i}"})
+        else:
+            rows.append({"messages": [
+                {"role": "system", "content": phrase(1, 3)},
+                {"role": "user", "content": phrase(1, 5)},
+                {"role": "assistant", "content": phrase(1, 5)},
+                {"role": "user", "content": phrase(1, 4)},
+                {"role": "assistant", "content": phrase(1, 6)},
+            ], "tag": f"r{i}"})
+    return rows
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    """Write rows as JSON lines and return the path."""
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path

@@ -55,8 +55,12 @@ class Sample:
         return {"prompt_response": "response", "messages": "messages", "text": "text"}[self.kind]
 
 
-def read_table(path: str | Path) -> pl.DataFrame:
+def read_table(path: str | Path) -> tuple[pl.DataFrame, list[dict[str, Any]] | None]:
     """Read a JSONL, Parquet or CSV file into a data frame.
+
+    Returns:
+        the frame, and for JSON lines the parsed records as they came (the frame may have unified the
+        types of a column across rows; row checks must see the raw values), else None.
 
     Raises:
         ValuegateError: the file is missing, has an unknown suffix, or does not parse (the message says
@@ -68,11 +72,13 @@ def read_table(path: str | Path) -> pl.DataFrame:
     suffix = p.suffix.lower()
     try:
         if suffix in (".jsonl", ".ndjson", ".json"):
-            return _read_jsonl(p)
+            records = _read_jsonl(p)
+            return (pl.DataFrame(records, infer_schema_length=None, strict=False) if records
+                    else pl.DataFrame()), records
         if suffix == ".parquet":
-            return pl.read_parquet(p)
+            return pl.read_parquet(p), None
         if suffix == ".csv":
-            return pl.read_csv(p, infer_schema_length=0)  # every column as text: no silent casts
+            return pl.read_csv(p, infer_schema_length=0), None  # every column as text: no silent casts
     except ValuegateError:
         raise
     except Exception as exc:  # polars raises many types; the user needs the file and the cause
@@ -81,7 +87,7 @@ def read_table(path: str | Path) -> pl.DataFrame:
                          + ", ".join(READABLE_SUFFIXES))
 
 
-def _read_jsonl(p: Path) -> pl.DataFrame:
+def _read_jsonl(p: Path) -> list[dict[str, Any]]:
     """JSON lines, one object per non-empty line; a bad line is an error naming its row."""
     rows: list[dict[str, Any]] = []
     with p.open("rb") as f:
@@ -98,10 +104,7 @@ def _read_jsonl(p: Path) -> pl.DataFrame:
                 raise ValuegateError(f"{p}: row {len(rows)} (line {i + 1}): expected a JSON object, "
                                      f"got {type(obj).__name__}")
             rows.append(obj)
-    if not rows:
-        return pl.DataFrame()
-    # Columns may be missing on some rows; keep values as they came (no schema coercion across rows).
-    return pl.DataFrame(rows, infer_schema_length=None, strict=False)
+    return rows
 
 
 def sample_kind(columns: list[str], source: str) -> SampleKind:
@@ -163,14 +166,21 @@ def check_row(record: dict[str, Any], kind: SampleKind, row: int, source: str) -
     return Sample(kind, row, source, text=v), ""
 
 
-def samples_from_frame(df: pl.DataFrame, source: str) -> list[Sample]:
-    """All rows of a frame as samples; the first refused row raises an error naming file, row and field."""
+def samples_from_frame(df: pl.DataFrame, source: str,
+                       records: list[dict[str, Any]] | None = None) -> list[Sample]:
+    """All rows of a frame as samples; the first refused row raises an error naming file, row and field.
+
+    Args:
+        df: the rows. source: file name for messages. records: the raw rows when the frame may have
+            coerced them (JSON lines); checked instead of the frame.
+    """
     if df.height == 0:
         raise ValuegateError(f"{source}: the file has no rows")
     kind = sample_kind(df.columns, source)
     wanted = {"prompt_response": ["prompt", "response"], "messages": ["messages"], "text": ["text"]}[kind]
+    rows = records if records is not None else df.select(wanted).iter_rows(named=True)
     out = []
-    for i, record in enumerate(df.select(wanted).iter_rows(named=True)):
+    for i, record in enumerate(rows):
         sample, why = check_row(record, kind, i, source)
         if sample is None:
             raise ValuegateError(f"{source}: row {i}: {why}")
@@ -184,5 +194,5 @@ def read_samples(path: str | Path) -> tuple[pl.DataFrame, list[Sample]]:
     Returns:
         the frame as read (every input column, in order) and one sample per row.
     """
-    df = read_table(path)
-    return df, samples_from_frame(df, str(path))
+    df, records = read_table(path)
+    return df, samples_from_frame(df, str(path), records)

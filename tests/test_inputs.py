@@ -8,10 +8,10 @@ import numpy as np
 import polars as pl
 import pytest
 from tiny import random_rows, tiny_tokenizer, write_jsonl
-
-from valuegate.errors import ValuegateError
 from valuegate.tasks.ingest import read_samples, samples_from_frame
 from valuegate.tasks.model import encode_sample, length_batches
+
+from valuegate.errors import ValuegateError
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +53,7 @@ def test_auto_loss_on_is_response_for_pairs_and_all_for_text(tok):
     assert encode_sample(tok, pair, "auto", 64).n_counted == 1
     text = samples_from_frame(pl.DataFrame([{"text": "w1 w2 w3 w4"}]), "t.jsonl")[0]
     assert encode_sample(tok, text, "auto", 64).n_counted == 3
-    with pytest.raises(ValuegateError, match="row 0.*text samples have no response"):
+    with pytest.raises(ValuegateError, match=r"row 0.*text samples have no response"):
         encode_sample(tok, text, "response", 64)
 
 
@@ -106,7 +106,7 @@ def test_malformed_and_non_utf8_lines_name_the_row(tmp_path):
     with pytest.raises(ValuegateError, match="no such file"):
         read_samples(tmp_path / "missing.jsonl")
     (tmp_path / "x.txt").write_text("hi")
-    with pytest.raises(ValuegateError, match="unsupported file type .txt"):
+    with pytest.raises(ValuegateError, match=r"unsupported file type \.txt"):
         read_samples(tmp_path / "x.txt")
 
 

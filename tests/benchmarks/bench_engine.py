@@ -1,0 +1,277 @@
+"""Engine benchmarks on the embedded default model (SmolLM2-135M-Instruct) and the DataInf sets.
+
+    python -m tests.benchmarks.bench_engine [--data DIR] [--out bench-results] [--quick]
+
+Sections (each prints a table and writes JSON under --out):
+
+- effectiveness: influential-data identification on grammars and math_without_reason (for each validation
+  sample rank the train samples; relevant = same ``variation``): mean ROC AUC and recall@90, exact and
+  sparse (the defaults), loss on all tokens (DataInf's protocol) and on the response only.
+- fidelity: mean per-validation-sample Spearman of sparse against exact, and stored bytes per sample, over
+  a grid of (support top-k, k_h), from the same forward pass as the exact scores.
+- speed: sparse extraction throughput as a ratio to a bare ``model(**batch)`` over the same length-sorted
+  batches, interleaved in one run; exact pairwise scoring time; peak RSS.
+- oracle gap: autograd per-sample LM-head gradients (the backward pass For-Value replaces) against the
+  forward-only path, for the same pairs: time per train sample and agreement.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import time
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import torch
+from valuegate.tasks.extract import iter_token_blocks, pad_batch, projections
+from valuegate.tasks.forvalue import TokenBlock, exact_cross, sparse_cross, sparse_features
+from valuegate.tasks.ingest import read_samples
+from valuegate.tasks.model import encode_samples, length_batches, load_model
+
+from valuegate.settings import Settings, default_settings
+
+DEFAULT_DATA = Path(__file__).resolve().parents[3] / "shared" / "data" / "datainf"
+SETS = ("grammars", "math_without_reason")
+GRID = [(k, kh) for k in (2, 4, 8, 16, 32, 64) for kh in (0, 64, 96, 128, 192, 256)]
+# evaluated on every set and loss mode (the full grid only on grammars with the loss on all tokens)
+CANDIDATES = [(4, 128), (8, 128), (4, 192), (8, 192), (16, 64), (16, 128)]
+
+
+def machine() -> dict:
+    """What the numbers were measured on."""
+    cpu = "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    import os
+
+    return {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__, "threads": torch.get_num_threads(),
+            "python": platform.python_version(), "device": "cpu"}
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process so far, MiB."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _rank_auc(scores: np.ndarray, positive: np.ndarray) -> float:
+    ranks = pl.Series(scores).rank("average").to_numpy()
+    n_pos, n_neg = int(positive.sum()), int((~positive).sum())
+    return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def identification(values: np.ndarray, train_cls: np.ndarray, valid_cls: np.ndarray, k: int = 90) -> dict:
+    """Mean ROC AUC and recall@k of ranking train rows by value for each validation row."""
+    aucs, recalls = [], []
+    for j in range(values.shape[1]):
+        pos = train_cls == valid_cls[j]
+        aucs.append(_rank_auc(values[:, j], pos))
+        top = np.argsort(-values[:, j], kind="stable")[:k]
+        recalls.append(pos[top].sum() / min(k, pos.sum()))
+    return {"auc": float(np.mean(aucs)), "recall@90": float(np.mean(recalls))}
+
+
+def spearman_cols(a: np.ndarray, b: np.ndarray) -> float:
+    """Mean over columns of the Spearman correlation of a and b."""
+    out = []
+    for j in range(a.shape[1]):
+        ra = pl.Series(a[:, j]).rank("average").to_numpy()
+        rb = pl.Series(b[:, j]).rank("average").to_numpy()
+        out.append(np.corrcoef(ra, rb)[0, 1])
+    return float(np.mean(out))
+
+
+def load_set(data: Path, name: str, limit: int | None):
+    tdf, train = read_samples(data / f"{name}_train.jsonl")
+    vdf, valid = read_samples(data / f"{name}_test.jsonl")
+    if limit:
+        step = max(1, len(train) // limit)
+        keep = list(range(0, len(train), step))[:limit]
+        train, tdf = [train[i] for i in keep], tdf[keep]
+        vkeep = list(range(0, len(valid), max(1, len(valid) // max(1, limit // 9))))[: max(10, limit // 9)]
+        valid, vdf = [valid[i] for i in vkeep], vdf[vkeep]
+    return train, tdf["variation"].to_numpy(), valid, vdf["variation"].to_numpy()
+
+
+def one_pass(lm, settings: Settings, train, valid, loss_on: str, grid: list[tuple[int, int]]) -> dict:
+    """One forward pass over each set: exact matrix + sparse matrices of every grid point + timings."""
+    ex = settings.extract.model_copy(update={"loss_on": loss_on})
+    enc_t = encode_samples(lm.tokenizer, train, loss_on, ex.max_length)
+    enc_v = encode_samples(lm.tokenizer, valid, loss_on, ex.max_length)
+    projs = {kh: projections(ex.model_copy(update={"hidden_dim": kh}), lm.hidden_size, lm.vocab_size)[0]
+             for kh in {kh for _, kh in grid}}
+    t0 = time.perf_counter()
+    vparts = list(iter_token_blocks(lm, enc_v, ex, valid, progress=False))
+    t_valid = time.perf_counter() - t0
+    vorder = [i for idx, _ in vparts for i in idx]
+    vblock = TokenBlock.concat([b for _, b in vparts])
+    vfeats = {g: [] for g in grid}
+    for _, b in vparts:
+        for k, kh in grid:
+            vfeats[(k, kh)].extend(sparse_features(b, k, projs[kh], None))
+    exact = np.zeros((len(train), len(valid)))
+    tfeats = {g: [None] * len(train) for g in grid}
+    t_exact = 0.0
+    for idx, block in iter_token_blocks(lm, enc_t, ex, train, progress=True, desc=f"{loss_on}"):
+        t1 = time.perf_counter()
+        exact[idx] = exact_cross(block, vblock).numpy()[:, np.argsort(vorder)]
+        t_exact += time.perf_counter() - t1
+        for k, kh in grid:
+            for i, f in zip(idx, sparse_features(block, k, projs[kh], None), strict=True):
+                tfeats[(k, kh)][i] = f
+    inv = np.argsort(vorder)
+    sparse = {}
+    for g in grid:
+        fv = [vfeats[g][i] for i in inv]
+        t1 = time.perf_counter()
+        m = sparse_cross(tfeats[g], fv, lm.vocab_size)
+        sparse[g] = {"values": m, "score_s": time.perf_counter() - t1,
+                     "bytes": float(np.mean([f.nbytes for f in tfeats[g]])),
+                     "support": float(np.mean([len(f.token_ids) for f in tfeats[g]])),
+                     "dropped": float(np.mean([f.dropped_mass for f in tfeats[g]]))}
+    return {"exact": exact, "exact_kernel_s": t_exact, "valid_extract_s": t_valid, "sparse": sparse,
+            "counted_train": int(sum(e.n_counted for e in enc_t)), "counted_valid": int(sum(e.n_counted for e in enc_v))}
+
+
+def bench_effectiveness_fidelity(lm, settings: Settings, data: Path, limit: int | None) -> dict:
+    default = (settings.extract.support_k, settings.extract.hidden_dim)
+    results = {"effectiveness": [], "fidelity": []}
+    for name in SETS:
+        train, tcls, valid, vcls = load_set(data, name, limit)
+        for loss_on in ("all", "response"):
+            grid = GRID if loss_on == "all" and name == "grammars" else sorted({default, *CANDIDATES})
+            r = one_pass(lm, settings, train, valid, loss_on, grid)
+            ex_id = identification(r["exact"], tcls, vcls)
+            sp = r["sparse"][default]
+            sp_id = identification(sp["values"], tcls, vcls)
+            results["effectiveness"].append({
+                "set": name, "loss_on": loss_on, "n_train": len(train), "n_valid": len(valid),
+                "exact_auc": ex_id["auc"], "exact_recall@90": ex_id["recall@90"],
+                "sparse_auc": sp_id["auc"], "sparse_recall@90": sp_id["recall@90"],
+                "sparse_spearman": spearman_cols(sp["values"], r["exact"]),
+                "exact_kernel_s": r["exact_kernel_s"], "counted_train_tokens": r["counted_train"]})
+            print(json.dumps(results["effectiveness"][-1]))
+            for (k, kh), s in r["sparse"].items():
+                results["fidelity"].append({
+                    "set": name, "loss_on": loss_on, "support_k": k, "k_h": kh or lm.hidden_size,
+                    "spearman": spearman_cols(s["values"], r["exact"]),
+                    "auc": identification(s["values"], tcls, vcls)["auc"],
+                    "bytes_per_sample": s["bytes"], "mean_support": s["support"],
+                    "dropped_mass": s["dropped"], "score_s": s["score_s"]})
+    return results
+
+
+def bench_speed(lm, settings: Settings, data: Path, limit: int | None, loss_on: str = "all") -> dict:
+    """Interleaved per batch: bare ``model(**batch)`` vs our extraction (forward + head + sparse rows)."""
+    train, _, _, _ = load_set(data, "grammars", limit)
+    ex = settings.extract.model_copy(update={"loss_on": loss_on})
+    enc = encode_samples(lm.tokenizer, train, loss_on, ex.max_length)
+    ph, pe = projections(ex, lm.hidden_size, lm.vocab_size)
+    batches = length_batches([len(e.input_ids) for e in enc], ex.batch_size, ex.max_batch_tokens)
+    pad = lm.tokenizer.pad_token_id
+    # warm-up
+    ids, mask = pad_batch([enc[i] for i in batches[0]], pad, lm.device)
+    with torch.inference_mode():
+        lm.model(input_ids=ids, attention_mask=mask)
+    t_bare = t_ours = 0.0
+    for batch in batches:
+        items = [enc[i] for i in batch]
+        ids, mask = pad_batch(items, pad, lm.device)
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            lm.model(input_ids=ids, attention_mask=mask)
+        t_bare += time.perf_counter() - t0
+        t0 = time.perf_counter()
+        for _, block in iter_token_blocks(lm, items, ex, progress=False):
+            sparse_features(block, ex.support_k, ph, pe)
+        t_ours += time.perf_counter() - t0
+    tokens = sum(len(e.input_ids) for e in enc)
+    return {"loss_on": loss_on, "samples": len(enc), "tokens": tokens, "bare_s": t_bare, "extract_s": t_ours,
+            "bare_samples_per_s": len(enc) / t_bare, "extract_samples_per_s": len(enc) / t_ours,
+            "extract_tokens_per_s": tokens / t_ours, "throughput_ratio": t_bare / t_ours,
+            "batch_size": ex.batch_size}
+
+
+def bench_oracle_gap(lm, settings: Settings, data: Path, n_train: int = 24, n_valid: int = 8) -> dict:
+    """Per-sample autograd LM-head gradients vs forward-only exact scores on the same pairs."""
+    train, _, valid, _ = load_set(data, "grammars", None)
+    train, valid = train[:n_train], valid[:n_valid]
+    ex = settings.extract.model_copy(update={"loss_on": "all"})
+    enc_t = encode_samples(lm.tokenizer, train, "all", ex.max_length)
+    enc_v = encode_samples(lm.tokenizer, valid, "all", ex.max_length)
+    head = lm.model.get_output_embeddings()
+    handle = head.register_forward_pre_hook(lambda mod, args: (args[0].detach(),))
+
+    def grad(e) -> torch.Tensor:
+        lm.model.zero_grad(set_to_none=True)
+        ids = torch.from_numpy(e.input_ids)[None]
+        with torch.enable_grad():
+            logp = torch.log_softmax(lm.model(input_ids=ids).logits[0, :-1].float(), -1)
+            pos = torch.from_numpy(np.nonzero(e.counted)[0])
+            logp[pos, ids[0, 1:][pos]].sum().backward()
+        return head.weight.grad.reshape(-1).clone()
+
+    try:
+        for p in lm.model.parameters():
+            p.requires_grad_(p is head.weight)
+        gv = torch.stack([grad(e) for e in enc_v])
+        t0 = time.perf_counter()
+        ref = torch.stack([grad(e) @ gv.T for e in enc_t])
+        t_grad = time.perf_counter() - t0
+    finally:
+        handle.remove()
+        lm.model.zero_grad(set_to_none=True)
+    vb = TokenBlock.concat([b for _, b in iter_token_blocks(lm, enc_v, ex, progress=False)])
+    t0 = time.perf_counter()
+    parts = list(iter_token_blocks(lm, enc_t, ex, progress=False))
+    got = np.zeros((len(enc_t), len(enc_v)))
+    for idx, b in parts:
+        got[idx] = exact_cross(b, vb).numpy()
+    t_fwd = time.perf_counter() - t0
+    vorder = [i for idx, _ in iter_token_blocks(lm, enc_v, ex, progress=False) for i in idx]
+    got = got[:, np.argsort(vorder)]
+    rel = float(np.abs(got - ref.double().numpy()).max() / np.abs(ref.double().numpy()).max())
+    return {"n_train": n_train, "n_valid": n_valid, "autograd_s_per_train": t_grad / n_train,
+            "forward_only_s_per_train": t_fwd / n_train, "speedup": t_grad / t_fwd, "max_rel_diff": rel}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    ap.add_argument("--out", type=Path, default=Path("bench-results"))
+    ap.add_argument("--quick", action="store_true", help="a tenth of the data (a smoke run)")
+    ap.add_argument("--only", choices=["effectiveness", "speed", "oracle"], default=None)
+    a = ap.parse_args()
+    if not (a.data / "grammars_train.jsonl").exists():
+        raise SystemExit(f"benchmark data not found in {a.data} (give --data DIR)")
+    limit = 90 if a.quick else None
+    settings = default_settings()
+    lm = load_model(settings.model)
+    out = {"machine": machine(), "model": lm.name, "defaults": settings.extract.model_dump(), "quick": a.quick}
+    if a.only in (None, "speed"):
+        out["speed"] = [bench_speed(lm, settings, a.data, limit or 300, lo) for lo in ("all", "response")]
+        print(json.dumps(out["speed"]))
+    if a.only in (None, "oracle"):
+        out["oracle_gap"] = bench_oracle_gap(lm, settings, a.data)
+        print(json.dumps(out["oracle_gap"]))
+    if a.only in (None, "effectiveness"):
+        out.update(bench_effectiveness_fidelity(lm, settings, a.data, limit))
+    out["peak_rss_mb"] = peak_rss_mb()
+    a.out.mkdir(parents=True, exist_ok=True)
+    name = "engine" + ("-quick" if a.quick else "") + (f"-{a.only}" if a.only else "")
+    (a.out / f"{name}.json").write_text(json.dumps(out, indent=1))
+    from tests.benchmarks.tables import print_engine_tables
+
+    print_engine_tables(out)
+
+
+if __name__ == "__main__":
+    main()

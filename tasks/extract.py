@@ -13,6 +13,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from tqdm.auto import tqdm
+
+from valuegate.errors import ValuegateError
+from valuegate.settings import ExtractSettings
 from valuegate.tasks.forvalue import (
     SparseFeatures,
     TokenBlock,
@@ -23,9 +26,6 @@ from valuegate.tasks.forvalue import (
 )
 from valuegate.tasks.ingest import Sample
 from valuegate.tasks.model import EncodedSample, LoadedModel, length_batches
-
-from valuegate.errors import ValuegateError
-from valuegate.settings import ExtractSettings
 
 __all__ = ["ExtractionStats", "extract_sparse", "extract_token_blocks", "iter_token_blocks", "pad_batch"]
 
@@ -179,8 +179,6 @@ def extract_token_blocks(lm: LoadedModel, encoded: list[EncodedSample], cfg: Ext
     order = [i for idx, _ in parts for i in idx]
     block = TokenBlock.concat([b for _, b in parts])
     # reorder rows so sample i of the block is encoded[i]
-    inverse = np.empty(len(order), dtype=np.int64)
-    inverse[np.asarray(order)] = np.arange(len(order))
     new_sample = torch.from_numpy(np.asarray(order, dtype=np.int64))[block.sample]
     perm = torch.argsort(new_sample, stable=True)
     return TokenBlock(hidden=block.hidden[perm], probs=block.probs[perm], targets=block.targets[perm],

@@ -317,7 +317,7 @@ def sparse_features(block: TokenBlock, support_k: int, hidden_proj: torch.Tensor
         rows = err.T @ hp[lo:hi]
         kept_mass = p[:, support].sum(1)
         if error_proj is not None:
-            pooled_error = (error_proj[:, support] @ err.sum(0)).numpy()
+            pooled_error = (error_proj[:, support] @ err.sum(0)).cpu().numpy()
         else:
             pooled_error = np.zeros(0, dtype=np.float32)
         loss = float(-ll[lo:hi].double().mean()) if ll is not None else float("nan")

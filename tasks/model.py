@@ -13,10 +13,10 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from valuegate.tasks.ingest import Sample
 
 from valuegate.errors import ValuegateError
 from valuegate.settings import ModelSettings
+from valuegate.tasks.ingest import Sample
 
 __all__ = [
     "EncodedSample",

@@ -8,13 +8,13 @@ from dataclasses import dataclass, field
 import numpy as np
 import polars as pl
 import torch
+
+from valuegate.errors import ValuegateError
+from valuegate.settings import Settings
 from valuegate.tasks.extract import ExtractionStats, extract_sparse, extract_token_blocks, iter_token_blocks
 from valuegate.tasks.forvalue import exact_cross, exact_self, sparse_cross, sparse_self
 from valuegate.tasks.ingest import Sample, read_samples
 from valuegate.tasks.model import EncodedSample, LoadedModel, encode_samples, load_model, load_tokenizer
-
-from valuegate.errors import ValuegateError
-from valuegate.settings import Settings
 
 __all__ = ["OUTPUT_COLUMNS", "ValueMatrix", "aggregate", "compute_values", "normalize", "score_files"]
 

@@ -138,3 +138,34 @@ def test_chat_and_text_inputs_score(tiny_model_dir, tmp_path):
     assert _score(model, parquet_in, chat, tmp_path / "cp.parquet") == 0
     rows = json.loads((tmp_path / "chat.jsonl").read_text().splitlines()[0])
     assert pl.read_parquet(tmp_path / "c.parquet")["tag"][0] == rows["tag"]
+
+
+def test_adapter_is_merged_and_changes_the_scores(tiny_model_dir, data_files, tmp_path):
+    """A LoRA adapter scores exactly like the model with the adapter merged by hand."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    base_dir = tiny_model_dir("llama")
+    torch.manual_seed(5)
+    peft_model = get_peft_model(AutoModelForCausalLM.from_pretrained(base_dir),
+                                LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)  # a fresh LoRA is a no-op (B = 0): make it change the model
+    adapter = tmp_path / "adapter"
+    peft_model.save_pretrained(adapter)
+    merged_dir = tmp_path / "merged"
+    peft_model.merge_and_unload().save_pretrained(merged_dir)
+    AutoTokenizer.from_pretrained(base_dir).save_pretrained(merged_dir)
+    train, valid = data_files
+    runs = {"base": [], "adapter": ["--adapter", str(adapter)]}
+    vals = {}
+    for key, extra in runs.items():
+        assert _score(base_dir, train, valid, tmp_path / f"{key}.parquet", "--method", "exact", *extra) == 0
+        vals[key] = pl.read_parquet(tmp_path / f"{key}.parquet")["value"].to_numpy()
+    assert _score(merged_dir, train, valid, tmp_path / "merged.parquet", "--method", "exact") == 0
+    merged = pl.read_parquet(tmp_path / "merged.parquet")["value"].to_numpy()
+    np.testing.assert_allclose(vals["adapter"], merged, rtol=1e-4, atol=1e-6 * np.abs(merged).max())
+    assert not np.allclose(vals["adapter"], vals["base"], rtol=1e-2)

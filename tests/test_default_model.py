@@ -14,9 +14,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from valuegate.tasks import default_model as dm
 
 from valuegate.errors import ValuegateError
+from valuegate.tasks import default_model as dm
 
 
 def _local_wheel() -> Path | None:

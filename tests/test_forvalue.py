@@ -6,12 +6,12 @@ import numpy as np
 import pytest
 import torch
 from tiny import FAMILIES, random_rows
+
+from valuegate.settings import tiny_settings
 from valuegate.tasks.extract import extract_sparse, extract_token_blocks
 from valuegate.tasks.forvalue import TokenBlock, exact_cross, exact_self, hardest_positions, sparse_cross
 from valuegate.tasks.ingest import samples_from_frame
 from valuegate.tasks.model import encode_samples, load_model
-
-from valuegate.settings import tiny_settings
 
 RTOL = 1e-4  # of the matrix scale: float32 kernels vs float64 autograd
 

@@ -27,12 +27,12 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 import torch
+
+from valuegate.settings import Settings, default_settings
 from valuegate.tasks.extract import iter_token_blocks, pad_batch, projections
 from valuegate.tasks.forvalue import TokenBlock, exact_cross, sparse_cross, sparse_features
 from valuegate.tasks.ingest import read_samples
 from valuegate.tasks.model import encode_samples, length_batches, load_model
-
-from valuegate.settings import Settings, default_settings
 
 DEFAULT_DATA = Path(__file__).resolve().parents[3] / "shared" / "data" / "datainf"
 SETS = ("grammars", "math_without_reason")

@@ -1,0 +1,92 @@
+"""The embedded default model (SmolLM2-135M-Instruct) end to end: alias resolution, scoring, and the exact
+path against autograd on the real model. Needs the cache that `make model` (part of `make test`) fills."""
+
+from __future__ import annotations
+
+import numpy as np
+import polars as pl
+import pytest
+import torch
+
+from valuegate.settings import ModelSettings, load_settings
+from valuegate.tasks.default_model import default_model_cached, default_model_dir
+from valuegate.tasks.extract import extract_token_blocks
+from valuegate.tasks.forvalue import exact_cross
+from valuegate.tasks.model import encode_samples, load_model
+from valuegate.tasks.score import score_files
+
+pytestmark = [
+    pytest.mark.default_model,
+    pytest.mark.skipif(not default_model_cached(),
+                       reason=f"embedded default model not in the cache ({default_model_dir()}); run `make model`"),
+]
+
+TRAIN = [
+    {"prompt": "Add the numbers: 12 + 30 =", "response": " 42", "kind": "good"},
+    {"prompt": "Add the numbers: 21 + 14 =", "response": " 35", "kind": "good"},
+    {"prompt": "Add the numbers: 40 + 19 =", "response": " purple elephant", "kind": "bad"},
+    {"prompt": "What is the capital of France? Answer:", "response": " Paris", "kind": "other"},
+]
+VALID = [
+    {"prompt": "Add the numbers: 33 + 11 =", "response": " 44"},
+    {"prompt": "Add the numbers: 25 + 25 =", "response": " 50"},
+]
+
+
+@pytest.fixture(scope="module")
+def lm():
+    return load_model(ModelSettings(device="cpu"))
+
+
+def test_alias_resolves_to_the_cached_model(lm):
+    assert lm.name == str(default_model_dir())
+    assert (lm.vocab_size, lm.hidden_size) == (49152, 576)
+    assert lm.tokenizer.chat_template
+
+
+def test_scores_on_the_default_model(lm, tmp_path):
+    train, valid = tmp_path / "train.jsonl", tmp_path / "valid.jsonl"
+    pl.DataFrame(TRAIN).write_ndjson(train)
+    pl.DataFrame(VALID).write_ndjson(valid)
+    out = {}
+    for method in ("exact", "sparse"):
+        settings = load_settings(overrides={"score": {"method": method, "aggregate": "pairwise"},
+                                            "model": {"device": "cpu"}})
+        _, vm = score_files(str(train), str(valid), settings, progress=False, lm=lm)
+        assert np.isfinite(vm.values).all()
+        # the nonsense answer is the one the model finds least likely
+        assert int(np.argmax(vm.train_loss)) == 2 and vm.train_loss.min() > 0
+        out[method] = vm.values
+    # the sparse defaults agree with exact on sign and ordering of these pairs
+    a, b = out["exact"].ravel(), out["sparse"].ravel()
+    assert np.array_equal(np.sign(a), np.sign(b))
+    assert np.corrcoef(np.argsort(np.argsort(a)), np.argsort(np.argsort(b)))[0, 1] > 0.9
+
+
+def test_exact_matches_autograd_on_the_default_model(lm):
+    """Φ·Φ' from one forward pass equals the Frobenius product of autograd LM-head gradients."""
+    settings = load_settings(overrides={"model": {"device": "cpu"}})
+    rows = pl.DataFrame(TRAIN[:3])
+    from valuegate.tasks.ingest import samples_from_frame
+
+    samples = samples_from_frame(rows, "mem")
+    enc = encode_samples(lm.tokenizer, samples, "all", 64)
+    block = extract_token_blocks(lm, enc, settings.extract, progress=False)
+    got = exact_cross(block, block).numpy()
+    head = lm.model.get_output_embeddings()
+    handle = head.register_forward_pre_hook(lambda mod, args: (args[0].detach(),))
+    grads = []
+    try:
+        for e in enc:
+            lm.model.zero_grad(set_to_none=True)
+            ids = torch.from_numpy(e.input_ids)[None]
+            with torch.enable_grad():
+                logp = torch.log_softmax(lm.model(input_ids=ids).logits[0, :-1].double(), -1)
+                pos = torch.from_numpy(np.nonzero(e.counted)[0])
+                logp[pos, ids[0, 1:][pos]].sum().backward()
+            grads.append(head.weight.grad.double().reshape(-1).clone())
+    finally:
+        handle.remove()
+        lm.model.zero_grad(set_to_none=True)
+    ref = (torch.stack(grads) @ torch.stack(grads).T).numpy()
+    np.testing.assert_allclose(got, ref, rtol=0, atol=1e-4 * np.abs(ref).max())

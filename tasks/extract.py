@@ -7,6 +7,7 @@ counted positions only, in chunks of whole samples whose ``(positions, V)`` prob
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -90,8 +91,6 @@ def iter_token_blocks(lm: LoadedModel, encoded: list[EncodedSample], cfg: Extrac
     Raises:
         ValuegateError: a sample's hidden states or probabilities are not finite (names file and row).
     """
-    import time
-
     pad_id = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0
     lengths = [len(e.input_ids) for e in encoded]
     batches = length_batches(lengths, cfg.batch_size, cfg.max_batch_tokens)
@@ -213,3 +212,102 @@ def extract_sparse(lm: LoadedModel, encoded: list[EncodedSample], cfg: ExtractSe
     if any(f is None for f in out):  # pragma: no cover - every sample yields a block row
         raise ValuegateError("internal: a sample produced no features")
     return out  # type: ignore[return-value]
+
+
+# --------------------------------------------------------------------------------------------------
+# Extraction into the feature store: only missing ids, numbered batches, one commit per batch.
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class StoreExtractReport:
+    """What :func:`extract_to_store` did."""
+
+    model_fp: str
+    requested: int = 0
+    already: int = 0
+    extracted: int = 0
+    refused: list[tuple[str, str]] | None = None  # (id, reason)
+    batches: int = 0
+    stats: ExtractionStats | None = None
+
+    def line(self) -> str:
+        """One human line."""
+        s = self.stats or ExtractionStats()
+        rate = f", {s.samples / s.seconds:.1f} samples/s" if s.seconds else ""
+        return (f"features {self.model_fp[:12]}: {self.requested} ids, {self.already} already extracted, "
+                f"{self.extracted} extracted in {self.batches} batches{rate}"
+                + (f", {len(self.refused)} refused" if self.refused else ""))
+
+
+def feature_row(sample_id: str, f: SparseFeatures, batch: int, seconds: float) -> dict:
+    """A :class:`SparseFeatures` as a row of a ``features__<fp>`` table."""
+    return {"id": sample_id, "token_ids": f.token_ids, "rows": f.rows.reshape(-1), "n_tokens": f.n_tokens,
+            "mean_loss": f.mean_loss, "dropped_mass": f.dropped_mass, "self_influence": f.self_influence,
+            "pooled_hidden": f.pooled_hidden,
+            "pooled_error": f.pooled_error if f.pooled_error.size else np.zeros(1, np.float32),
+            "batch": batch, "seconds": seconds}
+
+
+def extract_to_store(ws, lm_loader, ids: list[str], samples: list[Sample], cfg: ExtractSettings,
+                     model_fp: str, fp_settings: dict, lowest_likelihood_ratio: float = 1.0,
+                     write_every: int = 256, progress: bool = True, desc: str = "extract") -> StoreExtractReport:
+    """Extract features for the ``ids`` that have none for ``model_fp`` and write them as they come.
+
+    Args:
+        ws: the workspace.
+        lm_loader: ``() -> LoadedModel``, called only when something is missing (so a run with nothing to
+            do never loads the weights).
+        ids, samples: the samples to cover (same order).
+        cfg: extraction settings. model_fp, fp_settings: the fingerprint and what it covers.
+        lowest_likelihood_ratio: for training sets; validation sets use 1.
+        write_every: samples per committed batch.
+    """
+    from valuegate.storage import features as fstore
+    from valuegate.tasks.model import encode_sample
+
+    report = StoreExtractReport(model_fp, requested=len(set(ids)), refused=[], stats=ExtractionStats())
+    have = fstore.feature_ids(ws, model_fp)
+    todo: dict[str, Sample] = {}
+    for sid, s in zip(ids, samples, strict=True):
+        if sid not in have:
+            todo.setdefault(sid, s)
+    report.already = report.requested - len(todo)
+    if not todo:
+        return report
+    lm = lm_loader()
+    width = cfg.hidden_dim or lm.hidden_size
+    fstore.ensure_feature_set(ws, model_fp, fp_settings, lm.hidden_size, lm.vocab_size, width, cfg.error_dim)
+    todo_ids, enc, todo_samples = [], [], []
+    for sid, s in todo.items():
+        try:
+            enc.append(encode_sample(lm.tokenizer, s, cfg.loss_on, cfg.max_length))
+        except ValuegateError as exc:
+            report.refused.append((sid, str(exc)))
+            continue
+        todo_ids.append(sid)
+        todo_samples.append(s)
+    ph, pe = projections(cfg, lm.hidden_size, lm.vocab_size)
+    ph = ph.to(lm.device) if ph is not None else None
+    pe = pe.to(lm.device) if pe is not None else None
+    batch_no = time.time_ns() // 1000  # unique per run; rows carry the batch they were committed in
+    buffer: list[dict] = []
+    t_last = time.perf_counter()
+    for idx, block in iter_token_blocks(lm, enc, cfg, todo_samples, lowest_likelihood_ratio, progress, desc,
+                                        report.stats):
+        feats = sparse_features(block, cfg.support_k, ph, pe)
+        now = time.perf_counter()
+        share = (now - t_last) / max(1, len(idx))
+        t_last = now
+        buffer.extend(feature_row(todo_ids[i], f, batch_no + report.batches, share)
+                      for i, f in zip(idx, feats, strict=True))
+        if len(buffer) >= write_every:
+            fstore.write_features(ws, model_fp, buffer, lm.hidden_size, cfg.error_dim)
+            report.extracted += len(buffer)
+            report.batches += 1
+            buffer = []
+    if buffer:
+        fstore.write_features(ws, model_fp, buffer, lm.hidden_size, cfg.error_dim)
+        report.extracted += len(buffer)
+        report.batches += 1
+    return report

@@ -352,7 +352,7 @@ def _sparse_matrix(feats: list[SparseFeatures], vocab: int) -> sp.csr_matrix:
 
 
 def sparse_cross(train: list[SparseFeatures], valid: list[SparseFeatures], vocab: int,
-                 train_chunk: int = 2048) -> np.ndarray:
+                 train_chunk: int = 256) -> np.ndarray:
     """``v(z, z') ≈ Σ_{u ∈ U ∩ U'} R[u]·R'[u]`` for every train/validation pair.
 
     Returns:
@@ -371,3 +371,17 @@ def sparse_cross(train: list[SparseFeatures], valid: list[SparseFeatures], vocab
 def sparse_self(feats: list[SparseFeatures]) -> np.ndarray:
     """``(n,)`` float64 self-influence estimates ``Σ_u ‖R[u]‖²``."""
     return np.array([f.self_influence for f in feats], dtype=np.float64)
+
+
+def sparse_cross_csr(train: sp.csr_matrix, valid: sp.csr_matrix, train_chunk: int = 4096) -> np.ndarray:
+    """:func:`sparse_cross` on prebuilt ``(n, V·k_h)`` CSR matrices (e.g. read straight from the store).
+
+    Returns:
+        ``(n_train, n_valid)`` float64.
+    """
+    out = np.zeros((train.shape[0], valid.shape[0]), dtype=np.float64)
+    vt = valid.astype(np.float64).T.tocsc()
+    for lo in range(0, train.shape[0], train_chunk):
+        part = train[lo:lo + train_chunk].astype(np.float64)
+        out[lo:lo + part.shape[0]] = (part @ vt).toarray()
+    return out

@@ -7,6 +7,9 @@ Mistral, GPT-2, Phi, Gemma and Gemma-2 at least), by hub id, local path, or the 
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from valuegate.errors import ValuegateError
-from valuegate.settings import ModelSettings
+from valuegate.settings import ExtractSettings, ModelSettings
 from valuegate.tasks.ingest import Sample
 
 __all__ = [
@@ -316,3 +319,86 @@ def length_batches(lengths: list[int], batch_size: int, max_batch_tokens: int) -
     if cur:
         batches.append(cur)
     return batches
+
+
+# --------------------------------------------------------------------------------------------------
+# Model fingerprint: everything that changes a feature, computed without loading the weights.
+# --------------------------------------------------------------------------------------------------
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".gguf")
+
+
+def _file_digest(paths: list[Path]) -> str:
+    h = hashlib.sha256()
+    for f in sorted(paths):
+        h.update(f.name.encode())
+        with f.open("rb") as fh:
+            for chunk in iter(lambda fh=fh: fh.read(1 << 22), b""):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def weights_digest(directory: str | Path) -> str:
+    """sha256 over the weight files of a model or adapter directory, cached by (path, size, mtime).
+
+    The cache (``$VALUEGATE_HOME/weights-digests.json``) makes later runs free; a rewritten file has a
+    new mtime and is hashed again.
+    """
+    from valuegate.tasks.default_model import valuegate_home
+
+    d = Path(directory).resolve()
+    files = [f for f in d.iterdir() if f.is_file() and f.suffix in WEIGHT_SUFFIXES]
+    if not files:
+        raise ValuegateError(f"{d}: no weight files ({', '.join(WEIGHT_SUFFIXES)}) to fingerprint")
+    key = json.dumps(sorted((str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files))
+    cache_path = valuegate_home() / "weights-digests.json"
+    try:
+        cache = json.loads(cache_path.read_text())
+    except (OSError, ValueError):
+        cache = {}
+    if key in cache:
+        return cache[key]
+    digest = _file_digest(files)
+    cache[key] = digest
+    try:
+        cache_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache_path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(cache))
+        os.replace(tmp, cache_path)
+    except OSError:
+        pass  # a read-only home only costs a re-hash next time
+    return digest
+
+
+def fingerprint_settings(cfg: ModelSettings, ex: ExtractSettings, tokenizer: object,
+                         lowest_likelihood_ratio: float) -> dict[str, object]:
+    """The resolved settings a feature depends on (the input of :func:`model_fingerprint`)."""
+    from valuegate.storage.schemas import FEATURE_FORMAT
+
+    path = resolve_model_path(cfg)
+    local = Path(path).is_dir()
+    template = getattr(tokenizer, "chat_template", None) or ""
+    if isinstance(template, dict):
+        template = json.dumps(template, sort_keys=True)
+    return {
+        "format": FEATURE_FORMAT,
+        "model": "local" if local and cfg.name != "smollm2-135m" else cfg.name,
+        "weights": weights_digest(path) if local else None,
+        "revision": cfg.revision,
+        "adapter": weights_digest(cfg.adapter) if cfg.adapter else None,
+        "dtype": str(_pick_dtype(cfg.dtype, _pick_device(cfg.device))),
+        "loss_on": ex.loss_on,
+        "lowest_likelihood_ratio": float(lowest_likelihood_ratio),
+        "support_k": ex.support_k,
+        "hidden_dim": ex.hidden_dim,
+        "error_dim": ex.error_dim,
+        "seed": ex.seed,
+        "max_length": ex.max_length,
+        "chat_template": hashlib.sha256(template.encode()).hexdigest()[:16],
+        "vocab": len(tokenizer),
+    }
+
+
+def model_fingerprint(settings: dict[str, object]) -> str:
+    """sha256 (hex) of the canonical JSON of :func:`fingerprint_settings`."""
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()

@@ -184,3 +184,157 @@ def summary_line(df: pl.DataFrame, vm: ValueMatrix, settings: Settings, out: str
     what = "pairs" if sc.aggregate == "pairwise" else "samples"
     return (f"scored {n_t} train × {n_v} validation samples ({sc.method}, {sc.aggregate}, normalize={sc.normalize}) "
             f"in {secs:.1f}s: value median {np.median(v):.4g}, {neg} {what} below zero → {out}")
+
+
+# --------------------------------------------------------------------------------------------------
+# Scoring a stored dataset against a registered validation-set version (`valuegate score-set`).
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ScoreRunReport:
+    """What :func:`score_dataset` did."""
+
+    run_id: str
+    dataset: str
+    valset: str
+    model_fp: str
+    n_train: int
+    n_valid: int
+    extract_train: object = None
+    extract_valid: object = None
+    timings: dict[str, float] = field(default_factory=dict)
+    table: object = None
+
+    def line(self) -> str:
+        """One human line."""
+        secs = " ".join(f"{k} {v:.2f}s" for k, v in self.timings.items())
+        return (f"scores run {self.run_id}: {self.dataset} ({self.n_train} samples) against {self.valset} "
+                f"({self.n_valid}) with features {self.model_fp[:12]}: {secs}")
+
+
+def _feature_matrix(t, ids: list[str], vocab: int, width: int):
+    """CSR ``(len(ids), V·width)`` and per-sample columns of a feature slice, in the order of ``ids``."""
+    import pyarrow.compute as pc
+    import scipy.sparse as sp
+
+    from valuegate.storage.features import sparse_arrays
+
+    pos = pc.index_in(pa_array(ids), value_set=t.column("id"))
+    if pos.null_count:
+        raise ValuegateError(f"{pos.null_count} samples have no stored features; run `valuegate extract` again")
+    t = t.take(pos)
+    indptr, indices, data = sparse_arrays(t, width)
+    m = sp.csr_matrix((data, indices, indptr), shape=(len(ids), vocab * width))
+    return m, t
+
+
+def pa_array(values: list[str]):
+    """A pyarrow string array (kept local so the math modules never need pyarrow)."""
+    import pyarrow as pa
+
+    return pa.array(values, type=pa.string())
+
+
+def score_dataset(ws, dataset: str, valset_ref: str, settings: Settings, progress: bool = True,
+                  write: bool = True) -> ScoreRunReport:
+    """Score every sample of a stored dataset against ``name@vN`` and write one ``scores`` run.
+
+    Features come from the store; only samples without features for the fingerprint are run through the
+    model (so a new validation version costs the extraction of the validation samples alone).
+    """
+    import datetime as dt
+    import json
+    import uuid
+
+    import pyarrow as pa
+
+    from valuegate.storage import features as fstore
+    from valuegate.storage import samples as sstore
+    from valuegate.storage import schemas
+    from valuegate.storage.valsets import read_valset
+    from valuegate.tasks.extract import extract_to_store
+    from valuegate.tasks.ingest import sample_from_record
+    from valuegate.tasks.model import fingerprint_settings, model_fingerprint
+    from valuegate.tasks.valsets import valset_samples
+
+    ex, sc = settings.extract, settings.score
+    if sc.method != "sparse":
+        raise ValuegateError("score-set scores from the feature store, which keeps sparse features; "
+                             "use `valuegate score --method exact` on files for the exact oracle")
+    if sc.aggregate == "pairwise":
+        raise ValuegateError("score-set writes one value per sample: use --aggregate mean or nearest "
+                             "(`valuegate score` gives the pairwise matrix)")
+    t0 = time.perf_counter()
+    ids = sstore.dataset_ids(ws, dataset)
+    if not ids:
+        raise ValuegateError(f"dataset {dataset!r} has no samples in {ws.uri}; run `valuegate ingest {dataset} FILE`")
+    record, vrows = read_valset(ws, valset_ref)
+    valset = f"{record['name']}@v{record['version']}"
+    vids, vsamples = valset_samples(vrows)
+    tok = load_tokenizer(settings.model)
+    ratio = ex.lowest_likelihood_ratio
+    fp_t_settings = fingerprint_settings(settings.model, ex, tok, ratio)
+    fp_v_settings = fingerprint_settings(settings.model, ex, tok, 1.0)
+    fp_t, fp_v = model_fingerprint(fp_t_settings), model_fingerprint(fp_v_settings)
+    cache: dict[str, LoadedModel] = {}
+
+    def loader() -> LoadedModel:
+        if "lm" not in cache:
+            cache["lm"] = load_model(settings.model, tok, progress)
+        return cache["lm"]
+
+    timings = {"resolve": time.perf_counter() - t0}
+    t0 = time.perf_counter()
+    have = fstore.feature_ids(ws, fp_t)
+    missing = [i for i in ids if i not in have]
+    recs = sstore.read_samples_by_id(ws, missing).to_pylist() if missing else []
+    by_id = {r["id"]: sample_from_record(r) for r in recs}
+    rep_t = extract_to_store(ws, loader, missing, [by_id[i] for i in missing], ex, fp_t, fp_t_settings, ratio,
+                             progress=progress, desc="train")
+    rep_t.requested, rep_t.already = len(ids), len(ids) - len(missing)
+    refused = {i for i, _ in rep_t.refused or []}
+    rep_v = extract_to_store(ws, loader, vids, vsamples, ex, fp_v, fp_v_settings, 1.0, progress=progress,
+                             desc="validation")
+    if rep_v.refused:
+        raise ValuegateError(f"{valset}: a validation sample cannot be valued: {rep_v.refused[0][1]}")
+    timings["extract"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    meta = fstore.read_feature_set(ws, fp_t)
+    vocab, width = int(meta["vocab_size"]), int(meta["row_width"])
+    ids = [i for i in ids if i not in refused]
+    cols = ["id", "token_ids", "rows", "n_tokens", "mean_loss", "self_influence"]
+    tm, tt = _feature_matrix(fstore.read_features(ws, fp_t, ids, cols), ids, vocab, width)
+    vm_, vt = _feature_matrix(fstore.read_features(ws, fp_v, vids, cols), vids, vocab, width)
+    timings["read"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    from valuegate.tasks.forvalue import sparse_cross_csr
+
+    vm = ValueMatrix(sparse_cross_csr(tm, vm_), tt["self_influence"].to_numpy(), vt["self_influence"].to_numpy(),
+                     tt["n_tokens"].to_numpy().astype(np.int64), vt["n_tokens"].to_numpy().astype(np.int64),
+                     tt["mean_loss"].to_numpy().astype(np.float64))
+    values = normalize(vm, sc.normalize)
+    agg, nearest = aggregate(values, sc.aggregate, sc.nearest_k)
+    timings["score"] = time.perf_counter() - t0
+    run_id = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:8]
+    now = dt.datetime.now(dt.timezone.utc)
+    settings_json = json.dumps({"settings": settings.model_dump(mode="json"), "train_fp": fp_t,
+                                "valid_fp": fp_v}, sort_keys=True)
+    vids_arr = np.asarray(vids, dtype=object)
+    rows = {
+        "run_id": [run_id] * len(ids), "dataset": [dataset] * len(ids), "id": ids, "value": agg,
+        "aggregate": [sc.aggregate] * len(ids), "normalize": [sc.normalize] * len(ids),
+        "nearest_ids": [list(vids_arr[r]) for r in nearest] if nearest is not None else [None] * len(ids),
+        "nearest_values": ([list(np.take_along_axis(values, nearest, 1)[i]) for i in range(len(ids))]
+                           if nearest is not None else [None] * len(ids)),
+        "n_tokens": vm.train_tokens, "mean_loss": vm.train_loss, "self_influence": vm.train_self,
+        "valset": [valset] * len(ids), "model_fp": [fp_t] * len(ids), "settings": [settings_json] * len(ids),
+        "at": [now] * len(ids),
+    }
+    table = pa.Table.from_pydict(rows, schema=schemas.scores_schema)
+    if write:
+        t0 = time.perf_counter()
+        ws.ensure(schemas.SCORES, schemas.scores_schema)
+        ws.append(schemas.SCORES, table, schemas.scores_schema)
+        timings["write"] = time.perf_counter() - t0
+    return ScoreRunReport(run_id, dataset, valset, fp_t, len(ids), len(vids), rep_t, rep_v, timings, table)

@@ -32,3 +32,6 @@ def data_files(tmp_path):
     train = write_jsonl(tmp_path / "train.jsonl", random_rows(9, seed=1))
     valid = write_jsonl(tmp_path / "valid.jsonl", random_rows(4, seed=2))
     return train, valid
+
+
+pytest_plugins = ["s3server"]

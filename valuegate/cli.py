@@ -59,6 +59,42 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--normalize", choices=["none", "length", "cosine"])
     s.add_argument("--quiet", action="store_true", help="no progress bar")
 
+    w = argparse.ArgumentParser(add_help=False)
+    w.add_argument("--workspace", help="workspace directory or s3:// URI (default ./valuegate-workspace)")
+    w.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    i = sub.add_parser("ingest", parents=[w], help="add files to a dataset of the workspace",
+                       description="Read JSONL / Parquet / CSV files or Hugging Face save_to_disk folders into "
+                       "dataset NAME: dedup by content, refused rows to quarantine, re-ingest is a no-op.")
+    i.add_argument("name", help="dataset name")
+    i.add_argument("files", nargs="+", help="files or folders")
+
+    e = sub.add_parser("extract", parents=[w], help="extract features of a dataset (only what is missing)")
+    e.add_argument("name", help="dataset name")
+    _add_model_flags(e)
+    _add_extract_flags(e)
+
+    v = sub.add_parser("valset", help="versioned validation sets")
+    vsub = v.add_subparsers(dest="valset_command", required=True)
+    vr = vsub.add_parser("register", parents=[w], help="register FILE as the next version of NAME")
+    vr.add_argument("name")
+    vr.add_argument("file")
+    vl = vsub.add_parser("list", parents=[w], help="list validation sets or the versions of one")
+    vl.add_argument("name", nargs="?")
+    vs = vsub.add_parser("show", parents=[w], help="show NAME[@VERSION]")
+    vs.add_argument("ref", help="NAME or NAME@vN")
+    vs.add_argument("--rows", type=int, default=5, help="rows to print")
+
+    ss = sub.add_parser("score-set", parents=[w], help="score a dataset against a validation-set version")
+    ss.add_argument("name", help="dataset name")
+    ss.add_argument("--valset", required=True, help="NAME or NAME@vN (latest when no version)")
+    _add_model_flags(ss)
+    _add_extract_flags(ss)
+    g = ss.add_argument_group("scoring")
+    g.add_argument("--aggregate", choices=["mean", "nearest"])
+    g.add_argument("--nearest-k", type=int)
+    g.add_argument("--normalize", choices=["none", "length", "cosine"])
+
     f = sub.add_parser("fetch-model", help="fetch and convert the embedded default model into the cache")
     f.add_argument("--home", help="cache directory (default $VALUEGATE_HOME or ~/.cache/valuegate)")
     return ap
@@ -95,6 +131,103 @@ def _cmd_score(args: argparse.Namespace) -> int:
     return 0
 
 
+def _settings_and_ws(args: argparse.Namespace):
+    from valuegate.settings import load_settings
+    from valuegate.storage.lance import Workspace
+
+    overrides: dict[str, Any] = _overrides(args)
+    overrides["workspace"] = getattr(args, "workspace", None)
+    settings = load_settings(args.config, overrides)
+    return settings, Workspace.from_env(settings.workspace)
+
+
+def _cmd_ingest(args: argparse.Namespace) -> int:
+    from valuegate.storage.samples import ensure_sample_tables
+    from valuegate.tasks.ingest import ingest_file
+
+    settings, ws = _settings_and_ws(args)
+    ensure_sample_tables(ws)
+    totals = {"rows": 0, "kept": 0, "new": 0, "dup": 0, "quarantined": 0, "left": 0}
+    for f in args.files:
+        rep = ingest_file(ws, args.name, f, settings.ingest.max_chars)
+        print(rep.line(), file=sys.stderr)
+        for k, v in (("rows", rep.rows), ("kept", rep.kept), ("new", rep.new_samples), ("dup", rep.duplicates),
+                     ("quarantined", rep.quarantined), ("left", rep.left)):
+            totals[k] += v
+    print(f"ingested into {args.name}: {totals['rows']} rows, {totals['kept']} kept, {totals['new']} new samples, "
+          f"{totals['dup']} duplicates, {totals['quarantined']} quarantined, {totals['left']} ids left "
+          f"({ws.uri})", file=sys.stderr)
+    return 0
+
+
+def _cmd_extract(args: argparse.Namespace) -> int:
+    from valuegate.storage import samples as sstore
+    from valuegate.tasks.extract import extract_to_store
+    from valuegate.tasks.ingest import sample_from_record
+    from valuegate.tasks.model import fingerprint_settings, load_model, load_tokenizer, model_fingerprint
+
+    settings, ws = _settings_and_ws(args)
+    ids = sstore.dataset_ids(ws, args.name)
+    if not ids:
+        raise ValuegateError(f"dataset {args.name!r} has no samples in {ws.uri}; run `valuegate ingest` first")
+    ex = settings.extract
+    tok = load_tokenizer(settings.model)
+    fps = fingerprint_settings(settings.model, ex, tok, ex.lowest_likelihood_ratio)
+    fp = model_fingerprint(fps)
+    from valuegate.storage.features import feature_ids
+
+    have = feature_ids(ws, fp)
+    missing = [i for i in ids if i not in have]
+    recs = {r["id"]: sample_from_record(r) for r in sstore.read_samples_by_id(ws, missing).to_pylist()}
+    rep = extract_to_store(ws, lambda: load_model(settings.model, tok, not args.quiet), missing,
+                           [recs[i] for i in missing], ex, fp, fps, ex.lowest_likelihood_ratio,
+                           progress=not args.quiet)
+    rep.requested, rep.already = len(ids), len(ids) - len(missing)
+    print(rep.line(), file=sys.stderr)
+    for sid, why in (rep.refused or [])[:5]:
+        print(f"  refused {sid[:12]}: {why}", file=sys.stderr)
+    return 0
+
+
+def _cmd_valset(args: argparse.Namespace) -> int:
+    from valuegate.storage.valsets import read_valset, read_valset_versions
+    from valuegate.tasks.valsets import register_valset
+
+    settings, ws = _settings_and_ws(args)
+    if args.valset_command == "register":
+        rec, new = register_valset(ws, args.name, args.file, settings.ingest.max_chars)
+        what = "registered" if new else "unchanged content: already registered as"
+        print(f"{what} {rec['name']}@v{rec['version']} ({rec['rows']} rows, content {rec['content_hash'][:12]})")
+        return 0
+    if args.valset_command == "list":
+        rows = read_valset_versions(ws, args.name)
+        if not rows:
+            print("no validation sets" + (f" named {args.name!r}" if args.name else ""), file=sys.stderr)
+        for r in rows:
+            flag = " (pruned)" if r["pruned"] else ""
+            print(f"{r['name']}@v{r['version']}  rows={r['rows']}  content={r['content_hash'][:12]}  "
+                  f"at={r['at']:%Y-%m-%d %H:%M:%S}  source={r['source']}{flag}")
+        return 0
+    rec, rows = read_valset(ws, args.ref)
+    print(f"{rec['name']}@v{rec['version']}: {rec['rows']} rows, content {rec['content_hash']}, "
+          f"registered {rec['at']:%Y-%m-%d %H:%M:%S} from {rec['source']}")
+    for r in rows.sort_by("row").slice(0, args.rows).to_pylist():
+        body = r["text"] or r["messages"] or f"{r['prompt']!r} → {r['response']!r}"
+        print(f"  row {r['row']}: {body[:120]}")
+    return 0
+
+
+def _cmd_score_set(args: argparse.Namespace) -> int:
+    from valuegate.tasks.score import score_dataset
+
+    settings, ws = _settings_and_ws(args)
+    rep = score_dataset(ws, args.name, args.valset, settings, progress=not args.quiet)
+    for part in (rep.extract_train, rep.extract_valid):
+        print(part.line(), file=sys.stderr)
+    print(rep.line(), file=sys.stderr)
+    return 0
+
+
 def _cmd_fetch_model(args: argparse.Namespace) -> int:
     from valuegate.tasks.default_model import ensure_default_model
 
@@ -106,7 +239,8 @@ def _cmd_fetch_model(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``valuegate`` console script."""
     args = _parser().parse_args(argv)
-    handlers = {"score": _cmd_score, "fetch-model": _cmd_fetch_model}
+    handlers = {"score": _cmd_score, "fetch-model": _cmd_fetch_model, "ingest": _cmd_ingest,
+                "extract": _cmd_extract, "valset": _cmd_valset, "score-set": _cmd_score_set}
     try:
         return handlers[args.command](args)
     except ValuegateError as exc:

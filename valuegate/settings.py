@@ -20,6 +20,13 @@ from valuegate.errors import ValuegateError
 _TOML_FILE: contextvars.ContextVar[Path | None] = contextvars.ContextVar("valuegate_toml", default=None)
 
 
+class IngestSettings(BaseModel):
+    """How files become samples."""
+
+    max_chars: int = Field(200_000, ge=1, description="Rows whose sample content is longer (characters) "
+                           "are refused as oversized and go to quarantine.")
+
+
 class ModelSettings(BaseModel):
     """Which causal LM values the data, and where it runs."""
 
@@ -80,6 +87,10 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="VALUEGATE_", env_nested_delimiter="__", extra="forbid",
                                       validate_default=True)
 
+    workspace: str = Field("./valuegate-workspace", description="Where every table lives: a local "
+                           "directory or an object-store URI (s3://bucket/prefix; endpoint and keys from the "
+                           "usual AWS_* environment variables).")
+    ingest: IngestSettings = Field(default_factory=IngestSettings)
     model: ModelSettings = Field(default_factory=ModelSettings)
     extract: ExtractSettings = Field(default_factory=ExtractSettings)
     score: ScoreSettings = Field(default_factory=ScoreSettings)
@@ -115,14 +126,17 @@ def load_settings(config_file: str | Path | None = None, overrides: dict[str, An
     path = Path(config_file) if config_file else None
     if path is not None and not path.is_file():
         raise ValuegateError(f"{path}: config file not found")
-    clean = {s: {k: v for k, v in sec.items() if v is not None} for s, sec in (overrides or {}).items()}
+    clean = {s: {k: v for k, v in sec.items() if v is not None} for s, sec in (overrides or {}).items()
+             if isinstance(sec, dict)}
     clean = {s: sec for s, sec in clean.items() if sec}
     token = _TOML_FILE.set(path)
     try:
         # Sections are merged field by field: a flag for one field keeps the others from file and env.
         base = Settings()
         merged = _deep_update(base.model_dump(), clean)
-        return Settings.model_validate(merged) if clean else base
+        if "workspace" in (overrides or {}) and overrides["workspace"] is not None:
+            merged["workspace"] = overrides["workspace"]
+        return Settings.model_validate(merged)
     except ValidationError as exc:
         where = f" in {path}" if path else ""
         msgs = "; ".join(f"{'.'.join(str(x) for x in e['loc'])}: {e['msg']}" for e in exc.errors())

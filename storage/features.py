@@ -1,0 +1,94 @@
+"""Feature tables: one ``features__<fp>`` table per model fingerprint, registered in ``feature_sets``.
+
+Rows are written in numbered batches, each one commit: an interrupted extraction keeps every finished
+batch, and the next run extracts only the ids that have no row (no duplicate, nothing lost).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+
+import numpy as np
+import pyarrow as pa
+
+from valuegate.storage import schemas
+from valuegate.storage.lance import Workspace, sql_in, sql_str
+
+
+def features_uri(ws: Workspace, model_fp: str) -> str:
+    """Where the feature table of a fingerprint lives."""
+    return f"{ws.uri}/{schemas.features_table(model_fp)}.lance"
+
+
+def features_exist(ws: Workspace, model_fp: str) -> bool:
+    """Whether a feature table exists for the fingerprint."""
+    return ws.table_exists(schemas.features_table(model_fp))
+
+
+def ensure_feature_set(ws: Workspace, model_fp: str, settings: dict, hidden_size: int, vocab_size: int,
+                       row_width: int, error_dim: int) -> str:
+    """Register a fingerprint (once) and create its feature table. Returns the table name."""
+    ws.ensure(schemas.FEATURE_SETS, schemas.feature_sets_schema)
+    table = schemas.features_table(model_fp)
+    if ws.count(schemas.FEATURE_SETS, f"model_fp = {sql_str(model_fp)}") == 0:
+        ws.append(schemas.FEATURE_SETS, pa.Table.from_pylist([{
+            "model_fp": model_fp, "table": table, "settings": json.dumps(settings, sort_keys=True),
+            "hidden_size": hidden_size, "vocab_size": vocab_size, "row_width": row_width,
+            "error_dim": error_dim, "created": dt.datetime.now(dt.timezone.utc)}],
+            schema=schemas.feature_sets_schema), schemas.feature_sets_schema)
+    ws.ensure(table, schemas.features_schema(hidden_size, error_dim))
+    return table
+
+
+def read_feature_set(ws: Workspace, model_fp: str) -> dict | None:
+    """The registry row of a fingerprint, or None."""
+    if not ws.table_exists(schemas.FEATURE_SETS):
+        return None
+    rows = ws.read(schemas.FEATURE_SETS, where=f"model_fp = {sql_str(model_fp)}").to_pylist()
+    return rows[0] if rows else None
+
+
+def feature_ids(ws: Workspace, model_fp: str) -> set[str]:
+    """Ids that have features for the fingerprint."""
+    if not features_exist(ws, model_fp):
+        return set()
+    return set(ws.read(schemas.features_table(model_fp), columns=["id"])["id"].to_pylist())
+
+
+def write_features(ws: Workspace, model_fp: str, rows: list[dict], hidden_size: int, error_dim: int) -> int:
+    """Append one batch of feature rows (one commit). Returns the table version."""
+    schema = schemas.features_schema(hidden_size, error_dim)
+    return ws.append(schemas.features_table(model_fp), pa.Table.from_pylist(rows, schema=schema), schema)
+
+
+def read_features(ws: Workspace, model_fp: str, ids: list[str] | None = None,
+                  columns: list[str] | None = None, chunk: int = 2000) -> pa.Table:
+    """Feature rows (all, or of ``ids``; no order guaranteed: align on the ``id`` column)."""
+    table = schemas.features_table(model_fp)
+    if ids is None:
+        return ws.read(table, columns=columns)
+    parts = [ws.read(table, where=sql_in("id", ids[i:i + chunk]), columns=columns)
+             for i in range(0, len(ids), chunk)]
+    if not parts:
+        return ws.read(table, where="false", columns=columns)
+    return pa.concat_tables(parts)
+
+
+def sparse_arrays(t: pa.Table, width: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The sparse rows of a feature table slice as CSR parts, with no Python loop over samples.
+
+    Returns:
+        ``indptr (n+1,)`` int64, ``indices (nnz,)`` int64 column ids ``token·width + j`` and
+        ``data (nnz,)`` float32, for an ``(n, V·width)`` CSR matrix.
+    """
+    tok = t.column("token_ids").combine_chunks()
+    rows = t.column("rows").combine_chunks()
+    tok_flat = tok.values.to_numpy(zero_copy_only=False).astype(np.int64)
+    data = rows.values.to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
+    lengths = np.diff(tok.offsets.to_numpy())
+    indices = (tok_flat[:, None] * width + np.arange(width)[None, :]).reshape(-1)
+    indptr = np.concatenate([[0], np.cumsum(lengths * width)]).astype(np.int64)
+    if data.size != indices.size:
+        raise ValueError(f"feature rows hold {data.size} values for {indices.size} support entries × width")
+    return indptr, indices, data

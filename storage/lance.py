@@ -1,0 +1,1027 @@
+"""The workspace: one LanceDB database at a local directory or an object-store URI (DESIGN §3).
+
+This is the only module that imports :mod:`lancedb`. Everything else asks a :class:`Workspace` for
+tables, versions, tags and vector search and gets plain :class:`pyarrow.Table` objects back.
+
+Behaviour of LanceDB 0.40 (lance 13) that this module relies on, each checked by running it:
+
+* ``lancedb.connect`` on an ``s3://`` URI already does I/O (it lists the database prefix), so the
+  connection opens lazily, on the first table operation.
+* Concurrent appends (several processes, local disk or S3) never surface an error: Lance rebases an
+  append over a concurrent append inside its own commit loop (on S3 a lost race is a ``412`` to the
+  conditional ``PUT`` of the manifest, resolved silently). Concurrent ``merge_insert``/``delete``/
+  ``update`` on distinct rows are rebased as well.
+* What does surface is a transaction Lance cannot rebase (an append racing an overwrite or a restore)
+  or an exhausted inner retry loop. Both arrive as a plain ``RuntimeError`` (sometimes ``ValueError``)
+  whose message starts ``lance error: Incompatible transaction: ...``, ``Commit conflict for version``,
+  ``Retryable commit conflict`` or ``Too many concurrent writers``; there is no dedicated exception
+  class, so :func:`classify_error` reads the message. The table handle must be moved to the latest
+  version before the retry (``checkout_latest``), otherwise the same stale read version fails forever.
+* Transient object-store failures (connection refused/reset, timeouts, 5xx, ``SlowDown``) arrive as
+  ``RuntimeError`` or ``ValueError`` too, after the object store's own three quick retries.
+* ``IVF_PQ`` with 8-bit codes needs at least 256 rows: below that ``create_index`` *succeeds* but
+  builds an empty, untrained index (``num_indexed_rows=0``) and every search is a brute-force scan.
+  ``IVF_FLAT``, ``IVF_SQ`` and ``IVF_HNSW_SQ`` train from a single row.
+* A vector query without an explicit distance type uses the index's metric when an index exists and
+  **L2** when none does (or when the rows are not indexed yet), so :meth:`Workspace.search` always
+  passes the metric. For ``dot`` the ``_distance`` column is ``1 - x·q`` (smaller is closer).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import os
+import random
+import re
+import threading
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import numpy as np
+import pyarrow as pa
+
+from valuegate.errors import ValuegateError
+
+if TYPE_CHECKING:
+    from lancedb.db import DBConnection
+    from lancedb.table import LanceTable
+
+__all__ = [
+    "DISTANCE_COLUMN",
+    "RetryPolicy",
+    "Workspace",
+    "classify_error",
+    "min_rows_for_index",
+    "primary_key",
+    "sql_in",
+    "sql_str",
+]
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+DEFAULT_WORKSPACE = "./valuegate-workspace"
+DISTANCE_COLUMN = "_distance"
+"""Column that :meth:`Workspace.search` adds: for ``dot`` it is ``1 - x·q``, for ``l2`` the squared
+euclidean distance, for ``cosine`` ``1 - cos``; smaller is always closer."""
+
+_TABLE_NAME = re.compile(r"^[A-Za-z0-9_.\-]+$")
+_OBJECT_STORE_SCHEMES = ("s3://", "s3+ddb://", "gs://", "az://", "abfs://", "memory://")
+
+# Messages (lower-cased) of the commit failures that are safe to retry after moving to the latest version.
+_CONFLICT_MARKERS = (
+    "commit conflict",  # "Commit conflict for version N" and "Retryable commit conflict for version N"
+    "incompatible transaction",  # e.g. an append racing an overwrite
+    "concurrent transaction",  # "... was preempted by / removed by a concurrent transaction"
+    "too many concurrent writ",  # "Too many concurrent writers" / "Too many concurrent writes for ..."
+    "failed to commit the transaction after",
+)
+# Transport failures of the object store that a later attempt may not meet.
+_TRANSIENT_MARKERS = (
+    "retryerror",
+    "connection refused",
+    "connectionrefused",
+    "connection reset",
+    "connectionreset",
+    "broken pipe",
+    "tcp connect error",
+    "error sending request",
+    "timed out",
+    "timeout",
+    "slowdown",
+    "slow down",
+    "service unavailable",
+    "internalerror",
+    "500 internal server error",
+    "502 bad gateway",
+    "503",
+    "504 gateway",
+)
+# Configuration errors that look like I/O but never heal by waiting.
+_PERMANENT_MARKERS = (
+    "nosuchbucket",
+    "accessdenied",
+    "access denied",
+    "invalidaccesskeyid",
+    "signaturedoesnotmatch",
+    "403 forbidden",
+)
+
+_INDEX_CONFIGS = ("IVF_PQ", "IVF_FLAT", "IVF_SQ", "IVF_HNSW_SQ")
+_METRICS = ("dot", "l2", "cosine")
+
+
+# --------------------------------------------------------------------------------------------------
+# SQL literals for `where` clauses
+# --------------------------------------------------------------------------------------------------
+
+
+def sql_str(value: str) -> str:
+    """Quote ``value`` as a SQL string literal for a Lance ``where`` clause.
+
+    Single quotes are doubled (``it's`` → ``'it''s'``); backslashes, ``%``/``_``, newlines and
+    non-ASCII text need no escaping in Lance's (DataFusion) SQL and are kept as they are.
+
+    Args:
+        value: any text; a NUL character is refused (it cannot round-trip through the SQL parser).
+
+    Returns:
+        The literal, quotes included.
+    """
+    if not isinstance(value, str):
+        raise TypeError(f"sql_str expects str, got {type(value).__name__}")
+    if "\x00" in value:
+        raise ValuegateError(f"cannot use a string with a NUL character in a filter: {value!r}")
+    return "'" + value.replace("'", "''") + "'"
+
+
+def sql_ident(column: str) -> str:
+    """Quote a column name for a ``where`` clause with backticks (needed for spaces or dots in names)."""
+    if "`" in column:
+        raise ValuegateError(f"column name {column!r} contains a backtick and cannot be quoted")
+    return f"`{column}`"
+
+
+def _sql_literal(value: Any) -> str:
+    if isinstance(value, str):
+        return sql_str(value)
+    if isinstance(value, (bool, np.bool_)):
+        return "TRUE" if value else "FALSE"
+    if isinstance(value, (int, np.integer)):
+        return str(int(value))
+    if isinstance(value, (float, np.floating)):
+        if not np.isfinite(value):
+            raise ValuegateError(f"cannot use a non-finite number in a filter: {value!r}")
+        return repr(float(value))
+    raise TypeError(f"unsupported filter value type {type(value).__name__}: {value!r}")
+
+
+def sql_in(column: str, values: Iterable[str | int | float | bool]) -> str:
+    """A ``column IN (v1, v2, ...)`` predicate; ``FALSE`` when ``values`` is empty.
+
+    Scaling: the predicate is plain SQL text that Lance parses and plans on every query, so its cost
+    grows linearly with the number of values — measured at about 5 µs per value (20,000 ids ≈ 0.1 s,
+    100,000 ids ≈ 0.5 s and a 1.5 MB query string). Up to a few thousand ids it is free; beyond
+    ~50,000, read the key column and filter with ``pyarrow.compute.is_in`` or cut the ids in chunks.
+
+    Args:
+        column: column name (quoted with backticks, so any name without a backtick works).
+        values: strings, ints, floats or bools (one type per call is expected, not checked).
+
+    Returns:
+        The predicate text, e.g. ``"`id` IN ('a', 'b')"``.
+    """
+    literals = [_sql_literal(v) for v in values]
+    if not literals:
+        return "FALSE"
+    return f"{sql_ident(column)} IN ({', '.join(literals)})"
+
+
+# --------------------------------------------------------------------------------------------------
+# Retries
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Bounded retries with exponential backoff and jitter for commits and object-store I/O.
+
+    Attempt ``i`` (1-based) that fails waits ``d/2 + uniform(0, d/2)`` seconds before the next, with
+    ``d = min(max_delay_s, base_delay_s * 2**(i-1))``.
+
+    Attributes:
+        attempts: total attempts, first included (≥ 1).
+        base_delay_s: backoff before the second attempt, in seconds.
+        max_delay_s: cap on one backoff, in seconds.
+    """
+
+    attempts: int = 8
+    base_delay_s: float = 0.05
+    max_delay_s: float = 2.0
+
+    def __post_init__(self) -> None:
+        if self.attempts < 1:
+            raise ValueError("RetryPolicy.attempts must be >= 1")
+        if self.base_delay_s < 0 or self.max_delay_s < 0:
+            raise ValueError("RetryPolicy delays must be >= 0")
+
+    def delay_s(self, attempt: int, rng: random.Random) -> float:
+        """Seconds to wait after failed attempt number ``attempt`` (1-based)."""
+        d = min(self.max_delay_s, self.base_delay_s * (2 ** (attempt - 1)))
+        return d / 2 + rng.uniform(0, d / 2)
+
+
+def classify_error(exc: BaseException) -> str | None:
+    """Whether an exception from LanceDB is worth retrying.
+
+    Returns:
+        ``"conflict"`` for a commit that lost against a concurrent writer (safe to redo from the
+        latest version), ``"transient"`` for an object-store transport failure, ``None`` otherwise
+        (bad input, missing table, wrong credentials or bucket: retrying would not help).
+    """
+    if not isinstance(exc, (RuntimeError, ValueError, OSError)) or isinstance(exc, ValuegateError):
+        return None
+    msg = str(exc).lower()
+    if any(m in msg for m in _CONFLICT_MARKERS):
+        return "conflict"
+    if any(m in msg for m in _PERMANENT_MARKERS):
+        return None
+    if isinstance(exc, (ConnectionError, TimeoutError)) or any(m in msg for m in _TRANSIENT_MARKERS):
+        return "transient"
+    return None
+
+
+def min_rows_for_index(index_type: str = "IVF_PQ", num_bits: int = 8) -> int:
+    """Fewest rows with which ``index_type`` trains a real index (measured on lance 13).
+
+    ``IVF_PQ`` learns ``2**num_bits`` centroids per sub-vector (256 for the default 8 bits); with fewer
+    rows LanceDB writes an empty index and searches by brute force. The others train from one row.
+    """
+    index_type = index_type.upper()
+    if index_type not in _INDEX_CONFIGS:
+        raise ValuegateError(
+            f"unknown vector index type {index_type!r}; use one of {', '.join(_INDEX_CONFIGS)}"
+        )
+    return 2**num_bits if index_type == "IVF_PQ" else 1
+
+
+# --------------------------------------------------------------------------------------------------
+# Workspace
+# --------------------------------------------------------------------------------------------------
+
+
+def _is_object_store(uri: str) -> bool:
+    return uri.startswith(_OBJECT_STORE_SCHEMES) or ("://" in uri and not uri.startswith("file://"))
+
+
+def _schema_differences(existing: pa.Schema, expected: pa.Schema) -> list[str]:
+    """Human-readable differences between a table's schema and the expected one (names and types;
+    nullability and metadata are not compared)."""
+    have = {f.name: f for f in existing}
+    want = {f.name: f for f in expected}
+    diffs = [f"missing column {n!r} ({want[n].type})" for n in want if n not in have]
+    diffs += [f"unexpected column {n!r} ({have[n].type})" for n in have if n not in want]
+    diffs += [
+        f"column {n!r} is {have[n].type}, expected {want[n].type}"
+        for n in want
+        if n in have and have[n].type != want[n].type
+    ]
+    return diffs
+
+
+_PK_META = b"lance-schema:unenforced-primary-key:position"
+
+
+def primary_key(schema: pa.Schema) -> list[str]:
+    """The unenforced primary key recorded in a Lance table's schema (ordered column names; [] if none)."""
+    keyed = [
+        (int((f.metadata or {})[_PK_META]), f.name) for f in schema if f.metadata and _PK_META in f.metadata
+    ]
+    return [n for _, n in sorted(keyed)]
+
+
+def _can_be_primary_key(schema: pa.Schema, keys: list[str]) -> bool:
+    """Whether LanceDB accepts ``keys`` as primary key: one non-nullable string/integer/binary column."""
+    if len(keys) != 1:
+        return False
+    f = schema.field(keys[0])
+    t = f.type
+    ok_type = (
+        pa.types.is_int32(t)
+        or pa.types.is_int64(t)
+        or pa.types.is_string(t)
+        or pa.types.is_large_string(t)
+        or pa.types.is_binary(t)
+        or pa.types.is_large_binary(t)
+        or pa.types.is_fixed_size_binary(t)
+    )
+    return ok_type and not f.nullable
+
+
+class Workspace:
+    """One LanceDB database: a local directory or an object-store URI such as ``s3://bucket/prefix``.
+
+    The connection opens on first use; table handles are cached per table and, by default, check for
+    commits of other processes on every read (``read_consistency_s=0``), so a workspace shared by
+    several workers always reads the latest version. Writes retry on commit conflicts and transient
+    object-store errors according to ``retry``; :attr:`retry_counts` says how often that happened.
+
+    A ``Workspace`` pickles (without its connection), so it can be handed to Dask/Ray workers. Start
+    worker processes with ``spawn`` or ``forkserver``: a child *forked* from a process that used LanceDB
+    may crash in native code (``malloc(): unaligned tcache chunk``, seen in 1 of 2 tries here), even
+    though the workspace opens a fresh connection in the child.
+
+    Args:
+        uri: local directory (made absolute) or object-store URI.
+        storage_options: object-store settings passed to LanceDB, e.g. ``aws_access_key_id``,
+            ``aws_secret_access_key``, ``aws_endpoint``, ``aws_region``, ``allow_http``.
+        retry: retry policy for commits and I/O; ``RetryPolicy()`` when ``None``.
+        read_consistency_s: how stale a cached table handle may be, in seconds; ``0`` checks for
+            new versions before every read, ``None`` never does (fastest, single-process only).
+    """
+
+    def __init__(
+        self,
+        uri: str | os.PathLike[str],
+        storage_options: dict[str, str] | None = None,
+        *,
+        retry: RetryPolicy | None = None,
+        read_consistency_s: float | None = 0.0,
+    ) -> None:
+        uri = os.fspath(uri)
+        if not uri:
+            raise ValuegateError("the workspace URI is empty; give a directory or an s3:// URI")
+        if uri.startswith("file://"):
+            uri = uri[len("file://") :]
+        if not _is_object_store(uri):
+            uri = str(Path(uri).expanduser().absolute())
+        self._uri = uri
+        self._storage_options = dict(storage_options) if storage_options else None
+        self._retry = retry or RetryPolicy()
+        self._read_consistency_s = read_consistency_s
+        self._init_runtime()
+
+    def _init_runtime(self) -> None:
+        self._pid = os.getpid()
+        self._lock = threading.RLock()
+        self._db: DBConnection | None = None
+        self._tables: dict[str, LanceTable] = {}
+        self._rng = random.Random()
+        self._retry_counts = {"conflict": 0, "transient": 0}
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {
+            "uri": self._uri,
+            "storage_options": self._storage_options,
+            "retry": self._retry,
+            "read_consistency_s": self._read_consistency_s,
+        }
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self._uri = state["uri"]
+        self._storage_options = state["storage_options"]
+        self._retry = state["retry"]
+        self._read_consistency_s = state["read_consistency_s"]
+        self._init_runtime()
+
+    def __repr__(self) -> str:
+        return f"Workspace({self._uri!r})"
+
+    @classmethod
+    def from_env(cls, uri: str | None = None, **kwargs: Any) -> Workspace:
+        """A workspace configured from the environment.
+
+        ``uri`` defaults to ``$VALUEGATE_WORKSPACE``, then ``./valuegate-workspace``. For an object-store
+        URI the storage options come from ``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``,
+        ``AWS_SECRET_ACCESS_KEY``, ``AWS_SESSION_TOKEN`` and ``AWS_REGION`` (else ``AWS_DEFAULT_REGION``);
+        ``allow_http`` is set when the endpoint is ``http://`` (a local MinIO, say). Options not set
+        are left to LanceDB, which reads the same variables and the usual AWS credential chain.
+
+        Args:
+            uri: workspace directory or URI; ``None`` reads the environment.
+            **kwargs: passed on to :class:`Workspace` (``retry``, ``read_consistency_s``).
+        """
+        uri = uri or os.environ.get("VALUEGATE_WORKSPACE") or DEFAULT_WORKSPACE
+        options: dict[str, str] = {}
+        if _is_object_store(uri):
+            env = os.environ
+            endpoint = env.get("AWS_ENDPOINT_URL") or env.get("AWS_ENDPOINT_URL_S3")
+            pairs = {
+                "aws_endpoint": endpoint,
+                "aws_access_key_id": env.get("AWS_ACCESS_KEY_ID"),
+                "aws_secret_access_key": env.get("AWS_SECRET_ACCESS_KEY"),
+                "aws_session_token": env.get("AWS_SESSION_TOKEN"),
+                "aws_region": env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION"),
+            }
+            options = {k: v for k, v in pairs.items() if v}
+            if endpoint and endpoint.lower().startswith("http://"):
+                options["allow_http"] = "true"
+        return cls(uri, options or None, **kwargs)
+
+    # ---------------------------------------------------------------- plumbing
+
+    @property
+    def uri(self) -> str:
+        """The workspace URI (local paths absolute)."""
+        return self._uri
+
+    @property
+    def storage_options(self) -> dict[str, str] | None:
+        """A copy of the object-store options given at construction."""
+        return dict(self._storage_options) if self._storage_options else None
+
+    @property
+    def retry_counts(self) -> dict[str, int]:
+        """How many attempts this workspace retried so far, by cause: ``conflict`` and ``transient``."""
+        with self._lock:
+            return dict(self._retry_counts)
+
+    def _after_fork(self) -> None:
+        """A forked child must not reuse the parent's connection and handles: start afresh."""
+        if self._pid != os.getpid():
+            self._init_runtime()
+
+    def _connection(self) -> DBConnection:
+        self._after_fork()
+        with self._lock:
+            if self._db is None:
+                import lancedb
+
+                interval = None
+                if self._read_consistency_s is not None:
+                    interval = dt.timedelta(seconds=self._read_consistency_s)
+                self._db = lancedb.connect(
+                    self._uri,
+                    storage_options=self._storage_options,
+                    read_consistency_interval=interval,
+                )
+            return self._db
+
+    @staticmethod
+    def _check_name(name: str) -> None:
+        if not isinstance(name, str) or not _TABLE_NAME.match(name):
+            raise ValuegateError(
+                f"invalid table name {name!r}: use only letters, digits, '_', '-' and '.' "
+                "(no '/'; for a family of tables use a prefix such as 'valsets__<name>')"
+            )
+
+    def _retrying(self, what: str, fn: Callable[[], T], table: str | None = None) -> T:
+        """Run ``fn`` under the retry policy; between attempts the cached handle of ``table`` moves to
+        the latest version. Errors that are not retryable, and the last failure, propagate as raised."""
+        policy = self._retry
+        for attempt in range(1, policy.attempts + 1):
+            try:
+                return fn()
+            except Exception as exc:
+                kind = classify_error(exc)
+                if kind is None:
+                    raise
+                if attempt == policy.attempts:
+                    log.warning("%s: giving up after %d attempts (%s): %s", what, attempt, kind, exc)
+                    raise
+                delay = policy.delay_s(attempt, self._rng)
+                with self._lock:
+                    self._retry_counts[kind] += 1
+                log.info("%s: %s on attempt %d, retrying in %.2fs: %s", what, kind, attempt, delay, exc)
+                time.sleep(delay)
+                if table is not None:
+                    self._refresh(table)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _refresh(self, name: str) -> None:
+        with self._lock:
+            tbl = self._tables.get(name)
+        if tbl is None:
+            return
+        try:
+            tbl.checkout_latest()
+        except Exception:  # the handle is broken: forget it, the next call reopens the table
+            with self._lock:
+                self._tables.pop(name, None)
+
+    def _open_fresh(self, name: str) -> LanceTable:
+        self._check_name(name)
+        try:
+            return self._connection().open_table(name)
+        except ValueError as exc:
+            if "not found" in str(exc).lower():
+                raise ValuegateError(
+                    f"table {name!r} does not exist in workspace {self._uri}; create it first "
+                    "(ingest the data, or Workspace.ensure(name, schema))"
+                ) from exc
+            raise
+
+    def _table(self, name: str) -> LanceTable:
+        self._after_fork()
+        with self._lock:
+            tbl = self._tables.get(name)
+        if tbl is None:
+            tbl = self._retrying(f"open {name}", lambda: self._open_fresh(name))
+            with self._lock:
+                tbl = self._tables.setdefault(name, tbl)
+        return tbl
+
+    # ---------------------------------------------------------------- tables
+
+    def table_names(self) -> list[str]:
+        """Names of all tables in the workspace, sorted."""
+
+        def op() -> list[str]:
+            db = self._connection()
+            names: list[str] = []
+            token = None
+            while True:
+                page = db.list_tables(page_token=token)
+                names.extend(page.tables)
+                token = page.page_token
+                if not token:
+                    return sorted(names)
+
+        return self._retrying("list tables", op)
+
+    def table_exists(self, name: str) -> bool:
+        """Whether table ``name`` exists in the workspace."""
+        self._check_name(name)
+        with self._lock:
+            if name in self._tables:
+                return True
+        try:
+            self._table(name)
+        except ValuegateError:
+            return False
+        return True
+
+    def open(self, name: str) -> LanceTable:
+        """A new LanceDB handle of table ``name`` at its latest version (for the raw LanceDB API).
+
+        Raises:
+            ValuegateError: the table does not exist.
+        """
+        return self._retrying(f"open {name}", lambda: self._open_fresh(name))
+
+    def schema(self, name: str) -> pa.Schema:
+        """The Arrow schema of table ``name``."""
+        return self._table(name).schema
+
+    def ensure(self, name: str, schema: pa.Schema) -> None:
+        """Create table ``name`` with ``schema`` if it is missing; otherwise check it has that schema.
+
+        Column names and types must match exactly (order, nullability and metadata are not compared).
+        Safe to call from several processes at once.
+
+        Raises:
+            ValuegateError: the table exists with a different schema (the message lists the columns).
+        """
+        self._check_name(name)
+        if not self.table_exists(name):
+
+            def create() -> LanceTable:
+                return self._connection().create_table(name, schema=schema, exist_ok=True)
+
+            try:
+                tbl = self._retrying(f"create {name}", create)
+            except ValueError as exc:
+                if "schema" not in str(exc).lower():
+                    raise
+                # created concurrently with another schema: fall through to the check below
+            else:
+                with self._lock:
+                    self._tables.setdefault(name, tbl)
+        diffs = _schema_differences(self._table(name).schema, schema)
+        if diffs:
+            raise ValuegateError(
+                f"table {name!r} in workspace {self._uri} has an incompatible schema: "
+                + "; ".join(diffs)
+                + ". Use another workspace, or migrate/drop the table."
+            )
+
+    def drop(self, name: str) -> None:
+        """Delete table ``name`` and all its versions (no-op when it does not exist)."""
+        self._check_name(name)
+        with self._lock:
+            self._tables.pop(name, None)
+        if self.table_exists(name):
+            with self._lock:
+                self._tables.pop(name, None)
+            self._retrying(f"drop {name}", lambda: self._connection().drop_table(name))
+
+    @staticmethod
+    def _conform(name: str, data: pa.Table, schema: pa.Schema) -> pa.Table:
+        """``data`` with exactly the columns of ``schema``, in its order and types."""
+        if isinstance(data, pa.RecordBatch):
+            data = pa.Table.from_batches([data])
+        if not isinstance(data, pa.Table):
+            raise TypeError(f"expected a pyarrow.Table, got {type(data).__name__}")
+        missing = [n for n in schema.names if n not in data.column_names]
+        extra = [n for n in data.column_names if n not in schema.names]
+        if missing or extra:
+            raise ValuegateError(
+                f"rows for table {name!r} do not match its schema: "
+                + (f"missing columns {missing}" if missing else "")
+                + ("; " if missing and extra else "")
+                + (f"unexpected columns {extra}" if extra else "")
+            )
+        try:
+            return data.select(schema.names).cast(schema)
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError) as exc:
+            raise ValuegateError(f"rows for table {name!r} cannot be cast to its schema: {exc}") from exc
+
+    # ---------------------------------------------------------------- writes
+
+    def append(self, name: str, data: pa.Table, schema: pa.Schema) -> int:
+        """Append rows to table ``name`` (created with ``schema`` if missing) in one commit.
+
+        Commit conflicts and transient object-store errors are retried (see :class:`RetryPolicy`).
+        A transient error *after* the commit became visible would make the retry append the rows a
+        second time; write through :meth:`upsert` where that must never happen.
+
+        Args:
+            name: table name.
+            data: the rows; columns must be those of ``schema`` (any order, castable types).
+            schema: the table's schema.
+
+        Returns:
+            A table version that holds the rows (the current version when ``data`` has no rows). It is
+            the commit's own version unless other processes committed at the same moment: then LanceDB
+            0.40 may report a later one (seen in about 1 of 20 concurrent appends), so it is not a
+            unique id of the commit.
+        """
+        self.ensure(name, schema)
+        rows = self._conform(name, data, schema)
+        if rows.num_rows == 0:
+            return self.version(name)
+        return self._retrying(f"append to {name}", lambda: self._table(name).add(rows).version, name)
+
+    def overwrite(self, name: str, data: pa.Table, schema: pa.Schema) -> int:
+        """Replace all rows of table ``name`` (created with ``schema`` if missing) in one commit.
+
+        The history stays: earlier versions and their tags can still be read, which is how a
+        validation set keeps every registered version in one table.
+
+        Returns:
+            The table version after the commit (with concurrent writers possibly a later one, as for
+            :meth:`append`).
+        """
+        self.ensure(name, schema)
+        rows = self._conform(name, data, schema)
+        return self._retrying(
+            f"overwrite {name}", lambda: self._table(name).add(rows, mode="overwrite").version, name
+        )
+
+    def upsert(self, name: str, data: pa.Table, on: str | Sequence[str], *, update: bool = True) -> int:
+        """Insert or replace rows of table ``name`` by key ``on`` in one commit (``merge_insert``: when
+        matched update all columns, when not matched insert). Idempotent, so retried freely.
+
+        Args:
+            name: an existing table.
+            data: rows with the table's columns; keys must be unique within ``data`` (LanceDB would
+                refuse them with ``update=True`` and insert every copy with ``update=False``).
+            on: key column name(s).
+            update: replace the rows whose key exists; ``False`` keeps them and only inserts new keys.
+                Either way LanceDB commits a new version even when nothing changes.
+
+        Concurrent upserts of the *same* keys from several processes stay duplicate-free only when
+        the table has an (unenforced) primary key on ``on``: without one LanceDB 0.40 merges both
+        inserts and the key appears twice (lancedb#2463, reproduced here). So the first upsert into a
+        table without a primary key sets it to ``on`` (one metadata commit) when ``on`` is a single
+        non-nullable string/integer/binary column; LanceDB supports no composite primary key, so with
+        several key columns (or a nullable one) give each process disjoint keys.
+
+        Returns:
+            The table version after the commit (the current version when ``data`` has no rows).
+        """
+        keys = [on] if isinstance(on, str) else list(on)
+        schema = self.schema(name)
+        unknown = [k for k in keys if k not in schema.names]
+        if not keys or unknown:
+            raise ValuegateError(f"upsert into {name!r}: key columns {unknown or keys} are not in the table")
+        if not primary_key(schema) and _can_be_primary_key(schema, keys):
+            self._set_primary_key(name, keys[0])
+        rows = self._conform(name, data, schema)
+        if rows.num_rows == 0:
+            return self.version(name)
+        counts = rows.group_by(keys).aggregate([([], "count_all")])
+        if counts.num_rows != rows.num_rows:
+            raise ValuegateError(
+                f"upsert into {name!r}: {rows.num_rows - counts.num_rows} duplicate key(s) on {keys} "
+                "in the new rows; deduplicate them first"
+            )
+
+        def op() -> int:
+            tbl = self._table(name)
+            builder = tbl.merge_insert(keys if len(keys) > 1 else keys[0])
+            if update:
+                builder = builder.when_matched_update_all()
+            return builder.when_not_matched_insert_all().execute(rows).version
+
+        return self._retrying(f"upsert into {name}", op, name)
+
+    def _set_primary_key(self, name: str, column: str) -> None:
+        def op() -> None:
+            tbl = self._table(name)
+            tbl.checkout_latest()
+            if not primary_key(tbl.schema):  # another process may have set it meanwhile
+                tbl.set_unenforced_primary_key(column)
+
+        self._retrying(f"set primary key of {name}", op, name)
+        log.info("table %s: unenforced primary key set to %r", name, column)
+
+    def delete(self, name: str, where: str) -> int:
+        """Delete the rows of table ``name`` matching the SQL predicate ``where``.
+
+        Returns:
+            The table version after the commit.
+        """
+        if not where or not where.strip():
+            raise ValuegateError(f"delete from {name!r}: give a predicate (use 'TRUE' to delete every row)")
+        return self._retrying(f"delete from {name}", lambda: self._table(name).delete(where).version, name)
+
+    # ---------------------------------------------------------------- reads
+
+    def _at_version(self, name: str, version: int | str) -> LanceTable:
+        tbl = self._open_fresh(name)
+        try:
+            tbl.checkout(version)
+        except (RuntimeError, ValueError) as exc:
+            if classify_error(exc) is not None:
+                raise
+            raise ValuegateError(
+                f"table {name!r} has no version or tag {version!r} "
+                f"(versions: {self._version_range(tbl)}; tags: {sorted(tbl.tags.list())})"
+            ) from exc
+        return tbl
+
+    @staticmethod
+    def _version_range(tbl: LanceTable) -> str:
+        vs = [v["version"] for v in tbl.list_versions()]
+        return f"{min(vs)}..{max(vs)}" if vs else "none"
+
+    def read(
+        self,
+        name: str,
+        where: str | None = None,
+        columns: list[str] | None = None,
+        version: int | str | None = None,
+    ) -> pa.Table:
+        """Rows of table ``name``.
+
+        Args:
+            name: table name.
+            where: SQL predicate (build literals with :func:`sql_str` / :func:`sql_in`); all rows if None.
+            columns: columns to return, in this order; all if None.
+            version: a version number or a tag name to read instead of the latest version.
+
+        Returns:
+            The rows, in storage order (no order is guaranteed across versions or after upserts).
+        """
+
+        def op() -> pa.Table:
+            tbl = self._table(name) if version is None else self._at_version(name, version)
+            if where is None and columns is None:
+                return tbl.to_arrow()
+            q = tbl.search()
+            if where is not None:
+                q = q.where(where)
+            if columns is not None:
+                q = q.select(list(columns))
+            return q.to_arrow()
+
+        return self._retrying(f"read {name}", op, name)
+
+    def count(self, name: str, where: str | None = None) -> int:
+        """Number of rows of table ``name`` (matching the SQL predicate ``where`` if given)."""
+        return self._retrying(f"count {name}", lambda: self._table(name).count_rows(where), name)
+
+    # ---------------------------------------------------------------- versions and tags
+
+    def version(self, name: str) -> int:
+        """The latest version number of table ``name`` (1 right after creation, +1 per commit)."""
+        return self._retrying(f"version of {name}", lambda: self._table(name).version, name)
+
+    def versions(self, name: str) -> list[dict[str, Any]]:
+        """All versions of table ``name``, oldest first: ``[{"version": int, "timestamp": datetime}]``
+        with timezone-aware UTC timestamps (LanceDB gives naive local time; converted here)."""
+
+        def op() -> list[dict[str, Any]]:
+            out = []
+            for v in self._table(name).list_versions():
+                ts = v["timestamp"]
+                if isinstance(ts, dt.datetime):
+                    ts = ts.astimezone(dt.timezone.utc)
+                out.append({"version": int(v["version"]), "timestamp": ts})
+            return sorted(out, key=lambda v: v["version"])
+
+        return self._retrying(f"versions of {name}", op, name)
+
+    def tag(self, name: str, tag: str, version: int | None = None) -> int:
+        """Name a version of table ``name``; a tagged version survives cleanup and can be read by tag.
+
+        Tags are immutable: tagging again with the version the tag already has is a no-op, with
+        another version an error (``delete_tag`` first).
+
+        Args:
+            name: table name.
+            tag: tag name.
+            version: the version to tag; the latest when None.
+
+        Returns:
+            The tagged version.
+        """
+        tbl = self._table(name)
+        target = int(version) if version is not None else self.version(name)
+        existing = self.tags(name)
+        if tag in existing:
+            if existing[tag] == target:
+                return target
+            raise ValuegateError(
+                f"tag {tag!r} of table {name!r} already points at version {existing[tag]}, not {target}; "
+                "delete the tag first to move it"
+            )
+
+        def op() -> int:
+            try:
+                tbl.tags.create(tag, target)
+            except RuntimeError as exc:
+                msg = str(exc).lower()
+                if "already exists" in msg and self.tags(name).get(tag) == target:
+                    return target  # an earlier attempt did create it
+                if "not found" in msg or "does not exist" in msg or "already exists" in msg:
+                    raise ValuegateError(
+                        f"cannot tag version {target} of table {name!r} as {tag!r}: {exc}"
+                    ) from exc
+                raise
+            return target
+
+        return self._retrying(f"tag {name}@{tag}", op, name)
+
+    def tags(self, name: str) -> dict[str, int]:
+        """Tags of table ``name``: tag name → version."""
+        return self._retrying(
+            f"tags of {name}",
+            lambda: {t: int(info["version"]) for t, info in self._table(name).tags.list().items()},
+            name,
+        )
+
+    def delete_tag(self, name: str, tag: str) -> None:
+        """Remove tag ``tag`` from table ``name`` (the version itself stays)."""
+        if tag not in self.tags(name):
+            raise ValuegateError(f"table {name!r} has no tag {tag!r} (tags: {sorted(self.tags(name))})")
+        self._retrying(f"delete tag {name}@{tag}", lambda: self._table(name).tags.delete(tag), name)
+
+    # ---------------------------------------------------------------- vectors
+
+    def _vector_dim(self, name: str, column: str) -> int:
+        schema = self.schema(name)
+        if column not in schema.names:
+            raise ValuegateError(f"table {name!r} has no column {column!r} (columns: {schema.names})")
+        typ = schema.field(column).type
+        if not (pa.types.is_fixed_size_list(typ) and pa.types.is_floating(typ.value_type)):
+            raise ValuegateError(
+                f"column {column!r} of table {name!r} is {typ}; a vector column must be a "
+                "fixed-size list of floats (pa.list_(pa.float32(), d))"
+            )
+        return typ.list_size
+
+    def _vector_indices(self, name: str, column: str) -> list[Any]:
+        return [
+            idx
+            for idx in self._table(name).list_indices()
+            if list(idx.columns) == [column]
+            and ("ivf" in idx.index_type.lower() or "hnsw" in idx.index_type.lower())
+        ]
+
+    def create_vector_index(
+        self,
+        name: str,
+        column: str,
+        metric: str = "dot",
+        num_partitions: int | None = None,
+        num_sub_vectors: int | None = None,
+        *,
+        index_type: str = "IVF_PQ",
+        num_bits: int = 8,
+    ) -> None:
+        """Build (or rebuild) an ANN index on vector column ``column`` of table ``name``.
+
+        Rows appended later are not in the index but are still found (searched by brute force) until
+        the index is rebuilt.
+
+        Args:
+            name: table name.
+            column: a fixed-size-list-of-float column, shape ``(d,)`` per row.
+            metric: ``"dot"``, ``"l2"`` or ``"cosine"``; searches must use the same.
+            num_partitions: IVF partitions; LanceDB's default (about ``sqrt(rows)``) when None.
+            num_sub_vectors: PQ sub-vectors, must divide ``d``; LanceDB's default (``d/16``) when None.
+                More sub-vectors = better recall, larger index.
+            index_type: ``IVF_PQ`` (default), or ``IVF_FLAT`` / ``IVF_SQ`` / ``IVF_HNSW_SQ``, which
+                also work on small tables.
+            num_bits: PQ code bits (4 or 8).
+
+        Raises:
+            ValuegateError: the table has fewer rows than :func:`min_rows_for_index` (LanceDB would
+                silently build an empty index), or a bad column / metric / ``num_sub_vectors``.
+        """
+        from lancedb.index import HnswSq, IvfFlat, IvfPq, IvfSq
+
+        metric = metric.lower()
+        if metric not in _METRICS:
+            raise ValuegateError(f"unknown metric {metric!r}; use one of {', '.join(_METRICS)}")
+        index_type = index_type.upper()
+        need = min_rows_for_index(index_type, num_bits)
+        dim = self._vector_dim(name, column)
+        rows = self.count(name)
+        if rows < need:
+            hint = (
+                " or use index_type='IVF_FLAT', which trains on any number of rows"
+                if index_type == "IVF_PQ"
+                else ""
+            )
+            raise ValuegateError(
+                f"table {name!r} has {rows} rows; a {index_type} index needs at least {need}. "
+                f"Search without an index (exact brute force, fine at this size){hint}."
+            )
+        if index_type == "IVF_PQ":
+            if num_sub_vectors is not None and (num_sub_vectors < 1 or dim % num_sub_vectors):
+                raise ValuegateError(
+                    f"num_sub_vectors={num_sub_vectors} must divide the vector dimension {dim} of {column!r}"
+                )
+            config: Any = IvfPq(
+                distance_type=metric,
+                num_partitions=num_partitions,
+                num_sub_vectors=num_sub_vectors,
+                num_bits=num_bits,
+            )
+        elif index_type == "IVF_FLAT":
+            config = IvfFlat(distance_type=metric, num_partitions=num_partitions)
+        elif index_type == "IVF_SQ":
+            config = IvfSq(distance_type=metric, num_partitions=num_partitions)
+        else:
+            config = HnswSq(distance_type=metric, num_partitions=num_partitions)
+        self._retrying(
+            f"index {name}.{column}",
+            lambda: self._table(name).create_index(column, config=config, replace=True),
+            name,
+        )
+
+    def has_vector_index(self, name: str, column: str) -> bool:
+        """Whether vector column ``column`` of table ``name`` has an ANN index."""
+        return bool(self._retrying(f"indices of {name}", lambda: self._vector_indices(name, column), name))
+
+    def vector_index_metric(self, name: str, column: str) -> str | None:
+        """The metric (``dot``/``l2``/``cosine``) of the vector index on ``column``, None without one."""
+
+        def op() -> str | None:
+            found = self._vector_indices(name, column)
+            if not found:
+                return None
+            stats = self._table(name).index_stats(found[0].name)
+            return str(stats.distance_type).lower() if stats is not None else None
+
+        return self._retrying(f"index metric of {name}.{column}", op, name)
+
+    def search(
+        self,
+        name: str,
+        column: str,
+        vector: np.ndarray,
+        k: int,
+        where: str | None = None,
+        nprobes: int | None = None,
+        *,
+        metric: str | None = None,
+        refine_factor: int | None = None,
+        columns: list[str] | None = None,
+    ) -> pa.Table:
+        """The ``k`` rows of table ``name`` nearest to ``vector`` in column ``column``.
+
+        Uses the column's ANN index when there is one (approximate), else an exact brute-force scan.
+
+        Args:
+            name: table name.
+            column: vector column, ``(d,)`` floats per row.
+            vector: the query, shape ``(d,)``; cast to float32.
+            k: number of neighbours (≥ 1).
+            where: SQL predicate applied before the vector search (prefilter).
+            nprobes: IVF partitions to probe (more = better recall, slower); LanceDB's default if None.
+            metric: ``dot``/``l2``/``cosine``; the index's metric when None, ``dot`` without an index.
+                Must equal the index's metric, else the index is bypassed by an exact scan.
+            refine_factor: re-rank ``k * refine_factor`` candidates with exact distances (PQ only).
+            columns: columns to return besides :data:`DISTANCE_COLUMN`; all when None.
+
+        Returns:
+            Up to ``k`` rows sorted by :data:`DISTANCE_COLUMN` ascending (for ``dot``: ``1 - x·q``).
+        """
+        if k < 1:
+            raise ValuegateError(f"search in {name!r}: k must be >= 1, got {k}")
+        dim = self._vector_dim(name, column)
+        q = np.asarray(vector, dtype=np.float32)
+        if q.shape != (dim,):
+            raise ValuegateError(
+                f"search in {name!r}: query has shape {q.shape}, column {column!r} needs ({dim},)"
+            )
+        if not np.all(np.isfinite(q)):
+            raise ValuegateError(f"search in {name!r}: the query vector has NaN or infinite values")
+        if metric is None:
+            metric = self.vector_index_metric(name, column) or "dot"
+        metric = metric.lower()
+        if metric not in _METRICS:
+            raise ValuegateError(f"unknown metric {metric!r}; use one of {', '.join(_METRICS)}")
+
+        def op() -> pa.Table:
+            query = self._table(name).search(q, vector_column_name=column).distance_type(metric).limit(k)
+            if where is not None:
+                query = query.where(where, prefilter=True)
+            if nprobes is not None:
+                query = query.nprobes(nprobes)
+            if refine_factor is not None:
+                query = query.refine_factor(refine_factor)
+            if columns is not None:  # naming the distance column too keeps lance 13 from warning
+                query = query.select([c for c in columns if c != DISTANCE_COLUMN] + [DISTANCE_COLUMN])
+            return query.to_arrow()
+
+        return self._retrying(f"search {name}.{column}", op, name)

@@ -1,0 +1,165 @@
+"""The data contract: the pyarrow schema of every table valuegate keeps, in one place.
+
+Tables of a workspace (DESIGN §3, refined):
+
+- ``samples``: one row per distinct sample content, keyed by ``id`` = sha256 of the normalised sample.
+- ``members``: which sample sits at which row of which source file of which dataset, with the row's
+  other columns as they came (``metadata``, JSON). A dataset's current samples are the ids of the latest
+  ingest of each of its sources. (DESIGN puts source/row/metadata on ``samples``; they belong to a row of
+  a file, and one content can sit in many files: keeping them apart is what makes dedup across files,
+  idempotent re-ingest and "which ids left" exact.)
+- ``ingests``: the completion record of each ingested file (its content hash, counts, ids that left).
+- ``quarantine``: refused rows with the raw content and the reason.
+- ``feature_sets``: one row per model fingerprint: the resolved settings and the feature table's name.
+- ``features__<fp>``: one table per model fingerprint, keyed by ``id``. (One table per fingerprint, not
+  one table keyed by (id, model_fp): vector columns have a fixed width per model, and a vector index must
+  never mix two models' spaces.)
+- ``valset__<name>``: the samples of a validation set; each registration overwrites it, so every
+  version is a Lance version, tagged ``v1``, ``v2``, ...
+- ``valset_versions``: the registry of validation-set versions (content hash, rows, source, time).
+- ``scores``: one row per (run, sample) of a scoring run, with its provenance.
+
+Nothing here imports torch or LanceDB.
+"""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+SAMPLES = "samples"
+MEMBERS = "members"
+INGESTS = "ingests"
+QUARANTINE = "quarantine"
+FEATURE_SETS = "feature_sets"
+VALSET_VERSIONS = "valset_versions"
+SCORES = "scores"
+FEATURES_PREFIX = "features__"
+VALSET_PREFIX = "valset__"
+
+# Version of the feature layout: part of every model fingerprint, bumped when a stored feature changes.
+FEATURE_FORMAT = 1
+
+TIMESTAMP = pa.timestamp("us", tz="UTC")
+
+SAMPLE_FIELDS = [
+    pa.field("id", pa.string(), nullable=False),
+    pa.field("kind", pa.string(), nullable=False),          # prompt_response | messages | text
+    pa.field("prompt", pa.string()),
+    pa.field("response", pa.string()),
+    pa.field("messages", pa.string()),                      # canonical JSON of the turns
+    pa.field("text", pa.string()),
+    pa.field("images", pa.list_(pa.string())),              # content hashes of images (VLM issue)
+]
+
+samples_schema = pa.schema([*SAMPLE_FIELDS, pa.field("first_seen", TIMESTAMP)])
+
+members_schema = pa.schema([
+    pa.field("dataset", pa.string(), nullable=False),
+    pa.field("source", pa.string(), nullable=False),
+    pa.field("row", pa.int64(), nullable=False),
+    pa.field("id", pa.string(), nullable=False),
+    pa.field("metadata", pa.string()),                      # JSON of the row's other columns
+    pa.field("source_hash", pa.string(), nullable=False),
+])
+
+ingests_schema = pa.schema([
+    pa.field("dataset", pa.string(), nullable=False),
+    pa.field("source", pa.string(), nullable=False),
+    pa.field("source_hash", pa.string(), nullable=False),
+    pa.field("at", TIMESTAMP, nullable=False),
+    pa.field("rows", pa.int64()),
+    pa.field("kept", pa.int64()),
+    pa.field("new_samples", pa.int64()),
+    pa.field("duplicates", pa.int64()),
+    pa.field("quarantined", pa.int64()),
+    pa.field("left_ids", pa.list_(pa.string())),
+])
+
+quarantine_schema = pa.schema([
+    pa.field("dataset", pa.string(), nullable=False),
+    pa.field("source", pa.string(), nullable=False),
+    pa.field("row", pa.int64(), nullable=False),
+    pa.field("source_hash", pa.string(), nullable=False),
+    pa.field("raw", pa.string()),
+    pa.field("reason", pa.string(), nullable=False),
+    pa.field("at", TIMESTAMP, nullable=False),
+])
+
+feature_sets_schema = pa.schema([
+    pa.field("model_fp", pa.string(), nullable=False),
+    pa.field("table", pa.string(), nullable=False),
+    pa.field("settings", pa.string(), nullable=False),      # JSON of everything in the fingerprint
+    pa.field("hidden_size", pa.int32()),
+    pa.field("vocab_size", pa.int32()),
+    pa.field("row_width", pa.int32()),
+    pa.field("error_dim", pa.int32()),
+    pa.field("created", TIMESTAMP),
+])
+
+
+def features_schema(hidden_size: int, error_dim: int) -> pa.Schema:
+    """Schema of a ``features__<fp>`` table.
+
+    ``rows`` holds the sparse rows ``(|U|, row_width)`` flattened row-major, float32; ``token_ids`` the
+    support ``U`` (int32). ``pooled_hidden`` ``(d,)`` and ``pooled_error`` ``(k_e,)`` are the dense vectors
+    for vector search.
+    """
+    return pa.schema([
+        pa.field("id", pa.string(), nullable=False),
+        pa.field("token_ids", pa.list_(pa.int32()), nullable=False),
+        pa.field("rows", pa.list_(pa.float32()), nullable=False),
+        pa.field("n_tokens", pa.int32(), nullable=False),
+        pa.field("mean_loss", pa.float32()),
+        pa.field("dropped_mass", pa.float32()),
+        pa.field("self_influence", pa.float64()),
+        pa.field("pooled_hidden", pa.list_(pa.float32(), hidden_size)),
+        pa.field("pooled_error", pa.list_(pa.float32(), max(error_dim, 1))),
+        pa.field("batch", pa.int64()),
+        pa.field("seconds", pa.float32()),                  # this sample's share of its batch's time
+    ])
+
+
+valset_schema = pa.schema([
+    *SAMPLE_FIELDS,
+    pa.field("row", pa.int64(), nullable=False),
+    pa.field("metadata", pa.string()),
+])
+
+valset_versions_schema = pa.schema([
+    pa.field("name", pa.string(), nullable=False),
+    pa.field("version", pa.int32(), nullable=False),         # 1, 2, ... (tag "v{version}")
+    pa.field("lance_version", pa.int64(), nullable=False),
+    pa.field("content_hash", pa.string(), nullable=False),
+    pa.field("rows", pa.int64(), nullable=False),
+    pa.field("source", pa.string()),
+    pa.field("at", TIMESTAMP, nullable=False),
+    pa.field("pruned", pa.bool_()),
+])
+
+scores_schema = pa.schema([
+    pa.field("run_id", pa.string(), nullable=False),
+    pa.field("dataset", pa.string(), nullable=False),
+    pa.field("id", pa.string(), nullable=False),
+    pa.field("value", pa.float64()),
+    pa.field("aggregate", pa.string(), nullable=False),
+    pa.field("normalize", pa.string(), nullable=False),
+    pa.field("nearest_ids", pa.list_(pa.string())),
+    pa.field("nearest_values", pa.list_(pa.float64())),
+    pa.field("n_tokens", pa.int32()),
+    pa.field("mean_loss", pa.float32()),
+    pa.field("self_influence", pa.float64()),
+    pa.field("valset", pa.string(), nullable=False),         # name@vN
+    pa.field("model_fp", pa.string(), nullable=False),
+    pa.field("settings", pa.string(), nullable=False),       # JSON of the resolved settings
+    pa.field("at", TIMESTAMP, nullable=False),
+])
+
+
+def features_table(model_fp: str) -> str:
+    """Name of the feature table of a fingerprint."""
+    return f"{FEATURES_PREFIX}{model_fp[:16]}"
+
+
+def valset_table(name: str) -> str:
+    """Name of the table of a validation set."""
+    return f"{VALSET_PREFIX}{name}"

@@ -1,0 +1,68 @@
+"""Register, list and show versions of validation sets (``flows/validation.py`` wraps these)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import pyarrow as pa
+
+from valuegate.errors import ValuegateError
+from valuegate.storage import schemas
+from valuegate.storage import valsets as store
+from valuegate.storage.lance import Workspace
+from valuegate.tasks.ingest import Sample, read_source_rows, sample_from_record, sample_id, sample_record
+
+
+def valset_rows(path: str | Path, max_chars: int) -> pa.Table:
+    """Read a validation file into ``valset_schema`` rows; a validation set must be clean.
+
+    Raises:
+        ValuegateError: any refused row (naming file, row and field) or an empty file.
+    """
+    verdicts = read_source_rows(path, max_chars)
+    bad = [v for v in verdicts if v.sample is None]
+    if bad:
+        raise ValuegateError(f"{path}: row {bad[0].row}: {bad[0].reason} (a validation set must have no "
+                             f"refused row; {len(bad)} refused)")
+    if not verdicts:
+        raise ValuegateError(f"{path}: the validation set is empty")
+    rows = []
+    for v in verdicts:
+        rec = sample_record(v.sample)
+        rows.append({"id": sample_id(rec), **rec, "row": v.row,
+                     "metadata": json.dumps(v.metadata, ensure_ascii=False, sort_keys=True)})
+    return pa.Table.from_pylist(rows, schema=schemas.valset_schema)
+
+
+def content_hash(rows: pa.Table) -> str:
+    """sha256 over the ordered sample ids and metadata: identical content ⇔ identical hash."""
+    h = hashlib.sha256()
+    for sid, meta in zip(rows["id"].to_pylist(), rows["metadata"].to_pylist(), strict=True):
+        h.update(sid.encode())
+        h.update((meta or "").encode())
+    return h.hexdigest()
+
+
+def register_valset(ws: Workspace, name: str, path: str | Path, max_chars: int) -> tuple[dict, bool]:
+    """Register ``path`` as the next version of ``name``.
+
+    Returns:
+        the version record and whether it is new (False: identical content was registered before, and
+        that version is returned).
+    """
+    if not name or "@" in name or "/" in name or not name.replace("-", "_").replace(".", "_").isidentifier():
+        raise ValuegateError(f"validation set name {name!r}: use letters, digits, '-', '_' or '.'")
+    rows = valset_rows(path, max_chars)
+    digest = content_hash(rows)
+    for r in store.read_valset_versions(ws, name):
+        if r["content_hash"] == digest and not r["pruned"]:
+            return r, False
+    return store.write_valset_version(ws, name, rows, digest, str(Path(path).resolve())), True
+
+
+def valset_samples(rows: pa.Table) -> tuple[list[str], list[Sample]]:
+    """Ids and samples of a validation set's rows, in row order."""
+    recs = rows.sort_by("row").to_pylist()
+    return [r["id"] for r in recs], [sample_from_record(r, r["row"], "valset") for r in recs]

@@ -92,3 +92,22 @@ def sparse_arrays(t: pa.Table, width: int) -> tuple[np.ndarray, np.ndarray, np.n
     if data.size != indices.size:
         raise ValueError(f"feature rows hold {data.size} values for {indices.size} support entries × width")
     return indptr, indices, data
+
+
+def maybe_index_features(ws: Workspace, model_fp: str, min_rows: int, stale_fraction: float = 0.2) -> bool:
+    """Build (or rebuild) the vector index on ``pooled_hidden`` once the table is large enough to need one.
+
+    Below ``min_rows`` a brute-force search is as fast (see the store benchmark); above it the index is
+    rebuilt when more than ``stale_fraction`` of the rows arrived after it was built (new rows are still
+    found meanwhile, by brute force). Returns whether an index was built.
+    """
+    table = schemas.features_table(model_fp)
+    rows = ws.count(table)
+    if min_rows <= 0 or rows < min_rows:
+        return False
+    if ws.has_vector_index(table, "pooled_hidden"):
+        indexed = ws.indexed_rows(table, "pooled_hidden") if hasattr(ws, "indexed_rows") else rows
+        if rows - indexed <= stale_fraction * rows:
+            return False
+    ws.create_vector_index(table, "pooled_hidden", metric="cosine")
+    return True

@@ -230,6 +230,7 @@ class StoreExtractReport:
     refused: list[tuple[str, str]] | None = None  # (id, reason)
     batches: int = 0
     stats: ExtractionStats | None = None
+    indexed: bool = False
 
     def line(self) -> str:
         """One human line."""
@@ -237,7 +238,8 @@ class StoreExtractReport:
         rate = f", {s.samples / s.seconds:.1f} samples/s" if s.seconds else ""
         return (f"features {self.model_fp[:12]}: {self.requested} ids, {self.already} already extracted, "
                 f"{self.extracted} extracted in {self.batches} batches{rate}"
-                + (f", {len(self.refused)} refused" if self.refused else ""))
+                + (f", {len(self.refused)} refused" if self.refused else "")
+                + (", vector index (re)built" if self.indexed else ""))
 
 
 def feature_row(sample_id: str, f: SparseFeatures, batch: int, seconds: float) -> dict:
@@ -310,4 +312,5 @@ def extract_to_store(ws, lm_loader, ids: list[str], samples: list[Sample], cfg: 
         fstore.write_features(ws, model_fp, buffer, lm.hidden_size, cfg.error_dim)
         report.extracted += len(buffer)
         report.batches += 1
+    report.indexed = fstore.maybe_index_features(ws, model_fp, cfg.vector_index_min_rows)
     return report

@@ -12,7 +12,14 @@ import torch
 from valuegate.errors import ValuegateError
 from valuegate.settings import Settings
 from valuegate.tasks.extract import ExtractionStats, extract_sparse, extract_token_blocks, iter_token_blocks
-from valuegate.tasks.forvalue import exact_cross, exact_self, sparse_cross, sparse_self
+from valuegate.tasks.forvalue import (
+    exact_cross,
+    exact_self,
+    sparse_cross,
+    sparse_cross_csr,
+    sparse_mean_csr,
+    sparse_self,
+)
 from valuegate.tasks.ingest import Sample, read_samples
 from valuegate.tasks.model import EncodedSample, LoadedModel, encode_samples, load_model, load_tokenizer
 
@@ -229,6 +236,33 @@ def _feature_matrix(t, ids: list[str], vocab: int, width: int):
     return m, t
 
 
+def mean_aggregate(train, valid, train_self: np.ndarray, valid_self: np.ndarray, train_tokens: np.ndarray,
+                   valid_tokens: np.ndarray, how: str) -> np.ndarray:
+    """The ``mean`` aggregate under each normalisation, through one weighted validation vector.
+
+    ``none``: ``mean_j v``; ``length``: ``mean_j v / (n n'_j)``; ``cosine``: ``mean_j v / (‖Φ‖ ‖Φ'_j‖)``
+    (exactly :func:`normalize` then the mean, without forming the pairwise matrix).
+
+    Args:
+        train, valid: ``(n, V·k_h)`` CSR matrices of sparse rows. Others: ``(n,)`` per-sample columns.
+
+    Returns:
+        ``(n_train,)`` float64.
+    """
+    n_v = valid.shape[0]
+    if how == "none":
+        return sparse_mean_csr(train, valid)
+    if how == "length":
+        out = sparse_mean_csr(train, valid, 1.0 / (n_v * np.maximum(valid_tokens, 1)))
+        return out / np.maximum(train_tokens, 1)
+    if how == "cosine":
+        vn = np.sqrt(np.maximum(valid_self, 0))
+        w = np.divide(1.0, n_v * vn, out=np.zeros_like(vn), where=vn > 0)
+        tn = np.sqrt(np.maximum(train_self, 0))
+        return np.divide(sparse_mean_csr(train, valid, w), tn, out=np.zeros_like(tn), where=tn > 0)
+    raise ValuegateError(f"unknown normalisation {how!r}: use none, length or cosine")
+
+
 def pa_array(values: list[str]):
     """A pyarrow string array (kept local so the math modules never need pyarrow)."""
     import pyarrow as pa
@@ -308,13 +342,16 @@ def score_dataset(ws, dataset: str, valset_ref: str, settings: Settings, progres
     vm_, vt = _feature_matrix(fstore.read_features(ws, fp_v, vids, cols), vids, vocab, width)
     timings["read"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    from valuegate.tasks.forvalue import sparse_cross_csr
-
-    vm = ValueMatrix(sparse_cross_csr(tm, vm_), tt["self_influence"].to_numpy(), vt["self_influence"].to_numpy(),
-                     tt["n_tokens"].to_numpy().astype(np.int64), vt["n_tokens"].to_numpy().astype(np.int64),
-                     tt["mean_loss"].to_numpy().astype(np.float64))
-    values = normalize(vm, sc.normalize)
-    agg, nearest = aggregate(values, sc.aggregate, sc.nearest_k)
+    t_self, v_self = tt["self_influence"].to_numpy(), vt["self_influence"].to_numpy()
+    t_tok = tt["n_tokens"].to_numpy().astype(np.int64)
+    v_tok = vt["n_tokens"].to_numpy().astype(np.int64)
+    t_loss = tt["mean_loss"].to_numpy().astype(np.float64)
+    if sc.aggregate == "mean":
+        agg, nearest, values = mean_aggregate(tm, vm_, t_self, v_self, t_tok, v_tok, sc.normalize), None, None
+    else:
+        vm = ValueMatrix(sparse_cross_csr(tm, vm_), t_self, v_self, t_tok, v_tok, t_loss)
+        values = normalize(vm, sc.normalize)
+        agg, nearest = aggregate(values, sc.aggregate, sc.nearest_k)
     timings["score"] = time.perf_counter() - t0
     run_id = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:8]
     now = dt.datetime.now(dt.timezone.utc)
@@ -327,7 +364,7 @@ def score_dataset(ws, dataset: str, valset_ref: str, settings: Settings, progres
         "nearest_ids": [list(vids_arr[r]) for r in nearest] if nearest is not None else [None] * len(ids),
         "nearest_values": ([list(np.take_along_axis(values, nearest, 1)[i]) for i in range(len(ids))]
                            if nearest is not None else [None] * len(ids)),
-        "n_tokens": vm.train_tokens, "mean_loss": vm.train_loss, "self_influence": vm.train_self,
+        "n_tokens": t_tok, "mean_loss": t_loss, "self_influence": t_self,
         "valset": [valset] * len(ids), "model_fp": [fp_t] * len(ids), "settings": [settings_json] * len(ids),
         "at": [now] * len(ids),
     }

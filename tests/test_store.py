@@ -239,3 +239,22 @@ def test_s3_workspace_end_to_end(s3_server, tmp_path, tiny_model_dir):
     rep = score_dataset(ws, "d", "val@v1", _settings(tiny_model_dir(), ws), progress=False)
     assert rep.n_train == 8 and ws.count(schemas.SCORES) == 8
     assert np.isfinite(ws.read(schemas.SCORES)["value"].to_numpy()).all()
+
+
+@pytest.mark.parametrize("how", ["none", "length", "cosine"])
+def test_mean_through_one_vector_equals_mean_of_the_pairwise_matrix(how):
+    import scipy.sparse as sp
+
+    from valuegate.tasks.score import ValueMatrix, mean_aggregate, normalize
+
+    rng = np.random.default_rng(0)
+    tm = sp.random(30, 400, density=0.05, random_state=1, format="csr")
+    vm = sp.random(7, 400, density=0.05, random_state=2, format="csr")
+    tm.data = rng.normal(size=tm.data.size)
+    vm.data = rng.normal(size=vm.data.size)
+    t_self = np.asarray(tm.multiply(tm).sum(1)).ravel()
+    v_self = np.asarray(vm.multiply(vm).sum(1)).ravel()
+    t_tok, v_tok = rng.integers(1, 9, 30), rng.integers(1, 9, 7)
+    full = ValueMatrix((tm @ vm.T).toarray(), t_self, v_self, t_tok, v_tok, np.zeros(30))
+    np.testing.assert_allclose(mean_aggregate(tm, vm, t_self, v_self, t_tok, v_tok, how),
+                               normalize(full, how).mean(1), rtol=1e-10, atol=1e-12)

@@ -61,6 +61,9 @@ class ExtractSettings(BaseModel):
     error_dim: int = Field(128, ge=0, description="Width of the pooled error projection (dense vector for "
                            "vector search only, never the score); 0 disables it.")
     seed: int = Field(0, ge=0, description="Seed of the projections (regenerated bit-identically).")
+    vector_index_min_rows: int = Field(
+        100_000, ge=0, description="Build an ANN index on the pooled hidden vectors once a feature table "
+        "holds this many rows (below it a brute-force search is as fast); 0 never builds one.")
     lowest_likelihood_ratio: float = Field(
         1.0, gt=0.0, le=1.0, description="Value a training sample on only this fraction of its counted "
         "tokens, those of lowest likelihood (For-Value's option); 1 uses every counted token.")

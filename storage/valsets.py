@@ -87,3 +87,21 @@ def read_valset(ws: Workspace, ref: str) -> tuple[dict, pa.Table]:
         raise ValuegateError(f"{name}@v{record['version']} was pruned")
     rows = ws.read(schemas.valset_table(name), version=f"v{record['version']}")
     return record, rows
+
+
+def prune_valset_version(ws: Workspace, name: str, version: int) -> dict:
+    """Prune ``name@vN``: drop its tag (so Lance may clean up its data) and mark it pruned in the registry.
+
+    Scores computed against it keep their ``name@vN`` provenance; reading the version afterwards is an
+    error that says it was pruned.
+    """
+    rows = [r for r in read_valset_versions(ws, name) if r["version"] == version]
+    if not rows:
+        raise ValuegateError(f"{name}@v{version} does not exist")
+    record = {**rows[0], "pruned": True}
+    table = schemas.valset_table(name)
+    if f"v{version}" in ws.tags(table):
+        ws.delete_tag(table, f"v{version}")
+    ws.upsert(schemas.VALSET_VERSIONS, pa.Table.from_pylist([record], schema=schemas.valset_versions_schema),
+              on=["name", "version"])
+    return record

@@ -169,6 +169,13 @@ def test_validation_versions_are_immutable_and_addressable(ws, tmp_path):
         read_valset(ws, "val@v9")
     with pytest.raises(ValuegateError, match="no validation set named 'nope'"):
         read_valset(ws, "nope")
+    from valuegate.storage.valsets import prune_valset_version
+
+    prune_valset_version(ws, "val", 1)
+    with pytest.raises(ValuegateError, match="val@v1 was pruned"):
+        read_valset(ws, "val@v1")
+    assert read_valset(ws, "val@v2")[1].num_rows == 4
+    assert [r["pruned"] for r in read_valset_versions(ws, "val")] == [True, False]
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "w1 ", "response": ""}\n')
     with pytest.raises(ValuegateError, match=r"bad.jsonl: row 0: response: empty"):

@@ -81,6 +81,8 @@ def _parser() -> argparse.ArgumentParser:
     vr.add_argument("file")
     vl = vsub.add_parser("list", parents=[w], help="list validation sets or the versions of one")
     vl.add_argument("name", nargs="?")
+    vp = vsub.add_parser("prune", parents=[w], help="prune NAME@vN (its rows may then be cleaned up)")
+    vp.add_argument("ref", help="NAME@vN")
     vs = vsub.add_parser("show", parents=[w], help="show NAME[@VERSION]")
     vs.add_argument("ref", help="NAME or NAME@vN")
     vs.add_argument("--rows", type=int, default=5, help="rows to print")
@@ -207,6 +209,15 @@ def _cmd_valset(args: argparse.Namespace) -> int:
             flag = " (pruned)" if r["pruned"] else ""
             print(f"{r['name']}@v{r['version']}  rows={r['rows']}  content={r['content_hash'][:12]}  "
                   f"at={r['at']:%Y-%m-%d %H:%M:%S}  source={r['source']}{flag}")
+        return 0
+    if args.valset_command == "prune":
+        from valuegate.storage.valsets import parse_ref, prune_valset_version
+
+        name, version = parse_ref(args.ref)
+        if version is None:
+            raise ValuegateError(f"prune {args.ref!r}: name the version, e.g. {name}@v1")
+        rec = prune_valset_version(ws, name, version)
+        print(f"pruned {rec['name']}@v{rec['version']}")
         return 0
     rec, rows = read_valset(ws, args.ref)
     print(f"{rec['name']}@v{rec['version']}: {rec['rows']} rows, content {rec['content_hash']}, "

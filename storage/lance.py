@@ -447,7 +447,7 @@ class Workspace:
         if not isinstance(name, str) or not _TABLE_NAME.match(name):
             raise ValuegateError(
                 f"invalid table name {name!r}: use only letters, digits, '_', '-' and '.' "
-                "(no '/'; for a family of tables use a prefix such as 'valsets__<name>')"
+                "(no '/': name a family of tables with a prefix, e.g. 'valset__<name>')"
             )
 
     def _retrying(self, what: str, fn: Callable[[], T], table: str | None = None) -> T:
@@ -545,8 +545,8 @@ class Workspace:
         return self._retrying(f"open {name}", lambda: self._open_fresh(name))
 
     def schema(self, name: str) -> pa.Schema:
-        """The Arrow schema of table ``name``."""
-        return self._table(name).schema
+        """The Arrow schema of table ``name`` (at its latest version)."""
+        return self._retrying(f"schema of {name}", lambda: self._table(name).schema, name)
 
     def ensure(self, name: str, schema: pa.Schema) -> None:
         """Create table ``name`` with ``schema`` if it is missing; otherwise check it has that schema.
@@ -608,7 +608,7 @@ class Workspace:
             )
         try:
             return data.select(schema.names).cast(schema)
-        except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError) as exc:
+        except (ValueError, pa.ArrowNotImplementedError, pa.ArrowTypeError) as exc:  # ArrowInvalid too
             raise ValuegateError(f"rows for table {name!r} cannot be cast to its schema: {exc}") from exc
 
     # ---------------------------------------------------------------- writes
@@ -705,11 +705,28 @@ class Workspace:
         def op() -> None:
             tbl = self._table(name)
             tbl.checkout_latest()
-            if not primary_key(tbl.schema):  # another process may have set it meanwhile
+            if primary_key(tbl.schema):  # another process set it meanwhile
+                return
+            try:
                 tbl.set_unenforced_primary_key(column)
+            except ValueError as exc:
+                # lost the race against another process setting it: a key is set, which is what counts
+                if "already set" not in str(exc):
+                    raise
+                tbl.checkout_latest()
+            else:
+                log.info("table %s: unenforced primary key set to %r", name, column)
 
         self._retrying(f"set primary key of {name}", op, name)
-        log.info("table %s: unenforced primary key set to %r", name, column)
+        have = primary_key(self._table(name).schema)
+        if have != [column]:
+            log.warning(
+                "table %s has primary key %s, not %r: concurrent upserts on %r may duplicate keys",
+                name,
+                have,
+                column,
+                column,
+            )
 
     def delete(self, name: str, where: str) -> int:
         """Delete the rows of table ``name`` matching the SQL predicate ``where``.

@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import unicodedata
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -273,31 +274,6 @@ def file_hash(path: str | Path) -> str:
     return h.hexdigest()
 
 
-def _read_hf_disk(p: Path) -> pl.DataFrame:
-    """A Hugging Face dataset saved with ``save_to_disk`` (folder) or one of its ``.arrow`` files."""
-    import pyarrow as pa
-
-    if p.is_dir():
-        if (p / "dataset_dict.json").exists():
-            splits = json.loads((p / "dataset_dict.json").read_text()).get("splits", [])
-            raise ValuegateError(f"{p}: a DatasetDict folder; give one split folder, e.g. {p / (splits or ['train'])[0]}")
-        state = p / "state.json"
-        if not state.exists():
-            raise ValuegateError(f"{p}: a folder that is not a Hugging Face save_to_disk dataset (no state.json)")
-        files = [p / f["filename"] for f in json.loads(state.read_text()).get("_data_files", [])]
-    else:
-        files = [p]
-    tables = []
-    for f in files:
-        try:
-            with pa.memory_map(str(f)) as src:
-                tables.append(pa.ipc.open_stream(src).read_all())
-        except pa.ArrowInvalid:
-            with pa.memory_map(str(f)) as src:
-                tables.append(pa.ipc.open_file(src).read_all())
-    return pl.from_arrow(pa.concat_tables(tables)) if tables else pl.DataFrame()
-
-
 @dataclass
 class RowVerdict:
     """One source row: the sample kept (with its record and metadata), or the reason it was refused."""
@@ -313,37 +289,122 @@ def _jsonable(v: Any) -> Any:
     return v if isinstance(v, (str, int, float, bool, type(None), list, dict)) else str(v)
 
 
-def read_source_rows(path: str | Path, max_chars: int) -> list[RowVerdict]:
-    """Every row of a source with its verdict: every format, bad lines included, nothing dropped.
+RawRow = tuple[int, "dict[str, Any] | None", str, str]  # (row, record or None, raw if refused, reason)
 
-    Args:
-        path: JSONL / Parquet / CSV file, a ``save_to_disk`` folder, or an ``.arrow`` file.
-        max_chars: rows whose content is longer are refused as oversized.
+
+def _hf_files(p: Path) -> list[Path]:
+    if not p.is_dir():
+        return [p]
+    if (p / "dataset_dict.json").exists():
+        splits = json.loads((p / "dataset_dict.json").read_text()).get("splits", [])
+        raise ValuegateError(f"{p}: a DatasetDict folder; give one split folder, e.g. {p / (splits or ['train'])[0]}")
+    state = p / "state.json"
+    if not state.exists():
+        raise ValuegateError(f"{p}: a folder that is not a Hugging Face save_to_disk dataset (no state.json)")
+    return [p / f["filename"] for f in json.loads(state.read_text()).get("_data_files", [])]
+
+
+def _arrow_batches(files: list[Path], chunk_rows: int) -> Iterator[list[dict[str, Any]]]:
+    import pyarrow as pa
+
+    for f in files:
+        with pa.memory_map(str(f)) as src:
+            try:
+                reader = pa.ipc.open_stream(src)
+                batches = iter(reader)
+            except pa.ArrowInvalid:
+                reader = pa.ipc.open_file(src)
+                batches = (reader.get_batch(i) for i in range(reader.num_record_batches))
+            for b in batches:
+                for lo in range(0, b.num_rows, chunk_rows):
+                    yield b.slice(lo, chunk_rows).to_pylist()
+
+
+def iter_source_records(path: str | Path, chunk_rows: int = 50_000) -> Iterator[list[RawRow]]:
+    """Stream a source in chunks of rows, never holding the whole file: JSONL line by line, Parquet by
+    row group batches, CSV through Arrow's streaming reader (every column as text), Arrow IPC by batch.
+
+    Yields:
+        lists of ``(row, record, raw, reason)``; ``record`` is None for a line that could not be parsed,
+        with its raw text and the reason.
     """
     p = Path(path)
-    source = str(path)
     if not p.exists():
         raise ValuegateError(f"{p}: no such file or folder")
-    bad: list[tuple[int, str, str]] = []
-    if p.is_dir() or p.suffix.lower() == ".arrow":
-        df, records = _read_hf_disk(p), None
-    elif p.suffix.lower() in (".jsonl", ".ndjson", ".json"):
-        lines, bad = read_jsonl_lines(p)
-        good = [r for r in lines if r is not None]
-        df = pl.DataFrame(good, infer_schema_length=None, strict=False) if good else pl.DataFrame()
-        records = lines
-    else:
-        df, records = read_table(p)
-    if records is None:
-        records = list(df.iter_rows(named=True))
-    verdicts = [RowVerdict(row, None, raw, reason) for row, raw, reason in bad]
-    good_records = [(i, r) for i, r in enumerate(records) if r is not None]
-    if not good_records:
-        return sorted(verdicts, key=lambda v: v.row)
-    cols = sorted({k for _, r in good_records for k in r})
-    kind = sample_kind(cols, source)
+    suffix = p.suffix.lower()
+    row = 0
+
+    def numbered(records: list[dict[str, Any]]) -> list[RawRow]:
+        nonlocal row
+        out = [(row + i, r, "", "") for i, r in enumerate(records)]
+        row += len(records)
+        return out
+
+    try:
+        if p.is_dir() or suffix == ".arrow":
+            for recs in _arrow_batches(_hf_files(p), chunk_rows):
+                yield numbered(recs)
+        elif suffix in (".jsonl", ".ndjson", ".json"):
+            chunk: list[RawRow] = []
+            with p.open("rb") as f:
+                for i, raw in enumerate(f):
+                    if not raw.strip():
+                        continue
+                    rec, why = _parse_json_line(raw, i)
+                    chunk.append((row, rec, "" if rec is not None else raw.decode("utf-8", "replace").rstrip("\n"), why))
+                    row += 1
+                    if len(chunk) >= chunk_rows:
+                        yield chunk
+                        chunk = []
+            if chunk:
+                yield chunk
+        elif suffix == ".parquet":
+            import pyarrow.parquet as pq
+
+            for b in pq.ParquetFile(p).iter_batches(batch_size=chunk_rows):
+                yield numbered(b.to_pylist())
+        elif suffix == ".csv":
+            import csv
+
+            import pyarrow as pa
+            import pyarrow.csv as pacsv
+
+            with p.open(newline="", encoding="utf-8", errors="replace") as fh:
+                header = next(csv.reader(fh), [])
+            conv = pacsv.ConvertOptions(column_types={c: pa.string() for c in header}, strings_can_be_null=False)
+            reader = pacsv.open_csv(p, read_options=pacsv.ReadOptions(block_size=1 << 24), convert_options=conv)
+            for b in reader:
+                for lo in range(0, b.num_rows, chunk_rows):
+                    yield numbered(b.slice(lo, chunk_rows).to_pylist())
+        else:
+            raise ValuegateError(f"{p}: unsupported file type {suffix or '(none)'}; use one of "
+                                 + ", ".join(READABLE_SUFFIXES) + ", a save_to_disk folder or .arrow")
+    except ValuegateError:
+        raise
+    except Exception as exc:  # a reader's own error: name the file and the cause
+        raise ValuegateError(f"{p}: cannot be read: {exc}") from exc
+
+
+def _parse_json_line(raw: bytes, line_index: int) -> tuple[dict[str, Any] | None, str]:
+    try:
+        obj = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        return None, f"line {line_index + 1}: invalid UTF-8 ({exc.reason})"
+    except json.JSONDecodeError as exc:
+        return None, f"line {line_index + 1}: malformed JSON: {exc.msg}"
+    if not isinstance(obj, dict):
+        return None, f"line {line_index + 1}: expected a JSON object, got {type(obj).__name__}"
+    return obj, ""
+
+
+def verdicts_for(chunk: list[RawRow], kind: SampleKind, source: str, max_chars: int) -> list[RowVerdict]:
+    """Check every row of a chunk (see :func:`check_row`), adding the oversize check."""
     sample_cols = {"prompt_response": {"prompt", "response"}, "messages": {"messages"}, "text": {"text"}}[kind]
-    for i, rec in good_records:
+    out = []
+    for i, rec, raw, why in chunk:
+        if rec is None:
+            out.append(RowVerdict(i, None, raw, why))
+            continue
         raw = json.dumps({k: _jsonable(v) for k, v in rec.items()}, ensure_ascii=False)
         sample, why = check_row(rec, kind, i, source)
         if sample is not None:
@@ -352,8 +413,35 @@ def read_source_rows(path: str | Path, max_chars: int) -> list[RowVerdict]:
             if size > max_chars:
                 sample, why = None, f"{sample.counted_field}: oversized ({size} characters > {max_chars})"
         meta = {k: _jsonable(v) for k, v in rec.items() if k not in sample_cols} if sample else None
-        verdicts.append(RowVerdict(i, sample, raw, why, meta))
-    return sorted(verdicts, key=lambda v: v.row)
+        out.append(RowVerdict(i, sample, raw, why, meta))
+    return out
+
+
+def iter_source_verdicts(path: str | Path, max_chars: int, chunk_rows: int = 50_000) -> Iterator[list[RowVerdict]]:
+    """Every row of a source with its verdict, chunk by chunk; nothing dropped.
+
+    The sample shape is decided by the columns of the first chunk that has a parsed row; later rows
+    lacking those columns are refused with the field named.
+    """
+    kind: SampleKind | None = None
+    pending: list[list[RawRow]] = []
+    for chunk in iter_source_records(path, chunk_rows):
+        if kind is None:
+            cols = sorted({k for _, r, _, _ in chunk if r is not None for k in r})
+            if not cols:
+                pending.append(chunk)
+                continue
+            kind = sample_kind(cols, str(path))
+        for c in [*pending, chunk]:
+            yield verdicts_for(c, kind, str(path), max_chars)
+        pending = []
+    for c in pending:  # a file of nothing but unparseable lines
+        yield [RowVerdict(i, None, raw, why) for i, _, raw, why in c]
+
+
+def read_source_rows(path: str | Path, max_chars: int) -> list[RowVerdict]:
+    """All rows of a source with their verdicts (see :func:`iter_source_verdicts`), in one list."""
+    return [v for chunk in iter_source_verdicts(path, max_chars) for v in chunk]
 
 
 @dataclass
@@ -386,11 +474,14 @@ def _reason_key(reason: str) -> str:
     return head.split(": ", 1)[-1] if head.startswith("line ") else head
 
 
-def ingest_file(ws: Any, dataset: str, path: str | Path, max_chars: int) -> FileReport:
-    """Ingest one source into ``dataset`` of workspace ``ws`` (see ``storage/samples.py`` for the write order).
+def ingest_file(ws: Any, dataset: str, path: str | Path, max_chars: int, chunk_rows: int = 50_000) -> FileReport:
+    """Ingest one source into ``dataset`` of workspace ``ws``, streaming it in chunks of rows.
 
-    Re-ingesting an unchanged file is a no-op; a changed file replaces its rows: new contents are added,
-    and ids that only the old version held are recorded as left.
+    Re-ingesting an unchanged file is a no-op; a changed file replaces the source's rows: new contents
+    are added, and ids that only the old version held are recorded as left. The source's old members and
+    quarantine rows are removed first and the completion record is written last, so a crash in between
+    makes the next run redo the whole file without duplicates (its "left" list is then computed against
+    what the crashed run had written).
     """
     import datetime as dt
     from collections import Counter
@@ -405,41 +496,49 @@ def ingest_file(ws: Any, dataset: str, path: str | Path, max_chars: int) -> File
     last = store.read_last_ingest(ws, dataset, source)
     if last is not None and last["source_hash"] == digest:
         return FileReport(source, unchanged=True)
-    verdicts = read_source_rows(path, max_chars)
     now = dt.datetime.now(dt.timezone.utc)
-    kept = [v for v in verdicts if v.sample is not None]
-    refused = [v for v in verdicts if v.sample is None]
-    records = [sample_record(v.sample) for v in kept]
-    ids = [sample_id(r) for r in records]
-    # samples: only contents the workspace has not seen
-    known = store.known_sample_ids(ws, sorted(set(ids)))
-    fresh: dict[str, dict[str, Any]] = {}
-    for sid, rec in zip(ids, records, strict=True):
-        if sid not in known and sid not in fresh:
-            fresh[sid] = {"id": sid, **rec, "first_seen": now}
-    store.write_samples(ws, pa.Table.from_pylist(list(fresh.values()), schema=schemas.samples_schema))
-    # quarantine and members of this source, replaced as a whole
-    store.replace_source_rows(ws, schemas.QUARANTINE, dataset, source, pa.Table.from_pylist(
-        [{"dataset": dataset, "source": source, "row": v.row, "source_hash": digest, "raw": v.raw,
-          "reason": v.reason, "at": now} for v in refused], schema=schemas.quarantine_schema),
-        schemas.quarantine_schema)
     old_members = store.read_members(ws, dataset, columns=["id", "source"]).to_pylist()
     other_ids = {m["id"] for m in old_members if m["source"] != source}
     old_ids = {m["id"] for m in old_members if m["source"] == source}
-    store.replace_source_rows(ws, schemas.MEMBERS, dataset, source, pa.Table.from_pylist(
-        [{"dataset": dataset, "source": source, "row": v.row, "id": sid,
-          "metadata": json.dumps(v.metadata, ensure_ascii=False, sort_keys=True), "source_hash": digest}
-         for v, sid in zip(kept, ids, strict=True)], schema=schemas.members_schema), schemas.members_schema)
+    del old_members
+    for table, schema in ((schemas.MEMBERS, schemas.members_schema), (schemas.QUARANTINE, schemas.quarantine_schema)):
+        store.replace_source_rows(ws, table, dataset, source, schema.empty_table(), schema)
+    rep = FileReport(source, reasons={})
+    reasons: Counter[str] = Counter()
     seen: set[str] = set()
-    dups = 0
-    for sid in ids:
-        dups += sid in seen or sid in other_ids
-        seen.add(sid)
+    for verdicts in iter_source_verdicts(path, max_chars, chunk_rows):
+        kept = [v for v in verdicts if v.sample is not None]
+        refused = [v for v in verdicts if v.sample is None]
+        records = [sample_record(v.sample) for v in kept]
+        ids = [sample_id(r) for r in records]
+        known = store.known_sample_ids(ws, sorted(set(ids)))
+        fresh: dict[str, dict[str, Any]] = {}
+        for sid, rec in zip(ids, records, strict=True):
+            if sid not in known and sid not in fresh:
+                fresh[sid] = {"id": sid, **rec, "first_seen": now}
+        store.write_samples(ws, pa.Table.from_pylist(list(fresh.values()), schema=schemas.samples_schema))
+        if refused:
+            ws.append(schemas.QUARANTINE, pa.Table.from_pylist(
+                [{"dataset": dataset, "source": source, "row": v.row, "source_hash": digest, "raw": v.raw,
+                  "reason": v.reason, "at": now} for v in refused], schema=schemas.quarantine_schema),
+                schemas.quarantine_schema)
+        if kept:
+            ws.append(schemas.MEMBERS, pa.Table.from_pylist(
+                [{"dataset": dataset, "source": source, "row": v.row, "id": sid,
+                  "metadata": json.dumps(v.metadata, ensure_ascii=False, sort_keys=True), "source_hash": digest}
+                 for v, sid in zip(kept, ids, strict=True)], schema=schemas.members_schema), schemas.members_schema)
+        for sid in ids:
+            rep.duplicates += sid in seen or sid in other_ids
+            seen.add(sid)
+        rep.rows += len(verdicts)
+        rep.kept += len(kept)
+        rep.new_samples += len(fresh)
+        rep.quarantined += len(refused)
+        reasons.update(_reason_key(v.reason) for v in refused)
     left = sorted(old_ids - seen - other_ids)
-    reasons = Counter(_reason_key(v.reason) for v in refused)
+    rep.left, rep.reasons = len(left), dict(reasons)
     store.write_ingest_record(ws, {
-        "dataset": dataset, "source": source, "source_hash": digest, "at": now, "rows": len(verdicts),
-        "kept": len(kept), "new_samples": len(fresh), "duplicates": dups, "quarantined": len(refused),
-        "left_ids": left})
-    return FileReport(source, len(verdicts), len(kept), len(fresh), dups, len(refused), len(left),
-                      reasons=dict(reasons))
+        "dataset": dataset, "source": source, "source_hash": digest, "at": now, "rows": rep.rows,
+        "kept": rep.kept, "new_samples": rep.new_samples, "duplicates": rep.duplicates,
+        "quarantined": rep.quarantined, "left_ids": left})
+    return rep

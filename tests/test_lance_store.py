@@ -126,6 +126,8 @@ def test_schema_mismatch_and_bad_input(ws):
         ws.append("items", pa.table({"id": ["a"]}), SCHEMA)
     with pytest.raises(ValuegateError, match="cannot be cast"):
         ws.append("items", pa.table({"id": ["a"], "group": ["g"], "value": ["not a number"]}), SCHEMA)
+    with pytest.raises(ValuegateError, match="cannot be cast"):  # id is not nullable
+        ws.append("items", pa.table({"id": [None], "group": ["g"], "value": [1.0]}), SCHEMA)
     with pytest.raises(ValuegateError, match="does not exist"):
         ws.read("missing")
     assert not ws.table_exists("missing")

@@ -79,7 +79,8 @@ def test_same_content_from_any_format_has_the_same_id(ws, tmp_path):
     assert ws.count(schemas.SAMPLES) == 4
 
 
-def test_each_quarantine_reason_and_nothing_lost(ws, tmp_path):
+@pytest.mark.parametrize("chunk_rows", [3, 50_000])
+def test_each_quarantine_reason_and_nothing_lost(ws, tmp_path, chunk_rows):
     good = random_rows(3, seed=6)
     lines = [json.dumps(good[0]), '{"prompt": "w1 ", "response": ', json.dumps({"prompt": "w1 ", "response": 7}),
              json.dumps({"prompt": "w1 ", "response": "   "}), json.dumps({"prompt": None, "response": "w2"}),
@@ -87,8 +88,9 @@ def test_each_quarantine_reason_and_nothing_lost(ws, tmp_path):
     path = tmp_path / "mixed.jsonl"
     path.write_bytes(("\n".join(lines) + "\n").encode() + b'{"prompt": "\xff", "response": "w1"}\n'
                      + (json.dumps(good[2]) + "\n").encode())
-    rep = ingest_file(ws, "d", path, max_chars=60)
+    rep = ingest_file(ws, "d", path, max_chars=60, chunk_rows=chunk_rows)
     assert rep.rows == 10 and rep.kept == 3 and rep.quarantined == 7
+    assert sorted(m["row"] for m in sstore.read_members(ws, "d").to_pylist()) == [0, 6, 9]
     q = {r["row"]: r for r in sstore.read_quarantine(ws, "d").to_pylist()}
     assert "malformed JSON" in q[1]["reason"]
     assert q[2]["reason"].startswith("response: expected a string, got int")

@@ -38,3 +38,66 @@ def print_engine_tables(out: dict) -> None:
                     "\noracle gap: autograd LM-head gradients vs forward-only"))
     if "peak_rss_mb" in out:
         print(f"\npeak RSS: {out['peak_rss_mb']:.0f} MiB")
+
+
+def print_store_tables(out: dict) -> None:
+    """Tables of bench_store's JSON."""
+    m = out["machine"]
+    print(f"\nmachine: {m['cpu']}, {m['cores']} cores, torch {m['torch']} ({m['threads']} threads); "
+          f"model {out['model']}; load average {out.get('loadavg_start')} → {out.get('loadavg_end')}")
+    if "incremental" in out:
+        inc = out["incremental"]
+        print(table(inc["runs"], ["run", "in_dataset", "missing", "extracted", "model_loaded", "model_load_s",
+                                  "model_s", "model_s_per_sample", "store_s", "wall_s", "ingest_s"],
+                    "\nincremental extraction (valuegate extract after each ingest)"))
+        r = inc["ratio"]
+        print(f"second run / first run: samples {r['samples_ratio']:.3f}, model seconds {r['model_s_ratio']:.3f}, "
+              f"model tokens {r['tokens_ratio']:.3f}, wall {r['wall_s_ratio']:.3f} "
+              f"(without the model load {r['wall_minus_load_ratio']:.3f}); nothing new: "
+              f"{r['noop_extracted']} extracted, model loaded: {r['noop_model_loaded']}, {r['noop_wall_s']:.2f}s")
+    if "rescore" in out:
+        rs = out["rescore"]
+        print(table(rs["runs"], ["run", "n_train", "n_valid", "valid_extracted", "model_load_s", "valid_model_s",
+                                 "extract_s", "resolve_s", "read_s", "score_s", "write_s", "scoring_only_s",
+                                 "wall_s"], "\nscore_dataset against a validation version"))
+        s = rs["summary"]
+        print(f"v2 re-score vs the {s['train_extract_samples']}-sample training extraction "
+              f"({s['train_extract_wall_s']:.1f}s wall, {s['train_extract_model_s']:.1f}s model): "
+              f"scoring only {s['v2_scoring_only_s']:.2f}s = {100 * s['frac_scoring_only']:.2f}%, "
+              f"everything but the validation extraction {s['v2_fixed_s']:.2f}s = {100 * s['frac_fixed']:.2f}%, "
+              f"validation extraction {s['v2_valid_extract_s']:.1f}s = {100 * s['frac_valid_extract']:.1f}% "
+              f"(model load {s['v2_valid_model_load_s']:.1f}s + forward {s['v2_valid_model_s']:.1f}s "
+              f"+ store {s['v2_valid_extract_other_s']:.1f}s), total {s['v2_total_s']:.1f}s = "
+              f"{100 * s['frac_total']:.1f}%; nearest run {s['nearest_total_s']:.2f}s "
+              f"(score {s['nearest_score_s']:.2f}s)")
+    if "scale" in out:
+        sc = out["scale"]
+        print(table(sc["overlap"], ["features", "mean_support", "p90_support", "mean_n_tokens", "distinct_ids",
+                                    "mean_intersection", "mean_jaccard", "frac_pairs_overlapping"],
+                    f"\nsynthetic vs real features (row width {sc['width']}, Zipf exponent {sc['zipf_a']})"))
+        done = [r for r in sc["sizes"] if "skipped" not in r]
+        for r in sc["sizes"]:
+            if "skipped" in r:
+                print(f"N={r['n']}: skipped, {r['skipped']}")
+        print(table(done, ["n", "gen_s", "write_s", "rows_per_s", "disk_bytes", "bytes_per_sample",
+                           "write_peak_rss_mb", "peak_rss_mb"], "\nscale: writing synthetic features"))
+        print(table(done, ["n", "mean_mode", "mean_read_s", "read_nofilter_s", "mean_matrix_s",
+                           "mean_aggregate_s", "mean_total_s", "mean_rss_delta_mb", "mean_one_piece_projected_mb",
+                           "nearest_rows", "nearest_compute_s", "nearest_extrapolated_s", "nearest_matrix_gb"],
+                    f"\nscale: scoring against {sc.get('n_valid')} synthetic validation rows"))
+        print(table(done, ["n", "vs_bf_read_s", "vs_bf_batch_ms_per_q", "vs_bf_loop_ms_per_q", "vs_flat_ms_per_q",
+                           "vs_flat_recall", "vs_build_s", "vs_ivf_ms_per_q", "vs_ivf_recall",
+                           "vs_ivf_refine10_ms_per_q", "vs_ivf_refine10_recall", "vs_ivf_np64_refine10_ms_per_q",
+                           "vs_ivf_np64_refine10_recall", "vs_ivf_breakeven_queries",
+                           "vs_ivf_refine10_breakeven_queries"],
+                    "\nscale: top-10 dot search on pooled_hidden, 100 queries (recall vs numpy brute force)"))
+        p = sc.get("projection_1m") or {}
+        if p:
+            print(f"\nprojection to {p['n']:,} samples (NOT measured: {p['method']}, measured up to "
+                  f"{p['measured_up_to']:,}):")
+            for k, v in p.items():
+                if k not in ("n", "method", "measured_up_to") and not k.endswith("_exponent"):
+                    e = p.get(f"{k}_exponent")
+                    print(f"  {k}: {v:.4g}" + (f"  (exponent {e:.2f})" if e is not None else ""))
+    if "peak_rss_mb" in out:
+        print(f"\npeak RSS: {out['peak_rss_mb']:.0f} MiB; wall {out.get('wall_s', 0):.0f}s")

@@ -1,0 +1,815 @@
+"""Feature-store benchmarks: incremental extraction, re-scoring a new validation version, and scale.
+
+    python -m tests.benchmarks.bench_store [--data DIR] [--out bench-results] [--quick]
+        [--only incremental|rescore|scale] [--scale-sizes 10000,100000]
+
+Sections (each prints a table; everything goes to ``--out/store.json``):
+
+- incremental: the embedded default model (``default_settings()``), a workspace in a temp directory.
+  Ingest 1,000 DataInf training samples and extract them (what ``valuegate extract`` does), then ingest
+  100 new samples (a second file) and extract again (model time must scale with the 100), then extract
+  once more with nothing new (must extract 0 and never load the model).
+- rescore: on that workspace register a validation set v1 (100 test rows) and ``score_dataset`` it (mean),
+  register v2 (100 other rows) and score again: the validation extraction and the scoring-only time
+  (read + score + write) as fractions of the 1,000-sample training extraction; one ``nearest`` run.
+- scale: synthetic features shaped like the default model's real ones (support sizes, token counts and
+  vocabulary overlap taken from real extracted features) written into a fresh ``features__<fp>`` table
+  for each N: write rate, disk size, peak RSS, mean-aggregate scoring against a 1,000-row synthetic
+  validation set, nearest-aggregate on a 10k subset (extrapolated to N), and dense-vector search on
+  ``pooled_hidden``: numpy brute force vs LanceDB without an index vs with an IVF_PQ index (dot).
+  Sizes whose projected disk use exceeds ``--max-disk-gb`` are skipped; 1M is always extrapolated.
+
+``--only rescore`` runs the incremental section too (it builds the workspace rescore needs).
+"""
+
+from __future__ import annotations
+
+import _thread
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+from tests.benchmarks.bench_engine import DEFAULT_DATA, machine, peak_rss_mb
+from valuegate.settings import Settings, default_settings
+from valuegate.storage import features as fstore
+from valuegate.storage import samples as sstore
+from valuegate.storage import schemas
+from valuegate.storage.lance import Workspace
+
+ROW_KEYS = ("token_ids", "rows", "n_tokens", "pooled_hidden", "pooled_error", "mean_loss", "dropped_mass")
+SCORE_COLS = ["id", "token_ids", "rows", "n_tokens", "mean_loss", "self_influence"]
+HARD_RSS_MB = 11 * 1024  # the watchdog interrupts the run above this (the machine is shared)
+
+
+# --------------------------------------------------------------------------------------------------
+# memory
+# --------------------------------------------------------------------------------------------------
+
+
+def _status_mb(key: str) -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def rss_mb() -> float:
+    """Current resident memory of this process, MiB."""
+    return _status_mb("VmRSS")
+
+
+def hwm_mb() -> float:
+    """Peak resident memory since the last :func:`reset_hwm` (or process start), MiB."""
+    return _status_mb("VmHWM")
+
+
+def reset_hwm() -> bool:
+    """Reset the kernel's peak-RSS counter of this process (``clear_refs`` 5); False where refused."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+class MemWatch:
+    """Peak RSS during a block, sampled every ``interval`` seconds: ``base_mb``, ``peak_mb``, ``delta_mb``."""
+
+    def __init__(self, interval: float = 0.01) -> None:
+        self.interval = interval
+
+    def __enter__(self) -> MemWatch:
+        self.base_mb = self.peak_mb = rss_mb()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.peak_mb = max(self.peak_mb, rss_mb())
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak_mb = max(self.peak_mb, rss_mb())
+
+    @property
+    def delta_mb(self) -> float:
+        return self.peak_mb - self.base_mb
+
+
+def start_watchdog(limit_mb: float = HARD_RSS_MB) -> None:
+    """Interrupt the main thread when RSS passes ``limit_mb``; exit hard at 105% of it."""
+
+    def run() -> None:
+        warned = False
+        while True:
+            time.sleep(0.05)
+            r = rss_mb()
+            if r > 1.05 * limit_mb:
+                print(f"bench_store: RSS {r:.0f} MiB above {1.05 * limit_mb:.0f}: exiting", file=sys.stderr)
+                os._exit(3)
+            if r > limit_mb and not warned:
+                warned = True
+                print(f"bench_store: RSS {r:.0f} MiB above {limit_mb:.0f}: interrupting", file=sys.stderr)
+                _thread.interrupt_main()
+
+    threading.Thread(target=run, daemon=True).start()
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg} (rss {rss_mb():.0f} MiB, load {os.getloadavg()[0]:.1f})",
+          flush=True)
+
+
+def du_bytes(path: str | Path) -> int:
+    """``du -sb`` of a directory."""
+    out = subprocess.run(["du", "-sb", str(path)], capture_output=True, text=True, check=True).stdout
+    return int(out.split()[0])
+
+
+# --------------------------------------------------------------------------------------------------
+# inputs
+# --------------------------------------------------------------------------------------------------
+
+
+def _distinct_rows(path: Path) -> list[tuple[str, dict]]:
+    """(sample id, raw JSON row) of a JSONL file, first occurrence of each content only."""
+    from valuegate.tasks.ingest import read_samples, sample_id, sample_record
+
+    _, samples = read_samples(path)
+    raw = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    out, seen = [], set()
+    for s, r in zip(samples, raw, strict=True):
+        sid = sample_id(sample_record(s))
+        if sid not in seen:
+            seen.add(sid)
+            out.append((sid, r))
+    return out
+
+
+def _write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    return path
+
+
+def make_inputs(data: Path, work: Path, n_first: int, n_new: int, n_valid: int) -> dict:
+    """Two training files (``n_first`` then ``n_new`` distinct new contents, half from each DataInf task)
+    and two validation files (``n_valid`` rows each, disjoint selections of the two test sets)."""
+    train = {t: _distinct_rows(data / f"{t}_train.jsonl") for t in ("grammars", "math_without_reason")}
+    test = {t: _distinct_rows(data / f"{t}_test.jsonl") for t in ("grammars", "math_without_reason")}
+    h1, h2, hv = n_first // 2, n_new // 2, n_valid // 2
+    first = [r for t in train for _, r in train[t][:h1]]
+    new = [r for t in train for _, r in train[t][h1:h1 + h2]]
+    ids_first = {i for t in train for i, _ in train[t][:h1]}
+    assert not ids_first & {i for t in train for i, _ in train[t][h1:h1 + h2]}
+    v1 = [r for t in test for _, r in test[t][:hv]]
+    v2 = [r for t in test for _, r in test[t][hv:2 * hv]]
+    return {"first": _write_jsonl(work / "inputs" / "train_first.jsonl", first),
+            "new": _write_jsonl(work / "inputs" / "train_new.jsonl", new),
+            "v1": _write_jsonl(work / "inputs" / "valid_v1.jsonl", v1),
+            "v2": _write_jsonl(work / "inputs" / "valid_v2.jsonl", v2),
+            "counts": {"first": len(first), "new": len(new), "v1": len(v1), "v2": len(v2)}}
+
+
+# --------------------------------------------------------------------------------------------------
+# 1. incremental extraction
+# --------------------------------------------------------------------------------------------------
+
+
+def run_extract(ws: Workspace, settings: Settings, dataset: str) -> tuple[dict, str]:
+    """What ``valuegate extract DATASET`` does (valuegate/cli.py ``_cmd_extract``), timed."""
+    from valuegate.storage.features import feature_ids
+    from valuegate.tasks.extract import extract_to_store
+    from valuegate.tasks.ingest import sample_from_record
+    from valuegate.tasks.model import fingerprint_settings, load_model, load_tokenizer, model_fingerprint
+
+    loads: list[float] = []
+    t0 = time.perf_counter()
+    ids = sstore.dataset_ids(ws, dataset)
+    ex = settings.extract
+    tok = load_tokenizer(settings.model)
+    fps = fingerprint_settings(settings.model, ex, tok, ex.lowest_likelihood_ratio)
+    fp = model_fingerprint(fps)
+    have = feature_ids(ws, fp)
+    missing = [i for i in ids if i not in have]
+    recs = {r["id"]: sample_from_record(r) for r in sstore.read_samples_by_id(ws, missing).to_pylist()}
+
+    def loader():
+        t = time.perf_counter()
+        lm = load_model(settings.model, tok, False)
+        loads.append(time.perf_counter() - t)
+        return lm
+
+    rep = extract_to_store(ws, loader, missing, [recs[i] for i in missing], ex, fp, fps,
+                           ex.lowest_likelihood_ratio, progress=False)
+    wall = time.perf_counter() - t0
+    s = rep.stats
+    return {"in_dataset": len(ids), "missing": len(missing), "extracted": rep.extracted,
+            "refused": len(rep.refused or []), "batches": rep.batches, "model_loaded": bool(loads),
+            "model_load_s": sum(loads), "model_s": s.seconds, "model_samples": s.samples,
+            "counted_tokens": s.counted_tokens, "model_tokens": s.model_tokens,
+            "model_s_per_sample": s.seconds / s.samples if s.samples else 0.0,
+            "wall_s": wall, "store_s": wall - s.seconds - sum(loads)}, fp
+
+
+def bench_incremental(ws: Workspace, settings: Settings, inputs: dict) -> dict:
+    from valuegate.tasks.ingest import ingest_file
+
+    mc = settings.ingest.max_chars
+    sstore.ensure_sample_tables(ws)
+    runs = []
+    t0 = time.perf_counter()
+    r1 = ingest_file(ws, "train", inputs["first"], mc)
+    ingest1 = time.perf_counter() - t0
+    log(f"ingested {r1.line()} in {ingest1:.2f}s")
+    e1, fp = run_extract(ws, settings, "train")
+    runs.append({"run": f"initial {r1.new_samples}", "ingest_s": ingest1, "new_samples": r1.new_samples, **e1})
+    log(f"extract 1: {json.dumps(e1)}")
+    t0 = time.perf_counter()
+    r2 = ingest_file(ws, "train", inputs["new"], mc)
+    ingest2 = time.perf_counter() - t0
+    log(f"ingested {r2.line()} in {ingest2:.2f}s")
+    e2, _ = run_extract(ws, settings, "train")
+    runs.append({"run": f"+{r2.new_samples} new", "ingest_s": ingest2, "new_samples": r2.new_samples, **e2})
+    log(f"extract 2: {json.dumps(e2)}")
+    e3, _ = run_extract(ws, settings, "train")
+    runs.append({"run": "nothing new", "ingest_s": 0.0, "new_samples": 0, **e3})
+    log(f"extract 3: {json.dumps(e3)}")
+    ratio = {
+        "samples_ratio": e2["extracted"] / max(1, e1["extracted"]),
+        "model_s_ratio": e2["model_s"] / e1["model_s"] if e1["model_s"] else float("nan"),
+        "wall_s_ratio": e2["wall_s"] / e1["wall_s"],
+        "wall_minus_load_ratio": (e2["wall_s"] - e2["model_load_s"]) / (e1["wall_s"] - e1["model_load_s"]),
+        "tokens_ratio": e2["model_tokens"] / max(1, e1["model_tokens"]),
+        "noop_extracted": e3["extracted"], "noop_model_loaded": e3["model_loaded"], "noop_wall_s": e3["wall_s"],
+    }
+    return {"runs": runs, "ratio": ratio, "model_fp": fp}
+
+
+# --------------------------------------------------------------------------------------------------
+# 2. re-scoring against a new validation version
+# --------------------------------------------------------------------------------------------------
+
+
+def _score_run(ws: Workspace, settings: Settings, ref: str, label: str) -> dict:
+    import valuegate.tasks.score as score_mod
+
+    loads: list[float] = []
+    orig = score_mod.load_model
+
+    def timed_load(*a, **k):
+        t = time.perf_counter()
+        lm = orig(*a, **k)
+        loads.append(time.perf_counter() - t)
+        return lm
+
+    score_mod.load_model = timed_load
+    try:
+        t0 = time.perf_counter()
+        rep = score_mod.score_dataset(ws, "train", ref, settings, progress=False)
+        wall = time.perf_counter() - t0
+    finally:
+        score_mod.load_model = orig
+    tm = rep.timings
+    rv, rt = rep.extract_valid, rep.extract_train
+    vs = rv.stats.seconds if rv and rv.stats else 0.0
+    row = {"run": label, "valset": rep.valset, "aggregate": settings.score.aggregate, "n_train": rep.n_train,
+           "n_valid": rep.n_valid, "train_extracted": rt.extracted, "valid_extracted": rv.extracted,
+           "model_load_s": sum(loads), "valid_model_s": vs, **{f"{k}_s": v for k, v in tm.items()},
+           "wall_s": wall}
+    row["scoring_only_s"] = tm.get("read", 0) + tm.get("score", 0) + tm.get("write", 0)
+    row["extract_other_s"] = tm.get("extract", 0) - sum(loads) - vs
+    row["fixed_s"] = wall - tm.get("extract", 0)  # resolve + read + score + write (+ bookkeeping)
+    vals = rep.table.column("value").to_numpy()
+    row["values_finite"] = bool(np.isfinite(vals).all())
+    return row
+
+
+def bench_rescore(ws: Workspace, settings: Settings, inputs: dict, train_extract: dict) -> dict:
+    from valuegate.tasks.valsets import register_valset
+
+    mc = settings.ingest.max_chars
+    runs = []
+    regs = {}
+    for v in ("v1", "v2"):
+        t0 = time.perf_counter()
+        rec, new = register_valset(ws, "val", inputs[v], mc)
+        regs[v] = {"register_s": time.perf_counter() - t0, "version": rec["version"], "rows": rec["rows"],
+                   "new": new}
+        log(f"registered val@v{rec['version']} ({rec['rows']} rows) in {regs[v]['register_s']:.2f}s")
+        runs.append(_score_run(ws, settings, f"val@v{rec['version']}", f"{v} mean"))
+        log(f"score: {json.dumps(runs[-1])}")
+    near = settings.model_copy(update={"score": settings.score.model_copy(update={"aggregate": "nearest"})})
+    runs.append(_score_run(ws, near, "val@v2", "v2 nearest"))
+    log(f"score: {json.dumps(runs[-1])}")
+    base_wall, base_model = train_extract["wall_s"], train_extract["model_s"]
+    v2 = runs[1]
+    summary = {
+        "train_extract_wall_s": base_wall, "train_extract_model_s": base_model,
+        "train_extract_samples": train_extract["extracted"],
+        "v2_valid_extract_s": v2["extract_s"], "v2_valid_model_load_s": v2["model_load_s"],
+        "v2_valid_model_s": v2["valid_model_s"], "v2_valid_extract_other_s": v2["extract_other_s"],
+        "v2_scoring_only_s": v2["scoring_only_s"], "v2_fixed_s": v2["fixed_s"], "v2_total_s": v2["wall_s"],
+        "frac_scoring_only": v2["scoring_only_s"] / base_wall,
+        "frac_fixed": v2["fixed_s"] / base_wall,
+        "frac_valid_extract": v2["extract_s"] / base_wall,
+        "frac_total": v2["wall_s"] / base_wall,
+        "valid_model_s_per_sample": v2["valid_model_s"] / max(1, v2["valid_extracted"]),
+        "train_model_s_per_sample": base_model / max(1, train_extract["extracted"]),
+        "nearest_total_s": runs[2]["wall_s"], "nearest_score_s": runs[2]["score_s"],
+    }
+    return {"registrations": regs, "runs": runs, "summary": summary}
+
+
+# --------------------------------------------------------------------------------------------------
+# 3. scale, on synthetic features shaped like real ones
+# --------------------------------------------------------------------------------------------------
+
+
+def real_features_from_store(ws: Workspace, fp: str) -> pa.Table:
+    return fstore.read_features(ws, fp, columns=["id", *ROW_KEYS])
+
+
+def real_features_by_extraction(settings: Settings, data: Path, n: int) -> pa.Table:
+    """Extract ``n`` DataInf training samples (half per task) with the default settings."""
+    from valuegate.tasks.extract import extract_sparse, feature_row
+    from valuegate.tasks.ingest import read_samples
+    from valuegate.tasks.model import encode_samples, load_model
+
+    lm = load_model(settings.model, progress=False)
+    ex = settings.extract
+    samples = []
+    for t in ("grammars", "math_without_reason"):
+        samples += read_samples(data / f"{t}_train.jsonl")[1][: n // 2]
+    enc = encode_samples(lm.tokenizer, samples, ex.loss_on, ex.max_length)
+    feats = extract_sparse(lm, enc, ex, samples, progress=False)
+    rows = [feature_row(f"real-{i}", f, 0, 0.0) for i, f in enumerate(feats)]
+    return pa.Table.from_pylist(rows, schema=schemas.features_schema(lm.hidden_size, ex.error_dim))
+
+
+def _supports(t: pa.Table) -> list[np.ndarray]:
+    tok = t.column("token_ids").combine_chunks()
+    flat = tok.values.to_numpy(zero_copy_only=False)
+    off = tok.offsets.to_numpy()
+    return [flat[off[i]:off[i + 1]] for i in range(len(off) - 1)]
+
+
+def pairwise_overlap(supports: list[np.ndarray], rng: np.random.Generator, pairs: int = 20000) -> dict:
+    """Mean |U_i ∩ U_j| and mean Jaccard over random pairs i ≠ j."""
+    n = len(supports)
+    i = rng.integers(0, n, pairs)
+    j = (i + rng.integers(1, n, pairs)) % n
+    inter = np.array([np.intersect1d(supports[a], supports[b], assume_unique=True).size for a, b in zip(i, j, strict=True)])
+    union = np.array([supports[a].size + supports[b].size for a, b in zip(i, j, strict=True)]) - inter
+    return {"mean_intersection": float(inter.mean()), "mean_jaccard": float((inter / union).mean()),
+            "frac_pairs_overlapping": float((inter > 0).mean())}
+
+
+class SyntheticFeatures:
+    """Feature rows shaped like real ones.
+
+    Support sizes, n_tokens, mean_loss and dropped_mass are drawn jointly from the real rows; token ids
+    are ``|U|`` distinct draws from a Zipf–Mandelbrot law ``p(rank) ∝ (rank + 2.7)^-a`` over the
+    vocabulary (ranks mapped to ids by a fixed random permutation); sparse rows and pooled_error are
+    Gaussian with the real element std; pooled_hidden is Gaussian with the real mean and covariance.
+    """
+
+    def __init__(self, real: pa.Table, vocab: int, width: int, hidden: int, error_dim: int, seed: int = 0):
+        self.vocab, self.width, self.hidden, self.error_dim = vocab, width, hidden, error_dim
+        self.rng = np.random.default_rng(seed)
+        sup = _supports(real)
+        self.sizes = np.array([s.size for s in sup])
+        self.n_tokens = real.column("n_tokens").to_numpy()
+        self.mean_loss = real.column("mean_loss").to_numpy(zero_copy_only=False)
+        self.dropped = real.column("dropped_mass").to_numpy(zero_copy_only=False)
+        rows = real.column("rows").combine_chunks().values.to_numpy(zero_copy_only=False)
+        self.row_std = float(rows.std())
+        ph = real.column("pooled_hidden").combine_chunks().values.to_numpy(zero_copy_only=False)
+        ph = ph.reshape(real.num_rows, -1).astype(np.float64)
+        self.ph_mean = ph.mean(0)
+        cov = np.cov(ph, rowvar=False) + np.eye(ph.shape[1]) * 1e-6 * np.trace(np.cov(ph, rowvar=False))
+        self.ph_chol = np.linalg.cholesky(cov)
+        pe = real.column("pooled_error").combine_chunks().values.to_numpy(zero_copy_only=False)
+        self.pe_std = float(pe.std()) or 1.0
+        self.perm = self.rng.permutation(vocab)
+        self.set_exponent(1.0)
+
+    def set_exponent(self, a: float) -> None:
+        self.a = a
+        w = (np.arange(self.vocab) + 2.7) ** -a
+        self.cdf = np.cumsum(w) / w.sum()
+
+    def support(self, size: int) -> np.ndarray:
+        """``size`` distinct token ids (successive sampling without replacement), sorted, int32."""
+        m = max(8, 2 * size)
+        drawn = np.zeros(0, dtype=np.int64)
+        while True:
+            drawn = np.concatenate([drawn, np.searchsorted(self.cdf, self.rng.random(m))])
+            _, first = np.unique(drawn, return_index=True)
+            if first.size >= size:
+                ranks = drawn[np.sort(first)[:size]]
+                return np.sort(self.perm[np.minimum(ranks, self.vocab - 1)]).astype(np.int32)
+            m *= 2
+
+    def supports(self, n: int) -> list[np.ndarray]:
+        pick = self.rng.integers(0, self.sizes.size, n)
+        return [self.support(int(self.sizes[p])) for p in pick]
+
+    def calibrate(self, target_intersection: float, grid: np.ndarray, n: int = 1500) -> list[dict]:
+        """Pick the Zipf exponent whose mean pairwise intersection is closest to the real one."""
+        tried = []
+        for a in grid:
+            self.set_exponent(float(a))
+            ov = pairwise_overlap(self.supports(n), np.random.default_rng(1), 5000)
+            tried.append({"a": float(a), **ov})
+        best = min(tried, key=lambda r: abs(r["mean_intersection"] - target_intersection))
+        self.set_exponent(best["a"])
+        return tried
+
+    def pooled_hidden(self, n: int) -> np.ndarray:
+        z = self.rng.standard_normal((n, self.hidden))
+        return (self.ph_mean + z @ self.ph_chol.T).astype(np.float32)
+
+    def rows(self, n: int, prefix: str, start: int) -> list[dict]:
+        """``n`` feature rows (dicts for :func:`storage.features.write_features`)."""
+        pick = self.rng.integers(0, self.sizes.size, n)
+        sup = [self.support(int(self.sizes[p])) for p in pick]
+        lens = np.array([s.size for s in sup]) * self.width
+        data = self.rng.standard_normal(int(lens.sum()), dtype=np.float32) * np.float32(self.row_std)
+        off = np.concatenate([[0], np.cumsum(lens)])
+        self_inf = np.add.reduceat(data.astype(np.float64) ** 2, off[:-1])
+        ph = self.pooled_hidden(n)
+        pe = (self.rng.standard_normal((n, max(self.error_dim, 1)), dtype=np.float32) * np.float32(self.pe_std))
+        out = []
+        for k in range(n):
+            p = pick[k]
+            out.append({
+                "id": hashlib.sha256(f"{prefix}-{start + k}".encode()).hexdigest(),
+                "token_ids": sup[k], "rows": data[off[k]:off[k + 1]], "n_tokens": int(self.n_tokens[p]),
+                "mean_loss": float(self.mean_loss[p]), "dropped_mass": float(self.dropped[p]),
+                "self_influence": float(self_inf[k]), "pooled_hidden": ph[k], "pooled_error": pe[k],
+                "batch": start // max(1, n), "seconds": 0.0})
+        return out
+
+
+def _fp(tag: str) -> str:
+    return hashlib.sha256(json.dumps({"synthetic": tag, "bench": "store"}).encode()).hexdigest()
+
+
+def write_synthetic(ws: Workspace, gen: SyntheticFeatures, fp: str, n: int, batch: int, prefix: str) -> dict:
+    fstore.ensure_feature_set(ws, fp, {"synthetic": prefix, "n": n}, gen.hidden, gen.vocab, gen.width,
+                              gen.error_dim)
+    ids: list[str] = []
+    gen_s = write_s = 0.0
+    nnz = 0
+    with MemWatch() as mw:
+        for lo in range(0, n, batch):
+            t0 = time.perf_counter()
+            rows = gen.rows(min(batch, n - lo), prefix, lo)
+            gen_s += time.perf_counter() - t0
+            ids += [r["id"] for r in rows]
+            nnz += sum(r["rows"].size for r in rows)
+            t0 = time.perf_counter()
+            fstore.write_features(ws, fp, rows, gen.hidden, gen.error_dim)
+            write_s += time.perf_counter() - t0
+            del rows
+    return {"ids": ids, "gen_s": gen_s, "write_s": write_s, "rows_per_s": n / write_s, "nnz": nnz,
+            "write_peak_rss_mb": mw.peak_mb, "write_rss_delta_mb": mw.delta_mb}
+
+
+def _matrix(ws: Workspace, fp: str, ids: list[str], vocab: int, width: int):
+    from valuegate.tasks.score import _feature_matrix
+
+    t0 = time.perf_counter()
+    t = fstore.read_features(ws, fp, ids, SCORE_COLS)
+    t_read = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    m, tt = _feature_matrix(t, ids, vocab, width)
+    return m, tt, t_read, time.perf_counter() - t0
+
+
+def mean_scoring(ws: Workspace, fp: str, ids: list[str], vm, vt, vocab: int, width: int,
+                 chunk: int | None) -> dict:
+    """What score_dataset does for ``mean`` (read the train features by id, one CSR, mean_aggregate),
+    in one piece (chunk None) or in id chunks of ``chunk`` (when one piece would not fit in memory)."""
+    from valuegate.tasks.score import mean_aggregate
+
+    v_self = vt["self_influence"].to_numpy()
+    v_tok = vt["n_tokens"].to_numpy().astype(np.int64)
+    t_read = t_matrix = t_agg = 0.0
+    out = np.zeros(len(ids))
+    check = None
+    step = chunk or len(ids)
+    with MemWatch() as mw:
+        for lo in range(0, len(ids), step):
+            part = ids[lo:lo + step]
+            tm, tt, r, mtx = _matrix(ws, fp, part, vocab, width)
+            t_read += r
+            t_matrix += mtx
+            t0 = time.perf_counter()
+            out[lo:lo + len(part)] = mean_aggregate(tm, vm, tt["self_influence"].to_numpy(), v_self,
+                                                    tt["n_tokens"].to_numpy().astype(np.int64), v_tok, "none")
+            t_agg += time.perf_counter() - t0
+            if check is None:  # the pairwise mean on a few rows, as a sanity check
+                k = min(200, len(part))
+                ref = np.asarray((tm[:k].astype(np.float64) @ vm.astype(np.float64).T).mean(1)).ravel()
+                check = float(np.max(np.abs(out[lo:lo + k] - ref)) / max(1e-30, np.max(np.abs(ref))))
+            del tm, tt
+    return {"mode": "one piece" if chunk is None else f"chunks of {chunk}", "read_s": t_read,
+            "matrix_s": t_matrix, "aggregate_s": t_agg, "total_s": t_read + t_matrix + t_agg,
+            "peak_rss_mb": mw.peak_mb, "rss_delta_mb": mw.delta_mb, "check_max_rel_err": check,
+            "finite": bool(np.isfinite(out).all())}
+
+
+def nearest_scoring(ws: Workspace, fp: str, ids: list[str], vm, vocab: int, width: int, k: int = 5) -> dict:
+    from valuegate.tasks.forvalue import sparse_cross_csr
+    from valuegate.tasks.score import aggregate
+
+    tm, _, t_read, t_mtx = _matrix(ws, fp, ids, vocab, width)
+    with MemWatch() as mw:
+        t0 = time.perf_counter()
+        values = sparse_cross_csr(tm, vm)
+        t_cross = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        agg, top = aggregate(values, "nearest", k)
+        t_top = time.perf_counter() - t0
+    return {"rows": len(ids), "read_s": t_read, "matrix_s": t_mtx, "cross_s": t_cross, "topk_s": t_top,
+            "compute_s": t_cross + t_top, "rss_delta_mb": mw.delta_mb,
+            "finite": bool(np.isfinite(agg).all()), "top_shape": list(top.shape)}
+
+
+def _pooled(t: pa.Table) -> np.ndarray:
+    col = t.column("pooled_hidden").combine_chunks()
+    return col.values.to_numpy(zero_copy_only=False).reshape(t.num_rows, -1)
+
+
+def vector_search(ws: Workspace, table: str, queries: np.ndarray, k: int, flat_cap_s: float) -> dict:
+    """Exact top-k by numpy, LanceDB without an index, LanceDB with IVF_PQ (dot): time and recall@k."""
+    out: dict = {}
+    t0 = time.perf_counter()
+    t = ws.read(table, columns=["id", "pooled_hidden"])
+    ids = np.asarray(t.column("id").to_pylist(), dtype=object)
+    x = _pooled(t)
+    out["bf_read_s"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    s = queries @ x.T
+    top = np.argpartition(-s, k, axis=1)[:, :k]
+    out["bf_batch_s"] = time.perf_counter() - t0
+    truth = [set(ids[r]) for r in top]
+    t0 = time.perf_counter()
+    for q in queries:
+        sq = x @ q
+        np.argpartition(-sq, k)[:k]
+    out["bf_loop_ms_per_q"] = 1000 * (time.perf_counter() - t0) / len(queries)
+    out["bf_batch_ms_per_q"] = 1000 * out["bf_batch_s"] / len(queries)
+    del x, t, s
+
+    def run(label: str, cap: float | None = None, **kw) -> None:
+        times, recalls = [], []
+        start = time.perf_counter()
+        for qi, q in enumerate(queries):
+            t0 = time.perf_counter()
+            r = ws.search(table, "pooled_hidden", q, k, metric="dot", columns=["id"], **kw)
+            times.append(time.perf_counter() - t0)
+            recalls.append(len(truth[qi] & set(r.column("id").to_pylist())) / k)
+            if cap is not None and time.perf_counter() - start > cap:
+                break
+        out[f"{label}_ms_per_q"] = 1000 * float(np.mean(times))
+        out[f"{label}_recall"] = float(np.mean(recalls))
+        out[f"{label}_queries"] = len(times)
+
+    run("flat", cap=flat_cap_s)
+    t0 = time.perf_counter()
+    ws.create_vector_index(table, "pooled_hidden", metric="dot", index_type="IVF_PQ")
+    out["build_s"] = time.perf_counter() - t0
+    out["indexed"] = ws.has_vector_index(table, "pooled_hidden")
+    run("ivf")
+    run("ivf_refine10", refine_factor=10)
+    run("ivf_np64_refine10", nprobes=64, refine_factor=10)
+    for cfg in ("ivf", "ivf_refine10", "ivf_np64_refine10"):
+        saved_s = (out["flat_ms_per_q"] - out[f"{cfg}_ms_per_q"]) / 1000
+        out[f"{cfg}_breakeven_queries"] = out["build_s"] / saved_s if saved_s > 0 else float("inf")
+    return out
+
+
+def _power(n: np.ndarray, y: np.ndarray, target: float) -> tuple[float, float]:
+    """Extrapolate with a power law through the two largest points: (value at target, exponent)."""
+    if len(n) < 2 or y[-1] <= 0 or y[-2] <= 0:
+        return float(y[-1] * target / n[-1]), 1.0
+    b = float(np.log(y[-1] / y[-2]) / np.log(n[-1] / n[-2]))
+    return float(y[-1] * (target / n[-1]) ** b), b
+
+
+def bench_scale(settings: Settings, real: pa.Table, sizes: list[int], work: Path, quick: bool,
+                max_disk_gb: float, mem_budget_gb: float, keep: bool) -> dict:
+    ex = settings.extract
+    vocab, hidden = 49152, 576
+    width = ex.hidden_dim or hidden
+    res: dict = {"real_rows": real.num_rows, "width": width, "hidden": hidden, "error_dim": ex.error_dim,
+                 "vocab": vocab, "sizes": []}
+    gen = SyntheticFeatures(real, vocab, width, hidden, ex.error_dim)
+    rng = np.random.default_rng(7)
+    real_sup = _supports(real)
+    real_ov = pairwise_overlap(real_sup, rng)
+    t0 = time.perf_counter()
+    tried = gen.calibrate(real_ov["mean_intersection"], np.round(np.arange(0.8, 2.25, 0.1), 2),
+                          n=600 if quick else 1500)
+    syn_sup = gen.supports(2000)
+    syn_ov = pairwise_overlap(syn_sup, np.random.default_rng(7))
+    res["calibration_s"] = time.perf_counter() - t0
+    res["zipf_tried"] = tried
+    res["zipf_a"] = gen.a
+    res["overlap"] = [
+        {"features": f"real ({real.num_rows})", "mean_support": float(gen.sizes.mean()),
+         "p90_support": float(np.percentile(gen.sizes, 90)), "mean_n_tokens": float(gen.n_tokens.mean()),
+         "distinct_ids": int(np.unique(np.concatenate(real_sup)).size), **real_ov},
+        {"features": f"synthetic (a={gen.a})", "mean_support": float(np.mean([s.size for s in syn_sup])),
+         "p90_support": float(np.percentile([s.size for s in syn_sup], 90)),
+         "mean_n_tokens": float(gen.n_tokens.mean()),
+         "distinct_ids": int(np.unique(np.concatenate(syn_sup[:real.num_rows])).size), **syn_ov}]
+    log(f"overlap real {real_ov} synthetic {syn_ov} (a={gen.a})")
+    # bytes per sample, estimated before writing anything
+    est = float(gen.sizes.mean()) * (width * 4 + 4) + hidden * 4 + max(ex.error_dim, 1) * 4 + 64 + 40
+    res["est_bytes_per_sample"] = est
+    res["est_disk_gb_1m"] = est * 1e6 / 1e9
+    log(f"estimated {est:.0f} bytes/sample: 1M samples ≈ {est * 1e6 / 1e9:.1f} GB")
+
+    ws = Workspace(str(work / "scale-ws"))  # the default consistency, as the CLI opens it
+    # the synthetic validation set: 1,000 rows in their own feature table
+    n_valid = 200 if quick else 1000
+    fp_v = _fp("valid")
+    wv = write_synthetic(ws, gen, fp_v, n_valid, 5000, "valid")
+    vids = wv["ids"]
+    vm, vt, _, _ = _matrix(ws, fp_v, vids, vocab, width)
+    queries = _pooled(fstore.read_features(ws, fp_v, vids[:100], ["id", "pooled_hidden"]))
+    bytes_per_nnz = None  # measured on the first one-piece mean run
+    bytes_per_sample = est
+    for n in sizes:
+        free = shutil.disk_usage(work).free
+        proj = bytes_per_sample * n
+        if proj > max_disk_gb * 1e9 or proj > 0.8 * free:
+            log(f"N={n}: skipped, projected {proj / 1e9:.1f} GB (limit {max_disk_gb} GB, free {free / 1e9:.0f} GB)")
+            res["sizes"].append({"n": n, "skipped": f"projected {proj / 1e9:.1f} GB on disk"})
+            continue
+        reset_hwm()
+        row: dict = {"n": n}
+        fp = _fp(f"train-{n}")
+        table = schemas.features_table(fp)
+        log(f"N={n}: writing")
+        w = write_synthetic(ws, gen, fp, n, 1000 if quick else 5000, f"train-{n}")
+        ids = w.pop("ids")
+        row.update(w)
+        row["disk_bytes"] = du_bytes(fstore.features_uri(ws, fp))
+        row["bytes_per_sample"] = row["disk_bytes"] / n
+        bytes_per_sample = row["bytes_per_sample"]
+        log(f"N={n}: wrote {row['rows_per_s']:.0f} rows/s, {row['disk_bytes'] / 1e9:.2f} GB")
+        # mean aggregate: one piece when the projected memory fits, else id chunks
+        proj_mb = None if bytes_per_nnz is None else bytes_per_nnz * w["nnz"] / 2**20
+        budget_mb = mem_budget_gb * 1024
+        chunk = None
+        if proj_mb is not None and proj_mb > budget_mb:
+            chunk = max(1000, int(n * budget_mb / 2 / proj_mb))
+        row["mean_one_piece_projected_mb"] = proj_mb
+        log(f"N={n}: mean aggregate ({'one piece' if chunk is None else f'chunks of {chunk}'})")
+        ms = mean_scoring(ws, fp, ids, vm, vt, vocab, width, chunk)
+        if chunk is None:
+            bytes_per_nnz = ms["rss_delta_mb"] * 2**20 / w["nnz"]
+            row["mean_one_piece_projected_mb"] = ms["rss_delta_mb"]
+        row["mean_bytes_per_nnz"] = bytes_per_nnz
+        row.update({f"mean_{k}": v for k, v in ms.items()})
+        log(f"N={n}: mean {json.dumps(ms)}")
+        # unfiltered read of the same columns (what a scan costs without the id IN (...) filter)
+        arrow_mb = w["nnz"] * 4 / 2**20
+        if arrow_mb < budget_mb / 3:
+            t0 = time.perf_counter()
+            t = ws.read(table, columns=SCORE_COLS)
+            row["read_nofilter_s"] = time.perf_counter() - t0
+            del t
+        # nearest on a subset, extrapolated
+        sub = min(n, 2000 if quick else 10000)
+        nr = nearest_scoring(ws, fp, ids[:sub], vm, vocab, width)
+        row.update({f"nearest_{k}": v for k, v in nr.items()})
+        row["nearest_extrapolated_s"] = nr["compute_s"] * n / sub
+        row["nearest_matrix_gb"] = n * len(vids) * 16 / 1e9  # values (float64) + argsort (int64)
+        log(f"N={n}: nearest {json.dumps(nr)}")
+        # dense vector search
+        log(f"N={n}: vector search")
+        vs = vector_search(ws, table, queries, 10, flat_cap_s=30 if quick else 120)
+        row.update({f"vs_{k}": v for k, v in vs.items()})
+        log(f"N={n}: search {json.dumps(vs)}")
+        row["peak_rss_mb"] = hwm_mb()
+        res["sizes"].append(row)
+        if not keep:
+            ws.drop(table)
+    res["n_valid"] = len(vids)
+    res["projection_1m"] = project(res["sizes"], 1_000_000)
+    return res
+
+
+def project(rows: list[dict], target: int) -> dict:
+    done = [r for r in rows if "skipped" not in r]
+    if not done:
+        return {}
+    n = np.array([r["n"] for r in done], dtype=float)
+    g = {k: np.array([r.get(k, np.nan) for r in done], dtype=float) for k in done[-1]
+         if isinstance(done[-1][k], (int, float)) and not isinstance(done[-1][k], bool)}
+    out: dict = {"n": target, "measured_up_to": int(n[-1]), "method": "power law through the two largest sizes"}
+    for key in ("disk_bytes", "write_s", "mean_read_s", "mean_matrix_s", "mean_aggregate_s",
+                "nearest_extrapolated_s", "vs_bf_read_s", "vs_bf_batch_s", "vs_flat_ms_per_q", "vs_build_s",
+                "vs_ivf_ms_per_q", "vs_ivf_refine10_ms_per_q"):
+        if key in g and np.isfinite(g[key]).all():
+            v, b = _power(n, g[key], target)
+            out[key] = v
+            out[f"{key}_exponent"] = b
+    nnz_per_sample = done[-1]["nnz"] / done[-1]["n"]
+    bpn = done[-1].get("mean_bytes_per_nnz")
+    if bpn:
+        out["mean_one_piece_mb"] = bpn * nnz_per_sample * target / 2**20
+    out["nearest_matrix_gb"] = done[-1]["nearest_matrix_gb"] * target / done[-1]["n"]
+    if "vs_flat_ms_per_q" in out and "vs_build_s" in out:
+        for cfg in ("ivf", "ivf_refine10"):
+            if f"vs_{cfg}_ms_per_q" in out:
+                saved = (out["vs_flat_ms_per_q"] - out[f"vs_{cfg}_ms_per_q"]) / 1000
+                out[f"{cfg}_breakeven_queries"] = out["vs_build_s"] / saved if saved > 0 else float("inf")
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    ap.add_argument("--out", type=Path, default=Path("bench-results"))
+    ap.add_argument("--quick", action="store_true", help="a tenth of the data (a smoke run)")
+    ap.add_argument("--only", choices=["incremental", "rescore", "scale"], default=None)
+    ap.add_argument("--scale-sizes", default="10000,100000", help="comma-separated N of the scale section")
+    ap.add_argument("--max-disk-gb", type=float, default=20.0, help="skip a size projected to need more")
+    ap.add_argument("--mem-budget-gb", type=float, default=5.0,
+                    help="score in id chunks when one piece is projected to need more memory than this")
+    ap.add_argument("--workdir", type=Path, default=None, help="where the temp workspaces go")
+    ap.add_argument("--keep", action="store_true", help="keep the temp workspaces")
+    a = ap.parse_args()
+    if not (a.data / "grammars_train.jsonl").exists():
+        raise SystemExit(f"benchmark data not found in {a.data} (give --data DIR)")
+    start_watchdog()
+    t_start = time.perf_counter()
+    settings = default_settings()
+    work = Path(tempfile.mkdtemp(prefix="vg-bench-store-", dir=a.workdir))
+    out: dict = {"machine": machine(), "model": settings.model.name, "defaults": settings.extract.model_dump(),
+                 "quick": a.quick, "workdir": str(work), "loadavg_start": list(os.getloadavg())}
+    log(f"workdir {work}")
+    try:
+        fp = ws = None
+        if a.only in (None, "incremental", "rescore"):
+            n_first, n_new, n_valid = (100, 20, 20) if a.quick else (1000, 100, 100)
+            inputs = make_inputs(a.data, work, n_first, n_new, n_valid)
+            out["inputs"] = inputs["counts"]
+            ws = Workspace(str(work / "ws"))
+            out["incremental"] = bench_incremental(ws, settings, inputs)
+            fp = out["incremental"]["model_fp"]
+            if a.only in (None, "rescore"):
+                out["rescore"] = bench_rescore(ws, settings, inputs, out["incremental"]["runs"][0])
+        if a.only in (None, "scale"):
+            sizes = [int(s) for s in a.scale_sizes.split(",") if s.strip()]
+            if a.quick:
+                sizes = [max(1000, s // 10) for s in sizes]
+            if ws is not None and fp is not None:
+                real = real_features_from_store(ws, fp)
+                out["real_features_source"] = "the incremental workspace (train + validation rows)"
+            else:
+                real = real_features_by_extraction(settings, a.data, 60 if a.quick else 200)
+                out["real_features_source"] = "extracted for this section"
+            log(f"real features: {real.num_rows} rows")
+            out["scale"] = bench_scale(settings, real, sizes, work, a.quick, a.max_disk_gb, a.mem_budget_gb,
+                                       a.keep)
+    finally:
+        out["peak_rss_mb"] = peak_rss_mb()
+        out["wall_s"] = time.perf_counter() - t_start
+        out["loadavg_end"] = list(os.getloadavg())
+        a.out.mkdir(parents=True, exist_ok=True)
+        name = "store" + ("-quick" if a.quick else "") + (f"-{a.only}" if a.only else "")
+        (a.out / f"{name}.json").write_text(json.dumps(out, indent=1, default=str))
+        if not a.keep:
+            shutil.rmtree(work, ignore_errors=True)
+    from tests.benchmarks.tables import print_store_tables
+
+    print_store_tables(out)
+
+
+if __name__ == "__main__":
+    main()

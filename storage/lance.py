@@ -969,6 +969,18 @@ class Workspace:
         """Whether vector column ``column`` of table ``name`` has an ANN index."""
         return bool(self._retrying(f"indices of {name}", lambda: self._vector_indices(name, column), name))
 
+    def indexed_rows(self, name: str, column: str) -> int:
+        """Rows of table ``name`` covered by the vector index on ``column`` (0 without an index).
+
+        Rows appended after the index was built are found by brute force until it is rebuilt.
+        """
+
+        def op() -> int:
+            found = self._vector_indices(name, column)
+            return int(found[0].num_indexed_rows or 0) if found else 0
+
+        return int(self._retrying(f"index stats of {name}", op, name))
+
     def vector_index_metric(self, name: str, column: str) -> str | None:
         """The metric (``dot``/``l2``/``cosine``) of the vector index on ``column``, None without one."""
 

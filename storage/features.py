@@ -105,8 +105,8 @@ def maybe_index_features(ws: Workspace, model_fp: str, min_rows: int, stale_frac
     rows = ws.count(table)
     if min_rows <= 0 or rows < min_rows:
         return False
-    if ws.has_vector_index(table, "pooled_hidden"):
-        if rows - ws.indexed_rows(table, "pooled_hidden") <= stale_fraction * rows:
-            return False
+    if (ws.has_vector_index(table, "pooled_hidden")
+            and rows - ws.indexed_rows(table, "pooled_hidden") <= stale_fraction * rows):
+        return False
     ws.create_vector_index(table, "pooled_hidden", metric="cosine")
     return True

@@ -84,6 +84,37 @@ class ScoreSettings(BaseModel):
         "side) or cosine (divided by both norms ‖Φ‖).")
 
 
+class SelectSettings(BaseModel):
+    """Which scored samples the release keeps."""
+
+    policy: Literal["drop_negative", "top_fraction", "threshold", "keep_all"] = Field(
+        "drop_negative", description="drop_negative: drop samples valued below zero (to first order they "
+        "raise the validation loss); top_fraction: keep the best `fraction`; threshold: keep value >= "
+        "`threshold`; keep_all: keep every sample (scores and report only).")
+    aggregate: Literal["mean", "nearest"] = Field("mean", description="The aggregate the policy reads.")
+    fraction: float = Field(0.8, gt=0.0, le=1.0, description="top_fraction: share of samples kept.")
+    threshold: float = Field(0.0, description="threshold: smallest value kept.")
+    group_by: str | None = Field(None, description="Metadata column whose groups the gate checks one by one "
+                                 "(retention per group).")
+
+
+class GateSettings(BaseModel):
+    """Great Expectations checks a candidate release must pass before it becomes current."""
+
+    min_retained_fraction: float = Field(0.5, ge=0.0, le=1.0, description="Fewest kept / scored samples.")
+    max_retained_fraction: float = Field(1.0, ge=0.0, le=1.0, description="Most kept / scored samples.")
+    min_group_retention: float = Field(0.2, ge=0.0, le=1.0, description="Fewest kept / scored samples in "
+                                       "every group of `select.group_by`.")
+    max_quarantine_rate: float = Field(0.2, ge=0.0, le=1.0, description="Most quarantined / ingested rows.")
+    min_valset_rows: int = Field(1, ge=1, description="Fewest rows of the pinned validation-set version.")
+
+
+class ReleaseSettings(BaseModel):
+    """Where and under which name releases are written."""
+
+    name: str = Field("default", description="Release name: releases/<name>/<version>/ in the workspace.")
+
+
 class Settings(BaseSettings):
     """Root settings of valuegate."""
 
@@ -97,6 +128,9 @@ class Settings(BaseSettings):
     model: ModelSettings = Field(default_factory=ModelSettings)
     extract: ExtractSettings = Field(default_factory=ExtractSettings)
     score: ScoreSettings = Field(default_factory=ScoreSettings)
+    select: SelectSettings = Field(default_factory=SelectSettings)
+    gate: GateSettings = Field(default_factory=GateSettings)
+    release: ReleaseSettings = Field(default_factory=ReleaseSettings)
 
     @classmethod
     def settings_customise_sources(cls, settings_cls, init_settings, env_settings, dotenv_settings,

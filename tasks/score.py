@@ -375,3 +375,36 @@ def score_dataset(ws, dataset: str, valset_ref: str, settings: Settings, progres
         ws.append(schemas.SCORES, table, schemas.scores_schema)
         timings["write"] = time.perf_counter() - t0
     return ScoreRunReport(run_id, dataset, valset, fp_t, len(ids), len(vids), rep_t, rep_v, timings, table)
+
+
+def read_score_run(ws, run_id: str, dataset: str) -> pl.DataFrame:
+    """One scoring run joined with its samples' content and their rows' metadata columns.
+
+    Returns:
+        one row per scored sample: ``id``, the content columns (``kind``, ``prompt``, ``response``,
+        ``messages``, ``text``), the metadata columns of the sample's first source row, ``value``,
+        ``nearest_ids``, ``n_tokens``, ``mean_loss``, ``self_influence``, ``valset``, ``model_fp``.
+    """
+    import json
+
+    from valuegate.storage import samples as sstore
+    from valuegate.storage import schemas
+    from valuegate.storage.lance import sql_str
+
+    scores = pl.from_arrow(ws.read(schemas.SCORES, where=f"run_id = {sql_str(run_id)}"))
+    if scores.height == 0:
+        raise ValuegateError(f"no scores for run {run_id!r}")
+    ids = scores["id"].to_list()
+    content = pl.from_arrow(sstore.read_samples_by_id(ws, ids)).select(
+        "id", "kind", "prompt", "response", "messages", "text")
+    members = pl.from_arrow(sstore.read_members(ws, dataset, columns=["id", "source", "row", "metadata"]))
+    members = members.sort("source", "row").unique("id", keep="first", maintain_order=True)
+    meta_rows = [json.loads(m or "{}") for m in members["metadata"].to_list()]
+    meta = pl.DataFrame(meta_rows, infer_schema_length=None, strict=False) if any(meta_rows) else None
+    first = members.select("id", "source", "row")
+    if meta is not None:
+        reserved = set(content.columns) | set(scores.columns) | {"source", "row"}
+        meta = meta.rename({c: f"meta_{c}" for c in meta.columns if c in reserved})
+        first = pl.concat([first, meta], how="horizontal")
+    keep = ["id", "value", "nearest_ids", "n_tokens", "mean_loss", "self_influence", "valset", "model_fp"]
+    return content.join(first, on="id", how="left").join(scores.select(keep), on="id", how="inner")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from pathlib import Path
@@ -96,6 +97,25 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--aggregate", choices=["mean", "nearest"])
     g.add_argument("--nearest-k", type=int)
     g.add_argument("--normalize", choices=["none", "length", "cosine"])
+
+    r = sub.add_parser("run", parents=[w], help="run the refresh DAG (ingest → extract → score → gate → "
+                       "release); with no --config, the embedded demo")
+    _add_model_flags(r)
+
+    rel = sub.add_parser("release", help="list, show, diff and roll back releases")
+    rsub = rel.add_subparsers(dest="release_command", required=True)
+    for cmd, helptext in (("list", "releases of NAME, the current one marked"), ("show", "one release's manifest")):
+        p_ = rsub.add_parser(cmd, parents=[w], help=helptext)
+        p_.add_argument("name", nargs="?", default=None, help="release name (default: the config's)")
+        if cmd == "show":
+            p_.add_argument("version", nargs="?", help="version (default: current)")
+    rd = rsub.add_parser("diff", parents=[w], help="ids that entered and left between two releases, and why")
+    rd.add_argument("name")
+    rd.add_argument("a")
+    rd.add_argument("b")
+    rr = rsub.add_parser("rollback", parents=[w], help="make the previous passed release current")
+    rr.add_argument("name")
+    rr.add_argument("--to", help="an explicit version")
 
     f = sub.add_parser("fetch-model", help="fetch and convert the embedded default model into the cache")
     f.add_argument("--home", help="cache directory (default $VALUEGATE_HOME or ~/.cache/valuegate)")
@@ -239,6 +259,54 @@ def _cmd_score_set(args: argparse.Namespace) -> int:
     return 0
 
 
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEMO_CONFIG = REPO_ROOT / "infra" / "demo" / "demo.toml"
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from valuegate.flows.refresh import refresh
+
+    config = args.config
+    overrides: dict[str, Any] = {k: v for k, v in _overrides(args).items() if k == "model"}
+    if config is None:
+        if not DEMO_CONFIG.exists():
+            raise ValuegateError(f"no --config given and the embedded demo ({DEMO_CONFIG}) is not here: "
+                                 "run from a valuegate checkout, or pass --config FILE")
+        config = str(DEMO_CONFIG)
+        os.chdir(REPO_ROOT)  # the demo's paths are relative to the repository
+        print(f"valuegate: no --config: running the embedded demo ({DEMO_CONFIG})", file=sys.stderr)
+    if getattr(args, "workspace", None):
+        overrides["workspace"] = args.workspace
+    summary = refresh(config=config, overrides=overrides)
+    print(json.dumps(summary, indent=1, default=str))
+    return 0
+
+
+def _cmd_release(args: argparse.Namespace) -> int:
+    from valuegate.storage import releases as rstore
+    from valuegate.tasks.release import diff_releases, format_diff, release_summary, rollback
+
+    settings, _ = _settings_and_ws(args)
+    root = Path(settings.workspace)
+    name = getattr(args, "name", None) or settings.release.name
+    if args.release_command == "list":
+        rows = rstore.list_releases(root, name)
+        if not rows:
+            print(f"no releases named {name!r} in {root}", file=sys.stderr)
+        for m in rows:
+            print(("* " if m.get("current") else "  ") + release_summary(m))
+    elif args.release_command == "show":
+        version = args.version or rstore.read_current(root, name)
+        if version is None:
+            raise ValuegateError(f"release {name!r} has no current version; give one")
+        print(json.dumps(rstore.read_manifest(root, name, version), indent=1, default=str))
+    elif args.release_command == "diff":
+        print(format_diff(diff_releases(root, name, args.a, args.b)))
+    else:
+        print(f"{name}: current is now {rollback(root, name, args.to)}")
+    return 0
+
+
 def _cmd_fetch_model(args: argparse.Namespace) -> int:
     from valuegate.tasks.default_model import ensure_default_model
 
@@ -251,7 +319,8 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``valuegate`` console script."""
     args = _parser().parse_args(argv)
     handlers = {"score": _cmd_score, "fetch-model": _cmd_fetch_model, "ingest": _cmd_ingest,
-                "extract": _cmd_extract, "valset": _cmd_valset, "score-set": _cmd_score_set}
+                "extract": _cmd_extract, "valset": _cmd_valset, "score-set": _cmd_score_set, "run": _cmd_run,
+                "release": _cmd_release}
     try:
         return handlers[args.command](args)
     except ValuegateError as exc:

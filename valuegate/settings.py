@@ -84,6 +84,16 @@ class ScoreSettings(BaseModel):
         "side) or cosine (divided by both norms ‖Φ‖).")
 
 
+class DataSettings(BaseModel):
+    """What a refresh reads: the training sources and the validation set."""
+
+    dataset: str = Field("train", description="Dataset name in the workspace the sources are ingested into.")
+    sources: list[str] = Field(default_factory=list, description="Training files or folders.")
+    valset: str = Field("val", description="Validation set NAME (latest version) or NAME@vN (pinned).")
+    valset_file: str | None = Field(None, description="When set, registered as the next version of "
+                                    "`valset` first (identical content keeps the existing version).")
+
+
 class SelectSettings(BaseModel):
     """Which scored samples the release keeps."""
 
@@ -124,6 +134,7 @@ class Settings(BaseSettings):
     workspace: str = Field("./valuegate-workspace", description="Where every table lives: a local "
                            "directory or an object-store URI (s3://bucket/prefix; endpoint and keys from the "
                            "usual AWS_* environment variables).")
+    data: DataSettings = Field(default_factory=DataSettings)
     ingest: IngestSettings = Field(default_factory=IngestSettings)
     model: ModelSettings = Field(default_factory=ModelSettings)
     extract: ExtractSettings = Field(default_factory=ExtractSettings)

@@ -1,0 +1,62 @@
+"""Selection policy: which scored samples a release keeps, each decision with its reason."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import polars as pl
+
+from valuegate.errors import ValuegateError
+from valuegate.settings import SelectSettings
+
+
+def select_samples(scored: pl.DataFrame, cfg: SelectSettings) -> pl.DataFrame:
+    """Add ``keep`` (bool) and ``reason`` (str, empty when kept) to a table of scored samples.
+
+    Policies:
+
+    - ``drop_negative``: drop ``value < 0``: to first order, a gradient step on such a sample raises the
+      validation loss (its LM-head gradient points away from the validation gradients).
+    - ``top_fraction``: keep the ``ceil(fraction · n)`` highest values (ties broken by id, so the choice
+      is deterministic).
+    - ``threshold``: keep ``value >= threshold``.
+    - ``keep_all``: keep everything (a scoring-only release).
+
+    Args:
+        scored: at least ``id`` (str) and ``value`` (float) columns, one row per sample.
+        cfg: the policy.
+
+    Raises:
+        ValuegateError: missing columns, or non-finite values (they must never be kept or dropped silently).
+    """
+    for col in ("id", "value"):
+        if col not in scored.columns:
+            raise ValuegateError(f"selection needs a {col!r} column; the scores have {scored.columns}")
+    values = scored["value"].to_numpy().astype(np.float64)
+    if not np.isfinite(values).all():
+        bad = scored.filter(~pl.col("value").is_finite())["id"].head(3).to_list()
+        raise ValuegateError(f"{int((~np.isfinite(values)).sum())} scores are not finite (e.g. {bad}); "
+                             "re-extract those samples")
+    n = scored.height
+    if cfg.policy == "keep_all":
+        keep = np.ones(n, dtype=bool)
+        reason = [""] * n
+    elif cfg.policy == "drop_negative":
+        keep = values >= 0
+        reason = ["" if k else f"value {v:.4g} < 0" for k, v in zip(keep, values, strict=True)]
+    elif cfg.policy == "threshold":
+        keep = values >= cfg.threshold
+        reason = ["" if k else f"value {v:.4g} < threshold {cfg.threshold:g}"
+                  for k, v in zip(keep, values, strict=True)]
+    elif cfg.policy == "top_fraction":
+        k = math.ceil(cfg.fraction * n - 1e-9)
+        order = np.lexsort((scored["id"].to_numpy(), -values))  # by value desc, then id
+        keep = np.zeros(n, dtype=bool)
+        keep[order[:k]] = True
+        cut = values[order[k - 1]] if k else float("inf")
+        reason = ["" if kk else f"not in the top {cfg.fraction:.0%} (value {v:.4g} < {cut:.4g})"
+                  for kk, v in zip(keep, values, strict=True)]
+    else:  # pragma: no cover - the settings model forbids it
+        raise ValuegateError(f"unknown selection policy {cfg.policy!r}")
+    return scored.with_columns(pl.Series("keep", keep), pl.Series("reason", reason, dtype=pl.String))

@@ -99,18 +99,44 @@ def gate(settings: Settings, selected: Any, counts: dict[str, int], valset: dict
 
 @task(name="release", retries=2, retry_delay_seconds=2)
 def write_release_task(settings: Settings, selected: Any, manifest_parts: dict[str, Any], gate_result: dict,
-                       version: str, extra: dict[str, str]) -> str:
-    """Write the release files (data, manifest, Data Docs, report); promotion is a separate step."""
-    from valuegate.storage.releases import write_release
+                       version: str, docs_dir: str) -> str:
+    """Write the release files (data, every score, manifest, Data Docs); promotion is a separate step.
+
+    Idempotent: a retry after the manifest landed finds the release complete and returns.
+    """
+    import shutil
+
+    from valuegate.storage.releases import release_exists, write_release
     from valuegate.tasks.release import build_manifest
 
-    data = selected.filter(selected["keep"]).drop("keep", "reason")
-    manifest = build_manifest(name=settings.release.name, version=version, gate=gate_result,
-                              counts={**manifest_parts["counts"], "released": data.height}, **{
-                                  k: v for k, v in manifest_parts.items() if k != "counts"})
-    write_release(Path(settings.workspace), settings.release.name, version, data, manifest,
-                  {k: Path(v) for k, v in extra.items() if v})
+    root = Path(settings.workspace)
+    if not release_exists(root, settings.release.name, version):
+        data = selected.filter(selected["keep"]).drop("keep", "reason")
+        manifest = build_manifest(name=settings.release.name, version=version, gate=gate_result,
+                                  counts={**manifest_parts["counts"], "released": data.height},
+                                  **{k: v for k, v in manifest_parts.items() if k != "counts"})
+        extra = {"gate": Path(docs_dir)} if Path(docs_dir).is_dir() else None
+        write_release(root, settings.release.name, version, data, manifest, extra,
+                      scores=selected.select("id", "value"))
+    shutil.rmtree(docs_dir, ignore_errors=True)  # copied into the release as gate/
     return version
+
+
+@task(name="report")
+def report(settings: Settings, selected: Any, version: str, previous: str | None) -> str:
+    """Write report.html into the release folder (plots, top/bottom samples, change since the previous)."""
+    from valuegate.storage.releases import read_manifest, release_dir
+    from valuegate.storage.valsets import read_valset
+    from valuegate.tasks.release import diff_releases, format_diff
+    from valuegate.tasks.report import render_report, write_report
+
+    root = Path(settings.workspace)
+    name = settings.release.name
+    manifest = read_manifest(root, name, version)
+    _, vrows = read_valset(_workspace(settings), manifest["valset"])
+    diff_text = format_diff(diff_releases(root, name, previous, version)) if previous else None
+    html_text = render_report(selected, manifest, vrows.to_pylist(), diff_text, settings.select.group_by)
+    return str(write_report(release_dir(root, name, version) / "report.html", html_text))
 
 
 @task(name="promote", retries=2, retry_delay_seconds=2)
@@ -154,17 +180,19 @@ def refresh(config: str | None = None, overrides: dict[str, Any] | None = None) 
         "settings": json.loads(settings.model_dump_json()),
     }
     previous = read_current(Path(settings.workspace), settings.release.name)
-    write_release_task(settings, selected, parts, verdict, version, {"gate": docs_dir})
-    _artifacts(selected, parts["counts"], version, verdict)
+    write_release_task(settings, selected, parts, verdict, version, docs_dir)
+    report_path = report(settings, selected, version, previous)
+    _artifacts(selected, parts["counts"], version, verdict, report_path)
     if not verdict["passed"]:
         raise ValuegateError(f"gate failed for release {settings.release.name}/{version} "
                              f"(current stays {previous or 'none'}): " + "; ".join(verdict["failures"]))
     promote_task(settings, version)
     return {"version": version, "current": True, "previous": previous, "counts": parts["counts"],
+            "report": report_path, "model_fp": run["model_fp"],
             "kept": int(selected["keep"].sum()), "valset": valset["valset"], "run_id": run["run_id"]}
 
 
-def _artifacts(selected: Any, counts: dict[str, int], version: str, verdict: dict) -> None:
+def _artifacts(selected: Any, counts: dict[str, int], version: str, verdict: dict, report_path: str) -> None:
     """Prefect artifacts: lowest/highest valued samples, step counts, the gate verdict."""
     cols = [c for c in ("id", "value", "keep", "reason", "prompt", "response", "text") if c in selected.columns]
     ranked = selected.sort("value").select(cols)
@@ -175,6 +203,7 @@ def _artifacts(selected: Any, counts: dict[str, int], version: str, verdict: dic
     lines += [f"| {k} | {v} |" for k, v in counts.items()]
     lines += ["", f"gate: {'passed' if verdict['passed'] else 'FAILED'}"]
     lines += [f"- {f}" for f in verdict["failures"]]
+    lines += ["", f"Report: [{report_path}](file://{report_path})"]
     if verdict.get("docs_index"):
         lines += ["", f"Data Docs: {verdict['docs_index']}"]
     create_markdown_artifact(key="release-summary", markdown="\n".join(lines))

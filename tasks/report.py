@@ -1,0 +1,134 @@
+"""The release report: one self-contained HTML file (inline SVG plots, no external assets)."""
+
+from __future__ import annotations
+
+import html
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import polars as pl
+
+KEEP_COLOUR, DROP_COLOUR = "#2b8a3e", "#c92a2a"
+
+
+def _histogram_svg(kept: np.ndarray, dropped: np.ndarray, title: str, width: int = 560, height: int = 180,
+                   bins: int = 40) -> str:
+    """A stacked histogram of kept and dropped values as an inline SVG string."""
+    both = np.concatenate([kept, dropped]) if kept.size + dropped.size else np.zeros(1)
+    lo, hi = float(np.min(both)), float(np.max(both))
+    if hi <= lo:
+        hi = lo + 1.0
+    edges = np.linspace(lo, hi, bins + 1)
+    hk, _ = np.histogram(kept, edges)
+    hd, _ = np.histogram(dropped, edges)
+    top = max(1, int((hk + hd).max()))
+    pad, w, h = 30, width - 40, height - 50
+    bw = w / bins
+    bars = []
+    for i in range(bins):
+        x = pad + i * bw
+        yk = h * hk[i] / top
+        yd = h * hd[i] / top
+        if hd[i]:
+            bars.append(f'<rect x="{x:.1f}" y="{20 + h - yd:.1f}" width="{bw - 1:.1f}" height="{yd:.1f}" '
+                        f'fill="{DROP_COLOUR}"><title>{hd[i]} dropped</title></rect>')
+        if hk[i]:
+            bars.append(f'<rect x="{x:.1f}" y="{20 + h - yd - yk:.1f}" width="{bw - 1:.1f}" height="{yk:.1f}" '
+                        f'fill="{KEEP_COLOUR}"><title>{hk[i]} kept</title></rect>')
+    zero = ""
+    if lo < 0 < hi:
+        zx = pad + w * (0 - lo) / (hi - lo)
+        zero = f'<line x1="{zx:.1f}" y1="18" x2="{zx:.1f}" y2="{20 + h}" stroke="#555" stroke-dasharray="3,3"/>'
+    return (f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" role="img">'
+            f'<text x="{pad}" y="13" font-size="12">{html.escape(title)}</text>{"".join(bars)}{zero}'
+            f'<line x1="{pad}" y1="{20 + h}" x2="{pad + w}" y2="{20 + h}" stroke="#333"/>'
+            f'<text x="{pad}" y="{height - 12}" font-size="11">{lo:.3g}</text>'
+            f'<text x="{pad + w}" y="{height - 12}" font-size="11" text-anchor="end">{hi:.3g}</text></svg>')
+
+
+def _sample_text(row: dict[str, Any], limit: int = 160) -> str:
+    if row.get("text"):
+        body = row["text"]
+    elif row.get("messages"):
+        body = row["messages"]
+    else:
+        body = f"{row.get('prompt') or ''} ⟶ {row.get('response') or ''}"
+    body = body if len(body) <= limit else body[:limit] + "…"
+    return html.escape(body)
+
+
+def _table(rows: list[dict[str, Any]], valid_text: dict[str, str]) -> str:
+    out = ["<table><tr><th>value</th><th>kept</th><th>sample</th><th>nearest validation samples</th></tr>"]
+    for r in rows:
+        near = "<br>".join(valid_text.get(i, i[:12]) for i in (r.get("nearest_ids") or [])[:2])
+        kept = "✓" if r["keep"] else f"✗ {html.escape(r.get('reason') or '')}"
+        out.append(f"<tr><td>{r['value']:.4g}</td><td>{kept}</td><td>{_sample_text(r)}</td><td>{near}</td></tr>")
+    out.append("</table>")
+    return "".join(out)
+
+
+def render_report(selected: pl.DataFrame, manifest: dict[str, Any], valid_rows: list[dict[str, Any]],
+                  diff_text: str | None = None, group_by: str | None = None) -> str:
+    """The report of one release as an HTML string.
+
+    Args:
+        selected: every scored sample with ``id``, ``value``, ``keep``, ``reason`` and content columns.
+        manifest: the release manifest (counts, gate, valset, policy).
+        valid_rows: the validation samples (``id`` and content) to show beside nearest ids.
+        diff_text: what changed since the previous release, as text.
+        group_by: the column whose groups get their own plot and retention row.
+    """
+    values = selected["value"].to_numpy()
+    keep = selected["keep"].to_numpy()
+    vtext = {r["id"]: _sample_text(r, 100) for r in valid_rows}
+    gate = manifest.get("gate", {})
+    verdict = "passed" if gate.get("passed") else "FAILED"
+    parts = [
+        "<!doctype html><html><head><meta charset='utf-8'><title>valuegate release "
+        f"{html.escape(str(manifest.get('name')))}/{html.escape(str(manifest.get('version')))}</title><style>"
+        "body{font-family:system-ui,sans-serif;margin:2em;max-width:1100px}table{border-collapse:collapse;"
+        "margin:.5em 0 1.5em}td,th{border:1px solid #ccc;padding:4px 8px;font-size:13px;vertical-align:top}"
+        ".ok{color:#2b8a3e}.bad{color:#c92a2a}</style></head><body>",
+        f"<h1>Release {html.escape(str(manifest.get('name')))} / {html.escape(str(manifest.get('version')))}</h1>",
+        f"<p>Validation set <b>{html.escape(str(manifest.get('valset')))}</b>, model fingerprint "
+        f"<code>{html.escape(str(manifest.get('model_fp', ''))[:16])}</code>, policy "
+        f"<code>{html.escape(str(manifest.get('policy', {}).get('policy')))}</code> on "
+        f"<code>{html.escape(str(manifest.get('policy', {}).get('aggregate')))}</code>. Gate: "
+        f"<b class='{'ok' if gate.get('passed') else 'bad'}'>{verdict}</b></p>",
+    ]
+    if gate.get("failures"):
+        parts.append("<ul>" + "".join(f"<li class='bad'>{html.escape(f)}</li>" for f in gate["failures"]) + "</ul>")
+    counts = manifest.get("counts", {})
+    parts.append("<h2>Counts</h2><table>" + "".join(
+        f"<tr><td>{html.escape(str(k))}</td><td>{v}</td></tr>" for k, v in counts.items()) + "</table>")
+    if "corruption" in selected.columns:  # the demo knows which rows it corrupted: say how many were dropped
+        bad = (selected["corruption"].fill_null("") != "").to_numpy()
+        parts.append(f"<p>Known corrupted samples: {int(bad.sum())}; dropped by this release: "
+                     f"{int((bad & ~keep).sum())}; clean samples dropped: {int((~bad & ~keep).sum())}.</p>")
+    parts.append("<h2>Value distribution</h2>")
+    parts.append(_histogram_svg(values[keep], values[~keep], "all samples (green kept, red dropped)"))
+    if group_by and group_by in selected.columns:
+        rows = []
+        for g in sorted(selected[group_by].cast(pl.String).fill_null("∅").unique().to_list()):
+            m = (selected[group_by].cast(pl.String).fill_null("∅") == g).to_numpy()
+            parts.append(_histogram_svg(values[m & keep], values[m & ~keep], f"{group_by} = {g}", height=140))
+            rows.append(f"<tr><td>{html.escape(g)}</td><td>{int(m.sum())}</td><td>{int((m & keep).sum())}</td>"
+                        f"<td>{(m & keep).sum() / max(1, m.sum()):.1%}</td></tr>")
+        parts.append(f"<table><tr><th>{html.escape(group_by)}</th><th>scored</th><th>kept</th><th>retained</th>"
+                     "</tr>" + "".join(rows) + "</table>")
+    ranked = selected.sort("value")
+    parts.append("<h2>Lowest-valued samples</h2>" + _table(ranked.head(10).to_dicts(), vtext))
+    parts.append("<h2>Highest-valued samples</h2>" + _table(ranked.tail(10).reverse().to_dicts(), vtext))
+    parts.append("<h2>Since the previous release</h2><pre>"
+                 + html.escape(diff_text or "no previous release") + "</pre>")
+    parts.append("</body></html>")
+    return "".join(parts)
+
+
+def write_report(path: Path, content: str) -> Path:
+    """Write the report atomically (temp file, then rename)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(content, encoding="utf-8")
+    tmp.replace(path)
+    return path

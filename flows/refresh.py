@@ -38,6 +38,11 @@ def ingest_sources(settings: Settings) -> dict[str, int]:
         log.info(rep.line())
         for k in totals:
             totals[k] += getattr(rep, k)
+    # the dataset as it stands (unchanged sources add nothing this run, but their rows still count)
+    from valuegate.storage.samples import read_members, read_quarantine
+
+    totals["dataset_rows"] = read_members(ws, settings.data.dataset, columns=["id"]).num_rows
+    totals["dataset_quarantined"] = read_quarantine(ws, settings.data.dataset).num_rows
     return totals
 
 
@@ -91,7 +96,8 @@ def gate(settings: Settings, selected: Any, counts: dict[str, int], valset: dict
 
     group = settings.select.group_by
     inp = GateInput(candidate=selected.filter(selected["keep"]), scored=selected, group_by=group,
-                    ingested_rows=counts["rows"], quarantined_rows=counts["quarantined"],
+                    ingested_rows=counts["dataset_rows"] + counts["dataset_quarantined"],
+                    quarantined_rows=counts["dataset_quarantined"],
                     valset=valset["valset"], valset_rows=valset["rows"])
     res = run_gate(inp, settings.gate, Path(docs_dir))
     return {"passed": res.passed, "failures": res.failures, "docs_index": str(res.docs_index or "")}

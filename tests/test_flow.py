@@ -1,0 +1,79 @@
+"""The refresh DAG on a tiny model, on Prefect's test harness (a real local Prefect API)."""
+
+from __future__ import annotations
+
+import json
+
+import polars as pl
+import pytest
+from tiny import random_rows, write_jsonl
+
+from valuegate.errors import ValuegateError
+
+
+@pytest.fixture(scope="session")
+def prefect_harness():
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+def _config(tmp_path, model_dir, **sections) -> str:
+    rows = random_rows(24, seed=21)
+    for i, r in enumerate(rows):
+        r["family"] = "ab"[i % 2]
+    train = write_jsonl(tmp_path / "train.jsonl", rows)
+    valid = write_jsonl(tmp_path / "valid.jsonl", random_rows(5, seed=22))
+    cfg = {
+        "workspace": str(tmp_path / "ws"),
+        "data": {"dataset": "t", "sources": [str(train)], "valset": "v", "valset_file": str(valid)},
+        "model": {"name": str(model_dir), "device": "cpu"},
+        "extract": {"support_k": 8, "hidden_dim": 0, "error_dim": 8, "batch_size": 8},
+        "select": {"policy": "top_fraction", "fraction": 0.75, "group_by": "family"},
+        "gate": {"min_retained_fraction": 0.5, "min_group_retention": 0.1},
+        "release": {"name": "r"},
+    }
+    for k, v in sections.items():
+        cfg[k] = {**cfg.get(k, {}), **v}
+    lines = []
+    for key, val in cfg.items():
+        if not isinstance(val, dict):
+            lines.append(f"{key} = {json.dumps(val)}")
+    for key, val in cfg.items():
+        if isinstance(val, dict):
+            lines.append(f"[{key}]")
+            lines += [f"{k} = {json.dumps(v)}" for k, v in val.items()]
+    path = tmp_path / "vg.toml"
+    path.write_text("\n".join(lines) + "\n")
+    return str(path)
+
+
+def test_refresh_releases_and_a_failed_gate_keeps_the_previous_release(prefect_harness, tmp_path, tiny_model_dir):
+    from pathlib import Path
+
+    from valuegate.flows.refresh import refresh
+    from valuegate.storage.releases import list_releases, read_current, read_manifest, read_release_data
+
+    config = _config(tmp_path, tiny_model_dir())
+    out = refresh(config=config)
+    root = Path(tmp_path / "ws")
+    assert out["current"] and read_current(root, "r") == out["version"]
+    data = read_release_data(root, "r", out["version"])
+    assert data.height == 18 and data["id"].n_unique() == 18  # ceil(0.75 · 24)
+    manifest = read_manifest(root, "r", out["version"])
+    assert manifest["valset"] == "v@v1" and manifest["gate"]["passed"] is True
+    assert manifest["model_fp"] == out.get("model_fp", manifest["model_fp"])
+    # a second run: nothing new to extract, a new release
+    again = refresh(config=config)
+    assert again["version"] != out["version"] and again["counts"]["extracted"] == 0
+    # a gate that cannot pass: the release is written, never current, the previous stays current
+    failing = _config(tmp_path, tiny_model_dir(), gate={"min_retained_fraction": 0.9})
+    with pytest.raises(ValuegateError, match="gate failed"):
+        refresh(config=failing)
+    assert read_current(root, "r") == again["version"]
+    versions = [m["version"] for m in list_releases(root, "r")]
+    assert len(versions) == 3
+    failed = read_manifest(root, "r", versions[-1])
+    assert failed["gate"]["passed"] is False and any("retained" in f for f in failed["gate"]["failures"])
+    assert pl.read_parquet(root / "releases" / "r" / out["version"] / "data.parquet").height == 18

@@ -23,11 +23,10 @@ $(STAMP): pyproject.toml
 model: install
 	$(BIN)/valuegate fetch-model
 
+# The whole DAG on the embedded demo (infra/demo/): ingest → extract → score → gate → release.
 demo: model
-	$(BIN)/python infra/demo/make_demo_data.py --out infra/demo/data
-	$(BIN)/valuegate score infra/demo/data/train.jsonl infra/demo/data/valid.jsonl \
-		--aggregate nearest --out demo-scores.parquet
-	$(BIN)/python infra/demo/show_scores.py demo-scores.parquet
+	$(BIN)/valuegate run
+	$(BIN)/valuegate release list demo
 
 test: model
 	$(BIN)/ruff check .
@@ -40,4 +39,4 @@ lint: install
 	$(BIN)/ruff check .
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info demo-scores.parquet
+	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info valuegate-workspace

@@ -294,7 +294,7 @@ def _cmd_release(args: argparse.Namespace) -> int:
         if not rows:
             print(f"no releases named {name!r} in {root}", file=sys.stderr)
         for m in rows:
-            print(("* " if m.get("current") else "  ") + release_summary(m))
+            print(release_summary(m))
     elif args.release_command == "show":
         version = args.version or rstore.read_current(root, name)
         if version is None:
@@ -317,6 +317,9 @@ def _cmd_fetch_model(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``valuegate`` console script."""
+    # No usage telemetry from a local Prefect server (the machine may have no internet, and its insert
+    # races other processes on the shared SQLite database); a user may still turn it on explicitly.
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     args = _parser().parse_args(argv)
     handlers = {"score": _cmd_score, "fetch-model": _cmd_fetch_model, "ingest": _cmd_ingest,
                 "extract": _cmd_extract, "valset": _cmd_valset, "score-set": _cmd_score_set, "run": _cmd_run,

@@ -7,7 +7,7 @@ TORCH  ?= torch==2.13.0
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.valuegate-installed
 
-.PHONY: install model demo test bench lint clean
+.PHONY: install model demo test bench lint clean server
 
 install: $(STAMP)
 
@@ -40,3 +40,7 @@ lint: install
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info valuegate-workspace
+
+# The local Prefect server on 127.0.0.1:4200 (UI and API); flows reach it with PREFECT_API_URL.
+server: install
+	$(BIN)/valuegate server

@@ -77,3 +77,60 @@ def test_refresh_releases_and_a_failed_gate_keeps_the_previous_release(prefect_h
     failed = read_manifest(root, "r", versions[-1])
     assert failed["gate"]["passed"] is False and any("retained" in f for f in failed["gate"]["failures"])
     assert pl.read_parquet(root / "releases" / "r" / out["version"] / "data.parquet").height == 18
+
+
+def test_scheduled_deployment_is_registered_on_the_server(prefect_harness):
+    from prefect.client.orchestration import get_client
+
+    from valuegate.flows.serve import register_deployment
+
+    dep_id = register_deployment("nightly-test", "0 3 * * *", "/tmp/vg.toml")
+    with get_client(sync_client=True) as client:
+        dep = client.read_deployment(dep_id)
+    assert dep.name == "nightly-test" and dep.parameters == {"config": "/tmp/vg.toml"}
+    crons = [s.schedule.cron for s in dep.schedules]
+    assert crons == ["0 3 * * *"]
+
+
+def test_refresh_against_a_real_local_server(tmp_path, tiny_model_dir):
+    """`prefect server start` on 127.0.0.1, `valuegate run` pointed at it, the final state read back."""
+    import os
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    import httpx
+
+    from valuegate.flows.serve import start_local_server
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    home = tmp_path / "prefect-home"
+    env = {"PREFECT_HOME": str(home), "PREFECT_SERVER_API_HOST": "127.0.0.1"}
+    server = start_local_server(port, env)
+    api = f"http://127.0.0.1:{port}/api"
+    try:
+        deadline = time.time() + 150
+        while True:
+            try:
+                if httpx.get(f"{api}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert server.poll() is None, "prefect server exited"
+            assert time.time() < deadline, "prefect server did not answer in time"
+            time.sleep(1)
+        config = _config(tmp_path, tiny_model_dir())
+        run = subprocess.run([sys.executable, "-m", "valuegate.cli", "run", "--config", config],
+                             env={**os.environ, **env, "PREFECT_API_URL": api}, capture_output=True, text=True,
+                             timeout=600)
+        assert run.returncode == 0, run.stderr[-2000:]
+        runs = httpx.post(f"{api}/flow_runs/filter", json={}, timeout=10).json()
+        assert [(r["name"] != "", r["state_type"]) for r in runs] == [(True, "COMPLETED")]
+        flows = httpx.post(f"{api}/flows/filter", json={}, timeout=10).json()
+        assert [f["name"] for f in flows] == ["refresh"]
+    finally:
+        server.terminate()
+        server.wait(timeout=30)

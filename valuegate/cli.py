@@ -44,8 +44,11 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--version", action="version", version=f"valuegate {__version__}")
     ap.add_argument("--config", help="TOML settings file (flags override it; env vars VALUEGATE_* too)")
     sub = ap.add_subparsers(dest="command", required=True)
+    # --config is accepted before or after the subcommand (`valuegate run --config vg.toml`)
+    cfg = argparse.ArgumentParser(add_help=False)
+    cfg.add_argument("--config", default=argparse.SUPPRESS, help="TOML settings file")
 
-    s = sub.add_parser("score", help="value every sample of TRAIN against the validation set VALID",
+    s = sub.add_parser("score", parents=[cfg], help="value every sample of TRAIN against the validation set VALID",
                        description="Value every sample of TRAIN against VALID (JSONL, Parquet or CSV with "
                        "prompt+response, messages, or text) and write a Parquet table.")
     s.add_argument("train", help="training file")
@@ -64,31 +67,31 @@ def _parser() -> argparse.ArgumentParser:
     w.add_argument("--workspace", help="workspace directory or s3:// URI (default ./valuegate-workspace)")
     w.add_argument("--quiet", action="store_true", help="no progress bar")
 
-    i = sub.add_parser("ingest", parents=[w], help="add files to a dataset of the workspace",
+    i = sub.add_parser("ingest", parents=[w, cfg], help="add files to a dataset of the workspace",
                        description="Read JSONL / Parquet / CSV files or Hugging Face save_to_disk folders into "
                        "dataset NAME: dedup by content, refused rows to quarantine, re-ingest is a no-op.")
     i.add_argument("name", help="dataset name")
     i.add_argument("files", nargs="+", help="files or folders")
 
-    e = sub.add_parser("extract", parents=[w], help="extract features of a dataset (only what is missing)")
+    e = sub.add_parser("extract", parents=[w, cfg], help="extract features of a dataset (only what is missing)")
     e.add_argument("name", help="dataset name")
     _add_model_flags(e)
     _add_extract_flags(e)
 
-    v = sub.add_parser("valset", help="versioned validation sets")
+    v = sub.add_parser("valset", parents=[cfg], help="versioned validation sets")
     vsub = v.add_subparsers(dest="valset_command", required=True)
-    vr = vsub.add_parser("register", parents=[w], help="register FILE as the next version of NAME")
+    vr = vsub.add_parser("register", parents=[w, cfg], help="register FILE as the next version of NAME")
     vr.add_argument("name")
     vr.add_argument("file")
-    vl = vsub.add_parser("list", parents=[w], help="list validation sets or the versions of one")
+    vl = vsub.add_parser("list", parents=[w, cfg], help="list validation sets or the versions of one")
     vl.add_argument("name", nargs="?")
-    vp = vsub.add_parser("prune", parents=[w], help="prune NAME@vN (its rows may then be cleaned up)")
+    vp = vsub.add_parser("prune", parents=[w, cfg], help="prune NAME@vN (its rows may then be cleaned up)")
     vp.add_argument("ref", help="NAME@vN")
-    vs = vsub.add_parser("show", parents=[w], help="show NAME[@VERSION]")
+    vs = vsub.add_parser("show", parents=[w, cfg], help="show NAME[@VERSION]")
     vs.add_argument("ref", help="NAME or NAME@vN")
     vs.add_argument("--rows", type=int, default=5, help="rows to print")
 
-    ss = sub.add_parser("score-set", parents=[w], help="score a dataset against a validation-set version")
+    ss = sub.add_parser("score-set", parents=[w, cfg], help="score a dataset against a validation-set version")
     ss.add_argument("name", help="dataset name")
     ss.add_argument("--valset", required=True, help="NAME or NAME@vN (latest when no version)")
     _add_model_flags(ss)
@@ -98,26 +101,32 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--nearest-k", type=int)
     g.add_argument("--normalize", choices=["none", "length", "cosine"])
 
-    r = sub.add_parser("run", parents=[w], help="run the refresh DAG (ingest → extract → score → gate → "
+    r = sub.add_parser("run", parents=[w, cfg], help="run the refresh DAG (ingest → extract → score → gate → "
                        "release); with no --config, the embedded demo")
     _add_model_flags(r)
 
-    rel = sub.add_parser("release", help="list, show, diff and roll back releases")
+    sv = sub.add_parser("serve", parents=[cfg], help="register refresh as a cron-scheduled deployment and serve it")
+    sv.add_argument("--cron", default="0 3 * * *", help="schedule (default: every night at 03:00 UTC)")
+    sv.add_argument("--name", default="nightly", help="deployment name")
+    srv = sub.add_parser("server", parents=[cfg], help="start the local Prefect server on 127.0.0.1 (blocks)")
+    srv.add_argument("--port", type=int, default=4200)
+
+    rel = sub.add_parser("release", parents=[cfg], help="list, show, diff and roll back releases")
     rsub = rel.add_subparsers(dest="release_command", required=True)
     for cmd, helptext in (("list", "releases of NAME, the current one marked"), ("show", "one release's manifest")):
-        p_ = rsub.add_parser(cmd, parents=[w], help=helptext)
+        p_ = rsub.add_parser(cmd, parents=[w, cfg], help=helptext)
         p_.add_argument("name", nargs="?", default=None, help="release name (default: the config's)")
         if cmd == "show":
             p_.add_argument("version", nargs="?", help="version (default: current)")
-    rd = rsub.add_parser("diff", parents=[w], help="ids that entered and left between two releases, and why")
+    rd = rsub.add_parser("diff", parents=[w, cfg], help="ids that entered and left between two releases, and why")
     rd.add_argument("name")
     rd.add_argument("a")
     rd.add_argument("b")
-    rr = rsub.add_parser("rollback", parents=[w], help="make the previous passed release current")
+    rr = rsub.add_parser("rollback", parents=[w, cfg], help="make the previous passed release current")
     rr.add_argument("name")
     rr.add_argument("--to", help="an explicit version")
 
-    f = sub.add_parser("fetch-model", help="fetch and convert the embedded default model into the cache")
+    f = sub.add_parser("fetch-model", parents=[cfg], help="fetch and convert the embedded default model into the cache")
     f.add_argument("--home", help="cache directory (default $VALUEGATE_HOME or ~/.cache/valuegate)")
     return ap
 
@@ -307,6 +316,29 @@ def _cmd_release(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from valuegate.flows.serve import serve_refresh
+
+    config = str(Path(args.config).resolve()) if args.config else None
+    print(f"valuegate: serving deployment refresh/{args.name} on cron {args.cron!r} "
+          f"(config: {config or 'the embedded demo'}); Ctrl-C stops", file=sys.stderr)
+    serve_refresh(args.name, args.cron, config)
+    return 0
+
+
+def _cmd_server(args: argparse.Namespace) -> int:
+    from valuegate.flows.serve import start_local_server
+
+    proc = start_local_server(args.port)
+    print(f"valuegate: Prefect server on http://127.0.0.1:{args.port} (API: /api); "
+          f"export PREFECT_API_URL=http://127.0.0.1:{args.port}/api to use it", file=sys.stderr)
+    try:
+        return proc.wait()
+    except KeyboardInterrupt:
+        proc.terminate()
+        return proc.wait()
+
+
 def _cmd_fetch_model(args: argparse.Namespace) -> int:
     from valuegate.tasks.default_model import ensure_default_model
 
@@ -323,7 +355,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     handlers = {"score": _cmd_score, "fetch-model": _cmd_fetch_model, "ingest": _cmd_ingest,
                 "extract": _cmd_extract, "valset": _cmd_valset, "score-set": _cmd_score_set, "run": _cmd_run,
-                "release": _cmd_release}
+                "release": _cmd_release, "serve": _cmd_serve, "server": _cmd_server}
     try:
         return handlers[args.command](args)
     except ValuegateError as exc:

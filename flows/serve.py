@@ -1,0 +1,38 @@
+"""Scheduled deployments of the refresh flow (``valuegate serve``) and the local Prefect server."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from typing import Any
+
+
+def refresh_deployment(name: str, cron: str, config: str | None, timezone: str = "UTC") -> Any:
+    """The deployment object of ``refresh`` on a cron schedule (parameters: the config path)."""
+    from prefect.schedules import Cron
+
+    from valuegate.flows.refresh import refresh
+
+    return refresh.to_deployment(name=name, schedule=Cron(cron, timezone=timezone),
+                                 parameters={"config": config} if config else {},
+                                 description="valuegate refresh: ingest → extract → score → gate → release")
+
+
+def register_deployment(name: str, cron: str, config: str | None) -> str:
+    """Register the scheduled deployment with the Prefect API without serving it. Returns its id."""
+    return str(refresh_deployment(name, cron, config).apply())
+
+
+def serve_refresh(name: str, cron: str, config: str | None) -> None:
+    """Register the deployment and run its scheduled flow runs in this process (blocks; Ctrl-C stops)."""
+    from prefect import serve
+
+    serve(refresh_deployment(name, cron, config))
+
+
+def start_local_server(port: int = 4200, extra_env: dict[str, str] | None = None) -> subprocess.Popen:
+    """``prefect server start`` bound to 127.0.0.1 only, as a child process."""
+    env = {**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false", **(extra_env or {})}
+    return subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
+                             "--port", str(port)], env=env)

@@ -314,3 +314,48 @@ def extract_to_store(ws, lm_loader, ids: list[str], samples: list[Sample], cfg: 
         report.batches += 1
     report.indexed = fstore.maybe_index_features(ws, model_fp, cfg.vector_index_min_rows)
     return report
+
+
+def extract_dataset(ws, dataset: str, settings, progress: bool = True, lm_cache: dict | None = None,
+                    tokenizer: object | None = None, lowest_likelihood_ratio: float | None = None
+                    ) -> StoreExtractReport:
+    """``valuegate extract``: features for every sample of a stored dataset that has none for the
+    fingerprint of ``settings`` (the model loads only when something is missing).
+
+    Args:
+        ws: the workspace. dataset: its name. settings: the resolved :class:`Settings`.
+        progress: progress bar on stderr.
+        lm_cache: a dict in which the loaded model is kept under ``"lm"`` (shared with a later step).
+        tokenizer: the model's tokenizer when already loaded.
+        lowest_likelihood_ratio: overrides ``settings.extract.lowest_likelihood_ratio`` (validation: 1).
+
+    Raises:
+        ValuegateError: the dataset has no samples.
+    """
+    from valuegate.storage import features as fstore
+    from valuegate.storage import samples as sstore
+    from valuegate.tasks.ingest import sample_from_record
+    from valuegate.tasks.model import fingerprint_settings, load_model, load_tokenizer, model_fingerprint
+
+    ids = sstore.dataset_ids(ws, dataset)
+    if not ids:
+        raise ValuegateError(f"dataset {dataset!r} has no samples in {ws.uri}; run `valuegate ingest {dataset} FILE`")
+    ex = settings.extract
+    ratio = ex.lowest_likelihood_ratio if lowest_likelihood_ratio is None else lowest_likelihood_ratio
+    tok = tokenizer if tokenizer is not None else load_tokenizer(settings.model)
+    fps = fingerprint_settings(settings.model, ex, tok, ratio)
+    fp = model_fingerprint(fps)
+    cache = lm_cache if lm_cache is not None else {}
+
+    def loader():
+        if "lm" not in cache:
+            cache["lm"] = load_model(settings.model, tok, progress)
+        return cache["lm"]
+
+    have = fstore.feature_ids(ws, fp)
+    missing = [i for i in ids if i not in have]
+    recs = {r["id"]: sample_from_record(r) for r in sstore.read_samples_by_id(ws, missing).to_pylist()} if missing else {}
+    rep = extract_to_store(ws, loader, missing, [recs[i] for i in missing], ex, fp, fps, ratio,
+                           progress=progress, desc="train")
+    rep.requested, rep.already = len(ids), len(ids) - len(missing)
+    return rep

@@ -287,8 +287,7 @@ def score_dataset(ws, dataset: str, valset_ref: str, settings: Settings, progres
     from valuegate.storage import samples as sstore
     from valuegate.storage import schemas
     from valuegate.storage.valsets import read_valset
-    from valuegate.tasks.extract import extract_to_store
-    from valuegate.tasks.ingest import sample_from_record
+    from valuegate.tasks.extract import extract_dataset, extract_to_store
     from valuegate.tasks.model import fingerprint_settings, model_fingerprint
     from valuegate.tasks.valsets import valset_samples
 
@@ -320,13 +319,7 @@ def score_dataset(ws, dataset: str, valset_ref: str, settings: Settings, progres
 
     timings = {"resolve": time.perf_counter() - t0}
     t0 = time.perf_counter()
-    have = fstore.feature_ids(ws, fp_t)
-    missing = [i for i in ids if i not in have]
-    recs = sstore.read_samples_by_id(ws, missing).to_pylist() if missing else []
-    by_id = {r["id"]: sample_from_record(r) for r in recs}
-    rep_t = extract_to_store(ws, loader, missing, [by_id[i] for i in missing], ex, fp_t, fp_t_settings, ratio,
-                             progress=progress, desc="train")
-    rep_t.requested, rep_t.already = len(ids), len(ids) - len(missing)
+    rep_t = extract_dataset(ws, dataset, settings, progress, cache, tok)
     refused = {i for i, _ in rep_t.refused or []}
     rep_v = extract_to_store(ws, loader, vids, vsamples, ex, fp_v, fp_v_settings, 1.0, progress=progress,
                              desc="validation")

@@ -192,28 +192,10 @@ def _cmd_ingest(args: argparse.Namespace) -> int:
 
 
 def _cmd_extract(args: argparse.Namespace) -> int:
-    from valuegate.storage import samples as sstore
-    from valuegate.tasks.extract import extract_to_store
-    from valuegate.tasks.ingest import sample_from_record
-    from valuegate.tasks.model import fingerprint_settings, load_model, load_tokenizer, model_fingerprint
+    from valuegate.tasks.extract import extract_dataset
 
     settings, ws = _settings_and_ws(args)
-    ids = sstore.dataset_ids(ws, args.name)
-    if not ids:
-        raise ValuegateError(f"dataset {args.name!r} has no samples in {ws.uri}; run `valuegate ingest` first")
-    ex = settings.extract
-    tok = load_tokenizer(settings.model)
-    fps = fingerprint_settings(settings.model, ex, tok, ex.lowest_likelihood_ratio)
-    fp = model_fingerprint(fps)
-    from valuegate.storage.features import feature_ids
-
-    have = feature_ids(ws, fp)
-    missing = [i for i in ids if i not in have]
-    recs = {r["id"]: sample_from_record(r) for r in sstore.read_samples_by_id(ws, missing).to_pylist()}
-    rep = extract_to_store(ws, lambda: load_model(settings.model, tok, not args.quiet), missing,
-                           [recs[i] for i in missing], ex, fp, fps, ex.lowest_likelihood_ratio,
-                           progress=not args.quiet)
-    rep.requested, rep.already = len(ids), len(ids) - len(missing)
+    rep = extract_dataset(ws, args.name, settings, progress=not args.quiet)
     print(rep.line(), file=sys.stderr)
     for sid, why in (rep.refused or [])[:5]:
         print(f"  refused {sid[:12]}: {why}", file=sys.stderr)

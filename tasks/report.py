@@ -13,10 +13,11 @@ KEEP_COLOUR, DROP_COLOUR = "#2b8a3e", "#c92a2a"
 
 
 def _histogram_svg(kept: np.ndarray, dropped: np.ndarray, title: str, width: int = 560, height: int = 180,
-                   bins: int = 40) -> str:
-    """A stacked histogram of kept and dropped values as an inline SVG string."""
+                   bins: int = 40, span: tuple[float, float] | None = None) -> str:
+    """A stacked histogram of kept and dropped values as an inline SVG string (``span``: the value axis,
+    shared by every plot of a report so groups compare at a glance)."""
     both = np.concatenate([kept, dropped]) if kept.size + dropped.size else np.zeros(1)
-    lo, hi = float(np.min(both)), float(np.max(both))
+    lo, hi = span if span is not None else (float(np.min(both)), float(np.max(both)))
     if hi <= lo:
         hi = lo + 1.0
     edges = np.linspace(lo, hi, bins + 1)
@@ -107,12 +108,14 @@ def render_report(selected: pl.DataFrame, manifest: dict[str, Any], valid_rows: 
         parts.append(f"<p>Known corrupted samples: {int(bad.sum())}; dropped by this release: "
                      f"{int((bad & ~keep).sum())}; clean samples dropped: {int((~bad & ~keep).sum())}.</p>")
     parts.append("<h2>Value distribution</h2>")
-    parts.append(_histogram_svg(values[keep], values[~keep], "all samples (green kept, red dropped)"))
+    span = (float(values.min()), float(values.max())) if values.size else None
+    parts.append(_histogram_svg(values[keep], values[~keep], "all samples (green kept, red dropped)", span=span))
     if group_by and group_by in selected.columns:
         rows = []
         for g in sorted(selected[group_by].cast(pl.String).fill_null("∅").unique().to_list()):
             m = (selected[group_by].cast(pl.String).fill_null("∅") == g).to_numpy()
-            parts.append(_histogram_svg(values[m & keep], values[m & ~keep], f"{group_by} = {g}", height=140))
+            parts.append(_histogram_svg(values[m & keep], values[m & ~keep], f"{group_by} = {g}", height=140,
+                                        span=span))
             rows.append(f"<tr><td>{html.escape(g)}</td><td>{int(m.sum())}</td><td>{int((m & keep).sum())}</td>"
                         f"<td>{(m & keep).sum() / max(1, m.sum()):.1%}</td></tr>")
         parts.append(f"<table><tr><th>{html.escape(group_by)}</th><th>scored</th><th>kept</th><th>retained</th>"

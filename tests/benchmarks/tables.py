@@ -86,17 +86,29 @@ def print_store_tables(out: dict) -> None:
                            "nearest_rows", "nearest_compute_s", "nearest_extrapolated_s", "nearest_matrix_gb"],
                     f"\nscale: scoring against {sc.get('n_valid')} synthetic validation rows"))
         print(table(done, ["n", "vs_bf_read_s", "vs_bf_batch_ms_per_q", "vs_bf_loop_ms_per_q", "vs_flat_ms_per_q",
-                           "vs_flat_recall", "vs_build_s", "vs_ivf_ms_per_q", "vs_ivf_recall",
-                           "vs_ivf_refine10_ms_per_q", "vs_ivf_refine10_recall", "vs_ivf_np64_refine10_ms_per_q",
-                           "vs_ivf_np64_refine10_recall", "vs_ivf_breakeven_queries",
-                           "vs_ivf_refine10_breakeven_queries"],
-                    "\nscale: top-10 dot search on pooled_hidden, 100 queries (recall vs numpy brute force)"))
+                           "vs_flat_recall", "vs_flat_queries", "vs_build_s"],
+                    "\nscale: top-10 dot search on pooled_hidden, 100 validation queries: numpy brute force "
+                    "(read once; batched / one query at a time), LanceDB without an index, IVF_PQ build"))
+        cfgs = [("ivf", "IVF_PQ defaults"), ("ivf_refine10", "refine_factor=10"),
+                ("ivf_np64_refine10", "nprobes=64, refine_factor=10"),
+                ("ivf_np128_refine20", "nprobes=128, refine_factor=20")]
+        rows = [{"n": r["n"], "search": label, "ms_per_q": r.get(f"vs_{c}_ms_per_q"),
+                 "recall@10": r.get(f"vs_{c}_recall"), "flat_ms_per_q": r.get("vs_flat_ms_per_q"),
+                 "build_s": r.get("vs_build_s"), "breakeven_queries": r.get(f"vs_{c}_breakeven_queries")}
+                for r in done for c, label in cfgs if f"vs_{c}_ms_per_q" in r]
+        print(table(rows, ["n", "search", "ms_per_q", "recall@10", "flat_ms_per_q", "build_s", "breakeven_queries"],
+                    "\nscale: with the IVF_PQ index (dot); break-even = build_s / (flat - indexed) seconds per query"))
         p = sc.get("projection_1m") or {}
         if p:
-            print(f"\nprojection to {p['n']:,} samples (NOT measured: {p['method']}, measured up to "
+            print(f"\nprojection to {p['n']:,} samples (NOT measured: {p['method']}; measured up to "
                   f"{p['measured_up_to']:,}):")
+            if "fits_disk_limit" in p:
+                print(f"  {p['n']:,} samples need ~{p['disk_bytes'] / 1e9:.1f} GB of features on disk: "
+                      + ("within" if p["fits_disk_limit"] else "over")
+                      + f" the {p['max_disk_gb']:g} GB limit of this run, so extrapolated, not run")
             for k, v in p.items():
-                if k not in ("n", "method", "measured_up_to") and not k.endswith("_exponent"):
+                if k not in ("n", "method", "measured_up_to", "fits_disk_limit", "max_disk_gb") \
+                        and not k.endswith("_exponent"):
                     e = p.get(f"{k}_exponent")
                     print(f"  {k}: {v:.4g}" + (f"  (exponent {e:.2f})" if e is not None else ""))
     if "peak_rss_mb" in out:

@@ -1,0 +1,67 @@
+"""The release report renders in a real browser (headless Chromium), and says what it must."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+
+import numpy as np
+import polars as pl
+import pytest
+
+from valuegate.tasks.report import render_report, write_report
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+def _selected(n: int = 60) -> pl.DataFrame:
+    rng = np.random.default_rng(0)
+    values = rng.normal(size=n)
+    return pl.DataFrame({
+        "id": [f"id{i:03d}" for i in range(n)],
+        "prompt": [f"prompt {i} <b>not bold</b> " for i in range(n)],
+        "response": [f"response {i}" for i in range(n)],
+        "text": [None] * n, "messages": [None] * n,
+        "family": ["ab"[i % 2] for i in range(n)],
+        "corruption": ["swap" if i % 5 == 0 else "" for i in range(n)],
+        "value": values, "keep": values >= 0,
+        "reason": ["" if v >= 0 else f"value {v:.3g} < 0" for v in values],
+        "nearest_ids": [["v1", "v2"]] * n,
+    })
+
+
+def _manifest() -> dict:
+    return {"name": "r", "version": "v0002", "valset": "val@v3", "model_fp": "ab" * 32,
+            "policy": {"policy": "drop_negative", "aggregate": "mean"},
+            "gate": {"passed": False, "failures": ["expect_column_values_to_be_between(retained_fraction): 0.4"]},
+            "counts": {"rows": 60, "kept": 31}}
+
+
+def test_report_content_is_complete_and_escaped(tmp_path):
+    html_text = render_report(_selected(), _manifest(), [{"id": "v1", "text": "a validation sample"}],
+                              "entered: 3 (new data)", group_by="family")
+    assert html_text.count("<svg") == 3  # overall + one per group
+    assert "Known corrupted samples: 12" in html_text
+    assert "&lt;b&gt;not bold&lt;/b&gt;" in html_text and "<b>not bold</b>" not in html_text
+    assert "a validation sample" in html_text and "entered: 3 (new data)" in html_text
+    assert "FAILED" in html_text and "retained_fraction" in html_text
+    path = write_report(tmp_path / "report.html", html_text)
+    assert path.read_text(encoding="utf-8") == html_text
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="Debian chromium is not installed (CI installs it: apt-get "
+                    "install chromium)")
+def test_report_renders_in_headless_chromium(tmp_path):
+    path = write_report(tmp_path / "report.html",
+                        render_report(_selected(), _manifest(), [], None, group_by="family"))
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+             "--disable-background-networking", "--disable-component-update", "--disable-sync",
+             f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1200,1600"]
+    shot = tmp_path / "report.png"
+    subprocess.run([CHROMIUM, *flags, f"--screenshot={shot}", path.as_uri()], check=True, timeout=120,
+                   capture_output=True)
+    data = shot.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 20_000  # a real page, not a blank one
+    dom = subprocess.run([CHROMIUM, *flags, "--dump-dom", path.as_uri()], check=True, timeout=120,
+                         capture_output=True, text=True).stdout
+    assert dom.count("<svg") == 3 and "Lowest-valued samples" in dom and "<rect" in dom

@@ -134,3 +134,51 @@ def test_refresh_against_a_real_local_server(tmp_path, tiny_model_dir):
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+def test_a_failed_task_resumes_without_redoing_finished_work(prefect_harness, tmp_path, tiny_model_dir,
+                                                             monkeypatch):
+    """The gate crashes once (not a verdict: an exception); the re-run skips ingestion and extraction."""
+    from pathlib import Path
+
+    from valuegate.flows.refresh import refresh
+    from valuegate.storage.releases import read_current
+    from valuegate.tasks import gate as gate_mod
+
+    real = gate_mod.run_gate
+    calls = {"n": 0}
+
+    def flaky(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RuntimeError("injected crash in the gate")
+        return real(*a, **k)
+
+    monkeypatch.setattr(gate_mod, "run_gate", flaky)
+    config = _config(tmp_path, tiny_model_dir())
+    with pytest.raises(RuntimeError, match="injected crash"):
+        refresh(config=config)
+    assert read_current(Path(tmp_path / "ws"), "r") is None
+    out = refresh(config=config)
+    assert out["counts"]["extracted"] == 0 and out["counts"]["new_samples"] == 0
+    assert read_current(Path(tmp_path / "ws"), "r") == out["version"]
+
+
+def test_two_refresh_runs_at_once_on_one_workspace(prefect_harness, tmp_path, tiny_model_dir):
+    from concurrent.futures import ThreadPoolExecutor
+    from pathlib import Path
+
+    from valuegate.flows.refresh import refresh
+    from valuegate.storage import samples as sstore
+    from valuegate.storage.lance import Workspace
+    from valuegate.storage.releases import list_releases
+
+    config = _config(tmp_path, tiny_model_dir())
+    with ThreadPoolExecutor(2) as pool:
+        outs = list(pool.map(lambda _: refresh(config=config), range(2)))
+    assert len({o["version"] for o in outs}) == 2
+    root = Path(tmp_path / "ws")
+    assert [m["version"] for m in list_releases(root, "r")] == sorted(o["version"] for o in outs)
+    ws = Workspace(str(root))
+    members = sstore.read_members(ws, "t").to_pylist()
+    assert len(members) == 24 and len({(m["source"], m["row"]) for m in members}) == 24

@@ -25,6 +25,7 @@ from valuegate.tasks.model import EncodedSample, LoadedModel, encode_samples, lo
 
 __all__ = ["OUTPUT_COLUMNS", "ValueMatrix", "aggregate", "compute_values", "normalize", "score_files"]
 
+SCORE_CHUNK = 8192  # train samples per scoring chunk of score-set (≈ 2 GB of float64 rows at the defaults)
 OUTPUT_COLUMNS = ("row", "value", "nearest_rows", "n_tokens", "mean_loss", "self_influence")
 
 
@@ -331,20 +332,41 @@ def score_dataset(ws, dataset: str, valset_ref: str, settings: Settings, progres
     vocab, width = int(meta["vocab_size"]), int(meta["row_width"])
     ids = [i for i in ids if i not in refused]
     cols = ["id", "token_ids", "rows", "n_tokens", "mean_loss", "self_influence"]
-    tm, tt = _feature_matrix(fstore.read_features(ws, fp_t, ids, cols), ids, vocab, width)
     vm_, vt = _feature_matrix(fstore.read_features(ws, fp_v, vids, cols), vids, vocab, width)
-    timings["read"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    t_self, v_self = tt["self_influence"].to_numpy(), vt["self_influence"].to_numpy()
-    t_tok = tt["n_tokens"].to_numpy().astype(np.int64)
+    v_self = vt["self_influence"].to_numpy()
     v_tok = vt["n_tokens"].to_numpy().astype(np.int64)
-    t_loss = tt["mean_loss"].to_numpy().astype(np.float64)
-    if sc.aggregate == "mean":
-        agg, nearest, values = mean_aggregate(tm, vm_, t_self, v_self, t_tok, v_tok, sc.normalize), None, None
-    else:
-        vm = ValueMatrix(sparse_cross_csr(tm, vm_), t_self, v_self, t_tok, v_tok, t_loss)
-        values = normalize(vm, sc.normalize)
-        agg, nearest = aggregate(values, sc.aggregate, sc.nearest_k)
+    timings["read"] = time.perf_counter() - t0
+    # train features stream in chunks: memory holds one chunk's sparse rows (float64 while multiplied),
+    # never the whole dataset's
+    parts: dict[str, list[np.ndarray]] = {k: [] for k in ("agg", "near", "near_v", "self", "tok", "loss")}
+    t_read = t_score = 0.0
+    for lo in range(0, len(ids), SCORE_CHUNK):
+        t1 = time.perf_counter()
+        chunk = ids[lo:lo + SCORE_CHUNK]
+        tm, tt = _feature_matrix(fstore.read_features(ws, fp_t, chunk, cols), chunk, vocab, width)
+        t2 = time.perf_counter()
+        t_self = tt["self_influence"].to_numpy()
+        t_tok = tt["n_tokens"].to_numpy().astype(np.int64)
+        parts["self"].append(t_self)
+        parts["tok"].append(t_tok)
+        parts["loss"].append(tt["mean_loss"].to_numpy().astype(np.float64))
+        if sc.aggregate == "mean":
+            parts["agg"].append(mean_aggregate(tm, vm_, t_self, v_self, t_tok, v_tok, sc.normalize))
+        else:
+            vmat = ValueMatrix(sparse_cross_csr(tm, vm_), t_self, v_self, t_tok, v_tok, parts["loss"][-1])
+            values = normalize(vmat, sc.normalize)
+            agg_c, near_c = aggregate(values, sc.aggregate, sc.nearest_k)
+            parts["agg"].append(agg_c)
+            parts["near"].append(near_c)
+            parts["near_v"].append(np.take_along_axis(values, near_c, 1))
+        t_read += t2 - t1
+        t_score += time.perf_counter() - t2
+    timings["read"] += t_read
+    t0 = time.perf_counter() - t_score
+    agg = np.concatenate(parts["agg"])
+    nearest = np.concatenate(parts["near"]) if parts["near"] else None
+    nearest_values = np.concatenate(parts["near_v"]) if parts["near_v"] else None
+    t_self, t_tok, t_loss = (np.concatenate(parts[k]) for k in ("self", "tok", "loss"))
     timings["score"] = time.perf_counter() - t0
     run_id = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:8]
     now = dt.datetime.now(dt.timezone.utc)
@@ -355,8 +377,8 @@ def score_dataset(ws, dataset: str, valset_ref: str, settings: Settings, progres
         "run_id": [run_id] * len(ids), "dataset": [dataset] * len(ids), "id": ids, "value": agg,
         "aggregate": [sc.aggregate] * len(ids), "normalize": [sc.normalize] * len(ids),
         "nearest_ids": [list(vids_arr[r]) for r in nearest] if nearest is not None else [None] * len(ids),
-        "nearest_values": ([list(np.take_along_axis(values, nearest, 1)[i]) for i in range(len(ids))]
-                           if nearest is not None else [None] * len(ids)),
+        "nearest_values": ([list(r) for r in nearest_values] if nearest_values is not None
+                           else [None] * len(ids)),
         "n_tokens": t_tok, "mean_loss": t_loss, "self_influence": t_self,
         "valset": [valset] * len(ids), "model_fp": [fp_t] * len(ids), "settings": [settings_json] * len(ids),
         "at": [now] * len(ids),

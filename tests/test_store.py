@@ -184,9 +184,13 @@ def test_validation_versions_are_immutable_and_addressable(ws, tmp_path):
         register_valset(ws, "val", bad, 10_000)
 
 
-def test_score_set_equals_file_scoring_and_is_pinned(ws, tmp_path, tiny_model_dir):
-    """Scores from the store equal `valuegate score` on the same files (same settings)."""
+def test_score_set_equals_file_scoring_and_is_pinned(ws, tmp_path, tiny_model_dir, monkeypatch):
+    """Scores from the store equal `valuegate score` on the same files (same settings), whatever the
+    scoring chunk."""
+    from valuegate.tasks import score as score_mod
     from valuegate.tasks.score import score_files
+
+    monkeypatch.setattr(score_mod, "SCORE_CHUNK", 5)  # 12 samples: three chunks
 
     model = tiny_model_dir()
     train = write_jsonl(tmp_path / "t.jsonl", random_rows(12, seed=12))
@@ -206,6 +210,14 @@ def test_score_set_equals_file_scoring_and_is_pinned(ws, tmp_path, tiny_model_di
     np.testing.assert_allclose([stored[i]["value"] for i in ids], df["value"].to_numpy(), rtol=1e-5)
     row = stored[ids[0]]
     assert row["valset"] == "val@v1" and row["model_fp"] == rep.model_fp and len(row["nearest_ids"]) == 2
+    assert row["nearest_values"][0] >= row["nearest_values"][1]
+    np.testing.assert_allclose(np.mean(row["nearest_values"]), row["value"], rtol=1e-12)
+    settings.score.aggregate = "mean"
+    mean_rep = score_dataset(ws, "d", "val", settings, progress=False)
+    mean_df, _ = score_files(str(train), str(valid), settings, progress=False)
+    got = dict(zip(mean_rep.table["id"].to_pylist(), mean_rep.table["value"].to_pylist(), strict=True))
+    np.testing.assert_allclose([got[i] for i in ids], mean_df["value"].to_numpy(), rtol=1e-5)
+    settings.score.aggregate = "nearest"
     assert json.loads(row["settings"])["settings"]["score"]["aggregate"] == "nearest"
     # a new validation version re-scores without running the model on training data
     register_valset(ws, "val", write_jsonl(tmp_path / "v2.jsonl", random_rows(5, seed=14)), 10_000)
@@ -213,7 +225,7 @@ def test_score_set_equals_file_scoring_and_is_pinned(ws, tmp_path, tiny_model_di
     assert rep2.extract_train.extracted == 0 and rep2.extract_train.already == 12
     assert rep2.extract_valid.extracted == 5
     runs = ws.read(schemas.SCORES, columns=["run_id", "valset"]).to_pylist()
-    assert {(r["valset"]) for r in runs} == {"val@v1", "val@v2"} and len(runs) == 24
+    assert {(r["valset"]) for r in runs} == {"val@v1", "val@v2"} and len(runs) == 36
 
 
 def test_store_cli_round_trip(tmp_path, tiny_model_dir, capsys):

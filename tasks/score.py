@@ -25,7 +25,7 @@ from valuegate.tasks.model import EncodedSample, LoadedModel, encode_samples, lo
 
 __all__ = ["OUTPUT_COLUMNS", "ValueMatrix", "aggregate", "compute_values", "normalize", "score_files"]
 
-SCORE_CHUNK = 8192  # train samples per scoring chunk of score-set (≈ 2 GB of float64 rows at the defaults)
+SCORE_CHUNK = 8000  # train samples per scoring chunk (a multiple of read_features' 2,000-id queries)
 OUTPUT_COLUMNS = ("row", "value", "nearest_rows", "n_tokens", "mean_loss", "self_influence")
 
 

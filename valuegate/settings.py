@@ -54,9 +54,9 @@ class ExtractSettings(BaseModel):
     prob_budget_mb: int = Field(512, ge=16, description="Memory for float32 (positions × vocabulary) "
                                 "probability blocks; positions are processed in chunks of whole samples "
                                 "that fit it (one long sample may exceed it alone).")
-    support_k: int = Field(16, ge=1, description="Sparse path: top-k predictions kept per counted position "
+    support_k: int = Field(4, ge=1, description="Sparse path: top-k predictions kept per counted position "
                            "in the sample's vocabulary support (targets are always kept).")
-    hidden_dim: int = Field(64, ge=0, description="Sparse path: k_h, Gaussian projection width of the hidden "
+    hidden_dim: int = Field(128, ge=0, description="Sparse path: k_h, Gaussian projection width of the hidden "
                             "side; 0 keeps the hidden states exact.")
     error_dim: int = Field(128, ge=0, description="Width of the pooled error projection (dense vector for "
                            "vector search only, never the score); 0 disables it.")

@@ -7,6 +7,7 @@ import numpy as np
 import polars as pl
 import pytest
 import torch
+from tiny import autograd_head_gradient
 
 from valuegate.settings import ModelSettings, load_settings
 from valuegate.tasks.default_model import default_model_cached, default_model_dir
@@ -77,20 +78,6 @@ def test_exact_matches_autograd_on_the_default_model(lm):
     enc = encode_samples(lm.tokenizer, samples, "all", 64)
     block = extract_token_blocks(lm, enc, settings.extract, progress=False)
     got = exact_cross(block, block).numpy()
-    head = lm.model.get_output_embeddings()
-    handle = head.register_forward_pre_hook(lambda mod, args: (args[0].detach(),))
-    grads = []
-    try:
-        for e in enc:
-            lm.model.zero_grad(set_to_none=True)
-            ids = torch.from_numpy(e.input_ids)[None]
-            with torch.enable_grad():
-                logp = torch.log_softmax(lm.model(input_ids=ids).logits[0, :-1].double(), -1)
-                pos = torch.from_numpy(np.nonzero(e.counted)[0])
-                logp[pos, ids[0, 1:][pos]].sum().backward()
-            grads.append(head.weight.grad.double().reshape(-1).clone())
-    finally:
-        handle.remove()
-        lm.model.zero_grad(set_to_none=True)
+    grads = [autograd_head_gradient(lm.model, e.input_ids, e.counted).reshape(-1) for e in enc]
     ref = (torch.stack(grads) @ torch.stack(grads).T).numpy()
     np.testing.assert_allclose(got, ref, rtol=0, atol=1e-4 * np.abs(ref).max())

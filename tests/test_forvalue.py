@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from tiny import FAMILIES, random_rows
+from tiny import FAMILIES, autograd_head_gradient, random_rows
 
 from valuegate.settings import tiny_settings
 from valuegate.tasks.extract import extract_sparse, extract_token_blocks
@@ -32,27 +32,8 @@ def _setup(model_dir, n_train=6, n_valid=3, kind="prompt_response", **extract):
 
 
 def autograd_phi(lm, enc) -> torch.Tensor:
-    """Gradient of the summed counted log-likelihood w.r.t. the LM head weight's *use* (float64).
-
-    The head's input is detached by a pre-hook, so a tied weight's embedding share is excluded; the
-    logits go through the model's own forward (its soft-capping and scaling included).
-    """
-    model = lm.model
-    head = model.get_output_embeddings()
-    handle = head.register_forward_pre_hook(lambda mod, args: (args[0].detach(),))
-    try:
-        model.zero_grad(set_to_none=True)
-        ids = torch.from_numpy(enc.input_ids)[None]
-        with torch.enable_grad():
-            logits = model(input_ids=ids).logits[0, :-1].double()
-            logp = torch.log_softmax(logits, -1)
-            y = ids[0, 1:]
-            pos = torch.from_numpy(np.nonzero(enc.counted)[0])
-            logp[pos, y[pos]].sum().backward()
-        return head.weight.grad.double().clone()
-    finally:
-        handle.remove()
-        model.zero_grad(set_to_none=True)
+    """The autograd oracle (``tiny.autograd_head_gradient``) for one encoded sample, float64."""
+    return autograd_head_gradient(lm.model, enc.input_ids, enc.counted)
 
 
 def phi_from_block(block: TokenBlock) -> list[torch.Tensor]:

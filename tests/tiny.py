@@ -119,3 +119,33 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
     """Write rows as JSON lines and return the path."""
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
+
+
+def autograd_head_gradient(model, input_ids: np.ndarray, counted: np.ndarray,
+                           dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """The oracle: gradient of the summed counted log-likelihood w.r.t. the LM head weight's *use*.
+
+    The head's input is detached by a pre-hook, so a tied weight's embedding share is excluded; the
+    logits go through the model's own forward (its soft-capping and scaling included). Only for tests
+    and benchmarks: one backward pass per sample.
+
+    Args:
+        model: a causal LM. input_ids: ``(T,)``. counted: ``(T-1,)`` bool mask of counted predictions.
+        dtype: precision of the log-softmax.
+
+    Returns:
+        ``(V, d)`` gradient in ``dtype``.
+    """
+    head = model.get_output_embeddings()
+    handle = head.register_forward_pre_hook(lambda mod, args: (args[0].detach(),))
+    try:
+        model.zero_grad(set_to_none=True)
+        ids = torch.from_numpy(input_ids)[None]
+        with torch.enable_grad():
+            logp = torch.log_softmax(model(input_ids=ids).logits[0, :-1].to(dtype), -1)
+            pos = torch.from_numpy(np.nonzero(counted)[0])
+            logp[pos, ids[0, 1:][pos]].sum().backward()
+        return head.weight.grad.to(dtype).clone()
+    finally:
+        handle.remove()
+        model.zero_grad(set_to_none=True)

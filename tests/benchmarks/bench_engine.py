@@ -28,6 +28,7 @@ import numpy as np
 import polars as pl
 import torch
 
+from tests.tiny import autograd_head_gradient
 from valuegate.settings import Settings, default_settings
 from valuegate.tasks.extract import iter_token_blocks, pad_batch, projections
 from valuegate.tasks.forvalue import TokenBlock, exact_cross, sparse_cross, sparse_features
@@ -213,16 +214,9 @@ def bench_oracle_gap(lm, settings: Settings, data: Path, n_train: int = 24, n_va
     enc_t = encode_samples(lm.tokenizer, train, "all", ex.max_length)
     enc_v = encode_samples(lm.tokenizer, valid, "all", ex.max_length)
     head = lm.model.get_output_embeddings()
-    handle = head.register_forward_pre_hook(lambda mod, args: (args[0].detach(),))
 
     def grad(e) -> torch.Tensor:
-        lm.model.zero_grad(set_to_none=True)
-        ids = torch.from_numpy(e.input_ids)[None]
-        with torch.enable_grad():
-            logp = torch.log_softmax(lm.model(input_ids=ids).logits[0, :-1].float(), -1)
-            pos = torch.from_numpy(np.nonzero(e.counted)[0])
-            logp[pos, ids[0, 1:][pos]].sum().backward()
-        return head.weight.grad.reshape(-1).clone()
+        return autograd_head_gradient(lm.model, e.input_ids, e.counted, torch.float32).reshape(-1)
 
     try:
         for p in lm.model.parameters():
@@ -232,8 +226,8 @@ def bench_oracle_gap(lm, settings: Settings, data: Path, n_train: int = 24, n_va
         ref = torch.stack([grad(e) @ gv.T for e in enc_t])
         t_grad = time.perf_counter() - t0
     finally:
-        handle.remove()
-        lm.model.zero_grad(set_to_none=True)
+        for p in lm.model.parameters():
+            p.requires_grad_(True)
     vb = TokenBlock.concat([b for _, b in iter_token_blocks(lm, enc_v, ex, progress=False)])
     t0 = time.perf_counter()
     parts = list(iter_token_blocks(lm, enc_t, ex, progress=False))

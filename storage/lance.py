@@ -711,7 +711,8 @@ class Workspace:
                 tbl.set_unenforced_primary_key(column)
             except ValueError as exc:
                 # lost the race against another process setting it: a key is set, which is what counts
-                if "already set" not in str(exc):
+                # (LanceDB words it "already set" or "reserved key and cannot be changed once set")
+                if "already set" not in str(exc) and "cannot be changed once set" not in str(exc):
                     raise
                 tbl.checkout_latest()
             else:

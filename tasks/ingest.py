@@ -105,20 +105,10 @@ def read_jsonl_lines(p: Path) -> tuple[list[dict[str, Any] | None], list[tuple[i
         for i, raw in enumerate(f):
             if not raw.strip():
                 continue
-            row, why = len(rows), ""
-            try:
-                obj = json.loads(raw.decode("utf-8"))
-                if not isinstance(obj, dict):
-                    why = f"line {i + 1}: expected a JSON object, got {type(obj).__name__}"
-            except UnicodeDecodeError as exc:
-                why = f"line {i + 1}: invalid UTF-8 ({exc.reason})"
-            except json.JSONDecodeError as exc:
-                why = f"line {i + 1}: malformed JSON: {exc.msg}"
-            if why:
-                rows.append(None)
-                bad.append((row, raw.decode("utf-8", errors="replace").rstrip("\n"), why))
-            else:
-                rows.append(obj)
+            obj, why = _parse_json_line(raw, i)
+            if obj is None:
+                bad.append((len(rows), raw.decode("utf-8", errors="replace").rstrip("\n"), why))
+            rows.append(obj)
     return rows, bad
 
 

@@ -362,12 +362,11 @@ def score_dataset(ws, dataset: str, valset_ref: str, settings: Settings, progres
         t_read += t2 - t1
         t_score += time.perf_counter() - t2
     timings["read"] += t_read
-    t0 = time.perf_counter() - t_score
+    timings["score"] = t_score
     agg = np.concatenate(parts["agg"])
     nearest = np.concatenate(parts["near"]) if parts["near"] else None
     nearest_values = np.concatenate(parts["near_v"]) if parts["near_v"] else None
     t_self, t_tok, t_loss = (np.concatenate(parts[k]) for k in ("self", "tok", "loss"))
-    timings["score"] = time.perf_counter() - t0
     run_id = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:8]
     now = dt.datetime.now(dt.timezone.utc)
     settings_json = json.dumps({"settings": settings.model_dump(mode="json"), "train_fp": fp_t,

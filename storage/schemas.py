@@ -37,9 +37,17 @@ FEATURES_PREFIX = "features__"
 VALSET_PREFIX = "valset__"
 
 # Version of the feature layout: part of every model fingerprint, bumped when a stored feature changes.
-FEATURE_FORMAT = 1
+FEATURE_FORMAT = 2
 
 TIMESTAMP = pa.timestamp("us", tz="UTC")
+
+# The signals of tasks/signals.py (documented there), on all counted tokens; each also exists on the
+# hardest fraction of them with a ``hard_`` prefix. Every one is a column of a scores run.
+BASE_SIGNALS = (
+    "value_mean", "value_nearest", "cosine_mean", "cosine_nearest", "per_token_mean", "centred_value_mean",
+    "centred_cosine_mean", "centred_cosine_nearest", "log_self_influence", "mean_loss",
+)
+SIGNAL_COLUMNS = BASE_SIGNALS + tuple(f"hard_{s}" for s in BASE_SIGNALS)
 
 SAMPLE_FIELDS = [
     pa.field("id", pa.string(), nullable=False),
@@ -114,6 +122,13 @@ def features_schema(hidden_size: int, error_dim: int) -> pa.Schema:
         pa.field("self_influence", pa.float64()),
         pa.field("pooled_hidden", pa.list_(pa.float32(), hidden_size)),
         pa.field("pooled_error", pa.list_(pa.float32(), max(error_dim, 1))),
+        pa.field("error_sum", pa.list_(pa.float32()), nullable=False),  # Σ_t a_t on the support
+        # the same rows on the hardest `hard_fraction` of the counted positions (null when not extracted)
+        pa.field("hard_token_ids", pa.list_(pa.int32())),
+        pa.field("hard_rows", pa.list_(pa.float32())),
+        pa.field("hard_error_sum", pa.list_(pa.float32())),
+        pa.field("hard_n_tokens", pa.int32()),
+        pa.field("hard_mean_loss", pa.float32()),
         pa.field("batch", pa.int64()),
         pa.field("seconds", pa.float32()),                  # this sample's share of its batch's time
     ])
@@ -148,6 +163,10 @@ scores_schema = pa.schema([
     pa.field("n_tokens", pa.int32()),
     pa.field("mean_loss", pa.float32()),
     pa.field("self_influence", pa.float64()),
+    pa.field("suspect", pa.float64()),                       # combined signal score, null when off
+    pa.field("suspect_reason", pa.string()),                 # the largest deviations behind it
+    # every signal of tasks/signals.py but mean_loss (above; null when not computed)
+    *[pa.field(name, pa.float64()) for name in SIGNAL_COLUMNS if name != "mean_loss"],
     pa.field("valset", pa.string(), nullable=False),         # name@vN
     pa.field("model_fp", pa.string(), nullable=False),
     pa.field("settings", pa.string(), nullable=False),       # JSON of the resolved settings

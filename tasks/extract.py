@@ -21,14 +21,13 @@ from valuegate.tasks.forvalue import (
     SparseFeatures,
     TokenBlock,
     gaussian_projection,
-    hardest_positions,
     logit_jacobian,
     sparse_features,
 )
 from valuegate.tasks.ingest import Sample
 from valuegate.tasks.model import EncodedSample, LoadedModel, length_batches
 
-__all__ = ["ExtractionStats", "extract_sparse", "extract_token_blocks", "iter_token_blocks", "pad_batch"]
+__all__ = ["ExtractionStats", "block_features", "extract_sparse", "extract_token_blocks", "iter_token_blocks", "pad_batch"]
 
 
 @dataclass
@@ -111,9 +110,7 @@ def iter_token_blocks(lm: LoadedModel, encoded: list[EncodedSample], cfg: Extrac
                 for lo, hi in _chunks_by_budget(counts, max_rows):
                     block = _token_block(lm, hidden[lo:hi], ids[lo:hi], counted[lo:hi], counts[lo:hi])
                     _check_finite(block, [batch[i] for i in range(lo, hi)], samples)
-                    if lowest_likelihood_ratio < 1.0:
-                        block = _keep_rows(block, hardest_positions(block.log_likelihood, block.sample,
-                                                                    block.n_samples, lowest_likelihood_ratio))
+                    block = block.hardest(lowest_likelihood_ratio)
                     yield batch[lo:hi], block
             if stats is not None:
                 stats.samples += len(batch)
@@ -147,13 +144,6 @@ def _token_block(lm: LoadedModel, hidden: torch.Tensor, ids: torch.Tensor, count
     probs = logp.exp_()
     return TokenBlock(hidden=h, probs=probs, targets=targets, sample=sample, n_samples=len(counts),
                       logit_jac=jac, log_likelihood=ll)
-
-
-def _keep_rows(block: TokenBlock, keep: torch.Tensor) -> TokenBlock:
-    return TokenBlock(hidden=block.hidden[keep], probs=block.probs[keep], targets=block.targets[keep],
-                      sample=block.sample[keep], n_samples=block.n_samples,
-                      logit_jac=None if block.logit_jac is None else block.logit_jac[keep],
-                      log_likelihood=block.log_likelihood[keep])
 
 
 def _check_finite(block: TokenBlock, indices: list[int], samples: list[Sample] | None) -> None:
@@ -194,6 +184,19 @@ def projections(cfg: ExtractSettings, hidden_size: int, vocab_size: int) -> tupl
     return ph, pe
 
 
+def block_features(block: TokenBlock, cfg: ExtractSettings, ph: torch.Tensor | None, pe: torch.Tensor | None,
+                   lowest_likelihood_ratio: float = 1.0) -> list[SparseFeatures]:
+    """Sparse features of a block of whole samples: the main rows on the ``lowest_likelihood_ratio``
+    hardest positions and, when ``cfg.hard_fraction < 1``, the hard rows on the ``hard_fraction`` hardest
+    positions (both fractions of all counted positions, from the same forward pass)."""
+    feats = sparse_features(block.hardest(lowest_likelihood_ratio), cfg.support_k, ph, pe)
+    if cfg.hard_fraction < 1.0:
+        hard = sparse_features(block.hardest(cfg.hard_fraction), cfg.support_k, ph, None)
+        for f, h in zip(feats, hard, strict=True):
+            f.hard = h
+    return feats
+
+
 def extract_sparse(lm: LoadedModel, encoded: list[EncodedSample], cfg: ExtractSettings,
                    samples: list[Sample] | None = None, lowest_likelihood_ratio: float = 1.0,
                    progress: bool = True, desc: str = "extract",
@@ -205,9 +208,8 @@ def extract_sparse(lm: LoadedModel, encoded: list[EncodedSample], cfg: ExtractSe
     if pe is not None:
         pe = pe.to(lm.device)
     out: list[SparseFeatures | None] = [None] * len(encoded)
-    for idx, block in iter_token_blocks(lm, encoded, cfg, samples, lowest_likelihood_ratio, progress, desc,
-                                        stats):
-        for i, f in zip(idx, sparse_features(block, cfg.support_k, ph, pe), strict=True):
+    for idx, block in iter_token_blocks(lm, encoded, cfg, samples, 1.0, progress, desc, stats):
+        for i, f in zip(idx, block_features(block, cfg, ph, pe, lowest_likelihood_ratio), strict=True):
             out[i] = f
     if any(f is None for f in out):  # pragma: no cover - every sample yields a block row
         raise ValuegateError("internal: a sample produced no features")
@@ -248,6 +250,12 @@ def feature_row(sample_id: str, f: SparseFeatures, batch: int, seconds: float) -
             "mean_loss": f.mean_loss, "dropped_mass": f.dropped_mass, "self_influence": f.self_influence,
             "pooled_hidden": f.pooled_hidden,
             "pooled_error": f.pooled_error if f.pooled_error.size else np.zeros(1, np.float32),
+            "error_sum": f.error_sum,
+            "hard_token_ids": None if f.hard is None else f.hard.token_ids,
+            "hard_rows": None if f.hard is None else f.hard.rows.reshape(-1),
+            "hard_error_sum": None if f.hard is None else f.hard.error_sum,
+            "hard_n_tokens": None if f.hard is None else f.hard.n_tokens,
+            "hard_mean_loss": None if f.hard is None else f.hard.mean_loss,
             "batch": batch, "seconds": seconds}
 
 
@@ -295,9 +303,8 @@ def extract_to_store(ws, lm_loader, ids: list[str], samples: list[Sample], cfg: 
     batch_no = time.time_ns() // 1000  # unique per run; rows carry the batch they were committed in
     buffer: list[dict] = []
     t_last = time.perf_counter()
-    for idx, block in iter_token_blocks(lm, enc, cfg, todo_samples, lowest_likelihood_ratio, progress, desc,
-                                        report.stats):
-        feats = sparse_features(block, cfg.support_k, ph, pe)
+    for idx, block in iter_token_blocks(lm, enc, cfg, todo_samples, 1.0, progress, desc, report.stats):
+        feats = block_features(block, cfg, ph, pe, lowest_likelihood_ratio)
         now = time.perf_counter()
         share = (now - t_last) / max(1, len(idx))
         t_last = now

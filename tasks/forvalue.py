@@ -83,6 +83,27 @@ class TokenBlock:
             return torch.ones(self.targets.shape[0], dtype=torch.float32, device=self.targets.device)
         return self.logit_jac.gather(1, self.targets[:, None])[:, 0]
 
+    def subset(self, keep: torch.Tensor) -> TokenBlock:
+        """The positions where ``keep`` (``(N,)`` bool) holds; samples keep their indices."""
+        return TokenBlock(hidden=self.hidden[keep], probs=self.probs[keep], targets=self.targets[keep],
+                          sample=self.sample[keep], n_samples=self.n_samples,
+                          logit_jac=None if self.logit_jac is None else self.logit_jac[keep],
+                          log_likelihood=None if self.log_likelihood is None else self.log_likelihood[keep])
+
+    def centred(self, mu: torch.Tensor) -> TokenBlock:
+        """The block with every hidden state replaced by ``h_t − μ`` (``μ``: ``(d,)``)."""
+        return TokenBlock(hidden=self.hidden - mu.to(self.hidden), probs=self.probs, targets=self.targets,
+                          sample=self.sample, n_samples=self.n_samples, logit_jac=self.logit_jac,
+                          log_likelihood=self.log_likelihood, _bounds=self._bounds)
+
+    def hardest(self, ratio: float) -> TokenBlock:
+        """The block restricted to each sample's hardest ``ratio`` of positions (:func:`hardest_positions`)."""
+        if ratio >= 1.0:
+            return self
+        if self.log_likelihood is None:
+            raise ValueError("the hardest positions need the log-likelihoods")
+        return self.subset(hardest_positions(self.log_likelihood, self.sample, self.n_samples, ratio))
+
     @staticmethod
     def concat(blocks: list[TokenBlock]) -> TokenBlock:
         """Stack blocks into one (sample indices are offset), e.g. a whole validation set."""
@@ -247,6 +268,11 @@ class SparseFeatures:
         self_influence: ``Σ_u ‖R[u]‖²``, the sparse estimate of ``‖Φ(z)‖²_F``.
         pooled_hidden: ``(d,)`` float32, ``Σ_t h_t`` (for vector search only).
         pooled_error: ``(k_e,)`` float32, ``Σ_t P_e a_t`` on the support (for vector search only).
+        error_sum: ``(|U|,)`` float32, ``Σ_t a_t[U]``, aligned with ``token_ids``: with it the rows of the
+            sample with hidden states centred on any vector ``μ`` are ``R − error_sum ⊗ P_h μ``, so the
+            centred-hidden signals need no second pass.
+        hard: the same features on the sample's hardest positions only (see :func:`hardest_positions`),
+            or None when not extracted.
     """
 
     token_ids: np.ndarray
@@ -257,6 +283,8 @@ class SparseFeatures:
     self_influence: float
     pooled_hidden: np.ndarray
     pooled_error: np.ndarray
+    error_sum: np.ndarray
+    hard: SparseFeatures | None = None
 
     @property
     def nbytes(self) -> int:
@@ -330,6 +358,7 @@ def sparse_features(block: TokenBlock, support_k: int, hidden_proj: torch.Tensor
             self_influence=float(rows.double().pow(2).sum()),
             pooled_hidden=block.hidden[lo:hi].sum(0).cpu().numpy(),
             pooled_error=pooled_error,
+            error_sum=err.sum(0).cpu().numpy().astype(np.float32, copy=False),
         ))
     return out
 

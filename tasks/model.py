@@ -389,6 +389,7 @@ def fingerprint_settings(cfg: ModelSettings, ex: ExtractSettings, tokenizer: obj
         "dtype": str(_pick_dtype(cfg.dtype, _pick_device(cfg.device))),
         "loss_on": ex.loss_on,
         "lowest_likelihood_ratio": float(lowest_likelihood_ratio),
+        "hard_fraction": float(ex.hard_fraction),
         "support_k": ex.support_k,
         "hidden_dim": ex.hidden_dim,
         "error_dim": ex.error_dim,

@@ -13,7 +13,7 @@ KEEP_COLOUR, DROP_COLOUR = "#2b8a3e", "#c92a2a"
 
 
 def _histogram_svg(kept: np.ndarray, dropped: np.ndarray, title: str, width: int = 560, height: int = 180,
-                   bins: int = 40, span: tuple[float, float] | None = None) -> str:
+                   bins: int = 40, span: tuple[float, float] | None = None, marker: float | None = None) -> str:
     """A stacked histogram of kept and dropped values as an inline SVG string (``span``: the value axis,
     shared by every plot of a report so groups compare at a glance)."""
     both = np.concatenate([kept, dropped]) if kept.size + dropped.size else np.zeros(1)
@@ -38,8 +38,9 @@ def _histogram_svg(kept: np.ndarray, dropped: np.ndarray, title: str, width: int
             bars.append(f'<rect x="{x:.1f}" y="{20 + h - yd - yk:.1f}" width="{bw - 1:.1f}" height="{yk:.1f}" '
                         f'fill="{KEEP_COLOUR}"><title>{hk[i]} kept</title></rect>')
     zero = ""
-    if lo < 0 < hi:
-        zx = pad + w * (0 - lo) / (hi - lo)
+    at = marker if marker is not None else 0.0
+    if lo < at < hi:
+        zx = pad + w * (at - lo) / (hi - lo)
         zero = f'<line x1="{zx:.1f}" y1="18" x2="{zx:.1f}" y2="{20 + h}" stroke="#555" stroke-dasharray="3,3"/>'
     return (f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" role="img">'
             f'<text x="{pad}" y="13" font-size="12">{html.escape(title)}</text>{"".join(bars)}{zero}'
@@ -60,17 +61,44 @@ def _sample_text(row: dict[str, Any], limit: int = 160) -> str:
 
 
 def _table(rows: list[dict[str, Any]], valid_text: dict[str, str]) -> str:
-    out = ["<table><tr><th>value</th><th>kept</th><th>sample</th><th>nearest validation samples</th></tr>"]
+    has_suspect = any(r.get("suspect") is not None for r in rows)
+    head = "<th>value</th>" + ("<th>suspect</th>" if has_suspect else "")
+    out = [f"<table><tr>{head}<th>kept</th><th>sample</th><th>nearest validation samples</th></tr>"]
     for r in rows:
         near = "<br>".join(valid_text.get(i, i[:12]) for i in (r.get("nearest_ids") or [])[:2])
         kept = "✓" if r["keep"] else f"✗ {html.escape(r.get('reason') or '')}"
-        out.append(f"<tr><td>{r['value']:.4g}</td><td>{kept}</td><td>{_sample_text(r)}</td><td>{near}</td></tr>")
+        sus = ""
+        if has_suspect:
+            x = r.get("suspect")
+            why = html.escape(r.get("suspect_reason") or "")
+            sus = f"<td title='{why}'>{x:.3g}<br><small>{why}</small></td>" if x is not None else "<td></td>"
+        out.append(f"<tr><td>{r['value']:.4g}</td>{sus}<td>{kept}</td><td>{_sample_text(r)}</td><td>{near}</td></tr>")
     out.append("</table>")
     return "".join(out)
 
 
+def _tokens_html(tc: Any) -> str:
+    """A sample's tokens, counted ones shaded by the part of the value they carry (green +, red −)."""
+    vals = [abs(c) for c in tc.contributions if c is not None]
+    top = max(vals) if vals else 1.0
+    top = top or 1.0
+    spans = []
+    for text, c in zip(tc.tokens, tc.contributions, strict=True):
+        t = html.escape(text).replace("\n", "↵<br>")
+        if c is None:
+            spans.append(f"<span class='ctx'>{t}</span>")
+        else:
+            a = min(1.0, abs(c) / top)
+            rgb = "43,138,62" if c >= 0 else "201,42,42"
+            spans.append(f"<span class='tok' style='background:rgba({rgb},{0.12 + 0.78 * a:.2f})' "
+                         f"title='{c:+.4g}'>{t}</span>")
+    return "<div class='tokens'>" + "".join(spans) + "</div>"
+
+
 def render_report(selected: pl.DataFrame, manifest: dict[str, Any], valid_rows: list[dict[str, Any]],
-                  diff_text: str | None = None, group_by: str | None = None) -> str:
+                  diff_text: str | None = None, group_by: str | None = None,
+                  explained: list[tuple[str, dict[str, Any], Any]] | None = None,
+                  suspect_threshold: float | None = None) -> str:
     """The report of one release as an HTML string.
 
     Args:
@@ -79,6 +107,8 @@ def render_report(selected: pl.DataFrame, manifest: dict[str, Any], valid_rows: 
         valid_rows: the validation samples (``id`` and content) to show beside nearest ids.
         diff_text: what changed since the previous release, as text.
         group_by: the column whose groups get their own plot and retention row.
+        explained: ``(label, row, TokenContributions)`` of the few samples whose tokens are highlighted.
+        suspect_threshold: drawn on the suspect histogram when the policy uses it.
     """
     values = selected["value"].to_numpy()
     keep = selected["keep"].to_numpy()
@@ -90,7 +120,9 @@ def render_report(selected: pl.DataFrame, manifest: dict[str, Any], valid_rows: 
         f"{html.escape(str(manifest.get('name')))}/{html.escape(str(manifest.get('version')))}</title><style>"
         "body{font-family:system-ui,sans-serif;margin:2em;max-width:1100px}table{border-collapse:collapse;"
         "margin:.5em 0 1.5em}td,th{border:1px solid #ccc;padding:4px 8px;font-size:13px;vertical-align:top}"
-        ".ok{color:#2b8a3e}.bad{color:#c92a2a}</style></head><body>",
+        ".ok{color:#2b8a3e}.bad{color:#c92a2a}.tokens{font-family:monospace;font-size:13px;line-height:1.9;"
+        "border:1px solid #ddd;padding:6px;margin:.3em 0 1em}.ctx{color:#999}.tok{border-radius:2px}"
+        "</style></head><body>",
         f"<h1>Release {html.escape(str(manifest.get('name')))} / {html.escape(str(manifest.get('version')))}</h1>",
         f"<p>Validation set <b>{html.escape(str(manifest.get('valset')))}</b>, model fingerprint "
         f"<code>{html.escape(str(manifest.get('model_fp', ''))[:16])}</code>, policy "
@@ -120,9 +152,28 @@ def render_report(selected: pl.DataFrame, manifest: dict[str, Any], valid_rows: 
                         f"<td>{(m & keep).sum() / max(1, m.sum()):.1%}</td></tr>")
         parts.append(f"<table><tr><th>{html.escape(group_by)}</th><th>scored</th><th>kept</th><th>retained</th>"
                      "</tr>" + "".join(rows) + "</table>")
+    if "suspect" in selected.columns and selected["suspect"].null_count() < selected.height:
+        sus = selected["suspect"].fill_null(np.nan).to_numpy().astype(np.float64)
+        ok = np.isfinite(sus)
+        parts.append("<h2>Suspect score</h2><p>How far each sample lies from what the validation set itself "
+                     "looks like on the value signals (robust z units; higher = more suspect)"
+                     + (f"; the policy drops samples above {suspect_threshold:g}" if suspect_threshold else "")
+                     + ".</p>")
+        parts.append(_histogram_svg(sus[ok & keep], sus[ok & ~keep], "suspect (green kept, red dropped)",
+                                    marker=suspect_threshold))
+        parts.append("<h2>Most suspect samples</h2>" + _table(
+            selected.filter(pl.col("suspect").is_not_null()).sort("suspect", descending=True).head(10).to_dicts(),
+            vtext))
     ranked = selected.sort("value")
     parts.append("<h2>Lowest-valued samples</h2>" + _table(ranked.head(10).to_dicts(), vtext))
     parts.append("<h2>Highest-valued samples</h2>" + _table(ranked.tail(10).reverse().to_dicts(), vtext))
+    if explained:
+        parts.append("<h2>Which tokens carry the value</h2><p>Each counted token is shaded by the part of the "
+                     "sample's mean value it carries (green raises it, red lowers it; hover for the number); grey "
+                     "tokens are not counted.</p>")
+        for label, row, tc in explained:
+            parts.append(f"<h3>{html.escape(label)}: value {row['value']:.4g} (tokens sum to {tc.total:.4g})</h3>"
+                         + _tokens_html(tc))
     parts.append("<h2>Since the previous release</h2><pre>"
                  + html.escape(diff_text or "no previous release") + "</pre>")
     parts.append("</body></html>")

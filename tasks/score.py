@@ -11,7 +11,14 @@ import torch
 
 from valuegate.errors import ValuegateError
 from valuegate.settings import Settings
-from valuegate.tasks.extract import ExtractionStats, extract_sparse, extract_token_blocks, iter_token_blocks
+from valuegate.storage.schemas import SIGNAL_COLUMNS
+from valuegate.tasks.extract import (
+    ExtractionStats,
+    extract_sparse,
+    extract_token_blocks,
+    iter_token_blocks,
+    projections,
+)
 from valuegate.tasks.forvalue import (
     exact_cross,
     exact_self,
@@ -22,11 +29,24 @@ from valuegate.tasks.forvalue import (
 )
 from valuegate.tasks.ingest import Sample, read_samples
 from valuegate.tasks.model import EncodedSample, LoadedModel, encode_samples, load_model, load_tokenizer
+from valuegate.tasks.signals import (
+    CrossTerms,
+    SparseSet,
+    ValidSide,
+    combine_suspect,
+    explain_suspect,
+    cross_terms_exact,
+    cross_terms_sparse,
+    parse_suspect,
+    signals_from_terms,
+)
 
 __all__ = ["OUTPUT_COLUMNS", "ValueMatrix", "aggregate", "compute_values", "normalize", "score_files"]
 
 SCORE_CHUNK = 8000  # train samples per scoring chunk (a multiple of read_features' 2,000-id queries)
-OUTPUT_COLUMNS = ("row", "value", "nearest_rows", "n_tokens", "mean_loss", "self_influence")
+OUTPUT_COLUMNS = ("row", "value", "nearest_rows", "n_tokens", "mean_loss", "self_influence", "suspect",
+                  "suspect_reason",
+                  *(c for c in SIGNAL_COLUMNS if c != "mean_loss"))
 
 
 @dataclass
@@ -39,6 +59,10 @@ class ValueMatrix:
         train_tokens, valid_tokens: ``(n,)`` int64 counted positions.
         train_loss: ``(n_train,)`` float64 mean token loss in nats.
         timings: seconds per step (``extract_valid``, ``extract_train``, ``score``).
+        signals: name → ``(n_train,)`` every signal of :mod:`valuegate.tasks.signals` (None when off).
+        reference: name → ``(n_valid,)`` the same of the validation samples, leave-one-out.
+        suspect: ``(n_train,)`` the combined suspect score (None when off); suspect_reason: the largest
+            deviations behind it, per sample.
     """
 
     values: np.ndarray
@@ -49,16 +73,128 @@ class ValueMatrix:
     train_loss: np.ndarray
     timings: dict[str, float] = field(default_factory=dict)
     stats: ExtractionStats = field(default_factory=ExtractionStats)
+    signals: dict[str, np.ndarray] | None = None
+    reference: dict[str, np.ndarray] | None = None
+    suspect: np.ndarray | None = None
+    suspect_reason: list[str] | None = None
 
 
 def _token_counts(block_sample: torch.Tensor, n: int) -> np.ndarray:
     return torch.bincount(block_sample, minlength=n).cpu().numpy().astype(np.int64)
 
 
+def _stack(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]} if parts else {}
+
+
+def suspect_of(signals: dict[str, np.ndarray], reference: dict[str, np.ndarray],
+               sc) -> tuple[np.ndarray, list[str]]:
+    """The suspect score ``(n,)`` of ``score`` settings ``sc`` and, per sample, the deviations behind it."""
+    spec = parse_suspect(sc.suspect, list(signals))
+    return (combine_suspect(signals, reference, spec, sc.suspect_combine),
+            explain_suspect(signals, reference, spec))
+
+
+def _with_suspect(vm: ValueMatrix, settings: Settings) -> ValueMatrix:
+    if vm.signals is not None and vm.reference is not None:
+        vm.suspect, vm.suspect_reason = suspect_of(vm.signals, vm.reference, settings.score)
+    return vm
+
+
+def _exact_values(lm: LoadedModel, enc_train: list[EncodedSample], enc_valid: list[EncodedSample],
+                  train: list[Sample], valid: list[Sample], settings: Settings, progress: bool) -> ValueMatrix:
+    """The exact path: the validation set's full-vocabulary probabilities stay in memory
+    (``Σ positions × V × 4`` bytes); the training set streams block by block."""
+    ex, k = settings.extract, settings.score.nearest_k
+    ratio, hard = ex.lowest_likelihood_ratio, ex.hard_fraction
+    with_signals = settings.score.signals
+    timings: dict[str, float] = {}
+    stats = ExtractionStats()
+    t0 = time.perf_counter()
+    vblock = extract_token_blocks(lm, enc_valid, ex, valid, 1.0, progress, "validation")
+    timings["extract_valid"] = time.perf_counter() - t0
+    mu = vblock.hidden.mean(0)
+    vcent = vblock.centred(mu)
+    valid_self = exact_self(vblock).numpy()
+    vselfs = (valid_self, exact_self(vcent).numpy())
+    n_t = len(train)
+    values = np.zeros((n_t, len(valid)))
+    train_self, train_loss = np.zeros(n_t), np.zeros(n_t)
+    train_tokens = np.zeros(n_t, dtype=np.int64)
+    sig_parts, order = [], []
+    t0 = time.perf_counter()
+    for idx, block in iter_token_blocks(lm, enc_train, ex, train, 1.0, progress, "train", stats):
+        main = block.hardest(ratio)
+        if with_signals:
+            terms = cross_terms_exact(main, vblock, vcent, mu, vselfs)
+            sig = signals_from_terms(terms, k)
+            if hard < 1.0:
+                sig.update(signals_from_terms(cross_terms_exact(block.hardest(hard), vblock, vcent, mu, vselfs),
+                                              k, prefix="hard_"))
+            sig_parts.append(sig)
+            order.extend(idx)
+            values[idx], train_self[idx] = terms.raw, terms.self_raw
+            train_tokens[idx], train_loss[idx] = terms.tokens, terms.loss
+        else:
+            values[idx] = exact_cross(main, vblock).cpu().numpy()
+            train_self[idx] = exact_self(main).numpy()
+            train_tokens[idx] = _token_counts(main.sample, main.n_samples)
+            loss = torch.zeros(main.n_samples, dtype=torch.float64).index_add_(
+                0, main.sample, -main.log_likelihood.double())
+            train_loss[idx] = loss.numpy() / np.maximum(train_tokens[idx], 1)
+    timings["extract_train+score"] = time.perf_counter() - t0
+    vm = ValueMatrix(values, train_self, valid_self, train_tokens, _token_counts(vblock.sample, vblock.n_samples),
+                     train_loss, timings, stats)
+    if with_signals:
+        t0 = time.perf_counter()
+        inv = np.argsort(np.asarray(order))
+        vm.signals = {name: col[inv] for name, col in _stack(sig_parts).items()}
+        ref = signals_from_terms(cross_terms_exact(vblock, vblock, vcent, mu, vselfs), k, loo=True)
+        if hard < 1.0:
+            ref.update(signals_from_terms(cross_terms_exact(vblock.hardest(hard), vblock, vcent, mu, vselfs),
+                                          k, loo=True, prefix="hard_"))
+        vm.reference = ref
+        timings["reference"] = time.perf_counter() - t0
+    return _with_suspect(vm, settings)
+
+
+def projected_centre(cfg, hidden_size: int, vocab_size: int, pooled_hidden: np.ndarray,
+                     n_tokens: np.ndarray) -> np.ndarray:
+    """``P_h μ`` (``(width,)`` float64) for the mean validation hidden state ``μ = Σ pooled / Σ tokens``.
+
+    Args:
+        cfg: extraction settings (projection seed and width). pooled_hidden: ``(n_v, d)`` ``Σ_t h_t`` per
+        validation sample. n_tokens: ``(n_v,)`` their counted positions.
+    """
+    mu = np.asarray(pooled_hidden, dtype=np.float64).sum(0) / max(int(np.sum(n_tokens)), 1)
+    ph, _ = projections(cfg, hidden_size, vocab_size)
+    return mu if ph is None else ph.double().numpy() @ mu
+
+
+def sparse_signal_terms(train: SparseSet, train_hard: SparseSet | None, vside: ValidSide,
+                        k: int) -> tuple[CrossTerms, dict[str, np.ndarray]]:
+    """Cross terms of the main rows and every signal (hard ones when ``train_hard`` is given)."""
+    terms = cross_terms_sparse(train, vside)
+    sig = signals_from_terms(terms, k)
+    if train_hard is not None:
+        sig.update(signals_from_terms(cross_terms_sparse(train_hard, vside), k, prefix="hard_"))
+    return terms, sig
+
+
+def reference_signals(valid: SparseSet, valid_hard: SparseSet | None, vside: ValidSide,
+                      k: int) -> dict[str, np.ndarray]:
+    """Every signal of the validation samples against the rest of the validation set (leave one out)."""
+    ref = signals_from_terms(cross_terms_sparse(valid, vside), k, loo=True)
+    if valid_hard is not None:
+        ref.update(signals_from_terms(cross_terms_sparse(valid_hard, vside), k, loo=True, prefix="hard_"))
+    return ref
+
+
 def compute_values(lm: LoadedModel, train: list[Sample], valid: list[Sample], settings: Settings,
                    progress: bool = True,
                    encoded: tuple[list[EncodedSample], list[EncodedSample]] | None = None) -> ValueMatrix:
-    """Extract both sets and compute the full value matrix with ``settings.score.method``.
+    """Extract both sets and compute the full value matrix with ``settings.score.method``, and (when
+    ``settings.score.signals``) every signal and the suspect score.
 
     The exact path keeps the validation set's full-vocabulary probabilities in memory
     (``Σ positions × V × 4`` bytes) and streams the training set batch by batch; the sparse path keeps
@@ -70,42 +206,42 @@ def compute_values(lm: LoadedModel, train: list[Sample], valid: list[Sample], se
         encoded = (encode_samples(tok, train, ex.loss_on, ex.max_length),
                    encode_samples(tok, valid, ex.loss_on, ex.max_length))
     enc_train, enc_valid = encoded
+    if settings.score.method == "exact":
+        return _exact_values(lm, enc_train, enc_valid, train, valid, settings, progress)
     timings: dict[str, float] = {}
     stats = ExtractionStats()
-    ratio = ex.lowest_likelihood_ratio
-    if settings.score.method == "exact":
-        t0 = time.perf_counter()
-        vblock = extract_token_blocks(lm, enc_valid, ex, valid, 1.0, progress, "validation")
-        timings["extract_valid"] = time.perf_counter() - t0
-        valid_self = exact_self(vblock).numpy()
-        values = np.zeros((len(train), len(valid)))
-        train_self = np.zeros(len(train))
-        train_tokens = np.zeros(len(train), dtype=np.int64)
-        train_loss = np.zeros(len(train))
-        t0 = time.perf_counter()
-        for idx, block in iter_token_blocks(lm, enc_train, ex, train, ratio, progress, "train", stats):
-            values[idx] = exact_cross(block, vblock).cpu().numpy()
-            train_self[idx] = exact_self(block).numpy()
-            train_tokens[idx] = _token_counts(block.sample, block.n_samples)
-            loss = torch.zeros(block.n_samples, dtype=torch.float64).index_add_(
-                0, block.sample, -block.log_likelihood.double())
-            train_loss[idx] = (loss.numpy() / np.maximum(train_tokens[idx], 1))
-        timings["extract_train+score"] = time.perf_counter() - t0
-        return ValueMatrix(values, train_self, valid_self, train_tokens,
-                           _token_counts(vblock.sample, vblock.n_samples), train_loss, timings, stats)
     t0 = time.perf_counter()
     fv = extract_sparse(lm, enc_valid, ex, valid, 1.0, progress, "validation")
     timings["extract_valid"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    ft = extract_sparse(lm, enc_train, ex, train, ratio, progress, "train", stats)
+    ft = extract_sparse(lm, enc_train, ex, train, ex.lowest_likelihood_ratio, progress, "train", stats)
     timings["extract_train"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    values = sparse_cross(ft, fv, lm.vocab_size)
+    if not settings.score.signals:
+        values = sparse_cross(ft, fv, lm.vocab_size)
+        timings["score"] = time.perf_counter() - t0
+        return ValueMatrix(values, sparse_self(ft), sparse_self(fv),
+                           np.array([f.n_tokens for f in ft], dtype=np.int64),
+                           np.array([f.n_tokens for f in fv], dtype=np.int64),
+                           np.array([f.mean_loss for f in ft]), timings, stats)
+    k = settings.score.nearest_k
+    centre = projected_centre(ex, lm.hidden_size, lm.vocab_size, np.stack([f.pooled_hidden for f in fv]),
+                              np.array([f.n_tokens for f in fv]))
+    vs = SparseSet.from_features(fv, lm.vocab_size)
+    vside = ValidSide.build(vs, centre)
+    has_hard = ex.hard_fraction < 1.0
+
+    def hard_of(fs: list) -> SparseSet | None:
+        return SparseSet.from_features([f.hard for f in fs], lm.vocab_size) if has_hard else None
+
+    terms, sig = sparse_signal_terms(SparseSet.from_features(ft, lm.vocab_size), hard_of(ft), vside, k)
     timings["score"] = time.perf_counter() - t0
-    return ValueMatrix(values, sparse_self(ft), sparse_self(fv),
-                       np.array([f.n_tokens for f in ft], dtype=np.int64),
-                       np.array([f.n_tokens for f in fv], dtype=np.int64),
-                       np.array([f.mean_loss for f in ft]), timings, stats)
+    t0 = time.perf_counter()
+    ref = reference_signals(vs, hard_of(fv), vside, k)
+    timings["reference"] = time.perf_counter() - t0
+    vm = ValueMatrix(terms.raw, terms.self_raw, vside.self_raw, terms.tokens, vs.tokens, terms.loss, timings,
+                     stats, sig, ref)
+    return _with_suspect(vm, settings)
 
 
 def normalize(vm: ValueMatrix, how: str) -> np.ndarray:
@@ -147,9 +283,10 @@ def score_files(train_path: str, valid_path: str, settings: Settings, progress: 
                 lm: LoadedModel | None = None) -> tuple[pl.DataFrame, ValueMatrix]:
     """``valuegate score``: read both files, value every train sample, return the output table.
 
-    For ``mean``/``nearest`` the table has every input column of TRAIN plus ``row``, ``value``
-    (``nearest_rows`` for nearest), ``n_tokens``, ``mean_loss`` and ``self_influence``; for ``pairwise`` it
-    is long: ``train_row``, ``valid_row``, ``value``.
+    For ``mean``/``nearest`` the table has every input column of TRAIN plus ``row``, ``value``,
+    ``nearest_rows`` (the validation rows of the top-k alignments), ``n_tokens``, ``mean_loss`` and
+    ``self_influence``, and with ``score.signals`` the combined ``suspect`` score and one column per signal
+    (:mod:`valuegate.tasks.signals`); for ``pairwise`` it is long: ``train_row``, ``valid_row``, ``value``.
     """
     train_df, train = read_samples(train_path)
     _, valid = read_samples(valid_path)
@@ -174,11 +311,14 @@ def score_files(train_path: str, valid_path: str, settings: Settings, progress: 
             "value": values.reshape(-1),
         })
         return out, vm
-    agg, nearest = aggregate(values, sc.aggregate, sc.nearest_k)
-    cols = {"row": np.arange(len(train)), "value": agg}
-    if nearest is not None:
-        cols["nearest_rows"] = [list(map(int, r)) for r in nearest]
+    agg, _ = aggregate(values, sc.aggregate, sc.nearest_k)
+    _, nearest = aggregate(values, "nearest", sc.nearest_k)
+    cols = {"row": np.arange(len(train)), "value": agg, "nearest_rows": [list(map(int, r)) for r in nearest]}
     cols.update({"n_tokens": vm.train_tokens, "mean_loss": vm.train_loss, "self_influence": vm.train_self})
+    if vm.signals is not None:
+        cols["suspect"] = vm.suspect
+        cols["suspect_reason"] = vm.suspect_reason
+        cols.update({name: col for name, col in vm.signals.items() if name != "mean_loss"})
     return pl.concat([train_df, pl.DataFrame(cols)], how="horizontal"), vm
 
 
@@ -332,13 +472,26 @@ def score_dataset(ws, dataset: str, valset_ref: str, settings: Settings, progres
     vocab, width = int(meta["vocab_size"]), int(meta["row_width"])
     ids = [i for i in ids if i not in refused]
     cols = ["id", "token_ids", "rows", "n_tokens", "mean_loss", "self_influence"]
-    vm_, vt = _feature_matrix(fstore.read_features(ws, fp_v, vids, cols), vids, vocab, width)
+    has_hard = sc.signals and ex.hard_fraction < 1.0
+    if sc.signals:
+        cols += ["error_sum"] + (["hard_token_ids", "hard_rows", "hard_error_sum", "hard_n_tokens",
+                                  "hard_mean_loss"] if has_hard else [])
+    vm_, vt = _feature_matrix(fstore.read_features(ws, fp_v, vids, [*cols, "pooled_hidden"]), vids, vocab, width)
     v_self = vt["self_influence"].to_numpy()
     v_tok = vt["n_tokens"].to_numpy().astype(np.int64)
+    k = sc.nearest_k
+    vside = reference = None
+    if sc.signals:
+        vs = SparseSet.from_arrow(vt, vocab, width)
+        pooled = np.asarray(vt["pooled_hidden"].combine_chunks().values.to_numpy(zero_copy_only=False),
+                            dtype=np.float64).reshape(len(vids), -1)
+        vside = ValidSide.build(vs, projected_centre(ex, int(meta["hidden_size"]), vocab, pooled, v_tok))
+        reference = reference_signals(vs, SparseSet.from_arrow(vt, vocab, width, "hard_") if has_hard else None,
+                                      vside, k)
     timings["read"] = time.perf_counter() - t0
     # train features stream in chunks: memory holds one chunk's sparse rows (float64 while multiplied),
     # never the whole dataset's
-    parts: dict[str, list[np.ndarray]] = {k: [] for k in ("agg", "near", "near_v", "self", "tok", "loss")}
+    parts: dict[str, list] = {k: [] for k in ("agg", "near", "near_v", "self", "tok", "loss", "signals")}
     t_read = t_score = 0.0
     for lo in range(0, len(ids), SCORE_CHUNK):
         t1 = time.perf_counter()
@@ -347,16 +500,25 @@ def score_dataset(ws, dataset: str, valset_ref: str, settings: Settings, progres
         t2 = time.perf_counter()
         t_self = tt["self_influence"].to_numpy()
         t_tok = tt["n_tokens"].to_numpy().astype(np.int64)
+        t_loss = tt["mean_loss"].to_numpy().astype(np.float64)
         parts["self"].append(t_self)
         parts["tok"].append(t_tok)
-        parts["loss"].append(tt["mean_loss"].to_numpy().astype(np.float64))
-        if sc.aggregate == "mean":
+        parts["loss"].append(t_loss)
+        if sc.signals:
+            ts = SparseSet.from_arrow(tt, vocab, width)
+            terms, sig = sparse_signal_terms(ts, SparseSet.from_arrow(tt, vocab, width, "hard_") if has_hard
+                                             else None, vside, k)
+            parts["signals"].append(sig)
+            raw = terms.raw
+        elif sc.aggregate == "mean":
             parts["agg"].append(mean_aggregate(tm, vm_, t_self, v_self, t_tok, v_tok, sc.normalize))
+            raw = None
         else:
-            vmat = ValueMatrix(sparse_cross_csr(tm, vm_), t_self, v_self, t_tok, v_tok, parts["loss"][-1])
-            values = normalize(vmat, sc.normalize)
-            agg_c, near_c = aggregate(values, sc.aggregate, sc.nearest_k)
-            parts["agg"].append(agg_c)
+            raw = sparse_cross_csr(tm, vm_)
+        if raw is not None:
+            values = normalize(ValueMatrix(raw, t_self, v_self, t_tok, v_tok, t_loss), sc.normalize)
+            parts["agg"].append(aggregate(values, sc.aggregate, k)[0])
+            near_c = aggregate(values, "nearest", k)[1]
             parts["near"].append(near_c)
             parts["near_v"].append(np.take_along_axis(values, near_c, 1))
         t_read += t2 - t1
@@ -367,6 +529,10 @@ def score_dataset(ws, dataset: str, valset_ref: str, settings: Settings, progres
     nearest = np.concatenate(parts["near"]) if parts["near"] else None
     nearest_values = np.concatenate(parts["near_v"]) if parts["near_v"] else None
     t_self, t_tok, t_loss = (np.concatenate(parts[k]) for k in ("self", "tok", "loss"))
+    signals = _stack(parts["signals"]) if sc.signals else {}
+    suspect = reasons = None
+    if sc.signals:
+        suspect, reasons = suspect_of(signals, reference, sc)
     run_id = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:8]
     now = dt.datetime.now(dt.timezone.utc)
     settings_json = json.dumps({"settings": settings.model_dump(mode="json"), "train_fp": fp_t,
@@ -379,6 +545,9 @@ def score_dataset(ws, dataset: str, valset_ref: str, settings: Settings, progres
         "nearest_values": ([list(r) for r in nearest_values] if nearest_values is not None
                            else [None] * len(ids)),
         "n_tokens": t_tok, "mean_loss": t_loss, "self_influence": t_self,
+        "suspect": suspect if suspect is not None else [None] * len(ids),
+        "suspect_reason": reasons if reasons is not None else [None] * len(ids),
+        **{c: signals.get(c, [None] * len(ids)) for c in schemas.SIGNAL_COLUMNS if c != "mean_loss"},
         "valset": [valset] * len(ids), "model_fp": [fp_t] * len(ids), "settings": [settings_json] * len(ids),
         "at": [now] * len(ids),
     }
@@ -420,5 +589,6 @@ def read_score_run(ws, run_id: str, dataset: str) -> pl.DataFrame:
         reserved = set(content.columns) | set(scores.columns) | {"source", "row"}
         meta = meta.rename({c: f"meta_{c}" for c in meta.columns if c in reserved})
         first = pl.concat([first, meta], how="horizontal")
-    keep = ["id", "value", "nearest_ids", "n_tokens", "mean_loss", "self_influence", "valset", "model_fp"]
+    keep = ["id", "value", "nearest_ids", "nearest_values", "n_tokens", "mean_loss", "self_influence", "suspect",
+            "suspect_reason", *(c for c in schemas.SIGNAL_COLUMNS if c != "mean_loss"), "valset", "model_fp"]
     return content.join(first, on="id", how="left").join(scores.select(keep), on="id", how="inner")

@@ -16,6 +16,8 @@ def select_samples(scored: pl.DataFrame, cfg: SelectSettings) -> pl.DataFrame:
 
     Policies:
 
+    - ``suspect``: drop ``suspect > suspect_threshold``: samples that lie far from what the validation set
+      itself looks like on the value signals (robust z units; the reason names the deviations).
     - ``drop_negative``: drop ``value < 0``: to first order, a gradient step on such a sample raises the
       validation loss (its LM-head gradient points away from the validation gradients).
     - ``top_fraction``: keep the ``ceil(fraction · n)`` highest values (ties broken by id, so the choice
@@ -39,7 +41,16 @@ def select_samples(scored: pl.DataFrame, cfg: SelectSettings) -> pl.DataFrame:
         raise ValuegateError(f"{int((~np.isfinite(values)).sum())} scores are not finite (e.g. {bad}); "
                              "re-extract those samples")
     n = scored.height
-    if cfg.policy == "keep_all":
+    if cfg.policy == "suspect":
+        if "suspect" not in scored.columns or scored["suspect"].null_count() == scored.height:
+            raise ValuegateError("the suspect policy needs the suspect score: score with score.signals on")
+        sus = scored["suspect"].fill_null(float("inf")).to_numpy().astype(np.float64)
+        why = (scored["suspect_reason"].fill_null("").to_list() if "suspect_reason" in scored.columns
+               else [""] * n)
+        keep = sus <= cfg.suspect_threshold
+        reason = ["" if k else f"suspect {x:.3g} > {cfg.suspect_threshold:g} ({w})"
+                  for k, x, w in zip(keep, sus, why, strict=True)]
+    elif cfg.policy == "keep_all":
         keep = np.ones(n, dtype=bool)
         reason = [""] * n
     elif cfg.policy == "drop_negative":

@@ -27,7 +27,15 @@ def _selected(n: int = 60) -> pl.DataFrame:
         "value": values, "keep": values >= 0,
         "reason": ["" if v >= 0 else f"value {v:.3g} < 0" for v in values],
         "nearest_ids": [["v1", "v2"]] * n,
+        "suspect": np.abs(values) * 2, "suspect_reason": ["mean_loss z=+1.0"] * n,
     })
+
+
+def _explained():
+    from valuegate.tasks.explain import TokenContributions
+
+    tc = TokenContributions(["Add", " 2", " + 2", " =", " 4", "<b>"], [None, None, None, None, 0.7, -0.2], 0.5)
+    return [("lowest-valued", {"value": 0.5}, tc)]
 
 
 def _manifest() -> dict:
@@ -39,8 +47,12 @@ def _manifest() -> dict:
 
 def test_report_content_is_complete_and_escaped(tmp_path):
     html_text = render_report(_selected(), _manifest(), [{"id": "v1", "text": "a validation sample"}],
-                              "entered: 3 (new data)", group_by="family")
-    assert html_text.count("<svg") == 3  # overall + one per group
+                              "entered: 3 (new data)", group_by="family", explained=_explained(),
+                              suspect_threshold=3.0)
+    assert html_text.count("<svg") == 4  # overall + one per group + suspect
+    assert "Most suspect samples" in html_text and "mean_loss z=+1.0" in html_text
+    assert "Which tokens carry the value" in html_text and "title='+0.7'" in html_text
+    assert "rgba(201,42,42" in html_text and "&lt;b&gt;" in html_text  # negative token, escaped
     assert "Known corrupted samples: 12" in html_text
     assert "&lt;b&gt;not bold&lt;/b&gt;" in html_text and "<b>not bold</b>" not in html_text
     assert "a validation sample" in html_text and "entered: 3 (new data)" in html_text
@@ -53,7 +65,8 @@ def test_report_content_is_complete_and_escaped(tmp_path):
                     "install chromium)")
 def test_report_renders_in_headless_chromium(tmp_path):
     path = write_report(tmp_path / "report.html",
-                        render_report(_selected(), _manifest(), [], None, group_by="family"))
+                        render_report(_selected(), _manifest(), [], None, group_by="family",
+                                      explained=_explained(), suspect_threshold=3.0))
     flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
              "--disable-background-networking", "--disable-component-update", "--disable-sync",
              f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1200,1600"]
@@ -64,4 +77,5 @@ def test_report_renders_in_headless_chromium(tmp_path):
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 20_000  # a real page, not a blank one
     dom = subprocess.run([CHROMIUM, *flags, "--dump-dom", path.as_uri()], check=True, timeout=120,
                          capture_output=True, text=True).stdout
-    assert dom.count("<svg") == 3 and "Lowest-valued samples" in dom and "<rect" in dom
+    assert dom.count("<svg") == 4 and "Lowest-valued samples" in dom and "<rect" in dom
+    assert "Which tokens carry the value" in dom

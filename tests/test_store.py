@@ -217,6 +217,12 @@ def test_score_set_equals_file_scoring_and_is_pinned(ws, tmp_path, tiny_model_di
     mean_df, _ = score_files(str(train), str(valid), settings, progress=False)
     got = dict(zip(mean_rep.table["id"].to_pylist(), mean_rep.table["value"].to_pylist(), strict=True))
     np.testing.assert_allclose([got[i] for i in ids], mean_df["value"].to_numpy(), rtol=1e-5)
+    # every signal and the suspect score too (the store path streams chunks; the file path does not)
+    stored_t = mean_rep.table.to_pydict()
+    pos = {i: n for n, i in enumerate(stored_t["id"])}
+    for col in ("suspect", "centred_cosine_nearest", "hard_value_mean", "log_self_influence", "hard_mean_loss"):
+        np.testing.assert_allclose([stored_t[col][pos[i]] for i in ids], mean_df[col].to_numpy(),
+                                   rtol=1e-5, atol=1e-9, err_msg=col)
     settings.score.aggregate = "nearest"
     assert json.loads(row["settings"])["settings"]["score"]["aggregate"] == "nearest"
     # a new validation version re-scores without running the model on training data
@@ -290,7 +296,7 @@ def test_vector_index_is_built_past_the_threshold_and_rebuilt_when_stale(ws):
         return [{"id": f"s{start + i}", "token_ids": np.array([1], np.int32), "rows": np.zeros(2, np.float32),
                  "n_tokens": 1, "mean_loss": 0.0, "dropped_mass": 0.0, "self_influence": 0.0,
                  "pooled_hidden": rng.normal(size=8).astype(np.float32), "pooled_error": np.zeros(1, np.float32),
-                 "batch": 0, "seconds": 0.0} for i in range(n)]
+                 "error_sum": np.zeros(1, np.float32), "batch": 0, "seconds": 0.0} for i in range(n)]
 
     fstore.write_features(ws, fp, rows(300, 0), 8, 1)
     table = schemas.features_table(fp)

@@ -67,6 +67,14 @@ class ExtractSettings(BaseModel):
     lowest_likelihood_ratio: float = Field(
         1.0, gt=0.0, le=1.0, description="Value a training sample on only this fraction of its counted "
         "tokens, those of lowest likelihood (For-Value's option); 1 uses every counted token.")
+    hard_fraction: float = Field(
+        0.2, gt=0.0, le=1.0, description="The suspect signals are also computed on each sample's hardest "
+        "fraction of counted tokens (extracted in the same forward pass); 1 disables the hard signals.")
+
+
+# Which signals the `suspect` score combines, and on which side (see tasks/signals.py and the
+# mislabeled-detection benchmark, tests/benchmarks/bench_suspect.py).
+DEFAULT_SUSPECT = ("log_self_influence:two", "mean_loss:two")
 
 
 class ScoreSettings(BaseModel):
@@ -82,6 +90,15 @@ class ScoreSettings(BaseModel):
     normalize: Literal["none", "length", "cosine"] = Field(
         "none", description="none (the paper's raw inner product), length (per counted token of each "
         "side) or cosine (divided by both norms ‖Φ‖).")
+    signals: bool = Field(True, description="Compute the per-signal columns and the combined `suspect` "
+                          "score (mean/nearest only). Costs four train × validation products per chunk; "
+                          "turn off for very large validation sets when only `value` is needed.")
+    suspect: list[str] = Field(
+        default_factory=lambda: list(DEFAULT_SUSPECT), description="The signals the `suspect` score "
+        "combines, each as SIGNAL:SIDE with SIDE low, high or two (which deviations from the validation set "
+        "count). Chosen by the mislabeled-detection benchmark (README).")
+    suspect_combine: Literal["rms", "max"] = Field(
+        "rms", description="How the per-signal robust z-scores combine: root mean square or maximum.")
 
 
 class DataSettings(BaseModel):
@@ -97,10 +114,13 @@ class DataSettings(BaseModel):
 class SelectSettings(BaseModel):
     """Which scored samples the release keeps."""
 
-    policy: Literal["drop_negative", "top_fraction", "threshold", "keep_all"] = Field(
-        "drop_negative", description="drop_negative: drop samples valued below zero (to first order they "
-        "raise the validation loss); top_fraction: keep the best `fraction`; threshold: keep value >= "
-        "`threshold`; keep_all: keep every sample (scores and report only).")
+    policy: Literal["suspect", "drop_negative", "top_fraction", "threshold", "keep_all"] = Field(
+        "suspect", description="suspect: drop samples whose suspect score exceeds `suspect_threshold` (they "
+        "look unlike the validation set on the value signals); drop_negative: drop samples valued below "
+        "zero (to first order they raise the validation loss); top_fraction: keep the best `fraction`; "
+        "threshold: keep value >= `threshold`; keep_all: keep every sample (scores and report only).")
+    suspect_threshold: float = Field(3.0, gt=0.0, description="suspect: largest suspect score kept (robust "
+                                     "z units against the validation set's own scores).")
     aggregate: Literal["mean", "nearest"] = Field("mean", description="The aggregate the policy reads.")
     fraction: float = Field(0.8, gt=0.0, le=1.0, description="top_fraction: share of samples kept.")
     threshold: float = Field(0.0, description="threshold: smallest value kept.")

@@ -1,0 +1,124 @@
+"""Which tokens carry a sample's value: per-token contributions to the mean For-Value.
+
+The stored sparse rows of a sample are a sum over its counted positions, ``R = Σ_t r_t`` with
+``r_t[u] = a_t[u] · P_h h_t`` on the sample's support ``U``, so its ``mean`` value against a validation set
+splits exactly into per-token parts::
+
+    value_mean(z) = ⟨R, R̄'⟩ = Σ_t c_t,   c_t = Σ_{u ∈ U} a_t[u] (P_h h_t · R̄'[u])
+
+where ``R̄'`` is the mean of the validation samples' rows. ``c_t`` is attributed to the token the position
+predicts (the target ``y_t``). One forward pass of the few samples shown; the validation side comes from
+the feature store, never from a second forward pass.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+
+from valuegate.settings import ExtractSettings
+from valuegate.tasks.extract import iter_token_blocks, projections
+from valuegate.tasks.forvalue import error_rows_on_support, hardest_positions
+from valuegate.tasks.ingest import Sample
+from valuegate.tasks.model import LoadedModel, encode_sample
+
+__all__ = ["TokenContributions", "mean_rows", "token_contributions"]
+
+
+@dataclass
+class TokenContributions:
+    """One sample's tokens and the part of its mean value each counted token carries.
+
+    Attributes:
+        tokens: the decoded text of every token of the sample, in order.
+        contributions: per token, ``c_t`` of the position that predicts it, or None for tokens that are
+            not counted (the prompt, the first token).
+        total: ``Σ_t c_t`` (equals the sample's sparse ``value_mean``).
+    """
+
+    tokens: list[str]
+    contributions: list[float | None]
+    total: float
+
+
+def mean_rows(valid: sp.csr_matrix, vocab: int, width: int) -> np.ndarray:
+    """``R̄'`` as a dense ``(V, width)`` float32 array from the validation rows' ``(n, V·width)`` CSR."""
+    mean = np.asarray(valid.mean(axis=0), dtype=np.float32).reshape(vocab, width)
+    return mean
+
+
+def token_contributions(lm: LoadedModel, samples: list[Sample], valid_mean: np.ndarray,
+                        cfg: ExtractSettings) -> list[TokenContributions]:
+    """Per-token contributions of each sample to its mean value (see the module docstring).
+
+    Args:
+        lm: the model the features were extracted with. samples: the samples to explain.
+        valid_mean: ``(V, width)`` mean validation rows (:func:`mean_rows`).
+        cfg: the extraction settings of the features (support, projection, loss mode).
+
+    Returns:
+        one :class:`TokenContributions` per sample, in order.
+    """
+    ph, _ = projections(cfg, lm.hidden_size, lm.vocab_size)
+    encoded = [encode_sample(lm.tokenizer, s, cfg.loss_on, cfg.max_length) for s in samples]
+    rv = torch.from_numpy(valid_mean)
+    out: list[TokenContributions | None] = [None] * len(samples)
+    for idx, block in iter_token_blocks(lm, encoded, cfg, samples, 1.0, False):
+        # with lowest_likelihood_ratio < 1 only the hardest positions carry value (as in the features)
+        kept = hardest_positions(block.log_likelihood, block.sample, block.n_samples, cfg.lowest_likelihood_ratio)
+        hp = block.hidden.cpu() if ph is None else block.hidden.cpu() @ ph.T
+        k = min(cfg.support_k, lm.vocab_size)
+        top = torch.topk(block.probs, k, dim=1).indices.cpu()
+        for j, (lo, hi) in enumerate(block.bounds()):
+            rows = torch.arange(lo, hi)[kept[lo:hi].cpu()]
+            y = block.targets[rows].cpu()
+            support = torch.unique(torch.cat([y, top[rows].reshape(-1)]))
+            jac = None if block.logit_jac is None else block.logit_jac[rows].cpu()
+            err = error_rows_on_support(block.probs[rows].cpu(), y, support, jac)
+            c = (err * (hp[rows] @ rv[support].T)).sum(1).double().numpy()
+            enc = encoded[idx[j]]
+            positions = np.flatnonzero(enc.counted)[kept[lo:hi].cpu().numpy()]
+            contrib: list[float | None] = [None] * len(enc.input_ids)
+            for p, v in zip(positions, c, strict=True):
+                contrib[p + 1] = float(v)
+            tokens = [lm.tokenizer.decode([int(t)]) for t in enc.input_ids]
+            out[idx[j]] = TokenContributions(tokens, contrib, float(c.sum()))
+    return out  # type: ignore[return-value]
+
+
+def explain_stored(ws, settings, valset_ref: str, records: list[dict], lm: LoadedModel | None = None,
+                   progress: bool = False) -> list[TokenContributions]:
+    """:func:`token_contributions` for stored samples against a registered validation-set version whose
+    features are in the store (as after ``score_dataset``).
+
+    Args:
+        ws: the workspace. settings: the resolved settings the scores were computed with.
+        valset_ref: ``name@vN``. records: sample records (``kind``, ``prompt``, ``response``, ``messages``,
+            ``text``), e.g. rows of a scores table. lm: the loaded model, or None to load it.
+    """
+    from valuegate.storage import features as fstore
+    from valuegate.storage.valsets import read_valset
+    from valuegate.tasks.ingest import sample_from_record
+    from valuegate.tasks.model import fingerprint_settings, load_model, load_tokenizer, model_fingerprint
+    from valuegate.tasks.score import _feature_matrix
+    from valuegate.tasks.valsets import valset_samples
+
+    if not records:
+        return []
+    tok = lm.tokenizer if lm is not None else load_tokenizer(settings.model)
+    fp_v = model_fingerprint(fingerprint_settings(settings.model, settings.extract, tok, 1.0))
+    meta = fstore.read_feature_set(ws, fp_v)
+    if meta is None:
+        from valuegate.errors import ValuegateError
+
+        raise ValuegateError(f"no validation features for {valset_ref}: score the dataset first")
+    _, vrows = read_valset(ws, valset_ref)
+    vids, _ = valset_samples(vrows)
+    vocab, width = int(meta["vocab_size"]), int(meta["row_width"])
+    vm, _ = _feature_matrix(fstore.read_features(ws, fp_v, vids, ["id", "token_ids", "rows"]), vids, vocab, width)
+    lm = lm if lm is not None else load_model(settings.model, tok, progress)
+    samples = [sample_from_record(r, row=i) for i, r in enumerate(records)]
+    return token_contributions(lm, samples, mean_rows(vm, vocab, width), settings.extract)

@@ -1,0 +1,371 @@
+"""Per-sample signals beside the value, and the combined ``suspect`` score.
+
+Different corruptions of fine-tuning data leave different, even opposite, traces in the For-Value
+quantities (README, mislabeled-detection benchmark): a response moved from another task has a high loss
+and a gradient that points away from every validation sample once the hidden states are centred; a
+response that is *easier* than the right one (a copy of the input, a truncated answer) has a low loss and a
+small gradient norm. So every sample gets a set of signals, each on all counted tokens and on the hardest
+fraction of them (``hard_`` prefix):
+
+=========================  ===============================================================================
+``value_mean``             ``mean_j ⟨Φ, Φ'_j⟩`` (For-Value's value)
+``value_nearest``          mean of the ``k`` largest ``⟨Φ, Φ'_j⟩``
+``cosine_mean/_nearest``   the same on ``⟨Φ, Φ'_j⟩ / (‖Φ‖ ‖Φ'_j‖)``
+``per_token_mean``         ``mean_j ⟨Φ, Φ'_j⟩ / (n n'_j)`` (``n``: counted tokens)
+``centred_value_mean``     ``mean_j ⟨Φ_c, Φ'_{c,j}⟩`` where ``Φ_c = Σ_t a_t (h_t − μ)ᵀ`` and ``μ`` is the mean
+                           validation hidden state: the part of the alignment that is not shared by every
+                           sample of the model
+``centred_cosine_*``       cosine of the centred representations (mean, nearest)
+``log_self_influence``     ``log ‖Φ‖²``
+``mean_loss``              mean token loss, nats
+=========================  ===============================================================================
+
+The hard signals value the hardest positions of the sample (For-Value's ``lowest_likelihood_ratio``)
+against the validation samples' full representations.
+
+``suspect`` needs no labels: the validation samples are scored against the rest of the validation set
+(leave one out), which gives every signal a reference distribution of what *clean* data looks like. A
+sample's deviation on a signal is a robust z-score ``(x − median) / (1.4826 · MAD)`` of that reference,
+kept on the side(s) the signal is configured with (``low``, ``high`` or ``two``), and the deviations
+combine by root mean square (or maximum). Higher means more suspect.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+
+from valuegate.errors import ValuegateError
+from valuegate.storage.schemas import BASE_SIGNALS
+from valuegate.tasks.forvalue import SparseFeatures, TokenBlock, exact_cross, exact_self, sparse_cross_csr
+
+__all__ = [
+    "BASE_SIGNALS",
+    "CrossTerms",
+    "SparseSet",
+    "combine_suspect",
+    "cross_terms_exact",
+    "cross_terms_sparse",
+    "explain_suspect",
+    "parse_suspect",
+    "robust_z",
+    "signal_names",
+    "signals_from_terms",
+    "suspect_deviations",
+]
+
+SIDES = ("low", "high", "two")
+
+
+def signal_names(hard: bool) -> list[str]:
+    """Every signal column, the ``hard_`` ones only when ``hard``."""
+    return list(BASE_SIGNALS) + ([f"hard_{s}" for s in BASE_SIGNALS] if hard else [])
+
+
+@dataclass
+class CrossTerms:
+    """What the signals of ``n`` samples need against ``n_v`` validation samples (one token selection).
+
+    Attributes:
+        raw: ``(n, n_v)`` float64 ``⟨Φ, Φ'⟩``.
+        centred: ``(n, n_v)`` float64 ``⟨Φ_c, Φ'_c⟩``.
+        self_raw, self_centred: ``(n,)`` ``‖Φ‖²`` and ``‖Φ_c‖²``.
+        tokens: ``(n,)`` counted positions; loss: ``(n,)`` mean token loss (nats).
+        valid_self_raw, valid_self_centred, valid_tokens: ``(n_v,)``, the same of the validation side.
+    """
+
+    raw: np.ndarray
+    centred: np.ndarray
+    self_raw: np.ndarray
+    self_centred: np.ndarray
+    tokens: np.ndarray
+    loss: np.ndarray
+    valid_self_raw: np.ndarray
+    valid_self_centred: np.ndarray
+    valid_tokens: np.ndarray
+
+
+def _cosine(m: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    denom = np.sqrt(np.outer(np.maximum(a, 0), np.maximum(b, 0)))
+    return np.divide(m, denom, out=np.zeros_like(m), where=denom > 0)
+
+
+def _mean_nearest(m: np.ndarray, k: int, loo: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Row means and means of the ``k`` largest entries; ``loo`` leaves out the diagonal (self pairs)."""
+    if loo:
+        n = m.shape[1]
+        if n < 2:
+            raise ValuegateError("the suspect reference needs at least 2 validation samples")
+        eye = np.eye(m.shape[0], n, dtype=bool)
+        mean = (m.sum(1) - np.where(eye, m, 0).sum(1)) / (n - 1)
+        m = np.where(eye, -np.inf, m)
+        k = min(k, n - 1)
+    else:
+        mean = m.mean(1)
+        k = min(k, m.shape[1])
+    top = -np.partition(-m, k - 1, axis=1)[:, :k]
+    return mean, top.mean(1)
+
+
+def signals_from_terms(t: CrossTerms, k: int, loo: bool = False, prefix: str = "") -> dict[str, np.ndarray]:
+    """Every base signal of :data:`BASE_SIGNALS` from the cross terms.
+
+    Args:
+        t: the terms. k: nearest-k. loo: the rows are the validation samples themselves (leave self out).
+        prefix: prepended to the names (``"hard_"``).
+
+    Returns:
+        name → ``(n,)`` float64.
+    """
+    if t.raw.shape[1] == 0:
+        raise ValuegateError("the validation set is empty")
+    out: dict[str, np.ndarray] = {}
+    out["value_mean"], out["value_nearest"] = _mean_nearest(t.raw, k, loo)
+    cos = _cosine(t.raw, t.self_raw, t.valid_self_raw)
+    out["cosine_mean"], out["cosine_nearest"] = _mean_nearest(cos, k, loo)
+    per_tok = t.raw / np.outer(np.maximum(t.tokens, 1), np.maximum(t.valid_tokens, 1))
+    out["per_token_mean"], _ = _mean_nearest(per_tok, 1, loo)
+    out["centred_value_mean"], _ = _mean_nearest(t.centred, 1, loo)
+    ccos = _cosine(t.centred, t.self_centred, t.valid_self_centred)
+    out["centred_cosine_mean"], out["centred_cosine_nearest"] = _mean_nearest(ccos, k, loo)
+    out["log_self_influence"] = np.log(np.maximum(t.self_raw, 1e-300))
+    out["mean_loss"] = np.asarray(t.loss, dtype=np.float64)
+    return {prefix + name: out[name] for name in BASE_SIGNALS}
+
+
+# --------------------------------------------------------------------------------------------------
+# Exact path: token blocks.
+# --------------------------------------------------------------------------------------------------
+
+
+def _block_loss(block: TokenBlock) -> tuple[np.ndarray, np.ndarray]:
+    tokens = torch.bincount(block.sample, minlength=block.n_samples).cpu().numpy().astype(np.int64)
+    loss = torch.zeros(block.n_samples, dtype=torch.float64).index_add_(
+        0, block.sample.cpu(), -block.log_likelihood.double().cpu()).numpy()
+    return tokens, loss / np.maximum(tokens, 1)
+
+
+def cross_terms_exact(block: TokenBlock, valid: TokenBlock, valid_centred: TokenBlock, mu: torch.Tensor,
+                      valid_self: tuple[np.ndarray, np.ndarray]) -> CrossTerms:
+    """:class:`CrossTerms` of a block of samples with the exact kernels.
+
+    Args:
+        block: the samples' counted positions (one token selection).
+        valid, valid_centred: the validation block and the same with ``h − μ``.
+        mu: ``(d,)`` the mean validation hidden state.
+        valid_self: ``(‖Φ'‖², ‖Φ'_c‖²)`` of the validation samples.
+    """
+    centred = block.centred(mu)
+    tokens, loss = _block_loss(block)
+    v_tokens = torch.bincount(valid.sample, minlength=valid.n_samples).cpu().numpy().astype(np.int64)
+    return CrossTerms(
+        raw=exact_cross(block, valid).cpu().numpy(), centred=exact_cross(centred, valid_centred).cpu().numpy(),
+        self_raw=exact_self(block).numpy(), self_centred=exact_self(centred).numpy(), tokens=tokens, loss=loss,
+        valid_self_raw=valid_self[0], valid_self_centred=valid_self[1], valid_tokens=v_tokens)
+
+
+# --------------------------------------------------------------------------------------------------
+# Sparse path: CSR rows of stored features.
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class SparseSet:
+    """Sparse rows of ``n`` samples for one token selection, flat, ready for CSR products.
+
+    Attributes:
+        token_ids: ``(Σ|U|,)`` int64, every sample's support, concatenated.
+        lengths: ``(n,)`` int64 support sizes.
+        rows: ``(Σ|U| · width,)`` float32 rows ``R`` (row-major per sample).
+        error_sum: ``(Σ|U|,)`` float32 ``Σ_t a_t[U]`` aligned with ``token_ids``.
+        width: ``k_h`` (or ``d``). vocab: ``V``.
+        tokens: ``(n,)`` counted positions. loss: ``(n,)`` mean token loss.
+    """
+
+    token_ids: np.ndarray
+    lengths: np.ndarray
+    rows: np.ndarray
+    error_sum: np.ndarray
+    width: int
+    vocab: int
+    tokens: np.ndarray
+    loss: np.ndarray
+
+    @property
+    def n(self) -> int:
+        """Number of samples."""
+        return int(self.lengths.shape[0])
+
+    @staticmethod
+    def from_features(feats: list[SparseFeatures], vocab: int) -> SparseSet:
+        """From in-memory features (the ``valuegate score`` path)."""
+        width = feats[0].rows.shape[1] if feats else 0
+
+        def cat(xs: list[np.ndarray], dt: type) -> np.ndarray:
+            return np.concatenate(xs).astype(dt, copy=False) if xs else np.zeros(0, dt)
+
+        return SparseSet(
+            token_ids=cat([f.token_ids for f in feats], np.int64),
+            lengths=np.array([f.token_ids.shape[0] for f in feats], dtype=np.int64),
+            rows=cat([f.rows.reshape(-1) for f in feats], np.float32),
+            error_sum=cat([f.error_sum for f in feats], np.float32),
+            width=width, vocab=vocab,
+            tokens=np.array([f.n_tokens for f in feats], dtype=np.int64),
+            loss=np.array([f.mean_loss for f in feats], dtype=np.float64))
+
+    @staticmethod
+    def from_arrow(t, vocab: int, width: int, prefix: str = "") -> SparseSet:
+        """From a slice of a feature table (columns ``[prefix]token_ids``, ``rows``, ``error_sum``,
+        ``n_tokens``, ``mean_loss``), in the row order of the slice."""
+        tok = t.column(prefix + "token_ids").combine_chunks()
+
+        def flat(name: str) -> np.ndarray:
+            return t.column(prefix + name).combine_chunks().values.to_numpy(zero_copy_only=False)
+
+        return SparseSet(
+            token_ids=tok.values.to_numpy(zero_copy_only=False).astype(np.int64),
+            lengths=np.diff(tok.offsets.to_numpy()).astype(np.int64),
+            rows=flat("rows").astype(np.float32, copy=False),
+            error_sum=flat("error_sum").astype(np.float32, copy=False),
+            width=width, vocab=vocab,
+            tokens=t.column(prefix + "n_tokens").to_numpy().astype(np.int64),
+            loss=t.column(prefix + "mean_loss").to_numpy().astype(np.float64))
+
+    def matrix(self, centre: np.ndarray | None = None) -> sp.csr_matrix:
+        """``(n, V·width)`` float64 CSR of the rows; with ``centre`` (``(width,)``, ``P_h μ``) the rows of
+        the centred representation ``R − error_sum ⊗ centre``."""
+        w = self.width
+        data = self.rows.astype(np.float64)
+        if data.size != self.token_ids.size * w:
+            raise ValuegateError(f"feature rows hold {data.size} values for {self.token_ids.size} support "
+                                 f"entries × width {w}: the feature table is corrupt")
+        if centre is not None:
+            data = (data.reshape(-1, w) - self.error_sum.astype(np.float64)[:, None] * centre[None, :]).reshape(-1)
+        indices = (self.token_ids[:, None] * w + np.arange(w)[None, :]).reshape(-1)
+        indptr = np.concatenate([[0], np.cumsum(self.lengths * w)]).astype(np.int64)
+        return sp.csr_matrix((data, indices, indptr), shape=(self.n, max(self.vocab, 1) * max(w, 1)))
+
+
+def _row_norms(m: sp.csr_matrix) -> np.ndarray:
+    return np.asarray(m.multiply(m).sum(1)).reshape(-1)
+
+
+@dataclass
+class ValidSide:
+    """The validation set's rows as the right-hand side of every product (built once per scoring run)."""
+
+    raw: sp.csr_matrix
+    centred: sp.csr_matrix
+    self_raw: np.ndarray
+    self_centred: np.ndarray
+    tokens: np.ndarray
+    centre: np.ndarray
+
+    @staticmethod
+    def build(valid: SparseSet, centre: np.ndarray) -> ValidSide:
+        """``centre``: ``(width,)`` the projected mean validation hidden state ``P_h μ``."""
+        raw, cen = valid.matrix(), valid.matrix(centre)
+        return ValidSide(raw, cen, _row_norms(raw), _row_norms(cen), valid.tokens, centre)
+
+
+def cross_terms_sparse(s: SparseSet, v: ValidSide) -> CrossTerms:
+    """:class:`CrossTerms` of a set of samples against the validation side, on the sparse rows."""
+    raw, cen = s.matrix(), s.matrix(v.centre)
+    return CrossTerms(raw=sparse_cross_csr(raw, v.raw), centred=sparse_cross_csr(cen, v.centred),
+                      self_raw=_row_norms(raw), self_centred=_row_norms(cen), tokens=s.tokens, loss=s.loss,
+                      valid_self_raw=v.self_raw, valid_self_centred=v.self_centred, valid_tokens=v.tokens)
+
+
+# --------------------------------------------------------------------------------------------------
+# The combined score.
+# --------------------------------------------------------------------------------------------------
+
+
+def parse_suspect(spec: list[str] | tuple[str, ...], available: list[str]) -> list[tuple[str, str]]:
+    """``["mean_loss:two", ...]`` → ``[("mean_loss", "two"), ...]``, checked against the signals at hand.
+
+    Raises:
+        ValuegateError: a malformed entry, an unknown signal or side.
+    """
+    out = []
+    for item in spec:
+        name, _, side = str(item).partition(":")
+        side = side or "two"
+        if name not in available:
+            raise ValuegateError(f"score.suspect: unknown signal {name!r}; available: {', '.join(available)}")
+        if side not in SIDES:
+            raise ValuegateError(f"score.suspect: side of {name!r} must be one of {SIDES}, not {side!r}")
+        out.append((name, side))
+    if not out:
+        raise ValuegateError("score.suspect: name at least one SIGNAL:SIDE")
+    return out
+
+
+def robust_z(x: np.ndarray, reference: np.ndarray) -> np.ndarray:
+    """``(x − median(ref)) / (1.4826 · MAD(ref))``; the scale falls back to the standard deviation, then 1,
+    when the reference is (nearly) constant.
+
+    Returns:
+        ``x``'s shape, float64.
+    """
+    ref = np.asarray(reference, dtype=np.float64)
+    ref = ref[np.isfinite(ref)]
+    if ref.size == 0:
+        raise ValuegateError("the suspect reference is empty (no finite validation signal)")
+    med = float(np.median(ref))
+    scale = 1.4826 * float(np.median(np.abs(ref - med)))
+    if not scale > 1e-12 * max(1.0, abs(med)):
+        scale = float(ref.std()) or 1.0
+    return (np.asarray(x, dtype=np.float64) - med) / scale
+
+
+def suspect_deviations(signals: dict[str, np.ndarray], reference: dict[str, np.ndarray],
+                       spec: list[tuple[str, str]]) -> tuple[np.ndarray, np.ndarray]:
+    """Per-signal robust z-scores against the reference, and the deviations the spec counts.
+
+    Returns:
+        ``z`` ``(n, S)`` signed z-scores and ``dev`` ``(n, S)`` ≥ 0: ``|z|`` for ``two``, the positive part of
+        ``z`` for ``high`` and of ``−z`` for ``low``.
+    """
+    zs, devs = [], []
+    for name, side in spec:
+        z = np.nan_to_num(robust_z(signals[name], reference[name]), nan=0.0, posinf=1e6, neginf=-1e6)
+        zs.append(z)
+        devs.append(np.abs(z) if side == "two" else np.maximum(z if side == "high" else -z, 0.0))
+    return np.stack(zs, axis=1), np.stack(devs, axis=1)
+
+
+def combine_suspect(signals: dict[str, np.ndarray], reference: dict[str, np.ndarray],
+                    spec: list[tuple[str, str]], how: str = "rms") -> np.ndarray:
+    """The ``suspect`` score of every sample (higher = less like the validation set).
+
+    Args:
+        signals: name → ``(n,)`` of the samples scored. reference: name → ``(n_v,)`` of the validation
+            samples scored leave-one-out against the validation set.
+        spec: ``(signal, side)`` pairs. how: ``rms`` or ``max``.
+
+    Returns:
+        ``(n,)`` float64, ≥ 0.
+    """
+    _, m = suspect_deviations(signals, reference, spec)
+    if how == "rms":
+        return np.sqrt((m * m).mean(1))
+    if how == "max":
+        return m.max(1)
+    raise ValuegateError(f"unknown suspect combination {how!r}: use rms or max")
+
+
+def explain_suspect(signals: dict[str, np.ndarray], reference: dict[str, np.ndarray],
+                    spec: list[tuple[str, str]], top: int = 2) -> list[str]:
+    """Why each sample is (or is not) suspect: its largest counted deviations, e.g.
+    ``"mean_loss z=+4.1, log_self_influence z=-2.3"``.
+
+    Returns:
+        one string per sample.
+    """
+    z, dev = suspect_deviations(signals, reference, spec)
+    order = np.argsort(-dev, axis=1, kind="stable")[:, :top]
+    return [", ".join(f"{spec[j][0]} z={z[i, j]:+.1f}" for j in row) for i, row in enumerate(order)]

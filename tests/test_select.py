@@ -1,0 +1,47 @@
+"""Selection policies on hand-made scores: each decision and its reason."""
+
+from __future__ import annotations
+
+import polars as pl
+import pytest
+
+from valuegate.errors import ValuegateError
+from valuegate.settings import SelectSettings
+from valuegate.tasks.select import select_samples
+
+SCORED = pl.DataFrame({
+    "id": ["a", "b", "c", "d", "e"],
+    "value": [0.5, -0.2, 0.1, 0.0, 2.0],
+    "suspect": [0.4, 5.0, 3.0, 3.1, None],
+    "suspect_reason": ["mean_loss z=+0.4", "mean_loss z=+5.0", "", "log_self_influence z=-3.1", None],
+})
+
+
+def _keep(**cfg) -> list[bool]:
+    return select_samples(SCORED, SelectSettings(**cfg))["keep"].to_list()
+
+
+def test_each_policy_keeps_what_it_says():
+    assert _keep(policy="drop_negative") == [True, False, True, True, True]
+    assert _keep(policy="threshold", threshold=0.1) == [True, False, True, False, True]
+    assert _keep(policy="top_fraction", fraction=0.4) == [True, False, False, False, True]
+    assert _keep(policy="keep_all") == [True] * 5
+    # suspect: ≤ threshold kept; a missing score is never kept silently
+    assert _keep(policy="suspect", suspect_threshold=3.0) == [True, False, True, False, False]
+
+
+def test_suspect_reason_names_the_deviations():
+    out = select_samples(SCORED, SelectSettings(policy="suspect", suspect_threshold=3.0))
+    assert out["reason"][1] == "suspect 5 > 3 (mean_loss z=+5.0)"
+    assert out["reason"][3].startswith("suspect 3.1 > 3 (log_self_influence")
+    assert out["reason"][0] == ""
+
+
+def test_top_fraction_ties_are_broken_by_id_and_errors_are_clear():
+    tied = pl.DataFrame({"id": ["z", "y", "x"], "value": [1.0, 1.0, 1.0]})
+    assert select_samples(tied, SelectSettings(policy="top_fraction", fraction=0.5))["keep"].to_list() == \
+        [False, True, True]
+    with pytest.raises(ValuegateError, match="not finite"):
+        select_samples(pl.DataFrame({"id": ["a"], "value": [float("nan")]}), SelectSettings(policy="keep_all"))
+    with pytest.raises(ValuegateError, match="suspect score"):
+        select_samples(tied, SelectSettings(policy="suspect"))

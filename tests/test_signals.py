@@ -1,0 +1,123 @@
+"""The suspect signals: sparse equals exact at full support, centring equals a materialised Φ, and the
+robust combination on hand-made numbers."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from test_forvalue import _setup, phi_from_block
+
+from valuegate.errors import ValuegateError
+from valuegate.storage.schemas import SIGNAL_COLUMNS
+from valuegate.tasks.extract import extract_token_blocks
+from valuegate.tasks.model import encode_samples
+from valuegate.tasks.score import compute_values
+from valuegate.tasks.signals import combine_suspect, parse_suspect, robust_z
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma2"])
+@pytest.mark.parametrize("loss_on", ["response", "all"])
+def test_sparse_signals_equal_exact_at_full_support(tiny_model_dir, family, loss_on):
+    """With the whole vocabulary as support and exact hidden states, the sparse path (centring through the
+    stored error sums) computes every signal, reference and suspect score of the exact path (centring the
+    hidden states of the token blocks)."""
+    settings, lm, train, valid = _setup(tiny_model_dir(family), n_train=7, n_valid=4, loss_on=loss_on,
+                                        support_k=10_000, hidden_dim=0, hard_fraction=0.4)
+    settings.score.suspect = ["centred_cosine_nearest:low", "hard_log_self_influence:two", "mean_loss:high"]
+    out = {}
+    for method in ("exact", "sparse"):
+        settings.score.method = method
+        out[method] = compute_values(lm, train, valid, settings, progress=False)
+    ex, sp = out["exact"], out["sparse"]
+    assert set(ex.signals) == set(SIGNAL_COLUMNS) == set(sp.reference)
+    for name in SIGNAL_COLUMNS:
+        for a, b in ((ex.signals[name], sp.signals[name]), (ex.reference[name], sp.reference[name])):
+            scale = max(np.abs(a).max(), 1e-12)
+            np.testing.assert_allclose(b, a, rtol=0, atol=2e-4 * scale, err_msg=name)
+    np.testing.assert_allclose(sp.suspect, ex.suspect, rtol=1e-3, atol=1e-4)
+    np.testing.assert_allclose(sp.values, ex.values, rtol=0, atol=1e-4 * np.abs(ex.values).max())
+
+
+def test_centred_value_is_the_inner_product_of_centred_gradients(tiny_model_dir):
+    """``centred_value_mean`` against Φ materialised with ``h_t − μ`` (μ: mean validation hidden state)."""
+    settings, lm, train, valid = _setup(tiny_model_dir("gpt2"), n_train=5, n_valid=3, loss_on="all")
+    settings.score.method = "exact"
+    vm = compute_values(lm, train, valid, settings, progress=False)
+    ex = settings.extract
+    tb = extract_token_blocks(lm, encode_samples(lm.tokenizer, train, "all", 64), ex, progress=False)
+    vb = extract_token_blocks(lm, encode_samples(lm.tokenizer, valid, "all", 64), ex, progress=False)
+    mu = vb.hidden.double().mean(0).float()
+    pt = phi_from_block(tb.centred(mu))
+    pv = phi_from_block(vb.centred(mu))
+    want = np.array([np.mean([float((a * b).sum()) for b in pv]) for a in pt])
+    np.testing.assert_allclose(vm.signals["centred_value_mean"], want, rtol=1e-4, atol=1e-6 * np.abs(want).max())
+    # the hard signals value the hardest positions: with hard_fraction 1 they would equal the others
+    raw = [float((a * b).sum()) for a in phi_from_block(tb) for b in phi_from_block(vb)]
+    np.testing.assert_allclose(vm.signals["value_mean"], np.array(raw).reshape(5, 3).mean(1), rtol=1e-4)
+    assert not np.allclose(vm.signals["hard_value_mean"], vm.signals["value_mean"])
+
+
+def test_reference_is_leave_one_out(tiny_model_dir):
+    settings, lm, train, valid = _setup(tiny_model_dir("llama"), n_train=3, n_valid=4)
+    settings.score.method = "exact"
+    settings.score.nearest_k = 10
+    vm = compute_values(lm, train, valid, settings, progress=False)
+    # scoring the validation set as training data (no self-exclusion) vs the reference (self excluded)
+    vv = compute_values(lm, valid, valid, settings, progress=False)
+    full = vv.values
+    loo = (full.sum(1) - np.diag(full)) / 3
+    np.testing.assert_allclose(vm.reference["value_mean"], loo, rtol=1e-6)
+    np.testing.assert_allclose(vm.reference["value_nearest"], loo, rtol=1e-6)  # k ≥ n_v − 1: every other
+    np.testing.assert_allclose(vv.signals["log_self_influence"], vm.reference["log_self_influence"], rtol=1e-9)
+
+
+def test_robust_z_and_the_combination_on_hand_made_numbers():
+    ref = np.array([1.0, 2.0, 3.0, 4.0, 100.0])  # median 3, MAD 1 → scale 1.4826
+    np.testing.assert_allclose(robust_z(np.array([3.0, 4.4826]), ref), [0.0, 1.0])
+    np.testing.assert_allclose(robust_z(np.array([5.0]), np.array([2.0, 2.0, 2.0, 4.0])), [(5 - 2) / np.std([2, 2, 2, 4])])
+    sig = {"a": np.array([3.0, 3.0 - 2 * 1.4826, 3.0 + 1.4826]), "b": np.array([3.0, 3.0, 3.0 + 2 * 1.4826])}
+    refs = {"a": ref, "b": ref}
+    low = combine_suspect(sig, refs, [("a", "low")], "rms")
+    np.testing.assert_allclose(low, [0.0, 2.0, 0.0])
+    two = combine_suspect(sig, refs, [("a", "two"), ("b", "high")], "rms")
+    np.testing.assert_allclose(two, [0.0, np.sqrt(4 / 2), np.sqrt((1 + 4) / 2)])
+    np.testing.assert_allclose(combine_suspect(sig, refs, [("a", "two"), ("b", "high")], "max"), [0, 2, 2])
+    assert parse_suspect(["a:low", "b"], ["a", "b"]) == [("a", "low"), ("b", "two")]
+    for bad in (["c:low"], ["a:up"], []):
+        with pytest.raises(ValuegateError):
+            parse_suspect(bad, ["a", "b"])
+
+
+def test_signals_off_keeps_the_values(tiny_model_dir):
+    settings, lm, train, valid = _setup(tiny_model_dir("llama"), n_train=4, n_valid=2)
+    on = compute_values(lm, train, valid, settings, progress=False)
+    settings.score.signals = False
+    off = compute_values(lm, train, valid, settings, progress=False)
+    assert off.signals is None and off.suspect is None
+    np.testing.assert_allclose(off.values, on.values, rtol=1e-6)
+    assert torch.is_tensor(torch.as_tensor(on.suspect)) and (on.suspect >= 0).all()
+
+
+@pytest.mark.parametrize("ratio", [1.0, 0.5])
+def test_token_contributions_sum_to_the_mean_value(tiny_model_dir, ratio):
+    """The per-token parts the report highlights add up to the sample's sparse mean value."""
+    from valuegate.tasks.explain import mean_rows, token_contributions
+    from valuegate.tasks.extract import extract_sparse
+    from valuegate.tasks.signals import SparseSet
+
+    settings, lm, train, valid = _setup(tiny_model_dir("llama"), n_train=4, n_valid=3, support_k=3, hidden_dim=6,
+                                        lowest_likelihood_ratio=ratio)
+    vm = compute_values(lm, train, valid, settings, progress=False)
+    ex = settings.extract
+    fv = extract_sparse(lm, encode_samples(lm.tokenizer, valid, ex.loss_on, 64), ex, progress=False)
+    rows = SparseSet.from_features(fv, lm.vocab_size).matrix()
+    got = token_contributions(lm, train, mean_rows(rows, lm.vocab_size, 6), ex)
+    np.testing.assert_allclose([g.total for g in got], vm.signals["value_mean"], rtol=1e-4,
+                               atol=1e-6 * np.abs(vm.signals["value_mean"]).max())
+    for g, s in zip(got, train, strict=True):
+        enc = encode_samples(lm.tokenizer, [s], ex.loss_on, 64)[0]
+        carried = sum(c is not None for c in g.contributions)
+        assert len(g.tokens) == len(enc.input_ids)
+        assert carried == int(np.ceil(ratio * enc.n_counted - 1e-9))
+        assert g.contributions[0] is None  # the first token is never predicted

@@ -7,7 +7,8 @@ frame (one suite each)    expectations
 ========================  ==========================================================================
 ``candidate``             the required columns are present (``expect_table_columns_to_match_set``);
                           each present required column has no nulls (NaN counts as null); ``id`` is
-                          unique; ``value`` lies between ±float64 max (fails on ±inf).
+                          unique; ``value`` (and ``suspect`` where present) lie between ±float64 max
+                          (fails on ±inf).
 ``release_metrics``       one row: ``retained_fraction`` (candidate rows / scored rows) within the
                           settings' bounds; ``quarantine_rate`` (quarantined / ingested rows) at most the
                           bound; ``valset`` pinned (``name@vN``); ``valset_rows`` at least the bound.
@@ -221,9 +222,10 @@ def gate_suites(frames: dict[str, pd.DataFrame], inp: GateInput, cfg: GateSettin
     candidate += [ex.ExpectColumnValuesToNotBeNull(column=c) for c in required if c in present]
     if "id" in present:
         candidate.append(ex.ExpectColumnValuesToBeUnique(column="id"))
-    if "value" in present:
-        candidate.append(ex.ExpectColumnValuesToBeBetween(column="value", min_value=-_FLOAT_MAX,
-                                                          max_value=_FLOAT_MAX))
+    for col in ("value", "suspect"):  # suspect may be null (signals off); never ±inf
+        if col in present:
+            candidate.append(ex.ExpectColumnValuesToBeBetween(column=col, min_value=-_FLOAT_MAX,
+                                                              max_value=_FLOAT_MAX))
     suites: dict[str, list] = {"candidate": candidate, "release_metrics": [
         ex.ExpectColumnValuesToBeBetween(column="retained_fraction", min_value=cfg.min_retained_fraction,
                                          max_value=cfg.max_retained_fraction),

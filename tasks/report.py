@@ -137,8 +137,12 @@ def render_report(selected: pl.DataFrame, manifest: dict[str, Any], valid_rows: 
         f"<tr><td>{html.escape(str(k))}</td><td>{v}</td></tr>" for k, v in counts.items()) + "</table>")
     if "corruption" in selected.columns:  # the demo knows which rows it corrupted: say how many were dropped
         bad = (selected["corruption"].fill_null("") != "").to_numpy()
-        parts.append(f"<p>Known corrupted samples: {int(bad.sum())}; dropped by this release: "
-                     f"{int((bad & ~keep).sum())}; clean samples dropped: {int((~bad & ~keep).sum())}.</p>")
+        line = (f"Known corrupted samples: {int(bad.sum())}; dropped by this release: "
+                f"{int((bad & ~keep).sum())}; clean samples dropped: {int((~bad & ~keep).sum())}.")
+        for col, sign, what in (("suspect", 1.0, "suspect score"), ("value", -1.0, "value (low = corrupted)")):
+            if col in selected.columns and selected[col].null_count() == 0 and 0 < bad.sum() < bad.size:
+                line += f" Detection AUC of the {what}: {detection_auc(sign * selected[col].to_numpy(), bad):.3f}."
+        parts.append(f"<p>{line}</p>")
     parts.append("<h2>Value distribution</h2>")
     span = (float(values.min()), float(values.max())) if values.size else None
     parts.append(_histogram_svg(values[keep], values[~keep], "all samples (green kept, red dropped)", span=span))
@@ -178,6 +182,16 @@ def render_report(selected: pl.DataFrame, manifest: dict[str, Any], valid_rows: 
                  + html.escape(diff_text or "no previous release") + "</pre>")
     parts.append("</body></html>")
     return "".join(parts)
+
+
+def detection_auc(score: np.ndarray, positive: np.ndarray) -> float:
+    """ROC AUC of ``score`` (higher = positive) for the boolean ``positive`` labels; ties count half."""
+    from scipy.stats import rankdata
+
+    pos = np.asarray(positive, dtype=bool)
+    n1, n0 = int(pos.sum()), int((~pos).sum())
+    r = rankdata(np.asarray(score, dtype=np.float64))
+    return float((r[pos].sum() - n1 * (n1 + 1) / 2) / (n1 * n0))
 
 
 def write_report(path: Path, content: str) -> Path:

@@ -53,7 +53,7 @@ def test_report_content_is_complete_and_escaped(tmp_path):
     assert "Most suspect samples" in html_text and "mean_loss z=+1.0" in html_text
     assert "Which tokens carry the value" in html_text and "title='+0.7'" in html_text
     assert "rgba(201,42,42" in html_text and "&lt;b&gt;" in html_text  # negative token, escaped
-    assert "Known corrupted samples: 12" in html_text
+    assert "Known corrupted samples: 12" in html_text and "Detection AUC of the suspect score" in html_text
     assert "&lt;b&gt;not bold&lt;/b&gt;" in html_text and "<b>not bold</b>" not in html_text
     assert "a validation sample" in html_text and "entered: 3 (new data)" in html_text
     assert "FAILED" in html_text and "retained_fraction" in html_text
@@ -79,3 +79,11 @@ def test_report_renders_in_headless_chromium(tmp_path):
                          capture_output=True, text=True).stdout
     assert dom.count("<svg") == 4 and "Lowest-valued samples" in dom and "<rect" in dom
     assert "Which tokens carry the value" in dom
+
+
+def test_detection_auc_counts_ties_half():
+    from valuegate.tasks.report import detection_auc
+
+    assert detection_auc(np.array([3.0, 2.0, 1.0, 0.0]), np.array([True, True, False, False])) == 1.0
+    assert detection_auc(np.array([0.0, 1.0]), np.array([True, False])) == 0.0
+    assert detection_auc(np.array([1.0, 1.0, 1.0]), np.array([True, False, False])) == 0.5

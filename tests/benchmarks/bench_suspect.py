@@ -38,6 +38,7 @@ import polars as pl
 from tests.benchmarks.bench_engine import DEFAULT_DATA, machine
 from tests.benchmarks.tables import table
 from valuegate.storage.schemas import SIGNAL_COLUMNS
+from valuegate.tasks.report import detection_auc
 from valuegate.tasks.signals import combine_suspect
 
 SETS = {"grammars": ("swap", "copy", "truncate"), "math_without_reason": ("swap", "wrong", "truncate")}
@@ -63,19 +64,13 @@ FORMS: list[tuple[str, list[str], str]] = [
     ("every signal two-sided", [f"{s}:two" for s in SIGNAL_COLUMNS], "rms"),
     ("every signal two-sided max", [f"{s}:two" for s in SIGNAL_COLUMNS], "max"),
 ]
-BASELINES = {"high loss": ("mean_loss", +1), "low loss": ("mean_loss", -1)}
+THRESHOLDS = (2.0, 3.0, 4.0, 5.0)
 
 
 def auc(score: np.ndarray, label: np.ndarray) -> float:
-    """ROC AUC of ``score`` (higher = positive) for boolean ``label`` (ties count half)."""
-    from scipy.stats import rankdata
-
-    pos = label.astype(bool)
-    n1, n0 = int(pos.sum()), int((~pos).sum())
-    if n1 == 0 or n0 == 0:
-        return float("nan")
-    r = rankdata(score)
-    return float((r[pos].sum() - n1 * (n1 + 1) / 2) / (n1 * n0))
+    """ROC AUC of ``score`` (higher = positive) for boolean ``label``; NaN when one class is empty."""
+    label = np.asarray(label, dtype=bool)
+    return detection_auc(score, label) if 0 < label.sum() < label.size else float("nan")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -251,7 +246,27 @@ def evaluate(df: pl.DataFrame) -> dict:
         fit = [(c, f) for c, f in zip(cases, form_rows, strict=True) if c["dataset"] != held and c["perceivable"]]
         scores = {name: min(f[name] for _, f in fit) for name, _, _ in FORMS} if fit else {}
         choice[held] = max(scores, key=scores.get) if scores else None
-    return {"cases": cases, "signals": signal_rows, "forms": form_rows, "choice_by_held_out_set": choice}
+    # the threshold of the suspect policy: recall and false-positive rate of the default form per case
+    from valuegate.settings import default_settings
+
+    sc = default_settings().score
+    spec = [tuple(x.split(":")) for x in sc.suspect]
+    thresholds = []
+    for (loss_on, dataset), part in df.group_by(["loss_on", "dataset"], maintain_order=True):
+        ref = part.filter(pl.col("kind") == "reference")
+        reference = {c: ref[c].to_numpy().astype(np.float64) for c in SIGNAL_COLUMNS}
+        for kind in SETS[dataset]:
+            sub = part.filter(pl.col("kind") == kind)
+            label = sub["corrupted"].to_numpy().astype(bool)
+            sus = combine_suspect({c: sub[c].to_numpy().astype(np.float64) for c in SIGNAL_COLUMNS}, reference,
+                                  spec, sc.suspect_combine)
+            row = {"loss_on": loss_on, "dataset": dataset, "kind": kind}
+            for t in THRESHOLDS:
+                row[f"recall@{t:g}"] = float((sus[label] > t).mean())
+                row[f"fpr@{t:g}"] = float((sus[~label] > t).mean())
+            thresholds.append(row)
+    return {"cases": cases, "signals": signal_rows, "forms": form_rows, "choice_by_held_out_set": choice,
+            "default_form": {"suspect": list(sc.suspect), "combine": sc.suspect_combine}, "thresholds": thresholds}
 
 
 def print_tables(res: dict) -> None:
@@ -263,6 +278,9 @@ def print_tables(res: dict) -> None:
     print(table(res["signals"], ["loss_on", "dataset", "kind", *SIGNAL_COLUMNS],
                 "every signal (AUC of low = suspect; < 0.5: high flags)"))
     print("form chosen with each data set held out:", res["choice_by_held_out_set"])
+    cols = [f"{m}@{t:g}" for t in THRESHOLDS for m in ("recall", "fpr")]
+    print(table(res["thresholds"], ["loss_on", "dataset", "kind", *cols],
+                f"default suspect {res['default_form']}: flagged corrupted (recall) and clean (fpr) rows"))
 
 
 def main(argv: list[str] | None = None) -> None:

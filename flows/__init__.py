@@ -1,1 +1,117 @@
-"""valuegate.flows: see DESIGN §2."""
+"""valuegate.flows: the Prefect flows (DESIGN §2) and the orchestration policy they share.
+
+Cached steps persist their results under ``<workspace>/.prefect-results`` (so the cache goes with the
+workspace and a wiped workspace never meets an old cache), keyed by :class:`KeyedOn`: the task's source,
+plus what the step's result depends on, including the state of the workspace tables it reads where that
+matters. A key that cannot be computed turns caching off for that call (the step runs), never on.
+``PREFECT_TASKS_REFRESH_CACHE=true`` recomputes every cached step once and overwrites its record.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from prefect.cache_policies import TASK_SOURCE, CachePolicy
+
+RESULTS_DIR = ".prefect-results"
+
+
+def results_dir(workspace: str) -> Path | None:
+    """Where cached results of a workspace persist: ``<workspace>/.prefect-results`` (absolute); None for an
+    object-store workspace (its steps are not cached)."""
+    uri = workspace[len("file://"):] if workspace.startswith("file://") else workspace
+    if "://" in uri:
+        return None
+    return Path(uri).expanduser().resolve() / RESULTS_DIR
+
+
+def persisted(task: Any, workspace: str) -> Any:
+    """``task`` with its results persisted under :func:`results_dir` (what caching and resuming read back);
+    for an object-store workspace, ``task`` uncached."""
+    from prefect.cache_policies import NO_CACHE
+
+    where = results_dir(workspace)
+    if where is None:
+        return task.with_options(cache_policy=NO_CACHE, persist_result=False)
+    return task.with_options(result_storage=where, persist_result=True)
+
+
+def digest(*parts: Any) -> str:
+    """sha256 (hex) of the canonical JSON of ``parts`` (sorted keys; non-JSON values by ``str``)."""
+    payload = json.dumps(parts, sort_keys=True, default=str, separators=(",", ":"))
+    return hashlib.sha256(payload.encode()).hexdigest()
+
+
+# Modules only the steps after scoring run (selection, gate, release, report and its explanations):
+# editing them cannot change what a cached step computed, so they stay out of its code fingerprint.
+DOWNSTREAM_MODULES = frozenset({"tasks/select.py", "tasks/gate.py", "tasks/release.py", "tasks/report.py",
+                                "tasks/explain.py", "storage/releases.py"})
+
+
+@functools.lru_cache(maxsize=1)
+def code_fingerprint() -> str:
+    """sha256 over the source files of ``valuegate.tasks`` and ``valuegate.storage`` but
+    :data:`DOWNSTREAM_MODULES`: a cached result is never reused by code that would compute it differently
+    (a new module counts until it is listed as downstream)."""
+    import valuegate.storage
+    import valuegate.tasks
+
+    h = hashlib.sha256()
+    for room, pkg in (("tasks", valuegate.tasks), ("storage", valuegate.storage)):
+        for path in sorted(Path(p) for d in pkg.__path__ for p in Path(d).glob("*.py")):
+            if f"{room}/{path.name}" in DOWNSTREAM_MODULES:
+                continue
+            h.update(f"{room}/{path.name}".encode())
+            h.update(path.read_bytes())
+    return h.hexdigest()
+
+
+def files_stat(path: str | None) -> list[tuple[str, int, int]] | None:
+    """(relative name, size, mtime ns) of every file under a local directory, sorted; None when ``path`` is
+    not a local directory (a hub id). Cheap, and a rewritten file changes it."""
+    if not path or not Path(path).is_dir():
+        return None
+    root = Path(path).resolve()
+    out = []
+    for dirpath, _, names in os.walk(root):
+        for n in names:
+            st = (Path(dirpath) / n).stat()
+            out.append((str((Path(dirpath) / n).relative_to(root)), st.st_size, st.st_mtime_ns))
+    return sorted(out)
+
+
+def table_versions(ws: Any, names: list[str]) -> dict[str, int | None]:
+    """The latest Lance version of each table (None: not created yet). Any commit moves it, so a key holding
+    it is never reused once a table changed."""
+    return {n: (ws.version(n) if ws.table_exists(n) else None) for n in names}
+
+
+@dataclass
+class KeyedOn(CachePolicy):
+    """Cache key = the task's source + ``parts(parameters)``: everything its result depends on.
+
+    ``parts`` raising, or returning None, turns caching off for that call (unlike a compound of Prefect
+    policies, which would drop the missing part and key on the rest).
+    """
+
+    parts: Callable[[dict[str, Any]], Any] | None = None
+
+    def compute_key(self, task_ctx: Any, inputs: dict[str, Any], flow_parameters: dict[str, Any],
+                    **kwargs: Any) -> str | None:
+        if self.parts is None:
+            return None
+        try:
+            parts = self.parts(inputs)
+            source = TASK_SOURCE.compute_key(task_ctx, inputs, flow_parameters)
+        except Exception:  # e.g. a missing source file: the step runs and says so itself
+            return None
+        if parts is None or source is None:
+            return None
+        return digest(source, parts)

@@ -1,17 +1,50 @@
-"""The refresh DAG: ingest → extract → score → select → gate → release. Thin: every task body is one call
-of a pure function in ``valuegate.tasks``; retries only where a retry can help (I/O), never on the gate
-or deterministic compute."""
+"""The refresh DAG: ingest → validation set → extract+score → select → gate → release → report →
+promote.
+
+Thin: every task body is one call of a pure function in ``valuegate.tasks``; retries only where a retry can
+help (I/O), never on the gate or deterministic compute.
+
+Caching and resuming (results persist under ``<workspace>/.prefect-results``, see :mod:`valuegate.flows`):
+
+* ``ingest``, ``validation-set`` and ``extract+score`` are cached on what their results depend on (source
+  bytes and the dataset tables' versions; the validation file's bytes and the registry's version; the
+  dataset's ids, the pinned validation version and its content, the model's files and every extract/score
+  setting). Any change is a new key, so a cached result is never stale; an unchanged input skips the step
+  (a re-run after a crash does not score again).
+* ``select``, ``gate``, ``release``, ``report`` and ``promote`` are never cached: every run cuts, checks and
+  writes its own release. One exception makes a re-run *resume* instead of duplicating: when a run fails
+  after allocating a version (a crash in the release writer or the report, or a failed gate), it leaves a
+  record keyed on everything the release is cut from (the scores run, the settings, the input hashes and
+  the release that was current); a later run with exactly those takes that version over (finishing the
+  files if the crash left them incomplete, re-running the gate) instead of writing a copy. A run that
+  succeeded leaves no record, and a promotion changes the current release, so the next run writes anew.
+
+Every step's wall time goes into the returned summary, the summary artifact and (for the steps before
+the release is written) the manifest's ``timings``.
+"""
 
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.cache_policies import NO_CACHE
 
 from valuegate.errors import ValuegateError
+from valuegate.flows import (
+    KeyedOn,
+    code_fingerprint,
+    digest,
+    files_stat,
+    persisted,
+    results_dir,
+    table_versions,
+)
+from valuegate.flows.validation import register_validation_version
 from valuegate.settings import Settings, load_settings
 
 
@@ -21,64 +54,109 @@ def _workspace(settings: Settings):
     return Workspace.from_env(settings.workspace)
 
 
-@task(name="ingest", retries=2, retry_delay_seconds=2)
-def ingest_sources(settings: Settings) -> dict[str, int]:
-    """Ingest every configured source into the dataset (unchanged files are no-ops)."""
-    from valuegate.storage.samples import ensure_sample_tables
+def _scoring_settings(settings: Settings) -> Settings:
+    """The settings scoring runs with: the selection policy's aggregate is the one scored."""
+    return settings.model_copy(update={"score": settings.score.model_copy(
+        update={"aggregate": settings.select.aggregate})})
+
+
+# --------------------------------------------------------------------------------------------------
+# cache keys: everything a cached step's result depends on
+# --------------------------------------------------------------------------------------------------
+
+
+def _ingest_key(params: dict[str, Any]) -> dict[str, Any]:
+    """Source bytes, ingest settings, and the versions of the tables ingestion writes and counts (so a
+    change to the dataset by anyone, this step included, is a new key)."""
+    from valuegate.storage import schemas
+    from valuegate.tasks.ingest import file_hash
+
+    s: Settings = params["settings"]
+    ws = _workspace(s)
+    return {"workspace": ws.uri, "dataset": s.data.dataset, "ingest": s.ingest.model_dump(mode="json"),
+            "sources": [[str(Path(p).resolve()), file_hash(p)] for p in s.data.sources],
+            "tables": table_versions(ws, [schemas.MEMBERS, schemas.QUARANTINE, schemas.INGESTS]),
+            "code": code_fingerprint()}
+
+
+def _score_key(params: dict[str, Any]) -> dict[str, Any]:
+    """The dataset's ids, the pinned validation version and its content, the model (its files when local)
+    and every model/extract/score setting (as scored)."""
+    from valuegate.tasks.default_model import DEFAULT_MODEL_ALIAS, default_model_dir
+
+    s = _scoring_settings(params["settings"])
+    valset = params["valset"]
+    model_dir = str(default_model_dir()) if s.model.name in (DEFAULT_MODEL_ALIAS, "") else s.model.name
+    return {"workspace": _workspace(s).uri, "dataset": s.data.dataset, "dataset_fp": params["dataset_fp"],
+            "valset": [valset["valset"], valset["content_hash"]],
+            "model": s.model.model_dump(mode="json"), "model_files": files_stat(model_dir),
+            "adapter_files": files_stat(s.model.adapter), "extract": s.extract.model_dump(mode="json"),
+            "score": s.score.model_dump(mode="json"), "code": code_fingerprint()}
+
+
+# --------------------------------------------------------------------------------------------------
+# tasks
+# --------------------------------------------------------------------------------------------------
+
+
+@task(name="ingest", retries=2, retry_delay_seconds=2, cache_policy=KeyedOn(parts=_ingest_key),
+      result_serializer="json")
+def ingest_sources(settings: Settings) -> dict[str, Any]:
+    """Ingest every configured source into the dataset (unchanged files are no-ops).
+
+    Returns:
+        this call's counts (``rows``, ``kept``, ``new_samples``, ``duplicates``, ``quarantined``, ``left``),
+        the dataset as it stands (``dataset_rows``, ``dataset_quarantined``) and ``dataset_fp``, the sha256
+        of its sorted distinct ids (what scoring is keyed on).
+    """
+    import hashlib
+
+    from valuegate.storage.samples import ensure_sample_tables, read_members, read_quarantine
     from valuegate.tasks.ingest import ingest_file
 
     ws = _workspace(settings)
     ensure_sample_tables(ws)
     if not settings.data.sources:
         raise ValuegateError("no sources configured: set data.sources (a list of files) in the config")
-    totals = {"rows": 0, "kept": 0, "new_samples": 0, "duplicates": 0, "quarantined": 0, "left": 0}
+    keys = ("rows", "kept", "new_samples", "duplicates", "quarantined", "left")
+    totals: dict[str, Any] = dict.fromkeys(keys, 0)
     log = get_run_logger()
     for src in settings.data.sources:
         rep = ingest_file(ws, settings.data.dataset, src, settings.ingest.max_chars)
         log.info(rep.line())
-        for k in totals:
+        for k in keys:
             totals[k] += getattr(rep, k)
     # the dataset as it stands (unchanged sources add nothing this run, but their rows still count)
-    from valuegate.storage.samples import read_members, read_quarantine
-
-    totals["dataset_rows"] = read_members(ws, settings.data.dataset, columns=["id"]).num_rows
+    ids = read_members(ws, settings.data.dataset, columns=["id"])["id"].to_pylist()
+    totals["dataset_rows"] = len(ids)
     totals["dataset_quarantined"] = read_quarantine(ws, settings.data.dataset).num_rows
+    totals["dataset_fp"] = hashlib.sha256("\n".join(sorted(set(ids))).encode()).hexdigest()
     return totals
 
 
-@task(name="validation-set", retries=2, retry_delay_seconds=2)
-def resolve_validation_set(settings: Settings) -> dict[str, Any]:
-    """Register ``data.valset_file`` as the next version of ``data.valset`` (a no-op for identical content)
-    and pin the version the run scores against."""
-    from valuegate.storage.valsets import read_valset
-    from valuegate.tasks.valsets import register_valset
+@task(name="extract+score", cache_policy=KeyedOn(parts=_score_key), result_serializer="json")
+def score_against_valset(settings: Settings, valset: dict[str, Any], dataset_fp: str) -> dict[str, Any]:
+    """Extract what is missing for the fingerprint and score the dataset (deterministic: no retries).
 
-    ws = _workspace(settings)
-    name = settings.data.valset.split("@")[0]
-    if settings.data.valset_file:
-        rec, _ = register_valset(ws, name, settings.data.valset_file, settings.ingest.max_chars)
-        ref = settings.data.valset if "@" in settings.data.valset else f"{name}@v{rec['version']}"
-    else:
-        ref = settings.data.valset
-    rec, _ = read_valset(ws, ref)
-    return {"valset": f"{rec['name']}@v{rec['version']}", "rows": rec["rows"]}
+    Args:
+        valset: the pinned validation version (``valset``: ``name@vN``, ``content_hash``).
+        dataset_fp: the dataset's id fingerprint from ``ingest``; part of the cache key (the body scores
+            the dataset as stored).
 
-
-@task(name="extract+score")
-def score(settings: Settings, valset: str) -> dict[str, Any]:
-    """Extract what is missing for the fingerprint and score the dataset (deterministic: no retries)."""
+    Returns:
+        ``run_id`` (the scores run), ``model_fp``, ``n_train``, ``extracted`` and ``timings`` (seconds per
+        part: ``resolve``, ``extract``, ``read``, ``score``, ``write``).
+    """
     from valuegate.tasks.score import score_dataset
 
-    ws = _workspace(settings)
-    scoring = settings.model_copy(update={"score": settings.score.model_copy(
-        update={"aggregate": settings.select.aggregate})})
-    rep = score_dataset(ws, settings.data.dataset, valset, scoring, progress=False)
+    rep = score_dataset(_workspace(settings), settings.data.dataset, valset["valset"],
+                        _scoring_settings(settings), progress=False)
     get_run_logger().info(rep.line())
     return {"run_id": rep.run_id, "model_fp": rep.model_fp, "n_train": rep.n_train,
             "extracted": rep.extract_train.extracted, "timings": rep.timings}
 
 
-@task(name="select")
+@task(name="select", cache_policy=NO_CACHE)
 def select(settings: Settings, run_id: str) -> Any:
     """Apply the selection policy to the scored samples."""
     from valuegate.tasks.score import read_score_run
@@ -88,7 +166,23 @@ def select(settings: Settings, run_id: str) -> Any:
     return select_samples(scored, settings.select)
 
 
-@task(name="gate")
+@task(name="allocate", retries=2, retry_delay_seconds=2, cache_policy=NO_CACHE)
+def allocate_release(settings: Settings, resume: str | None, run_id: str) -> str:
+    """The version this run writes: ``resume`` (the version a failed run cut from the same inputs
+    allocated) when it is still there, not current, and either incomplete or cut from ``run_id``; else a
+    new version (exclusive allocation: concurrent runs never share one)."""
+    from valuegate.storage import releases as store
+
+    root, name = Path(settings.workspace), settings.release.name
+    if (resume and store.release_dir(root, name, resume).is_dir() and store.read_current(root, name) != resume
+            and (not store.release_exists(root, name, resume)
+                 or store.read_manifest(root, name, resume).get("run_id") == run_id)):
+        get_run_logger().info(f"resuming release {name}/{resume}, left by a failed run with the same inputs")
+        return resume
+    return store.allocate_version(root, name)
+
+
+@task(name="gate", cache_policy=NO_CACHE)
 def gate(settings: Settings, selected: Any, counts: dict[str, int], valset: dict[str, Any],
          docs_dir: str) -> dict[str, Any]:
     """Great Expectations on the candidate release (never retried: a verdict is not a transient error)."""
@@ -103,10 +197,13 @@ def gate(settings: Settings, selected: Any, counts: dict[str, int], valset: dict
     return {"passed": res.passed, "failures": res.failures, "docs_index": str(res.docs_index or "")}
 
 
-@task(name="release", retries=2, retry_delay_seconds=2)
+@task(name="release", retries=2, retry_delay_seconds=2, cache_policy=NO_CACHE)
 def write_release_task(settings: Settings, selected: Any, manifest_parts: dict[str, Any], gate_result: dict,
                        version: str, docs_dir: str) -> str:
     """Write the release files (data, every score, manifest, Data Docs); promotion is a separate step.
+
+    ``manifest_parts``: the :func:`valuegate.tasks.release.build_manifest` arguments the flow gathered, plus
+    ``timings`` (seconds per step so far), stored beside them in the manifest.
 
     Idempotent: a retry after the manifest landed finds the release complete and returns.
     """
@@ -118,17 +215,18 @@ def write_release_task(settings: Settings, selected: Any, manifest_parts: dict[s
     root = Path(settings.workspace)
     if not release_exists(root, settings.release.name, version):
         data = selected.filter(selected["keep"]).drop("keep", "reason")
+        beside = {k: manifest_parts[k] for k in ("timings", "cached_steps") if k in manifest_parts}
+        fields = {k: v for k, v in manifest_parts.items() if k != "counts" and k not in beside}
         manifest = build_manifest(name=settings.release.name, version=version, gate=gate_result,
-                                  counts={**manifest_parts["counts"], "released": data.height},
-                                  **{k: v for k, v in manifest_parts.items() if k != "counts"})
+                                  counts={**manifest_parts["counts"], "released": data.height}, **fields)
         extra = {"gate": Path(docs_dir)} if Path(docs_dir).is_dir() else None
-        write_release(root, settings.release.name, version, data, manifest, extra,
+        write_release(root, settings.release.name, version, data, {**manifest, **beside}, extra,
                       scores=selected.select("id", "value"))
     shutil.rmtree(docs_dir, ignore_errors=True)  # copied into the release as gate/
     return version
 
 
-@task(name="report")
+@task(name="report", cache_policy=NO_CACHE)
 def report(settings: Settings, selected: Any, version: str, previous: str | None) -> str:
     """Write report.html into the release folder (plots, top/bottom samples, change since the previous)."""
     from valuegate.storage.releases import read_manifest, release_dir
@@ -145,7 +243,7 @@ def report(settings: Settings, selected: Any, version: str, previous: str | None
     return str(write_report(release_dir(root, name, version) / "report.html", html_text))
 
 
-@task(name="promote", retries=2, retry_delay_seconds=2)
+@task(name="promote", retries=2, retry_delay_seconds=2, cache_policy=NO_CACHE)
 def promote_task(settings: Settings, version: str) -> None:
     """Move CURRENT to the release (only called after the gate passed)."""
     from valuegate.storage.releases import promote
@@ -153,53 +251,147 @@ def promote_task(settings: Settings, version: str) -> None:
     promote(Path(settings.workspace), settings.release.name, version)
 
 
+# --------------------------------------------------------------------------------------------------
+# orchestration helpers: step timing, the resume record of a failed release
+# --------------------------------------------------------------------------------------------------
+
+
+class _Steps:
+    """Runs tasks, recording each step's wall time (seconds) and which steps were answered by the cache."""
+
+    def __init__(self) -> None:
+        self.timings: dict[str, float] = {}
+        self.cached: list[str] = []
+
+    def __call__(self, name: str, step: Any, *args: Any) -> Any:
+        t0 = time.perf_counter()
+        try:
+            state = step(*args, return_state=True)
+        finally:
+            self.timings[name] = round(time.perf_counter() - t0, 3)
+        if state.name == "Cached":
+            self.cached.append(name)
+        return state.result()  # raises the task's exception if it failed
+
+
+def _pending_store(settings: Settings):
+    from prefect.filesystems import LocalFileSystem
+    from prefect.results import ResultStore
+    from prefect.serializers import JSONSerializer
+
+    where = results_dir(settings.workspace)
+    if where is None:
+        return None
+    return ResultStore(result_storage=LocalFileSystem(basepath=str(where)), serializer=JSONSerializer(),
+                       cache_result_in_memory=False)
+
+
+def _pending_release(settings: Settings, key: str) -> str | None:
+    """The version a failed run with the same release key left unpromoted, if any."""
+    store = _pending_store(settings)
+    if store is None or not store.exists(key):
+        return None
+    return store.read(key).result
+
+
+def _remember_release(settings: Settings, key: str, version: str | None) -> None:
+    """Record (or, with None, clear) the version a failed run leaves for a re-run with the same key.
+
+    Best effort: a record that cannot be written costs a re-run a new version, never the run's own error.
+    """
+    store = _pending_store(settings)
+    if store is None:
+        return
+    try:
+        store.write(version, key=key)
+    except Exception as exc:  # e.g. a full disk: keep the error that made the run fail
+        get_run_logger().warning(f"could not record release {version} for a resuming run: {exc}")
+
+
+# --------------------------------------------------------------------------------------------------
+# the flow
+# --------------------------------------------------------------------------------------------------
+
+
 @flow(name="refresh", log_prints=True)
 def refresh(config: str | None = None, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
-    """ingest → extract → score → select → gate → release, on the settings of ``config`` (+ overrides).
+    """ingest → validation set → extract+score → select → gate → release → report → promote, on the
+    settings of ``config`` (+ overrides).
 
     Parameters are small references (a config path, a dict of overrides), never data.
 
     Returns:
-        a summary: release version, whether it became current, counts, gate failures.
+        a summary: release version, whether it became current, counts, ``timings`` (wall seconds per step:
+        ``ingest``, ``validation-set``, ``extract``, ``score``, ``select``, ``allocate``, ``gate``,
+        ``release``, ``report``, ``promote``, and ``total``), ``cached_steps`` (steps answered by the cache),
+        ``resumed`` (whether the release was one a failed run left).
 
     Raises:
         ValuegateError: the gate failed (the release is written for inspection but never becomes current,
             and the previous release stays current).
     """
-    from valuegate.storage.releases import allocate_version, read_current
+    from valuegate.storage.releases import read_current
     from valuegate.tasks.ingest import file_hash
 
+    t_start = time.perf_counter()
     settings = load_settings(config, overrides)
-    counts = ingest_sources(settings)
-    valset = resolve_validation_set(settings)
-    run = score(settings, valset["valset"])
-    selected = select(settings, run["run_id"])
-    version = allocate_version(Path(settings.workspace), settings.release.name)
-    rdir = Path(settings.workspace) / "releases" / settings.release.name / version
-    docs_dir = str(rdir.parent / f".{version}-gate")
-    verdict = gate(settings, selected, counts, valset, docs_dir)
-    parts = {
-        "run_id": run["run_id"], "model_fp": run["model_fp"], "valset": valset["valset"],
-        "inputs": [{"source": str(Path(s).resolve()), "sha256": file_hash(s)} for s in settings.data.sources],
-        "policy": settings.select.model_dump(mode="json"), "thresholds": settings.gate.model_dump(mode="json"),
-        "counts": {**counts, "scored": selected.height, "extracted": run["extracted"]},
-        "settings": json.loads(settings.model_dump_json()),
-    }
-    previous = read_current(Path(settings.workspace), settings.release.name)
-    write_release_task(settings, selected, parts, verdict, version, docs_dir)
-    report_path = report(settings, selected, version, previous)
-    _artifacts(selected, parts["counts"], version, verdict, report_path)
-    if not verdict["passed"]:
-        raise ValuegateError(f"gate failed for release {settings.release.name}/{version} "
-                             f"(current stays {previous or 'none'}): " + "; ".join(verdict["failures"]))
-    promote_task(settings, version)
+    root, name, ws = Path(settings.workspace), settings.release.name, settings.workspace
+    step = _Steps()
+    ingested = step("ingest", persisted(ingest_sources, ws), settings)
+    counts = {k: v for k, v in ingested.items() if k != "dataset_fp"}
+    valset = step("validation-set", persisted(register_validation_version, ws),
+                  ws, settings.data.valset, settings.data.valset_file, settings.ingest.max_chars)
+    run = step("extract+score", persisted(score_against_valset, ws), settings, valset, ingested["dataset_fp"])
+    wall = step.timings.pop("extract+score")
+    # split by the task's own timings (resolve + extract | read + score + write); a cached answer
+    # extracts nothing
+    inner = sum(run["timings"].get(k, 0.0) for k in ("resolve", "extract"))
+    inner = 0.0 if "extract+score" in step.cached else inner
+    step.timings["extract"] = round(min(inner, wall), 3)
+    step.timings["score"] = round(max(wall - inner, 0.0), 3)
+    selected = step("select", select, settings, run["run_id"])
+
+    inputs = [{"source": str(Path(s).resolve()), "sha256": file_hash(s)} for s in settings.data.sources]
+    previous = read_current(root, name)
+    release_key = "pending-release-" + digest(str(root.resolve()), name, previous, run["run_id"], inputs,
+                                              json.loads(settings.model_dump_json()))
+    resume = _pending_release(settings, release_key)
+    version = step("allocate", allocate_release, settings, resume, run["run_id"])
+    docs_dir = str(root / "releases" / name / f".{version}-gate")
+    try:
+        verdict = step("gate", gate, settings, selected, counts, valset, docs_dir)
+        parts = {
+            "run_id": run["run_id"], "model_fp": run["model_fp"], "valset": valset["valset"],
+            "inputs": inputs, "policy": settings.select.model_dump(mode="json"),
+            "thresholds": settings.gate.model_dump(mode="json"),
+            "counts": {**counts, "scored": selected.height, "extracted": run["extracted"]},
+            "settings": json.loads(settings.model_dump_json()),
+            "timings": dict(step.timings), "cached_steps": list(step.cached),
+        }
+        step("release", write_release_task, settings, selected, parts, verdict, version, docs_dir)
+        report_path = step("report", report, settings, selected, version, previous)
+        if not verdict["passed"]:
+            step.timings["total"] = round(time.perf_counter() - t_start, 3)
+            _artifacts(selected, parts["counts"], version, verdict, report_path, step)
+            raise ValuegateError(f"gate failed for release {name}/{version} "
+                                 f"(current stays {previous or 'none'}): " + "; ".join(verdict["failures"]))
+        step("promote", promote_task, settings, version)
+    except BaseException:
+        _remember_release(settings, release_key, version)  # a re-run with the same inputs finishes this one
+        raise
+    if resume is not None:
+        _remember_release(settings, release_key, None)
+    step.timings["total"] = round(time.perf_counter() - t_start, 3)
+    _artifacts(selected, parts["counts"], version, verdict, report_path, step)
     return {"version": version, "current": True, "previous": previous, "counts": parts["counts"],
             "report": report_path, "model_fp": run["model_fp"],
-            "kept": int(selected["keep"].sum()), "valset": valset["valset"], "run_id": run["run_id"]}
+            "kept": int(selected["keep"].sum()), "valset": valset["valset"], "run_id": run["run_id"],
+            "timings": dict(step.timings), "cached_steps": list(step.cached), "resumed": version == resume}
 
 
-def _artifacts(selected: Any, counts: dict[str, int], version: str, verdict: dict, report_path: str) -> None:
-    """Prefect artifacts: lowest/highest valued samples, step counts, the gate verdict."""
+def _artifacts(selected: Any, counts: dict[str, int], version: str, verdict: dict, report_path: str,
+               step: _Steps) -> None:
+    """Prefect artifacts: lowest/highest valued samples; the summary (counts, wall time per step, the gate)."""
     cols = [c for c in ("id", "value", "keep", "reason", "prompt", "response", "text") if c in selected.columns]
     ranked = selected.sort("value").select(cols)
     for key, part in (("lowest-valued", ranked.head(10)), ("highest-valued", ranked.tail(10).reverse())):
@@ -207,6 +399,8 @@ def _artifacts(selected: Any, counts: dict[str, int], version: str, verdict: dic
         create_table_artifact(key=key, table=rows, description=f"{key} samples of release {version}")
     lines = [f"# release {version}", "", "| step | count |", "|---|---|"]
     lines += [f"| {k} | {v} |" for k, v in counts.items()]
+    lines += ["", "| step | wall s | |", "|---|---:|---|"]
+    lines += [f"| {k} | {v:.3f} | {'cached' if k in step.cached else ''} |" for k, v in step.timings.items()]
     lines += ["", f"gate: {'passed' if verdict['passed'] else 'FAILED'}"]
     lines += [f"- {f}" for f in verdict["failures"]]
     lines += ["", f"Report: [{report_path}](file://{report_path})"]

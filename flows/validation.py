@@ -1,0 +1,101 @@
+"""Validation sets as a flow: register a file as the next version of a named set
+(``register-validation-set``).
+
+The task :func:`register_validation_version` is also the ``validation-set`` step of the refresh DAG, so a
+refresh and a registration share one code path (and one cache).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact
+
+from valuegate.errors import ValuegateError
+from valuegate.flows import KeyedOn, code_fingerprint, persisted, table_versions
+from valuegate.settings import load_settings
+
+
+def _valset_key(params: dict[str, Any]) -> dict[str, Any]:
+    """What :func:`register_validation_version` returns depends on: the file's bytes (not its name alone),
+    the reference, the reader's limit, and the registry as it stands (any registration or pruning moves
+    its table version, so a registry change is never answered from the cache)."""
+    from valuegate.storage import schemas
+    from valuegate.storage.lance import Workspace
+    from valuegate.tasks.ingest import file_hash
+
+    ws = Workspace.from_env(params["workspace"])
+    file = params.get("file")
+    return {"workspace": ws.uri, "ref": params["ref"], "max_chars": params["max_chars"],
+            "file": [str(Path(file).resolve()), file_hash(file)] if file else None,
+            "registry": table_versions(ws, [schemas.VALSET_VERSIONS]), "code": code_fingerprint()}
+
+
+@task(name="validation-set", retries=2, retry_delay_seconds=2, cache_policy=KeyedOn(parts=_valset_key),
+      result_serializer="json")
+def register_validation_version(workspace: str, ref: str, file: str | None, max_chars: int) -> dict[str, Any]:
+    """Register ``file`` as the next version of the set ``ref`` names (identical content: a no-op that
+    returns the version registered before), then pin the version to use: ``ref``'s own version when it
+    names one (``NAME@vN``), else the registered one, else (no file) the latest.
+
+    Retried: every step is workspace I/O, and registering identical content twice is a no-op.
+
+    Returns:
+        ``valset`` (``name@vN``), ``name``, ``version``, ``rows``, ``content_hash``, ``source`` (the file
+        the version was registered from) and ``new`` (whether this call registered a new version).
+    """
+    from valuegate.storage.lance import Workspace
+    from valuegate.storage.valsets import parse_ref, read_valset
+    from valuegate.tasks.valsets import register_valset
+
+    ws = Workspace.from_env(workspace)
+    name, pinned = parse_ref(ref)
+    new = False
+    if file:
+        rec, new = register_valset(ws, name, file, max_chars)
+        ref = ref if pinned is not None else f"{name}@v{rec['version']}"
+    rec, _ = read_valset(ws, ref)
+    out = {"valset": f"{rec['name']}@v{rec['version']}", "name": rec["name"], "version": int(rec["version"]),
+           "rows": int(rec["rows"]), "content_hash": rec["content_hash"], "source": rec["source"], "new": new}
+    get_run_logger().info(("registered " if new else "using ") + f"{out['valset']} ({out['rows']} rows)")
+    return out
+
+
+@flow(name="register-validation-set", log_prints=True)
+def register_validation_set(name: str, file: str, workspace: str | None = None,
+                            config: str | None = None) -> dict[str, Any]:
+    """Register ``file`` as the next version of validation set ``name`` (a no-op for identical content).
+
+    Parameters are small references: a set name, a file path, a workspace (default: the config's, else
+    ``$VALUEGATE_WORKSPACE``, else ``./valuegate-workspace``), a config path.
+
+    Returns:
+        ``valset`` (``name@vN``), ``rows``, ``new`` (False: the content was registered before and that
+        version is returned), ``content_hash``, ``source``, ``seconds``.
+
+    Raises:
+        ValuegateError: ``name`` is a reference (``NAME@vN``) or not a valid name, the file cannot be read,
+            is empty, or has a row a validation set cannot hold.
+    """
+    if "@" in name:
+        raise ValuegateError(f"register {name!r}: give the set's NAME; the version is allocated")
+    settings = load_settings(config, {"workspace": workspace} if workspace else None)
+    t0 = time.perf_counter()
+    rec = persisted(register_validation_version, settings.workspace)(
+        settings.workspace, name, str(file), settings.ingest.max_chars)
+    seconds = round(time.perf_counter() - t0, 3)
+    what = "registered as a new version" if rec["new"] else "unchanged content: already registered"
+    lines = [f"# validation set {rec['valset']}", "", what, "", "| field | value |", "|---|---|",
+             f"| version | {rec['valset']} |", f"| rows | {rec['rows']} |",
+             f"| content | `{rec['content_hash'][:16]}` |", f"| source | {rec['source']} |",
+             f"| seconds | {seconds} |"]
+    create_markdown_artifact(key="validation-set", markdown="\n".join(lines),
+                             description=f"registration of {file} as {rec['valset']}")
+    return {"valset": rec["valset"], "rows": rec["rows"], "new": rec["new"],
+            "content_hash": rec["content_hash"], "source": rec["source"], "seconds": seconds}
+
+
+__all__ = ["register_validation_set", "register_validation_version"]

@@ -239,8 +239,27 @@ def report(settings: Settings, selected: Any, version: str, previous: str | None
     manifest = read_manifest(root, name, version)
     _, vrows = read_valset(_workspace(settings), manifest["valset"])
     diff_text = format_diff(diff_releases(root, name, previous, version)) if previous else None
-    html_text = render_report(selected, manifest, vrows.to_pylist(), diff_text, settings.select.group_by)
+    explained = _explain(settings, selected, manifest["valset"])
+    threshold = settings.select.suspect_threshold if settings.select.policy == "suspect" else None
+    html_text = render_report(selected, manifest, vrows.to_pylist(), diff_text, settings.select.group_by,
+                              explained, threshold)
     return str(write_report(release_dir(root, name, version) / "report.html", html_text))
+
+
+def _explain(settings: Settings, selected: Any, valset: str) -> list:
+    """Per-token contributions of the samples the report highlights (one forward pass of a few samples).
+
+    The report is still written when they cannot be computed (the reason goes to the run's log)."""
+    from valuegate.tasks.explain import explain_stored
+    from valuegate.tasks.report import pick_explained
+
+    picked = pick_explained(selected)
+    try:
+        tcs = explain_stored(_workspace(settings), settings, valset, [row for _, row in picked])
+    except (ValuegateError, OSError) as exc:
+        get_run_logger().warning(f"report: no per-token highlighting ({exc})")
+        return []
+    return [(label, row, tc) for (label, row), tc in zip(picked, tcs, strict=True)]
 
 
 @task(name="promote", retries=2, retry_delay_seconds=2, cache_policy=NO_CACHE)

@@ -184,6 +184,23 @@ def render_report(selected: pl.DataFrame, manifest: dict[str, Any], valid_rows: 
     return "".join(parts)
 
 
+def pick_explained(selected: pl.DataFrame, per_kind: int = 2) -> list[tuple[str, dict[str, Any]]]:
+    """The samples whose tokens the report highlights: the lowest- and highest-valued and the most suspect
+    (``per_kind`` each, no sample twice), as ``(label, row)``."""
+    picks: list[tuple[str, dict[str, Any]]] = []
+    seen: set[str] = set()
+    orders = [("lowest value", selected.sort("value")), ("highest value", selected.sort("value", descending=True))]
+    if "suspect" in selected.columns and selected["suspect"].null_count() < selected.height:
+        orders.append(("most suspect", selected.filter(pl.col("suspect").is_not_null())
+                       .sort("suspect", descending=True)))
+    for label, frame in orders:
+        for row in frame.head(per_kind + len(seen)).to_dicts():
+            if row["id"] not in seen and sum(1 for lab, _ in picks if lab == label) < per_kind:
+                seen.add(row["id"])
+                picks.append((label, row))
+    return picks
+
+
 def detection_auc(score: np.ndarray, positive: np.ndarray) -> float:
     """ROC AUC of ``score`` (higher = positive) for the boolean ``positive`` labels; ties count half."""
     from scipy.stats import rankdata

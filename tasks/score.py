@@ -34,9 +34,9 @@ from valuegate.tasks.signals import (
     SparseSet,
     ValidSide,
     combine_suspect,
-    explain_suspect,
     cross_terms_exact,
     cross_terms_sparse,
+    explain_suspect,
     parse_suspect,
     signals_from_terms,
 )

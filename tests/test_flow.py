@@ -104,6 +104,10 @@ def test_refresh_releases_and_a_failed_gate_keeps_the_previous_release(prefect_h
     assert set(manifest["timings"]) == set(STEPS[:STEPS.index("release")]) and manifest["cached_steps"] == []
     summary = _artifact(run_id, "release-summary")
     assert all(f"| {k} |" in summary for k in STEPS) and "gate: passed" in summary
+    # the report explains: suspect plots and per-token highlighting of the extreme samples
+    report_html = (root / "releases" / "r" / "v0001" / "report.html").read_text()
+    assert "Which tokens carry the value" in report_html and report_html.count("class='tokens'") == 6
+    assert "Most suspect samples" in report_html
     # a second run on unchanged inputs: scores come from the cache (same scores run), a new release
     again, _ = _run(config)
     assert again["version"] == "v0002" and again["run_id"] == out["run_id"] and not again["resumed"]

@@ -87,3 +87,12 @@ def test_detection_auc_counts_ties_half():
     assert detection_auc(np.array([3.0, 2.0, 1.0, 0.0]), np.array([True, True, False, False])) == 1.0
     assert detection_auc(np.array([0.0, 1.0]), np.array([True, False])) == 0.0
     assert detection_auc(np.array([1.0, 1.0, 1.0]), np.array([True, False, False])) == 0.5
+
+
+def test_pick_explained_takes_each_kind_once():
+    from valuegate.tasks.report import pick_explained
+
+    picks = pick_explained(_selected(), per_kind=2)
+    labels = [lab for lab, _ in picks]
+    assert labels.count("lowest value") == labels.count("highest value") == labels.count("most suspect") == 2
+    assert len({row["id"] for _, row in picks}) == 6

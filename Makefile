@@ -32,8 +32,13 @@ test: model
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q
 
+# Every benchmark (about 2 hours on 2 CPU cores); each prints its tables and writes JSON to bench-results/.
 bench: model
 	$(BIN)/python -m tests.benchmarks.bench_engine
+	$(BIN)/python -m tests.benchmarks.bench_store
+	$(BIN)/python -m tests.benchmarks.bench_suspect
+	$(BIN)/python -m tests.benchmarks.bench_e2e
+	$(BIN)/python -m tests.benchmarks.bench_selection
 
 lint: install
 	$(BIN)/ruff check .

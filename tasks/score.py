@@ -33,7 +33,7 @@ from valuegate.tasks.signals import (
     CrossTerms,
     SparseSet,
     ValidSide,
-    combine_suspect,
+    calibrated_suspect,
     cross_terms_exact,
     cross_terms_sparse,
     explain_suspect,
@@ -91,7 +91,7 @@ def suspect_of(signals: dict[str, np.ndarray], reference: dict[str, np.ndarray],
                sc) -> tuple[np.ndarray, list[str]]:
     """The suspect score ``(n,)`` of ``score`` settings ``sc`` and, per sample, the deviations behind it."""
     spec = parse_suspect(sc.suspect, list(signals))
-    return (combine_suspect(signals, reference, spec, sc.suspect_combine),
+    return (calibrated_suspect(signals, reference, spec, sc.suspect_combine),
             explain_suspect(signals, reference, spec))
 
 

@@ -27,7 +27,10 @@ against the validation samples' full representations.
 (leave one out), which gives every signal a reference distribution of what *clean* data looks like. A
 sample's deviation on a signal is a robust z-score ``(x − median) / (1.4826 · MAD)`` of that reference,
 kept on the side(s) the signal is configured with (``low``, ``high`` or ``two``), and the deviations
-combine by root mean square (or maximum). Higher means more suspect.
+combine by root mean square (or maximum). That combination is finally expressed against the validation
+samples' own combined scores (again a robust z-score), so ``suspect = 3`` reads "three robust standard
+deviations more suspect than the validation set itself", whatever the number of signals combined.
+Higher means more suspect.
 """
 
 from __future__ import annotations
@@ -46,6 +49,7 @@ __all__ = [
     "BASE_SIGNALS",
     "CrossTerms",
     "SparseSet",
+    "calibrated_suspect",
     "combine_suspect",
     "cross_terms_exact",
     "cross_terms_sparse",
@@ -356,6 +360,19 @@ def combine_suspect(signals: dict[str, np.ndarray], reference: dict[str, np.ndar
     if how == "max":
         return m.max(1)
     raise ValuegateError(f"unknown suspect combination {how!r}: use rms or max")
+
+
+def calibrated_suspect(signals: dict[str, np.ndarray], reference: dict[str, np.ndarray],
+                       spec: list[tuple[str, str]], how: str = "rms") -> np.ndarray:
+    """The suspect score on the scale of the validation set's own: :func:`combine_suspect` of the samples
+    as a robust z-score of the same combination over the validation samples (``0`` = as suspect as the
+    median validation sample, ``3`` = three robust standard deviations more suspect than the validation
+    set itself). Monotone in :func:`combine_suspect`, so rankings and AUCs are the same.
+
+    Returns:
+        ``(n,)`` float64.
+    """
+    return robust_z(combine_suspect(signals, reference, spec, how), combine_suspect(reference, reference, spec, how))
 
 
 def explain_suspect(signals: dict[str, np.ndarray], reference: dict[str, np.ndarray],

@@ -33,7 +33,7 @@ def test_score_subprocess_writes_table_and_summary(tiny_model_dir, data_files, t
 
     assert df.columns == ["prompt", "response", "tag", "row", "value", "nearest_rows", "n_tokens", "mean_loss",
                           "self_influence", "suspect", "suspect_reason", *(c for c in SIGNAL_COLUMNS if c != "mean_loss")]
-    assert (df["suspect"] >= 0).all() and df["hard_value_mean"].is_finite().all()
+    assert df["suspect"].is_finite().all() and df["hard_value_mean"].is_finite().all()
     assert df["row"].to_list() == list(range(9))
     assert df["tag"].to_list() == [f"r{i}" for i in range(9)]
     assert all(len(r) == 2 and set(r) <= set(range(4)) for r in df["nearest_rows"].to_list())

@@ -13,7 +13,7 @@ from valuegate.storage.schemas import SIGNAL_COLUMNS
 from valuegate.tasks.extract import extract_token_blocks
 from valuegate.tasks.model import encode_samples
 from valuegate.tasks.score import compute_values
-from valuegate.tasks.signals import combine_suspect, parse_suspect, robust_z
+from valuegate.tasks.signals import calibrated_suspect, combine_suspect, parse_suspect, robust_z
 
 
 @pytest.mark.parametrize("family", ["llama", "gemma2"])
@@ -83,6 +83,10 @@ def test_robust_z_and_the_combination_on_hand_made_numbers():
     two = combine_suspect(sig, refs, [("a", "two"), ("b", "high")], "rms")
     np.testing.assert_allclose(two, [0.0, np.sqrt(4 / 2), np.sqrt((1 + 4) / 2)])
     np.testing.assert_allclose(combine_suspect(sig, refs, [("a", "two"), ("b", "high")], "max"), [0, 2, 2])
+    # calibrated: the same combination over the reference itself is the yardstick
+    spec = [("a", "two"), ("b", "high")]
+    want = robust_z(two, combine_suspect(refs, refs, spec, "rms"))
+    np.testing.assert_allclose(calibrated_suspect(sig, refs, spec, "rms"), want)
     assert parse_suspect(["a:low", "b"], ["a", "b"]) == [("a", "low"), ("b", "two")]
     for bad in (["c:low"], ["a:up"], []):
         with pytest.raises(ValuegateError):
@@ -96,7 +100,7 @@ def test_signals_off_keeps_the_values(tiny_model_dir):
     off = compute_values(lm, train, valid, settings, progress=False)
     assert off.signals is None and off.suspect is None
     np.testing.assert_allclose(off.values, on.values, rtol=1e-6)
-    assert torch.is_tensor(torch.as_tensor(on.suspect)) and (on.suspect >= 0).all()
+    assert torch.is_tensor(torch.as_tensor(on.suspect)) and np.isfinite(on.suspect).all()
 
 
 @pytest.mark.parametrize("ratio", [1.0, 0.5])

@@ -74,7 +74,7 @@ class ExtractSettings(BaseModel):
 
 # Which signals the `suspect` score combines, and on which side (see tasks/signals.py and the
 # mislabeled-detection benchmark, tests/benchmarks/bench_suspect.py).
-DEFAULT_SUSPECT = ("log_self_influence:two", "mean_loss:two")
+DEFAULT_SUSPECT = ("log_self_influence:low", "centred_value_mean:low", "cosine_mean:high", "mean_loss:high")
 
 
 class ScoreSettings(BaseModel):
@@ -119,8 +119,8 @@ class SelectSettings(BaseModel):
         "look unlike the validation set on the value signals); drop_negative: drop samples valued below "
         "zero (to first order they raise the validation loss); top_fraction: keep the best `fraction`; "
         "threshold: keep value >= `threshold`; keep_all: keep every sample (scores and report only).")
-    suspect_threshold: float = Field(3.0, gt=0.0, description="suspect: largest suspect score kept (robust "
-                                     "z units against the validation set's own scores).")
+    suspect_threshold: float = Field(2.0, description="suspect: largest suspect score kept (robust z units "
+                                     "against the validation set's own suspect scores).")
     aggregate: Literal["mean", "nearest"] = Field("mean", description="The aggregate the policy reads.")
     fraction: float = Field(0.8, gt=0.0, le=1.0, description="top_fraction: share of samples kept.")
     threshold: float = Field(0.0, description="threshold: smallest value kept.")

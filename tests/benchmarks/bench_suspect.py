@@ -16,8 +16,10 @@ the same id and features, in every set: each unique sample is extracted once) an
 own path (``score_dataset``: sparse features at the defaults, every signal, leave-one-out reference)
 against the clean validation set. Reported: ROC AUC of every signal for flagging the corrupted rows (as
 "low = suspect"; below 0.5 means the high side flags them), the loss baselines, and the AUC of each
-candidate suspect form. A form is chosen without the labels of the set it is scored on: the form that
-maximises the worst AUC over the perceivable corruptions of the *other* data set (leave one set out).
+candidate suspect form, and recall / false-positive rate of the default form at a few thresholds. The
+candidates come from the prototype, from the signals' directions, and from an exhaustive search over
+1-3 terms on the grammars/response corruptions only; the report also names the form that maximises the
+worst AUC over the perceivable corruptions of the *other* data set (leave one set out).
 The signal table is cached per loss mode (``suspect-signals-<loss_on>.parquet``) so ``--evaluate-only``
 re-runs the evaluation; features are cached in the benchmark's workspace, so a re-run extracts nothing new.
 With the loss on all tokens extraction is ~3x slower (the head runs on every prompt token): by default
@@ -39,7 +41,7 @@ from tests.benchmarks.bench_engine import DEFAULT_DATA, machine
 from tests.benchmarks.tables import table
 from valuegate.storage.schemas import SIGNAL_COLUMNS
 from valuegate.tasks.report import detection_auc
-from valuegate.tasks.signals import combine_suspect
+from valuegate.tasks.signals import calibrated_suspect, combine_suspect
 
 SETS = {"grammars": ("swap", "copy", "truncate"), "math_without_reason": ("swap", "wrong", "truncate")}
 FRACTION = 0.2
@@ -48,23 +50,22 @@ PERCEIVABLE = 0.75  # a corruption is "perceivable" when some single signal reac
 # candidate suspect forms: (name, [signal:side ...], combine)
 FORMS: list[tuple[str, list[str], str]] = [
     ("self+loss (prototype)", ["log_self_influence:two", "mean_loss:two"], "rms"),
-    ("self+loss max", ["log_self_influence:two", "mean_loss:two"], "max"),
     ("self+loss+ccos", ["log_self_influence:two", "mean_loss:two", "centred_cosine_nearest:low"], "rms"),
-    ("self+loss+ccos max", ["log_self_influence:two", "mean_loss:two", "centred_cosine_nearest:low"], "max"),
-    ("self+loss all+hard", ["log_self_influence:two", "mean_loss:two", "hard_log_self_influence:two",
-                            "hard_mean_loss:two"], "rms"),
     ("self+loss+ccos all+hard", ["log_self_influence:two", "mean_loss:two", "centred_cosine_nearest:low",
                                  "hard_log_self_influence:two", "hard_mean_loss:two",
                                  "hard_centred_cosine_nearest:low"], "rms"),
-    ("self+loss+ccos all+hard max", ["log_self_influence:two", "mean_loss:two", "centred_cosine_nearest:low",
-                                     "hard_log_self_influence:two", "hard_mean_loss:two",
-                                     "hard_centred_cosine_nearest:low"], "max"),
-    ("self+loss+ccos+hcv", ["log_self_influence:two", "mean_loss:two", "centred_cosine_nearest:low",
-                            "hard_centred_value_mean:low"], "rms"),
+    ("self+loss+cval", ["log_self_influence:two", "mean_loss:two", "centred_value_mean:low"], "rms"),
+    ("self+cval", ["log_self_influence:two", "centred_value_mean:low"], "rms"),
+    # the best of an exhaustive search over 1-3 one/two-sided terms of 12 signals, rms or max, on the
+    # grammars/response corruptions (copy, truncate)
+    ("self-+cval-+cos+", ["log_self_influence:low", "centred_value_mean:low", "cosine_mean:high"], "rms"),
+    # the same plus the side that flags swaps (high loss): the default
+    ("default: self-+cval-+cos++loss+", ["log_self_influence:low", "centred_value_mean:low", "cosine_mean:high",
+                                         "mean_loss:high"], "rms"),
     ("every signal two-sided", [f"{s}:two" for s in SIGNAL_COLUMNS], "rms"),
     ("every signal two-sided max", [f"{s}:two" for s in SIGNAL_COLUMNS], "max"),
 ]
-THRESHOLDS = (2.0, 3.0, 4.0, 5.0)
+THRESHOLDS = (2.0, 2.5, 3.0)
 
 
 def auc(score: np.ndarray, label: np.ndarray) -> float:
@@ -258,8 +259,8 @@ def evaluate(df: pl.DataFrame) -> dict:
         for kind in SETS[dataset]:
             sub = part.filter(pl.col("kind") == kind)
             label = sub["corrupted"].to_numpy().astype(bool)
-            sus = combine_suspect({c: sub[c].to_numpy().astype(np.float64) for c in SIGNAL_COLUMNS}, reference,
-                                  spec, sc.suspect_combine)
+            sus = calibrated_suspect({c: sub[c].to_numpy().astype(np.float64) for c in SIGNAL_COLUMNS},
+                                     reference, spec, sc.suspect_combine)
             row = {"loss_on": loss_on, "dataset": dataset, "kind": kind}
             for t in THRESHOLDS:
                 row[f"recall@{t:g}"] = float((sus[label] > t).mean())

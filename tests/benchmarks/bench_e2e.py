@@ -26,7 +26,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from tests.benchmarks.tables import table
+from tests.benchmarks.tables import cpu_name, table
 
 REPO = Path(__file__).resolve().parents[2]
 STEPS = ["ingest", "validation-set", "extract", "score", "select", "allocate", "gate", "release", "report",
@@ -35,15 +35,7 @@ STEPS = ["ingest", "validation-set", "extract", "score", "select", "allocate", "
 
 def machine() -> dict:
     """What the numbers were measured on (without importing torch into this process)."""
-    cpu = "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "python": sys.version.split()[0],
+    return {"cpu": cpu_name(), "cores": os.cpu_count(), "python": sys.version.split()[0],
             "loadavg": os.getloadavg() if hasattr(os, "getloadavg") else None}
 
 

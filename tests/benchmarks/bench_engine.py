@@ -28,6 +28,7 @@ import numpy as np
 import polars as pl
 import torch
 
+from tests.benchmarks.tables import cpu_name
 from tests.tiny import autograd_head_gradient
 from valuegate.settings import Settings, default_settings
 from valuegate.tasks.extract import iter_token_blocks, pad_batch, projections
@@ -46,17 +47,9 @@ CANDIDATES = [(4, 128), (8, 128), (4, 192), (8, 192), (16, 64), (16, 128)]
 
 def machine() -> dict:
     """What the numbers were measured on."""
-    cpu = "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
     import os
 
-    return {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__, "threads": torch.get_num_threads(),
+    return {"cpu": cpu_name(), "cores": os.cpu_count(), "torch": torch.__version__, "threads": torch.get_num_threads(),
             "python": platform.python_version(), "device": "cpu"}
 
 

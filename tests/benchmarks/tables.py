@@ -113,3 +113,16 @@ def print_store_tables(out: dict) -> None:
                     print(f"  {k}: {v:.4g}" + (f"  (exponent {e:.2f})" if e is not None else ""))
     if "peak_rss_mb" in out:
         print(f"\npeak RSS: {out['peak_rss_mb']:.0f} MiB; wall {out.get('wall_s', 0):.0f}s")
+
+
+def cpu_name() -> str:
+    """The CPU model from /proc/cpuinfo ("unknown" elsewhere), for the machine line of every benchmark."""
+    from pathlib import Path
+
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "unknown"

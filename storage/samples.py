@@ -106,3 +106,12 @@ def read_quarantine(ws: Workspace, dataset: str | None = None) -> pa.Table:
     if not ws.table_exists(schemas.QUARANTINE):
         return schemas.quarantine_schema.empty_table()
     return ws.read(schemas.QUARANTINE, where=None if dataset is None else f"dataset = {sql_str(dataset)}")
+
+
+def row_key(dataset: str, source: str, row: int) -> str:
+    """The one-column key of a source row in a dataset (``members`` and ``quarantine``).
+
+    Rows are written by upsert on it, so two ingests of the same source at once (two refresh runs) leave
+    each row once: LanceDB has no composite primary key, hence one string.
+    """
+    return f"{dataset}\x1f{source}\x1f{int(row)}"

@@ -62,6 +62,7 @@ SAMPLE_FIELDS = [
 samples_schema = pa.schema([*SAMPLE_FIELDS, pa.field("first_seen", TIMESTAMP)])
 
 members_schema = pa.schema([
+    pa.field("key", pa.string(), nullable=False),            # dataset/source/row (storage.samples.row_key)
     pa.field("dataset", pa.string(), nullable=False),
     pa.field("source", pa.string(), nullable=False),
     pa.field("row", pa.int64(), nullable=False),
@@ -84,6 +85,7 @@ ingests_schema = pa.schema([
 ])
 
 quarantine_schema = pa.schema([
+    pa.field("key", pa.string(), nullable=False),            # dataset/source/row (storage.samples.row_key)
     pa.field("dataset", pa.string(), nullable=False),
     pa.field("source", pa.string(), nullable=False),
     pa.field("row", pa.int64(), nullable=False),

@@ -119,6 +119,27 @@ def test_reingest_is_a_noop_and_a_changed_file_adds_only_new_rows(ws, tmp_path):
     assert len(last["left_ids"]) == 1 and last["left_ids"][0] not in sstore.dataset_ids(ws, "d")
 
 
+def _ingest_in_process(uri: str, path: str) -> int:
+    w = Workspace(uri)
+    sstore.ensure_sample_tables(w)
+    return ingest_file(w, "d", path, 10_000, chunk_rows=7).kept
+
+
+def test_concurrent_ingests_of_one_source_leave_each_row_once(ws, tmp_path):
+    """Two refresh runs at once ingest the same files: every row (member or quarantined) stays once."""
+    import multiprocessing as mp
+
+    rows = random_rows(40, seed=31) + [{"prompt": "p", "response": "   "}] * 3  # 3 rows go to quarantine
+    path = write_jsonl(tmp_path / "t.jsonl", rows)
+    with mp.get_context("spawn").Pool(3) as pool:  # LanceDB is not fork-safe
+        kept = pool.starmap(_ingest_in_process, [(ws.uri, str(path))] * 3)
+    assert max(kept) == 40  # a process that found the completed ingest of another reports 0
+    members = sstore.read_members(ws, "d", columns=["source", "row"]).to_pylist()
+    assert len(members) == 40 and len({(m["source"], m["row"]) for m in members}) == 40
+    quarantined = sstore.read_quarantine(ws, "d").to_pylist()
+    assert sorted(q["row"] for q in quarantined) == [40, 41, 42]
+
+
 def test_extract_resumes_after_a_crash_between_batches(ws, tmp_path, tiny_model_dir, monkeypatch):
     from valuegate.cli import main as cli
 

@@ -19,6 +19,12 @@ Caching and resuming (results persist under ``<workspace>/.prefect-results``, se
   files if the crash left them incomplete, re-running the gate) instead of writing a copy. A run that
   succeeded leaves no record, and a promotion changes the current release, so the next run writes anew.
 
+Runners (``settings.runner``): ``local`` runs every step in the flow's process, extraction inside
+extract+score. ``dask`` and ``ray`` first extract the training ids still missing for the fingerprint in
+deterministic shards, one ``extract-shard`` task per shard on a ``DaskTaskRunner``/``RayTaskRunner`` (a
+local cluster of ``workers`` processes started and stopped here, or the cluster at ``address``); then
+extract+score runs as with ``local`` on the stored features (same scores).
+
 Every step's wall time goes into the returned summary, the summary artifact and (for the steps before
 the release is written) the manifest's ``timings``.
 """
@@ -154,6 +160,95 @@ def score_against_valset(settings: Settings, valset: dict[str, Any], dataset_fp:
     get_run_logger().info(rep.line())
     return {"run_id": rep.run_id, "model_fp": rep.model_fp, "n_train": rep.n_train,
             "extracted": rep.extract_train.extracted, "timings": rep.timings}
+
+
+@task(name="plan-shards", retries=2, retry_delay_seconds=2, cache_policy=NO_CACHE)
+def plan_shards(settings: Settings) -> dict[str, Any]:
+    """The training ids still without features for the fingerprint, cut into deterministic shards (the
+    feature set is registered here, before any shard runs)."""
+    import dataclasses
+
+    from valuegate.tasks.extract import plan_extract_shards
+
+    plan = plan_extract_shards(_workspace(settings), settings.data.dataset, settings, settings.runner.shard_size)
+    return dataclasses.asdict(plan)
+
+
+@task(name="extract-shard", task_run_name="extract-shard-{shard}", retries=2, retry_delay_seconds=2,
+      cache_policy=NO_CACHE)
+def extract_shard_task(shard: int, settings: Settings, ids: list[str], model_fp: str, fp_settings: dict,
+                       lowest_likelihood_ratio: float) -> dict[str, Any]:
+    """Extract one shard on whichever worker the task runner gives it (retried: a lost worker or a failed
+    write; a retry extracts only the ids the failed attempt did not commit)."""
+    from valuegate.tasks.extract import extract_shard
+
+    return extract_shard(_workspace(settings).uri, ids, settings, model_fp, fp_settings,
+                         lowest_likelihood_ratio)
+
+
+def _task_runner(settings: Settings):
+    """The Prefect task runner of ``settings.runner`` (dask or ray; with no address a local cluster of
+    ``workers`` single-threaded worker processes, started on enter and stopped on exit)."""
+    r = settings.runner
+    if r.kind == "dask":
+        from prefect_dask import DaskTaskRunner
+
+        if r.address:
+            return DaskTaskRunner(address=r.address)
+        return DaskTaskRunner(cluster_class="distributed.LocalCluster", cluster_kwargs={
+            "n_workers": r.workers, "threads_per_worker": 1, "processes": True, "dashboard_address": None})
+    if r.kind == "ray":
+        from prefect_ray import RayTaskRunner
+
+        if r.address:
+            return RayTaskRunner(address=r.address)
+        return RayTaskRunner(init_kwargs={"num_cpus": r.workers, "include_dashboard": False})
+    raise ValuegateError(f"runner {r.kind!r} has no task runner (local runs every step in the flow)")
+
+
+def _remote_options(settings: Settings):
+    """Ray: a shard asks for a GPU when the model runs on one (one model replica per device)."""
+    import contextlib
+
+    if settings.runner.kind == "ray" and settings.model.device.startswith("cuda"):
+        from prefect_ray.context import remote_options
+
+        return remote_options(num_gpus=1)
+    return contextlib.nullcontext()
+
+
+def _extract_sharded(settings: Settings) -> dict[str, Any]:
+    """dask/ray: extract the missing training features, one task per shard on the runner's workers.
+
+    Starts no cluster when nothing is missing. Every shard finishes (or exhausts its retries) before the
+    first failure is raised. Returns ``extracted``, ``shards``, ``missing``, ``workers`` (distinct worker
+    processes) and ``model_loads`` (model loads summed over those processes)."""
+    from prefect.futures import wait
+
+    from valuegate.storage import features as fstore
+
+    plan = plan_shards(settings)
+    out = {"extracted": 0, "shards": len(plan["shards"]), "missing": plan["n_missing"], "workers": 0,
+           "model_loads": 0}
+    if not plan["shards"]:
+        return out
+    fixed = {"settings": settings, "model_fp": plan["model_fp"], "fp_settings": plan["fp_settings"],
+             "lowest_likelihood_ratio": plan["lowest_likelihood_ratio"]}
+    with _task_runner(settings) as runner, _remote_options(settings):
+        futures = [runner.submit(extract_shard_task, {"shard": k, "ids": ids, **fixed})
+                   for k, ids in enumerate(plan["shards"])]
+        wait(futures)
+        results = [f.result() for f in futures]  # raises the first failed shard's exception
+    loads: dict[int, int] = {}
+    for res in results:
+        out["extracted"] += res["extracted"]
+        loads[res["pid"]] = max(loads.get(res["pid"], 0), res["model_loads"])
+    out["workers"], out["model_loads"] = len(loads), sum(loads.values())
+    fstore.maybe_index_features(_workspace(settings), plan["model_fp"], settings.extract.vector_index_min_rows)
+    get_run_logger().info(f"extracted {out['extracted']} of {plan['n_missing']} missing samples in "
+                          f"{out['shards']} shards on {out['workers']} {settings.runner.kind} workers "
+                          f"({out['model_loads']} model loads)")
+    return out
 
 
 @task(name="select", cache_policy=NO_CACHE)
@@ -343,7 +438,9 @@ def refresh(config: str | None = None, overrides: dict[str, Any] | None = None) 
         a summary: release version, whether it became current, counts, ``timings`` (wall seconds per step:
         ``ingest``, ``validation-set``, ``extract``, ``score``, ``select``, ``allocate``, ``gate``,
         ``release``, ``report``, ``promote``, and ``total``), ``cached_steps`` (steps answered by the cache),
-        ``resumed`` (whether the release was one a failed run left).
+        ``resumed`` (whether the release was one a failed run left); with a dask/ray runner also
+        ``shards`` (``missing``, ``shards``, ``extracted``, ``workers``, ``model_loads``; the shards' wall
+        time counts in ``timings["extract"]``).
 
     Raises:
         ValuegateError: the gate failed (the release is written for inspection but never becomes current,
@@ -360,6 +457,11 @@ def refresh(config: str | None = None, overrides: dict[str, Any] | None = None) 
     counts = {k: v for k, v in ingested.items() if k != "dataset_fp"}
     valset = step("validation-set", persisted(register_validation_version, ws),
                   ws, settings.data.valset, settings.data.valset_file, settings.ingest.max_chars)
+    sharded = None
+    if settings.runner.kind != "local":  # dask/ray: the training features first, in shards on the cluster
+        t0 = time.perf_counter()
+        sharded = _extract_sharded(settings)
+        shard_wall = time.perf_counter() - t0
     run = step("extract+score", persisted(score_against_valset, ws), settings, valset, ingested["dataset_fp"])
     wall = step.timings.pop("extract+score")
     # split by the task's own timings (resolve + extract | read + score + write); a cached answer
@@ -367,6 +469,9 @@ def refresh(config: str | None = None, overrides: dict[str, Any] | None = None) 
     inner = sum(run["timings"].get(k, 0.0) for k in ("resolve", "extract"))
     inner = 0.0 if "extract+score" in step.cached else inner
     step.timings["extract"] = round(min(inner, wall), 3)
+    if sharded is not None:
+        step.timings["extract"] = round(step.timings["extract"] + shard_wall, 3)
+        run = {**run, "extracted": run["extracted"] + sharded["extracted"]}
     step.timings["score"] = round(max(wall - inner, 0.0), 3)
     selected = step("select", select, settings, run["run_id"])
 
@@ -405,7 +510,8 @@ def refresh(config: str | None = None, overrides: dict[str, Any] | None = None) 
     return {"version": version, "current": True, "previous": previous, "counts": parts["counts"],
             "report": report_path, "model_fp": run["model_fp"],
             "kept": int(selected["keep"].sum()), "valset": valset["valset"], "run_id": run["run_id"],
-            "timings": dict(step.timings), "cached_steps": list(step.cached), "resumed": version == resume}
+            "timings": dict(step.timings), "cached_steps": list(step.cached), "resumed": version == resume,
+            **({"shards": sharded} if sharded is not None else {})}
 
 
 def _artifacts(selected: Any, counts: dict[str, int], version: str, verdict: dict, report_path: str,

@@ -7,6 +7,8 @@ counted positions only, in chunks of whole samples whose ``(positions, V)`` prob
 
 from __future__ import annotations
 
+import hashlib
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -366,3 +368,114 @@ def extract_dataset(ws, dataset: str, settings, progress: bool = True, lm_cache:
                            progress=progress, desc="train")
     rep.requested, rep.already = len(ids), len(ids) - len(missing)
     return rep
+
+
+# --------------------------------------------------------------------------------------------------
+# Sharded extraction (the dask/ray runners): deterministic shards of the missing ids, one call per shard
+# on a worker that keeps its model loaded across the shards it runs. Nothing here knows which runner
+# (if any) calls it.
+# --------------------------------------------------------------------------------------------------
+
+# The worker-level model cache: one loaded model per model fingerprint and process, shared by every shard
+# the process runs (a Dask or Ray worker process loads the weights once, not once per task).
+_WORKER_MODELS: dict[str, LoadedModel] = {}
+_WORKER_LOADS: dict[str, int] = {}  # loads per fingerprint in this process (what the cache saved is visible)
+_WORKER_LOCK = threading.Lock()
+
+
+def worker_model(model_fp: str, model_cfg, tokenizer: object | None = None) -> LoadedModel:
+    """The model of ``model_fp`` for this process: loaded on first use, then reused (thread-safe)."""
+    from valuegate.tasks.model import load_model
+
+    with _WORKER_LOCK:
+        lm = _WORKER_MODELS.get(model_fp)
+        if lm is None:
+            lm = load_model(model_cfg, tokenizer, progress=False)
+            _WORKER_MODELS[model_fp] = lm
+            _WORKER_LOADS[model_fp] = _WORKER_LOADS.get(model_fp, 0) + 1
+        return lm
+
+
+def shard_ids(ids: list[str], shard_size: int) -> list[list[str]]:
+    """Cut ``ids`` into shards of at most ``shard_size``: distinct ids ordered by (sha256 of the id, id),
+    then consecutive runs. Deterministic: the same ids always give the same shards, whatever their order."""
+    if shard_size < 1:
+        raise ValuegateError(f"shard size must be at least 1, got {shard_size}")
+    ordered = sorted(set(ids), key=lambda i: (hashlib.sha256(i.encode()).hexdigest(), i))
+    return [ordered[lo:lo + shard_size] for lo in range(0, len(ordered), shard_size)]
+
+
+@dataclass
+class ShardPlan:
+    """What :func:`plan_extract_shards` found: the training fingerprint and the shards still to extract."""
+
+    model_fp: str
+    fp_settings: dict
+    lowest_likelihood_ratio: float
+    n_ids: int
+    n_missing: int
+    shards: list[list[str]]
+
+
+def plan_extract_shards(ws, dataset: str, settings, shard_size: int) -> ShardPlan:
+    """The dataset's ids without training features for the fingerprint of ``settings``, as shards.
+
+    Also registers the fingerprint's feature set (once, before any shard runs, so concurrent shards never
+    race to register it); that loads the model in this process only the first time a fingerprint is seen.
+
+    Raises:
+        ValuegateError: the dataset has no samples.
+    """
+    from valuegate.storage import features as fstore
+    from valuegate.storage import samples as sstore
+    from valuegate.tasks.model import fingerprint_settings, load_tokenizer, model_fingerprint
+
+    ids = sstore.dataset_ids(ws, dataset)
+    if not ids:
+        raise ValuegateError(f"dataset {dataset!r} has no samples in {ws.uri}; run `valuegate ingest {dataset} FILE`")
+    ex = settings.extract
+    ratio = ex.lowest_likelihood_ratio
+    tok = load_tokenizer(settings.model)
+    fps = fingerprint_settings(settings.model, ex, tok, ratio)
+    fp = model_fingerprint(fps)
+    have = fstore.feature_ids(ws, fp)
+    missing = [i for i in ids if i not in have]
+    if missing and fstore.read_feature_set(ws, fp) is None:
+        lm = worker_model(fp, settings.model, tok)
+        fstore.ensure_feature_set(ws, fp, fps, lm.hidden_size, lm.vocab_size, ex.hidden_dim or lm.hidden_size,
+                                  ex.error_dim)
+    return ShardPlan(fp, fps, ratio, len(ids), len(missing), shard_ids(missing, shard_size))
+
+
+def extract_shard(workspace: str, ids: list[str], settings, model_fp: str, fp_settings: dict,
+                  lowest_likelihood_ratio: float) -> dict:
+    """Extract and write the training features of one shard (the ids that still have none).
+
+    Runs on any worker that reaches the workspace: reads the shard's samples from the store, takes the
+    model from the worker-level cache (:func:`worker_model`), and writes through :func:`extract_to_store`
+    (batches committed as they come; a retried shard extracts only what the failed attempt did not commit).
+    The vector index is left to the caller (once, after every shard).
+
+    Returns:
+        ``extracted``, ``already``, ``refused`` (ids), ``batches``, ``seconds`` (forward passes), ``pid``
+        and ``model_loads`` (loads of this fingerprint so far in the worker process).
+    """
+    import os
+
+    from valuegate.storage import samples as sstore
+    from valuegate.storage.lance import Workspace
+    from valuegate.tasks.ingest import sample_from_record
+
+    ws = Workspace.from_env(workspace)
+    recs = {r["id"]: sample_from_record(r) for r in sstore.read_samples_by_id(ws, list(ids)).to_pylist()}
+    lost = [i for i in ids if i not in recs]
+    if lost:
+        raise ValuegateError(f"shard: {len(lost)} ids are not in the samples table of {ws.uri} (e.g. {lost[0]})")
+    cfg = settings.extract.model_copy(update={"vector_index_min_rows": 0})  # index: once, by the caller
+    rep = extract_to_store(ws, lambda: worker_model(model_fp, settings.model), list(ids),
+                           [recs[i] for i in ids], cfg, model_fp, fp_settings, lowest_likelihood_ratio,
+                           progress=False, desc="shard")
+    stats = rep.stats or ExtractionStats()
+    return {"extracted": rep.extracted, "already": rep.already, "refused": [i for i, _ in rep.refused or []],
+            "batches": rep.batches, "seconds": round(stats.seconds, 3), "pid": os.getpid(),
+            "model_loads": _WORKER_LOADS.get(model_fp, 0)}

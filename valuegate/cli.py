@@ -104,6 +104,13 @@ def _parser() -> argparse.ArgumentParser:
     r = sub.add_parser("run", parents=[w, cfg], help="run the refresh DAG (ingest → extract → score → gate → "
                        "release); with no --config, the embedded demo")
     _add_model_flags(r)
+    g = r.add_argument_group("runner")
+    g.add_argument("--runner", choices=["local", "dask", "ray"],
+                   help="where tasks run: local (default), or extraction shards on a Dask or Ray cluster")
+    g.add_argument("--workers", type=int, help="dask/ray: worker processes of the local cluster (default 2)")
+    g.add_argument("--address", help="dask/ray: join this cluster (tcp://host:8786, ray://host:10001) "
+                   "instead of starting a local one")
+    g.add_argument("--shard-size", type=int, help="dask/ray: samples per extraction shard (default 2000)")
 
     sv = sub.add_parser("serve", parents=[cfg], help="register refresh as a cron-scheduled deployment and serve it")
     sv.add_argument("--cron", default="0 3 * * *", help="schedule (default: every night at 03:00 UTC)")
@@ -259,6 +266,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     config = args.config
     overrides: dict[str, Any] = {k: v for k, v in _overrides(args).items() if k == "model"}
+    overrides["runner"] = {"kind": args.runner, "workers": args.workers, "address": args.address,
+                           "shard_size": args.shard_size}
     if config is None:
         if not DEMO_CONFIG.exists():
             raise ValuegateError(f"no --config given and the embedded demo ({DEMO_CONFIG}) is not here: "

@@ -145,6 +145,21 @@ class ReleaseSettings(BaseModel):
     name: str = Field("default", description="Release name: releases/<name>/<version>/ in the workspace.")
 
 
+class RunnerSettings(BaseModel):
+    """Where the refresh flow runs its tasks (Prefect task runners; valuegate has no scheduler of its own)."""
+
+    kind: Literal["local", "dask", "ray"] = Field(
+        "local", description="local: every step in the flow's process (extraction inside the scoring step); "
+        "dask or ray: extraction is cut into shards, one task per shard on a Dask or Ray cluster "
+        "(prefect-dask's DaskTaskRunner, prefect-ray's RayTaskRunner), then scoring runs as with local.")
+    workers: int = Field(2, ge=1, description="dask/ray without `address`: worker processes of the local "
+                         "cluster the run starts and stops.")
+    address: str | None = Field(None, description="dask/ray: join this running cluster instead of starting "
+                                "one (Dask scheduler `tcp://host:8786`; Ray `ray://host:10001` or `auto`).")
+    shard_size: int = Field(2000, ge=1, description="dask/ray: samples per extraction shard (ids still "
+                            "missing for the fingerprint, ordered by id hash, cut into shards of this size).")
+
+
 class Settings(BaseSettings):
     """Root settings of valuegate."""
 
@@ -162,6 +177,7 @@ class Settings(BaseSettings):
     select: SelectSettings = Field(default_factory=SelectSettings)
     gate: GateSettings = Field(default_factory=GateSettings)
     release: ReleaseSettings = Field(default_factory=ReleaseSettings)
+    runner: RunnerSettings = Field(default_factory=RunnerSettings)
 
     @classmethod
     def settings_customise_sources(cls, settings_cls, init_settings, env_settings, dotenv_settings,

@@ -325,6 +325,23 @@ def extract_to_store(ws, lm_loader, ids: list[str], samples: list[Sample], cfg: 
     return report
 
 
+def dataset_fingerprint(ws, dataset: str, settings, tokenizer: object,
+                        ratio: float) -> tuple[list[str], dict, str]:
+    """A dataset's ids and the fingerprint (settings, hash) its training features are stored under.
+
+    Raises:
+        ValuegateError: the dataset has no samples.
+    """
+    from valuegate.storage import samples as sstore
+    from valuegate.tasks.model import fingerprint_settings, model_fingerprint
+
+    ids = sstore.dataset_ids(ws, dataset)
+    if not ids:
+        raise ValuegateError(f"dataset {dataset!r} has no samples in {ws.uri}; run `valuegate ingest {dataset} FILE`")
+    fps = fingerprint_settings(settings.model, settings.extract, tokenizer, ratio)
+    return ids, fps, model_fingerprint(fps)
+
+
 def extract_dataset(ws, dataset: str, settings, progress: bool = True, lm_cache: dict | None = None,
                     tokenizer: object | None = None, lowest_likelihood_ratio: float | None = None
                     ) -> StoreExtractReport:
@@ -344,16 +361,12 @@ def extract_dataset(ws, dataset: str, settings, progress: bool = True, lm_cache:
     from valuegate.storage import features as fstore
     from valuegate.storage import samples as sstore
     from valuegate.tasks.ingest import sample_from_record
-    from valuegate.tasks.model import fingerprint_settings, load_model, load_tokenizer, model_fingerprint
+    from valuegate.tasks.model import load_model, load_tokenizer
 
-    ids = sstore.dataset_ids(ws, dataset)
-    if not ids:
-        raise ValuegateError(f"dataset {dataset!r} has no samples in {ws.uri}; run `valuegate ingest {dataset} FILE`")
     ex = settings.extract
     ratio = ex.lowest_likelihood_ratio if lowest_likelihood_ratio is None else lowest_likelihood_ratio
     tok = tokenizer if tokenizer is not None else load_tokenizer(settings.model)
-    fps = fingerprint_settings(settings.model, ex, tok, ratio)
-    fp = model_fingerprint(fps)
+    ids, fps, fp = dataset_fingerprint(ws, dataset, settings, tok, ratio)
     cache = lm_cache if lm_cache is not None else {}
 
     def loader():
@@ -427,24 +440,18 @@ def plan_extract_shards(ws, dataset: str, settings, shard_size: int) -> ShardPla
         ValuegateError: the dataset has no samples.
     """
     from valuegate.storage import features as fstore
-    from valuegate.storage import samples as sstore
-    from valuegate.tasks.model import fingerprint_settings, load_tokenizer, model_fingerprint
+    from valuegate.tasks.model import load_tokenizer
 
-    ids = sstore.dataset_ids(ws, dataset)
-    if not ids:
-        raise ValuegateError(f"dataset {dataset!r} has no samples in {ws.uri}; run `valuegate ingest {dataset} FILE`")
     ex = settings.extract
-    ratio = ex.lowest_likelihood_ratio
     tok = load_tokenizer(settings.model)
-    fps = fingerprint_settings(settings.model, ex, tok, ratio)
-    fp = model_fingerprint(fps)
+    ids, fps, fp = dataset_fingerprint(ws, dataset, settings, tok, ex.lowest_likelihood_ratio)
     have = fstore.feature_ids(ws, fp)
     missing = [i for i in ids if i not in have]
     if missing and fstore.read_feature_set(ws, fp) is None:
         lm = worker_model(fp, settings.model, tok)
         fstore.ensure_feature_set(ws, fp, fps, lm.hidden_size, lm.vocab_size, ex.hidden_dim or lm.hidden_size,
                                   ex.error_dim)
-    return ShardPlan(fp, fps, ratio, len(ids), len(missing), shard_ids(missing, shard_size))
+    return ShardPlan(fp, fps, ex.lowest_likelihood_ratio, len(ids), len(missing), shard_ids(missing, shard_size))
 
 
 def extract_shard(workspace: str, ids: list[str], settings, model_fp: str, fp_settings: dict,

@@ -361,17 +361,23 @@ class ScoreRunReport:
                 f"({self.n_valid}) with features {self.model_fp[:12]}: {secs}")
 
 
-def _feature_matrix(t, ids: list[str], vocab: int, width: int):
-    """CSR ``(len(ids), V·width)`` and per-sample columns of a feature slice, in the order of ``ids``."""
+def _aligned(t, ids: list[str]):
+    """The rows of a feature slice in the order of ``ids`` (every id must have a row)."""
     import pyarrow.compute as pc
-    import scipy.sparse as sp
-
-    from valuegate.storage.features import sparse_arrays
 
     pos = pc.index_in(pa_array(ids), value_set=t.column("id"))
     if pos.null_count:
         raise ValuegateError(f"{pos.null_count} samples have no stored features; run `valuegate extract` again")
-    t = t.take(pos)
+    return t.take(pos)
+
+
+def _feature_matrix(t, ids: list[str], vocab: int, width: int):
+    """CSR ``(len(ids), V·width)`` and per-sample columns of a feature slice, in the order of ``ids``."""
+    import scipy.sparse as sp
+
+    from valuegate.storage.features import sparse_arrays
+
+    t = _aligned(t, ids)
     indptr, indices, data = sparse_arrays(t, width)
     m = sp.csr_matrix((data, indices, indptr), shape=(len(ids), vocab * width))
     return m, t
@@ -476,7 +482,9 @@ def score_dataset(ws, dataset: str, valset_ref: str, settings: Settings, progres
     if sc.signals:
         cols += ["error_sum"] + (["hard_token_ids", "hard_rows", "hard_error_sum", "hard_n_tokens",
                                   "hard_mean_loss"] if has_hard else [])
-    vm_, vt = _feature_matrix(fstore.read_features(ws, fp_v, vids, [*cols, "pooled_hidden"]), vids, vocab, width)
+    # with the signals on, the rows become CSR inside SparseSet (raw and centred): no plain CSR is built
+    vrows = fstore.read_features(ws, fp_v, vids, [*cols, "pooled_hidden"])
+    vm_, vt = (None, _aligned(vrows, vids)) if sc.signals else _feature_matrix(vrows, vids, vocab, width)
     v_self = vt["self_influence"].to_numpy()
     v_tok = vt["n_tokens"].to_numpy().astype(np.int64)
     k = sc.nearest_k
@@ -496,7 +504,8 @@ def score_dataset(ws, dataset: str, valset_ref: str, settings: Settings, progres
     for lo in range(0, len(ids), SCORE_CHUNK):
         t1 = time.perf_counter()
         chunk = ids[lo:lo + SCORE_CHUNK]
-        tm, tt = _feature_matrix(fstore.read_features(ws, fp_t, chunk, cols), chunk, vocab, width)
+        trows = fstore.read_features(ws, fp_t, chunk, cols)
+        tm, tt = (None, _aligned(trows, chunk)) if sc.signals else _feature_matrix(trows, chunk, vocab, width)
         t2 = time.perf_counter()
         t_self = tt["self_influence"].to_numpy()
         t_tok = tt["n_tokens"].to_numpy().astype(np.int64)

@@ -244,6 +244,12 @@ def test_score_set_equals_file_scoring_and_is_pinned(ws, tmp_path, tiny_model_di
     for col in ("suspect", "centred_cosine_nearest", "hard_value_mean", "log_self_influence", "hard_mean_loss"):
         np.testing.assert_allclose([stored_t[col][pos[i]] for i in ids], mean_df[col].to_numpy(),
                                    rtol=1e-5, atol=1e-9, err_msg=col)
+    # with the signals off the values come through the plain CSR path (one weighted vector for mean)
+    settings.score.signals = False
+    off = score_dataset(ws, "d", "val", settings, progress=False, write=False).table.to_pydict()
+    np.testing.assert_allclose(off["value"], [got[i] for i in off["id"]], rtol=1e-6)
+    assert off["suspect"] == [None] * 12
+    settings.score.signals = True
     settings.score.aggregate = "nearest"
     assert json.loads(row["settings"])["settings"]["score"]["aggregate"] == "nearest"
     # a new validation version re-scores without running the model on training data

@@ -1,7 +1,8 @@
 """valuegate.flows: the Prefect flows (DESIGN §2) and the orchestration policy they share.
 
 Cached steps persist their results under ``<workspace>/.prefect-results`` (so the cache goes with the
-workspace and a wiped workspace never meets an old cache), keyed by :class:`KeyedOn`: the task's source,
+workspace and a wiped workspace never meets an old cache; an object-store workspace keeps them in a local
+folder keyed by the workspace's id, see :func:`results_dir`), keyed by :class:`KeyedOn`: the task's source,
 plus what the step's result depends on, including the state of the workspace tables it reads where that
 matters. A key that cannot be computed turns caching off for that call (the step runs), never on.
 ``PREFECT_TASKS_REFRESH_CACHE=true`` recomputes every cached step once and overwrites its record.
@@ -24,17 +25,35 @@ RESULTS_DIR = ".prefect-results"
 
 
 def results_dir(workspace: str) -> Path | None:
-    """Where cached results of a workspace persist: ``<workspace>/.prefect-results`` (absolute); None for an
-    object-store workspace (its steps are not cached)."""
+    """Where cached results of a workspace persist (absolute).
+
+    A local workspace: ``<workspace>/.prefect-results``. An object-store workspace: a local folder of the
+    process that runs the flow, ``$VALUEGATE_RESULTS_DIR`` (else ``$VALUEGATE_HOME/prefect-results``, else
+    ``~/.cache/valuegate/prefect-results``) ``/<workspace id>``, where the workspace id is a random id
+    the workspace stores once (``<workspace>/.valuegate-workspace-id``): a wiped and recreated workspace
+    never meets an old cache, and two workspaces never share one. Only the flow's own process reads and
+    writes it (the cached steps and the resume record run there; cluster workers run uncached shards), so
+    no worker needs it; a flow started on another machine starts with an empty cache (it recomputes the
+    cached steps once: ingestion and scoring find their work already in the workspace).
+    """
     uri = workspace[len("file://"):] if workspace.startswith("file://") else workspace
     if "://" in uri:
-        return None
+        from valuegate.storage.objstore import workspace_id
+
+        base = os.environ.get("VALUEGATE_RESULTS_DIR")
+        if base:
+            where = Path(base).expanduser()
+        else:
+            home = os.environ.get("VALUEGATE_HOME")
+            xdg = os.environ.get("XDG_CACHE_HOME")
+            root = Path(home) if home else (Path(xdg) / "valuegate" if xdg else Path.home() / ".cache" / "valuegate")
+            where = root.expanduser() / "prefect-results"
+        return (where / workspace_id(uri)).resolve()
     return Path(uri).expanduser().resolve() / RESULTS_DIR
 
 
 def persisted(task: Any, workspace: str) -> Any:
-    """``task`` with its results persisted under :func:`results_dir` (what caching and resuming read back);
-    for an object-store workspace, ``task`` uncached."""
+    """``task`` with its results persisted under :func:`results_dir` (what caching and resuming read back)."""
     from prefect.cache_policies import NO_CACHE
 
     where = results_dir(workspace)

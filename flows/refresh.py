@@ -60,6 +60,27 @@ def _workspace(settings: Settings):
     return Workspace.from_env(settings.workspace)
 
 
+def _is_object_store(settings: Settings) -> bool:
+    return "://" in settings.workspace and not settings.workspace.startswith("file://")
+
+
+def _root_key(settings: Settings) -> str:
+    """The workspace as it keys the resume record (a local directory resolved, an object store's URI)."""
+    return _workspace(settings).uri if _is_object_store(settings) else str(Path(settings.workspace).resolve())
+
+
+def _docs_dir(settings: Settings, version: str) -> str:
+    """Where the gate renders its Data Docs before the release copies them in: beside the release on a
+    local workspace, a local temporary folder for an object-store one."""
+    if _is_object_store(settings):
+        import tempfile
+        import uuid
+
+        return str(Path(tempfile.gettempdir()) / f"valuegate-{settings.release.name}-{version}-gate-"
+                   f"{uuid.uuid4().hex[:8]}")
+    return str(Path(settings.workspace) / "releases" / settings.release.name / f".{version}-gate")
+
+
 def _scoring_settings(settings: Settings) -> Settings:
     """The settings scoring runs with: the selection policy's aggregate is the one scored."""
     return settings.model_copy(update={"score": settings.score.model_copy(
@@ -268,8 +289,8 @@ def allocate_release(settings: Settings, resume: str | None, run_id: str) -> str
     new version (exclusive allocation: concurrent runs never share one)."""
     from valuegate.storage import releases as store
 
-    root, name = Path(settings.workspace), settings.release.name
-    if (resume and store.release_dir(root, name, resume).is_dir() and store.read_current(root, name) != resume
+    root, name = _workspace(settings), settings.release.name
+    if (resume and store.version_exists(root, name, resume) and store.read_current(root, name) != resume
             and (not store.release_exists(root, name, resume)
                  or store.read_manifest(root, name, resume).get("run_id") == run_id)):
         get_run_logger().info(f"resuming release {name}/{resume}, left by a failed run with the same inputs")
@@ -307,7 +328,7 @@ def write_release_task(settings: Settings, selected: Any, manifest_parts: dict[s
     from valuegate.storage.releases import release_exists, write_release
     from valuegate.tasks.release import build_manifest
 
-    root = Path(settings.workspace)
+    root = _workspace(settings)
     if not release_exists(root, settings.release.name, version):
         data = selected.filter(selected["keep"]).drop("keep", "reason")
         beside = {k: manifest_parts[k] for k in ("timings", "cached_steps") if k in manifest_parts}
@@ -324,12 +345,12 @@ def write_release_task(settings: Settings, selected: Any, manifest_parts: dict[s
 @task(name="report", cache_policy=NO_CACHE)
 def report(settings: Settings, selected: Any, version: str, previous: str | None) -> str:
     """Write report.html into the release folder (plots, top/bottom samples, change since the previous)."""
-    from valuegate.storage.releases import read_manifest, release_dir
+    from valuegate.storage.releases import read_manifest, release_dir, write_release_file
     from valuegate.storage.valsets import read_valset
     from valuegate.tasks.release import diff_releases, format_diff
     from valuegate.tasks.report import render_report, write_report
 
-    root = Path(settings.workspace)
+    root = _workspace(settings)
     name = settings.release.name
     manifest = read_manifest(root, name, version)
     _, vrows = read_valset(_workspace(settings), manifest["valset"])
@@ -338,6 +359,8 @@ def report(settings: Settings, selected: Any, version: str, previous: str | None
     threshold = settings.select.suspect_threshold if settings.select.policy == "suspect" else None
     html_text = render_report(selected, manifest, vrows.to_pylist(), diff_text, settings.select.group_by,
                               explained, threshold)
+    if _is_object_store(settings):  # one PUT of the whole report beside the release's files
+        return write_release_file(root, name, version, "report.html", html_text.encode("utf-8"))
     return str(write_report(release_dir(root, name, version) / "report.html", html_text))
 
 
@@ -362,7 +385,7 @@ def promote_task(settings: Settings, version: str) -> None:
     """Move CURRENT to the release (only called after the gate passed)."""
     from valuegate.storage.releases import promote
 
-    promote(Path(settings.workspace), settings.release.name, version)
+    promote(_workspace(settings), settings.release.name, version)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -451,7 +474,7 @@ def refresh(config: str | None = None, overrides: dict[str, Any] | None = None) 
 
     t_start = time.perf_counter()
     settings = load_settings(config, overrides)
-    root, name, ws = Path(settings.workspace), settings.release.name, settings.workspace
+    root, name, ws = _workspace(settings), settings.release.name, settings.workspace
     step = _Steps()
     ingested = step("ingest", persisted(ingest_sources, ws), settings)
     counts = {k: v for k, v in ingested.items() if k != "dataset_fp"}
@@ -477,11 +500,11 @@ def refresh(config: str | None = None, overrides: dict[str, Any] | None = None) 
 
     inputs = [{"source": str(Path(s).resolve()), "sha256": file_hash(s)} for s in settings.data.sources]
     previous = read_current(root, name)
-    release_key = "pending-release-" + digest(str(root.resolve()), name, previous, run["run_id"], inputs,
+    release_key = "pending-release-" + digest(_root_key(settings), name, previous, run["run_id"], inputs,
                                               json.loads(settings.model_dump_json()))
     resume = _pending_release(settings, release_key)
     version = step("allocate", allocate_release, settings, resume, run["run_id"])
-    docs_dir = str(root / "releases" / name / f".{version}-gate")
+    docs_dir = _docs_dir(settings, version)
     try:
         verdict = step("gate", gate, settings, selected, counts, valset, docs_dir)
         parts = {
@@ -528,7 +551,8 @@ def _artifacts(selected: Any, counts: dict[str, int], version: str, verdict: dic
     lines += [f"| {k} | {v:.3f} | {'cached' if k in step.cached else ''} |" for k, v in step.timings.items()]
     lines += ["", f"gate: {'passed' if verdict['passed'] else 'FAILED'}"]
     lines += [f"- {f}" for f in verdict["failures"]]
-    lines += ["", f"Report: [{report_path}](file://{report_path})"]
+    link = report_path if "://" in report_path else f"file://{report_path}"
+    lines += ["", f"Report: [{report_path}]({link})"]
     if verdict.get("docs_index"):
         lines += ["", f"Data Docs: {verdict['docs_index']}"]
     create_markdown_artifact(key="release-summary", markdown="\n".join(lines))

@@ -1,10 +1,13 @@
-"""Release directory layout and atomic promotion (DESIGN §3, "Releases").
+"""Release layout and atomic promotion (DESIGN §3, "Releases"), on local disk or an S3-compatible store.
 
-Layout, under the workspace root::
+Layout, under the workspace root (a directory, or the workspace's ``s3://bucket/prefix``)::
 
     <root>/releases/<name>/
-        CURRENT                 one line: the version that is current (absent: none yet)
-        v0001/                  one release (versions allocated by exclusive mkdir, never reused)
+        CURRENT                 first line: the version that is current (absent: none yet); second line:
+                                ``promotion <n>``, the number of promotions so far (every promotion
+                                writes a new n, so no two CURRENT contents are ever the same)
+        v0001/                  one release (versions allocated exclusively, never reused)
+            .allocated          the allocation marker (created only if absent)
             data.parquet        the kept training rows: plain Arrow columns (no extension, dictionary,
                                 view or large-offset types, no polars metadata), so polars and
                                 ``datasets.load_dataset("parquet", data_files=...)`` read it as is;
@@ -17,52 +20,44 @@ Layout, under the workspace root::
             manifest.json       written last: the completion record (a release without it is incomplete,
                                 is not listed, cannot be read or promoted)
 
-Write protocol (local disk): every file is written to a dot-prefixed temporary name in its final
-directory, flushed and fsynced, then ``os.replace``d onto its name; the directory is fsynced after each
-rename. ``manifest.json`` goes last, carrying the sha256 of ``data.parquet`` (and of ``scores.parquet``).
-A crash at any point leaves either a complete release or a version directory without manifest, which
-everything here ignores; retrying :func:`write_release` on the same version completes it.
+Every file access goes through :class:`valuegate.storage.objstore.Root`; the protocol is the same on both
+kinds of root, only the primitives differ:
 
-``CURRENT`` moves by writing a temporary file beside it, fsync, ``os.replace`` (atomic on POSIX and
-Windows), fsync of the directory. Concurrent promotions are last-writer-wins; each one is atomic, so a
-reader sees the old or the new version, never a torn one, and only ever a complete release whose gate
-passed (:func:`promote` checks both before moving).
-
-Object stores (later): every filesystem access of this module goes through the small private helpers at
-the top (``_mkdir_exclusive``, ``_write_bytes_atomic``, ``_read_bytes``, ``_list_dir``, ``_copy_in``),
-so they can be re-implemented over :mod:`pyarrow.fs` without touching the callers. An object store has no
-rename and no exclusive mkdir; the equivalents are:
-
-* version allocation: a conditional put (``If-None-Match: *``) of ``<name>/<version>/.allocated``; a
-  412 answer means another run took the version: try the next one (same loop as here);
-* file writes: a single PUT is already atomic (readers never see half an object), so data files are put
-  directly and ``manifest.json`` is still put last as the completion record;
-* ``CURRENT``: a pointer object replaced with a conditional put: read it with its ETag (or generation),
-  put the new content with ``If-Match: <etag>`` (``If-None-Match: *`` when absent), and on a 412 re-read
-  and retry. Stores without conditional overwrite can use versioned pointer objects instead:
-  ``CURRENT.<seq>`` created with ``If-None-Match: *`` (seq = last + 1), the reader taking the highest
-  ``seq``; a rollback is then just a new pointer object naming an older version.
+* **version allocation**: one past the highest version listed, claimed by creating ``<version>/.allocated``
+  only if absent (locally ``O_EXCL``; on S3 ``PUT`` with ``If-None-Match: *``, a lost race is ``412``);
+  the loser re-lists and tries the next number. Concurrent runs never share a version.
+* **files**: locally a temporary name, fsync, ``os.replace``, fsync of the directory; on S3 a single
+  ``PUT`` (or a completed multipart upload), which readers see whole or not at all. ``manifest.json``
+  goes last, carrying the sha256 of ``data.parquet`` (and of ``scores.parquet``). A crash at any point
+  leaves either a complete release or a version without manifest, which everything here ignores;
+  retrying :func:`write_release` on the same version completes it.
+* **CURRENT** is a read-modify-write of one object, made linearisable: locally under an ``flock`` of
+  ``.CURRENT.lock`` with the write itself a temporary file + ``os.replace``; on S3 a compare-and-swap:
+  ``GET`` returns the content and its ETag, the new content is ``PUT`` with ``If-Match: <etag>``
+  (``If-None-Match: *`` when there is no CURRENT yet), and a ``412`` (another promoter won) re-reads and
+  retries. A reader does one ``GET`` of one object, so it sees the old version or the new one, never a
+  torn one, and only ever a complete release whose gate passed (:func:`promote` checks both before
+  moving). Each promotion returns exactly the version it replaced and numbers itself (``promotion n``):
+  concurrent promoters are serialised, none is lost, and the content never repeats (no ABA on ETags).
 
 This module never imports torch or LanceDB.
 """
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
 import json
 import os
+import random
 import re
-import shutil
-import uuid
+import time
 from pathlib import Path
 from typing import Any
 
 import polars as pl
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from valuegate.errors import ValuegateError
+from valuegate.storage.objstore import Root, open_root, sha256_file
 
 __all__ = [
     "CURRENT_FILE",
@@ -76,6 +71,7 @@ __all__ = [
     "parse_version",
     "promote",
     "read_current",
+    "read_current_record",
     "read_manifest",
     "read_release_data",
     "read_release_scores",
@@ -84,161 +80,52 @@ __all__ = [
     "release_scores_exist",
     "release_uri",
     "releases_uri",
+    "version_exists",
     "write_release",
+    "write_release_file",
 ]
 
 DATA_FILE = "data.parquet"
 SCORES_FILE = "scores.parquet"
 MANIFEST_FILE = "manifest.json"
 CURRENT_FILE = "CURRENT"
+ALLOCATED_FILE = ".allocated"
+_LOCK_FILE = ".CURRENT.lock"
 _RESERVED = {DATA_FILE, SCORES_FILE, MANIFEST_FILE, CURRENT_FILE}
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 _VERSION = re.compile(r"^v(\d{4,})$")
 _ALLOCATE_ATTEMPTS = 1000
+_PROMOTE_ATTEMPTS = 200
 
 
-# --------------------------------------------------------------------------------------------------
-# Filesystem primitives (the only code that touches the disk; swap these for pyarrow.fs on object stores)
-# --------------------------------------------------------------------------------------------------
+def _sha256_file(path: Path | str) -> str:
+    return sha256_file(path)
 
 
-def _fsync_dir(directory: Path) -> None:
-    """fsync a directory so a rename or creation in it survives a power loss (no-op where unsupported)."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
+def _root(root: Any) -> Root:
+    """The workspace root: a local directory, an ``s3://`` URI (options from the environment) or a
+    :class:`~valuegate.storage.lance.Workspace` (its own storage options)."""
+    return open_root(root)
+
+
+def _remove_temporaries(r: Root, key: str) -> None:
+    """Local: remove the leftovers of a crashed write (dot-prefixed ``*.tmp`` entries) in a release
+    directory (an object store has none: a PUT that did not complete leaves nothing)."""
+    if not r.is_local:
         return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+    import shutil
 
-
-def _tmp_name(directory: Path, final: str) -> Path:
-    """A dot-prefixed, unique temporary path beside ``final`` (ignored by every listing)."""
-    return directory / f".{final}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
-
-
-def _mkdir_exclusive(path: Path) -> bool:
-    """Create ``path``; False when it already exists (the exclusive step of version allocation)."""
-    try:
-        os.mkdir(path)
-    except FileExistsError:
-        return False
-    _fsync_dir(path.parent)
-    return True
-
-
-def _write_bytes_atomic(path: Path, payload: bytes) -> None:
-    """Write ``payload`` to ``path`` through a temporary file, fsync and ``os.replace``."""
-    tmp = _tmp_name(path.parent, path.name)
-    try:
-        with open(tmp, "wb") as fh:
-            fh.write(payload)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-    _fsync_dir(path.parent)
-
-
-def _write_parquet_atomic(path: Path, table: pa.Table, schema: pa.Schema, batch_rows: int = 8192) -> str:
-    """Write ``table`` as Parquet with ``schema`` (cast batch by batch, so narrowing 64-bit offsets to 32-bit
-    ones never overflows) through a temporary file, fsync, ``os.replace``; returns the file's sha256."""
-    tmp = _tmp_name(path.parent, path.name)
-    try:
-        with pq.ParquetWriter(tmp, schema, compression="zstd") as writer:
-            for batch in table.to_batches(max_chunksize=batch_rows):
-                writer.write_table(pa.Table.from_batches([batch]).cast(schema), row_group_size=batch_rows)
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        digest = _sha256_file(tmp)
-        os.replace(tmp, path)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-    _fsync_dir(path.parent)
-    return digest
-
-
-def _read_bytes(path: Path) -> bytes | None:
-    """The bytes of ``path``, or None when it does not exist."""
-    try:
-        return path.read_bytes()
-    except FileNotFoundError:
-        return None
-
-
-def _list_dir(directory: Path) -> list[str]:
-    """Entry names of ``directory`` (empty when it does not exist), dot-prefixed temporaries excluded."""
-    try:
-        return sorted(e for e in os.listdir(directory) if not e.startswith("."))
-    except FileNotFoundError:
-        return []
-
-
-def _copy_in(src: Path, dest: Path) -> None:
-    """Copy a file or folder to ``dest`` through a temporary name and ``os.replace`` (replacing ``dest``)."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp_name(dest.parent, dest.name)
-    try:
-        if src.is_dir():
-            shutil.copytree(src, tmp)
-            if dest.exists():  # a retry after a crash: the old copy is replaced whole
-                shutil.rmtree(dest) if dest.is_dir() else dest.unlink()
-        else:
-            shutil.copyfile(src, tmp)
-            with open(tmp, "rb+") as fh:
-                os.fsync(fh.fileno())
-            if dest.is_dir():
-                shutil.rmtree(dest)
-        os.replace(tmp, dest)
-    finally:
-        if tmp.is_dir():
-            shutil.rmtree(tmp, ignore_errors=True)
-        else:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-    _fsync_dir(dest.parent)
-
-
-def _remove_temporaries(directory: Path) -> None:
-    """Remove the leftovers of a crashed write (dot-prefixed ``*.tmp`` entries) in a release directory."""
+    directory = r.path(key)
     for entry in os.listdir(directory):
         if entry.startswith(".") and entry.endswith(".tmp"):
             p = directory / entry
             shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
 
 
-def _sha256_file(path: Path | str, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(chunk), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 # --------------------------------------------------------------------------------------------------
 # Names, versions, paths
 # --------------------------------------------------------------------------------------------------
-
-
-def _local_root(root: str | os.PathLike[str]) -> Path:
-    """The workspace root as a local path (``file://`` stripped); object-store URIs are refused for now."""
-    uri = os.fspath(root)
-    if not uri:
-        raise ValuegateError("the workspace root is empty; give a directory")
-    if uri.startswith("file://"):
-        uri = uri[len("file://"):]
-    if "://" in uri:
-        raise ValuegateError(f"releases on an object store ({uri}) are not supported yet; "
-                             "use a local workspace directory")
-    return Path(uri).expanduser()
 
 
 def _check_name(name: str) -> str:
@@ -278,24 +165,46 @@ def _canonical(version: str | int) -> str:
     return format_version(parse_version(version))
 
 
-def releases_uri(root: str | os.PathLike[str], name: str) -> str:
-    """Where the releases of ``name`` live: ``<root>/releases/<name>`` (a local path, as a string)."""
-    return str(_local_root(root) / "releases" / _check_name(name))
+def _base(name: str) -> str:
+    return f"releases/{_check_name(name)}"
 
 
-def release_dir(root: str | os.PathLike[str], name: str, version: str | int) -> Path:
-    """Directory of one release: ``<root>/releases/<name>/<version>`` (``version`` normalised to vNNNN)."""
-    return Path(releases_uri(root, name)) / _canonical(version)
+def _vkey(name: str, version: str | int, file: str | None = None) -> str:
+    key = f"{_base(name)}/{_canonical(version)}"
+    return f"{key}/{file}" if file else key
 
 
-def release_uri(root: str | os.PathLike[str], name: str, version: str | int) -> str:
-    """:func:`release_dir` as a string (the ``*_uri`` of the convention)."""
-    return str(release_dir(root, name, version))
+def releases_uri(root: Any, name: str) -> str:
+    """Where the releases of ``name`` live: ``<root>/releases/<name>`` (a local path or an s3:// URI)."""
+    return _root(root).uri_of(_base(name))
 
 
-def _version_numbers(directory: Path) -> list[int]:
-    """Release numbers of every version directory under ``directory`` (complete or not), ascending."""
-    return sorted(int(m.group(1)) for e in _list_dir(directory) if (m := _VERSION.match(e)))
+def release_uri(root: Any, name: str, version: str | int) -> str:
+    """Where one release lives: ``<root>/releases/<name>/<version>`` (local path or s3:// URI)."""
+    return _root(root).uri_of(_vkey(name, version))
+
+
+def release_dir(root: Any, name: str, version: str | int) -> Path:
+    """Local directory of one release (``version`` normalised to vNNNN).
+
+    Raises:
+        ValuegateError: an object-store root (use :func:`release_uri`).
+    """
+    r = _root(root)
+    if not r.is_local:
+        raise ValuegateError(f"releases of {r.uri} are on an object store, not in a local directory; "
+                             "use release_uri")
+    return r.path(_vkey(name, version))
+
+
+def _version_numbers(r: Root, name: str) -> list[int]:
+    """Release numbers of every version under the release name (complete or not), ascending."""
+    return sorted(int(m.group(1)) for e in r.list(_base(name)) if (m := _VERSION.match(e)))
+
+
+def version_exists(root: Any, name: str, version: str | int) -> bool:
+    """Whether ``version`` was allocated (or written), complete or not."""
+    return _root(root).exists_prefix(_vkey(name, version))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -303,33 +212,36 @@ def _version_numbers(directory: Path) -> list[int]:
 # --------------------------------------------------------------------------------------------------
 
 
-def allocate_version(root: str | os.PathLike[str], name: str) -> str:
-    """Reserve the next version of ``name`` by creating its directory exclusively.
+def allocate_version(root: Any, name: str) -> str:
+    """Reserve the next version of ``name`` by creating its ``.allocated`` marker only if absent.
 
-    Takes one past the highest existing version directory and ``mkdir``s it; when another run created it
-    first (``FileExistsError``), re-lists and tries the next number. Two runs on one workspace therefore
-    never get the same version. Numbers are never reused: a run that crashed before its manifest leaves a
-    gap (its directory stays, incomplete and ignored).
+    Takes one past the highest existing version and creates ``<version>/.allocated`` exclusively (``O_EXCL``
+    locally, ``If-None-Match: *`` on S3); when another run claimed it first, re-lists and tries the next
+    number. Two runs on one workspace therefore never get the same version. Numbers are never reused: a
+    run that crashed before its manifest leaves a gap (its version stays, incomplete and ignored).
 
     Args:
-        root: workspace root directory.
+        root: workspace root (directory, s3:// URI or Workspace).
         name: release name (letters, digits, ``.``, ``_``, ``-``).
 
     Returns:
-        the reserved version, e.g. ``"v0003"``; its directory exists and is empty.
+        the reserved version, e.g. ``"v0003"``.
 
     Raises:
-        ValuegateError: bad name, object-store root, or no version could be reserved after many tries.
+        ValuegateError: bad name, or no version could be reserved after many tries.
     """
-    base = Path(releases_uri(root, name))
-    base.mkdir(parents=True, exist_ok=True)
-    number = max(_version_numbers(base), default=0) + 1
+    r = _root(root)
+    _check_name(name)
+    number = max(_version_numbers(r, name), default=0) + 1
     for _ in range(_ALLOCATE_ATTEMPTS):
-        if _mkdir_exclusive(base / format_version(number)):
+        # locally an existing directory without marker (written by an older valuegate) counts as taken
+        taken = r.is_local and r.path(_vkey(name, number)).exists() and not r.is_file(
+            _vkey(name, number, ALLOCATED_FILE))
+        if not taken and r.create(_vkey(name, number, ALLOCATED_FILE), b""):
             return format_version(number)
-        number = max([number, *_version_numbers(base)]) + 1
-    raise ValuegateError(f"could not reserve a release version under {base} after {_ALLOCATE_ATTEMPTS} "
-                         "tries; is something else creating directories there?")
+        number = max([number, *_version_numbers(r, name)]) + 1
+    raise ValuegateError(f"could not reserve a release version under {r.uri_of(_base(name))} after "
+                         f"{_ALLOCATE_ATTEMPTS} tries; is something else creating versions there?")
 
 
 def _plain_type(t: pa.DataType) -> pa.DataType:
@@ -380,33 +292,35 @@ def _check_extra_name(key: str) -> str:
     return rel.as_posix()
 
 
-def write_release(root: str | os.PathLike[str], name: str, version: str, data: pl.DataFrame,
-                  manifest: dict[str, Any], extra: dict[str, Path] | None = None, *,
-                  scores: pl.DataFrame | None = None) -> Path:
-    """Write one release into its allocated directory; ``manifest.json`` last, as the completion record.
 
-    Order: ``data.parquet`` (temporary name, fsync, rename) → ``scores.parquet`` (same) → the extra
-    files/folders (copied, same) → ``manifest.json`` (same). A crash before the manifest leaves an
-    incomplete release that is never listed, read or promoted; calling this again on the same version
-    completes it.
+
+def write_release(root: Any, name: str, version: str, data: pl.DataFrame,
+                  manifest: dict[str, Any], extra: dict[str, Path] | None = None, *,
+                  scores: pl.DataFrame | None = None) -> str | Path:
+    """Write one release into its allocated version; ``manifest.json`` last, as the completion record.
+
+    Order: ``data.parquet`` → ``scores.parquet`` → the extra files/folders → ``manifest.json``, each
+    written whole (locally temporary name, fsync, rename; on S3 one PUT). A crash before the manifest
+    leaves an incomplete release that is never listed, read or promoted; calling this again on the same
+    version completes it.
 
     Args:
-        root: workspace root directory.
+        root: workspace root (directory, s3:// URI or Workspace).
         name: release name.
-        version: a version from :func:`allocate_version` (its directory is created if missing).
+        version: a version from :func:`allocate_version` (created if missing).
         data: the kept training rows, ``(n_kept, columns)``: at least ``id`` (str, unique) and ``value``
             (float); every other column (prompt, response, metadata...) is kept as is, as plain Arrow types.
         manifest: the release's provenance (see :func:`valuegate.tasks.release.build_manifest`); stored
             with ``name``, ``version``, ``data_sha256`` (sha256 of the ``data.parquet`` bytes),
             ``data_rows``, ``scores_sha256`` (or None) and ``files`` (the extra names) filled in.
-        extra: name inside the release directory → source file or folder to copy in (e.g.
+        extra: name inside the release → local source file or folder to copy in (e.g.
             ``{"gate": docs_dir, "report.html": report}``).
         scores: every sample the run scored, at least ``id`` and ``value`` (one row per id); stored as
             ``scores.parquet`` with ``id``, ``value`` and ``kept`` (= the id is in ``data``). Without it,
             :func:`valuegate.tasks.release.diff_releases` cannot tell why an id entered or left.
 
     Returns:
-        the release directory.
+        the release directory (a ``Path``) locally, its ``s3://`` URI (a string) on an object store.
 
     Raises:
         ValuegateError: bad name/version, missing ``id``/``value`` columns, duplicate ids, non-plain
@@ -434,32 +348,51 @@ def write_release(root: str | os.PathLike[str], name: str, version: str, data: p
         if not src.exists():
             raise ValuegateError(f"extra release file {key!r}: {src} does not exist")
 
-    rdir = release_dir(root, name, version)
-    if release_exists(root, name, version):
+    r = _root(root)
+    vkey = _vkey(name, version)
+    if release_exists(r, name, version):
         raise ValuegateError(f"release {name}/{version} is already complete; releases are immutable "
                              "(allocate a new version)")
-    rdir.mkdir(parents=True, exist_ok=True)
-    _remove_temporaries(rdir)
+    if r.is_local:
+        r.path(vkey).mkdir(parents=True, exist_ok=True)
+        _remove_temporaries(r, vkey)
 
-    data_sha = _write_parquet_atomic(rdir / DATA_FILE, *_plain_table(data, "release data"))
+    data_sha = r.write_parquet(f"{vkey}/{DATA_FILE}", *_plain_table(data, "release data"))
     scores_sha = None
     if scores is not None:
         kept = scores.select(pl.col("id").cast(pl.String), pl.col("value").cast(pl.Float64)).with_columns(
             kept=pl.col("id").is_in(data["id"].cast(pl.String).implode()))
-        scores_sha = _write_parquet_atomic(rdir / SCORES_FILE, *_plain_table(kept, "release scores"))
+        scores_sha = r.write_parquet(f"{vkey}/{SCORES_FILE}", *_plain_table(kept, "release scores"))
     for key, src in extras.items():
-        _copy_in(src, rdir / key)
+        r.copy_in(src, f"{vkey}/{key}")
 
     record = {**manifest, "name": name, "version": version, "data_sha256": data_sha,
               "data_rows": data.height, "scores_sha256": scores_sha, "files": sorted(extras)}
     payload = json.dumps(record, indent=2, sort_keys=True, default=_json_default).encode() + b"\n"
-    _write_manifest(rdir, payload)
-    return rdir
+    _write_manifest((r, vkey), payload)
+    return r.path(vkey) if r.is_local else r.uri_of(vkey)
 
 
-def _write_manifest(rdir: Path, payload: bytes) -> None:
-    """The completion record's write (its own function so a test can simulate a crash just before it)."""
-    _write_bytes_atomic(rdir / MANIFEST_FILE, payload)
+def _write_manifest(where: tuple[Root, str], payload: bytes) -> None:
+    """The completion record's write into release ``where`` = (root, release key); its own function so a
+    test can simulate a crash just before it."""
+    r, vkey = where
+    r.write_atomic(f"{vkey}/{MANIFEST_FILE}", payload)
+
+
+def write_release_file(root: Any, name: str, version: str | int, key: str, payload: bytes) -> str:
+    """Add one file to a complete release after its manifest (the report): written whole, returns its
+    local path or URI.
+
+    Raises:
+        ValuegateError: a reserved or malformed name, or a release that is not complete.
+    """
+    key = _check_extra_name(key)
+    read_manifest(root, name, version)
+    r = _root(root)
+    full = _vkey(name, version, key)
+    r.write_atomic(full, payload)
+    return r.uri_of(full)
 
 
 def _json_default(obj: Any) -> Any:
@@ -477,30 +410,31 @@ def _json_default(obj: Any) -> Any:
 # --------------------------------------------------------------------------------------------------
 
 
-def release_exists(root: str | os.PathLike[str], name: str, version: str | int) -> bool:
+def release_exists(root: Any, name: str, version: str | int) -> bool:
     """Whether the release is complete (its ``manifest.json`` is present)."""
-    return (release_dir(root, name, version) / MANIFEST_FILE).is_file()
+    return _root(root).is_file(_vkey(name, version, MANIFEST_FILE))
 
 
-def read_manifest(root: str | os.PathLike[str], name: str, version: str | int) -> dict[str, Any]:
+def read_manifest(root: Any, name: str, version: str | int) -> dict[str, Any]:
     """The manifest of a complete release.
 
     Raises:
         ValuegateError: the release does not exist or is incomplete (its run crashed before the manifest).
     """
-    path = release_dir(root, name, version) / MANIFEST_FILE
-    raw = _read_bytes(path)
+    r = _root(root)
+    key = _vkey(name, version, MANIFEST_FILE)
+    raw = r.read_bytes(key)
     if raw is None:
-        known = [r["version"] for r in list_releases(root, name)]
+        known = [m["version"] for m in list_releases(r, name)]
         raise ValuegateError(f"no complete release {name}/{_canonical(version)} "
                              f"(complete releases: {', '.join(known) or 'none'})")
     try:
         return json.loads(raw)
     except json.JSONDecodeError as exc:
-        raise ValuegateError(f"{path} is not valid JSON ({exc}); the release is damaged") from exc
+        raise ValuegateError(f"{r.uri_of(key)} is not valid JSON ({exc}); the release is damaged") from exc
 
 
-def read_release_data(root: str | os.PathLike[str], name: str, version: str | int,
+def read_release_data(root: Any, name: str, version: str | int,
                       columns: list[str] | None = None, verify: bool = False) -> pl.DataFrame:
     """The kept rows of a complete release, ``(n_kept, columns)``.
 
@@ -511,66 +445,85 @@ def read_release_data(root: str | os.PathLike[str], name: str, version: str | in
     Raises:
         ValuegateError: incomplete/missing release, or a hash mismatch with ``verify``.
     """
-    manifest = read_manifest(root, name, version)
-    path = release_dir(root, name, version) / DATA_FILE
-    if verify and _sha256_file(path) != manifest.get("data_sha256"):
-        raise ValuegateError(f"{path} does not match the sha256 of its manifest; the release is damaged")
-    return pl.read_parquet(path, columns=columns)
+    r = _root(root)
+    manifest = read_manifest(r, name, version)
+    key = _vkey(name, version, DATA_FILE)
+    if verify and r.sha256(key) != manifest.get("data_sha256"):
+        raise ValuegateError(f"{r.uri_of(key)} does not match the sha256 of its manifest; the release is damaged")
+    return r.read_parquet(key, columns=columns)
 
 
-def release_scores_exist(root: str | os.PathLike[str], name: str, version: str | int) -> bool:
+def release_scores_exist(root: Any, name: str, version: str | int) -> bool:
     """Whether a complete release carries the scores of its run (``scores.parquet``)."""
-    return release_exists(root, name, version) and (release_dir(root, name, version) / SCORES_FILE).is_file()
+    r = _root(root)
+    return release_exists(r, name, version) and r.is_file(_vkey(name, version, SCORES_FILE))
 
 
-def read_release_scores(root: str | os.PathLike[str], name: str, version: str | int) -> pl.DataFrame:
+def read_release_scores(root: Any, name: str, version: str | int) -> pl.DataFrame:
     """Every sample scored by the release's run: ``id`` (str), ``value`` (float64), ``kept`` (bool).
 
     Raises:
         ValuegateError: incomplete/missing release, or one written without scores.
     """
-    read_manifest(root, name, version)
-    path = release_dir(root, name, version) / SCORES_FILE
-    if not path.is_file():
+    r = _root(root)
+    read_manifest(r, name, version)
+    key = _vkey(name, version, SCORES_FILE)
+    if not r.is_file(key):
         raise ValuegateError(f"release {name}/{_canonical(version)} was written without the scores of its run")
-    return pl.read_parquet(path)
+    return r.read_parquet(key)
 
 
-def read_current(root: str | os.PathLike[str], name: str) -> str | None:
-    """The current version of ``name`` (what ``CURRENT`` names), or None before any promotion."""
-    raw = _read_bytes(Path(releases_uri(root, name)) / CURRENT_FILE)
+def _parse_current(raw: bytes | None) -> tuple[str | None, int]:
+    """(version, promotion number) of CURRENT's bytes (an old one-line file counts as promotion 0)."""
     if raw is None:
-        return None
-    text = raw.decode().strip()
-    return text or None
+        return None, 0
+    lines = raw.decode().strip().splitlines()
+    version = lines[0].strip() if lines and lines[0].strip() else None
+    seq = 0
+    for line in lines[1:]:
+        key, _, value = line.partition(" ")
+        if key == "promotion" and value.strip().isdigit():
+            seq = int(value.strip())
+    return version, seq
 
 
-def list_releases(root: str | os.PathLike[str], name: str) -> list[dict[str, Any]]:
+def read_current_record(root: Any, name: str) -> dict[str, Any]:
+    """``{"version": str | None, "promotion": int}``: what CURRENT names and how many promotions of
+    ``name`` there have been (0 before any)."""
+    version, seq = _parse_current(_root(root).read_bytes(f"{_base(name)}/{CURRENT_FILE}"))
+    return {"version": version, "promotion": seq}
+
+
+def read_current(root: Any, name: str) -> str | None:
+    """The current version of ``name`` (what ``CURRENT`` names), or None before any promotion."""
+    return read_current_record(root, name)["version"]
+
+
+def list_releases(root: Any, name: str) -> list[dict[str, Any]]:
     """Manifests of every complete release of ``name``, oldest first.
 
     Returns:
         one manifest per release, each with ``version`` (vNNNN) and ``current`` (bool) set; incomplete
         releases (no manifest) are left out.
     """
-    base = Path(releases_uri(root, name))
-    current = read_current(root, name)
+    r = _root(root)
+    current = read_current(r, name)
     out = []
-    for number in _version_numbers(base):
-        version = format_version(number)
-        if not release_exists(root, name, version):
+    for number in _version_numbers(r, name):
+        raw = r.read_bytes(_vkey(name, number, MANIFEST_FILE))
+        if raw is None:
             continue
-        m = read_manifest(root, name, version)
-        m["version"] = version
-        m["current"] = version == current
+        m = json.loads(raw)
+        m["version"] = format_version(number)
+        m["current"] = m["version"] == current
         out.append(m)
     return out
 
 
-def list_release_names(root: str | os.PathLike[str]) -> list[str]:
-    """Names that have at least one version directory under ``<root>/releases``, sorted."""
-    base = _local_root(root) / "releases"
-    return [e for e in _list_dir(base) if _NAME.match(e) and (base / e).is_dir()
-            and _version_numbers(base / e)]
+def list_release_names(root: Any) -> list[str]:
+    """Names that have at least one version under ``<root>/releases``, sorted."""
+    r = _root(root)
+    return [e for e in r.list("releases") if _NAME.match(e) and _version_numbers(r, e)]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -578,11 +531,19 @@ def list_release_names(root: str | os.PathLike[str]) -> list[str]:
 # --------------------------------------------------------------------------------------------------
 
 
-def promote(root: str | os.PathLike[str], name: str, version: str | int) -> str | None:
-    """Make ``version`` the current release of ``name`` (atomic move of ``CURRENT``).
+def _current_payload(version: str, seq: int) -> bytes:
+    return f"{version}\npromotion {seq}\n".encode()
+
+
+def promote(root: Any, name: str, version: str | int) -> str | None:
+    """Make ``version`` the current release of ``name`` (atomic, linearisable move of ``CURRENT``).
+
+    Locally under an ``flock``; on an object store a compare-and-swap (``If-Match`` on the ETag read,
+    retried on ``412``). Concurrent promotions are serialised: each returns exactly the version it
+    replaced.
 
     Args:
-        root: workspace root directory.
+        root: workspace root (directory, s3:// URI or Workspace).
         name: release name.
         version: a complete release whose manifest says the gate passed.
 
@@ -592,13 +553,26 @@ def promote(root: str | os.PathLike[str], name: str, version: str | int) -> str 
     Raises:
         ValuegateError: the release is missing or incomplete, or its gate did not pass.
     """
+    r = _root(root)
     version = _canonical(version)
-    manifest = read_manifest(root, name, version)
+    manifest = read_manifest(r, name, version)
     gate = manifest.get("gate") or {}
     if gate.get("passed") is not True:
         failures = "; ".join(str(f) for f in gate.get("failures") or []) or "no gate verdict recorded"
         raise ValuegateError(f"release {name}/{version} did not pass its gate ({failures}); "
                              "it cannot become current")
-    previous = read_current(root, name)
-    _write_bytes_atomic(Path(releases_uri(root, name)) / CURRENT_FILE, f"{version}\n".encode())
-    return previous
+    key = f"{_base(name)}/{CURRENT_FILE}"
+    if r.is_local:
+        with r.lock(f"{_base(name)}/{_LOCK_FILE}"):
+            previous, seq = _parse_current(r.read_bytes(key))
+            r.write_atomic(key, _current_payload(version, seq + 1))
+        return previous
+    rng = random.Random()
+    for attempt in range(_PROMOTE_ATTEMPTS):
+        raw, etag = r.read_tagged(key)
+        previous, seq = _parse_current(raw)
+        if r.replace_if(key, _current_payload(version, seq + 1), etag if raw is not None else None):
+            return previous
+        time.sleep(min(0.5, 0.01 * 2 ** min(attempt, 6)) * rng.uniform(0.5, 1.0))  # another promoter won
+    raise ValuegateError(f"could not move {r.uri_of(key)} after {_PROMOTE_ATTEMPTS} tries: other promoters "
+                         "kept winning the conditional write")

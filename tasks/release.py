@@ -103,12 +103,12 @@ def build_manifest(*, name: str, version: str, run_id: str, inputs: list[dict[st
     }
 
 
-def publish_release(root: str | Path, name: str, data: pl.DataFrame, *, scores: pl.DataFrame | None = None,
+def publish_release(root: Any, name: str, data: pl.DataFrame, *, scores: pl.DataFrame | None = None,
                     extra: dict[str, Path] | None = None, **manifest_fields: Any) -> dict[str, Any]:
     """Allocate a version, write the release and promote it when its gate passed.
 
     Args:
-        root, name: workspace root directory and release name.
+        root, name: workspace root (directory, s3:// URI or Workspace) and release name.
         data, scores, extra: as :func:`valuegate.storage.releases.write_release`.
         **manifest_fields: the keyword arguments of :func:`build_manifest` except ``name``/``version``.
 
@@ -130,11 +130,11 @@ def _passed(manifest: dict[str, Any]) -> bool:
     return (manifest.get("gate") or {}).get("passed") is True
 
 
-def rollback(root: str | Path, name: str, to: str | None = None) -> str:
+def rollback(root: Any, name: str, to: str | None = None) -> str:
     """Make an earlier release current again.
 
     Args:
-        root, name: workspace root directory and release name.
+        root, name: workspace root (directory, s3:// URI or Workspace) and release name.
         to: the version to make current; None: the newest passed release older than the current one.
 
     Returns:
@@ -222,11 +222,11 @@ def _summarise(moved: pl.DataFrame, examples: int) -> dict[str, Any]:
     return out
 
 
-def diff_releases(root: str | Path, name: str, a: str, b: str, examples: int = 5) -> dict[str, Any]:
+def diff_releases(root: Any, name: str, a: str, b: str, examples: int = 5) -> dict[str, Any]:
     """What changed between releases ``a`` and ``b`` of ``name``: ids that entered and left, with reasons.
 
     Args:
-        root, name: workspace root directory and release name.
+        root, name: workspace root (directory, s3:// URI or Workspace) and release name.
         a, b: versions (``a`` is the "before"; either order works).
         examples: how many ids to show per reason (largest value moves first for value changes, by id
             otherwise).

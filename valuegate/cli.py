@@ -286,13 +286,12 @@ def _cmd_release(args: argparse.Namespace) -> int:
     from valuegate.storage import releases as rstore
     from valuegate.tasks.release import diff_releases, format_diff, release_summary, rollback
 
-    settings, _ = _settings_and_ws(args)
-    root = Path(settings.workspace)
+    settings, root = _settings_and_ws(args)  # the workspace (local or s3://, with its storage options)
     name = getattr(args, "name", None) or settings.release.name
     if args.release_command == "list":
         rows = rstore.list_releases(root, name)
         if not rows:
-            print(f"no releases named {name!r} in {root}", file=sys.stderr)
+            print(f"no releases named {name!r} in {root.uri}", file=sys.stderr)
         for m in rows:
             print(release_summary(m))
     elif args.release_command == "show":

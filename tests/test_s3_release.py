@@ -1,0 +1,211 @@
+"""Releases on an S3-compatible store (the moto server of tests/s3server.py): the same layout and protocol as on
+local disk, CURRENT moved by compare-and-swap (If-Match), versions claimed by create-if-absent
+(If-None-Match), and concurrent promoters in separate processes serialised on both kinds of root."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import multiprocessing as mp
+
+import polars as pl
+import pytest
+from test_release import NAME, _fields, _kept, _publish, _scores
+
+from valuegate.errors import ValuegateError
+from valuegate.storage import releases as store
+from valuegate.storage.lance import Workspace
+from valuegate.storage.objstore import Root, open_root, workspace_id
+from valuegate.tasks.release import build_manifest, diff_releases, rollback
+
+
+def _ws(s3_server, bucket: str) -> Workspace:
+    return Workspace(s3_server.make_bucket(bucket) + "/ws", s3_server.storage_options)
+
+
+def test_release_round_trip_on_s3(s3_server, tmp_path, monkeypatch, capsys):
+    ws = _ws(s3_server, "vg-release-rt")
+    docs = tmp_path / "docs"
+    (docs / "sub").mkdir(parents=True)
+    (docs / "index.html").write_text("<html>docs</html>")
+    (docs / "sub" / "page.html").write_text("<html>page</html>")
+    first = _publish(ws, {"a": 1.0, "b": -1.0})
+    assert first == {"version": "v0001", "current": True, "previous": None}
+    scores = _scores({"a": 1.0, "b": 2.0, "c": 3.0})
+    v = store.allocate_version(ws, NAME)
+    assert v == "v0002" and store.version_exists(ws, NAME, v) and not store.release_exists(ws, NAME, v)
+    where = store.write_release(ws, NAME, v, _kept(scores), build_manifest(name=NAME, version=v, **_fields()),
+                                {"gate": docs}, scores=scores)
+    assert where == "s3://vg-release-rt/ws/releases/demo/v0002" == store.release_uri(ws, NAME, v)
+    report = store.write_release_file(ws, NAME, v, "report.html", b"<html>report</html>")
+    assert store.promote(ws, NAME, v) == "v0001"
+
+    # the objects a person (or any S3 tool) sees: the local layout, under the workspace prefix
+    client = s3_server.client()
+    keys = {o["Key"] for o in client.list_objects_v2(Bucket="vg-release-rt", Prefix="ws/releases/")["Contents"]}
+    base = "ws/releases/demo/v0002/"
+    assert {base + k for k in ("data.parquet", "scores.parquet", "manifest.json", "report.html",
+                               "gate/index.html", "gate/sub/page.html", ".allocated")} <= keys
+    assert report == "s3://vg-release-rt/" + base + "report.html"
+    current = client.get_object(Bucket="vg-release-rt", Key="ws/releases/demo/CURRENT")["Body"].read()
+    assert current.decode().splitlines() == ["v0002", "promotion 2"]
+
+    m = store.read_manifest(ws, NAME, v)
+    assert m["files"] == ["gate"] and m["data_rows"] == 3
+    assert store.read_release_data(ws, NAME, v, verify=True).equals(_kept(scores))
+    assert store.read_release_scores(ws, NAME, v)["kept"].to_list() == [True, True, True]
+    assert [(r["version"], r["current"]) for r in store.list_releases(ws, NAME)] == [
+        ("v0001", False), ("v0002", True)]
+    assert store.list_release_names(ws) == [NAME]
+    diff = diff_releases(ws, NAME, "v0001", "v0002")
+    assert diff["entered"]["count"] == 2 and diff["left"]["count"] == 0
+    with pytest.raises(ValuegateError, match="immutable"):
+        store.write_release(ws, NAME, v, _kept(scores), build_manifest(name=NAME, version=v, **_fields()))
+
+    # the CLI on the s3 workspace, its options from the environment as a user would set them
+    for key, val in {"AWS_ENDPOINT_URL": s3_server.endpoint, "AWS_ACCESS_KEY_ID": "testing",
+                     "AWS_SECRET_ACCESS_KEY": "testing", "AWS_REGION": "us-east-1"}.items():
+        monkeypatch.setenv(key, val)
+    from valuegate.cli import main as cli
+
+    uri = ws.uri
+    capsys.readouterr()
+    assert cli(["release", "list", NAME, "--workspace", uri]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert len(out) == 2 and out[1].startswith("* v0002") and out[0].startswith("  v0001")
+    assert cli(["release", "show", NAME, "--workspace", uri]) == 0
+    assert json.loads(capsys.readouterr().out)["version"] == "v0002"
+    assert cli(["release", "diff", NAME, "v0001", "v0002", "--workspace", uri]) == 0
+    assert "entered: 2" in capsys.readouterr().out
+    assert cli(["release", "rollback", NAME, "--workspace", uri]) == 0
+    assert "current is now v0001" in capsys.readouterr().out
+    assert store.read_current_record(uri, NAME) == {"version": "v0001", "promotion": 3}
+    assert rollback(ws, NAME, to="v0002") == "v0002"
+
+
+def test_crash_before_manifest_on_s3(s3_server, monkeypatch):
+    ws = _ws(s3_server, "vg-release-crash")
+    _publish(ws, {"a": 1.0})
+    v = store.allocate_version(ws, NAME)
+    manifest = build_manifest(name=NAME, version=v, **_fields())
+
+    def crash(where, payload):
+        raise RuntimeError("power loss")
+
+    monkeypatch.setattr(store, "_write_manifest", crash)
+    with pytest.raises(RuntimeError, match="power loss"):
+        store.write_release(ws, NAME, v, pl.DataFrame({"id": ["a"], "value": [1.0]}), manifest)
+    monkeypatch.undo()
+    assert not store.release_exists(ws, NAME, v)
+    assert [r["version"] for r in store.list_releases(ws, NAME)] == ["v0001"]
+    with pytest.raises(ValuegateError, match="no complete release"):
+        store.promote(ws, NAME, v)
+    assert store.allocate_version(ws, NAME) == "v0003"  # the crashed number is not reused
+    store.write_release(ws, NAME, v, pl.DataFrame({"id": ["a"], "value": [1.0]}), manifest)  # completes it
+    assert store.promote(ws, NAME, v) == "v0001"
+
+
+def test_workspace_id_is_created_once(s3_server):
+    ws = _ws(s3_server, "vg-wsid")
+    first = workspace_id(ws)
+    assert len(first) == 32 and workspace_id(ws) == first == workspace_id(Root(ws.uri, ws.storage_options))
+    assert workspace_id(_ws(s3_server, "vg-wsid-other")) != first
+
+
+def test_conditional_writes_on_the_server(s3_server):
+    """The primitives themselves: create-if-absent and compare-and-swap answer 412 to the loser."""
+    r = open_root(_ws(s3_server, "vg-cas"))
+    assert r.create("k", b"1") and not r.create("k", b"2")
+    raw, etag = r.read_tagged("k")
+    assert raw == b"1" and etag
+    assert r.replace_if("k", b"3", etag)
+    assert not r.replace_if("k", b"4", etag)  # stale ETag: someone replaced it since
+    assert r.read_bytes("k") == b"3"
+    assert not r.replace_if("k", b"5", None)  # "only if absent" on an existing key
+
+
+def test_sigv4_matches_botocore():
+    """The signer of the conditional requests gives botocore's Authorization header (path and virtual-hosted
+    style, with and without a session token)."""
+    pytest.importorskip("botocore")
+    import botocore.auth as bauth
+    from botocore.awsrequest import AWSRequest
+    from botocore.credentials import Credentials
+
+    from valuegate.storage.objstore import _S3
+
+    now = dt.datetime(2026, 1, 2, 3, 4, 5, tzinfo=dt.timezone.utc)
+    cases = [({"aws_endpoint": "http://127.0.0.1:9000", "aws_region": "eu-west-1"}, None),
+             ({"aws_region": "eu-west-1", "aws_session_token": "TOKEN"}, "TOKEN")]
+    for opts, token in cases:
+        s3 = _S3("my-bucket", {**opts, "aws_access_key_id": "AK", "aws_secret_access_key": "SK"})
+        payload = b"v0003\npromotion 4\n"
+        extra = {"If-Match": '"abc"', "content-length": str(len(payload))}
+        host, path, mine = s3.signed_headers("PUT", "ws/releases/r v/CURRENT", payload, extra, now=now)
+        req = AWSRequest(method="PUT", url=f"{s3.scheme}://{host}{path}", data=payload, headers=extra)
+        req.context["payload_signing_enabled"] = True
+        orig = bauth.get_current_datetime
+        bauth.get_current_datetime = lambda: now.replace(tzinfo=None)
+        try:
+            bauth.S3SigV4Auth(Credentials("AK", "SK", token), "s3", "eu-west-1").add_auth(req)
+        finally:
+            bauth.get_current_datetime = orig
+        assert mine["authorization"] == req.headers["Authorization"]
+
+
+# ------------------------------------------------------------------------------ concurrent promoters
+
+N_PROCS = 4
+ROUNDS = 4
+
+
+def _promoter(root, barrier, queue, worker: int) -> None:
+    """Spawned: publish ``ROUNDS`` releases (allocate, write, promote) as fast as possible after the barrier."""
+    barrier.wait()
+    out = []
+    for k in range(ROUNDS):
+        values = {f"w{worker}-r{k}": 1.0}
+        v = store.allocate_version(root, NAME)
+        scores = _scores(values)
+        store.write_release(root, NAME, v, _kept(scores), build_manifest(name=NAME, version=v, **_fields()),
+                            scores=scores)
+        out.append((v, store.promote(root, NAME, v)))
+    queue.put(out)
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_concurrent_promoters_are_serialised(where, tmp_path, request):
+    if where == "s3":
+        server = request.getfixturevalue("s3_server")
+        root = _ws(server, "vg-promoters")
+    else:
+        root = str(tmp_path)
+    ctx = mp.get_context("spawn")
+    barrier, queue = ctx.Barrier(N_PROCS), ctx.Queue()
+    procs = [ctx.Process(target=_promoter, args=(root, barrier, queue, w)) for w in range(N_PROCS)]
+    for p in procs:
+        p.start()
+    try:
+        moves = [m for _ in procs for m in queue.get(timeout=120)]
+    finally:
+        for p in procs:
+            p.join(timeout=30)
+    assert all(p.exitcode == 0 for p in procs)
+    n = N_PROCS * ROUNDS
+    # every version claimed once
+    assert sorted(v for v, _ in moves) == [store.format_version(i) for i in range(1, n + 1)]
+    # every promotion replaced a different state: one linear history None → ... → CURRENT, none lost
+    previous = [p for _, p in moves]
+    assert len(set(previous)) == n and previous.count(None) == 1
+    final = {v for v, _ in moves} - set(previous)
+    rec = store.read_current_record(root, NAME)
+    assert final == {rec["version"]} and rec["promotion"] == n
+    chain, state = [], None
+    following = {p: v for v, p in moves}
+    while state in following:
+        state = following[state]
+        chain.append(state)
+    assert len(chain) == n and chain[-1] == rec["version"]
+    if where == "s3":
+        lost = request.getfixturevalue("s3_server").count_status(412, "vg-promoters/ws/releases/")
+        print(f"[s3] {n} promotions from {N_PROCS} processes: {lost} conditional PUTs lost a race and retried")

@@ -5,6 +5,7 @@ worker process."""
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -46,11 +47,11 @@ def local_scores(prefect_server, tmp_path_factory, tiny_model_dir):
     tmp = tmp_path_factory.mktemp("local")
     out, _ = _run(_config(tmp, tiny_model_dir()))
     assert "shards" not in out  # local: extraction inside the scoring step, as before
-    return out, _scores(tmp / "ws", out["run_id"]), sorted(_feature_ids(tmp / "ws", out["model_fp"]))
+    return out, _scores(tmp / "ws", out["run_id"]), sorted(_feature_ids(tmp / "ws", out["model_fp"])), tmp / "ws"
 
 
 def _check_runner(kind: str, tmp_path, tiny_model_dir, local_scores) -> dict:
-    ref_out, ref, ref_features = local_scores
+    ref_out, ref, ref_features, _ = local_scores
     config = _config(tmp_path, tiny_model_dir(), runner={"kind": kind, "workers": 2, "shard_size": SHARD_SIZE})
     t0 = time.perf_counter()
     out, _ = _run(config)
@@ -112,3 +113,71 @@ def test_dask_runner_scores_equal_local(prefect_server, tmp_path, tiny_model_dir
 
 def test_ray_runner_scores_equal_local(prefect_server, tmp_path, tiny_model_dir, local_scores):
     _check_runner("ray", tmp_path, tiny_model_dir, local_scores)
+
+
+def test_s3_workspace_end_to_end_on_dask(prefect_server, tmp_path, tiny_model_dir, local_scores, s3_server,
+                                         monkeypatch):
+    """ingest → extract (2 Dask worker processes) → score → gate → release with the workspace on the S3
+    server: the workers reach the store, not each other's disk; the release read back from S3 carries the
+    local run's scores; the flow's cache (a local folder keyed by the workspace id) answers a second run."""
+    from valuegate.storage import releases as store
+
+    ref_out, ref, ref_features, ref_root = local_scores
+    uri = s3_server.make_bucket("vg-flow-dask") + "/ws"
+    env = {"AWS_ENDPOINT_URL": s3_server.endpoint, "AWS_ACCESS_KEY_ID": "testing",
+           "AWS_SECRET_ACCESS_KEY": "testing", "AWS_REGION": "us-east-1",
+           "VALUEGATE_RESULTS_DIR": str(tmp_path / "results")}
+    for k, v in env.items():  # what a user exports; the cluster's worker processes inherit it
+        monkeypatch.setenv(k, v)
+    config = _config(tmp_path, tiny_model_dir(), runner={"kind": "dask", "workers": 2, "shard_size": SHARD_SIZE})
+    path = Path(config)
+    text = path.read_text().replace(f'workspace = "{tmp_path / "ws"}"', f'workspace = "{uri}"')
+    assert uri in text
+    path.write_text(text)
+
+    out, _ = _run(config)
+    sh = out["shards"]
+    assert sh["missing"] == 24 and sh["extracted"] == 24 and 1 <= sh["workers"] <= 2, sh
+    assert not (tmp_path / "ws").exists()  # nothing of the workspace on local disk
+    ws = _ws_from_env(uri)
+    ids = _feature_ids_ws(ws, out["model_fp"])
+    assert sorted(ids) == ref_features and len(set(ids)) == len(ids)
+
+    # the release, read back from S3, equals the local run's
+    version = out["version"]
+    assert out["current"] and store.read_current(ws, "r") == version
+    rel_scores = store.read_release_scores(ws, "r", version)
+    got = dict(zip(rel_scores["id"].to_list(), rel_scores["value"].to_list(), strict=True))
+    assert sorted(got) == sorted(ref)
+    a = np.array([got[i] for i in sorted(ref)])
+    b = np.array([ref[i] for i in sorted(ref)])
+    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6 * float(np.abs(b).max()))
+    data = store.read_release_data(ws, "r", version, columns=["id", "value"], verify=True).sort("id")
+    local = store.read_release_data(ref_root, "r", ref_out["version"], columns=["id", "value"]).sort("id")
+    assert data["id"].to_list() == local["id"].to_list()
+    np.testing.assert_allclose(data["value"].to_numpy(), local["value"].to_numpy(), rtol=1e-6,
+                               atol=1e-6 * float(np.abs(b).max()))
+    assert out["report"] == store.release_uri(ws, "r", version) + "/report.html"
+    objects = {o["Key"] for o in s3_server.client().list_objects_v2(
+        Bucket="vg-flow-dask", Prefix=f"ws/releases/r/{version}/")["Contents"]}
+    assert {f"ws/releases/r/{version}/{k}" for k in ("data.parquet", "scores.parquet", "manifest.json",
+                                                     "report.html")} <= objects
+    assert any("/gate/" in k for k in objects)  # the gate's Data Docs went along
+
+    # a second run: the cached steps answer from the local results folder, no shard, a new release
+    again, _ = _run(config)
+    assert again["shards"]["shards"] == 0 and again["run_id"] == out["run_id"]
+    assert "extract+score" in again["cached_steps"] and again["previous"] == version
+    assert any((tmp_path / "results").iterdir())
+
+
+def _ws_from_env(uri: str):
+    from valuegate.storage.lance import Workspace
+
+    return Workspace.from_env(uri)
+
+
+def _feature_ids_ws(ws, model_fp: str) -> list[str]:
+    from valuegate.storage import features as fstore
+
+    return fstore.read_features(ws, model_fp, columns=["id"])["id"].to_pylist()

@@ -18,6 +18,8 @@ Tables of a workspace (DESIGN §3, refined):
   version is a Lance version, tagged ``v1``, ``v2``, ...
 - ``valset_versions``: the registry of validation-set versions (content hash, rows, source, time).
 - ``scores``: one row per (run, sample) of a scoring run, with its provenance.
+- ``images``: the bytes of every image of an image-text sample, once per sha256 of the bytes (samples and
+  validation sets list the hashes in their ``images`` column; releases carry the same hashes).
 
 Nothing here imports torch or LanceDB.
 """
@@ -33,6 +35,7 @@ QUARANTINE = "quarantine"
 FEATURE_SETS = "feature_sets"
 VALSET_VERSIONS = "valset_versions"
 SCORES = "scores"
+IMAGES = "images"
 FEATURES_PREFIX = "features__"
 VALSET_PREFIX = "valset__"
 
@@ -56,7 +59,7 @@ SAMPLE_FIELDS = [
     pa.field("response", pa.string()),
     pa.field("messages", pa.string()),                      # canonical JSON of the turns
     pa.field("text", pa.string()),
-    pa.field("images", pa.list_(pa.string())),              # content hashes of images (VLM issue)
+    pa.field("images", pa.list_(pa.string())),              # sha256 of each image's bytes (rows of `images`)
 ]
 
 samples_schema = pa.schema([*SAMPLE_FIELDS, pa.field("first_seen", TIMESTAMP)])
@@ -93,6 +96,15 @@ quarantine_schema = pa.schema([
     pa.field("raw", pa.string()),
     pa.field("reason", pa.string(), nullable=False),
     pa.field("at", TIMESTAMP, nullable=False),
+])
+
+images_schema = pa.schema([
+    pa.field("sha256", pa.string(), nullable=False),          # of the bytes: the key
+    pa.field("data", pa.large_binary(), nullable=False),      # the file's bytes as ingested
+    pa.field("width", pa.int32()),
+    pa.field("height", pa.int32()),
+    pa.field("format", pa.string()),                          # PNG, JPEG, ... (Pillow's name)
+    pa.field("mode", pa.string()),                            # Pillow mode (RGB, L, ...)
 ])
 
 feature_sets_schema = pa.schema([

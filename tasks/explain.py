@@ -120,5 +120,7 @@ def explain_stored(ws, settings, valset_ref: str, records: list[dict], lm: Loade
     vocab, width = int(meta["vocab_size"]), int(meta["row_width"])
     vm, _ = _feature_matrix(fstore.read_features(ws, fp_v, vids, ["id", "token_ids", "rows"]), vids, vocab, width)
     lm = lm if lm is not None else load_model(settings.model, tok, progress)
-    samples = [sample_from_record(r, row=i) for i, r in enumerate(records)]
+    from valuegate.tasks.images_store import attach_image_data
+
+    samples = attach_image_data(ws, [sample_from_record(r, row=i) for i, r in enumerate(records)])
     return token_contributions(lm, samples, mean_rows(vm, vocab, width), settings.extract)

@@ -28,6 +28,7 @@ from valuegate.tasks.forvalue import (
 )
 from valuegate.tasks.ingest import Sample
 from valuegate.tasks.model import EncodedSample, LoadedModel, length_batches
+from valuegate.tasks.vlm import batch_model_inputs
 
 __all__ = ["ExtractionStats", "block_features", "extract_sparse", "extract_token_blocks", "iter_token_blocks", "pad_batch"]
 
@@ -103,8 +104,9 @@ def iter_token_blocks(lm: LoadedModel, encoded: list[EncodedSample], cfg: Extrac
             t0 = time.perf_counter()
             items = [encoded[i] for i in batch]
             ids, mask = pad_batch(items, pad_id, lm.device)
+            extras = batch_model_inputs(items, ids.shape[1], lm.device, lm.model.dtype) if lm.is_vision else {}
             with torch.inference_mode():
-                hidden = lm.final_hidden(ids, mask)
+                hidden = lm.final_hidden(ids, mask, **extras)
                 counted = torch.zeros_like(mask, dtype=torch.bool)
                 for b, e in enumerate(items):
                     counted[b, :len(e.counted)] = torch.from_numpy(e.counted)
@@ -288,6 +290,10 @@ def extract_to_store(ws, lm_loader, ids: list[str], samples: list[Sample], cfg: 
     if not todo:
         return report
     lm = lm_loader()
+    if any(s.images for s in todo.values()):  # image-text samples read back from the store: their bytes
+        from valuegate.tasks.images_store import attach_image_data
+
+        todo = dict(zip(todo, attach_image_data(ws, list(todo.values())), strict=True))
     width = cfg.hidden_dim or lm.hidden_size
     fstore.ensure_feature_set(ws, model_fp, fp_settings, lm.hidden_size, lm.vocab_size, width, cfg.error_dim)
     todo_ids, enc, todo_samples = [], [], []
@@ -479,6 +485,11 @@ def extract_shard(workspace: str, ids: list[str], settings, model_fp: str, fp_se
     if lost:
         raise ValuegateError(f"shard: {len(lost)} ids are not in the samples table of {ws.uri} (e.g. {lost[0]})")
     cfg = settings.extract.model_copy(update={"vector_index_min_rows": 0})  # index: once, by the caller
+    from valuegate.tasks.faults import shard_fault  # test hook: inert unless $VALUEGATE_TEST_FAULT is set
+
+    shard_fault(ids, lambda part: extract_to_store(
+        ws, lambda: worker_model(model_fp, settings.model), part, [recs[i] for i in part], cfg, model_fp,
+        fp_settings, lowest_likelihood_ratio, progress=False, desc="shard"))
     rep = extract_to_store(ws, lambda: worker_model(model_fp, settings.model), list(ids),
                            [recs[i] for i in ids], cfg, model_fp, fp_settings, lowest_likelihood_ratio,
                            progress=False, desc="shard")

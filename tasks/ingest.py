@@ -6,6 +6,12 @@ A sample is one of three shapes (the first that a file's columns allow):
 - ``messages``: a chat list of ``{role, content}``, rendered with the tokenizer's chat template;
 - ``text``: plain text.
 
+Prompt/response and chat samples may carry images (an ``images`` column; see ``tasks/images.py``): a
+prompt marks where each image goes with ``<image>`` (none: the images go before the prompt), a chat puts
+them in its user/system turns, as ``{"type": "image"}`` parts of a list content (the processors' chat
+convention) or as ``<image>`` markers in a string content. Every image is opened and checked with Pillow;
+a bad image refuses its row with the reason.
+
 Every other column is carried through untouched. Row checks return ``(keep, reason)`` verdicts
 (:func:`check_row`); :func:`read_samples` turns the first refusal into a :class:`ValuegateError` that
 names the file, the 0-based row and the field.
@@ -17,7 +23,7 @@ import hashlib
 import json
 import unicodedata
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -28,6 +34,7 @@ from valuegate.errors import ValuegateError
 SampleKind = Literal["prompt_response", "messages", "text"]
 READABLE_SUFFIXES = (".jsonl", ".json", ".ndjson", ".parquet", ".csv")
 CHAT_ROLES = ("system", "user", "assistant", "tool")
+IMAGE_MARKER = "<image>"  # where an image goes in a prompt or a string chat turn
 
 
 @dataclass(frozen=True)
@@ -40,8 +47,12 @@ class Sample:
         source: the file it came from.
         prompt: prompt text (``prompt_response``), else None.
         response: response text (``prompt_response``), else None.
-        messages: chat turns ``({"role", "content"}, ...)`` (``messages``), else None.
+        messages: chat turns ``({"role", "content"}, ...)`` (``messages``), else None; with images, a
+            turn's content may be a list of ``{"type": "text", "text"}`` / ``{"type": "image"}`` parts.
         text: plain text (``text``), else None.
+        images: sha256 of each image's bytes, in placeholder order (None: a text-only sample).
+        image_data: the images' bytes, same order (None when not at hand, e.g. read back from the store
+            before :func:`valuegate.tasks.images_store.attach_image_data`).
     """
 
     kind: SampleKind
@@ -49,8 +60,10 @@ class Sample:
     source: str
     prompt: str | None = None
     response: str | None = None
-    messages: tuple[dict[str, str], ...] | None = None
+    messages: tuple[dict[str, Any], ...] | None = None
     text: str | None = None
+    images: tuple[str, ...] | None = None
+    image_data: tuple[bytes, ...] | None = field(default=None, repr=False, compare=False)
 
     @property
     def counted_field(self) -> str:
@@ -135,7 +148,32 @@ def sample_kind(columns: list[str], source: str) -> SampleKind:
         f"found {sorted(cols) or 'no columns'}")
 
 
-def _parse_messages(value: Any) -> tuple[tuple[dict[str, str], ...] | None, str]:
+def _image_parts(content: Any, j: int, role: str) -> tuple[list[dict[str, str]] | None, str]:
+    """A turn's content as ``{"type": "text"|"image"}`` parts (``<image>`` markers of a string split out)."""
+    if isinstance(content, str):
+        pieces = content.split(IMAGE_MARKER)
+        parts: list[dict[str, str]] = []
+        for k, piece in enumerate(pieces):
+            if k:
+                parts.append({"type": "image"})
+            if piece:
+                parts.append({"type": "text", "text": piece})
+        return parts, ""
+    if not isinstance(content, (list, tuple)):
+        return None, f"messages[{j}].content must be a string or a list of parts"
+    parts = []
+    for k, part in enumerate(content):
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind == "text" and isinstance(part.get("text"), str):
+            parts.append({"type": "text", "text": part["text"]})
+        elif kind == "image":
+            parts.append({"type": "image"})  # the image itself comes from the row's images, in order
+        else:
+            return None, f"messages[{j}].content[{k}] must be {{type: text, text}} or {{type: image}}"
+    return parts, ""
+
+
+def _parse_messages(value: Any, with_images: bool = False) -> tuple[tuple[dict[str, Any], ...] | None, str]:
     if isinstance(value, str):  # CSV or a JSON-encoded column
         try:
             value = json.loads(value)
@@ -150,14 +188,68 @@ def _parse_messages(value: Any) -> tuple[tuple[dict[str, str], ...] | None, str]
         role, content = turn.get("role"), turn.get("content")
         if role not in CHAT_ROLES:
             return None, f"messages[{j}].role must be one of {', '.join(CHAT_ROLES)} (got {role!r})"
+        if with_images:
+            parts, why = _image_parts(content, j, role)
+            if parts is None:
+                return None, why
+            if role in ("assistant", "tool") and any(p["type"] == "image" for p in parts):
+                return None, f"messages[{j}]: an image in a {role} turn (images go in user or system turns)"
+            if not any(p["type"] == "image" or p["text"].strip() for p in parts):
+                return None, f"messages[{j}].content must not be empty"
+            has_image = any(p["type"] == "image" for p in parts)
+            turns.append({"role": role, "content": parts if has_image else "".join(p["text"] for p in parts)})
+            continue
         if not isinstance(content, str) or not content.strip():
             return None, f"messages[{j}].content must be a non-empty string"
         turns.append({"role": role, "content": content})
     return tuple(turns), ""
 
 
+def _count_image_slots(sample_kind_: SampleKind, prompt: str | None, turns: tuple[dict[str, Any], ...] | None) -> int:
+    if sample_kind_ == "prompt_response":
+        return (prompt or "").count(IMAGE_MARKER)
+    return sum(1 for t in turns or () if not isinstance(t["content"], str)
+               for p in t["content"] if p["type"] == "image")
+
+
+def _with_images(record: dict[str, Any], sample: Sample, source: str) -> tuple[Sample | None, str]:
+    """Open and check the row's images and attach them (hashes and bytes) to its sample."""
+    from valuegate.tasks.images import images_from_field
+
+    base = Path(source).parent if source and Path(source).suffix else None
+    imgs, why = images_from_field(record.get("images"), base)
+    if imgs is None:
+        return None, why
+    if not imgs:
+        return sample, ""
+    if sample.kind == "text":
+        return None, "images: text samples cannot carry images (give prompt/response or messages)"
+    slots = _count_image_slots(sample.kind, sample.prompt, sample.messages)
+    if sample.kind == "messages" and slots != len(imgs):
+        return None, (f"images: {len(imgs)} images but {slots} image placeholders in the user turns "
+                      f"({{type: image}} parts or {IMAGE_MARKER} markers)")
+    if sample.kind == "prompt_response" and slots not in (0, len(imgs)):
+        return None, f"images: {len(imgs)} images but {slots} {IMAGE_MARKER} markers in the prompt (give one each, or none)"
+    if sample.kind == "prompt_response" and IMAGE_MARKER in sample.response:
+        return None, f"response: an {IMAGE_MARKER} marker in the response (images go in the prompt)"
+    return Sample(sample.kind, sample.row, sample.source, prompt=sample.prompt, response=sample.response,
+                  messages=sample.messages, images=tuple(i.sha256 for i in imgs),
+                  image_data=tuple(i.data for i in imgs)), ""
+
+
 def check_row(record: dict[str, Any], kind: SampleKind, row: int, source: str) -> tuple[Sample | None, str]:
-    """Validate one row. Returns ``(sample, "")`` when kept, ``(None, "field: reason")`` when refused."""
+    """Validate one row. Returns ``(sample, "")`` when kept, ``(None, "field: reason")`` when refused.
+
+    A row with a non-empty ``images`` field has every image opened and checked (``tasks/images.py``);
+    relative image paths are relative to the folder of ``source``.
+    """
+    sample, why = _check_fields(record, kind, row, source)
+    if sample is None or record.get("images") is None:
+        return sample, why
+    return _with_images(record, sample, source)
+
+
+def _check_fields(record: dict[str, Any], kind: SampleKind, row: int, source: str) -> tuple[Sample | None, str]:
     if kind == "prompt_response":
         for name in ("prompt", "response"):
             v = record.get(name)
@@ -168,7 +260,7 @@ def check_row(record: dict[str, Any], kind: SampleKind, row: int, source: str) -
         # an empty prompt is allowed (continuation data); the response alone counts
         return Sample(kind, row, source, prompt=record["prompt"], response=record["response"]), ""
     if kind == "messages":
-        turns, why = _parse_messages(record.get("messages"))
+        turns, why = _parse_messages(record.get("messages"), _has_images(record.get("images")))
         if turns is None:
             return None, f"messages: {why}"
         return Sample(kind, row, source, messages=turns), ""
@@ -178,6 +270,14 @@ def check_row(record: dict[str, Any], kind: SampleKind, row: int, source: str) -
     if not v.strip():
         return None, "text: empty"
     return Sample(kind, row, source, text=v), ""
+
+
+def _has_images(value: Any) -> bool:
+    if value is None:
+        return False
+    if isinstance(value, str):
+        return value.strip() not in ("", "[]")
+    return not isinstance(value, (list, tuple)) or len(value) > 0
 
 
 def samples_from_frame(df: pl.DataFrame, source: str,
@@ -192,6 +292,7 @@ def samples_from_frame(df: pl.DataFrame, source: str,
         raise ValuegateError(f"{source}: the file has no rows")
     kind = sample_kind(df.columns, source)
     wanted = {"prompt_response": ["prompt", "response"], "messages": ["messages"], "text": ["text"]}[kind]
+    wanted += ["images"] if "images" in df.columns else []
     rows = records if records is not None else df.select(wanted).iter_rows(named=True)
     out = []
     for i, record in enumerate(rows):
@@ -230,14 +331,21 @@ def sample_record(sample: Sample) -> dict[str, Any]:
     """The normalised content of a sample as stored (``messages`` as canonical JSON)."""
     msgs = None
     if sample.messages is not None:
-        msgs = json.dumps([{"role": m["role"], "content": _norm_text(m["content"])} for m in sample.messages],
+        msgs = json.dumps([{"role": m["role"], "content": _norm_content(m["content"])} for m in sample.messages],
                           ensure_ascii=False, sort_keys=True, separators=(",", ":"))
     return {"kind": sample.kind, "prompt": _norm_text(sample.prompt), "response": _norm_text(sample.response),
-            "messages": msgs, "text": _norm_text(sample.text), "images": []}
+            "messages": msgs, "text": _norm_text(sample.text), "images": list(sample.images or ())}
+
+
+def _norm_content(content: Any) -> Any:
+    if isinstance(content, str):
+        return _norm_text(content)
+    return [{**p, "text": _norm_text(p["text"])} if p.get("type") == "text" else dict(p) for p in content]
 
 
 def sample_id(record: dict[str, Any]) -> str:
-    """sha256 (hex) of the canonical JSON of a normalised record's content fields."""
+    """sha256 (hex) of the canonical JSON of a normalised record's content fields (images by the sha256
+    of their bytes, never by path: the same picture under two names is one sample)."""
     canon = json.dumps({k: record.get(k) for k in CONTENT_FIELDS}, ensure_ascii=False, sort_keys=True,
                        separators=(",", ":"))
     return hashlib.sha256(canon.encode("utf-8")).hexdigest()
@@ -247,7 +355,7 @@ def sample_from_record(record: dict[str, Any], row: int = 0, source: str = "stor
     """Rebuild a :class:`Sample` from a stored record (inverse of :func:`sample_record`)."""
     msgs = tuple(json.loads(record["messages"])) if record.get("messages") else None
     return Sample(record["kind"], row, source, prompt=record.get("prompt"), response=record.get("response"),
-                  messages=msgs, text=record.get("text"))
+                  messages=msgs, text=record.get("text"), images=tuple(record.get("images") or ()) or None)
 
 
 def file_hash(path: str | Path) -> str:
@@ -276,6 +384,12 @@ class RowVerdict:
 
 
 def _jsonable(v: Any) -> Any:
+    if isinstance(v, (bytes, bytearray, memoryview)):  # an image column: name it, never inline it
+        return f"<{len(v)} bytes, sha256 {hashlib.sha256(bytes(v)).hexdigest()}>"
+    if isinstance(v, list):
+        return [_jsonable(x) for x in v]
+    if isinstance(v, dict):
+        return {k: _jsonable(x) for k, x in v.items()}
     return v if isinstance(v, (str, int, float, bool, type(None), list, dict)) else str(v)
 
 
@@ -399,10 +513,14 @@ def verdicts_for(chunk: list[RawRow], kind: SampleKind, source: str, max_chars: 
         sample, why = check_row(rec, kind, i, source)
         if sample is not None:
             size = sum(len(x) for x in (sample.prompt, sample.response, sample.text) if x) + sum(
-                len(m["content"]) for m in (sample.messages or ()))
+                len(m["content"]) if isinstance(m["content"], str)
+                else sum(len(p.get("text", "")) for p in m["content"]) for m in (sample.messages or ()))
             if size > max_chars:
                 sample, why = None, f"{sample.counted_field}: oversized ({size} characters > {max_chars})"
         meta = {k: _jsonable(v) for k, v in rec.items() if k not in sample_cols} if sample else None
+        if meta is not None and "images" in rec:
+            # the release carries the images by content hash (resolved in the workspace's image table)
+            meta["images"] = list(sample.images or ())
         out.append(RowVerdict(i, sample, raw, why, meta))
     return out
 
@@ -506,6 +624,7 @@ def ingest_file(ws: Any, dataset: str, path: str | Path, max_chars: int, chunk_r
         for sid, rec in zip(ids, records, strict=True):
             if sid not in known and sid not in fresh:
                 fresh[sid] = {"id": sid, **rec, "first_seen": now}
+        _store_images(ws, [v.sample for v, sid in zip(kept, ids, strict=True) if v.sample.images and sid in fresh])
         store.write_samples(ws, pa.Table.from_pylist(list(fresh.values()), schema=schemas.samples_schema))
         # upserts on the row key: a concurrent ingest of the same source (two runs at once) cannot
         # leave a row twice
@@ -535,3 +654,11 @@ def ingest_file(ws: Any, dataset: str, path: str | Path, max_chars: int, chunk_r
         "kept": rep.kept, "new_samples": rep.new_samples, "duplicates": rep.duplicates,
         "quarantined": rep.quarantined, "left_ids": left})
     return rep
+
+
+def _store_images(ws: Any, samples: list[Sample]) -> None:
+    """Put the images of new samples into the workspace's image table (before the samples that name them)."""
+    if samples:
+        from valuegate.tasks.images_store import store_sample_images
+
+        store_sample_images(ws, samples)

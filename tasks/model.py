@@ -2,7 +2,9 @@
 
 Supported: any Hugging Face causal LM whose LM head is a linear layer reachable through
 ``get_output_embeddings()`` and whose base model returns the final normed hidden state (Llama, Qwen2,
-Mistral, GPT-2, Phi, Gemma and Gemma-2 at least), by hub id, local path, or the embedded default alias.
+Mistral, GPT-2, Phi, Gemma and Gemma-2 at least), by hub id, local path, or the embedded default alias;
+and image-text-to-text models (Qwen2-VL / Qwen2.5-VL, Idefics3 / SmolVLM, LLaVA), loaded with their
+processor (``tasks/vlm.py``), whose base model returns the language model's final normed hidden state.
 """
 
 from __future__ import annotations
@@ -57,6 +59,7 @@ class LoadedModel:
     head_bias: torch.Tensor | None
     logit_scale: float = 1.0
     softcap: float | None = None
+    is_vision: bool = False
 
     @property
     def vocab_size(self) -> int:
@@ -68,16 +71,20 @@ class LoadedModel:
         """Columns of the LM head, d."""
         return int(self.head_weight.shape[1])
 
-    def final_hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def final_hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                     **model_inputs: torch.Tensor) -> torch.Tensor:
         """Final normed hidden states, the LM head's input.
 
         Args:
             input_ids: ``(B, T)`` int64, right-padded. attention_mask: ``(B, T)`` int64.
+            model_inputs: a VLM's image inputs (``pixel_values``, ``image_grid_thw``, ``mm_token_type_ids``,
+                ...; see :func:`valuegate.tasks.vlm.batch_model_inputs`).
 
         Returns:
             ``(B, T, d)`` in the model's dtype.
         """
-        out = self.model.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        out = self.model.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
+                                    **model_inputs)
         return out[0] if isinstance(out, tuple) else out.last_hidden_state
 
     def raw_logits(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -129,6 +136,19 @@ def _load_error(cfg: ModelSettings, path: str, exc: Exception) -> ValuegateError
     return ValuegateError(f"cannot load model {cfg.name!r}{hint}: {str(exc).splitlines()[0]}")
 
 
+def _vision_config(cfg: ModelSettings, path: str) -> object | None:
+    """The config of an image-text-to-text model at ``path``, or None for a text model (or no config)."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
+    except (OSError, ValueError):
+        return None  # the tokenizer/model load reports the cause
+    from valuegate.tasks.vlm import is_vision_config
+
+    return config if is_vision_config(config) else None
+
+
 def load_tokenizer(cfg: ModelSettings) -> object:
     """The model's tokenizer alone (cheap: lets inputs be checked before any weight is read).
 
@@ -138,6 +158,11 @@ def load_tokenizer(cfg: ModelSettings) -> object:
     from transformers import AutoTokenizer
 
     path = resolve_model_path(cfg)
+    config = _vision_config(cfg, path)
+    if config is not None:
+        from valuegate.tasks.vlm import load_vision_processor
+
+        return load_vision_processor(path, config, cfg.revision, cfg.trust_remote_code)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, revision=cfg.revision,
                                                   trust_remote_code=cfg.trust_remote_code)
@@ -159,18 +184,22 @@ def load_model(cfg: ModelSettings, tokenizer: object | None = None, progress: bo
     Raises:
         ValuegateError: unknown model, unreadable adapter, or a head this engine cannot read.
     """
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
     from transformers.utils import logging as hf_logging
 
     tokenizer = tokenizer if tokenizer is not None else load_tokenizer(cfg)
     path = resolve_model_path(cfg)
+    from valuegate.tasks.vlm import VisionProcessor
+
+    vision = isinstance(tokenizer, VisionProcessor)
+    auto = AutoModelForImageTextToText if vision else AutoModelForCausalLM
     device = _pick_device(cfg.device)
     dtype = _pick_dtype(cfg.dtype, device)
     was_enabled = hf_logging.is_progress_bar_enabled()
     if not progress:
         hf_logging.disable_progress_bar()
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, revision=cfg.revision,
+        model = auto.from_pretrained(path, dtype=dtype, revision=cfg.revision,
                                                      trust_remote_code=cfg.trust_remote_code)
     except (OSError, ValueError) as exc:
         raise _load_error(cfg, path, exc) from exc
@@ -195,7 +224,7 @@ def load_model(cfg: ModelSettings, tokenizer: object | None = None, progress: bo
         model=model, tokenizer=tokenizer, name=str(path), device=device,
         head_weight=weight.detach().float().contiguous(),
         head_bias=None if bias is None else bias.detach().float().contiguous(),
-        logit_scale=scale, softcap=cap,
+        logit_scale=scale, softcap=cap, is_vision=vision,
     )
 
 
@@ -208,11 +237,17 @@ class EncodedSample:
         counted: ``(T-1,)`` bool; ``counted[t]`` says whether the prediction of ``input_ids[t+1]`` from
             position t counts (``m_t`` of DESIGN §1).
         truncated: the sample was cut at ``max_length``.
+        image_tokens: ``(T,)`` bool, the tokens a VLM's processor put in for images (None: no image).
+        token_inputs: a VLM's per-token model inputs, each ``(T,)`` int64 (``mm_token_type_ids``).
+        image_inputs: a VLM's image tensors as its processor returned them for this sample alone.
     """
 
     input_ids: np.ndarray
     counted: np.ndarray
     truncated: bool = False
+    image_tokens: np.ndarray | None = None
+    token_inputs: dict[str, np.ndarray] | None = None
+    image_inputs: dict[str, torch.Tensor] | None = None
 
     @property
     def n_counted(self) -> int:
@@ -262,6 +297,13 @@ def encode_sample(tokenizer: object, sample: Sample, loss_on: str, max_length: i
         ValuegateError: no token counts (e.g. every counted token was truncated away), naming file, row
             and field.
     """
+    from valuegate.tasks.vlm import VisionProcessor
+
+    if isinstance(tokenizer, VisionProcessor):
+        return tokenizer.encode(sample, loss_on, max_length)
+    if sample.images:
+        raise ValuegateError(f"{sample.source}: row {sample.row}: images: the model is a text-only model; "
+                             "value image-text samples with a vision-language model")
     mode = resolve_loss_on(loss_on, sample)
     special = True
     if sample.kind == "prompt_response":
@@ -274,15 +316,7 @@ def encode_sample(tokenizer: object, sample: Sample, loss_on: str, max_length: i
     enc = tokenizer(text, add_special_tokens=special, return_offsets_mapping=True)
     ids = np.asarray(enc["input_ids"], dtype=np.int64)
     offsets = enc["offset_mapping"]
-    if mode == "all":
-        in_target = np.ones(len(ids), dtype=bool)
-    else:
-        in_target = np.zeros(len(ids), dtype=bool)
-        for j, (a, b) in enumerate(offsets):
-            if b > a:
-                in_target[j] = any(a < hi and b > lo for lo, hi in spans)
-            elif j > 0 and in_target[j - 1]:
-                in_target[j] = True  # zero-width special token right after a counted one (EOS)
+    in_target = np.ones(len(ids), dtype=bool) if mode == "all" else counted_from_offsets(offsets, spans)
     truncated = len(ids) > max_length
     ids, in_target = ids[:max_length], in_target[:max_length]
     counted = in_target[1:].copy()
@@ -292,6 +326,18 @@ def encode_sample(tokenizer: object, sample: Sample, loss_on: str, max_length: i
         raise ValuegateError(f"{sample.source}: row {sample.row}: {sample.counted_field}: {why} "
                              f"(loss_on={mode}, max_length={max_length})")
     return EncodedSample(input_ids=ids, counted=counted, truncated=truncated)
+
+
+def counted_from_offsets(offsets: list[tuple[int, int]], spans: list[tuple[int, int]]) -> np.ndarray:
+    """``(T,)`` bool: tokens whose characters reach into a counted span, and zero-width special tokens right
+    after a counted one (EOS)."""
+    in_target = np.zeros(len(offsets), dtype=bool)
+    for j, (a, b) in enumerate(offsets):
+        if b > a:
+            in_target[j] = any(a < hi and b > lo for lo, hi in spans)
+        elif j > 0 and in_target[j - 1]:
+            in_target[j] = True
+    return in_target
 
 
 def encode_samples(tokenizer: object, samples: list[Sample], loss_on: str, max_length: int) -> list[EncodedSample]:
@@ -397,6 +443,7 @@ def fingerprint_settings(cfg: ModelSettings, ex: ExtractSettings, tokenizer: obj
         "max_length": ex.max_length,
         "chat_template": hashlib.sha256(template.encode()).hexdigest()[:16],
         "vocab": len(tokenizer),
+        **(tokenizer.fingerprint() if hasattr(type(tokenizer), "fingerprint") else {}),
     }
 
 

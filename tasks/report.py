@@ -60,7 +60,29 @@ def _sample_text(row: dict[str, Any], limit: int = 160) -> str:
     return html.escape(body)
 
 
-def _table(rows: list[dict[str, Any]], valid_text: dict[str, str]) -> str:
+def _thumbs_html(row: dict[str, Any], thumbs: dict[str, str]) -> str:
+    """The row's images as small inline thumbnails (``images``: content hashes), or ""."""
+    cells = []
+    for h in row.get("images") or []:
+        uri = thumbs.get(h)
+        cells.append(f"<img class='thumb' src='{uri}' alt='image {html.escape(h[:12])}' title='sha256 {html.escape(h)}'>"
+                     if uri else f"<span class='nothumb' title='sha256 {html.escape(h)}'>[image {html.escape(h[:8])}]</span>")
+    return "<div class='thumbs'>" + "".join(cells) + "</div>" if cells else ""
+
+
+def load_thumbnails(workspace: str | None, hashes: list[str], px: int = 96) -> dict[str, str]:
+    """sha256 → thumbnail ``data:`` URI for the images the workspace holds ({} without a workspace)."""
+    if not workspace or not hashes:
+        return {}
+    from valuegate.storage.lance import Workspace
+    from valuegate.tasks.images import thumbnail_data_uri
+    from valuegate.tasks.images_store import read_image_data
+
+    data = read_image_data(Workspace.from_env(workspace), hashes)
+    return {h: thumbnail_data_uri(b, px) for h, b in data.items()}
+
+
+def _table(rows: list[dict[str, Any]], valid_text: dict[str, str], thumbs: dict[str, str] | None = None) -> str:
     has_suspect = any(r.get("suspect") is not None for r in rows)
     head = "<th>value</th>" + ("<th>suspect</th>" if has_suspect else "")
     out = [f"<table><tr>{head}<th>kept</th><th>sample</th><th>nearest validation samples</th></tr>"]
@@ -72,7 +94,9 @@ def _table(rows: list[dict[str, Any]], valid_text: dict[str, str]) -> str:
             x = r.get("suspect")
             why = html.escape(r.get("suspect_reason") or "")
             sus = f"<td title='{why}'>{x:.3g}<br><small>{why}</small></td>" if x is not None else "<td></td>"
-        out.append(f"<tr><td>{r['value']:.4g}</td>{sus}<td>{kept}</td><td>{_sample_text(r)}</td><td>{near}</td></tr>")
+        pics = _thumbs_html(r, thumbs) if thumbs is not None else ""
+        out.append(f"<tr><td>{r['value']:.4g}</td>{sus}<td>{kept}</td><td>{pics}{_sample_text(r)}</td>"
+                   f"<td>{near}</td></tr>")
     out.append("</table>")
     return "".join(out)
 
@@ -98,7 +122,7 @@ def _tokens_html(tc: Any) -> str:
 def render_report(selected: pl.DataFrame, manifest: dict[str, Any], valid_rows: list[dict[str, Any]],
                   diff_text: str | None = None, group_by: str | None = None,
                   explained: list[tuple[str, dict[str, Any], Any]] | None = None,
-                  suspect_threshold: float | None = None) -> str:
+                  suspect_threshold: float | None = None, thumbnails: dict[str, str] | None = None) -> str:
     """The report of one release as an HTML string.
 
     Args:
@@ -109,9 +133,14 @@ def render_report(selected: pl.DataFrame, manifest: dict[str, Any], valid_rows: 
         group_by: the column whose groups get their own plot and retention row.
         explained: ``(label, row, TokenContributions)`` of the few samples whose tokens are highlighted.
         suspect_threshold: drawn on the suspect histogram when the policy uses it.
+        thumbnails: sha256 → image URI for samples with an ``images`` column (content hashes); by default
+            loaded from the workspace named in ``manifest["settings"]`` for the samples the report shows.
     """
     values = selected["value"].to_numpy()
     keep = selected["keep"].to_numpy()
+    thumbs = thumbnails
+    if "images" in selected.columns and thumbs is None:
+        thumbs = _shown_thumbnails(selected, manifest)
     vtext = {r["id"]: _sample_text(r, 100) for r in valid_rows}
     gate = manifest.get("gate", {})
     verdict = "passed" if gate.get("passed") else "FAILED"
@@ -122,6 +151,7 @@ def render_report(selected: pl.DataFrame, manifest: dict[str, Any], valid_rows: 
         "margin:.5em 0 1.5em}td,th{border:1px solid #ccc;padding:4px 8px;font-size:13px;vertical-align:top}"
         ".ok{color:#2b8a3e}.bad{color:#c92a2a}.tokens{font-family:monospace;font-size:13px;line-height:1.9;"
         "border:1px solid #ddd;padding:6px;margin:.3em 0 1em}.ctx{color:#999}.tok{border-radius:2px}"
+        ".thumb{max-height:96px;max-width:96px;margin:0 4px 4px 0;border:1px solid #ccc}.nothumb{color:#999}"
         "</style></head><body>",
         f"<h1>Release {html.escape(str(manifest.get('name')))} / {html.escape(str(manifest.get('version')))}</h1>",
         f"<p>Validation set <b>{html.escape(str(manifest.get('valset')))}</b>, model fingerprint "
@@ -167,10 +197,10 @@ def render_report(selected: pl.DataFrame, manifest: dict[str, Any], valid_rows: 
                                     marker=suspect_threshold))
         parts.append("<h2>Most suspect samples</h2>" + _table(
             selected.filter(pl.col("suspect").is_not_null()).sort("suspect", descending=True).head(10).to_dicts(),
-            vtext))
+            vtext, thumbs))
     ranked = selected.sort("value")
-    parts.append("<h2>Lowest-valued samples</h2>" + _table(ranked.head(10).to_dicts(), vtext))
-    parts.append("<h2>Highest-valued samples</h2>" + _table(ranked.tail(10).reverse().to_dicts(), vtext))
+    parts.append("<h2>Lowest-valued samples</h2>" + _table(ranked.head(10).to_dicts(), vtext, thumbs))
+    parts.append("<h2>Highest-valued samples</h2>" + _table(ranked.tail(10).reverse().to_dicts(), vtext, thumbs))
     if explained:
         parts.append("<h2>Which tokens carry the value</h2><p>Each counted token is shaded by the part of the "
                      "sample's mean value it carries (green raises it, red lowers it; hover for the number); grey "
@@ -182,6 +212,19 @@ def render_report(selected: pl.DataFrame, manifest: dict[str, Any], valid_rows: 
                  + html.escape(diff_text or "no previous release") + "</pre>")
     parts.append("</body></html>")
     return "".join(parts)
+
+
+def _shown_thumbnails(selected: pl.DataFrame, manifest: dict[str, Any]) -> dict[str, str]:
+    """Thumbnails of the images of the samples the report lists (lowest, highest, most suspect)."""
+    ranked = selected.sort("value")
+    shown = [ranked.head(10), ranked.tail(10)]
+    if "suspect" in selected.columns:
+        shown.append(selected.filter(pl.col("suspect").is_not_null()).sort("suspect", descending=True).head(10))
+    hashes = sorted({h for f in shown for imgs in f["images"].to_list() for h in (imgs or [])})
+    try:
+        return load_thumbnails((manifest.get("settings") or {}).get("workspace"), hashes)
+    except Exception:  # the report never fails for a picture: the rows say [image <hash>] instead
+        return {}
 
 
 def pick_explained(selected: pl.DataFrame, per_kind: int = 2) -> list[tuple[str, dict[str, Any]]]:

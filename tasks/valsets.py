@@ -55,6 +55,10 @@ def register_valset(ws: Workspace, name: str, path: str | Path, max_chars: int) 
     if not name or "@" in name or "/" in name or not name.replace("-", "_").replace(".", "_").isidentifier():
         raise ValuegateError(f"validation set name {name!r}: use letters, digits, '-', '_' or '.'")
     rows = valset_rows(path, max_chars)
+    if any(rows["images"].to_pylist()):  # image-text validation samples: their images, by content hash
+        from valuegate.tasks.images_store import store_sample_images
+
+        store_sample_images(ws, [v.sample for v in read_source_rows(path, max_chars)])
     digest = content_hash(rows)
     for r in store.read_valset_versions(ws, name):
         if r["content_hash"] == digest and not r["pruned"]:

@@ -18,6 +18,7 @@ import base64
 import hashlib
 import io
 import json
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -71,7 +72,9 @@ def check_image_bytes(data: bytes, max_pixels: int = MAX_IMAGE_PIXELS) -> tuple[
     if not data:
         return None, "empty file"
     try:
-        img = Image.open(io.BytesIO(data))
+        with warnings.catch_warnings():  # the cap below decides, not Pillow's warning
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
     except UnidentifiedImageError:
         return None, "not an image Pillow can read"
     except (OSError, ValueError, SyntaxError) as exc:

@@ -238,6 +238,36 @@ def _remote_options(settings: Settings):
     return contextlib.nullcontext()
 
 
+# What a runner raises when the cluster (or a task's worker, too often) is gone rather than a shard failing:
+# distributed's FutureCancelledError (scheduler-connection-lost), CommClosedError, KilledWorker (the
+# scheduler gave up on a task whose workers kept dying); Ray's worker/actor/node/object-loss errors.
+_CLUSTER_LOST = frozenset({"FutureCancelledError", "CancelledError", "CommClosedError", "StreamClosedError",
+                           "KilledWorker", "WorkerCrashedError", "RayActorError", "ActorDiedError",
+                           "NodeDiedError", "ObjectLostError", "OwnerDiedError", "RaySystemError",
+                           "LocalRayletDiedError"})
+
+
+def _cluster_lost(exc: BaseException) -> bool:
+    return any(t.__name__ in _CLUSTER_LOST for t in type(exc).__mro__) or isinstance(exc, ConnectionError)
+
+
+def _cluster_lost_error(settings: Settings, plan: dict[str, Any], exc: BaseException) -> ValuegateError:
+    """The error of a run whose cluster went away: what happened, what is stored, how to resume."""
+    from valuegate.storage import features as fstore
+
+    r = settings.runner
+    where = f"at {r.address}" if r.address else f"(local cluster of {r.workers} workers)"
+    wanted = {i for shard in plan["shards"] for i in shard}
+    try:
+        done = len(wanted & fstore.feature_ids(_workspace(settings), plan["model_fp"]))
+        stored = (f"{done} of the {len(wanted)} missing samples were extracted and are stored; run again "
+                  f"(on a working cluster) to extract only the {len(wanted) - done} still missing")
+    except Exception as read_exc:  # the store may be what went away
+        stored = f"could not count what was stored ({read_exc}); run again to extract what is missing"
+    return ValuegateError(f"lost the {r.kind} cluster {where} during sharded extraction "
+                          f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); {stored}")
+
+
 def _extract_sharded(settings: Settings) -> dict[str, Any]:
     """dask/ray: extract the missing training features, one task per shard on the runner's workers.
 
@@ -255,11 +285,16 @@ def _extract_sharded(settings: Settings) -> dict[str, Any]:
         return out
     fixed = {"settings": settings, "model_fp": plan["model_fp"], "fp_settings": plan["fp_settings"],
              "lowest_likelihood_ratio": plan["lowest_likelihood_ratio"]}
-    with _task_runner(settings) as runner, _remote_options(settings):
-        futures = [runner.submit(extract_shard_task, {"shard": k, "ids": ids, **fixed})
-                   for k, ids in enumerate(plan["shards"])]
-        wait(futures)
-        results = [f.result() for f in futures]  # raises the first failed shard's exception
+    try:
+        with _task_runner(settings) as runner, _remote_options(settings):
+            futures = [runner.submit(extract_shard_task, {"shard": k, "ids": ids, **fixed})
+                       for k, ids in enumerate(plan["shards"])]
+            wait(futures)
+            results = [f.result() for f in futures]  # raises the first failed shard's exception
+    except Exception as exc:
+        if not _cluster_lost(exc):
+            raise
+        raise _cluster_lost_error(settings, plan, exc) from exc
     loads: dict[int, int] = {}
     for res in results:
         out["extracted"] += res["extracted"]

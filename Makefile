@@ -39,6 +39,7 @@ bench: model
 	$(BIN)/python -m tests.benchmarks.bench_suspect
 	$(BIN)/python -m tests.benchmarks.bench_e2e
 	$(BIN)/python -m tests.benchmarks.bench_selection
+	$(BIN)/python -m tests.benchmarks.bench_vlm
 
 lint: install
 	$(BIN)/ruff check .

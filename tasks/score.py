@@ -32,11 +32,13 @@ from valuegate.tasks.model import EncodedSample, LoadedModel, encode_samples, lo
 from valuegate.tasks.signals import (
     CrossTerms,
     SparseSet,
+    SuspectReference,
     ValidSide,
     calibrated_suspect,
     cross_terms_exact,
     cross_terms_sparse,
     explain_suspect,
+    hidden_neighbours,
     parse_suspect,
     signals_from_terms,
 )
@@ -61,6 +63,8 @@ class ValueMatrix:
         timings: seconds per step (``extract_valid``, ``extract_train``, ``score``).
         signals: name → ``(n_train,)`` every signal of :mod:`valuegate.tasks.signals` (None when off).
         reference: name → ``(n_valid,)`` the same of the validation samples, leave-one-out.
+        train_neighbours, valid_neighbours: ``(n, k)`` the nearest validation samples of each training and
+            (leave one out) validation sample, for the local suspect reference (None when global).
         suspect: ``(n_train,)`` the combined suspect score (None when off); suspect_reason: the largest
             deviations behind it, per sample.
     """
@@ -75,6 +79,8 @@ class ValueMatrix:
     stats: ExtractionStats = field(default_factory=ExtractionStats)
     signals: dict[str, np.ndarray] | None = None
     reference: dict[str, np.ndarray] | None = None
+    train_neighbours: np.ndarray | None = None
+    valid_neighbours: np.ndarray | None = None
     suspect: np.ndarray | None = None
     suspect_reason: list[str] | None = None
 
@@ -87,18 +93,50 @@ def _stack(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
     return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]} if parts else {}
 
 
-def suspect_of(signals: dict[str, np.ndarray], reference: dict[str, np.ndarray],
-               sc) -> tuple[np.ndarray, list[str]]:
-    """The suspect score ``(n,)`` of ``score`` settings ``sc`` and, per sample, the deviations behind it."""
+def suspect_of(signals: dict[str, np.ndarray], reference: dict[str, np.ndarray], sc,
+               neighbours: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[np.ndarray, list[str]]:
+    """The suspect score ``(n,)`` of ``score`` settings ``sc`` and, per sample, the deviations behind it.
+
+    Args:
+        neighbours: ``(train (n, k), validation (n_v, k))`` nearest validation samples, for the local
+            reference (``sc.suspect_neighbours > 0``); None: global.
+    """
     spec = parse_suspect(sc.suspect, list(signals))
-    return (calibrated_suspect(signals, reference, spec, sc.suspect_combine),
-            explain_suspect(signals, reference, spec))
+    train_nb, valid_nb = neighbours if neighbours is not None else (None, None)
+    ref = SuspectReference(reference, valid_nb)
+    return (calibrated_suspect(signals, ref, spec, sc.suspect_combine, train_nb),
+            explain_suspect(signals, ref, spec, neighbours=train_nb))
+
+
+def mean_hidden(pooled: np.ndarray, tokens: np.ndarray) -> np.ndarray:
+    """``(n, d)`` float64 mean hidden state per sample from ``Σ_t h_t`` ``(n, d)`` and counted positions
+    ``(n,)``."""
+    return np.asarray(pooled, dtype=np.float64) / np.maximum(np.asarray(tokens), 1)[:, None]
+
+
+def neighbours_of(train_hidden: np.ndarray, valid_hidden: np.ndarray, sc) -> tuple[np.ndarray, np.ndarray] | None:
+    """The local reference's neighbourhoods (training, validation leave-one-out) from mean hidden states
+    ``(n, d)`` and ``(n_v, d)``; None when ``sc.suspect_neighbours`` is 0 (global reference)."""
+    k = sc.suspect_neighbours
+    if not k:
+        return None
+    mu = valid_hidden.mean(0)
+    return (hidden_neighbours(train_hidden, valid_hidden, mu, k),
+            hidden_neighbours(valid_hidden, valid_hidden, mu, k, loo=True))
 
 
 def _with_suspect(vm: ValueMatrix, settings: Settings) -> ValueMatrix:
     if vm.signals is not None and vm.reference is not None:
-        vm.suspect, vm.suspect_reason = suspect_of(vm.signals, vm.reference, settings.score)
+        nb = (vm.train_neighbours, vm.valid_neighbours) if vm.train_neighbours is not None else None
+        vm.suspect, vm.suspect_reason = suspect_of(vm.signals, vm.reference, settings.score, nb)
     return vm
+
+
+def _block_mean_hidden(block) -> np.ndarray:
+    """``(n_samples, d)`` float64 mean hidden state of every sample of a token block."""
+    pooled = torch.zeros(block.n_samples, block.hidden.shape[1], dtype=torch.float64).index_add_(
+        0, block.sample.cpu(), block.hidden.double().cpu())
+    return mean_hidden(pooled.numpy(), _token_counts(block.sample.cpu(), block.n_samples))
 
 
 def _exact_values(lm: LoadedModel, enc_train: list[EncodedSample], enc_valid: list[EncodedSample],
@@ -121,7 +159,7 @@ def _exact_values(lm: LoadedModel, enc_train: list[EncodedSample], enc_valid: li
     values = np.zeros((n_t, len(valid)))
     train_self, train_loss = np.zeros(n_t), np.zeros(n_t)
     train_tokens = np.zeros(n_t, dtype=np.int64)
-    sig_parts, order = [], []
+    sig_parts, order, hidden_parts = [], [], []
     t0 = time.perf_counter()
     for idx, block in iter_token_blocks(lm, enc_train, ex, train, 1.0, progress, "train", stats):
         main = block.hardest(ratio)
@@ -133,6 +171,7 @@ def _exact_values(lm: LoadedModel, enc_train: list[EncodedSample], enc_valid: li
                                               k, prefix="hard_"))
             sig_parts.append(sig)
             order.extend(idx)
+            hidden_parts.append(_block_mean_hidden(main))
             values[idx], train_self[idx] = terms.raw, terms.self_raw
             train_tokens[idx], train_loss[idx] = terms.tokens, terms.loss
         else:
@@ -154,6 +193,9 @@ def _exact_values(lm: LoadedModel, enc_train: list[EncodedSample], enc_valid: li
             ref.update(signals_from_terms(cross_terms_exact(vblock.hardest(hard), vblock, vcent, mu, vselfs),
                                           k, loo=True, prefix="hard_"))
         vm.reference = ref
+        nb = neighbours_of(np.concatenate(hidden_parts)[inv], _block_mean_hidden(vblock), settings.score)
+        if nb is not None:
+            vm.train_neighbours, vm.valid_neighbours = nb
         timings["reference"] = time.perf_counter() - t0
     return _with_suspect(vm, settings)
 
@@ -238,9 +280,13 @@ def compute_values(lm: LoadedModel, train: list[Sample], valid: list[Sample], se
     timings["score"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     ref = reference_signals(vs, hard_of(fv), vside, k)
-    timings["reference"] = time.perf_counter() - t0
     vm = ValueMatrix(terms.raw, terms.self_raw, vside.self_raw, terms.tokens, vs.tokens, terms.loss, timings,
                      stats, sig, ref)
+    nb = neighbours_of(mean_hidden(np.stack([f.pooled_hidden for f in ft]), terms.tokens),
+                       mean_hidden(np.stack([f.pooled_hidden for f in fv]), vs.tokens), settings.score)
+    if nb is not None:
+        vm.train_neighbours, vm.valid_neighbours = nb
+    timings["reference"] = time.perf_counter() - t0
     return _with_suspect(vm, settings)
 
 
@@ -371,6 +417,12 @@ def _aligned(t, ids: list[str]):
     return t.take(pos)
 
 
+def _pooled(t, n: int) -> np.ndarray:
+    """``(n, d)`` float64 ``Σ_t h_t`` of a feature slice's ``pooled_hidden`` column."""
+    return np.asarray(t["pooled_hidden"].combine_chunks().values.to_numpy(zero_copy_only=False),
+                      dtype=np.float64).reshape(n, -1)
+
+
 def _feature_matrix(t, ids: list[str], vocab: int, width: int):
     """CSR ``(len(ids), V·width)`` and per-sample columns of a feature slice, in the order of ``ids``."""
     import scipy.sparse as sp
@@ -479,11 +531,12 @@ def score_dataset(ws, dataset: str, valset_ref: str, settings: Settings, progres
     ids = [i for i in ids if i not in refused]
     cols = ["id", "token_ids", "rows", "n_tokens", "mean_loss", "self_influence"]
     has_hard = sc.signals and ex.hard_fraction < 1.0
+    local = sc.signals and sc.suspect_neighbours > 0
     if sc.signals:
         cols += ["error_sum"] + (["hard_token_ids", "hard_rows", "hard_error_sum", "hard_n_tokens",
                                   "hard_mean_loss"] if has_hard else [])
     # with the signals on, the rows become CSR inside SparseSet (raw and centred): no plain CSR is built
-    vrows = fstore.read_features(ws, fp_v, vids, [*cols, "pooled_hidden"])
+    vrows = fstore.read_features(ws, fp_v, vids, list(dict.fromkeys([*cols, "pooled_hidden"])))
     vm_, vt = (None, _aligned(vrows, vids)) if sc.signals else _feature_matrix(vrows, vids, vocab, width)
     v_self = vt["self_influence"].to_numpy()
     v_tok = vt["n_tokens"].to_numpy().astype(np.int64)
@@ -491,15 +544,17 @@ def score_dataset(ws, dataset: str, valset_ref: str, settings: Settings, progres
     vside = reference = None
     if sc.signals:
         vs = SparseSet.from_arrow(vt, vocab, width)
-        pooled = np.asarray(vt["pooled_hidden"].combine_chunks().values.to_numpy(zero_copy_only=False),
-                            dtype=np.float64).reshape(len(vids), -1)
+        pooled = _pooled(vt, len(vids))
         vside = ValidSide.build(vs, projected_centre(ex, int(meta["hidden_size"]), vocab, pooled, v_tok))
+        v_hidden = mean_hidden(pooled, v_tok)
         reference = reference_signals(vs, SparseSet.from_arrow(vt, vocab, width, "hard_") if has_hard else None,
                                       vside, k)
     timings["read"] = time.perf_counter() - t0
     # train features stream in chunks: memory holds one chunk's sparse rows (float64 while multiplied),
     # never the whole dataset's
-    parts: dict[str, list] = {k: [] for k in ("agg", "near", "near_v", "self", "tok", "loss", "signals")}
+    parts: dict[str, list] = {k: [] for k in ("agg", "near", "near_v", "self", "tok", "loss", "signals", "nb")}
+    if local:
+        cols.append("pooled_hidden")
     t_read = t_score = 0.0
     for lo in range(0, len(ids), SCORE_CHUNK):
         t1 = time.perf_counter()
@@ -518,6 +573,9 @@ def score_dataset(ws, dataset: str, valset_ref: str, settings: Settings, progres
             terms, sig = sparse_signal_terms(ts, SparseSet.from_arrow(tt, vocab, width, "hard_") if has_hard
                                              else None, vside, k)
             parts["signals"].append(sig)
+            if local:
+                parts["nb"].append(hidden_neighbours(mean_hidden(_pooled(tt, len(chunk)), t_tok), v_hidden,
+                                                     v_hidden.mean(0), sc.suspect_neighbours))
             raw = terms.raw
         elif sc.aggregate == "mean":
             parts["agg"].append(mean_aggregate(tm, vm_, t_self, v_self, t_tok, v_tok, sc.normalize))
@@ -541,7 +599,9 @@ def score_dataset(ws, dataset: str, valset_ref: str, settings: Settings, progres
     signals = _stack(parts["signals"]) if sc.signals else {}
     suspect = reasons = None
     if sc.signals:
-        suspect, reasons = suspect_of(signals, reference, sc)
+        nb = (np.concatenate(parts["nb"]), hidden_neighbours(v_hidden, v_hidden, v_hidden.mean(0),
+                                                             sc.suspect_neighbours, loo=True)) if local else None
+        suspect, reasons = suspect_of(signals, reference, sc, nb)
     run_id = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:8]
     now = dt.datetime.now(dt.timezone.utc)
     settings_json = json.dumps({"settings": settings.model_dump(mode="json"), "train_fp": fp_t,

@@ -25,9 +25,15 @@ against the validation samples' full representations.
 
 ``suspect`` needs no labels: the validation samples are scored against the rest of the validation set
 (leave one out), which gives every signal a reference distribution of what *clean* data looks like. A
-sample's deviation on a signal is a robust z-score ``(x − median) / (1.4826 · MAD)`` of that reference,
-kept on the side(s) the signal is configured with (``low``, ``high`` or ``two``), and the deviations
-combine by root mean square (or maximum). That combination is finally expressed against the validation
+sample's deviation on a signal is a robust z-score of that reference, kept on the side(s) the signal is
+configured with (``low``, ``high`` or ``two``), and the deviations combine by root mean square (or
+maximum). The reference is *local* by default (:class:`SuspectReference`): a sample is compared with the
+median of its ``k`` nearest validation samples (cosine of the centred mean hidden states: samples of the
+same task), on the scale of the validation samples' own deviations from their nearest others. Tasks differ
+a lot in loss and gradient norm; a pooled reference flags whole tasks of a mixed set and misses the
+corruptions that are extreme only for their own task (mislabeled-detection benchmark: swaps 0.61 → 0.77,
+truncations 0.95 → 0.99, held-out demo 0.69 → 0.79). ``score.suspect_neighbours = 0`` gives the pooled
+``(x − median) / (1.4826 · MAD)``. That combination is finally expressed against the validation
 samples' own combined scores (again a robust z-score), so ``suspect = 3`` reads "three robust standard
 deviations more suspect than the validation set itself", whatever the number of signals combined.
 Higher means more suspect.
@@ -49,11 +55,13 @@ __all__ = [
     "BASE_SIGNALS",
     "CrossTerms",
     "SparseSet",
+    "SuspectReference",
     "calibrated_suspect",
     "combine_suspect",
     "cross_terms_exact",
     "cross_terms_sparse",
     "explain_suspect",
+    "hidden_neighbours",
     "parse_suspect",
     "robust_z",
     "signal_names",
@@ -308,6 +316,15 @@ def parse_suspect(spec: list[str] | tuple[str, ...], available: list[str]) -> li
     return out
 
 
+def _robust_scale(x: np.ndarray, centre: float) -> float:
+    """``1.4826 · median|x − centre|``, falling back to the standard deviation, then 1, when ``x`` is (nearly)
+    constant."""
+    scale = 1.4826 * float(np.median(np.abs(x - centre)))
+    if not scale > 1e-12 * max(1.0, abs(centre)):
+        scale = float(x.std()) or 1.0
+    return scale
+
+
 def robust_z(x: np.ndarray, reference: np.ndarray) -> np.ndarray:
     """``(x − median(ref)) / (1.4826 · MAD(ref))``; the scale falls back to the standard deviation, then 1,
     when the reference is (nearly) constant.
@@ -320,41 +337,132 @@ def robust_z(x: np.ndarray, reference: np.ndarray) -> np.ndarray:
     if ref.size == 0:
         raise ValuegateError("the suspect reference is empty (no finite validation signal)")
     med = float(np.median(ref))
-    scale = 1.4826 * float(np.median(np.abs(ref - med)))
-    if not scale > 1e-12 * max(1.0, abs(med)):
-        scale = float(ref.std()) or 1.0
-    return (np.asarray(x, dtype=np.float64) - med) / scale
+    return (np.asarray(x, dtype=np.float64) - med) / _robust_scale(ref, med)
 
 
-def suspect_deviations(signals: dict[str, np.ndarray], reference: dict[str, np.ndarray],
-                       spec: list[tuple[str, str]]) -> tuple[np.ndarray, np.ndarray]:
+def hidden_neighbours(hidden: np.ndarray, valid_hidden: np.ndarray, mu: np.ndarray, k: int,
+                      loo: bool = False) -> np.ndarray:
+    """The ``k`` validation samples nearest each sample by the cosine of their centred mean hidden states.
+
+    Args:
+        hidden: ``(n, d)`` each sample's mean final hidden state over its counted positions.
+        valid_hidden: ``(n_v, d)`` the same of the validation samples. mu: ``(d,)`` the centre (the mean
+            validation hidden state).
+        k: neighbours per sample (at most ``n_v``, or ``n_v − 1`` with ``loo``).
+        loo: the samples are the validation samples themselves: a sample is never its own neighbour.
+
+    Returns:
+        ``(n, k)`` int64 indices into the validation set, nearest first (ties: lower index first).
+    """
+    def unit(x: np.ndarray) -> np.ndarray:
+        x = np.asarray(x, dtype=np.float64) - np.asarray(mu, dtype=np.float64)
+        norm = np.linalg.norm(x, axis=1, keepdims=True)
+        return np.divide(x, norm, out=np.zeros_like(x), where=norm > 0)
+
+    sim = unit(hidden) @ unit(valid_hidden).T
+    n_v = sim.shape[1]
+    if loo:
+        if n_v < 2:
+            raise ValuegateError("a local suspect reference needs at least 2 validation samples")
+        np.fill_diagonal(sim, -np.inf)
+    k = max(1, min(k, n_v - 1 if loo else n_v))
+    return np.argsort(-sim, axis=1, kind="stable")[:, :k].astype(np.int64)
+
+
+@dataclass
+class SuspectReference:
+    """What clean data looks like on every signal: the validation samples scored leave-one-out against the
+    rest of the validation set, and how a sample is compared with them.
+
+    *Global* (``neighbours`` None): a sample's deviation on a signal is its robust z-score against all the
+    validation samples. *Local* (``neighbours`` ``(n_v, k)``): against the median of its ``k`` nearest
+    validation samples (:func:`hidden_neighbours`), on the scale of the validation samples' own deviations
+    from *their* nearest others' medians (leave one out). A validation set that mixes tasks (a family with a
+    high loss beside one with a low loss) then judges every sample by its own task's standard, instead of
+    flagging a whole family as unlike the pooled set.
+
+    Attributes:
+        signals: name → ``(n_v,)`` the validation samples' leave-one-out signals.
+        neighbours: ``(n_v, k)`` int64 each validation sample's nearest other validation samples, or None.
+    """
+
+    signals: dict[str, np.ndarray]
+    neighbours: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        self._scale: dict[str, float] = {}
+
+    @staticmethod
+    def of(reference: SuspectReference | dict[str, np.ndarray]) -> SuspectReference:
+        """A reference as is, or a plain name → values mapping as a global reference."""
+        return reference if isinstance(reference, SuspectReference) else SuspectReference(dict(reference))
+
+    def location(self, name: str, neighbours: np.ndarray | None) -> np.ndarray | float:
+        """The reference point of signal ``name`` for samples with ``neighbours`` (``(n, k)``): their
+        neighbours' median (``(n,)``); the validation median when global."""
+        ref = np.asarray(self.signals[name], dtype=np.float64)
+        if self.neighbours is None:
+            finite = ref[np.isfinite(ref)]
+            if finite.size == 0:
+                raise ValuegateError(f"the suspect reference of {name} is empty (no finite validation signal)")
+            return float(np.median(finite))
+        if neighbours is None:
+            raise ValuegateError("a local suspect reference needs every sample's validation neighbours")
+        return np.nanmedian(ref[neighbours], axis=1)
+
+    def scale(self, name: str) -> float:
+        """The robust spread of the validation samples around their own reference points."""
+        if name not in self._scale:
+            ref = np.asarray(self.signals[name], dtype=np.float64)
+            dev = ref - self.location(name, self.neighbours)
+            dev = dev[np.isfinite(dev)]
+            if dev.size == 0:
+                raise ValuegateError(f"the suspect reference of {name} is empty (no finite validation signal)")
+            centre = 0.0 if self.neighbours is None else float(np.median(dev))
+            self._scale[name] = _robust_scale(dev, centre)
+        return self._scale[name]
+
+    def z(self, name: str, x: np.ndarray, neighbours: np.ndarray | None) -> np.ndarray:
+        """Signed robust z-scores ``(n,)`` of the values ``x`` of signal ``name``."""
+        return (np.asarray(x, dtype=np.float64) - self.location(name, neighbours)) / self.scale(name)
+
+
+def suspect_deviations(signals: dict[str, np.ndarray], reference: SuspectReference | dict[str, np.ndarray],
+                       spec: list[tuple[str, str]],
+                       neighbours: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Per-signal robust z-scores against the reference, and the deviations the spec counts.
+
+    Args:
+        neighbours: ``(n, k)`` the samples' nearest validation samples (a local reference needs them).
 
     Returns:
         ``z`` ``(n, S)`` signed z-scores and ``dev`` ``(n, S)`` ≥ 0: ``|z|`` for ``two``, the positive part of
         ``z`` for ``high`` and of ``−z`` for ``low``.
     """
+    ref = SuspectReference.of(reference)
     zs, devs = [], []
     for name, side in spec:
-        z = np.nan_to_num(robust_z(signals[name], reference[name]), nan=0.0, posinf=1e6, neginf=-1e6)
+        z = np.nan_to_num(ref.z(name, signals[name], neighbours), nan=0.0, posinf=1e6, neginf=-1e6)
         zs.append(z)
         devs.append(np.abs(z) if side == "two" else np.maximum(z if side == "high" else -z, 0.0))
     return np.stack(zs, axis=1), np.stack(devs, axis=1)
 
 
-def combine_suspect(signals: dict[str, np.ndarray], reference: dict[str, np.ndarray],
-                    spec: list[tuple[str, str]], how: str = "rms") -> np.ndarray:
+def combine_suspect(signals: dict[str, np.ndarray], reference: SuspectReference | dict[str, np.ndarray],
+                    spec: list[tuple[str, str]], how: str = "rms",
+                    neighbours: np.ndarray | None = None) -> np.ndarray:
     """The ``suspect`` score of every sample (higher = less like the validation set).
 
     Args:
-        signals: name → ``(n,)`` of the samples scored. reference: name → ``(n_v,)`` of the validation
-            samples scored leave-one-out against the validation set.
+        signals: name → ``(n,)`` of the samples scored. reference: the validation samples scored
+            leave-one-out against the validation set (a plain mapping is a global reference).
         spec: ``(signal, side)`` pairs. how: ``rms`` or ``max``.
+        neighbours: ``(n, k)`` the samples' nearest validation samples, for a local reference.
 
     Returns:
         ``(n,)`` float64, ≥ 0.
     """
-    _, m = suspect_deviations(signals, reference, spec)
+    _, m = suspect_deviations(signals, reference, spec, neighbours)
     if how == "rms":
         return np.sqrt((m * m).mean(1))
     if how == "max":
@@ -362,8 +470,9 @@ def combine_suspect(signals: dict[str, np.ndarray], reference: dict[str, np.ndar
     raise ValuegateError(f"unknown suspect combination {how!r}: use rms or max")
 
 
-def calibrated_suspect(signals: dict[str, np.ndarray], reference: dict[str, np.ndarray],
-                       spec: list[tuple[str, str]], how: str = "rms") -> np.ndarray:
+def calibrated_suspect(signals: dict[str, np.ndarray], reference: SuspectReference | dict[str, np.ndarray],
+                       spec: list[tuple[str, str]], how: str = "rms",
+                       neighbours: np.ndarray | None = None) -> np.ndarray:
     """The suspect score on the scale of the validation set's own: :func:`combine_suspect` of the samples
     as a robust z-score of the same combination over the validation samples (``0`` = as suspect as the
     median validation sample, ``3`` = three robust standard deviations more suspect than the validation
@@ -372,17 +481,19 @@ def calibrated_suspect(signals: dict[str, np.ndarray], reference: dict[str, np.n
     Returns:
         ``(n,)`` float64.
     """
-    return robust_z(combine_suspect(signals, reference, spec, how), combine_suspect(reference, reference, spec, how))
+    ref = SuspectReference.of(reference)
+    own = combine_suspect(ref.signals, ref, spec, how, ref.neighbours)
+    return robust_z(combine_suspect(signals, ref, spec, how, neighbours), own)
 
 
-def explain_suspect(signals: dict[str, np.ndarray], reference: dict[str, np.ndarray],
-                    spec: list[tuple[str, str]], top: int = 2) -> list[str]:
+def explain_suspect(signals: dict[str, np.ndarray], reference: SuspectReference | dict[str, np.ndarray],
+                    spec: list[tuple[str, str]], top: int = 2, neighbours: np.ndarray | None = None) -> list[str]:
     """Why each sample is (or is not) suspect: its largest counted deviations, e.g.
     ``"mean_loss z=+4.1, log_self_influence z=-2.3"``.
 
     Returns:
         one string per sample.
     """
-    z, dev = suspect_deviations(signals, reference, spec)
+    z, dev = suspect_deviations(signals, reference, spec, neighbours)
     order = np.argsort(-dev, axis=1, kind="stable")[:, :top]
     return [", ".join(f"{spec[j][0]} z={z[i, j]:+.1f}" for j in row) for i, row in enumerate(order)]

@@ -13,7 +13,14 @@ from valuegate.storage.schemas import SIGNAL_COLUMNS
 from valuegate.tasks.extract import extract_token_blocks
 from valuegate.tasks.model import encode_samples
 from valuegate.tasks.score import compute_values
-from valuegate.tasks.signals import calibrated_suspect, combine_suspect, parse_suspect, robust_z
+from valuegate.tasks.signals import (
+    SuspectReference,
+    calibrated_suspect,
+    combine_suspect,
+    hidden_neighbours,
+    parse_suspect,
+    robust_z,
+)
 
 
 @pytest.mark.parametrize("family", ["llama", "gemma2"])
@@ -70,6 +77,11 @@ def test_reference_is_leave_one_out(tiny_model_dir):
     np.testing.assert_allclose(vm.reference["value_mean"], loo, rtol=1e-6)
     np.testing.assert_allclose(vm.reference["value_nearest"], loo, rtol=1e-6)  # k ≥ n_v − 1: every other
     np.testing.assert_allclose(vv.signals["log_self_influence"], vm.reference["log_self_influence"], rtol=1e-9)
+    # the local reference's neighbourhoods: a validation sample scored as training data is its own nearest
+    # validation sample; in the reference (leave one out) it never is
+    np.testing.assert_array_equal(vv.train_neighbours[:, 0], np.arange(4))
+    assert vm.valid_neighbours.shape == (4, 3)
+    assert not (vm.valid_neighbours == np.arange(4)[:, None]).any()
 
 
 def test_robust_z_and_the_combination_on_hand_made_numbers():
@@ -91,6 +103,49 @@ def test_robust_z_and_the_combination_on_hand_made_numbers():
     for bad in (["c:low"], ["a:up"], []):
         with pytest.raises(ValuegateError):
             parse_suspect(bad, ["a", "b"])
+
+
+def test_hidden_neighbours_rank_by_cosine_of_centred_means():
+    mu = np.array([1.0, 1.0])
+    valid = np.array([[2.0, 1.0], [1.0, 3.0], [3.0, 1.1], [0.0, 1.0]])  # centred: +x, +y, ~+x, -x
+    got = hidden_neighbours(np.array([[5.0, 1.0], [1.0, 0.0]]), valid, mu, 2)
+    # (1, 0) centred is -y: +x and -x tie at cosine 0 (lower index first), ~+x is slightly negative, +y is -1
+    np.testing.assert_array_equal(got, [[0, 2], [0, 3]])
+    loo = hidden_neighbours(valid, valid, mu, 5, loo=True)
+    assert loo.shape == (4, 3) and not (loo == np.arange(4)[:, None]).any()
+    assert loo[0, 0] == 2 and loo[2, 0] == 0
+    with pytest.raises(ValuegateError, match="at least 2"):
+        hidden_neighbours(valid[:1], valid[:1], mu, 1, loo=True)
+
+
+def test_local_reference_judges_each_task_by_its_own_standard():
+    """A validation set of two tasks, one with a low loss (6 samples) and one with a high loss (3): against
+    the pooled set every clean sample of the high-loss task looks suspect; against its nearest validation
+    samples it does not, while a corrupted low-loss sample (loss 3) still does."""
+    loss_v = np.array([1.0, 1.1, 0.9, 1.05, 0.95, 1.0, 9.0, 9.5, 8.5])
+    hid_v = np.array([[1.0, 0.0]] * 6 + [[0.0, 1.0]] * 3) + np.linspace(0, 0.01, 9)[:, None]
+    loss_t = np.array([9.2, 1.0, 3.0])  # clean high-loss task, clean low-loss task, corrupted low-loss task
+    hid_t = np.array([[0.0, 1.0], [1.0, 0.0], [1.0, 0.0]])
+    spec = [("mean_loss", "two")]
+    glob = calibrated_suspect({"mean_loss": loss_t}, {"mean_loss": loss_v}, spec)
+    assert glob[0] > glob[2]  # the pooled reference flags the clean high-loss sample above the corrupted one
+    mu = hid_v.mean(0)
+    ref = SuspectReference({"mean_loss": loss_v}, hidden_neighbours(hid_v, hid_v, mu, 2, loo=True))
+    nb = hidden_neighbours(hid_t, hid_v, mu, 2)
+    assert set(nb[0]) <= {6, 7, 8} and set(nb[1]) <= set(range(6))
+    # by hand: the location is the neighbours' median, the scale the validation samples' own spread
+    # around their neighbours' medians
+    own = loss_v - np.median(loss_v[ref.neighbours], axis=1)
+    scale = 1.4826 * np.median(np.abs(own - np.median(own)))
+    want = (loss_t - np.median(loss_v[nb], axis=1)) / scale
+    np.testing.assert_allclose(ref.z("mean_loss", loss_t, nb), want)
+    local = calibrated_suspect({"mean_loss": loss_t}, ref, spec, neighbours=nb)
+    assert local[2] > local[0] and local[2] > local[1]
+    # a plain mapping is the global reference; a local one refuses samples without neighbourhoods
+    np.testing.assert_allclose(combine_suspect({"mean_loss": loss_t}, SuspectReference({"mean_loss": loss_v}), spec),
+                               combine_suspect({"mean_loss": loss_t}, {"mean_loss": loss_v}, spec))
+    with pytest.raises(ValuegateError, match="neighbours"):
+        combine_suspect({"mean_loss": loss_t}, ref, spec)
 
 
 def test_signals_off_keeps_the_values(tiny_model_dir):

@@ -242,8 +242,10 @@ def test_score_set_equals_file_scoring_and_is_pinned(ws, tmp_path, tiny_model_di
     stored_t = mean_rep.table.to_pydict()
     pos = {i: n for n, i in enumerate(stored_t["id"])}
     for col in ("suspect", "centred_cosine_nearest", "hard_value_mean", "log_self_influence", "hard_mean_loss"):
+        # (suspect divides by the validation set's spread around local medians: float32 rounding of the
+        # rows is amplified to ~1e-5 relative)
         np.testing.assert_allclose([stored_t[col][pos[i]] for i in ids], mean_df[col].to_numpy(),
-                                   rtol=1e-5, atol=1e-9, err_msg=col)
+                                   rtol=1e-4 if col == "suspect" else 1e-5, atol=1e-9, err_msg=col)
     # with the signals off the values come through the plain CSR path (one weighted vector for mean)
     settings.score.signals = False
     off = score_dataset(ws, "d", "val", settings, progress=False, write=False).table.to_pydict()

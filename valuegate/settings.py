@@ -74,7 +74,7 @@ class ExtractSettings(BaseModel):
 
 # Which signals the `suspect` score combines, and on which side (see tasks/signals.py and the
 # mislabeled-detection benchmark, tests/benchmarks/bench_suspect.py).
-DEFAULT_SUSPECT = ("log_self_influence:low", "centred_value_mean:low", "cosine_mean:high", "mean_loss:high")
+DEFAULT_SUSPECT = ("centred_value_mean:low", "log_self_influence:two", "mean_loss:two")
 
 
 class ScoreSettings(BaseModel):
@@ -99,6 +99,10 @@ class ScoreSettings(BaseModel):
         "count). Chosen by the mislabeled-detection benchmark (README).")
     suspect_combine: Literal["rms", "max"] = Field(
         "rms", description="How the per-signal robust z-scores combine: root mean square or maximum.")
+    suspect_neighbours: int = Field(
+        5, ge=0, description="Local suspect reference: a sample's signals are compared with those of its k "
+        "nearest validation samples (cosine of the centred mean hidden states), so a validation set that "
+        "mixes tasks judges each sample by its own task's standard. 0: compare with the whole validation set.")
 
 
 class DataSettings(BaseModel):

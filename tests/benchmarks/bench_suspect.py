@@ -11,6 +11,10 @@ number) get a seeded 20% of their 900 training responses corrupted, one corrupti
 - ``truncate``: the first half of the response's words (grammars), or the answer without its number (math).
 - ``wrong`` (math): the right template with a wrong number (the answer ± 1..20).
 
+Every form is evaluated with the global reference (every validation sample) and the local one (each
+sample's ``score.suspect_neighbours`` nearest validation samples by centred mean hidden state; the
+neighbourhoods are cached beside the signals, ``nb`` column).
+
 Every derived set is ingested into one workspace per loss mode (clean rows have the same content, hence
 the same id and features, in every set: each unique sample is extracted once) and scored by the product's
 own path (``score_dataset``: sparse features at the defaults, every signal, leave-one-out reference)
@@ -41,7 +45,7 @@ from tests.benchmarks.bench_engine import DEFAULT_DATA, machine
 from tests.benchmarks.tables import table
 from valuegate.storage.schemas import SIGNAL_COLUMNS
 from valuegate.tasks.report import detection_auc
-from valuegate.tasks.signals import calibrated_suspect, combine_suspect
+from valuegate.tasks.signals import SuspectReference, calibrated_suspect, combine_suspect
 
 SETS = {"grammars": ("swap", "copy", "truncate"), "math_without_reason": ("swap", "wrong", "truncate")}
 FRACTION = 0.2
@@ -54,14 +58,15 @@ FORMS: list[tuple[str, list[str], str]] = [
     ("self+loss+ccos all+hard", ["log_self_influence:two", "mean_loss:two", "centred_cosine_nearest:low",
                                  "hard_log_self_influence:two", "hard_mean_loss:two",
                                  "hard_centred_cosine_nearest:low"], "rms"),
-    ("self+loss+cval", ["log_self_influence:two", "mean_loss:two", "centred_value_mean:low"], "rms"),
     ("self+cval", ["log_self_influence:two", "centred_value_mean:low"], "rms"),
-    # the best of an exhaustive search over 1-3 one/two-sided terms of 12 signals, rms or max, on the
-    # grammars/response corruptions (copy, truncate)
-    ("self-+cval-+cos+", ["log_self_influence:low", "centred_value_mean:low", "cosine_mean:high"], "rms"),
-    # the same plus the side that flags swaps (high loss): the default
-    ("default: self-+cval-+cos++loss+", ["log_self_influence:low", "centred_value_mean:low", "cosine_mean:high",
-                                         "mean_loss:high"], "rms"),
+    # global reference: the best of an exhaustive search over 1-3 one/two-sided terms of 12 signals, rms or
+    # max, on the grammars/response corruptions (copy, truncate), plus the side that flags swaps (high loss)
+    ("self-+cval-+cos++loss+", ["log_self_influence:low", "centred_value_mean:low", "cosine_mean:high",
+                                "mean_loss:high"], "rms"),
+    # local reference (k = 5 and 10): exhaustive search over 1-3 terms of all 20 signals, rms, on every
+    # perceivable response-token corruption of both sets: the best worst case, and the best mean (the default)
+    ("ccosn-+self±+loss+", ["centred_cosine_nearest:low", "log_self_influence:two", "mean_loss:high"], "rms"),
+    ("default: cval-+self±+loss±", ["centred_value_mean:low", "log_self_influence:two", "mean_loss:two"], "rms"),
     ("every signal two-sided", [f"{s}:two" for s in SIGNAL_COLUMNS], "rms"),
     ("every signal two-sided max", [f"{s}:two" for s in SIGNAL_COLUMNS], "max"),
 ]
@@ -168,6 +173,8 @@ def compute_signals(data: Path, out: Path, loss_on: str, quick: bool, every: int
             print(f"{loss_on} {name}: {rep.line()} ({time.perf_counter() - t0:.0f}s)", flush=True)
             scored = pl.from_arrow(rep.table).select("id", "value", "mean_loss", "suspect",
                                                      *(c for c in SIGNAL_COLUMNS if c != "mean_loss"))
+            scored = scored.with_columns(pl.Series("nb", list(_train_neighbours(
+                ws, rep.model_fp, scored["id"].to_list(), settings, f"{dataset}-val"))))
             from valuegate.tasks.ingest import sample_id, sample_record, samples_from_frame
 
             ids = [sample_id(sample_record(s)) for s in samples_from_frame(pl.DataFrame(rows), str(path))]
@@ -181,6 +188,33 @@ def compute_signals(data: Path, out: Path, loss_on: str, quick: bool, every: int
     df = pl.concat(frames, how="diagonal_relaxed")
     df.write_parquet(out / f"suspect-signals-{loss_on}.parquet")
     return df
+
+
+def _mean_hidden_of(ws, fp: str, ids: list[str]) -> np.ndarray:
+    from valuegate.storage import features as fstore
+    from valuegate.tasks.score import _aligned, _pooled, mean_hidden
+
+    t = _aligned(fstore.read_features(ws, fp, ids, ["id", "pooled_hidden", "n_tokens"]), ids)
+    return mean_hidden(_pooled(t, len(ids)), t["n_tokens"].to_numpy())
+
+
+def _valid_hidden(ws, settings, valset: str) -> tuple[list[str], np.ndarray]:
+    from valuegate.storage.valsets import read_valset
+    from valuegate.tasks.model import fingerprint_settings, load_tokenizer, model_fingerprint
+    from valuegate.tasks.valsets import valset_samples
+
+    _, vrows = read_valset(ws, valset)
+    vids, _ = valset_samples(vrows)
+    fp = model_fingerprint(fingerprint_settings(settings.model, settings.extract, load_tokenizer(settings.model), 1.0))
+    return vids, _mean_hidden_of(ws, fp, vids)
+
+
+def _train_neighbours(ws, fp: str, ids: list[str], settings, valset: str) -> np.ndarray:
+    """``(n, k)`` each scored sample's nearest validation samples (the local reference, product code)."""
+    from valuegate.tasks.signals import hidden_neighbours
+
+    _, vh = _valid_hidden(ws, settings, valset)
+    return hidden_neighbours(_mean_hidden_of(ws, fp, ids), vh, vh.mean(0), settings.score.suspect_neighbours)
 
 
 def reference_table(ws, settings, valset: str) -> pl.DataFrame:
@@ -208,7 +242,11 @@ def reference_table(ws, settings, valset: str) -> pl.DataFrame:
                         dtype=np.float64).reshape(len(vids), -1)
     vside = ValidSide.build(vs, projected_centre(ex, int(meta["hidden_size"]), vocab, pooled, vs.tokens))
     ref = reference_signals(vs, SparseSet.from_arrow(vt, vocab, width, "hard_"), vside, settings.score.nearest_k)
-    return pl.from_arrow(pa.table({"id": vids, **ref}))
+    from valuegate.tasks.signals import hidden_neighbours
+
+    vh = _valid_hidden(ws, settings, valset)[1]
+    nb = hidden_neighbours(vh, vh, vh.mean(0), settings.score.suspect_neighbours, loo=True)
+    return pl.from_arrow(pa.table({"id": vids, **ref})).with_columns(pl.Series("nb", list(nb)))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -216,12 +254,22 @@ def reference_table(ws, settings, valset: str) -> pl.DataFrame:
 # --------------------------------------------------------------------------------------------------
 
 
+def _nb(part: pl.DataFrame) -> np.ndarray:
+    return np.stack(part["nb"].to_numpy()).astype(np.int64)
+
+
+def _references(part: pl.DataFrame) -> tuple[dict[str, np.ndarray], SuspectReference]:
+    """The global reference (signals) and the local one (with the validation neighbourhoods) of one set."""
+    ref = part.filter(pl.col("kind") == "reference")
+    signals = {c: ref[c].to_numpy().astype(np.float64) for c in SIGNAL_COLUMNS}
+    return signals, SuspectReference(signals, _nb(ref))
+
+
 def evaluate(df: pl.DataFrame) -> dict:
     """AUC of every signal, baseline and candidate form per (loss_on, dataset, corruption); the chosen form."""
     cases, signal_rows, form_rows = [], [], []
     for (loss_on, dataset), part in df.group_by(["loss_on", "dataset"], maintain_order=True):
-        ref = part.filter(pl.col("kind") == "reference")
-        reference = {c: ref[c].to_numpy().astype(np.float64) for c in SIGNAL_COLUMNS}
+        reference, local_ref = _references(part)
         for kind in SETS[dataset]:
             sub = part.filter(pl.col("kind") == kind)
             label = sub["corrupted"].to_numpy()
@@ -235,17 +283,21 @@ def evaluate(df: pl.DataFrame) -> dict:
                         "high loss": auc(sig["mean_loss"], label), "low loss": auc(-sig["mean_loss"], label)})
             signal_rows.append({**{k: row[k] for k in ("loss_on", "dataset", "kind")}, **per_signal})
             forms = {}
+            nb = _nb(sub)
             for name, spec, how in FORMS:
                 pairs = [tuple(s.split(":")) for s in spec]
                 forms[name] = auc(combine_suspect(sig, reference, pairs, how), label)
+                forms[f"{name} local"] = auc(combine_suspect(sig, local_ref, pairs, how, nb), label)
             form_rows.append({**{k: row[k] for k in ("loss_on", "dataset", "kind")}, **forms})
             row["perceivable"] = bool(best >= PERCEIVABLE)
             cases.append(row)
-    # leave one data set out: choose on the other set's perceivable corruptions (both loss modes)
+    # leave one data set out: choose (best mean AUC) on the other set's perceivable corruptions, response mode
     choice = {}
     for held in SETS:
-        fit = [(c, f) for c, f in zip(cases, form_rows, strict=True) if c["dataset"] != held and c["perceivable"]]
-        scores = {name: min(f[name] for _, f in fit) for name, _, _ in FORMS} if fit else {}
+        fit = [f for c, f in zip(cases, form_rows, strict=True)
+               if c["dataset"] != held and c["perceivable"] and c["loss_on"] == "response"]
+        names = [n for n in form_rows[0] if n not in ("loss_on", "dataset", "kind")] if form_rows else []
+        scores = {name: float(np.mean([f[name] for f in fit])) for name in names} if fit else {}
         choice[held] = max(scores, key=scores.get) if scores else None
     # the threshold of the suspect policy: recall and false-positive rate of the default form per case
     from valuegate.settings import default_settings
@@ -254,13 +306,14 @@ def evaluate(df: pl.DataFrame) -> dict:
     spec = [tuple(x.split(":")) for x in sc.suspect]
     thresholds = []
     for (loss_on, dataset), part in df.group_by(["loss_on", "dataset"], maintain_order=True):
-        ref = part.filter(pl.col("kind") == "reference")
-        reference = {c: ref[c].to_numpy().astype(np.float64) for c in SIGNAL_COLUMNS}
+        reference, local_ref = _references(part)
+        local = sc.suspect_neighbours > 0
         for kind in SETS[dataset]:
             sub = part.filter(pl.col("kind") == kind)
             label = sub["corrupted"].to_numpy().astype(bool)
             sus = calibrated_suspect({c: sub[c].to_numpy().astype(np.float64) for c in SIGNAL_COLUMNS},
-                                     reference, spec, sc.suspect_combine)
+                                     local_ref if local else reference, spec, sc.suspect_combine,
+                                     _nb(sub) if local else None)
             row = {"loss_on": loss_on, "dataset": dataset, "kind": kind}
             for t in THRESHOLDS:
                 row[f"recall@{t:g}"] = float((sus[label] > t).mean())
@@ -275,7 +328,9 @@ def print_tables(res: dict) -> None:
     print(table(res["cases"], ["loss_on", "dataset", "kind", "corrupted", "best_signal", "best_auc", "high loss",
                                "low loss", "perceivable"], "corruptions: best single signal (AUC, better side)"))
     names = [n for n, _, _ in FORMS]
-    print(table(res["forms"], ["loss_on", "dataset", "kind", *names], "suspect forms (AUC)"))
+    print(table(res["forms"], ["loss_on", "dataset", "kind", *names], "suspect forms, global reference (AUC)"))
+    print(table(res["forms"], ["loss_on", "dataset", "kind", *(f"{n} local" for n in names)],
+                "suspect forms, local reference (AUC)"))
     print(table(res["signals"], ["loss_on", "dataset", "kind", *SIGNAL_COLUMNS],
                 "every signal (AUC of low = suspect; < 0.5: high flags)"))
     print("form chosen with each data set held out:", res["choice_by_held_out_set"])

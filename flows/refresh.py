@@ -273,14 +273,19 @@ def _extract_sharded(settings: Settings) -> dict[str, Any]:
 
     Starts no cluster when nothing is missing. Every shard finishes (or exhausts its retries) before the
     first failure is raised. Returns ``extracted``, ``shards``, ``missing``, ``workers`` (distinct worker
-    processes) and ``model_loads`` (model loads summed over those processes)."""
+    processes), ``model_loads`` (model loads summed over those processes) and ``forward_s`` (the shards'
+    extraction seconds, summed over workers).
+
+    Raises:
+        ValuegateError: the cluster went away (the message says what is stored and that a re-run resumes).
+    """
     from prefect.futures import wait
 
     from valuegate.storage import features as fstore
 
     plan = plan_shards(settings)
     out = {"extracted": 0, "shards": len(plan["shards"]), "missing": plan["n_missing"], "workers": 0,
-           "model_loads": 0}
+           "model_loads": 0, "forward_s": 0.0}
     if not plan["shards"]:
         return out
     fixed = {"settings": settings, "model_fp": plan["model_fp"], "fp_settings": plan["fp_settings"],
@@ -298,6 +303,7 @@ def _extract_sharded(settings: Settings) -> dict[str, Any]:
     loads: dict[int, int] = {}
     for res in results:
         out["extracted"] += res["extracted"]
+        out["forward_s"] = round(out["forward_s"] + res["seconds"], 3)
         loads[res["pid"]] = max(loads.get(res["pid"], 0), res["model_loads"])
     out["workers"], out["model_loads"] = len(loads), sum(loads.values())
     fstore.maybe_index_features(_workspace(settings), plan["model_fp"], settings.extract.vector_index_min_rows)
@@ -305,6 +311,92 @@ def _extract_sharded(settings: Settings) -> dict[str, Any]:
                           f"{out['shards']} shards on {out['workers']} {settings.runner.kind} workers "
                           f"({out['model_loads']} model loads)")
     return out
+
+
+@task(name="plan-scores", cache_policy=KeyedOn(parts=_score_key), result_serializer="json")
+def plan_scores(settings: Settings, valset: dict[str, Any], dataset_fp: str) -> dict[str, Any]:
+    """dask/ray: resolve the scores run the shards write into (and extract the validation features).
+
+    Cached on everything the scores depend on (the key of ``extract+score``): a re-run with the same
+    inputs gets the same run back and scores only the shards it does not hold yet.
+
+    Returns:
+        ``plan`` (:class:`~valuegate.tasks.score.ScoringPlan` as a dict), ``extracted`` (training samples
+        extracted here: none when the shards extracted them) and ``timings`` (``resolve``, ``extract``).
+    """
+    import dataclasses
+
+    from valuegate.tasks.score import plan_scoring
+
+    plan, rep_t, _, timings = plan_scoring(_workspace(settings), settings.data.dataset, valset["valset"],
+                                           _scoring_settings(settings), progress=False)
+    return {"plan": dataclasses.asdict(plan), "extracted": rep_t.extracted, "timings": timings}
+
+
+@task(name="score-shard", task_run_name="score-shard-{shard}", retries=2, retry_delay_seconds=2,
+      cache_policy=NO_CACHE)
+def score_shard_task(shard: int, settings: Settings, plan: dict[str, Any], ids: list[str]) -> dict[str, Any]:
+    """Score one shard of the run on whichever worker the runner gives it and upsert its rows into the run
+    (retried: a lost worker or a failed write; a retry replaces the shard's rows, never duplicates them)."""
+    from valuegate.tasks.score import ScoringPlan, score_shard
+
+    return score_shard(ScoringPlan(**plan), ids, _scoring_settings(settings))
+
+
+def _score_sharded(settings: Settings, planned: dict[str, Any]) -> dict[str, Any]:
+    """dask/ray: score the run of ``planned`` (from ``plan-scores``) in shards on the runner's workers;
+    shards whose every row the run already holds (a resumed run) are not submitted again.
+
+    Returns:
+        what ``extract+score`` returns (``run_id``, ``model_fp``, ``n_train``, ``extracted``, ``timings``
+        with ``read``/``score``/``write`` summed over shards) and ``score_shards`` (``shards``,
+        ``submitted``, ``workers``, ``context_loads``).
+    """
+    from prefect.futures import wait
+
+    from valuegate.storage import schemas
+    from valuegate.storage.lance import sql_str
+    from valuegate.tasks.extract import shard_ids
+
+    plan, ws = planned["plan"], _workspace(settings)
+    where = f"run_id = {sql_str(plan['run_id'])}"
+    done = set()
+    if ws.table_exists(schemas.SCORES):
+        done = set(ws.read(schemas.SCORES, where=where, columns=["id"]).column("id").to_pylist())
+    shards = shard_ids(plan["ids"], settings.runner.shard_size)
+    todo = [(k, ids) for k, ids in enumerate(shards) if not done.issuperset(ids)]
+    timings = {**planned["timings"], "read": 0.0, "score": 0.0, "write": 0.0}
+    loads: dict[int, int] = {}
+    if todo:
+        try:
+            with _task_runner(settings) as runner:
+                futures = [runner.submit(score_shard_task, {"shard": k, "settings": settings, "plan": plan,
+                                                            "ids": ids}) for k, ids in todo]
+                wait(futures)
+                results = [f.result() for f in futures]  # raises the first failed shard's exception
+        except Exception as exc:
+            if not _cluster_lost(exc):
+                raise
+            r = settings.runner
+            raise ValuegateError(
+                f"lost the {r.kind} cluster {f'at {r.address}' if r.address else ''} during sharded scoring "
+                f"({type(exc).__name__}); the shards already written stay in scores run {plan['run_id']}: run "
+                "again (on a working cluster) to score only the rest") from exc
+        for res in results:
+            loads[res["pid"]] = max(loads.get(res["pid"], 0), res["context_loads"])
+            for key in ("read", "score", "write"):
+                timings[key] += res[key]
+    n = ws.count(schemas.SCORES, where=where)
+    if n != len(plan["ids"]):
+        raise ValuegateError(f"scores run {plan['run_id']} holds {n} rows for {len(plan['ids'])} samples "
+                             "after every shard finished")
+    get_run_logger().info(f"scored {len(plan['ids'])} samples in {len(shards)} shards ({len(todo)} submitted) "
+                          f"on {len(loads)} {settings.runner.kind} workers ({sum(loads.values())} reads of the "
+                          f"validation side)")
+    return {"run_id": plan["run_id"], "model_fp": plan["fp_t"], "n_train": len(plan["ids"]),
+            "extracted": planned["extracted"], "timings": timings,
+            "score_shards": {"shards": len(shards), "submitted": len(todo), "workers": len(loads),
+                             "context_loads": sum(loads.values())}}
 
 
 @task(name="select", cache_policy=NO_CACHE)
@@ -498,7 +590,8 @@ def refresh(config: str | None = None, overrides: dict[str, Any] | None = None) 
         ``release``, ``report``, ``promote``, and ``total``), ``cached_steps`` (steps answered by the cache),
         ``resumed`` (whether the release was one a failed run left); with a dask/ray runner also
         ``shards`` (``missing``, ``shards``, ``extracted``, ``workers``, ``model_loads``; the shards' wall
-        time counts in ``timings["extract"]``).
+        time counts in ``timings["extract"]``) and ``score_shards`` (``shards``, ``submitted``, ``workers``,
+        ``context_loads``: reads of the validation side, one per worker process).
 
     Raises:
         ValuegateError: the gate failed (the release is written for inspection but never becomes current,
@@ -520,8 +613,14 @@ def refresh(config: str | None = None, overrides: dict[str, Any] | None = None) 
         t0 = time.perf_counter()
         sharded = _extract_sharded(settings)
         shard_wall = time.perf_counter() - t0
-    run = step("extract+score", persisted(score_against_valset, ws), settings, valset, ingested["dataset_fp"])
-    wall = step.timings.pop("extract+score")
+    if sharded is None:
+        run = step("extract+score", persisted(score_against_valset, ws), settings, valset, ingested["dataset_fp"])
+        wall = step.timings.pop("extract+score")
+    else:  # validation features and the run's plan here; the training rows scored in shards on the cluster
+        planned = step("extract+score", persisted(plan_scores, ws), settings, valset, ingested["dataset_fp"])
+        t0 = time.perf_counter()
+        run = _score_sharded(settings, planned)
+        wall = step.timings.pop("extract+score") + time.perf_counter() - t0
     # split by the task's own timings (resolve + extract | read + score + write); a cached answer
     # extracts nothing
     inner = sum(run["timings"].get(k, 0.0) for k in ("resolve", "extract"))
@@ -569,7 +668,7 @@ def refresh(config: str | None = None, overrides: dict[str, Any] | None = None) 
             "report": report_path, "model_fp": run["model_fp"],
             "kept": int(selected["keep"].sum()), "valset": valset["valset"], "run_id": run["run_id"],
             "timings": dict(step.timings), "cached_steps": list(step.cached), "resumed": version == resume,
-            **({"shards": sharded} if sharded is not None else {})}
+            **({"shards": sharded, "score_shards": run["score_shards"]} if sharded is not None else {})}
 
 
 def _artifacts(selected: Any, counts: dict[str, int], version: str, verdict: dict, report_path: str,

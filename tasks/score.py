@@ -469,22 +469,83 @@ def pa_array(values: list[str]):
     return pa.array(values, type=pa.string())
 
 
-def score_dataset(ws, dataset: str, valset_ref: str, settings: Settings, progress: bool = True,
-                  write: bool = True) -> ScoreRunReport:
-    """Score every sample of a stored dataset against ``name@vN`` and write one ``scores`` run.
+@dataclass
+class ScoringPlan:
+    """One scores run of a stored dataset, resolved: what every scoring shard needs (picklable; its size is
+    dominated by the ids).
 
-    Features come from the store; only samples without features for the fingerprint are run through the
-    model (so a new validation version costs the extraction of the validation samples alone).
+    Attributes:
+        workspace: the workspace URI. dataset: the dataset scored. valset: ``name@vN``.
+        vids: the validation ids, in scoring order. ids: the training ids to score (those the model refused
+            to value are left out).
+        fp_t, fp_v: feature fingerprints of the training and validation sides.
+        vocab, width, hidden_size: the feature set's ``V``, row width and ``d``.
+        run_id: the scores run every shard writes into. settings_json: what each row records.
+    """
+
+    workspace: str
+    dataset: str
+    valset: str
+    vids: list[str]
+    ids: list[str]
+    fp_t: str
+    fp_v: str
+    vocab: int
+    width: int
+    hidden_size: int
+    run_id: str
+    settings_json: str
+
+
+@dataclass
+class ScoringContext:
+    """The validation side of a scores run, read once (per process) and reused for every chunk.
+
+    Attributes:
+        vids: ``(n_v,)`` object array of validation ids. v_self, v_tok: ``(n_v,)`` ``‖Φ'‖²`` and counted
+            positions. vside: the sparse right-hand side of every product (signals on); vm: plain CSR
+            ``(n_v, V·width)`` (signals off). reference: the leave-one-out signals; v_hidden: ``(n_v, d)``
+            mean hidden states and valid_nb ``(n_v, k)`` their nearest others (local suspect reference).
+    """
+
+    vids: np.ndarray
+    v_self: np.ndarray
+    v_tok: np.ndarray
+    vside: ValidSide | None = None
+    vm: object = None
+    reference: dict[str, np.ndarray] | None = None
+    v_hidden: np.ndarray | None = None
+    valid_nb: np.ndarray | None = None
+
+
+def _feature_columns(settings: Settings) -> list[str]:
+    """The feature columns a scoring chunk reads."""
+    ex, sc = settings.extract, settings.score
+    cols = ["id", "token_ids", "rows", "n_tokens", "mean_loss", "self_influence"]
+    if sc.signals:
+        cols.append("error_sum")
+        if ex.hard_fraction < 1.0:
+            cols += ["hard_token_ids", "hard_rows", "hard_error_sum", "hard_n_tokens", "hard_mean_loss"]
+        if sc.suspect_neighbours > 0:
+            cols.append("pooled_hidden")
+    return cols
+
+
+def plan_scoring(ws, dataset: str, valset_ref: str, settings: Settings, progress: bool = True,
+                 cache: dict | None = None) -> tuple[ScoringPlan, object, object, dict[str, float]]:
+    """Resolve a scores run: the dataset's ids, the pinned validation version, the fingerprints; extract the
+    features still missing (training samples here only when the runner did not extract them already).
+
+    Returns:
+        ``(plan, extract report of the training side, of the validation side, timings)`` with
+        ``resolve`` and ``extract`` seconds.
     """
     import datetime as dt
     import json
     import uuid
 
-    import pyarrow as pa
-
     from valuegate.storage import features as fstore
     from valuegate.storage import samples as sstore
-    from valuegate.storage import schemas
     from valuegate.storage.valsets import read_valset
     from valuegate.tasks.extract import extract_dataset, extract_to_store
     from valuegate.tasks.model import fingerprint_settings, model_fingerprint
@@ -505,11 +566,10 @@ def score_dataset(ws, dataset: str, valset_ref: str, settings: Settings, progres
     valset = f"{record['name']}@v{record['version']}"
     vids, vsamples = valset_samples(vrows)
     tok = load_tokenizer(settings.model)
-    ratio = ex.lowest_likelihood_ratio
-    fp_t_settings = fingerprint_settings(settings.model, ex, tok, ratio)
+    fp_t_settings = fingerprint_settings(settings.model, ex, tok, ex.lowest_likelihood_ratio)
     fp_v_settings = fingerprint_settings(settings.model, ex, tok, 1.0)
     fp_t, fp_v = model_fingerprint(fp_t_settings), model_fingerprint(fp_v_settings)
-    cache: dict[str, LoadedModel] = {}
+    cache = {} if cache is None else cache
 
     def loader() -> LoadedModel:
         if "lm" not in cache:
@@ -525,108 +585,171 @@ def score_dataset(ws, dataset: str, valset_ref: str, settings: Settings, progres
     if rep_v.refused:
         raise ValuegateError(f"{valset}: a validation sample cannot be valued: {rep_v.refused[0][1]}")
     timings["extract"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
     meta = fstore.read_feature_set(ws, fp_t)
-    vocab, width = int(meta["vocab_size"]), int(meta["row_width"])
-    ids = [i for i in ids if i not in refused]
-    cols = ["id", "token_ids", "rows", "n_tokens", "mean_loss", "self_influence"]
-    has_hard = sc.signals and ex.hard_fraction < 1.0
-    local = sc.signals and sc.suspect_neighbours > 0
-    if sc.signals:
-        cols += ["error_sum"] + (["hard_token_ids", "hard_rows", "hard_error_sum", "hard_n_tokens",
-                                  "hard_mean_loss"] if has_hard else [])
+    run_id = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:8]
+    settings_json = json.dumps({"settings": settings.model_dump(mode="json"), "train_fp": fp_t,
+                                "valid_fp": fp_v}, sort_keys=True)
+    plan = ScoringPlan(ws.uri, dataset, valset, list(vids), [i for i in ids if i not in refused], fp_t, fp_v,
+                       int(meta["vocab_size"]), int(meta["row_width"]), int(meta["hidden_size"]), run_id,
+                       settings_json)
+    return plan, rep_t, rep_v, timings
+
+
+def load_context(ws, plan: ScoringPlan, settings: Settings) -> ScoringContext:
+    """Read the validation side of ``plan`` from the store and build everything chunks are scored against."""
+    from valuegate.storage import features as fstore
+
+    ex, sc = settings.extract, settings.score
+    vids, vocab, width = plan.vids, plan.vocab, plan.width
+    cols = _feature_columns(settings)
+    vrows = fstore.read_features(ws, plan.fp_v, vids, list(dict.fromkeys([*cols, "pooled_hidden"])))
     # with the signals on, the rows become CSR inside SparseSet (raw and centred): no plain CSR is built
-    vrows = fstore.read_features(ws, fp_v, vids, list(dict.fromkeys([*cols, "pooled_hidden"])))
-    vm_, vt = (None, _aligned(vrows, vids)) if sc.signals else _feature_matrix(vrows, vids, vocab, width)
-    v_self = vt["self_influence"].to_numpy()
-    v_tok = vt["n_tokens"].to_numpy().astype(np.int64)
-    k = sc.nearest_k
-    vside = reference = None
+    vm, vt = (None, _aligned(vrows, vids)) if sc.signals else _feature_matrix(vrows, vids, vocab, width)
+    ctx = ScoringContext(np.asarray(vids, dtype=object), vt["self_influence"].to_numpy(),
+                         vt["n_tokens"].to_numpy().astype(np.int64), vm=vm)
     if sc.signals:
         vs = SparseSet.from_arrow(vt, vocab, width)
         pooled = _pooled(vt, len(vids))
-        vside = ValidSide.build(vs, projected_centre(ex, int(meta["hidden_size"]), vocab, pooled, v_tok))
-        v_hidden = mean_hidden(pooled, v_tok)
-        reference = reference_signals(vs, SparseSet.from_arrow(vt, vocab, width, "hard_") if has_hard else None,
-                                      vside, k)
-    timings["read"] = time.perf_counter() - t0
-    # train features stream in chunks: memory holds one chunk's sparse rows (float64 while multiplied),
-    # never the whole dataset's
-    parts: dict[str, list] = {k: [] for k in ("agg", "near", "near_v", "self", "tok", "loss", "signals", "nb")}
-    if local:
-        cols.append("pooled_hidden")
-    t_read = t_score = 0.0
-    for lo in range(0, len(ids), SCORE_CHUNK):
-        t1 = time.perf_counter()
-        chunk = ids[lo:lo + SCORE_CHUNK]
-        trows = fstore.read_features(ws, fp_t, chunk, cols)
-        tm, tt = (None, _aligned(trows, chunk)) if sc.signals else _feature_matrix(trows, chunk, vocab, width)
-        t2 = time.perf_counter()
-        t_self = tt["self_influence"].to_numpy()
-        t_tok = tt["n_tokens"].to_numpy().astype(np.int64)
-        t_loss = tt["mean_loss"].to_numpy().astype(np.float64)
-        parts["self"].append(t_self)
-        parts["tok"].append(t_tok)
-        parts["loss"].append(t_loss)
-        if sc.signals:
-            ts = SparseSet.from_arrow(tt, vocab, width)
-            terms, sig = sparse_signal_terms(ts, SparseSet.from_arrow(tt, vocab, width, "hard_") if has_hard
-                                             else None, vside, k)
-            parts["signals"].append(sig)
-            if local:
-                parts["nb"].append(hidden_neighbours(mean_hidden(_pooled(tt, len(chunk)), t_tok), v_hidden,
-                                                     v_hidden.mean(0), sc.suspect_neighbours))
-            raw = terms.raw
-        elif sc.aggregate == "mean":
-            parts["agg"].append(mean_aggregate(tm, vm_, t_self, v_self, t_tok, v_tok, sc.normalize))
-            raw = None
-        else:
-            raw = sparse_cross_csr(tm, vm_)
-        if raw is not None:
-            values = normalize(ValueMatrix(raw, t_self, v_self, t_tok, v_tok, t_loss), sc.normalize)
-            parts["agg"].append(aggregate(values, sc.aggregate, k)[0])
-            near_c = aggregate(values, "nearest", k)[1]
-            parts["near"].append(near_c)
-            parts["near_v"].append(np.take_along_axis(values, near_c, 1))
-        t_read += t2 - t1
-        t_score += time.perf_counter() - t2
-    timings["read"] += t_read
-    timings["score"] = t_score
-    agg = np.concatenate(parts["agg"])
-    nearest = np.concatenate(parts["near"]) if parts["near"] else None
-    nearest_values = np.concatenate(parts["near_v"]) if parts["near_v"] else None
-    t_self, t_tok, t_loss = (np.concatenate(parts[k]) for k in ("self", "tok", "loss"))
-    signals = _stack(parts["signals"]) if sc.signals else {}
-    suspect = reasons = None
+        ctx.vside = ValidSide.build(vs, projected_centre(ex, plan.hidden_size, vocab, pooled, ctx.v_tok))
+        hard = SparseSet.from_arrow(vt, vocab, width, "hard_") if ex.hard_fraction < 1.0 else None
+        ctx.reference = reference_signals(vs, hard, ctx.vside, sc.nearest_k)
+        if sc.suspect_neighbours > 0:
+            ctx.v_hidden = mean_hidden(pooled, ctx.v_tok)
+            ctx.valid_nb = hidden_neighbours(ctx.v_hidden, ctx.v_hidden, ctx.v_hidden.mean(0),
+                                             sc.suspect_neighbours, loo=True)
+    return ctx
+
+
+def score_rows(ws, plan: ScoringPlan, ctx: ScoringContext, settings: Settings,
+               ids: list[str]) -> tuple[object, float, float]:
+    """Score the training samples ``ids`` of ``plan`` against the context: one row of the scores table each.
+
+    Returns:
+        ``(pyarrow table in schemas.scores_schema, seconds reading, seconds scoring)``.
+    """
+    import datetime as dt
+
+    import pyarrow as pa
+
+    from valuegate.storage import features as fstore
+    from valuegate.storage import schemas
+
+    ex, sc = settings.extract, settings.score
+    vocab, width, k = plan.vocab, plan.width, sc.nearest_k
+    t0 = time.perf_counter()
+    trows = fstore.read_features(ws, plan.fp_t, ids, _feature_columns(settings))
+    tm, tt = (None, _aligned(trows, ids)) if sc.signals else _feature_matrix(trows, ids, vocab, width)
+    t_read = time.perf_counter() - t0
+    t_self = tt["self_influence"].to_numpy()
+    t_tok = tt["n_tokens"].to_numpy().astype(np.int64)
+    t_loss = tt["mean_loss"].to_numpy().astype(np.float64)
+    n = len(ids)
+    signals: dict[str, np.ndarray] = {}
+    suspect = reasons = near = near_v = None
     if sc.signals:
-        nb = (np.concatenate(parts["nb"]), hidden_neighbours(v_hidden, v_hidden, v_hidden.mean(0),
-                                                             sc.suspect_neighbours, loo=True)) if local else None
-        suspect, reasons = suspect_of(signals, reference, sc, nb)
-    run_id = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:8]
+        ts = SparseSet.from_arrow(tt, vocab, width)
+        hard = SparseSet.from_arrow(tt, vocab, width, "hard_") if ex.hard_fraction < 1.0 else None
+        terms, signals = sparse_signal_terms(ts, hard, ctx.vside, k)
+        nb = None
+        if ctx.valid_nb is not None:
+            nb = (hidden_neighbours(mean_hidden(_pooled(tt, n), t_tok), ctx.v_hidden, ctx.v_hidden.mean(0),
+                                    sc.suspect_neighbours), ctx.valid_nb)
+        suspect, reasons = suspect_of(signals, ctx.reference, sc, nb)
+        raw = terms.raw
+    elif sc.aggregate == "mean":
+        agg = mean_aggregate(tm, ctx.vm, t_self, ctx.v_self, t_tok, ctx.v_tok, sc.normalize)
+        raw = None
+    else:
+        raw = sparse_cross_csr(tm, ctx.vm)
+    if raw is not None:
+        values = normalize(ValueMatrix(raw, t_self, ctx.v_self, t_tok, ctx.v_tok, t_loss), sc.normalize)
+        agg = aggregate(values, sc.aggregate, k)[0]
+        near = aggregate(values, "nearest", k)[1]
+        near_v = np.take_along_axis(values, near, 1)
     now = dt.datetime.now(dt.timezone.utc)
-    settings_json = json.dumps({"settings": settings.model_dump(mode="json"), "train_fp": fp_t,
-                                "valid_fp": fp_v}, sort_keys=True)
-    vids_arr = np.asarray(vids, dtype=object)
+    none = [None] * n
     rows = {
-        "run_id": [run_id] * len(ids), "dataset": [dataset] * len(ids), "id": ids, "value": agg,
-        "aggregate": [sc.aggregate] * len(ids), "normalize": [sc.normalize] * len(ids),
-        "nearest_ids": [list(vids_arr[r]) for r in nearest] if nearest is not None else [None] * len(ids),
-        "nearest_values": ([list(r) for r in nearest_values] if nearest_values is not None
-                           else [None] * len(ids)),
+        "run_id": [plan.run_id] * n, "dataset": [plan.dataset] * n, "id": ids, "value": agg,
+        "aggregate": [sc.aggregate] * n, "normalize": [sc.normalize] * n,
+        "nearest_ids": [list(ctx.vids[r]) for r in near] if near is not None else none,
+        "nearest_values": [list(r) for r in near_v] if near_v is not None else none,
         "n_tokens": t_tok, "mean_loss": t_loss, "self_influence": t_self,
-        "suspect": suspect if suspect is not None else [None] * len(ids),
-        "suspect_reason": reasons if reasons is not None else [None] * len(ids),
-        **{c: signals.get(c, [None] * len(ids)) for c in schemas.SIGNAL_COLUMNS if c != "mean_loss"},
-        "valset": [valset] * len(ids), "model_fp": [fp_t] * len(ids), "settings": [settings_json] * len(ids),
-        "at": [now] * len(ids),
+        "suspect": suspect if suspect is not None else none,
+        "suspect_reason": reasons if reasons is not None else none,
+        **{c: signals.get(c, none) for c in schemas.SIGNAL_COLUMNS if c != "mean_loss"},
+        "valset": [plan.valset] * n, "model_fp": [plan.fp_t] * n, "settings": [plan.settings_json] * n,
+        "at": [now] * n,
     }
     table = pa.Table.from_pydict(rows, schema=schemas.scores_schema)
+    return table, t_read, time.perf_counter() - t0 - t_read
+
+
+def score_dataset(ws, dataset: str, valset_ref: str, settings: Settings, progress: bool = True,
+                  write: bool = True) -> ScoreRunReport:
+    """Score every sample of a stored dataset against ``name@vN`` and write one ``scores`` run.
+
+    Features come from the store; only samples without features for the fingerprint are run through the
+    model (so a new validation version costs the extraction of the validation samples alone). Training
+    features stream in chunks of :data:`SCORE_CHUNK`: memory holds one chunk's sparse rows (float64 while
+    multiplied), never the whole dataset's.
+    """
+    import pyarrow as pa
+
+    from valuegate.storage import schemas
+
+    plan, rep_t, rep_v, timings = plan_scoring(ws, dataset, valset_ref, settings, progress)
+    t0 = time.perf_counter()
+    ctx = load_context(ws, plan, settings)
+    timings["read"] = time.perf_counter() - t0
+    timings["score"] = 0.0
+    tables = []
+    for lo in range(0, len(plan.ids), SCORE_CHUNK):
+        table, t_read, t_score = score_rows(ws, plan, ctx, settings, plan.ids[lo:lo + SCORE_CHUNK])
+        tables.append(table)
+        timings["read"] += t_read
+        timings["score"] += t_score
+    table = pa.concat_tables(tables) if tables else schemas.scores_schema.empty_table()
     if write:
         t0 = time.perf_counter()
         ws.ensure(schemas.SCORES, schemas.scores_schema)
         ws.append(schemas.SCORES, table, schemas.scores_schema)
         timings["write"] = time.perf_counter() - t0
-    return ScoreRunReport(run_id, dataset, valset, fp_t, len(ids), len(vids), rep_t, rep_v, timings, table)
+    return ScoreRunReport(plan.run_id, dataset, plan.valset, plan.fp_t, len(plan.ids), len(plan.vids), rep_t,
+                          rep_v, timings, table)
+
+
+# one scoring context per worker process: the validation side of the run its shards belong to
+_CONTEXT: dict[str, object] = {}
+
+
+def score_shard(plan: ScoringPlan, ids: list[str], settings: Settings) -> dict[str, object]:
+    """Score one shard of a run on whichever process runs it and write its rows into the run (an upsert on
+    ``(run_id, id)``: a retried shard replaces its rows, never duplicates them).
+
+    The validation side is read once per process and run (``context_loads`` counts the reads).
+
+    Returns:
+        ``scored`` rows, ``pid``, ``context_loads`` (this process, so far) and ``read``/``score``/``write``
+        seconds.
+    """
+    import os
+
+    from valuegate.storage import schemas
+    from valuegate.storage.lance import Workspace
+
+    ws = Workspace.from_env(plan.workspace)
+    if _CONTEXT.get("run_id") != plan.run_id:
+        t0 = time.perf_counter()
+        _CONTEXT.update(run_id=plan.run_id, ctx=load_context(ws, plan, settings),
+                        loads=int(_CONTEXT.get("loads", 0)) + 1, read=time.perf_counter() - t0)
+    else:
+        _CONTEXT["read"] = 0.0
+    table, t_read, t_score = score_rows(ws, plan, _CONTEXT["ctx"], settings, ids)
+    t0 = time.perf_counter()
+    ws.ensure(schemas.SCORES, schemas.scores_schema)
+    ws.upsert(schemas.SCORES, table, ["run_id", "id"])
+    return {"scored": table.num_rows, "pid": os.getpid(), "context_loads": _CONTEXT["loads"],
+            "read": float(_CONTEXT["read"]) + t_read, "score": t_score, "write": time.perf_counter() - t0}
 
 
 def read_score_run(ws, run_id: str, dataset: str) -> pl.DataFrame:

@@ -122,10 +122,12 @@ def run_demo(config: Path, tmp: Path) -> tuple[Path, dict]:
         raise SystemExit(f"valuegate run failed ({proc.returncode}):\n{(proc.stdout + proc.stderr)[-4000:]}")
     name = cfg.get("release", {}).get("name", "default")
     rel = Path(cfg["workspace"]) / "releases" / name
-    if not (rel / "CURRENT").is_file():
+    from valuegate.storage.releases import read_current
+
+    version = read_current(cfg["workspace"], name)
+    if version is None:
         raise SystemExit(f"valuegate run made no current release under {rel} (gate failed?):\n"
                          f"{(proc.stdout + proc.stderr)[-4000:]}")
-    version = (rel / "CURRENT").read_text().strip()
     return rel / version, {"config": str(config), "select": cfg.get("select", {}), "run_s": secs,
                            "release": name, "version": version}
 

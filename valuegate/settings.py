@@ -119,7 +119,7 @@ class SelectSettings(BaseModel):
     """Which scored samples the release keeps."""
 
     policy: Literal["suspect", "drop_negative", "top_fraction", "threshold", "keep_all"] = Field(
-        "drop_negative", description="suspect: drop samples whose suspect score exceeds `suspect_threshold` (they "
+        "suspect", description="suspect: drop samples whose suspect score exceeds `suspect_threshold` (they "
         "look unlike the validation set on the value signals); drop_negative: drop samples valued below "
         "zero (to first order they raise the validation loss); top_fraction: keep the best `fraction`; "
         "threshold: keep value >= `threshold`; keep_all: keep every sample (scores and report only).")

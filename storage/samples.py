@@ -86,13 +86,14 @@ def read_samples_by_id(ws: Workspace, ids: list[str], chunk: int = 2000) -> pa.T
     return pa.concat_tables(parts) if parts else schemas.samples_schema.empty_table()
 
 
-def replace_source_rows(ws: Workspace, table: str, dataset: str, source: str, rows: pa.Table,
-                        schema: pa.Schema) -> None:
-    """Replace everything ``source`` of ``dataset`` holds in ``table`` (members or quarantine)."""
-    if ws.count(table, _where_source(dataset, source)):
-        ws.delete(table, _where_source(dataset, source))
-    if rows.num_rows:
-        ws.append(table, rows.cast(schema), schema)
+def delete_stale_source_rows(ws: Workspace, table: str, dataset: str, source: str, source_hash: str) -> int:
+    """Delete the rows ``source`` of ``dataset`` holds in ``table`` (members or quarantine) from any other
+    version of the file than ``source_hash``; returns how many there were."""
+    where = f"{_where_source(dataset, source)} AND source_hash != {sql_str(source_hash)}"
+    n = ws.count(table, where)
+    if n:
+        ws.delete(table, where)
+    return n
 
 
 def write_ingest_record(ws: Workspace, record: dict) -> None:

@@ -586,10 +586,11 @@ def ingest_file(ws: Any, dataset: str, path: str | Path, max_chars: int, chunk_r
     """Ingest one source into ``dataset`` of workspace ``ws``, streaming it in chunks of rows.
 
     Re-ingesting an unchanged file is a no-op; a changed file replaces the source's rows: new contents
-    are added, and ids that only the old version held are recorded as left. The source's old members and
-    quarantine rows are removed first and the completion record is written last, so a crash in between
-    makes the next run redo the whole file without duplicates (its "left" list is then computed against
-    what the crashed run had written).
+    are added, and ids that only the old version held are recorded as left. Rows are upserted on their
+    row key, the rows of other versions of the file are deleted after the new ones are written, and the
+    completion record is written last: a crash in between makes the next run redo the whole file without
+    duplicates (its "left" list is then computed against what the crashed run had written), and two
+    ingests of the same file at once never leave the source empty or doubled.
     """
     import datetime as dt
     from collections import Counter
@@ -609,8 +610,6 @@ def ingest_file(ws: Any, dataset: str, path: str | Path, max_chars: int, chunk_r
     other_ids = {m["id"] for m in old_members if m["source"] != source}
     old_ids = {m["id"] for m in old_members if m["source"] == source}
     del old_members
-    for table, schema in ((schemas.MEMBERS, schemas.members_schema), (schemas.QUARANTINE, schemas.quarantine_schema)):
-        store.replace_source_rows(ws, table, dataset, source, schema.empty_table(), schema)
     rep = FileReport(source, reasons={})
     reasons: Counter[str] = Counter()
     seen: set[str] = set()
@@ -647,6 +646,10 @@ def ingest_file(ws: Any, dataset: str, path: str | Path, max_chars: int, chunk_r
         rep.new_samples += len(fresh)
         rep.quarantined += len(refused)
         reasons.update(_reason_key(v.reason) for v in refused)
+    # the rows an earlier version of the file left (after the new ones are in: a concurrent ingest of the
+    # same file never sees the source empty)
+    for table in (schemas.MEMBERS, schemas.QUARANTINE):
+        store.delete_stale_source_rows(ws, table, dataset, source, digest)
     left = sorted(old_ids - seen - other_ids)
     rep.left, rep.reasons = len(left), dict(reasons)
     store.write_ingest_record(ws, {

@@ -34,6 +34,14 @@ def _scores(root, run_id: str) -> dict[str, float]:
     return dict(zip(df["id"].to_list(), df["value"].to_list(), strict=True))
 
 
+def _suspects(root, run_id: str) -> dict[str, float]:
+    from valuegate.storage.lance import Workspace
+    from valuegate.tasks.score import read_score_run
+
+    df = read_score_run(Workspace(str(root)), run_id, "t")
+    return dict(zip(df["id"].to_list(), df["suspect"].to_list(), strict=True))
+
+
 def _feature_ids(root, model_fp: str) -> list[str]:
     from valuegate.storage import features as fstore
     from valuegate.storage.lance import Workspace
@@ -51,7 +59,7 @@ def local_scores(prefect_server, tmp_path_factory, tiny_model_dir):
 
 
 def _check_runner(kind: str, tmp_path, tiny_model_dir, local_scores) -> dict:
-    ref_out, ref, ref_features, _ = local_scores
+    ref_out, ref, ref_features, ref_root = local_scores
     config = _config(tmp_path, tiny_model_dir(), runner={"kind": kind, "workers": 2, "shard_size": SHARD_SIZE})
     t0 = time.perf_counter()
     out, _ = _run(config)
@@ -74,9 +82,18 @@ def _check_runner(kind: str, tmp_path, tiny_model_dir, local_scores) -> dict:
     a = np.array([got[i] for i in sorted(ref)])
     b = np.array([ref[i] for i in sorted(ref)])
     np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6 * float(np.abs(b).max()))
+    # scored in shards on the workers too, each worker process reading the validation side once; the
+    # suspect scores (local reference, calibration) equal the local runner's
+    ss = out["score_shards"]
+    assert ss["shards"] == ss["submitted"] == 5 and 1 <= ss["workers"] <= 2, ss
+    assert ss["context_loads"] == ss["workers"], ss
+    sus, ref_sus = _suspects(root, out["run_id"]), _suspects(ref_root, ref_out["run_id"])
+    np.testing.assert_allclose([sus[i] for i in sorted(ref)], [ref_sus[i] for i in sorted(ref)], rtol=1e-4,
+                               atol=1e-6)
     # a second run finds nothing missing: no shard, no cluster, the scores from the cache
     again, _ = _run(config)
     assert again["shards"]["shards"] == 0 and again["run_id"] == out["run_id"]
+    assert again["score_shards"]["submitted"] == 0
     assert len(_feature_ids(root, out["model_fp"])) == 29
     dev = float(np.max(np.abs(a - b)) / np.abs(b).max())
     print(f"{kind}: first run {wall:.1f}s ({out['timings']['extract']:.1f}s extract), "

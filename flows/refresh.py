@@ -464,7 +464,7 @@ def write_release_task(settings: Settings, selected: Any, manifest_parts: dict[s
                                   counts={**manifest_parts["counts"], "released": data.height}, **fields)
         extra = {"gate": Path(docs_dir)} if Path(docs_dir).is_dir() else None
         write_release(root, settings.release.name, version, data, {**manifest, **beside}, extra,
-                      scores=selected.select("id", "value"))
+                      scores=selected.select("id", "value", *(["suspect"] if "suspect" in selected.columns else [])))
     shutil.rmtree(docs_dir, ignore_errors=True)  # copied into the release as gate/
     return version
 

@@ -14,6 +14,7 @@ Layout, under the workspace root (a directory, or the workspace's ``s3://bucket/
                                 at least ``id`` (str, unique) and ``value`` (float, the value the
                                 selection policy read)
             scores.parquet      optional: every sample scored by the run, ``id``, ``value``, ``kept``
+                                (and ``suspect`` when the run computed it)
                                 (bool); what :func:`valuegate.tasks.release.diff_releases` reads to say
                                 why an id entered or left
             <extra>             optional files/folders copied in (the gate's Data Docs, report.html)
@@ -360,7 +361,8 @@ def write_release(root: Any, name: str, version: str, data: pl.DataFrame,
     data_sha = r.write_parquet(f"{vkey}/{DATA_FILE}", *_plain_table(data, "release data"))
     scores_sha = None
     if scores is not None:
-        kept = scores.select(pl.col("id").cast(pl.String), pl.col("value").cast(pl.Float64)).with_columns(
+        measures = [pl.col(c).cast(pl.Float64) for c in ("value", "suspect") if c in scores.columns]
+        kept = scores.select(pl.col("id").cast(pl.String), *measures).with_columns(
             kept=pl.col("id").is_in(data["id"].cast(pl.String).implode()))
         scores_sha = r.write_parquet(f"{vkey}/{SCORES_FILE}", *_plain_table(kept, "release scores"))
     for key, src in extras.items():
@@ -460,7 +462,8 @@ def release_scores_exist(root: Any, name: str, version: str | int) -> bool:
 
 
 def read_release_scores(root: Any, name: str, version: str | int) -> pl.DataFrame:
-    """Every sample scored by the release's run: ``id`` (str), ``value`` (float64), ``kept`` (bool).
+    """Every sample scored by the release's run: ``id`` (str), ``value`` (float64), ``kept`` (bool), and
+    ``suspect`` (float64) when the run computed it.
 
     Raises:
         ValuegateError: incomplete/missing release, or one written without scores.

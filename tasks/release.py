@@ -5,7 +5,7 @@ wraps them in Prefect tasks.
 
 How a diff knows its reasons. A release stores its kept rows (``data.parquet``: ``id``, ``value`` and the
 content columns) and, beside them, the scores of every sample its run scored (``scores.parquet``: ``id``,
-``value``, ``kept``; small, so each release explains itself without the LanceDB ``scores`` table, which
+``value``, ``kept``, ``suspect``; small, so each release explains itself without the LanceDB ``scores`` table, which
 may be pruned or live in another workspace). Between releases ``a`` and ``b``, an id *entered* when it is
 kept in ``b`` but not in ``a`` and *left* in the opposite case; its reason is, first match wins:
 
@@ -13,9 +13,10 @@ kept in ``b`` but not in ``a`` and *left* in the opposite case; its reason is, f
    ``a``; for a left id: it is no longer in the dataset at ``b``);
 2. ``new validation version``: both runs scored it, but against different validation sets
    (``valset`` name@version of the manifests differ), so the values are not comparable;
-3. ``value change``: same validation set, the value or the policy's cut-off moved (a new model
-   fingerprint, new settings, or for ``top_fraction`` the other samples around it); the examples give the
-   old and the new value and the diff gives both cut-offs;
+3. ``value change`` (``suspect change`` when both releases select by the suspect score): same
+   validation set, the score the policy reads or the policy's cut-off moved (a new model fingerprint, new
+   settings, or for ``top_fraction`` the other samples around it); the examples give the old and the new
+   score and the diff gives both cut-offs;
 4. ``unknown``: the release that should say whether the id was scored was written without
    ``scores.parquet``.
 """
@@ -43,7 +44,7 @@ __all__ = [
 ]
 
 MANIFEST_FORMAT = 1
-REASONS = ("new data", "new validation version", "value change", "unknown")
+REASONS = ("new data", "new validation version", "value change", "suspect change", "unknown")
 
 
 def build_manifest(*, name: str, version: str, run_id: str, inputs: list[dict[str, Any]], model_fp: str,
@@ -162,13 +163,16 @@ def rollback(root: Any, name: str, to: str | None = None) -> str:
 
 
 def policy_cutoff(manifest: dict[str, Any], kept_values: pl.Series) -> float | None:
-    """The smallest value the release's selection policy keeps.
+    """The cut of the release's selection policy on the score it reads.
 
     ``drop_negative`` → 0; ``threshold`` → its ``threshold``; ``top_fraction`` → the smallest kept value
-    (the cut it resolved to); ``keep_all`` or an unknown policy → None.
+    (the cut it resolved to); ``suspect`` → its ``suspect_threshold`` (the largest suspect score kept);
+    ``keep_all`` or an unknown policy → None.
     """
     policy = manifest.get("policy") or {}
     kind = policy.get("policy")
+    if kind == "suspect":
+        return float(policy.get("suspect_threshold", 2.0))
     if kind == "drop_negative":
         return 0.0
     if kind == "threshold":
@@ -179,28 +183,32 @@ def policy_cutoff(manifest: dict[str, Any], kept_values: pl.Series) -> float | N
 
 
 def _moved(kept_here: pl.DataFrame, kept_there: pl.DataFrame, scores_there: pl.DataFrame | None,
-           valset_changed: bool, here_is_new: bool) -> pl.DataFrame:
-    """Ids kept on one side only, with ``old_value``, ``new_value`` and ``reason``.
+           valset_changed: bool, here_is_new: bool, measure: str = "value") -> pl.DataFrame:
+    """Ids kept on one side only, with ``old_value``, ``new_value`` (of ``measure``) and ``reason``.
 
     Args:
-        kept_here: ``id``, ``value`` of the side that keeps the ids.
+        kept_here: ``id`` and ``measure`` of the side that keeps the ids.
         kept_there: ``id`` of the other side's kept rows.
-        scores_there: ``id``, ``value`` of everything the other side scored (None: unknown).
+        scores_there: ``id`` and ``measure`` of everything the other side scored (None: unknown; without
+            the ``measure`` column: scored, score unknown).
         valset_changed: whether the two manifests pinned different validation sets.
         here_is_new: True for entered ids (``kept_here`` is release b), False for left ids.
+        measure: the score the policies read, ``value`` or ``suspect``.
     """
-    moved = kept_here.select("id", pl.col("value").cast(pl.Float64)).join(
+    def score(frame: pl.DataFrame) -> pl.Expr:
+        return (pl.col(measure) if measure in frame.columns else pl.lit(None)).cast(pl.Float64)
+
+    moved = kept_here.select("id", score(kept_here).alias("value")).join(
         kept_there.select("id"), on="id", how="anti")
     if scores_there is None:
         moved = moved.with_columns(other=pl.lit(None, dtype=pl.Float64), scored=pl.lit(None, dtype=pl.Boolean))
     else:
-        other = scores_there.select("id", pl.col("value").cast(pl.Float64).alias("other"),
-                                    pl.lit(True).alias("scored"))
+        other = scores_there.select("id", score(scores_there).alias("other"), pl.lit(True).alias("scored"))
         moved = moved.join(other, on="id", how="left").with_columns(pl.col("scored").fill_null(False))
     reason = (pl.when(pl.col("scored").is_null()).then(pl.lit("unknown"))
               .when(~pl.col("scored")).then(pl.lit("new data"))
               .when(pl.lit(valset_changed)).then(pl.lit("new validation version"))
-              .otherwise(pl.lit("value change")))
+              .otherwise(pl.lit(f"{measure} change")))
     old, new = ("other", "value") if here_is_new else ("value", "other")
     return moved.select("id", pl.col(old).alias("old_value"), pl.col(new).alias("new_value"),
                         reason.alias("reason"))
@@ -212,7 +220,7 @@ def _summarise(moved: pl.DataFrame, examples: int) -> dict[str, Any]:
         part = moved.filter(pl.col("reason") == reason)
         if part.height == 0:
             continue
-        if reason in ("value change", "new validation version"):
+        if reason in ("value change", "suspect change", "new validation version"):
             part = part.sort((pl.col("new_value") - pl.col("old_value")).abs(), "id",
                              descending=[True, False], nulls_last=True)
         else:
@@ -232,30 +240,33 @@ def diff_releases(root: Any, name: str, a: str, b: str, examples: int = 5) -> di
             otherwise).
 
     Returns:
-        ``{"name", "a", "b", "valset": {"a", "b"}, "model_fp": {"a", "b"}, "cutoff": {"a", "b"},
+        ``{"name", "a", "b", "valset": {"a", "b"}, "model_fp": {"a", "b"}, "measure", "cutoff": {"a", "b"},
         "rows": {"a", "b"}, "entered": S, "left": S}`` where ``S = {"count": int, "reasons": {reason:
         {"count": int, "examples": [{"id", "old_value", "new_value"}]}}}`` and reason is one of
-        :data:`REASONS` (see the module docstring). ``old_value`` is the value in ``a`` (None when ``a``
-        did not score the id), ``new_value`` the value in ``b``.
+        :data:`REASONS` (see the module docstring). ``measure`` is the score the policies read
+        (``suspect`` when both releases select by it, else ``value``); ``old_value`` is that score in ``a``
+        (None when ``a`` did not score the id), ``new_value`` in ``b``.
 
     Raises:
         ValuegateError: either release missing or incomplete.
     """
     ma, mb = store.read_manifest(root, name, a), store.read_manifest(root, name, b)
     va, vb = ma["version"], mb["version"]
-    da = store.read_release_data(root, name, va, columns=["id", "value"])
-    db = store.read_release_data(root, name, vb, columns=["id", "value"])
+    measure = "suspect" if all((m.get("policy") or {}).get("policy") == "suspect" for m in (ma, mb)) else "value"
+    da = store.read_release_data(root, name, va, columns=list(dict.fromkeys(["id", "value", measure])))
+    db = store.read_release_data(root, name, vb, columns=list(dict.fromkeys(["id", "value", measure])))
     sa = store.read_release_scores(root, name, va) if store.release_scores_exist(root, name, va) else None
     sb = store.read_release_scores(root, name, vb) if store.release_scores_exist(root, name, vb) else None
     valset_changed = ma.get("valset") != mb.get("valset")
-    entered = _moved(db, da, sa, valset_changed, here_is_new=True)
-    left = _moved(da, db, sb, valset_changed, here_is_new=False)
+    entered = _moved(db, da, sa, valset_changed, here_is_new=True, measure=measure)
+    left = _moved(da, db, sb, valset_changed, here_is_new=False, measure=measure)
     return {
         "name": name,
         "a": va,
         "b": vb,
         "valset": {"a": ma.get("valset"), "b": mb.get("valset")},
         "model_fp": {"a": ma.get("model_fp"), "b": mb.get("model_fp")},
+        "measure": measure,
         "cutoff": {"a": policy_cutoff(ma, da["value"]), "b": policy_cutoff(mb, db["value"])},
         "rows": {"a": da.height, "b": db.height},
         "entered": _summarise(entered, examples),
@@ -275,9 +286,9 @@ def format_diff(diff: dict[str, Any]) -> str:
     for key, label in (("valset", "validation set"), ("model_fp", "model")):
         old, new = diff[key]["a"], diff[key]["b"]
         lines.append(f"  {label}: {old}" if old == new else f"  {label}: {old} → {new}")
-    cut = diff["cutoff"]
-    lines.append(f"  cut-off: {_num(cut['a'])}" if cut["a"] == cut["b"]
-                 else f"  cut-off: {_num(cut['a'])} → {_num(cut['b'])}")
+    cut, measure = diff["cutoff"], diff.get("measure", "value")
+    lines.append(f"  cut-off ({measure}): {_num(cut['a'])}" if cut["a"] == cut["b"]
+                 else f"  cut-off ({measure}): {_num(cut['a'])} → {_num(cut['b'])}")
     for side in ("entered", "left"):
         part = diff[side]
         lines.append(f"{side}: {part['count']}")

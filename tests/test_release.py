@@ -185,6 +185,26 @@ def test_diff_gives_each_reason(tmp_path):
     assert json.dumps(d3)  # JSON-able for the CLI's --json
 
 
+def test_diff_of_suspect_releases_reads_the_suspect_score(tmp_path):
+    """Both releases select by the suspect score: the diff compares it (not the value) and its threshold."""
+    def publish(suspect: dict[str, float]) -> None:
+        scores = pl.DataFrame({"id": list(suspect), "value": [0.1] * len(suspect), "suspect": list(suspect.values())})
+        kept = scores.filter(pl.col("suspect") <= 2.0).with_columns(prompt=pl.lit("p"))
+        fields = _fields(scored=scores.height, policy="suspect")
+        fields["policy"]["suspect_threshold"] = 2.0
+        publish_release(tmp_path, NAME, kept, scores=scores, **fields)
+
+    publish({"x": 0.5, "y": 1.9, "z": 3.5})
+    publish({"x": 0.4, "y": 2.6, "z": 1.0})
+    assert store.read_release_scores(tmp_path, NAME, "v0002").columns == ["id", "value", "suspect", "kept"]
+    d = diff_releases(tmp_path, NAME, "v0001", "v0002")
+    assert d["measure"] == "suspect" and d["cutoff"] == {"a": 2.0, "b": 2.0}
+    assert d["entered"]["reasons"] == {"suspect change": {"count": 1, "examples": [
+        {"id": "z", "old_value": 3.5, "new_value": 1.0}]}}
+    assert d["left"]["reasons"]["suspect change"]["examples"] == [{"id": "y", "old_value": 1.9, "new_value": 2.6}]
+    assert "cut-off (suspect): 2" in format_diff(d) and "suspect change: 1" in format_diff(d)
+
+
 def test_data_parquet_is_plain(tmp_path):
     data = pl.DataFrame({
         "id": ["a", "b", "c"], "value": [0.5, 0.25, None],

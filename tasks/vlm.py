@@ -259,7 +259,13 @@ class VisionProcessor:
             if sample.image_data is None:
                 raise ValuegateError(f"{where}: images: the image bytes were not loaded (read the sample "
                                      "through the workspace)")
-            images = [decode_image(b) for b in sample.image_data]
+            images = []
+            for k, b in enumerate(sample.image_data):
+                try:  # checked at ingestion; bytes corrupted since (or a decoder that differs) end here
+                    images.append(decode_image(b))
+                except (OSError, ValueError, SyntaxError) as exc:
+                    why = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                    raise ValuegateError(f"{where}: images[{k}]: the image cannot be decoded ({why})") from exc
             try:
                 out = dict(self.processor(text=[text], images=images, return_offsets_mapping=True,
                                           return_text_replacement_offsets=True, add_special_tokens=special,

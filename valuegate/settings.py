@@ -70,6 +70,10 @@ class ExtractSettings(BaseModel):
     hard_fraction: float = Field(
         0.2, gt=0.0, le=1.0, description="The suspect signals are also computed on each sample's hardest "
         "fraction of counted tokens (extracted in the same forward pass); 1 disables the hard signals.")
+    encode_workers: int | None = Field(
+        None, ge=0, description="Vision-language models: threads that decode and process the images of the next "
+        "samples while the model runs the current batch (0: inline, before each window's forward passes; "
+        "default: the CPU cores, at most 4). Never changes a feature, so it is not part of the fingerprint.")
 
 
 # Which signals the `suspect` score combines, and on which side (see tasks/signals.py and the

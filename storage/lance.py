@@ -389,18 +389,9 @@ class Workspace:
         uri = uri or os.environ.get("VALUEGATE_WORKSPACE") or DEFAULT_WORKSPACE
         options: dict[str, str] = {}
         if _is_object_store(uri):
-            env = os.environ
-            endpoint = env.get("AWS_ENDPOINT_URL") or env.get("AWS_ENDPOINT_URL_S3")
-            pairs = {
-                "aws_endpoint": endpoint,
-                "aws_access_key_id": env.get("AWS_ACCESS_KEY_ID"),
-                "aws_secret_access_key": env.get("AWS_SECRET_ACCESS_KEY"),
-                "aws_session_token": env.get("AWS_SESSION_TOKEN"),
-                "aws_region": env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION"),
-            }
-            options = {k: v for k, v in pairs.items() if v}
-            if endpoint and endpoint.lower().startswith("http://"):
-                options["allow_http"] = "true"
+            from valuegate.storage.objstore import s3_options_from_env
+
+            options = s3_options_from_env()
         return cls(uri, options or None, **kwargs)
 
     # ---------------------------------------------------------------- plumbing

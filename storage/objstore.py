@@ -107,8 +107,9 @@ def sha256_file(path: Path | str, chunk: int = 1 << 20) -> str:
 # --------------------------------------------------------------------------------------------------
 
 
-def _env_options() -> dict[str, str]:
-    """S3 options from the environment, as :meth:`Workspace.from_env` reads them."""
+def s3_options_from_env() -> dict[str, str]:
+    """S3 storage options from the ``AWS_*`` variables (endpoint, credentials, region; ``allow_http`` for
+    an ``http://`` endpoint): what :meth:`Workspace.from_env` and the release store use."""
     env = os.environ
     endpoint = env.get("AWS_ENDPOINT_URL") or env.get("AWS_ENDPOINT_URL_S3")
     pairs = {
@@ -297,7 +298,7 @@ class Root:
             raise ValuegateError(f"{uri}: no bucket")
         self.bucket, self.prefix = bucket, prefix.strip("/")
         self.uri = f"s3://{bucket}" + (f"/{self.prefix}" if self.prefix else "")
-        self._s3 = _S3(bucket, dict(storage_options) if storage_options else _env_options())
+        self._s3 = _S3(bucket, dict(storage_options) if storage_options else s3_options_from_env())
         self._fs = None
 
     @property

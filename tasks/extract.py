@@ -383,7 +383,7 @@ def iter_sample_blocks(lm: LoadedModel, samples: list[Sample], cfg: ExtractSetti
     windows = _encoded_windows(lm.tokenizer, samples, cfg, window, n_workers)
     # On CPU the forward's intra-op threads and the encoding threads share the cores: torch's OpenMP threads
     # spin between parallel regions and starve the encoders (on 2 cores, 2 encoders beside 2 torch threads
-    # gained 1.1×, beside 1 torch thread 1.6×), so the forward gets the cores the encoders leave, for the run.
+    # gained 1.1–1.2×, beside 1 torch thread 1.6×), so the forward gets the cores the encoders leave, for the run.
     torch_threads = torch.get_num_threads()
     if n_workers and lm.device.type == "cpu":
         torch.set_num_threads(max(1, min(torch_threads, (os.cpu_count() or 1) - n_workers)))

@@ -117,7 +117,7 @@ def _score_key(params: dict[str, Any]) -> dict[str, Any]:
     return {"workspace": _workspace(s).uri, "dataset": s.data.dataset, "dataset_fp": params["dataset_fp"],
             "valset": [valset["valset"], valset["content_hash"]],
             "model": s.model.model_dump(mode="json"), "model_files": files_stat(model_dir),
-            "adapter_files": files_stat(s.model.adapter), "extract": s.extract.model_dump(mode="json"),
+            "adapter_files": files_stat(s.model.adapter), "extract": s.extract.model_dump(mode="json", exclude={"encode_workers"}),
             "score": s.score.model_dump(mode="json"), "code": code_fingerprint()}
 
 

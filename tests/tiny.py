@@ -90,13 +90,20 @@ def build_tiny_model(family: str, directory: Path, seed: int = 0) -> Path:
     return directory
 
 
-def random_rows(n: int, seed: int, kind: str = "prompt_response") -> list[dict]:
-    """Random samples of the given shape over the tiny vocabulary."""
-    rng = np.random.default_rng(seed)
+def phrase_maker(rng: np.random.Generator):
+    """``phrase(lo, hi)``: ``lo`` to ``hi − 1`` random words of the tiny vocabulary, drawn from ``rng``."""
     words = WORDS[:40]
 
     def phrase(lo: int, hi: int) -> str:
         return " ".join(rng.choice(words, int(rng.integers(lo, hi))))
+
+    return phrase
+
+
+def random_rows(n: int, seed: int, kind: str = "prompt_response") -> list[dict]:
+    """Random samples of the given shape over the tiny vocabulary."""
+    rng = np.random.default_rng(seed)
+    phrase = phrase_maker(rng)
 
     rows = []
     for i in range(n):

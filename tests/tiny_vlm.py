@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tiny import SPECIALS, WORDS
+from tiny import SPECIALS, WORDS, phrase_maker
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
@@ -161,12 +161,7 @@ def write_images(folder: Path, n: int, seed: int = 0) -> list[Path]:
 
 def image_rows(n: int, seed: int, images: list[Path], kind: str = "messages") -> list[dict]:
     """Random image-text samples over the tiny vocabulary, each with one or two of ``images``."""
-    rng = np.random.default_rng(seed)
-    words = WORDS[:40]
-
-    def phrase(lo: int, hi: int) -> str:
-        return " ".join(rng.choice(words, int(rng.integers(lo, hi))))
-
+    phrase = phrase_maker(np.random.default_rng(seed))
     rows = []
     for i in range(n):
         two = i % 3 == 2

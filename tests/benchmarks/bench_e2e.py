@@ -26,7 +26,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from tests.benchmarks.tables import cpu_name, table
+from tests.benchmarks.tables import cpu_name, table, write_json
 
 REPO = Path(__file__).resolve().parents[2]
 STEPS = ["ingest", "validation-set", "extract", "score", "select", "allocate", "gate", "release", "report",
@@ -117,10 +117,7 @@ def main(argv: list[str] | None = None) -> int:
           f"extracted), validation {out['runs'][0]['valset']}, kept {out['runs'][0]['kept']}; "
           f"machine {out['machine']['cpu']}, {out['machine']['cores']} cores, load average "
           f"{out['machine']['loadavg']} → {out['machine']['loadavg_end']}")
-    dest = Path(args.out)
-    dest.mkdir(parents=True, exist_ok=True)
-    (dest / "e2e.json").write_text(json.dumps(out, indent=1) + "\n")
-    print(f"\nwritten {dest / 'e2e.json'}")
+    write_json(args.out, "e2e", out)
     return 0
 
 

@@ -36,7 +36,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from tests.benchmarks.tables import cpu_name, table
+from tests.benchmarks.tables import cpu_name, table, write_json
 
 REPO = Path(__file__).resolve().parents[2]
 DEMO = REPO / "infra" / "demo" / "data" / "train.jsonl"
@@ -198,10 +198,7 @@ def main(argv: list[str] | None = None) -> int:
                 out["runs"].append(res)
     print(summary(out))
     out["machine"]["loadavg_end"] = os.getloadavg()
-    dest = Path(args.out)
-    dest.mkdir(parents=True, exist_ok=True)
-    (dest / "runners.json").write_text(json.dumps(out, indent=1) + "\n")
-    print(f"\nwritten {dest / 'runners.json'}")
+    write_json(args.out, "runners", out)
     return 0
 
 

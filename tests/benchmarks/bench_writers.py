@@ -17,14 +17,13 @@ Everything goes to ``--out/writers.json``.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
 import uuid
 from pathlib import Path
 
-from tests.benchmarks.tables import cpu_name, table
+from tests.benchmarks.tables import cpu_name, table, write_json
 
 ROW_BYTES = 4 * (64 * 64 + 64 + 576 + 128 + 64)  # rows + token ids + pooled hidden + pooled error + error sum
 
@@ -75,10 +74,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"\nconcurrent writers into one features table ({args.commits} commits x {args.rows} rows per "
                 f"writer, ~{ROW_BYTES / 1024:.0f} KiB a row; {out['machine']['cores']} cores)"))
     out["machine"]["loadavg_end"] = os.getloadavg()
-    dest = Path(args.out)
-    dest.mkdir(parents=True, exist_ok=True)
-    (dest / "writers.json").write_text(json.dumps(out, indent=1) + "\n")
-    print(f"\nwritten {dest / 'writers.json'}")
+    write_json(args.out, "writers", out)
     return 0
 
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 
 def table(rows: list[dict], cols: list[str], title: str) -> str:
     """A fixed-width table of ``cols`` of ``rows``; floats with 4 significant digits."""
@@ -126,3 +129,13 @@ def cpu_name() -> str:
     except OSError:
         pass
     return "unknown"
+
+
+def write_json(out_dir: str | Path, name: str, payload: dict) -> Path:
+    """Write a benchmark's results to ``<out_dir>/<name>.json`` (the folder made if missing; values JSON
+    cannot hold are written as ``str``) and say where."""
+    dest = Path(out_dir) / f"{name}.json"
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    dest.write_text(json.dumps(payload, indent=1, default=str) + "\n")
+    print(f"\nwritten {dest}")
+    return dest

@@ -2,6 +2,11 @@
 
 Rows are written in numbered batches, each one commit: an interrupted extraction keeps every finished
 batch, and the next run extracts only the ids that have no row (no duplicate, nothing lost).
+
+Exactly once: every write is an insert-if-absent on the table's key (``merge_insert`` on the unenforced
+primary key, see :meth:`Workspace.upsert`), so two processes that extract the same ids at once (two
+overlapping runs on one workspace, a retried shard racing its zombie attempt) leave one row per
+``(id, fingerprint)`` and one registry row per fingerprint, whichever commits first.
 """
 
 from __future__ import annotations
@@ -32,11 +37,12 @@ def ensure_feature_set(ws: Workspace, model_fp: str, settings: dict, hidden_size
     ws.ensure(schemas.FEATURE_SETS, schemas.feature_sets_schema)
     table = schemas.features_table(model_fp)
     if ws.count(schemas.FEATURE_SETS, f"model_fp = {sql_str(model_fp)}") == 0:
-        ws.append(schemas.FEATURE_SETS, pa.Table.from_pylist([{
+        # insert-if-absent: a concurrent registration of the same fingerprint keeps one row
+        ws.upsert(schemas.FEATURE_SETS, pa.Table.from_pylist([{
             "model_fp": model_fp, "table": table, "settings": json.dumps(settings, sort_keys=True),
             "hidden_size": hidden_size, "vocab_size": vocab_size, "row_width": row_width,
             "error_dim": error_dim, "created": dt.datetime.now(dt.timezone.utc)}],
-            schema=schemas.feature_sets_schema), schemas.feature_sets_schema)
+            schema=schemas.feature_sets_schema), on="model_fp", update=False)
     ws.ensure(table, schemas.features_schema(hidden_size, error_dim))
     return table
 
@@ -57,9 +63,13 @@ def feature_ids(ws: Workspace, model_fp: str) -> set[str]:
 
 
 def write_features(ws: Workspace, model_fp: str, rows: list[dict], hidden_size: int, error_dim: int) -> int:
-    """Append one batch of feature rows (one commit). Returns the table version."""
+    """Insert one batch of feature rows (one commit), each only if its id has no row yet: rows another
+    process committed meanwhile are kept as they are (extraction is deterministic, so they hold the same
+    features), never stored twice. ``rows`` must have distinct ids. Returns the table version."""
     schema = schemas.features_schema(hidden_size, error_dim)
-    return ws.append(schemas.features_table(model_fp), pa.Table.from_pylist(rows, schema=schema), schema)
+    table = schemas.features_table(model_fp)
+    ws.ensure(table, schema)
+    return ws.upsert(table, pa.Table.from_pylist(rows, schema=schema), on="id", update=False)
 
 
 def read_features(ws: Workspace, model_fp: str, ids: list[str] | None = None,

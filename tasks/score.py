@@ -35,6 +35,7 @@ from valuegate.tasks.signals import (
     SuspectReference,
     ValidSide,
     calibrated_suspect,
+    check_reference_size,
     cross_terms_exact,
     cross_terms_sparse,
     explain_suspect,
@@ -337,6 +338,8 @@ def score_files(train_path: str, valid_path: str, settings: Settings, progress: 
     train_df, train = read_samples(train_path)
     _, valid = read_samples(valid_path)
     sc = settings.score
+    if sc.signals and sc.aggregate != "pairwise":
+        check_reference_size(len(valid), str(valid_path))
     clash = [c for c in OUTPUT_COLUMNS if c in train_df.columns] if sc.aggregate != "pairwise" else []
     if clash:
         raise ValuegateError(f"{train_path}: has column(s) {clash} that the output adds; rename them")
@@ -565,6 +568,8 @@ def plan_scoring(ws, dataset: str, valset_ref: str, settings: Settings, progress
     record, vrows = read_valset(ws, valset_ref)
     valset = f"{record['name']}@v{record['version']}"
     vids, vsamples = valset_samples(vrows)
+    if sc.signals:
+        check_reference_size(len(vids), valset)
     tok = load_tokenizer(settings.model)
     fp_t_settings = fingerprint_settings(settings.model, ex, tok, ex.lowest_likelihood_ratio)
     fp_v_settings = fingerprint_settings(settings.model, ex, tok, 1.0)

@@ -37,6 +37,12 @@ truncations 0.95 → 0.99, held-out demo 0.69 → 0.79). ``score.suspect_neighbo
 samples' own combined scores (again a robust z-score), so ``suspect = 3`` reads "three robust standard
 deviations more suspect than the validation set itself", whatever the number of signals combined.
 Higher means more suspect.
+
+Too small a reference: a validation set of fewer than :data:`MIN_REFERENCE` samples is refused with one line
+naming it (:func:`check_reference_size`, called before any extraction), and a spread that is rounding noise
+(validation scores equal up to ~1e-16) falls back to the standard deviation, then to 1, instead of dividing
+by it. A local neighbourhood holds ``min(k, n_v − 1)`` samples, so never fewer than 2 once the set is big
+enough.
 """
 
 from __future__ import annotations
@@ -53,10 +59,12 @@ from valuegate.tasks.forvalue import SparseFeatures, TokenBlock, exact_cross, ex
 
 __all__ = [
     "BASE_SIGNALS",
+    "MIN_REFERENCE",
     "CrossTerms",
     "SparseSet",
     "SuspectReference",
     "calibrated_suspect",
+    "check_reference_size",
     "combine_suspect",
     "cross_terms_exact",
     "cross_terms_sparse",
@@ -70,6 +78,8 @@ __all__ = [
 ]
 
 SIDES = ("low", "high", "two")
+# Fewest validation samples the suspect reference is estimated from (see check_reference_size).
+MIN_REFERENCE = 3
 
 
 def signal_names(hard: bool) -> list[str]:
@@ -316,18 +326,44 @@ def parse_suspect(spec: list[str] | tuple[str, ...], available: list[str]) -> li
     return out
 
 
+def check_reference_size(n_valid: int, what: str) -> None:
+    """Refuse a validation set too small to be the suspect score's reference.
+
+    The reference is a median and a median absolute deviation of the validation samples scored leave one
+    out. With fewer than :data:`MIN_REFERENCE` samples there is no spread to estimate: two samples are
+    each other's only reference, their combined scores are equal up to rounding by symmetry, and a robust
+    z-score against them divides by ~1e-16 (a suspect score of 5.9e13 that a gate then passed). So this is
+    an error, not a fallback: the numbers would mean nothing.
+
+    Args:
+        n_valid: validation samples. what: the validation file or ``name@vN``, for the message.
+
+    Raises:
+        ValuegateError: ``n_valid < MIN_REFERENCE`` (one line naming ``what``).
+    """
+    if n_valid < MIN_REFERENCE:
+        raise ValuegateError(
+            f"{what}: {n_valid} validation sample{'s' if n_valid != 1 else ''}; the suspect score needs at least "
+            f"{MIN_REFERENCE} to estimate the spread of clean data on every signal. Add validation samples, or "
+            "set score.signals = false (values only, no suspect score)")
+
+
 def _robust_scale(x: np.ndarray, centre: float) -> float:
-    """``1.4826 · median|x − centre|``, falling back to the standard deviation, then 1, when ``x`` is (nearly)
-    constant."""
+    """``1.4826 · median|x − centre|``, falling back to the standard deviation, then to 1, when ``x`` is
+    (nearly) constant: a spread below ``1e-9 ×`` the magnitude of the values is rounding noise, not a
+    scale (dividing by it turns any difference into an astronomically large z-score)."""
+    tol = 1e-9 * max(1.0, abs(centre), float(np.max(np.abs(x))) if x.size else 0.0)
     scale = 1.4826 * float(np.median(np.abs(x - centre)))
-    if not scale > 1e-12 * max(1.0, abs(centre)):
-        scale = float(x.std()) or 1.0
+    if not scale > tol:
+        scale = float(x.std())
+        if not scale > tol:
+            scale = 1.0
     return scale
 
 
 def robust_z(x: np.ndarray, reference: np.ndarray) -> np.ndarray:
     """``(x − median(ref)) / (1.4826 · MAD(ref))``; the scale falls back to the standard deviation, then 1,
-    when the reference is (nearly) constant.
+    when the reference is constant up to rounding (spread below ``1e-9 ×`` its magnitude).
 
     Returns:
         ``x``'s shape, float64.

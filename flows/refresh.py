@@ -50,6 +50,7 @@ from valuegate.flows import (
     results_dir,
     table_versions,
 )
+from valuegate.flows.user_errors import retry_unless_user_error
 from valuegate.flows.validation import register_validation_version
 from valuegate.settings import Settings, load_settings
 
@@ -126,8 +127,8 @@ def _score_key(params: dict[str, Any]) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------------
 
 
-@task(name="ingest", retries=2, retry_delay_seconds=2, cache_policy=KeyedOn(parts=_ingest_key),
-      result_serializer="json")
+@task(name="ingest", retries=2, retry_delay_seconds=2, retry_condition_fn=retry_unless_user_error,
+      cache_policy=KeyedOn(parts=_ingest_key), result_serializer="json")
 def ingest_sources(settings: Settings) -> dict[str, Any]:
     """Ingest every configured source into the dataset (unchanged files are no-ops).
 

@@ -16,6 +16,7 @@ from prefect.artifacts import create_markdown_artifact
 
 from valuegate.errors import ValuegateError
 from valuegate.flows import KeyedOn, code_fingerprint, persisted, table_versions
+from valuegate.flows.user_errors import retry_unless_user_error
 from valuegate.settings import load_settings
 
 
@@ -34,14 +35,15 @@ def _valset_key(params: dict[str, Any]) -> dict[str, Any]:
             "registry": table_versions(ws, [schemas.VALSET_VERSIONS]), "code": code_fingerprint()}
 
 
-@task(name="validation-set", retries=2, retry_delay_seconds=2, cache_policy=KeyedOn(parts=_valset_key),
-      result_serializer="json")
+@task(name="validation-set", retries=2, retry_delay_seconds=2, retry_condition_fn=retry_unless_user_error,
+      cache_policy=KeyedOn(parts=_valset_key), result_serializer="json")
 def register_validation_version(workspace: str, ref: str, file: str | None, max_chars: int) -> dict[str, Any]:
     """Register ``file`` as the next version of the set ``ref`` names (identical content: a no-op that
     returns the version registered before), then pin the version to use: ``ref``'s own version when it
     names one (``NAME@vN``), else the registered one, else (no file) the latest.
 
-    Retried: every step is workspace I/O, and registering identical content twice is a no-op.
+    Retried: every step is workspace I/O, and registering identical content twice is a no-op; a user
+    error (a bad or missing file) is not retried.
 
     Returns:
         ``valset`` (``name@vN``), ``name``, ``version``, ``rows``, ``content_hash``, ``source`` (the file

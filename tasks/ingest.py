@@ -19,6 +19,7 @@ names the file, the 0-based row and the field.
 
 from __future__ import annotations
 
+import codecs
 import hashlib
 import json
 import unicodedata
@@ -116,6 +117,7 @@ def read_jsonl_lines(p: Path) -> tuple[list[dict[str, Any] | None], list[tuple[i
     bad: list[tuple[int, str, str]] = []
     with p.open("rb") as f:
         for i, raw in enumerate(f):
+            raw = raw.removeprefix(codecs.BOM_UTF8) if i == 0 else raw  # a BOM, as the CSV reader takes it
             if not raw.strip():
                 continue
             obj, why = _parse_json_line(raw, i)
@@ -434,7 +436,7 @@ def iter_source_records(path: str | Path, chunk_rows: int = 50_000) -> Iterator[
     """
     p = Path(path)
     if not p.exists():
-        raise ValuegateError(f"{p}: no such file or folder")
+        raise ValuegateError(f"{p}: no such file")
     suffix = p.suffix.lower()
     row = 0
 
@@ -452,6 +454,7 @@ def iter_source_records(path: str | Path, chunk_rows: int = 50_000) -> Iterator[
             chunk: list[RawRow] = []
             with p.open("rb") as f:
                 for i, raw in enumerate(f):
+                    raw = raw.removeprefix(codecs.BOM_UTF8) if i == 0 else raw  # a leading UTF-8 BOM
                     if not raw.strip():
                         continue
                     rec, why = _parse_json_line(raw, i)
@@ -511,6 +514,10 @@ def verdicts_for(chunk: list[RawRow], kind: SampleKind, source: str, max_chars: 
             continue
         raw = json.dumps({k: _jsonable(v) for k, v in rec.items()}, ensure_ascii=False)
         sample, why = check_row(rec, kind, i, source)
+        if sample is not None and sample.kind == "messages" and not any(
+                m["role"] == "assistant" for m in sample.messages or ()):
+            # the response loss (chat's default) counts assistant turns only: such a row can never be valued
+            sample, why = None, "messages: no assistant turn"
         if sample is not None:
             size = sum(len(x) for x in (sample.prompt, sample.response, sample.text) if x) + sum(
                 len(m["content"]) if isinstance(m["content"], str)
@@ -600,6 +607,8 @@ def ingest_file(ws: Any, dataset: str, path: str | Path, max_chars: int, chunk_r
     from valuegate.storage import samples as store
     from valuegate.storage import schemas
 
+    if not Path(path).exists():  # before hashing it: one line naming the file, never an OSError
+        raise ValuegateError(f"{path}: no such file")
     source = str(Path(path).resolve())
     digest = file_hash(path)
     last = store.read_last_ingest(ws, dataset, source)

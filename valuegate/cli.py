@@ -263,6 +263,7 @@ DEMO_CONFIG = REPO_ROOT / "infra" / "demo" / "demo.toml"
 
 def _cmd_run(args: argparse.Namespace) -> int:
     from valuegate.flows.refresh import refresh
+    from valuegate.flows.user_errors import quiet_user_error_tracebacks
 
     config = args.config
     overrides: dict[str, Any] = {k: v for k, v in _overrides(args).items() if k == "model"}
@@ -277,6 +278,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         print(f"valuegate: no --config: running the embedded demo ({DEMO_CONFIG})", file=sys.stderr)
     if getattr(args, "workspace", None):
         overrides["workspace"] = args.workspace
+    quiet_user_error_tracebacks()  # a user error raised in a step: its one line below, no Prefect traceback
     summary = refresh(config=config, overrides=overrides)
     print(json.dumps(summary, indent=1, default=str))
     return 0

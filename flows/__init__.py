@@ -4,7 +4,9 @@ Cached steps persist their results under ``<workspace>/.prefect-results`` (so th
 workspace and a wiped workspace never meets an old cache; an object-store workspace keeps them in a local
 folder keyed by the workspace's id, see :func:`results_dir`), keyed by :class:`KeyedOn`: the task's source,
 plus what the step's result depends on, including the state of the workspace tables it reads where that
-matters. A key that cannot be computed turns caching off for that call (the step runs), never on.
+matters. A key that cannot be computed turns caching off for that call (the step runs), never on. A record
+is read back only if it is the project's plain JSON (:mod:`valuegate.flows.trusted_results`): a planted
+pickle record, or one whose serializer or payload would import code, is a cache miss, never executed.
 ``PREFECT_TASKS_REFRESH_CACHE=true`` recomputes every cached step once and overwrites its record.
 """
 
@@ -53,13 +55,21 @@ def results_dir(workspace: str) -> Path | None:
 
 
 def persisted(task: Any, workspace: str) -> Any:
-    """``task`` with its results persisted under :func:`results_dir` (what caching and resuming read back)."""
+    """``task`` with its results persisted under :func:`results_dir` (what caching and resuming read back),
+    read back only when they are the project's plain JSON (:mod:`valuegate.flows.trusted_results`)."""
     from prefect.cache_policies import NO_CACHE
+
+    from valuegate.flows.trusted_results import results_storage
 
     where = results_dir(workspace)
     if where is None:
         return task.with_options(cache_policy=NO_CACHE, persist_result=False)
-    return task.with_options(result_storage=where, persist_result=True)
+    out = task.with_options(result_storage=where, persist_result=True)
+    # Prefect would read ``where`` through a plain LocalFileSystem; the same block, unsaved as that one is,
+    # but reading only trusted records (Task() accepts a block only once saved on the server, so it is set
+    # after construction; ResultStore.update_for_task uses a block instance as it is)
+    out.result_storage = results_storage(where)
+    return out
 
 
 def digest(*parts: Any) -> str:

@@ -50,7 +50,6 @@ from valuegate.flows import (
     results_dir,
     table_versions,
 )
-from valuegate.flows.user_errors import retry_unless_user_error
 from valuegate.flows.validation import register_validation_version
 from valuegate.settings import Settings, load_settings
 
@@ -127,8 +126,8 @@ def _score_key(params: dict[str, Any]) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------------
 
 
-@task(name="ingest", retries=2, retry_delay_seconds=2, retry_condition_fn=retry_unless_user_error,
-      cache_policy=KeyedOn(parts=_ingest_key), result_serializer="json")
+@task(name="ingest", retries=2, retry_delay_seconds=2, cache_policy=KeyedOn(parts=_ingest_key),
+      result_serializer="json")
 def ingest_sources(settings: Settings) -> dict[str, Any]:
     """Ingest every configured source into the dataset (unchanged files are no-ops).
 
@@ -540,14 +539,15 @@ class _Steps:
 
 
 def _pending_store(settings: Settings):
-    from prefect.filesystems import LocalFileSystem
     from prefect.results import ResultStore
     from prefect.serializers import JSONSerializer
+
+    from valuegate.flows.trusted_results import results_storage
 
     where = results_dir(settings.workspace)
     if where is None:
         return None
-    return ResultStore(result_storage=LocalFileSystem(basepath=str(where)), serializer=JSONSerializer(),
+    return ResultStore(result_storage=results_storage(where), serializer=JSONSerializer(),
                        cache_result_in_memory=False)
 
 

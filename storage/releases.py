@@ -58,6 +58,7 @@ import polars as pl
 import pyarrow as pa
 
 from valuegate.errors import ValuegateError
+from valuegate.names import check_name, is_valid_name
 from valuegate.storage.objstore import Root, open_root, sha256_file
 
 __all__ = [
@@ -94,7 +95,6 @@ ALLOCATED_FILE = ".allocated"
 _LOCK_FILE = ".CURRENT.lock"
 _RESERVED = {DATA_FILE, SCORES_FILE, MANIFEST_FILE, CURRENT_FILE}
 
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 _VERSION = re.compile(r"^v(\d{4,})$")
 _ALLOCATE_ATTEMPTS = 1000
 _PROMOTE_ATTEMPTS = 200
@@ -130,10 +130,7 @@ def _remove_temporaries(r: Root, key: str) -> None:
 
 
 def _check_name(name: str) -> str:
-    if not isinstance(name, str) or not _NAME.match(name):
-        raise ValuegateError(f"release name {name!r}: use letters, digits, '.', '_' or '-' "
-                             "(starting with a letter or digit)")
-    return name
+    return check_name(name, "release")  # the one rule for names (valuegate.names)
 
 
 def format_version(number: int) -> str:
@@ -526,7 +523,7 @@ def list_releases(root: Any, name: str) -> list[dict[str, Any]]:
 def list_release_names(root: Any) -> list[str]:
     """Names that have at least one version under ``<root>/releases``, sorted."""
     r = _root(root)
-    return [e for e in r.list("releases") if _NAME.match(e) and _version_numbers(r, e)]
+    return [e for e in r.list("releases") if is_valid_name(e) and _version_numbers(r, e)]
 
 
 # --------------------------------------------------------------------------------------------------

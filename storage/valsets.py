@@ -8,6 +8,7 @@ import datetime as dt
 import pyarrow as pa
 
 from valuegate.errors import ValuegateError
+from valuegate.names import check_name
 from valuegate.storage import schemas
 from valuegate.storage.lance import Workspace, sql_str
 
@@ -54,6 +55,7 @@ def parse_ref(ref: str) -> tuple[str, int | None]:
     name, _, ver = ref.partition("@")
     if not name:
         raise ValuegateError(f"validation set reference {ref!r}: expected NAME or NAME@vN")
+    check_name(name, "validation set")
     if not ver:
         return name, None
     digits = ver[1:] if ver.lower().startswith("v") else ver

@@ -31,6 +31,7 @@ from typing import Any, Literal
 import polars as pl
 
 from valuegate.errors import ValuegateError
+from valuegate.names import check_name
 
 SampleKind = Literal["prompt_response", "messages", "text"]
 READABLE_SUFFIXES = (".jsonl", ".json", ".ndjson", ".parquet", ".csv")
@@ -609,6 +610,7 @@ def ingest_file(ws: Any, dataset: str, path: str | Path, max_chars: int, chunk_r
 
     if not Path(path).exists():  # before hashing it: one line naming the file, never an OSError
         raise ValuegateError(f"{path}: no such file")
+    check_name(dataset, "dataset")
     source = str(Path(path).resolve())
     digest = file_hash(path)
     last = store.read_last_ingest(ws, dataset, source)

@@ -9,6 +9,7 @@ from pathlib import Path
 import pyarrow as pa
 
 from valuegate.errors import ValuegateError
+from valuegate.names import check_name
 from valuegate.storage import schemas
 from valuegate.storage import valsets as store
 from valuegate.storage.lance import Workspace
@@ -52,8 +53,7 @@ def register_valset(ws: Workspace, name: str, path: str | Path, max_chars: int) 
         the version record and whether it is new (False: identical content was registered before, and
         that version is returned).
     """
-    if not name or "@" in name or "/" in name or not name.replace("-", "_").replace(".", "_").isidentifier():
-        raise ValuegateError(f"validation set name {name!r}: use letters, digits, '-', '_' or '.'")
+    check_name(name, "validation set")
     rows = valset_rows(path, max_chars)
     if any(rows["images"].to_pylist()):  # image-text validation samples: their images, by content hash
         from valuegate.tasks.images_store import store_sample_images

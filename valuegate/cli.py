@@ -264,6 +264,7 @@ DEMO_CONFIG = REPO_ROOT / "infra" / "demo" / "demo.toml"
 def _cmd_run(args: argparse.Namespace) -> int:
     from valuegate.flows.refresh import refresh
     from valuegate.flows.user_errors import quiet_user_error_tracebacks
+    from valuegate.settings import load_settings
 
     config = args.config
     overrides: dict[str, Any] = {k: v for k, v in _overrides(args).items() if k == "model"}
@@ -274,10 +275,11 @@ def _cmd_run(args: argparse.Namespace) -> int:
             raise ValuegateError(f"no --config given and the embedded demo ({DEMO_CONFIG}) is not here: "
                                  "run from a valuegate checkout, or pass --config FILE")
         config = str(DEMO_CONFIG)
-        os.chdir(REPO_ROOT)  # the demo's paths are relative to the repository
+        os.chdir(REPO_ROOT)  # the demo's workspace is the default one, ./valuegate-workspace of the repository
         print(f"valuegate: no --config: running the embedded demo ({DEMO_CONFIG})", file=sys.stderr)
     if getattr(args, "workspace", None):
         overrides["workspace"] = args.workspace
+    load_settings(config, overrides)  # a config mistake is one line here, before the flow and its server start
     quiet_user_error_tracebacks()  # a user error raised in a step: its one line below, no Prefect traceback
     summary = refresh(config=config, overrides=overrides)
     print(json.dumps(summary, indent=1, default=str))

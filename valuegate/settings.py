@@ -4,30 +4,64 @@ Every field has a default, a help text and validation. Sections follow the DAG's
 (ingest, gate, release) add their sections as they land. Nothing runs at import time.
 
 Environment variables use ``__`` between section and field, e.g. ``VALUEGATE_EXTRACT__BATCH_SIZE=8``.
+
+Mistakes are refused at load, each as one :class:`~valuegate.errors.ValuegateError` line: an unknown key at
+any level (in the file, in a ``VALUEGATE_<SECTION>__<KEY>`` variable or in code), named with the nearest
+valid key; a malformed TOML file (with its line and column); an invalid dataset, validation-set or release
+name (:mod:`valuegate.names`); contradictory gate bounds; a workspace path that is a file. Relative paths
+in a config file (``workspace``, ``data.sources``, ``data.valset_file``, ``model.adapter``, and
+``model.name`` when it names an existing path there) are relative to the file's folder; flags and
+environment variables stay relative to the working directory.
 """
 
 from __future__ import annotations
 
 import contextvars
+import difflib
+import os
+import re
+import sys
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field, ValidationError
-from pydantic_settings import BaseSettings, SettingsConfigDict, TomlConfigSettingsSource
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_core import PydanticCustomError
+from pydantic_settings import BaseSettings, InitSettingsSource, SettingsConfigDict
 
 from valuegate.errors import ValuegateError
+from valuegate.names import name_problem
 
-_TOML_FILE: contextvars.ContextVar[Path | None] = contextvars.ContextVar("valuegate_toml", default=None)
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10
+    import tomli as tomllib
+
+# The config file's content (paths already resolved against its folder) while load_settings builds Settings.
+_FILE_DATA: contextvars.ContextVar[dict[str, Any] | None] = contextvars.ContextVar("valuegate_toml", default=None)
+ENV_PREFIX = "VALUEGATE_"
 
 
-class IngestSettings(BaseModel):
+class _Section(BaseModel):
+    """A settings section: an unknown key is an error (a misspelled key must never fall back to a default)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+def _checked_name(value: str, kind: str) -> str:
+    problem = name_problem(value)
+    if problem is not None:
+        raise PydanticCustomError("invalid_name", "{kind} name {problem}", {"kind": kind, "problem": problem})
+    return value
+
+
+class IngestSettings(_Section):
     """How files become samples."""
 
     max_chars: int = Field(200_000, ge=1, description="Rows whose sample content is longer (characters) "
                            "are refused as oversized and go to quarantine.")
 
 
-class ModelSettings(BaseModel):
+class ModelSettings(_Section):
     """Which causal LM values the data, and where it runs."""
 
     name: str = Field("smollm2-135m", description="Hugging Face hub id, local directory, or the alias "
@@ -42,7 +76,7 @@ class ModelSettings(BaseModel):
                                     "unless you trust the repository.")
 
 
-class ExtractSettings(BaseModel):
+class ExtractSettings(_Section):
     """How samples become features (everything here changes a feature)."""
 
     loss_on: Literal["auto", "response", "all"] = Field(
@@ -81,7 +115,7 @@ class ExtractSettings(BaseModel):
 DEFAULT_SUSPECT = ("centred_value_mean:low", "log_self_influence:two", "mean_loss:two")
 
 
-class ScoreSettings(BaseModel):
+class ScoreSettings(_Section):
     """How features become values."""
 
     method: Literal["sparse", "exact"] = Field(
@@ -109,7 +143,7 @@ class ScoreSettings(BaseModel):
         "mixes tasks judges each sample by its own task's standard. 0: compare with the whole validation set.")
 
 
-class DataSettings(BaseModel):
+class DataSettings(_Section):
     """What a refresh reads: the training sources and the validation set."""
 
     dataset: str = Field("train", description="Dataset name in the workspace the sources are ingested into.")
@@ -118,8 +152,23 @@ class DataSettings(BaseModel):
     valset_file: str | None = Field(None, description="When set, registered as the next version of "
                                     "`valset` first (identical content keeps the existing version).")
 
+    @field_validator("dataset")
+    @classmethod
+    def _dataset_name(cls, value: str) -> str:
+        return _checked_name(value, "dataset")
 
-class SelectSettings(BaseModel):
+    @field_validator("valset")
+    @classmethod
+    def _valset_ref(cls, value: str) -> str:
+        name, at, version = value.partition("@")
+        _checked_name(name, "validation set")
+        if at and re.fullmatch(r"[vV]?[0-9]+", version) is None:
+            raise PydanticCustomError("invalid_valset_ref", "validation set reference {ref}: the version must "
+                                      "look like v3", {"ref": repr(value)})
+        return value
+
+
+class SelectSettings(_Section):
     """Which scored samples the release keeps."""
 
     policy: Literal["suspect", "drop_negative", "top_fraction", "threshold", "keep_all"] = Field(
@@ -136,7 +185,7 @@ class SelectSettings(BaseModel):
                                  "(retention per group).")
 
 
-class GateSettings(BaseModel):
+class GateSettings(_Section):
     """Great Expectations checks a candidate release must pass before it becomes current."""
 
     min_retained_fraction: float = Field(0.5, ge=0.0, le=1.0, description="Fewest kept / scored samples.")
@@ -147,13 +196,18 @@ class GateSettings(BaseModel):
     min_valset_rows: int = Field(1, ge=1, description="Fewest rows of the pinned validation-set version.")
 
 
-class ReleaseSettings(BaseModel):
+class ReleaseSettings(_Section):
     """Where and under which name releases are written."""
 
     name: str = Field("default", description="Release name: releases/<name>/<version>/ in the workspace.")
 
+    @field_validator("name")
+    @classmethod
+    def _release_name(cls, value: str) -> str:
+        return _checked_name(value, "release")
 
-class RunnerSettings(BaseModel):
+
+class RunnerSettings(_Section):
     """Where the refresh flow runs its tasks (Prefect task runners; valuegate has no scheduler of its own)."""
 
     kind: Literal["local", "dask", "ray"] = Field(
@@ -187,14 +241,145 @@ class Settings(BaseSettings):
     release: ReleaseSettings = Field(default_factory=ReleaseSettings)
     runner: RunnerSettings = Field(default_factory=RunnerSettings)
 
+    @model_validator(mode="after")
+    def _consistent(self) -> Settings:
+        g = self.gate
+        if g.min_retained_fraction > g.max_retained_fraction:
+            raise PydanticCustomError(
+                "contradictory_settings", "gate.min_retained_fraction = {lo} is above gate.max_retained_fraction "
+                "= {hi}: no release could pass the gate", {"lo": g.min_retained_fraction, "hi": g.max_retained_fraction})
+        return self
+
     @classmethod
     def settings_customise_sources(cls, settings_cls, init_settings, env_settings, dotenv_settings,
                                    file_secret_settings):
-        toml = _TOML_FILE.get()
+        data = _FILE_DATA.get()
         sources = [init_settings, env_settings]
-        if toml is not None:
-            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=toml))
+        if data:
+            sources.append(InitSettingsSource(settings_cls, init_kwargs=data))
         return tuple(sources)
+
+
+def _section_model(path: tuple[str, ...]) -> type[BaseModel] | None:
+    """The model that holds the keys under ``path`` (``()`` → Settings), or None if ``path`` is no section."""
+    model: type[BaseModel] = Settings
+    for part in path:
+        field = model.model_fields.get(part)
+        ann = field.annotation if field is not None else None
+        if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
+            return None
+        model = ann
+    return model
+
+
+def _first_unknown(path: tuple[str, ...]) -> int | None:
+    """Index of the first part of the key ``path`` that names no field, or None when the key exists."""
+    for i, part in enumerate(path):
+        model = _section_model(path[:i])
+        if model is None or part not in model.model_fields:
+            return i
+    return None
+
+
+def _unknown_key(path: tuple[str, ...]) -> str:
+    """``unknown key select.polciy (did you mean select.policy?)`` for a key ``path`` that does not exist."""
+    i = _first_unknown(path)
+    i = len(path) - 1 if i is None else i
+    model = _section_model(path[:i])
+    near = difflib.get_close_matches(path[i], list(model.model_fields), n=1) if model is not None else []
+    hint = f" (did you mean {'.'.join((*path[:i], near[0], *path[i + 1:]))}?)" if near else ""
+    return f"unknown key {'.'.join(path)}{hint}"
+
+
+def _unknown_in(data: dict[str, Any], prefix: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
+    """Every key path of a nested dict (a parsed TOML file) that names no settings field."""
+    model = _section_model(prefix)
+    out: list[tuple[str, ...]] = []
+    for key, value in data.items():
+        path = (*prefix, str(key))
+        if model is None or key not in model.model_fields:
+            out.append(path)
+        elif isinstance(value, dict) and _section_model(path) is not None:
+            out.extend(_unknown_in(value, path))
+    return out
+
+
+def _check_env() -> None:
+    """Refuse a ``VALUEGATE_<SECTION>__<KEY>`` variable that names no setting (pydantic-settings would ignore
+    it). Variables without ``__`` are not checked: ``VALUEGATE_HOME`` and others are not settings."""
+    for var in sorted(os.environ):
+        if var.upper().startswith(ENV_PREFIX) and "__" in var:
+            path = tuple(var[len(ENV_PREFIX):].lower().split("__"))
+            if _first_unknown(path) is not None:
+                raise ValuegateError(f"environment variable {var}: {_unknown_key(path)}")
+
+
+def _read_config(path: Path) -> dict[str, Any]:
+    """The parsed TOML file, unknown keys refused and relative paths resolved against its folder."""
+    try:
+        with path.open("rb") as fh:
+            data = tomllib.load(fh)
+    except tomllib.TOMLDecodeError as exc:
+        raise ValuegateError(f"{path}: invalid TOML: {exc}") from None
+    except UnicodeDecodeError as exc:
+        raise ValuegateError(f"{path}: not UTF-8 text (byte {exc.start}); a TOML file is UTF-8") from None
+    except OSError as exc:
+        raise ValuegateError(f"{path}: cannot read the config file: {exc.strerror or exc}") from None
+    unknown = _unknown_in(data)
+    if unknown:
+        raise ValuegateError(f"{path}: " + "; ".join(_unknown_key(k) for k in unknown))
+    return _resolve_paths(data, Path(os.path.abspath(path.parent)))
+
+
+def _resolve_paths(data: dict[str, Any], base: Path) -> dict[str, Any]:
+    """Relative local paths of a config file's content, made absolute against ``base`` (its folder)."""
+
+    def resolve(p: Any) -> Any:
+        if not isinstance(p, str) or not p or "://" in p:
+            return p
+        q = Path(p).expanduser()
+        return p if q.is_absolute() else str(base / q)
+
+    if "workspace" in data:
+        data["workspace"] = resolve(data["workspace"])
+    d, m = data.get("data"), data.get("model")
+    if isinstance(d, dict):
+        if isinstance(d.get("sources"), list):
+            d["sources"] = [resolve(s) for s in d["sources"]]
+        if "valset_file" in d:
+            d["valset_file"] = resolve(d["valset_file"])
+    if isinstance(m, dict):
+        if "adapter" in m:
+            m["adapter"] = resolve(m["adapter"])
+        name = m.get("name")  # a hub id or an alias stays as it is; a path next to the file is resolved
+        if isinstance(name, str) and name and not Path(name).expanduser().is_absolute() and (base / name).exists():
+            m["name"] = str(base / name)
+    return data
+
+
+def _check_workspace(workspace: str) -> None:
+    """A local workspace must be a directory or not exist yet (nor may any folder above it be a file)."""
+    if "://" in workspace:
+        return
+    path = Path(workspace).expanduser()
+    for p in (path, *path.parents):
+        if p.exists():
+            if not p.is_dir():
+                where = workspace if p == path else f"{workspace}: {p}"
+                raise ValuegateError(f"workspace {where} is a file, not a directory")
+            return
+
+
+def _describe(exc: ValidationError) -> str:
+    """One line for every error of a validation: the key and pydantic's message, or the unknown key."""
+    parts = []
+    for e in exc.errors():
+        loc = tuple(str(x) for x in e["loc"])
+        if e["type"] == "extra_forbidden":
+            parts.append(_unknown_key(loc))
+        else:
+            parts.append(f"{'.'.join(loc)}: {e['msg']}" if loc else e["msg"])
+    return "; ".join(parts)
 
 
 def _deep_update(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
@@ -213,28 +398,32 @@ def load_settings(config_file: str | Path | None = None, overrides: dict[str, An
             ignored so unset flags never mask the file or the environment.
 
     Raises:
-        ValuegateError: the file is missing or a value is invalid (the message names the field).
+        ValuegateError: the file is missing or malformed, a key is unknown, a value is invalid, the gate's
+            bounds contradict each other, or the workspace is a file (one line naming file, key or path).
     """
     path = Path(config_file) if config_file else None
     if path is not None and not path.is_file():
         raise ValuegateError(f"{path}: config file not found")
+    data = _read_config(path) if path is not None else None
+    _check_env()
     clean = {s: {k: v for k, v in sec.items() if v is not None} for s, sec in (overrides or {}).items()
              if isinstance(sec, dict)}
     clean = {s: sec for s, sec in clean.items() if sec}
-    token = _TOML_FILE.set(path)
+    token = _FILE_DATA.set(data)
     try:
         # Sections are merged field by field: a flag for one field keeps the others from file and env.
         base = Settings()
         merged = _deep_update(base.model_dump(), clean)
         if "workspace" in (overrides or {}) and overrides["workspace"] is not None:
             merged["workspace"] = overrides["workspace"]
-        return Settings.model_validate(merged)
+        settings = Settings.model_validate(merged)
     except ValidationError as exc:
         where = f" in {path}" if path else ""
-        msgs = "; ".join(f"{'.'.join(str(x) for x in e['loc'])}: {e['msg']}" for e in exc.errors())
-        raise ValuegateError(f"invalid settings{where}: {msgs}") from exc
+        raise ValuegateError(f"invalid settings{where}: {_describe(exc)}") from exc
     finally:
-        _TOML_FILE.reset(token)
+        _FILE_DATA.reset(token)
+    _check_workspace(settings.workspace)
+    return settings
 
 
 def default_settings() -> Settings:

@@ -180,7 +180,8 @@ def score_against_valset(settings: Settings, valset: dict[str, Any], dataset_fp:
                         _scoring_settings(settings), progress=False)
     get_run_logger().info(rep.line())
     return {"run_id": rep.run_id, "model_fp": rep.model_fp, "n_train": rep.n_train,
-            "extracted": rep.extract_train.extracted, "timings": rep.timings}
+            "extracted": rep.extract_train.extracted, "timings": rep.timings,
+            "truncated": rep.truncated, "unscored": rep.unscored, "unscored_ids": rep.unscored_ids}
 
 
 @task(name="plan-shards", retries=2, retry_delay_seconds=2, cache_policy=NO_CACHE)
@@ -646,7 +647,8 @@ def refresh(config: str | None = None, overrides: dict[str, Any] | None = None) 
             "run_id": run["run_id"], "model_fp": run["model_fp"], "valset": valset["valset"],
             "inputs": inputs, "policy": settings.select.model_dump(mode="json"),
             "thresholds": settings.gate.model_dump(mode="json"),
-            "counts": {**counts, "scored": selected.height, "extracted": run["extracted"]},
+            "counts": {**counts, "scored": selected.height, "extracted": run["extracted"],
+                       "truncated": run.get("truncated", 0), "unscored": sum(run.get("unscored", {}).values())},
             "settings": json.loads(settings.model_dump_json()),
             "timings": dict(step.timings), "cached_steps": list(step.cached),
         }

@@ -62,6 +62,18 @@ def feature_ids(ws: Workspace, model_fp: str) -> set[str]:
     return set(ws.read(schemas.features_table(model_fp), columns=["id"])["id"].to_pylist())
 
 
+def truncated_ids(ws: Workspace, model_fp: str, ids: list[str], chunk: int = 2000) -> list[str]:
+    """The ``ids`` whose stored features are of a sample cut at ``max_length`` (``truncated`` true)."""
+    if not ids or not features_exist(ws, model_fp):
+        return []
+    table = schemas.features_table(model_fp)
+    out: list[str] = []
+    for i in range(0, len(ids), chunk):
+        where = f"truncated AND {sql_in('id', ids[i:i + chunk])}"
+        out += ws.read(table, where=where, columns=["id"])["id"].to_pylist()
+    return out
+
+
 def write_features(ws: Workspace, model_fp: str, rows: list[dict], hidden_size: int, error_dim: int) -> int:
     """Insert one batch of feature rows (one commit), each only if its id has no row yet: rows another
     process committed meanwhile are kept as they are (extraction is deterministic, so they hold the same

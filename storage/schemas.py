@@ -40,7 +40,7 @@ FEATURES_PREFIX = "features__"
 VALSET_PREFIX = "valset__"
 
 # Version of the feature layout: part of every model fingerprint, bumped when a stored feature changes.
-FEATURE_FORMAT = 2
+FEATURE_FORMAT = 3  # 3: the `truncated` column
 
 TIMESTAMP = pa.timestamp("us", tz="UTC")
 
@@ -128,6 +128,7 @@ def features_schema(hidden_size: int, error_dim: int) -> pa.Schema:
     """
     return pa.schema([
         pa.field("id", pa.string(), nullable=False),
+        pa.field("truncated", pa.bool_()),                  # the sample was cut at max_length
         pa.field("token_ids", pa.list_(pa.int32()), nullable=False),
         pa.field("rows", pa.list_(pa.float32()), nullable=False),
         pa.field("n_tokens", pa.int32(), nullable=False),
@@ -175,6 +176,7 @@ scores_schema = pa.schema([
     pa.field("nearest_ids", pa.list_(pa.string())),
     pa.field("nearest_values", pa.list_(pa.float64())),
     pa.field("n_tokens", pa.int32()),
+    pa.field("truncated", pa.bool_()),                       # valued on its first max_length tokens only
     pa.field("mean_loss", pa.float32()),
     pa.field("self_influence", pa.float64()),
     pa.field("suspect", pa.float64()),                       # combined signal score, null when off

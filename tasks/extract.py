@@ -255,7 +255,8 @@ def encode_workers(cfg: ExtractSettings) -> int:
 _THREAD_STATE = threading.local()
 
 
-def _encode_in_worker(tokenizer: object, sample: Sample, loss_on: str, max_length: int) -> EncodedSample | str:
+def _encode_in_worker(tokenizer: object, sample: Sample, loss_on: str, max_length: int,
+                      truncation: str = "truncate") -> EncodedSample | str:
     """Encode one sample in a pool thread, with that thread's own copy of the processor (HF processors and
     fast tokenizers are not documented as thread-safe). A refusal (ValuegateError) comes back as its message;
     anything else is raised and reaches the consumer through the future."""
@@ -266,15 +267,15 @@ def _encode_in_worker(tokenizer: object, sample: Sample, loss_on: str, max_lengt
     if tok is None:
         tok = own[id(tokenizer)] = copy.deepcopy(tokenizer)
     try:
-        return encode_sample(tok, sample, loss_on, max_length)
+        return encode_sample(tok, sample, loss_on, max_length, truncation)
     except ValuegateError as exc:
         return str(exc)
 
 
 def _encode_inline(tokenizer: object, sample: Sample, loss_on: str, max_length: int,
-                   index: int = 0) -> EncodedSample | str:
+                   index: int = 0, truncation: str = "truncate") -> EncodedSample | str:
     try:
-        return encode_sample(tokenizer, sample, loss_on, max_length)
+        return encode_sample(tokenizer, sample, loss_on, max_length, truncation)
     except ValuegateError as exc:
         return str(exc)
     except Exception as exc:
@@ -301,7 +302,7 @@ def _encoded_windows(tokenizer: object, samples: list[Sample], cfg: ExtractSetti
     starts = range(0, len(samples), window)
     if workers == 0:
         for lo in starts:
-            yield lo, [_encode_inline(tokenizer, s, cfg.loss_on, cfg.max_length, lo + k)
+            yield lo, [_encode_inline(tokenizer, s, cfg.loss_on, cfg.max_length, lo + k, cfg.truncation)
                        for k, s in enumerate(samples[lo:lo + window])]
         return
     pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="valuegate-encode")
@@ -311,7 +312,8 @@ def _encoded_windows(tokenizer: object, samples: list[Sample], cfg: ExtractSetti
     def submit_next() -> None:
         lo = next(todo, None)
         if lo is not None:
-            pending.append((lo, [pool.submit(_encode_in_worker, tokenizer, s, cfg.loss_on, cfg.max_length)
+            pending.append((lo, [pool.submit(_encode_in_worker, tokenizer, s, cfg.loss_on, cfg.max_length,
+                                             cfg.truncation)
                                  for s in samples[lo:lo + window]]))
 
     try:
@@ -337,7 +339,8 @@ def _encoded_windows(tokenizer: object, samples: list[Sample], cfg: ExtractSetti
 def iter_sample_blocks(lm: LoadedModel, samples: list[Sample], cfg: ExtractSettings,
                        lowest_likelihood_ratio: float = 1.0, progress: bool = True, desc: str = "extract",
                        stats: ExtractionStats | None = None, refused: list[tuple[int, str]] | None = None,
-                       workers: int | None = None) -> Iterator[tuple[list[int], TokenBlock]]:
+                       workers: int | None = None, truncated: set[int] | None = None
+                       ) -> Iterator[tuple[list[int], TokenBlock]]:
     """Encode the samples and run the model over them: :func:`iter_token_blocks` from samples.
 
     A text model encodes every sample inline first (tokenizing is cheap) and batches them by length over
@@ -350,6 +353,8 @@ def iter_sample_blocks(lm: LoadedModel, samples: list[Sample], cfg: ExtractSetti
     Args:
         refused: where to collect ``(index, reason)`` of samples the encoding refuses (None: raise).
         workers: encoding threads (None: :func:`encode_workers` of ``cfg``).
+        truncated: where to collect the indices of samples cut at ``cfg.max_length`` (``cfg.truncation =
+            "truncate"``; under ``"refuse"`` they are refused).
         (the rest as :func:`iter_token_blocks`)
 
     Yields:
@@ -364,15 +369,20 @@ def iter_sample_blocks(lm: LoadedModel, samples: list[Sample], cfg: ExtractSetti
             raise ValuegateError(why)
         refused.append((i, why))
 
+    def kept(i: int, e: EncodedSample) -> None:
+        if truncated is not None and e.truncated:
+            truncated.add(i)
+
     if not lm.is_vision:
         keep, enc = [], []
         for i, s in enumerate(samples):
-            e = _encode_inline(lm.tokenizer, s, cfg.loss_on, cfg.max_length, i)
+            e = _encode_inline(lm.tokenizer, s, cfg.loss_on, cfg.max_length, i, cfg.truncation)
             if isinstance(e, str):
                 refuse(i, e)
             else:
                 keep.append(i)
                 enc.append(e)
+                kept(i, e)
         for idx, block in iter_token_blocks(lm, enc, cfg, [samples[i] for i in keep], lowest_likelihood_ratio,
                                             progress, desc, stats):
             yield [keep[i] for i in idx], block
@@ -397,6 +407,7 @@ def iter_sample_blocks(lm: LoadedModel, samples: list[Sample], cfg: ExtractSetti
                 else:
                     keep.append(lo + k)
                     enc.append(e)
+                    kept(lo + k, e)
             batches = length_batches([len(e.input_ids) for e in enc], cfg.batch_size, cfg.max_batch_tokens)
             for idx, block in _forward_batches(lm, enc, batches, cfg, [samples[i] for i in keep],
                                                lowest_likelihood_ratio, stats, bar):
@@ -441,7 +452,8 @@ class StoreExtractReport:
     requested: int = 0
     already: int = 0
     extracted: int = 0
-    refused: list[tuple[str, str]] | None = None  # (id, reason)
+    refused: list[tuple[str, str]] | None = None  # (id, reason message)
+    truncated: int = 0  # extracted here from a sample cut at max_length (stored with truncated = true)
     batches: int = 0
     stats: ExtractionStats | None = None
     indexed: bool = False
@@ -452,13 +464,15 @@ class StoreExtractReport:
         rate = f", {s.samples / s.seconds:.1f} samples/s" if s.seconds else ""
         return (f"features {self.model_fp[:12]}: {self.requested} ids, {self.already} already extracted, "
                 f"{self.extracted} extracted in {self.batches} batches{rate}"
+                + (f", {self.truncated} truncated at max_length" if self.truncated else "")
                 + (f", {len(self.refused)} refused" if self.refused else "")
                 + (", vector index (re)built" if self.indexed else ""))
 
 
-def feature_row(sample_id: str, f: SparseFeatures, batch: int, seconds: float) -> dict:
-    """A :class:`SparseFeatures` as a row of a ``features__<fp>`` table."""
-    return {"id": sample_id, "token_ids": f.token_ids, "rows": f.rows.reshape(-1), "n_tokens": f.n_tokens,
+def feature_row(sample_id: str, f: SparseFeatures, batch: int, seconds: float, truncated: bool = False) -> dict:
+    """A :class:`SparseFeatures` as a row of a ``features__<fp>`` table (``truncated``: the sample was cut at
+    ``max_length``)."""
+    return {"id": sample_id, "truncated": truncated, "token_ids": f.token_ids, "rows": f.rows.reshape(-1), "n_tokens": f.n_tokens,
             "mean_loss": f.mean_loss, "dropped_mass": f.dropped_mass, "self_influence": f.self_influence,
             "pooled_hidden": f.pooled_hidden,
             "pooled_error": f.pooled_error if f.pooled_error.size else np.zeros(1, np.float32),
@@ -494,6 +508,9 @@ def extract_to_store(ws, lm_loader, ids: list[str], samples: list[Sample], cfg: 
         if sid not in have:
             todo.setdefault(sid, s)
     report.already = report.requested - len(todo)
+    if cfg.truncation == "refuse":  # stored earlier under "truncate": their features are of a cut sample
+        report.refused.extend(refused_truncated(ws, model_fp, [i for i in dict.fromkeys(ids) if i not in todo],
+                                                cfg.max_length))
     if not todo:
         return report
     lm = lm_loader()
@@ -505,18 +522,20 @@ def extract_to_store(ws, lm_loader, ids: list[str], samples: list[Sample], cfg: 
     fstore.ensure_feature_set(ws, model_fp, fp_settings, lm.hidden_size, lm.vocab_size, width, cfg.error_dim)
     todo_ids, todo_samples = list(todo), list(todo.values())
     refused: list[tuple[int, str]] = []
+    cut: set[int] = set()
     ph, pe = projections(cfg, lm.hidden_size, lm.vocab_size)
     ph = ph.to(lm.device) if ph is not None else None
     pe = pe.to(lm.device) if pe is not None else None
     batch_no = time.time_ns() // 1000  # unique per run; rows carry the batch they were committed in
     buffer: list[dict] = []
     t_last = time.perf_counter()
-    for idx, block in iter_sample_blocks(lm, todo_samples, cfg, 1.0, progress, desc, report.stats, refused):
+    for idx, block in iter_sample_blocks(lm, todo_samples, cfg, 1.0, progress, desc, report.stats, refused,
+                                         truncated=cut):
         feats = block_features(block, cfg, ph, pe, lowest_likelihood_ratio)
         now = time.perf_counter()
         share = (now - t_last) / max(1, len(idx))
         t_last = now
-        buffer.extend(feature_row(todo_ids[i], f, batch_no + report.batches, share)
+        buffer.extend(feature_row(todo_ids[i], f, batch_no + report.batches, share, i in cut)
                       for i, f in zip(idx, feats, strict=True))
         if len(buffer) >= write_every:
             fstore.write_features(ws, model_fp, buffer, lm.hidden_size, cfg.error_dim)
@@ -528,8 +547,19 @@ def extract_to_store(ws, lm_loader, ids: list[str], samples: list[Sample], cfg: 
         report.extracted += len(buffer)
         report.batches += 1
     report.refused.extend((todo_ids[i], why) for i, why in refused)
+    report.truncated = len(cut)
     report.indexed = fstore.maybe_index_features(ws, model_fp, cfg.vector_index_min_rows)
     return report
+
+
+def refused_truncated(ws, model_fp: str, ids: list[str], max_length: int) -> list[tuple[str, str]]:
+    """``(id, reason)`` of the ``ids`` whose stored features are of a sample cut at ``max_length`` (extracted
+    under ``truncation = "truncate"``): what ``"refuse"`` refuses without running the model again."""
+    from valuegate.storage import features as fstore
+    from valuegate.tasks.model import TOO_LONG
+
+    return [(i, f"sample {i[:12]}: {TOO_LONG}={max_length} (extract.truncation = refuse)")
+            for i in fstore.truncated_ids(ws, model_fp, ids)]
 
 
 def dataset_fingerprint(ws, dataset: str, settings, tokenizer: object,
@@ -587,6 +617,9 @@ def extract_dataset(ws, dataset: str, settings, progress: bool = True, lm_cache:
     rep = extract_to_store(ws, loader, missing, [recs[i] for i in missing], ex, fp, fps, ratio,
                            progress=progress, desc="train")
     rep.requested, rep.already = len(ids), len(ids) - len(missing)
+    if ex.truncation == "refuse":
+        rep.refused = [*refused_truncated(ws, fp, [i for i in ids if i in have], ex.max_length),
+                       *(rep.refused or [])]
     return rep
 
 

@@ -24,6 +24,7 @@ from valuegate.settings import ExtractSettings, ModelSettings
 from valuegate.tasks.ingest import Sample
 
 __all__ = [
+    "REFUSAL_REASONS",
     "EncodedSample",
     "LoadedModel",
     "encode_sample",
@@ -31,8 +32,23 @@ __all__ = [
     "length_batches",
     "load_model",
     "load_tokenizer",
+    "refusal_reason",
     "resolve_loss_on",
 ]
+
+# Why a sample reaching extraction is not valued: the phrases the refusals of encode_sample (and of a VLM
+# processor's encode) put in their messages, which refusal_reason maps back to (the keys of the counts).
+TOO_LONG = "longer than max_length"
+BEYOND = "every counted token lies beyond max_length"
+NO_TOKEN = "no token to count"
+NO_ASSISTANT = "no assistant turn to count"
+REFUSAL_REASONS = (TOO_LONG, BEYOND, NO_ASSISTANT, NO_TOKEN)
+
+
+def refusal_reason(message: str) -> str:
+    """The short reason of a refusal message (one of :data:`REFUSAL_REASONS`, else ``"cannot be encoded"``):
+    what the counts of unscored samples are keyed on."""
+    return next((r for r in REFUSAL_REASONS if r in message), "cannot be encoded")
 
 
 @dataclass
@@ -286,21 +302,31 @@ def _chat_text_and_spans(tokenizer: object, sample: Sample) -> tuple[str, list[t
     return full, spans
 
 
-def encode_sample(tokenizer: object, sample: Sample, loss_on: str, max_length: int) -> EncodedSample:
+def too_long(sample: Sample, n_tokens: int, max_length: int) -> ValuegateError:
+    """The refusal of a sample longer than ``max_length`` under ``extract.truncation = refuse``."""
+    return ValuegateError(f"{sample.source}: row {sample.row}: {sample.counted_field}: {n_tokens} tokens, "
+                          f"{TOO_LONG}={max_length} (extract.truncation = refuse)")
+
+
+def encode_sample(tokenizer: object, sample: Sample, loss_on: str, max_length: int,
+                  truncation: str = "truncate") -> EncodedSample:
     """Tokenize one sample and mark the counted predictions.
 
     A token counts (``loss_on = response``) when its characters reach into the response (or an assistant
     turn): the text is tokenized once as a whole, as a model sees it, and token offsets decide. Special
-    tokens the tokenizer appends after a counted token (e.g. EOS) count too.
+    tokens the tokenizer appends after a counted token (e.g. EOS) count too. A sample longer than
+    ``max_length`` is cut there and flagged ``truncated`` (``truncation = "truncate"``) or refused
+    (``"refuse"``).
 
     Raises:
-        ValuegateError: no token counts (e.g. every counted token was truncated away), naming file, row
-            and field.
+        ValuegateError: no token counts (e.g. every counted token was truncated away, or a chat has no
+            assistant turn), or the sample is too long under ``refuse``, naming file, row and field (the
+            message holds one of :data:`REFUSAL_REASONS`).
     """
     from valuegate.tasks.vlm import VisionProcessor
 
     if isinstance(tokenizer, VisionProcessor):
-        return tokenizer.encode(sample, loss_on, max_length)
+        return tokenizer.encode(sample, loss_on, max_length, truncation)
     if sample.images:
         raise ValuegateError(f"{sample.source}: row {sample.row}: images: the model is a text-only model; "
                              "value image-text samples with a vision-language model")
@@ -318,11 +344,14 @@ def encode_sample(tokenizer: object, sample: Sample, loss_on: str, max_length: i
     offsets = enc["offset_mapping"]
     in_target = np.ones(len(ids), dtype=bool) if mode == "all" else counted_from_offsets(offsets, spans)
     truncated = len(ids) > max_length
+    if truncated and truncation == "refuse":
+        raise too_long(sample, len(ids), max_length)
     ids, in_target = ids[:max_length], in_target[:max_length]
     counted = in_target[1:].copy()
     if not counted.any():
-        why = "every counted token lies beyond max_length" if truncated and in_target.size else (
-            "no token to count (too short)")
+        why = BEYOND if truncated and in_target.size else (
+            NO_ASSISTANT if mode == "response" and sample.kind == "messages" and not spans
+            else f"{NO_TOKEN} (too short)")
         raise ValuegateError(f"{sample.source}: row {sample.row}: {sample.counted_field}: {why} "
                              f"(loss_on={mode}, max_length={max_length})")
     return EncodedSample(input_ids=ids, counted=counted, truncated=truncated)
@@ -340,9 +369,10 @@ def counted_from_offsets(offsets: list[tuple[int, int]], spans: list[tuple[int, 
     return in_target
 
 
-def encode_samples(tokenizer: object, samples: list[Sample], loss_on: str, max_length: int) -> list[EncodedSample]:
+def encode_samples(tokenizer: object, samples: list[Sample], loss_on: str, max_length: int,
+                   truncation: str = "truncate") -> list[EncodedSample]:
     """:func:`encode_sample` over a list (order kept)."""
-    return [encode_sample(tokenizer, s, loss_on, max_length) for s in samples]
+    return [encode_sample(tokenizer, s, loss_on, max_length, truncation) for s in samples]
 
 
 def length_batches(lengths: list[int], batch_size: int, max_batch_tokens: int) -> list[list[int]]:

@@ -47,7 +47,7 @@ from valuegate.tasks.signals import (
 __all__ = ["OUTPUT_COLUMNS", "ValueMatrix", "aggregate", "compute_values", "normalize", "score_files"]
 
 SCORE_CHUNK = 8000  # train samples per scoring chunk (a multiple of read_features' 2,000-id queries)
-OUTPUT_COLUMNS = ("row", "value", "nearest_rows", "n_tokens", "mean_loss", "self_influence", "suspect",
+OUTPUT_COLUMNS = ("row", "value", "nearest_rows", "n_tokens", "truncated", "mean_loss", "self_influence", "suspect",
                   "suspect_reason",
                   *(c for c in SIGNAL_COLUMNS if c != "mean_loss"))
 
@@ -246,8 +246,8 @@ def compute_values(lm: LoadedModel, train: list[Sample], valid: list[Sample], se
     ex = settings.extract
     tok = lm.tokenizer
     if encoded is None:
-        encoded = (encode_samples(tok, train, ex.loss_on, ex.max_length),
-                   encode_samples(tok, valid, ex.loss_on, ex.max_length))
+        encoded = (encode_samples(tok, train, ex.loss_on, ex.max_length, ex.truncation),
+                   encode_samples(tok, valid, ex.loss_on, ex.max_length, ex.truncation))
     enc_train, enc_valid = encoded
     if settings.score.method == "exact":
         return _exact_values(lm, enc_train, enc_valid, train, valid, settings, progress)
@@ -331,8 +331,9 @@ def score_files(train_path: str, valid_path: str, settings: Settings, progress: 
     """``valuegate score``: read both files, value every train sample, return the output table.
 
     For ``mean``/``nearest`` the table has every input column of TRAIN plus ``row``, ``value``,
-    ``nearest_rows`` (the validation rows of the top-k alignments), ``n_tokens``, ``mean_loss`` and
-    ``self_influence``, and with ``score.signals`` the combined ``suspect`` score and one column per signal
+    ``nearest_rows`` (the validation rows of the top-k alignments), ``n_tokens``, ``truncated`` (valued on
+    its first ``max_length`` tokens only; under ``extract.truncation = "refuse"`` such a sample is an error
+    naming it), ``mean_loss`` and ``self_influence``, and with ``score.signals`` the combined ``suspect`` score and one column per signal
     (:mod:`valuegate.tasks.signals`); for ``pairwise`` it is long: ``train_row``, ``valid_row``, ``value``.
     """
     train_df, train = read_samples(train_path)
@@ -346,8 +347,8 @@ def score_files(train_path: str, valid_path: str, settings: Settings, progress: 
     # every input is checked (tokenized) before any weight is read
     tok = lm.tokenizer if lm is not None else load_tokenizer(settings.model)
     ex = settings.extract
-    encoded = (encode_samples(tok, train, ex.loss_on, ex.max_length),
-               encode_samples(tok, valid, ex.loss_on, ex.max_length))
+    encoded = (encode_samples(tok, train, ex.loss_on, ex.max_length, ex.truncation),
+               encode_samples(tok, valid, ex.loss_on, ex.max_length, ex.truncation))
     if lm is None:
         lm = load_model(settings.model, tok, progress)
     vm = compute_values(lm, train, valid, settings, progress, encoded)
@@ -363,7 +364,8 @@ def score_files(train_path: str, valid_path: str, settings: Settings, progress: 
     agg, _ = aggregate(values, sc.aggregate, sc.nearest_k)
     _, nearest = aggregate(values, "nearest", sc.nearest_k)
     cols = {"row": np.arange(len(train)), "value": agg, "nearest_rows": [list(map(int, r)) for r in nearest]}
-    cols.update({"n_tokens": vm.train_tokens, "mean_loss": vm.train_loss, "self_influence": vm.train_self})
+    cols.update({"n_tokens": vm.train_tokens, "truncated": [e.truncated for e in encoded[0]],
+                 "mean_loss": vm.train_loss, "self_influence": vm.train_self})
     if vm.signals is not None:
         cols["suspect"] = vm.suspect
         cols["suspect_reason"] = vm.suspect_reason
@@ -379,8 +381,10 @@ def summary_line(df: pl.DataFrame, vm: ValueMatrix, settings: Settings, out: str
     v = df["value"].to_numpy()
     neg = int((v < 0).sum()) if sc.aggregate != "pairwise" else int((vm.values < 0).sum())
     what = "pairs" if sc.aggregate == "pairwise" else "samples"
+    cut = int(df["truncated"].sum()) if "truncated" in df.columns else 0
     return (f"scored {n_t} train × {n_v} validation samples ({sc.method}, {sc.aggregate}, normalize={sc.normalize}) "
-            f"in {secs:.1f}s: value median {np.median(v):.4g}, {neg} {what} below zero → {out}")
+            f"in {secs:.1f}s: value median {np.median(v):.4g}, {neg} {what} below zero"
+            + (f", {cut} truncated at max_length={settings.extract.max_length}" if cut else "") + f" → {out}")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -402,12 +406,27 @@ class ScoreRunReport:
     extract_valid: object = None
     timings: dict[str, float] = field(default_factory=dict)
     table: object = None
+    truncated: int = 0
+    unscored_ids: list[tuple[str, str]] = field(default_factory=list)
+
+    @property
+    def unscored(self) -> dict[str, int]:
+        """Samples of the dataset that reached extraction and got no score, by reason
+        (:func:`~valuegate.tasks.model.refusal_reason`); their ids and full messages: ``unscored_ids``."""
+        from collections import Counter
+
+        from valuegate.tasks.model import refusal_reason
+
+        return dict(Counter(refusal_reason(why) for _, why in self.unscored_ids))
 
     def line(self) -> str:
         """One human line."""
         secs = " ".join(f"{k} {v:.2f}s" for k, v in self.timings.items())
+        unscored = ", ".join(f"{n} {why}" for why, n in self.unscored.items())
         return (f"scores run {self.run_id}: {self.dataset} ({self.n_train} samples) against {self.valset} "
-                f"({self.n_valid}) with features {self.model_fp[:12]}: {secs}")
+                f"({self.n_valid}) with features {self.model_fp[:12]}: {secs}"
+                + (f"; {self.truncated} truncated at max_length" if self.truncated else "")
+                + (f"; not scored: {unscored}" if unscored else ""))
 
 
 def _aligned(t, ids: list[str]):
@@ -524,7 +543,7 @@ class ScoringContext:
 def _feature_columns(settings: Settings) -> list[str]:
     """The feature columns a scoring chunk reads."""
     ex, sc = settings.extract, settings.score
-    cols = ["id", "token_ids", "rows", "n_tokens", "mean_loss", "self_influence"]
+    cols = ["id", "truncated", "token_ids", "rows", "n_tokens", "mean_loss", "self_influence"]
     if sc.signals:
         cols.append("error_sum")
         if ex.hard_fraction < 1.0:
@@ -678,7 +697,8 @@ def score_rows(ws, plan: ScoringPlan, ctx: ScoringContext, settings: Settings,
         "aggregate": [sc.aggregate] * n, "normalize": [sc.normalize] * n,
         "nearest_ids": [list(ctx.vids[r]) for r in near] if near is not None else none,
         "nearest_values": [list(r) for r in near_v] if near_v is not None else none,
-        "n_tokens": t_tok, "mean_loss": t_loss, "self_influence": t_self,
+        "n_tokens": t_tok, "truncated": tt["truncated"].fill_null(False), "mean_loss": t_loss,
+        "self_influence": t_self,
         "suspect": suspect if suspect is not None else none,
         "suspect_reason": reasons if reasons is not None else none,
         **{c: signals.get(c, none) for c in schemas.SIGNAL_COLUMNS if c != "mean_loss"},
@@ -699,6 +719,7 @@ def score_dataset(ws, dataset: str, valset_ref: str, settings: Settings, progres
     multiplied), never the whole dataset's.
     """
     import pyarrow as pa
+    import pyarrow.compute as pc
 
     from valuegate.storage import schemas
 
@@ -720,7 +741,8 @@ def score_dataset(ws, dataset: str, valset_ref: str, settings: Settings, progres
         ws.append(schemas.SCORES, table, schemas.scores_schema)
         timings["write"] = time.perf_counter() - t0
     return ScoreRunReport(plan.run_id, dataset, plan.valset, plan.fp_t, len(plan.ids), len(plan.vids), rep_t,
-                          rep_v, timings, table)
+                          rep_v, timings, table, int(pc.sum(table["truncated"]).as_py() or 0),
+                          list(rep_t.refused or []))
 
 
 # one scoring context per worker process: the validation side of the run its shards belong to
@@ -765,11 +787,10 @@ def read_score_run(ws, run_id: str, dataset: str) -> pl.DataFrame:
         ``messages``, ``text``), the metadata columns of the sample's first source row, ``value``,
         ``nearest_ids``, ``n_tokens``, ``mean_loss``, ``self_influence``, ``valset``, ``model_fp``.
     """
-    import json
-
     from valuegate.storage import samples as sstore
     from valuegate.storage import schemas
     from valuegate.storage.lance import sql_str
+    from valuegate.storage.metadata import metadata_frame
 
     scores = pl.from_arrow(ws.read(schemas.SCORES, where=f"run_id = {sql_str(run_id)}"))
     if scores.height == 0:
@@ -779,13 +800,12 @@ def read_score_run(ws, run_id: str, dataset: str) -> pl.DataFrame:
         "id", "kind", "prompt", "response", "messages", "text")
     members = pl.from_arrow(sstore.read_members(ws, dataset, columns=["id", "source", "row", "metadata"]))
     members = members.sort("source", "row").unique("id", keep="first", maintain_order=True)
-    meta_rows = [json.loads(m or "{}") for m in members["metadata"].to_list()]
-    meta = pl.DataFrame(meta_rows, infer_schema_length=None, strict=False) if any(meta_rows) else None
+    meta = metadata_frame(members["metadata"].to_list())  # typed columns (bytes, timestamps...) with their types
     first = members.select("id", "source", "row")
     if meta is not None:
         reserved = set(content.columns) | set(scores.columns) | {"source", "row"}
         meta = meta.rename({c: f"meta_{c}" for c in meta.columns if c in reserved})
         first = pl.concat([first, meta], how="horizontal")
-    keep = ["id", "value", "nearest_ids", "nearest_values", "n_tokens", "mean_loss", "self_influence", "suspect",
+    keep = ["id", "value", "nearest_ids", "nearest_values", "n_tokens", "truncated", "mean_loss", "self_influence", "suspect",
             "suspect_reason", *(c for c in schemas.SIGNAL_COLUMNS if c != "mean_loss"), "valset", "model_fp"]
     return content.join(first, on="id", how="left").join(scores.select(keep), on="id", how="inner")

@@ -232,7 +232,7 @@ class VisionProcessor:
             return prompt + sample.response, [(len(prompt), len(prompt) + len(sample.response))], True
         return sample.text, [(0, len(sample.text))], True
 
-    def encode(self, sample: Any, loss_on: str, max_length: int) -> Any:
+    def encode(self, sample: Any, loss_on: str, max_length: int, truncation: str = "truncate") -> Any:
         """Token ids, counted predictions and the model's image inputs of one sample.
 
         Returns:
@@ -288,6 +288,10 @@ class VisionProcessor:
                                  f"({len(ids)} tokens, the last image ends at token "
                                  f"{int(np.nonzero(in_image)[0][-1]) + 1}); raise --max-length")
         truncated = len(ids) > max_length
+        if truncated and truncation == "refuse":
+            from valuegate.tasks.model import too_long
+
+            raise too_long(sample, len(ids), max_length)
         ids, in_target, in_image = ids[:max_length], in_target[:max_length], in_image[:max_length]
         counted = in_target[1:].copy()
         if not counted.any():

@@ -95,6 +95,10 @@ class ExtractSettings(_Section):
     error_dim: int = Field(128, ge=0, description="Width of the pooled error projection (dense vector for "
                            "vector search only, never the score); 0 disables it.")
     seed: int = Field(0, ge=0, description="Seed of the projections (regenerated bit-identically).")
+    truncation: Literal["truncate", "refuse"] = Field(
+        "truncate", description="A sample longer than max_length: truncate (valued on its first max_length "
+        "tokens, flagged in the `truncated` column and counted) or refuse (not valued; reported with the reason). "
+        "Never changes a stored feature, so it is not part of the fingerprint.")
     vector_index_min_rows: int = Field(
         100_000, ge=0, description="Build an ANN index on the pooled hidden vectors once a feature table "
         "holds this many rows (below it a brute-force search is as fast); 0 never builds one.")

@@ -386,16 +386,6 @@ class RowVerdict:
     metadata: dict[str, Any] | None = None
 
 
-def _jsonable(v: Any) -> Any:
-    if isinstance(v, (bytes, bytearray, memoryview)):  # an image column: name it, never inline it
-        return f"<{len(v)} bytes, sha256 {hashlib.sha256(bytes(v)).hexdigest()}>"
-    if isinstance(v, list):
-        return [_jsonable(x) for x in v]
-    if isinstance(v, dict):
-        return {k: _jsonable(x) for k, x in v.items()}
-    return v if isinstance(v, (str, int, float, bool, type(None), list, dict)) else str(v)
-
-
 RawRow = tuple[int, "dict[str, Any] | None", str, str]  # (row, record or None, raw if refused, reason)
 
 
@@ -411,7 +401,8 @@ def _hf_files(p: Path) -> list[Path]:
     return [p / f["filename"] for f in json.loads(state.read_text()).get("_data_files", [])]
 
 
-def _arrow_batches(files: list[Path], chunk_rows: int) -> Iterator[list[dict[str, Any]]]:
+def _arrow_batches(files: list[Path], chunk_rows: int,
+                   types: dict[str, Any] | None = None) -> Iterator[list[dict[str, Any]]]:
     import pyarrow as pa
 
     for f in files:
@@ -423,13 +414,23 @@ def _arrow_batches(files: list[Path], chunk_rows: int) -> Iterator[list[dict[str
                 reader = pa.ipc.open_file(src)
                 batches = (reader.get_batch(i) for i in range(reader.num_record_batches))
             for b in batches:
+                _note_types(b.schema, types)
                 for lo in range(0, b.num_rows, chunk_rows):
                     yield b.slice(lo, chunk_rows).to_pylist()
 
 
-def iter_source_records(path: str | Path, chunk_rows: int = 50_000) -> Iterator[list[RawRow]]:
+def _note_types(schema: Any, types: dict[str, Any] | None) -> None:
+    if types is not None:
+        types.update((f.name, f.type) for f in schema)
+
+
+def iter_source_records(path: str | Path, chunk_rows: int = 50_000,
+                        types: dict[str, Any] | None = None) -> Iterator[list[RawRow]]:
     """Stream a source in chunks of rows, never holding the whole file: JSONL line by line, Parquet by
     row group batches, CSV through Arrow's streaming reader (every column as text), Arrow IPC by batch.
+
+    ``types``, when given, receives the Arrow type of each column of a Parquet or Arrow source (column →
+    ``pa.DataType``), for the metadata of typed columns (:mod:`valuegate.storage.metadata`).
 
     Yields:
         lists of ``(row, record, raw, reason)``; ``record`` is None for a line that could not be parsed,
@@ -449,7 +450,7 @@ def iter_source_records(path: str | Path, chunk_rows: int = 50_000) -> Iterator[
 
     try:
         if p.is_dir() or suffix == ".arrow":
-            for recs in _arrow_batches(_hf_files(p), chunk_rows):
+            for recs in _arrow_batches(_hf_files(p), chunk_rows, types):
                 yield numbered(recs)
         elif suffix in (".jsonl", ".ndjson", ".json"):
             chunk: list[RawRow] = []
@@ -470,6 +471,7 @@ def iter_source_records(path: str | Path, chunk_rows: int = 50_000) -> Iterator[
             import pyarrow.parquet as pq
 
             for b in pq.ParquetFile(p).iter_batches(batch_size=chunk_rows):
+                _note_types(b.schema, types)
                 yield numbered(b.to_pylist())
         elif suffix == ".csv":
             import csv
@@ -505,15 +507,20 @@ def _parse_json_line(raw: bytes, line_index: int) -> tuple[dict[str, Any] | None
     return obj, ""
 
 
-def verdicts_for(chunk: list[RawRow], kind: SampleKind, source: str, max_chars: int) -> list[RowVerdict]:
-    """Check every row of a chunk (see :func:`check_row`), adding the oversize check."""
+def verdicts_for(chunk: list[RawRow], kind: SampleKind, source: str, max_chars: int,
+                 types: dict[str, Any] | None = None) -> list[RowVerdict]:
+    """Check every row of a chunk (see :func:`check_row`), adding the oversize and the assistant-turn
+    checks. A kept row's other columns become its metadata (:func:`valuegate.storage.metadata.encode_metadata`;
+    ``types``: the Arrow type of each column, when the source has them)."""
+    from valuegate.storage.metadata import describe, encode_metadata
+
     sample_cols = {"prompt_response": {"prompt", "response"}, "messages": {"messages"}, "text": {"text"}}[kind]
     out = []
     for i, rec, raw, why in chunk:
         if rec is None:
             out.append(RowVerdict(i, None, raw, why))
             continue
-        raw = json.dumps({k: _jsonable(v) for k, v in rec.items()}, ensure_ascii=False)
+        raw = json.dumps({k: describe(v) for k, v in rec.items()}, ensure_ascii=False)
         sample, why = check_row(rec, kind, i, source)
         if sample is not None and sample.kind == "messages" and not any(
                 m["role"] == "assistant" for m in sample.messages or ()):
@@ -525,7 +532,7 @@ def verdicts_for(chunk: list[RawRow], kind: SampleKind, source: str, max_chars: 
                 else sum(len(p.get("text", "")) for p in m["content"]) for m in (sample.messages or ()))
             if size > max_chars:
                 sample, why = None, f"{sample.counted_field}: oversized ({size} characters > {max_chars})"
-        meta = {k: _jsonable(v) for k, v in rec.items() if k not in sample_cols} if sample else None
+        meta = encode_metadata({k: v for k, v in rec.items() if k not in sample_cols}, types) if sample else None
         if meta is not None and "images" in rec:
             # the release carries the images by content hash (resolved in the workspace's image table)
             meta["images"] = list(sample.images or ())
@@ -541,7 +548,8 @@ def iter_source_verdicts(path: str | Path, max_chars: int, chunk_rows: int = 50_
     """
     kind: SampleKind | None = None
     pending: list[list[RawRow]] = []
-    for chunk in iter_source_records(path, chunk_rows):
+    types: dict[str, Any] = {}
+    for chunk in iter_source_records(path, chunk_rows, types):
         if kind is None:
             cols = sorted({k for _, r, _, _ in chunk if r is not None for k in r})
             if not cols:
@@ -549,7 +557,7 @@ def iter_source_verdicts(path: str | Path, max_chars: int, chunk_rows: int = 50_
                 continue
             kind = sample_kind(cols, str(path))
         for c in [*pending, chunk]:
-            yield verdicts_for(c, kind, str(path), max_chars)
+            yield verdicts_for(c, kind, str(path), max_chars, types)
         pending = []
     for c in pending:  # a file of nothing but unparseable lines
         yield [RowVerdict(i, None, raw, why) for i, _, raw, why in c]

@@ -1,11 +1,15 @@
 """Ingestion's user errors and edge cases (issue 15): a missing source is one line (``ingest`` and ``run``,
-never retried), a UTF-8 BOM is accepted, and
+never retried), a UTF-8 BOM is accepted, typed extra columns keep their Arrow types into a release, and
 a chat row without an assistant turn is quarantined with its reason."""
 
 from __future__ import annotations
 
+import datetime as dt
+import decimal
 import json
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from test_flow import _config, prefect_harness  # noqa: F401  (the session's Prefect test harness)
 from tiny import random_rows, write_jsonl
@@ -13,8 +17,9 @@ from tiny import random_rows, write_jsonl
 from valuegate.cli import EXIT_USER_ERROR, main
 from valuegate.errors import ValuegateError
 from valuegate.storage import samples as sstore
+from valuegate.storage import schemas
 from valuegate.storage.lance import Workspace
-from valuegate.tasks.ingest import ingest_file, read_samples
+from valuegate.tasks.ingest import ingest_file, read_samples, sample_id, sample_record
 
 
 @pytest.fixture
@@ -91,6 +96,94 @@ def test_a_utf8_bom_at_the_start_of_a_jsonl_file_is_accepted(ws, tmp_path):
     # a BOM on a line of its own is an empty line
     bom.write_bytes(b"\xef\xbb\xbf\n" + plain.read_bytes())
     assert ingest_file(ws, "e", bom, 10_000).kept == 3
+
+
+# ---- typed extra columns ---------------------------------------------------------------------------
+
+TYPED = {
+    "blob": (pa.binary(), [b"\x00\x01", b"\xff", None]),
+    "seen_at": (pa.timestamp("us", tz="UTC"),
+           [dt.datetime(2024, 5, 1, 12, 30, 15, 123456, tzinfo=dt.timezone.utc), None,
+            dt.datetime(1999, 12, 31, 23, 59, 59, tzinfo=dt.timezone.utc)]),
+    "at_ns": (pa.timestamp("ns", tz="Europe/Paris"), [1_700_000_000_123_456_789, 5, None]),
+    "day": (pa.date32(), [dt.date(2024, 2, 29), dt.date(1970, 1, 1), None]),
+    "price": (pa.decimal128(10, 2), [decimal.Decimal("12345678.90"), None, decimal.Decimal("-0.05")]),
+    "tag": (pa.string(), ["a", "b", "c"]),
+}
+
+
+def _typed_parquet(path, prompts=("w1 ", "w2 ", "w3 ")):
+    cols = {"prompt": pa.array(list(prompts)), "response": pa.array(["w4", "w5", "w6"])}
+    cols.update({k: pa.array(v, type=t) for k, (t, v) in TYPED.items()})
+    table = pa.table(cols)
+    pq.write_table(table, path)
+    return table
+
+
+def _score_rows(ws, dataset: str, run_id: str) -> None:
+    """A scoring run of every member (scores written as scoring would; only the release frame is tested)."""
+    ids = sstore.dataset_ids(ws, dataset)
+    now = dt.datetime.now(dt.timezone.utc)
+    ws.ensure(schemas.SCORES, schemas.scores_schema)
+    ws.append(schemas.SCORES, pa.Table.from_pylist(
+        [{"run_id": run_id, "dataset": dataset, "id": sid, "value": float(i), "aggregate": "mean",
+          "normalize": "none", "valset": "v@v1", "model_fp": "fp", "settings": "{}", "at": now}
+         for i, sid in enumerate(ids)], schema=schemas.scores_schema), schemas.scores_schema)
+
+
+def test_typed_extra_columns_keep_their_arrow_types_into_the_release(ws, tmp_path):
+    from valuegate.settings import SelectSettings
+    from valuegate.storage import releases as rstore
+    from valuegate.tasks.score import read_score_run
+    from valuegate.tasks.select import select_samples
+
+    source = _typed_parquet(tmp_path / "typed.parquet")
+    rep = ingest_file(ws, "d", tmp_path / "typed.parquet", 10_000)
+    assert (rep.kept, rep.quarantined) == (3, 0)
+    _score_rows(ws, "d", "run1")
+    selected = select_samples(read_score_run(ws, "run1", "d"), SelectSettings(policy="keep_all"))
+    data = selected.filter(selected["keep"]).drop("keep", "reason")
+    version = rstore.allocate_version(ws, "r")
+    rstore.write_release(ws, "r", version, data, {})
+    released = pq.read_table(rstore.release_dir(ws, "r", version) / rstore.DATA_FILE)
+    by_prompt = {r["prompt"]: r for r in released.to_pylist()}
+    for name, (typ, _) in TYPED.items():
+        assert released.schema.field(name).type == typ, (name, released.schema.field(name).type)
+        want = source.column(name).to_pylist()
+        assert [by_prompt[p][name] for p in source.column("prompt").to_pylist()] == want, name
+
+
+def test_typed_metadata_leaves_sample_ids_and_plain_metadata_as_before(ws, tmp_path):
+    from valuegate.storage.metadata import metadata_frame
+
+    _typed_parquet(tmp_path / "typed.parquet")
+    ingest_file(ws, "d", tmp_path / "typed.parquet", 10_000)
+    members = sorted(sstore.read_members(ws, "d").to_pylist(), key=lambda m: m["row"])
+    # ids hash the sample's content only: the extra columns never move them
+    assert members[0]["id"] == sample_id(sample_record(read_samples(_plain_pair(tmp_path))[1][0]))
+    assert json.loads(members[0]["metadata"])["tag"] == "a"  # plain JSON values are stored as before
+    # an old workspace's plain JSON metadata (and a user's dict that looks like a tag) read as they are
+    old = [json.dumps({"tag": "x", "n": 1, "nested": {"type": "binary", "k": [1, 2]}}), None,
+           json.dumps({"tag": "y", "n": 2})]
+    frame = metadata_frame(old)
+    assert frame.columns == ["tag", "n", "nested"]
+    assert frame["tag"].to_list() == ["x", None, "y"]
+    assert frame["nested"].to_list()[0] == {"type": "binary", "k": [1, 2]}
+    assert metadata_frame([None, "{}"]) is None
+
+
+def _plain_pair(tmp_path):
+    return write_jsonl(tmp_path / "pair.jsonl", [{"prompt": "w1 ", "response": "w4"}])
+
+
+def test_a_dict_column_shaped_like_the_type_tag_round_trips(ws, tmp_path):
+    from valuegate.storage.metadata import metadata_frame
+
+    weird = {"__valuegate__": "binary", "base64": "AAE="}
+    write_jsonl(tmp_path / "w.jsonl", [{"prompt": "w1 ", "response": "w2", "extra": weird}])
+    ingest_file(ws, "d", tmp_path / "w.jsonl", 10_000)
+    frame = metadata_frame(sstore.read_members(ws, "d")["metadata"].to_pylist())
+    assert frame["extra"].to_list() == [weird]
 
 
 # ---- rows that can never be valued -----------------------------------------------------------------

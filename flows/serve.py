@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from typing import Any
@@ -32,7 +33,42 @@ def serve_refresh(name: str, cron: str, config: str | None) -> None:
 
 
 def start_local_server(port: int = 4200, extra_env: dict[str, str] | None = None) -> subprocess.Popen:
-    """``prefect server start`` bound to 127.0.0.1 only, as a child process."""
+    """``prefect server start`` bound to 127.0.0.1 only, as a child process that dies with this one (see
+    :func:`valuegate.flows.child_processes.dies_with_parent`).
+    """
+    from valuegate.flows.child_processes import dies_with_parent
+
     env = {**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false", **(extra_env or {})}
     return subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
-                             "--port", str(port)], env=env)
+                             "--port", str(port)], env=env, preexec_fn=dies_with_parent())
+
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+
+
+def run_local_server(port: int = 4200, grace_s: float = 30.0) -> int:
+    """:func:`start_local_server` and block until it exits or this process gets SIGTERM, SIGINT or SIGHUP;
+    on a signal, terminate the server, wait for it (``grace_s``, then kill) and return 0.
+
+    Returns:
+        0 after a stop by signal, else the server's own exit code.
+    """
+    import threading
+
+    proc = start_local_server(port)
+    stop = threading.Event()
+    previous = {sig: signal.signal(sig, lambda signum, frame: stop.set()) for sig in STOP_SIGNALS}
+    try:
+        while proc.poll() is None and not stop.wait(0.5):
+            pass
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(timeout=grace_s)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+    return 0 if stop.is_set() else proc.returncode

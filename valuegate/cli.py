@@ -262,6 +262,7 @@ DEMO_CONFIG = REPO_ROOT / "infra" / "demo" / "demo.toml"
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
+    from valuegate.flows.child_processes import start_temporary_api_dying_with_process
     from valuegate.flows.refresh import refresh
     from valuegate.flows.user_errors import quiet_user_error_tracebacks
     from valuegate.settings import load_settings
@@ -281,6 +282,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         overrides["workspace"] = args.workspace
     load_settings(config, overrides)  # a config mistake is one line here, before the flow and its server start
     quiet_user_error_tracebacks()  # a user error raised in a step: its one line below, no Prefect traceback
+    start_temporary_api_dying_with_process()  # no PREFECT_API_URL: Prefect's temporary server, gone with us
     summary = refresh(config=config, overrides=overrides)
     print(json.dumps(summary, indent=1, default=str))
     return 0
@@ -321,16 +323,11 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
 
 def _cmd_server(args: argparse.Namespace) -> int:
-    from valuegate.flows.serve import start_local_server
+    from valuegate.flows.serve import run_local_server
 
-    proc = start_local_server(args.port)
     print(f"valuegate: Prefect server on http://127.0.0.1:{args.port} (API: /api); "
           f"export PREFECT_API_URL=http://127.0.0.1:{args.port}/api to use it", file=sys.stderr)
-    try:
-        return proc.wait()
-    except KeyboardInterrupt:
-        proc.terminate()
-        return proc.wait()
+    return run_local_server(args.port)  # SIGTERM, SIGINT, SIGHUP: stops the server, then returns
 
 
 def _cmd_fetch_model(args: argparse.Namespace) -> int:

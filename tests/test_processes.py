@@ -1,0 +1,152 @@
+"""valuegate stops the Prefect servers it starts (issue 15, processes): ``valuegate server`` on SIGTERM,
+SIGINT and SIGHUP and, on Linux, under ``kill -9``; the temporary API server of a ``valuegate run`` killed
+with ``kill -9``. Real processes, watched with psutil."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import psutil
+import pytest
+from tiny import random_rows, write_jsonl
+
+linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="parent-death signal: Linux only")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def clean_env(tmp_path: Path) -> dict[str, str]:
+    """The environment of a valuegate child: its own PREFECT_HOME, no API URL of the test harness."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    return {**env, "PREFECT_HOME": str(tmp_path / "prefect-home"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+
+
+def start_server(port: int, env: dict[str, str]) -> subprocess.Popen:
+    """``valuegate server --port port``, returned once its API answers (the server child is up)."""
+    proc = subprocess.Popen([sys.executable, "-m", "valuegate.cli", "server", "--port", str(port)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 180
+    while True:
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/api/health", timeout=2).status_code == 200:
+                return proc
+        except httpx.HTTPError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            raise AssertionError(f"valuegate server did not come up (exit {proc.poll()})")
+        time.sleep(0.5)
+
+
+def listening(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def gone(procs: list[psutil.Process], within_s: float = 20) -> list[psutil.Process]:
+    """The processes of ``procs`` still alive after ``within_s`` seconds (waited on, not slept)."""
+    _, alive = psutil.wait_procs(procs, timeout=within_s)
+    return alive
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP], ids=lambda s: s.name)
+def test_a_signal_to_valuegate_server_stops_its_prefect_server(tmp_path, sig):
+    port = free_port()
+    server = start_server(port, clean_env(tmp_path))
+    children = psutil.Process(server.pid).children(recursive=True)
+    assert children, "valuegate server started no child"
+    try:
+        server.send_signal(sig)
+        assert server.wait(timeout=60) == 0
+        assert gone(children) == [] and not listening(port)
+    finally:
+        for p in [psutil.Process(server.pid)] if server.poll() is None else []:
+            p.kill()
+        for p in children:
+            if p.is_running():
+                p.kill()
+
+
+@linux_only
+def test_kill_9_of_valuegate_server_takes_its_prefect_server(tmp_path):
+    port = free_port()
+    server = start_server(port, clean_env(tmp_path))
+    children = psutil.Process(server.pid).children(recursive=True)
+    try:
+        server.kill()
+        server.wait()
+        assert gone(children) == [] and not listening(port)
+    finally:
+        for p in children:
+            if p.is_running():
+                p.kill()
+
+
+def tiny_config(tmp_path: Path, model_dir: Path) -> str:
+    train = write_jsonl(tmp_path / "train.jsonl", random_rows(12, seed=41))
+    valid = write_jsonl(tmp_path / "valid.jsonl", random_rows(4, seed=42))
+    path = tmp_path / "vg.toml"
+    path.write_text(f"""workspace = {json.dumps(str(tmp_path / "ws"))}
+[data]
+dataset = "t"
+sources = [{json.dumps(str(train))}]
+valset = "v"
+valset_file = {json.dumps(str(valid))}
+[model]
+name = {json.dumps(str(model_dir))}
+device = "cpu"
+[extract]
+support_k = 4
+hidden_dim = 0
+error_dim = 8
+[select]
+policy = "keep_all"
+[release]
+name = "r"
+""")
+    return str(path)
+
+
+def api_server_child(run: subprocess.Popen, deadline_s: float = 180) -> psutil.Process:
+    """The temporary Prefect API server (uvicorn ``prefect.server.api.server:create_app``) the run started."""
+    deadline = time.monotonic() + deadline_s
+    while time.monotonic() < deadline:
+        assert run.poll() is None, f"the run exited ({run.returncode}) before its API server was seen"
+        for child in psutil.Process(run.pid).children(recursive=True):
+            try:
+                if any("prefect.server.api.server:create_app" in part for part in child.cmdline()):
+                    return child
+            except psutil.NoSuchProcess:
+                continue
+        time.sleep(0.2)
+    raise AssertionError("no temporary API server child appeared")
+
+
+@linux_only
+def test_kill_9_of_a_run_takes_its_temporary_api_server(tmp_path, tiny_model_dir):
+    config = tiny_config(tmp_path, tiny_model_dir())
+    run = subprocess.Popen([sys.executable, "-m", "valuegate.cli", "run", "--config", config],
+                           env=clean_env(tmp_path), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    api = None
+    try:
+        api = api_server_child(run)
+        run.kill()
+        run.wait()
+        assert gone([api]) == []
+    finally:
+        if run.poll() is None:
+            run.kill()
+        if api is not None and api.is_running():
+            api.kill()

@@ -1,0 +1,124 @@
+"""Two and four `valuegate run` at once on one fresh workspace (local disk and the S3 test server), each in its
+own process, as an overlapping schedule and a manual run would (issue 15, point 2).
+
+Invariants: every feature row once per (id, fingerprint) and one registry row per fingerprint; every scores
+run holds one row per (run_id, id); every run promotes its own version, each run sees what the others
+promoted before it (no two runs report the same ``previous``), and CURRENT ends on the newest release.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import uuid
+
+import pytest
+from tiny import random_rows, write_jsonl
+
+from valuegate.storage import samples as sstore
+from valuegate.storage import schemas
+from valuegate.storage.lance import Workspace
+
+
+@pytest.fixture(scope="module")
+def prefect_api():
+    from prefect.settings import PREFECT_API_URL
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield PREFECT_API_URL.value()
+
+
+def _config(tmp_path, model_dir, workspace: str) -> str:
+    rows = random_rows(30, seed=61)
+    for i, r in enumerate(rows):
+        r["family"] = "ab"[i % 2]
+    train = write_jsonl(tmp_path / "train.jsonl", rows)
+    valid = write_jsonl(tmp_path / "valid.jsonl", random_rows(5, seed=62))
+    text = f"""workspace = {json.dumps(workspace)}
+[data]
+dataset = "t"
+sources = [{json.dumps(str(train))}]
+valset = "v"
+valset_file = {json.dumps(str(valid))}
+[model]
+name = {json.dumps(str(model_dir))}
+device = "cpu"
+[extract]
+support_k = 8
+hidden_dim = 0
+error_dim = 8
+batch_size = 8
+[select]
+policy = "top_fraction"
+fraction = 0.75
+group_by = "family"
+[gate]
+min_retained_fraction = 0.5
+min_group_retention = 0.1
+[release]
+name = "r"
+"""
+    path = tmp_path / "vg.toml"
+    path.write_text(text)
+    return str(path)
+
+
+def _summary(stdout: str) -> dict:
+    """The JSON summary `valuegate run` prints last."""
+    lines = stdout.splitlines()
+    start = max(i for i, line in enumerate(lines) if line == "{")
+    return json.loads("\n".join(lines[start:]))
+
+
+@pytest.mark.parametrize("runs", [2, 4])
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_concurrent_runs_keep_every_row_once_and_promote_in_order(tmp_path, tiny_model_dir, prefect_api, where,
+                                                                  runs, request):
+    env = {**os.environ, "PREFECT_API_URL": prefect_api}
+    options = None
+    if where == "local":
+        uri = str(tmp_path / "ws")
+    else:
+        server = request.getfixturevalue("s3_server")
+        uri = server.make_bucket(f"vg-runs-{uuid.uuid4().hex[:8]}") + "/ws"
+        options = server.storage_options
+        env.update({"AWS_ENDPOINT_URL": server.endpoint, "AWS_ACCESS_KEY_ID": options["aws_access_key_id"],
+                    "AWS_SECRET_ACCESS_KEY": options["aws_secret_access_key"],
+                    "AWS_REGION": options["aws_region"]})
+    config = _config(tmp_path, tiny_model_dir(), uri)
+    procs = [subprocess.Popen([sys.executable, "-m", "valuegate.cli", "run", "--config", config], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(runs)]
+    outs = [p.communicate(timeout=900) for p in procs]
+    for p, (_, err) in zip(procs, outs, strict=True):
+        assert p.returncode == 0, err[-3000:]
+    summaries = [_summary(out) for out, _ in outs]
+
+    # data kept exactly once (tasks/extract.py, storage/features.py)
+    ws = Workspace(uri, options)
+    sets = ws.read(schemas.FEATURE_SETS, columns=["model_fp"])["model_fp"].to_pylist()
+    assert len(sets) == len(set(sets)), f"feature-set registry: {sets}"
+    train_ids = set(sstore.dataset_ids(ws, "t"))
+    assert len(train_ids) == 30
+    for fp in set(sets):
+        ids = ws.read(schemas.features_table(fp), columns=["id"])["id"].to_pylist()
+        assert len(ids) == len(set(ids)), f"features {fp[:12]}: {len(ids)} rows for {len(set(ids))} ids"
+    scores = ws.read(schemas.SCORES, columns=["run_id", "id"]).to_pylist()
+    per_run: dict[str, list[str]] = {}
+    for r in scores:
+        per_run.setdefault(r["run_id"], []).append(r["id"])
+    for run_id, ids in per_run.items():
+        assert len(ids) == len(set(ids)) == 30 and set(ids) == train_ids, f"scores run {run_id}: {len(ids)} rows"
+    assert {s["run_id"] for s in summaries} <= set(per_run)
+
+    # releases (storage/releases.py): one version per run, each run saw the promotions before it,
+    # CURRENT on the newest
+    from valuegate.storage import releases as rstore
+
+    versions = [s["version"] for s in summaries]
+    assert len(set(versions)) == runs, f"versions {versions}"
+    previous = [s["previous"] for s in summaries]
+    assert len(set(previous)) == runs, f"two runs promoted over the same release: previous = {previous}"
+    assert rstore.read_current(ws, "r") == max(versions), (rstore.read_current(ws, "r"), versions)

@@ -12,12 +12,19 @@ Caching and resuming (results persist under ``<workspace>/.prefect-results``, se
   setting). Any change is a new key, so a cached result is never stale; an unchanged input skips the step
   (a re-run after a crash does not score again).
 * ``select``, ``gate``, ``release``, ``report`` and ``promote`` are never cached: every run cuts, checks and
-  writes its own release. One exception makes a re-run *resume* instead of duplicating: when a run fails
-  after allocating a version (a crash in the release writer or the report, or a failed gate), it leaves a
-  record keyed on everything the release is cut from (the scores run, the settings, the input hashes and
-  the release that was current); a later run with exactly those takes that version over (finishing the
-  files if the crash left them incomplete, re-running the gate) instead of writing a copy. A run that
-  succeeded leaves no record, and a promotion changes the current release, so the next run writes anew.
+  writes its own release. One exception makes a re-run *resume* instead of duplicating: right after a run
+  allocates a version it records it, keyed on everything the release is cut from (the scores run, the
+  settings, the input hashes and the release that was current), and it clears the record once it has
+  promoted (or found a newer release current). A run that stops before that, by an exception, a failed
+  gate or SIGKILL, leaves the record; a later run with exactly those inputs takes that version over
+  (writing again whatever files a crash left incomplete, re-running the gate) instead of writing a copy.
+  While a run works on a version it holds an exclusive ``flock`` on a claim file beside the records
+  (``release-claims/<name>-<version>.lock``); the kernel drops it when the process dies, so a version is
+  taken over only from a run that is gone, never from one still running with the same inputs.
+* A release is complete only when every file is in it: the release step stages data, scores and the
+  gate's Data Docs; the report step renders the report from the completion record in memory, copies it
+  in and only then writes ``manifest.json``. An incomplete version is never listed, read or promoted.
+  Versions a run leaves incomplete with other inputs (or whose resume record was lost) stay unlisted.
 
 Runners (``settings.runner``): ``local`` runs every step in the flow's process, extraction inside
 extract+score. ``dask`` and ``ray`` first extract the training ids still missing for the fingerprint in
@@ -32,6 +39,8 @@ the release is written) the manifest's ``timings``.
 from __future__ import annotations
 
 import json
+import os
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -72,13 +81,7 @@ def _root_key(settings: Settings) -> str:
 def _docs_dir(settings: Settings, version: str) -> str:
     """Where the gate renders its Data Docs before the release copies them in: beside the release on a
     local workspace, a local temporary folder for an object-store one."""
-    if _is_object_store(settings):
-        import tempfile
-        import uuid
-
-        return str(Path(tempfile.gettempdir()) / f"valuegate-{settings.release.name}-{version}-gate-"
-                   f"{uuid.uuid4().hex[:8]}")
-    return str(Path(settings.workspace) / "releases" / settings.release.name / f".{version}-gate")
+    return _staging_dir(settings, version, "gate")
 
 
 def _scoring_settings(settings: Settings) -> Settings:
@@ -411,19 +414,25 @@ def select(settings: Settings, run_id: str) -> Any:
 
 
 @task(name="allocate", retries=2, retry_delay_seconds=2, cache_policy=NO_CACHE)
-def allocate_release(settings: Settings, resume: str | None, run_id: str) -> str:
-    """The version this run writes: ``resume`` (the version a failed run cut from the same inputs
-    allocated) when it is still there, not current, and either incomplete or cut from ``run_id``; else a
-    new version (exclusive allocation: concurrent runs never share one)."""
+def allocate_release(settings: Settings, resume: str | None, run_id: str, release_key: str) -> str:
+    """The version this run writes, claimed for this run (see :func:`_claim`): ``resume`` (the version a
+    run with the same inputs allocated and did not finish) when it is still there, not current, either
+    incomplete or cut from ``run_id``, and no live run holds it; else a new version (exclusive allocation:
+    concurrent runs never share one), recorded under ``release_key`` at once, so that a run killed at any
+    later point is resumed by the next run with the same inputs."""
     from valuegate.storage import releases as store
 
     root, name = _workspace(settings), settings.release.name
     if (resume and store.version_exists(root, name, resume) and store.read_current(root, name) != resume
             and (not store.release_exists(root, name, resume)
-                 or store.read_manifest(root, name, resume).get("run_id") == run_id)):
-        get_run_logger().info(f"resuming release {name}/{resume}, left by a failed run with the same inputs")
+                 or store.read_manifest(root, name, resume).get("run_id") == run_id)
+            and _claim(settings, resume)):
+        get_run_logger().info(f"resuming release {name}/{resume}, left by a run with the same inputs")
         return resume
-    return store.allocate_version(root, name)
+    version = store.allocate_version(root, name)
+    _claim(settings, version)  # new: nobody else holds it
+    _remember_release(settings, release_key, version)
+    return version
 
 
 @task(name="gate", cache_policy=NO_CACHE)
@@ -443,53 +452,79 @@ def gate(settings: Settings, selected: Any, counts: dict[str, int], valset: dict
 
 @task(name="release", retries=2, retry_delay_seconds=2, cache_policy=NO_CACHE)
 def write_release_task(settings: Settings, selected: Any, manifest_parts: dict[str, Any], gate_result: dict,
-                       version: str, docs_dir: str) -> str:
-    """Write the release files (data, every score, manifest, Data Docs); promotion is a separate step.
+                       version: str, docs_dir: str) -> dict[str, Any]:
+    """Stage the release files (data, every score, Data Docs); the report step completes the release (the
+    report, then the manifest) and promotion is a separate step.
 
     ``manifest_parts``: the :func:`valuegate.tasks.release.build_manifest` arguments the flow gathered, plus
     ``timings`` (seconds per step so far), stored beside them in the manifest.
 
-    Idempotent: a retry after the manifest landed finds the release complete and returns.
+    Idempotent: staging an incomplete version writes every file again whatever a crash left; a version
+    already complete (a resumed one) is returned as it is.
+
+    Returns:
+        the completion record (the manifest to be), or the manifest of a version already complete.
     """
     import shutil
 
-    from valuegate.storage.releases import release_exists, write_release
+    from valuegate.storage.releases import read_manifest, release_exists, stage_release
     from valuegate.tasks.release import build_manifest
 
-    root = _workspace(settings)
-    if not release_exists(root, settings.release.name, version):
+    root, name = _workspace(settings), settings.release.name
+    if release_exists(root, name, version):
+        record = read_manifest(root, name, version)
+    else:
         data = selected.filter(selected["keep"]).drop("keep", "reason")
         beside = {k: manifest_parts[k] for k in ("timings", "cached_steps") if k in manifest_parts}
         fields = {k: v for k, v in manifest_parts.items() if k != "counts" and k not in beside}
-        manifest = build_manifest(name=settings.release.name, version=version, gate=gate_result,
+        manifest = build_manifest(name=name, version=version, gate=gate_result,
                                   counts={**manifest_parts["counts"], "released": data.height}, **fields)
         extra = {"gate": Path(docs_dir)} if Path(docs_dir).is_dir() else None
-        write_release(root, settings.release.name, version, data, {**manifest, **beside}, extra,
-                      scores=selected.select("id", "value", *(["suspect"] if "suspect" in selected.columns else [])))
+        record = stage_release(root, name, version, data, {**manifest, **beside}, extra,
+                               scores=selected.select("id", "value",
+                                                      *(["suspect"] if "suspect" in selected.columns else [])))
     shutil.rmtree(docs_dir, ignore_errors=True)  # copied into the release as gate/
-    return version
+    return record
 
 
 @task(name="report", cache_policy=NO_CACHE)
-def report(settings: Settings, selected: Any, version: str, previous: str | None) -> str:
-    """Write report.html into the release folder (plots, top/bottom samples, change since the previous)."""
-    from valuegate.storage.releases import read_manifest, release_dir, write_release_file
+def report(settings: Settings, selected: Any, version: str, previous: str | None, record: dict[str, Any]) -> str:
+    """Render report.html (plots, top/bottom samples, change since the previous release) from the release's
+    completion record in memory, then complete the release: the report copied in, ``manifest.json`` last.
+
+    Idempotent: a version already complete (a resumed one) is left as it is.
+
+    Returns:
+        where the report is (a local path, or an ``s3://`` URI).
+    """
+    from valuegate.storage.releases import complete_release, release_exists, release_uri
     from valuegate.storage.valsets import read_valset
-    from valuegate.tasks.release import diff_releases, format_diff
+    from valuegate.tasks.release import diff_candidate, format_diff
     from valuegate.tasks.report import render_report, write_report
 
     root = _workspace(settings)
     name = settings.release.name
-    manifest = read_manifest(root, name, version)
-    _, vrows = read_valset(_workspace(settings), manifest["valset"])
-    diff_text = format_diff(diff_releases(root, name, previous, version)) if previous else None
-    explained = _explain(settings, selected, manifest["valset"])
+    where = f"{release_uri(root, name, version)}/report.html"
+    if release_exists(root, name, version):
+        return where
+    _, vrows = read_valset(_workspace(settings), record["valset"])
+    kept = selected.filter(selected["keep"])
+    measures = ["value", *(["suspect"] if "suspect" in selected.columns else [])]
+    diff_text = format_diff(diff_candidate(root, name, previous, record, kept.select("id", *measures),
+                                           selected.select("id", *measures))) if previous else None
+    explained = _explain(settings, selected, record["valset"])
     threshold = settings.select.suspect_threshold if settings.select.policy == "suspect" else None
-    html_text = render_report(selected, manifest, vrows.to_pylist(), diff_text, settings.select.group_by,
+    html_text = render_report(selected, record, vrows.to_pylist(), diff_text, settings.select.group_by,
                               explained, threshold)
-    if _is_object_store(settings):  # one PUT of the whole report beside the release's files
-        return write_release_file(root, name, version, "report.html", html_text.encode("utf-8"))
-    return str(write_report(release_dir(root, name, version) / "report.html", html_text))
+    staged = Path(_staging_dir(settings, version, "report")) / "report.html"
+    staged.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        complete_release(root, name, version, record, {"report.html": write_report(staged, html_text)})
+    finally:
+        import shutil
+
+        shutil.rmtree(staged.parent, ignore_errors=True)
+    return where
 
 
 def _explain(settings: Settings, selected: Any, valset: str) -> list:
@@ -509,11 +544,23 @@ def _explain(settings: Settings, selected: Any, valset: str) -> list:
 
 
 @task(name="promote", retries=2, retry_delay_seconds=2, cache_policy=NO_CACHE)
-def promote_task(settings: Settings, version: str) -> None:
-    """Move CURRENT to the release (only called after the gate passed)."""
-    from valuegate.storage.releases import promote
+def promote_task(settings: Settings, version: str) -> dict[str, Any]:
+    """Move CURRENT to the release (only called after the gate passed), forward only.
 
-    promote(_workspace(settings), settings.release.name, version)
+    Returns:
+        ``{"current": bool, "previous": str | None, "reason": str | None}``: promoted, ``previous`` the
+        version it actually replaced (what the promotion found current); or not, because another run
+        promoted a newer release meanwhile: ``previous`` that release, which stays current, and
+        ``reason`` ``"not promoted: newer release vNNNN is current"``.
+    """
+    from valuegate.storage.releases import NewerIsCurrent, promote
+
+    try:
+        previous = promote(_workspace(settings), settings.release.name, version)
+    except NewerIsCurrent as newer:
+        get_run_logger().warning(str(newer))
+        return {"current": False, "previous": newer.current, "reason": newer.reason}
+    return {"current": True, "previous": previous, "reason": None}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -561,7 +608,8 @@ def _pending_release(settings: Settings, key: str) -> str | None:
 
 
 def _remember_release(settings: Settings, key: str, version: str | None) -> None:
-    """Record (or, with None, clear) the version a failed run leaves for a re-run with the same key.
+    """Record (or, with None, clear) the version this run works on, for a re-run with the same key should
+    this one not finish.
 
     Best effort: a record that cannot be written costs a re-run a new version, never the run's own error.
     """
@@ -572,6 +620,65 @@ def _remember_release(settings: Settings, key: str, version: str | None) -> None
         store.write(version, key=key)
     except Exception as exc:  # e.g. a full disk: keep the error that made the run fail
         get_run_logger().warning(f"could not record release {version} for a resuming run: {exc}")
+
+
+_CLAIMS: dict[str, int] = {}  # claim file → open descriptor holding its flock, for this process's runs
+_CLAIMS_LOCK = threading.Lock()
+
+
+def _claim_file(settings: Settings, version: str) -> Path | None:
+    where = results_dir(settings.workspace)
+    return None if where is None else where / "release-claims" / f"{settings.release.name}-{version}.lock"
+
+
+def _claim(settings: Settings, version: str) -> bool:
+    """Hold ``version`` for this run until :func:`_unclaim`: an exclusive, non-blocking ``flock`` on its
+    claim file beside the resume records. The kernel drops it when the process dies (SIGKILL included),
+    so a version is free exactly when the run that worked on it is gone or done.
+
+    Returns:
+        False when another run (of this or another process on this machine) holds it.
+    """
+    path = _claim_file(settings, version)
+    if path is None:
+        return True
+    try:
+        import fcntl
+    except ImportError:  # no flock (Windows): resuming cannot tell a live run from a dead one
+        return True
+    with _CLAIMS_LOCK:
+        if str(path) in _CLAIMS:
+            return False
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return False
+        _CLAIMS[str(path)] = fd
+        return True
+
+
+def _unclaim(settings: Settings, version: str) -> None:
+    """Let go of a version :func:`_claim` held (closing the descriptor drops the ``flock``)."""
+    path = _claim_file(settings, version)
+    with _CLAIMS_LOCK:
+        fd = _CLAIMS.pop(str(path), None) if path is not None else None
+    if fd is not None:
+        os.close(fd)
+
+
+def _staging_dir(settings: Settings, version: str, what: str) -> str:
+    """A local folder for a file rendered before it is copied into the release: beside the release on a
+    local workspace, a local temporary folder for an object-store one."""
+    if _is_object_store(settings):
+        import tempfile
+        import uuid
+
+        return str(Path(tempfile.gettempdir()) / f"valuegate-{settings.release.name}-{version}-{what}-"
+                   f"{uuid.uuid4().hex[:8]}")
+    return str(Path(settings.workspace) / "releases" / settings.release.name / f".{version}-{what}")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -587,7 +694,11 @@ def refresh(config: str | None = None, overrides: dict[str, Any] | None = None) 
     Parameters are small references (a config path, a dict of overrides), never data.
 
     Returns:
-        a summary: release version, whether it became current, counts, ``timings`` (wall seconds per step:
+        a summary: release ``version``; ``current``, whether it became current (an ordinary promotion
+        never moves CURRENT back: when another run promoted a newer release meanwhile, ``current`` is
+        False and ``reason`` says ``"not promoted: newer release vNNNN is current"``); ``previous``, the
+        version its promotion actually replaced (None: none was current), or the newer one that stays
+        current; counts, ``timings`` (wall seconds per step:
         ``ingest``, ``validation-set``, ``extract``, ``score``, ``select``, ``allocate``, ``gate``,
         ``release``, ``report``, ``promote``, and ``total``), ``cached_steps`` (steps answered by the cache),
         ``resumed`` (whether the release was one a failed run left); with a dask/ray runner also
@@ -639,9 +750,9 @@ def refresh(config: str | None = None, overrides: dict[str, Any] | None = None) 
     release_key = "pending-release-" + digest(_root_key(settings), name, previous, run["run_id"], inputs,
                                               json.loads(settings.model_dump_json()))
     resume = _pending_release(settings, release_key)
-    version = step("allocate", allocate_release, settings, resume, run["run_id"])
+    version = step("allocate", allocate_release, settings, resume, run["run_id"], release_key)
     docs_dir = _docs_dir(settings, version)
-    try:
+    try:  # recorded for a resuming run since its allocation; the record is cleared once the run is done
         verdict = step("gate", gate, settings, selected, counts, valset, docs_dir)
         parts = {
             "run_id": run["run_id"], "model_fp": run["model_fp"], "valset": valset["valset"],
@@ -652,22 +763,21 @@ def refresh(config: str | None = None, overrides: dict[str, Any] | None = None) 
             "settings": json.loads(settings.model_dump_json()),
             "timings": dict(step.timings), "cached_steps": list(step.cached),
         }
-        step("release", write_release_task, settings, selected, parts, verdict, version, docs_dir)
-        report_path = step("report", report, settings, selected, version, previous)
+        record = step("release", write_release_task, settings, selected, parts, verdict, version, docs_dir)
+        report_path = step("report", report, settings, selected, version, previous, record)
         if not verdict["passed"]:
             step.timings["total"] = round(time.perf_counter() - t_start, 3)
             _artifacts(selected, parts["counts"], version, verdict, report_path, step)
-            raise ValuegateError(f"gate failed for release {name}/{version} "
-                                 f"(current stays {previous or 'none'}): " + "; ".join(verdict["failures"]))
-        step("promote", promote_task, settings, version)
-    except BaseException:
-        _remember_release(settings, release_key, version)  # a re-run with the same inputs finishes this one
-        raise
-    if resume is not None:
-        _remember_release(settings, release_key, None)
+            raise ValuegateError(f"gate failed for release {name}/{version} (current stays "
+                                 f"{read_current(root, name) or 'none'}): " + "; ".join(verdict["failures"]))
+        promoted = step("promote", promote_task, settings, version)
+        _remember_release(settings, release_key, None)  # done: nothing left for a re-run to resume
+    finally:
+        _unclaim(settings, version)
     step.timings["total"] = round(time.perf_counter() - t_start, 3)
     _artifacts(selected, parts["counts"], version, verdict, report_path, step)
-    return {"version": version, "current": True, "previous": previous, "counts": parts["counts"],
+    return {"version": version, "current": promoted["current"], "previous": promoted["previous"],
+            **({} if promoted["current"] else {"reason": promoted["reason"]}), "counts": parts["counts"],
             "report": report_path, "model_fp": run["model_fp"],
             "kept": int(selected["keep"].sum()), "valset": valset["valset"], "run_id": run["run_id"],
             "timings": dict(step.timings), "cached_steps": list(step.cached), "resumed": version == resume,

@@ -18,8 +18,9 @@ Layout, under the workspace root (a directory, or the workspace's ``s3://bucket/
                                 (bool); what :func:`valuegate.tasks.release.diff_releases` reads to say
                                 why an id entered or left
             <extra>             optional files/folders copied in (the gate's Data Docs, report.html)
-            manifest.json       written last: the completion record (a release without it is incomplete,
-                                is not listed, cannot be read or promoted)
+            manifest.json       written last, after every other file (the report included): the
+                                completion record (a release without it is incomplete, is not listed,
+                                cannot be read or promoted, and can never become current)
 
 Every file access goes through :class:`valuegate.storage.objstore.Root`; the protocol is the same on both
 kinds of root, only the primitives differ:
@@ -29,9 +30,12 @@ kinds of root, only the primitives differ:
   the loser re-lists and tries the next number. Concurrent runs never share a version.
 * **files**: locally a temporary name, fsync, ``os.replace``, fsync of the directory; on S3 a single
   ``PUT`` (or a completed multipart upload), which readers see whole or not at all. ``manifest.json``
-  goes last, carrying the sha256 of ``data.parquet`` (and of ``scores.parquet``). A crash at any point
-  leaves either a complete release or a version without manifest, which everything here ignores;
-  retrying :func:`write_release` on the same version completes it.
+  goes last, carrying the sha256 of ``data.parquet`` (and of ``scores.parquet``) and the names of the
+  other files. A release is written in two calls, :func:`stage_release` (data, scores, Data Docs) and
+  :func:`complete_release` (the last files, e.g. the report rendered from the record in memory, then the
+  manifest), or in one, :func:`write_release`. A crash at any point leaves either a complete release or
+  a version without manifest, which everything here ignores (not listed, not readable, not promotable);
+  staging and completing the same version again, whatever the crash left, completes it.
 * **CURRENT** is a read-modify-write of one object, made linearisable: locally under an ``flock`` of
   ``.CURRENT.lock`` with the write itself a temporary file + ``os.replace``; on S3 a compare-and-swap:
   ``GET`` returns the content and its ETag, the new content is ``PUT`` with ``If-Match: <etag>``
@@ -40,6 +44,9 @@ kinds of root, only the primitives differ:
   torn one, and only ever a complete release whose gate passed (:func:`promote` checks both before
   moving). Each promotion returns exactly the version it replaced and numbers itself (``promotion n``):
   concurrent promoters are serialised, none is lost, and the content never repeats (no ABA on ETags).
+  An ordinary promotion never moves CURRENT backwards: promoting a version older than the current one
+  raises :class:`NewerIsCurrent` and leaves CURRENT as it is, so runs that finish out of order end on
+  the newest release; going back is the explicit ``promote(..., backwards=True)`` of a rollback.
 
 This module never imports torch or LanceDB.
 """
@@ -66,7 +73,9 @@ __all__ = [
     "DATA_FILE",
     "MANIFEST_FILE",
     "SCORES_FILE",
+    "NewerIsCurrent",
     "allocate_version",
+    "complete_release",
     "format_version",
     "list_release_names",
     "list_releases",
@@ -82,6 +91,7 @@ __all__ = [
     "release_scores_exist",
     "release_uri",
     "releases_uri",
+    "stage_release",
     "version_exists",
     "write_release",
     "write_release_file",
@@ -292,15 +302,14 @@ def _check_extra_name(key: str) -> str:
 
 
 
-def write_release(root: Any, name: str, version: str, data: pl.DataFrame,
-                  manifest: dict[str, Any], extra: dict[str, Path] | None = None, *,
-                  scores: pl.DataFrame | None = None) -> str | Path:
-    """Write one release into its allocated version; ``manifest.json`` last, as the completion record.
+def stage_release(root: Any, name: str, version: str, data: pl.DataFrame, manifest: dict[str, Any],
+                  extra: dict[str, Path] | None = None, *, scores: pl.DataFrame | None = None) -> dict[str, Any]:
+    """Write every file of a release but its manifest; returns the completion record to finish it with.
 
-    Order: ``data.parquet`` → ``scores.parquet`` → the extra files/folders → ``manifest.json``, each
-    written whole (locally temporary name, fsync, rename; on S3 one PUT). A crash before the manifest
-    leaves an incomplete release that is never listed, read or promoted; calling this again on the same
-    version completes it.
+    Order: ``data.parquet`` → ``scores.parquet`` → the extra files/folders, each written whole (locally a
+    temporary name, fsync, rename; on S3 one PUT). Idempotent on an incomplete version whatever a crash
+    left there: leftover temporaries are removed and every file is written again. Nothing is visible until
+    :func:`complete_release` writes the manifest.
 
     Args:
         root: workspace root (directory, s3:// URI or Workspace).
@@ -308,17 +317,16 @@ def write_release(root: Any, name: str, version: str, data: pl.DataFrame,
         version: a version from :func:`allocate_version` (created if missing).
         data: the kept training rows, ``(n_kept, columns)``: at least ``id`` (str, unique) and ``value``
             (float); every other column (prompt, response, metadata...) is kept as is, as plain Arrow types.
-        manifest: the release's provenance (see :func:`valuegate.tasks.release.build_manifest`); stored
-            with ``name``, ``version``, ``data_sha256`` (sha256 of the ``data.parquet`` bytes),
-            ``data_rows``, ``scores_sha256`` (or None) and ``files`` (the extra names) filled in.
-        extra: name inside the release → local source file or folder to copy in (e.g.
-            ``{"gate": docs_dir, "report.html": report}``).
+        manifest: the release's provenance (see :func:`valuegate.tasks.release.build_manifest`); the record
+            adds ``name``, ``version``, ``data_sha256`` (sha256 of the ``data.parquet`` bytes),
+            ``data_rows``, ``scores_sha256`` (or None) and ``files`` (the extra names).
+        extra: name inside the release → local source file or folder to copy in (e.g. ``{"gate": docs_dir}``).
         scores: every sample the run scored, at least ``id`` and ``value`` (one row per id); stored as
             ``scores.parquet`` with ``id``, ``value`` and ``kept`` (= the id is in ``data``). Without it,
             :func:`valuegate.tasks.release.diff_releases` cannot tell why an id entered or left.
 
     Returns:
-        the release directory (a ``Path``) locally, its ``s3://`` URI (a string) on an object store.
+        the completion record (JSON-able dict): what :func:`complete_release` writes as ``manifest.json``.
 
     Raises:
         ValuegateError: bad name/version, missing ``id``/``value`` columns, duplicate ids, non-plain
@@ -341,16 +349,11 @@ def write_release(root: Any, name: str, version: str, data: pl.DataFrame,
         for col in ("id", "value"):
             if col not in scores.columns:
                 raise ValuegateError(f"release scores need an {col!r} column; they have {scores.columns}")
-    extras = {_check_extra_name(k): Path(v) for k, v in (extra or {}).items()}
-    for key, src in extras.items():
-        if not src.exists():
-            raise ValuegateError(f"extra release file {key!r}: {src} does not exist")
+    extras = _checked_extras(extra)
 
     r = _root(root)
     vkey = _vkey(name, version)
-    if release_exists(r, name, version):
-        raise ValuegateError(f"release {name}/{version} is already complete; releases are immutable "
-                             "(allocate a new version)")
+    _refuse_complete(r, name, version)
     if r.is_local:
         r.path(vkey).mkdir(parents=True, exist_ok=True)
         _remove_temporaries(r, vkey)
@@ -364,12 +367,91 @@ def write_release(root: Any, name: str, version: str, data: pl.DataFrame,
         scores_sha = r.write_parquet(f"{vkey}/{SCORES_FILE}", *_plain_table(kept, "release scores"))
     for key, src in extras.items():
         r.copy_in(src, f"{vkey}/{key}")
-
     record = {**manifest, "name": name, "version": version, "data_sha256": data_sha,
               "data_rows": data.height, "scores_sha256": scores_sha, "files": sorted(extras)}
-    payload = json.dumps(record, indent=2, sort_keys=True, default=_json_default).encode() + b"\n"
+    return json.loads(json.dumps(record, default=_json_default))
+
+
+def complete_release(root: Any, name: str, version: str | int, record: dict[str, Any],
+                     extra: dict[str, Path] | None = None) -> str | Path:
+    """Finish a release :func:`stage_release` wrote: copy in the last files (the report), check the staged
+    files against the record, and write ``manifest.json`` last, as the completion record.
+
+    A release is complete only when every file it names is written: a crash anywhere before the manifest
+    leaves a version that is never listed, read or promoted, and staging it again and calling this again
+    completes it.
+
+    Args:
+        root, name, version: the release (staged, not yet complete).
+        record: what :func:`stage_release` returned.
+        extra: name inside the release → local file or folder copied in before the manifest (e.g.
+            ``{"report.html": path}``); their names join the record's ``files``.
+
+    Returns:
+        the release directory (a ``Path``) locally, its ``s3://`` URI (a string) on an object store.
+
+    Raises:
+        ValuegateError: a release already complete, a record of another release, or staged files that no
+            longer match the record (stage the release again).
+    """
+    name = _check_name(name)
+    version = _canonical(version)
+    if (record.get("name"), record.get("version")) != (name, version):
+        raise ValuegateError(f"the completion record is for {record.get('name')}/{record.get('version')}, "
+                             f"not {name}/{version}")
+    extras = _checked_extras(extra)
+    r = _root(root)
+    vkey = _vkey(name, version)
+    _refuse_complete(r, name, version)
+    for file, sha in ((DATA_FILE, record.get("data_sha256")), (SCORES_FILE, record.get("scores_sha256"))):
+        if sha is not None and (not r.is_file(f"{vkey}/{file}") or r.sha256(f"{vkey}/{file}") != sha):
+            raise ValuegateError(f"{r.uri_of(f'{vkey}/{file}')} is missing or does not match its record; "
+                                 "stage the release again")
+    for key, src in extras.items():
+        r.copy_in(src, f"{vkey}/{key}")
+    files = sorted({*record.get("files", []), *extras})
+    missing = [f for f in files if not (r.is_file(f"{vkey}/{f}") or r.exists_prefix(f"{vkey}/{f}"))]
+    if missing:
+        raise ValuegateError(f"release {name}/{version} misses {missing}; stage the release again")
+    payload = json.dumps({**record, "files": files}, indent=2, sort_keys=True,
+                         default=_json_default).encode() + b"\n"
     _write_manifest((r, vkey), payload)
     return r.path(vkey) if r.is_local else r.uri_of(vkey)
+
+
+def write_release(root: Any, name: str, version: str, data: pl.DataFrame,
+                  manifest: dict[str, Any], extra: dict[str, Path] | None = None, *,
+                  scores: pl.DataFrame | None = None) -> str | Path:
+    """Write one whole release into its allocated version: :func:`stage_release` then
+    :func:`complete_release` (``manifest.json`` last, as the completion record).
+
+    Order: ``data.parquet`` → ``scores.parquet`` → the extra files/folders → ``manifest.json``. A crash
+    before the manifest leaves an incomplete release that is never listed, read or promoted; calling this
+    again on the same version completes it. Arguments as :func:`stage_release` (``extra`` e.g.
+    ``{"gate": docs_dir, "report.html": report}``).
+
+    Returns:
+        the release directory (a ``Path``) locally, its ``s3://`` URI (a string) on an object store.
+
+    Raises:
+        ValuegateError: as :func:`stage_release`.
+    """
+    record = stage_release(root, name, version, data, manifest, extra, scores=scores)
+    return complete_release(root, name, version, record)
+
+
+def _checked_extras(extra: dict[str, Path] | None) -> dict[str, Path]:
+    extras = {_check_extra_name(k): Path(v) for k, v in (extra or {}).items()}
+    for key, src in extras.items():
+        if not src.exists():
+            raise ValuegateError(f"extra release file {key!r}: {src} does not exist")
+    return extras
+
+
+def _refuse_complete(r: Root, name: str, version: str) -> None:
+    if release_exists(r, name, version):
+        raise ValuegateError(f"release {name}/{version} is already complete; releases are immutable "
+                             "(allocate a new version)")
 
 
 def _write_manifest(where: tuple[Root, str], payload: bytes) -> None:
@@ -535,22 +617,45 @@ def _current_payload(version: str, seq: int) -> bytes:
     return f"{version}\npromotion {seq}\n".encode()
 
 
-def promote(root: Any, name: str, version: str | int) -> str | None:
+class NewerIsCurrent(ValuegateError):
+    """An ordinary promotion refused because a newer release is current (``current``: its version)."""
+
+    def __init__(self, name: str, version: str, current: str) -> None:
+        self.name, self.version, self.current = name, version, current
+        super().__init__(f"release {name}/{version} not promoted: newer release {current} is current "
+                         f"(to go back to it, roll back: valuegate release rollback {name} --to {version})")
+
+    @property
+    def reason(self) -> str:
+        """The short form for a run's summary: ``not promoted: newer release vNNNN is current``."""
+        return f"not promoted: newer release {self.current} is current"
+
+
+def _check_forward(name: str, version: str, current: str | None, backwards: bool) -> None:
+    if not backwards and current is not None and parse_version(current) > parse_version(version):
+        raise NewerIsCurrent(name, version, current)
+
+
+def promote(root: Any, name: str, version: str | int, *, backwards: bool = False) -> str | None:
     """Make ``version`` the current release of ``name`` (atomic, linearisable move of ``CURRENT``).
 
     Locally under an ``flock``; on an object store a compare-and-swap (``If-Match`` on the ETag read,
     retried on ``412``). Concurrent promotions are serialised: each returns exactly the version it
-    replaced.
+    replaced. An ordinary promotion only moves forward: when a newer version is current (another run
+    promoted it meanwhile), nothing changes and :class:`NewerIsCurrent` says so; promoting the version
+    that is already current changes nothing and returns it.
 
     Args:
         root: workspace root (directory, s3:// URI or Workspace).
         name: release name.
         version: a complete release whose manifest says the gate passed.
+        backwards: allow moving to a version older than the current one (a rollback).
 
     Returns:
-        the version that was current before (None if none was).
+        the version that was current before (None if none was; ``version`` itself if it already was).
 
     Raises:
+        NewerIsCurrent: a newer release is current and ``backwards`` is False (CURRENT unchanged).
         ValuegateError: the release is missing or incomplete, or its gate did not pass.
     """
     r = _root(root)
@@ -565,12 +670,17 @@ def promote(root: Any, name: str, version: str | int) -> str | None:
     if r.is_local:
         with r.lock(f"{_base(name)}/{_LOCK_FILE}"):
             previous, seq = _parse_current(r.read_bytes(key))
-            r.write_atomic(key, _current_payload(version, seq + 1))
+            _check_forward(name, version, previous, backwards)
+            if previous != version:
+                r.write_atomic(key, _current_payload(version, seq + 1))
         return previous
     rng = random.Random()
     for attempt in range(_PROMOTE_ATTEMPTS):
         raw, etag = r.read_tagged(key)
         previous, seq = _parse_current(raw)
+        _check_forward(name, version, previous, backwards)
+        if previous == version:
+            return previous
         if r.replace_if(key, _current_payload(version, seq + 1), etag if raw is not None else None):
             return previous
         time.sleep(min(0.5, 0.01 * 2 ** min(attempt, 6)) * rng.uniform(0.5, 1.0))  # another promoter won

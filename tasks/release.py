@@ -35,6 +35,7 @@ from valuegate.storage import releases as store
 __all__ = [
     "REASONS",
     "build_manifest",
+    "diff_candidate",
     "diff_releases",
     "format_diff",
     "policy_cutoff",
@@ -114,17 +115,22 @@ def publish_release(root: Any, name: str, data: pl.DataFrame, *, scores: pl.Data
         **manifest_fields: the keyword arguments of :func:`build_manifest` except ``name``/``version``.
 
     Returns:
-        ``{"version": str, "current": bool, "previous": str | None}`` (``previous``: the version current
-        before; a failed release leaves it current).
+        ``{"version": str, "current": bool, "previous": str | None}``: ``previous`` is the version this
+        release replaced (what the promotion itself found current, not a read before it), or, when it did
+        not become current, the version that stays current. A release that passed but found a newer one
+        current (another publisher got there first) is not promoted, and the result adds ``reason``
+        (``"not promoted: newer release vNNNN is current"``).
     """
     version = store.allocate_version(root, name)
     manifest = build_manifest(name=name, version=version, **manifest_fields)
     store.write_release(root, name, version, data, manifest, extra, scores=scores)
-    previous = store.read_current(root, name)
-    if manifest["gate"]["passed"]:
-        store.promote(root, name, version)
-        return {"version": version, "current": True, "previous": previous}
-    return {"version": version, "current": False, "previous": previous}
+    if not manifest["gate"]["passed"]:
+        return {"version": version, "current": False, "previous": store.read_current(root, name)}
+    try:
+        previous = store.promote(root, name, version)
+    except store.NewerIsCurrent as newer:
+        return {"version": version, "current": False, "previous": newer.current, "reason": newer.reason}
+    return {"version": version, "current": True, "previous": previous}
 
 
 def _passed(manifest: dict[str, Any]) -> bool:
@@ -132,7 +138,9 @@ def _passed(manifest: dict[str, Any]) -> bool:
 
 
 def rollback(root: Any, name: str, to: str | None = None) -> str:
-    """Make an earlier release current again.
+    """Make an earlier release current again: the one explicit way to move CURRENT backwards (an ordinary
+    promotion refuses to, see :func:`valuegate.storage.releases.promote`). Only a complete release whose
+    gate passed can become current.
 
     Args:
         root, name: workspace root (directory, s3:// URI or Workspace) and release name.
@@ -146,7 +154,7 @@ def rollback(root: Any, name: str, to: str | None = None) -> str:
             release (give ``to``); or no passed release before the current one.
     """
     if to is not None:
-        store.promote(root, name, to)
+        store.promote(root, name, to, backwards=True)
         return store.format_version(store.parse_version(to))
     releases = store.list_releases(root, name)
     if not releases:
@@ -158,7 +166,7 @@ def rollback(root: Any, name: str, to: str | None = None) -> str:
               if _passed(r) and store.parse_version(r["version"]) < store.parse_version(current)]
     if not before:
         raise ValuegateError(f"no release of {name!r} before {current} passed its gate; nothing to roll back to")
-    store.promote(root, name, before[-1])
+    store.promote(root, name, before[-1], backwards=True)
     return before[-1]
 
 
@@ -250,13 +258,39 @@ def diff_releases(root: Any, name: str, a: str, b: str, examples: int = 5) -> di
     Raises:
         ValuegateError: either release missing or incomplete.
     """
-    ma, mb = store.read_manifest(root, name, a), store.read_manifest(root, name, b)
+    mb = store.read_manifest(root, name, b)
+    measure = _measure(store.read_manifest(root, name, a), mb)
+    db = store.read_release_data(root, name, mb["version"], columns=list(dict.fromkeys(["id", "value", measure])))
+    sb = (store.read_release_scores(root, name, mb["version"])
+          if store.release_scores_exist(root, name, mb["version"]) else None)
+    return diff_candidate(root, name, a, mb, db, sb, examples)
+
+
+def _measure(ma: dict[str, Any], mb: dict[str, Any]) -> str:
+    return "suspect" if all((m.get("policy") or {}).get("policy") == "suspect" for m in (ma, mb)) else "value"
+
+
+def diff_candidate(root: Any, name: str, a: str, manifest: dict[str, Any], data: pl.DataFrame,
+                   scores: pl.DataFrame | None, examples: int = 5) -> dict[str, Any]:
+    """:func:`diff_releases` from the complete release ``a`` to a release given in memory, one not yet
+    complete (the report of a release is rendered before its manifest is written).
+
+    Args:
+        manifest: the candidate's manifest or completion record (``version``, ``valset``, ``model_fp``,
+            ``policy``).
+        data: its kept rows, ``(n_kept, ≥2)``: ``id``, ``value`` (and ``suspect`` when the policy reads it).
+        scores: every sample its run scored, ``id``, ``value`` (``suspect``); None: unknown.
+
+    Returns:
+        as :func:`diff_releases`, with ``b`` the candidate's version.
+    """
+    ma, mb = store.read_manifest(root, name, a), manifest
     va, vb = ma["version"], mb["version"]
-    measure = "suspect" if all((m.get("policy") or {}).get("policy") == "suspect" for m in (ma, mb)) else "value"
+    measure = _measure(ma, mb)
     da = store.read_release_data(root, name, va, columns=list(dict.fromkeys(["id", "value", measure])))
-    db = store.read_release_data(root, name, vb, columns=list(dict.fromkeys(["id", "value", measure])))
+    db = data.select(list(dict.fromkeys(["id", "value", *([measure] if measure in data.columns else [])])))
     sa = store.read_release_scores(root, name, va) if store.release_scores_exist(root, name, va) else None
-    sb = store.read_release_scores(root, name, vb) if store.release_scores_exist(root, name, vb) else None
+    sb = scores
     valset_changed = ma.get("valset") != mb.get("valset")
     entered = _moved(db, da, sa, valset_changed, here_is_new=True, measure=measure)
     left = _moved(da, db, sb, valset_changed, here_is_new=False, measure=measure)

@@ -169,7 +169,10 @@ def _promoter(root, barrier, queue, worker: int) -> None:
         scores = _scores(values)
         store.write_release(root, NAME, v, _kept(scores), build_manifest(name=NAME, version=v, **_fields()),
                             scores=scores)
-        out.append((v, store.promote(root, NAME, v)))
+        try:
+            out.append((v, store.promote(root, NAME, v)))
+        except store.NewerIsCurrent as newer:  # a newer release is current: CURRENT never moves back
+            out.append((v, f"refused: {newer.current}"))
     queue.put(out)
 
 
@@ -194,18 +197,22 @@ def test_concurrent_promoters_are_serialised(where, tmp_path, request):
     n = N_PROCS * ROUNDS
     # every version claimed once
     assert sorted(v for v, _ in moves) == [store.format_version(i) for i in range(1, n + 1)]
-    # every promotion replaced a different state: one linear history None → ... → CURRENT, none lost
+    # a refused promotion found a newer version current (issue 15: CURRENT never moves back)
+    refused = [(v, p) for v, p in moves if isinstance(p, str) and p.startswith("refused: ")]
+    assert all(store.parse_version(p.split()[1]) > store.parse_version(v) for v, p in refused)
+    moves = [m for m in moves if m not in refused]
+    # every promotion replaced a different state: one linear, increasing history None → ... → CURRENT
     previous = [p for _, p in moves]
-    assert len(set(previous)) == n and previous.count(None) == 1
+    assert len(set(previous)) == len(moves) and previous.count(None) == 1
     final = {v for v, _ in moves} - set(previous)
     rec = store.read_current_record(root, NAME)
-    assert final == {rec["version"]} and rec["promotion"] == n
+    assert final == {rec["version"]} == {store.format_version(n)} and rec["promotion"] == len(moves)
     chain, state = [], None
     following = {p: v for v, p in moves}
     while state in following:
         state = following[state]
         chain.append(state)
-    assert len(chain) == n and chain[-1] == rec["version"]
+    assert len(chain) == len(moves) and chain[-1] == rec["version"] and chain == sorted(chain)
     if where == "s3":
         lost = request.getfixturevalue("s3_server").count_status(412, "vg-promoters/ws/releases/")
         print(f"[s3] {n} promotions from {N_PROCS} processes: {lost} conditional PUTs lost a race and retried")

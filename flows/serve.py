@@ -35,10 +35,16 @@ def serve_refresh(name: str, cron: str, config: str | None) -> None:
 def start_local_server(port: int = 4200, extra_env: dict[str, str] | None = None) -> subprocess.Popen:
     """``prefect server start`` bound to 127.0.0.1 only, as a child process that dies with this one (see
     :func:`valuegate.flows.child_processes.dies_with_parent`).
+
+    Its UI talks to the API on ``port``: Prefect's UI takes its API URL from ``PREFECT_UI_API_URL`` (else
+    ``PREFECT_API_URL``, else host and ``PREFECT_SERVER_API_PORT``), never from ``--port``, so without these
+    any port but 4200 served a UI that called 4200 ("Oops. Something went wrong.").
     """
     from valuegate.flows.child_processes import dies_with_parent
 
-    env = {**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false", **(extra_env or {})}
+    api = f"http://127.0.0.1:{port}/api"
+    env = {**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_UI_API_URL": api,
+           "PREFECT_SERVER_API_PORT": str(port), **(extra_env or {})}
     return subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
                              "--port", str(port)], env=env, preexec_fn=dies_with_parent())
 

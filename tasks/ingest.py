@@ -504,7 +504,17 @@ def _parse_json_line(raw: bytes, line_index: int) -> tuple[dict[str, Any] | None
         return None, f"line {line_index + 1}: malformed JSON: {exc.msg}"
     if not isinstance(obj, dict):
         return None, f"line {line_index + 1}: expected a JSON object, got {type(obj).__name__}"
+    if b"\\u" in raw and _has_lone_surrogate(obj):  # "\ud800" parses, but is no character: no text holds it
+        return None, f"line {line_index + 1}: invalid Unicode (a lone surrogate escape)"
     return obj, ""
+
+
+def _has_lone_surrogate(obj: Any) -> bool:
+    try:
+        json.dumps(obj, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
 
 
 def verdicts_for(chunk: list[RawRow], kind: SampleKind, source: str, max_chars: int,
@@ -559,8 +569,9 @@ def iter_source_verdicts(path: str | Path, max_chars: int, chunk_rows: int = 50_
         for c in [*pending, chunk]:
             yield verdicts_for(c, kind, str(path), max_chars, types)
         pending = []
-    for c in pending:  # a file of nothing but unparseable lines
-        yield [RowVerdict(i, None, raw, why) for i, _, raw, why in c]
+    for c in pending:  # a file of nothing but unparseable lines and empty objects
+        yield [RowVerdict(i, None, raw if rec is None else "{}", why or "no sample fields: an empty object")
+               for i, rec, raw, why in c]
 
 
 def read_source_rows(path: str | Path, max_chars: int) -> list[RowVerdict]:

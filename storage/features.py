@@ -55,6 +55,26 @@ def read_feature_set(ws: Workspace, model_fp: str) -> dict | None:
     return rows[0] if rows else None
 
 
+def older_format(ws: Workspace, settings: dict) -> int | None:
+    """The newest feature format older than ``settings["format"]`` under which features with otherwise the
+    same fingerprint settings are registered (stored by an older valuegate: their table is not read, the
+    samples are extracted again under the new fingerprint), or None.
+
+    Args:
+        settings: the fingerprint settings (:func:`~valuegate.tasks.model.fingerprint_settings`).
+    """
+    if not ws.table_exists(schemas.FEATURE_SETS):
+        return None
+    rest = json.loads(json.dumps({k: v for k, v in settings.items() if k != "format"}, sort_keys=True))
+    found = []
+    for text in ws.read(schemas.FEATURE_SETS, columns=["settings"])["settings"].to_pylist():
+        other = json.loads(text)
+        fmt = other.pop("format", None)
+        if isinstance(fmt, int) and fmt < settings["format"] and other == rest:
+            found.append(fmt)
+    return max(found, default=None)
+
+
 def feature_ids(ws: Workspace, model_fp: str) -> set[str]:
     """Ids that have features for the fingerprint."""
     if not features_exist(ws, model_fp):

@@ -542,7 +542,10 @@ class Workspace:
     def ensure(self, name: str, schema: pa.Schema) -> None:
         """Create table ``name`` with ``schema`` if it is missing; otherwise check it has that schema.
 
-        Column names and types must match exactly (order, nullability and metadata are not compared).
+        Column names and types must match exactly (order, nullability and metadata are not compared),
+        with one migration: when the table lacks only nullable columns of ``schema`` (a table written by
+        an older valuegate), they are added, null in every existing row, meaning "not recorded" (one
+        metadata commit, logged with the number of rows; see :meth:`add_null_columns`).
         Safe to call from several processes at once.
 
         Raises:
@@ -563,13 +566,53 @@ class Workspace:
             else:
                 with self._lock:
                     self._tables.setdefault(name, tbl)
-        diffs = _schema_differences(self._table(name).schema, schema)
+        have = self._table(name).schema
+        diffs = _schema_differences(have, schema)
+        missing = [f for f in schema if f.name not in have.names]
+        if missing and len(diffs) == len(missing) and all(f.nullable for f in missing):
+            self.add_null_columns(name, missing)
+            diffs = _schema_differences(self._table(name).schema, schema)
         if diffs:
             raise ValuegateError(
                 f"table {name!r} in workspace {self._uri} has an incompatible schema: "
                 + "; ".join(diffs)
                 + ". Use another workspace, or migrate/drop the table."
             )
+
+    def add_null_columns(self, name: str, fields: Sequence[pa.Field]) -> list[str]:
+        """Add the nullable columns ``fields`` that table ``name`` lacks, null in every existing row (one
+        commit; LanceDB writes no data for them). Concurrent calls add each column once.
+
+        Returns:
+            The names of the columns this call added (logged as a warning with the number of rows).
+        """
+        if any(not f.nullable for f in fields):
+            raise ValuegateError(f"table {name!r}: only nullable columns can be added to existing rows")
+
+        def op() -> tuple[list[str], int]:
+            tbl = self._table(name)
+            tbl.checkout_latest()
+            todo = [f for f in fields if f.name not in tbl.schema.names]
+            if not todo:
+                return [], 0
+            rows = tbl.count_rows()
+            try:
+                tbl.add_columns(list(todo))
+            except ValueError as exc:
+                if "already exists" not in str(exc):
+                    raise
+                tbl.checkout_latest()  # another process added it meanwhile
+                return [], 0
+            return [f.name for f in todo], rows
+
+        added, rows = self._retrying(f"add columns to {name}", op, name)
+        if added:
+            log.warning(
+                "table %s in workspace %s: added column %s (written by an older valuegate); null in its %d "
+                "existing rows: not recorded",
+                name, self._uri, ", ".join(repr(c) for c in added), rows,
+            )
+        return added
 
     def drop(self, name: str) -> None:
         """Delete table ``name`` and all its versions (no-op when it does not exist)."""

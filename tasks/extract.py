@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import logging
 import os
 import threading
 import time
@@ -23,6 +24,7 @@ from tqdm.auto import tqdm
 
 from valuegate.errors import ValuegateError
 from valuegate.settings import ExtractSettings
+from valuegate.storage.schemas import FEATURE_FORMAT
 from valuegate.tasks.forvalue import (
     SparseFeatures,
     TokenBlock,
@@ -33,6 +35,8 @@ from valuegate.tasks.forvalue import (
 from valuegate.tasks.ingest import Sample
 from valuegate.tasks.model import EncodedSample, LoadedModel, encode_sample, length_batches
 from valuegate.tasks.vlm import batch_model_inputs
+
+log = logging.getLogger(__name__)
 
 __all__ = ["ExtractionStats", "block_features", "encode_workers", "extract_sparse", "extract_sparse_samples",
            "extract_token_blocks", "iter_sample_blocks", "iter_token_blocks", "pad_batch"]
@@ -454,6 +458,7 @@ class StoreExtractReport:
     extracted: int = 0
     refused: list[tuple[str, str]] | None = None  # (id, reason message)
     truncated: int = 0  # extracted here from a sample cut at max_length (stored with truncated = true)
+    older_format: int | None = None  # these settings' features are stored in this older format (not read)
     batches: int = 0
     stats: ExtractionStats | None = None
     indexed: bool = False
@@ -466,7 +471,9 @@ class StoreExtractReport:
                 f"{self.extracted} extracted in {self.batches} batches{rate}"
                 + (f", {self.truncated} truncated at max_length" if self.truncated else "")
                 + (f", {len(self.refused)} refused" if self.refused else "")
-                + (", vector index (re)built" if self.indexed else ""))
+                + (", vector index (re)built" if self.indexed else "")
+                + (f"; re-extracted: the stored format {self.older_format} is older than {FEATURE_FORMAT}"
+                   if self.older_format is not None else ""))
 
 
 def feature_row(sample_id: str, f: SparseFeatures, batch: int, seconds: float, truncated: bool = False) -> dict:
@@ -514,6 +521,8 @@ def extract_to_store(ws, lm_loader, ids: list[str], samples: list[Sample], cfg: 
     if not todo:
         return report
     lm = lm_loader()
+    if fstore.read_feature_set(ws, model_fp) is None:  # a new fingerprint: maybe only the format is new
+        report.older_format = say_older_format(ws, model_fp, fp_settings, len(todo))
     if any(s.images for s in todo.values()):  # image-text samples read back from the store: their bytes
         from valuegate.tasks.images_store import attach_image_data
 
@@ -550,6 +559,22 @@ def extract_to_store(ws, lm_loader, ids: list[str], samples: list[Sample], cfg: 
     report.truncated = len(cut)
     report.indexed = fstore.maybe_index_features(ws, model_fp, cfg.vector_index_min_rows)
     return report
+
+
+def say_older_format(ws, model_fp: str, fp_settings: dict, n: int) -> int | None:
+    """Log (one warning) when the features of ``fp_settings`` are stored in an older feature format only, so
+    the ``n`` samples about to be extracted under the new fingerprint ``model_fp`` are extracted again.
+
+    Returns:
+        That older format, or None.
+    """
+    from valuegate.storage import features as fstore
+
+    old = fstore.older_format(ws, fp_settings)
+    if old is not None:
+        log.warning(f"features {model_fp[:12]}: stored under an older feature format {old} (the current "
+                    f"format is {FEATURE_FORMAT}), which is not read; extracting {n} samples again")
+    return old
 
 
 def refused_truncated(ws, model_fp: str, ids: list[str], max_length: int) -> list[tuple[str, str]]:
@@ -688,6 +713,7 @@ def plan_extract_shards(ws, dataset: str, settings, shard_size: int) -> ShardPla
     have = fstore.feature_ids(ws, fp)
     missing = [i for i in ids if i not in have]
     if missing and fstore.read_feature_set(ws, fp) is None:
+        say_older_format(ws, fp, fps, len(missing))
         lm = worker_model(fp, settings.model, tok)
         fstore.ensure_feature_set(ws, fp, fps, lm.hidden_size, lm.vocab_size, ex.hidden_dim or lm.hidden_size,
                                   ex.error_dim)

@@ -792,6 +792,8 @@ def read_score_run(ws, run_id: str, dataset: str) -> pl.DataFrame:
     from valuegate.storage.lance import sql_str
     from valuegate.storage.metadata import metadata_frame
 
+    if ws.table_exists(schemas.SCORES):  # a table of an older valuegate gains its new columns (null)
+        ws.ensure(schemas.SCORES, schemas.scores_schema)
     scores = pl.from_arrow(ws.read(schemas.SCORES, where=f"run_id = {sql_str(run_id)}"))
     if scores.height == 0:
         raise ValuegateError(f"no scores for run {run_id!r}")

@@ -59,6 +59,7 @@ from valuegate.flows import (
     results_dir,
     table_versions,
 )
+from valuegate.flows.stale_runs import check_stale_runs
 from valuegate.flows.validation import register_validation_version
 from valuegate.settings import Settings, load_settings
 
@@ -715,6 +716,7 @@ def refresh(config: str | None = None, overrides: dict[str, Any] | None = None) 
 
     t_start = time.perf_counter()
     settings = load_settings(config, overrides)
+    check_stale_runs(settings.workspace)  # earlier runs here killed without finishing: marked Crashed
     root, name, ws = _workspace(settings), settings.release.name, settings.workspace
     step = _Steps()
     ingested = step("ingest", persisted(ingest_sources, ws), settings)

@@ -150,3 +150,61 @@ def test_kill_9_of_a_run_takes_its_temporary_api_server(tmp_path, tiny_model_dir
             run.kill()
         if api is not None and api.is_running():
             api.kill()
+
+
+@pytest.fixture(scope="module")
+def harness():
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+def _flow_run(client, name: str, state) -> str:
+    """A flow run of a placeholder flow, put in ``state`` (as a killed run leaves it)."""
+    from prefect import flow
+
+    @flow(name="stale-probe")
+    def probe() -> None:
+        return None
+
+    run = client.create_flow_run(probe, name=name)
+    client.set_flow_run_state(run.id, state, force=True)
+    return str(run.id)
+
+
+def test_the_next_run_marks_a_killed_run_of_its_workspace_crashed(harness, tmp_path, tiny_model_dir):
+    """A run killed with kill -9 stays Running on the API; the next refresh on the workspace sets it Crashed
+    (its process is gone), leaves a run whose process lives as it is, and forgets finished runs."""
+    import socket as socket_mod
+
+    from prefect.client.orchestration import get_client
+    from prefect.states import Completed, Running
+
+    from valuegate.flows import results_dir
+    from valuegate.flows.refresh import refresh
+    from valuegate.flows.stale_runs import RUNS_DIR
+
+    config = tiny_config(tmp_path, tiny_model_dir())
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()  # a pid that no longer runs
+    live = os.getpid()
+    host = socket_mod.gethostname()
+    runs = results_dir(str(tmp_path / "ws")) / RUNS_DIR
+    runs.mkdir(parents=True)
+    with get_client(sync_client=True) as client:
+        killed = _flow_run(client, "killed", Running())
+        alive = _flow_run(client, "alive", Running())
+        done = _flow_run(client, "done", Completed())
+    for rid, pid in ((killed, dead.pid), (alive, live), (done, dead.pid)):
+        (runs / f"{rid}.json").write_text(json.dumps({"flow_run_id": rid, "pid": pid, "host": host}))
+    state = refresh(config=config, return_state=True)
+    own = str(state.state_details.flow_run_id)
+    with get_client(sync_client=True) as client:
+        states = {rid: client.read_flow_run(rid).state for rid in (killed, alive, done)}
+    assert states[killed].type.value == "CRASHED" and f"process {dead.pid}" in states[killed].message
+    assert own in states[killed].message
+    assert states[alive].type.value == "RUNNING" and states[done].type.value == "COMPLETED"
+    # the killed and the finished runs are forgotten; the live one and this run are recorded
+    assert sorted(p.stem for p in runs.glob("*.json")) == sorted([alive, own])
+    assert json.loads((runs / f"{own}.json").read_text())["pid"] == os.getpid()

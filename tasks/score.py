@@ -737,12 +737,29 @@ def score_dataset(ws, dataset: str, valset_ref: str, settings: Settings, progres
     table = pa.concat_tables(tables) if tables else schemas.scores_schema.empty_table()
     if write:
         t0 = time.perf_counter()
-        ws.ensure(schemas.SCORES, schemas.scores_schema)
-        ws.append(schemas.SCORES, table, schemas.scores_schema)
+        write_scores(ws, table)
         timings["write"] = time.perf_counter() - t0
     return ScoreRunReport(plan.run_id, dataset, plan.valset, plan.fp_t, len(plan.ids), len(plan.vids), rep_t,
                           rep_v, timings, table, int(pc.sum(table["truncated"]).as_py() or 0),
                           list(rep_t.refused or []))
+
+
+def write_scores(ws, table) -> int:
+    """Write rows of a scores run, each only if the run holds no row of its id yet: an insert-if-absent on
+    ``(run_id, id)`` in one commit (``merge_insert``), so a write repeated after a commit that did land (an
+    inner retry after a transient error, a retried Prefect task or shard) leaves each row once, as first
+    committed. The one write of the local and the sharded paths.
+
+    Args:
+        table: rows in :data:`~valuegate.storage.schemas.scores_schema`, distinct ``(run_id, id)``.
+
+    Returns:
+        The scores table's version after the commit.
+    """
+    from valuegate.storage import schemas
+
+    ws.ensure(schemas.SCORES, schemas.scores_schema)  # also gives an older table its new columns
+    return ws.upsert(schemas.SCORES, table, ["run_id", "id"], update=False)
 
 
 # one scoring context per worker process: the validation side of the run its shards belong to
@@ -750,8 +767,8 @@ _CONTEXT: dict[str, object] = {}
 
 
 def score_shard(plan: ScoringPlan, ids: list[str], settings: Settings) -> dict[str, object]:
-    """Score one shard of a run on whichever process runs it and write its rows into the run (an upsert on
-    ``(run_id, id)``: a retried shard replaces its rows, never duplicates them).
+    """Score one shard of a run on whichever process runs it and write its rows into the run
+    (:func:`write_scores`: a retried shard whose rows were committed keeps them, never duplicates them).
 
     The validation side is read once per process and run (``context_loads`` counts the reads).
 
@@ -761,7 +778,6 @@ def score_shard(plan: ScoringPlan, ids: list[str], settings: Settings) -> dict[s
     """
     import os
 
-    from valuegate.storage import schemas
     from valuegate.storage.lance import Workspace
 
     ws = Workspace.from_env(plan.workspace)
@@ -773,8 +789,7 @@ def score_shard(plan: ScoringPlan, ids: list[str], settings: Settings) -> dict[s
         _CONTEXT["read"] = 0.0
     table, t_read, t_score = score_rows(ws, plan, _CONTEXT["ctx"], settings, ids)
     t0 = time.perf_counter()
-    ws.ensure(schemas.SCORES, schemas.scores_schema)
-    ws.upsert(schemas.SCORES, table, ["run_id", "id"])
+    write_scores(ws, table)
     return {"scored": table.num_rows, "pid": os.getpid(), "context_loads": _CONTEXT["loads"],
             "read": float(_CONTEXT["read"]) + t_read, "score": t_score, "write": time.perf_counter() - t0}
 

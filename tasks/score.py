@@ -338,12 +338,21 @@ def score_files(train_path: str, valid_path: str, settings: Settings, progress: 
     """
     train_df, train = read_samples(train_path)
     _, valid = read_samples(valid_path)
+    return score_samples(train_df, train, valid, settings, progress, lm, str(train_path), str(valid_path))
+
+
+def score_samples(train_df: pl.DataFrame, train: list[Sample], valid: list[Sample], settings: Settings,
+                  progress: bool = True, lm: LoadedModel | None = None, train_source: str = "train",
+                  valid_source: str = "valid") -> tuple[pl.DataFrame, ValueMatrix]:
+    """:func:`score_files` on rows already read: ``train_df`` (n rows, its columns carried through) and its
+    ``train`` samples (n), the ``valid`` samples (m); ``*_source`` name them in messages. Returns the table
+    :func:`score_files` describes (n rows; n·m for ``pairwise``) and the value matrix."""
     sc = settings.score
     if sc.signals and sc.aggregate != "pairwise":
-        check_reference_size(len(valid), str(valid_path))
+        check_reference_size(len(valid), valid_source)
     clash = [c for c in OUTPUT_COLUMNS if c in train_df.columns] if sc.aggregate != "pairwise" else []
     if clash:
-        raise ValuegateError(f"{train_path}: has column(s) {clash} that the output adds; rename them")
+        raise ValuegateError(f"{train_source}: has column(s) {clash} that the output adds; rename them")
     # every input is checked (tokenized) before any weight is read
     tok = lm.tokenizer if lm is not None else load_tokenizer(settings.model)
     ex = settings.extract

@@ -152,8 +152,9 @@ def _overrides(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
 
 
 def _cmd_score(args: argparse.Namespace) -> int:
+    from valuegate.api import score_inputs
     from valuegate.settings import load_settings
-    from valuegate.tasks.score import score_files, summary_line
+    from valuegate.tasks.score import summary_line
 
     settings = load_settings(args.config, _overrides(args))
     out = Path(args.out)
@@ -161,7 +162,7 @@ def _cmd_score(args: argparse.Namespace) -> int:
         raise ValuegateError(f"--out {out}: the output is Parquet; give a path ending in .parquet")
     if not out.parent.exists():
         raise ValuegateError(f"--out {out}: directory {out.parent} does not exist")
-    df, vm = score_files(args.train, args.valid, settings, progress=not args.quiet)
+    df, vm = score_inputs(args.train, args.valid, settings, progress=not args.quiet)  # as valuegate.score
     tmp = out.with_name(f".{out.name}.tmp")
     df.write_parquet(tmp)
     os.replace(tmp, out)  # never leave a half-written output under the final name

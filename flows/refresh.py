@@ -327,22 +327,26 @@ def plan_scores(settings: Settings, valset: dict[str, Any], dataset_fp: str) -> 
 
     Returns:
         ``plan`` (:class:`~valuegate.tasks.score.ScoringPlan` as a dict), ``extracted`` (training samples
-        extracted here: none when the shards extracted them) and ``timings`` (``resolve``, ``extract``).
+        extracted here: none when the shards extracted them), ``timings`` (``resolve``, ``extract``), and
+        the samples the run leaves out as ``extract+score`` reports them: ``unscored`` ({reason: count})
+        and ``unscored_ids`` ([id, message] pairs).
     """
     import dataclasses
 
-    from valuegate.tasks.score import plan_scoring
+    from valuegate.tasks.score import plan_scoring, unscored_counts
 
     plan, rep_t, _, timings = plan_scoring(_workspace(settings), settings.data.dataset, valset["valset"],
                                            _scoring_settings(settings), progress=False)
-    return {"plan": dataclasses.asdict(plan), "extracted": rep_t.extracted, "timings": timings}
+    refused = list(rep_t.refused or [])
+    return {"plan": dataclasses.asdict(plan), "extracted": rep_t.extracted, "timings": timings,
+            "unscored": unscored_counts(refused), "unscored_ids": refused}
 
 
 @task(name="score-shard", task_run_name="score-shard-{shard}", retries=2, retry_delay_seconds=2,
       cache_policy=NO_CACHE)
 def score_shard_task(shard: int, settings: Settings, plan: dict[str, Any], ids: list[str]) -> dict[str, Any]:
-    """Score one shard of the run on whichever worker the runner gives it and upsert its rows into the run
-    (retried: a lost worker or a failed write; a retry replaces the shard's rows, never duplicates them)."""
+    """Score one shard of the run on whichever worker the runner gives it and write its rows into the run
+    (retried: a lost worker or a failed write; rows are inserted only if absent, so never twice)."""
     from valuegate.tasks.score import ScoringPlan, score_shard
 
     return score_shard(ScoringPlan(**plan), ids, _scoring_settings(settings))
@@ -354,7 +358,8 @@ def _score_sharded(settings: Settings, planned: dict[str, Any]) -> dict[str, Any
 
     Returns:
         what ``extract+score`` returns (``run_id``, ``model_fp``, ``n_train``, ``extracted``, ``timings``
-        with ``read``/``score``/``write`` summed over shards) and ``score_shards`` (``shards``,
+        with ``read``/``score``/``write`` summed over shards, ``truncated`` (rows of the run flagged),
+        ``unscored`` and ``unscored_ids`` (from ``plan-scores``)) and ``score_shards`` (``shards``,
         ``submitted``, ``workers``, ``context_loads``).
     """
     from prefect.futures import wait
@@ -395,11 +400,16 @@ def _score_sharded(settings: Settings, planned: dict[str, Any]) -> dict[str, Any
     if n != len(plan["ids"]):
         raise ValuegateError(f"scores run {plan['run_id']} holds {n} rows for {len(plan['ids'])} samples "
                              "after every shard finished")
+    truncated = ws.count(schemas.SCORES, where=f"{where} AND truncated")
+    unscored = planned.get("unscored", {})  # absent from a plan cached by an older valuegate
+    said = (f"; {truncated} truncated at max_length" if truncated else "") + (
+        f"; not scored: {', '.join(f'{k} {why}' for why, k in unscored.items())}" if unscored else "")
     get_run_logger().info(f"scored {len(plan['ids'])} samples in {len(shards)} shards ({len(todo)} submitted) "
                           f"on {len(loads)} {settings.runner.kind} workers ({sum(loads.values())} reads of the "
-                          f"validation side)")
+                          f"validation side){said}")
     return {"run_id": plan["run_id"], "model_fp": plan["fp_t"], "n_train": len(plan["ids"]),
-            "extracted": planned["extracted"], "timings": timings,
+            "extracted": planned["extracted"], "timings": timings, "truncated": truncated,
+            "unscored": unscored, "unscored_ids": [tuple(p) for p in planned.get("unscored_ids", [])],
             "score_shards": {"shards": len(shards), "submitted": len(todo), "workers": len(loads),
                              "context_loads": sum(loads.values())}}
 

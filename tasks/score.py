@@ -422,11 +422,7 @@ class ScoreRunReport:
     def unscored(self) -> dict[str, int]:
         """Samples of the dataset that reached extraction and got no score, by reason
         (:func:`~valuegate.tasks.model.refusal_reason`); their ids and full messages: ``unscored_ids``."""
-        from collections import Counter
-
-        from valuegate.tasks.model import refusal_reason
-
-        return dict(Counter(refusal_reason(why) for _, why in self.unscored_ids))
+        return unscored_counts(self.unscored_ids)
 
     def line(self) -> str:
         """One human line."""
@@ -436,6 +432,16 @@ class ScoreRunReport:
                 f"({self.n_valid}) with features {self.model_fp[:12]}: {secs}"
                 + (f"; {self.truncated} truncated at max_length" if self.truncated else "")
                 + (f"; not scored: {unscored}" if unscored else ""))
+
+
+def unscored_counts(unscored_ids) -> dict[str, int]:
+    """``{reason: count}`` of ``(id, refusal message)`` pairs, keyed by
+    :func:`~valuegate.tasks.model.refusal_reason` (what every runner reports as ``unscored``)."""
+    from collections import Counter
+
+    from valuegate.tasks.model import refusal_reason
+
+    return dict(Counter(refusal_reason(why) for _, why in unscored_ids))
 
 
 def _aligned(t, ids: list[str]):

@@ -54,3 +54,43 @@ def test_another_run_of_the_same_ids_is_kept_apart(scored):
     write_scores(ws, other)
     assert sorted(_run_ids(ws, rep.run_id + "-b")) == sorted(_run_ids(ws, rep.run_id))
     assert ws.count(schemas.SCORES) == 14
+
+
+@pytest.fixture(scope="module")
+def prefect_server():
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+def test_the_flow_counts_truncated_and_unscored_samples_alike_on_every_runner(prefect_server, tmp_path,
+                                                                              tiny_model_dir):
+    """The dask path (plan-scores + score shards) returns ``truncated``, ``unscored`` and ``unscored_ids`` as
+    the local extract+score task does (here: scoring the same stored dataset locally), so the run's counts do
+    not depend on the runner."""
+    import json
+
+    from test_flow import _config, _run
+    from tiny import WORDS
+
+    from valuegate.settings import load_settings
+
+    def words(i: int, n: int) -> str:
+        return " ".join(WORDS[(i + j) % 40] for j in range(n))
+
+    config = _config(tmp_path, tiny_model_dir(), extract={"max_length": 12},
+                     runner={"kind": "dask", "workers": 1, "shard_size": 10})
+    extra = [{"prompt": words(1, 2) + " ", "response": words(9, 16), "family": "a"},  # cut at 12 tokens
+             {"prompt": words(3, 14) + " ", "response": words(5, 2), "family": "b"}]  # response past 12
+    with open(tmp_path / "train.jsonl", "a") as f:
+        f.writelines(json.dumps(r) + "\n" for r in extra)
+    out, _ = _run(config)
+    ws = Workspace(str(tmp_path / "ws"))
+    flags = ws.read(schemas.SCORES, where=f"run_id = {sql_str(out['run_id'])}", columns=["truncated"])["truncated"]
+    assert out["score_shards"]["submitted"] == 3 and flags.null_count == 0
+
+    local = score_dataset(ws, "t", out["valset"], load_settings(config), progress=False, write=False)
+    assert local.truncated >= 1 and local.unscored == {"every counted token lies beyond max_length": 1}
+    assert out["counts"]["truncated"] == local.truncated == pc.sum(flags).as_py()
+    assert out["counts"]["unscored"] == 1 and out["counts"]["scored"] == local.n_train == 25

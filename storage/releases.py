@@ -14,9 +14,10 @@ Layout, under the workspace root (a directory, or the workspace's ``s3://bucket/
                                 at least ``id`` (str, unique) and ``value`` (float, the value the
                                 selection policy read)
             scores.parquet      optional: every sample scored by the run, ``id``, ``value``, ``kept``
-                                (and ``suspect`` when the run computed it)
-                                (bool); what :func:`valuegate.tasks.release.diff_releases` reads to say
-                                why an id entered or left
+                                (bool), ``suspect`` when the run computed it, and the other columns
+                                of the scores given (the per-signal columns, the drop ``reason``);
+                                what :func:`valuegate.tasks.release.diff_releases` reads to say why
+                                an id entered or left
             <extra>             optional files/folders copied in (the gate's Data Docs, report.html)
             manifest.json       written last, after every other file (the report included): the
                                 completion record (a release without it is incomplete, is not listed,
@@ -322,7 +323,8 @@ def stage_release(root: Any, name: str, version: str, data: pl.DataFrame, manife
             ``data_rows``, ``scores_sha256`` (or None) and ``files`` (the extra names).
         extra: name inside the release → local source file or folder to copy in (e.g. ``{"gate": docs_dir}``).
         scores: every sample the run scored, at least ``id`` and ``value`` (one row per id); stored as
-            ``scores.parquet`` with ``id``, ``value`` and ``kept`` (= the id is in ``data``). Without it,
+            ``scores.parquet`` with ``id``, ``value``, ``kept`` (= the id is in ``data``) and its other
+            columns as they are. Without it,
             :func:`valuegate.tasks.release.diff_releases` cannot tell why an id entered or left.
 
     Returns:
@@ -362,7 +364,8 @@ def stage_release(root: Any, name: str, version: str, data: pl.DataFrame, manife
     scores_sha = None
     if scores is not None:
         measures = [pl.col(c).cast(pl.Float64) for c in ("value", "suspect") if c in scores.columns]
-        kept = scores.select(pl.col("id").cast(pl.String), *measures).with_columns(
+        rest = [c for c in scores.columns if c not in ("id", "value", "suspect", "kept")]  # per-signal columns
+        kept = scores.select(pl.col("id").cast(pl.String), *measures, *rest).with_columns(
             kept=pl.col("id").is_in(data["id"].cast(pl.String).implode()))
         scores_sha = r.write_parquet(f"{vkey}/{SCORES_FILE}", *_plain_table(kept, "release scores"))
     for key, src in extras.items():

@@ -4,9 +4,10 @@ Pure functions over :mod:`valuegate.storage.releases` (which owns every file acc
 wraps them in Prefect tasks.
 
 How a diff knows its reasons. A release stores its kept rows (``data.parquet``: ``id``, ``value`` and the
-content columns) and, beside them, the scores of every sample its run scored (``scores.parquet``: ``id``,
-``value``, ``kept``, ``suspect``; small, so each release explains itself without the LanceDB ``scores`` table, which
-may be pruned or live in another workspace). Between releases ``a`` and ``b``, an id *entered* when it is
+content columns, the training columns only) and, beside them, the scores of every sample its run scored
+(``scores.parquet``: ``id``, ``value``, ``kept``, ``suspect``, the per-signal columns and the drop
+``reason``; so each release explains itself without the LanceDB ``scores`` table, which may be pruned or
+live in another workspace), and its dataset card (``README.md``, :mod:`valuegate.tasks.dataset_card`). Between releases ``a`` and ``b``, an id *entered* when it is
 kept in ``b`` but not in ``a`` and *left* in the opposite case; its reason is, first match wins:
 
 1. ``new data``: the id was not scored by the other release's run (for an entered id: it arrived after
@@ -24,6 +25,7 @@ kept in ``b`` but not in ``a`` and *left* in the opposite case; its reason is, f
 from __future__ import annotations
 
 import datetime as dt
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +33,7 @@ import polars as pl
 
 from valuegate.errors import ValuegateError
 from valuegate.storage import releases as store
+from valuegate.tasks.dataset_card import card_extra
 
 __all__ = [
     "REASONS",
@@ -106,12 +109,15 @@ def build_manifest(*, name: str, version: str, run_id: str, inputs: list[dict[st
 
 
 def publish_release(root: Any, name: str, data: pl.DataFrame, *, scores: pl.DataFrame | None = None,
-                    extra: dict[str, Path] | None = None, **manifest_fields: Any) -> dict[str, Any]:
-    """Allocate a version, write the release and promote it when its gate passed.
+                    extra: dict[str, Path] | None = None, dropped: dict[str, int] | None = None,
+                    **manifest_fields: Any) -> dict[str, Any]:
+    """Allocate a version, write the release with its dataset card (``README.md``, see
+    :mod:`valuegate.tasks.dataset_card`) and promote it when its gate passed.
 
     Args:
         root, name: workspace root (directory, s3:// URI or Workspace) and release name.
         data, scores, extra: as :func:`valuegate.storage.releases.write_release`.
+        dropped: ``{reason: dropped samples}`` for the card.
         **manifest_fields: the keyword arguments of :func:`build_manifest` except ``name``/``version``.
 
     Returns:
@@ -123,7 +129,9 @@ def publish_release(root: Any, name: str, data: pl.DataFrame, *, scores: pl.Data
     """
     version = store.allocate_version(root, name)
     manifest = build_manifest(name=name, version=version, **manifest_fields)
-    store.write_release(root, name, version, data, manifest, extra, scores=scores)
+    with tempfile.TemporaryDirectory(prefix="valuegate-card-") as tmp:
+        card = card_extra(Path(tmp), manifest, data, dropped)
+        store.write_release(root, name, version, data, manifest, {**(extra or {}), **card}, scores=scores)
     if not manifest["gate"]["passed"]:
         return {"version": version, "current": False, "previous": store.read_current(root, name)}
     try:
@@ -260,10 +268,22 @@ def diff_releases(root: Any, name: str, a: str, b: str, examples: int = 5) -> di
     """
     mb = store.read_manifest(root, name, b)
     measure = _measure(store.read_manifest(root, name, a), mb)
-    db = store.read_release_data(root, name, mb["version"], columns=list(dict.fromkeys(["id", "value", measure])))
     sb = (store.read_release_scores(root, name, mb["version"])
           if store.release_scores_exist(root, name, mb["version"]) else None)
+    db = _kept_measures(root, name, mb["version"], measure, sb)
     return diff_candidate(root, name, a, mb, db, sb, examples)
+
+
+def _kept_measures(root: Any, name: str, version: str, measure: str, scores: pl.DataFrame | None) -> pl.DataFrame:
+    """``id``, ``value`` and ``measure`` of a complete release's kept rows: the suspect score from its
+    ``scores.parquet`` (a release's ``data.parquet`` holds the training columns only), or from
+    ``data.parquet`` for a release written when it carried the score columns."""
+    data = store.read_release_data(root, name, version, columns=["id", "value"])
+    if measure == "value":
+        return data
+    if scores is not None and measure in scores.columns:
+        return data.join(scores.select("id", measure), on="id", how="left")
+    return store.read_release_data(root, name, version, columns=["id", "value", measure])
 
 
 def _measure(ma: dict[str, Any], mb: dict[str, Any]) -> str:
@@ -287,9 +307,9 @@ def diff_candidate(root: Any, name: str, a: str, manifest: dict[str, Any], data:
     ma, mb = store.read_manifest(root, name, a), manifest
     va, vb = ma["version"], mb["version"]
     measure = _measure(ma, mb)
-    da = store.read_release_data(root, name, va, columns=list(dict.fromkeys(["id", "value", measure])))
-    db = data.select(list(dict.fromkeys(["id", "value", *([measure] if measure in data.columns else [])])))
     sa = store.read_release_scores(root, name, va) if store.release_scores_exist(root, name, va) else None
+    da = _kept_measures(root, name, va, measure, sa)
+    db = data.select(list(dict.fromkeys(["id", "value", *([measure] if measure in data.columns else [])])))
     sb = scores
     valset_changed = ma.get("valset") != mb.get("valset")
     entered = _moved(db, da, sa, valset_changed, here_is_new=True, measure=measure)

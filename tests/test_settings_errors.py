@@ -163,3 +163,16 @@ def test_embedded_demo_config_resolves_from_any_directory(tmp_path, monkeypatch)
     s = load_settings(DEMO_CONFIG)
     assert all(Path(p).is_file() for p in s.data.sources) and Path(s.data.valset_file).is_file()
     assert s.workspace == "./valuegate-workspace"  # the default: where the demo runs (cli chdirs to the repo)
+
+
+def test_config_relative_paths_are_normalised(tmp_path, monkeypatch):
+    """`../data/x.jsonl` in a config is one canonical path (no `..`): the path keys ingest's source, so the same
+    file reached through two configs must be the same source."""
+    (tmp_path / "data").mkdir()
+    (tmp_path / "cfg").mkdir()
+    cfg = tmp_path / "cfg" / "vg.toml"
+    cfg.write_text('[data]\nsources = ["../data/x.jsonl"]\nvalset_file = "../data/v.jsonl"\n')
+    monkeypatch.chdir(tmp_path)
+    s = load_settings(cfg)
+    assert s.data.sources == [str(tmp_path / "data" / "x.jsonl")]
+    assert s.data.valset_file == str(tmp_path / "data" / "v.jsonl")

@@ -342,7 +342,7 @@ def _resolve_paths(data: dict[str, Any], base: Path) -> dict[str, Any]:
         if not isinstance(p, str) or not p or "://" in p:
             return p
         q = Path(p).expanduser()
-        return p if q.is_absolute() else str(base / q)
+        return p if q.is_absolute() else os.path.normpath(base / q)
 
     if "workspace" in data:
         data["workspace"] = resolve(data["workspace"])
@@ -357,7 +357,7 @@ def _resolve_paths(data: dict[str, Any], base: Path) -> dict[str, Any]:
             m["adapter"] = resolve(m["adapter"])
         name = m.get("name")  # a hub id or an alias stays as it is; a path next to the file is resolved
         if isinstance(name, str) and name and not Path(name).expanduser().is_absolute() and (base / name).exists():
-            m["name"] = str(base / name)
+            m["name"] = os.path.normpath(base / name)
     return data
 
 

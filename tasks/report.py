@@ -3,50 +3,182 @@
 from __future__ import annotations
 
 import html
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import polars as pl
 
+from valuegate.storage.schemas import SIGNAL_COLUMNS
+from valuegate.tasks.release import policy_cutoff
+
 KEEP_COLOUR, DROP_COLOUR = "#2b8a3e", "#c92a2a"
 
 
-def _histogram_svg(kept: np.ndarray, dropped: np.ndarray, title: str, width: int = 560, height: int = 180,
-                   bins: int = 40, span: tuple[float, float] | None = None, marker: float | None = None) -> str:
-    """A stacked histogram of kept and dropped values as an inline SVG string (``span``: the value axis,
-    shared by every plot of a report so groups compare at a glance)."""
+def _ticks(lo: float, hi: float, n: int = 5) -> list[float]:
+    """About ``n`` round tick values within [lo, hi]."""
+    step = 10 ** np.floor(np.log10((hi - lo) / n))
+    for m in (1, 2, 5, 10):
+        if (hi - lo) / (m * step) <= n:
+            step *= m
+            break
+    return [float(t) for t in np.arange(np.ceil(lo / step) * step, hi + step * 1e-9, step)]
+
+
+def _histogram_svg(kept: np.ndarray, dropped: np.ndarray, title: str, width: int = 560, height: int = 200,
+                   bins: int = 40, span: tuple[float, float] | None = None, marker: float | None = None,
+                   x_label: str = "value", marker_label: str | None = None) -> str:
+    """A stacked histogram of kept and dropped values as an inline SVG string: labelled axes (``x_label``
+    with its unit; samples per bin on the y axis), round ticks, and ``marker`` (the policy's cut-off)
+    drawn as a dashed line labelled ``marker_label``. ``span``: the value axis, shared by every plot of a
+    report so groups compare at a glance."""
     both = np.concatenate([kept, dropped]) if kept.size + dropped.size else np.zeros(1)
     lo, hi = span if span is not None else (float(np.min(both)), float(np.max(both)))
+    if marker is not None and np.isfinite(marker):
+        lo, hi = min(lo, marker), max(hi, marker)
     if hi <= lo:
         hi = lo + 1.0
     edges = np.linspace(lo, hi, bins + 1)
     hk, _ = np.histogram(kept, edges)
     hd, _ = np.histogram(dropped, edges)
     top = max(1, int((hk + hd).max()))
-    pad, w, h = 30, width - 40, height - 50
+    left, right, y0 = 52, 16, 22  # plot area: x in [left, width - right], y in [y0, y0 + h]
+    w, h = width - left - right, height - y0 - 46
     bw = w / bins
-    bars = []
+
+    def x_of(v: float) -> float:
+        return left + w * (v - lo) / (hi - lo)
+
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" role="img" '
+           f'class="plot"><title>{html.escape(title)}</title>'
+           f'<text x="{left}" y="14" font-size="12" font-weight="bold">{html.escape(title)}</text>']
     for i in range(bins):
-        x = pad + i * bw
-        yk = h * hk[i] / top
-        yd = h * hd[i] / top
+        x = left + i * bw
+        yk, yd = h * hk[i] / top, h * hd[i] / top
         if hd[i]:
-            bars.append(f'<rect x="{x:.1f}" y="{20 + h - yd:.1f}" width="{bw - 1:.1f}" height="{yd:.1f}" '
-                        f'fill="{DROP_COLOUR}"><title>{hd[i]} dropped</title></rect>')
+            out.append(f'<rect x="{x:.1f}" y="{y0 + h - yd:.1f}" width="{max(bw - 1, 0.5):.1f}" height="{yd:.1f}" '
+                       f'fill="{DROP_COLOUR}"><title>{hd[i]} dropped in [{edges[i]:.3g}, {edges[i + 1]:.3g})</title></rect>')
         if hk[i]:
-            bars.append(f'<rect x="{x:.1f}" y="{20 + h - yd - yk:.1f}" width="{bw - 1:.1f}" height="{yk:.1f}" '
-                        f'fill="{KEEP_COLOUR}"><title>{hk[i]} kept</title></rect>')
-    zero = ""
-    at = marker if marker is not None else 0.0
-    if lo < at < hi:
-        zx = pad + w * (at - lo) / (hi - lo)
-        zero = f'<line x1="{zx:.1f}" y1="18" x2="{zx:.1f}" y2="{20 + h}" stroke="#555" stroke-dasharray="3,3"/>'
-    return (f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" role="img">'
-            f'<text x="{pad}" y="13" font-size="12">{html.escape(title)}</text>{"".join(bars)}{zero}'
-            f'<line x1="{pad}" y1="{20 + h}" x2="{pad + w}" y2="{20 + h}" stroke="#333"/>'
-            f'<text x="{pad}" y="{height - 12}" font-size="11">{lo:.3g}</text>'
-            f'<text x="{pad + w}" y="{height - 12}" font-size="11" text-anchor="end">{hi:.3g}</text></svg>')
+            out.append(f'<rect x="{x:.1f}" y="{y0 + h - yd - yk:.1f}" width="{max(bw - 1, 0.5):.1f}" '
+                       f'height="{yk:.1f}" fill="{KEEP_COLOUR}"><title>{hk[i]} kept in [{edges[i]:.3g}, '
+                       f'{edges[i + 1]:.3g})</title></rect>')
+    out.append(f'<line x1="{left}" y1="{y0 + h}" x2="{left + w}" y2="{y0 + h}" stroke="#333"/>'
+               f'<line x1="{left}" y1="{y0}" x2="{left}" y2="{y0 + h}" stroke="#333"/>')
+    for t in _ticks(lo, hi):
+        out.append(f'<line x1="{x_of(t):.1f}" y1="{y0 + h}" x2="{x_of(t):.1f}" y2="{y0 + h + 4}" stroke="#333"/>'
+                   f'<text x="{x_of(t):.1f}" y="{y0 + h + 15}" font-size="10" text-anchor="middle">{t:.3g}</text>')
+    for t in (0, top // 2, top) if top > 1 else (0, top):
+        y = y0 + h - h * t / top
+        out.append(f'<line x1="{left - 4}" y1="{y:.1f}" x2="{left}" y2="{y:.1f}" stroke="#333"/>'
+                   f'<text x="{left - 6}" y="{y + 3:.1f}" font-size="10" text-anchor="end">{t}</text>')
+    out.append(f'<text class="axis-label" x="{left + w / 2:.1f}" y="{height - 6}" font-size="11" '
+               f'text-anchor="middle">{html.escape(x_label)}</text>'
+               f'<text class="axis-label" x="12" y="{y0 + h / 2:.1f}" font-size="11" text-anchor="middle" '
+               f'transform="rotate(-90 12 {y0 + h / 2:.1f})">samples per bin</text>')
+    if marker is not None and lo <= marker <= hi:
+        mx = x_of(marker)
+        label = marker_label or f"cut-off {marker:g}"
+        anchor = "end" if mx > left + w / 2 else "start"
+        dx = -3 if anchor == "end" else 3
+        out.append(f'<line class="threshold" x1="{mx:.1f}" y1="{y0 - 4}" x2="{mx:.1f}" y2="{y0 + h}" stroke="#111" '
+                   f'stroke-width="1.5" stroke-dasharray="4,3"/><text x="{mx + dx:.1f}" y="{y0 + 6}" '
+                   f'font-size="10" text-anchor="{anchor}">{html.escape(label)}</text>')
+    out.append("</svg>")
+    return "".join(out)
+
+
+VALUE_AXIS = "value (For-Value score, unitless; higher = more useful to the validation set)"
+SUSPECT_AXIS = "suspect score (robust z units)"
+
+
+def _reason_kinds(selected: pl.DataFrame) -> list[str]:
+    """The reason of every row without the sample's own numbers ("" when kept), so reasons can be grouped."""
+    from valuegate.tasks.select import reason_kind
+
+    return [reason_kind(r) if r else "" for r in selected["reason"].fill_null("").to_list()]
+
+
+def _top_reasons(kinds: list[str], mask: np.ndarray, n: int = 3) -> str:
+    counted = Counter(k for k, m in zip(kinds, mask, strict=True) if m and k)
+    return "; ".join(f"{html.escape(k)} ({c})" for k, c in counted.most_common(n)) or "–"
+
+
+def _groups_html(selected: pl.DataFrame, group_by: str, kinds: list[str], values: np.ndarray, keep: np.ndarray,
+                 span: tuple[float, float] | None, cut: float | None, cut_label: str | None) -> str:
+    """One row per group (scored, kept, dropped, retained, why dropped) and one histogram per group."""
+    labels = selected[group_by].cast(pl.String).fill_null("∅")
+    rows, plots = [], []
+    for g in sorted(labels.unique().to_list()):
+        m = (labels == g).to_numpy()
+        plots.append(_histogram_svg(values[m & keep], values[m & ~keep], f"{group_by} = {g}", 530, 170,
+                                    span=span, marker=cut, x_label=VALUE_AXIS, marker_label=cut_label))
+        n, k = int(m.sum()), int((m & keep).sum())
+        rows.append(f"<tr class='group-row'><td>{html.escape(g)}</td><td>{n}</td><td>{k}</td><td>{n - k}</td>"
+                    f"<td>{k / max(1, n):.1%}</td><td>{_top_reasons(kinds, m & ~keep)}</td></tr>")
+    return (f"<h2>By {html.escape(group_by)}</h2><table class='groups'><tr><th>{html.escape(group_by)}</th>"
+            "<th>scored</th><th>kept</th><th>dropped</th><th>retained</th><th>why dropped (samples)</th></tr>"
+            + "".join(rows) + "</table><div class='plots'>" + "".join(plots) + "</div>")
+
+
+def _dropped_html(selected: pl.DataFrame, kinds: list[str], examples: int = 3) -> str:
+    """The dropped samples grouped by reason: count and a few examples each, most frequent reason first."""
+    dropped = selected.with_columns(pl.Series("reason_kind", kinds)).filter(~pl.col("keep"))
+    if dropped.height == 0:
+        return "<h2>Dropped samples</h2><p>None: every scored sample was kept.</p>"
+    out = ["<h2>Dropped samples by reason</h2><table class='dropped'><tr><th>reason</th><th>samples</th>"
+           "<th>examples (lowest value first)</th></tr>"]
+    counted = Counter(dropped["reason_kind"].to_list())
+    for kind, n in sorted(counted.items(), key=lambda kv: (-kv[1], kv[0])):
+        ex = dropped.filter(pl.col("reason_kind") == kind).sort("value").head(examples).to_dicts()
+        cells = "<br>".join(f"{_sample_text(r, 90)} <small>({r['value']:.3g})</small>" for r in ex)
+        out.append(f"<tr class='reason-row'><td>{html.escape(kind)}</td><td>{n}</td><td>{cells}</td></tr>")
+    return "".join(out) + "</table>"
+
+
+def _signal_columns(selected: pl.DataFrame) -> list[str]:
+    """The value signals the table carries (``self_influence`` and :data:`SIGNAL_COLUMNS`), not all null."""
+    return [c for c in ("self_influence", *SIGNAL_COLUMNS)
+            if c in selected.columns and selected[c].null_count() < selected.height]
+
+
+def _signals_html(selected: pl.DataFrame, keep: np.ndarray) -> str:
+    """The per-signal view behind ``suspect``: each signal's median over the kept and the dropped samples."""
+    cols = _signal_columns(selected)
+    if not cols:
+        return ""
+    rows = []
+    for c in cols:
+        x = selected[c].cast(pl.Float64).fill_null(np.nan).to_numpy()
+        med = [float(np.nanmedian(x[m])) if np.isfinite(x[m]).any() else None for m in (keep, ~keep)]
+        rows.append(f"<tr><td>{html.escape(c)}</td>" + "".join(
+            f"<td>{v:.4g}</td>" if v is not None else "<td>–</td>" for v in med) + "</tr>")
+    return ("<h3>The signals behind the suspect score</h3><p>Median of each value signal over the kept and the "
+            "dropped samples (the suspect score is the largest robust z deviation of these from the validation "
+            "set's own; each sample's reason names its largest ones).</p><table class='signals'><tr><th>signal"
+            "</th><th>median, kept</th><th>median, dropped</th></tr>" + "".join(rows) + "</table>")
+
+
+def _detection_html(selected: pl.DataFrame, keep: np.ndarray) -> str:
+    """How well the release and each signal find the samples the data marks as bad (``corruption``)."""
+    bad = (selected["corruption"].fill_null("") != "").to_numpy()
+    out = [f"<h2>Known-bad samples</h2><p>Known corrupted samples: {int(bad.sum())}; dropped by this release: "
+           f"{int((bad & ~keep).sum())}; clean samples dropped: {int((~bad & ~keep).sum())}.</p>"]
+    if not 0 < bad.sum() < bad.size:
+        return "".join(out)
+    scores = [("suspect", 1.0, "suspect score (high = bad)"), ("value", -1.0, "value (low = bad)")]
+    scores += [(c, 1.0, f"{c} (high = bad)") for c in _signal_columns(selected)]
+    rows = []
+    for col, sign, what in scores:
+        if col in selected.columns and selected[col].null_count() == 0:
+            auc = detection_auc(sign * selected[col].cast(pl.Float64).to_numpy(), bad)
+            rows.append(f"<tr class='detection-row'><td>{html.escape(what)}</td><td>{auc:.3f}</td></tr>")
+    if rows:
+        out.append("<table class='detection'><tr><th>signal</th><th>detection AUC</th></tr>" + "".join(rows)
+                   + "</table><p><small>ROC AUC of each score for the known-bad flag: 1 finds every corrupted "
+                   "sample first, 0.5 is chance, below 0.5 the signal points the other way.</small></p>")
+    return "".join(out)
+
 
 
 def _sample_text(row: dict[str, Any], limit: int = 160) -> str:
@@ -152,6 +284,7 @@ def render_report(selected: pl.DataFrame, manifest: dict[str, Any], valid_rows: 
         ".ok{color:#2b8a3e}.bad{color:#c92a2a}.tokens{font-family:monospace;font-size:13px;line-height:1.9;"
         "border:1px solid #ddd;padding:6px;margin:.3em 0 1em}.ctx{color:#999}.tok{border-radius:2px}"
         ".thumb{max-height:96px;max-width:96px;margin:0 4px 4px 0;border:1px solid #ccc}.nothumb{color:#999}"
+        ".plots{display:flex;flex-wrap:wrap;gap:4px 16px}th{background:#f3f3f3;text-align:left}"
         "</style></head><body>",
         f"<h1>Release {html.escape(str(manifest.get('name')))} / {html.escape(str(manifest.get('version')))}</h1>",
         f"<p>Validation set <b>{html.escape(str(manifest.get('valset')))}</b>, model fingerprint "
@@ -165,27 +298,20 @@ def render_report(selected: pl.DataFrame, manifest: dict[str, Any], valid_rows: 
     counts = manifest.get("counts", {})
     parts.append("<h2>Counts</h2><table>" + "".join(
         f"<tr><td>{html.escape(str(k))}</td><td>{v}</td></tr>" for k, v in counts.items()) + "</table>")
-    if "corruption" in selected.columns:  # the demo knows which rows it corrupted: say how many were dropped
-        bad = (selected["corruption"].fill_null("") != "").to_numpy()
-        line = (f"Known corrupted samples: {int(bad.sum())}; dropped by this release: "
-                f"{int((bad & ~keep).sum())}; clean samples dropped: {int((~bad & ~keep).sum())}.")
-        for col, sign, what in (("suspect", 1.0, "suspect score"), ("value", -1.0, "value (low = corrupted)")):
-            if col in selected.columns and selected[col].null_count() == 0 and 0 < bad.sum() < bad.size:
-                line += f" Detection AUC of the {what}: {detection_auc(sign * selected[col].to_numpy(), bad):.3f}."
-        parts.append(f"<p>{line}</p>")
+    kinds = _reason_kinds(selected)
+    policy = manifest.get("policy") or {}
+    reads_suspect = policy.get("policy") == "suspect"
+    cut = None if reads_suspect else policy_cutoff(manifest, selected.filter(pl.col("keep"))["value"])
     parts.append("<h2>Value distribution</h2>")
     span = (float(values.min()), float(values.max())) if values.size else None
-    parts.append(_histogram_svg(values[keep], values[~keep], "all samples (green kept, red dropped)", span=span))
+    cut_label = f"cut-off {cut:.3g} ({policy.get('policy')})" if cut is not None else None
+    parts.append(_histogram_svg(values[keep], values[~keep], "all samples (green kept, red dropped)", span=span,
+                                marker=cut, x_label=VALUE_AXIS, marker_label=cut_label))
     if group_by and group_by in selected.columns:
-        rows = []
-        for g in sorted(selected[group_by].cast(pl.String).fill_null("∅").unique().to_list()):
-            m = (selected[group_by].cast(pl.String).fill_null("∅") == g).to_numpy()
-            parts.append(_histogram_svg(values[m & keep], values[m & ~keep], f"{group_by} = {g}", height=140,
-                                        span=span))
-            rows.append(f"<tr><td>{html.escape(g)}</td><td>{int(m.sum())}</td><td>{int((m & keep).sum())}</td>"
-                        f"<td>{(m & keep).sum() / max(1, m.sum()):.1%}</td></tr>")
-        parts.append(f"<table><tr><th>{html.escape(group_by)}</th><th>scored</th><th>kept</th><th>retained</th>"
-                     "</tr>" + "".join(rows) + "</table>")
+        parts.append(_groups_html(selected, group_by, kinds, values, keep, span, cut, cut_label))
+    parts.append(_dropped_html(selected, kinds))
+    if "corruption" in selected.columns:  # the demo knows which rows it corrupted: how well each signal finds them
+        parts.append(_detection_html(selected, keep))
     if "suspect" in selected.columns and selected["suspect"].null_count() < selected.height:
         sus = selected["suspect"].fill_null(np.nan).to_numpy().astype(np.float64)
         ok = np.isfinite(sus)
@@ -194,7 +320,9 @@ def render_report(selected: pl.DataFrame, manifest: dict[str, Any], valid_rows: 
                      + (f"; the policy drops samples above {suspect_threshold:g}" if suspect_threshold else "")
                      + ".</p>")
         parts.append(_histogram_svg(sus[ok & keep], sus[ok & ~keep], "suspect (green kept, red dropped)",
-                                    marker=suspect_threshold))
+                                    marker=suspect_threshold, x_label=SUSPECT_AXIS,
+                                    marker_label=f"threshold {suspect_threshold:g}" if suspect_threshold else None))
+        parts.append(_signals_html(selected, keep))
         parts.append("<h2>Most suspect samples</h2>" + _table(
             selected.filter(pl.col("suspect").is_not_null()).sort("suspect", descending=True).head(10).to_dicts(),
             vtext, thumbs))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 
@@ -28,6 +29,7 @@ def _selected(n: int = 60) -> pl.DataFrame:
         "reason": ["" if v >= 0 else f"value {v:.3g} < 0" for v in values],
         "nearest_ids": [["v1", "v2"]] * n,
         "suspect": np.abs(values) * 2, "suspect_reason": ["mean_loss z=+1.0"] * n,
+        "mean_loss": 2.0 - values / 2,
     })
 
 
@@ -50,10 +52,16 @@ def test_report_content_is_complete_and_escaped(tmp_path):
                               "entered: 3 (new data)", group_by="family", explained=_explained(),
                               suspect_threshold=3.0)
     assert html_text.count("<svg") == 4  # overall + one per group + suspect
+    assert html_text.count("samples per bin") == 4 and "value (For-Value score" in html_text
+    assert "cut-off 0 (drop_negative)" in html_text and "threshold 3" in html_text  # the cut-offs are marked
+    assert html_text.count("class='group-row'") == 2 and "why dropped" in html_text
+    assert "Dropped samples by reason" in html_text and "value &lt; 0" in html_text
+    assert "The signals behind the suspect score" in html_text and "<td>mean_loss</td>" in html_text
+    assert html_text.count("class='detection-row'") == 3  # suspect, value, mean_loss
     assert "Most suspect samples" in html_text and "mean_loss z=+1.0" in html_text
     assert "Which tokens carry the value" in html_text and "title='+0.7'" in html_text
     assert "rgba(201,42,42" in html_text and "&lt;b&gt;" in html_text  # negative token, escaped
-    assert "Known corrupted samples: 12" in html_text and "Detection AUC of the suspect score" in html_text
+    assert "Known corrupted samples: 12" in html_text and "detection AUC" in html_text
     assert "&lt;b&gt;not bold&lt;/b&gt;" in html_text and "<b>not bold</b>" not in html_text
     assert "a validation sample" in html_text and "entered: 3 (new data)" in html_text
     assert "FAILED" in html_text and "retained_fraction" in html_text
@@ -75,10 +83,17 @@ def test_report_renders_in_headless_chromium(tmp_path):
                    capture_output=True)
     data = shot.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 20_000  # a real page, not a blank one
+    if os.environ.get("VALUEGATE_REPORT_SHOT"):  # to look at it: VALUEGATE_REPORT_SHOT=/tmp/report.png
+        shutil.copyfile(shot, os.environ["VALUEGATE_REPORT_SHOT"])
     dom = subprocess.run([CHROMIUM, *flags, "--dump-dom", path.as_uri()], check=True, timeout=120,
                          capture_output=True, text=True).stdout
     assert dom.count("<svg") == 4 and "Lowest-valued samples" in dom and "<rect" in dom
     assert "Which tokens carry the value" in dom
+    # what a reader needs: labelled axes, the cut-offs, one row per group, drops by reason, detection
+    assert dom.count('class="axis-label"') == 8 and dom.count("samples per bin") == 4
+    assert dom.count('class="threshold"') == 4  # value cut-off on 3 value plots, threshold on suspect
+    assert dom.count('class="group-row"') == 2 and "Dropped samples by reason" in dom
+    assert dom.count('class="reason-row"') == 1 and dom.count('class="detection-row"') == 3
 
 
 def test_detection_auc_counts_ties_half():

@@ -464,8 +464,9 @@ def gate(settings: Settings, selected: Any, counts: dict[str, int], valset: dict
 @task(name="release", retries=2, retry_delay_seconds=2, cache_policy=NO_CACHE)
 def write_release_task(settings: Settings, selected: Any, manifest_parts: dict[str, Any], gate_result: dict,
                        version: str, docs_dir: str) -> dict[str, Any]:
-    """Stage the release files (data, every score, Data Docs); the report step completes the release (the
-    report, then the manifest) and promotion is a separate step.
+    """Stage the release files (data: the training columns; scores: every score column; Data Docs; the
+    dataset card README.md); the report step completes the release (the report, then the manifest) and
+    promotion is a separate step.
 
     ``manifest_parts``: the :func:`valuegate.tasks.release.build_manifest` arguments the flow gathered, plus
     ``timings`` (seconds per step so far), stored beside them in the manifest.
@@ -479,21 +480,24 @@ def write_release_task(settings: Settings, selected: Any, manifest_parts: dict[s
     import shutil
 
     from valuegate.storage.releases import read_manifest, release_exists, stage_release
+    from valuegate.tasks.dataset_card import card_extra, release_frames
     from valuegate.tasks.release import build_manifest
+    from valuegate.tasks.select import dropped_reason_counts
 
     root, name = _workspace(settings), settings.release.name
     if release_exists(root, name, version):
         record = read_manifest(root, name, version)
     else:
-        data = selected.filter(selected["keep"]).drop("keep", "reason")
+        data, scores = release_frames(selected)  # training columns | every score column (issue 16)
         beside = {k: manifest_parts[k] for k in ("timings", "cached_steps") if k in manifest_parts}
         fields = {k: v for k, v in manifest_parts.items() if k != "counts" and k not in beside}
         manifest = build_manifest(name=name, version=version, gate=gate_result,
                                   counts={**manifest_parts["counts"], "released": data.height}, **fields)
-        extra = {"gate": Path(docs_dir)} if Path(docs_dir).is_dir() else None
-        record = stage_release(root, name, version, data, {**manifest, **beside}, extra,
-                               scores=selected.select("id", "value",
-                                                      *(["suspect"] if "suspect" in selected.columns else [])))
+        extra = {"gate": Path(docs_dir)} if Path(docs_dir).is_dir() else {}
+        card_dir = Path(_staging_dir(settings, version, "card"))
+        extra |= card_extra(card_dir, manifest, data, dropped_reason_counts(selected))  # README.md
+        record = stage_release(root, name, version, data, {**manifest, **beside}, extra, scores=scores)
+        shutil.rmtree(card_dir, ignore_errors=True)
     shutil.rmtree(docs_dir, ignore_errors=True)  # copied into the release as gate/
     return record
 

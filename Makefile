@@ -23,7 +23,8 @@ $(STAMP): pyproject.toml
 model: install
 	$(BIN)/valuegate fetch-model
 
-# The whole DAG on the embedded demo (infra/demo/): ingest → extract → score → gate → release.
+# The whole DAG on the embedded demo (infra/demo/, shipped as package data): ingest → extract → score →
+# gate → release, into ./valuegate-workspace of the directory it runs in (here: the checkout).
 demo: model
 	$(BIN)/valuegate run
 	$(BIN)/valuegate release list demo

@@ -713,7 +713,9 @@ def refresh(config: str | None = None, overrides: dict[str, Any] | None = None) 
         never moves CURRENT back: when another run promoted a newer release meanwhile, ``current`` is
         False and ``reason`` says ``"not promoted: newer release vNNNN is current"``); ``previous``, the
         version its promotion actually replaced (None: none was current), or the newer one that stays
-        current; counts, ``timings`` (wall seconds per step:
+        current; counts (the ingest's counts, ``rows`` ... ``left``, beside ``scored`` and the rest),
+        ``kept`` (samples the selection kept) and ``dropped_reasons`` ({reason kind: dropped samples}, most
+        frequent first), ``gate`` (``passed``, ``failures``), ``timings`` (wall seconds per step:
         ``ingest``, ``validation-set``, ``extract``, ``score``, ``select``, ``allocate``, ``gate``,
         ``release``, ``report``, ``promote``, and ``total``), ``cached_steps`` (steps answered by the cache),
         ``resumed`` (whether the release was one a failed run left); with a dask/ray runner also
@@ -727,6 +729,7 @@ def refresh(config: str | None = None, overrides: dict[str, Any] | None = None) 
     """
     from valuegate.storage.releases import read_current
     from valuegate.tasks.ingest import file_hash
+    from valuegate.tasks.select import dropped_reason_counts
 
     t_start = time.perf_counter()
     settings = load_settings(config, overrides)
@@ -795,7 +798,9 @@ def refresh(config: str | None = None, overrides: dict[str, Any] | None = None) 
     return {"version": version, "current": promoted["current"], "previous": promoted["previous"],
             **({} if promoted["current"] else {"reason": promoted["reason"]}), "counts": parts["counts"],
             "report": report_path, "model_fp": run["model_fp"],
-            "kept": int(selected["keep"].sum()), "valset": valset["valset"], "run_id": run["run_id"],
+            "kept": int(selected["keep"].sum()), "dropped_reasons": dropped_reason_counts(selected),
+            "gate": {"passed": verdict["passed"], "failures": verdict["failures"]},
+            "valset": valset["valset"], "run_id": run["run_id"],
             "timings": dict(step.timings), "cached_steps": list(step.cached), "resumed": version == resume,
             **({"shards": sharded, "score_shards": run["score_shards"]} if sharded is not None else {})}
 

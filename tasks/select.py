@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import re
+from collections import Counter
 
 import numpy as np
 import polars as pl
@@ -71,3 +73,29 @@ def select_samples(scored: pl.DataFrame, cfg: SelectSettings) -> pl.DataFrame:
     else:  # pragma: no cover - the settings model forbids it
         raise ValuegateError(f"unknown selection policy {cfg.policy!r}")
     return scored.with_columns(pl.Series("keep", keep), pl.Series("reason", reason, dtype=pl.String))
+
+
+_REASON_KINDS: list[tuple[re.Pattern[str], str]] = [
+    # "suspect 4.1 > 3 (mean_loss z=+4.1, ...)": the threshold and the largest deviation, with its direction
+    (re.compile(r"^suspect \S+ > (?P<t>\S+) \((?P<s>\w+) z=\+"), "suspect > {t}: {s} high"),
+    (re.compile(r"^suspect \S+ > (?P<t>\S+) \((?P<s>\w+) z=-"), "suspect > {t}: {s} low"),
+    (re.compile(r"^suspect \S+ > (?P<t>\S+)"), "suspect > {t}"),
+    (re.compile(r"^value \S+ < (?P<rest>.+)$"), "value < {rest}"),
+    (re.compile(r"^(?P<top>not in the top \S+)"), "{top}"),
+]
+
+
+def reason_kind(reason: str) -> str:
+    """A drop reason without the sample's own numbers, so that reasons can be counted: ``"value -0.3 < 0"``
+    → ``"value < 0"``; ``"suspect 4.1 > 3 (mean_loss z=+4.1, ...)"`` → ``"suspect > 3: mean_loss high"``."""
+    for pattern, template in _REASON_KINDS:
+        m = pattern.match(reason)
+        if m:
+            return template.format(**m.groupdict())
+    return reason
+
+
+def dropped_reason_counts(selected: pl.DataFrame) -> dict[str, int]:
+    """``{reason kind: dropped samples}`` of a :func:`select_samples` table, most frequent first."""
+    counts = Counter(reason_kind(r) for r in selected.filter(~pl.col("keep"))["reason"].to_list())
+    return dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))

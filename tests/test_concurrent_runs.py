@@ -89,7 +89,7 @@ def test_concurrent_runs_keep_every_row_once_and_promote_in_order(tmp_path, tiny
                     "AWS_SECRET_ACCESS_KEY": options["aws_secret_access_key"],
                     "AWS_REGION": options["aws_region"]})
     config = _config(tmp_path, tiny_model_dir(), uri)
-    procs = [subprocess.Popen([sys.executable, "-m", "valuegate.cli", "run", "--config", config], env=env,
+    procs = [subprocess.Popen([sys.executable, "-m", "valuegate.cli", "run", "--config", config, "--json"], env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(runs)]
     outs = [p.communicate(timeout=900) for p in procs]
     for p, (_, err) in zip(procs, outs, strict=True):

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -111,6 +113,8 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--address", help="dask/ray: join this cluster (tcp://host:8786, ray://host:10001) "
                    "instead of starting a local one")
     g.add_argument("--shard-size", type=int, help="dask/ray: samples per extraction shard (default 2000)")
+    r.add_argument("--json", action="store_true",
+                   help="end with the run's summary as one JSON object (for machines) instead of a few lines")
 
     sv = sub.add_parser("serve", parents=[cfg], help="register refresh as a cron-scheduled deployment and serve it")
     sv.add_argument("--cron", default="0 3 * * *", help="schedule (default: every night at 03:00 UTC)")
@@ -267,34 +271,36 @@ def _cmd_score_set(args: argparse.Namespace) -> int:
     return 0
 
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-DEMO_CONFIG = REPO_ROOT / "infra" / "demo" / "demo.toml"
+# the embedded demo, package data of valuegate.demo (infra/demo/ in the checkout)
+DEMO_CONFIG = resources.files("valuegate.demo") / "demo.toml"
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
     from valuegate.flows.child_processes import start_temporary_api_dying_with_process
     from valuegate.flows.refresh import refresh
     from valuegate.flows.user_errors import quiet_user_error_tracebacks
+    from valuegate.run_summary import summary_json, summary_lines
     from valuegate.settings import load_settings
 
     config = args.config
     overrides: dict[str, Any] = {k: v for k, v in _overrides(args).items() if k == "model"}
     overrides["runner"] = {"kind": args.runner, "workers": args.workers, "address": args.address,
                            "shard_size": args.shard_size}
-    if config is None:
-        if not DEMO_CONFIG.exists():
-            raise ValuegateError(f"no --config given and the embedded demo ({DEMO_CONFIG}) is not here: "
-                                 "run from a valuegate checkout, or pass --config FILE")
-        config = str(DEMO_CONFIG)
-        os.chdir(REPO_ROOT)  # the demo's workspace is the default one, ./valuegate-workspace of the repository
-        print(f"valuegate: no --config: running the embedded demo ({DEMO_CONFIG})", file=sys.stderr)
     if getattr(args, "workspace", None):
         overrides["workspace"] = args.workspace
-    load_settings(config, overrides)  # a config mistake is one line here, before the flow and its server start
-    quiet_user_error_tracebacks()  # a user error raised in a step: its one line below, no Prefect traceback
-    start_temporary_api_dying_with_process()  # no PREFECT_API_URL: Prefect's temporary server, gone with us
-    summary = refresh(config=config, overrides=overrides)
-    print(json.dumps(summary, indent=1, default=str))
+    with contextlib.ExitStack() as stack:
+        if config is None:  # the demo's data resolve against its folder; its workspace is ./valuegate-workspace
+            config = str(stack.enter_context(resources.as_file(DEMO_CONFIG)))
+            print(f"valuegate: no --config: running the embedded demo ({config})", file=sys.stderr)
+        # a config mistake is one line here, before the flow and its server start
+        settings = load_settings(config, overrides)
+        quiet_user_error_tracebacks()  # a user error raised in a step: its one line below, no Prefect traceback
+        start_temporary_api_dying_with_process()  # no PREFECT_API_URL: Prefect's temporary server, gone with us
+        summary = refresh(config=config, overrides=overrides)
+    if args.json:
+        print(json.dumps(summary_json(summary, settings.release.name), indent=1, default=str))
+    else:
+        print("\n".join(summary_lines(summary, settings.release.name, settings.extract.max_length)))
     return 0
 
 

@@ -49,7 +49,7 @@ def _summary(stdout: str) -> dict:
 
 def run_once(workspace: Path, env: dict[str, str], model: str | None) -> dict:
     """One ``valuegate run`` child process: its summary, the process wall time, the step timings."""
-    cmd = [sys.executable, "-m", "valuegate.cli", "run", "--workspace", str(workspace)]
+    cmd = [sys.executable, "-m", "valuegate.cli", "run", "--json", "--workspace", str(workspace)]
     if model:
         cmd += ["--model", model]
     t0 = time.perf_counter()

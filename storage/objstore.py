@@ -386,6 +386,16 @@ class Root:
 
     # ------------------------------------------------------------------ writes
 
+    def delete(self, key: str) -> None:
+        """Remove the file or object ``key`` (absent: nothing happens). On S3 one signed ``DELETE``: unlike
+        pyarrow's ``delete_file`` it leaves no empty directory marker (``<parent>/``) behind."""
+        if self.local is not None:
+            (self.local / key).unlink(missing_ok=True)
+            return
+        status, _, body = self._s3.request("DELETE", self._key(key))
+        if status not in (200, 204, 404):
+            raise self._s3._fail("DELETE", self._key(key), status, body)
+
     def write_atomic(self, key: str, payload: bytes) -> None:
         """Write ``key`` whole: readers see the old bytes or the new ones (local: temporary + rename)."""
         if self.local is not None:

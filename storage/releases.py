@@ -59,6 +59,7 @@ import os
 import random
 import re
 import time
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -76,6 +77,7 @@ __all__ = [
     "SCORES_FILE",
     "NewerIsCurrent",
     "allocate_version",
+    "clean_abandoned",
     "complete_release",
     "format_version",
     "list_release_names",
@@ -107,6 +109,8 @@ _LOCK_FILE = ".CURRENT.lock"
 _RESERVED = {DATA_FILE, SCORES_FILE, MANIFEST_FILE, CURRENT_FILE}
 
 _VERSION = re.compile(r"^v(\d{4,})$")
+_STAGING = re.compile(r"^\.(v\d{4,})-[A-Za-z0-9_]+$")  # .v0003-gate, .v0003-report: local staging folders
+ABANDONED_AFTER_S = 3600.0  # object store: an incomplete version this long untouched counts as abandoned
 _ALLOCATE_ATTEMPTS = 1000
 _PROMOTE_ATTEMPTS = 200
 
@@ -221,17 +225,23 @@ def version_exists(root: Any, name: str, version: str | int) -> bool:
 # --------------------------------------------------------------------------------------------------
 
 
-def allocate_version(root: Any, name: str) -> str:
+def allocate_version(root: Any, name: str, *, claim: Callable[[str], bool] | None = None,
+                     unclaim: Callable[[str], None] | None = None) -> str:
     """Reserve the next version of ``name`` by creating its ``.allocated`` marker only if absent.
 
     Takes one past the highest existing version and creates ``<version>/.allocated`` exclusively (``O_EXCL``
     locally, ``If-None-Match: *`` on S3); when another run claimed it first, re-lists and tries the next
     number. Two runs on one workspace therefore never get the same version. Numbers are never reused: a
-    run that crashed before its manifest leaves a gap (its version stays, incomplete and ignored).
+    run that crashed before its manifest leaves a gap (its version stays, incomplete and ignored, until
+    :func:`clean_abandoned` empties it down to its marker, which stays).
 
     Args:
         root: workspace root (directory, s3:// URI or Workspace).
         name: release name (letters, digits, ``.``, ``_``, ``-``).
+        claim: ``claim(version) -> bool``, take the caller's claim on a version (False: another run holds
+            it). Taken *before* the marker is created, so the version is never visible unclaimed to
+            :func:`clean_abandoned`; a number whose claim is held is skipped.
+        unclaim: ``unclaim(version)``, drop a claim taken for a number another run created first.
 
     Returns:
         the reserved version, e.g. ``"v0003"``.
@@ -246,11 +256,105 @@ def allocate_version(root: Any, name: str) -> str:
         # locally an existing directory without marker (written by an older valuegate) counts as taken
         taken = r.is_local and r.path(_vkey(name, number)).exists() and not r.is_file(
             _vkey(name, number, ALLOCATED_FILE))
-        if not taken and r.create(_vkey(name, number, ALLOCATED_FILE), b""):
-            return format_version(number)
+        if not taken and (claim is None or claim(format_version(number))):
+            if r.create(_vkey(name, number, ALLOCATED_FILE), b""):
+                return format_version(number)
+            if claim is not None and unclaim is not None:
+                unclaim(format_version(number))
         number = max([number, *_version_numbers(r, name)]) + 1
     raise ValuegateError(f"could not reserve a release version under {r.uri_of(_base(name))} after "
                          f"{_ALLOCATE_ATTEMPTS} tries; is something else creating versions there?")
+
+
+def clean_abandoned(root: Any, name: str, *, keep: Iterable[str] = (),
+                    claim: Callable[[str], bool] | None = None, unclaim: Callable[[str], None] | None = None,
+                    min_age_s: float | None = None) -> list[str]:
+    """Empty the versions of ``name`` that killed or failed runs left incomplete, down to their
+    ``.allocated`` marker (which keeps the number taken: numbers are never reused), and remove their hidden
+    staging folders (``.vNNNN-gate``, ``.vNNNN-report`` beside the versions, local roots only).
+
+    A version is abandoned when it has no manifest (or, complete, still has a staging folder), is not in
+    ``keep`` (the version being resumed) and its run is gone: ``claim(version)`` succeeds (the claim is held
+    while its files are removed, so a run cannot resume it meanwhile, and dropped after with ``unclaim``).
+    A version that holds nothing but its marker has nothing to clean. Complete releases are never touched.
+
+    On an object store the claim lock (a local ``flock``) says nothing about runs on other machines, so
+    there a version is cleaned only when, besides, its newest object is at least ``min_age_s`` old
+    (default :data:`ABANDONED_AFTER_S`, one hour, by the objects' last-modified times): a run on another
+    machine that takes longer than that between two writes of its release could lose its staged files
+    (its completion then fails with "stage the release again", it never completes a damaged release).
+    Locally ``min_age_s`` defaults to no age rule: without ``claim`` every incomplete version not in
+    ``keep`` counts as abandoned, so callers that write releases without claims must pass ``keep``.
+
+    Args:
+        root: workspace root (directory, s3:// URI or Workspace).
+        name: release name.
+        keep: versions never cleaned (e.g. the one this run resumes).
+        claim: ``claim(version) -> bool``: take the version's claim, False when a live run holds it.
+        unclaim: ``unclaim(version)``: drop a claim ``claim`` took.
+        min_age_s: the age rule (seconds); None: an hour on an object store, none locally.
+
+    Returns:
+        the versions something was removed from, ascending (``["v0002", ...]``); empty when nothing was.
+    """
+    r = _root(root)
+    base = _base(name)
+    kept = {_canonical(v) for v in keep}
+    staging: dict[str, list[str]] = {}
+    for entry in (r.list(base, hidden=True) if r.is_local else []):
+        if (m := _STAGING.match(entry)) and _VERSION.match(m.group(1)):
+            staging.setdefault(_canonical(m.group(1)), []).append(entry)
+    incomplete = {format_version(n) for n in _version_numbers(r, name)
+                  if not r.is_file(_vkey(name, n, MANIFEST_FILE))}
+    age = min_age_s if min_age_s is not None else (None if r.is_local else ABANDONED_AFTER_S)
+    cleaned = []
+    for version in sorted(incomplete | set(staging), key=parse_version):
+        if version in kept:
+            continue
+        files = _version_files(r, name, version) if version in incomplete else []
+        if not files and not staging.get(version):
+            continue  # the marker only: nothing to clean
+        if age is not None and not r.is_local and files and time.time() - max(t for _, t in files) < age:
+            continue  # maybe a live run on another machine
+        if claim is not None and not claim(version):
+            continue  # a live run holds it
+        try:
+            if not release_exists(r, name, version):  # completed by its run in the meantime: keep its files
+                for key, _ in files:
+                    _remove_local(r.path(key)) if r.is_local else r.delete(key)
+            for entry in staging.get(version, []):
+                _remove_local(r.path(f"{base}/{entry}"))
+        finally:
+            if claim is not None and unclaim is not None:
+                unclaim(version)
+        cleaned.append(version)
+    return cleaned
+
+
+def _version_files(r: Root, name: str, version: str) -> list[tuple[str, float]]:
+    """(key, last-modified epoch seconds) of everything in a version but its ``.allocated`` marker: the
+    top-level entries locally (a folder is one entry), every object on an object store."""
+    vkey = _vkey(name, version)
+    if r.is_local:
+        directory = r.path(vkey)
+        try:
+            entries = os.listdir(directory)
+        except (FileNotFoundError, NotADirectoryError):
+            return []
+        return [(f"{vkey}/{e}", (directory / e).lstat().st_mtime) for e in entries if e != ALLOCATED_FILE]
+    from pyarrow import fs as pafs
+
+    prefix = r.uri_of(vkey)[len("s3://"):]
+    infos = r.fs.get_file_info(pafs.FileSelector(prefix, recursive=True, allow_not_found=True))
+    return [(f"{vkey}/{i.path[len(prefix) + 1:]}", i.mtime.timestamp()) for i in infos
+            if i.type == pafs.FileType.File and i.path != f"{prefix}/{ALLOCATED_FILE}"]
+
+
+def _remove_local(path: Path) -> None:
+    import shutil
+
+    shutil.rmtree(path, ignore_errors=True) if path.is_dir() and not path.is_symlink() else path.unlink(
+        missing_ok=True)
 
 
 def _plain_type(t: pa.DataType) -> pa.DataType:

@@ -24,7 +24,10 @@ Caching and resuming (results persist under ``<workspace>/.prefect-results``, se
 * A release is complete only when every file is in it: the release step stages data, scores and the
   gate's Data Docs; the report step renders the report from the completion record in memory, copies it
   in and only then writes ``manifest.json``. An incomplete version is never listed, read or promoted.
-  Versions a run leaves incomplete with other inputs (or whose resume record was lost) stay unlisted.
+  Versions a run leaves incomplete with other inputs (or whose resume record was lost) stay unlisted,
+  and the next run's allocate step empties every one whose claim is free down to its ``.allocated``
+  marker (numbers are never reused), with its staging folders (:func:`valuegate.storage.releases.clean_abandoned`;
+  on an object store only those untouched for an hour).
 
 Runners (``settings.runner``): ``local`` runs every step in the flow's process, extraction inside
 extract+score. ``dask`` and ``ray`` first extract the training ids still missing for the fingerprint in
@@ -60,6 +63,7 @@ from valuegate.flows import (
     table_versions,
 )
 from valuegate.flows.stale_runs import check_stale_runs
+from valuegate.flows.user_errors import retry_unless_user_error
 from valuegate.flows.validation import register_validation_version
 from valuegate.settings import Settings, load_settings
 
@@ -130,8 +134,8 @@ def _score_key(params: dict[str, Any]) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------------
 
 
-@task(name="ingest", retries=2, retry_delay_seconds=2, cache_policy=KeyedOn(parts=_ingest_key),
-      result_serializer="json")
+@task(name="ingest", retries=2, retry_delay_seconds=2, retry_condition_fn=retry_unless_user_error,
+      cache_policy=KeyedOn(parts=_ingest_key), result_serializer="json")
 def ingest_sources(settings: Settings) -> dict[str, Any]:
     """Ingest every configured source into the dataset (unchanged files are no-ops).
 
@@ -188,7 +192,8 @@ def score_against_valset(settings: Settings, valset: dict[str, Any], dataset_fp:
             "truncated": rep.truncated, "unscored": rep.unscored, "unscored_ids": rep.unscored_ids}
 
 
-@task(name="plan-shards", retries=2, retry_delay_seconds=2, cache_policy=NO_CACHE)
+@task(name="plan-shards", retries=2, retry_delay_seconds=2, retry_condition_fn=retry_unless_user_error,
+      cache_policy=NO_CACHE)
 def plan_shards(settings: Settings) -> dict[str, Any]:
     """The training ids still without features for the fingerprint, cut into deterministic shards (the
     feature set is registered here, before any shard runs)."""
@@ -201,7 +206,7 @@ def plan_shards(settings: Settings) -> dict[str, Any]:
 
 
 @task(name="extract-shard", task_run_name="extract-shard-{shard}", retries=2, retry_delay_seconds=2,
-      cache_policy=NO_CACHE)
+      retry_condition_fn=retry_unless_user_error, cache_policy=NO_CACHE)
 def extract_shard_task(shard: int, settings: Settings, ids: list[str], model_fp: str, fp_settings: dict,
                        lowest_likelihood_ratio: float) -> dict[str, Any]:
     """Extract one shard on whichever worker the task runner gives it (retried: a lost worker or a failed
@@ -343,7 +348,7 @@ def plan_scores(settings: Settings, valset: dict[str, Any], dataset_fp: str) -> 
 
 
 @task(name="score-shard", task_run_name="score-shard-{shard}", retries=2, retry_delay_seconds=2,
-      cache_policy=NO_CACHE)
+      retry_condition_fn=retry_unless_user_error, cache_policy=NO_CACHE)
 def score_shard_task(shard: int, settings: Settings, plan: dict[str, Any], ids: list[str]) -> dict[str, Any]:
     """Score one shard of the run on whichever worker the runner gives it and write its rows into the run
     (retried: a lost worker or a failed write; rows are inserted only if absent, so never twice)."""
@@ -424,24 +429,34 @@ def select(settings: Settings, run_id: str) -> Any:
     return select_samples(scored, settings.select)
 
 
-@task(name="allocate", retries=2, retry_delay_seconds=2, cache_policy=NO_CACHE)
+@task(name="allocate", retries=2, retry_delay_seconds=2, retry_condition_fn=retry_unless_user_error, cache_policy=NO_CACHE)
 def allocate_release(settings: Settings, resume: str | None, run_id: str, release_key: str) -> str:
     """The version this run writes, claimed for this run (see :func:`_claim`): ``resume`` (the version a
     run with the same inputs allocated and did not finish) when it is still there, not current, either
     incomplete or cut from ``run_id``, and no live run holds it; else a new version (exclusive allocation:
     concurrent runs never share one), recorded under ``release_key`` at once, so that a run killed at any
-    later point is resumed by the next run with the same inputs."""
+    later point is resumed by the next run with the same inputs. First empties the versions other runs
+    left incomplete and no live run claims (:func:`valuegate.storage.releases.clean_abandoned`, one log
+    line; a failure there is a warning)."""
     from valuegate.storage import releases as store
 
     root, name = _workspace(settings), settings.release.name
-    if (resume and store.version_exists(root, name, resume) and store.read_current(root, name) != resume
-            and (not store.release_exists(root, name, resume)
-                 or store.read_manifest(root, name, resume).get("run_id") == run_id)
-            and _claim(settings, resume)):
+    claims = {"claim": lambda v: _claim(settings, v), "unclaim": lambda v: _unclaim(settings, v)}
+    resumed = (resume and store.version_exists(root, name, resume) and store.read_current(root, name) != resume
+               and (not store.release_exists(root, name, resume)
+                    or store.read_manifest(root, name, resume).get("run_id") == run_id)
+               and _claim(settings, resume))
+    try:  # versions killed or failed runs left incomplete (their claims free): emptied to their marker
+        cleaned = store.clean_abandoned(root, name, keep=[resume] if resumed else [], **claims)
+        if cleaned:
+            get_run_logger().info(f"cleaned {len(cleaned)} abandoned incomplete release version(s) of {name}, "
+                                  f"their runs gone: {', '.join(cleaned)} (numbers stay taken)")
+    except Exception as exc:  # e.g. a permission error: the run goes on, the next one tries again
+        get_run_logger().warning(f"could not clean abandoned release versions of {name}: {exc}")
+    if resumed:
         get_run_logger().info(f"resuming release {name}/{resume}, left by a run with the same inputs")
         return resume
-    version = store.allocate_version(root, name)
-    _claim(settings, version)  # new: nobody else holds it
+    version = store.allocate_version(root, name, **claims)  # claimed before its marker exists
     _remember_release(settings, release_key, version)
     return version
 
@@ -461,7 +476,7 @@ def gate(settings: Settings, selected: Any, counts: dict[str, int], valset: dict
     return {"passed": res.passed, "failures": res.failures, "docs_index": str(res.docs_index or "")}
 
 
-@task(name="release", retries=2, retry_delay_seconds=2, cache_policy=NO_CACHE)
+@task(name="release", retries=2, retry_delay_seconds=2, retry_condition_fn=retry_unless_user_error, cache_policy=NO_CACHE)
 def write_release_task(settings: Settings, selected: Any, manifest_parts: dict[str, Any], gate_result: dict,
                        version: str, docs_dir: str) -> dict[str, Any]:
     """Stage the release files (data: the training columns; scores: every score column; Data Docs; the
@@ -558,7 +573,7 @@ def _explain(settings: Settings, selected: Any, valset: str) -> list:
     return [(label, row, tc) for (label, row), tc in zip(picked, tcs, strict=True)]
 
 
-@task(name="promote", retries=2, retry_delay_seconds=2, cache_policy=NO_CACHE)
+@task(name="promote", retries=2, retry_delay_seconds=2, retry_condition_fn=retry_unless_user_error, cache_policy=NO_CACHE)
 def promote_task(settings: Settings, version: str) -> dict[str, Any]:
     """Move CURRENT to the release (only called after the gate passed), forward only.
 

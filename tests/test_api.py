@@ -147,7 +147,8 @@ def test_readme_five_line_example(tiny_model_dir, data_files, tmp_path, monkeypa
     import valuegate
     scores = valuegate.score("train.jsonl", "valid.jsonl", model=tiny)   # polars.DataFrame, one row per sample
     print(scores.sort("suspect", descending=True).select("row", "value", "suspect").head(3))
-    scores.filter(scores["suspect"] <= 2.0).write_parquet("kept.parquet")
+    kept = scores.filter(scores["suspect"] <= 2.0)            # what the default policy keeps
+    kept.write_parquet("kept.parquet")
     # ---
     kept = pl.read_parquet(tmp_path / "kept.parquet")
     assert scores.height == 9 and 0 < kept.height <= 9 and (kept["suspect"] <= 2.0).all()

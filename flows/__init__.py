@@ -1,4 +1,4 @@
-"""valuegate.flows: the Prefect flows (DESIGN §2) and the orchestration policy they share.
+"""valuegate.flows: the Prefect flows (docs/ARCHITECTURE.md §1) and the orchestration policy they share.
 
 Cached steps persist their results under ``<workspace>/.prefect-results`` (so the cache goes with the
 workspace and a wiped workspace never meets an old cache; an object-store workspace keeps them in a local

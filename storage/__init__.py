@@ -1,1 +1,1 @@
-"""valuegate.storage: see DESIGN §2."""
+"""valuegate.storage: see docs/ARCHITECTURE.md §2 and §3."""

@@ -1,4 +1,4 @@
-"""The workspace: one LanceDB database at a local directory or an object-store URI (DESIGN §3).
+"""The workspace: one LanceDB database at a local path or an object-store URI (docs/ARCHITECTURE.md §3.1).
 
 This is the only module that imports :mod:`lancedb`. Everything else asks a :class:`Workspace` for
 tables, versions, tags and vector search and gets plain :class:`pyarrow.Table` objects back.

@@ -1,4 +1,4 @@
-"""Release layout and atomic promotion (DESIGN §3, "Releases"), on local disk or an S3-compatible store.
+"""Release layout and atomic promotion (docs/ARCHITECTURE.md §3.3), on local disk or an S3-compatible store.
 
 Layout, under the workspace root (a directory, or the workspace's ``s3://bucket/prefix``)::
 

@@ -1,11 +1,11 @@
 """The data contract: the pyarrow schema of every table valuegate keeps, in one place.
 
-Tables of a workspace (DESIGN §3, refined):
+Tables of a workspace (docs/ARCHITECTURE.md §3.1):
 
 - ``samples``: one row per distinct sample content, keyed by ``id`` = sha256 of the normalised sample.
 - ``members``: which sample sits at which row of which source file of which dataset, with the row's
   other columns as they came (``metadata``, JSON). A dataset's current samples are the ids of the latest
-  ingest of each of its sources. (DESIGN puts source/row/metadata on ``samples``; they belong to a row of
+  ingest of each of its sources. (Source, row and metadata are not on ``samples``: they belong to a row of
   a file, and one content can sit in many files: keeping them apart is what makes dedup across files,
   idempotent re-ingest and "which ids left" exact.)
 - ``ingests``: the completion record of each ingested file (its content hash, counts, ids that left).

@@ -1,1 +1,1 @@
-"""valuegate.tasks: see DESIGN §2."""
+"""valuegate.tasks: see docs/ARCHITECTURE.md §2."""

@@ -1,4 +1,4 @@
-"""The math of For-Value (DESIGN §1): token features, exact kernels, sparse rows, aggregates.
+"""The math of For-Value (docs/ARCHITECTURE.md §4): token features, exact kernels, sparse rows, aggregates.
 
 Notation. For one sample, the counted positions t carry the final hidden state ``h_t ∈ R^d`` (the input
 of the LM head ``W ∈ R^{V×d}``), the next-token probabilities ``p_t`` and the observed next token
@@ -256,7 +256,7 @@ def gaussian_projection(seed: int, in_dim: int, out_dim: int) -> torch.Tensor:
 
 @dataclass
 class SparseFeatures:
-    """The stored features of one sample (DESIGN §1 "sparse", plus the dense search vectors).
+    """The stored features of one sample (docs/ARCHITECTURE.md §4 "sparse", plus the dense search vectors).
 
     Attributes:
         token_ids: ``(|U|,)`` int32, the sorted support ``U = ∪_t ({y_t} ∪ top-k(p_t))``.

@@ -251,7 +251,7 @@ class EncodedSample:
     Attributes:
         input_ids: ``(T,)`` int64.
         counted: ``(T-1,)`` bool; ``counted[t]`` says whether the prediction of ``input_ids[t+1]`` from
-            position t counts (``m_t`` of DESIGN §1).
+            position t counts (``m_t`` of docs/ARCHITECTURE.md §4).
         truncated: the sample was cut at ``max_length``.
         image_tokens: ``(T,)`` bool, the tokens a VLM's processor put in for images (None: no image).
         token_inputs: a VLM's per-token model inputs, each ``(T,)`` int64 (``mm_token_type_ids``).

@@ -40,7 +40,7 @@ FEATURES_PREFIX = "features__"
 VALSET_PREFIX = "valset__"
 
 # Version of the feature layout: part of every model fingerprint, bumped when a stored feature changes.
-FEATURE_FORMAT = 3  # 3: the `truncated` column
+FEATURE_FORMAT = 4  # 3: the `truncated` column; 4: `uncond_loss` (IFD's pass of the response alone)
 
 TIMESTAMP = pa.timestamp("us", tz="UTC")
 
@@ -133,6 +133,7 @@ def features_schema(hidden_size: int, error_dim: int) -> pa.Schema:
         pa.field("rows", pa.list_(pa.float32()), nullable=False),
         pa.field("n_tokens", pa.int32(), nullable=False),
         pa.field("mean_loss", pa.float32()),
+        pa.field("uncond_loss", pa.float32()),              # mean loss of the response alone (null: no prompt)
         pa.field("dropped_mass", pa.float32()),
         pa.field("self_influence", pa.float64()),
         pa.field("pooled_hidden", pa.list_(pa.float32(), hidden_size)),
@@ -179,6 +180,12 @@ scores_schema = pa.schema([
     pa.field("truncated", pa.bool_()),                       # valued on its first max_length tokens only
     pa.field("mean_loss", pa.float32()),
     pa.field("self_influence", pa.float64()),
+    # the baselines of tasks/baselines.py (null in rows of an older valuegate; ifd null without a prompt)
+    pa.field("perplexity", pa.float64()),
+    pa.field("length", pa.int32()),
+    pa.field("ifd", pa.float64()),
+    pa.field("rds_mean", pa.float64()),
+    pa.field("rds_max", pa.float64()),
     pa.field("suspect", pa.float64()),                       # combined signal score, null when off
     pa.field("suspect_reason", pa.string()),                 # the largest deviations behind it
     # every signal of tasks/signals.py but mean_loss (above; null when not computed)

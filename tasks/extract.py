@@ -462,6 +462,7 @@ class StoreExtractReport:
     batches: int = 0
     stats: ExtractionStats | None = None
     indexed: bool = False
+    uncond_seconds: float = 0.0  # the unconditional pass (IFD) over the extracted samples
 
     def line(self) -> str:
         """One human line."""
@@ -476,11 +477,13 @@ class StoreExtractReport:
                    if self.older_format is not None else ""))
 
 
-def feature_row(sample_id: str, f: SparseFeatures, batch: int, seconds: float, truncated: bool = False) -> dict:
+def feature_row(sample_id: str, f: SparseFeatures, batch: int, seconds: float, truncated: bool = False,
+                uncond_loss: float | None = None) -> dict:
     """A :class:`SparseFeatures` as a row of a ``features__<fp>`` table (``truncated``: the sample was cut at
-    ``max_length``)."""
+    ``max_length``; ``uncond_loss``: mean loss of its response alone, None or NaN when it has none)."""
+    uncond = None if uncond_loss is None or not np.isfinite(uncond_loss) else float(uncond_loss)
     return {"id": sample_id, "truncated": truncated, "token_ids": f.token_ids, "rows": f.rows.reshape(-1), "n_tokens": f.n_tokens,
-            "mean_loss": f.mean_loss, "dropped_mass": f.dropped_mass, "self_influence": f.self_influence,
+            "mean_loss": f.mean_loss, "uncond_loss": uncond, "dropped_mass": f.dropped_mass, "self_influence": f.self_influence,
             "pooled_hidden": f.pooled_hidden,
             "pooled_error": f.pooled_error if f.pooled_error.size else np.zeros(1, np.float32),
             "error_sum": f.error_sum,
@@ -535,6 +538,11 @@ def extract_to_store(ws, lm_loader, ids: list[str], samples: list[Sample], cfg: 
     ph, pe = projections(cfg, lm.hidden_size, lm.vocab_size)
     ph = ph.to(lm.device) if ph is not None else None
     pe = pe.to(lm.device) if pe is not None else None
+    from valuegate.tasks.baselines import unconditional_losses
+
+    t0 = time.perf_counter()  # IFD's pass of the responses alone, first: each row is written once, whole
+    uncond = unconditional_losses(lm, todo_samples, cfg)
+    report.uncond_seconds = time.perf_counter() - t0
     batch_no = time.time_ns() // 1000  # unique per run; rows carry the batch they were committed in
     buffer: list[dict] = []
     t_last = time.perf_counter()
@@ -544,7 +552,7 @@ def extract_to_store(ws, lm_loader, ids: list[str], samples: list[Sample], cfg: 
         now = time.perf_counter()
         share = (now - t_last) / max(1, len(idx))
         t_last = now
-        buffer.extend(feature_row(todo_ids[i], f, batch_no + report.batches, share, i in cut)
+        buffer.extend(feature_row(todo_ids[i], f, batch_no + report.batches, share, i in cut, uncond[i])
                       for i, f in zip(idx, feats, strict=True))
         if len(buffer) >= write_every:
             fstore.write_features(ws, model_fp, buffer, lm.hidden_size, cfg.error_dim)

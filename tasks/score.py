@@ -12,6 +12,7 @@ import torch
 from valuegate.errors import ValuegateError
 from valuegate.settings import Settings
 from valuegate.storage.schemas import SIGNAL_COLUMNS
+from valuegate.tasks.baselines import BASELINE_COLUMNS, baseline_columns, unconditional_losses
 from valuegate.tasks.extract import (
     ExtractionStats,
     extract_sparse,
@@ -47,8 +48,8 @@ from valuegate.tasks.signals import (
 __all__ = ["OUTPUT_COLUMNS", "ValueMatrix", "aggregate", "compute_values", "normalize", "score_files"]
 
 SCORE_CHUNK = 8000  # train samples per scoring chunk (a multiple of read_features' 2,000-id queries)
-OUTPUT_COLUMNS = ("row", "value", "nearest_rows", "n_tokens", "truncated", "mean_loss", "self_influence", "suspect",
-                  "suspect_reason",
+OUTPUT_COLUMNS = ("row", "value", "nearest_rows", "n_tokens", "truncated", "mean_loss", "self_influence",
+                  *BASELINE_COLUMNS, "suspect", "suspect_reason",
                   *(c for c in SIGNAL_COLUMNS if c != "mean_loss"))
 
 
@@ -68,6 +69,8 @@ class ValueMatrix:
             (leave one out) validation sample, for the local suspect reference (None when global).
         suspect: ``(n_train,)`` the combined suspect score (None when off); suspect_reason: the largest
             deviations behind it, per sample.
+        train_hidden, valid_hidden: ``(n, d)`` mean final hidden states over the counted positions (the
+            ``rds`` baselines).
     """
 
     values: np.ndarray
@@ -84,6 +87,8 @@ class ValueMatrix:
     valid_neighbours: np.ndarray | None = None
     suspect: np.ndarray | None = None
     suspect_reason: list[str] | None = None
+    train_hidden: np.ndarray | None = None
+    valid_hidden: np.ndarray | None = None
 
 
 def _token_counts(block_sample: torch.Tensor, n: int) -> np.ndarray:
@@ -171,8 +176,6 @@ def _exact_values(lm: LoadedModel, enc_train: list[EncodedSample], enc_valid: li
                 sig.update(signals_from_terms(cross_terms_exact(block.hardest(hard), vblock, vcent, mu, vselfs),
                                               k, prefix="hard_"))
             sig_parts.append(sig)
-            order.extend(idx)
-            hidden_parts.append(_block_mean_hidden(main))
             values[idx], train_self[idx] = terms.raw, terms.self_raw
             train_tokens[idx], train_loss[idx] = terms.tokens, terms.loss
         else:
@@ -182,19 +185,22 @@ def _exact_values(lm: LoadedModel, enc_train: list[EncodedSample], enc_valid: li
             loss = torch.zeros(main.n_samples, dtype=torch.float64).index_add_(
                 0, main.sample, -main.log_likelihood.double())
             train_loss[idx] = loss.numpy() / np.maximum(train_tokens[idx], 1)
+        order.extend(idx)
+        hidden_parts.append(_block_mean_hidden(main))
     timings["extract_train+score"] = time.perf_counter() - t0
     vm = ValueMatrix(values, train_self, valid_self, train_tokens, _token_counts(vblock.sample, vblock.n_samples),
                      train_loss, timings, stats)
+    inv = np.argsort(np.asarray(order))
+    vm.train_hidden, vm.valid_hidden = np.concatenate(hidden_parts)[inv], _block_mean_hidden(vblock)
     if with_signals:
         t0 = time.perf_counter()
-        inv = np.argsort(np.asarray(order))
         vm.signals = {name: col[inv] for name, col in _stack(sig_parts).items()}
         ref = signals_from_terms(cross_terms_exact(vblock, vblock, vcent, mu, vselfs), k, loo=True)
         if hard < 1.0:
             ref.update(signals_from_terms(cross_terms_exact(vblock.hardest(hard), vblock, vcent, mu, vselfs),
                                           k, loo=True, prefix="hard_"))
         vm.reference = ref
-        nb = neighbours_of(np.concatenate(hidden_parts)[inv], _block_mean_hidden(vblock), settings.score)
+        nb = neighbours_of(vm.train_hidden, vm.valid_hidden, settings.score)
         if nb is not None:
             vm.train_neighbours, vm.valid_neighbours = nb
         timings["reference"] = time.perf_counter() - t0
@@ -260,13 +266,16 @@ def compute_values(lm: LoadedModel, train: list[Sample], valid: list[Sample], se
     ft = extract_sparse(lm, enc_train, ex, train, ex.lowest_likelihood_ratio, progress, "train", stats)
     timings["extract_train"] = time.perf_counter() - t0
     t0 = time.perf_counter()
+    hidden = (mean_hidden(np.stack([f.pooled_hidden for f in ft]), np.array([f.n_tokens for f in ft])),
+              mean_hidden(np.stack([f.pooled_hidden for f in fv]), np.array([f.n_tokens for f in fv])))
     if not settings.score.signals:
         values = sparse_cross(ft, fv, lm.vocab_size)
         timings["score"] = time.perf_counter() - t0
         return ValueMatrix(values, sparse_self(ft), sparse_self(fv),
                            np.array([f.n_tokens for f in ft], dtype=np.int64),
                            np.array([f.n_tokens for f in fv], dtype=np.int64),
-                           np.array([f.mean_loss for f in ft]), timings, stats)
+                           np.array([f.mean_loss for f in ft]), timings, stats, train_hidden=hidden[0],
+                           valid_hidden=hidden[1])
     k = settings.score.nearest_k
     centre = projected_centre(ex, lm.hidden_size, lm.vocab_size, np.stack([f.pooled_hidden for f in fv]),
                               np.array([f.n_tokens for f in fv]))
@@ -282,9 +291,8 @@ def compute_values(lm: LoadedModel, train: list[Sample], valid: list[Sample], se
     t0 = time.perf_counter()
     ref = reference_signals(vs, hard_of(fv), vside, k)
     vm = ValueMatrix(terms.raw, terms.self_raw, vside.self_raw, terms.tokens, vs.tokens, terms.loss, timings,
-                     stats, sig, ref)
-    nb = neighbours_of(mean_hidden(np.stack([f.pooled_hidden for f in ft]), terms.tokens),
-                       mean_hidden(np.stack([f.pooled_hidden for f in fv]), vs.tokens), settings.score)
+                     stats, sig, ref, train_hidden=hidden[0], valid_hidden=hidden[1])
+    nb = neighbours_of(vm.train_hidden, vm.valid_hidden, settings.score)
     if nb is not None:
         vm.train_neighbours, vm.valid_neighbours = nb
     timings["reference"] = time.perf_counter() - t0
@@ -333,7 +341,8 @@ def score_files(train_path: str, valid_path: str, settings: Settings, progress: 
     For ``mean``/``nearest`` the table has every input column of TRAIN plus ``row``, ``value``,
     ``nearest_rows`` (the validation rows of the top-k alignments), ``n_tokens``, ``truncated`` (valued on
     its first ``max_length`` tokens only; under ``extract.truncation = "refuse"`` such a sample is an error
-    naming it), ``mean_loss`` and ``self_influence``, and with ``score.signals`` the combined ``suspect`` score and one column per signal
+    naming it), ``mean_loss``, ``self_influence``, the baselines ``perplexity``, ``length``, ``ifd``, ``rds_mean`` and
+    ``rds_max`` (:mod:`valuegate.tasks.baselines`), and with ``score.signals`` the combined ``suspect`` score and one column per signal
     (:mod:`valuegate.tasks.signals`); for ``pairwise`` it is long: ``train_row``, ``valid_row``, ``value``.
     """
     train_df, train = read_samples(train_path)
@@ -375,6 +384,10 @@ def score_samples(train_df: pl.DataFrame, train: list[Sample], valid: list[Sampl
     cols = {"row": np.arange(len(train)), "value": agg, "nearest_rows": [list(map(int, r)) for r in nearest]}
     cols.update({"n_tokens": vm.train_tokens, "truncated": [e.truncated for e in encoded[0]],
                  "mean_loss": vm.train_loss, "self_influence": vm.train_self})
+    t0 = time.perf_counter()
+    uncond = unconditional_losses(lm, train, ex)  # IFD's one extra forward pass, of the responses alone
+    vm.timings["unconditional"] = time.perf_counter() - t0
+    cols.update(baseline_columns(vm.train_loss, vm.train_tokens, uncond, vm.train_hidden, vm.valid_hidden))
     if vm.signals is not None:
         cols["suspect"] = vm.suspect
         cols["suspect_reason"] = vm.suspect_reason
@@ -558,13 +571,12 @@ class ScoringContext:
 def _feature_columns(settings: Settings) -> list[str]:
     """The feature columns a scoring chunk reads."""
     ex, sc = settings.extract, settings.score
-    cols = ["id", "truncated", "token_ids", "rows", "n_tokens", "mean_loss", "self_influence"]
+    cols = ["id", "truncated", "token_ids", "rows", "n_tokens", "mean_loss", "uncond_loss", "self_influence",
+            "pooled_hidden"]
     if sc.signals:
         cols.append("error_sum")
         if ex.hard_fraction < 1.0:
             cols += ["hard_token_ids", "hard_rows", "hard_error_sum", "hard_n_tokens", "hard_mean_loss"]
-        if sc.suspect_neighbours > 0:
-            cols.append("pooled_hidden")
     return cols
 
 
@@ -641,19 +653,19 @@ def load_context(ws, plan: ScoringPlan, settings: Settings) -> ScoringContext:
     ex, sc = settings.extract, settings.score
     vids, vocab, width = plan.vids, plan.vocab, plan.width
     cols = _feature_columns(settings)
-    vrows = fstore.read_features(ws, plan.fp_v, vids, list(dict.fromkeys([*cols, "pooled_hidden"])))
+    vrows = fstore.read_features(ws, plan.fp_v, vids, cols)
     # with the signals on, the rows become CSR inside SparseSet (raw and centred): no plain CSR is built
     vm, vt = (None, _aligned(vrows, vids)) if sc.signals else _feature_matrix(vrows, vids, vocab, width)
     ctx = ScoringContext(np.asarray(vids, dtype=object), vt["self_influence"].to_numpy(),
                          vt["n_tokens"].to_numpy().astype(np.int64), vm=vm)
+    pooled = _pooled(vt, len(vids))
+    ctx.v_hidden = mean_hidden(pooled, ctx.v_tok)  # the rds baselines, and the local suspect reference
     if sc.signals:
         vs = SparseSet.from_arrow(vt, vocab, width)
-        pooled = _pooled(vt, len(vids))
         ctx.vside = ValidSide.build(vs, projected_centre(ex, plan.hidden_size, vocab, pooled, ctx.v_tok))
         hard = SparseSet.from_arrow(vt, vocab, width, "hard_") if ex.hard_fraction < 1.0 else None
         ctx.reference = reference_signals(vs, hard, ctx.vside, sc.nearest_k)
         if sc.suspect_neighbours > 0:
-            ctx.v_hidden = mean_hidden(pooled, ctx.v_tok)
             ctx.valid_nb = hidden_neighbours(ctx.v_hidden, ctx.v_hidden, ctx.v_hidden.mean(0),
                                              sc.suspect_neighbours, loo=True)
     return ctx
@@ -683,6 +695,8 @@ def score_rows(ws, plan: ScoringPlan, ctx: ScoringContext, settings: Settings,
     t_tok = tt["n_tokens"].to_numpy().astype(np.int64)
     t_loss = tt["mean_loss"].to_numpy().astype(np.float64)
     n = len(ids)
+    t_hidden = mean_hidden(_pooled(tt, n), t_tok)
+    baselines = baseline_columns(t_loss, t_tok, tt["uncond_loss"].to_pylist(), t_hidden, ctx.v_hidden)
     signals: dict[str, np.ndarray] = {}
     suspect = reasons = near = near_v = None
     if sc.signals:
@@ -691,7 +705,7 @@ def score_rows(ws, plan: ScoringPlan, ctx: ScoringContext, settings: Settings,
         terms, signals = sparse_signal_terms(ts, hard, ctx.vside, k)
         nb = None
         if ctx.valid_nb is not None:
-            nb = (hidden_neighbours(mean_hidden(_pooled(tt, n), t_tok), ctx.v_hidden, ctx.v_hidden.mean(0),
+            nb = (hidden_neighbours(t_hidden, ctx.v_hidden, ctx.v_hidden.mean(0),
                                     sc.suspect_neighbours), ctx.valid_nb)
         suspect, reasons = suspect_of(signals, ctx.reference, sc, nb)
         raw = terms.raw
@@ -713,7 +727,7 @@ def score_rows(ws, plan: ScoringPlan, ctx: ScoringContext, settings: Settings,
         "nearest_ids": [list(ctx.vids[r]) for r in near] if near is not None else none,
         "nearest_values": [list(r) for r in near_v] if near_v is not None else none,
         "n_tokens": t_tok, "truncated": tt["truncated"].fill_null(False), "mean_loss": t_loss,
-        "self_influence": t_self,
+        "self_influence": t_self, **baselines,
         "suspect": suspect if suspect is not None else none,
         "suspect_reason": reasons if reasons is not None else none,
         **{c: signals.get(c, none) for c in schemas.SIGNAL_COLUMNS if c != "mean_loss"},
@@ -838,6 +852,7 @@ def read_score_run(ws, run_id: str, dataset: str) -> pl.DataFrame:
         reserved = set(content.columns) | set(scores.columns) | {"source", "row"}
         meta = meta.rename({c: f"meta_{c}" for c in meta.columns if c in reserved})
         first = pl.concat([first, meta], how="horizontal")
-    keep = ["id", "value", "nearest_ids", "nearest_values", "n_tokens", "truncated", "mean_loss", "self_influence", "suspect",
+    keep = ["id", "value", "nearest_ids", "nearest_values", "n_tokens", "truncated", "mean_loss", "self_influence",
+            *BASELINE_COLUMNS, "suspect",
             "suspect_reason", *(c for c in schemas.SIGNAL_COLUMNS if c != "mean_loss"), "valset", "model_fp"]
     return content.join(first, on="id", how="left").join(scores.select(keep), on="id", how="inner")

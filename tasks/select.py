@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import math
 import re
 from collections import Counter
@@ -26,6 +27,18 @@ def select_samples(scored: pl.DataFrame, cfg: SelectSettings) -> pl.DataFrame:
       is deterministic).
     - ``threshold``: keep ``value >= threshold``.
     - ``keep_all``: keep everything (a scoring-only release).
+
+    The baselines (:mod:`valuegate.tasks.baselines`), each keeping at most ``k = ceil(fraction · n)`` samples
+    (ties broken by id), with the semantics of the papers they come from:
+
+    - ``ifd``: the ``k`` highest ``ifd`` among the samples with ``ifd < 1`` (Cherry LLM / Superfiltering:
+      at ``ifd >= 1`` the prompt does not help predict the response; such samples and those without an IFD,
+      text samples, are dropped with that reason, so fewer than ``k`` may be kept).
+    - ``perplexity``: the ``k`` lowest ``perplexity`` (a perplexity filter drops the highest).
+    - ``rds``: the ``k`` highest ``rds_mean`` (RDS+: the most similar to the validation set).
+    - ``length``: the ``k`` longest (``length``, counted tokens).
+    - ``random``: ``k`` samples at random: those of smallest ``sha256(f"{seed}:{id}")``, so the same
+      ``seed`` keeps the same ids whatever the order of the rows.
 
     Args:
         scored: at least ``id`` (str) and ``value`` (float) columns, one row per sample.
@@ -70,9 +83,63 @@ def select_samples(scored: pl.DataFrame, cfg: SelectSettings) -> pl.DataFrame:
         cut = values[order[k - 1]] if k else float("inf")
         reason = ["" if kk else f"not in the top {cfg.fraction:.0%} (value {v:.4g} < {cut:.4g})"
                   for kk, v in zip(keep, values, strict=True)]
+    elif cfg.policy in _BASELINES:
+        keep, reason = _baseline_selection(scored, cfg)
+    elif cfg.policy == "random":
+        k = math.ceil(cfg.fraction * n - 1e-9)
+        keys = np.array([hashlib.sha256(f"{cfg.seed}:{i}".encode()).hexdigest() for i in scored["id"].to_list()])
+        keep = np.zeros(n, dtype=bool)
+        keep[np.argsort(keys, kind="stable")[:k]] = True
+        reason = ["" if kk else f"not in the random {cfg.fraction:.0%} (seed {cfg.seed})" for kk in keep]
     else:  # pragma: no cover - the settings model forbids it
         raise ValuegateError(f"unknown selection policy {cfg.policy!r}")
     return scored.with_columns(pl.Series("keep", keep), pl.Series("reason", reason, dtype=pl.String))
+
+
+# baseline policy → (the column it reads, how the kept ones rank: "top" highest first, "lowest", "longest")
+_BASELINES = {"ifd": ("ifd", "top"), "perplexity": ("perplexity", "lowest"), "rds": ("rds_mean", "top"),
+              "length": ("length", "longest")}
+
+
+def _baseline_selection(scored: pl.DataFrame, cfg: SelectSettings) -> tuple[np.ndarray, list[str]]:
+    """``keep`` ``(n,)`` and the reasons of a baseline policy (see :func:`select_samples`)."""
+    col, rank = _BASELINES[cfg.policy]
+    if col not in scored.columns:
+        raise ValuegateError(f"select.policy = {cfg.policy} needs the {col!r} column; the scores have "
+                             f"{scored.columns} (score the data again with this valuegate)")
+    s = scored[col].cast(pl.Float64)
+    x = s.fill_null(float("nan")).to_numpy().astype(np.float64)
+    null = s.is_null().to_numpy()
+    bad = ~np.isfinite(x) & (~null if cfg.policy == "ifd" else True)
+    if bad.any():
+        ids = [i for i, b in zip(scored["id"].to_list(), bad, strict=True) if b][:3]
+        raise ValuegateError(f"{int(bad.sum())} {col} values are null or not finite (e.g. {ids}); "
+                             "score the data again with this valuegate")
+    n = scored.height
+    k = math.ceil(cfg.fraction * n - 1e-9)
+    eligible = ~null & (x < 1.0) if cfg.policy == "ifd" else np.ones(n, dtype=bool)
+    cand = np.flatnonzero(eligible)
+    ids = scored["id"].to_numpy()
+    order = cand[np.lexsort((ids[cand], x[cand] if rank == "lowest" else -x[cand]))]
+    keep = np.zeros(n, dtype=bool)
+    keep[order[:k]] = True
+    cut = x[order[min(k, len(order)) - 1]] if len(order) and k else float("nan")
+    share = f"{cfg.fraction:.0%}"
+    reason = []
+    for kk, v, nl in zip(keep, x, null, strict=True):
+        if kk:
+            reason.append("")
+        elif cfg.policy == "ifd" and nl:
+            reason.append("no ifd (no prompt)")
+        elif cfg.policy == "ifd" and v >= 1.0:
+            reason.append(f"ifd {v:.4g} >= 1 (the prompt does not help)")
+        elif rank == "lowest":
+            reason.append(f"not in the lowest {share} by {col} ({col} {v:.4g} > {cut:.4g})")
+        elif rank == "longest":
+            reason.append(f"not in the longest {share} ({col} {v:.4g} < {cut:.4g})")
+        else:
+            reason.append(f"not in the top {share} by {col} ({col} {v:.4g} < {cut:.4g})")
+    return keep, reason
 
 
 _REASON_KINDS: list[tuple[re.Pattern[str], str]] = [
@@ -81,7 +148,8 @@ _REASON_KINDS: list[tuple[re.Pattern[str], str]] = [
     (re.compile(r"^suspect \S+ > (?P<t>\S+) \((?P<s>\w+) z=-"), "suspect > {t}: {s} low"),
     (re.compile(r"^suspect \S+ > (?P<t>\S+)"), "suspect > {t}"),
     (re.compile(r"^value \S+ < (?P<rest>.+)$"), "value < {rest}"),
-    (re.compile(r"^(?P<top>not in the top \S+)"), "{top}"),
+    (re.compile(r"^(?P<top>not in the (?:top|lowest|longest|random) \S+(?: by \w+)?)"), "{top}"),
+    (re.compile(r"^ifd \S+ >= 1 (?P<why>.*)$"), "ifd >= 1 {why}"),
 ]
 
 

@@ -175,15 +175,23 @@ class DataSettings(_Section):
 class SelectSettings(_Section):
     """Which scored samples the release keeps."""
 
-    policy: Literal["suspect", "drop_negative", "top_fraction", "threshold", "keep_all"] = Field(
+    policy: Literal["suspect", "drop_negative", "top_fraction", "threshold", "keep_all",
+                    "ifd", "perplexity", "rds", "length", "random"] = Field(
         "suspect", description="suspect: drop samples whose suspect score exceeds `suspect_threshold` (they "
         "look unlike the validation set on the value signals); drop_negative: drop samples valued below "
         "zero (to first order they raise the validation loss); top_fraction: keep the best `fraction`; "
-        "threshold: keep value >= `threshold`; keep_all: keep every sample (scores and report only).")
+        "threshold: keep value >= `threshold`; keep_all: keep every sample (scores and report only). "
+        "The baselines, each keeping `fraction` of the samples: ifd: the highest IFD among samples with "
+        "IFD < 1 (Cherry LLM / Superfiltering); perplexity: the lowest perplexity; rds: the highest rds_mean "
+        "(RDS+ embedding similarity to the validation set); length: the longest; random: a random "
+        "fraction (`seed`).")
     suspect_threshold: float = Field(2.0, description="suspect: largest suspect score kept (robust z units "
                                      "against the validation set's own suspect scores).")
     aggregate: Literal["mean", "nearest"] = Field("mean", description="The aggregate the policy reads.")
-    fraction: float = Field(0.8, gt=0.0, le=1.0, description="top_fraction: share of samples kept.")
+    fraction: float = Field(0.8, gt=0.0, le=1.0, description="top_fraction and the baseline policies (ifd, "
+                            "perplexity, rds, length, random): share of samples kept, ceil(fraction · n).")
+    seed: int = Field(0, ge=0, description="random: seed of the random fraction (the same seed keeps the same "
+                      "ids, whatever their order).")
     threshold: float = Field(0.0, description="threshold: smallest value kept.")
     group_by: str | None = Field(None, description="Metadata column whose groups the gate checks one by one "
                                  "(retention per group).")

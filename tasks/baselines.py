@@ -1,0 +1,163 @@
+"""The baselines a user would pick instead of valuegate (issue 18), as columns of every scored frame.
+
+All but IFD come from the extraction valuegate already runs; IFD needs one more forward pass, of the
+response alone (:func:`unconditional_losses`), run in the same extraction and stored with the features
+(``uncond_loss``, keyed by the fingerprint like every feature).
+
+Columns (one value per training sample):
+
+- ``perplexity``: ``exp(mean_loss)``, the exponential of the mean response loss (nats) over the counted
+  tokens. A perplexity filter drops the highest.
+- ``length``: the counted tokens (the response's tokens, or every token of a text sample), equal to
+  ``n_tokens``. A stable baseline at scale (arXiv 2410.09335): keep the longest.
+- ``ifd``: Instruction-Following Difficulty (Cherry LLM, Li et al. 2024; Superfiltering, Li et al. 2024):
+  ``mean_loss / uncond_loss``, the mean response loss with the prompt over the mean loss of the same response
+  alone. Defined as the ratio of mean cross-entropies, as in the Cherry LLM paper (Superfiltering's code
+  takes the ratio of perplexities instead: the same side of 1, another ranking). ``IFD >= 1`` means the
+  prompt does not help predict the response (the papers filter such samples out). The response alone is
+  tokenized on its own and starts from the tokenizer's BOS token (its EOS when it has no BOS), a
+  context-free start, so every response token is predicted in both passes (Cherry LLM on GPT-2-style
+  tokenizers leaves the first response token unpredicted). Null for text samples (no prompt), image-text
+  samples (not run), and a response that cannot be encoded alone. For chat samples the "response alone" is
+  the assistant turns' contents joined by newlines, without the template (an approximation: the
+  conditional loss also counts the template tokens of assistant turns).
+- ``rds_mean`` / ``rds_max``: RDS+-style embedding similarity (Ivison et al., arXiv 2503.01807): the cosine
+  of the sample's mean-pooled final hidden state with each validation sample's, averaged (the mean of the
+  cosines, not the cosine with the mean vector: every validation sample counts as one query, as RDS+ scores
+  each query) and maximised over the validation set. The pooled state is the plain mean over the counted
+  positions, the one the features store (``pooled_hidden``); RDS+ itself pools with position weights over
+  every token of the base model's input: a difference of pooling, not of method.
+
+With ``extract.lowest_likelihood_ratio < 1`` a training sample's features cover only its hardest counted
+tokens, and so do ``mean_loss``, ``n_tokens`` and the pooled state: the baselines then read those tokens
+(IFD's unconditional loss always covers the whole response).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from valuegate.settings import ExtractSettings
+from valuegate.tasks.ingest import Sample
+from valuegate.tasks.model import EncodedSample, LoadedModel, length_batches
+
+__all__ = ["BASELINE_COLUMNS", "baseline_columns", "encode_unconditional", "unconditional_losses",
+           "unconditional_text"]
+
+BASELINE_COLUMNS = ("perplexity", "length", "ifd", "rds_mean", "rds_max")
+
+
+def unconditional_text(sample: Sample) -> str | None:
+    """The response of ``sample`` without its prompt: a prompt/response sample's response, a chat's assistant
+    turns joined by newlines; None for text samples (no prompt) and image-text samples."""
+    if sample.images:
+        return None
+    if sample.kind == "prompt_response":
+        return sample.response
+    if sample.kind == "messages":
+        turns = [m["content"] for m in sample.messages or () if m.get("role") == "assistant"
+                 and isinstance(m.get("content"), str)]
+        return "\n".join(turns) if turns else None
+    return None
+
+
+def encode_unconditional(tokenizer: object, sample: Sample, max_length: int) -> EncodedSample | None:
+    """The response alone as token ids: a start token (BOS, else EOS) then the response's tokens, each of which
+    counts; cut at ``max_length``. None when the sample has no response alone, or it has no token."""
+    text = unconditional_text(sample)
+    if not text:
+        return None
+    ids = list(tokenizer(text, add_special_tokens=True)["input_ids"])
+    start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    if start is not None and (not ids or ids[0] != start):
+        ids = [start, *ids]
+    ids = ids[:max_length]
+    if len(ids) < 2:
+        return None
+    return EncodedSample(input_ids=np.asarray(ids, dtype=np.int64), counted=np.ones(len(ids) - 1, dtype=bool))
+
+
+def _log_likelihood(lm: LoadedModel, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """``log p(target)`` ``(N,)`` float32 at hidden states ``(N, d)``, with the model's logit scale and cap."""
+    raw = lm.raw_logits(hidden)
+    if lm.softcap is not None:
+        logits = lm.softcap * torch.tanh(raw * (lm.logit_scale / lm.softcap))
+    elif lm.logit_scale != 1.0:
+        logits = raw * lm.logit_scale
+    else:
+        logits = raw
+    return torch.log_softmax(logits, dim=-1).gather(1, targets[:, None])[:, 0]
+
+
+def unconditional_losses(lm: LoadedModel, samples: list[Sample], cfg: ExtractSettings) -> np.ndarray:
+    """Mean loss (nats) of each sample's response alone: one forward pass, batched by length like extraction
+    (``batch_size``, ``max_batch_tokens``; the head in float32 on chunks within ``prob_budget_mb``).
+
+    Returns:
+        ``(len(samples),)`` float64, NaN where undefined (see :func:`unconditional_text`; a vision-language
+        model runs no unconditional pass).
+    """
+    from valuegate.tasks.extract import _chunks_by_budget, pad_batch
+
+    out = np.full(len(samples), np.nan)
+    if lm.is_vision or not samples:
+        return out
+    enc: list[EncodedSample] = []
+    which: list[int] = []
+    for i, s in enumerate(samples):
+        e = encode_unconditional(lm.tokenizer, s, cfg.max_length)
+        if e is not None:
+            enc.append(e)
+            which.append(i)
+    pad_id = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0
+    max_rows = max(1, (cfg.prob_budget_mb << 20) // (lm.vocab_size * 4 * 2))
+    for batch in length_batches([len(e.input_ids) for e in enc], cfg.batch_size, cfg.max_batch_tokens):
+        items = [enc[i] for i in batch]
+        ids, mask = pad_batch(items, pad_id, lm.device)
+        with torch.inference_mode():
+            hidden = lm.final_hidden(ids, mask)
+            counted = torch.zeros_like(mask, dtype=torch.bool)
+            for b, e in enumerate(items):
+                counted[b, :len(e.counted)] = torch.from_numpy(e.counted)
+            counts = [e.n_counted for e in items]
+            for lo, hi in _chunks_by_budget(counts, max_rows):
+                c = counted[lo:hi]
+                ll = _log_likelihood(lm, hidden[lo:hi][c], ids[lo:hi, 1:][c[:, :-1]]).double().cpu().numpy()
+                bounds = np.concatenate([[0], np.cumsum(counts[lo:hi])])
+                for k in range(hi - lo):
+                    out[which[batch[lo + k]]] = -ll[bounds[k]:bounds[k + 1]].mean()
+    return out
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float64)
+    norm = np.linalg.norm(x, axis=1, keepdims=True)
+    return np.divide(x, norm, out=np.zeros_like(x), where=norm > 0)
+
+
+def baseline_columns(mean_loss: np.ndarray, n_tokens: np.ndarray, uncond_loss: np.ndarray | None,
+                     train_hidden: np.ndarray, valid_hidden: np.ndarray) -> dict[str, list]:
+    """Every baseline column of a run of training samples (see the module docstring).
+
+    Args:
+        mean_loss: ``(n,)`` mean response loss with the prompt, nats. n_tokens: ``(n,)`` counted tokens.
+        uncond_loss: ``(n,)`` mean loss of the response alone, NaN (or None) where undefined; None: not
+            extracted (every ``ifd`` null).
+        train_hidden: ``(n, d)`` and valid_hidden ``(n_v, d)`` pooled final hidden states (any positive scale:
+            only their directions count).
+
+    Returns:
+        ``{column: (n,) values}`` in :data:`BASELINE_COLUMNS` order; ``ifd`` holds None where undefined.
+    """
+    loss = np.asarray(mean_loss, dtype=np.float64)
+    if uncond_loss is None:
+        ifd: list[float | None] = [None] * len(loss)
+    else:
+        u = np.array([np.nan if x is None else x for x in uncond_loss], dtype=np.float64)
+        ifd = [float(c / w) if math.isfinite(w) and w > 0 else None for c, w in zip(loss, u, strict=True)]
+    cos = _unit(train_hidden) @ _unit(valid_hidden).T
+    return {"perplexity": list(np.exp(loss)), "length": list(np.asarray(n_tokens, dtype=np.int64)),
+            "ifd": ifd, "rds_mean": list(cos.mean(1)), "rds_max": list(cos.max(1))}

@@ -753,11 +753,6 @@ def extract_shard(workspace: str, ids: list[str], settings, model_fp: str, fp_se
     if lost:
         raise ValuegateError(f"shard: {len(lost)} ids are not in the samples table of {ws.uri} (e.g. {lost[0]})")
     cfg = settings.extract.model_copy(update={"vector_index_min_rows": 0})  # index: once, by the caller
-    from valuegate.tasks.faults import shard_fault  # test hook: inert unless $VALUEGATE_TEST_FAULT is set
-
-    shard_fault(ids, lambda part: extract_to_store(
-        ws, lambda: worker_model(model_fp, settings.model), part, [recs[i] for i in part], cfg, model_fp,
-        fp_settings, lowest_likelihood_ratio, progress=False, desc="shard"))
     rep = extract_to_store(ws, lambda: worker_model(model_fp, settings.model), list(ids),
                            [recs[i] for i in ids], cfg, model_fp, fp_settings, lowest_likelihood_ratio,
                            progress=False, desc="shard")

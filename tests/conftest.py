@@ -36,4 +36,4 @@ def data_files(tmp_path):
     return train, valid
 
 
-pytest_plugins = ["s3server"]
+pytest_plugins = ["s3server", "fault_plugin"]

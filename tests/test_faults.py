@@ -1,6 +1,7 @@
 """Faults on a real cluster: a worker process killed half-way through a shard, and a run that loses its
-whole cluster. Real processes die (SIGKILL from inside the shard, see valuegate.tasks.faults); nothing is
-mocked. Every feature row must end up stored exactly once."""
+whole cluster. Real processes die (SIGKILL from inside the shard: the test-only hook of
+tests/fault_plugin.py, fixture ``fault_spec``); nothing is mocked. Every feature row must end up stored
+exactly once."""
 
 from __future__ import annotations
 
@@ -8,10 +9,9 @@ import json
 from pathlib import Path
 
 import pytest
+from fault_plugin import FAULT_ENV
 from test_flow import _config, _run
 from test_runners import _feature_ids, _scores
-
-from valuegate.tasks.faults import FAULT_ENV
 
 SHARD_SIZE = 5  # 24 training rows → 5 shards
 
@@ -24,16 +24,10 @@ def prefect_server():
         yield
 
 
-def _spec(tmp_path, monkeypatch, **spec) -> str:
-    path = tmp_path / "fault.json"
-    path.write_text(json.dumps(spec))
-    monkeypatch.setenv(FAULT_ENV, str(path))  # inherited by the cluster's worker processes
-    return str(path)
-
-
 def test_worker_killed_mid_shard_is_retried_without_duplicates(prefect_server, tmp_path, tiny_model_dir,
-                                                               monkeypatch):
-    spec = _spec(tmp_path, monkeypatch, at_shard=1)
+                                                               fault_spec):
+    fault_spec.write_text(json.dumps({"at_shard": 1}))  # the env names it: the cluster's workers inherit it
+    spec = str(fault_spec)
     config = _config(tmp_path, tiny_model_dir(), runner={"kind": "dask", "workers": 2, "shard_size": SHARD_SIZE})
     out, _ = _run(config)
     killed = json.loads(Path(spec + ".killed").read_text())
@@ -75,11 +69,10 @@ def _dask_cluster(tmp_path):
 
 
 def test_lost_cluster_fails_clearly_and_the_next_run_resumes(prefect_server, tmp_path, tiny_model_dir,
-                                                             monkeypatch):
+                                                             fault_spec, monkeypatch):
     from valuegate.errors import ValuegateError
 
-    spec_path = tmp_path / "fault.json"
-    monkeypatch.setenv(FAULT_ENV, str(spec_path))  # before the cluster starts: its workers inherit it
+    spec_path = fault_spec  # the fixture set the env before the cluster starts: its workers inherit it
     address, sched, workers, log = _dask_cluster(tmp_path)
     try:
         spec_path.write_text(json.dumps({"at_shard": 2, "kill": [-sched.pid, -workers.pid]}))

@@ -52,6 +52,9 @@ BASE_SIGNALS = (
 )
 SIGNAL_COLUMNS = BASE_SIGNALS + tuple(f"hard_{s}" for s in BASE_SIGNALS)
 
+# The baselines of tasks/baselines.py (documented there): columns of every scored frame and scores run.
+BASELINE_COLUMNS = ("perplexity", "length", "ifd", "rds_mean", "rds_max")
+
 SAMPLE_FIELDS = [
     pa.field("id", pa.string(), nullable=False),
     pa.field("kind", pa.string(), nullable=False),          # prompt_response | messages | text

@@ -41,14 +41,12 @@ import numpy as np
 import torch
 
 from valuegate.settings import ExtractSettings
+from valuegate.storage.schemas import BASELINE_COLUMNS
 from valuegate.tasks.ingest import Sample
 from valuegate.tasks.model import EncodedSample, LoadedModel, length_batches
 
 __all__ = ["BASELINE_COLUMNS", "baseline_columns", "encode_unconditional", "unconditional_losses",
            "unconditional_text"]
-
-BASELINE_COLUMNS = ("perplexity", "length", "ifd", "rds_mean", "rds_max")
-
 
 def unconditional_text(sample: Sample) -> str | None:
     """The response of ``sample`` without its prompt: a prompt/response sample's response, a chat's assistant

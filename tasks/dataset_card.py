@@ -21,7 +21,7 @@ from typing import Any
 import polars as pl
 import pyarrow as pa
 
-from valuegate.storage.schemas import SIGNAL_COLUMNS
+from valuegate.storage.schemas import BASELINE_COLUMNS, SIGNAL_COLUMNS
 
 __all__ = ["CARD_FILE", "SCORE_COLUMNS", "card_extra", "card_features", "data_schema", "release_frames",
            "render_card", "write_card"]
@@ -31,7 +31,7 @@ CARD_FILE = "README.md"
 #: Columns of a scored sample that describe its score, not the sample: they go to ``scores.parquet`` only.
 SCORE_COLUMNS = ("nearest_ids", "nearest_values", "n_tokens", "truncated", "mean_loss", "self_influence",
                  "suspect", "suspect_reason", *(c for c in SIGNAL_COLUMNS if c != "mean_loss"),
-                 "valset", "model_fp")
+                 *BASELINE_COLUMNS, "valset", "model_fp")
 
 
 def release_frames(selected: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame]:

@@ -225,3 +225,13 @@ def test_a_non_finite_baseline_is_refused():
     bad = FRAME.with_columns(pl.Series("perplexity", [3.0, float("nan"), 7.0, 2.0, 9.0, 1.0]))
     with pytest.raises(ValuegateError, match=r"perplexity.*not finite"):
         select_samples(bad, SelectSettings(policy="perplexity"))
+
+
+def test_a_release_puts_the_baselines_in_scores_not_in_data():
+    from valuegate.tasks.dataset_card import release_frames
+
+    selected = select_samples(FRAME.with_columns(pl.lit("p").alias("prompt"), pl.Series("rds_max", [0.0] * 6)),
+                              SelectSettings(policy="length", fraction=0.5))
+    data, scores = release_frames(selected)
+    assert data.columns == ["id", "value", "prompt"]
+    assert set(BASELINE_COLUMNS) <= set(scores.columns) and data.height == 3

@@ -372,6 +372,9 @@ def main(argv: list[str] | None = None) -> int:
     # No usage telemetry from a local Prefect server (the machine may have no internet, and its insert
     # races other processes on the shared SQLite database); a user may still turn it on explicitly.
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    # The temporary API server of a run creates its database on first start: Prefect's 20 s wait is too
+    # short on a loaded 2-core machine (a fresh install's first run timed out there); 120 s is generous.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     args = _parser().parse_args(argv)
     handlers = {"score": _cmd_score, "fetch-model": _cmd_fetch_model, "ingest": _cmd_ingest,
                 "extract": _cmd_extract, "valset": _cmd_valset, "score-set": _cmd_score_set, "run": _cmd_run,

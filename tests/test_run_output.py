@@ -133,3 +133,15 @@ def test_demo_writes_its_workspace_where_the_user_stands(prefect_api, tmp_path, 
     assert Path(out["report"]).is_relative_to(here)
     after = sorted(p.name for p in (repo_ws / "releases" / "demo").glob("v*")) if repo_ws.exists() else None
     assert after == before  # nothing added to the checkout
+
+
+def test_serve_without_config_serves_the_embedded_demo():
+    """`valuegate serve` with no --config said it served the demo but passed no config (the scheduled run
+    then had no sources): it passes the demo's config file."""
+    from pathlib import Path
+
+    from valuegate.cli import _parser, _serve_config
+
+    config = _serve_config(_parser().parse_args(["serve"]))
+    assert config is not None and Path(config).name == "demo.toml" and Path(config).is_file()
+    assert _serve_config(_parser().parse_args(["serve", "--config", "x.toml"])) == str(Path("x.toml").resolve())

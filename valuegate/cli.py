@@ -328,12 +328,21 @@ def _cmd_release(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve_config(args: argparse.Namespace) -> str:
+    """The config file a served deployment runs: ``--config`` (absolute), else the embedded demo's file
+    (package data on disk in a regular install)."""
+    if args.config:
+        return str(Path(args.config).resolve())
+    with resources.as_file(DEMO_CONFIG) as path:
+        return str(path)
+
+
 def _cmd_serve(args: argparse.Namespace) -> int:
     from valuegate.flows.serve import serve_refresh
 
-    config = str(Path(args.config).resolve()) if args.config else None
+    config = _serve_config(args)
     print(f"valuegate: serving deployment refresh/{args.name} on cron {args.cron!r} "
-          f"(config: {config or 'the embedded demo'}); Ctrl-C stops", file=sys.stderr)
+          f"(config: {config}); Ctrl-C stops", file=sys.stderr)
     serve_refresh(args.name, args.cron, config)
     return 0
 

@@ -80,13 +80,7 @@ def encode_unconditional(tokenizer: object, sample: Sample, max_length: int) -> 
 
 def _log_likelihood(lm: LoadedModel, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """``log p(target)`` ``(N,)`` float32 at hidden states ``(N, d)``, with the model's logit scale and cap."""
-    raw = lm.raw_logits(hidden)
-    if lm.softcap is not None:
-        logits = lm.softcap * torch.tanh(raw * (lm.logit_scale / lm.softcap))
-    elif lm.logit_scale != 1.0:
-        logits = raw * lm.logit_scale
-    else:
-        logits = raw
+    logits = lm.scaled_logits(lm.raw_logits(hidden))
     return torch.log_softmax(logits, dim=-1).gather(1, targets[:, None])[:, 0]
 
 

@@ -151,12 +151,7 @@ def _token_block(lm: LoadedModel, hidden: torch.Tensor, ids: torch.Tensor, count
                                      torch.tensor(counts, device=h.device))
     raw = lm.raw_logits(h)
     jac = logit_jacobian(raw, lm.logit_scale, lm.softcap)
-    if lm.softcap is not None:
-        logits = lm.softcap * torch.tanh(raw * (lm.logit_scale / lm.softcap))
-    elif lm.logit_scale != 1.0:
-        logits = raw * lm.logit_scale
-    else:
-        logits = raw
+    logits = lm.scaled_logits(raw)
     del raw
     logp = torch.log_softmax(logits, dim=-1)
     del logits

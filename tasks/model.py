@@ -107,6 +107,15 @@ class LoadedModel:
         """``W h (+ b)`` in float32. hidden: ``(N, d)``; returns ``(N, V)``."""
         return F.linear(hidden.float(), self.head_weight, self.head_bias)
 
+    def scaled_logits(self, raw: torch.Tensor) -> torch.Tensor:
+        """The logits the model's softmax reads, from :meth:`raw_logits` ``(N, V)``: the logit scale, and
+        the final soft-cap (Gemma-2) when the model has one. Returns ``raw`` itself when neither applies."""
+        if self.softcap is not None:
+            return self.softcap * torch.tanh(raw * (self.logit_scale / self.softcap))
+        if self.logit_scale != 1.0:
+            return raw * self.logit_scale
+        return raw
+
 
 def _pick_device(name: str) -> torch.device:
     if name == "auto":

@@ -32,16 +32,37 @@ def read_valset_versions(ws: Workspace, name: str | None = None) -> list[dict]:
     return sorted(rows, key=lambda r: (r["name"], r["version"]))
 
 
+class VersionTaken(ValuegateError):
+    """Another registration of the same set tagged the version this one was about to take."""
+
+
 def write_valset_version(ws: Workspace, name: str, rows: pa.Table, content_hash: str, source: str) -> dict:
     """Register a new version: overwrite the set's table (a new Lance version), tag it ``vN``, record it.
 
-    Concurrent registrations of one name are not supported (the registry is the serialisation point).
+    The tag is the claim: when another registration of ``name`` already tagged ``vN`` (two runs registering
+    at once), nothing is recorded and :class:`VersionTaken` is raised, for the caller to re-read the registry
+    (:func:`valuegate.tasks.valsets.register_valset` waits for the other's record and returns it when the
+    content is the same). An overwrite that lost the race only adds an untagged Lance version.
+
+    Raises:
+        VersionTaken: ``vN`` is tagged already, or the registry holds this content already (recorded by
+            another run since the caller looked).
     """
     previous = read_valset_versions(ws, name)
     version = 1 + max((r["version"] for r in previous), default=0)
     table = schemas.valset_table(name)
+    tag = f"v{version}"
+    if any(r["content_hash"] == content_hash and not r["pruned"] for r in previous):
+        raise VersionTaken(f"validation set {name}: this content was just registered by another run")
+    if ws.table_exists(table) and tag in ws.tags(table):
+        raise VersionTaken(f"validation set {name}: {tag} is being registered by another run")
     lance_version = ws.overwrite(table, rows.cast(schemas.valset_schema), schemas.valset_schema)
-    ws.tag(table, f"v{version}", lance_version)
+    try:
+        ws.tag(table, tag, lance_version)
+    except ValuegateError as exc:
+        if tag in ws.tags(table):
+            raise VersionTaken(f"validation set {name}: {tag} is being registered by another run") from exc
+        raise
     record = {"name": name, "version": version, "lance_version": lance_version, "content_hash": content_hash,
               "rows": rows.num_rows, "source": source, "at": dt.datetime.now(dt.timezone.utc), "pruned": False}
     ws.ensure(schemas.VALSET_VERSIONS, schemas.valset_versions_schema)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 from pathlib import Path
 
 import pyarrow as pa
@@ -46,6 +47,10 @@ def content_hash(rows: pa.Table) -> str:
     return h.hexdigest()
 
 
+# How long a registration waits for the record of another run that tagged the same version (seconds).
+_REGISTER_WAIT_S = 60
+
+
 def register_valset(ws: Workspace, name: str, path: str | Path, max_chars: int) -> tuple[dict, bool]:
     """Register ``path`` as the next version of ``name``.
 
@@ -60,10 +65,18 @@ def register_valset(ws: Workspace, name: str, path: str | Path, max_chars: int) 
 
         store_sample_images(ws, [v.sample for v in read_source_rows(path, max_chars)])
     digest = content_hash(rows)
-    for r in store.read_valset_versions(ws, name):
-        if r["content_hash"] == digest and not r["pruned"]:
-            return r, False
-    return store.write_valset_version(ws, name, rows, digest, str(Path(path).resolve())), True
+    deadline = time.monotonic() + _REGISTER_WAIT_S
+    while True:
+        for r in store.read_valset_versions(ws, name):
+            if r["content_hash"] == digest and not r["pruned"]:
+                return r, False
+        try:
+            return store.write_valset_version(ws, name, rows, digest, str(Path(path).resolve())), True
+        except store.VersionTaken as exc:  # another run registers now: wait for its record, then look again
+            if time.monotonic() > deadline:
+                raise ValuegateError(f"{exc}, and its record did not appear within {_REGISTER_WAIT_S} s "
+                                     "(a crashed registration leaves its tag: delete it to go on)") from exc
+            time.sleep(0.5)
 
 
 def valset_samples(rows: pa.Table) -> tuple[list[str], list[Sample]]:

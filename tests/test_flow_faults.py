@@ -137,9 +137,9 @@ def test_interleaved_promotions_never_move_current_back(prefect_harness, tmp_pat
     real_allocate, real_gate = rstore.allocate_version, gate_mod.run_gate
     other: list[str] = []
 
-    def allocate_after_other(r, name):
+    def allocate_after_other(r, name, **kwargs):
         other.append(real_allocate(r, name))
-        return real_allocate(r, name)
+        return real_allocate(r, name, **kwargs)
 
     def gate_while_other_promotes(*a, **k):
         other_release(other[-1])
@@ -153,8 +153,8 @@ def test_interleaved_promotions_never_move_current_back(prefect_harness, tmp_pat
     assert rstore.read_current(root, "r") == "v0003"
 
     # now the other run allocated v0005 after this run's v0004, and promotes it first
-    def allocate_before_other(r, name):
-        mine = real_allocate(r, name)
+    def allocate_before_other(r, name, **kwargs):
+        mine = real_allocate(r, name, **kwargs)
         other.append(real_allocate(r, name))
         return mine
 

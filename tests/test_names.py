@@ -4,9 +4,9 @@ that takes one (issue 15): the CLI refuses a bad name with one line, before anyt
 from __future__ import annotations
 
 import pytest
+from test_settings_errors import _one_error_line
 from tiny import random_rows, write_jsonl
 
-from valuegate.cli import EXIT_USER_ERROR, main
 from valuegate.errors import ValuegateError
 from valuegate.names import MAX_NAME_LENGTH, check_name, is_valid_name
 
@@ -30,13 +30,6 @@ def test_bad_names_are_refused_with_the_rule(name):
     assert "\n" not in msg and len(msg) < 200  # one readable line, even for a 300-character name
 
 
-def _one_error_line(capsys, argv) -> str:
-    code = main([str(a) for a in argv])
-    err = capsys.readouterr().err
-    assert code == EXIT_USER_ERROR, err
-    assert "Traceback" not in err and err.startswith("valuegate: error: ")
-    assert len(err.strip().splitlines()) == 1, err
-    return err
 
 
 @pytest.mark.parametrize("name", ["../evil", "", "x" * 300, "train\n"])

@@ -117,7 +117,7 @@ def _ingest_key(params: dict[str, Any]) -> dict[str, Any]:
 def _score_key(params: dict[str, Any]) -> dict[str, Any]:
     """The dataset's ids, the pinned validation version and its content, the model (its files when local)
     and every model/extract/score setting (as scored)."""
-    from valuegate.tasks.default_model import DEFAULT_MODEL_ALIAS, default_model_dir
+    from valuegate.engine.default_model import DEFAULT_MODEL_ALIAS, default_model_dir
 
     s = _scoring_settings(params["settings"])
     valset = params["valset"]

@@ -61,7 +61,7 @@ def older_format(ws: Workspace, settings: dict) -> int | None:
     samples are extracted again under the new fingerprint), or None.
 
     Args:
-        settings: the fingerprint settings (:func:`~valuegate.tasks.model.fingerprint_settings`).
+        settings: the fingerprint settings (:func:`~valuegate.engine.model.fingerprint_settings`).
     """
     if not ws.table_exists(schemas.FEATURE_SETS):
         return None

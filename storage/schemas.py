@@ -28,6 +28,13 @@ from __future__ import annotations
 
 import pyarrow as pa
 
+from valuegate.engine.columns import (  # noqa: F401  (re-exported: the store names its columns so)
+    BASE_SIGNALS,
+    BASELINE_COLUMNS,
+    FEATURE_FORMAT,
+    SIGNAL_COLUMNS,
+)
+
 SAMPLES = "samples"
 MEMBERS = "members"
 INGESTS = "ingests"
@@ -39,21 +46,7 @@ IMAGES = "images"
 FEATURES_PREFIX = "features__"
 VALSET_PREFIX = "valset__"
 
-# Version of the feature layout: part of every model fingerprint, bumped when a stored feature changes.
-FEATURE_FORMAT = 4  # 3: the `truncated` column; 4: `uncond_loss` (IFD's pass of the response alone)
-
 TIMESTAMP = pa.timestamp("us", tz="UTC")
-
-# The signals of tasks/signals.py (documented there), on all counted tokens; each also exists on the
-# hardest fraction of them with a ``hard_`` prefix. Every one is a column of a scores run.
-BASE_SIGNALS = (
-    "value_mean", "value_nearest", "cosine_mean", "cosine_nearest", "per_token_mean", "centred_value_mean",
-    "centred_cosine_mean", "centred_cosine_nearest", "log_self_influence", "mean_loss",
-)
-SIGNAL_COLUMNS = BASE_SIGNALS + tuple(f"hard_{s}" for s in BASE_SIGNALS)
-
-# The baselines of tasks/baselines.py (documented there): columns of every scored frame and scores run.
-BASELINE_COLUMNS = ("perplexity", "length", "ifd", "rds_mean", "rds_max")
 
 SAMPLE_FIELDS = [
     pa.field("id", pa.string(), nullable=False),
@@ -183,7 +176,7 @@ scores_schema = pa.schema([
     pa.field("truncated", pa.bool_()),                       # valued on its first max_length tokens only
     pa.field("mean_loss", pa.float32()),
     pa.field("self_influence", pa.float64()),
-    # the baselines of tasks/baselines.py (null in rows of an older valuegate; ifd null without a prompt)
+    # the baselines of valuegate/engine/baselines.py (null in rows of an older valuegate; ifd null without a prompt)
     pa.field("perplexity", pa.float64()),
     pa.field("length", pa.int32()),
     pa.field("ifd", pa.float64()),
@@ -191,7 +184,7 @@ scores_schema = pa.schema([
     pa.field("rds_max", pa.float64()),
     pa.field("suspect", pa.float64()),                       # combined signal score, null when off
     pa.field("suspect_reason", pa.string()),                 # the largest deviations behind it
-    # every signal of tasks/signals.py but mean_loss (above; null when not computed)
+    # every signal of valuegate/engine/signals.py but mean_loss (above; null when not computed)
     *[pa.field(name, pa.float64()) for name in SIGNAL_COLUMNS if name != "mean_loss"],
     pa.field("valset", pa.string(), nullable=False),         # name@vN
     pa.field("model_fp", pa.string(), nullable=False),

@@ -19,11 +19,11 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
+from valuegate.engine.extraction import iter_token_blocks, projections
+from valuegate.engine.forvalue import error_rows_on_support, hardest_positions
+from valuegate.engine.model import LoadedModel, encode_sample
+from valuegate.engine.sample import Sample
 from valuegate.settings import ExtractSettings
-from valuegate.tasks.extract import iter_token_blocks, projections
-from valuegate.tasks.forvalue import error_rows_on_support, hardest_positions
-from valuegate.tasks.ingest import Sample
-from valuegate.tasks.model import LoadedModel, encode_sample
 
 __all__ = ["TokenContributions", "mean_rows", "token_contributions"]
 
@@ -99,10 +99,10 @@ def explain_stored(ws, settings, valset_ref: str, records: list[dict], lm: Loade
         valset_ref: ``name@vN``. records: sample records (``kind``, ``prompt``, ``response``, ``messages``,
             ``text``), e.g. rows of a scores table. lm: the loaded model, or None to load it.
     """
+    from valuegate.engine.model import fingerprint_settings, load_model, load_tokenizer, model_fingerprint
     from valuegate.storage import features as fstore
     from valuegate.storage.valsets import read_valset
     from valuegate.tasks.ingest import sample_from_record
-    from valuegate.tasks.model import fingerprint_settings, load_model, load_tokenizer, model_fingerprint
     from valuegate.tasks.score import _feature_matrix
     from valuegate.tasks.valsets import valset_samples
 

@@ -15,8 +15,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from valuegate.engine.sample import Sample
 from valuegate.errors import ValuegateError
-from valuegate.tasks.ingest import Sample
 
 __all__ = ["attach_image_data", "export_images", "image_rows", "read_image_data", "store_sample_images"]
 

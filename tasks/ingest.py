@@ -6,7 +6,7 @@ A sample is one of three shapes (the first that a file's columns allow):
 - ``messages``: a chat list of ``{role, content}``, rendered with the tokenizer's chat template;
 - ``text``: plain text.
 
-Prompt/response and chat samples may carry images (an ``images`` column; see ``tasks/images.py``): a
+Prompt/response and chat samples may carry images (an ``images`` column; see ``valuegate/engine/images.py``): a
 prompt marks where each image goes with ``<image>`` (none: the images go before the prompt), a chat puts
 them in its user/system turns, as ``{"type": "image"}`` parts of a list content (the processors' chat
 convention) or as ``<image>`` markers in a string content. Every image is opened and checked with Pillow;
@@ -24,53 +24,19 @@ import hashlib
 import json
 import unicodedata
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import polars as pl
 
+from valuegate.engine.sample import Sample, SampleKind
 from valuegate.errors import ValuegateError
 from valuegate.names import check_name
 
-SampleKind = Literal["prompt_response", "messages", "text"]
 READABLE_SUFFIXES = (".jsonl", ".json", ".ndjson", ".parquet", ".csv")
 CHAT_ROLES = ("system", "user", "assistant", "tool")
 IMAGE_MARKER = "<image>"  # where an image goes in a prompt or a string chat turn
-
-
-@dataclass(frozen=True)
-class Sample:
-    """One normalised sample.
-
-    Attributes:
-        kind: which of the three shapes it has.
-        row: 0-based row in its source file.
-        source: the file it came from.
-        prompt: prompt text (``prompt_response``), else None.
-        response: response text (``prompt_response``), else None.
-        messages: chat turns ``({"role", "content"}, ...)`` (``messages``), else None; with images, a
-            turn's content may be a list of ``{"type": "text", "text"}`` / ``{"type": "image"}`` parts.
-        text: plain text (``text``), else None.
-        images: sha256 of each image's bytes, in placeholder order (None: a text-only sample).
-        image_data: the images' bytes, same order (None when not at hand, e.g. read back from the store
-            before :func:`valuegate.tasks.images_store.attach_image_data`).
-    """
-
-    kind: SampleKind
-    row: int
-    source: str
-    prompt: str | None = None
-    response: str | None = None
-    messages: tuple[dict[str, Any], ...] | None = None
-    text: str | None = None
-    images: tuple[str, ...] | None = None
-    image_data: tuple[bytes, ...] | None = field(default=None, repr=False, compare=False)
-
-    @property
-    def counted_field(self) -> str:
-        """The field whose tokens the response-only loss counts (used in error messages)."""
-        return {"prompt_response": "response", "messages": "messages", "text": "text"}[self.kind]
 
 
 def read_table(path: str | Path) -> tuple[pl.DataFrame, list[dict[str, Any]] | None]:
@@ -217,7 +183,7 @@ def _count_image_slots(sample_kind_: SampleKind, prompt: str | None, turns: tupl
 
 def _with_images(record: dict[str, Any], sample: Sample, source: str) -> tuple[Sample | None, str]:
     """Open and check the row's images and attach them (hashes and bytes) to its sample."""
-    from valuegate.tasks.images import images_from_field
+    from valuegate.engine.images import images_from_field
 
     base = Path(source).parent if source and Path(source).suffix else None
     imgs, why = images_from_field(record.get("images"), base)
@@ -243,7 +209,7 @@ def _with_images(record: dict[str, Any], sample: Sample, source: str) -> tuple[S
 def check_row(record: dict[str, Any], kind: SampleKind, row: int, source: str) -> tuple[Sample | None, str]:
     """Validate one row. Returns ``(sample, "")`` when kept, ``(None, "field: reason")`` when refused.
 
-    A row with a non-empty ``images`` field has every image opened and checked (``tasks/images.py``);
+    A row with a non-empty ``images`` field has every image opened and checked (``valuegate/engine/images.py``);
     relative image paths are relative to the folder of ``source``.
     """
     sample, why = _check_fields(record, kind, row, source)

@@ -206,8 +206,8 @@ def load_thumbnails(workspace: str | None, hashes: list[str], px: int = 96) -> d
     """sha256 → thumbnail ``data:`` URI for the images the workspace holds ({} without a workspace)."""
     if not workspace or not hashes:
         return {}
+    from valuegate.engine.images import thumbnail_data_uri
     from valuegate.storage.lance import Workspace
-    from valuegate.tasks.images import thumbnail_data_uri
     from valuegate.tasks.images_store import read_image_data
 
     data = read_image_data(Workspace.from_env(workspace), hashes)

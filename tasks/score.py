@@ -9,18 +9,15 @@ import numpy as np
 import polars as pl
 import torch
 
-from valuegate.errors import ValuegateError
-from valuegate.settings import Settings
-from valuegate.storage.schemas import SIGNAL_COLUMNS
-from valuegate.tasks.baselines import BASELINE_COLUMNS, baseline_columns, unconditional_losses
-from valuegate.tasks.extract import (
+from valuegate.engine.baselines import BASELINE_COLUMNS, baseline_columns, unconditional_losses
+from valuegate.engine.extraction import (
     ExtractionStats,
     extract_sparse,
     extract_token_blocks,
     iter_token_blocks,
     projections,
 )
-from valuegate.tasks.forvalue import (
+from valuegate.engine.forvalue import (
     exact_cross,
     exact_self,
     sparse_cross,
@@ -28,9 +25,9 @@ from valuegate.tasks.forvalue import (
     sparse_mean_csr,
     sparse_self,
 )
-from valuegate.tasks.ingest import Sample, read_samples
-from valuegate.tasks.model import EncodedSample, LoadedModel, encode_samples, load_model, load_tokenizer
-from valuegate.tasks.signals import (
+from valuegate.engine.model import EncodedSample, LoadedModel, encode_samples, load_model, load_tokenizer
+from valuegate.engine.sample import Sample
+from valuegate.engine.signals import (
     CrossTerms,
     SparseSet,
     SuspectReference,
@@ -44,6 +41,10 @@ from valuegate.tasks.signals import (
     parse_suspect,
     signals_from_terms,
 )
+from valuegate.errors import ValuegateError
+from valuegate.settings import Settings
+from valuegate.storage.schemas import SIGNAL_COLUMNS
+from valuegate.tasks.ingest import read_samples
 
 __all__ = ["OUTPUT_COLUMNS", "ValueMatrix", "aggregate", "compute_values", "normalize", "score_files"]
 
@@ -63,7 +64,7 @@ class ValueMatrix:
         train_tokens, valid_tokens: ``(n,)`` int64 counted positions.
         train_loss: ``(n_train,)`` float64 mean token loss in nats.
         timings: seconds per step (``extract_valid``, ``extract_train``, ``score``).
-        signals: name → ``(n_train,)`` every signal of :mod:`valuegate.tasks.signals` (None when off).
+        signals: name → ``(n_train,)`` every signal of :mod:`valuegate.engine.signals` (None when off).
         reference: name → ``(n_valid,)`` the same of the validation samples, leave-one-out.
         train_neighbours, valid_neighbours: ``(n, k)`` the nearest validation samples of each training and
             (leave one out) validation sample, for the local suspect reference (None when global).
@@ -342,8 +343,8 @@ def score_files(train_path: str, valid_path: str, settings: Settings, progress: 
     ``nearest_rows`` (the validation rows of the top-k alignments), ``n_tokens``, ``truncated`` (valued on
     its first ``max_length`` tokens only; under ``extract.truncation = "refuse"`` such a sample is an error
     naming it), ``mean_loss``, ``self_influence``, the baselines ``perplexity``, ``length``, ``ifd``, ``rds_mean`` and
-    ``rds_max`` (:mod:`valuegate.tasks.baselines`), and with ``score.signals`` the combined ``suspect`` score and one column per signal
-    (:mod:`valuegate.tasks.signals`); for ``pairwise`` it is long: ``train_row``, ``valid_row``, ``value``.
+    ``rds_max`` (:mod:`valuegate.engine.baselines`), and with ``score.signals`` the combined ``suspect`` score and one column per signal
+    (:mod:`valuegate.engine.signals`); for ``pairwise`` it is long: ``train_row``, ``valid_row``, ``value``.
     """
     train_df, train = read_samples(train_path)
     _, valid = read_samples(valid_path)
@@ -434,7 +435,7 @@ class ScoreRunReport:
     @property
     def unscored(self) -> dict[str, int]:
         """Samples of the dataset that reached extraction and got no score, by reason
-        (:func:`~valuegate.tasks.model.refusal_reason`); their ids and full messages: ``unscored_ids``."""
+        (:func:`~valuegate.engine.model.refusal_reason`); their ids and full messages: ``unscored_ids``."""
         return unscored_counts(self.unscored_ids)
 
     def line(self) -> str:
@@ -449,10 +450,10 @@ class ScoreRunReport:
 
 def unscored_counts(unscored_ids) -> dict[str, int]:
     """``{reason: count}`` of ``(id, refusal message)`` pairs, keyed by
-    :func:`~valuegate.tasks.model.refusal_reason` (what every runner reports as ``unscored``)."""
+    :func:`~valuegate.engine.model.refusal_reason` (what every runner reports as ``unscored``)."""
     from collections import Counter
 
-    from valuegate.tasks.model import refusal_reason
+    from valuegate.engine.model import refusal_reason
 
     return dict(Counter(refusal_reason(why) for _, why in unscored_ids))
 
@@ -593,11 +594,11 @@ def plan_scoring(ws, dataset: str, valset_ref: str, settings: Settings, progress
     import json
     import uuid
 
+    from valuegate.engine.model import fingerprint_settings, model_fingerprint
     from valuegate.storage import features as fstore
     from valuegate.storage import samples as sstore
     from valuegate.storage.valsets import read_valset
     from valuegate.tasks.extract import extract_dataset, extract_to_store
-    from valuegate.tasks.model import fingerprint_settings, model_fingerprint
     from valuegate.tasks.valsets import valset_samples
 
     ex, sc = settings.extract, settings.score

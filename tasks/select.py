@@ -28,7 +28,7 @@ def select_samples(scored: pl.DataFrame, cfg: SelectSettings) -> pl.DataFrame:
     - ``threshold``: keep ``value >= threshold``.
     - ``keep_all``: keep everything (a scoring-only release).
 
-    The baselines (:mod:`valuegate.tasks.baselines`), each keeping at most ``k = ceil(fraction · n)`` samples
+    The baselines (:mod:`valuegate.engine.baselines`), each keeping at most ``k = ceil(fraction · n)`` samples
     (ties broken by id), with the semantics of the papers they come from:
 
     - ``ifd``: the ``k`` highest ``ifd`` among the samples with ``ifd < 1`` (Cherry LLM / Superfiltering:

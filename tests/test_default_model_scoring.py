@@ -9,11 +9,11 @@ import pytest
 import torch
 from tiny import autograd_head_gradient
 
+from valuegate.engine.default_model import default_model_cached, default_model_dir
+from valuegate.engine.extraction import extract_token_blocks
+from valuegate.engine.forvalue import exact_cross
+from valuegate.engine.model import encode_samples, load_model
 from valuegate.settings import ModelSettings, load_settings
-from valuegate.tasks.default_model import default_model_cached, default_model_dir
-from valuegate.tasks.extract import extract_token_blocks
-from valuegate.tasks.forvalue import exact_cross
-from valuegate.tasks.model import encode_samples, load_model
 from valuegate.tasks.score import score_files
 
 pytestmark = [

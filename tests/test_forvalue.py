@@ -7,11 +7,11 @@ import pytest
 import torch
 from tiny import FAMILIES, autograd_head_gradient, random_rows
 
+from valuegate.engine.extraction import extract_sparse, extract_token_blocks
+from valuegate.engine.forvalue import TokenBlock, exact_cross, exact_self, hardest_positions, sparse_cross
+from valuegate.engine.model import encode_samples, load_model
 from valuegate.settings import tiny_settings
-from valuegate.tasks.extract import extract_sparse, extract_token_blocks
-from valuegate.tasks.forvalue import TokenBlock, exact_cross, exact_self, hardest_positions, sparse_cross
 from valuegate.tasks.ingest import samples_from_frame
-from valuegate.tasks.model import encode_samples, load_model
 
 RTOL = 1e-4  # of the matrix scale: float32 kernels vs float64 autograd
 
@@ -145,7 +145,7 @@ def test_scores_do_not_depend_on_batching_order_or_padding_side(tiny_model_dir, 
 
 def test_chunked_probability_blocks_change_nothing(tiny_model_dir):
     """A zero memory budget forces one sample per probability chunk: same values as one chunk per batch."""
-    from valuegate.tasks.extract import _chunks_by_budget
+    from valuegate.engine.extraction import _chunks_by_budget
     from valuegate.tasks.score import compute_values
 
     assert _chunks_by_budget([3, 4, 5, 6], max_rows=5) == [(0, 1), (1, 2), (2, 3), (3, 4)]

@@ -9,9 +9,9 @@ import polars as pl
 import pytest
 from tiny import random_rows, tiny_tokenizer, write_jsonl
 
+from valuegate.engine.model import encode_sample, length_batches
 from valuegate.errors import ValuegateError
 from valuegate.tasks.ingest import read_samples, samples_from_frame
-from valuegate.tasks.model import encode_sample, length_batches
 
 
 @pytest.fixture(scope="module")

@@ -13,13 +13,13 @@ import pyarrow as pa
 import pytest
 from tiny import random_rows, write_jsonl
 
+from valuegate.engine.model import fingerprint_settings, load_tokenizer, model_fingerprint
 from valuegate.settings import load_settings
 from valuegate.storage import schemas
 from valuegate.storage.lance import Workspace
 from valuegate.storage.samples import dataset_ids, ensure_sample_tables
 from valuegate.tasks.extract import extract_dataset
 from valuegate.tasks.ingest import ingest_file
-from valuegate.tasks.model import fingerprint_settings, load_tokenizer, model_fingerprint
 from valuegate.tasks.score import read_score_run, score_dataset
 from valuegate.tasks.valsets import register_valset
 

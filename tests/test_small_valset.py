@@ -7,13 +7,13 @@ import numpy as np
 import pytest
 from tiny import random_rows, write_jsonl
 
+from valuegate.engine.signals import MIN_REFERENCE, calibrated_suspect, robust_z
 from valuegate.errors import ValuegateError
 from valuegate.settings import load_settings
 from valuegate.storage import samples as sstore
 from valuegate.storage.lance import Workspace
 from valuegate.tasks.ingest import ingest_file
 from valuegate.tasks.score import score_dataset, score_files
-from valuegate.tasks.signals import MIN_REFERENCE, calibrated_suspect, robust_z
 from valuegate.tasks.valsets import register_valset
 
 

@@ -9,13 +9,13 @@ import torch
 from test_forvalue import RTOL, phi_from_block
 from tiny_vlm import VLM_FAMILIES, build_tiny_vlm, image_rows, write_images
 
+from valuegate.engine.extraction import extract_sparse, extract_token_blocks
+from valuegate.engine.forvalue import exact_cross, exact_self, sparse_cross
+from valuegate.engine.model import encode_samples, load_model
+from valuegate.engine.vlm import VisionProcessor, batch_model_inputs
 from valuegate.errors import ValuegateError
 from valuegate.settings import tiny_settings
-from valuegate.tasks.extract import extract_sparse, extract_token_blocks
-from valuegate.tasks.forvalue import exact_cross, exact_self, sparse_cross
 from valuegate.tasks.ingest import check_row
-from valuegate.tasks.model import encode_samples, load_model
-from valuegate.tasks.vlm import VisionProcessor, batch_model_inputs
 
 
 @pytest.fixture(scope="session")
@@ -156,8 +156,8 @@ def test_qwen2vl_composed_processor_matches_the_real_one(vlm_dir, pictures):
         pytest.skip(f"Qwen2VLProcessor needs torchvision, which does not load here ({type(exc).__name__}: {exc})")
     from transformers import AutoImageProcessor, AutoTokenizer
 
-    from valuegate.tasks.images import decode_image
-    from valuegate.tasks.vlm import Qwen2VLComposedProcessor
+    from valuegate.engine.images import decode_image
+    from valuegate.engine.vlm import Qwen2VLComposedProcessor
 
     d = vlm_dir("qwen2-vl")
     tok, ip = AutoTokenizer.from_pretrained(d), AutoImageProcessor.from_pretrained(d)

@@ -13,15 +13,15 @@ import torch
 from test_vlm import _lm, _samples, pictures, vlm_dir  # noqa: F401 - fixtures
 from tiny_vlm import VLM_FAMILIES
 
-from valuegate.errors import ValuegateError
-from valuegate.tasks.extract import (
+from valuegate.engine.extraction import (
     ENCODE_WINDOW_BATCHES,
     encode_workers,
     extract_sparse,
     extract_sparse_samples,
     iter_sample_blocks,
 )
-from valuegate.tasks.model import encode_samples
+from valuegate.engine.model import encode_samples
+from valuegate.errors import ValuegateError
 
 
 def _settings(settings):
@@ -119,7 +119,7 @@ def test_failure_in_a_worker_names_the_sample_and_does_not_hang(vlm_dir, picture
 
 
 def test_encode_workers_default_and_fingerprint(vlm_dir):  # noqa: F811
-    from valuegate.tasks.model import fingerprint_settings
+    from valuegate.engine.model import fingerprint_settings
 
     settings, lm = _lm(vlm_dir, "llava")
     ex = settings.extract

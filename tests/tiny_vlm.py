@@ -5,7 +5,7 @@ saved with its processor files exactly as a hub checkpoint would be (tokenizer, 
 processor config, chat template), so the tests load them through the same code path as a real model:
 
 - ``qwen2-vl``: Qwen2-VL (its processor needs torchvision here; the engine composes the PIL image processor
-  and the tokenizer, see ``tasks/vlm.py``);
+  and the tokenizer, see ``valuegate/engine/vlm.py``);
 - ``idefics3``: Idefics3 / SmolVLM (image splitting on: several tiles and a global image per picture);
 - ``llava``: LLaVA with a CLIP vision tower.
 """

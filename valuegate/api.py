@@ -25,9 +25,10 @@ if TYPE_CHECKING:
     import datasets
     import pandas
 
+    from valuegate.engine.sample import Sample
     from valuegate.storage import lance
     from valuegate.tasks.extract import StoreExtractReport
-    from valuegate.tasks.ingest import FileReport, Sample
+    from valuegate.tasks.ingest import FileReport
     from valuegate.tasks.score import ScoreRunReport, ValueMatrix
 
 TableLike = Union[str, os.PathLike, pl.DataFrame, pl.LazyFrame, "pandas.DataFrame", "datasets.Dataset"]

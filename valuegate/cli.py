@@ -369,7 +369,7 @@ def _cmd_init(args: argparse.Namespace) -> int:
 
 
 def _cmd_fetch_model(args: argparse.Namespace) -> int:
-    from valuegate.tasks.default_model import ensure_default_model
+    from valuegate.engine.default_model import ensure_default_model
 
     path = ensure_default_model(Path(args.home) if args.home else None)
     print(path)

@@ -114,7 +114,7 @@ class ExtractSettings(_Section):
         "default: the CPU cores, at most 4). Never changes a feature, so it is not part of the fingerprint.")
 
 
-# Which signals the `suspect` score combines, and on which side (see tasks/signals.py and the
+# Which signals the `suspect` score combines, and on which side (see valuegate/engine/signals.py and the
 # mislabeled-detection benchmark, tests/benchmarks/bench_suspect.py).
 DEFAULT_SUSPECT = ("centred_value_mean:low", "log_self_influence:two", "mean_loss:two")
 

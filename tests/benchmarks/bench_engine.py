@@ -30,11 +30,11 @@ import torch
 
 from tests.benchmarks.tables import cpu_name
 from tests.tiny import autograd_head_gradient
+from valuegate.engine.extraction import iter_token_blocks, pad_batch, projections
+from valuegate.engine.forvalue import TokenBlock, exact_cross, sparse_cross, sparse_features
+from valuegate.engine.model import encode_samples, length_batches, load_model
 from valuegate.settings import Settings, default_settings
-from valuegate.tasks.extract import iter_token_blocks, pad_batch, projections
-from valuegate.tasks.forvalue import TokenBlock, exact_cross, sparse_cross, sparse_features
 from valuegate.tasks.ingest import read_samples
-from valuegate.tasks.model import encode_samples, length_batches, load_model
 
 DEFAULT_DATA = Path(__file__).resolve().parents[3] / "shared" / "data" / "datainf"
 SETS = ("grammars", "math_without_reason")

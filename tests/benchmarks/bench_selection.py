@@ -23,7 +23,7 @@ data order (a seeded permutation per epoch) are fixed; ``random`` draws a new su
 Metrics, on the clean validation set (``infra/demo/data/valid.jsonl``, 60 rows, 4 task families):
 
 - ``val_loss``: mean token NLL over all response tokens of the set (tokens pooled, prompt masked; the
-  tokenisation and response mask are valuegate's own, :func:`valuegate.tasks.model.encode_sample`);
+  tokenisation and response mask are valuegate's own, :func:`valuegate.engine.model.encode_sample`);
 - ``exact_match``: share of rows whose teacher-forced argmax equals the target at every response token,
   i.e. greedy decoding from the prompt reproduces the reference response token for token (it does not check
   that the model stops afterwards: the response tokens carry no EOS).
@@ -53,9 +53,9 @@ import torch
 
 from tests.benchmarks.bench_engine import machine, peak_rss_mb
 from tests.benchmarks.tables import table
-from valuegate.tasks.extract import pad_batch
+from valuegate.engine.extraction import pad_batch
+from valuegate.engine.model import EncodedSample, encode_samples
 from valuegate.tasks.ingest import read_samples
-from valuegate.tasks.model import EncodedSample, encode_samples
 
 ROOT = Path(__file__).resolve().parents[2]
 DEMO = ROOT / "infra" / "demo"
@@ -349,7 +349,7 @@ def main() -> None:
 
     from transformers import AutoTokenizer
 
-    from valuegate.tasks.default_model import ensure_default_model
+    from valuegate.engine.default_model import ensure_default_model
 
     model_dir = ensure_default_model()
     tok = AutoTokenizer.from_pretrained(model_dir)

@@ -192,10 +192,10 @@ def make_inputs(data: Path, work: Path, n_first: int, n_new: int, n_valid: int) 
 
 class TimedModelLoads:
     """Time every ``load_model`` call made while the block runs (the task modules look it up at call
-    time from ``valuegate.tasks.model``, or hold it as ``valuegate.tasks.score.load_model``)."""
+    time from ``valuegate.engine.model``, or hold it as ``valuegate.tasks.score.load_model``)."""
 
     def __enter__(self) -> list[float]:
-        import valuegate.tasks.model as model_mod
+        import valuegate.engine.model as model_mod
         import valuegate.tasks.score as score_mod
 
         self.mods = (model_mod, score_mod)
@@ -344,9 +344,10 @@ def real_features_from_store(ws: Workspace, fp: str) -> pa.Table:
 
 def real_features_by_extraction(settings: Settings, data: Path, n: int) -> pa.Table:
     """Extract ``n`` DataInf training samples (half per task) with the default settings."""
-    from valuegate.tasks.extract import extract_sparse, feature_row
+    from valuegate.engine.extraction import extract_sparse
+    from valuegate.engine.model import encode_samples, load_model
+    from valuegate.tasks.extract import feature_row
     from valuegate.tasks.ingest import read_samples
-    from valuegate.tasks.model import encode_samples, load_model
 
     lm = load_model(settings.model, progress=False)
     ex = settings.extract
@@ -534,7 +535,7 @@ def mean_scoring(ws: Workspace, fp: str, ids: list[str], vm, vt, vocab: int, wid
 
 
 def nearest_scoring(ws: Workspace, fp: str, ids: list[str], vm, vocab: int, width: int, k: int = 5) -> dict:
-    from valuegate.tasks.forvalue import sparse_cross_csr
+    from valuegate.engine.forvalue import sparse_cross_csr
     from valuegate.tasks.score import aggregate
 
     tm, _, t_read, t_mtx = _matrix(ws, fp, ids, vocab, width)

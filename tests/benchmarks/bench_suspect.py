@@ -43,9 +43,9 @@ import polars as pl
 
 from tests.benchmarks.bench_engine import DEFAULT_DATA, machine
 from tests.benchmarks.tables import table
+from valuegate.engine.signals import SuspectReference, calibrated_suspect, combine_suspect
 from valuegate.storage.schemas import SIGNAL_COLUMNS
 from valuegate.tasks.report import detection_auc
-from valuegate.tasks.signals import SuspectReference, calibrated_suspect, combine_suspect
 
 SETS = {"grammars": ("swap", "copy", "truncate"), "math_without_reason": ("swap", "wrong", "truncate")}
 FRACTION = 0.2
@@ -199,8 +199,8 @@ def _mean_hidden_of(ws, fp: str, ids: list[str]) -> np.ndarray:
 
 
 def _valid_hidden(ws, settings, valset: str) -> tuple[list[str], np.ndarray]:
+    from valuegate.engine.model import fingerprint_settings, load_tokenizer, model_fingerprint
     from valuegate.storage.valsets import read_valset
-    from valuegate.tasks.model import fingerprint_settings, load_tokenizer, model_fingerprint
     from valuegate.tasks.valsets import valset_samples
 
     _, vrows = read_valset(ws, valset)
@@ -211,7 +211,7 @@ def _valid_hidden(ws, settings, valset: str) -> tuple[list[str], np.ndarray]:
 
 def _train_neighbours(ws, fp: str, ids: list[str], settings, valset: str) -> np.ndarray:
     """``(n, k)`` each scored sample's nearest validation samples (the local reference, product code)."""
-    from valuegate.tasks.signals import hidden_neighbours
+    from valuegate.engine.signals import hidden_neighbours
 
     _, vh = _valid_hidden(ws, settings, valset)
     return hidden_neighbours(_mean_hidden_of(ws, fp, ids), vh, vh.mean(0), settings.score.suspect_neighbours)
@@ -221,11 +221,11 @@ def reference_table(ws, settings, valset: str) -> pl.DataFrame:
     """The leave-one-out signals of the validation samples (the reference of the suspect score)."""
     import pyarrow as pa
 
+    from valuegate.engine.model import fingerprint_settings, load_tokenizer, model_fingerprint
+    from valuegate.engine.signals import SparseSet, ValidSide
     from valuegate.storage import features as fstore
     from valuegate.storage.valsets import read_valset
-    from valuegate.tasks.model import fingerprint_settings, load_tokenizer, model_fingerprint
     from valuegate.tasks.score import _feature_matrix, projected_centre, reference_signals
-    from valuegate.tasks.signals import SparseSet, ValidSide
     from valuegate.tasks.valsets import valset_samples
 
     _, vrows = read_valset(ws, valset)
@@ -242,7 +242,7 @@ def reference_table(ws, settings, valset: str) -> pl.DataFrame:
                         dtype=np.float64).reshape(len(vids), -1)
     vside = ValidSide.build(vs, projected_centre(ex, int(meta["hidden_size"]), vocab, pooled, vs.tokens))
     ref = reference_signals(vs, SparseSet.from_arrow(vt, vocab, width, "hard_"), vside, settings.score.nearest_k)
-    from valuegate.tasks.signals import hidden_neighbours
+    from valuegate.engine.signals import hidden_neighbours
 
     vh = _valid_hidden(ws, settings, valset)[1]
     nb = hidden_neighbours(vh, vh, vh.mean(0), settings.score.suspect_neighbours, loo=True)

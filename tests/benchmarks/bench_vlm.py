@@ -40,12 +40,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tiny_vlm import VLM_FAMILIES, build_tiny_vlm, image_rows
 
+from valuegate.engine.extraction import extract_sparse, extract_sparse_samples, pad_batch
+from valuegate.engine.images import decode_image
+from valuegate.engine.model import encode_samples, length_batches, load_model
+from valuegate.engine.vlm import batch_model_inputs
 from valuegate.settings import tiny_settings
-from valuegate.tasks.extract import extract_sparse, extract_sparse_samples, pad_batch
-from valuegate.tasks.images import decode_image
 from valuegate.tasks.ingest import check_row
-from valuegate.tasks.model import encode_samples, length_batches, load_model
-from valuegate.tasks.vlm import batch_model_inputs
 
 
 def photos(folder: Path, n: int, size: tuple[int, int]) -> list[Path]:

@@ -4,7 +4,7 @@ Supported: any Hugging Face causal LM whose LM head is a linear layer reachable 
 ``get_output_embeddings()`` and whose base model returns the final normed hidden state (Llama, Qwen2,
 Mistral, GPT-2, Phi, Gemma and Gemma-2 at least), by hub id, local path, or the embedded default alias;
 and image-text-to-text models (Qwen2-VL / Qwen2.5-VL, Idefics3 / SmolVLM, LLaVA), loaded with their
-processor (``tasks/vlm.py``), whose base model returns the language model's final normed hidden state.
+processor (``valuegate/engine/vlm.py``), whose base model returns the language model's final normed hidden state.
 """
 
 from __future__ import annotations
@@ -19,9 +19,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from valuegate.engine.sample import Sample
 from valuegate.errors import ValuegateError
 from valuegate.settings import ExtractSettings, ModelSettings
-from valuegate.tasks.ingest import Sample
 
 __all__ = [
     "REFUSAL_REASONS",
@@ -94,7 +94,7 @@ class LoadedModel:
         Args:
             input_ids: ``(B, T)`` int64, right-padded. attention_mask: ``(B, T)`` int64.
             model_inputs: a VLM's image inputs (``pixel_values``, ``image_grid_thw``, ``mm_token_type_ids``,
-                ...; see :func:`valuegate.tasks.vlm.batch_model_inputs`).
+                ...; see :func:`valuegate.engine.vlm.batch_model_inputs`).
 
         Returns:
             ``(B, T, d)`` in the model's dtype.
@@ -138,7 +138,7 @@ def _pick_dtype(name: str, device: torch.device) -> torch.dtype:
 def resolve_model_path(cfg: ModelSettings) -> str:
     """The directory or hub id to load: the alias of the embedded default resolves to its cache dir."""
     if cfg.name in ("smollm2-135m", ""):
-        from valuegate.tasks.default_model import ensure_default_model
+        from valuegate.engine.default_model import ensure_default_model
 
         return str(ensure_default_model())
     return cfg.name
@@ -169,7 +169,7 @@ def _vision_config(cfg: ModelSettings, path: str) -> object | None:
         config = AutoConfig.from_pretrained(path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
     except (OSError, ValueError):
         return None  # the tokenizer/model load reports the cause
-    from valuegate.tasks.vlm import is_vision_config
+    from valuegate.engine.vlm import is_vision_config
 
     return config if is_vision_config(config) else None
 
@@ -185,7 +185,7 @@ def load_tokenizer(cfg: ModelSettings) -> object:
     path = resolve_model_path(cfg)
     config = _vision_config(cfg, path)
     if config is not None:
-        from valuegate.tasks.vlm import load_vision_processor
+        from valuegate.engine.vlm import load_vision_processor
 
         return load_vision_processor(path, config, cfg.revision, cfg.trust_remote_code)
     try:
@@ -214,7 +214,7 @@ def load_model(cfg: ModelSettings, tokenizer: object | None = None, progress: bo
 
     tokenizer = tokenizer if tokenizer is not None else load_tokenizer(cfg)
     path = resolve_model_path(cfg)
-    from valuegate.tasks.vlm import VisionProcessor
+    from valuegate.engine.vlm import VisionProcessor
 
     vision = isinstance(tokenizer, VisionProcessor)
     auto = AutoModelForImageTextToText if vision else AutoModelForCausalLM
@@ -332,7 +332,7 @@ def encode_sample(tokenizer: object, sample: Sample, loss_on: str, max_length: i
             assistant turn), or the sample is too long under ``refuse``, naming file, row and field (the
             message holds one of :data:`REFUSAL_REASONS`).
     """
-    from valuegate.tasks.vlm import VisionProcessor
+    from valuegate.engine.vlm import VisionProcessor
 
     if isinstance(tokenizer, VisionProcessor):
         return tokenizer.encode(sample, loss_on, max_length, truncation)
@@ -429,7 +429,7 @@ def weights_digest(directory: str | Path) -> str:
     The cache (``$VALUEGATE_HOME/weights-digests.json``) makes later runs free; a rewritten file has a
     new mtime and is hashed again.
     """
-    from valuegate.tasks.default_model import valuegate_home
+    from valuegate.engine.default_model import valuegate_home
 
     d = Path(directory).resolve()
     files = [f for f in d.iterdir() if f.is_file() and f.suffix in WEIGHT_SUFFIXES]
@@ -458,7 +458,7 @@ def weights_digest(directory: str | Path) -> str:
 def fingerprint_settings(cfg: ModelSettings, ex: ExtractSettings, tokenizer: object,
                          lowest_likelihood_ratio: float) -> dict[str, object]:
     """The resolved settings a feature depends on (the input of :func:`model_fingerprint`)."""
-    from valuegate.storage.schemas import FEATURE_FORMAT
+    from valuegate.engine.columns import FEATURE_FORMAT
 
     path = resolve_model_path(cfg)
     local = Path(path).is_dir()

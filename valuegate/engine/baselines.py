@@ -40,10 +40,10 @@ import math
 import numpy as np
 import torch
 
+from valuegate.engine.columns import BASELINE_COLUMNS
+from valuegate.engine.model import EncodedSample, LoadedModel, length_batches
+from valuegate.engine.sample import Sample
 from valuegate.settings import ExtractSettings
-from valuegate.storage.schemas import BASELINE_COLUMNS
-from valuegate.tasks.ingest import Sample
-from valuegate.tasks.model import EncodedSample, LoadedModel, length_batches
 
 __all__ = ["BASELINE_COLUMNS", "baseline_columns", "encode_unconditional", "unconditional_losses",
            "unconditional_text"]
@@ -92,7 +92,7 @@ def unconditional_losses(lm: LoadedModel, samples: list[Sample], cfg: ExtractSet
         ``(len(samples),)`` float64, NaN where undefined (see :func:`unconditional_text`; a vision-language
         model runs no unconditional pass).
     """
-    from valuegate.tasks.extract import _chunks_by_budget, pad_batch
+    from valuegate.engine.extraction import _chunks_by_budget, pad_batch
 
     out = np.full(len(samples), np.nan)
     if lm.is_vision or not samples:

@@ -53,9 +53,9 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
+from valuegate.engine.columns import BASE_SIGNALS
+from valuegate.engine.forvalue import SparseFeatures, TokenBlock, exact_cross, exact_self, sparse_cross_csr
 from valuegate.errors import ValuegateError
-from valuegate.storage.schemas import BASE_SIGNALS
-from valuegate.tasks.forvalue import SparseFeatures, TokenBlock, exact_cross, exact_self, sparse_cross_csr
 
 __all__ = [
     "BASE_SIGNALS",

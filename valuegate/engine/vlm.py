@@ -1,7 +1,7 @@
 """Vision-language models: the processor side of extraction (one code path for every family).
 
 A VLM is detected from its config (a ``vision_config``); it loads with ``AutoProcessor`` and
-``AutoModelForImageTextToText`` (``tasks/model.py``). :class:`VisionProcessor` stands where a text model's
+``AutoModelForImageTextToText`` (``valuegate/engine/model.py``). :class:`VisionProcessor` stands where a text model's
 tokenizer stands: it tokenizes text-only samples exactly like a tokenizer, and encodes image-text samples
 with the processor, which expands each image placeholder into the family's image tokens (Qwen2-VL:
 ``grid_thw.prod() / merge_size²`` ``<|image_pad|>``; Idefics3/SmolVLM: tiles and a global image wrapped in
@@ -217,7 +217,7 @@ class VisionProcessor:
     def render(self, sample: Any) -> tuple[str, list[tuple[int, int]], bool]:
         """The text the processor sees, the character spans whose tokens count (``loss_on = response``) and
         whether the tokenizer adds its special tokens (not for a chat template, which holds them)."""
-        from valuegate.tasks.model import _chat_text_and_spans
+        from valuegate.engine.model import _chat_text_and_spans
 
         if sample.kind == "messages":
             text, spans = _chat_text_and_spans(self, sample)
@@ -236,7 +236,7 @@ class VisionProcessor:
         """Token ids, counted predictions and the model's image inputs of one sample.
 
         Returns:
-            an :class:`~valuegate.tasks.model.EncodedSample` whose ``image_inputs`` hold the processor's
+            an :class:`~valuegate.engine.model.EncodedSample` whose ``image_inputs`` hold the processor's
             image tensors (``pixel_values``, ``image_grid_thw``, ``pixel_attention_mask``...) and
             ``token_inputs`` its per-token inputs (``mm_token_type_ids``), both None for a text sample.
 
@@ -244,8 +244,8 @@ class VisionProcessor:
             ValuegateError: the processor refuses the sample, ``max_length`` would cut an image, or no
                 token counts (names file, row and field).
         """
-        from valuegate.tasks.images import decode_image
-        from valuegate.tasks.model import EncodedSample, counted_from_offsets, resolve_loss_on
+        from valuegate.engine.images import decode_image
+        from valuegate.engine.model import EncodedSample, counted_from_offsets, resolve_loss_on
 
         mode = resolve_loss_on(loss_on, sample)
         where = f"{sample.source}: row {sample.row}"
@@ -289,7 +289,7 @@ class VisionProcessor:
                                  f"{int(np.nonzero(in_image)[0][-1]) + 1}); raise --max-length")
         truncated = len(ids) > max_length
         if truncated and truncation == "refuse":
-            from valuegate.tasks.model import too_long
+            from valuegate.engine.model import too_long
 
             raise too_long(sample, len(ids), max_length)
         ids, in_target, in_image = ids[:max_length], in_target[:max_length], in_image[:max_length]

@@ -1,0 +1,19 @@
+"""The names the engine produces: the feature layout's version and the signal and baseline columns.
+
+Plain constants (no torch, no pyarrow), so the store's schemas (``storage/schemas.py``) and the
+engine share one definition.
+"""
+
+# Version of the feature layout: part of every model fingerprint, bumped when a stored feature changes.
+FEATURE_FORMAT = 4  # 3: the `truncated` column; 4: `uncond_loss` (IFD's pass of the response alone)
+
+# The signals of valuegate/engine/signals.py (documented there), on all counted tokens; each also exists on the
+# hardest fraction of them with a ``hard_`` prefix. Every one is a column of a scores run.
+BASE_SIGNALS = (
+    "value_mean", "value_nearest", "cosine_mean", "cosine_nearest", "per_token_mean", "centred_value_mean",
+    "centred_cosine_mean", "centred_cosine_nearest", "log_self_influence", "mean_loss",
+)
+SIGNAL_COLUMNS = BASE_SIGNALS + tuple(f"hard_{s}" for s in BASE_SIGNALS)
+
+# The baselines of valuegate/engine/baselines.py (documented there): columns of every scored frame and scores run.
+BASELINE_COLUMNS = ("perplexity", "length", "ifd", "rds_mean", "rds_max")

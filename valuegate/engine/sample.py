@@ -1,0 +1,46 @@
+"""One normalised sample: the unit the engine encodes and values (docs/ARCHITECTURE.md §3).
+
+Ingestion (``tasks/ingest.py``) builds them from rows; the model side (``valuegate/engine/model.py``)
+encodes them into token blocks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+SampleKind = Literal["prompt_response", "messages", "text"]
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One normalised sample.
+
+    Attributes:
+        kind: which of the three shapes it has.
+        row: 0-based row in its source file.
+        source: the file it came from.
+        prompt: prompt text (``prompt_response``), else None.
+        response: response text (``prompt_response``), else None.
+        messages: chat turns ``({"role", "content"}, ...)`` (``messages``), else None; with images, a
+            turn's content may be a list of ``{"type": "text", "text"}`` / ``{"type": "image"}`` parts.
+        text: plain text (``text``), else None.
+        images: sha256 of each image's bytes, in placeholder order (None: a text-only sample).
+        image_data: the images' bytes, same order (None when not at hand, e.g. read back from the store
+            before :func:`valuegate.tasks.images_store.attach_image_data`).
+    """
+
+    kind: SampleKind
+    row: int
+    source: str
+    prompt: str | None = None
+    response: str | None = None
+    messages: tuple[dict[str, Any], ...] | None = None
+    text: str | None = None
+    images: tuple[str, ...] | None = None
+    image_data: tuple[bytes, ...] | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def counted_field(self) -> str:
+        """The field whose tokens the response-only loss counts (used in error messages)."""
+        return {"prompt_response": "response", "messages": "messages", "text": "text"}[self.kind]

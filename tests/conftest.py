@@ -37,3 +37,33 @@ def data_files(tmp_path):
 
 
 pytest_plugins = ["s3server", "fault_plugin"]
+
+# Tests that start real services or processes (a Prefect API server, a Dask/Ray cluster, the S3 test
+# server, a browser, a fresh virtual environment, `valuegate run` as its own process) are marked
+# `integration`, so that `pytest -m "not integration"` is the fast loop; `make test` runs everything.
+INTEGRATION_FIXTURES = {"prefect_harness", "s3_server", "fault_spec"}
+INTEGRATION_MODULES = {"test_processes", "test_server_ui", "test_runners", "test_wheel", "test_concurrent_runs",
+                       "test_flow_faults", "test_release_crash", "test_release_cleanup"}
+
+
+@pytest.fixture(scope="module")
+def prefect_harness():
+    """A Prefect API server for the module's tests (Prefect's own test harness, a real server on SQLite).
+
+    Yields:
+        str: its API URL (for `valuegate run` started as its own process: ``PREFECT_API_URL``).
+    """
+    from prefect.settings import PREFECT_API_URL
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield PREFECT_API_URL.value()
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        module = item.module.__name__.rpartition(".")[2] if item.module else ""
+        if module in INTEGRATION_MODULES or INTEGRATION_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.integration)
+        if module == "test_report" and "chromium" in item.name:
+            item.add_marker(pytest.mark.integration)

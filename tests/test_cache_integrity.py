@@ -70,14 +70,6 @@ def test_a_planted_record_is_refused_by_the_stores_storage(tmp_path, how):
     assert store.read("planted").result == [1, "a"]
 
 
-@pytest.fixture(scope="module")
-def harness():
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
-
-
 def _config(tmp_path: Path, model_dir: Path) -> str:
     train = write_jsonl(tmp_path / "train.jsonl", random_rows(12, seed=31))
     valid = write_jsonl(tmp_path / "valid.jsonl", random_rows(4, seed=32))
@@ -120,7 +112,7 @@ def _score_record(results: Path) -> Path:
     return found[0]
 
 
-def test_a_planted_pickle_record_in_the_workspace_is_recomputed_not_run(harness, tmp_path, tiny_model_dir):
+def test_a_planted_pickle_record_in_the_workspace_is_recomputed_not_run(prefect_harness, tmp_path, tiny_model_dir):
     from valuegate.flows.refresh import refresh
 
     config = _config(tmp_path, tiny_model_dir())

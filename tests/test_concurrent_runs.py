@@ -25,15 +25,6 @@ from valuegate.storage import schemas
 from valuegate.storage.lance import Workspace
 
 
-@pytest.fixture(scope="module")
-def prefect_api():
-    from prefect.settings import PREFECT_API_URL
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=120):
-        yield PREFECT_API_URL.value()
-
-
 def _config(tmp_path, model_dir, workspace: str) -> str:
     rows = random_rows(16, seed=61)
     for i, r in enumerate(rows):
@@ -77,9 +68,9 @@ def _summary(stdout: str) -> dict:
 
 
 @pytest.mark.parametrize(("where", "runs"), [("local", 2), ("local", 4), ("s3", 2)])
-def test_concurrent_runs_keep_every_row_once_and_promote_in_order(tmp_path, tiny_model_dir, prefect_api, where,
+def test_concurrent_runs_keep_every_row_once_and_promote_in_order(tmp_path, tiny_model_dir, prefect_harness, where,
                                                                   runs, request):
-    env = {**os.environ, "PREFECT_API_URL": prefect_api}
+    env = {**os.environ, "PREFECT_API_URL": prefect_harness}
     options = None
     if where == "local":
         uri = str(tmp_path / "ws")

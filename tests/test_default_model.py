@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from valuegate.engine import default_model as dm
 from valuegate.errors import ValuegateError
-from valuegate.tasks import default_model as dm
 
 
 def _local_wheel() -> Path | None:

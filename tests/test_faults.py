@@ -16,15 +16,7 @@ from test_runners import _feature_ids, _scores
 SHARD_SIZE = 5  # 24 training rows → 5 shards
 
 
-@pytest.fixture(scope="module")
-def prefect_server():
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
-
-
-def test_worker_killed_mid_shard_is_retried_without_duplicates(prefect_server, tmp_path, tiny_model_dir,
+def test_worker_killed_mid_shard_is_retried_without_duplicates(prefect_harness, tmp_path, tiny_model_dir,
                                                                fault_spec):
     fault_spec.write_text(json.dumps({"at_shard": 1}))  # the env names it: the cluster's workers inherit it
     spec = str(fault_spec)
@@ -68,7 +60,7 @@ def _dask_cluster(tmp_path):
     return address, sched, workers, log
 
 
-def test_lost_cluster_fails_clearly_and_the_next_run_resumes(prefect_server, tmp_path, tiny_model_dir,
+def test_lost_cluster_fails_clearly_and_the_next_run_resumes(prefect_harness, tmp_path, tiny_model_dir,
                                                              fault_spec, monkeypatch):
     from valuegate.errors import ValuegateError
 

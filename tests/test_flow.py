@@ -11,14 +11,6 @@ from tiny import random_rows, write_jsonl
 from valuegate.errors import ValuegateError
 
 
-@pytest.fixture(scope="session")
-def prefect_harness():
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
-
-
 def _config(tmp_path, model_dir, **sections) -> str:
     rows = random_rows(24, seed=21)
     for i, r in enumerate(rows):

@@ -16,7 +16,7 @@ import subprocess
 import sys
 
 import pytest
-from test_flow import _config, _run, _version_dirs, prefect_harness  # noqa: F401  (the fixture)
+from test_flow import _config, _run, _version_dirs
 from test_runners import _feature_ids
 
 # point → (module, attribute, "before" | "after" the call); an attribute "Class.method" wraps a method
@@ -83,7 +83,7 @@ def _assert_one_complete_current(root, out: dict) -> list[str]:
 
 
 @pytest.mark.parametrize("point", list(KILL_POINTS))
-def test_sigkill_then_rerun(prefect_harness, tmp_path, tiny_model_dir, point):  # noqa: F811
+def test_sigkill_then_rerun(prefect_harness, tmp_path, tiny_model_dir, point):
     from valuegate.storage import releases as rstore
 
     config = _config(tmp_path, tiny_model_dir())
@@ -109,7 +109,7 @@ def test_sigkill_then_rerun(prefect_harness, tmp_path, tiny_model_dir, point):  
         assert out["resumed"] is (point != "extract+score")
 
 
-def test_interleaved_promotions_never_move_current_back(prefect_harness, tmp_path, tiny_model_dir,  # noqa: F811
+def test_interleaved_promotions_never_move_current_back(prefect_harness, tmp_path, tiny_model_dir,
                                                         monkeypatch):
     """Another run promotes while this one is between its allocation and its promotion: first an older
     version (this run replaces it, and says so), then a newer one (this run does not go back over it)."""

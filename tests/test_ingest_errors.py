@@ -11,7 +11,7 @@ import json
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from test_flow import _config, prefect_harness  # noqa: F401  (the session's Prefect test harness)
+from test_flow import _config
 from tiny import random_rows, write_jsonl
 
 from valuegate.cli import EXIT_USER_ERROR, main
@@ -52,7 +52,7 @@ def test_ingest_file_of_a_missing_file_raises_a_user_error(ws, tmp_path):
         ingest_file(ws, "d", tmp_path / "missing.jsonl", 10_000)
 
 
-def test_run_with_a_missing_source_fails_once_with_one_line(prefect_harness, tiny_model_dir, tmp_path,  # noqa: F811
+def test_run_with_a_missing_source_fails_once_with_one_line(prefect_harness, tiny_model_dir, tmp_path,
                                                             capsys, monkeypatch):
     from valuegate.flows.refresh import refresh
 

@@ -5,19 +5,10 @@ from __future__ import annotations
 import os
 
 import polars as pl
-import pytest
 from tiny import random_rows, write_jsonl
 
 from valuegate.cli import EXIT_USER_ERROR, main
 from valuegate.settings import load_settings
-
-
-@pytest.fixture(scope="module")
-def prefect_harness():
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
 
 
 def _init_and_run(capsys, monkeypatch, tmp_path, train, valid, model) -> tuple[str, object]:

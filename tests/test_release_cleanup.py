@@ -12,7 +12,7 @@ import sys
 
 import polars as pl
 import pytest
-from test_flow import _config, _run, prefect_harness  # noqa: F401  (the session's Prefect test harness)
+from test_flow import _config, _run
 from test_release import NAME, _fields, _publish
 
 from valuegate.errors import ValuegateError
@@ -42,7 +42,7 @@ def _tree(path) -> list[str]:
 
 
 def test_next_run_cleans_abandoned_versions_keeps_their_numbers_and_spares_a_live_one(
-        prefect_harness, tiny_model_dir, tmp_path):  # noqa: F811
+        prefect_harness, tiny_model_dir, tmp_path):
     cfg = _config(tmp_path, tiny_model_dir())
     base = tmp_path / "ws" / "releases" / "r"
     # v0001: killed while staging (inputs changed since, so never resumed): partial files, a temporary,
@@ -148,7 +148,7 @@ def test_every_retried_task_skips_retries_on_user_errors():
     assert all(fn is retry_unless_user_error for fn in retried.values()), retried
 
 
-def test_a_user_error_in_a_retried_task_runs_once(prefect_harness, tiny_model_dir, tmp_path):  # noqa: F811
+def test_a_user_error_in_a_retried_task_runs_once(prefect_harness, tiny_model_dir, tmp_path):
     from prefect import flow
     from prefect.client.orchestration import get_client
 

@@ -14,19 +14,9 @@ from pathlib import Path
 from urllib.parse import urlparse
 from urllib.request import url2pathname
 
-import pytest
 from tiny import random_rows, write_jsonl
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def prefect_api():
-    from prefect.settings import PREFECT_API_URL
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=120):
-        yield PREFECT_API_URL.value()
 
 
 def _run(api: str, *args: str, cwd: Path | None = None) -> str:
@@ -80,9 +70,9 @@ def _file_url_path(line: str) -> Path:
     return Path(url2pathname(urlparse(url).path))
 
 
-def test_run_ends_with_human_lines(prefect_api, tmp_path, tiny_model_dir):
+def test_run_ends_with_human_lines(prefect_harness, tmp_path, tiny_model_dir):
     config = _config(tmp_path, tiny_model_dir())
-    out = _run(prefect_api, "--config", config)
+    out = _run(prefect_harness, "--config", config)
     lines = out.splitlines()
     assert "{" not in out, out  # no JSON dump for people
     assert lines[0] == "release r/v0001 is current (previous: none)", out
@@ -93,22 +83,22 @@ def test_run_ends_with_human_lines(prefect_api, tmp_path, tiny_model_dir):
     assert lines[-1].startswith("report: file://") and report.is_file(), out
     assert report.is_relative_to(tmp_path / "ws"), report
 
-    assert _run(prefect_api, "--config", config).splitlines()[0] == "release r/v0002 is current (previous: v0001)"
+    assert _run(prefect_harness, "--config", config).splitlines()[0] == "release r/v0002 is current (previous: v0001)"
 
 
-def test_truncated_samples_are_said(prefect_api, tmp_path, tiny_model_dir):
+def test_truncated_samples_are_said(prefect_harness, tmp_path, tiny_model_dir):
     config = _config(tmp_path, tiny_model_dir(), extract="max_length = 8")
-    out = _run(prefect_api, "--config", config)
-    summary = json.loads(_run(prefect_api, "--config", config, "--json"))
+    out = _run(prefect_harness, "--config", config)
+    summary = json.loads(_run(prefect_harness, "--config", config, "--json"))
     n = summary["counts"]["truncated"]
     assert n > 0
     assert f"truncated: {n} of 30 samples valued on their first 8 tokens only (extract.max_length)" in \
         out.splitlines(), out
 
 
-def test_run_json_is_one_unambiguous_object(prefect_api, tmp_path, tiny_model_dir):
+def test_run_json_is_one_unambiguous_object(prefect_harness, tmp_path, tiny_model_dir):
     config = _config(tmp_path, tiny_model_dir())
-    out = json.loads(_run(prefect_api, "--config", config, "--json"))  # the whole of stdout is the object
+    out = json.loads(_run(prefect_harness, "--config", config, "--json"))  # the whole of stdout is the object
     assert out["version"] == "v0001" and out["current"] is True and out["previous"] is None
     assert out["release"] == "r" and out["gate"]["passed"] is True and out["gate"]["failures"] == []
     assert out["kept"] == 23 and out["dropped"] == 7 and out["dropped_reasons"] == {"not in the top 75%": 7}
@@ -120,14 +110,14 @@ def test_run_json_is_one_unambiguous_object(prefect_api, tmp_path, tiny_model_di
     assert Path(out["report"]).is_file()
 
 
-def test_demo_writes_its_workspace_where_the_user_stands(prefect_api, tmp_path, tiny_model_dir):
+def test_demo_writes_its_workspace_where_the_user_stands(prefect_harness, tmp_path, tiny_model_dir):
     """No --config: the embedded demo; its workspace is ./valuegate-workspace of the working directory
     (before: the checkout's, through a chdir to the repository root)."""
     here = tmp_path / "empty"
     here.mkdir()
     repo_ws = REPO / "valuegate-workspace"
     before = sorted(p.name for p in (repo_ws / "releases" / "demo").glob("v*")) if repo_ws.exists() else None
-    out = json.loads(_run(prefect_api, "--model", str(tiny_model_dir()), "--json", cwd=here))
+    out = json.loads(_run(prefect_harness, "--model", str(tiny_model_dir()), "--json", cwd=here))
     current = here / "valuegate-workspace" / "releases" / "demo" / "CURRENT"
     assert current.is_file() and out["release"] == "demo" and out["current"] is True
     assert Path(out["report"]).is_relative_to(here)

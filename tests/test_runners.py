@@ -18,14 +18,6 @@ from valuegate.tasks.extract import shard_ids
 SHARD_SIZE = 5  # 24 training rows → 5 shards on 2 workers: each worker runs several shards
 
 
-@pytest.fixture(scope="module")
-def prefect_server():
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
-
-
 def _scores(root, run_id: str) -> dict[str, float]:
     from valuegate.storage.lance import Workspace
     from valuegate.tasks.score import read_score_run
@@ -50,7 +42,7 @@ def _feature_ids(root, model_fp: str) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def local_scores(prefect_server, tmp_path_factory, tiny_model_dir):
+def local_scores(prefect_harness, tmp_path_factory, tiny_model_dir):
     """The local runner's scores (the reference every runner must reproduce)."""
     tmp = tmp_path_factory.mktemp("local")
     out, _ = _run(_config(tmp, tiny_model_dir()))
@@ -124,15 +116,15 @@ def test_runner_settings_and_flags(tmp_path):
     assert (args.runner, args.workers, args.address) == ("ray", 4, "auto")
 
 
-def test_dask_runner_scores_equal_local(prefect_server, tmp_path, tiny_model_dir, local_scores):
+def test_dask_runner_scores_equal_local(prefect_harness, tmp_path, tiny_model_dir, local_scores):
     _check_runner("dask", tmp_path, tiny_model_dir, local_scores)
 
 
-def test_ray_runner_scores_equal_local(prefect_server, tmp_path, tiny_model_dir, local_scores):
+def test_ray_runner_scores_equal_local(prefect_harness, tmp_path, tiny_model_dir, local_scores):
     _check_runner("ray", tmp_path, tiny_model_dir, local_scores)
 
 
-def test_s3_workspace_end_to_end_on_dask(prefect_server, tmp_path, tiny_model_dir, local_scores, s3_server,
+def test_s3_workspace_end_to_end_on_dask(prefect_harness, tmp_path, tiny_model_dir, local_scores, s3_server,
                                          monkeypatch):
     """ingest → extract (2 Dask worker processes) → score → gate → release with the workspace on the S3
     server: the workers reach the store, not each other's disk; the release read back from S3 carries the

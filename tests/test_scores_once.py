@@ -56,15 +56,7 @@ def test_another_run_of_the_same_ids_is_kept_apart(scored):
     assert ws.count(schemas.SCORES) == 14
 
 
-@pytest.fixture(scope="module")
-def prefect_server():
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
-
-
-def test_the_flow_counts_truncated_and_unscored_samples_alike_on_every_runner(prefect_server, tmp_path,
+def test_the_flow_counts_truncated_and_unscored_samples_alike_on_every_runner(prefect_harness, tmp_path,
                                                                               tiny_model_dir):
     """The dask path (plan-scores + score shards) returns ``truncated``, ``unscored`` and ``unscored_ids`` as
     the local extract+score task does (here: scoring the same stored dataset locally), so the run's counts do

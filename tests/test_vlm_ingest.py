@@ -10,7 +10,7 @@ from pathlib import Path
 
 import polars as pl
 import pytest
-from test_flow import _run, prefect_harness  # noqa: F401  (the session's Prefect test harness)
+from test_flow import _run
 from tiny import write_jsonl
 from tiny_vlm import build_tiny_vlm, image_bytes, image_rows, write_images
 
@@ -107,7 +107,7 @@ def test_parquet_image_bytes_and_score_file_errors(ws, tmp_path):
         read_samples(tmp_path / "s.jsonl")
 
 
-def test_refresh_values_an_image_text_set_end_to_end(prefect_harness, tmp_path):  # noqa: F811
+def test_refresh_values_an_image_text_set_end_to_end(prefect_harness, tmp_path):
     from valuegate.storage.releases import read_current, read_manifest, read_release_data
 
     model = build_tiny_vlm("llava", tmp_path / "llava")

@@ -1,0 +1,107 @@
+"""The rooms' import rules (docs/ARCHITECTURE.md §2), checked on the source, so a change that breaks
+one fails here rather than in a reader's head.
+
+- ``valuegate/engine/`` (the math and the model side) imports no Prefect, LanceDB, pyarrow or
+  Great Expectations, and nothing of ``tasks/``, ``storage/`` or ``flows/``;
+- ``storage/`` imports no torch (nor transformers/peft), directly or through what it imports;
+- ``flows/`` (wiring) writes no table: it imports no LanceDB/pyarrow, calls no write method of the
+  workspace and imports no writing function of ``storage/``; table I/O goes through ``tasks/``.
+"""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+ROOMS = {"engine": REPO / "valuegate" / "engine", "storage": REPO / "storage", "flows": REPO / "flows",
+         "tasks": REPO / "tasks"}
+
+ENGINE_FORBIDDEN = ("prefect", "lancedb", "pyarrow", "great_expectations", "dask", "ray",
+                    "valuegate.storage", "valuegate.tasks", "valuegate.flows")
+STORAGE_FORBIDDEN = ("torch", "transformers", "peft", "valuegate.tasks", "valuegate.flows")
+# the engine modules that are plain names (no torch), which the store may share
+STORAGE_MAY_USE_ENGINE = ("valuegate.engine.columns", "valuegate.engine.sample")
+FLOWS_FORBIDDEN = ("lancedb", "pyarrow", "valuegate.storage.lance")
+# the write API of the workspace (storage/lance.py: Workspace) and of LanceDB whose names say so (flows/ cannot
+# build a workspace: it may not import storage/lance.py) and the prefixes of storage's writing functions
+WRITE_METHODS = {"overwrite", "upsert", "add_null_columns", "delete_tag", "create_vector_index", "merge_insert",
+                 "create_table", "create_scalar_index", "write_parquet", "write_table"}
+WRITE_PREFIXES = ("write", "stage", "complete", "promote", "register", "allocate", "clean", "ensure", "insert",
+                  "append", "delete", "record", "remember")
+
+
+def _imports(path: Path) -> list[tuple[int, str, list[str]]]:
+    """Every import of a file, function-local ones included: (line, module, imported names)."""
+    out = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            out += [(node.lineno, a.name, []) for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            out.append((node.lineno, node.module, [a.name for a in node.names]))
+    return out
+
+
+def _hits(module: str, names: list[str], forbidden: tuple[str, ...]) -> bool:
+    full = [module, *(f"{module}.{n}" for n in names)]
+    return any(m == f or m.startswith(f + ".") for m in full for f in forbidden)
+
+
+def _files(room: str) -> list[Path]:
+    return sorted(ROOMS[room].glob("*.py"))
+
+
+def test_the_rooms_exist():
+    for room, path in ROOMS.items():
+        assert _files(room), f"{room}: no modules at {path}"
+
+
+def test_the_engine_imports_no_pipeline():
+    bad = [f"{p.relative_to(REPO)}:{line} imports {mod}" for p in _files("engine")
+           for line, mod, names in _imports(p) if _hits(mod, names, ENGINE_FORBIDDEN)]
+    assert not bad, "\n".join(bad)
+
+
+def test_storage_imports_no_torch():
+    bad = [f"{p.relative_to(REPO)}:{line} imports {mod}" for p in _files("storage")
+           for line, mod, names in _imports(p)
+           if _hits(mod, names, STORAGE_FORBIDDEN)
+           or (_hits(mod, names, ("valuegate.engine",)) and not _hits(mod, names, STORAGE_MAY_USE_ENGINE))]
+    assert not bad, "\n".join(bad)
+
+
+def test_storage_pulls_no_torch_in_at_import():
+    modules = [f"valuegate.storage.{p.stem}" for p in _files("storage") if p.stem != "__init__"]
+    code = (f"import importlib, sys\nfor m in {modules!r}:\n    importlib.import_module(m)\n"
+            "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+def _write_calls(path: Path) -> list[str]:
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr in WRITE_METHODS:
+            found.append(f"{path.relative_to(REPO)}:{node.lineno} calls {ast.unparse(node.func)}()")
+    return found
+
+
+def test_flows_write_no_table():
+    bad = [f"{p.relative_to(REPO)}:{line} imports {mod}" for p in _files("flows")
+           for line, mod, names in _imports(p) if _hits(mod, names, FLOWS_FORBIDDEN)]
+    bad += [f"{p.relative_to(REPO)}:{line} imports {mod}.{n} (a writer of storage/)" for p in _files("flows")
+            for line, mod, names in _imports(p) if mod.startswith("valuegate.storage")
+            for n in names if n.lower().startswith(WRITE_PREFIXES)]
+    bad += [hit for p in _files("flows") for hit in _write_calls(p)]
+    assert not bad, "\n".join(bad)
+
+
+@pytest.mark.parametrize("room", ["tasks", "flows", "engine"])
+def test_nothing_outside_storage_imports_lancedb(room):
+    bad = [f"{p.relative_to(REPO)}:{line} imports {mod}" for p in _files(room)
+           for line, mod, names in _imports(p) if _hits(mod, names, ("lancedb",))]
+    assert not bad, "\n".join(bad)

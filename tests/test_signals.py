@@ -180,3 +180,28 @@ def test_token_contributions_sum_to_the_mean_value(tiny_model_dir, ratio):
         assert len(g.tokens) == len(enc.input_ids)
         assert carried == int(np.ceil(ratio * enc.n_counted - 1e-9))
         assert g.contributions[0] is None  # the first token is never predicted
+
+
+def test_fit_suspect_learns_the_side_and_signal_that_flag_corruptions():
+    """A logistic combination fitted on clean vs corrupted rows: it weights the signal that moves (either
+    side, via |z|) over the one that does not, separates fresh rows, and refuses too few rows."""
+    from valuegate.engine.signals import fit_suspect
+    from valuegate.tasks.report import detection_auc
+
+    rng = np.random.default_rng(0)
+    clean = rng.normal(size=(60, 2)) * [1.0, 5.0] + [10.0, 0.0]   # feature 0 around 10, feature 1 noise
+    high = clean[:20] + np.array([6.0, 0.0])                                  # one corruption: feature 0 high
+    low = clean[20:40] - np.array([6.0, 0.0])                                 # another: feature 0 low
+    fit = fit_suspect(clean, np.concatenate([high, low]), ["a", "b"])
+    np.testing.assert_allclose(fit.centre, np.median(clean, axis=0))
+    w = dict(zip(fit.terms, fit.weights, strict=True))
+    assert w["|a|"] > 1.0 and w["|a|"] > 5 * abs(w["|b|"]) and w["|a|"] > 5 * abs(w["b"])
+    fresh_clean = rng.normal(size=(50, 2)) * [1.0, 5.0] + [10.0, 0.0]
+    fresh_bad = fresh_clean + np.array([[6.0, 0.0]] * 25 + [[-6.0, 0.0]] * 25)
+    assert fit.score(fresh_bad).min() > np.median(fit.score(fresh_clean))
+    scores = np.concatenate([fit.score(fresh_clean), fit.score(fresh_bad)])
+    assert detection_auc(scores, np.r_[np.zeros(50, bool), np.ones(50, bool)]) > 0.97
+    with pytest.raises(ValuegateError, match="at least"):
+        fit_suspect(clean[:2], high, ["a", "b"])
+    with pytest.raises(ValuegateError, match="names"):
+        fit_suspect(clean, high, ["a"])

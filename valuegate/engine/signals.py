@@ -61,6 +61,7 @@ __all__ = [
     "BASE_SIGNALS",
     "MIN_REFERENCE",
     "CrossTerms",
+    "FittedSuspect",
     "SparseSet",
     "SuspectReference",
     "calibrated_suspect",
@@ -69,6 +70,7 @@ __all__ = [
     "cross_terms_exact",
     "cross_terms_sparse",
     "explain_suspect",
+    "fit_suspect",
     "hidden_neighbours",
     "parse_suspect",
     "robust_z",
@@ -533,3 +535,97 @@ def explain_suspect(signals: dict[str, np.ndarray], reference: SuspectReference 
     z, dev = suspect_deviations(signals, reference, spec, neighbours)
     order = np.argsort(-dev, axis=1, kind="stable")[:, :top]
     return [", ".join(f"{spec[j][0]} z={z[i, j]:+.1f}" for j in row) for i, row in enumerate(order)]
+
+
+# --------------------------------------------------------------------------------------------------
+# A combination fitted without labels: clean validation samples vs corrupted copies of them.
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class FittedSuspect:
+    """A logistic combination of standardised signals (:func:`fit_suspect`); higher = more suspect.
+
+    Attributes:
+        names: the ``S`` feature names, in column order.
+        centre, scale: ``(S,)`` the clean rows' medians and robust spreads (:func:`_robust_scale`).
+        terms: the ``2S`` term names: ``name`` (the signed z) then ``|name|`` (its magnitude).
+        weights: ``(2S,)`` float64 logistic weights of the terms. bias: the intercept.
+        clip: z-scores are clipped to ``±clip`` before weighting (one wild value cannot dominate).
+    """
+
+    names: list[str]
+    centre: np.ndarray
+    scale: np.ndarray
+    terms: list[str]
+    weights: np.ndarray
+    bias: float
+    clip: float = 10.0
+
+    def design(self, x: np.ndarray) -> np.ndarray:
+        """``(n, 2S)`` terms of the raw features ``x`` ``(n, S)`` (non-finite values count as the centre)."""
+        z = (np.asarray(x, dtype=np.float64) - self.centre) / self.scale
+        z = np.clip(np.nan_to_num(z, nan=0.0, posinf=self.clip, neginf=-self.clip), -self.clip, self.clip)
+        return np.concatenate([z, np.abs(z)], axis=1)
+
+    def score(self, x: np.ndarray) -> np.ndarray:
+        """``(n,)`` log-odds of "corrupted" of the rows ``x`` ``(n, S)``."""
+        return self.design(x) @ self.weights + self.bias
+
+
+def fit_suspect(clean: np.ndarray, corrupt: np.ndarray, names: list[str], l2: float = 0.01,
+                clip: float = 10.0) -> FittedSuspect:
+    """Fit which signals, on which side, flag corrupted samples: an L2-regularised logistic regression of
+    corrupted (1) vs clean (0), classes weighted equally, on every signal's robust z-score (standardised on
+    the clean rows) and its magnitude (so a signal can flag both sides).
+
+    Meant for label-free calibration: ``clean`` are trusted validation samples scored against the rest of
+    the validation set, ``corrupt`` copies of them damaged by known generators (truncated, swapped, ...).
+
+    Args:
+        clean: ``(n0, S)`` the clean rows' features (at least :data:`MIN_REFERENCE` rows).
+        corrupt: ``(n1, S)`` the corrupted rows' features (at least one row).
+        names: the ``S`` feature names.
+        l2: penalty ``l2/2 · ‖w‖²`` on the weights (not the intercept), per unit of total class weight.
+        clip: z-scores are clipped to ``±clip``.
+
+    Returns:
+        the fit; :meth:`FittedSuspect.score` gives the log-odds of new rows.
+
+    Raises:
+        ValuegateError: too few rows, or features that do not match ``names``.
+    """
+    from scipy.optimize import minimize
+
+    clean = np.atleast_2d(np.asarray(clean, dtype=np.float64))
+    corrupt = np.atleast_2d(np.asarray(corrupt, dtype=np.float64))
+    s = len(names)
+    if clean.shape[1] != s or corrupt.shape[1] != s:
+        raise ValuegateError(f"fit_suspect: {len(names)} names for {clean.shape[1]} / {corrupt.shape[1]} columns")
+    if clean.shape[0] < MIN_REFERENCE or corrupt.shape[0] < 1:
+        raise ValuegateError(f"fit_suspect: needs at least {MIN_REFERENCE} clean and 1 corrupted rows; got "
+                             f"{clean.shape[0]} and {corrupt.shape[0]}")
+    centre = np.zeros(s)
+    scale = np.ones(s)
+    for j in range(s):
+        col = clean[:, j][np.isfinite(clean[:, j])]
+        if col.size:
+            centre[j] = float(np.median(col))
+            scale[j] = _robust_scale(col, centre[j])
+    terms = list(names) + [f"|{n}|" for n in names]
+    fit = FittedSuspect(list(names), centre, scale, terms, np.zeros(2 * s), 0.0, clip)
+    x = np.concatenate([fit.design(clean), fit.design(corrupt)])
+    y = np.concatenate([np.zeros(len(clean)), np.ones(len(corrupt))])
+    w = np.where(y == 1, 0.5 / len(corrupt), 0.5 / len(clean))  # equal class weight, total 1
+
+    def loss(theta: np.ndarray) -> tuple[float, np.ndarray]:
+        t = x @ theta[1:] + theta[0]
+        # log(1 + e^t) − y t, stably, and its gradient (sigmoid(t) − y)
+        nll = np.logaddexp(0.0, t) - y * t
+        g = w * (0.5 * (1.0 + np.tanh(0.5 * t)) - y)
+        reg = 0.5 * l2 * float(theta[1:] @ theta[1:])
+        return float(w @ nll) + reg, np.concatenate([[g.sum()], x.T @ g + l2 * theta[1:]])
+
+    res = minimize(loss, np.zeros(2 * s + 1), jac=True, method="L-BFGS-B")
+    fit.bias, fit.weights = float(res.x[0]), res.x[1:].copy()
+    return fit

@@ -1,0 +1,509 @@
+"""valuegate against the cheap filters a user would pick instead: perplexity, IFD, RDS+ similarity, length.
+
+    .venv/bin/python -m tests.benchmarks.bench_baselines [--parts detection,cost,selection] [--clean 500]
+        [--per-type 25] [--calib-per-type 25] [--steps 60] [--seeds 0,1,2] [--conditions ...]
+        [--selection-sets demo,math_without_reason] [--out bench-results] [--data DIR]
+
+One run, one table per question (issue 18); every number comes from valuegate's own API
+(``valuegate.score(train, valid)``, default settings, the default model SmolLM2-135M-Instruct), so it is what
+a user gets. Scored tables are cached in ``<out>/baselines-scores-<set>.parquet`` (delete them to rescore).
+
+**Detection.** A corruption zoo (:mod:`tests.benchmarks.zoo`) per DataInf set (``grammars``,
+``math_without_reason``; ``--data``, default ``../shared/data/datainf``): ``--clean`` untouched training rows
+and, from other training rows, ``--per-type`` rows per generator (copy, swap, truncate, shuffle, wrong,
+junk, delete; a generator that does not apply to a row skips it). The validation file (``*_test.jsonl``, 100
+rows) is split in two seeded halves: the *reference* half is the validation set every row is scored against;
+the *calibration* half is trusted data that the label-free calibration (below) corrupts with the same
+generators (``--calib-per-type`` rows per generator, from a different seed) and scores against the
+reference half in the same call. The demo (``infra/demo/data/train.jsonl``, its ``corruption`` column: swap,
+copy, wrong) is scored the same way against half of ``valid.jsonl`` (30 rows). Reported per set and
+corruption type: ROC AUC of flagging the corrupted rows (versus the clean training rows) for ``suspect``,
+``value`` (low = suspect), every baseline in the direction its filter drops (perplexity high, IFD high,
+RDS mean/max low, length short), the best single signal or baseline on its better side (what makes a type
+*perceivable*: ≥ 0.75), and the fitted suspect under leave-one-corruption-type-out.
+
+**Fitted suspect (issue 18 item 3).** :func:`valuegate.engine.signals.fit_suspect` fits a logistic
+regression on the calibration rows (clean calibration half vs its zoo-corrupted copies): features are every
+signal column, ``suspect``, log IFD, RDS mean/max and log length, standardised on the clean calibration rows,
+each as ``z`` and ``|z|``. Leave-one-type-out: to score corruption type T on the training zoo the fit never
+sees T (the calibration rows of T are left out). Its threshold: the robust z of its logit against the clean
+calibration rows' own logits, cut at the default ``select.suspect_threshold`` (2.0), as ``suspect`` is.
+
+**Cost.** Seconds per 1,000 training samples (the math zoo's rows), side by side in one process, one torch
+thread: tokenising (length), a bare forward pass (final hidden states), the loss (perplexity: forward + the
+LM head at the response positions), For-Value feature extraction, IFD's extra unconditional pass, RDS's
+cosines (given pooled states), and ``valuegate.score`` end to end (features, values, signals, baselines;
+model load and validation extraction excluded by differencing two sizes).
+
+**Selection pays.** LoRA fine-tunes of the default model (:mod:`tests.benchmarks.bench_selection`'s
+``finetune`` and ``evaluate``) at an equal kept budget k = what valuegate's default policy keeps
+(``select.policy = "suspect"``, threshold 2): ``valuegate`` vs each baseline policy's k rows
+(``select_samples`` with ``fraction = k / n``; IFD keeps only rows with IFD < 1, possibly fewer) vs
+``random`` (k rows, seeded per seed) vs ``full``; validation loss and exact match on the whole validation
+file, per seed, on the demo (scored against its whole validation set) and on the math zoo (scored against
+its reference half). Runs are ordered seed by seed and written to ``<out>/baselines-selection.json`` after
+each, so a run stopped early leaves complete seeds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+
+from tests.benchmarks.bench_engine import DEFAULT_DATA, machine, peak_rss_mb
+from tests.benchmarks.tables import table
+from tests.benchmarks.zoo import GENERATORS, corrupt_rows
+
+ROOT = Path(__file__).resolve().parents[2]
+DEMO = ROOT / "infra" / "demo" / "data"
+SETS = {"grammars": "variation", "math_without_reason": "variation", "demo": "family"}
+KINDS = list(GENERATORS)
+PERCEIVABLE = 0.75
+THRESHOLD = 2.0  # select.suspect_threshold's default
+# baseline column → sign that makes "higher = flagged" (the side its filter drops)
+BASELINE_SIDES = {"perplexity": 1, "ifd": 1, "rds_mean": -1, "rds_max": -1, "length": -1}
+POLICIES = {"perplexity": "perplexity", "ifd": "ifd", "rds": "rds", "length": "length"}
+CONDITIONS = ("valuegate", "perplexity", "ifd", "rds", "length", "random", "full")
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+# --------------------------------------------------------------------------------------------------
+# Data: the zoo, the halves of the validation set.
+# --------------------------------------------------------------------------------------------------
+
+def build_set(name: str, a) -> tuple[pl.DataFrame, pl.DataFrame, pl.DataFrame]:
+    """``(frame, reference, full_valid)``: the rows scored (training zoo ``role = "train"`` and the corrupted
+    calibration half ``role = "calib"``, with ``corruption``: ``""`` or the generator), the reference half of
+    the validation set, and the whole validation set."""
+    cls = SETS[name]
+    if name == "demo":
+        train = read_jsonl(DEMO / "train.jsonl")
+        valid = read_jsonl(DEMO / "valid.jsonl")
+    else:
+        src = read_jsonl(a.data / f"{name}_train.jsonl")
+        valid = read_jsonl(a.data / f"{name}_test.jsonl")
+        order = np.random.default_rng([a.seed, 0]).permutation(len(src))
+        clean = [{**src[i], "corruption": ""} for i in order[:a.clean]]
+        bad = corrupt_rows(src, KINDS, a.per_type, a.seed, cls, pool=[int(i) for i in order[a.clean:]])
+        train = clean + bad
+    half = np.random.default_rng([a.seed, 1]).permutation(len(valid))
+    ref_idx, cal_idx = sorted(half[:len(valid) // 2]), sorted(half[len(valid) // 2:])
+    ref = [valid[i] for i in ref_idx]
+    cal = [valid[i] for i in cal_idx]
+    calib = [{**r, "corruption": ""} for r in cal] + corrupt_rows(cal, KINDS, a.calib_per_type, a.seed + 1, cls)
+    keep = ["prompt", "response", cls, "corruption"]
+    rows = [{**{k: r.get(k, "") for k in keep}, "role": "train"} for r in train]
+    rows += [{**{k: r.get(k, "") for k in keep}, "role": "calib"} for r in calib]
+    frame = pl.DataFrame(rows).with_columns(pl.col("corruption").fill_null(""))
+    vcols = ["prompt", "response", cls]
+    return (frame, pl.DataFrame([{k: r[k] for k in vcols} for r in ref]),
+            pl.DataFrame([{k: r[k] for k in vcols} for r in valid]))
+
+
+def scored(name: str, frame: pl.DataFrame, valid: pl.DataFrame, a, tag: str) -> tuple[pl.DataFrame, float]:
+    """``valuegate.score(frame, valid)`` (default settings), cached in ``<out>/baselines-scores-<tag>.parquet``."""
+    import valuegate
+
+    path = a.out / f"baselines-scores-{tag}.parquet"
+    meta = a.out / f"baselines-scores-{tag}.json"
+    if path.exists() and meta.exists():
+        return pl.read_parquet(path), json.loads(meta.read_text())["seconds"]
+    t0 = time.perf_counter()
+    out = valuegate.score(frame, valid)
+    secs = time.perf_counter() - t0
+    a.out.mkdir(parents=True, exist_ok=True)
+    out.write_parquet(path)
+    meta.write_text(json.dumps({"seconds": secs, "rows": frame.height, "valid": valid.height}))
+    print(f"scored {tag}: {frame.height} rows against {valid.height} in {secs:.0f}s", flush=True)
+    return out, secs
+
+
+# --------------------------------------------------------------------------------------------------
+# Detection.
+# --------------------------------------------------------------------------------------------------
+
+def auc(score: np.ndarray, label: np.ndarray) -> float:
+    from valuegate.tasks.report import detection_auc
+
+    score = np.nan_to_num(np.asarray(score, dtype=np.float64), nan=-1e300)
+    label = np.asarray(label, dtype=bool)
+    return detection_auc(score, label) if 0 < label.sum() < label.size else float("nan")
+
+
+def feature_matrix(df: pl.DataFrame) -> tuple[np.ndarray, list[str]]:
+    """``(n, F)`` label-free features of the fitted suspect and their names."""
+    from valuegate.engine.columns import SIGNAL_COLUMNS
+
+    names = [s for s in SIGNAL_COLUMNS if s in df.columns or s == "mean_loss"] + [
+        "suspect", "log_ifd", "rds_mean", "rds_max", "log_length"]
+    cols = []
+    for n in names:
+        if n == "log_ifd":
+            x = np.log(np.clip(df["ifd"].cast(pl.Float64).fill_null(1.0).to_numpy(), 1e-6, None))
+        elif n == "log_length":
+            x = np.log(np.maximum(df["length"].cast(pl.Float64).to_numpy(), 1.0))
+        else:
+            x = df[n].cast(pl.Float64).fill_null(float("nan")).to_numpy()
+        cols.append(x)
+    return np.stack(cols, axis=1), names
+
+
+def fitted_scores(df: pl.DataFrame, leave_out: str | None) -> tuple[np.ndarray, dict]:
+    """The fitted suspect of every row of ``df`` (robust z against the clean calibration rows), fitted on the
+    calibration rows without corruption type ``leave_out``."""
+    from valuegate.engine.signals import fit_suspect, robust_z
+
+    x, names = feature_matrix(df)
+    role = df["role"].to_numpy()
+    cor = df["corruption"].to_numpy()
+    clean = (role == "calib") & (cor == "")
+    bad = (role == "calib") & (cor != "") & (cor != (leave_out or "\0"))
+    fit = fit_suspect(x[clean], x[bad], names)
+    logit = fit.score(x)
+    z = robust_z(logit, logit[clean])
+    top = np.argsort(-np.abs(fit.weights))[:4]
+    return z, {"n_clean": int(clean.sum()), "n_corrupt": int(bad.sum()),
+               "top_terms": [f"{fit.terms[j]} {fit.weights[j]:+.2f}" for j in top]}
+
+
+def detection(name: str, df: pl.DataFrame) -> dict:
+    """Per corruption type of the training rows: AUCs of every method, the fitted suspect (LOTO), the
+    clean rows dropped and the recall at the default threshold."""
+    from valuegate.engine.columns import SIGNAL_COLUMNS
+
+    tr = df.filter(pl.col("role") == "train")
+    cor = tr["corruption"].to_numpy()
+    clean = cor == ""
+    kinds = [k for k in KINDS if (cor == k).any()] + sorted({k for k in cor if k and k not in KINDS})
+    sus = tr["suspect"].fill_null(float("inf")).to_numpy()
+    value = tr["value"].to_numpy()
+    base = {b: s * tr[b].cast(pl.Float64).fill_null(float("nan")).to_numpy() for b, s in BASELINE_SIDES.items()}
+    sig = {s: tr[s].cast(pl.Float64).to_numpy() for s in SIGNAL_COLUMNS if s in tr.columns}
+    sig["mean_loss"] = tr["mean_loss"].to_numpy()
+    trained_idx = np.flatnonzero((df["role"] == "train").to_numpy())
+    fitted_all, info_all = fitted_scores(df, None)
+    fitted_all = fitted_all[trained_idx]
+    rows, fits = [], {}
+    for k in kinds:
+        m = clean | (cor == k)
+        lab = cor[m] == k
+        fz, info = fitted_scores(df, k)
+        fz = fz[trained_idx]
+        fits[k] = info
+        r = {"set": name, "corruption": k, "n": int(lab.sum()), "suspect": auc(sus[m], lab), "value": auc(-value[m], lab)}
+        r.update({b: auc(x[m], lab) for b, x in base.items()})
+        sides = {s: auc(x[m], lab) for s, x in sig.items()}
+        best_sig = max(sides, key=lambda s: max(sides[s], 1 - sides[s]))
+        r["best_signal"] = f"{best_sig}:{'high' if sides[best_sig] >= 0.5 else 'low'}"
+        r["best_signal_auc"] = max(sides[best_sig], 1 - sides[best_sig])
+        bb = max(BASELINE_SIDES, key=lambda b: r[b])
+        r["best_baseline"], r["best_baseline_auc"] = bb, r[bb]
+        both = [max(r[b], 1 - r[b]) for b in BASELINE_SIDES]
+        r["perceivable"] = bool(max(r["best_signal_auc"], *both) >= PERCEIVABLE)
+        r["fitted_loto"] = auc(fz[m], lab)
+        r["fitted_all"] = auc(fitted_all[m], lab)
+        r["recall_suspect@2"] = float((sus[m][lab] > THRESHOLD).mean())
+        r["recall_fitted@2"] = float((fz[m][lab] > THRESHOLD).mean())
+        r["signals"] = sides
+        rows.append(r)
+    fz_all = fitted_all
+    return {"set": name, "rows": rows, "n_clean": int(clean.sum()), "fits": fits, "fit_all": info_all,
+            "clean_dropped_suspect": float((sus[clean] > THRESHOLD).mean()),
+            "clean_dropped_fitted_all": float((fz_all[clean] > THRESHOLD).mean()),
+            "recall_suspect": float((sus[~clean] > THRESHOLD).mean()),
+            "recall_fitted_all": float((fz_all[~clean] > THRESHOLD).mean())}
+
+
+def targets(res: dict) -> dict:
+    """The issue's detection targets on one set."""
+    out = {}
+    for form in ("suspect", "fitted_loto"):
+        fails = []
+        for r in res["rows"]:
+            if not r["perceivable"]:
+                continue
+            if r[form] < 0.90 or r[form] < r["best_baseline_auc"] - 0.02:
+                fails.append(f"{r['corruption']} {r[form]:.3f} (best baseline {r['best_baseline']} "
+                             f"{r['best_baseline_auc']:.3f})")
+        out[form] = fails
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Cost.
+# --------------------------------------------------------------------------------------------------
+
+def cost(frame: pl.DataFrame, valid: pl.DataFrame, n: int) -> dict:
+    """Seconds per 1,000 samples of each method on the first ``n`` rows of ``frame``."""
+    import torch
+
+    import valuegate
+    from valuegate.engine.baselines import _unit, unconditional_losses
+    from valuegate.engine.extraction import _token_block, extract_sparse, pad_batch
+    from valuegate.engine.model import encode_samples, length_batches, load_model, load_tokenizer
+    from valuegate.settings import load_settings
+    from valuegate.tasks.ingest import samples_from_frame
+
+    st = load_settings(None, {})
+    ex = st.extract
+    sub = frame.head(n).select("prompt", "response")
+    samples = samples_from_frame(sub, "cost")
+    tok = load_tokenizer(st.model)
+    lm = load_model(st.model, tok, False)
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
+
+    def timed(fn, reps: int = 2) -> float:
+        best = float("inf")
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            fn()
+            best = min(best, time.perf_counter() - t0)
+        return best
+
+    enc = encode_samples(tok, samples, ex.loss_on, ex.max_length, ex.truncation)
+    batches = length_batches([len(e.input_ids) for e in enc], ex.batch_size, ex.max_batch_tokens)
+
+    def forward(head: bool) -> list[np.ndarray]:
+        pooled = []
+        for b in batches:
+            items = [enc[i] for i in b]
+            ids, mask = pad_batch(items, pad_id, lm.device)
+            with torch.inference_mode():
+                h = lm.final_hidden(ids, mask)
+                counted = torch.zeros_like(mask, dtype=torch.bool)
+                for j, e in enumerate(items):
+                    counted[j, :len(e.counted)] = torch.from_numpy(e.counted)
+                if head:
+                    _token_block(lm, h, ids, counted, [e.n_counted for e in items])
+                pooled.append(h.float().mean(1).numpy())
+        return pooled
+
+    t_tok = timed(lambda: encode_samples(tok, samples, ex.loss_on, ex.max_length, ex.truncation))
+    t_bare = timed(lambda: forward(False))
+    t_loss = timed(lambda: forward(True))
+    t_feat = timed(lambda: extract_sparse(lm, enc, ex, samples, progress=False))
+    t_ifd = timed(lambda: unconditional_losses(lm, samples, ex))
+    pooled = np.concatenate(forward(False))
+    vpooled = pooled[:100]
+    t_rds = timed(lambda: (_unit(pooled) @ _unit(vpooled).T).max(1))
+    lm.model = None  # free the weights before valuegate.score loads its own
+    # valuegate.score end to end: the difference of two sizes cancels model load and validation extraction
+    half = max(1, n // 2)
+    t_half = timed(lambda: valuegate.score(sub.head(half), valid), 1)
+    t_full = timed(lambda: valuegate.score(sub, valid), 1)
+    per_k = 1000.0 / n
+    rows = [
+        ("length (tokenise)", t_tok * per_k),
+        ("bare forward pass", t_bare * per_k),
+        ("perplexity (forward + LM head at response tokens)", t_loss * per_k),
+        ("For-Value features (extraction)", t_feat * per_k),
+        ("IFD's extra unconditional pass", t_ifd * per_k),
+        ("IFD total (loss + unconditional pass)", (t_loss + t_ifd) * per_k),
+        ("RDS (forward + cosines to 100 valid)", (t_bare + t_rds) * per_k),
+        ("valuegate.score end to end (marginal)", (t_full - t_half) * 1000.0 / (n - half)),
+    ]
+    bare = t_bare * per_k
+    return {"n": n, "valid": valid.height, "threads": torch.get_num_threads(),
+            "rows": [{"method": m, "s_per_1000": s, "x_bare_forward": s / bare} for m, s in rows]}
+
+
+# --------------------------------------------------------------------------------------------------
+# Selection.
+# --------------------------------------------------------------------------------------------------
+
+def kept_sets(df: pl.DataFrame, seed: int) -> dict[str, np.ndarray]:
+    """Row indices each condition keeps (``df``: the scored training rows, in order)."""
+    from valuegate.settings import SelectSettings
+    from valuegate.tasks.select import select_samples
+
+    t = df.with_columns(pl.format("{}", pl.col("row").cast(pl.String).str.zfill(6)).alias("id"))
+    vg = select_samples(t, SelectSettings(policy="suspect"))["keep"].to_numpy()
+    k = int(vg.sum())
+    out = {"valuegate": np.flatnonzero(vg), "full": np.arange(df.height)}
+    for cond, pol in POLICIES.items():
+        out[cond] = np.flatnonzero(select_samples(t, SelectSettings(policy=pol, fraction=k / df.height))["keep"])
+    out["random"] = np.flatnonzero(select_samples(t, SelectSettings(policy="random", fraction=k / df.height,
+                                                                   seed=seed))["keep"])
+    return out
+
+
+def selection(sets: dict[str, tuple[pl.DataFrame, pl.DataFrame, str]], a, result: dict, path: Path) -> None:
+    """Fine-tune per seed, set and condition; ``result["selection"]`` is updated and written after each run."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from tests.benchmarks.bench_selection import evaluate, finetune, load_base
+    from valuegate.engine.default_model import ensure_default_model
+    from valuegate.engine.model import encode_samples
+    from valuegate.tasks.ingest import samples_from_frame
+
+    torch.set_num_threads(a.threads)
+    model_dir = ensure_default_model()
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    sel = result.setdefault("selection", {"runs": [], "base": {}, "sets": {}})
+    sel["training"] = {"steps": a.steps, "batch": a.batch, "lr": a.lr, "rank": a.rank, "seeds": a.seed_list,
+                       "threads": a.threads, "conditions": a.condition_list}
+    prepared = {}
+    for name, (tr, valid, cls) in sets.items():
+        enc_t = encode_samples(tok, samples_from_frame(tr.select("prompt", "response"), name), "response", 256)
+        enc_v = encode_samples(tok, samples_from_frame(valid.select("prompt", "response"), name), "response", 256)
+        fam = valid[cls].to_list()
+        corrupt = (tr["corruption"] != "").to_numpy()
+        prepared[name] = (enc_t, enc_v, fam, corrupt, tr)
+        base = evaluate(load_base(model_dir), enc_v, fam, pad_id)
+        sel["base"][name] = base
+        ks = kept_sets(tr, 0)
+        sel["sets"][name] = {"rows": tr.height, "corrupted": int(corrupt.sum()), "valid": valid.height,
+                             "kept": {c: len(v) for c, v in ks.items()},
+                             "kept_corrupted": {c: int(corrupt[v].sum()) for c, v in ks.items()}}
+        print(f"{name}: base val_loss {base['val_loss']:.4f}; kept {sel['sets'][name]['kept']}; corrupted kept "
+              f"{sel['sets'][name]['kept_corrupted']}", flush=True)
+    for seed in a.seed_list:
+        for name in sets:
+            enc_t, enc_v, fam, corrupt, tr = prepared[name]
+            ks = kept_sets(tr, seed)
+            for cond in a.condition_list:
+                rows = [int(i) for i in ks[cond]]
+                t0 = time.perf_counter()
+                model, losses = finetune(model_dir, enc_t, rows, seed, a, pad_id)
+                ev = evaluate(model, enc_v, fam, pad_id)
+                del model
+                run = {"set": name, "condition": cond, "seed": seed, "train_rows": len(rows),
+                       "corrupted": int(corrupt[rows].sum()), "val_loss": ev["val_loss"],
+                       "exact_match": ev["exact_match"], "seconds": time.perf_counter() - t0,
+                       "train_loss_last": float(np.mean(losses[-5:]))}
+                sel["runs"].append(run)
+                print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in run.items()}), flush=True)
+                path.write_text(json.dumps(result, indent=1))
+
+
+def selection_summary(sel: dict) -> list[dict]:
+    out = []
+    runs = sel["runs"]
+    for name in sel["sets"]:
+        pick = {(r["condition"], r["seed"]): r for r in runs if r["set"] == name}
+        for cond in CONDITIONS:
+            rs = [r for (c, _), r in pick.items() if c == cond]
+            if not rs:
+                continue
+            loss = [r["val_loss"] for r in rs]
+            em = [r["exact_match"] for r in rs]
+            sd = float(np.std(loss, ddof=1)) if len(rs) > 1 else 0.0
+            row = {"set": name, "condition": cond, "train_rows": rs[0]["train_rows"],
+                   "corrupted": float(np.mean([r["corrupted"] for r in rs])), "seeds": len(rs),
+                   "val_loss": f"{np.mean(loss):.4f} ± {sd:.4f}",
+                   "exact_match": f"{np.mean(em):.3f} ± {float(np.std(em, ddof=1)) if len(rs) > 1 else 0.0:.3f}",
+                   "val_loss_mean": float(np.mean(loss)), "val_loss_std": sd}
+            vg = [pick.get(("valuegate", r["seed"])) for r in rs]
+            if cond != "valuegate" and all(vg):
+                d = [v["val_loss"] - r["val_loss"] for v, r in zip(vg, rs, strict=True)]
+                row["d_loss_vs_vg"] = f"{np.mean(d):+.4f}"  # valuegate − condition (negative: valuegate better)
+            out.append(row)
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Main.
+# --------------------------------------------------------------------------------------------------
+
+def print_tables(res: dict) -> None:
+    m = res["machine"]
+    print(f"\nmachine: {m['cpu']}, {m['cores']} cores, torch {m['torch']}; load average {os.getloadavg()}")
+    print(f"configuration: {json.dumps(res['config'])}")
+    for d in res.get("detection", []):
+        cols = ["corruption", "n", "perceivable", "suspect", "fitted_loto", "fitted_all", "value", *BASELINE_SIDES,
+                "best_baseline_auc", "best_signal", "best_signal_auc", "recall_suspect@2", "recall_fitted@2"]
+        print(table(d["rows"], cols, f"\ndetection AUC, {d['set']} ({d['n_clean']} clean training rows): "
+                    f"clean dropped at suspect > 2: suspect {d['clean_dropped_suspect']:.1%}, fitted "
+                    f"{d['clean_dropped_fitted_all']:.1%}; recall suspect {d['recall_suspect']:.1%}, fitted "
+                    f"{d['recall_fitted_all']:.1%}"))
+        print(f"targets missed: {json.dumps(d['targets'])}")
+        print(f"fitted on every calibration type: {d['fit_all']}")
+    if "cost" in res:
+        print(table(res["cost"]["rows"], ["method", "s_per_1000", "x_bare_forward"],
+                    f"\ncost per 1,000 samples ({res['cost']['n']} math rows, {res['cost']['threads']} thread(s))"))
+    if res.get("selection", {}).get("runs"):
+        sel = res["selection"]
+        print(f"\nselection: {json.dumps(sel['training'])}; sets {json.dumps(sel['sets'])}")
+        print(table(selection_summary(sel), ["set", "condition", "train_rows", "corrupted", "seeds", "val_loss",
+                                             "exact_match", "d_loss_vs_vg"],
+                    "\nLoRA fine-tunes at valuegate's kept budget (mean ± std over seeds; d_loss_vs_vg = "
+                    "valuegate − condition, negative: valuegate better)"))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--parts", default="detection,cost,selection")
+    ap.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    ap.add_argument("--out", type=Path, default=Path("bench-results"))
+    ap.add_argument("--seed", type=int, default=0, help="seed of the zoo and the validation halves")
+    ap.add_argument("--clean", type=int, default=500, help="clean training rows per DataInf set")
+    ap.add_argument("--per-type", type=int, default=25, help="corrupted training rows per generator")
+    ap.add_argument("--calib-per-type", type=int, default=25, help="corrupted calibration rows per generator")
+    ap.add_argument("--detection-sets", default="grammars,math_without_reason,demo")
+    ap.add_argument("--cost-rows", type=int, default=200)
+    ap.add_argument("--selection-sets", default="demo,math_without_reason")
+    ap.add_argument("--steps", type=int, default=60)
+    ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--conditions", default=",".join(CONDITIONS))
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--rank", type=int, default=8)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--tag", default="", help="suffix of the result file")
+    a = ap.parse_args()
+    a.seed_list = [int(s) for s in a.seeds.split(",")]
+    a.condition_list = [c for c in a.conditions.split(",") if c]
+    parts = set(a.parts.split(","))
+    import torch
+
+    torch.set_num_threads(a.threads)
+    a.out.mkdir(parents=True, exist_ok=True)
+    path = a.out / f"baselines{('-' + a.tag) if a.tag else ''}.json"
+    res: dict = {"machine": machine(), "config": {k: (str(v) if isinstance(v, Path) else v)
+                                                  for k, v in vars(a).items()}}
+    t_start = time.perf_counter()
+    if "detection" in parts:
+        res["detection"] = []
+        for name in a.detection_sets.split(","):
+            frame, ref, _ = build_set(name, a)
+            df, secs = scored(name, frame, ref, a, name + "-ref")
+            d = detection(name, df)
+            d["score_seconds"] = secs
+            d["targets"] = targets(d)
+            res["detection"].append(d)
+            path.write_text(json.dumps(res, indent=1))
+    if "cost" in parts:
+        frame, ref, _ = build_set("math_without_reason", a)
+        res["cost"] = cost(frame.filter(pl.col("role") == "train"), ref, a.cost_rows)
+        path.write_text(json.dumps(res, indent=1))
+    if "selection" in parts:
+        sets = {}
+        for name in a.selection_sets.split(","):
+            frame, ref, full = build_set(name, a)
+            if name == "demo":  # the demo as a user runs it: against its whole validation set
+                tr = frame.filter(pl.col("role") == "train")
+                df, _ = scored(name, tr, full, a, "demo-full")
+            else:
+                df, _ = scored(name, frame, ref, a, name + "-ref")
+                df = df.filter(pl.col("role") == "train").with_columns(pl.int_range(pl.len()).alias("row"))
+            sets[name] = (df, full, SETS[name])
+        selection(sets, a, res, path)
+    res["wall_s"] = time.perf_counter() - t_start
+    res["peak_rss_mb"] = peak_rss_mb()
+    path.write_text(json.dumps(res, indent=1))
+    print_tables(res)
+
+
+if __name__ == "__main__":
+    main()

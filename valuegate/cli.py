@@ -1,4 +1,7 @@
-"""The ``valuegate`` command line. User errors print one line and exit 2, without a traceback."""
+"""The ``valuegate`` command line. An error prints one line, ``valuegate: error: <message>``, without a
+traceback, and exits with its class's code (:mod:`valuegate.errors`: 2 bad input, 3 gate failed, 4 cluster
+lost, 70 internal error). The settings flags are derived from the settings model (:mod:`valuegate.cli_flags`).
+"""
 
 from __future__ import annotations
 
@@ -7,42 +10,34 @@ import contextlib
 import json
 import os
 import sys
+import traceback
 from importlib import resources
 from pathlib import Path
-from typing import Any
 
 from valuegate import __version__
-from valuegate.errors import ValuegateError
+from valuegate.cli_flags import add_setting_flags, setting_overrides
+from valuegate.errors import BadInput, ClusterLost, GateFailed, InternalError, ValuegateError
 
-EXIT_USER_ERROR = 2
+EXIT_USER_ERROR = BadInput.exit_code
 
+# the settings sections each command reads (its flags: valuegate.cli_flags)
+_MODEL_SIDE = ("model", "extract")
+_RUN_SETTINGS = ("workspace", "data", "ingest", "model", "extract", "score", "select", "gate", "release", "runner")
 
-def _add_model_flags(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("model")
-    g.add_argument("--model", help="hub id, local directory, or 'smollm2-135m' (the embedded default)")
-    g.add_argument("--adapter", help="PEFT/LoRA adapter directory, merged at load")
-    g.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"])
-    g.add_argument("--device", help="auto, cpu, cuda, cuda:N")
-    g.add_argument("--trust-remote-code", action="store_true", default=None,
-                   help="run model code from the hub repository (off by default)")
-
-
-def _add_extract_flags(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("extraction")
-    g.add_argument("--loss-on", choices=["auto", "response", "all"],
-                   help="tokens that count: response (default for prompt/response and chat) or all")
-    g.add_argument("--max-length", type=int, help="tokens per sample (cut at the end)")
-    g.add_argument("--batch-size", type=int, help="samples per forward pass")
-    g.add_argument("--support-k", type=int, help="sparse: top-k predictions per position in the support")
-    g.add_argument("--hidden-dim", type=int, help="sparse: projection width k_h of h (0 = exact h)")
-    g.add_argument("--seed", type=int, help="seed of the projections")
-    g.add_argument("--lowest-likelihood-ratio", type=float,
-                   help="value train samples on this fraction of their hardest counted tokens")
+EXIT_CODES_HELP = f"""exit codes:
+  0    success
+  {BadInput.exit_code:<4} bad input or config (a file, row, column, setting or name to fix; also a usage error)
+  {GateFailed.exit_code:<4} the gate failed: the release is written for inspection, the previous one stays current
+  {ClusterLost.exit_code:<4} the Dask/Ray cluster was lost mid-run: what was stored stays, a re-run resumes
+  {InternalError.exit_code:<4} internal error: a broken invariant, a bug in valuegate (its traceback is printed)
+  130  interrupted
+Every error is one line on stderr: valuegate: error: <message>."""
 
 
 def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="valuegate", description="Forward-only data valuation (For-Value) "
-                                 "of LLM fine-tuning data.")
+                                 "of LLM fine-tuning data.", epilog=EXIT_CODES_HELP,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--version", action="version", version=f"valuegate {__version__}")
     ap.add_argument("--config", help="TOML settings file (flags override it; env vars VALUEGATE_* too)")
     sub = ap.add_subparsers(dest="command", required=True)
@@ -56,17 +51,10 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("train", help="training file")
     s.add_argument("valid", help="validation file")
     s.add_argument("--out", required=True, help="output .parquet file")
-    _add_model_flags(s)
-    _add_extract_flags(s)
-    g = s.add_argument_group("scoring")
-    g.add_argument("--method", choices=["sparse", "exact"], help="sparse (default) or exact (oracle)")
-    g.add_argument("--aggregate", choices=["mean", "nearest", "pairwise"])
-    g.add_argument("--nearest-k", type=int, help="k of the nearest aggregate")
-    g.add_argument("--normalize", choices=["none", "length", "cosine"])
     s.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_setting_flags(s, (*_MODEL_SIDE, "score"))
 
     w = argparse.ArgumentParser(add_help=False)
-    w.add_argument("--workspace", help="workspace directory or s3:// URI (default ./valuegate-workspace)")
     w.add_argument("--quiet", action="store_true", help="no progress bar")
 
     i = sub.add_parser("ingest", parents=[w, cfg], help="add files to a dataset of the workspace",
@@ -74,47 +62,40 @@ def _parser() -> argparse.ArgumentParser:
                        "dataset NAME: dedup by content, refused rows to quarantine, re-ingest is a no-op.")
     i.add_argument("name", help="dataset name")
     i.add_argument("files", nargs="+", help="files or folders")
+    add_setting_flags(i, ("workspace", "ingest"))
 
     e = sub.add_parser("extract", parents=[w, cfg], help="extract features of a dataset (only what is missing)")
     e.add_argument("name", help="dataset name")
-    _add_model_flags(e)
-    _add_extract_flags(e)
+    add_setting_flags(e, ("workspace", *_MODEL_SIDE))
 
     v = sub.add_parser("valset", parents=[cfg], help="versioned validation sets")
     vsub = v.add_subparsers(dest="valset_command", required=True)
     vr = vsub.add_parser("register", parents=[w, cfg], help="register FILE as the next version of NAME")
     vr.add_argument("name")
     vr.add_argument("file")
+    add_setting_flags(vr, ("workspace", "ingest"))
     vl = vsub.add_parser("list", parents=[w, cfg], help="list validation sets or the versions of one")
     vl.add_argument("name", nargs="?")
+    add_setting_flags(vl, ("workspace",))
     vp = vsub.add_parser("prune", parents=[w, cfg], help="prune NAME@vN (its rows may then be cleaned up)")
     vp.add_argument("ref", help="NAME@vN")
+    add_setting_flags(vp, ("workspace",))
     vs = vsub.add_parser("show", parents=[w, cfg], help="show NAME[@VERSION]")
     vs.add_argument("ref", help="NAME or NAME@vN")
     vs.add_argument("--rows", type=int, default=5, help="rows to print")
+    add_setting_flags(vs, ("workspace",))
 
     ss = sub.add_parser("score-set", parents=[w, cfg], help="score a dataset against a validation-set version")
     ss.add_argument("name", help="dataset name")
     ss.add_argument("--valset", required=True, help="NAME or NAME@vN (latest when no version)")
-    _add_model_flags(ss)
-    _add_extract_flags(ss)
-    g = ss.add_argument_group("scoring")
-    g.add_argument("--aggregate", choices=["mean", "nearest"])
-    g.add_argument("--nearest-k", type=int)
-    g.add_argument("--normalize", choices=["none", "length", "cosine"])
+    add_setting_flags(ss, ("workspace", *_MODEL_SIDE, "score"))
 
     r = sub.add_parser("run", parents=[w, cfg], help="run the refresh DAG (ingest → extract → score → gate → "
-                       "release); with no --config, the embedded demo")
-    _add_model_flags(r)
-    g = r.add_argument_group("runner")
-    g.add_argument("--runner", choices=["local", "dask", "ray"],
-                   help="where tasks run: local (default), or extraction shards on a Dask or Ray cluster")
-    g.add_argument("--workers", type=int, help="dask/ray: worker processes of the local cluster (default 2)")
-    g.add_argument("--address", help="dask/ray: join this cluster (tcp://host:8786, ray://host:10001) "
-                   "instead of starting a local one")
-    g.add_argument("--shard-size", type=int, help="dask/ray: samples per extraction shard (default 2000)")
+                       "release); with no --config, the embedded demo", epilog=EXIT_CODES_HELP,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     r.add_argument("--json", action="store_true",
                    help="end with the run's summary as one JSON object (for machines) instead of a few lines")
+    add_setting_flags(r, _RUN_SETTINGS)
 
     sv = sub.add_parser("serve", parents=[cfg], help="register refresh as a cron-scheduled deployment and serve it")
     sv.add_argument("--cron", default="0 3 * * *", help="schedule (default: every night at 03:00 UTC)")
@@ -129,13 +110,16 @@ def _parser() -> argparse.ArgumentParser:
         p_.add_argument("name", nargs="?", default=None, help="release name (default: the config's)")
         if cmd == "show":
             p_.add_argument("version", nargs="?", help="version (default: current)")
+        add_setting_flags(p_, ("workspace",))
     rd = rsub.add_parser("diff", parents=[w, cfg], help="ids that entered and left between two releases, and why")
     rd.add_argument("name")
     rd.add_argument("a")
     rd.add_argument("b")
+    add_setting_flags(rd, ("workspace",))
     rr = rsub.add_parser("rollback", parents=[w, cfg], help="make the previous passed release current")
     rr.add_argument("name")
     rr.add_argument("--to", help="an explicit version")
+    add_setting_flags(rr, ("workspace",))
 
     it = sub.add_parser("init", help="inspect TRAIN and VALID and write a commented vg.toml for `valuegate run`",
                         description="Inspect TRAIN and VALID (format, the columns that form a sample, a group_by "
@@ -151,25 +135,12 @@ def _parser() -> argparse.ArgumentParser:
     return ap
 
 
-def _overrides(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
-    g = vars(args).get
-    return {
-        "model": {"name": g("model"), "adapter": g("adapter"), "dtype": g("dtype"), "device": g("device"),
-                  "trust_remote_code": g("trust_remote_code")},
-        "extract": {"loss_on": g("loss_on"), "max_length": g("max_length"), "batch_size": g("batch_size"),
-                    "support_k": g("support_k"), "hidden_dim": g("hidden_dim"), "seed": g("seed"),
-                    "lowest_likelihood_ratio": g("lowest_likelihood_ratio")},
-        "score": {"method": g("method"), "aggregate": g("aggregate"), "nearest_k": g("nearest_k"),
-                  "normalize": g("normalize")},
-    }
-
-
 def _cmd_score(args: argparse.Namespace) -> int:
     from valuegate.api import score_inputs
     from valuegate.settings import load_settings
     from valuegate.tasks.score import summary_line
 
-    settings = load_settings(args.config, _overrides(args))
+    settings = load_settings(args.config, setting_overrides(args))
     out = Path(args.out)
     if out.suffix.lower() != ".parquet":
         raise ValuegateError(f"--out {out}: the output is Parquet; give a path ending in .parquet")
@@ -187,9 +158,7 @@ def _settings_and_ws(args: argparse.Namespace):
     from valuegate.settings import load_settings
     from valuegate.storage.lance import Workspace
 
-    overrides: dict[str, Any] = _overrides(args)
-    overrides["workspace"] = getattr(args, "workspace", None)
-    settings = load_settings(args.config, overrides)
+    settings = load_settings(args.config, setting_overrides(args))
     return settings, Workspace.from_env(settings.workspace)
 
 
@@ -283,11 +252,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from valuegate.settings import load_settings
 
     config = args.config
-    overrides: dict[str, Any] = {k: v for k, v in _overrides(args).items() if k == "model"}
-    overrides["runner"] = {"kind": args.runner, "workers": args.workers, "address": args.address,
-                           "shard_size": args.shard_size}
-    if getattr(args, "workspace", None):
-        overrides["workspace"] = args.workspace
+    overrides = setting_overrides(args)
     with contextlib.ExitStack() as stack:
         if config is None:  # the demo's data resolve against its folder; its workspace is ./valuegate-workspace
             config = str(stack.enter_context(resources.as_file(DEMO_CONFIG)))
@@ -391,9 +356,14 @@ def main(argv: list[str] | None = None) -> int:
                 "init": _cmd_init}
     try:
         return handlers[args.command](args)
-    except ValuegateError as exc:
+    except (InternalError, AssertionError) as exc:  # a broken invariant: a bug, so its traceback too
+        traceback.print_exception(type(exc), exc, exc.__traceback__, file=sys.stderr)
+        print(f"valuegate: error: internal error: {exc or type(exc).__name__} (a bug in valuegate; please report "
+              "it with the traceback above)", file=sys.stderr)
+        return InternalError.exit_code
+    except ValuegateError as exc:  # BadInput (and a plain ValuegateError), GateFailed, ClusterLost
         print(f"valuegate: error: {exc}", file=sys.stderr)
-        return EXIT_USER_ERROR
+        return exc.exit_code
     except KeyboardInterrupt:
         print("valuegate: interrupted", file=sys.stderr)
         return 130

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic.fields import FieldInfo
 from pydantic_core import PydanticCustomError
 from pydantic_settings import BaseSettings, InitSettingsSource, SettingsConfigDict
 
@@ -270,6 +271,35 @@ class Settings(BaseSettings):
         if data:
             sources.append(InitSettingsSource(settings_cls, init_kwargs=data))
         return tuple(sources)
+
+
+def setting_fields(model: type[BaseModel] = Settings, prefix: tuple[str, ...] = ()
+                   ) -> list[tuple[tuple[str, ...], FieldInfo]]:
+    """Every leaf setting under ``model``, in declaration order: ``(key path, its field)``, e.g.
+    ``(("extract", "batch_size"), FieldInfo)``; the sections themselves are not leaves."""
+    out: list[tuple[tuple[str, ...], FieldInfo]] = []
+    for name, field in model.model_fields.items():
+        ann = field.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            out.extend(setting_fields(ann, (*prefix, name)))
+        else:
+            out.append(((*prefix, name), field))
+    return out
+
+
+# The command line's short spellings of some settings (the flags valuegate had before its flags were
+# derived from this model); every setting also has its full flag, ``--<section>.<key>`` (valuegate.cli_flags).
+SHORT_FLAGS: dict[str, str] = {
+    "model.name": "--model", "model.adapter": "--adapter", "model.dtype": "--dtype", "model.device": "--device",
+    "model.trust_remote_code": "--trust-remote-code",
+    "extract.loss_on": "--loss-on", "extract.max_length": "--max-length", "extract.batch_size": "--batch-size",
+    "extract.support_k": "--support-k", "extract.hidden_dim": "--hidden-dim", "extract.seed": "--seed",
+    "extract.lowest_likelihood_ratio": "--lowest-likelihood-ratio",
+    "score.method": "--method", "score.aggregate": "--aggregate", "score.nearest_k": "--nearest-k",
+    "score.normalize": "--normalize",
+    "runner.kind": "--runner", "runner.workers": "--workers", "runner.address": "--address",
+    "runner.shard_size": "--shard-size",
+}
 
 
 def _section_model(path: tuple[str, ...]) -> type[BaseModel] | None:

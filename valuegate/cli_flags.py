@@ -1,0 +1,113 @@
+"""The command line's setting flags, derived from the settings model (:mod:`valuegate.settings`).
+
+One source of truth: each leaf setting ``<section>.<key>`` is the flag ``--<section>.<key>`` (``_`` → ``-``;
+a root setting is ``--<key>``), with the field's type, its choices (a ``Literal``), its description and its
+default as help; a few also keep the short spelling of :data:`valuegate.settings.SHORT_FLAGS`
+(``--batch-size`` = ``--extract.batch-size``). A setting added to the model gets its flag and help here
+without any change to the CLI. Every flag defaults to None (unset), so an unset flag never masks the
+config file or a ``VALUEGATE_*`` variable (:func:`valuegate.settings.load_settings` skips None values).
+
+Types: ``bool`` → ``--x`` / ``--no-x``; ``Literal[...]`` → its choices; ``list[str]`` → repeat the flag,
+one item each; ``int``, ``float``, ``str`` (and ``X | None``) → one value of that type.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import types
+import typing
+from collections.abc import Iterable
+from typing import Any, Literal
+
+from pydantic import BaseModel
+from pydantic.fields import FieldInfo
+
+from valuegate.settings import ENV_PREFIX, SHORT_FLAGS, Settings, setting_fields
+
+
+def flag_of(path: tuple[str, ...]) -> str:
+    """``("extract", "batch_size")`` → ``--extract.batch-size``: the full flag of a setting."""
+    return "--" + ".".join(path).replace("_", "-")
+
+
+def shown_default(value: Any) -> str:
+    """A default as the help shows it, in TOML's words: ``true``, ``16``, ``auto``, ``["a", "b"]``, or
+    ``unset`` for None."""
+    if value is None:
+        return "unset"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (list, tuple)):
+        return json.dumps(list(value))
+    return str(value)
+
+
+def _default(field: FieldInfo) -> Any:
+    return field.get_default(call_default_factory=True)
+
+
+def _argument(path: tuple[str, ...], field: FieldInfo) -> tuple[list[str], dict[str, Any]]:
+    """The option strings and ``add_argument`` keywords of one setting.
+
+    Raises:
+        TypeError: a field type this module has no rule for (add one above; the CLI test catches it).
+    """
+    dotted = ".".join(path)
+    names = [flag_of(path)] + ([SHORT_FLAGS[dotted]] if dotted in SHORT_FLAGS else [])
+    ann = field.annotation
+    if typing.get_origin(ann) in (typing.Union, types.UnionType):
+        inner = [a for a in typing.get_args(ann) if a is not type(None)]
+        ann = inner[0] if len(inner) == 1 else ann
+    kw: dict[str, Any] = {"dest": dotted, "default": None}
+    text = field.description or ""
+    origin = typing.get_origin(ann)
+    if ann is bool:
+        kw["action"] = argparse.BooleanOptionalAction
+    elif origin is Literal:
+        kw["choices"] = list(typing.get_args(ann))
+    elif origin is list and typing.get_args(ann) in ((str,), (int,), (float,)):
+        kw.update(action="append", type=typing.get_args(ann)[0], metavar="ITEM")
+        text += " Repeat the flag for each item."
+    elif ann in (int, float, str):
+        kw.update(type=ann, metavar={int: "INT", float: "FLOAT", str: path[-1].upper()}[ann])
+    else:
+        raise TypeError(f"setting {dotted}: no command-line rule for type {field.annotation!r}")
+    # argparse %-formats help: a literal % must be doubled
+    kw["help"] = f"{text} (default: {shown_default(_default(field))})".replace("%", "%%")
+    return names, kw
+
+
+def add_setting_flags(parser: argparse.ArgumentParser, names: Iterable[str]) -> None:
+    """Add the flags of the settings ``names`` to ``parser``: a root setting (``workspace``) as one flag,
+    a section (``extract``) as a group holding one flag per key, titled with the section's docstring."""
+    for name in names:
+        field = Settings.model_fields[name]
+        ann = field.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            doc = " ".join((ann.__doc__ or "").split())
+            group = parser.add_argument_group(
+                f"[{name}] settings", f"{doc} Also in the config's [{name}] table, or as environment variables "
+                f"{ENV_PREFIX}{name.upper()}__<KEY>.".replace("%", "%%"))
+            for path, leaf in setting_fields(ann, (name,)):
+                flags, kw = _argument(path, leaf)
+                group.add_argument(*flags, **kw)
+        else:
+            flags, kw = _argument((name,), field)
+            parser.add_argument(*flags, **kw)
+
+
+def setting_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """The settings the parsed flags set, as a nested dict for :func:`~valuegate.settings.load_settings`
+    (``{"extract": {"batch_size": 8}, "workspace": "ws"}``); flags left unset are absent."""
+    given = vars(args)
+    out: dict[str, Any] = {}
+    for path, _ in setting_fields():
+        value = given.get(".".join(path))
+        if value is None:
+            continue
+        node = out
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+        node[path[-1]] = value
+    return out

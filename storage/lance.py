@@ -32,12 +32,9 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import os
-import random
 import re
 import threading
-import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -45,6 +42,8 @@ import numpy as np
 import pyarrow as pa
 
 from valuegate.errors import ValuegateError
+from valuegate.storage import retry
+from valuegate.storage.retry import RetryPolicy, classify_error
 
 if TYPE_CHECKING:
     from lancedb.db import DBConnection
@@ -73,44 +72,6 @@ euclidean distance, for ``cosine`` ``1 - cos``; smaller is always closer."""
 _TABLE_NAME = re.compile(r"^[A-Za-z0-9_.\-]+$")
 _OBJECT_STORE_SCHEMES = ("s3://", "s3+ddb://", "gs://", "az://", "abfs://", "memory://")
 
-# Messages (lower-cased) of the commit failures that are safe to retry after moving to the latest version.
-_CONFLICT_MARKERS = (
-    "commit conflict",  # "Commit conflict for version N" and "Retryable commit conflict for version N"
-    "incompatible transaction",  # e.g. an append racing an overwrite
-    "concurrent transaction",  # "... was preempted by / removed by a concurrent transaction"
-    "too many concurrent writ",  # "Too many concurrent writers" / "Too many concurrent writes for ..."
-    "failed to commit the transaction after",
-)
-# Transport failures of the object store that a later attempt may not meet.
-_TRANSIENT_MARKERS = (
-    "retryerror",
-    "connection refused",
-    "connectionrefused",
-    "connection reset",
-    "connectionreset",
-    "broken pipe",
-    "tcp connect error",
-    "error sending request",
-    "timed out",
-    "timeout",
-    "slowdown",
-    "slow down",
-    "service unavailable",
-    "internalerror",
-    "500 internal server error",
-    "502 bad gateway",
-    "503",
-    "504 gateway",
-)
-# Configuration errors that look like I/O but never heal by waiting.
-_PERMANENT_MARKERS = (
-    "nosuchbucket",
-    "accessdenied",
-    "access denied",
-    "invalidaccesskeyid",
-    "signaturedoesnotmatch",
-    "403 forbidden",
-)
 
 _INDEX_CONFIGS = ("IVF_PQ", "IVF_FLAT", "IVF_SQ", "IVF_HNSW_SQ")
 _METRICS = ("dot", "l2", "cosine")
@@ -182,58 +143,7 @@ def sql_in(column: str, values: Iterable[str | int | float | bool]) -> str:
     return f"{sql_ident(column)} IN ({', '.join(literals)})"
 
 
-# --------------------------------------------------------------------------------------------------
-# Retries
-# --------------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class RetryPolicy:
-    """Bounded retries with exponential backoff and jitter for commits and object-store I/O.
-
-    Attempt ``i`` (1-based) that fails waits ``d/2 + uniform(0, d/2)`` seconds before the next, with
-    ``d = min(max_delay_s, base_delay_s * 2**(i-1))``.
-
-    Attributes:
-        attempts: total attempts, first included (≥ 1).
-        base_delay_s: backoff before the second attempt, in seconds.
-        max_delay_s: cap on one backoff, in seconds.
-    """
-
-    attempts: int = 8
-    base_delay_s: float = 0.05
-    max_delay_s: float = 2.0
-
-    def __post_init__(self) -> None:
-        if self.attempts < 1:
-            raise ValueError("RetryPolicy.attempts must be >= 1")
-        if self.base_delay_s < 0 or self.max_delay_s < 0:
-            raise ValueError("RetryPolicy delays must be >= 0")
-
-    def delay_s(self, attempt: int, rng: random.Random) -> float:
-        """Seconds to wait after failed attempt number ``attempt`` (1-based)."""
-        d = min(self.max_delay_s, self.base_delay_s * (2 ** (attempt - 1)))
-        return d / 2 + rng.uniform(0, d / 2)
-
-
-def classify_error(exc: BaseException) -> str | None:
-    """Whether an exception from LanceDB is worth retrying.
-
-    Returns:
-        ``"conflict"`` for a commit that lost against a concurrent writer (safe to redo from the
-        latest version), ``"transient"`` for an object-store transport failure, ``None`` otherwise
-        (bad input, missing table, wrong credentials or bucket: retrying would not help).
-    """
-    if not isinstance(exc, (RuntimeError, ValueError, OSError)) or isinstance(exc, ValuegateError):
-        return None
-    msg = str(exc).lower()
-    if any(m in msg for m in _CONFLICT_MARKERS):
-        return "conflict"
-    if any(m in msg for m in _PERMANENT_MARKERS):
-        return None
-    if isinstance(exc, (ConnectionError, TimeoutError)) or any(m in msg for m in _TRANSIENT_MARKERS):
-        return "transient"
-    return None
+# Retries: valuegate.storage.retry (RetryPolicy and classify_error are re-exported here).
 
 
 def min_rows_for_index(index_type: str = "IVF_PQ", num_bits: int = 8) -> int:
@@ -351,7 +261,6 @@ class Workspace:
         self._lock = threading.RLock()
         self._db: DBConnection | None = None
         self._tables: dict[str, LanceTable] = {}
-        self._rng = random.Random()
         self._retry_counts = {"conflict": 0, "transient": 0}
 
     def __getstate__(self) -> dict[str, Any]:
@@ -442,27 +351,17 @@ class Workspace:
             )
 
     def _retrying(self, what: str, fn: Callable[[], T], table: str | None = None) -> T:
-        """Run ``fn`` under the retry policy; between attempts the cached handle of ``table`` moves to
-        the latest version. Errors that are not retryable, and the last failure, propagate as raised."""
-        policy = self._retry
-        for attempt in range(1, policy.attempts + 1):
-            try:
-                return fn()
-            except Exception as exc:
-                kind = classify_error(exc)
-                if kind is None:
-                    raise
-                if attempt == policy.attempts:
-                    log.warning("%s: giving up after %d attempts (%s): %s", what, attempt, kind, exc)
-                    raise
-                delay = policy.delay_s(attempt, self._rng)
-                with self._lock:
-                    self._retry_counts[kind] += 1
-                log.info("%s: %s on attempt %d, retrying in %.2fs: %s", what, kind, attempt, delay, exc)
-                time.sleep(delay)
-                if table is not None:
-                    self._refresh(table)
-        raise AssertionError("unreachable")  # pragma: no cover
+        """Run ``fn`` under the workspace's retry policy (:func:`valuegate.storage.retry.call`: commit
+        conflicts and transient object-store errors, counted in :attr:`retry_counts`, one log line per
+        retry); between attempts the cached handle of ``table`` moves to the latest version. Errors that
+        are not retryable, and the last failure, propagate as raised."""
+
+        def count(kind: str) -> None:
+            with self._lock:
+                self._retry_counts[kind] += 1
+
+        return retry.call(fn, what=what, policy=self._retry, on_retry=count,
+                          before_retry=(lambda: self._refresh(table)) if table is not None else None)
 
     def _refresh(self, name: str) -> None:
         with self._lock:

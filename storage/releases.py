@@ -56,7 +56,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import re
 import time
 from collections.abc import Callable, Iterable
@@ -68,6 +67,7 @@ import pyarrow as pa
 
 from valuegate.errors import ValuegateError
 from valuegate.names import check_name, is_valid_name
+from valuegate.storage import retry
 from valuegate.storage.objstore import Root, open_root, sha256_file
 
 __all__ = [
@@ -112,7 +112,6 @@ _VERSION = re.compile(r"^v(\d{4,})$")
 _STAGING = re.compile(r"^\.(v\d{4,})-[A-Za-z0-9_]+$")  # .v0003-gate, .v0003-report: local staging folders
 ABANDONED_AFTER_S = 3600.0  # object store: an incomplete version this long untouched counts as abandoned
 _ALLOCATE_ATTEMPTS = 1000
-_PROMOTE_ATTEMPTS = 200
 
 
 def _sha256_file(path: Path | str) -> str:
@@ -252,6 +251,8 @@ def allocate_version(root: Any, name: str, *, claim: Callable[[str], bool] | Non
     r = _root(root)
     _check_name(name)
     number = max(_version_numbers(r, name), default=0) + 1
+    # Not a retry: every pass claims a different number (the next one past what is there), so the loop
+    # always progresses and never waits; the bound only stops a runaway.
     for _ in range(_ALLOCATE_ATTEMPTS):
         # locally an existing directory without marker (written by an older valuegate) counts as taken
         taken = r.is_local and r.path(_vkey(name, number)).exists() and not r.is_file(
@@ -781,15 +782,21 @@ def promote(root: Any, name: str, version: str | int, *, backwards: bool = False
             if previous != version:
                 r.write_atomic(key, _current_payload(version, seq + 1))
         return previous
-    rng = random.Random()
-    for attempt in range(_PROMOTE_ATTEMPTS):
+
+    def compare_and_swap() -> tuple[bool, str | None]:
+        """(moved or nothing to move, the version that was current)."""
         raw, etag = r.read_tagged(key)
         previous, seq = _parse_current(raw)
         _check_forward(name, version, previous, backwards)
         if previous == version:
-            return previous
-        if r.replace_if(key, _current_payload(version, seq + 1), etag if raw is not None else None):
-            return previous
-        time.sleep(min(0.5, 0.01 * 2 ** min(attempt, 6)) * rng.uniform(0.5, 1.0))  # another promoter won
-    raise ValuegateError(f"could not move {r.uri_of(key)} after {_PROMOTE_ATTEMPTS} tries: other promoters "
+            return True, previous
+        return r.replace_if(key, _current_payload(version, seq + 1), etag if raw is not None else None), previous
+
+    policy = retry.COMPARE_AND_SWAP
+    done, previous = retry.call(compare_and_swap, what=f"promote {name}/{version}", policy=policy,
+                                result_kind=lambda res: None if res[0] else "another promoter won",
+                                error_kind=lambda exc: None)  # the requests retry their own failures
+    if done:
+        return previous
+    raise ValuegateError(f"could not move {r.uri_of(key)} after {policy.attempts} tries: other promoters "
                          "kept winning the conditional write")

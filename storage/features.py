@@ -16,9 +16,10 @@ import json
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from valuegate.storage import schemas
-from valuegate.storage.lance import Workspace, sql_in, sql_str
+from valuegate.storage.lance import Workspace, sql_str
 
 
 def features_uri(ws: Workspace, model_fp: str) -> str:
@@ -82,16 +83,12 @@ def feature_ids(ws: Workspace, model_fp: str) -> set[str]:
     return set(ws.read(schemas.features_table(model_fp), columns=["id"])["id"].to_pylist())
 
 
-def truncated_ids(ws: Workspace, model_fp: str, ids: list[str], chunk: int = 2000) -> list[str]:
+def truncated_ids(ws: Workspace, model_fp: str, ids: list[str]) -> list[str]:
     """The ``ids`` whose stored features are of a sample cut at ``max_length`` (``truncated`` true)."""
     if not ids or not features_exist(ws, model_fp):
         return []
-    table = schemas.features_table(model_fp)
-    out: list[str] = []
-    for i in range(0, len(ids), chunk):
-        where = f"truncated AND {sql_in('id', ids[i:i + chunk])}"
-        out += ws.read(table, where=where, columns=["id"])["id"].to_pylist()
-    return out
+    t = ws.read_by_key(schemas.features_table(model_fp), "id", ids, ["id", "truncated"])
+    return [i for i, cut in zip(t["id"].to_pylist(), t["truncated"].to_pylist(), strict=True) if cut]
 
 
 def write_features(ws: Workspace, model_fp: str, rows: list[dict], hidden_size: int, error_dim: int) -> int:
@@ -105,16 +102,34 @@ def write_features(ws: Workspace, model_fp: str, rows: list[dict], hidden_size: 
 
 
 def read_features(ws: Workspace, model_fp: str, ids: list[str] | None = None,
-                  columns: list[str] | None = None, chunk: int = 2000) -> pa.Table:
-    """Feature rows (all, or of ``ids``; no order guaranteed: align on the ``id`` column)."""
+                  columns: list[str] | None = None) -> pa.Table:
+    """Feature rows: all (storage order), or those of ``ids`` in the order of ``ids`` (each once; ids
+    without a row are left out). Align on the ``id`` column all the same.
+
+    Reads by id cost one scan of the ``id`` column per table version (cached in the workspace) plus
+    the rows asked for, so reading a table chunk by chunk is linear in its size
+    (:meth:`Workspace.read_by_key`; ``bench_store --only storage`` measures it).
+    """
     table = schemas.features_table(model_fp)
     if ids is None:
         return ws.read(table, columns=columns)
-    parts = [ws.read(table, where=sql_in("id", ids[i:i + chunk]), columns=columns)
-             for i in range(0, len(ids), chunk)]
-    if not parts:
-        return ws.read(table, where="false", columns=columns)
-    return pa.concat_tables(parts)
+    return ws.read_by_key(table, "id", ids, columns)
+
+
+def iter_features(ws: Workspace, model_fp: str, columns: list[str], batch_rows: int = 8192):
+    """Stream all feature rows of a fingerprint in storage order, ``batch_rows`` at a time.
+
+    For a pass over every row (the ``mean`` aggregate of a whole table): one sequential scan, peak
+    memory bounded by ``batch_rows``, not by the table.
+
+    Yields:
+        :class:`pyarrow.RecordBatch` of ``columns``, at most ``batch_rows`` rows each.
+    """
+    tbl = ws.open(schemas.features_table(model_fp))
+    reader = tbl.search().select(list(columns)).to_batches(batch_rows)
+    for batch in reader:
+        if batch.num_rows:
+            yield batch
 
 
 def sparse_arrays(t: pa.Table, width: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -136,19 +151,78 @@ def sparse_arrays(t: pa.Table, width: int) -> tuple[np.ndarray, np.ndarray, np.n
     return indptr, indices, data
 
 
+SEARCH_METRIC = "dot"
+"""The metric of vector search on ``pooled_hidden``, with or without an index: a value is an inner
+product, so the nearest rows are those of largest ``x·q`` (an index an older valuegate built with
+``cosine`` is rebuilt by :func:`maybe_index_features`; until then searches bypass it, exactly)."""
+
+
 def maybe_index_features(ws: Workspace, model_fp: str, min_rows: int, stale_fraction: float = 0.2) -> bool:
     """Build (or rebuild) the vector index on ``pooled_hidden`` once the table is large enough to need one.
 
     Below ``min_rows`` a brute-force search is as fast (see the store benchmark); above it the index is
     rebuilt when more than ``stale_fraction`` of the rows arrived after it was built (new rows are still
-    found meanwhile, by brute force). Returns whether an index was built.
+    found meanwhile, by brute force), or when its metric is not :data:`SEARCH_METRIC`. Returns whether
+    an index was built.
     """
     table = schemas.features_table(model_fp)
     rows = ws.count(table)
     if min_rows <= 0 or rows < min_rows:
         return False
     if (ws.has_vector_index(table, "pooled_hidden")
+            and ws.vector_index_metric(table, "pooled_hidden") == SEARCH_METRIC
             and rows - ws.indexed_rows(table, "pooled_hidden") <= stale_fraction * rows):
         return False
-    ws.create_vector_index(table, "pooled_hidden", metric="cosine")
+    ws.create_vector_index(table, "pooled_hidden", metric=SEARCH_METRIC)
     return True
+
+
+def search_features(ws: Workspace, model_fp: str, vector: np.ndarray, k: int, where: str | None = None,
+                    columns: list[str] | None = None) -> pa.Table:
+    """The ``k`` feature rows of largest ``pooled_hidden · vector`` (:data:`SEARCH_METRIC`).
+
+    Through the ANN index when there is one, with the probe and re-rank settings of
+    :meth:`Workspace.search` (chosen in ``bench_store --only storage``), else exact.
+
+    Args:
+        vector: ``(d,)`` query, ``d`` the model's hidden size.
+        where: SQL prefilter; columns: columns besides the distance (``1 - x·q``); all when None.
+
+    Returns:
+        Up to ``k`` rows, nearest first.
+    """
+    return ws.search(schemas.features_table(model_fp), "pooled_hidden", vector, k, where=where,
+                     metric=SEARCH_METRIC, columns=columns)
+
+
+def stream_inner_products(ws: Workspace, model_fp: str, vector: np.ndarray, width: int,
+                          batch_rows: int = 8192) -> tuple[list[str], np.ndarray]:
+    """``Σ_{u ∈ U} R[u] · vector[u]`` for every stored row of a fingerprint, in one streaming scan.
+
+    With ``vector`` the (weighted) mean of the validation rows scattered to ``(V·width,)`` this is the
+    ``mean`` aggregate of every training row (:func:`valuegate.engine.forvalue.sparse_mean_csr`)
+    without building a CSR matrix: per batch one gather of ``vector`` at the batch's support and one
+    row-wise product, so the time is the scan's and peak memory is bounded by ``batch_rows``.
+
+    Args:
+        vector: ``(V·width,)`` float, the validation side.
+        width: ``k_h``, floats per support entry.
+
+    Returns:
+        ``(ids, values)``: the ids in storage order and ``(n,)`` float64 values.
+    """
+    dense = np.asarray(vector, dtype=np.float32).reshape(-1, width)
+    ids: list[str] = []
+    parts: list[np.ndarray] = []
+    for batch in iter_features(ws, model_fp, ["id", "token_ids", "rows"], batch_rows):
+        tok_col = batch.column(1)
+        tok = tok_col.flatten().to_numpy(zero_copy_only=False)  # flatten: honours a sliced batch
+        rows = batch.column(2).flatten().to_numpy(zero_copy_only=False).reshape(-1, width)
+        if rows.shape[0] != tok.size:
+            raise ValueError(f"feature rows hold {rows.shape[0]} entries for {tok.size} support entries")
+        dots = np.einsum("ij,ij->i", rows, dense[tok], dtype=np.float32)
+        lengths = pc.list_value_length(tok_col).fill_null(0).to_numpy(zero_copy_only=False)
+        owner = np.repeat(np.arange(batch.num_rows), lengths)
+        parts.append(np.bincount(owner, weights=dots, minlength=batch.num_rows))
+        ids += batch.column(0).to_pylist()
+    return ids, (np.concatenate(parts) if parts else np.zeros(0))

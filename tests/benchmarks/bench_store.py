@@ -27,6 +27,7 @@ from __future__ import annotations
 import _thread
 import argparse
 import hashlib
+import itertools
 import json
 import os
 import shutil
@@ -395,6 +396,12 @@ class SyntheticFeatures:
         self.n_tokens = real.column("n_tokens").to_numpy()
         self.mean_loss = real.column("mean_loss").to_numpy(zero_copy_only=False)
         self.dropped = real.column("dropped_mass").to_numpy(zero_copy_only=False)
+        # the hard-token rows (hard_fraction < 1): their support size and counts, per real row (0: none)
+        hard = real.column("hard_token_ids") if "hard_token_ids" in real.column_names else None
+        self.hard_sizes = (np.array([0 if h is None else len(h) for h in hard.to_pylist()]) if hard is not None
+                           else np.zeros(real.num_rows, dtype=int))
+        self.hard_n_tokens = (real.column("hard_n_tokens").fill_null(0).to_numpy(zero_copy_only=False)
+                              if "hard_n_tokens" in real.column_names else np.zeros(real.num_rows, dtype=int))
         rows = real.column("rows").combine_chunks().values.to_numpy(zero_copy_only=False)
         self.row_std = float(rows.std())
         ph = real.column("pooled_hidden").combine_chunks().values.to_numpy(zero_copy_only=False)
@@ -456,7 +463,15 @@ class SyntheticFeatures:
         out = []
         for k in range(n):
             p = pick[k]
+            h = min(int(self.hard_sizes[p]), sup[k].size)
+            hard = {}
+            if h:
+                hard = {"hard_token_ids": sup[k][:h], "hard_n_tokens": int(self.hard_n_tokens[p]),
+                        "hard_rows": data[off[k]:off[k] + h * self.width],
+                        "hard_error_sum": self.rng.standard_normal(h, dtype=np.float32),
+                        "hard_mean_loss": float(self.mean_loss[p])}
             out.append({
+                "error_sum": self.rng.standard_normal(sup[k].size, dtype=np.float32), **hard,
                 "id": hashlib.sha256(f"{prefix}-{start + k}".encode()).hexdigest(),
                 "token_ids": sup[k], "rows": data[off[k]:off[k + 1]], "n_tokens": int(self.n_tokens[p]),
                 "mean_loss": float(self.mean_loss[p]), "dropped_mass": float(self.dropped[p]),
@@ -720,6 +735,265 @@ def bench_scale(settings: Settings, real: pa.Table, sizes: list[int], work: Path
     return res
 
 
+# --------------------------------------------------------------------------------------------------
+# 4. storage (issue 19): reads by id, streaming mean, vector search settings, growth
+# --------------------------------------------------------------------------------------------------
+
+READ_CALL = 8000  # ids per read_features call, as a scoring chunk reads them (tasks/score.py SCORE_CHUNK)
+SEARCH_GRID = [(None, None), (20, None), (20, 10), (40, 10), (64, 10), (64, 20), (128, 20)]
+"""(nprobes, refine_factor) pairs of the vector search sweep; None is LanceDB's default."""
+
+
+def read_in_chunks(ws: Workspace, table: str, ids: list[str], columns: list[str], chunk: int = 2000) -> pa.Table:
+    """``read_features(ids=...)`` before issue 19: one ``id IN (...)`` query per ``chunk`` ids."""
+    from valuegate.storage.lance import sql_in
+
+    parts = [ws.read(table, where=sql_in("id", ids[i:i + chunk]), columns=columns)
+             for i in range(0, len(ids), chunk)]
+    return pa.concat_tables(parts)
+
+
+def read_isin_scan(ws: Workspace, table: str, ids: list[str], columns: list[str]) -> pa.Table:
+    """One streaming scan of ``columns``, each batch filtered with ``pyarrow.compute.is_in``."""
+    import pyarrow.compute as pc
+
+    want = pa.array(ids, type=pa.string())
+    parts = []
+    for b in ws.open(table).search().select(columns).to_batches(8192):
+        keep = pc.is_in(b.column(columns.index("id")), value_set=want)
+        if pc.any(keep).as_py():
+            parts.append(pa.Table.from_batches([b.filter(keep)]))
+    return pa.concat_tables(parts)
+
+
+def _read_all(fn, ids: list[str], budget_s: float) -> dict:
+    """Read ``ids`` (shuffled) in calls of :data:`READ_CALL` ids; stop after ``budget_s`` and extrapolate."""
+    calls = [ids[i:i + READ_CALL] for i in range(0, len(ids), READ_CALL)]
+    done = rows = 0
+    nbytes = 0
+    with MemWatch() as mw:
+        t0 = time.perf_counter()
+        for part in calls:
+            t = fn(part)
+            rows += t.num_rows
+            nbytes += t.nbytes
+            done += 1
+            del t
+            if time.perf_counter() - t0 > budget_s:
+                break
+        wall = time.perf_counter() - t0
+    return {"s": wall * len(calls) / done, "measured_calls": done, "calls": len(calls),
+            "extrapolated": done < len(calls), "rows_ok": rows == sum(len(c) for c in calls[:done]),
+            "mb_per_s": nbytes / wall / 2**20, "rss_delta_mb": mw.delta_mb}
+
+
+def _same_rows(a: pa.Table, b: pa.Table) -> bool:
+    """Same rows (any order): sorted by id, every column equal."""
+    return a.sort_by("id").equals(b.sort_by("id"))
+
+
+def bench_reads(ws: Workspace, fp: str, ids: list[str], rng: np.random.Generator, budget_s: float) -> dict:
+    """Reading every id of a table in scoring-sized calls, four ways; and one 1,000-id call."""
+    table = schemas.features_table(fp)
+    order = [ids[i] for i in rng.permutation(len(ids))]
+    few = order[:1000]
+    out: dict = {}
+    new = lambda part: fstore.read_features(ws, fp, part, SCORE_COLS)  # noqa: E731
+    methods = {"scan_take": new,
+               "in_2000": lambda part: read_in_chunks(ws, table, part, SCORE_COLS),
+               "isin_scan": lambda part: read_isin_scan(ws, table, part, SCORE_COLS)}
+    ref = read_in_chunks(ws, table, few, SCORE_COLS)
+    for name, fn in methods.items():
+        t0 = time.perf_counter()
+        got = fn(few)
+        out[f"{name}_1000_s"] = time.perf_counter() - t0
+        out[f"{name}_same"] = _same_rows(ref, got)
+        out[f"{name}_all"] = _read_all(fn, order, budget_s)
+        log(f"reads {name}: {out[f'{name}_all']}")
+    out["scan_take_in_request_order"] = fstore.read_features(ws, fp, few, ["id"])["id"].to_pylist() == few
+    t0 = time.perf_counter()
+    from lancedb.index import BTree
+
+    ws.open(table).create_index("id", config=BTree())
+    out["btree_build_s"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    got = read_in_chunks(ws, table, few, SCORE_COLS)
+    out["btree_in_1000_s"] = time.perf_counter() - t0
+    out["btree_in_same"] = _same_rows(ref, got)
+    out["btree_in_all"] = _read_all(lambda part: read_in_chunks(ws, table, part, SCORE_COLS), order, budget_s)
+    log(f"reads btree_in: {out['btree_in_all']}")
+    return out
+
+
+def disk_read_rate(path: Path, limit_bytes: int = 2 * 2**30) -> dict:
+    """Sequential read rate of the files under ``path``: ``dd`` with ``O_DIRECT`` (the disk, not the
+    page cache) and plain buffered reads (what a scan of just-written data meets)."""
+    files = sorted((p for p in path.rglob("*.lance") if p.is_file()), key=lambda p: -p.stat().st_size)
+    out: dict = {}
+    for mode, flag in (("direct", ["iflag=direct"]), ("buffered", [])):
+        total, t0 = 0, time.perf_counter()
+        for f in files:
+            if total >= limit_bytes:
+                break
+            r = subprocess.run(["dd", f"if={f}", "of=/dev/null", "bs=8M", *flag], capture_output=True, text=True)
+            if r.returncode != 0:
+                out[f"{mode}_error"] = r.stderr.strip().splitlines()[-1:]
+                break
+            total += f.stat().st_size
+        wall = time.perf_counter() - t0
+        out[f"{mode}_mb_per_s"] = total / wall / 2**20 if total else None
+        out[f"{mode}_bytes"] = total
+    return out
+
+
+def bench_stream_mean(ws: Workspace, fp: str, vm, vocab: int, width: int, disk_bytes: int) -> dict:
+    """The mean aggregate of every row by one streaming scan (``stream_inner_products``), checked
+    against ``sparse_mean_csr`` (what ``mean_aggregate`` does) on the CSR of the first 2,000 rows."""
+    from valuegate.engine.forvalue import sparse_mean_csr
+
+    v = np.asarray(vm.astype(np.float64).mean(axis=0)).reshape(-1)
+    with MemWatch() as mw:
+        t0 = time.perf_counter()
+        sids, values = fstore.stream_inner_products(ws, fp, v, width)
+        wall = time.perf_counter() - t0
+    head = sids[:2000]
+    tm, _, _, _ = _matrix(ws, fp, head, vocab, width)
+    ref = sparse_mean_csr(tm, vm)
+    err = float(np.max(np.abs(values[:2000] - ref)) / max(1e-30, float(np.max(np.abs(ref)))))
+    return {"s": wall, "rows": len(sids), "rows_per_s": len(sids) / wall, "table_mb_per_s": disk_bytes / wall / 2**20,
+            "rss_delta_mb": mw.delta_mb, "max_rel_err_vs_csr": err, "finite": bool(np.isfinite(values).all())}
+
+
+def bench_search(ws: Workspace, table: str, queries: np.ndarray, k: int = 10) -> dict:
+    """IVF_PQ (dot) recall@k against numpy's exact dot top-k, over :data:`SEARCH_GRID`."""
+    t = ws.read(table, columns=["id", "pooled_hidden"])
+    ids = np.asarray(t.column("id").to_pylist(), dtype=object)
+    x = _pooled(t)
+    s = queries @ x.T
+    truth = [set(ids[r]) for r in np.argpartition(-s, k, axis=1)[:, :k]]
+    del t, x, s
+    t0 = time.perf_counter()
+    ws.create_vector_index(table, "pooled_hidden", metric="dot", index_type="IVF_PQ")
+    out: dict = {"build_s": time.perf_counter() - t0, "grid": []}
+    for nprobes, refine in SEARCH_GRID:
+        times, recalls = [], []
+        for qi, q in enumerate(queries):
+            t0 = time.perf_counter()
+            r = ws.search(table, "pooled_hidden", q, k, metric="dot", columns=["id"], nprobes=nprobes,
+                          refine_factor=refine)
+            times.append(time.perf_counter() - t0)
+            recalls.append(len(truth[qi] & set(r.column("id").to_pylist())) / k)
+        out["grid"].append({"nprobes": nprobes, "refine_factor": refine, "ms_per_q": 1000 * float(np.mean(times)),
+                            f"recall@{k}": float(np.mean(recalls))})
+        log(f"search {out['grid'][-1]}")
+    return out
+
+
+def _exponents(rows: list[dict], keys: list[str]) -> list[dict]:
+    """Per step ``N_i → N_{i+1}``: ``log(y_{i+1}/y_i) / log(N_{i+1}/N_i)`` of each key."""
+    out = []
+    for a, b in itertools.pairwise(rows):
+        step = {"step": f"{a['n']:,} → {b['n']:,}"}
+        for key in keys:
+            ya, yb = a.get(key), b.get(key)
+            if isinstance(ya, (int, float)) and isinstance(yb, (int, float)) and ya > 0 and yb > 0:
+                step[key] = float(np.log(yb / ya) / np.log(b["n"] / a["n"]))
+        out.append(step)
+    return out
+
+
+GROWTH_KEYS = ["write_s", "reads_scan_take_s", "reads_in_2000_s", "reads_isin_scan_s", "reads_btree_in_s",
+               "stream_mean_s", "search_build_s", "peak_rss_mb"]
+
+
+def bench_storage(settings: Settings, real: pa.Table, sizes: list[int], work: Path, max_disk_gb: float,
+                  read_budget_s: float, search_max_n: int) -> dict:
+    """Per N: write synthetic features, read every id four ways, the streaming mean, vector search
+    settings (up to ``search_max_n``), with time and peak RSS per step and fitted growth exponents."""
+    ex = settings.extract
+    vocab, hidden = 49152, 576
+    width = ex.hidden_dim or hidden
+    gen = SyntheticFeatures(real, vocab, width, hidden, ex.error_dim)
+    gen.set_exponent(1.3)  # about the calibrated exponent (see the scale section); overlap does not matter here
+    ws = Workspace(str(work / "storage-ws"))
+    fp_v = _fp("valid-storage")
+    vids = write_synthetic(ws, gen, fp_v, 1000, 5000, "valid")["ids"]
+    vm, _, _, _ = _matrix(ws, fp_v, vids, vocab, width)
+    queries = _pooled(fstore.read_features(ws, fp_v, vids[:100], ["id", "pooled_hidden"]))
+    rng = np.random.default_rng(3)
+    res: dict = {"sizes": [], "read_call_ids": READ_CALL, "read_budget_s": read_budget_s}
+    per_sample = None
+    for n in sizes:
+        if per_sample is not None and per_sample * n > min(max_disk_gb * 1e9, 0.8 * shutil.disk_usage(work).free):
+            log(f"storage N={n}: skipped ({per_sample * n / 1e9:.1f} GB projected)")
+            res["sizes"].append({"n": n, "skipped": f"projected {per_sample * n / 1e9:.1f} GB"})
+            continue
+        reset_hwm()
+        fp = _fp(f"storage-{n}")
+        table = schemas.features_table(fp)
+        row: dict = {"n": n}
+        log(f"storage N={n}: writing")
+        w = write_synthetic(ws, gen, fp, n, 5000, f"train-{n}")
+        ids = w.pop("ids")
+        row["write_s"] = w["write_s"]
+        row["write_peak_rss_mb"] = w["write_peak_rss_mb"]
+        row["disk_bytes"] = du_bytes(fstore.features_uri(ws, fp))
+        per_sample = row["disk_bytes"] / n
+        row["disk"] = disk_read_rate(Path(fstore.features_uri(ws, fp)))
+        log(f"storage N={n}: disk {row['disk']}")
+        row["stream_mean"] = sm = bench_stream_mean(ws, fp, vm, vocab, width, row["disk_bytes"])
+        row["stream_mean_s"] = sm["s"]
+        log(f"storage N={n}: stream mean {sm}")
+        rd = bench_reads(ws, fp, ids, rng, read_budget_s)
+        row["reads"] = rd
+        for m in ("scan_take", "in_2000", "isin_scan", "btree_in"):
+            row[f"reads_{m}_s"] = rd[f"{m}_all"]["s"]
+        if n <= search_max_n:
+            row["search"] = bench_search(ws, table, queries)
+            row["search_build_s"] = row["search"]["build_s"]
+        row["peak_rss_mb"] = hwm_mb()
+        res["sizes"].append(row)
+        ws.drop(table)
+        (work / "storage-partial.json").write_text(json.dumps(res, default=str))
+    done = [r for r in res["sizes"] if "skipped" not in r]
+    res["growth"] = _exponents(done, GROWTH_KEYS)
+    return res
+
+
+def print_storage(res: dict) -> None:
+    """The storage section's tables (markdown)."""
+    done = [r for r in res["sizes"] if "skipped" not in r]
+    print(f"\nreads of every id in calls of {res['read_call_ids']:,} ids (s; * extrapolated from the first "
+          f"{res['read_budget_s']:.0f} s), streaming mean, peak RSS")
+    print("| N | write (s) | id IN, 2,000 per query | scan + is_in | BTREE + IN | scan ids + take (new) | "
+          "1,000 ids: IN / take (s) | stream mean (s) | scan MB/s | disk direct / buffered MB/s | peak RSS (MiB) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in done:
+        rd = r["reads"]
+
+        def cell(m: str, rd: dict = rd) -> str:
+            a = rd[f"{m}_all"]
+            return f"{a['s']:.1f}{'*' if a['extrapolated'] else ''}"
+        d = r["disk"]
+        print(f"| {r['n']:,} | {r['write_s']:.0f} | {cell('in_2000')} | {cell('isin_scan')} | {cell('btree_in')} | "
+              f"{cell('scan_take')} | {rd['in_2000_1000_s']:.2f} / {rd['scan_take_1000_s']:.2f} | "
+              f"{r['stream_mean']['s']:.1f} | {r['stream_mean']['table_mb_per_s']:.0f} | "
+              f"{d.get('direct_mb_per_s') or 0:.0f} / {d.get('buffered_mb_per_s') or 0:.0f} | {r['peak_rss_mb']:.0f} |")
+    for r in done:
+        if "search" in r:
+            print(f"\nIVF_PQ (dot) at N={r['n']:,}, built in {r['search']['build_s']:.1f} s; 100 queries, k=10")
+            print("| nprobes | refine_factor | ms/query | recall@10 |\n|---|---|---|---|")
+            for g in r["search"]["grid"]:
+                print(f"| {g['nprobes'] or 'default'} | {g['refine_factor'] or 'none'} | {g['ms_per_q']:.1f} | "
+                      f"{g['recall@10']:.3f} |")
+    if res.get("growth"):
+        keys = [k for k in GROWTH_KEYS if any(k in g for g in res["growth"])]
+        print("\ngrowth exponents per step (time ∝ N^b)")
+        print("| step | " + " | ".join(keys) + " |\n|" + "---|" * (len(keys) + 1))
+        for g in res["growth"]:
+            print(f"| {g['step']} | " + " | ".join(f"{g[k]:.2f}" if k in g else "" for k in keys) + " |")
+
+
 # quantities that touch every row: never extrapolated below linear growth (noise can make the measured
 # exponent < 1, e.g. a fixed-size IVF training sample dominating the index build at these sizes)
 _AT_LEAST_LINEAR = ("disk_bytes", "write_s", "mean_read_s", "mean_matrix_s", "mean_aggregate_s",
@@ -768,7 +1042,13 @@ def main() -> None:
     ap.add_argument("--data", type=Path, default=DEFAULT_DATA)
     ap.add_argument("--out", type=Path, default=Path("bench-results"))
     ap.add_argument("--quick", action="store_true", help="a tenth of the data (a smoke run)")
-    ap.add_argument("--only", choices=["incremental", "rescore", "scale"], default=None)
+    ap.add_argument("--only", choices=["incremental", "rescore", "scale", "storage"], default=None)
+    ap.add_argument("--storage-sizes", default="10000,100000", help="comma-separated N of the storage section")
+    ap.add_argument("--read-budget-s", type=float, default=60.0,
+                    help="storage: seconds per read method and size before extrapolating the rest")
+    ap.add_argument("--search-max-n", type=int, default=100000, help="storage: the search sweep up to this N")
+    ap.add_argument("--real-cache", type=Path, default=None,
+                    help="parquet of real extracted features: read if it exists, else written after extracting")
     ap.add_argument("--scale-sizes", default="10000,100000", help="comma-separated N of the scale section")
     ap.add_argument("--max-disk-gb", type=float, default=20.0, help="skip a size projected to need more")
     ap.add_argument("--mem-budget-gb", type=float, default=5.0,
@@ -796,16 +1076,34 @@ def main() -> None:
             fp = out["incremental"]["model_fp"]
             if a.only in (None, "rescore"):
                 out["rescore"] = bench_rescore(ws, settings, inputs, out["incremental"]["runs"][0])
+        real = None
+        if a.only in (None, "scale", "storage"):
+            if ws is not None and fp is not None:
+                real = real_features_from_store(ws, fp)
+                out["real_features_source"] = "the incremental workspace (train + validation rows)"
+            elif a.real_cache is not None and a.real_cache.exists():
+                import pyarrow.parquet as pq
+
+                real = pq.read_table(a.real_cache)
+                out["real_features_source"] = f"{a.real_cache} (cached extraction)"
+            else:
+                real = real_features_by_extraction(settings, a.data, 60 if a.quick else 200)
+                out["real_features_source"] = "extracted for this section"
+                if a.real_cache is not None:
+                    import pyarrow.parquet as pq
+
+                    a.real_cache.parent.mkdir(parents=True, exist_ok=True)
+                    pq.write_table(real, a.real_cache)
+        if a.only == "storage":
+            sizes = [int(s) for s in a.storage_sizes.split(",") if s.strip()]
+            if a.quick:
+                sizes = [max(1000, s // 10) for s in sizes]
+            out["storage"] = bench_storage(settings, real, sizes, work, a.max_disk_gb, a.read_budget_s,
+                                           a.search_max_n)
         if a.only in (None, "scale"):
             sizes = [int(s) for s in a.scale_sizes.split(",") if s.strip()]
             if a.quick:
                 sizes = [max(1000, s // 10) for s in sizes]
-            if ws is not None and fp is not None:
-                real = real_features_from_store(ws, fp)
-                out["real_features_source"] = "the incremental workspace (train + validation rows)"
-            else:
-                real = real_features_by_extraction(settings, a.data, 60 if a.quick else 200)
-                out["real_features_source"] = "extracted for this section"
             log(f"real features: {real.num_rows} rows")
             out["scale"] = bench_scale(settings, real, sizes, work, a.quick, a.max_disk_gb, a.mem_budget_gb,
                                        a.keep)
@@ -821,6 +1119,8 @@ def main() -> None:
     from tests.benchmarks.tables import print_store_tables
 
     print_store_tables(out)
+    if "storage" in out:
+        print_storage(out["storage"])
 
 
 if __name__ == "__main__":

@@ -1,0 +1,125 @@
+"""Feature-store reads at scale (issue 19), on small real LanceDB tables: reads by id (one key scan per
+table version, then a take by offset) return the rows the old ``id IN (...)`` queries did; vector
+search uses the metric the docs promise (dot) with and without the index; the streaming ``mean``
+equals the CSR one."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import scipy.sparse as sp
+
+from valuegate.engine.forvalue import sparse_mean_csr
+from valuegate.storage import features as fstore
+from valuegate.storage import schemas
+from valuegate.storage.lance import Workspace, sql_in
+
+FP = "e" * 64
+HIDDEN, WIDTH, VOCAB = 8, 2, 12
+
+
+@pytest.fixture
+def ws(tmp_path):
+    return Workspace(str(tmp_path / "ws"))
+
+
+def _rows(rng: np.random.Generator, start: int, n: int) -> list[dict]:
+    """Feature rows with random supports (some empty), rows and pooled vectors of varying norms."""
+    out = []
+    for i in range(start, start + n):
+        sup = np.sort(rng.choice(VOCAB, size=int(rng.integers(0, 5)), replace=False)).astype(np.int32)
+        out.append({"id": f"s{i:04d}", "truncated": bool(i % 7 == 0), "token_ids": sup,
+                    "rows": rng.normal(size=sup.size * WIDTH).astype(np.float32), "n_tokens": 3,
+                    "mean_loss": 1.0, "dropped_mass": 0.0, "self_influence": 1.0,
+                    "pooled_hidden": (rng.normal(size=HIDDEN) * rng.uniform(0.1, 10)).astype(np.float32),
+                    "pooled_error": np.zeros(1, np.float32), "error_sum": np.zeros(sup.size, np.float32),
+                    "batch": 0, "seconds": 0.0})
+    return out
+
+
+def _table(ws: Workspace, rng: np.random.Generator, n: int) -> str:
+    fstore.ensure_feature_set(ws, FP, {"x": 1}, hidden_size=HIDDEN, vocab_size=VOCAB, row_width=WIDTH, error_dim=1)
+    for lo in range(0, n, 100):  # several fragments
+        fstore.write_features(ws, FP, _rows(rng, lo, min(100, n - lo)), HIDDEN, 1)
+    return schemas.features_table(FP)
+
+
+def _old_read(ws: Workspace, table: str, ids: list[str], columns: list[str]) -> pa.Table:
+    """``read_features(ids=...)`` before issue 19: one ``IN`` query per 2,000 ids."""
+    return pa.concat_tables([ws.read(table, where=sql_in("id", ids[i:i + 2000]), columns=columns)
+                             for i in range(0, len(ids), 2000)])
+
+
+def test_reads_by_id_return_the_rows_of_the_in_query_in_request_order(ws):
+    rng = np.random.default_rng(0)
+    table = _table(ws, rng, 250)
+    ws.delete(table, "id IN ('s0003', 's0150')")  # deletions shift the offsets of later rows
+    cols = ["id", "token_ids", "rows", "pooled_hidden", "truncated"]
+    ids = [f"s{i:04d}" for i in rng.permutation(250)] + ["nope", "s0007"]  # a missing id, a repeat
+    got = fstore.read_features(ws, FP, ids, cols)
+    expected_ids = [i for i in dict.fromkeys(ids) if i not in ("nope", "s0003", "s0150")]
+    assert got["id"].to_pylist() == expected_ids
+    assert got.column_names == cols
+    assert got.sort_by("id").equals(_old_read(ws, table, ids, cols).sort_by("id"))
+
+    # a new version (an append after the key scan was cached) is seen
+    fstore.write_features(ws, FP, _rows(rng, 900, 3), HIDDEN, 1)
+    got = fstore.read_features(ws, FP, ["s0902", "s0001", "s0900"], ["id", "n_tokens"])
+    assert got["id"].to_pylist() == ["s0902", "s0001", "s0900"]
+    assert fstore.read_features(ws, FP, [], ["id"]).num_rows == 0
+    assert fstore.read_features(ws, FP, ["nope"], ["id"]).num_rows == 0
+    # truncated_ids goes the same way
+    asked = [f"s{i:04d}" for i in range(30)]
+    assert fstore.truncated_ids(ws, FP, asked) == [i for i in asked if int(i[1:]) % 7 == 0]
+
+
+def test_read_by_key_sees_a_write_of_another_workspace_handle(ws):
+    rng = np.random.default_rng(1)
+    table = _table(ws, rng, 20)
+    assert ws.read_by_key(table, "id", ["s0005"], ["id"])["id"].to_pylist() == ["s0005"]
+    other = Workspace(ws.uri)  # another process, in effect
+    other.delete(table, "id < 's0010'")
+    fstore.write_features(other, FP, _rows(rng, 500, 2), HIDDEN, 1)
+    got = ws.read_by_key(table, "id", ["s0005", "s0501", "s0012"], ["id"])
+    assert got["id"].to_pylist() == ["s0501", "s0012"]
+
+
+def test_vector_search_is_dot_with_and_without_the_index(ws):
+    """Without an index the search is exact dot; the index maybe_index_features builds must give the
+    same top-k (it built a cosine index before, so the indexed search ranked by cosine)."""
+    rng = np.random.default_rng(2)
+    _table(ws, rng, 300)
+    t = fstore.read_features(ws, FP, columns=["id", "pooled_hidden"])
+    x = t["pooled_hidden"].combine_chunks().values.to_numpy().reshape(-1, HIDDEN)
+    ids = np.array(t["id"].to_pylist())
+    queries = rng.normal(size=(5, HIDDEN)).astype(np.float32)
+    truth = [list(ids[np.argsort(-(x @ q), kind="stable")[:10]]) for q in queries]
+    assert [fstore.search_features(ws, FP, q, 10, columns=["id"])["id"].to_pylist() for q in queries] == truth
+    assert fstore.maybe_index_features(ws, FP, min_rows=256)
+    table = schemas.features_table(FP)
+    assert ws.vector_index_metric(table, "pooled_hidden") == fstore.SEARCH_METRIC == "dot"
+    assert [ws.search(table, "pooled_hidden", q, 10, columns=["id"])["id"].to_pylist() for q in queries] == truth
+    assert [fstore.search_features(ws, FP, q, 10, columns=["id"])["id"].to_pylist() for q in queries] == truth
+
+
+def test_a_cosine_index_of_an_older_valuegate_is_rebuilt_as_dot(ws):
+    rng = np.random.default_rng(3)
+    table = _table(ws, rng, 300)
+    ws.create_vector_index(table, "pooled_hidden", metric="cosine")  # what maybe_index_features built before
+    assert fstore.maybe_index_features(ws, FP, min_rows=256)  # not stale, but the wrong metric
+    assert ws.vector_index_metric(table, "pooled_hidden") == "dot"
+    assert not fstore.maybe_index_features(ws, FP, min_rows=256)
+
+
+def test_streaming_inner_products_equal_the_csr_mean(ws):
+    rng = np.random.default_rng(4)
+    _table(ws, rng, 230)
+    valid = sp.random(6, VOCAB * WIDTH, density=0.5, format="csr", random_state=5, dtype=np.float32)
+    v = np.asarray(valid.astype(np.float64).mean(axis=0)).reshape(-1)
+    ids, values = fstore.stream_inner_products(ws, FP, v, WIDTH, batch_rows=64)  # several batches
+    t = fstore.read_features(ws, FP, ids, ["id", "token_ids", "rows"])
+    indptr, indices, data = fstore.sparse_arrays(t, WIDTH)
+    train = sp.csr_matrix((data, indices, indptr), shape=(len(ids), VOCAB * WIDTH))
+    assert sorted(ids) == [f"s{i:04d}" for i in range(230)]
+    np.testing.assert_allclose(values, sparse_mean_csr(train, valid), rtol=1e-5, atol=1e-6)

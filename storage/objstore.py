@@ -3,9 +3,12 @@
 LanceDB keeps the tables; everything else a workspace holds (``releases/...``) goes through a :class:`Root`:
 one workspace root, local directory or ``s3://bucket/prefix``, with the few operations the release protocol
 needs. Bulk bytes go through :mod:`pyarrow.fs` (``S3FileSystem``: multipart uploads, listings); the two
-operations pyarrow does not offer, *create only if absent* and *replace only if unchanged*, are single
-HTTP requests signed here with AWS Signature V4 (``If-None-Match: *`` and ``If-Match: <etag>`` on
-``PutObject``; S3 since 2024, MinIO, Ceph RGW, Cloudflare R2 and moto answer them, a lost race is ``412``).
+operations pyarrow does not offer, *create only if absent* and *replace only if unchanged*, and the GET that
+returns an object's ETag, are single requests through obstore (the Python binding of the Rust
+``object_store`` crate that LanceDB uses): ``PutMode`` ``create`` and ``{"e_tag": ...}``, i.e. ``If-None-Match: *``
+and ``If-Match: <etag>`` on ``PutObject`` (S3 since 2024, MinIO, Ceph RGW, Cloudflare R2 and moto answer them;
+a lost race is ``412``). They are retried by :mod:`valuegate.storage.retry` (obstore's own retries are off);
+botocore was measured too and is about twice as slow per request (``tests/benchmarks/bench_objstore.py``).
 
 Semantics on an object store (no rename, no exclusive mkdir, no lock):
 
@@ -29,29 +32,27 @@ This module never imports torch or LanceDB.
 from __future__ import annotations
 
 import contextlib
-import datetime as dt
 import functools
 import hashlib
-import hmac
-import http.client
 import io
 import os
 import shutil
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
-from urllib.parse import quote, urlsplit
+from typing import Any, TypeVar
+from urllib.parse import urlsplit
 
 import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from valuegate.errors import ValuegateError
+from valuegate.storage import retry
 
 __all__ = ["Root", "open_root", "workspace_id"]
 
-_EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
+T = TypeVar("T")
 WORKSPACE_ID_FILE = ".valuegate-workspace-id"
 
 
@@ -103,7 +104,7 @@ def sha256_file(path: Path | str, chunk: int = 1 << 20) -> str:
 
 
 # --------------------------------------------------------------------------------------------------
-# S3: options, pyarrow filesystem, signed conditional requests
+# S3: options, pyarrow filesystem, single requests through obstore
 # --------------------------------------------------------------------------------------------------
 
 
@@ -134,7 +135,8 @@ def _opt(options: dict[str, str], *names: str) -> str | None:
 
 
 class _S3:
-    """The credentials, endpoint and addressing of one bucket, and the signed requests pyarrow lacks."""
+    """The credentials, endpoint and addressing of one bucket; bulk I/O through pyarrow, the single
+    requests pyarrow lacks through obstore."""
 
     def __init__(self, bucket: str, options: dict[str, str]) -> None:
         self.bucket = bucket
@@ -182,94 +184,101 @@ class _S3:
             kwargs["endpoint_override"] = self.netloc
         return fs.S3FileSystem(**kwargs)
 
-    # ------------------------------------------------------------------ signed requests
+    # ------------------------------------------------------------------ single requests (obstore)
 
-    def _host_and_path(self, key: str) -> tuple[str, str]:
-        quoted = "/" + quote(key, safe="/-_.~")
-        if self.virtual:
-            return f"{self.bucket}.{self.netloc}", quoted
-        return self.netloc, f"/{quote(self.bucket, safe='-_.~')}{quoted}"
+    @functools.cached_property
+    def store(self):
+        """The obstore ``S3Store`` of the bucket: the requests pyarrow lacks (conditional PUTs, GET with
+        ETag, DELETE), signed by the ``object_store`` crate (the one LanceDB uses). Its own retries are
+        off: :func:`valuegate.storage.retry.call` retries (:data:`~valuegate.storage.retry.S3_REQUESTS`)."""
+        from obstore.store import S3Store
 
-    def signed_headers(self, method: str, key: str, payload: bytes, extra: dict[str, str],
-                       now: dt.datetime | None = None) -> tuple[str, str, dict[str, str]]:
-        """(host, path, headers) of a SigV4-signed request (every header sent is signed)."""
-        now = now or dt.datetime.now(dt.timezone.utc)
-        amz_date, day = now.strftime("%Y%m%dT%H%M%SZ"), now.strftime("%Y%m%d")
-        host, path = self._host_and_path(key)
-        payload_hash = hashlib.sha256(payload).hexdigest() if payload else _EMPTY_SHA256
-        headers = {"host": host, "x-amz-date": amz_date, "x-amz-content-sha256": payload_hash,
-                   **{k.lower(): v.strip() for k, v in extra.items()}}
+        config: dict[str, Any] = {"region": self.region, "virtual_hosted_style_request": self.virtual,
+                                  "access_key_id": self.access_key, "secret_access_key": self.secret_key}
         if self.token:
-            headers["x-amz-security-token"] = self.token
-        names = sorted(headers)
-        canonical = "\n".join([method, path, "", "".join(f"{n}:{headers[n]}\n" for n in names),
-                               ";".join(names), payload_hash])
-        scope = f"{day}/{self.region}/s3/aws4_request"
-        to_sign = "\n".join(["AWS4-HMAC-SHA256", amz_date, scope, hashlib.sha256(canonical.encode()).hexdigest()])
-        k = hmac.new(f"AWS4{self.secret_key}".encode(), day.encode(), hashlib.sha256).digest()
-        for part in (self.region, "s3", "aws4_request"):
-            k = hmac.new(k, part.encode(), hashlib.sha256).digest()
-        signature = hmac.new(k, to_sign.encode(), hashlib.sha256).hexdigest()
-        headers["authorization"] = (f"AWS4-HMAC-SHA256 Credential={self.access_key}/{scope}, "
-                                    f"SignedHeaders={';'.join(names)}, Signature={signature}")
-        return host, path, headers
+            config["session_token"] = self.token
+        if self.endpoint_given:
+            config["endpoint"] = f"{self.scheme}://{self.netloc}"
+        return S3Store(self.bucket, config=config,
+                       client_options={"allow_http": self.scheme == "http", "timeout": "60s",
+                                       "connect_timeout": "10s"},
+                       retry_config={"max_retries": 0})
 
-    def request(self, method: str, key: str, payload: bytes = b"",
-                extra: dict[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:
-        """One signed request; (status, lower-cased headers, body). Transport errors retried 3 times."""
-        extra = dict(extra or {})
-        if method == "PUT":
-            extra["content-length"] = str(len(payload))
-        last: Exception | None = None
-        for attempt in range(4):
-            host, path, headers = self.signed_headers(method, key, payload, extra)
-            conn_cls = http.client.HTTPSConnection if self.scheme == "https" else http.client.HTTPConnection
-            conn = conn_cls(host, timeout=60)
-            try:
-                conn.request(method, path, body=payload if method == "PUT" else None, headers=headers)
-                resp = conn.getresponse()
-                body = resp.read()
-                if resp.status >= 500 and attempt < 3:  # SlowDown / InternalError: retry
-                    last = ValuegateError(f"S3 {method} s3://{self.bucket}/{key}: HTTP {resp.status}")
-                    continue
-                return resp.status, {k.lower(): v for k, v in resp.getheaders()}, body
-            except (OSError, http.client.HTTPException) as exc:
-                last = exc
-            finally:
-                conn.close()
-            import time
+    def _call(self, what: str, key: str, fn: Callable[[], T]) -> T:
+        """One request under the retry policy; an obstore error that is not a lost race becomes one line."""
+        from obstore.exceptions import BaseError, GenericError
 
-            time.sleep(0.2 * (2 ** attempt))
-        raise ValuegateError(f"S3 {method} s3://{self.bucket}/{key} failed: {last}")
+        def kind(exc: BaseException) -> str | None:
+            """Transport failures only (obstore: a ``GenericError``); not found, denied, a failed
+            precondition never heal by waiting."""
+            if isinstance(exc, (FileNotFoundError, FileExistsError, PermissionError)):
+                return None
+            return retry.classify_error(exc, (GenericError, ConnectionError, TimeoutError),
+                                        message=_one_line(exc))
 
-    def _fail(self, what: str, key: str, status: int, body: bytes) -> ValuegateError:
-        return ValuegateError(f"S3 {what} s3://{self.bucket}/{key}: HTTP {status} "
-                              f"{body[:300].decode(errors='replace')}")
+        try:
+            return retry.call(fn, what=f"S3 {what} s3://{self.bucket}/{key}", policy=retry.S3_REQUESTS,
+                              error_kind=kind)
+        except (BaseError, OSError) as exc:
+            raise ValuegateError(f"S3 {what} s3://{self.bucket}/{key}: {_one_line(exc)}") from exc
 
     def get(self, key: str) -> tuple[bytes | None, str | None]:
-        status, headers, body = self.request("GET", key)
-        if status == 404:
-            return None, None
-        if status != 200:
-            raise self._fail("GET", key, status, body)
-        return body, headers.get("etag")
+        """The object's bytes and ETag; (None, None) when it does not exist."""
+        import obstore
+        from obstore.exceptions import NotFoundError
+
+        def get() -> tuple[bytes | None, str | None]:
+            try:
+                result = obstore.get(self.store, key)
+            except (NotFoundError, FileNotFoundError):
+                return None, None
+            return bytes(result.bytes()), result.meta["e_tag"]
+
+        return self._call("GET", key, get)
 
     def put(self, key: str, payload: bytes, *, if_none_match: bool = False,
             if_match: str | None = None) -> bool:
-        """PUT; False when the precondition failed (412, or 409 for a concurrent conditional write)."""
-        extra = {}
-        if if_none_match:
-            extra["If-None-Match"] = "*"
-        if if_match is not None:
-            extra["If-Match"] = if_match
-        status, _, body = self.request("PUT", key, payload, extra)
-        if status in (412, 409) and extra:
-            return False
-        if status == 404 and if_match is not None:  # replaced object deleted meanwhile
-            return False
-        if status not in (200, 201):
-            raise self._fail("PUT", key, status, body)
-        return True
+        """PUT; False when the precondition failed (412, or 409 for a concurrent conditional write, or the
+        object of ``if_match`` deleted meanwhile)."""
+        import obstore
+        from obstore.exceptions import AlreadyExistsError, GenericError, NotFoundError, PreconditionError
+
+        mode: Any = "create" if if_none_match else {"e_tag": if_match} if if_match is not None else "overwrite"
+        conditional = mode != "overwrite"
+
+        def put() -> bool:
+            try:
+                obstore.put(self.store, key, payload, mode=mode, use_multipart=False)
+            except (AlreadyExistsError, PreconditionError, FileExistsError):
+                return False
+            except (NotFoundError, FileNotFoundError):
+                if if_match is not None:
+                    return False
+                raise
+            except GenericError as exc:
+                if conditional and "409 conflict" in str(exc).lower():
+                    return False
+                raise
+            return True
+
+        return self._call("PUT", key, put)
+
+    def delete(self, key: str) -> None:
+        """DELETE (absent: nothing happens)."""
+        import obstore
+        from obstore.exceptions import NotFoundError
+
+        def delete() -> None:
+            with contextlib.suppress(NotFoundError, FileNotFoundError):
+                obstore.delete(self.store, key)
+
+        self._call("DELETE", key, delete)
+
+
+def _one_line(exc: BaseException) -> str:
+    """The first line of an obstore error (the rest is a multi-line debug dump)."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 # --------------------------------------------------------------------------------------------------
@@ -387,14 +396,12 @@ class Root:
     # ------------------------------------------------------------------ writes
 
     def delete(self, key: str) -> None:
-        """Remove the file or object ``key`` (absent: nothing happens). On S3 one signed ``DELETE``: unlike
+        """Remove the file or object ``key`` (absent: nothing happens). On S3 one ``DELETE``: unlike
         pyarrow's ``delete_file`` it leaves no empty directory marker (``<parent>/``) behind."""
         if self.local is not None:
             (self.local / key).unlink(missing_ok=True)
             return
-        status, _, body = self._s3.request("DELETE", self._key(key))
-        if status not in (200, 204, 404):
-            raise self._s3._fail("DELETE", self._key(key), status, body)
+        self._s3.delete(self._key(key))
 
     def write_atomic(self, key: str, payload: bytes) -> None:
         """Write ``key`` whole: readers see the old bytes or the new ones (local: temporary + rename)."""

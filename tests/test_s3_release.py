@@ -4,7 +4,6 @@ local disk, CURRENT moved by compare-and-swap (If-Match), versions claimed by cr
 
 from __future__ import annotations
 
-import datetime as dt
 import json
 import multiprocessing as mp
 
@@ -124,33 +123,36 @@ def test_conditional_writes_on_the_server(s3_server):
     assert not r.replace_if("k", b"5", None)  # "only if absent" on an existing key
 
 
-def test_sigv4_matches_botocore():
-    """The signer of the conditional requests gives botocore's Authorization header (path and virtual-hosted
-    style, with and without a session token)."""
-    pytest.importorskip("botocore")
-    import botocore.auth as bauth
-    from botocore.awsrequest import AWSRequest
-    from botocore.credentials import Credentials
+def test_conditional_write_edge_cases_and_errors(s3_server, caplog):
+    """The requests go through obstore (issue 17: no hand-signed requests): a lost race is False, not an error;
+    the session token and the endpoint of the storage options reach them; a failure is one line naming the
+    object; a transport failure is retried (one log line per retry) before it is reported."""
+    from valuegate.storage import retry
 
-    from valuegate.storage.objstore import _S3
+    ws = _ws(s3_server, "vg-cas-edges")
+    r = open_root(ws)
+    assert r.create("k", b"1")
+    _, etag = r.read_tagged("k")
+    r.delete("k")
+    r.delete("k")  # absent: nothing happens
+    assert r.read_tagged("k") == (None, None)
+    assert not r.replace_if("k", b"2", etag)  # the object it would replace is gone
+    assert r.read_bytes("k") is None
+    token = Root(ws.uri, {**ws.storage_options, "aws_session_token": "TOKEN"})
+    assert token.create("t", b"x") and token.read_bytes("t") == b"x"
 
-    now = dt.datetime(2026, 1, 2, 3, 4, 5, tzinfo=dt.timezone.utc)
-    cases = [({"aws_endpoint": "http://127.0.0.1:9000", "aws_region": "eu-west-1"}, None),
-             ({"aws_region": "eu-west-1", "aws_session_token": "TOKEN"}, "TOKEN")]
-    for opts, token in cases:
-        s3 = _S3("my-bucket", {**opts, "aws_access_key_id": "AK", "aws_secret_access_key": "SK"})
-        payload = b"v0003\npromotion 4\n"
-        extra = {"If-Match": '"abc"', "content-length": str(len(payload))}
-        host, path, mine = s3.signed_headers("PUT", "ws/releases/r v/CURRENT", payload, extra, now=now)
-        req = AWSRequest(method="PUT", url=f"{s3.scheme}://{host}{path}", data=payload, headers=extra)
-        req.context["payload_signing_enabled"] = True
-        orig = bauth.get_current_datetime
-        bauth.get_current_datetime = lambda: now.replace(tzinfo=None)
-        try:
-            bauth.S3SigV4Auth(Credentials("AK", "SK", token), "s3", "eu-west-1").add_auth(req)
-        finally:
-            bauth.get_current_datetime = orig
-        assert mine["authorization"] == req.headers["Authorization"]
+    missing = Root("s3://vg-no-such-bucket/ws", s3_server.storage_options)
+    with pytest.raises(ValuegateError) as err:
+        missing.write_atomic("k", b"1")
+    assert str(err.value).startswith("S3 PUT s3://vg-no-such-bucket/ws/k: ") and "\n" not in str(err.value)
+
+    closed = Root("s3://b/ws", {**s3_server.storage_options, "aws_endpoint": "http://127.0.0.1:1"})
+    caplog.set_level("INFO", logger="valuegate.storage.retry")
+    with pytest.raises(ValuegateError) as err:
+        closed.create("k", b"1")
+    assert str(err.value).startswith("S3 PUT s3://b/ws/k: ") and "\n" not in str(err.value)
+    retries = [m for m in caplog.messages if m.startswith("S3 PUT s3://b/ws/k: transient on attempt")]
+    assert len(retries) == retry.S3_REQUESTS.attempts - 1
 
 
 # ------------------------------------------------------------------------------ concurrent promoters

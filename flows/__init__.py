@@ -46,10 +46,9 @@ def results_dir(workspace: str) -> Path | None:
         if base:
             where = Path(base).expanduser()
         else:
-            home = os.environ.get("VALUEGATE_HOME")
-            xdg = os.environ.get("XDG_CACHE_HOME")
-            root = Path(home) if home else (Path(xdg) / "valuegate" if xdg else Path.home() / ".cache" / "valuegate")
-            where = root.expanduser() / "prefect-results"
+            from valuegate.home import valuegate_home
+
+            where = valuegate_home() / "prefect-results"
         return (where / workspace_id(uri)).resolve()
     return Path(uri).expanduser().resolve() / RESULTS_DIR
 
@@ -80,8 +79,8 @@ def digest(*parts: Any) -> str:
 
 # Modules only the steps after scoring run (selection, gate, release, report and its explanations):
 # editing them cannot change what a cached step computed, so they stay out of its code fingerprint.
-DOWNSTREAM_MODULES = frozenset({"tasks/select.py", "tasks/gate.py", "tasks/release.py", "tasks/report.py",
-                                "tasks/explain.py", "storage/releases.py"})
+DOWNSTREAM_MODULES = frozenset({"tasks/select.py", "tasks/allocate.py", "tasks/gate.py", "tasks/release.py",
+                                "tasks/report.py", "tasks/promote.py", "tasks/explain.py", "storage/releases.py"})
 
 
 @functools.lru_cache(maxsize=1)

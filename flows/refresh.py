@@ -42,8 +42,6 @@ the release is written) the manifest's ``timings``.
 from __future__ import annotations
 
 import json
-import os
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -52,20 +50,26 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
-from valuegate.errors import ValuegateError
+from valuegate.errors import ClusterLost, GateFailed, InternalError, ValuegateError
 from valuegate.flows import (
     KeyedOn,
     code_fingerprint,
     digest,
     files_stat,
     persisted,
-    results_dir,
     table_versions,
 )
 from valuegate.flows.stale_runs import check_stale_runs
 from valuegate.flows.user_errors import retry_unless_user_error
 from valuegate.flows.validation import register_validation_version
 from valuegate.settings import Settings, load_settings
+from valuegate.tasks import allocate as allocate_step
+from valuegate.tasks import gate as gate_step
+from valuegate.tasks import promote as promote_step
+from valuegate.tasks import release as release_step
+from valuegate.tasks import report as report_step
+from valuegate.tasks import select as select_step
+from valuegate.tasks.release import is_object_store, staging_dir
 
 
 def _workspace(settings: Settings):
@@ -74,19 +78,15 @@ def _workspace(settings: Settings):
     return Workspace.from_env(settings.workspace)
 
 
-def _is_object_store(settings: Settings) -> bool:
-    return "://" in settings.workspace and not settings.workspace.startswith("file://")
-
-
 def _root_key(settings: Settings) -> str:
     """The workspace as it keys the resume record (a local directory resolved, an object store's URI)."""
-    return _workspace(settings).uri if _is_object_store(settings) else str(Path(settings.workspace).resolve())
+    return _workspace(settings).uri if is_object_store(settings) else str(Path(settings.workspace).resolve())
 
 
 def _docs_dir(settings: Settings, version: str) -> str:
     """Where the gate renders its Data Docs before the release copies them in: beside the release on a
     local workspace, a local temporary folder for an object-store one."""
-    return _staging_dir(settings, version, "gate")
+    return staging_dir(settings, version, "gate")
 
 
 def _scoring_settings(settings: Settings) -> Settings:
@@ -261,7 +261,7 @@ def _cluster_lost(exc: BaseException) -> bool:
     return any(t.__name__ in _CLUSTER_LOST for t in type(exc).__mro__) or isinstance(exc, ConnectionError)
 
 
-def _cluster_lost_error(settings: Settings, plan: dict[str, Any], exc: BaseException) -> ValuegateError:
+def _cluster_lost_error(settings: Settings, plan: dict[str, Any], exc: BaseException) -> ClusterLost:
     """The error of a run whose cluster went away: what happened, what is stored, how to resume."""
     from valuegate.storage import features as fstore
 
@@ -274,8 +274,8 @@ def _cluster_lost_error(settings: Settings, plan: dict[str, Any], exc: BaseExcep
                   f"(on a working cluster) to extract only the {len(wanted) - done} still missing")
     except Exception as read_exc:  # the store may be what went away
         stored = f"could not count what was stored ({read_exc}); run again to extract what is missing"
-    return ValuegateError(f"lost the {r.kind} cluster {where} during sharded extraction "
-                          f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); {stored}")
+    return ClusterLost(f"lost the {r.kind} cluster {where} during sharded extraction "
+                       f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); {stored}")
 
 
 def _extract_sharded(settings: Settings) -> dict[str, Any]:
@@ -287,7 +287,7 @@ def _extract_sharded(settings: Settings) -> dict[str, Any]:
     extraction seconds, summed over workers).
 
     Raises:
-        ValuegateError: the cluster went away (the message says what is stored and that a re-run resumes).
+        ClusterLost: the cluster went away (the message says what is stored and that a re-run resumes).
     """
     from prefect.futures import wait
 
@@ -393,7 +393,7 @@ def _score_sharded(settings: Settings, planned: dict[str, Any]) -> dict[str, Any
             if not _cluster_lost(exc):
                 raise
             r = settings.runner
-            raise ValuegateError(
+            raise ClusterLost(
                 f"lost the {r.kind} cluster {f'at {r.address}' if r.address else ''} during sharded scoring "
                 f"({type(exc).__name__}); the shards already written stay in scores run {plan['run_id']}: run "
                 "again (on a working cluster) to score only the rest") from exc
@@ -403,7 +403,7 @@ def _score_sharded(settings: Settings, planned: dict[str, Any]) -> dict[str, Any
                 timings[key] += res[key]
     n = ws.count(schemas.SCORES, where=where)
     if n != len(plan["ids"]):
-        raise ValuegateError(f"scores run {plan['run_id']} holds {n} rows for {len(plan['ids'])} samples "
+        raise InternalError(f"scores run {plan['run_id']} holds {n} rows for {len(plan['ids'])} samples "
                              "after every shard finished")
     truncated = ws.count(schemas.SCORES, where=f"{where} AND truncated")
     unscored = planned.get("unscored", {})  # absent from a plan cached by an older valuegate
@@ -421,176 +421,64 @@ def _score_sharded(settings: Settings, planned: dict[str, Any]) -> dict[str, Any
 
 @task(name="select", cache_policy=NO_CACHE)
 def select(settings: Settings, run_id: str) -> Any:
-    """Apply the selection policy to the scored samples."""
-    from valuegate.tasks.score import read_score_run
-    from valuegate.tasks.select import select_samples
-
-    scored = read_score_run(_workspace(settings), run_id, settings.data.dataset)
-    return select_samples(scored, settings.select)
+    """Apply the selection policy to the scored samples (:func:`valuegate.tasks.select.run`)."""
+    return select_step.run(settings, run_id)
 
 
 @task(name="allocate", retries=2, retry_delay_seconds=2, retry_condition_fn=retry_unless_user_error, cache_policy=NO_CACHE)
 def allocate_release(settings: Settings, resume: str | None, run_id: str, release_key: str) -> str:
-    """The version this run writes, claimed for this run (see :func:`_claim`): ``resume`` (the version a
-    run with the same inputs allocated and did not finish) when it is still there, not current, either
-    incomplete or cut from ``run_id``, and no live run holds it; else a new version (exclusive allocation:
-    concurrent runs never share one), recorded under ``release_key`` at once, so that a run killed at any
-    later point is resumed by the next run with the same inputs. First empties the versions other runs
-    left incomplete and no live run claims (:func:`valuegate.storage.releases.clean_abandoned`, one log
-    line; a failure there is a warning)."""
-    from valuegate.storage import releases as store
-
-    root, name = _workspace(settings), settings.release.name
-    claims = {"claim": lambda v: _claim(settings, v), "unclaim": lambda v: _unclaim(settings, v)}
-    resumed = (resume and store.version_exists(root, name, resume) and store.read_current(root, name) != resume
-               and (not store.release_exists(root, name, resume)
-                    or store.read_manifest(root, name, resume).get("run_id") == run_id)
-               and _claim(settings, resume))
-    try:  # versions killed or failed runs left incomplete (their claims free): emptied to their marker
-        cleaned = store.clean_abandoned(root, name, keep=[resume] if resumed else [], **claims)
-        if cleaned:
-            get_run_logger().info(f"cleaned {len(cleaned)} abandoned incomplete release version(s) of {name}, "
-                                  f"their runs gone: {', '.join(cleaned)} (numbers stay taken)")
-    except Exception as exc:  # e.g. a permission error: the run goes on, the next one tries again
-        get_run_logger().warning(f"could not clean abandoned release versions of {name}: {exc}")
-    if resumed:
-        get_run_logger().info(f"resuming release {name}/{resume}, left by a run with the same inputs")
-        return resume
-    version = store.allocate_version(root, name, **claims)  # claimed before its marker exists
-    _remember_release(settings, release_key, version)
-    return version
+    """The version this run writes, claimed for this run: :func:`valuegate.tasks.allocate.run`."""
+    res = allocate_step.run(settings, resume, run_id, release_key)
+    log = get_run_logger()
+    if res.cleaned:
+        log.info(f"cleaned {len(res.cleaned)} abandoned incomplete release version(s) of {settings.release.name}, "
+                 f"their runs gone: {', '.join(res.cleaned)} (numbers stay taken)")
+    for warning in res.warnings:
+        log.warning(warning)
+    if res.resumed:
+        log.info(f"resuming release {settings.release.name}/{res.version}, left by a run with the same inputs")
+    return res.version
 
 
 @task(name="gate", cache_policy=NO_CACHE)
 def gate(settings: Settings, selected: Any, counts: dict[str, int], valset: dict[str, Any],
          docs_dir: str) -> dict[str, Any]:
-    """Great Expectations on the candidate release (never retried: a verdict is not a transient error)."""
-    from valuegate.tasks.gate import GateInput, run_gate
-
-    group = settings.select.group_by
-    inp = GateInput(candidate=selected.filter(selected["keep"]), scored=selected, group_by=group,
-                    ingested_rows=counts["dataset_rows"] + counts["dataset_quarantined"],
-                    quarantined_rows=counts["dataset_quarantined"],
-                    valset=valset["valset"], valset_rows=valset["rows"])
-    res = run_gate(inp, settings.gate, Path(docs_dir))
+    """Great Expectations on the candidate release (:func:`valuegate.tasks.gate.run`; never retried: a
+    verdict is not a transient error)."""
+    res = gate_step.run(settings, selected, counts, valset, docs_dir)
     return {"passed": res.passed, "failures": res.failures, "docs_index": str(res.docs_index or "")}
 
 
 @task(name="release", retries=2, retry_delay_seconds=2, retry_condition_fn=retry_unless_user_error, cache_policy=NO_CACHE)
 def write_release_task(settings: Settings, selected: Any, manifest_parts: dict[str, Any], gate_result: dict,
                        version: str, docs_dir: str) -> dict[str, Any]:
-    """Stage the release files (data: the training columns; scores: every score column; Data Docs; the
-    dataset card README.md); the report step completes the release (the report, then the manifest) and
-    promotion is a separate step.
-
-    ``manifest_parts``: the :func:`valuegate.tasks.release.build_manifest` arguments the flow gathered, plus
-    ``timings`` (seconds per step so far), stored beside them in the manifest.
-
-    Idempotent: staging an incomplete version writes every file again whatever a crash left; a version
-    already complete (a resumed one) is returned as it is.
-
-    Returns:
-        the completion record (the manifest to be), or the manifest of a version already complete.
-    """
-    import shutil
-
-    from valuegate.storage.releases import read_manifest, release_exists, stage_release
-    from valuegate.tasks.dataset_card import card_extra, release_frames
-    from valuegate.tasks.release import build_manifest
-    from valuegate.tasks.select import dropped_reason_counts
-
-    root, name = _workspace(settings), settings.release.name
-    if release_exists(root, name, version):
-        record = read_manifest(root, name, version)
-    else:
-        data, scores = release_frames(selected)  # training columns | every score column (issue 16)
-        beside = {k: manifest_parts[k] for k in ("timings", "cached_steps") if k in manifest_parts}
-        fields = {k: v for k, v in manifest_parts.items() if k != "counts" and k not in beside}
-        manifest = build_manifest(name=name, version=version, gate=gate_result,
-                                  counts={**manifest_parts["counts"], "released": data.height}, **fields)
-        extra = {"gate": Path(docs_dir)} if Path(docs_dir).is_dir() else {}
-        card_dir = Path(_staging_dir(settings, version, "card"))
-        extra |= card_extra(card_dir, manifest, data, dropped_reason_counts(selected))  # README.md
-        record = stage_release(root, name, version, data, {**manifest, **beside}, extra, scores=scores)
-        shutil.rmtree(card_dir, ignore_errors=True)
-    shutil.rmtree(docs_dir, ignore_errors=True)  # copied into the release as gate/
-    return record
+    """Stage the release files (:func:`valuegate.tasks.release.run`); returns the completion record."""
+    return release_step.run(settings, selected, manifest_parts, gate_result, version, docs_dir).record
 
 
 @task(name="report", cache_policy=NO_CACHE)
 def report(settings: Settings, selected: Any, version: str, previous: str | None, record: dict[str, Any]) -> str:
-    """Render report.html (plots, top/bottom samples, change since the previous release) from the release's
-    completion record in memory, then complete the release: the report copied in, ``manifest.json`` last.
-
-    Idempotent: a version already complete (a resumed one) is left as it is.
-
-    Returns:
-        where the report is (a local path, or an ``s3://`` URI).
-    """
-    from valuegate.storage.releases import complete_release, release_exists, release_uri
-    from valuegate.storage.valsets import read_valset
-    from valuegate.tasks.release import diff_candidate, format_diff
-    from valuegate.tasks.report import render_report, write_report
-
-    root = _workspace(settings)
-    name = settings.release.name
-    where = f"{release_uri(root, name, version)}/report.html"
-    if release_exists(root, name, version):
-        return where
-    _, vrows = read_valset(_workspace(settings), record["valset"])
-    kept = selected.filter(selected["keep"])
-    measures = ["value", *(["suspect"] if "suspect" in selected.columns else [])]
-    diff_text = format_diff(diff_candidate(root, name, previous, record, kept.select("id", *measures),
-                                           selected.select("id", *measures))) if previous else None
-    explained = _explain(settings, selected, record["valset"])
-    threshold = settings.select.suspect_threshold if settings.select.policy == "suspect" else None
-    html_text = render_report(selected, record, vrows.to_pylist(), diff_text, settings.select.group_by,
-                              explained, threshold)
-    staged = Path(_staging_dir(settings, version, "report")) / "report.html"
-    staged.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        complete_release(root, name, version, record, {"report.html": write_report(staged, html_text)})
-    finally:
-        import shutil
-
-        shutil.rmtree(staged.parent, ignore_errors=True)
-    return where
-
-
-def _explain(settings: Settings, selected: Any, valset: str) -> list:
-    """Per-token contributions of the samples the report highlights (one forward pass of a few samples).
-
-    The report is still written when they cannot be computed (the reason goes to the run's log)."""
-    from valuegate.tasks.explain import explain_stored
-    from valuegate.tasks.report import pick_explained
-
-    picked = pick_explained(selected)
-    try:
-        tcs = explain_stored(_workspace(settings), settings, valset, [row for _, row in picked])
-    except (ValuegateError, OSError) as exc:
-        get_run_logger().warning(f"report: no per-token highlighting ({exc})")
-        return []
-    return [(label, row, tc) for (label, row), tc in zip(picked, tcs, strict=True)]
+    """Render the report and complete the release (:func:`valuegate.tasks.report.run`); returns where the
+    report is."""
+    res = report_step.run(settings, selected, version, previous, record)
+    for warning in res.warnings:
+        get_run_logger().warning(warning)
+    return res.path
 
 
 @task(name="promote", retries=2, retry_delay_seconds=2, retry_condition_fn=retry_unless_user_error, cache_policy=NO_CACHE)
 def promote_task(settings: Settings, version: str) -> dict[str, Any]:
-    """Move CURRENT to the release (only called after the gate passed), forward only.
+    """Move CURRENT to the release, forward only (:func:`valuegate.tasks.promote.run`; only called after the
+    gate passed).
 
     Returns:
-        ``{"current": bool, "previous": str | None, "reason": str | None}``: promoted, ``previous`` the
-        version it actually replaced (what the promotion found current); or not, because another run
-        promoted a newer release meanwhile: ``previous`` that release, which stays current, and
-        ``reason`` ``"not promoted: newer release vNNNN is current"``.
+        ``{"current": bool, "previous": str | None, "reason": str | None}``
+        (:class:`~valuegate.tasks.promote.PromoteResult`).
     """
-    from valuegate.storage.releases import NewerIsCurrent, promote
-
-    try:
-        previous = promote(_workspace(settings), settings.release.name, version)
-    except NewerIsCurrent as newer:
-        get_run_logger().warning(str(newer))
-        return {"current": False, "previous": newer.current, "reason": newer.reason}
-    return {"current": True, "previous": previous, "reason": None}
+    res = promote_step.run(settings, version)
+    if res.message:
+        get_run_logger().warning(res.message)
+    return {"current": res.current, "previous": res.previous, "reason": res.reason}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -614,101 +502,6 @@ class _Steps:
         if state.name == "Cached":
             self.cached.append(name)
         return state.result()  # raises the task's exception if it failed
-
-
-def _pending_store(settings: Settings):
-    from prefect.results import ResultStore
-    from prefect.serializers import JSONSerializer
-
-    from valuegate.flows.trusted_results import results_storage
-
-    where = results_dir(settings.workspace)
-    if where is None:
-        return None
-    return ResultStore(result_storage=results_storage(where), serializer=JSONSerializer(),
-                       cache_result_in_memory=False)
-
-
-def _pending_release(settings: Settings, key: str) -> str | None:
-    """The version a failed run with the same release key left unpromoted, if any."""
-    store = _pending_store(settings)
-    if store is None or not store.exists(key):
-        return None
-    return store.read(key).result
-
-
-def _remember_release(settings: Settings, key: str, version: str | None) -> None:
-    """Record (or, with None, clear) the version this run works on, for a re-run with the same key should
-    this one not finish.
-
-    Best effort: a record that cannot be written costs a re-run a new version, never the run's own error.
-    """
-    store = _pending_store(settings)
-    if store is None:
-        return
-    try:
-        store.write(version, key=key)
-    except Exception as exc:  # e.g. a full disk: keep the error that made the run fail
-        get_run_logger().warning(f"could not record release {version} for a resuming run: {exc}")
-
-
-_CLAIMS: dict[str, int] = {}  # claim file → open descriptor holding its flock, for this process's runs
-_CLAIMS_LOCK = threading.Lock()
-
-
-def _claim_file(settings: Settings, version: str) -> Path | None:
-    where = results_dir(settings.workspace)
-    return None if where is None else where / "release-claims" / f"{settings.release.name}-{version}.lock"
-
-
-def _claim(settings: Settings, version: str) -> bool:
-    """Hold ``version`` for this run until :func:`_unclaim`: an exclusive, non-blocking ``flock`` on its
-    claim file beside the resume records. The kernel drops it when the process dies (SIGKILL included),
-    so a version is free exactly when the run that worked on it is gone or done.
-
-    Returns:
-        False when another run (of this or another process on this machine) holds it.
-    """
-    path = _claim_file(settings, version)
-    if path is None:
-        return True
-    try:
-        import fcntl
-    except ImportError:  # no flock (Windows): resuming cannot tell a live run from a dead one
-        return True
-    with _CLAIMS_LOCK:
-        if str(path) in _CLAIMS:
-            return False
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            return False
-        _CLAIMS[str(path)] = fd
-        return True
-
-
-def _unclaim(settings: Settings, version: str) -> None:
-    """Let go of a version :func:`_claim` held (closing the descriptor drops the ``flock``)."""
-    path = _claim_file(settings, version)
-    with _CLAIMS_LOCK:
-        fd = _CLAIMS.pop(str(path), None) if path is not None else None
-    if fd is not None:
-        os.close(fd)
-
-
-def _staging_dir(settings: Settings, version: str, what: str) -> str:
-    """A local folder for a file rendered before it is copied into the release: beside the release on a
-    local workspace, a local temporary folder for an object-store one."""
-    if _is_object_store(settings):
-        import tempfile
-        import uuid
-
-        return str(Path(tempfile.gettempdir()) / f"valuegate-{settings.release.name}-{version}-{what}-"
-                   f"{uuid.uuid4().hex[:8]}")
-    return str(Path(settings.workspace) / "releases" / settings.release.name / f".{version}-{what}")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -739,7 +532,7 @@ def refresh(config: str | None = None, overrides: dict[str, Any] | None = None) 
         ``context_loads``: reads of the validation side, one per worker process).
 
     Raises:
-        ValuegateError: the gate failed (the release is written for inspection but never becomes current,
+        GateFailed: the gate failed (the release is written for inspection but never becomes current,
             and the previous release stays current).
     """
     from valuegate.storage.releases import read_current
@@ -783,7 +576,7 @@ def refresh(config: str | None = None, overrides: dict[str, Any] | None = None) 
     previous = read_current(root, name)
     release_key = "pending-release-" + digest(_root_key(settings), name, previous, run["run_id"], inputs,
                                               json.loads(settings.model_dump_json()))
-    resume = _pending_release(settings, release_key)
+    resume = allocate_step.pending_release(settings, release_key)
     version = step("allocate", allocate_release, settings, resume, run["run_id"], release_key)
     docs_dir = _docs_dir(settings, version)
     try:  # recorded for a resuming run since its allocation; the record is cleared once the run is done
@@ -802,12 +595,14 @@ def refresh(config: str | None = None, overrides: dict[str, Any] | None = None) 
         if not verdict["passed"]:
             step.timings["total"] = round(time.perf_counter() - t_start, 3)
             _artifacts(selected, parts["counts"], version, verdict, report_path, step)
-            raise ValuegateError(f"gate failed for release {name}/{version} (current stays "
+            raise GateFailed(f"gate failed for release {name}/{version} (current stays "
                                  f"{read_current(root, name) or 'none'}): " + "; ".join(verdict["failures"]))
         promoted = step("promote", promote_task, settings, version)
-        _remember_release(settings, release_key, None)  # done: nothing left for a re-run to resume
+        warning = allocate_step.remember_release(settings, release_key, None)  # done: nothing left to resume
+        if warning:
+            get_run_logger().warning(warning)
     finally:
-        _unclaim(settings, version)
+        allocate_step.unclaim(settings, version)
     step.timings["total"] = round(time.perf_counter() - t_start, 3)
     _artifacts(selected, parts["counts"], version, verdict, report_path, step)
     return {"version": version, "current": promoted["current"], "previous": promoted["previous"],

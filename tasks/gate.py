@@ -50,7 +50,7 @@ from urllib.request import url2pathname
 import polars as pl
 
 from valuegate.errors import ValuegateError
-from valuegate.settings import GateSettings
+from valuegate.settings import GateSettings, Settings
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -438,3 +438,19 @@ def run_gate(inp: GateInput, cfg: GateSettings, docs_dir: Path) -> GateResult:
               len(results), len(failures))
     return GateResult(passed=passed, failures=failures, results=results, docs_index=docs_index,
                       seconds=seconds, metrics=metrics)
+
+
+def run(settings: Settings, selected: pl.DataFrame, counts: dict[str, int], valset: dict[str, Any],
+        docs_dir: str | Path) -> GateResult:
+    """The ``gate`` step of the refresh DAG: Great Expectations on the candidate release.
+
+    Args:
+        selected: the scored samples with the selection's ``keep``. counts: the ingest step's counts
+            (``dataset_rows``, ``dataset_quarantined``). valset: the pinned validation version (``valset``,
+            ``rows``). docs_dir: where the Data Docs are rendered.
+    """
+    inp = GateInput(candidate=selected.filter(selected["keep"]), scored=selected, group_by=settings.select.group_by,
+                    ingested_rows=counts["dataset_rows"] + counts["dataset_quarantined"],
+                    quarantined_rows=counts["dataset_quarantined"],
+                    valset=valset["valset"], valset_rows=valset["rows"])
+    return run_gate(inp, settings.gate, Path(docs_dir))

@@ -25,18 +25,25 @@ kept in ``b`` but not in ``a`` and *left* in the opposite case; its reason is, f
 from __future__ import annotations
 
 import datetime as dt
+import shutil
 import tempfile
+import uuid
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import polars as pl
 
 from valuegate.errors import ValuegateError
+from valuegate.settings import Settings
 from valuegate.storage import releases as store
-from valuegate.tasks.dataset_card import card_extra
+from valuegate.storage.lance import Workspace
+from valuegate.tasks.dataset_card import card_extra, release_frames
+from valuegate.tasks.select import dropped_reason_counts
 
 __all__ = [
     "REASONS",
+    "ReleaseResult",
     "build_manifest",
     "diff_candidate",
     "diff_releases",
@@ -45,6 +52,8 @@ __all__ = [
     "publish_release",
     "release_summary",
     "rollback",
+    "run",
+    "staging_dir",
 ]
 
 MANIFEST_FORMAT = 1
@@ -367,3 +376,71 @@ def release_summary(manifest: dict[str, Any]) -> str:
     return (f"{mark} {manifest.get('version')}  {manifest.get('created', '?')}  {verdict:<18} {rows:<14} "
             f"valset {manifest.get('valset')}  model {str(manifest.get('model_fp'))[:12]}  "
             f"run {manifest.get('run_id')}")
+
+
+# --------------------------------------------------------------------------------------------------
+# the ``release`` step of the refresh DAG
+# --------------------------------------------------------------------------------------------------
+
+
+def is_object_store(settings: Settings) -> bool:
+    """Whether the workspace is on an object store (not a local directory)."""
+    return "://" in settings.workspace and not settings.workspace.startswith("file://")
+
+
+def staging_dir(settings: Settings, version: str, what: str) -> str:
+    """A local folder for a file rendered before it is copied into the release (``what``: ``gate``,
+    ``card``, ``report``): beside the release on a local workspace, a local temporary folder for an
+    object-store one."""
+    if is_object_store(settings):
+        return str(Path(tempfile.gettempdir()) / f"valuegate-{settings.release.name}-{version}-{what}-"
+                   f"{uuid.uuid4().hex[:8]}")
+    return str(Path(settings.workspace) / "releases" / settings.release.name / f".{version}-{what}")
+
+
+@dataclass(frozen=True)
+class ReleaseResult:
+    """What :func:`run` did.
+
+    Attributes:
+        record (dict[str, Any]): the completion record (the manifest to be), or the manifest of a version
+            already complete (a resumed one).
+        staged (bool): whether this call staged the files (False: the version was already complete).
+    """
+
+    record: dict[str, Any]
+    staged: bool
+
+
+def run(settings: Settings, selected: pl.DataFrame, manifest_parts: dict[str, Any], gate_result: dict[str, Any],
+        version: str, docs_dir: str) -> ReleaseResult:
+    """Stage the release files (data: the training columns; scores: every score column; the gate's Data
+    Docs from ``docs_dir``; the dataset card README.md); the report step completes the release (the report,
+    then the manifest).
+
+    Args:
+        selected: the scored samples with the selection's ``keep`` and ``reason``.
+        manifest_parts: the :func:`build_manifest` arguments the flow gathered, plus ``timings`` (seconds
+            per step so far) and ``cached_steps``, stored beside them in the manifest.
+        gate_result: the gate's verdict (``passed``, ``failures``, ``docs_index``).
+
+    Idempotent: staging an incomplete version writes every file again whatever a crash left; a version
+    already complete (a resumed one) is returned as it is.
+    """
+    root, name = Workspace.from_env(settings.workspace), settings.release.name
+    staged = not store.release_exists(root, name, version)
+    if not staged:
+        record = store.read_manifest(root, name, version)
+    else:
+        data, scores = release_frames(selected)  # training columns | every score column (issue 16)
+        beside = {k: manifest_parts[k] for k in ("timings", "cached_steps") if k in manifest_parts}
+        fields = {k: v for k, v in manifest_parts.items() if k != "counts" and k not in beside}
+        manifest = build_manifest(name=name, version=version, gate=gate_result,
+                                  counts={**manifest_parts["counts"], "released": data.height}, **fields)
+        extra = {"gate": Path(docs_dir)} if Path(docs_dir).is_dir() else {}
+        card_dir = Path(staging_dir(settings, version, "card"))
+        extra |= card_extra(card_dir, manifest, data, dropped_reason_counts(selected))  # README.md
+        record = store.stage_release(root, name, version, data, {**manifest, **beside}, extra, scores=scores)
+        shutil.rmtree(card_dir, ignore_errors=True)
+    shutil.rmtree(docs_dir, ignore_errors=True)  # copied into the release as gate/
+    return ReleaseResult(record, staged)

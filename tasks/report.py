@@ -3,15 +3,23 @@
 from __future__ import annotations
 
 import html
+import shutil
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import polars as pl
 
+from valuegate.errors import ValuegateError
+from valuegate.settings import Settings
+from valuegate.storage import releases as rstore
+from valuegate.storage.lance import Workspace
 from valuegate.storage.schemas import SIGNAL_COLUMNS
-from valuegate.tasks.release import policy_cutoff
+from valuegate.storage.valsets import read_valset
+from valuegate.tasks.explain import explain_stored
+from valuegate.tasks.release import diff_candidate, format_diff, policy_cutoff, staging_dir
 
 KEEP_COLOUR, DROP_COLOUR = "#2b8a3e", "#c92a2a"
 
@@ -388,3 +396,66 @@ def write_report(path: Path, content: str) -> Path:
     tmp.write_text(content, encoding="utf-8")
     tmp.replace(path)
     return path
+
+
+# --------------------------------------------------------------------------------------------------
+# the ``report`` step of the refresh DAG
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ReportResult:
+    """What :func:`run` did.
+
+    Attributes:
+        path (str): where the report is (a local path, or an ``s3://`` URI).
+        written (bool): whether this call wrote it (False: the version was already complete).
+        warnings (tuple[str, ...]): what the report lacks and why (one line each), e.g. no per-token
+            highlighting.
+    """
+
+    path: str
+    written: bool
+    warnings: tuple[str, ...] = ()
+
+
+def _explain(settings: Settings, selected: pl.DataFrame, valset: str) -> tuple[list, str | None]:
+    """Per-token contributions of the samples the report highlights (one forward pass of a few samples),
+    and None; or no contributions and why (the report is still written)."""
+    picked = pick_explained(selected)
+    try:
+        tcs = explain_stored(Workspace.from_env(settings.workspace), settings, valset, [row for _, row in picked])
+    except (ValuegateError, OSError) as exc:
+        return [], f"report: no per-token highlighting ({exc})"
+    return [(label, row, tc) for (label, row), tc in zip(picked, tcs, strict=True)], None
+
+
+def run(settings: Settings, selected: pl.DataFrame, version: str, previous: str | None,
+        record: dict[str, Any]) -> ReportResult:
+    """Render report.html (plots, top/bottom samples, change since the ``previous`` release) from the
+    release's completion ``record`` in memory, then complete the release: the report copied in,
+    ``manifest.json`` last.
+
+    Idempotent: a version already complete (a resumed one) is left as it is.
+    """
+    root = Workspace.from_env(settings.workspace)
+    name = settings.release.name
+    where = f"{rstore.release_uri(root, name, version)}/report.html"
+    if rstore.release_exists(root, name, version):
+        return ReportResult(where, False)
+    _, vrows = read_valset(root, record["valset"])
+    kept = selected.filter(selected["keep"])
+    measures = ["value", *(["suspect"] if "suspect" in selected.columns else [])]
+    diff_text = format_diff(diff_candidate(root, name, previous, record, kept.select("id", *measures),
+                                           selected.select("id", *measures))) if previous else None
+    explained, warning = _explain(settings, selected, record["valset"])
+    threshold = settings.select.suspect_threshold if settings.select.policy == "suspect" else None
+    html_text = render_report(selected, record, vrows.to_pylist(), diff_text, settings.select.group_by,
+                              explained, threshold)
+    staged = Path(staging_dir(settings, version, "report")) / "report.html"
+    staged.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        rstore.complete_release(root, name, version, record, {"report.html": write_report(staged, html_text)})
+    finally:
+        shutil.rmtree(staged.parent, ignore_errors=True)
+    return ReportResult(where, True, (warning,) if warning else ())

@@ -44,6 +44,7 @@ from valuegate.engine.signals import (
 from valuegate.errors import ValuegateError
 from valuegate.settings import Settings
 from valuegate.storage.schemas import SIGNAL_COLUMNS
+from valuegate.storage.scores import empty_scores, scores_table, write_scores
 from valuegate.tasks.ingest import read_samples
 
 __all__ = ["OUTPUT_COLUMNS", "ValueMatrix", "aggregate", "compute_values", "normalize", "score_files"]
@@ -681,8 +682,6 @@ def score_rows(ws, plan: ScoringPlan, ctx: ScoringContext, settings: Settings,
     """
     import datetime as dt
 
-    import pyarrow as pa
-
     from valuegate.storage import features as fstore
     from valuegate.storage import schemas
 
@@ -735,7 +734,7 @@ def score_rows(ws, plan: ScoringPlan, ctx: ScoringContext, settings: Settings,
         "valset": [plan.valset] * n, "model_fp": [plan.fp_t] * n, "settings": [plan.settings_json] * n,
         "at": [now] * n,
     }
-    table = pa.Table.from_pydict(rows, schema=schemas.scores_schema)
+    table = scores_table(rows)
     return table, t_read, time.perf_counter() - t0 - t_read
 
 
@@ -751,7 +750,6 @@ def score_dataset(ws, dataset: str, valset_ref: str, settings: Settings, progres
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    from valuegate.storage import schemas
 
     plan, rep_t, rep_v, timings = plan_scoring(ws, dataset, valset_ref, settings, progress)
     t0 = time.perf_counter()
@@ -764,7 +762,7 @@ def score_dataset(ws, dataset: str, valset_ref: str, settings: Settings, progres
         tables.append(table)
         timings["read"] += t_read
         timings["score"] += t_score
-    table = pa.concat_tables(tables) if tables else schemas.scores_schema.empty_table()
+    table = pa.concat_tables(tables) if tables else empty_scores()
     if write:
         t0 = time.perf_counter()
         write_scores(ws, table)
@@ -772,24 +770,6 @@ def score_dataset(ws, dataset: str, valset_ref: str, settings: Settings, progres
     return ScoreRunReport(plan.run_id, dataset, plan.valset, plan.fp_t, len(plan.ids), len(plan.vids), rep_t,
                           rep_v, timings, table, int(pc.sum(table["truncated"]).as_py() or 0),
                           list(rep_t.refused or []))
-
-
-def write_scores(ws, table) -> int:
-    """Write rows of a scores run, each only if the run holds no row of its id yet: an insert-if-absent on
-    ``(run_id, id)`` in one commit (``merge_insert``), so a write repeated after a commit that did land (an
-    inner retry after a transient error, a retried Prefect task or shard) leaves each row once, as first
-    committed. The one write of the local and the sharded paths.
-
-    Args:
-        table: rows in :data:`~valuegate.storage.schemas.scores_schema`, distinct ``(run_id, id)``.
-
-    Returns:
-        The scores table's version after the commit.
-    """
-    from valuegate.storage import schemas
-
-    ws.ensure(schemas.SCORES, schemas.scores_schema)  # also gives an older table its new columns
-    return ws.upsert(schemas.SCORES, table, ["run_id", "id"], update=False)
 
 
 # one scoring context per worker process: the validation side of the run its shards belong to
@@ -822,38 +802,3 @@ def score_shard(plan: ScoringPlan, ids: list[str], settings: Settings) -> dict[s
     write_scores(ws, table)
     return {"scored": table.num_rows, "pid": os.getpid(), "context_loads": _CONTEXT["loads"],
             "read": float(_CONTEXT["read"]) + t_read, "score": t_score, "write": time.perf_counter() - t0}
-
-
-def read_score_run(ws, run_id: str, dataset: str) -> pl.DataFrame:
-    """One scoring run joined with its samples' content and their rows' metadata columns.
-
-    Returns:
-        one row per scored sample: ``id``, the content columns (``kind``, ``prompt``, ``response``,
-        ``messages``, ``text``), the metadata columns of the sample's first source row, ``value``,
-        ``nearest_ids``, ``n_tokens``, ``mean_loss``, ``self_influence``, ``valset``, ``model_fp``.
-    """
-    from valuegate.storage import samples as sstore
-    from valuegate.storage import schemas
-    from valuegate.storage.lance import sql_str
-    from valuegate.storage.metadata import metadata_frame
-
-    if ws.table_exists(schemas.SCORES):  # a table of an older valuegate gains its new columns (null)
-        ws.ensure(schemas.SCORES, schemas.scores_schema)
-    scores = pl.from_arrow(ws.read(schemas.SCORES, where=f"run_id = {sql_str(run_id)}"))
-    if scores.height == 0:
-        raise ValuegateError(f"no scores for run {run_id!r}")
-    ids = scores["id"].to_list()
-    content = pl.from_arrow(sstore.read_samples_by_id(ws, ids)).select(
-        "id", "kind", "prompt", "response", "messages", "text")
-    members = pl.from_arrow(sstore.read_members(ws, dataset, columns=["id", "source", "row", "metadata"]))
-    members = members.sort("source", "row").unique("id", keep="first", maintain_order=True)
-    meta = metadata_frame(members["metadata"].to_list())  # typed columns (bytes, timestamps...) with their types
-    first = members.select("id", "source", "row")
-    if meta is not None:
-        reserved = set(content.columns) | set(scores.columns) | {"source", "row"}
-        meta = meta.rename({c: f"meta_{c}" for c in meta.columns if c in reserved})
-        first = pl.concat([first, meta], how="horizontal")
-    keep = ["id", "value", "nearest_ids", "nearest_values", "n_tokens", "truncated", "mean_loss", "self_influence",
-            *BASELINE_COLUMNS, "suspect",
-            "suspect_reason", *(c for c in schemas.SIGNAL_COLUMNS if c != "mean_loss"), "valset", "model_fp"]
-    return content.join(first, on="id", how="left").join(scores.select(keep), on="id", how="inner")

@@ -11,7 +11,9 @@ import numpy as np
 import polars as pl
 
 from valuegate.errors import ValuegateError
-from valuegate.settings import SelectSettings
+from valuegate.settings import SelectSettings, Settings
+from valuegate.storage.lance import Workspace
+from valuegate.storage.scores import read_score_run
 
 
 def select_samples(scored: pl.DataFrame, cfg: SelectSettings) -> pl.DataFrame:
@@ -167,3 +169,11 @@ def dropped_reason_counts(selected: pl.DataFrame) -> dict[str, int]:
     """``{reason kind: dropped samples}`` of a :func:`select_samples` table, most frequent first."""
     counts = Counter(reason_kind(r) for r in selected.filter(~pl.col("keep"))["reason"].to_list())
     return dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
+
+
+def run(settings: Settings, run_id: str) -> pl.DataFrame:
+    """The ``select`` step of the refresh DAG: the scores run ``run_id`` of ``settings.data.dataset`` joined
+    with its samples (:func:`valuegate.storage.scores.read_score_run`), with the policy's ``keep`` and
+    ``reason`` (:func:`select_samples`)."""
+    scored = read_score_run(Workspace.from_env(settings.workspace), run_id, settings.data.dataset)
+    return select_samples(scored, settings.select)

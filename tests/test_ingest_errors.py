@@ -141,7 +141,7 @@ def _score_rows(ws, dataset: str, run_id: str) -> None:
 def test_typed_extra_columns_keep_their_arrow_types_into_the_release(ws, tmp_path):
     from valuegate.settings import SelectSettings
     from valuegate.storage import releases as rstore
-    from valuegate.tasks.score import read_score_run
+    from valuegate.storage.scores import read_score_run
     from valuegate.tasks.select import select_samples
 
     source = _typed_parquet(tmp_path / "typed.parquet")

@@ -20,7 +20,7 @@ SHARD_SIZE = 5  # 24 training rows → 5 shards on 2 workers: each worker runs s
 
 def _scores(root, run_id: str) -> dict[str, float]:
     from valuegate.storage.lance import Workspace
-    from valuegate.tasks.score import read_score_run
+    from valuegate.storage.scores import read_score_run
 
     df = read_score_run(Workspace(str(root)), run_id, "t")
     return dict(zip(df["id"].to_list(), df["value"].to_list(), strict=True))
@@ -28,7 +28,7 @@ def _scores(root, run_id: str) -> dict[str, float]:
 
 def _suspects(root, run_id: str) -> dict[str, float]:
     from valuegate.storage.lance import Workspace
-    from valuegate.tasks.score import read_score_run
+    from valuegate.storage.scores import read_score_run
 
     df = read_score_run(Workspace(str(root)), run_id, "t")
     return dict(zip(df["id"].to_list(), df["suspect"].to_list(), strict=True))

@@ -262,7 +262,7 @@ class Workspace:
         (``kind``, ``prompt``, ``response``, ``messages``, ``text``), its metadata columns, ``value``,
         ``nearest_ids``, ``n_tokens``, ``truncated``, ``mean_loss``, ``self_influence``, ``suspect``, the
         per-signal columns, ``valset`` and ``model_fp``."""
-        from valuegate.tasks.score import read_score_run
+        from valuegate.storage.scores import read_score_run
 
         return read_score_run(self.store, run_id, name)
 

@@ -1,12 +1,13 @@
-"""How the flows treat a user error (:class:`ValuegateError`: bad input or config, deterministic): never
-retried, and shown on the console as its one line, without the traceback Prefect logs with it."""
+"""How the flows treat valuegate's errors (:mod:`valuegate.errors`: bad input or config, a failed gate, a
+lost cluster, a broken invariant; each deterministic): never retried, and shown on the console as their one
+line, without the traceback Prefect logs with them (an :class:`InternalError`, a bug, keeps its traceback)."""
 
 from __future__ import annotations
 
 import logging
 from typing import Any
 
-from valuegate.errors import ValuegateError
+from valuegate.errors import InternalError, ValuegateError
 
 
 def retry_unless_user_error(task: Any, task_run: Any, state: Any) -> bool:
@@ -28,7 +29,8 @@ class _NoUserErrorTraceback(logging.Filter):
     a record to their API handler (the UI keeps the traceback) before it propagates to the root."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.exc_info and isinstance(record.exc_info[1], ValuegateError):
+        if record.exc_info and isinstance(record.exc_info[1], ValuegateError) and not isinstance(
+                record.exc_info[1], InternalError):
             record.exc_info, record.exc_text = None, None
         return True
 

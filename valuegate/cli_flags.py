@@ -43,6 +43,15 @@ def shown_default(value: Any) -> str:
     return str(value)
 
 
+def dest_of(path: tuple[str, ...]) -> str:
+    """The attribute of the parsed namespace that holds a setting: the short flag's name where the setting
+    has one (``args.batch_size``, ``args.runner``: the names the CLI always had), else the dotted key
+    (``vars(args)["extract.max_batch_tokens"]``)."""
+    dotted = ".".join(path)
+    short = SHORT_FLAGS.get(dotted)
+    return short[2:].replace("-", "_") if short else dotted
+
+
 def _default(field: FieldInfo) -> Any:
     return field.get_default(call_default_factory=True)
 
@@ -59,7 +68,7 @@ def _argument(path: tuple[str, ...], field: FieldInfo) -> tuple[list[str], dict[
     if typing.get_origin(ann) in (typing.Union, types.UnionType):
         inner = [a for a in typing.get_args(ann) if a is not type(None)]
         ann = inner[0] if len(inner) == 1 else ann
-    kw: dict[str, Any] = {"dest": dotted, "default": None}
+    kw: dict[str, Any] = {"dest": dest_of(path), "default": None}
     text = field.description or ""
     origin = typing.get_origin(ann)
     if ann is bool:
@@ -103,7 +112,7 @@ def setting_overrides(args: argparse.Namespace) -> dict[str, Any]:
     given = vars(args)
     out: dict[str, Any] = {}
     for path, _ in setting_fields():
-        value = given.get(".".join(path))
+        value = given.get(dest_of(path))
         if value is None:
             continue
         node = out

@@ -1,0 +1,110 @@
+"""Named errors and their exit codes (issue 17): bad input 2, a failed gate 3, a lost cluster 4, a broken
+invariant 70; each one line on stderr, none retried by a Prefect task, and the gate's failure reaches the CLI
+through Prefect as GateFailed."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from prefect.states import Failed
+from tiny import random_rows, write_jsonl
+
+from valuegate import cli
+from valuegate.errors import BadInput, ClusterLost, GateFailed, InternalError, ValuegateError
+from valuegate.flows.user_errors import retry_unless_user_error
+
+NAMED = [BadInput, GateFailed, ClusterLost, InternalError]
+
+
+def test_each_named_error_has_its_own_exit_code_and_is_a_valuegate_error():
+    assert [c.exit_code for c in NAMED] == [2, 3, 4, 70]
+    assert all(issubclass(c, ValuegateError) for c in NAMED)
+    assert ValuegateError.exit_code == 2  # a plain ValuegateError is bad input, as it always was
+    assert not issubclass(GateFailed, BadInput) and not issubclass(InternalError, BadInput)
+
+
+@pytest.mark.parametrize("error", [ValuegateError, *NAMED])
+def test_no_named_error_is_retried_by_a_task(error):
+    assert retry_unless_user_error(None, None, Failed(data=error("x"))) is False
+    assert retry_unless_user_error(None, None, Failed(data=OSError("disk gone"))) is True
+
+
+@pytest.mark.parametrize("error", [ValuegateError, BadInput, GateFailed, ClusterLost])
+def test_the_cli_exits_with_the_code_of_the_error_in_one_line(error, monkeypatch, capsys):
+    def fails(args):
+        raise error("release r/v0002: min_retained_fraction 0.5 > 0.4")
+
+    monkeypatch.setattr(cli, "_cmd_fetch_model", fails)
+    assert cli.main(["fetch-model"]) == error.exit_code
+    err = capsys.readouterr().err
+    assert err == "valuegate: error: release r/v0002: min_retained_fraction 0.5 > 0.4\n"
+
+
+@pytest.mark.parametrize("error", [InternalError, AssertionError])
+def test_a_broken_invariant_exits_70_with_its_traceback_and_one_error_line(error, monkeypatch, capsys):
+    def fails(args):
+        raise error("scores run 7 holds 3 rows for 4 samples")
+
+    monkeypatch.setattr(cli, "_cmd_fetch_model", fails)
+    assert cli.main(["fetch-model"]) == 70
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[0] == "Traceback (most recent call last):" and "in fails" in "\n".join(err)
+    assert err[-1] == ("valuegate: error: internal error: scores run 7 holds 3 rows for 4 samples (a bug in "
+                       "valuegate; please report it with the traceback above)")
+
+
+def test_help_lists_the_exit_codes(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["--help"])
+    out = capsys.readouterr().out
+    for code in ("2 ", "3 ", "4 ", "70 "):
+        assert f"\n  {code}" in out
+    assert "the gate failed" in out and "internal error" in out
+
+
+def test_the_lost_cluster_error_is_cluster_lost(tmp_path):
+    from valuegate.flows.refresh import _cluster_lost_error
+    from valuegate.settings import load_settings
+
+    settings = load_settings(None, {"workspace": str(tmp_path / "ws"), "runner": {"kind": "dask"}})
+    exc = _cluster_lost_error(settings, {"shards": [["a", "b"]], "model_fp": "f"}, ConnectionError("gone"))
+    assert isinstance(exc, ClusterLost) and "\n" not in str(exc)
+    assert str(exc).startswith("lost the dask cluster (local cluster of 2 workers) during sharded extraction")
+
+
+def test_a_failed_gate_exits_3_through_prefect(prefect_harness, tmp_path, tiny_model_dir):
+    """`valuegate run` as its own process: the gate (retention 0.9 asked, 0.75 kept, set by a flag derived
+    from the settings model) fails in the flow, Prefect hands GateFailed back, the CLI exits 3."""
+    write_jsonl(tmp_path / "train.jsonl", random_rows(12, seed=61))
+    write_jsonl(tmp_path / "valid.jsonl", random_rows(4, seed=62))
+    config = tmp_path / "vg.toml"
+    config.write_text(f"""workspace = "ws"
+[data]
+dataset = "t"
+sources = ["train.jsonl"]
+valset = "v"
+valset_file = "valid.jsonl"
+[model]
+name = {json.dumps(str(tiny_model_dir()))}
+device = "cpu"
+[extract]
+support_k = 8
+hidden_dim = 0
+error_dim = 8
+[select]
+policy = "top_fraction"
+fraction = 0.75
+[release]
+name = "r"
+""")
+    proc = subprocess.run([sys.executable, "-m", "valuegate.cli", "run", "--quiet", "--config", str(config),
+                           "--gate.min-retained-fraction", "0.9"], env={**os.environ, "PREFECT_API_URL": prefect_harness},
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == GateFailed.exit_code, proc.stderr[-3000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("valuegate: error: gate failed for release r/v0001 (current stays none): "), last
+    assert "retained" in last and proc.stdout == ""

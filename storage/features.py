@@ -103,8 +103,8 @@ def write_features(ws: Workspace, model_fp: str, rows: list[dict], hidden_size: 
 
 def read_features(ws: Workspace, model_fp: str, ids: list[str] | None = None,
                   columns: list[str] | None = None) -> pa.Table:
-    """Feature rows: all (storage order), or those of ``ids`` in the order of ``ids`` (each once; ids
-    without a row are left out). Align on the ``id`` column all the same.
+    """Feature rows: all, or those of ``ids`` (each once; ids without a row are left out). No order is
+    guaranteed (storage order today): align on the ``id`` column.
 
     Reads by id cost one scan of the ``id`` column per table version (cached in the workspace) plus
     the rows asked for, so reading a table chunk by chunk is linear in its size

@@ -774,7 +774,8 @@ class Workspace:
             columns: columns to return, in this order; all if None.
 
         Returns:
-            The rows, in the order of the first occurrence of their key in ``values``.
+            The rows, in storage order (reordering them to ``values`` would cost more than the read:
+            pyarrow's ``take`` of long list columns; align on the key column).
         """
         wanted = list(dict.fromkeys(values))
         out_cols = list(columns) if columns is not None else None
@@ -793,9 +794,6 @@ class Workspace:
                 got = tbl.take_offsets(rows[by_offset].tolist()).select(fetch).to_arrow() if rows.size \
                     else tbl.search().where("FALSE").select(fetch).to_arrow()
                 if _key_bytes(got.column(column)).tolist() == q[found][by_offset].tolist():
-                    back = np.empty_like(by_offset)
-                    back[by_offset] = np.arange(by_offset.size)
-                    got = got.take(pa.array(back))
                     return got.select(cols)
                 with self._lock:  # the table moved on meanwhile: scan the keys again
                     self._key_maps.pop((name, column), None)

@@ -51,7 +51,7 @@ def _old_read(ws: Workspace, table: str, ids: list[str], columns: list[str]) -> 
                              for i in range(0, len(ids), 2000)])
 
 
-def test_reads_by_id_return_the_rows_of_the_in_query_in_request_order(ws):
+def test_reads_by_id_return_the_rows_of_the_in_query(ws):
     rng = np.random.default_rng(0)
     table = _table(ws, rng, 250)
     ws.delete(table, "id IN ('s0003', 's0150')")  # deletions shift the offsets of later rows
@@ -59,14 +59,14 @@ def test_reads_by_id_return_the_rows_of_the_in_query_in_request_order(ws):
     ids = [f"s{i:04d}" for i in rng.permutation(250)] + ["nope", "s0007"]  # a missing id, a repeat
     got = fstore.read_features(ws, FP, ids, cols)
     expected_ids = [i for i in dict.fromkeys(ids) if i not in ("nope", "s0003", "s0150")]
-    assert got["id"].to_pylist() == expected_ids
+    assert sorted(got["id"].to_pylist()) == sorted(expected_ids)  # each once; no order promised
     assert got.column_names == cols
     assert got.sort_by("id").equals(_old_read(ws, table, ids, cols).sort_by("id"))
 
     # a new version (an append after the key scan was cached) is seen
     fstore.write_features(ws, FP, _rows(rng, 900, 3), HIDDEN, 1)
     got = fstore.read_features(ws, FP, ["s0902", "s0001", "s0900"], ["id", "n_tokens"])
-    assert got["id"].to_pylist() == ["s0902", "s0001", "s0900"]
+    assert sorted(got["id"].to_pylist()) == ["s0001", "s0900", "s0902"]
     assert fstore.read_features(ws, FP, [], ["id"]).num_rows == 0
     assert fstore.read_features(ws, FP, ["nope"], ["id"]).num_rows == 0
     # truncated_ids goes the same way
@@ -82,7 +82,7 @@ def test_read_by_key_sees_a_write_of_another_workspace_handle(ws):
     other.delete(table, "id < 's0010'")
     fstore.write_features(other, FP, _rows(rng, 500, 2), HIDDEN, 1)
     got = ws.read_by_key(table, "id", ["s0005", "s0501", "s0012"], ["id"])
-    assert got["id"].to_pylist() == ["s0501", "s0012"]
+    assert sorted(got["id"].to_pylist()) == ["s0012", "s0501"]
 
 
 def test_vector_search_is_dot_with_and_without_the_index(ws):
@@ -119,6 +119,7 @@ def test_streaming_inner_products_equal_the_csr_mean(ws):
     v = np.asarray(valid.astype(np.float64).mean(axis=0)).reshape(-1)
     ids, values = fstore.stream_inner_products(ws, FP, v, WIDTH, batch_rows=64)  # several batches
     t = fstore.read_features(ws, FP, ids, ["id", "token_ids", "rows"])
+    assert t["id"].to_pylist() == ids  # both in storage order
     indptr, indices, data = fstore.sparse_arrays(t, WIDTH)
     train = sp.csr_matrix((data, indices, indptr), shape=(len(ids), VOCAB * WIDTH))
     assert sorted(ids) == [f"s{i:04d}" for i in range(230)]

@@ -197,7 +197,7 @@ class TimedModelLoads:
 
     def __enter__(self) -> list[float]:
         import valuegate.engine.model as model_mod
-        import valuegate.tasks.score as score_mod
+        import valuegate.tasks.extract as score_mod
 
         self.mods = (model_mod, score_mod)
         self.orig = model_mod.load_model
@@ -299,7 +299,7 @@ def _score_run(ws: Workspace, settings: Settings, ref: str, label: str) -> dict:
 
 
 def bench_rescore(ws: Workspace, settings: Settings, inputs: dict, train_extract: dict) -> dict:
-    from valuegate.tasks.valsets import register_valset
+    from valuegate.tasks.validation_set import register_valset
 
     mc = settings.ingest.max_chars
     runs = []
@@ -520,7 +520,7 @@ def mean_scoring(ws: Workspace, fp: str, ids: list[str], vm, vt, vocab: int, wid
                  chunk: int | None) -> dict:
     """What score_dataset does for ``mean`` (read the train features by id, one CSR, mean_aggregate),
     in one piece (chunk None) or in id chunks of ``chunk`` (when one piece would not fit in memory)."""
-    from valuegate.tasks.score import mean_aggregate
+    from valuegate.engine.aggregate import mean_aggregate
 
     v_self = vt["self_influence"].to_numpy()
     v_tok = vt["n_tokens"].to_numpy().astype(np.int64)
@@ -550,8 +550,8 @@ def mean_scoring(ws: Workspace, fp: str, ids: list[str], vm, vt, vocab: int, wid
 
 
 def nearest_scoring(ws: Workspace, fp: str, ids: list[str], vm, vocab: int, width: int, k: int = 5) -> dict:
+    from valuegate.engine.aggregate import aggregate
     from valuegate.engine.forvalue import sparse_cross_csr
-    from valuegate.tasks.score import aggregate
 
     tm, _, t_read, t_mtx = _matrix(ws, fp, ids, vocab, width)
     with MemWatch() as mw:
@@ -744,6 +744,17 @@ SEARCH_GRID = [(None, None), (20, None), (20, 10), (40, 10), (64, 10), (64, 20),
 """(nprobes, refine_factor) pairs of the vector search sweep; None is LanceDB's default."""
 
 
+def _csr(ws: Workspace, fp: str, ids: list[str], vocab: int, width: int):
+    """``(len(ids), V·width)`` CSR of the sparse rows of ``ids``, in the order of ``ids``."""
+    import pyarrow.compute as pc
+    import scipy.sparse as sp
+
+    t = fstore.read_features(ws, fp, ids, ["id", "token_ids", "rows"])
+    t = t.take(pc.index_in(pa.array(list(ids), type=pa.string()), value_set=t.column("id")))
+    indptr, indices, data = fstore.sparse_arrays(t, width)
+    return sp.csr_matrix((data, indices, indptr), shape=(len(ids), vocab * width))
+
+
 def read_in_chunks(ws: Workspace, table: str, ids: list[str], columns: list[str], chunk: int = 2000) -> pa.Table:
     """``read_features(ids=...)`` before issue 19: one ``id IN (...)`` query per ``chunk`` ids."""
     from valuegate.storage.lance import sql_in
@@ -810,7 +821,6 @@ def bench_reads(ws: Workspace, fp: str, ids: list[str], rng: np.random.Generator
         out[f"{name}_same"] = _same_rows(ref, got)
         out[f"{name}_all"] = _read_all(fn, order, budget_s)
         log(f"reads {name}: {out[f'{name}_all']}")
-    out["scan_take_in_request_order"] = fstore.read_features(ws, fp, few, ["id"])["id"].to_pylist() == few
     t0 = time.perf_counter()
     from lancedb.index import BTree
 
@@ -852,15 +862,18 @@ def bench_stream_mean(ws: Workspace, fp: str, vm, vocab: int, width: int, disk_b
     from valuegate.engine.forvalue import sparse_mean_csr
 
     v = np.asarray(vm.astype(np.float64).mean(axis=0)).reshape(-1)
+    t0 = time.perf_counter()
+    scanned = sum(b.nbytes for b in fstore.iter_features(ws, fp, ["id", "token_ids", "rows"]))
+    scan_s = time.perf_counter() - t0
     with MemWatch() as mw:
         t0 = time.perf_counter()
         sids, values = fstore.stream_inner_products(ws, fp, v, width)
         wall = time.perf_counter() - t0
     head = sids[:2000]
-    tm, _, _, _ = _matrix(ws, fp, head, vocab, width)
-    ref = sparse_mean_csr(tm, vm)
+    ref = sparse_mean_csr(_csr(ws, fp, head, vocab, width), vm)
     err = float(np.max(np.abs(values[:2000] - ref)) / max(1e-30, float(np.max(np.abs(ref)))))
     return {"s": wall, "rows": len(sids), "rows_per_s": len(sids) / wall, "table_mb_per_s": disk_bytes / wall / 2**20,
+            "scan_only_s": scan_s, "scanned_mb": scanned / 2**20, "scan_mb_per_s": scanned / scan_s / 2**20,
             "rss_delta_mb": mw.delta_mb, "max_rel_err_vs_csr": err, "finite": bool(np.isfinite(values).all())}
 
 
@@ -918,7 +931,7 @@ def bench_storage(settings: Settings, real: pa.Table, sizes: list[int], work: Pa
     ws = Workspace(str(work / "storage-ws"))
     fp_v = _fp("valid-storage")
     vids = write_synthetic(ws, gen, fp_v, 1000, 5000, "valid")["ids"]
-    vm, _, _, _ = _matrix(ws, fp_v, vids, vocab, width)
+    vm = _csr(ws, fp_v, vids, vocab, width)
     queries = _pooled(fstore.read_features(ws, fp_v, vids[:100], ["id", "pooled_hidden"]))
     rng = np.random.default_rng(3)
     res: dict = {"sizes": [], "read_call_ids": READ_CALL, "read_budget_s": read_budget_s}
@@ -966,7 +979,8 @@ def print_storage(res: dict) -> None:
     print(f"\nreads of every id in calls of {res['read_call_ids']:,} ids (s; * extrapolated from the first "
           f"{res['read_budget_s']:.0f} s), streaming mean, peak RSS")
     print("| N | write (s) | id IN, 2,000 per query | scan + is_in | BTREE + IN | scan ids + take (new) | "
-          "1,000 ids: IN / take (s) | stream mean (s) | scan MB/s | disk direct / buffered MB/s | peak RSS (MiB) |")
+          "1,000 ids: IN / take (s) | stream mean (s) | scan alone (s, MB/s) | disk direct / buffered MB/s | "
+          "peak RSS (MiB) |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in done:
         rd = r["reads"]
@@ -977,7 +991,8 @@ def print_storage(res: dict) -> None:
         d = r["disk"]
         print(f"| {r['n']:,} | {r['write_s']:.0f} | {cell('in_2000')} | {cell('isin_scan')} | {cell('btree_in')} | "
               f"{cell('scan_take')} | {rd['in_2000_1000_s']:.2f} / {rd['scan_take_1000_s']:.2f} | "
-              f"{r['stream_mean']['s']:.1f} | {r['stream_mean']['table_mb_per_s']:.0f} | "
+              f"{r['stream_mean']['s']:.1f} | {r['stream_mean']['scan_only_s']:.1f}, "
+              f"{r['stream_mean']['scan_mb_per_s']:.0f} | "
               f"{d.get('direct_mb_per_s') or 0:.0f} / {d.get('buffered_mb_per_s') or 0:.0f} | {r['peak_rss_mb']:.0f} |")
     for r in done:
         if "search" in r:
@@ -992,6 +1007,119 @@ def print_storage(res: dict) -> None:
         print("| step | " + " | ".join(keys) + " |\n|" + "---|" * (len(keys) + 1))
         for g in res["growth"]:
             print(f"| {g['step']} | " + " | ".join(f"{g[k]:.2f}" if k in g else "" for k in keys) + " |")
+
+
+# --------------------------------------------------------------------------------------------------
+# 5. feature row layout candidates (issue 19): bytes per sample and fidelity, on real extracted rows
+# --------------------------------------------------------------------------------------------------
+
+
+def _bf16(x: np.ndarray) -> np.ndarray:
+    """Round float32 to bfloat16 (nearest even) and back."""
+    b = x.astype(np.float32).view(np.uint32)
+    b = ((b + 0x7FFF + ((b >> 16) & 1)) & 0xFFFF0000).astype(np.uint32)
+    return b.view(np.float32)
+
+
+def _spearman(a: np.ndarray, b: np.ndarray) -> float:
+    from scipy.stats import spearmanr
+
+    return float(spearmanr(a, b).statistic)
+
+
+def bench_layout(real: pa.Table, width: int, vocab: int = 49152, n_valid: int = 40) -> dict:
+    """Candidate feature-row layouts on real extracted rows: bytes per sample (the columns as stored,
+    with the candidate's ``rows``/``hard_rows``/``pooled_hidden`` sizes) and the Spearman correlation
+    of the ``mean`` and ``nearest`` aggregates against today's float32 rows (a proxy: the fidelity bar
+    of issue 19 is against exact scores and the DataInf AUCs, which need the model).
+
+    The first ``n_valid`` rows of each half (the two DataInf tasks) play the validation set."""
+    import scipy.sparse as sp
+
+    n = real.num_rows
+    half = n // 2
+    vpos = [*range(n_valid // 2), *range(half, half + n_valid // 2)]
+    tpos = [i for i in range(n) if i not in set(vpos)]
+    tok = real.column("token_ids").to_pylist()
+    rows = [np.asarray(r, dtype=np.float32).reshape(-1, width) for r in real.column("rows").to_pylist()]
+    col_bytes = {c: real.column(c).nbytes / n for c in real.column_names}
+    base_bytes = sum(col_bytes.values())
+    n_tok = real.column("n_tokens").to_numpy().astype(float)
+    sup = np.array([len(t) for t in tok], dtype=float)
+
+    def csr(pos: list[int], rws: list[np.ndarray], w: int) -> sp.csr_matrix:
+        data = np.concatenate([rws[i].reshape(-1) for i in pos]).astype(np.float64)
+        idx = np.concatenate([(np.asarray(tok[i], dtype=np.int64)[:, None] * w + np.arange(w)).reshape(-1)
+                              for i in pos])
+        ptr = np.concatenate([[0], np.cumsum([rws[i].size for i in pos])])
+        return sp.csr_matrix((data, idx, ptr), shape=(len(pos), vocab * w))
+
+    def values(rws: list[np.ndarray], w: int) -> np.ndarray:
+        return np.asarray((csr(tpos, rws, w) @ csr(vpos, rws, w).T).todense())
+
+    ref = values(rows, width)
+    ref_mean, ref_near = ref.mean(1), ref.max(1)
+    rng = np.random.default_rng(0)
+    out = []
+
+    def add(name: str, rws: list[np.ndarray], w: int, row_bytes_per_float: float, note: str = "",
+            ph_bytes: float = 4.0) -> None:
+        v = values(rws, w)
+        floats = sum(r.size for r in rws) / n
+        hard_floats = col_bytes["hard_rows"] / 4 * (w / width)
+        size = (base_bytes - col_bytes["rows"] - col_bytes["hard_rows"] - col_bytes["pooled_hidden"]
+                + (floats + hard_floats) * row_bytes_per_float + col_bytes["pooled_hidden"] * ph_bytes / 4)
+        out.append({"layout": name, "bytes_per_sample": size, "spearman_mean": _spearman(v.mean(1), ref_mean),
+                    "spearman_nearest": _spearman(v.max(1), ref_near),
+                    "max_rel_err": float(np.abs(v - ref).max() / np.abs(ref).max()), "note": note})
+        log(f"layout {out[-1]}")
+
+    add("float32 (today)", rows, width, 4)
+    add("float16 rows, fp32 accumulation", [r.astype(np.float16).astype(np.float32) for r in rows], width, 2)
+    add("bfloat16 rows, fp32 accumulation", [_bf16(r) for r in rows], width, 2)
+    add("float16 rows + float16 pooled_hidden", [r.astype(np.float16).astype(np.float32) for r in rows],
+        width, 2, ph_bytes=2)
+    for k in (64, 32):
+        g = rng.standard_normal((width, k)).astype(np.float32) / np.float32(np.sqrt(k))
+        add(f"k_h {width}→{k} (Gaussian)", [r @ g for r in rows], k, 4)
+        add(f"k_h {width}→{k}, float16", [(r @ g).astype(np.float16).astype(np.float32) for r in rows], k, 2,
+            ph_bytes=2)
+    for keep in (0.95, 0.9):  # the support entries of largest row norm holding `keep` of the squared mass
+        pruned = []
+        for r in rows:
+            m = (r.astype(np.float64) ** 2).sum(1)
+            order = np.argsort(-m)
+            cut = int(np.searchsorted(np.cumsum(m[order]) / max(m.sum(), 1e-30), keep) + 1)
+            z = np.zeros_like(r)
+            z[order[:cut]] = r[order[:cut]]
+            pruned.append(z)
+        kept = sum(int((np.abs(z).sum(1) > 0).sum()) for z in pruned) / sum(r.shape[0] for r in rows)
+        v_rows = [z[np.abs(z).sum(1) > 0] for z in pruned]  # what would be stored
+        add(f"support pruned to {keep:.0%} of the row mass", pruned, width, 4 * kept,
+            note=f"{kept:.0%} of the entries kept")
+        del v_rows
+    # per-token factors: R = A[:, U]ᵀ (H P_hᵀ) stored as A[:, U] (T × |U|) and H P_hᵀ (T × k_h); exact,
+    # so only its size is computed here (hard rows are a subset of the same positions: indices only)
+    fac = float(np.mean(n_tok * sup + n_tok * width))
+    hard_idx = col_bytes["hard_token_ids"]
+    for label, b in (("float32", 4), ("float16", 2)):
+        size = (base_bytes - col_bytes["rows"] - col_bytes["hard_rows"] - col_bytes["pooled_hidden"]
+                + fac * b + hard_idx + col_bytes["pooled_hidden"] * b / 4)
+        out.append({"layout": f"per-token factors, {label} (size only)", "bytes_per_sample": size,
+                    "spearman_mean": None, "spearman_nearest": None, "max_rel_err": None,
+                    "note": f"exact in float32; mean T={n_tok.mean():.1f}, |U|={sup.mean():.1f}; needs extraction "
+                            "changes (engine) and a FEATURE_FORMAT bump"})
+    return {"rows": n, "n_valid": len(vpos), "column_bytes_per_sample": col_bytes, "candidates": out}
+
+
+def print_layout(res: dict) -> None:
+    print(f"\nfeature row layouts on {res['rows']} real rows ({res['n_valid']} as validation); Spearman against "
+          "today's float32 rows")
+    print("| layout | bytes/sample | Spearman mean | Spearman nearest | max rel err | note |\n|---|---|---|---|---|---|")
+    for c in res["candidates"]:
+        f = (lambda x: "" if x is None else f"{x:.4f}")  # noqa: E731
+        print(f"| {c['layout']} | {c['bytes_per_sample'] / 1024:.1f} KB | {f(c['spearman_mean'])} | "
+              f"{f(c['spearman_nearest'])} | {f(c['max_rel_err'])} | {c['note']} |")
 
 
 # quantities that touch every row: never extrapolated below linear growth (noise can make the measured
@@ -1042,7 +1170,7 @@ def main() -> None:
     ap.add_argument("--data", type=Path, default=DEFAULT_DATA)
     ap.add_argument("--out", type=Path, default=Path("bench-results"))
     ap.add_argument("--quick", action="store_true", help="a tenth of the data (a smoke run)")
-    ap.add_argument("--only", choices=["incremental", "rescore", "scale", "storage"], default=None)
+    ap.add_argument("--only", choices=["incremental", "rescore", "scale", "storage", "layout"], default=None)
     ap.add_argument("--storage-sizes", default="10000,100000", help="comma-separated N of the storage section")
     ap.add_argument("--read-budget-s", type=float, default=60.0,
                     help="storage: seconds per read method and size before extrapolating the rest")
@@ -1077,7 +1205,7 @@ def main() -> None:
             if a.only in (None, "rescore"):
                 out["rescore"] = bench_rescore(ws, settings, inputs, out["incremental"]["runs"][0])
         real = None
-        if a.only in (None, "scale", "storage"):
+        if a.only in (None, "scale", "storage", "layout"):
             if ws is not None and fp is not None:
                 real = real_features_from_store(ws, fp)
                 out["real_features_source"] = "the incremental workspace (train + validation rows)"
@@ -1094,6 +1222,8 @@ def main() -> None:
 
                     a.real_cache.parent.mkdir(parents=True, exist_ok=True)
                     pq.write_table(real, a.real_cache)
+        if a.only == "layout":
+            out["layout"] = bench_layout(real, settings.extract.hidden_dim or 576)
         if a.only == "storage":
             sizes = [int(s) for s in a.storage_sizes.split(",") if s.strip()]
             if a.quick:
@@ -1121,6 +1251,8 @@ def main() -> None:
     print_store_tables(out)
     if "storage" in out:
         print_storage(out["storage"])
+    if "layout" in out:
+        print_layout(out["layout"])
 
 
 if __name__ == "__main__":

@@ -197,8 +197,9 @@ class _S3:
                                   "access_key_id": self.access_key, "secret_access_key": self.secret_key}
         if self.token:
             config["session_token"] = self.token
-        if self.endpoint_given:
-            config["endpoint"] = f"{self.scheme}://{self.netloc}"
+        if self.endpoint_given:  # virtual-hosted: the bucket in the host name, as pyarrow's requests have it
+            host = f"{self.bucket}.{self.netloc}" if self.virtual else self.netloc
+            config["endpoint"] = f"{self.scheme}://{host}"
         return S3Store(self.bucket, config=config,
                        client_options={"allow_http": self.scheme == "http", "timeout": "60s",
                                        "connect_timeout": "10s"},

@@ -155,6 +155,20 @@ def test_conditional_write_edge_cases_and_errors(s3_server, caplog):
     assert len(retries) == retry.S3_REQUESTS.attempts - 1
 
 
+def test_request_addressing_follows_the_storage_options():
+    """The obstore requests go where pyarrow's go: path style against an endpoint, the bucket in the host name
+    with ``aws_virtual_hosted_style_request`` (also against an endpoint), AWS's regional host without one."""
+    keys = {"aws_access_key_id": "AK", "aws_secret_access_key": "SK"}
+    path = Root("s3://bkt/ws", {**keys, "aws_endpoint": "http://127.0.0.1:9000", "aws_region": "eu-west-1"})
+    assert path._s3.store.config["endpoint"] == "http://127.0.0.1:9000"
+    assert path._s3.store.config["region"] == "eu-west-1"
+    virtual = Root("s3://bkt/ws", {**keys, "aws_endpoint": "https://minio.example:9000",
+                                   "aws_virtual_hosted_style_request": "true"})
+    assert virtual._s3.store.config["endpoint"] == "https://bkt.minio.example:9000"
+    aws = Root("s3://bkt/ws", {**keys, "aws_region": "eu-west-1"})
+    assert "endpoint" not in aws._s3.store.config and aws._s3.store.config["virtual_hosted_style_request"] == "true"
+
+
 # ------------------------------------------------------------------------------ concurrent promoters
 
 N_PROCS = 4

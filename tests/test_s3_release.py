@@ -166,7 +166,8 @@ def test_request_addressing_follows_the_storage_options():
                                    "aws_virtual_hosted_style_request": "true"})
     assert virtual._s3.store.config["endpoint"] == "https://bkt.minio.example:9000"
     aws = Root("s3://bkt/ws", {**keys, "aws_region": "eu-west-1"})
-    assert "endpoint" not in aws._s3.store.config and aws._s3.store.config["virtual_hosted_style_request"] == "true"
+    config = aws._s3.store.config
+    assert "endpoint" not in config and config["virtual_hosted_style_request"] == "true"
 
 
 # ------------------------------------------------------------------------------ concurrent promoters

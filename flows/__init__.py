@@ -21,7 +21,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from prefect.cache_policies import TASK_SOURCE, CachePolicy
+from prefect.cache_policies import NO_CACHE, TASK_SOURCE, CachePolicy
+
+from valuegate.flows.trusted_results import results_storage
 
 RESULTS_DIR = ".prefect-results"
 
@@ -56,10 +58,6 @@ def results_dir(workspace: str) -> Path | None:
 def persisted(task: Any, workspace: str) -> Any:
     """``task`` with its results persisted under :func:`results_dir` (what caching and resuming read back),
     read back only when they are the project's plain JSON (:mod:`valuegate.flows.trusted_results`)."""
-    from prefect.cache_policies import NO_CACHE
-
-    from valuegate.flows.trusted_results import results_storage
-
     where = results_dir(workspace)
     if where is None:
         return task.with_options(cache_policy=NO_CACHE, persist_result=False)
@@ -77,22 +75,25 @@ def digest(*parts: Any) -> str:
     return hashlib.sha256(payload.encode()).hexdigest()
 
 
-# Modules only the steps after scoring run (selection, gate, release, report and its explanations):
-# editing them cannot change what a cached step computed, so they stay out of its code fingerprint.
+# Modules only the steps after scoring run (selection, allocation, gate, release, report and its
+# explanations, promotion): editing them cannot change what a cached step computed, so they stay out of
+# its code fingerprint.
 DOWNSTREAM_MODULES = frozenset({"tasks/select.py", "tasks/allocate.py", "tasks/gate.py", "tasks/release.py",
-                                "tasks/report.py", "tasks/promote.py", "tasks/explain.py", "storage/releases.py"})
+                                "tasks/report.py", "tasks/promote.py", "engine/explain.py",
+                                "storage/releases.py"})
 
 
 @functools.lru_cache(maxsize=1)
 def code_fingerprint() -> str:
-    """sha256 over the source files of ``valuegate.tasks`` and ``valuegate.storage`` but
-    :data:`DOWNSTREAM_MODULES`: a cached result is never reused by code that would compute it differently
-    (a new module counts until it is listed as downstream)."""
+    """sha256 over the source files of ``valuegate.tasks``, ``valuegate.storage`` and ``valuegate.engine``
+    (the scoring math) but :data:`DOWNSTREAM_MODULES`: a cached result is never reused by code that would
+    compute it differently (a new module counts until it is listed as downstream)."""
+    import valuegate.engine
     import valuegate.storage
     import valuegate.tasks
 
     h = hashlib.sha256()
-    for room, pkg in (("tasks", valuegate.tasks), ("storage", valuegate.storage)):
+    for room, pkg in (("tasks", valuegate.tasks), ("storage", valuegate.storage), ("engine", valuegate.engine)):
         for path in sorted(Path(p) for d in pkg.__path__ for p in Path(d).glob("*.py")):
             if f"{room}/{path.name}" in DOWNSTREAM_MODULES:
                 continue
@@ -113,12 +114,6 @@ def files_stat(path: str | None) -> list[tuple[str, int, int]] | None:
             st = (Path(dirpath) / n).stat()
             out.append((str((Path(dirpath) / n).relative_to(root)), st.st_size, st.st_mtime_ns))
     return sorted(out)
-
-
-def table_versions(ws: Any, names: list[str]) -> dict[str, int | None]:
-    """The latest Lance version of each table (None: not created yet). Any commit moves it, so a key holding
-    it is never reused once a table changed."""
-    return {n: (ws.version(n) if ws.table_exists(n) else None) for n in names}
 
 
 @dataclass

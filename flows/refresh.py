@@ -1,16 +1,20 @@
-"""The refresh DAG: ingest → validation set → extract+score → select → gate → release → report →
-promote.
+"""The refresh DAG: ingest → validation-set → extract → score → select → allocate → gate → release →
+report → promote.
 
-Thin: every task body is one call of a pure function in ``valuegate.tasks``; retries only where a retry can
-help (I/O), never on the gate or deterministic compute.
+Wiring only: every step is a module of ``tasks/`` named as the step (``-`` → ``_``) whose ``run`` holds the
+logic; the task here is a thin wrapper with the policy in its decorator (name, retries, cache) that logs
+what the step returns. Retries only where a retry can help (I/O), never on the gate or deterministic
+compute. Cached steps return plain JSON (``dataclasses.asdict`` of the step's result):
+:mod:`valuegate.flows.trusted_results` reads nothing else back.
 
 Caching and resuming (results persist under ``<workspace>/.prefect-results``, see :mod:`valuegate.flows`):
 
-* ``ingest``, ``validation-set`` and ``extract+score`` are cached on what their results depend on (source
-  bytes and the dataset tables' versions; the validation file's bytes and the registry's version; the
-  dataset's ids, the pinned validation version and its content, the model's files and every extract/score
-  setting). Any change is a new key, so a cached result is never stale; an unchanged input skips the step
-  (a re-run after a crash does not score again).
+* ``ingest``, ``validation-set``, ``extract`` and ``score`` are cached on what their results depend on
+  (source bytes and the dataset tables' versions; the validation file's bytes and the registry's version;
+  the dataset's ids, the pinned validation version and its content, the model's files and every
+  model/extract setting, and for ``score`` every score setting too). Any change is a new key, so a cached result is never stale; an unchanged input skips the step
+  (a re-run after a crash does not score again; a new aggregate or normalisation scores again without
+  extracting).
 * ``select``, ``gate``, ``release``, ``report`` and ``promote`` are never cached: every run cuts, checks and
   writes its own release. One exception makes a re-run *resume* instead of duplicating: right after a run
   allocates a version it records it, keyed on everything the release is cut from (the scores run, the
@@ -29,11 +33,11 @@ Caching and resuming (results persist under ``<workspace>/.prefect-results``, se
   marker (numbers are never reused), with its staging folders (:func:`valuegate.storage.releases.clean_abandoned`;
   on an object store only those untouched for an hour).
 
-Runners (``settings.runner``): ``local`` runs every step in the flow's process, extraction inside
-extract+score. ``dask`` and ``ray`` first extract the training ids still missing for the fingerprint in
+Runners (``settings.runner``): ``local`` runs every step in the flow's process. ``dask`` and ``ray`` first extract the training ids still missing for the fingerprint in
 deterministic shards, one ``extract-shard`` task per shard on a ``DaskTaskRunner``/``RayTaskRunner`` (a
 local cluster of ``workers`` processes started and stopped here, or the cluster at ``address``); then
-extract+score runs as with ``local`` on the stored features (same scores).
+``extract`` runs as with ``local`` (the validation features), ``score`` plans the run (``plan-scores``)
+and one ``score-shard`` task per shard scores it on the cluster (same scores).
 
 Every step's wall time goes into the returned summary, the summary artifact and (for the steps before
 the release is written) the manifest's ``timings``.
@@ -41,46 +45,45 @@ the release is written) the manifest's ``timings``.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
+from prefect.futures import wait
 
 from valuegate.errors import ClusterLost, GateFailed, InternalError, ValuegateError
 from valuegate.flows import (
     KeyedOn,
     code_fingerprint,
-    digest,
     files_stat,
     persisted,
-    table_versions,
 )
 from valuegate.flows.stale_runs import check_stale_runs
 from valuegate.flows.user_errors import retry_unless_user_error
 from valuegate.flows.validation import register_validation_version
 from valuegate.settings import Settings, load_settings
+from valuegate.storage import schemas
+from valuegate.storage.versions import table_versions, workspace_uri
 from valuegate.tasks import allocate as allocate_step
+from valuegate.tasks import extract as extract_step
 from valuegate.tasks import gate as gate_step
+from valuegate.tasks import ingest as ingest_step
 from valuegate.tasks import promote as promote_step
 from valuegate.tasks import release as release_step
 from valuegate.tasks import report as report_step
+from valuegate.tasks import score as score_step
 from valuegate.tasks import select as select_step
-from valuegate.tasks.release import is_object_store, staging_dir
-
-
-def _workspace(settings: Settings):
-    from valuegate.storage.lance import Workspace
-
-    return Workspace.from_env(settings.workspace)
-
-
-def _root_key(settings: Settings) -> str:
-    """The workspace as it keys the resume record (a local directory resolved, an object store's URI)."""
-    return _workspace(settings).uri if is_object_store(settings) else str(Path(settings.workspace).resolve())
+from valuegate.tasks.extract import ExtractResult
+from valuegate.tasks.ingest import file_hash
+from valuegate.tasks.release import staging_dir
+from valuegate.tasks.score import unscored_counts
+from valuegate.tasks.select import dropped_reason_counts
 
 
 def _docs_dir(settings: Settings, version: str) -> str:
@@ -103,14 +106,11 @@ def _scoring_settings(settings: Settings) -> Settings:
 def _ingest_key(params: dict[str, Any]) -> dict[str, Any]:
     """Source bytes, ingest settings, and the versions of the tables ingestion writes and counts (so a
     change to the dataset by anyone, this step included, is a new key)."""
-    from valuegate.storage import schemas
-    from valuegate.tasks.ingest import file_hash
-
     s: Settings = params["settings"]
-    ws = _workspace(s)
-    return {"workspace": ws.uri, "dataset": s.data.dataset, "ingest": s.ingest.model_dump(mode="json"),
+    return {"workspace": workspace_uri(s.workspace), "dataset": s.data.dataset,
+            "ingest": s.ingest.model_dump(mode="json"),
             "sources": [[str(Path(p).resolve()), file_hash(p)] for p in s.data.sources],
-            "tables": table_versions(ws, [schemas.MEMBERS, schemas.QUARANTINE, schemas.INGESTS]),
+            "tables": table_versions(s.workspace, [schemas.MEMBERS, schemas.QUARANTINE, schemas.INGESTS]),
             "code": code_fingerprint()}
 
 
@@ -122,11 +122,19 @@ def _score_key(params: dict[str, Any]) -> dict[str, Any]:
     s = _scoring_settings(params["settings"])
     valset = params["valset"]
     model_dir = str(default_model_dir()) if s.model.name in (DEFAULT_MODEL_ALIAS, "") else s.model.name
-    return {"workspace": _workspace(s).uri, "dataset": s.data.dataset, "dataset_fp": params["dataset_fp"],
+    return {"workspace": workspace_uri(s.workspace), "dataset": s.data.dataset, "dataset_fp": params["dataset_fp"],
             "valset": [valset["valset"], valset["content_hash"]],
             "model": s.model.model_dump(mode="json"), "model_files": files_stat(model_dir),
             "adapter_files": files_stat(s.model.adapter), "extract": s.extract.model_dump(mode="json", exclude={"encode_workers"}),
             "score": s.score.model_dump(mode="json"), "code": code_fingerprint()}
+
+
+def _extract_key(params: dict[str, Any]) -> dict[str, Any]:
+    """What the features depend on: the key of ``score`` (:func:`_score_key`) but the score settings (a
+    new aggregate or normalisation scores the stored features again, it extracts nothing)."""
+    key = _score_key(params)
+    del key["score"]
+    return key
 
 
 # --------------------------------------------------------------------------------------------------
@@ -137,59 +145,55 @@ def _score_key(params: dict[str, Any]) -> dict[str, Any]:
 @task(name="ingest", retries=2, retry_delay_seconds=2, retry_condition_fn=retry_unless_user_error,
       cache_policy=KeyedOn(parts=_ingest_key), result_serializer="json")
 def ingest_sources(settings: Settings) -> dict[str, Any]:
-    """Ingest every configured source into the dataset (unchanged files are no-ops).
+    """Ingest every configured source into the dataset (:func:`valuegate.tasks.ingest.run`; unchanged files
+    are no-ops).
 
     Returns:
-        this call's counts (``rows``, ``kept``, ``new_samples``, ``duplicates``, ``quarantined``, ``left``),
-        the dataset as it stands (``dataset_rows``, ``dataset_quarantined``) and ``dataset_fp``, the sha256
-        of its sorted distinct ids (what scoring is keyed on).
+        :class:`~valuegate.tasks.ingest.IngestResult` as a dict: this call's counts (``rows``, ``kept``,
+        ``new_samples``, ``duplicates``, ``quarantined``, ``left``), the dataset as it stands
+        (``dataset_rows``, ``dataset_quarantined``) and ``dataset_fp``, the sha256 of its sorted distinct
+        ids (what scoring is keyed on).
     """
-    import hashlib
-
-    from valuegate.storage.samples import ensure_sample_tables, read_members, read_quarantine
-    from valuegate.tasks.ingest import ingest_file
-
-    ws = _workspace(settings)
-    ensure_sample_tables(ws)
-    if not settings.data.sources:
-        raise ValuegateError("no sources configured: set data.sources (a list of files) in the config")
-    keys = ("rows", "kept", "new_samples", "duplicates", "quarantined", "left")
-    totals: dict[str, Any] = dict.fromkeys(keys, 0)
     log = get_run_logger()
-    for src in settings.data.sources:
-        rep = ingest_file(ws, settings.data.dataset, src, settings.ingest.max_chars)
-        log.info(rep.line())
-        for k in keys:
-            totals[k] += getattr(rep, k)
-    # the dataset as it stands (unchanged sources add nothing this run, but their rows still count)
-    ids = read_members(ws, settings.data.dataset, columns=["id"])["id"].to_pylist()
-    totals["dataset_rows"] = len(ids)
-    totals["dataset_quarantined"] = read_quarantine(ws, settings.data.dataset).num_rows
-    totals["dataset_fp"] = hashlib.sha256("\n".join(sorted(set(ids))).encode()).hexdigest()
-    return totals
+    return dataclasses.asdict(ingest_step.run(settings, on_file=lambda rep: log.info(rep.line())))
 
 
-@task(name="extract+score", cache_policy=KeyedOn(parts=_score_key), result_serializer="json")
-def score_against_valset(settings: Settings, valset: dict[str, Any], dataset_fp: str) -> dict[str, Any]:
-    """Extract what is missing for the fingerprint and score the dataset (deterministic: no retries).
+@task(name="extract", cache_policy=KeyedOn(parts=_extract_key), result_serializer="json")
+def extract_features(settings: Settings, valset: dict[str, Any], dataset_fp: str) -> dict[str, Any]:
+    """Extract the features still missing for the dataset and the pinned validation version
+    (:func:`valuegate.tasks.extract.run`; deterministic and idempotent: no retries).
 
     Args:
         valset: the pinned validation version (``valset``: ``name@vN``, ``content_hash``).
-        dataset_fp: the dataset's id fingerprint from ``ingest``; part of the cache key (the body scores
+        dataset_fp: the dataset's id fingerprint from ``ingest``; part of the cache key (the body extracts
             the dataset as stored).
 
     Returns:
-        ``run_id`` (the scores run), ``model_fp``, ``n_train``, ``extracted`` and ``timings`` (seconds per
-        part: ``resolve``, ``extract``, ``read``, ``score``, ``write``).
+        :class:`~valuegate.tasks.extract.ExtractResult` as a dict.
     """
-    from valuegate.tasks.score import score_dataset
+    res = extract_step.run(_scoring_settings(settings), valset["valset"])
+    get_run_logger().info(res.line())
+    return dataclasses.asdict(res)
 
-    rep = score_dataset(_workspace(settings), settings.data.dataset, valset["valset"],
-                        _scoring_settings(settings), progress=False)
-    get_run_logger().info(rep.line())
-    return {"run_id": rep.run_id, "model_fp": rep.model_fp, "n_train": rep.n_train,
-            "extracted": rep.extract_train.extracted, "timings": rep.timings,
-            "truncated": rep.truncated, "unscored": rep.unscored, "unscored_ids": rep.unscored_ids}
+
+@task(name="score", cache_policy=KeyedOn(parts=_score_key), result_serializer="json")
+def score_against_valset(settings: Settings, valset: dict[str, Any], dataset_fp: str,
+                         extracted: dict[str, Any]) -> dict[str, Any]:
+    """Score the dataset on the stored features and write one scores run (:func:`valuegate.tasks.score.run`;
+    deterministic: no retries).
+
+    Args:
+        valset, dataset_fp: as ``extract``; with the settings, the cache key.
+        extracted: what ``extract`` returned (the fingerprints, the samples the model refused).
+
+    Returns:
+        :class:`~valuegate.tasks.score.ScoreResult` as a dict: ``run_id`` (the scores run), ``model_fp``,
+        ``n_train``, ``truncated``, ``unscored``, ``unscored_ids``, ``timings`` (``read``, ``score``,
+        ``write``).
+    """
+    res, line = score_step.run(_scoring_settings(settings), ExtractResult.from_dict(extracted))
+    get_run_logger().info(line)
+    return dataclasses.asdict(res)
 
 
 @task(name="plan-shards", retries=2, retry_delay_seconds=2, retry_condition_fn=retry_unless_user_error,
@@ -197,12 +201,7 @@ def score_against_valset(settings: Settings, valset: dict[str, Any], dataset_fp:
 def plan_shards(settings: Settings) -> dict[str, Any]:
     """The training ids still without features for the fingerprint, cut into deterministic shards (the
     feature set is registered here, before any shard runs)."""
-    import dataclasses
-
-    from valuegate.tasks.extract import plan_extract_shards
-
-    plan = plan_extract_shards(_workspace(settings), settings.data.dataset, settings, settings.runner.shard_size)
-    return dataclasses.asdict(plan)
+    return dataclasses.asdict(extract_step.shard_plan(settings))
 
 
 @task(name="extract-shard", task_run_name="extract-shard-{shard}", retries=2, retry_delay_seconds=2,
@@ -211,10 +210,8 @@ def extract_shard_task(shard: int, settings: Settings, ids: list[str], model_fp:
                        lowest_likelihood_ratio: float) -> dict[str, Any]:
     """Extract one shard on whichever worker the task runner gives it (retried: a lost worker or a failed
     write; a retry extracts only the ids the failed attempt did not commit)."""
-    from valuegate.tasks.extract import extract_shard
-
-    return extract_shard(_workspace(settings).uri, ids, settings, model_fp, fp_settings,
-                         lowest_likelihood_ratio)
+    return extract_step.extract_shard(workspace_uri(settings.workspace), ids, settings, model_fp, fp_settings,
+                                      lowest_likelihood_ratio)
 
 
 def _task_runner(settings: Settings):
@@ -239,13 +236,11 @@ def _task_runner(settings: Settings):
 
 def _remote_options(settings: Settings):
     """Ray: a shard asks for a GPU when the model runs on one (one model replica per device)."""
-    import contextlib
-
     if settings.runner.kind == "ray" and settings.model.device.startswith("cuda"):
         from prefect_ray.context import remote_options
 
         return remote_options(num_gpus=1)
-    return contextlib.nullcontext()
+    return nullcontext()
 
 
 # What a runner raises when the cluster (or a task's worker, too often) is gone rather than a shard failing:
@@ -263,13 +258,11 @@ def _cluster_lost(exc: BaseException) -> bool:
 
 def _cluster_lost_error(settings: Settings, plan: dict[str, Any], exc: BaseException) -> ClusterLost:
     """The error of a run whose cluster went away: what happened, what is stored, how to resume."""
-    from valuegate.storage import features as fstore
-
     r = settings.runner
     where = f"at {r.address}" if r.address else f"(local cluster of {r.workers} workers)"
     wanted = {i for shard in plan["shards"] for i in shard}
     try:
-        done = len(wanted & fstore.feature_ids(_workspace(settings), plan["model_fp"]))
+        done = extract_step.stored_count(settings, plan["model_fp"], wanted)
         stored = (f"{done} of the {len(wanted)} missing samples were extracted and are stored; run again "
                   f"(on a working cluster) to extract only the {len(wanted) - done} still missing")
     except Exception as read_exc:  # the store may be what went away
@@ -289,10 +282,6 @@ def _extract_sharded(settings: Settings) -> dict[str, Any]:
     Raises:
         ClusterLost: the cluster went away (the message says what is stored and that a re-run resumes).
     """
-    from prefect.futures import wait
-
-    from valuegate.storage import features as fstore
-
     plan = plan_shards(settings)
     out = {"extracted": 0, "shards": len(plan["shards"]), "missing": plan["n_missing"], "workers": 0,
            "model_loads": 0, "forward_s": 0.0}
@@ -316,7 +305,7 @@ def _extract_sharded(settings: Settings) -> dict[str, Any]:
         out["forward_s"] = round(out["forward_s"] + res["seconds"], 3)
         loads[res["pid"]] = max(loads.get(res["pid"], 0), res["model_loads"])
     out["workers"], out["model_loads"] = len(loads), sum(loads.values())
-    fstore.maybe_index_features(_workspace(settings), plan["model_fp"], settings.extract.vector_index_min_rows)
+    extract_step.index_features(settings, plan["model_fp"])
     get_run_logger().info(f"extracted {out['extracted']} of {plan['n_missing']} missing samples in "
                           f"{out['shards']} shards on {out['workers']} {settings.runner.kind} workers "
                           f"({out['model_loads']} model loads)")
@@ -324,27 +313,22 @@ def _extract_sharded(settings: Settings) -> dict[str, Any]:
 
 
 @task(name="plan-scores", cache_policy=KeyedOn(parts=_score_key), result_serializer="json")
-def plan_scores(settings: Settings, valset: dict[str, Any], dataset_fp: str) -> dict[str, Any]:
-    """dask/ray: resolve the scores run the shards write into (and extract the validation features).
+def plan_scores(settings: Settings, valset: dict[str, Any], dataset_fp: str,
+                extracted: dict[str, Any]) -> dict[str, Any]:
+    """dask/ray: resolve the scores run the shards write into (:func:`valuegate.tasks.score.plan_run`), on
+    the features ``extract`` stored.
 
-    Cached on everything the scores depend on (the key of ``extract+score``): a re-run with the same
-    inputs gets the same run back and scores only the shards it does not hold yet.
+    Cached on everything the scores depend on (the key of ``score``): a re-run with the same inputs gets the
+    same run back and scores only the shards it does not hold yet.
 
     Returns:
-        ``plan`` (:class:`~valuegate.tasks.score.ScoringPlan` as a dict), ``extracted`` (training samples
-        extracted here: none when the shards extracted them), ``timings`` (``resolve``, ``extract``), and
-        the samples the run leaves out as ``extract+score`` reports them: ``unscored`` ({reason: count})
-        and ``unscored_ids`` ([id, message] pairs).
+        ``plan`` (:class:`~valuegate.tasks.score.ScoringPlan` as a dict) and the samples the run leaves out
+        as ``score`` reports them: ``unscored`` ({reason: count}) and ``unscored_ids`` ([id, message] pairs).
     """
-    import dataclasses
-
-    from valuegate.tasks.score import plan_scoring, unscored_counts
-
-    plan, rep_t, _, timings = plan_scoring(_workspace(settings), settings.data.dataset, valset["valset"],
-                                           _scoring_settings(settings), progress=False)
-    refused = list(rep_t.refused or [])
-    return {"plan": dataclasses.asdict(plan), "extracted": rep_t.extracted, "timings": timings,
-            "unscored": unscored_counts(refused), "unscored_ids": refused}
+    ext = ExtractResult.from_dict(extracted)
+    plan = score_step.plan_for(_scoring_settings(settings), ext)
+    return {"plan": dataclasses.asdict(plan), "unscored": unscored_counts(ext.refused),
+            "unscored_ids": ext.refused}
 
 
 @task(name="score-shard", task_run_name="score-shard-{shard}", retries=2, retry_delay_seconds=2,
@@ -352,9 +336,7 @@ def plan_scores(settings: Settings, valset: dict[str, Any], dataset_fp: str) -> 
 def score_shard_task(shard: int, settings: Settings, plan: dict[str, Any], ids: list[str]) -> dict[str, Any]:
     """Score one shard of the run on whichever worker the runner gives it and write its rows into the run
     (retried: a lost worker or a failed write; rows are inserted only if absent, so never twice)."""
-    from valuegate.tasks.score import ScoringPlan, score_shard
-
-    return score_shard(ScoringPlan(**plan), ids, _scoring_settings(settings))
+    return score_step.score_shard(score_step.ScoringPlan(**plan), ids, _scoring_settings(settings))
 
 
 def _score_sharded(settings: Settings, planned: dict[str, Any]) -> dict[str, Any]:
@@ -362,25 +344,14 @@ def _score_sharded(settings: Settings, planned: dict[str, Any]) -> dict[str, Any
     shards whose every row the run already holds (a resumed run) are not submitted again.
 
     Returns:
-        what ``extract+score`` returns (``run_id``, ``model_fp``, ``n_train``, ``extracted``, ``timings``
-        with ``read``/``score``/``write`` summed over shards, ``truncated`` (rows of the run flagged),
+        what ``score`` returns (``run_id``, ``model_fp``, ``n_train``, ``timings`` with
+        ``read``/``score``/``write`` summed over shards, ``truncated`` (rows of the run flagged),
         ``unscored`` and ``unscored_ids`` (from ``plan-scores``)) and ``score_shards`` (``shards``,
         ``submitted``, ``workers``, ``context_loads``).
     """
-    from prefect.futures import wait
-
-    from valuegate.storage import schemas
-    from valuegate.storage.lance import sql_str
-    from valuegate.tasks.extract import shard_ids
-
-    plan, ws = planned["plan"], _workspace(settings)
-    where = f"run_id = {sql_str(plan['run_id'])}"
-    done = set()
-    if ws.table_exists(schemas.SCORES):
-        done = set(ws.read(schemas.SCORES, where=where, columns=["id"]).column("id").to_pylist())
-    shards = shard_ids(plan["ids"], settings.runner.shard_size)
-    todo = [(k, ids) for k, ids in enumerate(shards) if not done.issuperset(ids)]
-    timings = {**planned["timings"], "read": 0.0, "score": 0.0, "write": 0.0}
+    plan = planned["plan"]
+    shards, todo = score_step.shards_to_score(settings, plan)
+    timings = {"read": 0.0, "score": 0.0, "write": 0.0}
     loads: dict[int, int] = {}
     if todo:
         try:
@@ -401,11 +372,10 @@ def _score_sharded(settings: Settings, planned: dict[str, Any]) -> dict[str, Any
             loads[res["pid"]] = max(loads.get(res["pid"], 0), res["context_loads"])
             for key in ("read", "score", "write"):
                 timings[key] += res[key]
-    n = ws.count(schemas.SCORES, where=where)
+    n, truncated = score_step.run_rows(settings, plan["run_id"])
     if n != len(plan["ids"]):
         raise InternalError(f"scores run {plan['run_id']} holds {n} rows for {len(plan['ids'])} samples "
                              "after every shard finished")
-    truncated = ws.count(schemas.SCORES, where=f"{where} AND truncated")
     unscored = planned.get("unscored", {})  # absent from a plan cached by an older valuegate
     said = (f"; {truncated} truncated at max_length" if truncated else "") + (
         f"; not scored: {', '.join(f'{k} {why}' for why, k in unscored.items())}" if unscored else "")
@@ -413,7 +383,7 @@ def _score_sharded(settings: Settings, planned: dict[str, Any]) -> dict[str, Any
                           f"on {len(loads)} {settings.runner.kind} workers ({sum(loads.values())} reads of the "
                           f"validation side){said}")
     return {"run_id": plan["run_id"], "model_fp": plan["fp_t"], "n_train": len(plan["ids"]),
-            "extracted": planned["extracted"], "timings": timings, "truncated": truncated,
+            "timings": timings, "truncated": truncated,
             "unscored": unscored, "unscored_ids": [tuple(p) for p in planned.get("unscored_ids", [])],
             "score_shards": {"shards": len(shards), "submitted": len(todo), "workers": len(loads),
                              "context_loads": sum(loads.values())}}
@@ -511,7 +481,7 @@ class _Steps:
 
 @flow(name="refresh", log_prints=True)
 def refresh(config: str | None = None, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
-    """ingest → validation set → extract+score → select → gate → release → report → promote, on the
+    """ingest → validation-set → extract → score → select → allocate → gate → release → report → promote, on the
     settings of ``config`` (+ overrides).
 
     Parameters are small references (a config path, a dict of overrides), never data.
@@ -535,14 +505,10 @@ def refresh(config: str | None = None, overrides: dict[str, Any] | None = None) 
         GateFailed: the gate failed (the release is written for inspection but never becomes current,
             and the previous release stays current).
     """
-    from valuegate.storage.releases import read_current
-    from valuegate.tasks.ingest import file_hash
-    from valuegate.tasks.select import dropped_reason_counts
-
     t_start = time.perf_counter()
     settings = load_settings(config, overrides)
     check_stale_runs(settings.workspace)  # earlier runs here killed without finishing: marked Crashed
-    root, name, ws = _workspace(settings), settings.release.name, settings.workspace
+    name, ws = settings.release.name, settings.workspace
     step = _Steps()
     ingested = step("ingest", persisted(ingest_sources, ws), settings)
     counts = {k: v for k, v in ingested.items() if k != "dataset_fp"}
@@ -553,29 +519,29 @@ def refresh(config: str | None = None, overrides: dict[str, Any] | None = None) 
         t0 = time.perf_counter()
         sharded = _extract_sharded(settings)
         shard_wall = time.perf_counter() - t0
+    # the validation features, and the training ones still missing (all of them with the local runner)
+    extracted = step("extract", persisted(extract_features, ws), settings, valset, ingested["dataset_fp"])
     if sharded is None:
-        run = step("extract+score", persisted(score_against_valset, ws), settings, valset, ingested["dataset_fp"])
-        wall = step.timings.pop("extract+score")
-    else:  # validation features and the run's plan here; the training rows scored in shards on the cluster
-        planned = step("extract+score", persisted(plan_scores, ws), settings, valset, ingested["dataset_fp"])
+        run = step("score", persisted(score_against_valset, ws), settings, valset, ingested["dataset_fp"],
+                   extracted)
+    else:  # the run's plan here; the training rows scored in shards on the cluster
+        planned = step("score", persisted(plan_scores, ws), settings, valset, ingested["dataset_fp"], extracted)
         t0 = time.perf_counter()
         run = _score_sharded(settings, planned)
-        wall = step.timings.pop("extract+score") + time.perf_counter() - t0
-    # split by the task's own timings (resolve + extract | read + score + write); a cached answer
-    # extracts nothing
-    inner = sum(run["timings"].get(k, 0.0) for k in ("resolve", "extract"))
-    inner = 0.0 if "extract+score" in step.cached else inner
-    step.timings["extract"] = round(min(inner, wall), 3)
+        step.timings["score"] = round(step.timings["score"] + time.perf_counter() - t0, 3)
+    if "extract" in step.cached:  # a cached answer extracts nothing
+        step.timings["extract"] = 0.0
+    # samples extracted: a scores run computed now on a cached extract answer extracted nothing; when both
+    # steps are cached, the counts of the run that computed them (as the summary reported before the split)
+    n_extracted = 0 if "extract" in step.cached and "score" not in step.cached else extracted["extracted"]
     if sharded is not None:
         step.timings["extract"] = round(step.timings["extract"] + shard_wall, 3)
-        run = {**run, "extracted": run["extracted"] + sharded["extracted"]}
-    step.timings["score"] = round(max(wall - inner, 0.0), 3)
+        n_extracted += sharded["extracted"]
     selected = step("select", select, settings, run["run_id"])
 
-    inputs = [{"source": str(Path(s).resolve()), "sha256": file_hash(s)} for s in settings.data.sources]
-    previous = read_current(root, name)
-    release_key = "pending-release-" + digest(_root_key(settings), name, previous, run["run_id"], inputs,
-                                              json.loads(settings.model_dump_json()))
+    inputs = allocate_step.release_inputs(settings)
+    previous = allocate_step.current_release(settings)
+    release_key = allocate_step.release_key(settings, previous, run["run_id"], inputs)
     resume = allocate_step.pending_release(settings, release_key)
     version = step("allocate", allocate_release, settings, resume, run["run_id"], release_key)
     docs_dir = _docs_dir(settings, version)
@@ -585,7 +551,7 @@ def refresh(config: str | None = None, overrides: dict[str, Any] | None = None) 
             "run_id": run["run_id"], "model_fp": run["model_fp"], "valset": valset["valset"],
             "inputs": inputs, "policy": settings.select.model_dump(mode="json"),
             "thresholds": settings.gate.model_dump(mode="json"),
-            "counts": {**counts, "scored": selected.height, "extracted": run["extracted"],
+            "counts": {**counts, "scored": selected.height, "extracted": n_extracted,
                        "truncated": run.get("truncated", 0), "unscored": sum(run.get("unscored", {}).values())},
             "settings": json.loads(settings.model_dump_json()),
             "timings": dict(step.timings), "cached_steps": list(step.cached),
@@ -596,7 +562,7 @@ def refresh(config: str | None = None, overrides: dict[str, Any] | None = None) 
             step.timings["total"] = round(time.perf_counter() - t_start, 3)
             _artifacts(selected, parts["counts"], version, verdict, report_path, step)
             raise GateFailed(f"gate failed for release {name}/{version} (current stays "
-                                 f"{read_current(root, name) or 'none'}): " + "; ".join(verdict["failures"]))
+                             f"{allocate_step.current_release(settings) or 'none'}): " + "; ".join(verdict["failures"]))
         promoted = step("promote", promote_task, settings, version)
         warning = allocate_step.remember_release(settings, release_key, None)  # done: nothing left to resume
         if warning:

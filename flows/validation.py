@@ -7,6 +7,7 @@ refresh and a registration share one code path (and one cache).
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from pathlib import Path
 from typing import Any
@@ -15,55 +16,42 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
 from valuegate.errors import ValuegateError
-from valuegate.flows import KeyedOn, code_fingerprint, persisted, table_versions
+from valuegate.flows import KeyedOn, code_fingerprint, persisted
 from valuegate.flows.user_errors import retry_unless_user_error
 from valuegate.settings import load_settings
+from valuegate.storage import schemas
+from valuegate.storage.versions import table_versions, workspace_uri
+from valuegate.tasks import validation_set
+from valuegate.tasks.ingest import file_hash
 
 
 def _valset_key(params: dict[str, Any]) -> dict[str, Any]:
     """What :func:`register_validation_version` returns depends on: the file's bytes (not its name alone),
     the reference, the reader's limit, and the registry as it stands (any registration or pruning moves
     its table version, so a registry change is never answered from the cache)."""
-    from valuegate.storage import schemas
-    from valuegate.storage.lance import Workspace
-    from valuegate.tasks.ingest import file_hash
-
-    ws = Workspace.from_env(params["workspace"])
     file = params.get("file")
-    return {"workspace": ws.uri, "ref": params["ref"], "max_chars": params["max_chars"],
+    return {"workspace": workspace_uri(params["workspace"]), "ref": params["ref"], "max_chars": params["max_chars"],
             "file": [str(Path(file).resolve()), file_hash(file)] if file else None,
-            "registry": table_versions(ws, [schemas.VALSET_VERSIONS]), "code": code_fingerprint()}
+            "registry": table_versions(params["workspace"], [schemas.VALSET_VERSIONS]), "code": code_fingerprint()}
 
 
 @task(name="validation-set", retries=2, retry_delay_seconds=2, retry_condition_fn=retry_unless_user_error,
       cache_policy=KeyedOn(parts=_valset_key), result_serializer="json")
 def register_validation_version(workspace: str, ref: str, file: str | None, max_chars: int) -> dict[str, Any]:
-    """Register ``file`` as the next version of the set ``ref`` names (identical content: a no-op that
-    returns the version registered before), then pin the version to use: ``ref``'s own version when it
-    names one (``NAME@vN``), else the registered one, else (no file) the latest.
+    """Register ``file`` as the next version of the set ``ref`` names and pin the version to use
+    (:func:`valuegate.tasks.validation_set.run`).
 
     Retried: every step is workspace I/O, and registering identical content twice is a no-op; a user
     error (a bad or missing file) is not retried.
 
     Returns:
-        ``valset`` (``name@vN``), ``name``, ``version``, ``rows``, ``content_hash``, ``source`` (the file
-        the version was registered from) and ``new`` (whether this call registered a new version).
+        :class:`~valuegate.tasks.validation_set.ValidationSetResult` as a dict: ``valset`` (``name@vN``),
+        ``name``, ``version``, ``rows``, ``content_hash``, ``source`` (the file the version was registered
+        from) and ``new`` (whether this call registered a new version).
     """
-    from valuegate.storage.lance import Workspace
-    from valuegate.storage.valsets import parse_ref, read_valset
-    from valuegate.tasks.valsets import register_valset
-
-    ws = Workspace.from_env(workspace)
-    name, pinned = parse_ref(ref)
-    new = False
-    if file:
-        rec, new = register_valset(ws, name, file, max_chars)
-        ref = ref if pinned is not None else f"{name}@v{rec['version']}"
-    rec, _ = read_valset(ws, ref)
-    out = {"valset": f"{rec['name']}@v{rec['version']}", "name": rec["name"], "version": int(rec["version"]),
-           "rows": int(rec["rows"]), "content_hash": rec["content_hash"], "source": rec["source"], "new": new}
-    get_run_logger().info(("registered " if new else "using ") + f"{out['valset']} ({out['rows']} rows)")
-    return out
+    res = validation_set.run(workspace, ref, file, max_chars)
+    get_run_logger().info(res.line())
+    return dataclasses.asdict(res)
 
 
 @flow(name="register-validation-set", log_prints=True)

@@ -41,7 +41,7 @@ def write_valset_version(ws: Workspace, name: str, rows: pa.Table, content_hash:
 
     The tag is the claim: when another registration of ``name`` already tagged ``vN`` (two runs registering
     at once), nothing is recorded and :class:`VersionTaken` is raised, for the caller to re-read the registry
-    (:func:`valuegate.tasks.valsets.register_valset` waits for the other's record and returns it when the
+    (:func:`valuegate.tasks.validation_set.register_valset` waits for the other's record and returns it when the
     content is the same). An overwrite that lost the race only adds an untagged Lance version.
 
     Raises:

@@ -12,6 +12,7 @@ Three things keep a version to one live run and make a failed run resumable:
 
 from __future__ import annotations
 
+import json
 import os
 import threading
 from dataclasses import dataclass
@@ -20,13 +21,15 @@ from pathlib import Path
 from prefect.results import ResultStore
 from prefect.serializers import JSONSerializer
 
-from valuegate.flows import results_dir
+from valuegate.flows import digest, results_dir
 from valuegate.flows.trusted_results import results_storage
 from valuegate.settings import Settings
 from valuegate.storage import releases as store
 from valuegate.storage.lance import Workspace
+from valuegate.tasks.ingest import file_hash
 
-__all__ = ["AllocateResult", "claim", "pending_release", "remember_release", "run", "unclaim"]
+__all__ = ["AllocateResult", "claim", "current_release", "pending_release", "release_inputs", "release_key",
+           "remember_release", "run", "unclaim"]
 
 
 @dataclass(frozen=True)
@@ -168,3 +171,27 @@ def run(settings: Settings, resume: str | None, run_id: str, release_key: str) -
     version = store.allocate_version(root, name, **claims)  # claimed before its marker exists
     warning = remember_release(settings, release_key, version)
     return AllocateResult(version, False, tuple(cleaned), tuple(warnings + ([warning] if warning else [])))
+
+
+# --------------------------------------------------------------------------------------------------
+# what the release is cut from, and the key a resuming run finds it under
+# --------------------------------------------------------------------------------------------------
+
+
+def release_inputs(settings: Settings) -> list[dict[str, str]]:
+    """The run's sources as the manifest records them: ``{"source": absolute path, "sha256": of its bytes}``."""
+    return [{"source": str(Path(s).resolve()), "sha256": file_hash(s)} for s in settings.data.sources]
+
+
+def current_release(settings: Settings) -> str | None:
+    """The version of ``settings.release.name`` that is current (None: none is)."""
+    return store.read_current(Workspace.from_env(settings.workspace), settings.release.name)
+
+
+def release_key(settings: Settings, previous: str | None, run_id: str, inputs: list[dict[str, str]]) -> str:
+    """The key of the resume record: everything the release is cut from (the workspace, the release that was
+    current, the scores run, the inputs' hashes and every setting)."""
+    ws = settings.workspace
+    root = Workspace.from_env(ws).uri if "://" in ws and not ws.startswith("file://") else str(Path(ws).resolve())
+    return "pending-release-" + digest(root, settings.release.name, previous, run_id, inputs,
+                                       json.loads(settings.model_dump_json()))

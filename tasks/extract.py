@@ -8,12 +8,16 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
+from valuegate.engine.baselines import unconditional_losses
 from valuegate.engine.columns import FEATURE_FORMAT
 from valuegate.engine.extraction import (
     ExtractionStats,
@@ -22,10 +26,25 @@ from valuegate.engine.extraction import (
     projections,
 )
 from valuegate.engine.forvalue import SparseFeatures
-from valuegate.engine.model import LoadedModel
+from valuegate.engine.model import (
+    TOO_LONG,
+    LoadedModel,
+    fingerprint_settings,
+    load_model,
+    load_tokenizer,
+    model_fingerprint,
+)
 from valuegate.engine.sample import Sample
+from valuegate.engine.signals import check_reference_size
 from valuegate.errors import ValuegateError
-from valuegate.settings import ExtractSettings
+from valuegate.settings import ExtractSettings, ModelSettings, Settings
+from valuegate.storage import features as fstore
+from valuegate.storage import samples as sstore
+from valuegate.storage.images import attach_image_data
+from valuegate.storage.lance import Workspace
+from valuegate.storage.valsets import read_valset
+from valuegate.tasks.ingest import sample_from_record
+from valuegate.tasks.validation_set import valset_samples
 
 log = logging.getLogger(__name__)
 
@@ -95,8 +114,6 @@ def extract_to_store(ws, lm_loader, ids: list[str], samples: list[Sample], cfg: 
         lowest_likelihood_ratio: for training sets; validation sets use 1.
         write_every: samples per committed batch.
     """
-    from valuegate.storage import features as fstore
-
     report = StoreExtractReport(model_fp, requested=len(set(ids)), refused=[], stats=ExtractionStats())
     have = fstore.feature_ids(ws, model_fp)
     todo: dict[str, Sample] = {}
@@ -113,8 +130,6 @@ def extract_to_store(ws, lm_loader, ids: list[str], samples: list[Sample], cfg: 
     if fstore.read_feature_set(ws, model_fp) is None:  # a new fingerprint: maybe only the format is new
         report.older_format = say_older_format(ws, model_fp, fp_settings, len(todo))
     if any(s.images for s in todo.values()):  # image-text samples read back from the store: their bytes
-        from valuegate.tasks.images_store import attach_image_data
-
         todo = dict(zip(todo, attach_image_data(ws, list(todo.values())), strict=True))
     width = cfg.hidden_dim or lm.hidden_size
     fstore.ensure_feature_set(ws, model_fp, fp_settings, lm.hidden_size, lm.vocab_size, width, cfg.error_dim)
@@ -124,8 +139,6 @@ def extract_to_store(ws, lm_loader, ids: list[str], samples: list[Sample], cfg: 
     ph, pe = projections(cfg, lm.hidden_size, lm.vocab_size)
     ph = ph.to(lm.device) if ph is not None else None
     pe = pe.to(lm.device) if pe is not None else None
-    from valuegate.engine.baselines import unconditional_losses
-
     t0 = time.perf_counter()  # IFD's pass of the responses alone, first: each row is written once, whole
     uncond = unconditional_losses(lm, todo_samples, cfg)
     report.uncond_seconds = time.perf_counter() - t0
@@ -162,8 +175,6 @@ def say_older_format(ws, model_fp: str, fp_settings: dict, n: int) -> int | None
     Returns:
         That older format, or None.
     """
-    from valuegate.storage import features as fstore
-
     old = fstore.older_format(ws, fp_settings)
     if old is not None:
         log.warning(f"features {model_fp[:12]}: stored under an older feature format {old} (the current "
@@ -174,11 +185,21 @@ def say_older_format(ws, model_fp: str, fp_settings: dict, n: int) -> int | None
 def refused_truncated(ws, model_fp: str, ids: list[str], max_length: int) -> list[tuple[str, str]]:
     """``(id, reason)`` of the ``ids`` whose stored features are of a sample cut at ``max_length`` (extracted
     under ``truncation = "truncate"``): what ``"refuse"`` refuses without running the model again."""
-    from valuegate.engine.model import TOO_LONG
-    from valuegate.storage import features as fstore
-
     return [(i, f"sample {i[:12]}: {TOO_LONG}={max_length} (extract.truncation = refuse)")
             for i in fstore.truncated_ids(ws, model_fp, ids)]
+
+
+def cached_model(cache: dict, model_cfg: ModelSettings, tokenizer: object, progress: bool) -> Callable[[], LoadedModel]:
+    """``() -> LoadedModel``: the model of ``model_cfg``, loaded on the first call and kept in ``cache``
+    under ``"lm"`` (shared by the training and the validation side of one run; a sharded run's workers
+    use the process-wide :func:`worker_model` instead)."""
+
+    def loader() -> LoadedModel:
+        if "lm" not in cache:
+            cache["lm"] = load_model(model_cfg, tokenizer, progress)
+        return cache["lm"]
+
+    return loader
 
 
 def dataset_fingerprint(ws, dataset: str, settings, tokenizer: object,
@@ -188,9 +209,6 @@ def dataset_fingerprint(ws, dataset: str, settings, tokenizer: object,
     Raises:
         ValuegateError: the dataset has no samples.
     """
-    from valuegate.engine.model import fingerprint_settings, model_fingerprint
-    from valuegate.storage import samples as sstore
-
     ids = sstore.dataset_ids(ws, dataset)
     if not ids:
         raise ValuegateError(f"dataset {dataset!r} has no samples in {ws.uri}; run `valuegate ingest {dataset} FILE`")
@@ -214,22 +232,11 @@ def extract_dataset(ws, dataset: str, settings, progress: bool = True, lm_cache:
     Raises:
         ValuegateError: the dataset has no samples.
     """
-    from valuegate.engine.model import load_model, load_tokenizer
-    from valuegate.storage import features as fstore
-    from valuegate.storage import samples as sstore
-    from valuegate.tasks.ingest import sample_from_record
-
     ex = settings.extract
     ratio = ex.lowest_likelihood_ratio if lowest_likelihood_ratio is None else lowest_likelihood_ratio
     tok = tokenizer if tokenizer is not None else load_tokenizer(settings.model)
     ids, fps, fp = dataset_fingerprint(ws, dataset, settings, tok, ratio)
-    cache = lm_cache if lm_cache is not None else {}
-
-    def loader():
-        if "lm" not in cache:
-            cache["lm"] = load_model(settings.model, tok, progress)
-        return cache["lm"]
-
+    loader = cached_model(lm_cache if lm_cache is not None else {}, settings.model, tok, progress)
     have = fstore.feature_ids(ws, fp)
     missing = [i for i in ids if i not in have]
     recs = {r["id"]: sample_from_record(r) for r in sstore.read_samples_by_id(ws, missing).to_pylist()} if missing else {}
@@ -257,8 +264,6 @@ _WORKER_LOCK = threading.Lock()
 
 def worker_model(model_fp: str, model_cfg, tokenizer: object | None = None) -> LoadedModel:
     """The model of ``model_fp`` for this process: loaded on first use, then reused (thread-safe)."""
-    from valuegate.engine.model import load_model
-
     with _WORKER_LOCK:
         lm = _WORKER_MODELS.get(model_fp)
         if lm is None:
@@ -298,9 +303,6 @@ def plan_extract_shards(ws, dataset: str, settings, shard_size: int) -> ShardPla
     Raises:
         ValuegateError: the dataset has no samples.
     """
-    from valuegate.engine.model import load_tokenizer
-    from valuegate.storage import features as fstore
-
     ex = settings.extract
     tok = load_tokenizer(settings.model)
     ids, fps, fp = dataset_fingerprint(ws, dataset, settings, tok, ex.lowest_likelihood_ratio)
@@ -327,12 +329,6 @@ def extract_shard(workspace: str, ids: list[str], settings, model_fp: str, fp_se
         ``extracted``, ``already``, ``refused`` (ids), ``batches``, ``seconds`` (forward passes), ``pid``
         and ``model_loads`` (loads of this fingerprint so far in the worker process).
     """
-    import os
-
-    from valuegate.storage import samples as sstore
-    from valuegate.storage.lance import Workspace
-    from valuegate.tasks.ingest import sample_from_record
-
     ws = Workspace.from_env(workspace)
     recs = {r["id"]: sample_from_record(r) for r in sstore.read_samples_by_id(ws, list(ids)).to_pylist()}
     lost = [i for i in ids if i not in recs]
@@ -346,3 +342,135 @@ def extract_shard(workspace: str, ids: list[str], settings, model_fp: str, fp_se
     return {"extracted": rep.extracted, "already": rep.already, "refused": [i for i, _ in rep.refused or []],
             "batches": rep.batches, "seconds": round(stats.seconds, 3), "pid": os.getpid(),
             "model_loads": _WORKER_LOADS.get(model_fp, 0)}
+
+
+# --------------------------------------------------------------------------------------------------
+# The ``extract`` step of the refresh DAG: the training and validation features a scores run reads.
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ExtractResult:
+    """What the ``extract`` step did (:func:`run`, :func:`extract_for_run`); plain JSON once
+    ``dataclasses.asdict``-ed (a cached step's result).
+
+    Attributes:
+        valset (str): the pinned validation version, ``name@vN``.
+        train_fp (str): fingerprint of the training features (the dataset's samples).
+        valid_fp (str): fingerprint of the validation features.
+        n_train (int): samples of the dataset.
+        extracted (int): training samples extracted by this call (0: all were stored already).
+        extracted_valid (int): validation samples extracted by this call.
+        refused (list[tuple[str, str]]): ``(id, message)`` of training samples the model cannot value
+            (left out of the scores run).
+        timings (dict[str, float]): seconds: ``resolve`` (ids, validation version, fingerprints) and
+            ``extract`` (the forward passes and writes).
+    """
+
+    valset: str
+    train_fp: str
+    valid_fp: str
+    n_train: int
+    extracted: int
+    extracted_valid: int
+    refused: list[tuple[str, str]]
+    timings: dict[str, float]
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ExtractResult:
+        """The result of ``dataclasses.asdict`` (e.g. read back from the step's cache), rebuilt."""
+        return cls(**{**d, "refused": [tuple(p) for p in d["refused"]]})
+
+    def line(self) -> str:
+        """One human line."""
+        return (f"features {self.train_fp[:12]} of {self.n_train} samples ({self.extracted} extracted"
+                + (f", {len(self.refused)} refused" if self.refused else "")
+                + f"), validation {self.valset} {self.valid_fp[:12]} ({self.extracted_valid} extracted)")
+
+
+def check_scoring_settings(settings: Settings) -> None:
+    """Raise when ``settings.score`` asks for what a stored scores run cannot hold.
+
+    Raises:
+        ValuegateError: ``method`` is not ``sparse`` (the store keeps sparse features) or the aggregate is
+            ``pairwise`` (a run holds one value per sample).
+    """
+    sc = settings.score
+    if sc.method != "sparse":
+        raise ValuegateError("score-set scores from the feature store, which keeps sparse features; "
+                             "use `valuegate score --method exact` on files for the exact oracle")
+    if sc.aggregate == "pairwise":
+        raise ValuegateError("score-set writes one value per sample: use --aggregate mean or nearest "
+                             "(`valuegate score` gives the pairwise matrix)")
+
+
+def extract_for_run(ws: Workspace, dataset: str, valset_ref: str, settings: Settings, progress: bool = True,
+                    cache: dict | None = None) -> tuple[ExtractResult, StoreExtractReport, StoreExtractReport]:
+    """Resolve what a scores run of ``dataset`` against ``valset_ref`` reads (the dataset's ids, the pinned
+    validation version, both fingerprints) and extract the features still missing (training samples here
+    only when a runner did not extract them already).
+
+    Returns:
+        the result, and the extraction reports of the training and the validation side.
+
+    Raises:
+        ValuegateError: settings a stored run cannot use (:func:`check_scoring_settings`), an empty dataset,
+            a validation set too small for the signals, a validation sample the model cannot value.
+    """
+    ex, sc = settings.extract, settings.score
+    check_scoring_settings(settings)
+    t0 = time.perf_counter()
+    ids = sstore.dataset_ids(ws, dataset)
+    if not ids:
+        raise ValuegateError(f"dataset {dataset!r} has no samples in {ws.uri}; run `valuegate ingest {dataset} FILE`")
+    record, vrows = read_valset(ws, valset_ref)
+    valset = f"{record['name']}@v{record['version']}"
+    vids, vsamples = valset_samples(vrows)
+    if sc.signals:
+        check_reference_size(len(vids), valset)
+    tok = load_tokenizer(settings.model)
+    fp_t_settings = fingerprint_settings(settings.model, ex, tok, ex.lowest_likelihood_ratio)
+    fp_v_settings = fingerprint_settings(settings.model, ex, tok, 1.0)
+    fp_t, fp_v = model_fingerprint(fp_t_settings), model_fingerprint(fp_v_settings)
+    cache = {} if cache is None else cache
+    timings = {"resolve": time.perf_counter() - t0}
+    t0 = time.perf_counter()
+    rep_t = extract_dataset(ws, dataset, settings, progress, cache, tok)
+    rep_v = extract_to_store(ws, cached_model(cache, settings.model, tok, progress), vids, vsamples, ex, fp_v,
+                             fp_v_settings, 1.0, progress=progress, desc="validation")
+    if rep_v.refused:
+        raise ValuegateError(f"{valset}: a validation sample cannot be valued: {rep_v.refused[0][1]}")
+    timings["extract"] = time.perf_counter() - t0
+    result = ExtractResult(valset, fp_t, fp_v, len(ids), rep_t.extracted, rep_v.extracted,
+                           [tuple(p) for p in rep_t.refused or []], timings)
+    return result, rep_t, rep_v
+
+
+def run(settings: Settings, valset_ref: str) -> ExtractResult:
+    """The ``extract`` step of the refresh DAG: :func:`extract_for_run` of ``settings.data.dataset`` in
+    ``settings.workspace`` (no progress bar)."""
+    return extract_for_run(Workspace.from_env(settings.workspace), settings.data.dataset, valset_ref, settings,
+                           progress=False)[0]
+
+
+# --------------------------------------------------------------------------------------------------
+# What the flow's sharded path (dask/ray) asks of the store, by settings
+# --------------------------------------------------------------------------------------------------
+
+
+def shard_plan(settings: Settings) -> ShardPlan:
+    """:func:`plan_extract_shards` of ``settings.data.dataset`` in shards of ``settings.runner.shard_size``."""
+    return plan_extract_shards(Workspace.from_env(settings.workspace), settings.data.dataset, settings,
+                               settings.runner.shard_size)
+
+
+def stored_count(settings: Settings, model_fp: str, ids: set[str]) -> int:
+    """How many of ``ids`` have features stored for ``model_fp``."""
+    return len(ids & fstore.feature_ids(Workspace.from_env(settings.workspace), model_fp))
+
+
+def index_features(settings: Settings, model_fp: str) -> bool:
+    """(Re)build the vector index of the feature set ``model_fp`` once it is large enough
+    (``extract.vector_index_min_rows``); whether it was built."""
+    return fstore.maybe_index_features(Workspace.from_env(settings.workspace), model_fp,
+                                       settings.extract.vector_index_min_rows)

@@ -41,6 +41,7 @@ import math
 import os
 import sys
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -405,8 +406,6 @@ def run_gate(inp: GateInput, cfg: GateSettings, docs_dir: Path) -> GateResult:
     Raises:
         ValuegateError: nothing scored or ingested, a negative count, ``group_by`` not a scored column.
     """
-    import time
-
     t0 = time.perf_counter()
     frames = gate_frames(inp)
     metrics = _metric_values(frames)

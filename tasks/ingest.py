@@ -23,7 +23,7 @@ import codecs
 import hashlib
 import json
 import unicodedata
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,6 +34,7 @@ from valuegate.digests import sha256_path
 from valuegate.engine.sample import Sample, SampleKind
 from valuegate.errors import ValuegateError
 from valuegate.names import check_name
+from valuegate.settings import Settings
 
 READABLE_SUFFIXES = (".jsonl", ".json", ".ndjson", ".parquet", ".csv")
 CHAT_ROLES = ("system", "user", "assistant", "tool")
@@ -650,6 +651,63 @@ def ingest_file(ws: Any, dataset: str, path: str | Path, max_chars: int, chunk_r
 def _store_images(ws: Any, samples: list[Sample]) -> None:
     """Put the images of new samples into the workspace's image table (before the samples that name them)."""
     if samples:
-        from valuegate.tasks.images_store import store_sample_images
+        from valuegate.storage.images import store_sample_images
 
         store_sample_images(ws, samples)
+
+
+# --------------------------------------------------------------------------------------------------
+# The ``ingest`` step of the refresh DAG
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class IngestResult:
+    """What the ``ingest`` step did (:func:`run`); plain JSON once ``dataclasses.asdict``-ed.
+
+    Attributes:
+        rows, kept, new_samples, duplicates, quarantined, left (int): this call's counts, summed over the
+            sources (:class:`FileReport`; an unchanged source adds nothing).
+        dataset_rows (int): the dataset's rows as it stands.
+        dataset_quarantined (int): its quarantined rows as it stands.
+        dataset_fp (str): sha256 of its sorted distinct ids (what scoring is keyed on).
+    """
+
+    rows: int
+    kept: int
+    new_samples: int
+    duplicates: int
+    quarantined: int
+    left: int
+    dataset_rows: int
+    dataset_quarantined: int
+    dataset_fp: str
+
+
+def run(settings: Settings, on_file: Callable[[FileReport], None] | None = None) -> IngestResult:
+    """Ingest every configured source (``settings.data.sources``) into ``settings.data.dataset``
+    (unchanged files are no-ops); ``on_file`` is called with each file's report as it is done.
+
+    Raises:
+        ValuegateError: no source configured, or a source that cannot be read.
+    """
+    from valuegate.storage.lance import Workspace
+    from valuegate.storage.samples import ensure_sample_tables, read_members, read_quarantine
+
+    ws = Workspace.from_env(settings.workspace)
+    ensure_sample_tables(ws)
+    if not settings.data.sources:
+        raise ValuegateError("no sources configured: set data.sources (a list of files) in the config")
+    keys = ("rows", "kept", "new_samples", "duplicates", "quarantined", "left")
+    totals = dict.fromkeys(keys, 0)
+    for src in settings.data.sources:
+        rep = ingest_file(ws, settings.data.dataset, src, settings.ingest.max_chars)
+        if on_file is not None:
+            on_file(rep)
+        for k in keys:
+            totals[k] += getattr(rep, k)
+    # the dataset as it stands (unchanged sources add nothing this run, but their rows still count)
+    ids = read_members(ws, settings.data.dataset, columns=["id"])["id"].to_pylist()
+    return IngestResult(**totals, dataset_rows=len(ids),
+                        dataset_quarantined=read_quarantine(ws, settings.data.dataset).num_rows,
+                        dataset_fp=hashlib.sha256("\n".join(sorted(set(ids))).encode()).hexdigest())

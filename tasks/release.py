@@ -7,7 +7,7 @@ How a diff knows its reasons. A release stores its kept rows (``data.parquet``: 
 content columns, the training columns only) and, beside them, the scores of every sample its run scored
 (``scores.parquet``: ``id``, ``value``, ``kept``, ``suspect``, the per-signal columns and the drop
 ``reason``; so each release explains itself without the LanceDB ``scores`` table, which may be pruned or
-live in another workspace), and its dataset card (``README.md``, :mod:`valuegate.tasks.dataset_card`). Between releases ``a`` and ``b``, an id *entered* when it is
+live in another workspace), and its dataset card (``README.md``, :mod:`valuegate.dataset_card`). Between releases ``a`` and ``b``, an id *entered* when it is
 kept in ``b`` but not in ``a`` and *left* in the opposite case; its reason is, first match wins:
 
 1. ``new data``: the id was not scored by the other release's run (for an entered id: it arrived after
@@ -34,11 +34,11 @@ from typing import Any
 
 import polars as pl
 
+from valuegate.dataset_card import card_extra, release_frames
 from valuegate.errors import ValuegateError
 from valuegate.settings import Settings
 from valuegate.storage import releases as store
 from valuegate.storage.lance import Workspace
-from valuegate.tasks.dataset_card import card_extra, release_frames
 from valuegate.tasks.select import dropped_reason_counts
 
 __all__ = [
@@ -121,7 +121,7 @@ def publish_release(root: Any, name: str, data: pl.DataFrame, *, scores: pl.Data
                     extra: dict[str, Path] | None = None, dropped: dict[str, int] | None = None,
                     **manifest_fields: Any) -> dict[str, Any]:
     """Allocate a version, write the release with its dataset card (``README.md``, see
-    :mod:`valuegate.tasks.dataset_card`) and promote it when its gate passed.
+    :mod:`valuegate.dataset_card`) and promote it when its gate passed.
 
     Args:
         root, name: workspace root (directory, s3:// URI or Workspace) and release name.

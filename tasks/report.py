@@ -11,15 +11,30 @@ from typing import Any
 
 import numpy as np
 import polars as pl
+from scipy.stats import rankdata
 
+from valuegate.engine.explain import TokenContributions, mean_rows, token_contributions
+from valuegate.engine.images import thumbnail_data_uri
+from valuegate.engine.model import (
+    LoadedModel,
+    fingerprint_settings,
+    load_model,
+    load_tokenizer,
+    model_fingerprint,
+)
 from valuegate.errors import ValuegateError
 from valuegate.settings import Settings
+from valuegate.storage import features as fstore
 from valuegate.storage import releases as rstore
+from valuegate.storage.images import attach_image_data, read_image_data
 from valuegate.storage.lance import Workspace
 from valuegate.storage.schemas import SIGNAL_COLUMNS
 from valuegate.storage.valsets import read_valset
-from valuegate.tasks.explain import explain_stored
+from valuegate.tasks.ingest import sample_from_record
 from valuegate.tasks.release import diff_candidate, format_diff, policy_cutoff, staging_dir
+from valuegate.tasks.score import _feature_matrix
+from valuegate.tasks.select import reason_kind
+from valuegate.tasks.validation_set import valset_samples
 
 KEEP_COLOUR, DROP_COLOUR = "#2b8a3e", "#c92a2a"
 
@@ -102,8 +117,6 @@ SUSPECT_AXIS = "suspect score (robust z units)"
 
 def _reason_kinds(selected: pl.DataFrame) -> list[str]:
     """The reason of every row without the sample's own numbers ("" when kept), so reasons can be grouped."""
-    from valuegate.tasks.select import reason_kind
-
     return [reason_kind(r) if r else "" for r in selected["reason"].fill_null("").to_list()]
 
 
@@ -214,10 +227,6 @@ def load_thumbnails(workspace: str | None, hashes: list[str], px: int = 96) -> d
     """sha256 → thumbnail ``data:`` URI for the images the workspace holds ({} without a workspace)."""
     if not workspace or not hashes:
         return {}
-    from valuegate.engine.images import thumbnail_data_uri
-    from valuegate.storage.lance import Workspace
-    from valuegate.tasks.images_store import read_image_data
-
     data = read_image_data(Workspace.from_env(workspace), hashes)
     return {h: thumbnail_data_uri(b, px) for h, b in data.items()}
 
@@ -382,8 +391,6 @@ def pick_explained(selected: pl.DataFrame, per_kind: int = 2) -> list[tuple[str,
 
 def detection_auc(score: np.ndarray, positive: np.ndarray) -> float:
     """ROC AUC of ``score`` (higher = positive) for the boolean ``positive`` labels; ties count half."""
-    from scipy.stats import rankdata
-
     pos = np.asarray(positive, dtype=bool)
     n1, n0 = int(pos.sum()), int((~pos).sum())
     r = rankdata(np.asarray(score, dtype=np.float64))
@@ -417,6 +424,32 @@ class ReportResult:
     path: str
     written: bool
     warnings: tuple[str, ...] = ()
+
+
+def explain_stored(ws, settings, valset_ref: str, records: list[dict], lm: LoadedModel | None = None,
+                   progress: bool = False) -> list[TokenContributions]:
+    """:func:`token_contributions` for stored samples against a registered validation-set version whose
+    features are in the store (as after ``score_dataset``).
+
+    Args:
+        ws: the workspace. settings: the resolved settings the scores were computed with.
+        valset_ref: ``name@vN``. records: sample records (``kind``, ``prompt``, ``response``, ``messages``,
+            ``text``), e.g. rows of a scores table. lm: the loaded model, or None to load it.
+    """
+    if not records:
+        return []
+    tok = lm.tokenizer if lm is not None else load_tokenizer(settings.model)
+    fp_v = model_fingerprint(fingerprint_settings(settings.model, settings.extract, tok, 1.0))
+    meta = fstore.read_feature_set(ws, fp_v)
+    if meta is None:
+        raise ValuegateError(f"no validation features for {valset_ref}: score the dataset first")
+    _, vrows = read_valset(ws, valset_ref)
+    vids, _ = valset_samples(vrows)
+    vocab, width = int(meta["vocab_size"]), int(meta["row_width"])
+    vm, _ = _feature_matrix(fstore.read_features(ws, fp_v, vids, ["id", "token_ids", "rows"]), vids, vocab, width)
+    lm = lm if lm is not None else load_model(settings.model, tok, progress)
+    samples = attach_image_data(ws, [sample_from_record(r, row=i) for i, r in enumerate(records)])
+    return token_contributions(lm, samples, mean_rows(vm, vocab, width), settings.extract)
 
 
 def _explain(settings: Settings, selected: pl.DataFrame, valset: str) -> tuple[list, str | None]:

@@ -82,7 +82,7 @@ def files(tmp_path_factory):
 
 @pytest.mark.parametrize("signals", [True, False])
 def test_score_columns_equal_the_plain_reference(files, tiny_model_dir, signals):
-    from valuegate.tasks.score import score_files
+    from valuegate.file_scoring import score_files
 
     model = tiny_model_dir()
     train_path, valid_path, train, valid = files
@@ -96,7 +96,7 @@ def test_score_columns_equal_the_plain_reference(files, tiny_model_dir, signals)
 
 
 def test_exact_method_gives_the_same_columns(files, tiny_model_dir):
-    from valuegate.tasks.score import score_files
+    from valuegate.file_scoring import score_files
 
     train_path, valid_path, _, _ = files
     model = tiny_model_dir()
@@ -108,7 +108,7 @@ def test_exact_method_gives_the_same_columns(files, tiny_model_dir):
 
 def test_text_samples_have_no_ifd(tmp_path, tiny_model_dir):
     """A text sample has no prompt: its IFD is undefined (null), the other baselines are there."""
-    from valuegate.tasks.score import score_files
+    from valuegate.file_scoring import score_files
 
     train = write_jsonl(tmp_path / "t.jsonl", random_rows(4, seed=5, kind="text"))
     valid = write_jsonl(tmp_path / "v.jsonl", random_rows(4, seed=6, kind="text"))
@@ -118,7 +118,7 @@ def test_text_samples_have_no_ifd(tmp_path, tiny_model_dir):
 
 
 def test_chat_samples_get_an_ifd(tmp_path, tiny_model_dir):
-    from valuegate.tasks.score import score_files
+    from valuegate.file_scoring import score_files
 
     train = write_jsonl(tmp_path / "t.jsonl", random_rows(4, seed=7, kind="messages"))
     valid = write_jsonl(tmp_path / "v.jsonl", random_rows(4, seed=8, kind="messages"))
@@ -129,11 +129,13 @@ def test_chat_samples_get_an_ifd(tmp_path, tiny_model_dir):
 def test_store_path_stores_the_unconditional_loss_and_scores_the_same(files, tmp_path, tiny_model_dir):
     """The unconditional loss is a feature column (same extraction run, keyed by the fingerprint); the scores
     run, read_score_run and `valuegate score` carry the same baseline columns."""
+    from valuegate.file_scoring import score_files
     from valuegate.storage import features as fstore
     from valuegate.storage import samples as sstore
+    from valuegate.storage.scores import read_score_run
     from valuegate.tasks.ingest import ingest_file
-    from valuegate.tasks.score import read_score_run, score_dataset, score_files
-    from valuegate.tasks.valsets import register_valset
+    from valuegate.tasks.score import score_dataset
+    from valuegate.tasks.validation_set import register_valset
 
     train_path, valid_path, _, _ = files
     model = tiny_model_dir()
@@ -228,7 +230,7 @@ def test_a_non_finite_baseline_is_refused():
 
 
 def test_a_release_puts_the_baselines_in_scores_not_in_data():
-    from valuegate.tasks.dataset_card import release_frames
+    from valuegate.dataset_card import release_frames
 
     selected = select_samples(FRAME.with_columns(pl.lit("p").alias("prompt"), pl.Series("rds_max", [0.0] * 6)),
                               SelectSettings(policy="length", fraction=0.5))

@@ -97,7 +97,7 @@ name = "r"
 
 
 def _score_record(results: Path) -> Path:
-    """The extract+score step's cached record (its result names the scores run and the model)."""
+    """The score step's cached record (its result names the scores run and the model)."""
     found = []
     for p in results.iterdir():
         if p.is_file():
@@ -123,9 +123,9 @@ def test_a_planted_pickle_record_in_the_workspace_is_recomputed_not_run(prefect_
     again = refresh(config=config)
     assert not marker.exists()
     # recomputed: not answered by the cache, a new scores run
-    assert "extract+score" not in again["cached_steps"] and again["run_id"] != first["run_id"]
+    assert "score" not in again["cached_steps"] and again["run_id"] != first["run_id"]
     # the step's result was written again, as the project's JSON
     assert json.loads(record.read_bytes())["metadata"]["serializer"]["type"] == "json"
     third = refresh(config=config)
-    assert "extract+score" in third["cached_steps"] and third["run_id"] == again["run_id"]
+    assert "score" in third["cached_steps"] and third["run_id"] == again["run_id"]
 

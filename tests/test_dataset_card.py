@@ -10,8 +10,8 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
+from valuegate.dataset_card import CARD_FILE, SCORE_COLUMNS, card_features, release_frames
 from valuegate.storage import releases as store
-from valuegate.tasks.dataset_card import CARD_FILE, SCORE_COLUMNS, card_features, release_frames
 from valuegate.tasks.release import diff_releases, publish_release
 
 datasets = pytest.importorskip("datasets")

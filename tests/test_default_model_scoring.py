@@ -13,8 +13,8 @@ from valuegate.engine.default_model import default_model_cached, default_model_d
 from valuegate.engine.extraction import extract_token_blocks
 from valuegate.engine.forvalue import exact_cross
 from valuegate.engine.model import encode_samples, load_model
+from valuegate.file_scoring import score_files
 from valuegate.settings import ModelSettings, load_settings
-from valuegate.tasks.score import score_files
 
 pytestmark = [
     pytest.mark.default_model,

@@ -103,7 +103,7 @@ def test_refresh_releases_and_a_failed_gate_keeps_the_previous_release(prefect_h
     # a second run on unchanged inputs: scores come from the cache (same scores run), a new release
     again, _ = _run(config)
     assert again["version"] == "v0002" and again["run_id"] == out["run_id"] and not again["resumed"]
-    assert "extract+score" in again["cached_steps"] and again["timings"]["extract"] == 0
+    assert {"extract", "score"} <= set(again["cached_steps"]) and again["timings"]["extract"] == 0
     assert _scores_runs(root) == [out["run_id"]]
     # a gate that cannot pass: the release is written, never current, the previous stays current
     failing = _config(tmp_path, tiny_model_dir(), gate={"min_retained_fraction": 0.9})
@@ -228,7 +228,7 @@ def test_resume_after_a_task_failure(prefect_harness, tmp_path, tiny_model_dir, 
 
     out, _ = _run(config)
     assert out["version"] == "v0001" and out["resumed"] and out["current"]
-    assert calls["score"] == 1 and "extract+score" in out["cached_steps"] and out["timings"]["extract"] == 0
+    assert calls["score"] == 1 and {"extract", "score"} <= set(out["cached_steps"]) and out["timings"]["extract"] == 0
     assert rstore.read_current(root, "r") == "v0001"
     assert [m["version"] for m in rstore.list_releases(root, "r")] == ["v0001"] == _version_dirs(root)
     data = rstore.read_release_data(root, "r", "v0001", verify=True)
@@ -264,22 +264,22 @@ def test_changed_inputs_are_never_answered_from_the_cache(prefect_harness, tmp_p
     grown, _ = _run(config)
     assert grown["counts"]["new_samples"] == 4 and grown["counts"]["dataset_rows"] == 28
     assert grown["counts"]["extracted"] == 4 and grown["run_id"] != first["run_id"]
-    assert not {"ingest", "extract+score"} & set(grown["cached_steps"])
+    assert not {"ingest", "extract", "score"} & set(grown["cached_steps"])
     renormed, _ = _run(_config(tmp_path, model, score={"normalize": "length"}))  # rewrites train.jsonl
     assert renormed["counts"]["dataset_rows"] == 24 and renormed["counts"]["left"] == 4
     assert renormed["run_id"] not in (first["run_id"], grown["run_id"])
     assert renormed["counts"]["extracted"] == 0
-    assert "extract+score" not in renormed["cached_steps"]
+    assert "score" not in renormed["cached_steps"]
     # back to the first run's inputs exactly: its scores are reused
     config = _config(tmp_path, model)
     back, _ = _run(config)
-    assert back["run_id"] == first["run_id"] and "extract+score" in back["cached_steps"]
+    assert back["run_id"] == first["run_id"] and {"extract", "score"} <= set(back["cached_steps"])
     assert "ingest" in back["cached_steps"] or back["counts"]["new_samples"] == 0
     # a new validation file: a new version, scored against
     write_jsonl(tmp_path / "valid.jsonl", random_rows(5, seed=23))
     newval, _ = _run(config)
     assert newval["valset"] == "v@v2" and newval["run_id"] not in {first["run_id"], grown["run_id"]}
-    assert "validation-set" not in newval["cached_steps"] and "extract+score" not in newval["cached_steps"]
+    assert "validation-set" not in newval["cached_steps"] and not {"extract", "score"} & set(newval["cached_steps"])
     assert read_manifest(root, "r", newval["version"])["valset"] == "v@v2"
 
 

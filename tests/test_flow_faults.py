@@ -21,7 +21,7 @@ from test_runners import _feature_ids
 
 # point → (module, attribute, "before" | "after" the call); an attribute "Class.method" wraps a method
 KILL_POINTS = {
-    "extract+score": ("valuegate.tasks.score", "score_dataset", "after"),  # scores written, result not cached
+    "score": ("valuegate.tasks.score", "score_dataset", "after"),  # scores written, result not cached
     "allocate|gate": ("valuegate.tasks.gate", "run_gate", "before"),  # version allocated, nothing written
     "inside release": ("valuegate.storage.objstore", "Root.write_parquet", "after"),  # data.parquet only
     "inside report": ("valuegate.tasks.report", "write_report", "after"),  # report rendered, not copied in
@@ -106,7 +106,7 @@ def test_sigkill_then_rerun(prefect_harness, tmp_path, tiny_model_dir, point):
         assert versions == ["v0001", "v0002"] and out["previous"] == "v0001" and not out["resumed"]
     else:  # the version the killed run allocated (if any) is taken over, not left behind
         assert versions == ["v0001"] and out["previous"] is None
-        assert out["resumed"] is (point != "extract+score")
+        assert out["resumed"] is (point != "score")
 
 
 def test_interleaved_promotions_never_move_current_back(prefect_harness, tmp_path, tiny_model_dir,

@@ -18,10 +18,11 @@ from valuegate.settings import load_settings
 from valuegate.storage import schemas
 from valuegate.storage.lance import Workspace
 from valuegate.storage.samples import dataset_ids, ensure_sample_tables
+from valuegate.storage.scores import read_score_run
 from valuegate.tasks.extract import extract_dataset
 from valuegate.tasks.ingest import ingest_file
-from valuegate.tasks.score import read_score_run, score_dataset
-from valuegate.tasks.valsets import register_valset
+from valuegate.tasks.score import score_dataset
+from valuegate.tasks.validation_set import register_valset
 
 TIMESTAMP = pa.timestamp("us", tz="UTC")
 SIGNAL_COLUMNS = schemas.SIGNAL_COLUMNS  # unchanged since 94e3adf

@@ -34,7 +34,7 @@ def _selected(n: int = 60) -> pl.DataFrame:
 
 
 def _explained():
-    from valuegate.tasks.explain import TokenContributions
+    from valuegate.engine.explain import TokenContributions
 
     tc = TokenContributions(["Add", " 2", " + 2", " =", " 4", "<b>"], [None, None, None, None, 0.7, -0.2], 0.5)
     return [("lowest-valued", {"value": 0.5}, tc)]

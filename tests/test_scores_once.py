@@ -12,9 +12,10 @@ from valuegate.settings import load_settings
 from valuegate.storage import schemas
 from valuegate.storage.lance import Workspace, sql_str
 from valuegate.storage.samples import ensure_sample_tables
+from valuegate.storage.scores import write_scores
 from valuegate.tasks.ingest import ingest_file
-from valuegate.tasks.score import score_dataset, write_scores
-from valuegate.tasks.valsets import register_valset
+from valuegate.tasks.score import score_dataset
+from valuegate.tasks.validation_set import register_valset
 
 
 @pytest.fixture
@@ -59,7 +60,7 @@ def test_another_run_of_the_same_ids_is_kept_apart(scored):
 def test_the_flow_counts_truncated_and_unscored_samples_alike_on_every_runner(prefect_harness, tmp_path,
                                                                               tiny_model_dir):
     """The dask path (plan-scores + score shards) returns ``truncated``, ``unscored`` and ``unscored_ids`` as
-    the local extract+score task does (here: scoring the same stored dataset locally), so the run's counts do
+    the local score task does (here: scoring the same stored dataset locally), so the run's counts do
     not depend on the runner."""
     import json
 

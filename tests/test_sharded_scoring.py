@@ -14,7 +14,7 @@ from valuegate.tasks import score as score_mod
 from valuegate.tasks.extract import shard_ids
 from valuegate.tasks.ingest import ingest_file
 from valuegate.tasks.score import load_context, plan_scoring, score_dataset, score_shard
-from valuegate.tasks.valsets import register_valset
+from valuegate.tasks.validation_set import register_valset
 
 
 @pytest.fixture

@@ -8,6 +8,7 @@ import pytest
 import torch
 from test_forvalue import _setup, phi_from_block
 
+from valuegate.engine.aggregate import compute_values
 from valuegate.engine.extraction import extract_token_blocks
 from valuegate.engine.model import encode_samples
 from valuegate.engine.signals import (
@@ -20,7 +21,6 @@ from valuegate.engine.signals import (
 )
 from valuegate.errors import ValuegateError
 from valuegate.storage.schemas import SIGNAL_COLUMNS
-from valuegate.tasks.score import compute_values
 
 
 @pytest.mark.parametrize("family", ["llama", "gemma2"])
@@ -161,9 +161,9 @@ def test_signals_off_keeps_the_values(tiny_model_dir):
 @pytest.mark.parametrize("ratio", [1.0, 0.5])
 def test_token_contributions_sum_to_the_mean_value(tiny_model_dir, ratio):
     """The per-token parts the report highlights add up to the sample's sparse mean value."""
+    from valuegate.engine.explain import mean_rows, token_contributions
     from valuegate.engine.extraction import extract_sparse
     from valuegate.engine.signals import SparseSet
-    from valuegate.tasks.explain import mean_rows, token_contributions
 
     settings, lm, train, valid = _setup(tiny_model_dir("llama"), n_train=4, n_valid=3, support_k=3, hidden_dim=6,
                                         lowest_likelihood_ratio=ratio)

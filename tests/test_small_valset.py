@@ -9,12 +9,13 @@ from tiny import random_rows, write_jsonl
 
 from valuegate.engine.signals import MIN_REFERENCE, calibrated_suspect, robust_z
 from valuegate.errors import ValuegateError
+from valuegate.file_scoring import score_files
 from valuegate.settings import load_settings
 from valuegate.storage import samples as sstore
 from valuegate.storage.lance import Workspace
 from valuegate.tasks.ingest import ingest_file
-from valuegate.tasks.score import score_dataset, score_files
-from valuegate.tasks.valsets import register_valset
+from valuegate.tasks.score import score_dataset
+from valuegate.tasks.validation_set import register_valset
 
 
 def _settings(model_dir, uri: str | None = None, **score):

@@ -21,7 +21,7 @@ from valuegate.storage.lance import Workspace
 from valuegate.storage.valsets import read_valset, read_valset_versions
 from valuegate.tasks.ingest import ingest_file
 from valuegate.tasks.score import score_dataset
-from valuegate.tasks.valsets import register_valset
+from valuegate.tasks.validation_set import register_valset
 
 
 @pytest.fixture
@@ -208,8 +208,8 @@ def test_validation_versions_are_immutable_and_addressable(ws, tmp_path):
 def test_score_set_equals_file_scoring_and_is_pinned(ws, tmp_path, tiny_model_dir, monkeypatch):
     """Scores from the store equal `valuegate score` on the same files (same settings), whatever the
     scoring chunk."""
+    from valuegate.file_scoring import score_files
     from valuegate.tasks import score as score_mod
-    from valuegate.tasks.score import score_files
 
     monkeypatch.setattr(score_mod, "SCORE_CHUNK", 5)  # 12 samples: three chunks
 
@@ -301,7 +301,7 @@ def test_s3_workspace_end_to_end(s3_server, tmp_path, tiny_model_dir):
 def test_mean_through_one_vector_equals_mean_of_the_pairwise_matrix(how):
     import scipy.sparse as sp
 
-    from valuegate.tasks.score import ValueMatrix, mean_aggregate, normalize
+    from valuegate.engine.aggregate import ValueMatrix, mean_aggregate, normalize
 
     rng = np.random.default_rng(0)
     tm = sp.random(30, 400, density=0.05, random_state=1, format="csr")

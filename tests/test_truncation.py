@@ -8,13 +8,15 @@ import pytest
 from tiny import WORDS, write_jsonl
 
 from valuegate.errors import ValuegateError
+from valuegate.file_scoring import score_files, summary_line
 from valuegate.settings import load_settings
 from valuegate.storage import samples as sstore
 from valuegate.storage import schemas
 from valuegate.storage.lance import Workspace, sql_str
+from valuegate.storage.scores import read_score_run
 from valuegate.tasks.ingest import ingest_file
-from valuegate.tasks.score import read_score_run, score_dataset, score_files, summary_line
-from valuegate.tasks.valsets import register_valset
+from valuegate.tasks.score import score_dataset
+from valuegate.tasks.validation_set import register_valset
 
 MAX_LENGTH = 8  # tokens: each word of the tiny vocabulary is one token
 

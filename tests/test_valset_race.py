@@ -16,7 +16,7 @@ from valuegate.errors import ValuegateError
 from valuegate.storage import schemas
 from valuegate.storage import valsets as store
 from valuegate.storage.lance import Workspace
-from valuegate.tasks import valsets as tasks_valsets
+from valuegate.tasks import validation_set as tasks_valsets
 
 
 def _claim_v1_as_another_run(ws: Workspace, path, name: str = "v") -> tuple[pa.Table, str]:

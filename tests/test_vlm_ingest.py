@@ -16,8 +16,8 @@ from tiny_vlm import build_tiny_vlm, image_bytes, image_rows, write_images
 
 from valuegate.storage import images as istore
 from valuegate.storage import samples as sstore
+from valuegate.storage.images import export_images
 from valuegate.storage.lance import Workspace
-from valuegate.tasks.images_store import export_images
 from valuegate.tasks.ingest import ingest_file, read_samples
 
 

@@ -25,11 +25,12 @@ if TYPE_CHECKING:
     import datasets
     import pandas
 
+    from valuegate.engine.aggregate import ValueMatrix
     from valuegate.engine.sample import Sample
     from valuegate.storage import lance
     from valuegate.tasks.extract import StoreExtractReport
     from valuegate.tasks.ingest import FileReport
-    from valuegate.tasks.score import ScoreRunReport, ValueMatrix
+    from valuegate.tasks.score import ScoreRunReport
 
 TableLike = Union[str, os.PathLike, pl.DataFrame, pl.LazyFrame, "pandas.DataFrame", "datasets.Dataset"]
 """What :func:`score` reads: a JSONL / Parquet / CSV path, or a frame whose columns form samples
@@ -122,7 +123,7 @@ def score_inputs(train: TableLike, valid: TableLike, settings: Settings,
                  progress: bool = False) -> tuple[pl.DataFrame, ValueMatrix]:
     """:func:`score` with resolved settings, also returning the value matrix (``valuegate score`` prints its
     summary from it). Returns ``(table, ValueMatrix)``; the table is described in :func:`score`."""
-    from valuegate.tasks.score import score_samples
+    from valuegate.file_scoring import score_samples
 
     train_df, train_samples = read_input(train, "train")
     _, valid_samples = read_input(valid, "valid")
@@ -227,7 +228,7 @@ class Workspace:
             the version record: ``name``, ``version`` (int), ``rows``, ``content_hash``, ``source``, ``at``,
             ``pruned``, and ``new`` (False when identical content was already registered).
         """
-        from valuegate.tasks.valsets import register_valset
+        from valuegate.tasks.validation_set import register_valset
 
         record, new = register_valset(self.store, name, os.fspath(file), self.settings.ingest.max_chars)
         return {**record, "new": new}

@@ -137,8 +137,8 @@ def _parser() -> argparse.ArgumentParser:
 
 def _cmd_score(args: argparse.Namespace) -> int:
     from valuegate.api import score_inputs
+    from valuegate.file_scoring import summary_line
     from valuegate.settings import load_settings
-    from valuegate.tasks.score import summary_line
 
     settings = load_settings(args.config, setting_overrides(args))
     out = Path(args.out)
@@ -194,7 +194,7 @@ def _cmd_extract(args: argparse.Namespace) -> int:
 
 def _cmd_valset(args: argparse.Namespace) -> int:
     from valuegate.storage.valsets import read_valset, read_valset_versions
-    from valuegate.tasks.valsets import register_valset
+    from valuegate.tasks.validation_set import register_valset
 
     settings, ws = _settings_and_ws(args)
     if args.valset_command == "register":

@@ -67,7 +67,7 @@ def summary_lines(summary: dict[str, Any], release: str, max_length: int) -> lis
         lines.append(f"truncated: {c['truncated']} of {scored} samples valued on their first {max_length} "
                      "tokens only (extract.max_length)")
     if c.get("unscored"):
-        lines.append(f"unscored: {c['unscored']} samples not valued (the extract+score step's log names them and why)")
+        lines.append(f"unscored: {c['unscored']} samples not valued (the score step's log names them and why)")
     if c.get("quarantined"):
         lines.append(f"quarantined: {c['quarantined']} of {c['rows']} rows read this run were refused at ingest")
     lines.append(f"report: {report_url(summary['report'])}")

@@ -143,7 +143,7 @@ def compute_signals(data: Path, out: Path, loss_on: str, quick: bool, every: int
     from valuegate.storage.samples import ensure_sample_tables
     from valuegate.tasks.ingest import ingest_file
     from valuegate.tasks.score import score_dataset
-    from valuegate.tasks.valsets import register_valset
+    from valuegate.tasks.validation_set import register_valset
 
     frames = []
     work = out / "suspect-work"
@@ -191,8 +191,9 @@ def compute_signals(data: Path, out: Path, loss_on: str, quick: bool, every: int
 
 
 def _mean_hidden_of(ws, fp: str, ids: list[str]) -> np.ndarray:
+    from valuegate.engine.aggregate import mean_hidden
     from valuegate.storage import features as fstore
-    from valuegate.tasks.score import _aligned, _pooled, mean_hidden
+    from valuegate.tasks.score import _aligned, _pooled
 
     t = _aligned(fstore.read_features(ws, fp, ids, ["id", "pooled_hidden", "n_tokens"]), ids)
     return mean_hidden(_pooled(t, len(ids)), t["n_tokens"].to_numpy())
@@ -201,7 +202,7 @@ def _mean_hidden_of(ws, fp: str, ids: list[str]) -> np.ndarray:
 def _valid_hidden(ws, settings, valset: str) -> tuple[list[str], np.ndarray]:
     from valuegate.engine.model import fingerprint_settings, load_tokenizer, model_fingerprint
     from valuegate.storage.valsets import read_valset
-    from valuegate.tasks.valsets import valset_samples
+    from valuegate.tasks.validation_set import valset_samples
 
     _, vrows = read_valset(ws, valset)
     vids, _ = valset_samples(vrows)
@@ -221,12 +222,13 @@ def reference_table(ws, settings, valset: str) -> pl.DataFrame:
     """The leave-one-out signals of the validation samples (the reference of the suspect score)."""
     import pyarrow as pa
 
+    from valuegate.engine.aggregate import projected_centre, reference_signals
     from valuegate.engine.model import fingerprint_settings, load_tokenizer, model_fingerprint
     from valuegate.engine.signals import SparseSet, ValidSide
     from valuegate.storage import features as fstore
     from valuegate.storage.valsets import read_valset
-    from valuegate.tasks.score import _feature_matrix, projected_centre, reference_signals
-    from valuegate.tasks.valsets import valset_samples
+    from valuegate.tasks.score import _feature_matrix
+    from valuegate.tasks.validation_set import valset_samples
 
     _, vrows = read_valset(ws, valset)
     vids, _ = valset_samples(vrows)

@@ -27,7 +27,7 @@ class Sample:
         text: plain text (``text``), else None.
         images: sha256 of each image's bytes, in placeholder order (None: a text-only sample).
         image_data: the images' bytes, same order (None when not at hand, e.g. read back from the store
-            before :func:`valuegate.tasks.images_store.attach_image_data`).
+            before :func:`valuegate.storage.images.attach_image_data`).
     """
 
     kind: SampleKind

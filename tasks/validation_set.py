@@ -1,10 +1,12 @@
-"""Register, list and show versions of validation sets (``flows/validation.py`` wraps these)."""
+"""The ``validation-set`` step: register a validation file as the next version of a named set and pin the
+version a run scores against (``flows/validation.py`` wraps :func:`run`); the set's rows as samples."""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow as pa
@@ -14,6 +16,7 @@ from valuegate.errors import ValuegateError
 from valuegate.names import check_name
 from valuegate.storage import schemas
 from valuegate.storage import valsets as store
+from valuegate.storage.images import store_sample_images
 from valuegate.storage.lance import Workspace
 from valuegate.tasks.ingest import read_source_rows, sample_from_record, sample_id, sample_record
 
@@ -62,8 +65,6 @@ def register_valset(ws: Workspace, name: str, path: str | Path, max_chars: int) 
     check_name(name, "validation set")
     rows = valset_rows(path, max_chars)
     if any(rows["images"].to_pylist()):  # image-text validation samples: their images, by content hash
-        from valuegate.tasks.images_store import store_sample_images
-
         store_sample_images(ws, [v.sample for v in read_source_rows(path, max_chars)])
     digest = content_hash(rows)
     deadline = time.monotonic() + _REGISTER_WAIT_S
@@ -84,3 +85,53 @@ def valset_samples(rows: pa.Table) -> tuple[list[str], list[Sample]]:
     """Ids and samples of a validation set's rows, in row order."""
     recs = rows.sort_by("row").to_pylist()
     return [r["id"] for r in recs], [sample_from_record(r, r["row"], "valset") for r in recs]
+
+
+# --------------------------------------------------------------------------------------------------
+# The ``validation-set`` step of the refresh DAG (and of the ``register-validation-set`` flow)
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ValidationSetResult:
+    """The pinned validation version (:func:`run`); plain JSON once ``dataclasses.asdict``-ed.
+
+    Attributes:
+        valset (str): ``name@vN``.
+        name (str): the set's name. version (int): N.
+        rows (int): its rows.
+        content_hash (str): sha256 over its ordered ids and metadata (:func:`content_hash`).
+        source (str): the file the version was registered from.
+        new (bool): whether this call registered a new version.
+    """
+
+    valset: str
+    name: str
+    version: int
+    rows: int
+    content_hash: str
+    source: str
+    new: bool
+
+    def line(self) -> str:
+        """One human line."""
+        return ("registered " if self.new else "using ") + f"{self.valset} ({self.rows} rows)"
+
+
+def run(workspace: str, ref: str, file: str | None, max_chars: int) -> ValidationSetResult:
+    """Register ``file`` as the next version of the set ``ref`` names (identical content: a no-op that
+    returns the version registered before), then pin the version to use: ``ref``'s own version when it
+    names one (``NAME@vN``), else the registered one, else (no file) the latest.
+
+    Raises:
+        ValuegateError: a bad or missing file, an unknown set or version.
+    """
+    ws = Workspace.from_env(workspace)
+    name, pinned = store.parse_ref(ref)
+    new = False
+    if file:
+        rec, new = register_valset(ws, name, file, max_chars)
+        ref = ref if pinned is not None else f"{name}@v{rec['version']}"
+    rec, _ = store.read_valset(ws, ref)
+    return ValidationSetResult(f"{rec['name']}@v{rec['version']}", rec["name"], int(rec["version"]), int(rec["rows"]),
+                               rec["content_hash"], rec["source"], new)

@@ -8,7 +8,7 @@ splits exactly into per-token parts::
 
 where ``R̄'`` is the mean of the validation samples' rows. ``c_t`` is attributed to the token the position
 predicts (the target ``y_t``). One forward pass of the few samples shown; the validation side comes from
-the feature store, never from a second forward pass.
+the feature store, never from a second forward pass (the report step reads it: ``tasks/report.py``).
 """
 
 from __future__ import annotations
@@ -87,40 +87,3 @@ def token_contributions(lm: LoadedModel, samples: list[Sample], valid_mean: np.n
             tokens = [lm.tokenizer.decode([int(t)]) for t in enc.input_ids]
             out[idx[j]] = TokenContributions(tokens, contrib, float(c.sum()))
     return out  # type: ignore[return-value]
-
-
-def explain_stored(ws, settings, valset_ref: str, records: list[dict], lm: LoadedModel | None = None,
-                   progress: bool = False) -> list[TokenContributions]:
-    """:func:`token_contributions` for stored samples against a registered validation-set version whose
-    features are in the store (as after ``score_dataset``).
-
-    Args:
-        ws: the workspace. settings: the resolved settings the scores were computed with.
-        valset_ref: ``name@vN``. records: sample records (``kind``, ``prompt``, ``response``, ``messages``,
-            ``text``), e.g. rows of a scores table. lm: the loaded model, or None to load it.
-    """
-    from valuegate.engine.model import fingerprint_settings, load_model, load_tokenizer, model_fingerprint
-    from valuegate.storage import features as fstore
-    from valuegate.storage.valsets import read_valset
-    from valuegate.tasks.ingest import sample_from_record
-    from valuegate.tasks.score import _feature_matrix
-    from valuegate.tasks.valsets import valset_samples
-
-    if not records:
-        return []
-    tok = lm.tokenizer if lm is not None else load_tokenizer(settings.model)
-    fp_v = model_fingerprint(fingerprint_settings(settings.model, settings.extract, tok, 1.0))
-    meta = fstore.read_feature_set(ws, fp_v)
-    if meta is None:
-        from valuegate.errors import ValuegateError
-
-        raise ValuegateError(f"no validation features for {valset_ref}: score the dataset first")
-    _, vrows = read_valset(ws, valset_ref)
-    vids, _ = valset_samples(vrows)
-    vocab, width = int(meta["vocab_size"]), int(meta["row_width"])
-    vm, _ = _feature_matrix(fstore.read_features(ws, fp_v, vids, ["id", "token_ids", "rows"]), vids, vocab, width)
-    lm = lm if lm is not None else load_model(settings.model, tok, progress)
-    from valuegate.tasks.images_store import attach_image_data
-
-    samples = attach_image_data(ws, [sample_from_record(r, row=i) for i, r in enumerate(records)])
-    return token_contributions(lm, samples, mean_rows(vm, vocab, width), settings.extract)

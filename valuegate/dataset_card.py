@@ -21,7 +21,7 @@ from typing import Any
 import polars as pl
 import pyarrow as pa
 
-from valuegate.storage.schemas import BASELINE_COLUMNS, SIGNAL_COLUMNS
+from valuegate.engine.columns import BASELINE_COLUMNS, SIGNAL_COLUMNS
 
 __all__ = ["CARD_FILE", "SCORE_COLUMNS", "card_extra", "card_features", "data_schema", "release_frames",
            "render_card", "write_card"]

@@ -1,0 +1,358 @@
+"""Scoring math on feature matrices (docs/ARCHITECTURE.md §4): the value matrix of two extracted sets,
+its normalisations and aggregates over the validation set, the signals' reference and the suspect score.
+
+torch/numpy/scipy only: the store side (reading feature rows, writing a scores run) is ``tasks/score.py``
+and ``storage/scores.py``; scoring files in memory is :mod:`valuegate.file_scoring`. Every entry point
+(``score_files``, ``score_dataset``, ``score_shard``) builds the suspect score through :func:`suspect_of`.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from valuegate.engine.extraction import (
+    ExtractionStats,
+    extract_sparse,
+    extract_token_blocks,
+    iter_token_blocks,
+    projections,
+)
+from valuegate.engine.forvalue import (
+    exact_cross,
+    exact_self,
+    sparse_cross,
+    sparse_mean_csr,
+    sparse_self,
+)
+from valuegate.engine.model import EncodedSample, LoadedModel, encode_samples
+from valuegate.engine.sample import Sample
+from valuegate.engine.signals import (
+    CrossTerms,
+    SparseSet,
+    SuspectReference,
+    ValidSide,
+    calibrated_suspect,
+    cross_terms_exact,
+    cross_terms_sparse,
+    explain_suspect,
+    hidden_neighbours,
+    parse_suspect,
+    signals_from_terms,
+)
+from valuegate.errors import ValuegateError
+from valuegate.settings import Settings
+
+__all__ = ["ValueMatrix", "aggregate", "compute_values", "mean_aggregate", "mean_hidden", "neighbours_of",
+           "normalize", "projected_centre", "reference_signals", "sparse_signal_terms", "suspect_of"]
+
+
+@dataclass
+class ValueMatrix:
+    """Raw For-Value between every train and validation sample, and the per-sample terms beside it.
+
+    Attributes:
+        values: ``(n_train, n_valid)`` float64, ``⟨Φ(z), Φ(z')⟩_F``.
+        train_self, valid_self: ``(n,)`` float64 self-influence ``‖Φ‖²``.
+        train_tokens, valid_tokens: ``(n,)`` int64 counted positions.
+        train_loss: ``(n_train,)`` float64 mean token loss in nats.
+        timings: seconds per step (``extract_valid``, ``extract_train``, ``score``).
+        signals: name → ``(n_train,)`` every signal of :mod:`valuegate.engine.signals` (None when off).
+        reference: name → ``(n_valid,)`` the same of the validation samples, leave-one-out.
+        train_neighbours, valid_neighbours: ``(n, k)`` the nearest validation samples of each training and
+            (leave one out) validation sample, for the local suspect reference (None when global).
+        suspect: ``(n_train,)`` the combined suspect score (None when off); suspect_reason: the largest
+            deviations behind it, per sample.
+        train_hidden, valid_hidden: ``(n, d)`` mean final hidden states over the counted positions (the
+            ``rds`` baselines).
+    """
+
+    values: np.ndarray
+    train_self: np.ndarray
+    valid_self: np.ndarray
+    train_tokens: np.ndarray
+    valid_tokens: np.ndarray
+    train_loss: np.ndarray
+    timings: dict[str, float] = field(default_factory=dict)
+    stats: ExtractionStats = field(default_factory=ExtractionStats)
+    signals: dict[str, np.ndarray] | None = None
+    reference: dict[str, np.ndarray] | None = None
+    train_neighbours: np.ndarray | None = None
+    valid_neighbours: np.ndarray | None = None
+    suspect: np.ndarray | None = None
+    suspect_reason: list[str] | None = None
+    train_hidden: np.ndarray | None = None
+    valid_hidden: np.ndarray | None = None
+
+
+def _token_counts(block_sample: torch.Tensor, n: int) -> np.ndarray:
+    return torch.bincount(block_sample, minlength=n).cpu().numpy().astype(np.int64)
+
+
+def _stack(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]} if parts else {}
+
+
+def suspect_of(signals: dict[str, np.ndarray], reference: dict[str, np.ndarray], sc,
+               neighbours: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[np.ndarray, list[str]]:
+    """The suspect score ``(n,)`` of ``score`` settings ``sc`` and, per sample, the deviations behind it.
+
+    Args:
+        neighbours: ``(train (n, k), validation (n_v, k))`` nearest validation samples, for the local
+            reference (``sc.suspect_neighbours > 0``); None: global.
+    """
+    spec = parse_suspect(sc.suspect, list(signals))
+    train_nb, valid_nb = neighbours if neighbours is not None else (None, None)
+    ref = SuspectReference(reference, valid_nb)
+    return (calibrated_suspect(signals, ref, spec, sc.suspect_combine, train_nb),
+            explain_suspect(signals, ref, spec, neighbours=train_nb))
+
+
+def mean_hidden(pooled: np.ndarray, tokens: np.ndarray) -> np.ndarray:
+    """``(n, d)`` float64 mean hidden state per sample from ``Σ_t h_t`` ``(n, d)`` and counted positions
+    ``(n,)``."""
+    return np.asarray(pooled, dtype=np.float64) / np.maximum(np.asarray(tokens), 1)[:, None]
+
+
+def neighbours_of(train_hidden: np.ndarray, valid_hidden: np.ndarray, sc) -> tuple[np.ndarray, np.ndarray] | None:
+    """The local reference's neighbourhoods (training, validation leave-one-out) from mean hidden states
+    ``(n, d)`` and ``(n_v, d)``; None when ``sc.suspect_neighbours`` is 0 (global reference)."""
+    k = sc.suspect_neighbours
+    if not k:
+        return None
+    mu = valid_hidden.mean(0)
+    return (hidden_neighbours(train_hidden, valid_hidden, mu, k),
+            hidden_neighbours(valid_hidden, valid_hidden, mu, k, loo=True))
+
+
+def _with_suspect(vm: ValueMatrix, settings: Settings) -> ValueMatrix:
+    if vm.signals is not None and vm.reference is not None:
+        nb = (vm.train_neighbours, vm.valid_neighbours) if vm.train_neighbours is not None else None
+        vm.suspect, vm.suspect_reason = suspect_of(vm.signals, vm.reference, settings.score, nb)
+    return vm
+
+
+def _block_mean_hidden(block) -> np.ndarray:
+    """``(n_samples, d)`` float64 mean hidden state of every sample of a token block."""
+    pooled = torch.zeros(block.n_samples, block.hidden.shape[1], dtype=torch.float64).index_add_(
+        0, block.sample.cpu(), block.hidden.double().cpu())
+    return mean_hidden(pooled.numpy(), _token_counts(block.sample.cpu(), block.n_samples))
+
+
+def _exact_values(lm: LoadedModel, enc_train: list[EncodedSample], enc_valid: list[EncodedSample],
+                  train: list[Sample], valid: list[Sample], settings: Settings, progress: bool) -> ValueMatrix:
+    """The exact path: the validation set's full-vocabulary probabilities stay in memory
+    (``Σ positions × V × 4`` bytes); the training set streams block by block."""
+    ex, k = settings.extract, settings.score.nearest_k
+    ratio, hard = ex.lowest_likelihood_ratio, ex.hard_fraction
+    with_signals = settings.score.signals
+    timings: dict[str, float] = {}
+    stats = ExtractionStats()
+    t0 = time.perf_counter()
+    vblock = extract_token_blocks(lm, enc_valid, ex, valid, 1.0, progress, "validation")
+    timings["extract_valid"] = time.perf_counter() - t0
+    mu = vblock.hidden.mean(0)
+    vcent = vblock.centred(mu)
+    valid_self = exact_self(vblock).numpy()
+    vselfs = (valid_self, exact_self(vcent).numpy())
+    n_t = len(train)
+    values = np.zeros((n_t, len(valid)))
+    train_self, train_loss = np.zeros(n_t), np.zeros(n_t)
+    train_tokens = np.zeros(n_t, dtype=np.int64)
+    sig_parts, order, hidden_parts = [], [], []
+    t0 = time.perf_counter()
+    for idx, block in iter_token_blocks(lm, enc_train, ex, train, 1.0, progress, "train", stats):
+        main = block.hardest(ratio)
+        if with_signals:
+            terms = cross_terms_exact(main, vblock, vcent, mu, vselfs)
+            sig = signals_from_terms(terms, k)
+            if hard < 1.0:
+                sig.update(signals_from_terms(cross_terms_exact(block.hardest(hard), vblock, vcent, mu, vselfs),
+                                              k, prefix="hard_"))
+            sig_parts.append(sig)
+            values[idx], train_self[idx] = terms.raw, terms.self_raw
+            train_tokens[idx], train_loss[idx] = terms.tokens, terms.loss
+        else:
+            values[idx] = exact_cross(main, vblock).cpu().numpy()
+            train_self[idx] = exact_self(main).numpy()
+            train_tokens[idx] = _token_counts(main.sample, main.n_samples)
+            loss = torch.zeros(main.n_samples, dtype=torch.float64).index_add_(
+                0, main.sample, -main.log_likelihood.double())
+            train_loss[idx] = loss.numpy() / np.maximum(train_tokens[idx], 1)
+        order.extend(idx)
+        hidden_parts.append(_block_mean_hidden(main))
+    timings["extract_train+score"] = time.perf_counter() - t0
+    vm = ValueMatrix(values, train_self, valid_self, train_tokens, _token_counts(vblock.sample, vblock.n_samples),
+                     train_loss, timings, stats)
+    inv = np.argsort(np.asarray(order))
+    vm.train_hidden, vm.valid_hidden = np.concatenate(hidden_parts)[inv], _block_mean_hidden(vblock)
+    if with_signals:
+        t0 = time.perf_counter()
+        vm.signals = {name: col[inv] for name, col in _stack(sig_parts).items()}
+        ref = signals_from_terms(cross_terms_exact(vblock, vblock, vcent, mu, vselfs), k, loo=True)
+        if hard < 1.0:
+            ref.update(signals_from_terms(cross_terms_exact(vblock.hardest(hard), vblock, vcent, mu, vselfs),
+                                          k, loo=True, prefix="hard_"))
+        vm.reference = ref
+        nb = neighbours_of(vm.train_hidden, vm.valid_hidden, settings.score)
+        if nb is not None:
+            vm.train_neighbours, vm.valid_neighbours = nb
+        timings["reference"] = time.perf_counter() - t0
+    return _with_suspect(vm, settings)
+
+
+def projected_centre(cfg, hidden_size: int, vocab_size: int, pooled_hidden: np.ndarray,
+                     n_tokens: np.ndarray) -> np.ndarray:
+    """``P_h μ`` (``(width,)`` float64) for the mean validation hidden state ``μ = Σ pooled / Σ tokens``.
+
+    Args:
+        cfg: extraction settings (projection seed and width). pooled_hidden: ``(n_v, d)`` ``Σ_t h_t`` per
+        validation sample. n_tokens: ``(n_v,)`` their counted positions.
+    """
+    mu = np.asarray(pooled_hidden, dtype=np.float64).sum(0) / max(int(np.sum(n_tokens)), 1)
+    ph, _ = projections(cfg, hidden_size, vocab_size)
+    return mu if ph is None else ph.double().numpy() @ mu
+
+
+def sparse_signal_terms(train: SparseSet, train_hard: SparseSet | None, vside: ValidSide,
+                        k: int) -> tuple[CrossTerms, dict[str, np.ndarray]]:
+    """Cross terms of the main rows and every signal (hard ones when ``train_hard`` is given)."""
+    terms = cross_terms_sparse(train, vside)
+    sig = signals_from_terms(terms, k)
+    if train_hard is not None:
+        sig.update(signals_from_terms(cross_terms_sparse(train_hard, vside), k, prefix="hard_"))
+    return terms, sig
+
+
+def reference_signals(valid: SparseSet, valid_hard: SparseSet | None, vside: ValidSide,
+                      k: int) -> dict[str, np.ndarray]:
+    """Every signal of the validation samples against the rest of the validation set (leave one out)."""
+    ref = signals_from_terms(cross_terms_sparse(valid, vside), k, loo=True)
+    if valid_hard is not None:
+        ref.update(signals_from_terms(cross_terms_sparse(valid_hard, vside), k, loo=True, prefix="hard_"))
+    return ref
+
+
+def compute_values(lm: LoadedModel, train: list[Sample], valid: list[Sample], settings: Settings,
+                   progress: bool = True,
+                   encoded: tuple[list[EncodedSample], list[EncodedSample]] | None = None) -> ValueMatrix:
+    """Extract both sets and compute the full value matrix with ``settings.score.method``, and (when
+    ``settings.score.signals``) every signal and the suspect score.
+
+    The exact path keeps the validation set's full-vocabulary probabilities in memory
+    (``Σ positions × V × 4`` bytes) and streams the training set batch by batch; the sparse path keeps
+    only the sparse rows of both sets.
+    """
+    ex = settings.extract
+    tok = lm.tokenizer
+    if encoded is None:
+        encoded = (encode_samples(tok, train, ex.loss_on, ex.max_length, ex.truncation),
+                   encode_samples(tok, valid, ex.loss_on, ex.max_length, ex.truncation))
+    enc_train, enc_valid = encoded
+    if settings.score.method == "exact":
+        return _exact_values(lm, enc_train, enc_valid, train, valid, settings, progress)
+    timings: dict[str, float] = {}
+    stats = ExtractionStats()
+    t0 = time.perf_counter()
+    fv = extract_sparse(lm, enc_valid, ex, valid, 1.0, progress, "validation")
+    timings["extract_valid"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    ft = extract_sparse(lm, enc_train, ex, train, ex.lowest_likelihood_ratio, progress, "train", stats)
+    timings["extract_train"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    hidden = (mean_hidden(np.stack([f.pooled_hidden for f in ft]), np.array([f.n_tokens for f in ft])),
+              mean_hidden(np.stack([f.pooled_hidden for f in fv]), np.array([f.n_tokens for f in fv])))
+    if not settings.score.signals:
+        values = sparse_cross(ft, fv, lm.vocab_size)
+        timings["score"] = time.perf_counter() - t0
+        return ValueMatrix(values, sparse_self(ft), sparse_self(fv),
+                           np.array([f.n_tokens for f in ft], dtype=np.int64),
+                           np.array([f.n_tokens for f in fv], dtype=np.int64),
+                           np.array([f.mean_loss for f in ft]), timings, stats, train_hidden=hidden[0],
+                           valid_hidden=hidden[1])
+    k = settings.score.nearest_k
+    centre = projected_centre(ex, lm.hidden_size, lm.vocab_size, np.stack([f.pooled_hidden for f in fv]),
+                              np.array([f.n_tokens for f in fv]))
+    vs = SparseSet.from_features(fv, lm.vocab_size)
+    vside = ValidSide.build(vs, centre)
+    has_hard = ex.hard_fraction < 1.0
+
+    def hard_of(fs: list) -> SparseSet | None:
+        return SparseSet.from_features([f.hard for f in fs], lm.vocab_size) if has_hard else None
+
+    terms, sig = sparse_signal_terms(SparseSet.from_features(ft, lm.vocab_size), hard_of(ft), vside, k)
+    timings["score"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    ref = reference_signals(vs, hard_of(fv), vside, k)
+    vm = ValueMatrix(terms.raw, terms.self_raw, vside.self_raw, terms.tokens, vs.tokens, terms.loss, timings,
+                     stats, sig, ref, train_hidden=hidden[0], valid_hidden=hidden[1])
+    nb = neighbours_of(vm.train_hidden, vm.valid_hidden, settings.score)
+    if nb is not None:
+        vm.train_neighbours, vm.valid_neighbours = nb
+    timings["reference"] = time.perf_counter() - t0
+    return _with_suspect(vm, settings)
+
+
+def normalize(vm: ValueMatrix, how: str) -> np.ndarray:
+    """Normalised value matrix ``(n_train, n_valid)``.
+
+    - ``none``: the raw inner product ``⟨Φ, Φ'⟩`` (the paper's value).
+    - ``length``: divided by the counted tokens of both samples (per-token alignment).
+    - ``cosine``: divided by ``‖Φ‖ ‖Φ'‖`` (direction only, in [-1, 1]).
+    """
+    if how == "none":
+        return vm.values
+    if how == "length":
+        return vm.values / np.outer(np.maximum(vm.train_tokens, 1), np.maximum(vm.valid_tokens, 1))
+    if how == "cosine":
+        denom = np.sqrt(np.outer(np.maximum(vm.train_self, 0), np.maximum(vm.valid_self, 0)))
+        return np.divide(vm.values, denom, out=np.zeros_like(vm.values), where=denom > 0)
+    raise ValuegateError(f"unknown normalisation {how!r}: use none, length or cosine")
+
+
+def aggregate(values: np.ndarray, how: str, k: int = 5) -> tuple[np.ndarray, np.ndarray | None]:
+    """Aggregate a ``(n_train, n_valid)`` matrix over the validation set.
+
+    Returns:
+        ``(n_train,)`` values and, for ``nearest``, ``(n_train, min(k, n_valid))`` validation indices of
+        the top alignments in decreasing order (else None).
+    """
+    if values.shape[1] == 0:
+        raise ValuegateError("the validation set is empty")
+    if how == "mean":
+        return values.mean(axis=1), None
+    if how == "nearest":
+        k = min(k, values.shape[1])
+        top = np.argsort(-values, axis=1, kind="stable")[:, :k]
+        return np.take_along_axis(values, top, axis=1).mean(axis=1), top
+    raise ValuegateError(f"unknown aggregate {how!r}: use mean, nearest or pairwise")
+
+
+def mean_aggregate(train, valid, train_self: np.ndarray, valid_self: np.ndarray, train_tokens: np.ndarray,
+                   valid_tokens: np.ndarray, how: str) -> np.ndarray:
+    """The ``mean`` aggregate under each normalisation, through one weighted validation vector.
+
+    ``none``: ``mean_j v``; ``length``: ``mean_j v / (n n'_j)``; ``cosine``: ``mean_j v / (‖Φ‖ ‖Φ'_j‖)``
+    (exactly :func:`normalize` then the mean, without forming the pairwise matrix).
+
+    Args:
+        train, valid: ``(n, V·k_h)`` CSR matrices of sparse rows. Others: ``(n,)`` per-sample columns.
+
+    Returns:
+        ``(n_train,)`` float64.
+    """
+    n_v = valid.shape[0]
+    if how == "none":
+        return sparse_mean_csr(train, valid)
+    if how == "length":
+        out = sparse_mean_csr(train, valid, 1.0 / (n_v * np.maximum(valid_tokens, 1)))
+        return out / np.maximum(train_tokens, 1)
+    if how == "cosine":
+        vn = np.sqrt(np.maximum(valid_self, 0))
+        w = np.divide(1.0, n_v * vn, out=np.zeros_like(vn), where=vn > 0)
+        tn = np.sqrt(np.maximum(train_self, 0))
+        return np.divide(sparse_mean_csr(train, valid, w), tn, out=np.zeros_like(tn), where=tn > 0)
+    raise ValuegateError(f"unknown normalisation {how!r}: use none, length or cosine")

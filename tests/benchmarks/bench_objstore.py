@@ -93,7 +93,7 @@ def _round(ops: dict[str, Callable], n: int) -> dict[str, float]:
     tags = [ops["get"](k)[1] for k in keys]
     out["get_s"] = time.perf_counter() - t
     t = time.perf_counter()
-    for k, tag in zip(keys, tags):
+    for k, tag in zip(keys, tags, strict=True):
         assert ops["replace"](k, b"2", tag)
     out["replace_s"] = time.perf_counter() - t
     # the lost races: a create of an existing key, a replace with a stale ETag

@@ -47,6 +47,7 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from valuegate.digests import sha256_file
 from valuegate.errors import ValuegateError
 from valuegate.storage import retry
 
@@ -93,14 +94,6 @@ def _write_local_atomic(path: Path, payload: bytes) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
     _fsync_dir(path.parent)
-
-
-def sha256_file(path: Path | str, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(chunk), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 # --------------------------------------------------------------------------------------------------

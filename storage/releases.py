@@ -68,7 +68,7 @@ import pyarrow as pa
 from valuegate.errors import ValuegateError
 from valuegate.names import check_name, is_valid_name
 from valuegate.storage import retry
-from valuegate.storage.objstore import Root, open_root, sha256_file
+from valuegate.storage.objstore import Root, open_root
 
 __all__ = [
     "CURRENT_FILE",
@@ -112,10 +112,6 @@ _VERSION = re.compile(r"^v(\d{4,})$")
 _STAGING = re.compile(r"^\.(v\d{4,})-[A-Za-z0-9_]+$")  # .v0003-gate, .v0003-report: local staging folders
 ABANDONED_AFTER_S = 3600.0  # object store: an incomplete version this long untouched counts as abandoned
 _ALLOCATE_ATTEMPTS = 1000
-
-
-def _sha256_file(path: Path | str) -> str:
-    return sha256_file(path)
 
 
 def _root(root: Any) -> Root:

@@ -10,6 +10,7 @@ import polars as pl
 import pyarrow.parquet as pq
 import pytest
 
+from valuegate.digests import sha256_file
 from valuegate.errors import ValuegateError
 from valuegate.storage import releases as store
 from valuegate.tasks.release import (
@@ -69,7 +70,7 @@ def test_write_promote_read_current(tmp_path):
     assert (rdir / "report.html").read_text() == "<html>report</html>"
     m = store.read_manifest(tmp_path, NAME, version)
     assert m["data_rows"] == 2 and m["files"] == ["gate", "report.html"] and m["created"].endswith("+00:00")
-    assert m["data_sha256"] == store._sha256_file(rdir / "data.parquet")
+    assert m["data_sha256"] == sha256_file(rdir / "data.parquet")
     assert store.read_release_data(tmp_path, NAME, version, verify=True).equals(data)
     [listed] = store.list_releases(tmp_path, NAME)
     assert listed["version"] == version and listed["current"] is True

@@ -915,6 +915,55 @@ def _exponents(rows: list[dict], keys: list[str]) -> list[dict]:
     return out
 
 
+def bench_key_reads(work: Path, sizes: list[int], budget_s: float, payload: int = 256) -> dict:
+    """Reads of every id in :data:`READ_CALL`-id calls from thin tables (id + ``payload`` float32s), up
+    to sizes the full feature rows cannot reach here: isolates what grows faster than N, the per-query
+    scan of the id column of ``id IN (...)``."""
+    from lancedb.index import BTree
+
+    ws = Workspace(str(work / "keys-ws"))
+    schema = pa.schema([pa.field("id", pa.string(), nullable=False), pa.field("x", pa.list_(pa.float32()))])
+    rng = np.random.default_rng(5)
+    out = []
+    for n in sizes:
+        name = f"keys_{n}"
+        ws.ensure(name, schema)
+        t0 = time.perf_counter()
+        for lo in range(0, n, 100_000):
+            m = min(100_000, n - lo)
+            ids = [hashlib.sha256(f"k{i}".encode()).hexdigest() for i in range(lo, lo + m)]
+            x = pa.FixedSizeListArray.from_arrays(rng.standard_normal(m * payload, dtype=np.float32), payload)
+            ws.append(name, pa.table({"id": ids, "x": x.cast(pa.list_(pa.float32()))}, schema=schema), schema)
+        row: dict = {"n": n, "write_s": time.perf_counter() - t0}
+        order = ws.read(name, columns=["id"])["id"].to_pylist()
+        order = [order[i] for i in rng.permutation(n)]
+        row["scan_take"] = _read_all(lambda part, name=name: ws.read_by_key(name, "id", part, ["id", "x"]),
+                                     order, budget_s)
+        row["in_2000"] = _read_all(lambda part, name=name: read_in_chunks(ws, name, part, ["id", "x"]), order,
+                                   budget_s)
+        ws.open(name).create_index("id", config=BTree())
+        row["btree_in"] = _read_all(lambda part, name=name: read_in_chunks(ws, name, part, ["id", "x"]), order,
+                                    budget_s)
+        for m in ("scan_take", "in_2000", "btree_in"):
+            row[f"{m}_s"] = row[m]["s"]
+        log(f"key reads N={n}: " + ", ".join(f"{m} {row[m]['s']:.1f}s" for m in ("scan_take", "in_2000", "btree_in")))
+        out.append(row)
+        ws.drop(name)
+    return {"payload_floats": payload, "sizes": out,
+            "growth": _exponents(out, ["scan_take_s", "in_2000_s", "btree_in_s"])}
+
+
+def print_key_reads(res: dict) -> None:
+    print(f"\nreads of every id, thin rows (id + {res['payload_floats']} floats), calls of {READ_CALL:,} ids (s; * "
+          "extrapolated)")
+    print("| N | id IN, 2,000 per query | BTREE + IN | scan ids + take (new) |\n|---|---|---|---|")
+    for r in res["sizes"]:
+        c = {m: f"{r[m]['s']:.1f}{'*' if r[m]['extrapolated'] else ''}" for m in ("in_2000", "btree_in", "scan_take")}
+        print(f"| {r['n']:,} | {c['in_2000']} | {c['btree_in']} | {c['scan_take']} |")
+    for g in res["growth"]:
+        print(f"growth {g['step']}: " + ", ".join(f"{k} N^{v:.2f}" for k, v in g.items() if k != "step"))
+
+
 GROWTH_KEYS = ["write_s", "reads_scan_take_s", "reads_in_2000_s", "reads_isin_scan_s", "reads_btree_in_s",
                "stream_mean_s", "search_build_s", "peak_rss_mb"]
 
@@ -1175,6 +1224,8 @@ def main() -> None:
     ap.add_argument("--read-budget-s", type=float, default=60.0,
                     help="storage: seconds per read method and size before extrapolating the rest")
     ap.add_argument("--search-max-n", type=int, default=100000, help="storage: the search sweep up to this N")
+    ap.add_argument("--key-read-sizes", default="100000,1000000",
+                    help="storage: N of the thin-row reads by id (empty: skip)")
     ap.add_argument("--real-cache", type=Path, default=None,
                     help="parquet of real extracted features: read if it exists, else written after extracting")
     ap.add_argument("--scale-sizes", default="10000,100000", help="comma-separated N of the scale section")
@@ -1228,8 +1279,12 @@ def main() -> None:
             sizes = [int(s) for s in a.storage_sizes.split(",") if s.strip()]
             if a.quick:
                 sizes = [max(1000, s // 10) for s in sizes]
-            out["storage"] = bench_storage(settings, real, sizes, work, a.max_disk_gb, a.read_budget_s,
-                                           a.search_max_n)
+            key_sizes = [int(s) for s in a.key_read_sizes.split(",") if s.strip()]
+            if key_sizes:
+                out["key_reads"] = bench_key_reads(work, key_sizes, a.read_budget_s)
+            if sizes:
+                out["storage"] = bench_storage(settings, real, sizes, work, a.max_disk_gb, a.read_budget_s,
+                                               a.search_max_n)
         if a.only in (None, "scale"):
             sizes = [int(s) for s in a.scale_sizes.split(",") if s.strip()]
             if a.quick:
@@ -1249,6 +1304,8 @@ def main() -> None:
     from tests.benchmarks.tables import print_store_tables
 
     print_store_tables(out)
+    if "key_reads" in out:
+        print_key_reads(out["key_reads"])
     if "storage" in out:
         print_storage(out["storage"])
     if "layout" in out:

@@ -80,6 +80,19 @@ def write_samples(ws: Workspace, rows: pa.Table) -> None:
         ws.upsert(schemas.SAMPLES, rows.cast(schemas.samples_schema), on="id", update=False)
 
 
+def write_members(ws: Workspace, rows: list[dict]) -> None:
+    """Upsert dataset membership rows (:data:`~valuegate.storage.schemas.members_schema`) on their row key
+    (:func:`row_key`): a concurrent ingest of the same source (two runs at once) cannot leave a row twice."""
+    if rows:
+        ws.upsert(schemas.MEMBERS, pa.Table.from_pylist(rows, schema=schemas.members_schema), "key")
+
+
+def write_quarantine(ws: Workspace, rows: list[dict]) -> None:
+    """Upsert quarantined rows (:data:`~valuegate.storage.schemas.quarantine_schema`) on their row key."""
+    if rows:
+        ws.upsert(schemas.QUARANTINE, pa.Table.from_pylist(rows, schema=schemas.quarantine_schema), "key")
+
+
 def read_samples_by_id(ws: Workspace, ids: list[str], chunk: int = 2000) -> pa.Table:
     """Sample contents for ``ids`` (in no particular order)."""
     parts = [ws.read(schemas.SAMPLES, where=sql_in("id", ids[i:i + chunk])) for i in range(0, len(ids), chunk)]

@@ -616,17 +616,14 @@ def ingest_file(ws: Any, dataset: str, path: str | Path, max_chars: int, chunk_r
         store.write_samples(ws, pa.Table.from_pylist(list(fresh.values()), schema=schemas.samples_schema))
         # upserts on the row key: a concurrent ingest of the same source (two runs at once) cannot
         # leave a row twice
-        if refused:
-            ws.upsert(schemas.QUARANTINE, pa.Table.from_pylist(
-                [{"key": store.row_key(dataset, source, v.row), "dataset": dataset, "source": source,
-                  "row": v.row, "source_hash": digest, "raw": v.raw, "reason": v.reason, "at": now}
-                 for v in refused], schema=schemas.quarantine_schema), "key")
-        if kept:
-            ws.upsert(schemas.MEMBERS, pa.Table.from_pylist(
-                [{"key": store.row_key(dataset, source, v.row), "dataset": dataset, "source": source,
-                  "row": v.row, "id": sid,
-                  "metadata": json.dumps(v.metadata, ensure_ascii=False, sort_keys=True), "source_hash": digest}
-                 for v, sid in zip(kept, ids, strict=True)], schema=schemas.members_schema), "key")
+        store.write_quarantine(ws, [
+            {"key": store.row_key(dataset, source, v.row), "dataset": dataset, "source": source,
+             "row": v.row, "source_hash": digest, "raw": v.raw, "reason": v.reason, "at": now} for v in refused])
+        store.write_members(ws, [
+            {"key": store.row_key(dataset, source, v.row), "dataset": dataset, "source": source,
+             "row": v.row, "id": sid,
+             "metadata": json.dumps(v.metadata, ensure_ascii=False, sort_keys=True), "source_hash": digest}
+            for v, sid in zip(kept, ids, strict=True)])
         for sid in ids:
             rep.duplicates += sid in seen or sid in other_ids
             seen.add(sid)

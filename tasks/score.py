@@ -23,21 +23,15 @@ import pyarrow.compute as pc
 import scipy.sparse as sp
 
 from valuegate.engine.aggregate import (
-    ValueMatrix,
-    aggregate,
-    mean_aggregate,
+    ScoringContext,
+    build_context,
     mean_hidden,
-    normalize,
-    projected_centre,
-    reference_signals,
-    sparse_signal_terms,
-    suspect_of,
+    score_chunk,
 )
 from valuegate.engine.baselines import baseline_columns
 from valuegate.engine.columns import SIGNAL_COLUMNS
-from valuegate.engine.forvalue import sparse_cross_csr
 from valuegate.engine.model import refusal_reason
-from valuegate.engine.signals import SparseSet, ValidSide, check_reference_size, hidden_neighbours
+from valuegate.engine.signals import SparseSet, check_reference_size
 from valuegate.errors import ValuegateError
 from valuegate.settings import Settings
 from valuegate.storage import features as fstore
@@ -176,27 +170,6 @@ class ScoringPlan:
     settings_json: str
 
 
-@dataclass
-class ScoringContext:
-    """The validation side of a scores run, read once (per process) and reused for every chunk.
-
-    Attributes:
-        vids: ``(n_v,)`` object array of validation ids. v_self, v_tok: ``(n_v,)`` ``‖Φ'‖²`` and counted
-            positions. vside: the sparse right-hand side of every product (signals on); vm: plain CSR
-            ``(n_v, V·width)`` (signals off). reference: the leave-one-out signals; v_hidden: ``(n_v, d)``
-            mean hidden states and valid_nb ``(n_v, k)`` their nearest others (local suspect reference).
-    """
-
-    vids: np.ndarray
-    v_self: np.ndarray
-    v_tok: np.ndarray
-    vside: ValidSide | None = None
-    vm: object = None
-    reference: dict[str, np.ndarray] | None = None
-    v_hidden: np.ndarray | None = None
-    valid_nb: np.ndarray | None = None
-
-
 def _feature_columns(settings: Settings) -> list[str]:
     """The feature columns a scoring chunk reads."""
     ex, sc = settings.extract, settings.score
@@ -258,18 +231,13 @@ def load_context(ws, plan: ScoringPlan, settings: Settings) -> ScoringContext:
     vrows = fstore.read_features(ws, plan.fp_v, vids, cols)
     # with the signals on, the rows become CSR inside SparseSet (raw and centred): no plain CSR is built
     vm, vt = (None, _aligned(vrows, vids)) if sc.signals else _feature_matrix(vrows, vids, vocab, width)
-    ctx = ScoringContext(np.asarray(vids, dtype=object), vt["self_influence"].to_numpy(),
-                         vt["n_tokens"].to_numpy().astype(np.int64), vm=vm)
     pooled = _pooled(vt, len(vids))
-    ctx.v_hidden = mean_hidden(pooled, ctx.v_tok)  # the rds baselines, and the local suspect reference
+    vs = hard = None
     if sc.signals:
         vs = SparseSet.from_arrow(vt, vocab, width)
-        ctx.vside = ValidSide.build(vs, projected_centre(ex, plan.hidden_size, vocab, pooled, ctx.v_tok))
         hard = SparseSet.from_arrow(vt, vocab, width, "hard_") if ex.hard_fraction < 1.0 else None
-        ctx.reference = reference_signals(vs, hard, ctx.vside, sc.nearest_k)
-        if sc.suspect_neighbours > 0:
-            ctx.valid_nb = hidden_neighbours(ctx.v_hidden, ctx.v_hidden, ctx.v_hidden.mean(0),
-                                             sc.suspect_neighbours, loo=True)
+    ctx = build_context(vids, vt["self_influence"].to_numpy(), vt["n_tokens"].to_numpy().astype(np.int64), pooled,
+                        settings, plan.hidden_size, vocab, vm=vm, valid=vs, valid_hard=hard)
     return ctx
 
 
@@ -281,7 +249,7 @@ def score_rows(ws, plan: ScoringPlan, ctx: ScoringContext, settings: Settings,
         ``(pyarrow table in schemas.scores_schema, seconds reading, seconds scoring)``.
     """
     ex, sc = settings.extract, settings.score
-    vocab, width, k = plan.vocab, plan.width, sc.nearest_k
+    vocab, width = plan.vocab, plan.width
     t0 = time.perf_counter()
     trows = fstore.read_features(ws, plan.fp_t, ids, _feature_columns(settings))
     tm, tt = (None, _aligned(trows, ids)) if sc.signals else _feature_matrix(trows, ids, vocab, width)
@@ -292,39 +260,23 @@ def score_rows(ws, plan: ScoringPlan, ctx: ScoringContext, settings: Settings,
     n = len(ids)
     t_hidden = mean_hidden(_pooled(tt, n), t_tok)
     baselines = baseline_columns(t_loss, t_tok, tt["uncond_loss"].to_pylist(), t_hidden, ctx.v_hidden)
-    signals: dict[str, np.ndarray] = {}
-    suspect = reasons = near = near_v = None
+    ts = hard = None
     if sc.signals:
         ts = SparseSet.from_arrow(tt, vocab, width)
         hard = SparseSet.from_arrow(tt, vocab, width, "hard_") if ex.hard_fraction < 1.0 else None
-        terms, signals = sparse_signal_terms(ts, hard, ctx.vside, k)
-        nb = None
-        if ctx.valid_nb is not None:
-            nb = (hidden_neighbours(t_hidden, ctx.v_hidden, ctx.v_hidden.mean(0),
-                                    sc.suspect_neighbours), ctx.valid_nb)
-        suspect, reasons = suspect_of(signals, ctx.reference, sc, nb)
-        raw = terms.raw
-    elif sc.aggregate == "mean":
-        agg = mean_aggregate(tm, ctx.vm, t_self, ctx.v_self, t_tok, ctx.v_tok, sc.normalize)
-        raw = None
-    else:
-        raw = sparse_cross_csr(tm, ctx.vm)
-    if raw is not None:
-        values = normalize(ValueMatrix(raw, t_self, ctx.v_self, t_tok, ctx.v_tok, t_loss), sc.normalize)
-        agg = aggregate(values, sc.aggregate, k)[0]
-        near = aggregate(values, "nearest", k)[1]
-        near_v = np.take_along_axis(values, near, 1)
+    out = score_chunk(ctx, sc, t_self, t_tok, t_loss, t_hidden, train_csr=tm, train=ts, train_hard=hard)
+    near, signals = out.nearest, out.signals
     now = dt.datetime.now(dt.timezone.utc)
     none = [None] * n
     rows = {
-        "run_id": [plan.run_id] * n, "dataset": [plan.dataset] * n, "id": ids, "value": agg,
+        "run_id": [plan.run_id] * n, "dataset": [plan.dataset] * n, "id": ids, "value": out.value,
         "aggregate": [sc.aggregate] * n, "normalize": [sc.normalize] * n,
         "nearest_ids": [list(ctx.vids[r]) for r in near] if near is not None else none,
-        "nearest_values": [list(r) for r in near_v] if near_v is not None else none,
+        "nearest_values": [list(r) for r in out.nearest_values] if out.nearest_values is not None else none,
         "n_tokens": t_tok, "truncated": tt["truncated"].fill_null(False), "mean_loss": t_loss,
         "self_influence": t_self, **baselines,
-        "suspect": suspect if suspect is not None else none,
-        "suspect_reason": reasons if reasons is not None else none,
+        "suspect": out.suspect if out.suspect is not None else none,
+        "suspect_reason": out.suspect_reason if out.suspect_reason is not None else none,
         **{c: signals.get(c, none) for c in SIGNAL_COLUMNS if c != "mean_loss"},
         "valset": [plan.valset] * n, "model_fp": [plan.fp_t] * n, "settings": [plan.settings_json] * n,
         "at": [now] * n,

@@ -25,6 +25,7 @@ from valuegate.engine.forvalue import (
     exact_cross,
     exact_self,
     sparse_cross,
+    sparse_cross_csr,
     sparse_mean_csr,
     sparse_self,
 )
@@ -46,8 +47,8 @@ from valuegate.engine.signals import (
 from valuegate.errors import ValuegateError
 from valuegate.settings import Settings
 
-__all__ = ["ValueMatrix", "aggregate", "compute_values", "mean_aggregate", "mean_hidden", "neighbours_of",
-           "normalize", "projected_centre", "reference_signals", "sparse_signal_terms", "suspect_of"]
+__all__ = ["ChunkScores", "ScoringContext", "ValueMatrix", "aggregate", "build_context", "compute_values", "mean_aggregate", "mean_hidden", "neighbours_of",
+           "normalize", "projected_centre", "reference_signals", "score_chunk", "sparse_signal_terms", "suspect_of"]
 
 
 @dataclass
@@ -356,3 +357,105 @@ def mean_aggregate(train, valid, train_self: np.ndarray, valid_self: np.ndarray,
         tn = np.sqrt(np.maximum(train_self, 0))
         return np.divide(sparse_mean_csr(train, valid, w), tn, out=np.zeros_like(tn), where=tn > 0)
     raise ValuegateError(f"unknown normalisation {how!r}: use none, length or cosine")
+
+
+# --------------------------------------------------------------------------------------------------
+# Scoring a stored run chunk by chunk: the validation side built once, each chunk of training rows valued
+# against it (tasks/score.py reads the feature rows and writes the scores).
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ScoringContext:
+    """The validation side of a scores run, read once (per process) and reused for every chunk.
+
+    Attributes:
+        vids: ``(n_v,)`` object array of validation ids. v_self, v_tok: ``(n_v,)`` ``‖Φ'‖²`` and counted
+            positions. vside: the sparse right-hand side of every product (signals on); vm: plain CSR
+            ``(n_v, V·width)`` (signals off). reference: the leave-one-out signals; v_hidden: ``(n_v, d)``
+            mean hidden states and valid_nb ``(n_v, k)`` their nearest others (local suspect reference).
+    """
+
+    vids: np.ndarray
+    v_self: np.ndarray
+    v_tok: np.ndarray
+    vside: ValidSide | None = None
+    vm: object = None
+    reference: dict[str, np.ndarray] | None = None
+    v_hidden: np.ndarray | None = None
+    valid_nb: np.ndarray | None = None
+
+
+def build_context(vids: list[str], v_self: np.ndarray, v_tok: np.ndarray, pooled: np.ndarray, settings: Settings,
+                  hidden_size: int, vocab: int, vm: object = None, valid: SparseSet | None = None,
+                  valid_hard: SparseSet | None = None) -> ScoringContext:
+    """The validation side every chunk is scored against.
+
+    Args:
+        vids: the validation ids in scoring order (n_v). v_self, v_tok: ``(n_v,)`` ``‖Φ'‖²`` and counted
+            positions. pooled: ``(n_v, d)`` ``Σ_t h_t``. hidden_size, vocab: the feature set's ``d`` and ``V``.
+        vm: ``(n_v, V·width)`` CSR of the sparse rows (signals off). valid, valid_hard: the rows as
+            :class:`SparseSet` (signals on; ``valid_hard`` when ``extract.hard_fraction < 1``).
+    """
+    ex, sc = settings.extract, settings.score
+    ctx = ScoringContext(np.asarray(vids, dtype=object), v_self, v_tok, vm=vm)
+    ctx.v_hidden = mean_hidden(pooled, ctx.v_tok)  # the rds baselines, and the local suspect reference
+    if sc.signals:
+        ctx.vside = ValidSide.build(valid, projected_centre(ex, hidden_size, vocab, pooled, ctx.v_tok))
+        ctx.reference = reference_signals(valid, valid_hard, ctx.vside, sc.nearest_k)
+        if sc.suspect_neighbours > 0:
+            ctx.valid_nb = hidden_neighbours(ctx.v_hidden, ctx.v_hidden, ctx.v_hidden.mean(0),
+                                             sc.suspect_neighbours, loo=True)
+    return ctx
+
+
+@dataclass
+class ChunkScores:
+    """What :func:`score_chunk` computes for n training samples.
+
+    Attributes:
+        value: ``(n,)`` the aggregate of ``score.aggregate``. nearest: ``(n, k)`` indices into the context's
+            validation ids of the top alignments (None on the ``mean`` path without signals);
+            nearest_values: ``(n, k)`` their normalised values. suspect: ``(n,)`` (signals on, else None);
+            suspect_reason: per sample, the deviations behind it. signals: name → ``(n,)`` every signal.
+    """
+
+    value: np.ndarray
+    nearest: np.ndarray | None = None
+    nearest_values: np.ndarray | None = None
+    suspect: np.ndarray | None = None
+    suspect_reason: list[str] | None = None
+    signals: dict[str, np.ndarray] = field(default_factory=dict)
+
+
+def score_chunk(ctx: ScoringContext, sc, t_self: np.ndarray, t_tok: np.ndarray, t_loss: np.ndarray,
+                t_hidden: np.ndarray, train_csr: object = None, train: SparseSet | None = None,
+                train_hard: SparseSet | None = None) -> ChunkScores:
+    """Value n training samples against the context with ``score`` settings ``sc``.
+
+    Args:
+        t_self, t_tok, t_loss: ``(n,)`` ``‖Φ‖²``, counted positions, mean loss. t_hidden: ``(n, d)`` mean
+            hidden states. train_csr: ``(n, V·width)`` CSR of the sparse rows (signals off). train,
+            train_hard: the rows as :class:`SparseSet` (signals on).
+    """
+    k = sc.nearest_k
+    out = ChunkScores(np.empty(0))
+    if sc.signals:
+        terms, out.signals = sparse_signal_terms(train, train_hard, ctx.vside, k)
+        nb = None
+        if ctx.valid_nb is not None:
+            nb = (hidden_neighbours(t_hidden, ctx.v_hidden, ctx.v_hidden.mean(0), sc.suspect_neighbours),
+                  ctx.valid_nb)
+        out.suspect, out.suspect_reason = suspect_of(out.signals, ctx.reference, sc, nb)
+        raw = terms.raw
+    elif sc.aggregate == "mean":
+        out.value = mean_aggregate(train_csr, ctx.vm, t_self, ctx.v_self, t_tok, ctx.v_tok, sc.normalize)
+        raw = None
+    else:
+        raw = sparse_cross_csr(train_csr, ctx.vm)
+    if raw is not None:
+        values = normalize(ValueMatrix(raw, t_self, ctx.v_self, t_tok, ctx.v_tok, t_loss), sc.normalize)
+        out.value = aggregate(values, sc.aggregate, k)[0]
+        out.nearest = aggregate(values, "nearest", k)[1]
+        out.nearest_values = np.take_along_axis(values, out.nearest, 1)
+    return out

@@ -574,10 +574,17 @@ class FittedSuspect:
 
 
 def fit_suspect(clean: np.ndarray, corrupt: np.ndarray, names: list[str], l2: float = 0.01,
-                clip: float = 10.0) -> FittedSuspect:
+                clip: float = 10.0, monotone: bool = True, signed: bool = True) -> FittedSuspect:
     """Fit which signals, on which side, flag corrupted samples: an L2-regularised logistic regression of
     corrupted (1) vs clean (0), classes weighted equally, on every signal's robust z-score (standardised on
     the clean rows) and its magnitude (so a signal can flag both sides).
+
+    With ``monotone`` the weights of the magnitudes are kept ``>= 0``: a sample that deviates more from
+    clean data on any signal is never *less* suspect for it. An unconstrained fit learns such negative
+    weights from the corruptions it sees (e.g. "an unusual gradient norm means clean", true of the swaps
+    and wrong answers it was shown) and then misses a corruption type it was not shown whose mark is
+    exactly that deviation. Without ``signed`` only the magnitudes count (the signed weights stay 0): a
+    learnt weighting of the deviations, like the default root mean square of chosen sides.
 
     Meant for label-free calibration: ``clean`` are trusted validation samples scored against the rest of
     the validation set, ``corrupt`` copies of them damaged by known generators (truncated, swapped, ...).
@@ -626,6 +633,7 @@ def fit_suspect(clean: np.ndarray, corrupt: np.ndarray, names: list[str], l2: fl
         reg = 0.5 * l2 * float(theta[1:] @ theta[1:])
         return float(w @ nll) + reg, np.concatenate([[g.sum()], x.T @ g + l2 * theta[1:]])
 
-    res = minimize(loss, np.zeros(2 * s + 1), jac=True, method="L-BFGS-B")
+    bounds = [(None, None)] + [(None, None) if signed else (0.0, 0.0)] * s + [(0.0 if monotone else None, None)] * s
+    res = minimize(loss, np.zeros(2 * s + 1), jac=True, method="L-BFGS-B", bounds=bounds)
     fit.bias, fit.weights = float(res.x[0]), res.x[1:].copy()
     return fit

@@ -1,7 +1,9 @@
 """The one settings model: a TOML file < ``VALUEGATE_*`` environment variables < CLI flags.
 
-Every field has a default, a help text and validation. Sections follow the DAG's steps; later steps
-(ingest, gate, release) add their sections as they land. Nothing runs at import time.
+Every field has a default, a help text (its ``description``) and validation. Sections follow the DAG's
+steps. The CLI derives its flags from these fields (:mod:`valuegate.cli_flags`): a new field gets the flag
+``--<section>.<key>`` with its description and default as help, without a change to the CLI. Nothing runs
+at import time.
 
 Environment variables use ``__`` between section and field, e.g. ``VALUEGATE_EXTRACT__BATCH_SIZE=8``.
 

@@ -226,3 +226,23 @@ def stream_inner_products(ws: Workspace, model_fp: str, vector: np.ndarray, widt
         parts.append(np.bincount(owner, weights=dots, minlength=batch.num_rows))
         ids += batch.column(0).to_pylist()
     return ids, (np.concatenate(parts) if parts else np.zeros(0))
+
+
+def count_sketch(m, dim: int, seed: int = 0) -> np.ndarray:
+    """A dense ``(n, dim)`` count sketch of the ``(n, V·width)`` sparse rows ``m`` (scipy CSR): column
+    ``c`` is added, with a seeded random sign, to bucket ``hash(c)``, so ``E[s(x)·s(y)] = x·y``. Candidate
+    vectors for the ``nearest`` aggregate (exact rescoring of the candidates follows); ``O(nnz)``.
+
+    Returns:
+        ``(n, dim)`` float32.
+    """
+    rng = np.random.default_rng(seed)
+    cols = m.indices.astype(np.uint64)
+    mix = np.uint64(rng.integers(1, 2**62)) | np.uint64(1)
+    h = (cols * mix) >> np.uint64(32)
+    bucket = (h % np.uint64(dim)).astype(np.int64)
+    sign = np.where(((h >> np.uint64(20)) & np.uint64(1)) == 1, 1.0, -1.0)
+    owner = np.repeat(np.arange(m.shape[0]), np.diff(m.indptr))
+    out = np.zeros((m.shape[0], dim), dtype=np.float64)
+    np.add.at(out, (owner, bucket), sign * m.data)
+    return out.astype(np.float32)

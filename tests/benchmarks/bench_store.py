@@ -1,7 +1,8 @@
 """Feature-store benchmarks: incremental extraction, re-scoring a new validation version, and scale.
 
     python -m tests.benchmarks.bench_store [--data DIR] [--out bench-results] [--quick]
-        [--only incremental|rescore|scale] [--scale-sizes 10000,100000]
+        [--only incremental|rescore|scale|storage|layout] [--scale-sizes 10000,100000]
+        [--storage-sizes 10000,100000] [--key-read-sizes 100000,1000000] [--real-cache FILE.parquet]
 
 Sections (each prints a table; everything goes to ``--out/store.json``):
 
@@ -19,7 +20,20 @@ Sections (each prints a table; everything goes to ``--out/store.json``):
   ``pooled_hidden``: numpy brute force vs LanceDB without an index vs with an IVF_PQ index (dot).
   Sizes whose projected disk use exceeds ``--max-disk-gb`` are skipped; 1M is always extrapolated.
 
-``--only rescore`` runs the incremental section too (it builds the workspace rescore needs).
+- storage (only with ``--only storage``; issue 19): per N of ``--storage-sizes``, synthetic rows as in
+  scale (error and hard-token columns included): reading every id in 8,000-id calls four ways (``id IN``
+  per 2,000 ids as before, a scan with ``is_in``, a BTREE index on ``id``, and ``read_features`` now), the
+  ``mean`` aggregate by one streaming scan against the disk's sequential read rate (``dd``, direct and
+  buffered), the IVF_PQ (dot) recall@10 / latency sweep over nprobes × refine_factor, peak RSS per step
+  and growth exponents per step; and thin rows (id + 1 KB) read by id up to ``--key-read-sizes``.
+  About 17 min for 10k,100k plus 8 min for the thin rows up to 1M on the loaded 2 cores.
+- layout (only with ``--only layout``): bytes per sample and Spearman (against today's float32 rows) of
+  candidate feature-row layouts on real extracted rows, and the recall of the exact nearest top 5 among
+  candidates by dense similarities (pooled vectors, count sketches of the rows). Seconds.
+
+Real features come from the incremental workspace, else an extraction of 200 DataInf samples (a few
+minutes), cached in ``--real-cache`` when given. ``--only rescore`` runs the incremental section too (it
+builds the workspace rescore needs).
 """
 
 from __future__ import annotations
@@ -1158,7 +1172,45 @@ def bench_layout(real: pa.Table, width: int, vocab: int = 49152, n_valid: int = 
                     "spearman_mean": None, "spearman_nearest": None, "max_rel_err": None,
                     "note": f"exact in float32; mean T={n_tok.mean():.1f}, |U|={sup.mean():.1f}; needs extraction "
                             "changes (engine) and a FEATURE_FORMAT bump"})
-    return {"rows": n, "n_valid": len(vpos), "column_bytes_per_sample": col_bytes, "candidates": out}
+    return {"rows": n, "n_valid": len(vpos), "column_bytes_per_sample": col_bytes, "candidates": out,
+            "nearest_candidates": nearest_candidate_recall(real, rows, tok, width, vocab)}
+
+
+def nearest_candidate_recall(real: pa.Table, rows: list[np.ndarray], tok: list, width: int, vocab: int,
+                             k: int = 5, cands: tuple[int, ...] = (10, 25, 50, 100)) -> list[dict]:
+    """Candidates for the ``nearest`` aggregate from the dense pooled vectors: every real row against all
+    others, the share of its exact top-``k`` (sparse values) found among the ``C`` others of largest
+    ``pooled_hidden`` dot product, and of largest cosine of the mean hidden states."""
+    import scipy.sparse as sp
+
+    n = real.num_rows
+    data = np.concatenate([r.reshape(-1) for r in rows]).astype(np.float64)
+    idx = np.concatenate([(np.asarray(t, dtype=np.int64)[:, None] * width + np.arange(width)).reshape(-1)
+                          for t in tok])
+    ptr = np.concatenate([[0], np.cumsum([r.size for r in rows])])
+    m = sp.csr_matrix((data, idx, ptr), shape=(n, vocab * width))
+    v = np.asarray((m @ m.T).todense())
+    np.fill_diagonal(v, -np.inf)
+    truth = np.argsort(-v, axis=1)[:, :k]
+    ph = real.column("pooled_hidden").combine_chunks().values.to_numpy(zero_copy_only=False).reshape(n, -1)
+    ph = ph.astype(np.float64)
+    mean_h = ph / np.maximum(real.column("n_tokens").to_numpy(), 1)[:, None]
+    unit = mean_h / np.maximum(np.linalg.norm(mean_h, axis=1, keepdims=True), 1e-30)
+    out = []
+    sims = [("pooled dot", ph @ ph.T), ("mean-hidden cosine", unit @ unit.T)]
+    for dim in (256, 1024, 4096):  # a count sketch of the sparse rows (a dense vector with the same dot)
+        sk = fstore.count_sketch(m, dim)
+        sims.append((f"count sketch of the rows, {dim} floats", sk @ sk.T))
+    for label, sim in sims:
+        np.fill_diagonal(sim, -np.inf)
+        order = np.argsort(-sim, axis=1)
+        for c in cands:
+            if c >= n:
+                continue
+            hit = np.mean([len(set(truth[i]) & set(order[i, :c])) / k for i in range(n)])
+            out.append({"by": label, "candidates": c, "of": n - 1, f"recall_top{k}": float(hit)})
+    log(f"nearest candidates {out}")
+    return out
 
 
 def print_layout(res: dict) -> None:
@@ -1169,6 +1221,10 @@ def print_layout(res: dict) -> None:
         f = (lambda x: "" if x is None else f"{x:.4f}")  # noqa: E731
         print(f"| {c['layout']} | {c['bytes_per_sample'] / 1024:.1f} KB | {f(c['spearman_mean'])} | "
               f"{f(c['spearman_nearest'])} | {f(c['max_rel_err'])} | {c['note']} |")
+    print("\nnearest: recall of each row's exact top 5 among its C candidates by a dense similarity")
+    print("| candidates by | C | of | recall |\n|---|---|---|---|")
+    for c in res.get("nearest_candidates", []):
+        print(f"| {c['by']} | {c['candidates']} | {c['of']} | {c['recall_top5']:.3f} |")
 
 
 # quantities that touch every row: never extrapolated below linear growth (noise can make the measured

@@ -625,8 +625,8 @@ def vector_search(ws: Workspace, table: str, queries: np.ndarray, k: int, flat_c
     ws.create_vector_index(table, "pooled_hidden", metric="dot", index_type="IVF_PQ")
     out["build_s"] = time.perf_counter() - t0
     out["indexed"] = ws.has_vector_index(table, "pooled_hidden")
-    run("ivf")
-    run("ivf_refine10", refine_factor=10)
+    run("ivf", nprobes=None, refine_factor=None)  # LanceDB's defaults (Workspace.search has its own)
+    run("ivf_refine10", nprobes=None, refine_factor=10)
     run("ivf_np64_refine10", nprobes=64, refine_factor=10)
     run("ivf_np128_refine20", nprobes=128, refine_factor=20)
     for cfg in ("ivf", "ivf_refine10", "ivf_np64_refine10", "ivf_np128_refine20"):

@@ -57,6 +57,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.futures import wait
 
+from valuegate.engine.default_model import DEFAULT_MODEL_ALIAS, default_model_dir
 from valuegate.errors import ClusterLost, GateFailed, InternalError, ValuegateError
 from valuegate.flows import (
     KeyedOn,
@@ -117,8 +118,6 @@ def _ingest_key(params: dict[str, Any]) -> dict[str, Any]:
 def _score_key(params: dict[str, Any]) -> dict[str, Any]:
     """The dataset's ids, the pinned validation version and its content, the model (its files when local)
     and every model/extract/score setting (as scored)."""
-    from valuegate.engine.default_model import DEFAULT_MODEL_ALIAS, default_model_dir
-
     s = _scoring_settings(params["settings"])
     valset = params["valset"]
     model_dir = str(default_model_dir()) if s.model.name in (DEFAULT_MODEL_ALIAS, "") else s.model.name

@@ -60,11 +60,16 @@ SAMPLE_FIELDS = [
 
 samples_schema = pa.schema([*SAMPLE_FIELDS, pa.field("first_seen", TIMESTAMP)])
 
-members_schema = pa.schema([
+# where a row came from: the key of members and quarantine rows
+ROW_ADDRESS_FIELDS = [
     pa.field("key", pa.string(), nullable=False),            # dataset/source/row (storage.samples.row_key)
     pa.field("dataset", pa.string(), nullable=False),
     pa.field("source", pa.string(), nullable=False),
     pa.field("row", pa.int64(), nullable=False),
+]
+
+members_schema = pa.schema([
+    *ROW_ADDRESS_FIELDS,
     pa.field("id", pa.string(), nullable=False),
     pa.field("metadata", pa.string()),                      # JSON of the row's other columns
     pa.field("source_hash", pa.string(), nullable=False),
@@ -84,10 +89,7 @@ ingests_schema = pa.schema([
 ])
 
 quarantine_schema = pa.schema([
-    pa.field("key", pa.string(), nullable=False),            # dataset/source/row (storage.samples.row_key)
-    pa.field("dataset", pa.string(), nullable=False),
-    pa.field("source", pa.string(), nullable=False),
-    pa.field("row", pa.int64(), nullable=False),
+    *ROW_ADDRESS_FIELDS,
     pa.field("source_hash", pa.string(), nullable=False),
     pa.field("raw", pa.string()),
     pa.field("reason", pa.string(), nullable=False),

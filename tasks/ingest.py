@@ -538,9 +538,14 @@ def read_source_rows(path: str | Path, max_chars: int) -> list[RowVerdict]:
     return [v for chunk in iter_source_verdicts(path, max_chars) for v in chunk]
 
 
+# the counts of ingesting a source, summed over the sources by the ingest step: rows read, kept (accepted
+# into the dataset), new samples, duplicates, quarantined, ids left
+INGEST_COUNTS = ("rows", "kept", "new_samples", "duplicates", "quarantined", "left")
+
+
 @dataclass
 class FileReport:
-    """What ingesting one source did."""
+    """What ingesting one source did (the counts are :data:`INGEST_COUNTS`)."""
 
     source: str
     rows: int = 0
@@ -695,13 +700,12 @@ def run(settings: Settings, on_file: Callable[[FileReport], None] | None = None)
     ensure_sample_tables(ws)
     if not settings.data.sources:
         raise ValuegateError("no sources configured: set data.sources (a list of files) in the config")
-    keys = ("rows", "kept", "new_samples", "duplicates", "quarantined", "left")
-    totals = dict.fromkeys(keys, 0)
+    totals = dict.fromkeys(INGEST_COUNTS, 0)
     for src in settings.data.sources:
         rep = ingest_file(ws, settings.data.dataset, src, settings.ingest.max_chars)
         if on_file is not None:
             on_file(rep)
-        for k in keys:
+        for k in INGEST_COUNTS:
             totals[k] += getattr(rep, k)
     # the dataset as it stands (unchanged sources add nothing this run, but their rows still count)
     ids = read_members(ws, settings.data.dataset, columns=["id"])["id"].to_pylist()

@@ -8,9 +8,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-# the counts of the ingest step (flows/refresh.py ingest_sources): rows read this run, kept (accepted into
-# the dataset), new samples, duplicates, quarantined, ids left
-INGEST_KEYS = ("rows", "kept", "new_samples", "duplicates", "quarantined", "left")
+from valuegate.tasks.ingest import INGEST_COUNTS
+
 TOP_REASONS = 3
 
 
@@ -29,7 +28,7 @@ def summary_json(summary: dict[str, Any], release: str) -> dict[str, Any]:
         release: the release name.
     """
     counts = dict(summary["counts"])
-    ingested = {k: counts.pop(k) for k in INGEST_KEYS if k in counts}
+    ingested = {k: counts.pop(k) for k in INGEST_COUNTS if k in counts}
     kept = summary["kept"]
     head = {"release": release, "version": summary["version"], "current": summary["current"],
             "previous": summary["previous"], **({"reason": summary["reason"]} if "reason" in summary else {}),

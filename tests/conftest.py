@@ -8,10 +8,14 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
+# the shared test helpers (tiny.py, tiny_vlm.py, ...) and the test modules of every room import each other by
+# plain name; the tests mirror the layout: engine/, storage/, tasks/, flows/ and the shell's at the top
+HERE = Path(__file__).parent
+for folder in (HERE, *(HERE / room for room in ("engine", "storage", "tasks", "flows"))):
+    sys.path.insert(0, str(folder))
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
-from tiny import build_tiny_model, random_rows, write_jsonl
+from tiny import build_tiny_model, random_rows, write_jsonl  # noqa: E402  (found through the path above)
 
 
 @pytest.fixture(scope="session")

@@ -1,5 +1,5 @@
 """Concurrent writers into one features table, each in its own spawned process (shared by
-tests/test_concurrent_writers.py and tests/benchmarks/bench_writers.py).
+tests/storage/test_concurrent_writers.py and tests/benchmarks/bench_writers.py).
 
 A writer commits ``commits`` batches of ``rows`` synthetic feature rows (the real ``features__<fp>`` schema,
 sizes like a default extraction) into one table through :mod:`valuegate.storage.features` /

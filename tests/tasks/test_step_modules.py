@@ -8,7 +8,7 @@ import ast
 import importlib
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 # the Dask/Ray path's shard and plan helpers live in the module of the step they serve
 HELPERS = {"plan-shards": "extract", "extract-shard": "extract", "plan-scores": "score", "score-shard": "score"}
 

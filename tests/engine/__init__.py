@@ -1,0 +1,1 @@
+"""Tests of valuegate/engine/ (docs/ARCHITECTURE.md §2)."""

@@ -1,0 +1,1 @@
+"""Tests of flows/ (docs/ARCHITECTURE.md §2)."""

@@ -1,0 +1,1 @@
+"""Tests of storage/ (docs/ARCHITECTURE.md §2)."""

@@ -1,0 +1,1 @@
+"""Tests of tasks/ (docs/ARCHITECTURE.md §2)."""

@@ -249,7 +249,7 @@ def cost(frame: pl.DataFrame, n: int) -> dict:
     import torch
 
     from valuegate.engine.baselines import _unit, unconditional_losses
-    from valuegate.engine.extraction import _token_block, extract_sparse, pad_batch
+    from valuegate.engine.extraction import _token_block, counted_mask, extract_sparse, pad_batch
     from valuegate.engine.model import encode_samples, length_batches, load_model, load_tokenizer
     from valuegate.settings import load_settings
     from valuegate.tasks.ingest import samples_from_frame
@@ -280,9 +280,7 @@ def cost(frame: pl.DataFrame, n: int) -> dict:
             ids, mask = pad_batch(items, pad_id, lm.device)
             with torch.inference_mode():
                 h = lm.final_hidden(ids, mask)
-                counted = torch.zeros_like(mask, dtype=torch.bool)
-                for j, e in enumerate(items):
-                    counted[j, :len(e.counted)] = torch.from_numpy(e.counted)
+                counted = counted_mask(items, mask)
                 if head:
                     _token_block(lm, h, ids, counted, [e.n_counted for e in items])
                 pooled.append(h.float().mean(1).numpy())

@@ -92,7 +92,7 @@ def unconditional_losses(lm: LoadedModel, samples: list[Sample], cfg: ExtractSet
         ``(len(samples),)`` float64, NaN where undefined (see :func:`unconditional_text`; a vision-language
         model runs no unconditional pass).
     """
-    from valuegate.engine.extraction import _chunks_by_budget, pad_batch
+    from valuegate.engine.extraction import _chunks_by_budget, counted_mask, pad_batch
 
     out = np.full(len(samples), np.nan)
     if lm.is_vision or not samples:
@@ -111,9 +111,7 @@ def unconditional_losses(lm: LoadedModel, samples: list[Sample], cfg: ExtractSet
         ids, mask = pad_batch(items, pad_id, lm.device)
         with torch.inference_mode():
             hidden = lm.final_hidden(ids, mask)
-            counted = torch.zeros_like(mask, dtype=torch.bool)
-            for b, e in enumerate(items):
-                counted[b, :len(e.counted)] = torch.from_numpy(e.counted)
+            counted = counted_mask(items, mask)
             counts = [e.n_counted for e in items]
             for lo, hi in _chunks_by_budget(counts, max_rows):
                 c = counted[lo:hi]

@@ -65,6 +65,15 @@ def pad_batch(encoded: list[EncodedSample], pad_id: int, device: torch.device) -
     return ids.to(device), mask.to(device)
 
 
+def counted_mask(encoded: list[EncodedSample], mask: torch.Tensor) -> torch.Tensor:
+    """``(B, T)`` bool, the shape of ``mask``: ``[b, t]`` says whether the prediction at position t of sample
+    b counts (its ``EncodedSample.counted``; padding never does)."""
+    counted = torch.zeros_like(mask, dtype=torch.bool)
+    for b, e in enumerate(encoded):
+        counted[b, :len(e.counted)] = torch.from_numpy(e.counted)
+    return counted
+
+
 def _chunks_by_budget(counts: list[int], max_rows: int) -> list[tuple[int, int]]:
     """Cut consecutive samples into ``[lo, hi)`` runs whose counted rows sum to at most ``max_rows``."""
     out, lo, acc = [], 0, 0
@@ -123,9 +132,7 @@ def _forward_batches(lm: LoadedModel, encoded: list[EncodedSample], batches: lis
         extras = batch_model_inputs(items, ids.shape[1], lm.device, lm.model.dtype) if lm.is_vision else {}
         with torch.inference_mode():
             hidden = lm.final_hidden(ids, mask, **extras)
-            counted = torch.zeros_like(mask, dtype=torch.bool)
-            for b, e in enumerate(items):
-                counted[b, :len(e.counted)] = torch.from_numpy(e.counted)
+            counted = counted_mask(items, mask)
             counts = [e.n_counted for e in items]
             for lo, hi in _chunks_by_budget(counts, max_rows):
                 block = _token_block(lm, hidden[lo:hi], ids[lo:hi], counted[lo:hi], counts[lo:hi])

@@ -56,6 +56,7 @@ import numpy as np
 import pyarrow as pa
 
 from tests.benchmarks.bench_engine import DEFAULT_DATA, machine, peak_rss_mb
+from valuegate.engine.sketch import count_sketch
 from valuegate.settings import Settings, default_settings
 from valuegate.storage import features as fstore
 from valuegate.storage import samples as sstore
@@ -1199,7 +1200,7 @@ def nearest_candidate_recall(real: pa.Table, rows: list[np.ndarray], tok: list, 
     out = []
     sims = [("pooled dot", ph @ ph.T), ("mean-hidden cosine", unit @ unit.T)]
     for dim in (256, 1024, 4096):  # a count sketch of the sparse rows (a dense vector with the same dot)
-        sk = fstore.count_sketch(m, dim)
+        sk = count_sketch(m, dim)
         sims.append((f"count sketch of the rows, {dim} floats", sk @ sk.T))
     for label, sim in sims:
         np.fill_diagonal(sim, -np.inf)

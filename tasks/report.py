@@ -11,8 +11,8 @@ from typing import Any
 
 import numpy as np
 import polars as pl
-from scipy.stats import rankdata
 
+from valuegate.engine.detection import FLAG_SIDES, bad_kinds, detection_rows
 from valuegate.engine.explain import TokenContributions, mean_rows, token_contributions
 from valuegate.engine.images import thumbnail_data_uri
 from valuegate.engine.model import (
@@ -180,26 +180,52 @@ def _signals_html(selected: pl.DataFrame, keep: np.ndarray) -> str:
             "</th><th>median, kept</th><th>median, dropped</th></tr>" + "".join(rows) + "</table>")
 
 
-def _detection_html(selected: pl.DataFrame, keep: np.ndarray) -> str:
-    """How well the release and each signal find the samples the data marks as bad (``corruption``)."""
-    bad = (selected["corruption"].fill_null("") != "").to_numpy()
-    out = [f"<h2>Known-bad samples</h2><p>Known corrupted samples: {int(bad.sum())}; dropped by this release: "
-           f"{int((bad & ~keep).sum())}; clean samples dropped: {int((~bad & ~keep).sum())}.</p>"]
+_FILTER_LABELS = {"perplexity": "perplexity filter (drops high)", "ifd": "IFD filter (drops high)",
+                  "rds_mean": "RDS+ mean similarity (drops low)", "rds_max": "RDS+ max similarity (drops low)",
+                  "length": "length filter (drops short)"}
+
+
+def _detection_html(selected: pl.DataFrame, keep: np.ndarray, column: str) -> str:
+    """How well the release, the suspect score, the value, the cheap filters (:data:`FLAG_SIDES`) and each
+    signal find the rows the known-bad ``column`` marks: the dropped counts per corruption type, then one
+    AUC table (a column per type, the best of each column in bold)."""
+    kinds = bad_kinds(selected[column].to_list())
+    bad = kinds != ""
+    types = sorted({k for k in kinds if k})
+    out = [f"<h2>Known-bad samples</h2><p>The column <code>{html.escape(column)}</code> marks "
+           f"{int(bad.sum())} of {kinds.size} samples as bad; this release drops {int((bad & ~keep).sum())} of them "
+           f"and {int((~bad & ~keep).sum())} of the {int((~bad).sum())} clean samples.</p>"]
     if not 0 < bad.sum() < bad.size:
         return "".join(out)
-    scores = [("suspect", 1.0, "suspect score (high = bad)"), ("value", -1.0, "value (low = bad)")]
-    scores += [(c, 1.0, f"{c} (high = bad)") for c in _signal_columns(selected)]
-    rows = []
-    for col, sign, what in scores:
-        if col in selected.columns and selected[col].null_count() == 0:
-            auc = detection_auc(sign * selected[col].cast(pl.Float64).to_numpy(), bad)
-            rows.append(f"<tr class='detection-row'><td>{html.escape(what)}</td><td>{auc:.3f}</td></tr>")
-    if rows:
-        out.append("<table class='detection'><tr><th>signal</th><th>detection AUC</th></tr>" + "".join(rows)
-                   + "</table><p><small>ROC AUC of each score for the known-bad flag: 1 finds every corrupted "
-                   "sample first, 0.5 is chance, below 0.5 the signal points the other way.</small></p>")
+    out.append("<table class='detection-counts'><tr><th>corruption</th><th>samples</th><th>dropped</th></tr>"
+               + "".join(f"<tr><td>{html.escape(t)}</td><td>{int((kinds == t).sum())}</td>"
+                         f"<td>{int(((kinds == t) & ~keep).sum())}</td></tr>" for t in types) + "</table>")
+    scores: dict[str, tuple[np.ndarray, float]] = {}
+    labels: dict[str, str] = {}
+    for col, side, what in [("suspect", 1.0, "suspect score (valuegate; high = bad)"),
+                            ("value", -1.0, "value (valuegate; low = bad)"),
+                            *((c, s, _FILTER_LABELS[c]) for c, s in FLAG_SIDES.items()),
+                            *((c, 1.0, f"signal {c} (high = bad)") for c in _signal_columns(selected))]:
+        if col in selected.columns and selected[col].null_count() < selected.height:
+            scores[col] = (selected[col].cast(pl.Float64).fill_null(np.nan).to_numpy(), side)
+            labels[col] = what
+    rows = detection_rows(scores, kinds)
+    heads = ["all", *types]
+    best = {h: max((r.auc[h] for r in rows if r.auc[h] is not None), default=None) for h in heads}
+    body = []
+    for r in rows:
+        cls = "baseline" if r.score in FLAG_SIDES else "valuegate" if r.score in ("suspect", "value") else "signal"
+        cells = "".join("<td>–</td>" if r.auc[h] is None else
+                        (f"<td><b>{r.auc[h]:.3f}</b></td>" if r.auc[h] == best[h] else f"<td>{r.auc[h]:.3f}</td>")
+                        for h in heads)
+        body.append(f"<tr class='detection-row {cls}'><td>{html.escape(labels[r.score])}</td>{cells}</tr>")
+    out.append("<table class='detection'><tr><th>score</th>" + "".join(
+        f"<th>{html.escape(h)} ({int(bad.sum()) if h == 'all' else int((kinds == h).sum())})</th>" for h in heads)
+        + "</tr>" + "".join(body) + "</table><p><small>Detection AUC: the chance that a bad sample of the column's "
+        "type ranks as more suspect than a clean one (1 finds every bad sample first, 0.5 is chance, below 0.5 "
+        "the score points the other way); each filter on the side it drops; the best of each column in bold. "
+        "A score missing on some samples (IFD of a text sample) is measured on the others.</small></p>")
     return "".join(out)
-
 
 
 def _sample_text(row: dict[str, Any], limit: int = 160) -> str:
@@ -271,7 +297,8 @@ def _tokens_html(tc: Any) -> str:
 def render_report(selected: pl.DataFrame, manifest: dict[str, Any], valid_rows: list[dict[str, Any]],
                   diff_text: str | None = None, group_by: str | None = None,
                   explained: list[tuple[str, dict[str, Any], Any]] | None = None,
-                  suspect_threshold: float | None = None, thumbnails: dict[str, str] | None = None) -> str:
+                  suspect_threshold: float | None = None, thumbnails: dict[str, str] | None = None,
+                  known_bad: str | None = "corruption") -> str:
     """The report of one release as an HTML string.
 
     Args:
@@ -282,6 +309,8 @@ def render_report(selected: pl.DataFrame, manifest: dict[str, Any], valid_rows: 
         group_by: the column whose groups get their own plot and retention row.
         explained: ``(label, row, TokenContributions)`` of the few samples whose tokens are highlighted.
         suspect_threshold: drawn on the suspect histogram when the policy uses it.
+        known_bad: the data's known-bad column (``release.known_bad_column``): when the samples carry it, the
+            detection table of valuegate's scores against the cheap filters; None: never.
         thumbnails: sha256 → image URI for samples with an ``images`` column (content hashes); by default
             loaded from the workspace named in ``manifest["settings"]`` for the samples the report shows.
     """
@@ -327,8 +356,8 @@ def render_report(selected: pl.DataFrame, manifest: dict[str, Any], valid_rows: 
     if group_by and group_by in selected.columns:
         parts.append(_groups_html(selected, group_by, kinds, values, keep, span, cut, cut_label))
     parts.append(_dropped_html(selected, kinds))
-    if "corruption" in selected.columns:  # the demo knows which rows it corrupted: how well each signal finds them
-        parts.append(_detection_html(selected, keep))
+    if known_bad and known_bad in selected.columns:  # e.g. the demo marks the rows it corrupted
+        parts.append(_detection_html(selected, keep, known_bad))
     if "suspect" in selected.columns and selected["suspect"].null_count() < selected.height:
         sus = selected["suspect"].fill_null(np.nan).to_numpy().astype(np.float64)
         ok = np.isfinite(sus)
@@ -387,14 +416,6 @@ def pick_explained(selected: pl.DataFrame, per_kind: int = 2) -> list[tuple[str,
                 seen.add(row["id"])
                 picks.append((label, row))
     return picks
-
-
-def detection_auc(score: np.ndarray, positive: np.ndarray) -> float:
-    """ROC AUC of ``score`` (higher = positive) for the boolean ``positive`` labels; ties count half."""
-    pos = np.asarray(positive, dtype=bool)
-    n1, n0 = int(pos.sum()), int((~pos).sum())
-    r = rankdata(np.asarray(score, dtype=np.float64))
-    return float((r[pos].sum() - n1 * (n1 + 1) / 2) / (n1 * n0))
 
 
 def write_report(path: Path, content: str) -> Path:
@@ -484,7 +505,7 @@ def run(settings: Settings, selected: pl.DataFrame, version: str, previous: str 
     explained, warning = _explain(settings, selected, record["valset"])
     threshold = settings.select.suspect_threshold if settings.select.policy == "suspect" else None
     html_text = render_report(selected, record, vrows.to_pylist(), diff_text, settings.select.group_by,
-                              explained, threshold)
+                              explained, threshold, known_bad=settings.release.known_bad_column)
     staged = Path(staging_dir(settings, version, "report")) / "report.html"
     staged.parent.mkdir(parents=True, exist_ok=True)
     try:

@@ -132,7 +132,7 @@ def scored(name: str, frame: pl.DataFrame, valid: pl.DataFrame, a, tag: str) -> 
 # --------------------------------------------------------------------------------------------------
 
 def auc(score: np.ndarray, label: np.ndarray) -> float:
-    from valuegate.tasks.report import detection_auc
+    from valuegate.engine.detection import detection_auc
 
     score = np.nan_to_num(np.asarray(score, dtype=np.float64), nan=-1e300)
     label = np.asarray(label, dtype=bool)

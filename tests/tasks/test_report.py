@@ -57,11 +57,11 @@ def test_report_content_is_complete_and_escaped(tmp_path):
     assert html_text.count("class='group-row'") == 2 and "why dropped" in html_text
     assert "Dropped samples by reason" in html_text and "value &lt; 0" in html_text
     assert "The signals behind the suspect score" in html_text and "<td>mean_loss</td>" in html_text
-    assert html_text.count("class='detection-row'") == 3  # suspect, value, mean_loss
+    assert html_text.count("class='detection-row ") == 3  # suspect, value, mean_loss (no baseline columns)
     assert "Most suspect samples" in html_text and "mean_loss z=+1.0" in html_text
     assert "Which tokens carry the value" in html_text and "title='+0.7'" in html_text
     assert "rgba(201,42,42" in html_text and "&lt;b&gt;" in html_text  # negative token, escaped
-    assert "Known corrupted samples: 12" in html_text and "detection AUC" in html_text
+    assert "marks 12 of 60 samples as bad" in html_text and "Detection AUC" in html_text
     assert "&lt;b&gt;not bold&lt;/b&gt;" in html_text and "<b>not bold</b>" not in html_text
     assert "a validation sample" in html_text and "entered: 3 (new data)" in html_text
     assert "FAILED" in html_text and "retained_fraction" in html_text
@@ -93,11 +93,45 @@ def test_report_renders_in_headless_chromium(tmp_path):
     assert dom.count('class="axis-label"') == 8 and dom.count("samples per bin") == 4
     assert dom.count('class="threshold"') == 4  # value cut-off on 3 value plots, threshold on suspect
     assert dom.count('class="group-row"') == 2 and "Dropped samples by reason" in dom
-    assert dom.count('class="reason-row"') == 1 and dom.count('class="detection-row"') == 3
+    assert dom.count('class="reason-row"') == 1 and dom.count('class="detection-row ') == 3
+
+
+def test_detection_table_sets_valuegate_against_the_cheap_filters_per_corruption_type():
+    """Issue 18: with a known-bad column the report has a row per cheap filter (each on the side it drops) and a
+    column per corruption type, the best per column in bold; the column is a setting; booleans work."""
+    n = 60
+    kinds = ["swap" if i % 6 == 0 else "copy" if i % 6 == 1 else "" for i in range(n)]
+    swap = np.array([k == "swap" for k in kinds])
+    copy = np.array([k == "copy" for k in kinds])
+    rng = np.random.default_rng(1)
+    sel = _selected(n).with_columns(
+        pl.Series("corruption", kinds),
+        pl.Series("suspect", np.where(copy, 10.0, 0.0) + rng.random(n)),  # finds copy only
+        pl.Series("perplexity", np.where(swap, 50.0, 5.0) + rng.random(n)),  # finds swap (drops high)
+        pl.Series("length", np.where(swap, 3.0, 30.0) + rng.random(n)),  # finds swap (drops short)
+        pl.Series("ifd", [None if i % 10 == 3 else 0.5 + rng.random() for i in range(n)], dtype=pl.Float64),
+        pl.Series("rds_mean", rng.random(n)), pl.Series("rds_max", rng.random(n)))
+    text = render_report(sel, _manifest(), [], None)
+    table = text[text.index("<table class='detection'>"):]
+    table = table[:table.index("</table>")]
+    assert "<th>all (20)</th><th>copy (10)</th><th>swap (10)</th>" in table
+    assert table.count("class='detection-row baseline'") == 5
+    for label in ("perplexity filter (drops high)", "IFD filter (drops high)", "RDS+ mean similarity (drops low)",
+                  "RDS+ max similarity (drops low)", "length filter (drops short)"):
+        assert label in table
+    row = {r.split("</td>")[0].split("<td>")[-1]: r for r in table.split("<tr")[2:]}
+    assert row["perplexity filter (drops high)"].endswith("<td><b>1.000</b></td></tr>")  # swap: its last column
+    assert row["suspect score (valuegate; high = bad)"].count("<b>1.000</b>") == 1  # copy
+    assert row["length filter (drops short)"].endswith("<td><b>1.000</b></td></tr>")  # swap
+    assert "<td>copy</td><td>10</td>" in text  # dropped counts per type
+    assert "Known-bad samples" not in render_report(sel, _manifest(), [], None, known_bad=None)
+    flagged = sel.with_columns(pl.Series("is_bad", swap))
+    text = render_report(flagged, _manifest(), [], None, known_bad="is_bad")
+    assert "<th>all (10)</th><th>bad (10)</th>" in text
 
 
 def test_detection_auc_counts_ties_half():
-    from valuegate.tasks.report import detection_auc
+    from valuegate.engine.detection import detection_auc
 
     assert detection_auc(np.array([3.0, 2.0, 1.0, 0.0]), np.array([True, True, False, False])) == 1.0
     assert detection_auc(np.array([0.0, 1.0]), np.array([True, False])) == 0.0

@@ -215,6 +215,11 @@ class ReleaseSettings(_Section):
     """Where and under which name releases are written."""
 
     name: str = Field("default", description="Release name: releases/<name>/<version>/ in the workspace.")
+    known_bad_column: str | None = Field(
+        "corruption", description="A data column marking rows known to be bad (a corruption type, true or "
+        "non-zero; empty, false or 0 = clean). When the data has it, the report shows how well the release, "
+        "the suspect score and the cheap filters (perplexity, IFD, RDS+, length) find them, per type. "
+        "Empty: never.")
 
     @field_validator("name")
     @classmethod

@@ -132,6 +132,11 @@ class ScoreSettings(_Section):
         "mean", description="mean over the validation set (data selection), nearest (mean of the top-k "
         "alignments: which validation need a sample serves) or pairwise (the full matrix).")
     nearest_k: int = Field(5, ge=1, description="k of the nearest aggregate.")
+    nearest_candidates: int = Field(
+        50, ge=0, description="Stored scoring with signals off, nearest aggregate: per training sample the C "
+        "validation samples of largest count-sketch inner product (`extract.sketch_dim` floats) are "
+        "rescored exactly and the top nearest_k of them kept (about C/n_valid of the exhaustive cost; the "
+        "recall of the exact top k: README, 'Storage at scale'). 0: exhaustive (the oracle).")
     normalize: Literal["none", "length", "cosine"] = Field(
         "none", description="none (the paper's raw inner product), length (per counted token of each "
         "side) or cosine (divided by both norms ‖Φ‖).")

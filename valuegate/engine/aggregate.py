@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from valuegate.engine.candidates import BlockRows, CandidateSide, candidate_values, top_candidates
 from valuegate.engine.extraction import (
     ExtractionStats,
     extract_sparse,
@@ -44,11 +45,14 @@ from valuegate.engine.signals import (
     parse_suspect,
     signals_from_terms,
 )
+from valuegate.engine.sketch import count_sketch
 from valuegate.errors import ValuegateError
 from valuegate.settings import Settings
 
-__all__ = ["ChunkScores", "ScoringContext", "ValueMatrix", "aggregate", "build_context", "compute_values", "mean_aggregate", "mean_hidden", "neighbours_of",
-           "normalize", "projected_centre", "reference_signals", "score_chunk", "sparse_signal_terms", "suspect_of"]
+__all__ = ["ChunkScores", "ScoringContext", "ValueMatrix", "aggregate", "block_inner_products", "build_context",
+           "compute_values", "mean_aggregate", "mean_finish", "mean_hidden", "mean_vector", "nearest_of_candidates",
+           "neighbours_of", "normalize", "normalized", "projected_centre", "reference_signals", "score_chunk",
+           "sketch_dim", "sparse_signal_terms", "suspect_of", "valid_scale"]
 
 
 @dataclass
@@ -304,13 +308,34 @@ def normalize(vm: ValueMatrix, how: str) -> np.ndarray:
     - ``length``: divided by the counted tokens of both samples (per-token alignment).
     - ``cosine``: divided by ``‖Φ‖ ‖Φ'‖`` (direction only, in [-1, 1]).
     """
+    return normalized(vm.values, how, vm.train_self, vm.train_tokens, vm.valid_self, vm.valid_tokens)
+
+
+def normalized(values: np.ndarray, how: str, t_self: np.ndarray, t_tok: np.ndarray, v_self: np.ndarray,
+               v_tok: np.ndarray) -> np.ndarray:
+    """:func:`normalize` of raw values ``(n, m)``: ``t_self``, ``t_tok`` ``(n,)`` of the training rows;
+    ``v_self``, ``v_tok`` of the validation side, ``(m,)`` (every column one validation sample) or
+    ``(n, m)`` (each pair its own, e.g. the candidates of :func:`nearest_of_candidates`)."""
     if how == "none":
-        return vm.values
+        return values
     if how == "length":
-        return vm.values / np.outer(np.maximum(vm.train_tokens, 1), np.maximum(vm.valid_tokens, 1))
+        return values / (np.maximum(t_tok, 1)[:, None] * np.maximum(v_tok, 1))
     if how == "cosine":
-        denom = np.sqrt(np.outer(np.maximum(vm.train_self, 0), np.maximum(vm.valid_self, 0)))
-        return np.divide(vm.values, denom, out=np.zeros_like(vm.values), where=denom > 0)
+        denom = np.sqrt(np.maximum(t_self, 0)[:, None] * np.maximum(v_self, 0))
+        return np.divide(values, denom, out=np.zeros(np.shape(values)), where=denom > 0)
+    raise ValuegateError(f"unknown normalisation {how!r}: use none, length or cosine")
+
+
+def valid_scale(how: str, v_self: np.ndarray, v_tok: np.ndarray) -> np.ndarray:
+    """``(n_v,)`` the factor of each validation sample in its normalised values (``1``, ``1/n'``,
+    ``1/‖Φ'‖``; 0 for a zero row under cosine): what the candidate search weighs the sketches by."""
+    if how == "none":
+        return np.ones(len(v_tok))
+    if how == "length":
+        return 1.0 / np.maximum(np.asarray(v_tok), 1)
+    if how == "cosine":
+        vn = np.sqrt(np.maximum(v_self, 0))
+        return np.divide(1.0, vn, out=np.zeros_like(vn, dtype=np.float64), where=vn > 0)
     raise ValuegateError(f"unknown normalisation {how!r}: use none, length or cosine")
 
 
@@ -345,18 +370,47 @@ def mean_aggregate(train, valid, train_self: np.ndarray, valid_self: np.ndarray,
     Returns:
         ``(n_train,)`` float64.
     """
-    n_v = valid.shape[0]
+    raw = sparse_mean_csr(train, valid, valid_scale(how, valid_self, valid_tokens) / valid.shape[0])
+    return mean_finish(raw, train_self, train_tokens, how)
+
+
+def mean_vector(valid, valid_self: np.ndarray, valid_tokens: np.ndarray, how: str) -> np.ndarray:
+    """``Σ_j w_j Φ(z'_j)`` ``(V·width,)`` float64, the weighted validation vector of the ``mean``
+    aggregate under ``how`` (``w_j`` = :func:`valid_scale` / n_v): one inner product with it and
+    :func:`mean_finish` give :func:`mean_aggregate`. valid: ``(n_v, V·width)`` CSR."""
+    w = valid_scale(how, valid_self, valid_tokens) / valid.shape[0]
+    return np.asarray(valid.astype(np.float64).T @ w).reshape(-1)
+
+
+def mean_finish(raw: np.ndarray, train_self: np.ndarray, train_tokens: np.ndarray, how: str) -> np.ndarray:
+    """The ``mean`` aggregate ``(n,)`` from ``raw`` = each training row's inner product with
+    :func:`mean_vector` (divided by the training side's own factor under length/cosine)."""
     if how == "none":
-        return sparse_mean_csr(train, valid)
+        return raw
     if how == "length":
-        out = sparse_mean_csr(train, valid, 1.0 / (n_v * np.maximum(valid_tokens, 1)))
-        return out / np.maximum(train_tokens, 1)
+        return raw / np.maximum(train_tokens, 1)
     if how == "cosine":
-        vn = np.sqrt(np.maximum(valid_self, 0))
-        w = np.divide(1.0, n_v * vn, out=np.zeros_like(vn), where=vn > 0)
         tn = np.sqrt(np.maximum(train_self, 0))
-        return np.divide(sparse_mean_csr(train, valid, w), tn, out=np.zeros_like(tn), where=tn > 0)
+        return np.divide(raw, tn, out=np.zeros_like(tn, dtype=np.float64), where=tn > 0)
     raise ValuegateError(f"unknown normalisation {how!r}: use none, length or cosine")
+
+
+def block_inner_products(tok: np.ndarray, rows: np.ndarray, lengths: np.ndarray, vector: np.ndarray) -> np.ndarray:
+    """``Σ_{u ∈ U_i} R_i[u] · vector[u]`` for n rows given as blocks, float64 (what a CSR product with
+    ``vector`` gives, without building the CSR): the ``mean`` aggregate of a streamed batch.
+
+    Args:
+        tok: ``(nb,)`` every row's support tokens, concatenated. rows: ``(nb·width,)`` or ``(nb, width)``
+            their blocks (any float dtype). lengths: ``(n,)`` blocks per row. vector: ``(V·width,)``.
+    """
+    n = len(lengths)
+    if not len(tok):
+        return np.zeros(n)
+    r = np.asarray(rows).reshape(len(tok), -1)
+    dense = np.asarray(vector, dtype=np.float64).reshape(-1, r.shape[1])
+    dots = np.einsum("ij,ij->i", r.astype(np.float64), dense[np.asarray(tok, dtype=np.int64)])
+    owner = np.repeat(np.arange(n), lengths)
+    return np.bincount(owner, weights=dots, minlength=n)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -374,6 +428,9 @@ class ScoringContext:
             positions. vside: the sparse right-hand side of every product (signals on); vm: plain CSR
             ``(n_v, V·width)`` (signals off). reference: the leave-one-out signals; v_hidden: ``(n_v, d)``
             mean hidden states and valid_nb ``(n_v, k)`` their nearest others (local suspect reference).
+        v_mean: ``(V·width,)`` the weighted validation vector of the ``mean`` aggregate (signals off,
+            :func:`mean_vector`). cand: the candidate search and rescoring side of the ``nearest`` aggregate
+            (signals off, ``score.nearest_candidates`` > 0); sketch_seed: the seed of its count sketches.
     """
 
     vids: np.ndarray
@@ -384,11 +441,21 @@ class ScoringContext:
     reference: dict[str, np.ndarray] | None = None
     v_hidden: np.ndarray | None = None
     valid_nb: np.ndarray | None = None
+    v_mean: np.ndarray | None = None
+    cand: CandidateSide | None = None
+    sketch_seed: int = 0
+
+
+def sketch_dim(settings: Settings) -> int:
+    """Floats of the count sketches the candidate search compares: ``extract.sketch_dim``, or 256 when
+    no sketch is stored (``sketch_dim`` 0: both sides are sketched while scoring)."""
+    return int(getattr(settings.extract, "sketch_dim", 0) or 256)
 
 
 def build_context(vids: list[str], v_self: np.ndarray, v_tok: np.ndarray, pooled: np.ndarray, settings: Settings,
                   hidden_size: int, vocab: int, vm: object = None, valid: SparseSet | None = None,
-                  valid_hard: SparseSet | None = None) -> ScoringContext:
+                  valid_hard: SparseSet | None = None, width: int = 1,
+                  v_sketch: np.ndarray | None = None) -> ScoringContext:
     """The validation side every chunk is scored against.
 
     Args:
@@ -396,9 +463,18 @@ def build_context(vids: list[str], v_self: np.ndarray, v_tok: np.ndarray, pooled
             positions. pooled: ``(n_v, d)`` ``Σ_t h_t``. hidden_size, vocab: the feature set's ``d`` and ``V``.
         vm: ``(n_v, V·width)`` CSR of the sparse rows (signals off). valid, valid_hard: the rows as
             :class:`SparseSet` (signals on; ``valid_hard`` when ``extract.hard_fraction < 1``).
+        width: floats per support entry of ``vm`` (its blocks, for the candidates' rescoring).
+        v_sketch: ``(n_v, D)`` stored count sketches of the rows (None: sketched here when needed).
     """
     ex, sc = settings.extract, settings.score
-    ctx = ScoringContext(np.asarray(vids, dtype=object), v_self, v_tok, vm=vm)
+    ctx = ScoringContext(np.asarray(vids, dtype=object), v_self, v_tok, vm=vm, sketch_seed=int(ex.seed))
+    if not sc.signals and sc.aggregate == "mean":
+        ctx.v_mean = mean_vector(vm, v_self, v_tok, sc.normalize)
+    if not sc.signals and sc.aggregate == "nearest" and sc.nearest_candidates > 0:
+        sk = None
+        if sc.nearest_candidates < len(vids):  # else every validation sample is a candidate
+            sk = v_sketch if v_sketch is not None else count_sketch(vm, sketch_dim(settings), seed=ctx.sketch_seed)
+        ctx.cand = CandidateSide.build(vm, width, sk, valid_scale(sc.normalize, v_self, v_tok))
     ctx.v_hidden = mean_hidden(pooled, ctx.v_tok)  # the rds baselines, and the local suspect reference
     if sc.signals:
         ctx.vside = ValidSide.build(valid, projected_centre(ex, hidden_size, vocab, pooled, ctx.v_tok))
@@ -428,15 +504,53 @@ class ChunkScores:
     signals: dict[str, np.ndarray] = field(default_factory=dict)
 
 
+def nearest_of_candidates(ctx: ScoringContext, sc, t_self: np.ndarray, t_tok: np.ndarray, train_csr,
+                          t_sketch: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The ``nearest`` aggregate by candidates (signals off): per training row the
+    ``sc.nearest_candidates`` validation rows of largest sketch inner product (scaled by the
+    normalisation's validation factor), their exact values, the top ``sc.nearest_k`` of those.
+
+    Args:
+        train_csr: ``(n, V·width)`` CSR rows. t_sketch: ``(n, D)`` their stored sketches (None: sketched
+            here with the context's seed).
+
+    Returns:
+        ``(value (n,), nearest (n, k) validation indices, nearest_values (n, k))``, as :func:`aggregate`
+        of the normalised exhaustive matrix when the candidates hold the exact top k (ties: lower index).
+    """
+    side = ctx.cand
+    n_v = side.n_valid
+    if n_v == 0:
+        raise ValuegateError("the validation set is empty")
+    n = train_csr.shape[0]
+    c = min(sc.nearest_candidates, n_v)
+    if side.sketch is None or c >= n_v:
+        cand = np.broadcast_to(np.arange(n_v), (n, n_v)).copy()
+    else:
+        if t_sketch is None:
+            t_sketch = count_sketch(train_csr, side.sketch.shape[1], seed=ctx.sketch_seed)
+        cand = top_candidates(t_sketch, side.sketch, c)
+    raw = candidate_values(BlockRows.from_csr(train_csr, side.blocks.width), side, cand)
+    values = normalized(raw, sc.normalize, t_self, t_tok, ctx.v_self[cand], ctx.v_tok[cand])
+    k = min(sc.nearest_k, c)
+    top = np.argsort(-values, axis=1, kind="stable")[:, :k]  # candidates ascending: ties keep the lower index
+    near_values = np.take_along_axis(values, top, axis=1)
+    return near_values.mean(axis=1), np.take_along_axis(cand, top, axis=1), near_values
+
+
 def score_chunk(ctx: ScoringContext, sc, t_self: np.ndarray, t_tok: np.ndarray, t_loss: np.ndarray,
                 t_hidden: np.ndarray, train_csr: object = None, train: SparseSet | None = None,
-                train_hard: SparseSet | None = None) -> ChunkScores:
+                train_hard: SparseSet | None = None, t_sketch: np.ndarray | None = None,
+                t_mean_raw: np.ndarray | None = None) -> ChunkScores:
     """Value n training samples against the context with ``score`` settings ``sc``.
 
     Args:
         t_self, t_tok, t_loss: ``(n,)`` ``‖Φ‖²``, counted positions, mean loss. t_hidden: ``(n, d)`` mean
             hidden states. train_csr: ``(n, V·width)`` CSR of the sparse rows (signals off). train,
-            train_hard: the rows as :class:`SparseSet` (signals on).
+            train_hard: the rows as :class:`SparseSet` (signals on). t_sketch: ``(n, D)`` stored sketches
+            (signals off, nearest by candidates). t_mean_raw: ``(n,)`` each row's inner product with
+            ``ctx.v_mean``, computed by the caller (a streaming scan; signals off, mean): then
+            ``train_csr`` is not needed.
     """
     k = sc.nearest_k
     out = ChunkScores(np.empty(0))
@@ -449,7 +563,14 @@ def score_chunk(ctx: ScoringContext, sc, t_self: np.ndarray, t_tok: np.ndarray, 
         out.suspect, out.suspect_reason = suspect_of(out.signals, ctx.reference, sc, nb)
         raw = terms.raw
     elif sc.aggregate == "mean":
-        out.value = mean_aggregate(train_csr, ctx.vm, t_self, ctx.v_self, t_tok, ctx.v_tok, sc.normalize)
+        if t_mean_raw is None:
+            t_mean_raw = (np.asarray(train_csr.astype(np.float64) @ ctx.v_mean).reshape(-1) if ctx.v_mean is not None
+                          else sparse_mean_csr(train_csr, ctx.vm, valid_scale(sc.normalize, ctx.v_self, ctx.v_tok)
+                                               / ctx.vm.shape[0]))
+        out.value = mean_finish(t_mean_raw, t_self, t_tok, sc.normalize)
+        raw = None
+    elif sc.aggregate == "nearest" and ctx.cand is not None:
+        out.value, out.nearest, out.nearest_values = nearest_of_candidates(ctx, sc, t_self, t_tok, train_csr, t_sketch)
         raw = None
     else:
         raw = sparse_cross_csr(train_csr, ctx.vm)

@@ -23,7 +23,9 @@ import pyarrow.compute as pc
 import scipy.sparse as sp
 
 from valuegate.engine.aggregate import (
+    ChunkScores,
     ScoringContext,
+    block_inner_products,
     build_context,
     mean_hidden,
     score_chunk,
@@ -36,6 +38,7 @@ from valuegate.errors import ValuegateError
 from valuegate.settings import Settings
 from valuegate.storage import features as fstore
 from valuegate.storage import samples as sstore
+from valuegate.storage import schemas
 from valuegate.storage.features import sparse_arrays
 from valuegate.storage.lance import Workspace
 from valuegate.storage.scores import count_run, empty_scores, run_ids, scores_table, write_scores
@@ -48,6 +51,8 @@ __all__ = ["SCORE_CHUNK", "ScoreResult", "ScoreRunReport", "ScoringContext", "Sc
            "shards_to_score", "unscored_counts"]
 
 SCORE_CHUNK = 8000  # train samples per scoring chunk (a multiple of read_features' 2,000-id queries)
+STREAM_BATCH = 4096  # rows per batch of the streaming scan of the mean aggregate
+STREAM_MIN_SHARE = 0.5  # stream the whole feature table when the run scores at least this share of its rows
 
 
 @dataclass(frozen=True)
@@ -129,8 +134,6 @@ def _pooled(t, n: int) -> np.ndarray:
 
 def _feature_matrix(t, ids: list[str], vocab: int, width: int):
     """CSR ``(len(ids), V·width)`` and per-sample columns of a feature slice, in the order of ``ids``."""
-
-
     t = _aligned(t, ids)
     indptr, indices, data = sparse_arrays(t, width)
     m = sp.csr_matrix((data, indices, indptr), shape=(len(ids), vocab * width))
@@ -170,8 +173,9 @@ class ScoringPlan:
     settings_json: str
 
 
-def _feature_columns(settings: Settings) -> list[str]:
-    """The feature columns a scoring chunk reads."""
+def _feature_columns(settings: Settings, stored: pa.Schema | None = None) -> list[str]:
+    """The feature columns a scoring chunk reads (``sketch`` too when the nearest aggregate searches
+    candidates and the table ``stored`` has the column)."""
     ex, sc = settings.extract, settings.score
     cols = ["id", "truncated", "token_ids", "rows", "n_tokens", "mean_loss", "uncond_loss", "self_influence",
             "pooled_hidden"]
@@ -179,7 +183,27 @@ def _feature_columns(settings: Settings) -> list[str]:
         cols.append("error_sum")
         if ex.hard_fraction < 1.0:
             cols += ["hard_token_ids", "hard_rows", "hard_error_sum", "hard_n_tokens", "hard_mean_loss"]
+    elif sc.aggregate == "nearest" and sc.nearest_candidates > 0 and stored is not None and "sketch" in stored.names:
+        cols.append("sketch")
     return cols
+
+
+def _stored_schema(ws, fp: str) -> pa.Schema:
+    return ws.schema(schemas.features_table(fp))
+
+
+def _sketches(t, n: int, dim: int | None = None) -> np.ndarray | None:
+    """``(n, D)`` float32 stored count sketches of a feature slice, or None (no column, a row without
+    one, or not ``dim`` floats wide)."""
+    if "sketch" not in t.column_names:
+        return None
+    col = t["sketch"].combine_chunks()
+    if col.null_count or n == 0:
+        return None
+    flat = col.flatten().to_numpy(zero_copy_only=False)
+    if flat.size % n or (dim is not None and flat.size != n * dim):
+        return None
+    return flat.reshape(n, -1).astype(np.float32)
 
 
 def plan_run(ws: Workspace, dataset: str, extracted: ExtractResult, settings: Settings) -> ScoringPlan:
@@ -227,7 +251,7 @@ def load_context(ws, plan: ScoringPlan, settings: Settings) -> ScoringContext:
     """Read the validation side of ``plan`` from the store and build everything chunks are scored against."""
     ex, sc = settings.extract, settings.score
     vids, vocab, width = plan.vids, plan.vocab, plan.width
-    cols = _feature_columns(settings)
+    cols = _feature_columns(settings, _stored_schema(ws, plan.fp_v))
     vrows = fstore.read_features(ws, plan.fp_v, vids, cols)
     # with the signals on, the rows become CSR inside SparseSet (raw and centred): no plain CSR is built
     vm, vt = (None, _aligned(vrows, vids)) if sc.signals else _feature_matrix(vrows, vids, vocab, width)
@@ -237,7 +261,8 @@ def load_context(ws, plan: ScoringPlan, settings: Settings) -> ScoringContext:
         vs = SparseSet.from_arrow(vt, vocab, width)
         hard = SparseSet.from_arrow(vt, vocab, width, "hard_") if ex.hard_fraction < 1.0 else None
     ctx = build_context(vids, vt["self_influence"].to_numpy(), vt["n_tokens"].to_numpy().astype(np.int64), pooled,
-                        settings, plan.hidden_size, vocab, vm=vm, valid=vs, valid_hard=hard)
+                        settings, plan.hidden_size, vocab, vm=vm, valid=vs, valid_hard=hard, width=width,
+                        v_sketch=_sketches(vt, len(vids)))
     return ctx
 
 
@@ -251,20 +276,34 @@ def score_rows(ws, plan: ScoringPlan, ctx: ScoringContext, settings: Settings,
     ex, sc = settings.extract, settings.score
     vocab, width = plan.vocab, plan.width
     t0 = time.perf_counter()
-    trows = fstore.read_features(ws, plan.fp_t, ids, _feature_columns(settings))
+    cols = _feature_columns(settings, _stored_schema(ws, plan.fp_t) if ctx.cand is not None else None)
+    trows = fstore.read_features(ws, plan.fp_t, ids, cols)
     tm, tt = (None, _aligned(trows, ids)) if sc.signals else _feature_matrix(trows, ids, vocab, width)
     t_read = time.perf_counter() - t0
+    ts = hard = sketch = None
+    if sc.signals:
+        ts = SparseSet.from_arrow(tt, vocab, width)
+        hard = SparseSet.from_arrow(tt, vocab, width, "hard_") if ex.hard_fraction < 1.0 else None
+    elif ctx.cand is not None and ctx.cand.sketch is not None:
+        sketch = _sketches(tt, len(ids), ctx.cand.sketch.shape[1])
+    table = _chunk_table(plan, ctx, settings, ids, tt,
+                         lambda *cols: score_chunk(ctx, sc, *cols, train_csr=tm, train=ts, train_hard=hard,
+                                                   t_sketch=sketch))
+    return table, t_read, time.perf_counter() - t0 - t_read
+
+
+def _chunk_table(plan: ScoringPlan, ctx: ScoringContext, settings: Settings, ids: list[str], tt,
+                 score) -> object:
+    """The scores rows of the training samples ``ids`` whose per-sample feature columns are ``tt`` (in
+    the order of ``ids``); ``score(t_self, t_tok, t_loss, t_hidden)`` gives their :class:`ChunkScores`."""
+    sc = settings.score
     t_self = tt["self_influence"].to_numpy()
     t_tok = tt["n_tokens"].to_numpy().astype(np.int64)
     t_loss = tt["mean_loss"].to_numpy().astype(np.float64)
     n = len(ids)
     t_hidden = mean_hidden(_pooled(tt, n), t_tok)
     baselines = baseline_columns(t_loss, t_tok, tt["uncond_loss"].to_pylist(), t_hidden, ctx.v_hidden)
-    ts = hard = None
-    if sc.signals:
-        ts = SparseSet.from_arrow(tt, vocab, width)
-        hard = SparseSet.from_arrow(tt, vocab, width, "hard_") if ex.hard_fraction < 1.0 else None
-    out = score_chunk(ctx, sc, t_self, t_tok, t_loss, t_hidden, train_csr=tm, train=ts, train_hard=hard)
+    out: ChunkScores = score(t_self, t_tok, t_loss, t_hidden)
     near, signals = out.nearest, out.signals
     now = dt.datetime.now(dt.timezone.utc)
     none = [None] * n
@@ -281,8 +320,65 @@ def score_rows(ws, plan: ScoringPlan, ctx: ScoringContext, settings: Settings,
         "valset": [plan.valset] * n, "model_fp": [plan.fp_t] * n, "settings": [plan.settings_json] * n,
         "at": [now] * n,
     }
-    table = scores_table(rows)
-    return table, t_read, time.perf_counter() - t0 - t_read
+    return scores_table(rows)
+
+
+def streams_mean(ws, plan: ScoringPlan, settings: Settings) -> bool:
+    """Whether :func:`score_dataset` scores the run by one streaming scan of the training feature table
+    (:func:`score_streaming`): signals off, ``mean`` aggregate, and the run's samples at least
+    :data:`STREAM_MIN_SHARE` of the table's rows (a scan reads them all; reads by id only the run's)."""
+    sc = settings.score
+    if sc.signals or sc.aggregate != "mean" or not plan.ids:
+        return False
+    return len(plan.ids) >= STREAM_MIN_SHARE * ws.count(schemas.features_table(plan.fp_t))
+
+
+def score_streaming(ws, plan: ScoringPlan, ctx: ScoringContext, settings: Settings,
+                    batch_rows: int = STREAM_BATCH) -> tuple[object, float]:
+    """Score every sample of ``plan`` (signals off, ``mean``) in one streaming scan of the training
+    feature table: per batch the inner product of each row with the context's weighted validation
+    vector (float64, :func:`~valuegate.engine.aggregate.block_inner_products`) and the rows of the scores
+    table; rows of samples the run does not score (other datasets) are skipped. Peak memory is bounded by
+    ``batch_rows``, not by the table; the values equal the chunked path's (:func:`score_rows`).
+
+    Returns:
+        ``(pyarrow table in the order of plan.ids, seconds)``.
+
+    Raises:
+        ValuegateError: some sample of the run has no stored features.
+    """
+    t0 = time.perf_counter()
+    sc = settings.score
+    want = {i: n for n, i in enumerate(plan.ids)}
+    cols = ["id", "truncated", "token_ids", "rows", "n_tokens", "mean_loss", "uncond_loss", "self_influence",
+            "pooled_hidden"]
+    tables, order = [], []
+    for batch in fstore.iter_features(ws, plan.fp_t, cols, batch_rows):
+        pos = np.fromiter((want.get(i, -1) for i in batch.column(0).to_pylist()), dtype=np.int64,
+                          count=batch.num_rows)
+        keep = pos >= 0
+        if not keep.any():
+            continue
+        tt = pa.Table.from_batches([batch])
+        if not keep.all():
+            tt = tt.filter(pa.array(keep))
+        tok_col = tt["token_ids"].combine_chunks()
+        tok = tok_col.flatten().to_numpy(zero_copy_only=False)
+        rows = tt["rows"].combine_chunks().flatten().to_numpy(zero_copy_only=False)
+        lengths = pc.list_value_length(tok_col).fill_null(0).to_numpy(zero_copy_only=False)
+        raw = block_inner_products(tok, rows, lengths, ctx.v_mean)
+        ids = tt["id"].to_pylist()
+        tables.append(_chunk_table(plan, ctx, settings, ids, tt,
+                                   lambda *cols, raw=raw: score_chunk(ctx, sc, *cols, t_mean_raw=raw)))
+        order.append(pos[keep])
+    got = np.concatenate(order) if order else np.zeros(0, dtype=np.int64)
+    if got.size != len(plan.ids):
+        raise ValuegateError(f"{len(plan.ids) - np.unique(got).size} samples have no stored features; run "
+                             "`valuegate extract` again")
+    table = pa.concat_tables(tables)
+    inv = np.empty(got.size, dtype=np.int64)
+    inv[got] = np.arange(got.size)
+    return table.take(pa.array(inv)), time.perf_counter() - t0
 
 
 def score_dataset(ws: Workspace, dataset: str, valset_ref: str, settings: Settings, progress: bool = True,
@@ -306,11 +402,15 @@ def score_dataset(ws: Workspace, dataset: str, valset_ref: str, settings: Settin
     timings["read"] = time.perf_counter() - t0
     timings["score"] = 0.0
     tables = []
-    for lo in range(0, len(plan.ids), SCORE_CHUNK):
-        table, t_read, t_score = score_rows(ws, plan, ctx, settings, plan.ids[lo:lo + SCORE_CHUNK])
+    if streams_mean(ws, plan, settings):
+        table, timings["score"] = score_streaming(ws, plan, ctx, settings)  # the reads included (one scan)
         tables.append(table)
-        timings["read"] += t_read
-        timings["score"] += t_score
+    else:
+        for lo in range(0, len(plan.ids), SCORE_CHUNK):
+            table, t_read, t_score = score_rows(ws, plan, ctx, settings, plan.ids[lo:lo + SCORE_CHUNK])
+            tables.append(table)
+            timings["read"] += t_read
+            timings["score"] += t_score
     table = pa.concat_tables(tables) if tables else empty_scores()
     if write:
         t0 = time.perf_counter()

@@ -21,6 +21,12 @@ import pyarrow.compute as pc
 from valuegate.storage import schemas
 from valuegate.storage.lance import Workspace, sql_str
 
+# the columns stored in float16 (feature format 5), upcast by every reader before arithmetic
+STORED_ROW_COLUMNS = ("rows", "hard_rows", "sketch")
+STORED_DTYPE = np.dtype(schemas.STORED_ROW_DTYPE)
+# fingerprint settings a newer feature format added: absent from an older format's registration
+NEWER_SETTINGS = ("sketch_dim",)
+
 
 def features_uri(ws: Workspace, model_fp: str) -> str:
     """Where the feature table of a fingerprint lives."""
@@ -33,8 +39,9 @@ def features_exist(ws: Workspace, model_fp: str) -> bool:
 
 
 def ensure_feature_set(ws: Workspace, model_fp: str, settings: dict, hidden_size: int, vocab_size: int,
-                       row_width: int, error_dim: int) -> str:
-    """Register a fingerprint (once) and create its feature table. Returns the table name."""
+                       row_width: int, error_dim: int, sketch_dim: int = 0) -> str:
+    """Register a fingerprint (once) and create its feature table (with a ``sketch`` column of
+    ``sketch_dim`` floats when > 0). Returns the table name."""
     ws.ensure(schemas.FEATURE_SETS, schemas.feature_sets_schema)
     table = schemas.features_table(model_fp)
     if ws.count(schemas.FEATURE_SETS, f"model_fp = {sql_str(model_fp)}") == 0:
@@ -44,7 +51,7 @@ def ensure_feature_set(ws: Workspace, model_fp: str, settings: dict, hidden_size
             "hidden_size": hidden_size, "vocab_size": vocab_size, "row_width": row_width,
             "error_dim": error_dim, "created": dt.datetime.now(dt.timezone.utc)}],
             schema=schemas.feature_sets_schema), on="model_fp", update=False)
-    ws.ensure(table, schemas.features_schema(hidden_size, error_dim))
+    ws.ensure(table, schemas.features_schema(hidden_size, error_dim, sketch_dim))
     return table
 
 
@@ -62,7 +69,9 @@ def older_format(ws: Workspace, settings: dict) -> int | None:
     samples are extracted again under the new fingerprint), or None.
 
     Args:
-        settings: the fingerprint settings (:func:`~valuegate.engine.model.fingerprint_settings`).
+        settings: the fingerprint settings (:func:`~valuegate.engine.model.fingerprint_settings`). A setting
+            an older format did not have (:data:`NEWER_SETTINGS`: ``sketch_dim``, new in format 5) is not
+            compared with a registration that lacks it.
     """
     if not ws.table_exists(schemas.FEATURE_SETS):
         return None
@@ -71,7 +80,8 @@ def older_format(ws: Workspace, settings: dict) -> int | None:
     for text in ws.read(schemas.FEATURE_SETS, columns=["settings"])["settings"].to_pylist():
         other = json.loads(text)
         fmt = other.pop("format", None)
-        if isinstance(fmt, int) and fmt < settings["format"] and other == rest:
+        if (isinstance(fmt, int) and fmt < settings["format"]
+                and other == {k: v for k, v in rest.items() if k in other or k not in NEWER_SETTINGS}):
             found.append(fmt)
     return max(found, default=None)
 
@@ -91,14 +101,39 @@ def truncated_ids(ws: Workspace, model_fp: str, ids: list[str]) -> list[str]:
     return [i for i, cut in zip(t["id"].to_pylist(), t["truncated"].to_pylist(), strict=True) if cut]
 
 
-def write_features(ws: Workspace, model_fp: str, rows: list[dict], hidden_size: int, error_dim: int) -> int:
+def _stored_precision(row: dict) -> dict:
+    """``row`` with its ``rows``/``hard_rows``/``sketch`` arrays in the stored float16 (the extraction
+    gives them so already, :func:`valuegate.engine.extraction.stored_features`; other writers' float32
+    arrays are rounded here).
+
+    Raises:
+        ValueError: a value beyond float16's range (it would be stored as infinity), naming the id.
+    """
+    out = row
+    for col in STORED_ROW_COLUMNS:
+        v = row.get(col)
+        if v is None or getattr(v, "dtype", None) == STORED_DTYPE:
+            continue
+        with np.errstate(over="ignore"):  # checked below
+            r = np.asarray(v, dtype=np.float32).astype(STORED_DTYPE)
+        if not np.isfinite(r).all():
+            raise ValueError(f"feature row {row.get('id')!r}: column {col} holds a value beyond the range of "
+                             f"{schemas.STORED_ROW_DTYPE} ({float(np.abs(np.asarray(v)).max()):.4g})")
+        out = {**out, col: r}
+    return out
+
+
+def write_features(ws: Workspace, model_fp: str, rows: list[dict], hidden_size: int, error_dim: int,
+                   sketch_dim: int = 0) -> int:
     """Insert one batch of feature rows (one commit), each only if its id has no row yet: rows another
     process committed meanwhile are kept as they are (extraction is deterministic, so they hold the same
-    features), never stored twice. ``rows`` must have distinct ids. Returns the table version."""
-    schema = schemas.features_schema(hidden_size, error_dim)
+    features), never stored twice. ``rows`` must have distinct ids; ``sketch_dim``: the width of their
+    ``sketch`` (0: none). Returns the table version."""
+    schema = schemas.features_schema(hidden_size, error_dim, sketch_dim)
     table = schemas.features_table(model_fp)
     ws.ensure(table, schema)
-    return ws.upsert(table, pa.Table.from_pylist(rows, schema=schema), on="id", update=False)
+    data = pa.Table.from_pylist([_stored_precision(r) for r in rows], schema=schema)
+    return ws.upsert(table, data, on="id", update=False)
 
 
 def read_features(ws: Workspace, model_fp: str, ids: list[str] | None = None,
@@ -137,7 +172,7 @@ def sparse_arrays(t: pa.Table, width: int) -> tuple[np.ndarray, np.ndarray, np.n
 
     Returns:
         ``indptr (n+1,)`` int64, ``indices (nnz,)`` int64 column ids ``token·width + j`` and
-        ``data (nnz,)`` float32, for an ``(n, V·width)`` CSR matrix.
+        ``data (nnz,)`` float32 (the stored float16 rows upcast), for an ``(n, V·width)`` CSR matrix.
     """
     tok = t.column("token_ids").combine_chunks()
     rows = t.column("rows").combine_chunks()
@@ -217,7 +252,7 @@ def stream_inner_products(ws: Workspace, model_fp: str, vector: np.ndarray, widt
     for batch in iter_features(ws, model_fp, ["id", "token_ids", "rows"], batch_rows):
         tok_col = batch.column(1)
         tok = tok_col.flatten().to_numpy(zero_copy_only=False)  # flatten: honours a sliced batch
-        rows = batch.column(2).flatten().to_numpy(zero_copy_only=False).reshape(-1, width)
+        rows = batch.column(2).flatten().to_numpy(zero_copy_only=False).astype(np.float32).reshape(-1, width)
         if rows.shape[0] != tok.size:
             raise ValueError(f"feature rows hold {rows.shape[0]} entries for {tok.size} support entries")
         dots = np.einsum("ij,ij->i", rows, dense[tok], dtype=np.float32)

@@ -24,6 +24,7 @@ from valuegate.engine.extraction import (
     block_features,
     iter_sample_blocks,
     projections,
+    stored_features,
 )
 from valuegate.engine.forvalue import SparseFeatures
 from valuegate.engine.model import (
@@ -85,7 +86,10 @@ class StoreExtractReport:
 def feature_row(sample_id: str, f: SparseFeatures, batch: int, seconds: float, truncated: bool = False,
                 uncond_loss: float | None = None) -> dict:
     """A :class:`SparseFeatures` as a row of a ``features__<fp>`` table (``truncated``: the sample was cut at
-    ``max_length``; ``uncond_loss``: mean loss of its response alone, None or NaN when it has none)."""
+    ``max_length``; ``uncond_loss``: mean loss of its response alone, None or NaN when it has none).
+
+    ``f`` in the stored form (:func:`~valuegate.engine.extraction.stored_features`: float16 rows, their
+    self-influence and sketch); float32 rows are rounded by the store's writer, without a sketch."""
     uncond = None if uncond_loss is None or not np.isfinite(uncond_loss) else float(uncond_loss)
     return {"id": sample_id, "truncated": truncated, "token_ids": f.token_ids, "rows": f.rows.reshape(-1), "n_tokens": f.n_tokens,
             "mean_loss": f.mean_loss, "uncond_loss": uncond, "dropped_mass": f.dropped_mass, "self_influence": f.self_influence,
@@ -97,7 +101,7 @@ def feature_row(sample_id: str, f: SparseFeatures, batch: int, seconds: float, t
             "hard_error_sum": None if f.hard is None else f.hard.error_sum,
             "hard_n_tokens": None if f.hard is None else f.hard.n_tokens,
             "hard_mean_loss": None if f.hard is None else f.hard.mean_loss,
-            "batch": batch, "seconds": seconds}
+            "batch": batch, "seconds": seconds, "sketch": f.sketch}
 
 
 def extract_to_store(ws, lm_loader, ids: list[str], samples: list[Sample], cfg: ExtractSettings,
@@ -132,7 +136,8 @@ def extract_to_store(ws, lm_loader, ids: list[str], samples: list[Sample], cfg: 
     if any(s.images for s in todo.values()):  # image-text samples read back from the store: their bytes
         todo = dict(zip(todo, attach_image_data(ws, list(todo.values())), strict=True))
     width = cfg.hidden_dim or lm.hidden_size
-    fstore.ensure_feature_set(ws, model_fp, fp_settings, lm.hidden_size, lm.vocab_size, width, cfg.error_dim)
+    fstore.ensure_feature_set(ws, model_fp, fp_settings, lm.hidden_size, lm.vocab_size, width, cfg.error_dim,
+                              cfg.sketch_dim)
     todo_ids, todo_samples = list(todo), list(todo.values())
     refused: list[tuple[int, str]] = []
     cut: set[int] = set()
@@ -147,19 +152,20 @@ def extract_to_store(ws, lm_loader, ids: list[str], samples: list[Sample], cfg: 
     t_last = time.perf_counter()
     for idx, block in iter_sample_blocks(lm, todo_samples, cfg, 1.0, progress, desc, report.stats, refused,
                                          truncated=cut):
-        feats = block_features(block, cfg, ph, pe, lowest_likelihood_ratio)
+        feats = stored_features(block_features(block, cfg, ph, pe, lowest_likelihood_ratio), cfg,
+                                [f"sample {todo_ids[i][:12]}" for i in idx])
         now = time.perf_counter()
         share = (now - t_last) / max(1, len(idx))
         t_last = now
         buffer.extend(feature_row(todo_ids[i], f, batch_no + report.batches, share, i in cut, uncond[i])
                       for i, f in zip(idx, feats, strict=True))
         if len(buffer) >= write_every:
-            fstore.write_features(ws, model_fp, buffer, lm.hidden_size, cfg.error_dim)
+            fstore.write_features(ws, model_fp, buffer, lm.hidden_size, cfg.error_dim, cfg.sketch_dim)
             report.extracted += len(buffer)
             report.batches += 1
             buffer = []
     if buffer:
-        fstore.write_features(ws, model_fp, buffer, lm.hidden_size, cfg.error_dim)
+        fstore.write_features(ws, model_fp, buffer, lm.hidden_size, cfg.error_dim, cfg.sketch_dim)
         report.extracted += len(buffer)
         report.batches += 1
     report.refused.extend((todo_ids[i], why) for i, why in refused)
@@ -312,7 +318,7 @@ def plan_extract_shards(ws, dataset: str, settings, shard_size: int) -> ShardPla
         say_older_format(ws, fp, fps, len(missing))
         lm = worker_model(fp, settings.model, tok)
         fstore.ensure_feature_set(ws, fp, fps, lm.hidden_size, lm.vocab_size, ex.hidden_dim or lm.hidden_size,
-                                  ex.error_dim)
+                                  ex.error_dim, ex.sketch_dim)
     return ShardPlan(fp, fps, ex.lowest_likelihood_ratio, len(ids), len(missing), shard_ids(missing, shard_size))
 
 

@@ -98,6 +98,8 @@ class ExtractSettings(_Section):
     error_dim: int = Field(128, ge=0, description="Width of the pooled error projection (dense vector for "
                            "vector search only, never the score); 0 disables it.")
     seed: int = Field(0, ge=0, description="Seed of the projections (regenerated bit-identically).")
+    sketch_dim: int = Field(256, ge=0, description="Width of the stored count sketch of each sample's sparse "
+                            "rows (the candidates of the nearest aggregate, rescored exactly); 0 stores none.")
     truncation: Literal["truncate", "refuse"] = Field(
         "truncate", description="A sample longer than max_length: truncate (valued on its first max_length "
         "tokens, flagged in the `truncated` column and counted) or refuse (not valued; reported with the reason). "

@@ -114,7 +114,8 @@ def test_features_of_an_older_format_are_extracted_again_and_it_is_said(tmp_path
     settings = _settings(tiny_model_dir(), ws.uri)
     ex = settings.extract
     fps = fingerprint_settings(settings.model, ex, load_tokenizer(settings.model), ex.lowest_likelihood_ratio)
-    old_fps = {**fps, "format": schemas.FEATURE_FORMAT - 1}  # the same settings, stored by the older code
+    # the same settings, stored by the older code (format 4 had no sketch_dim: a setting format 5 added)
+    old_fps = {k: v for k, v in {**fps, "format": schemas.FEATURE_FORMAT - 1}.items() if k != "sketch_dim"}
     ws.append(schemas.FEATURE_SETS, pa.Table.from_pylist([{
         "model_fp": model_fingerprint(old_fps), "table": schemas.features_table(model_fingerprint(old_fps)),
         "settings": json.dumps(old_fps, sort_keys=True), "hidden_size": 32, "vocab_size": 200,
@@ -129,6 +130,7 @@ def test_features_of_an_older_format_are_extracted_again_and_it_is_said(tmp_path
     assert (f"feature format {schemas.FEATURE_FORMAT - 1}" in said[0]
             and f"current format is {schemas.FEATURE_FORMAT}" in said[0] and "extracting 4" in said[0]), said
     assert f"stored format {schemas.FEATURE_FORMAT - 1} is older" in rep.line()
+    assert rep.line().endswith("; re-extracted: the stored format 4 is older than 5")  # what `extract` prints
 
     caplog.clear()  # the next run finds its features: nothing to say
     with caplog.at_level(logging.INFO, logger="valuegate"):

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from valuegate.engine.columns import STORED_ROW_DTYPE
 from valuegate.engine.forvalue import (
     SparseFeatures,
     TokenBlock,
@@ -30,6 +31,7 @@ from valuegate.engine.forvalue import (
 )
 from valuegate.engine.model import EncodedSample, LoadedModel, encode_sample, length_batches
 from valuegate.engine.sample import Sample
+from valuegate.engine.sketch import count_sketch
 from valuegate.engine.vlm import batch_model_inputs
 from valuegate.errors import ValuegateError
 from valuegate.settings import ExtractSettings
@@ -37,7 +39,7 @@ from valuegate.settings import ExtractSettings
 log = logging.getLogger(__name__)
 
 __all__ = ["ExtractionStats", "block_features", "encode_workers", "extract_sparse", "extract_sparse_samples",
-           "extract_token_blocks", "iter_sample_blocks", "iter_token_blocks", "pad_batch"]
+           "extract_token_blocks", "iter_sample_blocks", "iter_token_blocks", "pad_batch", "stored_features"]
 
 
 @dataclass
@@ -214,6 +216,59 @@ def block_features(block: TokenBlock, cfg: ExtractSettings, ph: torch.Tensor | N
         hard = sparse_features(block.hardest(cfg.hard_fraction), cfg.support_k, ph, None)
         for f, h in zip(feats, hard, strict=True):
             f.hard = h
+    return feats
+
+
+def _stored_rows(rows: np.ndarray, label: str) -> np.ndarray:
+    """``rows`` (or a sketch) rounded to :data:`STORED_ROW_DTYPE`; an error when a value leaves its range."""
+    with np.errstate(over="ignore"):  # checked below
+        out = rows.astype(STORED_ROW_DTYPE)
+    if not np.isfinite(out).all():
+        big = float(np.abs(rows).max())
+        raise ValuegateError(f"{label}: a feature row value ({big:.4g}) exceeds the range of the stored "
+                             f"{STORED_ROW_DTYPE} rows ({float(np.finfo(STORED_ROW_DTYPE).max):.0f})")
+    return out
+
+
+def stored_features(feats: list[SparseFeatures], cfg: ExtractSettings,
+                    labels: list[str] | None = None) -> list[SparseFeatures]:
+    """The features as the feature store keeps them (feature format 5; ``storage/schemas.py``), in place.
+
+    - ``rows`` and ``hard.rows`` rounded to float16 (:data:`STORED_ROW_DTYPE`, relative error ≤ 2⁻¹¹ per
+      value; readers accumulate in float32/float64);
+    - ``self_influence`` recomputed in float64 from the rounded rows, so every stored quantity is a
+      function of the stored rows (``cosine(z, z) = 1`` and Cauchy–Schwarz hold on what is read back;
+      it differs from the float32 rows' by about 1e-4 relative);
+    - ``sketch``: :func:`~valuegate.engine.sketch.count_sketch` ``(cfg.sketch_dim,)`` of the rounded rows
+      (CSR columns ``token·width + j``, seed ``cfg.seed``: train and validation rows share it), stored in
+      float16, so it equals, up to that rounding, the sketch a reader computes from the stored rows;
+      None when ``cfg.sketch_dim`` is 0. Costs about 1.4 ms per sample of 3,700 entries.
+
+    Args:
+        feats: one block's features (:func:`block_features`). labels: per sample, how an error names it.
+
+    Raises:
+        ValuegateError: a row value beyond float16's range (about 65,504), naming the sample.
+    """
+    import scipy.sparse as sp
+
+    names = labels if labels is not None else [f"sample {i}" for i in range(len(feats))]
+    for f, name in zip(feats, names, strict=True):
+        f.rows = _stored_rows(f.rows, name)
+        f.self_influence = float(np.square(f.rows, dtype=np.float64).sum())
+        if f.hard is not None:
+            f.hard.rows = _stored_rows(f.hard.rows, name)
+            f.hard.self_influence = float(np.square(f.hard.rows, dtype=np.float64).sum())
+    if cfg.sketch_dim > 0 and feats:
+        width = feats[0].rows.shape[1]
+        lengths = np.array([f.token_ids.size for f in feats], dtype=np.int64)
+        tok = np.concatenate([f.token_ids for f in feats]).astype(np.int64)
+        indices = (tok[:, None] * width + np.arange(width)[None, :]).reshape(-1)
+        data = np.concatenate([f.rows.reshape(-1) for f in feats]).astype(np.float64)
+        indptr = np.concatenate([[0], np.cumsum(lengths * width)])
+        m = sp.csr_matrix((data, indices, indptr), shape=(len(feats), (int(tok.max()) + 1) * width))
+        for f, sk, name in zip(feats, count_sketch(m, cfg.sketch_dim, seed=cfg.seed), names, strict=True):
+            f.sketch = _stored_rows(sk, name)
     return feats
 
 

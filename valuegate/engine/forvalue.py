@@ -260,12 +260,14 @@ class SparseFeatures:
 
     Attributes:
         token_ids: ``(|U|,)`` int32, the sorted support ``U = ∪_t ({y_t} ∪ top-k(p_t))``.
-        rows: ``(|U|, k_h)`` float32, ``R = A[:, U]ᵀ (H P_hᵀ)`` (``k_h = d`` when unprojected).
+        rows: ``(|U|, k_h)`` float32, ``R = A[:, U]ᵀ (H P_hᵀ)`` (``k_h = d`` when unprojected); float16 in
+            the stored form (:func:`valuegate.engine.extraction.stored_features`).
         n_tokens: counted positions behind the rows.
         mean_loss: mean ``−log p_t[y_t]`` over those positions, nats.
         dropped_mass: mean over positions of the probability mass outside the support (the error bound
             of the sparse path: 0 means the rows are exact in the vocabulary).
-        self_influence: ``Σ_u ‖R[u]‖²``, the sparse estimate of ``‖Φ(z)‖²_F``.
+        self_influence: ``Σ_u ‖R[u]‖²``, the sparse estimate of ``‖Φ(z)‖²_F``, in float64 (of the rows as
+            they are: in the stored form, of the float16 rows).
         pooled_hidden: ``(d,)`` float32, ``Σ_t h_t`` (for vector search only).
         pooled_error: ``(k_e,)`` float32, ``Σ_t P_e a_t`` on the support (for vector search only).
         error_sum: ``(|U|,)`` float32, ``Σ_t a_t[U]``, aligned with ``token_ids``: with it the rows of the
@@ -273,6 +275,7 @@ class SparseFeatures:
             centred-hidden signals need no second pass.
         hard: the same features on the sample's hardest positions only (see :func:`hardest_positions`),
             or None when not extracted.
+        sketch: ``(sketch_dim,)`` count sketch of ``rows`` (stored form only), or None.
     """
 
     token_ids: np.ndarray
@@ -285,6 +288,7 @@ class SparseFeatures:
     pooled_error: np.ndarray
     error_sum: np.ndarray
     hard: SparseFeatures | None = None
+    sketch: np.ndarray | None = None
 
     @property
     def nbytes(self) -> int:

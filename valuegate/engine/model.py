@@ -469,6 +469,7 @@ def fingerprint_settings(cfg: ModelSettings, ex: ExtractSettings, tokenizer: obj
         "support_k": ex.support_k,
         "hidden_dim": ex.hidden_dim,
         "error_dim": ex.error_dim,
+        "sketch_dim": ex.sketch_dim,
         "seed": ex.seed,
         "max_length": ex.max_length,
         "chat_template": hashlib.sha256(template.encode()).hexdigest()[:16],

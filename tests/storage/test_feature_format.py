@@ -1,0 +1,127 @@
+"""Feature format 5 (issue 19): the sparse rows are stored in float16 and every sample carries the count
+sketch of its stored rows; what is read back is consistent with itself (self-influence, sketch) and
+within float16 precision of the float32 rows the engine computes."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import scipy.sparse as sp
+from tiny import random_rows, write_jsonl
+
+from valuegate.engine.extraction import extract_sparse_samples
+from valuegate.engine.model import load_model
+from valuegate.engine.sketch import count_sketch
+from valuegate.settings import load_settings
+from valuegate.storage import features as fstore
+from valuegate.storage import schemas
+from valuegate.storage.lance import Workspace
+from valuegate.storage.samples import ensure_sample_tables
+from valuegate.tasks.extract import extract_dataset
+from valuegate.tasks.ingest import ingest_file, read_samples
+
+SKETCH_DIM = 2048  # wide, so the sketch's estimate of the rows' inner products is close on 10 samples
+
+
+def _settings(model_dir, uri: str, **extract):
+    return load_settings(overrides={"model": {"name": str(model_dir), "device": "cpu"}, "workspace": uri,
+                                    "extract": {"support_k": 8, "hidden_dim": 0, "error_dim": 8, **extract}})
+
+
+@pytest.fixture
+def stored(tmp_path, tiny_model_dir):
+    """10 tiny-model samples extracted into a workspace; their stored rows and their float32 features."""
+    ws = Workspace(str(tmp_path / "ws"))
+    ensure_sample_tables(ws)
+    path = write_jsonl(tmp_path / "t.jsonl", random_rows(10, seed=51))
+    ingest_file(ws, "d", path, 10_000)
+    settings = _settings(tiny_model_dir(), ws.uri, sketch_dim=SKETCH_DIM)
+    rep = extract_dataset(ws, "d", settings, progress=False)
+    assert rep.extracted == 10
+    t = fstore.read_features(ws, rep.model_fp)
+    lm = load_model(settings.model, progress=False)
+    samples = read_samples(path)[1]
+    f32 = extract_sparse_samples(lm, samples, settings.extract, progress=False)
+    return t, f32, settings, lm, ws, rep.model_fp
+
+
+def _by_support(t: pa.Table, f32) -> list[int]:
+    """Row positions of ``t`` in the order of ``f32`` (matched on the support, distinct here)."""
+    pos = {tuple(tok): i for i, tok in enumerate(t["token_ids"].to_pylist())}
+    assert len(pos) == t.num_rows
+    return [pos[tuple(f.token_ids.tolist())] for f in f32]
+
+
+def test_rows_are_stored_in_float16_within_its_precision(stored):
+    t, f32, _, lm, ws, fp = stored
+    assert t.schema.field("rows").type == pa.list_(pa.float16())
+    assert t.schema.field("hard_rows").type == pa.list_(pa.float16())
+    assert t.schema.field("pooled_hidden").type.value_type == pa.float32()  # kept: Σ_t h_t can leave float16
+    order = _by_support(t, f32)
+    for f, i in zip(f32, order, strict=True):
+        got = np.asarray(t["rows"][i].values.to_numpy(zero_copy_only=False))
+        assert got.dtype == np.float16
+        want = f.rows.reshape(-1)
+        # float16 rounding: 2⁻¹¹ relative (normal range), 2⁻²⁴ absolute below it; 1e-6: batch-order noise
+        np.testing.assert_allclose(got.astype(np.float64), want, rtol=2.0**-11, atol=2.0**-24 + 1e-6)
+        assert not np.array_equal(got.astype(np.float32), want)  # really rounded: not float32 any more
+        # the self-influence is that of the stored rows, in float64
+        assert t["self_influence"][i].as_py() == pytest.approx(np.square(got, dtype=np.float64).sum(), rel=1e-12)
+        assert t["self_influence"][i].as_py() == pytest.approx(f.self_influence, rel=2e-3)
+    # every reader upcasts: the CSR parts are float32, the streaming mean equals the CSR one
+    width = lm.hidden_size
+    indptr, indices, data = fstore.sparse_arrays(t, width)
+    assert data.dtype == np.float32
+    m = sp.csr_matrix((data.astype(np.float64), indices, indptr), shape=(t.num_rows, lm.vocab_size * width))
+    vec = np.asarray(m.mean(0)).reshape(-1)
+    ids, got = fstore.stream_inner_products(ws, fp, vec, width)
+    want = dict(zip(t["id"].to_pylist(), m @ vec, strict=True))
+    np.testing.assert_allclose(got, [want[i] for i in ids], rtol=1e-5)
+
+
+def test_the_sketch_is_the_count_sketch_of_the_stored_rows(stored):
+    t, _, settings, lm, _, _ = stored
+    width = lm.hidden_size
+    assert t.schema.field("sketch").type == pa.list_(pa.float16(), SKETCH_DIM)
+    sk = np.asarray(t["sketch"].combine_chunks().values.to_numpy(zero_copy_only=False)).reshape(t.num_rows, -1)
+    assert sk.shape == (10, SKETCH_DIM) and sk.dtype == np.float16
+    indptr, indices, data = fstore.sparse_arrays(t, width)
+    m = sp.csr_matrix((data.astype(np.float64), indices, indptr), shape=(t.num_rows, lm.vocab_size * width))
+    # what a reader without the column computes (same columns token·width + j, seed extract.seed)
+    mine = count_sketch(m, SKETCH_DIM, seed=settings.extract.seed)
+    np.testing.assert_array_equal(sk, mine.astype(np.float16))
+    # its inner products estimate the rows' (an unbiased estimate; close at this width)
+    exact = (m @ m.T).toarray()
+    est = sk.astype(np.float64) @ sk.astype(np.float64).T
+    assert np.abs(est - exact).max() < 0.1 * np.abs(exact).max()
+    off = ~np.eye(10, dtype=bool)
+    assert np.corrcoef(est[off], exact[off])[0, 1] > 0.95
+
+
+def test_no_sketch_column_with_sketch_dim_0(tmp_path, tiny_model_dir):
+    ws = Workspace(str(tmp_path / "ws"))
+    ensure_sample_tables(ws)
+    ingest_file(ws, "d", write_jsonl(tmp_path / "t.jsonl", random_rows(3, seed=52)), 10_000)
+    rep = extract_dataset(ws, "d", _settings(tiny_model_dir(), ws.uri, sketch_dim=0), progress=False)
+    assert rep.extracted == 3
+    assert "sketch" not in ws.schema(schemas.features_table(rep.model_fp)).names
+
+
+def test_the_writer_rounds_float32_rows_and_refuses_what_float16_cannot_hold(tmp_path):
+    ws = Workspace(str(tmp_path / "ws"))
+    fp = "a" * 64
+
+    def row(i: str, rows: np.ndarray) -> dict:
+        return {"id": i, "token_ids": np.array([1, 4], np.int32), "rows": rows, "n_tokens": 2,
+                "mean_loss": 1.0, "dropped_mass": 0.0, "self_influence": 1.0,
+                "pooled_hidden": np.zeros(4, np.float32), "pooled_error": np.zeros(1, np.float32),
+                "error_sum": np.zeros(2, np.float32), "batch": 0, "seconds": 0.0}
+
+    fstore.write_features(ws, fp, [row("a", np.array([1.0, 1 / 3, -2.5e-3, 7e4 / 2], np.float32))], 4, 1)
+    got = fstore.read_features(ws, fp)["rows"][0].values.to_numpy(zero_copy_only=False)
+    np.testing.assert_array_equal(got, np.array([1.0, 1 / 3, -2.5e-3, 3.5e4], np.float16))
+    with pytest.raises(ValueError, match=r"feature row 'b': column rows holds a value beyond the range of "
+                                         r"float16 \(7e\+04\)"):
+        fstore.write_features(ws, fp, [row("b", np.array([1.0, 0, 0, 7e4], np.float32))], 4, 1)
+    assert fstore.feature_ids(ws, fp) == {"a"}  # nothing of the refused batch was written

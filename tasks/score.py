@@ -31,6 +31,7 @@ from valuegate.engine.aggregate import (
     score_chunk,
 )
 from valuegate.engine.baselines import baseline_columns
+from valuegate.engine.candidates import BlockRows
 from valuegate.engine.columns import SIGNAL_COLUMNS
 from valuegate.engine.model import refusal_reason
 from valuegate.engine.signals import SparseSet, check_reference_size
@@ -138,6 +139,14 @@ def _feature_matrix(t, ids: list[str], vocab: int, width: int):
     indptr, indices, data = sparse_arrays(t, width)
     m = sp.csr_matrix((data, indices, indptr), shape=(len(ids), vocab * width))
     return m, t
+
+
+def _blocks(t, width: int) -> BlockRows:
+    """The sparse rows of a feature slice as :class:`~valuegate.engine.candidates.BlockRows` (no CSR)."""
+    tok = t.column("token_ids").combine_chunks()
+    return BlockRows.from_arrays(pc.list_value_length(tok).fill_null(0).to_numpy(zero_copy_only=False),
+                                 tok.flatten().to_numpy(zero_copy_only=False),
+                                 t.column("rows").combine_chunks().flatten().to_numpy(zero_copy_only=False), width)
 
 
 def pa_array(values: list[str]):
@@ -278,17 +287,25 @@ def score_rows(ws, plan: ScoringPlan, ctx: ScoringContext, settings: Settings,
     t0 = time.perf_counter()
     cols = _feature_columns(settings, _stored_schema(ws, plan.fp_t) if ctx.cand is not None else None)
     trows = fstore.read_features(ws, plan.fp_t, ids, cols)
-    tm, tt = (None, _aligned(trows, ids)) if sc.signals else _feature_matrix(trows, ids, vocab, width)
+    ts = hard = sketch = blocks = None
+    if sc.signals or ctx.cand is not None:
+        tm, tt = None, _aligned(trows, ids)
+    else:
+        tm, tt = _feature_matrix(trows, ids, vocab, width)
     t_read = time.perf_counter() - t0
-    ts = hard = sketch = None
     if sc.signals:
         ts = SparseSet.from_arrow(tt, vocab, width)
         hard = SparseSet.from_arrow(tt, vocab, width, "hard_") if ex.hard_fraction < 1.0 else None
-    elif ctx.cand is not None and ctx.cand.sketch is not None:
-        sketch = _sketches(tt, len(ids), ctx.cand.sketch.shape[1])
+    elif ctx.cand is not None:  # nearest by candidates: the rows as blocks, no CSR unless rows need sketching
+        if ctx.cand.sketch is not None:
+            sketch = _sketches(tt, len(ids), ctx.cand.sketch.shape[1])
+        if ctx.cand.sketch is not None and sketch is None:
+            tm, tt = _feature_matrix(tt, ids, vocab, width)
+        else:
+            blocks = _blocks(tt, width)
     table = _chunk_table(plan, ctx, settings, ids, tt,
                          lambda *cols: score_chunk(ctx, sc, *cols, train_csr=tm, train=ts, train_hard=hard,
-                                                   t_sketch=sketch))
+                                                   t_sketch=sketch, train_blocks=blocks))
     return table, t_read, time.perf_counter() - t0 - t_read
 
 

@@ -70,6 +70,10 @@ def test_candidate_values_are_the_exact_values_of_the_pairs():
     cand = np.stack([rng.choice(25, size=7, replace=False) for _ in range(40)])
     got = candidate_values(BlockRows.from_csr(tm, WIDTH), side, cand)
     np.testing.assert_allclose(got, np.take_along_axis(exact, cand, 1), rtol=1e-5, atol=1e-5)
+    # the same blocks straight from the stored columns (support sizes, tokens, float16 rows), no CSR
+    stored = BlockRows.from_arrays(np.diff(tm.indptr) // WIDTH, tm.indices[::WIDTH] // WIDTH,
+                                   tm.data.astype(np.float16), WIDTH)
+    np.testing.assert_allclose(candidate_values(stored, side, cand), got, rtol=2e-3, atol=2e-3)
     # a matrix not laid out in whole blocks is taken entry by entry: the same values
     odd = sp.random(40, VOCAB * WIDTH, density=0.05, format="csr", random_state=3, dtype=np.float32)
     assert BlockRows.from_csr(odd, WIDTH).width == 1

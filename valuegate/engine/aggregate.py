@@ -505,14 +505,16 @@ class ChunkScores:
 
 
 def nearest_of_candidates(ctx: ScoringContext, sc, t_self: np.ndarray, t_tok: np.ndarray, train_csr,
-                          t_sketch: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                          t_sketch: np.ndarray | None = None,
+                          train_blocks: BlockRows | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The ``nearest`` aggregate by candidates (signals off): per training row the
     ``sc.nearest_candidates`` validation rows of largest sketch inner product (scaled by the
     normalisation's validation factor), their exact values, the top ``sc.nearest_k`` of those.
 
     Args:
-        train_csr: ``(n, V·width)`` CSR rows. t_sketch: ``(n, D)`` their stored sketches (None: sketched
-            here with the context's seed).
+        train_csr: ``(n, V·width)`` CSR rows (may be None when ``train_blocks`` and ``t_sketch`` are given).
+        t_sketch: ``(n, D)`` their stored sketches (None: sketched here from ``train_csr`` with the
+        context's seed). train_blocks: the rows as blocks (None: taken from ``train_csr``).
 
     Returns:
         ``(value (n,), nearest (n, k) validation indices, nearest_values (n, k))``, as :func:`aggregate`
@@ -522,7 +524,8 @@ def nearest_of_candidates(ctx: ScoringContext, sc, t_self: np.ndarray, t_tok: np
     n_v = side.n_valid
     if n_v == 0:
         raise ValuegateError("the validation set is empty")
-    n = train_csr.shape[0]
+    blocks = train_blocks if train_blocks is not None else BlockRows.from_csr(train_csr, side.blocks.width)
+    n = blocks.ptr.size - 1
     c = min(sc.nearest_candidates, n_v)
     if side.sketch is None or c >= n_v:
         cand = np.broadcast_to(np.arange(n_v), (n, n_v)).copy()
@@ -530,7 +533,7 @@ def nearest_of_candidates(ctx: ScoringContext, sc, t_self: np.ndarray, t_tok: np
         if t_sketch is None:
             t_sketch = count_sketch(train_csr, side.sketch.shape[1], seed=ctx.sketch_seed)
         cand = top_candidates(t_sketch, side.sketch, c)
-    raw = candidate_values(BlockRows.from_csr(train_csr, side.blocks.width), side, cand)
+    raw = candidate_values(blocks, side, cand)
     values = normalized(raw, sc.normalize, t_self, t_tok, ctx.v_self[cand], ctx.v_tok[cand])
     k = min(sc.nearest_k, c)
     top = np.argsort(-values, axis=1, kind="stable")[:, :k]  # candidates ascending: ties keep the lower index
@@ -541,14 +544,15 @@ def nearest_of_candidates(ctx: ScoringContext, sc, t_self: np.ndarray, t_tok: np
 def score_chunk(ctx: ScoringContext, sc, t_self: np.ndarray, t_tok: np.ndarray, t_loss: np.ndarray,
                 t_hidden: np.ndarray, train_csr: object = None, train: SparseSet | None = None,
                 train_hard: SparseSet | None = None, t_sketch: np.ndarray | None = None,
-                t_mean_raw: np.ndarray | None = None) -> ChunkScores:
+                t_mean_raw: np.ndarray | None = None, train_blocks: BlockRows | None = None) -> ChunkScores:
     """Value n training samples against the context with ``score`` settings ``sc``.
 
     Args:
         t_self, t_tok, t_loss: ``(n,)`` ``‖Φ‖²``, counted positions, mean loss. t_hidden: ``(n, d)`` mean
             hidden states. train_csr: ``(n, V·width)`` CSR of the sparse rows (signals off). train,
             train_hard: the rows as :class:`SparseSet` (signals on). t_sketch: ``(n, D)`` stored sketches
-            (signals off, nearest by candidates). t_mean_raw: ``(n,)`` each row's inner product with
+            (signals off, nearest by candidates); train_blocks: the rows as blocks (the same; then
+            ``train_csr`` is needed only to sketch rows without a stored sketch). t_mean_raw: ``(n,)`` each row's inner product with
             ``ctx.v_mean``, computed by the caller (a streaming scan; signals off, mean): then
             ``train_csr`` is not needed.
     """
@@ -570,7 +574,8 @@ def score_chunk(ctx: ScoringContext, sc, t_self: np.ndarray, t_tok: np.ndarray, 
         out.value = mean_finish(t_mean_raw, t_self, t_tok, sc.normalize)
         raw = None
     elif sc.aggregate == "nearest" and ctx.cand is not None:
-        out.value, out.nearest, out.nearest_values = nearest_of_candidates(ctx, sc, t_self, t_tok, train_csr, t_sketch)
+        out.value, out.nearest, out.nearest_values = nearest_of_candidates(ctx, sc, t_self, t_tok, train_csr, t_sketch,
+                                                                           train_blocks)
         raw = None
     else:
         raw = sparse_cross_csr(train_csr, ctx.vm)

@@ -49,6 +49,17 @@ class BlockRows:
                    np.asarray(m.data, dtype=np.float32).reshape(-1, width), width)
 
 
+    @classmethod
+    def from_arrays(cls, lengths: np.ndarray, tok: np.ndarray, rows: np.ndarray, width: int) -> BlockRows:
+        """From the stored columns of n rows: ``lengths`` ``(n,)`` support sizes, ``tok`` ``(nb,)`` their
+        tokens concatenated, ``rows`` ``(nb·width,)`` their blocks (any float dtype; upcast to float32)."""
+        ptr = np.concatenate([[0], np.cumsum(np.asarray(lengths, dtype=np.int64))])
+        data = np.asarray(rows).astype(np.float32, copy=False).reshape(-1, width)
+        if data.shape[0] != ptr[-1] or len(tok) != ptr[-1]:
+            raise ValueError(f"{len(tok)} support entries and {data.shape[0]} blocks for {ptr[-1]} in the lengths")
+        return cls(ptr, np.asarray(tok, dtype=np.int64), data, width)
+
+
 def _whole_blocks(idx: np.ndarray, width: int) -> bool:
     if idx.size % width:
         return False
@@ -62,9 +73,10 @@ class CandidateSide:
 
     Attributes:
         blocks: the validation rows' blocks. ctok: ``(V,)`` int32 compressed id of each token some
-            validation row holds, else -1. table: ``(n_v, T_v)`` int32 block of row ``j`` at compressed token
-            ``t`` (-1: none), or None when too large (then ``keys``/``key_block``: the sorted
-            ``j·T_v + t`` of every block and the block each names). sketch: ``(n_v, D)`` float32 count
+            validation row holds, else -1. table: ``(T_v, n_v)`` int32 block of row ``j`` at compressed token
+            ``t`` (-1: none; token-major, so the lookups of one training row stay in a few cached rows), or
+            None when too large (then ``keys``/``key_block``: the sorted ``j·T_v + t`` of every block and
+            the block each names). sketch: ``(n_v, D)`` float32 count
             sketches of the rows, each scaled by the normalisation's factor of that row (so the candidate
             order is the normalised value's expected order), or None (every row is a candidate).
     """
@@ -96,8 +108,8 @@ class CandidateSide:
         key = row * used.size + ctok[blocks.tok]
         table = keys = key_block = None
         if n_v * used.size <= _TABLE_MAX:
-            table = np.full((n_v, used.size), -1, dtype=np.int32)
-            table.reshape(-1)[key] = np.arange(key.size, dtype=np.int32)
+            table = np.full((used.size, n_v), -1, dtype=np.int32)
+            table[ctok[blocks.tok], row] = np.arange(key.size, dtype=np.int32)
         else:
             order = np.argsort(key, kind="stable")
             keys, key_block = key[order], order.astype(np.int64)
@@ -111,7 +123,7 @@ class CandidateSide:
     def lookup(self, rows: np.ndarray, ct: np.ndarray) -> np.ndarray:
         """The validation block of row ``rows[e]`` at compressed token ``ct[e]`` (-1: the row lacks it)."""
         if self.table is not None:
-            return self.table[rows, ct].astype(np.int64)
+            return self.table[ct, rows].astype(np.int64)
         key = rows * self.n_tok + ct
         pos = np.minimum(np.searchsorted(self.keys, key), self.keys.size - 1)
         return np.where(self.keys[pos] == key, self.key_block[pos], -1)

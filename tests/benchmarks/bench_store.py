@@ -1,7 +1,7 @@
 """Feature-store benchmarks: incremental extraction, re-scoring a new validation version, and scale.
 
     python -m tests.benchmarks.bench_store [--data DIR] [--out bench-results] [--quick]
-        [--only incremental|rescore|scale|storage|layout] [--scale-sizes 10000,100000]
+        [--only incremental|rescore|scale|storage|layout|scoring] [--scoring-sizes 10000,100000] [--scale-sizes 10000,100000]
         [--storage-sizes 10000,100000] [--key-read-sizes 100000,1000000] [--real-cache FILE.parquet]
 
 Sections (each prints a table; everything goes to ``--out/store.json``):
@@ -27,6 +27,11 @@ Sections (each prints a table; everything goes to ``--out/store.json``):
   buffered), the IVF_PQ (dot) recall@10 / latency sweep over nprobes × refine_factor, peak RSS per step
   and growth exponents per step; and thin rows (id + 1 KB) read by id up to ``--key-read-sizes``.
   About 17 min for 10k,100k plus 8 min for the thin rows up to 1M on the loaded 2 cores.
+- scoring (only with ``--only scoring``; issue 19): per N of ``--scoring-sizes``, synthetic rows with their
+  ``sketch`` column against 1,000 validation rows, signals off: the ``mean`` by one streaming scan
+  (``score_streaming``) and by reads by id, MB/s against ``dd``; ``nearest`` by sketch candidates, the
+  exhaustive oracle on a sample (recall of its top k, time extrapolated); growth exponents; the recall
+  on real rows apart (the synthetic rows have no neighbourhood structure).
 - layout (only with ``--only layout``): bytes per sample and Spearman (against today's float32 rows) of
   candidate feature-row layouts on real extracted rows, and the recall of the exact nearest top 5 among
   candidates by dense similarities (pooled vectors, count sketches of the rows). Seconds.
@@ -1074,6 +1079,226 @@ def print_storage(res: dict) -> None:
 
 
 # --------------------------------------------------------------------------------------------------
+# 4b. scoring with the signals off (issue 19): the mean by one streaming scan, nearest by candidates
+# --------------------------------------------------------------------------------------------------
+
+
+def _rows_csr(rows: list[dict], vocab: int, width: int):
+    """``(n, V·width)`` CSR of feature-row dicts, their values rounded to the stored float16."""
+    import scipy.sparse as sp
+
+    lens = [r["token_ids"].size * width for r in rows]
+    idx = [(r["token_ids"].astype(np.int64)[:, None] * width + np.arange(width)).reshape(-1) for r in rows]
+    data = np.concatenate([np.asarray(r["rows"], dtype=np.float16).astype(np.float32) for r in rows])
+    return sp.csr_matrix((data, np.concatenate(idx), np.concatenate([[0], np.cumsum(lens)])),
+                         shape=(len(rows), vocab * width))
+
+
+def write_sketched(ws: Workspace, gen: SyntheticFeatures, fp: str, n: int, batch: int, prefix: str, dim: int,
+                   seed: int) -> dict:
+    """Synthetic feature rows with their ``sketch`` column, as the extraction stores them."""
+    from valuegate.engine.sketch import count_sketch
+
+    fstore.ensure_feature_set(ws, fp, {"synthetic": prefix, "n": n}, gen.hidden, gen.vocab, gen.width,
+                              gen.error_dim, sketch_dim=dim)
+    ids: list[str] = []
+    gen_s = sketch_s = write_s = 0.0
+    for lo in range(0, n, batch):
+        t0 = time.perf_counter()
+        rows = gen.rows(min(batch, n - lo), prefix, lo)
+        gen_s += time.perf_counter() - t0
+        t0 = time.perf_counter()
+        for r, s in zip(rows, count_sketch(_rows_csr(rows, gen.vocab, gen.width), dim, seed=seed), strict=True):
+            r["sketch"] = s
+        sketch_s += time.perf_counter() - t0
+        ids += [r["id"] for r in rows]
+        t0 = time.perf_counter()
+        fstore.write_features(ws, fp, rows, gen.hidden, gen.error_dim, sketch_dim=dim)
+        write_s += time.perf_counter() - t0
+    return {"ids": ids, "gen_s": gen_s, "sketch_s": sketch_s, "write_s": write_s}
+
+
+def _scoring_settings(settings: Settings, **score) -> Settings:
+    return settings.model_copy(update={"score": settings.score.model_copy(update={"signals": False, **score})})
+
+
+def _chunked(ws: Workspace, plan, settings: Settings, ids: list[str]) -> tuple[pa.Table, float, float]:
+    """What score_dataset does without the scan: read by id and score chunk by chunk."""
+    from valuegate.tasks.score import SCORE_CHUNK, load_context, score_rows
+
+    ctx = load_context(ws, plan, settings)
+    tables, t_read, t_score = [], 0.0, 0.0
+    for lo in range(0, len(ids), SCORE_CHUNK):
+        t, r, s = score_rows(ws, plan, ctx, settings, ids[lo:lo + SCORE_CHUNK])
+        tables.append(t.select(["id", "value", "nearest_ids"]))
+        t_read += r
+        t_score += s
+    return pa.concat_tables(tables), t_read, t_score
+
+
+def real_candidate_recall(real: pa.Table, settings: Settings, vocab: int, width: int,
+                          cs: tuple[int, ...] = (10, 25, 50)) -> dict:
+    """On real rows (every other one the validation side): the recall of the exact top k among C sketch
+    candidates through ``score_chunk``, per C."""
+    from valuegate.engine.aggregate import build_context, score_chunk
+
+    indptr, indices, data = fstore.sparse_arrays(real, width)
+    import scipy.sparse as sp
+
+    m = sp.csr_matrix((data.astype(np.float32), indices, indptr), shape=(real.num_rows, vocab * width))
+    tr, va = m[0::2], m[1::2]
+    self_inf = np.asarray(m.multiply(m).sum(1)).reshape(-1)
+    tok = real.column("n_tokens").to_numpy().astype(np.int64)
+    out = {"n_train": tr.shape[0], "n_valid": va.shape[0], "k": settings.score.nearest_k}
+    for how in ("none", "cosine"):
+        ex = _scoring_settings(settings, aggregate="nearest", normalize=how, nearest_candidates=0)
+        ctx = build_context([str(j) for j in range(va.shape[0])], self_inf[1::2], tok[1::2],
+                            np.ones((va.shape[0], 2)), ex, 2, vocab, vm=va, width=width)
+        cols = (self_inf[0::2], tok[0::2], np.zeros(tr.shape[0]), np.zeros((tr.shape[0], 2)))
+        ref = score_chunk(ctx, ex.score, *cols, train_csr=tr).nearest
+        for c in cs:
+            s = _scoring_settings(settings, aggregate="nearest", normalize=how, nearest_candidates=c)
+            ctx = build_context([str(j) for j in range(va.shape[0])], self_inf[1::2], tok[1::2],
+                                np.ones((va.shape[0], 2)), s, 2, vocab, vm=va, width=width)
+            got = score_chunk(ctx, s.score, *cols, train_csr=tr).nearest
+            out[f"{how}_C{c}"] = float(np.mean([len(set(a) & set(b)) / len(b) for a, b in zip(got, ref, strict=True)]))
+    return out
+
+
+SCORING_GROWTH = ["mean_stream_s", "mean_chunked_s", "stream_inner_products_s", "nearest_s", "nearest_score_s",
+                  "exhaustive_s", "peak_rss_mb"]
+
+
+def bench_scoring(settings: Settings, real: pa.Table, sizes: list[int], work: Path, max_disk_gb: float,
+                  oracle_rows: int = 400) -> dict:
+    """Per N: synthetic rows (sketch column included) against 1,000 validation rows, signals off:
+    the ``mean`` aggregate by one streaming scan (``score_streaming``, what ``score_dataset`` runs) and by
+    the chunked reads by id, against the disk's sequential read rate; the ``nearest`` aggregate by
+    ``score.nearest_candidates`` candidates (chunked reads by id) and the exhaustive oracle on
+    ``oracle_rows`` rows (recall of its exact top k, and its time extrapolated to N); peak RSS; the fitted
+    growth exponents. The synthetic rows have no neighbourhood structure (their exact top k is set by
+    noise), so their recall is a worst case; the recall on real rows is measured apart."""
+    from valuegate.engine.aggregate import sketch_dim
+    from valuegate.tasks.score import ScoringPlan, load_context, score_streaming
+
+    ex, sc = settings.extract, settings.score
+    vocab, hidden = 49152, 576
+    width = ex.hidden_dim or hidden
+    dim = sketch_dim(settings)
+    gen = SyntheticFeatures(real, vocab, width, hidden, ex.error_dim)
+    gen.set_exponent(1.3)
+    ws = Workspace(str(work / "scoring-ws"))
+    fp_v = _fp("valid-scoring")
+    vids = write_sketched(ws, gen, fp_v, 1000, 5000, "valid", dim, ex.seed)["ids"]
+    s_mean = _scoring_settings(settings, aggregate="mean")
+    s_near = _scoring_settings(settings, aggregate="nearest")
+    s_exh = _scoring_settings(settings, aggregate="nearest", nearest_candidates=0)
+    res: dict = {"sizes": [], "n_valid": len(vids), "sketch_dim": dim, "candidates": sc.nearest_candidates,
+                 "k": sc.nearest_k, "oracle_rows": oracle_rows,
+                 "real_recall": real_candidate_recall(real, settings, vocab, width)}
+    log(f"scoring: real-row recall {res['real_recall']}")
+    rng = np.random.default_rng(11)
+    per_sample = None
+    for n in sizes:
+        if per_sample is not None and per_sample * n > min(max_disk_gb * 1e9, 0.8 * shutil.disk_usage(work).free):
+            res["sizes"].append({"n": n, "skipped": f"projected {per_sample * n / 1e9:.1f} GB"})
+            log(f"scoring N={n}: skipped")
+            continue
+        reset_hwm()
+        fp = _fp(f"scoring-{n}")
+        row: dict = {"n": n, "loadavg": list(os.getloadavg())}
+        log(f"scoring N={n}: writing")
+        w = write_sketched(ws, gen, fp, n, 5000, f"train-{n}", dim, ex.seed)
+        ids = w.pop("ids")
+        row["write"] = w
+        row["disk_bytes"] = du_bytes(fstore.features_uri(ws, fp))
+        per_sample = row["disk_bytes"] / n
+        row["disk"] = disk_read_rate(Path(fstore.features_uri(ws, fp)))
+        plan = ScoringPlan(ws.uri, "bench", "val@v1", vids, ids, fp, fp_v, vocab, width, hidden, f"bench-{n}", "{}")
+        # mean: the streaming scan (score_dataset's path) and the chunked reads by id
+        with MemWatch() as mw:
+            t0 = time.perf_counter()
+            ctx = load_context(ws, plan, s_mean)
+            streamed, _ = score_streaming(ws, plan, ctx, s_mean)
+            row["mean_stream_s"] = time.perf_counter() - t0
+        row["mean_stream_rss_delta_mb"] = mw.delta_mb
+        row["mean_stream_mb_per_s"] = row["disk_bytes"] / row["mean_stream_s"] / 2**20
+        t0 = time.perf_counter()
+        chunked, r, s = _chunked(ws, plan, s_mean, ids)
+        row["mean_chunked_s"] = time.perf_counter() - t0
+        row["mean_chunked_read_s"], row["mean_chunked_score_s"] = r, s
+        a, b = streamed.column("value").to_numpy(), chunked.column("value").to_numpy()
+        row["mean_stream_vs_chunked_max_rel"] = float(np.max(np.abs(a - b)) / max(1e-300, float(np.max(np.abs(b)))))
+        v = ctx.v_mean
+        t0 = time.perf_counter()
+        fstore.stream_inner_products(ws, fp, v, width)
+        row["stream_inner_products_s"] = time.perf_counter() - t0
+        log(f"scoring N={n}: mean stream {row['mean_stream_s']:.1f}s chunked {row['mean_chunked_s']:.1f}s "
+            f"stream_inner_products {row['stream_inner_products_s']:.1f}s, disk {row['disk']}")
+        # nearest: candidates over every row, the exhaustive oracle on a sample
+        t0 = time.perf_counter()
+        near, r, s = _chunked(ws, plan, s_near, ids)
+        row["nearest_s"] = time.perf_counter() - t0
+        row["nearest_read_s"], row["nearest_score_s"] = r, s
+        sample = [ids[i] for i in np.sort(rng.choice(n, size=min(oracle_rows, n), replace=False))]
+        splan = ScoringPlan(ws.uri, "bench", "val@v1", vids, sample, fp, fp_v, vocab, width, hidden, "o", "{}")
+        t0 = time.perf_counter()
+        exact, _, s_exact = _chunked(ws, splan, s_exh, sample)
+        row["exhaustive_sample_s"] = time.perf_counter() - t0
+        row["exhaustive_score_per_row_ms"] = 1000 * s_exact / len(sample)
+        row["exhaustive_s"] = s_exact / len(sample) * n  # the products alone, extrapolated to N
+        t0 = time.perf_counter()
+        _, _, s_cand = _chunked(ws, splan, s_near, sample)
+        row["nearest_score_per_row_ms"] = 1000 * s_cand / len(sample)
+        pos = {i: p for p, i in enumerate(near.column("id").to_pylist())}
+        got = near.column("nearest_ids").to_pylist()
+        row["recall"] = float(np.mean([len(set(got[pos[i]]) & set(e)) / len(e) for i, e in
+                                       zip(exact.column("id").to_pylist(), exact.column("nearest_ids").to_pylist(),
+                                           strict=True)]))
+        row["peak_rss_mb"] = hwm_mb()
+        log(f"scoring N={n}: nearest {row['nearest_s']:.1f}s (read {r:.1f}, score {s:.1f}), recall {row['recall']:.3f}, "
+            f"exhaustive {row['exhaustive_score_per_row_ms']:.2f} ms/row vs candidates "
+            f"{row['nearest_score_per_row_ms']:.2f} ms/row")
+        res["sizes"].append(row)
+        ws.drop(schemas.features_table(fp))
+        (work / "scoring-partial.json").write_text(json.dumps(res, default=str))
+    done = [r for r in res["sizes"] if "skipped" not in r]
+    res["growth"] = _exponents(done, SCORING_GROWTH)
+    if done:
+        last = done[-1]
+        res["projected_1m"] = {k: _power(np.array([r["n"] for r in done], dtype=float),
+                                         np.array([r[k] for r in done], dtype=float), 1_000_000)
+                               for k in ("mean_stream_s", "mean_chunked_s", "nearest_s", "exhaustive_s")
+                               if all(r.get(k, 0) > 0 for r in done)}
+        res["last_n"] = last["n"]
+    return res
+
+
+def print_scoring(res: dict) -> None:
+    """The scoring section's tables (markdown)."""
+    done = [r for r in res["sizes"] if "skipped" not in r]
+    print(f"\nsignals off, {res['n_valid']:,} validation rows; nearest: k={res['k']}, C={res['candidates']} candidates "
+          f"by {res['sketch_dim']}-float sketches, recall of the exact top k on {res['oracle_rows']} rows")
+    print("| N | disk | mean, one scan (s, MB/s) | mean, reads by id (s) | stream_inner_products (s) | "
+          "disk direct / buffered MB/s | nearest by candidates (s: read, score) | exhaustive (s, extrapolated) | "
+          "ms/row: candidates / exhaustive | recall | peak RSS (MiB) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in done:
+        d = r["disk"]
+        print(f"| {r['n']:,} | {r['disk_bytes'] / 1e9:.2f} GB | {r['mean_stream_s']:.1f}, {r['mean_stream_mb_per_s']:.0f} | "
+              f"{r['mean_chunked_s']:.1f} | {r['stream_inner_products_s']:.1f} | "
+              f"{d.get('direct_mb_per_s') or 0:.0f} / {d.get('buffered_mb_per_s') or 0:.0f} | "
+              f"{r['nearest_s']:.1f}: {r['nearest_read_s']:.1f}, {r['nearest_score_s']:.1f} | {r['exhaustive_s']:.0f} | "
+              f"{r['nearest_score_per_row_ms']:.2f} / {r['exhaustive_score_per_row_ms']:.2f} | {r['recall']:.3f} | "
+              f"{r['peak_rss_mb']:.0f} |")
+    for g in res.get("growth", []):
+        print(f"growth {g['step']}: " + ", ".join(f"{k} N^{v:.2f}" for k, v in g.items() if k != "step"))
+    for k, (v, b) in res.get("projected_1m", {}).items():
+        print(f"projected to 1M: {k} {v:.0f} s (N^{b:.2f})")
+    print(f"recall on real rows: {res['real_recall']}")
+
+
+# --------------------------------------------------------------------------------------------------
 # 5. feature row layout candidates (issue 19): bytes per sample and fidelity, on real extracted rows
 # --------------------------------------------------------------------------------------------------
 
@@ -1276,7 +1501,9 @@ def main() -> None:
     ap.add_argument("--data", type=Path, default=DEFAULT_DATA)
     ap.add_argument("--out", type=Path, default=Path("bench-results"))
     ap.add_argument("--quick", action="store_true", help="a tenth of the data (a smoke run)")
-    ap.add_argument("--only", choices=["incremental", "rescore", "scale", "storage", "layout"], default=None)
+    ap.add_argument("--only", choices=["incremental", "rescore", "scale", "storage", "layout", "scoring"],
+                    default=None)
+    ap.add_argument("--scoring-sizes", default="10000,100000", help="comma-separated N of the scoring section")
     ap.add_argument("--storage-sizes", default="10000,100000", help="comma-separated N of the storage section")
     ap.add_argument("--read-budget-s", type=float, default=60.0,
                     help="storage: seconds per read method and size before extrapolating the rest")
@@ -1313,7 +1540,7 @@ def main() -> None:
             if a.only in (None, "rescore"):
                 out["rescore"] = bench_rescore(ws, settings, inputs, out["incremental"]["runs"][0])
         real = None
-        if a.only in (None, "scale", "storage", "layout"):
+        if a.only in (None, "scale", "storage", "layout", "scoring"):
             if ws is not None and fp is not None:
                 real = real_features_from_store(ws, fp)
                 out["real_features_source"] = "the incremental workspace (train + validation rows)"
@@ -1332,6 +1559,9 @@ def main() -> None:
                     pq.write_table(real, a.real_cache)
         if a.only == "layout":
             out["layout"] = bench_layout(real, settings.extract.hidden_dim or 576)
+        if a.only == "scoring":
+            sizes = [int(s) for s in a.scoring_sizes.split(",") if s.strip()]
+            out["scoring"] = bench_scoring(settings, real, sizes, work, a.max_disk_gb)
         if a.only == "storage":
             sizes = [int(s) for s in a.storage_sizes.split(",") if s.strip()]
             if a.quick:
@@ -1367,6 +1597,8 @@ def main() -> None:
         print_storage(out["storage"])
     if "layout" in out:
         print_layout(out["layout"])
+    if "scoring" in out:
+        print_scoring(out["scoring"])
 
 
 if __name__ == "__main__":

@@ -32,9 +32,11 @@ Sections (each prints a table; everything goes to ``--out/store.json``):
   (``score_streaming``) and by reads by id, MB/s against ``dd``; ``nearest`` by sketch candidates, the
   exhaustive oracle on a sample (recall of its top k, time extrapolated); growth exponents; the recall
   on real rows apart (the synthetic rows have no neighbourhood structure).
-- layout (only with ``--only layout``): bytes per sample and Spearman (against today's float32 rows) of
-  candidate feature-row layouts on real extracted rows, and the recall of the exact nearest top 5 among
-  candidates by dense similarities (pooled vectors, count sketches of the rows). Seconds.
+- layout (only with ``--only layout``): bytes per sample on disk of the real rows written as feature
+  format 4 (float32 rows) and as format 5 stores them (``stored_features``: float16 rows, with and
+  without the ``sketch`` column), Spearman (against the float32 rows) of candidate feature-row layouts,
+  and the recall of the exact nearest top 5 among candidates by dense similarities (pooled vectors, count
+  sketches of the rows in float32 and as stored in float16). About a minute.
 
 Real features come from the incremental workspace, else an extraction of 200 DataInf samples (a few
 minutes), cached in ``--real-cache`` when given. ``--only rescore`` runs the incremental section too (it
@@ -363,8 +365,15 @@ def real_features_from_store(ws: Workspace, fp: str) -> pa.Table:
     return fstore.read_features(ws, fp, columns=["id", *ROW_KEYS])
 
 
+def float32_rows_schema(schema: pa.Schema) -> pa.Schema:
+    """``schema`` with the sparse rows in float32 (feature format 4; the in-memory rows of the engine)."""
+    return pa.schema([pa.field(f.name, pa.list_(pa.float32()), f.nullable) if f.name in ("rows", "hard_rows")
+                      else f for f in schema if f.name != "sketch"])
+
+
 def real_features_by_extraction(settings: Settings, data: Path, n: int) -> pa.Table:
-    """Extract ``n`` DataInf training samples (half per task) with the default settings."""
+    """Extract ``n`` DataInf training samples (half per task) with the default settings: their float32 rows
+    (the engine's, before the store rounds them), in a table of :func:`float32_rows_schema`."""
     from valuegate.engine.extraction import extract_sparse
     from valuegate.engine.model import encode_samples, load_model
     from valuegate.tasks.extract import feature_row
@@ -378,7 +387,8 @@ def real_features_by_extraction(settings: Settings, data: Path, n: int) -> pa.Ta
     enc = encode_samples(lm.tokenizer, samples, ex.loss_on, ex.max_length)
     feats = extract_sparse(lm, enc, ex, samples, progress=False)
     rows = [feature_row(f"real-{i}", f, 0, 0.0) for i, f in enumerate(feats)]
-    return pa.Table.from_pylist(rows, schema=schemas.features_schema(lm.hidden_size, ex.error_dim))
+    return pa.Table.from_pylist(rows, schema=float32_rows_schema(schemas.features_schema(lm.hidden_size,
+                                                                                          ex.error_dim)))
 
 
 def _supports(t: pa.Table) -> list[np.ndarray]:
@@ -1316,10 +1326,69 @@ def _spearman(a: np.ndarray, b: np.ndarray) -> float:
     return float(spearmanr(a, b).statistic)
 
 
-def bench_layout(real: pa.Table, width: int, vocab: int = 49152, n_valid: int = 40) -> dict:
+def _features_of(real: pa.Table, width: int) -> list:
+    """The engine's :class:`SparseFeatures` of real feature rows (float32 rows, as extracted)."""
+    from valuegate.engine.forvalue import SparseFeatures
+
+    def arr(v, dt) -> np.ndarray:
+        return np.asarray(v, dtype=dt)
+
+    out = []
+    for r in real.to_pylist():
+        hard = None
+        if r.get("hard_rows") is not None:
+            hard = SparseFeatures(arr(r["hard_token_ids"], np.int32), arr(r["hard_rows"], np.float32).reshape(-1, width),
+                                  r["hard_n_tokens"], r["hard_mean_loss"], 0.0, 0.0, np.zeros(0, np.float32),
+                                  np.zeros(0, np.float32), arr(r["hard_error_sum"], np.float32))
+        out.append(SparseFeatures(arr(r["token_ids"], np.int32), arr(r["rows"], np.float32).reshape(-1, width),
+                                  r["n_tokens"], r["mean_loss"], r["dropped_mass"], r["self_influence"],
+                                  arr(r["pooled_hidden"], np.float32), arr(r["pooled_error"], np.float32),
+                                  arr(r["error_sum"], np.float32), hard))
+    return out
+
+
+def stored_bytes(real: pa.Table, width: int, work: Path, copies: int = 5, sketch_dims=(0, 256)) -> list[dict]:
+    """Bytes per sample on disk (``du`` of the Lance table) of the real rows written ``copies`` times (new
+    ids) as the store writes them: feature format 4 (float32 rows, the columns before the format-5 change)
+    and format 5 (:func:`~valuegate.engine.extraction.stored_features` then ``write_features``) with each
+    ``sketch_dim``; and the seconds per sample of the stored form (rounding, self-influence, sketch)."""
+    from valuegate.engine.extraction import stored_features
+    from valuegate.settings import ExtractSettings
+    from valuegate.tasks.extract import feature_row
+
+    hidden = len(real["pooled_hidden"][0])
+    error_dim = len(real["pooled_error"][0])
+    ws = Workspace(str(work / "layout-ws"))
+    out = []
+    old_schema = float32_rows_schema(schemas.features_schema(hidden, error_dim))
+    old = pa.concat_tables([real.select(old_schema.names).set_column(
+        0, "id", pa.array([f"c{c}-{i}" for i in range(real.num_rows)])).cast(old_schema) for c in range(copies)])
+    ws.ensure("features__format4", old_schema)
+    ws.upsert("features__format4", old, on="id", update=False)
+    out.append({"format": 4, "rows": "float32", "sketch_dim": 0,
+                "bytes_per_sample": du_bytes(f"{ws.uri}/features__format4.lance") / old.num_rows})
+    uncond = real["uncond_loss"].to_pylist() if "uncond_loss" in real.column_names else [None] * real.num_rows
+    for dim in sketch_dims:
+        fp = f"s{dim}".ljust(64, "0")  # one table per sketch width (the name keeps 16 characters)
+        t0 = time.perf_counter()
+        feats = stored_features(_features_of(real, width), ExtractSettings(hidden_dim=width, sketch_dim=dim))
+        t_form = (time.perf_counter() - t0) / real.num_rows
+        for c in range(copies):
+            rows = [feature_row(f"c{c}-{i}", f, 0, 0.0, False, uncond[i]) for i, f in enumerate(feats)]
+            fstore.write_features(ws, fp, rows, hidden, error_dim, dim)
+        path = fstore.features_uri(ws, fp)
+        out.append({"format": 5, "rows": schemas.STORED_ROW_DTYPE, "sketch_dim": dim,
+                    "bytes_per_sample": du_bytes(path) / (copies * real.num_rows),
+                    "stored_form_ms_per_sample": 1000 * t_form})
+        log(f"stored bytes {out[-1]}")
+    return out
+
+
+def bench_layout(real: pa.Table, width: int, vocab: int = 49152, n_valid: int = 40,
+                 work: Path | None = None) -> dict:
     """Candidate feature-row layouts on real extracted rows: bytes per sample (the columns as stored,
     with the candidate's ``rows``/``hard_rows``/``pooled_hidden`` sizes) and the Spearman correlation
-    of the ``mean`` and ``nearest`` aggregates against today's float32 rows (a proxy: the fidelity bar
+    of the ``mean`` and ``nearest`` aggregates against the float32 rows (format 4) (a proxy: the fidelity bar
     of issue 19 is against exact scores and the DataInf AUCs, which need the model).
 
     The first ``n_valid`` rows of each half (the two DataInf tasks) play the validation set."""
@@ -1363,7 +1432,7 @@ def bench_layout(real: pa.Table, width: int, vocab: int = 49152, n_valid: int = 
                     "max_rel_err": float(np.abs(v - ref).max() / np.abs(ref).max()), "note": note})
         log(f"layout {out[-1]}")
 
-    add("float32 (today)", rows, width, 4)
+    add("float32 (format 4)", rows, width, 4)
     add("float16 rows, fp32 accumulation", [r.astype(np.float16).astype(np.float32) for r in rows], width, 2)
     add("bfloat16 rows, fp32 accumulation", [_bf16(r) for r in rows], width, 2)
     add("float16 rows + float16 pooled_hidden", [r.astype(np.float16).astype(np.float32) for r in rows],
@@ -1399,7 +1468,8 @@ def bench_layout(real: pa.Table, width: int, vocab: int = 49152, n_valid: int = 
                     "note": f"exact in float32; mean T={n_tok.mean():.1f}, |U|={sup.mean():.1f}; needs extraction "
                             "changes (engine) and a FEATURE_FORMAT bump"})
     return {"rows": n, "n_valid": len(vpos), "column_bytes_per_sample": col_bytes, "candidates": out,
-            "nearest_candidates": nearest_candidate_recall(real, rows, tok, width, vocab)}
+            "nearest_candidates": nearest_candidate_recall(real, rows, tok, width, vocab),
+            "stored": stored_bytes(real, width, work) if work is not None else []}
 
 
 def nearest_candidate_recall(real: pa.Table, rows: list[np.ndarray], tok: list, width: int, vocab: int,
@@ -1427,6 +1497,11 @@ def nearest_candidate_recall(real: pa.Table, rows: list[np.ndarray], tok: list, 
     for dim in (256, 1024, 4096):  # a count sketch of the sparse rows (a dense vector with the same dot)
         sk = count_sketch(m, dim)
         sims.append((f"count sketch of the rows, {dim} floats", sk @ sk.T))
+    # as feature format 5 stores it: the sketch of the float16 rows, itself in float16
+    m16 = m.copy()
+    m16.data = m16.data.astype(np.float16).astype(np.float64)
+    sk16 = count_sketch(m16, 256).astype(np.float16).astype(np.float64)
+    sims.append(("count sketch, 256 floats, as stored (float16 rows and sketch)", sk16 @ sk16.T))
     for label, sim in sims:
         np.fill_diagonal(sim, -np.inf)
         order = np.argsort(-sim, axis=1)
@@ -1441,12 +1516,19 @@ def nearest_candidate_recall(real: pa.Table, rows: list[np.ndarray], tok: list, 
 
 def print_layout(res: dict) -> None:
     print(f"\nfeature row layouts on {res['rows']} real rows ({res['n_valid']} as validation); Spearman against "
-          "today's float32 rows")
+          "the float32 rows (format 4)")
     print("| layout | bytes/sample | Spearman mean | Spearman nearest | max rel err | note |\n|---|---|---|---|---|---|")
     for c in res["candidates"]:
         f = (lambda x: "" if x is None else f"{x:.4f}")  # noqa: E731
         print(f"| {c['layout']} | {c['bytes_per_sample'] / 1024:.1f} KB | {f(c['spearman_mean'])} | "
               f"{f(c['spearman_nearest'])} | {f(c['max_rel_err'])} | {c['note']} |")
+    if res.get("stored"):
+        print("\nbytes per sample on disk (Lance), the real rows as each feature format writes them")
+        print("| format | rows | sketch floats | bytes/sample | stored form (ms/sample) |\n|---|---|---|---|---|")
+        for r in res["stored"]:
+            ms = r.get("stored_form_ms_per_sample")
+            print(f"| {r['format']} | {r['rows']} | {r['sketch_dim']} | {r['bytes_per_sample']:,.0f} | "
+                  f"{'' if ms is None else f'{ms:.2f}'} |")
     print("\nnearest: recall of each row's exact top 5 among its C candidates by a dense similarity")
     print("| candidates by | C | of | recall |\n|---|---|---|---|")
     for c in res.get("nearest_candidates", []):
@@ -1558,7 +1640,7 @@ def main() -> None:
                     a.real_cache.parent.mkdir(parents=True, exist_ok=True)
                     pq.write_table(real, a.real_cache)
         if a.only == "layout":
-            out["layout"] = bench_layout(real, settings.extract.hidden_dim or 576)
+            out["layout"] = bench_layout(real, settings.extract.hidden_dim or 576, work=work)
         if a.only == "scoring":
             sizes = [int(s) for s in a.scoring_sizes.split(",") if s.strip()]
             out["scoring"] = bench_scoring(settings, real, sizes, work, a.max_disk_gb)

@@ -4,14 +4,13 @@ through Prefect as GateFailed."""
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
 
 import pytest
 from prefect.states import Failed
-from tiny import random_rows, write_jsonl
+from tiny import run_config
 
 from valuegate import cli
 from valuegate.errors import BadInput, ClusterLost, GateFailed, InternalError, ValuegateError
@@ -79,28 +78,8 @@ def test_the_lost_cluster_error_is_cluster_lost(tmp_path):
 def test_a_failed_gate_exits_3_through_prefect(prefect_harness, tmp_path, tiny_model_dir):
     """`valuegate run` as its own process: the gate (retention 0.9 asked, 0.75 kept, set by a flag derived
     from the settings model) fails in the flow, Prefect hands GateFailed back, the CLI exits 3."""
-    write_jsonl(tmp_path / "train.jsonl", random_rows(12, seed=61))
-    write_jsonl(tmp_path / "valid.jsonl", random_rows(4, seed=62))
-    config = tmp_path / "vg.toml"
-    config.write_text(f"""workspace = "ws"
-[data]
-dataset = "t"
-sources = ["train.jsonl"]
-valset = "v"
-valset_file = "valid.jsonl"
-[model]
-name = {json.dumps(str(tiny_model_dir()))}
-device = "cpu"
-[extract]
-support_k = 8
-hidden_dim = 0
-error_dim = 8
-[select]
-policy = "top_fraction"
-fraction = 0.75
-[release]
-name = "r"
-""")
+    config = run_config(tmp_path, tiny_model_dir(), relative=True,
+                        select={"policy": "top_fraction", "fraction": 0.75})
     proc = subprocess.run([sys.executable, "-m", "valuegate.cli", "run", "--quiet", "--config", str(config),
                            "--gate.min-retained-fraction", "0.9"], env={**os.environ, "PREFECT_API_URL": prefect_harness},
                           capture_output=True, text=True, timeout=600)

@@ -14,7 +14,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 from urllib.request import url2pathname
 
-from tiny import random_rows, write_jsonl
+from tiny import run_config
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -28,40 +28,11 @@ def _run(api: str, *args: str, cwd: Path | None = None) -> str:
     return proc.stdout
 
 
-def _config(tmp_path: Path, model_dir: Path, extract: str = "") -> str:
+def _config(tmp_path: Path, model_dir: Path, **extract) -> str:
     """30 training rows in two families, top 75 % kept (so 23 kept, 7 dropped for one reason)."""
-    rows = random_rows(30, seed=61)
-    for i, r in enumerate(rows):
-        r["family"] = "ab"[i % 2]
-    write_jsonl(tmp_path / "train.jsonl", rows)
-    write_jsonl(tmp_path / "valid.jsonl", random_rows(5, seed=62))
-    path = tmp_path / "vg.toml"
-    path.write_text(f"""workspace = "ws"
-[data]
-dataset = "t"
-sources = ["train.jsonl"]
-valset = "v"
-valset_file = "valid.jsonl"
-[model]
-name = {json.dumps(str(model_dir))}
-device = "cpu"
-[extract]
-support_k = 8
-hidden_dim = 0
-error_dim = 8
-batch_size = 8
-{extract}
-[select]
-policy = "top_fraction"
-fraction = 0.75
-group_by = "family"
-[gate]
-min_retained_fraction = 0.5
-min_group_retention = 0.1
-[release]
-name = "r"
-""")
-    return str(path)
+    return run_config(tmp_path, model_dir, train=(30, 61), valid=(5, 62), families=True, relative=True,
+                      extract=extract, select={"policy": "top_fraction", "fraction": 0.75, "group_by": "family"},
+                      gate={"min_retained_fraction": 0.5, "min_group_retention": 0.1})
 
 
 def _file_url_path(line: str) -> Path:
@@ -87,7 +58,7 @@ def test_run_ends_with_human_lines(prefect_harness, tmp_path, tiny_model_dir):
 
 
 def test_truncated_samples_are_said(prefect_harness, tmp_path, tiny_model_dir):
-    config = _config(tmp_path, tiny_model_dir(), extract="max_length = 8")
+    config = _config(tmp_path, tiny_model_dir(), max_length=8)
     out = _run(prefect_harness, "--config", config)
     summary = json.loads(_run(prefect_harness, "--config", config, "--json"))
     n = summary["counts"]["truncated"]

@@ -128,6 +128,45 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
     return path
 
 
+def run_config(folder: Path, model_dir: Path, *, train: tuple[int, int] = (12, 61), valid: tuple[int, int] = (4, 62),
+               families: bool = False, relative: bool = False, workspace: str | None = None,
+               **sections: dict) -> str:
+    """Write ``train.jsonl``, ``valid.jsonl`` and a ``vg.toml`` for ``valuegate run`` on the tiny model into
+    ``folder``; return the config's path.
+
+    Args:
+        train, valid: ``(rows, seed)`` of :func:`random_rows`. families: every training row gets a
+            ``family`` of ``a``/``b`` alternately. relative: the config names the files and the workspace
+            (``ws``) relative to its folder; else absolute. workspace: the workspace URI (overrides both).
+        sections: per section, keys that update the defaults (data ``t``/``v``, the model on the CPU, extract
+            ``support_k`` 8, ``hidden_dim`` 0, ``error_dim`` 8, ``batch_size`` 8, release ``r``); a key set
+            to None is left out of the file.
+    """
+    rows = random_rows(train[0], seed=train[1])
+    if families:
+        for i, r in enumerate(rows):
+            r["family"] = "ab"[i % 2]
+    train_file = write_jsonl(folder / "train.jsonl", rows)
+    valid_file = write_jsonl(folder / "valid.jsonl", random_rows(valid[0], seed=valid[1]))
+    cfg: dict = {
+        "workspace": workspace or ("ws" if relative else str(folder / "ws")),
+        "data": {"dataset": "t", "sources": [train_file.name if relative else str(train_file)], "valset": "v",
+                 "valset_file": valid_file.name if relative else str(valid_file)},
+        "model": {"name": str(model_dir), "device": "cpu"},
+        "extract": {"support_k": 8, "hidden_dim": 0, "error_dim": 8, "batch_size": 8},
+        "release": {"name": "r"},
+    }
+    for name, keys in sections.items():
+        cfg[name] = {**cfg.get(name, {}), **keys}
+    lines = [f"{k} = {json.dumps(v)}" for k, v in cfg.items() if not isinstance(v, dict)]
+    for name, keys in cfg.items():
+        if isinstance(keys, dict):
+            lines += [f"[{name}]", *(f"{k} = {json.dumps(v)}" for k, v in keys.items() if v is not None)]
+    path = folder / "vg.toml"
+    path.write_text("\n".join(lines) + "\n")
+    return str(path)
+
+
 def autograd_head_gradient(model, input_ids: np.ndarray, counted: np.ndarray,
                            dtype: torch.dtype = torch.float64) -> torch.Tensor:
     """The oracle: gradient of the summed counted log-likelihood w.r.t. the LM head weight's *use*.

@@ -43,9 +43,9 @@ import polars as pl
 
 from tests.benchmarks.bench_engine import DEFAULT_DATA, machine
 from tests.benchmarks.tables import table
+from valuegate.engine.detection import detection_auc
 from valuegate.engine.signals import SuspectReference, calibrated_suspect, combine_suspect
 from valuegate.storage.schemas import SIGNAL_COLUMNS
-from valuegate.engine.detection import detection_auc
 
 SETS = {"grammars": ("swap", "copy", "truncate"), "math_without_reason": ("swap", "wrong", "truncate")}
 FRACTION = 0.2

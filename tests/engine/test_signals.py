@@ -185,8 +185,8 @@ def test_token_contributions_sum_to_the_mean_value(tiny_model_dir, ratio):
 def test_fit_suspect_learns_the_side_and_signal_that_flag_corruptions():
     """A logistic combination fitted on clean vs corrupted rows: it weights the signal that moves (either
     side, via |z|) over the one that does not, separates fresh rows, and refuses too few rows."""
-    from valuegate.engine.signals import fit_suspect
     from valuegate.engine.detection import detection_auc
+    from valuegate.engine.signals import fit_suspect
 
     rng = np.random.default_rng(0)
     clean = rng.normal(size=(60, 2)) * [1.0, 5.0] + [10.0, 0.0]   # feature 0 around 10, feature 1 noise

@@ -10,7 +10,7 @@ import pickle
 from pathlib import Path
 
 import pytest
-from tiny import random_rows, write_jsonl
+from tiny import run_config
 
 
 class _Touch:
@@ -71,29 +71,8 @@ def test_a_planted_record_is_refused_by_the_stores_storage(tmp_path, how):
 
 
 def _config(tmp_path: Path, model_dir: Path) -> str:
-    train = write_jsonl(tmp_path / "train.jsonl", random_rows(12, seed=31))
-    valid = write_jsonl(tmp_path / "valid.jsonl", random_rows(4, seed=32))
-    path = tmp_path / "vg.toml"
-    path.write_text(f"""workspace = {json.dumps(str(tmp_path / "ws"))}
-[data]
-dataset = "t"
-sources = [{json.dumps(str(train))}]
-valset = "v"
-valset_file = {json.dumps(str(valid))}
-[model]
-name = {json.dumps(str(model_dir))}
-device = "cpu"
-[extract]
-support_k = 4
-hidden_dim = 0
-error_dim = 8
-batch_size = 8
-[select]
-policy = "keep_all"
-[release]
-name = "r"
-""")
-    return str(path)
+    return run_config(tmp_path, model_dir, train=(12, 31), valid=(4, 32), extract={"support_k": 4},
+                      select={"policy": "keep_all"})
 
 
 def _score_record(results: Path) -> Path:

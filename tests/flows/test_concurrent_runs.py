@@ -18,7 +18,7 @@ import sys
 import uuid
 
 import pytest
-from tiny import random_rows, write_jsonl
+from tiny import run_config
 
 from valuegate.storage import samples as sstore
 from valuegate.storage import schemas
@@ -26,38 +26,9 @@ from valuegate.storage.lance import Workspace
 
 
 def _config(tmp_path, model_dir, workspace: str) -> str:
-    rows = random_rows(16, seed=61)
-    for i, r in enumerate(rows):
-        r["family"] = "ab"[i % 2]
-    train = write_jsonl(tmp_path / "train.jsonl", rows)
-    valid = write_jsonl(tmp_path / "valid.jsonl", random_rows(5, seed=62))
-    text = f"""workspace = {json.dumps(workspace)}
-[data]
-dataset = "t"
-sources = [{json.dumps(str(train))}]
-valset = "v"
-valset_file = {json.dumps(str(valid))}
-[model]
-name = {json.dumps(str(model_dir))}
-device = "cpu"
-[extract]
-support_k = 8
-hidden_dim = 0
-error_dim = 8
-batch_size = 8
-[select]
-policy = "top_fraction"
-fraction = 0.75
-group_by = "family"
-[gate]
-min_retained_fraction = 0.5
-min_group_retention = 0.1
-[release]
-name = "r"
-"""
-    path = tmp_path / "vg.toml"
-    path.write_text(text)
-    return str(path)
+    return run_config(tmp_path, model_dir, train=(16, 61), valid=(5, 62), families=True, workspace=workspace,
+                      select={"policy": "top_fraction", "fraction": 0.75, "group_by": "family"},
+                      gate={"min_retained_fraction": 0.5, "min_group_retention": 0.1})
 
 
 def _summary(stdout: str) -> dict:

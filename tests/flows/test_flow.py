@@ -6,39 +6,18 @@ import json
 
 import polars as pl
 import pytest
-from tiny import random_rows, write_jsonl
+from tiny import random_rows, run_config, write_jsonl
 
 from valuegate.errors import ValuegateError
 
 
 def _config(tmp_path, model_dir, **sections) -> str:
-    rows = random_rows(24, seed=21)
-    for i, r in enumerate(rows):
-        r["family"] = "ab"[i % 2]
-    train = write_jsonl(tmp_path / "train.jsonl", rows)
-    valid = write_jsonl(tmp_path / "valid.jsonl", random_rows(5, seed=22))
-    cfg = {
-        "workspace": str(tmp_path / "ws"),
-        "data": {"dataset": "t", "sources": [str(train)], "valset": "v", "valset_file": str(valid)},
-        "model": {"name": str(model_dir), "device": "cpu"},
-        "extract": {"support_k": 8, "hidden_dim": 0, "error_dim": 8, "batch_size": 8},
-        "select": {"policy": "top_fraction", "fraction": 0.75, "group_by": "family"},
-        "gate": {"min_retained_fraction": 0.5, "min_group_retention": 0.1},
-        "release": {"name": "r"},
-    }
-    for k, v in sections.items():
-        cfg[k] = {**cfg.get(k, {}), **v}
-    lines = []
-    for key, val in cfg.items():
-        if not isinstance(val, dict):
-            lines.append(f"{key} = {json.dumps(val)}")
-    for key, val in cfg.items():
-        if isinstance(val, dict):
-            lines.append(f"[{key}]")
-            lines += [f"{k} = {json.dumps(v)}" for k, v in val.items()]
-    path = tmp_path / "vg.toml"
-    path.write_text("\n".join(lines) + "\n")
-    return str(path)
+    """The flow tests' run: 24 rows in two families, the top 75 % kept per the gate's group retention."""
+    cfg = {"select": {"policy": "top_fraction", "fraction": 0.75, "group_by": "family"},
+           "gate": {"min_retained_fraction": 0.5, "min_group_retention": 0.1}}
+    for name, keys in sections.items():
+        cfg[name] = {**cfg.get(name, {}), **keys}
+    return run_config(tmp_path, model_dir, train=(24, 21), valid=(5, 22), families=True, **cfg)
 
 
 STEPS = ["ingest", "validation-set", "extract", "score", "select", "allocate", "gate", "release", "report",
@@ -247,7 +226,6 @@ def test_resume_after_a_task_failure(prefect_harness, tmp_path, tiny_model_dir, 
 def test_changed_inputs_are_never_answered_from_the_cache(prefect_harness, tmp_path, tiny_model_dir):
     """New rows in a source, a changed score setting, a changed validation file: each recomputes what it
     changes; going back to earlier inputs may reuse the scores computed from exactly those inputs."""
-    from tiny import random_rows, write_jsonl
 
     from valuegate.storage.releases import read_manifest
 
@@ -286,7 +264,6 @@ def test_changed_inputs_are_never_answered_from_the_cache(prefect_harness, tmp_p
 def test_register_validation_set_flow(prefect_harness, tmp_path, tiny_model_dir):
     """The flow registers the next version (identical content: the existing one), says so in a markdown
     artifact, and is the step refresh runs (refresh scores against what it registered)."""
-    from tiny import random_rows, write_jsonl
 
     from valuegate.flows.validation import register_validation_set
     from valuegate.storage.lance import Workspace
@@ -310,8 +287,6 @@ def test_register_validation_set_flow(prefect_harness, tmp_path, tiny_model_dir)
         register_validation_set(name="held@v1", file=str(valid), workspace=ws)
     # refresh with no validation file scores against the latest registered version
     config = _config(tmp_path, tiny_model_dir(), data={"valset": "held", "valset_file": None})
-    text = (tmp_path / "vg.toml").read_text().replace("valset_file = null\n", "")
-    (tmp_path / "vg.toml").write_text(text)
     out, _ = _run(config)
     assert out["valset"] == "held@v2"
 
@@ -343,7 +318,6 @@ def test_two_refresh_runs_at_once_on_one_workspace(prefect_harness, tmp_path, ti
 def test_rollback_and_diff_between_releases(prefect_harness, tmp_path, tiny_model_dir, capsys):
     """Two releases against two validation versions: the diff says what entered and left and why; a
     rollback makes the first current again; the next refresh writes a new release on top."""
-    from tiny import random_rows, write_jsonl
 
     from valuegate.cli import main
     from valuegate.storage.releases import read_current

@@ -16,7 +16,7 @@ from pathlib import Path
 import httpx
 import psutil
 import pytest
-from tiny import random_rows, write_jsonl
+from tiny import run_config
 
 linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="parent-death signal: Linux only")
 
@@ -95,28 +95,8 @@ def test_kill_9_of_valuegate_server_takes_its_prefect_server(tmp_path):
 
 
 def tiny_config(tmp_path: Path, model_dir: Path) -> str:
-    train = write_jsonl(tmp_path / "train.jsonl", random_rows(12, seed=41))
-    valid = write_jsonl(tmp_path / "valid.jsonl", random_rows(4, seed=42))
-    path = tmp_path / "vg.toml"
-    path.write_text(f"""workspace = {json.dumps(str(tmp_path / "ws"))}
-[data]
-dataset = "t"
-sources = [{json.dumps(str(train))}]
-valset = "v"
-valset_file = {json.dumps(str(valid))}
-[model]
-name = {json.dumps(str(model_dir))}
-device = "cpu"
-[extract]
-support_k = 4
-hidden_dim = 0
-error_dim = 8
-[select]
-policy = "keep_all"
-[release]
-name = "r"
-""")
-    return str(path)
+    return run_config(tmp_path, model_dir, train=(12, 41), valid=(4, 42),
+                      extract={"support_k": 4, "batch_size": None}, select={"policy": "keep_all"})
 
 
 def api_server_child(run: subprocess.Popen, deadline_s: float = 180) -> psutil.Process:

@@ -190,6 +190,8 @@ def detection(name: str, df: pl.DataFrame) -> dict:
     sig = {s: tr[s].cast(pl.Float64).to_numpy() for s in SIGNAL_COLUMNS if s in tr.columns}
     sig["mean_loss"] = tr["mean_loss"].to_numpy()
     trained_idx = np.flatnonzero((df["role"] == "train").to_numpy())
+    x_all, names = feature_matrix(df)
+    x_train = x_all[trained_idx]
     fitted_all, info_all = fitted_scores(df, None)
     fitted_all = fitted_all[trained_idx]
     rows, fits = [], {}
@@ -213,6 +215,7 @@ def detection(name: str, df: pl.DataFrame) -> dict:
         r["fitted_loto"] = auc(fz[m], lab)
         r["fitted_loto_free"] = auc(fz_free[m], lab)
         r["fitted_all"] = auc(fitted_all[m], lab)
+        r["supervised_cv"] = supervised_cv(x_train[m], lab, names)
         r["recall_suspect@2"] = float((sus[m][lab] > THRESHOLD).mean())
         r["recall_fitted@2"] = float((fz[m][lab] > THRESHOLD).mean())
         r["signals"] = sides
@@ -223,6 +226,25 @@ def detection(name: str, df: pl.DataFrame) -> dict:
             "clean_dropped_fitted_all": float((fz_all[clean] > THRESHOLD).mean()),
             "recall_suspect": float((sus[~clean] > THRESHOLD).mean()),
             "recall_fitted_all": float((fz_all[~clean] > THRESHOLD).mean())}
+
+
+def supervised_cv(x: np.ndarray, bad: np.ndarray, names: list[str], folds: int = 5, seed: int = 0) -> float:
+    """How far the signals can go on one corruption type *with* its labels: the AUC of
+    :func:`~valuegate.engine.signals.fit_suspect` (unconstrained) fitted on the type's own labelled training
+    rows against the clean ones, ``folds``-fold cross-validated (each row scored by a fit that never saw it).
+    Not a label-free method: a reference for what a better combination of the same columns could reach.
+
+    Args:
+        x: ``(n, F)`` features (:func:`feature_matrix`) of the clean rows and the type's rows. bad: ``(n,)`` bool.
+    """
+    from valuegate.engine.signals import fit_suspect
+
+    fold = np.random.default_rng(seed).permutation(len(bad)) % folds
+    out = np.zeros(len(bad))
+    for k in range(folds):
+        fit = fit_suspect(x[(fold != k) & ~bad], x[(fold != k) & bad], names, monotone=False)
+        out[fold == k] = fit.score(x[fold == k])
+    return auc(out, bad)
 
 
 def targets(res: dict) -> dict:
@@ -418,7 +440,7 @@ def print_tables(res: dict) -> None:
     print(f"\nmachine: {m['cpu']}, {m['cores']} cores, torch {m['torch']}; load average {os.getloadavg()}")
     print(f"configuration: {json.dumps(res['config'])}")
     for d in res.get("detection", []):
-        cols = ["corruption", "n", "perceivable", "suspect", "fitted_loto", "fitted_loto_free", "fitted_all", "value", *BASELINE_SIDES,
+        cols = ["corruption", "n", "perceivable", "suspect", "supervised_cv", "fitted_loto", "fitted_loto_free", "fitted_all", "value", *BASELINE_SIDES,
                 "best_baseline_auc", "best_signal", "best_signal_auc", "recall_suspect@2", "recall_fitted@2"]
         print(table(d["rows"], cols, f"\ndetection AUC, {d['set']} ({d['n_clean']} clean training rows): "
                     f"clean dropped at suspect > 2: suspect {d['clean_dropped_suspect']:.1%}, fitted "

@@ -1146,41 +1146,62 @@ def _chunked(ws: Workspace, plan, settings: Settings, ids: list[str]) -> tuple[p
     return pa.concat_tables(tables), t_read, t_score
 
 
-def real_candidate_recall(real: pa.Table, settings: Settings, vocab: int, width: int,
-                          cs: tuple[int, ...] = (10, 25, 50)) -> dict:
-    """On real rows (every other one the validation side): the recall of the exact top k among C sketch
-    candidates through ``score_chunk``, per C."""
+def recall_rows(real: pa.Table, workspace: Path | None) -> pa.Table:
+    """The real rows for the recall: ``real`` and every feature row of ``workspace``'s feature tables
+    (e.g. a demo workspace), as ``token_ids``, float32 ``rows``, ``n_tokens``."""
+    cols = ["token_ids", "rows", "n_tokens"]
+    schema = pa.schema([pa.field("token_ids", pa.list_(pa.int32())), pa.field("rows", pa.list_(pa.float32())),
+                        pa.field("n_tokens", pa.int64())])
+    parts = [real.select(cols).cast(schema)]
+    if workspace is not None:
+        ws = Workspace(str(workspace))
+        for name in ws.table_names():
+            if name.startswith("features__"):
+                parts.append(ws.read(name, columns=cols).cast(schema))
+    return pa.concat_tables(parts)
+
+
+def real_candidate_recall(real: pa.Table, settings: Settings, vocab: int, width: int, n_train: int = 100,
+                          cs: tuple[int, ...] = (25, 50, 100), dims: tuple[int, ...] = (256, 1024)) -> dict:
+    """On real rows (``n_train`` random ones the training side, the rest the validation side): the recall
+    of the exact top k among C candidates by D-float sketches through ``score_chunk``, per D, C and
+    normalisation (keys ``{normalize}_D{D}_C{C}``)."""
+    import scipy.sparse as sp
+
     from valuegate.engine.aggregate import build_context, score_chunk
 
     indptr, indices, data = fstore.sparse_arrays(real, width)
-    import scipy.sparse as sp
-
     m = sp.csr_matrix((data.astype(np.float32), indices, indptr), shape=(real.num_rows, vocab * width))
-    tr, va = m[0::2], m[1::2]
+    pick = np.zeros(real.num_rows, dtype=bool)
+    pick[np.random.default_rng(7).choice(real.num_rows, size=min(n_train, real.num_rows // 2), replace=False)] = True
+    tr, va = m[pick], m[~pick]
     self_inf = np.asarray(m.multiply(m).sum(1)).reshape(-1)
     tok = real.column("n_tokens").to_numpy().astype(np.int64)
     out = {"n_train": tr.shape[0], "n_valid": va.shape[0], "k": settings.score.nearest_k}
-    for how in ("none", "cosine"):
-        ex = _scoring_settings(settings, aggregate="nearest", normalize=how, nearest_candidates=0)
-        ctx = build_context([str(j) for j in range(va.shape[0])], self_inf[1::2], tok[1::2],
-                            np.ones((va.shape[0], 2)), ex, 2, vocab, vm=va, width=width)
-        cols = (self_inf[0::2], tok[0::2], np.zeros(tr.shape[0]), np.zeros((tr.shape[0], 2)))
-        ref = score_chunk(ctx, ex.score, *cols, train_csr=tr).nearest
-        for c in cs:
+    cols = (self_inf[pick], tok[pick], np.zeros(tr.shape[0]), np.zeros((tr.shape[0], 2)))
+
+    def nearest(s: Settings) -> np.ndarray:
+        ctx = build_context([str(j) for j in range(va.shape[0])], self_inf[~pick], tok[~pick],
+                            np.ones((va.shape[0], 2)), s, 2, vocab, vm=va, width=width)
+        return score_chunk(ctx, s.score, *cols, train_csr=tr).nearest
+
+    for how in ("none", "length", "cosine"):
+        ref = nearest(_scoring_settings(settings, aggregate="nearest", normalize=how, nearest_candidates=0))
+        for d, c in itertools.product(dims, cs):
             s = _scoring_settings(settings, aggregate="nearest", normalize=how, nearest_candidates=c)
-            ctx = build_context([str(j) for j in range(va.shape[0])], self_inf[1::2], tok[1::2],
-                                np.ones((va.shape[0], 2)), s, 2, vocab, vm=va, width=width)
-            got = score_chunk(ctx, s.score, *cols, train_csr=tr).nearest
-            out[f"{how}_C{c}"] = float(np.mean([len(set(a) & set(b)) / len(b) for a, b in zip(got, ref, strict=True)]))
+            s = s.model_copy(update={"extract": s.extract.model_copy(update={"sketch_dim": d})})
+            got = nearest(s)
+            out[f"{how}_D{d}_C{c}"] = float(np.mean([len(set(a) & set(b)) / len(b)
+                                                     for a, b in zip(got, ref, strict=True)]))
     return out
 
 
-SCORING_GROWTH = ["mean_stream_s", "mean_chunked_s", "stream_inner_products_s", "nearest_s", "nearest_score_s",
-                  "exhaustive_s", "peak_rss_mb"]
+SCORING_GROWTH = ["mean_stream_s", "mean_stream_cpu_s", "mean_chunked_s", "stream_inner_products_s", "nearest_s",
+                  "nearest_cpu_s", "nearest_score_s", "exhaustive_s", "peak_rss_mb"]
 
 
 def bench_scoring(settings: Settings, real: pa.Table, sizes: list[int], work: Path, max_disk_gb: float,
-                  oracle_rows: int = 400) -> dict:
+                  oracle_rows: int = 400, recall_workspace: Path | None = None) -> dict:
     """Per N: synthetic rows (sketch column included) against 1,000 validation rows, signals off:
     the ``mean`` aggregate by one streaming scan (``score_streaming``, what ``score_dataset`` runs) and by
     the chunked reads by id, against the disk's sequential read rate; the ``nearest`` aggregate by
@@ -1205,7 +1226,7 @@ def bench_scoring(settings: Settings, real: pa.Table, sizes: list[int], work: Pa
     s_exh = _scoring_settings(settings, aggregate="nearest", nearest_candidates=0)
     res: dict = {"sizes": [], "n_valid": len(vids), "sketch_dim": dim, "candidates": sc.nearest_candidates,
                  "k": sc.nearest_k, "oracle_rows": oracle_rows,
-                 "real_recall": real_candidate_recall(real, settings, vocab, width)}
+                 "real_recall": real_candidate_recall(recall_rows(real, recall_workspace), settings, vocab, width)}
     log(f"scoring: real-row recall {res['real_recall']}")
     rng = np.random.default_rng(11)
     per_sample = None
@@ -1227,15 +1248,17 @@ def bench_scoring(settings: Settings, real: pa.Table, sizes: list[int], work: Pa
         plan = ScoringPlan(ws.uri, "bench", "val@v1", vids, ids, fp, fp_v, vocab, width, hidden, f"bench-{n}", "{}")
         # mean: the streaming scan (score_dataset's path) and the chunked reads by id
         with MemWatch() as mw:
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             ctx = load_context(ws, plan, s_mean)
             streamed, _ = score_streaming(ws, plan, ctx, s_mean)
             row["mean_stream_s"] = time.perf_counter() - t0
+            row["mean_stream_cpu_s"] = time.process_time() - c0
         row["mean_stream_rss_delta_mb"] = mw.delta_mb
         row["mean_stream_mb_per_s"] = row["disk_bytes"] / row["mean_stream_s"] / 2**20
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         chunked, r, s = _chunked(ws, plan, s_mean, ids)
         row["mean_chunked_s"] = time.perf_counter() - t0
+        row["mean_chunked_cpu_s"] = time.process_time() - c0
         row["mean_chunked_read_s"], row["mean_chunked_score_s"] = r, s
         a, b = streamed.column("value").to_numpy(), chunked.column("value").to_numpy()
         row["mean_stream_vs_chunked_max_rel"] = float(np.max(np.abs(a - b)) / max(1e-300, float(np.max(np.abs(b)))))
@@ -1246,9 +1269,10 @@ def bench_scoring(settings: Settings, real: pa.Table, sizes: list[int], work: Pa
         log(f"scoring N={n}: mean stream {row['mean_stream_s']:.1f}s chunked {row['mean_chunked_s']:.1f}s "
             f"stream_inner_products {row['stream_inner_products_s']:.1f}s, disk {row['disk']}")
         # nearest: candidates over every row, the exhaustive oracle on a sample
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         near, r, s = _chunked(ws, plan, s_near, ids)
         row["nearest_s"] = time.perf_counter() - t0
+        row["nearest_cpu_s"] = time.process_time() - c0
         row["nearest_read_s"], row["nearest_score_s"] = r, s
         sample = [ids[i] for i in np.sort(rng.choice(n, size=min(oracle_rows, n), replace=False))]
         splan = ScoringPlan(ws.uri, "bench", "val@v1", vids, sample, fp, fp_v, vocab, width, hidden, "o", "{}")
@@ -1278,7 +1302,8 @@ def bench_scoring(settings: Settings, real: pa.Table, sizes: list[int], work: Pa
         last = done[-1]
         res["projected_1m"] = {k: _power(np.array([r["n"] for r in done], dtype=float),
                                          np.array([r[k] for r in done], dtype=float), 1_000_000)
-                               for k in ("mean_stream_s", "mean_chunked_s", "nearest_s", "exhaustive_s")
+                               for k in ("mean_stream_s", "mean_stream_cpu_s", "mean_chunked_s", "nearest_s",
+                                         "nearest_cpu_s", "exhaustive_s")
                                if all(r.get(k, 0) > 0 for r in done)}
         res["last_n"] = last["n"]
     return res
@@ -1289,16 +1314,18 @@ def print_scoring(res: dict) -> None:
     done = [r for r in res["sizes"] if "skipped" not in r]
     print(f"\nsignals off, {res['n_valid']:,} validation rows; nearest: k={res['k']}, C={res['candidates']} candidates "
           f"by {res['sketch_dim']}-float sketches, recall of the exact top k on {res['oracle_rows']} rows")
-    print("| N | disk | mean, one scan (s, MB/s) | mean, reads by id (s) | stream_inner_products (s) | "
-          "disk direct / buffered MB/s | nearest by candidates (s: read, score) | exhaustive (s, extrapolated) | "
+    print("| N | disk | mean, one scan (s, MB/s; CPU s) | mean, reads by id (s; CPU s) | stream_inner_products (s) | "
+          "disk direct / buffered MB/s | nearest by candidates (s: read, score; CPU s) | exhaustive (s, extrapolated) | "
           "ms/row: candidates / exhaustive | recall | peak RSS (MiB) |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in done:
         d = r["disk"]
-        print(f"| {r['n']:,} | {r['disk_bytes'] / 1e9:.2f} GB | {r['mean_stream_s']:.1f}, {r['mean_stream_mb_per_s']:.0f} | "
-              f"{r['mean_chunked_s']:.1f} | {r['stream_inner_products_s']:.1f} | "
+        print(f"| {r['n']:,} | {r['disk_bytes'] / 1e9:.2f} GB | {r['mean_stream_s']:.1f}, {r['mean_stream_mb_per_s']:.0f}; "
+              f"{r['mean_stream_cpu_s']:.1f} | {r['mean_chunked_s']:.1f}; {r['mean_chunked_cpu_s']:.1f} | "
+              f"{r['stream_inner_products_s']:.1f} | "
               f"{d.get('direct_mb_per_s') or 0:.0f} / {d.get('buffered_mb_per_s') or 0:.0f} | "
-              f"{r['nearest_s']:.1f}: {r['nearest_read_s']:.1f}, {r['nearest_score_s']:.1f} | {r['exhaustive_s']:.0f} | "
+              f"{r['nearest_s']:.1f}: {r['nearest_read_s']:.1f}, {r['nearest_score_s']:.1f}; CPU {r['nearest_cpu_s']:.1f} | "
+              f"{r['exhaustive_s']:.0f} | "
               f"{r['nearest_score_per_row_ms']:.2f} / {r['exhaustive_score_per_row_ms']:.2f} | {r['recall']:.3f} | "
               f"{r['peak_rss_mb']:.0f} |")
     for g in res.get("growth", []):

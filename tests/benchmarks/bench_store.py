@@ -1613,6 +1613,8 @@ def main() -> None:
     ap.add_argument("--only", choices=["incremental", "rescore", "scale", "storage", "layout", "scoring"],
                     default=None)
     ap.add_argument("--scoring-sizes", default="10000,100000", help="comma-separated N of the scoring section")
+    ap.add_argument("--recall-workspace", type=Path, default=None,
+                    help="scoring: a workspace whose feature rows join the real rows of the candidates' recall")
     ap.add_argument("--storage-sizes", default="10000,100000", help="comma-separated N of the storage section")
     ap.add_argument("--read-budget-s", type=float, default=60.0,
                     help="storage: seconds per read method and size before extrapolating the rest")
@@ -1670,7 +1672,8 @@ def main() -> None:
             out["layout"] = bench_layout(real, settings.extract.hidden_dim or 576, work=work)
         if a.only == "scoring":
             sizes = [int(s) for s in a.scoring_sizes.split(",") if s.strip()]
-            out["scoring"] = bench_scoring(settings, real, sizes, work, a.max_disk_gb)
+            out["scoring"] = bench_scoring(settings, real, sizes, work, a.max_disk_gb,
+                                           recall_workspace=a.recall_workspace)
         if a.only == "storage":
             sizes = [int(s) for s in a.storage_sizes.split(",") if s.strip()]
             if a.quick:

@@ -13,6 +13,10 @@ Sections (each prints a table and writes JSON under --out):
   batches, interleaved in one run; exact pairwise scoring time; peak RSS.
 - oracle gap: autograd per-sample LM-head gradients (the backward pass For-Value replaces) against the
   forward-only path, for the same pairs: time per train sample and agreement.
+- stored (only with ``--only stored``; issue 19): the default sparse rows as the store keeps them
+  (feature format 5: float16, ``stored_features``) against the float32 rows and exact, per set and loss
+  mode: Spearman against exact, influential-data AUC and recall@90, max relative difference to float32.
+  ``--sets`` picks the sets.
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ import torch
 
 from tests.benchmarks.tables import cpu_name
 from tests.tiny import autograd_head_gradient
-from valuegate.engine.extraction import iter_token_blocks, pad_batch, projections
+from valuegate.engine.extraction import iter_token_blocks, pad_batch, projections, stored_features
 from valuegate.engine.forvalue import TokenBlock, exact_cross, sparse_cross, sparse_features
 from valuegate.engine.model import encode_samples, length_batches, load_model
 from valuegate.settings import Settings, default_settings
@@ -235,12 +239,57 @@ def bench_oracle_gap(lm, settings: Settings, data: Path, n_train: int = 24, n_va
             "forward_only_s_per_train": t_fwd / n_train, "speedup": t_grad / t_fwd, "max_rel_diff": rel}
 
 
+def bench_stored_fidelity(lm, settings: Settings, data: Path, limit: int | None, sets: list[str]) -> list[dict]:
+    """The default sparse rows in the stored form (float16, :func:`stored_features`) against the float32
+    rows and exact, from one forward pass per set and loss mode."""
+    import copy
+
+    out = []
+    for name in sets:
+        train, tcls, valid, vcls = load_set(data, name, limit)
+        for loss_on in ("all", "response"):
+            ex = settings.extract.model_copy(update={"loss_on": loss_on})
+            ph = projections(ex, lm.hidden_size, lm.vocab_size)[0]
+            enc_t = encode_samples(lm.tokenizer, train, loss_on, ex.max_length)
+            enc_v = encode_samples(lm.tokenizer, valid, loss_on, ex.max_length)
+            vparts = list(iter_token_blocks(lm, enc_v, ex, valid, progress=False))
+            inv = np.argsort([i for idx, _ in vparts for i in idx])
+            vblock = TokenBlock.concat([b for _, b in vparts])
+            v32 = [f for _, b in vparts for f in sparse_features(b, ex.support_k, ph, None)]
+            v32 = [v32[i] for i in inv]
+            v16 = stored_features(copy.deepcopy(v32), ex)
+            exact, s32, s16 = (np.zeros((len(train), len(valid))) for _ in range(3))
+            t_store = 0.0
+            for idx, block in iter_token_blocks(lm, enc_t, ex, train, progress=True, desc=f"stored {name} {loss_on}"):
+                exact[idx] = exact_cross(block, vblock).numpy()[:, inv]
+                f32 = sparse_features(block, ex.support_k, ph, None)
+                s32[idx] = sparse_cross(f32, v32, lm.vocab_size)
+                t1 = time.perf_counter()
+                f16 = stored_features(copy.deepcopy(f32), ex)
+                t_store += time.perf_counter() - t1
+                s16[idx] = sparse_cross(f16, v16, lm.vocab_size)
+            row = {"set": name, "loss_on": loss_on, "n_train": len(train), "n_valid": len(valid)}
+            for label, v in (("exact", exact), ("float32", s32), ("float16", s16)):
+                ident = identification(v, tcls, vcls)
+                row[f"{label}_auc"], row[f"{label}_recall@90"] = ident["auc"], ident["recall@90"]
+                if label != "exact":
+                    row[f"{label}_spearman"] = spearman_cols(v, exact)
+            row["float16_vs_float32_max_rel"] = float(np.abs(s16 - s32).max() / np.abs(s32).max())
+            row["float16_vs_float32_spearman"] = spearman_cols(s16, s32)
+            row["stored_form_s_per_sample"] = t_store / len(train)
+            print(json.dumps(row), flush=True)
+            out.append(row)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--data", type=Path, default=DEFAULT_DATA)
     ap.add_argument("--out", type=Path, default=Path("bench-results"))
     ap.add_argument("--quick", action="store_true", help="a tenth of the data (a smoke run)")
-    ap.add_argument("--only", choices=["effectiveness", "speed", "oracle"], default=None)
+    ap.add_argument("--only", choices=["effectiveness", "speed", "oracle", "stored"], default=None)
+    ap.add_argument("--sets", default=",".join(SETS), help="stored: comma-separated DataInf sets")
+    ap.add_argument("--limit", type=int, default=None, help="stored: training samples per set (all: None)")
     a = ap.parse_args()
     if not (a.data / "grammars_train.jsonl").exists():
         raise SystemExit(f"benchmark data not found in {a.data} (give --data DIR)")
@@ -256,6 +305,8 @@ def main() -> None:
         print(json.dumps(out["oracle_gap"]))
     if a.only in (None, "effectiveness"):
         out.update(bench_effectiveness_fidelity(lm, settings, a.data, limit))
+    if a.only == "stored":
+        out["stored"] = bench_stored_fidelity(lm, settings, a.data, a.limit or limit, a.sets.split(","))
     out["peak_rss_mb"] = peak_rss_mb()
     a.out.mkdir(parents=True, exist_ok=True)
     name = "engine" + ("-quick" if a.quick else "") + (f"-{a.only}" if a.only else "")

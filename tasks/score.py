@@ -314,7 +314,9 @@ def _chunk_table(plan: ScoringPlan, ctx: ScoringContext, settings: Settings, ids
     """The scores rows of the training samples ``ids`` whose per-sample feature columns are ``tt`` (in
     the order of ``ids``); ``score(t_self, t_tok, t_loss, t_hidden)`` gives their :class:`ChunkScores`."""
     sc = settings.score
-    t_self = tt["self_influence"].to_numpy()
+    # copies: a zero-copy view would keep the whole feature batch alive in the scores table (a streamed
+    # batch is one allocation: the run would hold every row it read)
+    t_self = np.array(tt["self_influence"].to_numpy(), dtype=np.float64)
     t_tok = tt["n_tokens"].to_numpy().astype(np.int64)
     t_loss = tt["mean_loss"].to_numpy().astype(np.float64)
     n = len(ids)
@@ -329,7 +331,8 @@ def _chunk_table(plan: ScoringPlan, ctx: ScoringContext, settings: Settings, ids
         "aggregate": [sc.aggregate] * n, "normalize": [sc.normalize] * n,
         "nearest_ids": [list(ctx.vids[r]) for r in near] if near is not None else none,
         "nearest_values": [list(r) for r in out.nearest_values] if out.nearest_values is not None else none,
-        "n_tokens": t_tok, "truncated": tt["truncated"].fill_null(False), "mean_loss": t_loss,
+        "n_tokens": t_tok, "truncated": tt["truncated"].fill_null(False).to_numpy(zero_copy_only=False).copy(),
+        "mean_loss": t_loss,
         "self_influence": t_self, **baselines,
         "suspect": out.suspect if out.suspect is not None else none,
         "suspect_reason": out.suspect_reason if out.suspect_reason is not None else none,

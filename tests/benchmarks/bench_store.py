@@ -1242,6 +1242,8 @@ def bench_scoring(settings: Settings, real: pa.Table, sizes: list[int], work: Pa
         w = write_sketched(ws, gen, fp, n, 5000, f"train-{n}", dim, ex.seed)
         ids = w.pop("ids")
         row["write"] = w
+        row["write_peak_rss_mb"] = hwm_mb()
+        log(f"scoring N={n}: written {w}")
         row["disk_bytes"] = du_bytes(fstore.features_uri(ws, fp))
         per_sample = row["disk_bytes"] / n
         row["disk"] = disk_read_rate(Path(fstore.features_uri(ws, fp)))

@@ -135,3 +135,25 @@ def test_score_shards_with_signals_off_equal_the_streamed_run(ws):
     got = _by_id(ws.read(schemas.SCORES, where=f"run_id = {sql_str(plan.run_id)}"))
     assert got["id"] == whole["id"]
     np.testing.assert_allclose(got["value"], whole["value"], rtol=1e-9, atol=1e-300)
+
+
+def test_scores_rows_keep_no_view_of_the_feature_batch(ws):
+    """A scores row built from a streamed batch must not point into the batch's buffers (a zero-copy view
+    keeps the whole batch alive: the scan then held every row it read, over 11 GB at 1M rows)."""
+    from valuegate.engine.aggregate import ChunkScores
+
+    settings = _settings(ws, aggregate="mean")
+    extracted, _, _ = extract_for_run(ws, "d", "val", settings, progress=False)
+    plan = score_mod.plan_run(ws, "d", extracted, settings)
+    ctx = score_mod.load_context(ws, plan, settings)
+    batch = next(score_mod.fstore.iter_features(ws, plan.fp_t, ["id", "truncated", "n_tokens", "mean_loss",
+                                                               "uncond_loss", "self_influence", "pooled_hidden"]))
+    tt = score_mod.pa.Table.from_batches([batch])
+    spans = [(b.address, b.address + b.size) for col in tt.columns for chunk in col.chunks
+             for b in chunk.buffers() if b is not None]
+    out = score_mod._chunk_table(plan, ctx, settings, tt["id"].to_pylist(), tt,
+                                 lambda t_self, *_: ChunkScores(np.zeros(len(t_self))))
+    shared = [name for name, col in zip(out.column_names, out.columns, strict=True) for chunk in col.chunks
+              for b in chunk.buffers() if b is not None and b.size
+              and any(lo <= b.address < hi for lo, hi in spans)]
+    assert shared == []

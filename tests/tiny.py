@@ -128,6 +128,18 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
     return path
 
 
+def assert_close_at_float16(actual, desired, err_msg: str = "") -> None:
+    """Scores computed from feature rows stored in float16 (feature format 5) against the same scores from
+    other rows of the same samples: the float32 rows of in-memory scoring, or rows extracted in another batch
+    (whose float32 values differ in the last bits, so a value near a float16 rounding boundary can round the
+    other way). Each stored entry is within 2⁻¹¹ relative (one float16 step at most between two roundings), so
+    a sum of products ``Σ R·R'`` is within about 1e-3 of ``Σ |R·R'|``: 2e-3 relative, and 2e-3 of the largest
+    value where terms cancel."""
+    actual, desired = np.asarray(actual, dtype=float), np.asarray(desired, dtype=float)
+    np.testing.assert_allclose(actual, desired, rtol=2e-3, atol=2e-3 * float(np.abs(desired).max()),
+                               err_msg=err_msg)
+
+
 def run_config(folder: Path, model_dir: Path, *, train: tuple[int, int] = (12, 61), valid: tuple[int, int] = (4, 62),
                families: bool = False, relative: bool = False, workspace: str | None = None,
                **sections: dict) -> str:

@@ -176,6 +176,23 @@ def _kept(policy: str, frame: pl.DataFrame = FRAME, **cfg) -> list[str]:
     return out.filter(pl.col("keep"))["id"].to_list()
 
 
+def test_rds_columns_equal_the_float64_cosines_across_chunks():
+    """rds_mean through the mean unit vector and rds_max in float32 chunks equal the plain float64 cosine
+    matrix's mean and max (a zero row has cosine 0 with everything)."""
+    from valuegate.engine.baselines import rds_columns
+
+    rng = np.random.default_rng(5)
+    t, v = rng.normal(size=(25, 16)) * 40, rng.normal(size=(7, 16))
+    t[3] = 0
+    unit = lambda x: np.divide(x, np.linalg.norm(x, axis=1, keepdims=True), out=np.zeros_like(x),  # noqa: E731
+                               where=np.linalg.norm(x, axis=1, keepdims=True) > 0)
+    cos = unit(t) @ unit(v).T
+    mean, mx = rds_columns(t, v, rows=4)
+    np.testing.assert_allclose(mean, cos.mean(1), rtol=0, atol=1e-12)
+    np.testing.assert_allclose(mx, cos.max(1), rtol=0, atol=1e-6)
+    assert mx[3] == 0 and mean[3] == 0
+
+
 def test_ifd_keeps_the_highest_ifd_below_one():
     # budget ceil(0.5 · 6) = 3 among the IFD < 1 samples: f 0.95, b 0.9, e 0.7
     assert _kept("ifd", fraction=0.5) == ["b", "e", "f"]

@@ -35,6 +35,7 @@ from valuegate.engine.candidates import BlockRows
 from valuegate.engine.columns import SIGNAL_COLUMNS
 from valuegate.engine.model import refusal_reason
 from valuegate.engine.signals import SparseSet, check_reference_size
+from valuegate.engine.upcast import upcast
 from valuegate.errors import ValuegateError
 from valuegate.settings import Settings
 from valuegate.storage import features as fstore
@@ -146,7 +147,8 @@ def _blocks(t, width: int) -> BlockRows:
     tok = t.column("token_ids").combine_chunks()
     return BlockRows.from_arrays(pc.list_value_length(tok).fill_null(0).to_numpy(zero_copy_only=False),
                                  tok.flatten().to_numpy(zero_copy_only=False),
-                                 t.column("rows").combine_chunks().flatten().to_numpy(zero_copy_only=False), width)
+                                 upcast(t.column("rows").combine_chunks().flatten().to_numpy(zero_copy_only=False)),
+                                 width)
 
 
 def pa_array(values: list[str]):
@@ -286,10 +288,11 @@ def score_rows(ws, plan: ScoringPlan, ctx: ScoringContext, settings: Settings,
     vocab, width = plan.vocab, plan.width
     t0 = time.perf_counter()
     cols = _feature_columns(settings, _stored_schema(ws, plan.fp_t) if ctx.cand is not None else None)
-    trows = fstore.read_features(ws, plan.fp_t, ids, cols)
+    asked = ids
+    trows, ids = _in_stored_order(fstore.read_features(ws, plan.fp_t, asked, cols), asked)
     ts = hard = sketch = blocks = None
-    if sc.signals or ctx.cand is not None:
-        tm, tt = None, _aligned(trows, ids)
+    if sc.signals or ctx.cand is not None or ctx.groups is not None:
+        tm, tt = None, trows
     else:
         tm, tt = _feature_matrix(trows, ids, vocab, width)
     t_read = time.perf_counter() - t0
@@ -303,10 +306,27 @@ def score_rows(ws, plan: ScoringPlan, ctx: ScoringContext, settings: Settings,
             tm, tt = _feature_matrix(tt, ids, vocab, width)
         else:
             blocks = _blocks(tt, width)
+    elif ctx.groups is not None:  # the exact value matrix by token groups: the rows as blocks, no CSR
+        blocks = _blocks(tt, width)
     table = _chunk_table(plan, ctx, settings, ids, tt,
                          lambda *cols: score_chunk(ctx, sc, *cols, train_csr=tm, train=ts, train_hard=hard,
                                                    t_sketch=sketch, train_blocks=blocks))
+    if ids is not asked:
+        table = table.take(pc.index_in(pa_array(asked), value_set=table.column("id")))
     return table, t_read, time.perf_counter() - t0 - t_read
+
+
+def _in_stored_order(t, ids: list[str]) -> tuple[object, list[str]]:
+    """``(feature slice, its ids)`` in the order the store returned the rows when the slice holds exactly
+    ``ids``, else the slice aligned to ``ids`` (:func:`_aligned`, which names missing rows). Scoring in
+    stored order and reordering the small scores table afterwards spares the reorder of the rows' list
+    columns (a tenth of a ``nearest`` chunk's time at 100k rows, issue 19)."""
+    got = t.column("id").to_pylist()
+    if got == ids:
+        return t, ids
+    if len(got) == len(ids) and set(got) == set(ids):
+        return t, got
+    return _aligned(t, ids), ids
 
 
 def _chunk_table(plan: ScoringPlan, ctx: ScoringContext, settings: Settings, ids: list[str], tt,
@@ -384,7 +404,7 @@ def score_streaming(ws, plan: ScoringPlan, ctx: ScoringContext, settings: Settin
             tt = tt.filter(pa.array(keep))
         tok_col = tt["token_ids"].combine_chunks()
         tok = tok_col.flatten().to_numpy(zero_copy_only=False)
-        rows = tt["rows"].combine_chunks().flatten().to_numpy(zero_copy_only=False)
+        rows = upcast(tt["rows"].combine_chunks().flatten().to_numpy(zero_copy_only=False))
         lengths = pc.list_value_length(tok_col).fill_null(0).to_numpy(zero_copy_only=False)
         raw = block_inner_products(tok, rows, lengths, ctx.v_mean)
         ids = tt["id"].to_pylist()

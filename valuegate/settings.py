@@ -135,10 +135,12 @@ class ScoreSettings(_Section):
         "alignments: which validation need a sample serves) or pairwise (the full matrix).")
     nearest_k: int = Field(5, ge=1, description="k of the nearest aggregate.")
     nearest_candidates: int = Field(
-        50, ge=0, description="Stored scoring with signals off, nearest aggregate: per training sample the C "
-        "validation samples of largest count-sketch inner product (`extract.sketch_dim` floats) are "
-        "rescored exactly and the top nearest_k of them kept (about C/n_valid of the exhaustive cost; the "
-        "recall of the exact top k: README, 'Storage at scale'). 0: exhaustive (the oracle).")
+        0, ge=0, description="Signals off, nearest aggregate. 0 (default): exact, every validation sample "
+        "valued (the product grouped by token: its cost grows with the validation set; 1M x 1,000 in "
+        "minutes, README 'Storage at scale'). C > 0: per training sample only the C validation samples of "
+        "largest count-sketch inner product (`extract.sketch_dim` floats) are valued exactly and the top "
+        "nearest_k of them kept: a cost that does not grow with the validation set, at a measured recall "
+        "of the exact top k of 0.97-0.99 at C = 50 (for validation sets well above 1,000 samples).")
     normalize: Literal["none", "length", "cosine"] = Field(
         "none", description="none (the paper's raw inner product), length (per counted token of each "
         "side) or cosine (divided by both norms ‖Φ‖).")

@@ -157,3 +157,23 @@ def test_scores_rows_keep_no_view_of_the_feature_batch(ws):
               for b in chunk.buffers() if b is not None and b.size
               and any(lo <= b.address < hi for lo, hi in spans)]
     assert shared == []
+
+
+@pytest.mark.parametrize("aggregate", ["mean", "nearest"])
+def test_rows_come_back_in_the_order_asked_whatever_the_stored_order(ws, aggregate):
+    """score_rows scores the rows in the order the store returns them and reorders the scores: asked
+    in reverse (or shuffled) they come back in that order with the same values."""
+    settings = _settings(ws, aggregate=aggregate, nearest_k=2, nearest_candidates=3)
+    extracted, _, _ = extract_for_run(ws, "d", "val", settings, progress=False)
+    plan = score_mod.plan_run(ws, "d", extracted, settings)
+    ctx = score_mod.load_context(ws, plan, settings)
+    ids = list(plan.ids)
+    ref, _, _ = score_mod.score_rows(ws, plan, ctx, settings, ids)
+    shuffled = [ids[i] for i in np.random.default_rng(3).permutation(len(ids))]
+    for asked in (ids[::-1], shuffled):
+        got, _, _ = score_mod.score_rows(ws, plan, ctx, settings, asked)
+        assert got.column("id").to_pylist() == asked
+        by_id = dict(zip(ref.column("id").to_pylist(), ref.column("value").to_pylist(), strict=True))
+        assert got.column("value").to_pylist() == [by_id[i] for i in asked]
+        assert got.column("nearest_ids").to_pylist() == [ref.column("nearest_ids").to_pylist()[ids.index(i)]
+                                                         for i in asked]

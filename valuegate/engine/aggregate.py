@@ -46,13 +46,14 @@ from valuegate.engine.signals import (
     signals_from_terms,
 )
 from valuegate.engine.sketch import count_sketch
+from valuegate.engine.token_products import TokenGroups, grouped_values
 from valuegate.errors import ValuegateError
 from valuegate.settings import Settings
 
 __all__ = ["ChunkScores", "ScoringContext", "ValueMatrix", "aggregate", "block_inner_products", "build_context",
            "compute_values", "mean_aggregate", "mean_finish", "mean_hidden", "mean_vector", "nearest_of_candidates",
            "neighbours_of", "normalize", "normalized", "projected_centre", "reference_signals", "score_chunk",
-           "sketch_dim", "sparse_signal_terms", "suspect_of", "valid_scale"]
+           "sketch_dim", "sparse_signal_terms", "suspect_of", "top_k", "valid_scale"]
 
 
 @dataclass
@@ -351,10 +352,31 @@ def aggregate(values: np.ndarray, how: str, k: int = 5) -> tuple[np.ndarray, np.
     if how == "mean":
         return values.mean(axis=1), None
     if how == "nearest":
-        k = min(k, values.shape[1])
-        top = np.argsort(-values, axis=1, kind="stable")[:, :k]
+        top = top_k(values, k)
         return np.take_along_axis(values, top, axis=1).mean(axis=1), top
     raise ValuegateError(f"unknown aggregate {how!r}: use mean, nearest or pairwise")
+
+
+def top_k(values: np.ndarray, k: int) -> np.ndarray:
+    """``(n, min(k, m))`` int64 column indices of each row's k largest values in decreasing order, ties
+    by lower index: exactly ``np.argsort(-values, axis=1, kind="stable")[:, :k]``, through ``torch.topk``
+    then a sort of the k (the full sort was half of a 100k-row exhaustive ``nearest``, issue 19).
+
+    Args:
+        values: ``(n, m)`` float. k: at least 1.
+    """
+    n, m = values.shape
+    k = min(k, m)
+    if k == m or n == 0:
+        return np.argsort(-values, axis=1, kind="stable")[:, :k].astype(np.int64)
+    vals_t, idx_t = torch.topk(torch.from_numpy(np.ascontiguousarray(values)), k, dim=1)  # 5-20x numpy's
+    vals, idx = vals_t.numpy(), idx_t.numpy()
+    top = np.take_along_axis(idx, np.lexsort((idx, -vals), axis=1), axis=1).astype(np.int64)
+    # a tie at the k-th value may have left out a lower index of that value: those rows sort in full
+    ties = np.flatnonzero((values >= vals.min(axis=1, keepdims=True)).sum(axis=1) > k)
+    if ties.size:
+        top[ties] = np.argsort(-values[ties], axis=1, kind="stable")[:, :k]
+    return top
 
 
 def mean_aggregate(train, valid, train_self: np.ndarray, valid_self: np.ndarray, train_tokens: np.ndarray,
@@ -395,9 +417,14 @@ def mean_finish(raw: np.ndarray, train_self: np.ndarray, train_tokens: np.ndarra
     raise ValuegateError(f"unknown normalisation {how!r}: use none, length or cosine")
 
 
-def block_inner_products(tok: np.ndarray, rows: np.ndarray, lengths: np.ndarray, vector: np.ndarray) -> np.ndarray:
+def block_inner_products(tok: np.ndarray, rows: np.ndarray, lengths: np.ndarray, vector: np.ndarray,
+                         blocks_per_step: int = 4096) -> np.ndarray:
     """``Σ_{u ∈ U_i} R_i[u] · vector[u]`` for n rows given as blocks, float64 (what a CSR product with
     ``vector`` gives, without building the CSR): the ``mean`` aggregate of a streamed batch.
+
+    The blocks are upcast and the vector's blocks gathered ``blocks_per_step`` at a time into two reused
+    float64 buffers (``np.take``, not fancy indexing): a whole batch's temporaries were fresh pages each
+    batch, and that gather was 7-10x slower (issue 19's mean scan).
 
     Args:
         tok: ``(nb,)`` every row's support tokens, concatenated. rows: ``(nb·width,)`` or ``(nb, width)``
@@ -408,7 +435,15 @@ def block_inner_products(tok: np.ndarray, rows: np.ndarray, lengths: np.ndarray,
         return np.zeros(n)
     r = np.asarray(rows).reshape(len(tok), -1)
     dense = np.asarray(vector, dtype=np.float64).reshape(-1, r.shape[1])
-    dots = np.einsum("ij,ij->i", r.astype(np.float64), dense[np.asarray(tok, dtype=np.int64)])
+    tok = np.asarray(tok, dtype=np.int64)
+    dots = np.empty(len(tok))
+    step = min(blocks_per_step, len(tok))
+    x, y = np.empty((step, r.shape[1])), np.empty((step, r.shape[1]))
+    for lo in range(0, len(tok), step):
+        m = min(step, len(tok) - lo)
+        np.copyto(x[:m], r[lo:lo + m])
+        np.take(dense, tok[lo:lo + m], axis=0, out=y[:m])
+        dots[lo:lo + m] = np.einsum("ij,ij->i", x[:m], y[:m])
     owner = np.repeat(np.arange(n), lengths)
     return np.bincount(owner, weights=dots, minlength=n)
 
@@ -431,6 +466,8 @@ class ScoringContext:
         v_mean: ``(V·width,)`` the weighted validation vector of the ``mean`` aggregate (signals off,
             :func:`mean_vector`). cand: the candidate search and rescoring side of the ``nearest`` aggregate
             (signals off, ``score.nearest_candidates`` > 0); sketch_seed: the seed of its count sketches.
+            groups: the validation blocks by token, for the exact value matrix (signals off, an aggregate
+            other than ``mean`` and no candidate search: :func:`~valuegate.engine.token_products.grouped_values`).
     """
 
     vids: np.ndarray
@@ -444,6 +481,7 @@ class ScoringContext:
     v_mean: np.ndarray | None = None
     cand: CandidateSide | None = None
     sketch_seed: int = 0
+    groups: TokenGroups | None = None
 
 
 def sketch_dim(settings: Settings) -> int:
@@ -475,6 +513,8 @@ def build_context(vids: list[str], v_self: np.ndarray, v_tok: np.ndarray, pooled
         if sc.nearest_candidates < len(vids):  # else every validation sample is a candidate
             sk = v_sketch if v_sketch is not None else count_sketch(vm, sketch_dim(settings), seed=ctx.sketch_seed)
         ctx.cand = CandidateSide.build(vm, width, sk, valid_scale(sc.normalize, v_self, v_tok))
+    elif not sc.signals and sc.aggregate != "mean" and vm is not None:
+        ctx.groups = TokenGroups.build(BlockRows.from_csr(vm, width), vocab)
     ctx.v_hidden = mean_hidden(pooled, ctx.v_tok)  # the rds baselines, and the local suspect reference
     if sc.signals:
         ctx.vside = ValidSide.build(valid, projected_centre(ex, hidden_size, vocab, pooled, ctx.v_tok))
@@ -551,8 +591,9 @@ def score_chunk(ctx: ScoringContext, sc, t_self: np.ndarray, t_tok: np.ndarray, 
         t_self, t_tok, t_loss: ``(n,)`` ``‖Φ‖²``, counted positions, mean loss. t_hidden: ``(n, d)`` mean
             hidden states. train_csr: ``(n, V·width)`` CSR of the sparse rows (signals off). train,
             train_hard: the rows as :class:`SparseSet` (signals on). t_sketch: ``(n, D)`` stored sketches
-            (signals off, nearest by candidates); train_blocks: the rows as blocks (the same; then
-            ``train_csr`` is needed only to sketch rows without a stored sketch). t_mean_raw: ``(n,)`` each row's inner product with
+            (signals off, nearest by candidates); train_blocks: the rows as blocks (the same, and the
+            exact value matrix by token groups; then ``train_csr`` is needed only to sketch rows without a
+            stored sketch). t_mean_raw: ``(n,)`` each row's inner product with
             ``ctx.v_mean``, computed by the caller (a streaming scan; signals off, mean): then
             ``train_csr`` is not needed.
     """
@@ -577,11 +618,15 @@ def score_chunk(ctx: ScoringContext, sc, t_self: np.ndarray, t_tok: np.ndarray, 
         out.value, out.nearest, out.nearest_values = nearest_of_candidates(ctx, sc, t_self, t_tok, train_csr, t_sketch,
                                                                            train_blocks)
         raw = None
+    elif ctx.groups is not None:
+        blocks = train_blocks if train_blocks is not None else BlockRows.from_csr(train_csr, ctx.groups.width)
+        raw = grouped_values(blocks, ctx.groups)
     else:
         raw = sparse_cross_csr(train_csr, ctx.vm)
     if raw is not None:
         values = normalize(ValueMatrix(raw, t_self, ctx.v_self, t_tok, ctx.v_tok, t_loss), sc.normalize)
-        out.value = aggregate(values, sc.aggregate, k)[0]
-        out.nearest = aggregate(values, "nearest", k)[1]
+        out.value, out.nearest = aggregate(values, "nearest", k)
+        if sc.aggregate != "nearest":
+            out.value = aggregate(values, sc.aggregate, k)[0]
         out.nearest_values = np.take_along_axis(values, out.nearest, 1)
     return out

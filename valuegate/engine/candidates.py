@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["BlockRows", "CandidateSide", "candidate_values", "top_candidates"]
+__all__ = ["BlockRows", "CandidateSide", "candidate_values", "rowwise_dots", "top_candidates"]
 
 _TABLE_MAX = 1 << 26  # entries of the dense (n_valid, validation tokens) lookup table; above: sorted keys
 
@@ -141,7 +141,7 @@ def top_candidates(train_sketch: np.ndarray, valid_sketch: np.ndarray, c: int) -
     return top.astype(np.int64)
 
 
-def _rowwise_dots(a: np.ndarray, ia: np.ndarray, b: np.ndarray, ib: np.ndarray, batch: int = 8192) -> np.ndarray:
+def rowwise_dots(a: np.ndarray, ia: np.ndarray, b: np.ndarray, ib: np.ndarray, batch: int = 8192) -> np.ndarray:
     """``⟨a[ia[e]], b[ib[e]]⟩`` for every e, float64, through cache-sized gathers."""
     out = np.empty(ia.size, dtype=np.float64)
     w = a.shape[1]
@@ -189,6 +189,6 @@ def candidate_values(train: BlockRows, side: CandidateSide, cand: np.ndarray, ro
         bt = keep[np.arange(total) - np.repeat(start - kptr[rows], cnt)]
         bv = side.lookup(cand[lo:hi].reshape(-1)[pair], ct[bt].astype(np.int64))
         hit = bv >= 0
-        dots = _rowwise_dots(train.data, bt[hit], side.blocks.data, bv[hit])
+        dots = rowwise_dots(train.data, bt[hit], side.blocks.data, bv[hit])
         out[lo:hi] = np.bincount(pair[hit], weights=dots, minlength=rows.size).reshape(hi - lo, c)
     return out

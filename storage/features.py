@@ -16,7 +16,6 @@ import json
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from valuegate.storage import schemas
 from valuegate.storage.lance import Workspace, sql_str
@@ -228,36 +227,3 @@ def search_features(ws: Workspace, model_fp: str, vector: np.ndarray, k: int, wh
     """
     return ws.search(schemas.features_table(model_fp), "pooled_hidden", vector, k, where=where,
                      metric=SEARCH_METRIC, columns=columns)
-
-
-def stream_inner_products(ws: Workspace, model_fp: str, vector: np.ndarray, width: int,
-                          batch_rows: int = 8192) -> tuple[list[str], np.ndarray]:
-    """``Σ_{u ∈ U} R[u] · vector[u]`` for every stored row of a fingerprint, in one streaming scan.
-
-    With ``vector`` the (weighted) mean of the validation rows scattered to ``(V·width,)`` this is the
-    ``mean`` aggregate of every training row (:func:`valuegate.engine.forvalue.sparse_mean_csr`)
-    without building a CSR matrix: per batch one gather of ``vector`` at the batch's support and one
-    row-wise product, so the time is the scan's and peak memory is bounded by ``batch_rows``.
-
-    Args:
-        vector: ``(V·width,)`` float, the validation side.
-        width: ``k_h``, floats per support entry.
-
-    Returns:
-        ``(ids, values)``: the ids in storage order and ``(n,)`` float64 values.
-    """
-    dense = np.asarray(vector, dtype=np.float32).reshape(-1, width)
-    ids: list[str] = []
-    parts: list[np.ndarray] = []
-    for batch in iter_features(ws, model_fp, ["id", "token_ids", "rows"], batch_rows):
-        tok_col = batch.column(1)
-        tok = tok_col.flatten().to_numpy(zero_copy_only=False)  # flatten: honours a sliced batch
-        rows = batch.column(2).flatten().to_numpy(zero_copy_only=False).astype(np.float32).reshape(-1, width)
-        if rows.shape[0] != tok.size:
-            raise ValueError(f"feature rows hold {rows.shape[0]} entries for {tok.size} support entries")
-        dots = np.einsum("ij,ij->i", rows, dense[tok], dtype=np.float32)
-        lengths = pc.list_value_length(tok_col).fill_null(0).to_numpy(zero_copy_only=False)
-        owner = np.repeat(np.arange(batch.num_rows), lengths)
-        parts.append(np.bincount(owner, weights=dots, minlength=batch.num_rows))
-        ids += batch.column(0).to_pylist()
-    return ids, (np.concatenate(parts) if parts else np.zeros(0))

@@ -61,6 +61,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from tests.benchmarks.bench_engine import DEFAULT_DATA, machine, peak_rss_mb
 from valuegate.engine.sketch import count_sketch
@@ -886,9 +887,28 @@ def disk_read_rate(path: Path, limit_bytes: int = 2 * 2**30) -> dict:
     return out
 
 
+def scan_inner_products(ws: Workspace, fp: str, vector: np.ndarray) -> tuple[list[str], np.ndarray]:
+    """``(ids in storage order, (n,) float64)`` each stored row's inner product with ``vector``
+    ``(V·width,)``, in one scan: the product ``score_streaming`` runs per batch."""
+    from valuegate.engine.aggregate import block_inner_products
+    from valuegate.engine.upcast import upcast
+
+    ids: list[str] = []
+    parts: list[np.ndarray] = []
+    for batch in fstore.iter_features(ws, fp, ["id", "token_ids", "rows"]):
+        tok = batch.column(1)
+        parts.append(block_inner_products(tok.flatten().to_numpy(zero_copy_only=False),
+                                          upcast(batch.column(2).flatten().to_numpy(zero_copy_only=False)),
+                                          pc.list_value_length(tok).fill_null(0).to_numpy(zero_copy_only=False),
+                                          vector))
+        ids += batch.column(0).to_pylist()
+    return ids, (np.concatenate(parts) if parts else np.zeros(0))
+
+
 def bench_stream_mean(ws: Workspace, fp: str, vm, vocab: int, width: int, disk_bytes: int) -> dict:
-    """The mean aggregate of every row by one streaming scan (``stream_inner_products``), checked
-    against ``sparse_mean_csr`` (what ``mean_aggregate`` does) on the CSR of the first 2,000 rows."""
+    """The mean aggregate of every row by one streaming scan (``iter_features`` and the scan's product,
+    ``block_inner_products``), checked against ``sparse_mean_csr`` (what ``mean_aggregate`` does) on the
+    CSR of the first 2,000 rows."""
     from valuegate.engine.forvalue import sparse_mean_csr
 
     v = np.asarray(vm.astype(np.float64).mean(axis=0)).reshape(-1)
@@ -897,7 +917,7 @@ def bench_stream_mean(ws: Workspace, fp: str, vm, vocab: int, width: int, disk_b
     scan_s = time.perf_counter() - t0
     with MemWatch() as mw:
         t0 = time.perf_counter()
-        sids, values = fstore.stream_inner_products(ws, fp, v, width)
+        sids, values = scan_inner_products(ws, fp, v)
         wall = time.perf_counter() - t0
     head = sids[:2000]
     ref = sparse_mean_csr(_csr(ws, fp, head, vocab, width), vm)
@@ -1132,11 +1152,14 @@ def _scoring_settings(settings: Settings, **score) -> Settings:
     return settings.model_copy(update={"score": settings.score.model_copy(update={"signals": False, **score})})
 
 
-def _chunked(ws: Workspace, plan, settings: Settings, ids: list[str]) -> tuple[pa.Table, float, float]:
-    """What score_dataset does without the scan: read by id and score chunk by chunk."""
+def _chunked(ws: Workspace, plan, settings: Settings, ids: list[str], csr: bool = False) -> tuple[pa.Table, float, float]:
+    """What score_dataset does without the scan: read by id and score chunk by chunk (``csr``: the value
+    matrix by the CSR product, not the token groups)."""
     from valuegate.tasks.score import SCORE_CHUNK, load_context, score_rows
 
     ctx = load_context(ws, plan, settings)
+    if csr:
+        ctx.groups = None
     tables, t_read, t_score = [], 0.0, 0.0
     for lo in range(0, len(ids), SCORE_CHUNK):
         t, r, s = score_rows(ws, plan, ctx, settings, ids[lo:lo + SCORE_CHUNK])
@@ -1196,19 +1219,28 @@ def real_candidate_recall(real: pa.Table, settings: Settings, vocab: int, width:
     return out
 
 
-SCORING_GROWTH = ["mean_stream_s", "mean_stream_cpu_s", "mean_chunked_s", "stream_inner_products_s", "nearest_s",
-                  "nearest_cpu_s", "nearest_score_s", "exhaustive_s", "peak_rss_mb"]
+SCORING_GROWTH = ["mean_stream_s", "mean_stream_cpu_s", "mean_chunked_s", "nearest_s", "nearest_cpu_s",
+                  "nearest_score_s", "candidates_s", "exhaustive_s", "peak_rss_mb"]
+
+
+def _recall(got: pa.Table, ref: pa.Table) -> float:
+    """Mean share of each ``ref`` row's ``nearest_ids`` among ``got``'s for the same id."""
+    pos = {i: p for p, i in enumerate(got.column("id").to_pylist())}
+    g = got.column("nearest_ids").to_pylist()
+    return float(np.mean([len(set(g[pos[i]]) & set(e)) / len(e) for i, e in
+                          zip(ref.column("id").to_pylist(), ref.column("nearest_ids").to_pylist(), strict=True)]))
 
 
 def bench_scoring(settings: Settings, real: pa.Table, sizes: list[int], work: Path, max_disk_gb: float,
-                  oracle_rows: int = 400, recall_workspace: Path | None = None) -> dict:
+                  oracle_rows: int = 400, recall_workspace: Path | None = None, candidates: int = 50) -> dict:
     """Per N: synthetic rows (sketch column included) against 1,000 validation rows, signals off:
     the ``mean`` aggregate by one streaming scan (``score_streaming``, what ``score_dataset`` runs) and by
-    the chunked reads by id, against the disk's sequential read rate; the ``nearest`` aggregate by
-    ``score.nearest_candidates`` candidates (chunked reads by id) and the exhaustive oracle on
-    ``oracle_rows`` rows (recall of its exact top k, and its time extrapolated to N); peak RSS; the fitted
-    growth exponents. The synthetic rows have no neighbourhood structure (their exact top k is set by
-    noise), so their recall is a worst case; the recall on real rows is measured apart."""
+    the chunked reads by id, against the disk's sequential read rate; the ``nearest`` aggregate exactly
+    by token groups (the default, ``nearest_candidates = 0``) and by ``candidates`` sketch candidates
+    over every row (the recall of the exact top k), and the CSR product (the oracle before the token
+    groups) on ``oracle_rows`` rows, its time extrapolated to N; peak RSS; the fitted growth exponents.
+    The synthetic rows have no neighbourhood structure (their exact top k is set by noise), so their
+    recall is a worst case; the recall on real rows is measured apart."""
     from valuegate.engine.aggregate import sketch_dim
     from valuegate.tasks.score import ScoringPlan, load_context, score_streaming
 
@@ -1222,9 +1254,9 @@ def bench_scoring(settings: Settings, real: pa.Table, sizes: list[int], work: Pa
     fp_v = _fp("valid-scoring")
     vids = write_sketched(ws, gen, fp_v, 1000, 5000, "valid", dim, ex.seed)["ids"]
     s_mean = _scoring_settings(settings, aggregate="mean")
-    s_near = _scoring_settings(settings, aggregate="nearest")
-    s_exh = _scoring_settings(settings, aggregate="nearest", nearest_candidates=0)
-    res: dict = {"sizes": [], "n_valid": len(vids), "sketch_dim": dim, "candidates": sc.nearest_candidates,
+    s_near = _scoring_settings(settings, aggregate="nearest", nearest_candidates=0)
+    s_cand = _scoring_settings(settings, aggregate="nearest", nearest_candidates=candidates)
+    res: dict = {"sizes": [], "n_valid": len(vids), "sketch_dim": dim, "candidates": candidates,
                  "k": sc.nearest_k, "oracle_rows": oracle_rows,
                  "real_recall": real_candidate_recall(recall_rows(real, recall_workspace), settings, vocab, width)}
     log(f"scoring: real-row recall {res['real_recall']}")
@@ -1264,37 +1296,36 @@ def bench_scoring(settings: Settings, real: pa.Table, sizes: list[int], work: Pa
         row["mean_chunked_read_s"], row["mean_chunked_score_s"] = r, s
         a, b = streamed.column("value").to_numpy(), chunked.column("value").to_numpy()
         row["mean_stream_vs_chunked_max_rel"] = float(np.max(np.abs(a - b)) / max(1e-300, float(np.max(np.abs(b)))))
-        v = ctx.v_mean
-        t0 = time.perf_counter()
-        fstore.stream_inner_products(ws, fp, v, width)
-        row["stream_inner_products_s"] = time.perf_counter() - t0
-        log(f"scoring N={n}: mean stream {row['mean_stream_s']:.1f}s chunked {row['mean_chunked_s']:.1f}s "
-            f"stream_inner_products {row['stream_inner_products_s']:.1f}s, disk {row['disk']}")
-        # nearest: candidates over every row, the exhaustive oracle on a sample
+        log(f"scoring N={n}: mean stream {row['mean_stream_s']:.1f}s chunked {row['mean_chunked_s']:.1f}s, "
+            f"disk {row['disk']}")
+        # nearest: exact by token groups (the default) and by C candidates, over every row; the CSR
+        # product (the oracle before the token groups) on a sample
         t0, c0 = time.perf_counter(), time.process_time()
-        near, r, s = _chunked(ws, plan, s_near, ids)
+        exact, r, s = _chunked(ws, plan, s_near, ids)
         row["nearest_s"] = time.perf_counter() - t0
         row["nearest_cpu_s"] = time.process_time() - c0
         row["nearest_read_s"], row["nearest_score_s"] = r, s
+        t0, c0 = time.perf_counter(), time.process_time()
+        cand, r, s = _chunked(ws, plan, s_cand, ids)
+        row["candidates_s"] = time.perf_counter() - t0
+        row["candidates_cpu_s"] = time.process_time() - c0
+        row["candidates_read_s"], row["candidates_score_s"] = r, s
         sample = [ids[i] for i in np.sort(rng.choice(n, size=min(oracle_rows, n), replace=False))]
         splan = ScoringPlan(ws.uri, "bench", "val@v1", vids, sample, fp, fp_v, vocab, width, hidden, "o", "{}")
         t0 = time.perf_counter()
-        exact, _, s_exact = _chunked(ws, splan, s_exh, sample)
-        row["exhaustive_sample_s"] = time.perf_counter() - t0
-        row["exhaustive_score_per_row_ms"] = 1000 * s_exact / len(sample)
-        row["exhaustive_s"] = s_exact / len(sample) * n  # the products alone, extrapolated to N
-        t0 = time.perf_counter()
-        _, _, s_cand = _chunked(ws, splan, s_near, sample)
-        row["nearest_score_per_row_ms"] = 1000 * s_cand / len(sample)
-        pos = {i: p for p, i in enumerate(near.column("id").to_pylist())}
-        got = near.column("nearest_ids").to_pylist()
-        row["recall"] = float(np.mean([len(set(got[pos[i]]) & set(e)) / len(e) for i, e in
-                                       zip(exact.column("id").to_pylist(), exact.column("nearest_ids").to_pylist(),
-                                           strict=True)]))
+        csr, _, s_csr = _chunked(ws, splan, s_near, sample, csr=True)
+        row["csr_sample_s"] = time.perf_counter() - t0
+        row["csr_score_per_row_ms"] = 1000 * s_csr / len(sample)
+        row["exhaustive_s"] = s_csr / len(sample) * n  # the CSR products alone, extrapolated to N
+        row["nearest_score_per_row_ms"] = 1000 * row["nearest_score_s"] / n
+        row["candidates_score_per_row_ms"] = 1000 * row["candidates_score_s"] / n
+        row["recall"] = _recall(cand, exact)
+        row["groups_equal_csr"] = _recall(exact, csr) == 1.0
+        log(f"scoring N={n}: nearest exact {row['nearest_s']:.1f}s (read {row['nearest_read_s']:.1f}, score "
+            f"{row['nearest_score_s']:.1f}), {row['nearest_score_per_row_ms']:.3f} ms/row; candidates "
+            f"{row['candidates_s']:.1f}s, recall {row['recall']:.3f}; CSR {row['csr_score_per_row_ms']:.2f} ms/row, "
+            f"same top k as the groups: {row['groups_equal_csr']}")
         row["peak_rss_mb"] = hwm_mb()
-        log(f"scoring N={n}: nearest {row['nearest_s']:.1f}s (read {r:.1f}, score {s:.1f}), recall {row['recall']:.3f}, "
-            f"exhaustive {row['exhaustive_score_per_row_ms']:.2f} ms/row vs candidates "
-            f"{row['nearest_score_per_row_ms']:.2f} ms/row")
         res["sizes"].append(row)
         ws.drop(schemas.features_table(fp))
         (work / "scoring-partial.json").write_text(json.dumps(res, default=str))
@@ -1305,7 +1336,7 @@ def bench_scoring(settings: Settings, real: pa.Table, sizes: list[int], work: Pa
         res["projected_1m"] = {k: _power(np.array([r["n"] for r in done], dtype=float),
                                          np.array([r[k] for r in done], dtype=float), 1_000_000)
                                for k in ("mean_stream_s", "mean_stream_cpu_s", "mean_chunked_s", "nearest_s",
-                                         "nearest_cpu_s", "exhaustive_s")
+                                         "nearest_cpu_s", "candidates_s", "exhaustive_s")
                                if all(r.get(k, 0) > 0 for r in done)}
         res["last_n"] = last["n"]
     return res
@@ -1314,22 +1345,21 @@ def bench_scoring(settings: Settings, real: pa.Table, sizes: list[int], work: Pa
 def print_scoring(res: dict) -> None:
     """The scoring section's tables (markdown)."""
     done = [r for r in res["sizes"] if "skipped" not in r]
-    print(f"\nsignals off, {res['n_valid']:,} validation rows; nearest: k={res['k']}, C={res['candidates']} candidates "
-          f"by {res['sketch_dim']}-float sketches, recall of the exact top k on {res['oracle_rows']} rows")
-    print("| N | disk | mean, one scan (s, MB/s; CPU s) | mean, reads by id (s; CPU s) | stream_inner_products (s) | "
-          "disk direct / buffered MB/s | nearest by candidates (s: read, score; CPU s) | exhaustive (s, extrapolated) | "
-          "ms/row: candidates / exhaustive | recall | peak RSS (MiB) |")
+    print(f"\nsignals off, {res['n_valid']:,} validation rows; nearest: k={res['k']}, exact by token groups and by "
+          f"C={res['candidates']} candidates of {res['sketch_dim']}-float sketches (recall of the exact top k, every row)")
+    print("| N | disk | mean, one scan (s, MB/s; CPU s) | mean, reads by id (s; CPU s) | disk direct / buffered MB/s | "
+          "nearest exact (s: read, score; CPU s) | nearest by candidates (s; CPU s) | recall | CSR product (s, extrapolated) | "
+          "ms/row: exact / candidates / CSR | peak RSS (MiB) |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in done:
         d = r["disk"]
         print(f"| {r['n']:,} | {r['disk_bytes'] / 1e9:.2f} GB | {r['mean_stream_s']:.1f}, {r['mean_stream_mb_per_s']:.0f}; "
               f"{r['mean_stream_cpu_s']:.1f} | {r['mean_chunked_s']:.1f}; {r['mean_chunked_cpu_s']:.1f} | "
-              f"{r['stream_inner_products_s']:.1f} | "
               f"{d.get('direct_mb_per_s') or 0:.0f} / {d.get('buffered_mb_per_s') or 0:.0f} | "
               f"{r['nearest_s']:.1f}: {r['nearest_read_s']:.1f}, {r['nearest_score_s']:.1f}; CPU {r['nearest_cpu_s']:.1f} | "
-              f"{r['exhaustive_s']:.0f} | "
-              f"{r['nearest_score_per_row_ms']:.2f} / {r['exhaustive_score_per_row_ms']:.2f} | {r['recall']:.3f} | "
-              f"{r['peak_rss_mb']:.0f} |")
+              f"{r['candidates_s']:.1f}; CPU {r['candidates_cpu_s']:.1f} | {r['recall']:.3f} | {r['exhaustive_s']:.0f} | "
+              f"{r['nearest_score_per_row_ms']:.3f} / {r['candidates_score_per_row_ms']:.3f} / "
+              f"{r['csr_score_per_row_ms']:.2f} | {r['peak_rss_mb']:.0f} |")
     for g in res.get("growth", []):
         print(f"growth {g['step']}: " + ", ".join(f"{k} N^{v:.2f}" for k, v in g.items() if k != "step"))
     for k, (v, b) in res.get("projected_1m", {}).items():

@@ -10,9 +10,11 @@ import pytest
 import scipy.sparse as sp
 from tiny import random_rows, write_jsonl
 
+from valuegate.engine.aggregate import block_inner_products
 from valuegate.engine.extraction import extract_sparse_samples
 from valuegate.engine.model import load_model
 from valuegate.engine.sketch import count_sketch
+from valuegate.engine.upcast import upcast
 from valuegate.settings import load_settings
 from valuegate.storage import features as fstore
 from valuegate.storage import schemas
@@ -69,15 +71,21 @@ def test_rows_are_stored_in_float16_within_its_precision(stored):
         # the self-influence is that of the stored rows, in float64
         assert t["self_influence"][i].as_py() == pytest.approx(np.square(got, dtype=np.float64).sum(), rel=1e-12)
         assert t["self_influence"][i].as_py() == pytest.approx(f.self_influence, rel=2e-3)
-    # every reader upcasts: the CSR parts are float32, the streaming mean equals the CSR one
+    # every reader upcasts: the CSR parts are float32, the streaming scan's product equals the CSR one
     width = lm.hidden_size
     indptr, indices, data = fstore.sparse_arrays(t, width)
     assert data.dtype == np.float32
     m = sp.csr_matrix((data.astype(np.float64), indices, indptr), shape=(t.num_rows, lm.vocab_size * width))
     vec = np.asarray(m.mean(0)).reshape(-1)
-    ids, got = fstore.stream_inner_products(ws, fp, vec, width)
+    ids, got = [], []
+    for batch in fstore.iter_features(ws, fp, ["id", "token_ids", "rows"], batch_rows=4):
+        tok = batch.column(1)
+        ids += batch.column(0).to_pylist()
+        got += list(block_inner_products(tok.flatten().to_numpy(zero_copy_only=False),
+                                         upcast(batch.column(2).flatten().to_numpy(zero_copy_only=False)),
+                                         np.diff(tok.offsets.to_numpy()), vec))
     want = dict(zip(t["id"].to_pylist(), m @ vec, strict=True))
-    np.testing.assert_allclose(got, [want[i] for i in ids], rtol=1e-5)
+    np.testing.assert_allclose(got, [want[i] for i in ids], rtol=1e-9)
 
 
 def test_the_sketch_is_the_count_sketch_of_the_stored_rows(stored):

@@ -112,12 +112,22 @@ def test_a_cosine_index_of_an_older_valuegate_is_rebuilt_as_dot(ws):
     assert not fstore.maybe_index_features(ws, FP, min_rows=256)
 
 
-def test_streaming_inner_products_equal_the_csr_mean(ws):
+def test_a_streaming_scan_yields_every_row_once_and_its_product_is_the_csr_mean(ws):
+    from valuegate.engine.aggregate import block_inner_products
+
     rng = np.random.default_rng(4)
     _table(ws, rng, 230)
     valid = sp.random(6, VOCAB * WIDTH, density=0.5, format="csr", random_state=5, dtype=np.float32)
     v = np.asarray(valid.astype(np.float64).mean(axis=0)).reshape(-1)
-    ids, values = fstore.stream_inner_products(ws, FP, v, WIDTH, batch_rows=64)  # several batches
+    ids, parts = [], []
+    for batch in fstore.iter_features(ws, FP, ["id", "token_ids", "rows"], batch_rows=64):  # several batches
+        assert batch.num_rows <= 64
+        tok = batch.column(1)
+        ids += batch.column(0).to_pylist()
+        parts.append(block_inner_products(tok.flatten().to_numpy(zero_copy_only=False),
+                                          batch.column(2).flatten().to_numpy(zero_copy_only=False),
+                                          np.diff(tok.offsets.to_numpy()), v))
+    values = np.concatenate(parts)
     t = fstore.read_features(ws, FP, ids, ["id", "token_ids", "rows"])
     assert t["id"].to_pylist() == ids  # both in storage order
     indptr, indices, data = fstore.sparse_arrays(t, WIDTH)

@@ -17,14 +17,20 @@ import json
 import numpy as np
 import pyarrow as pa
 
+from valuegate.engine.quantize import dequantize_rows, stored_int8
 from valuegate.storage import schemas
 from valuegate.storage.lance import Workspace, sql_str
 
-# the columns stored in float16 (feature format 5), upcast by every reader before arithmetic
-STORED_ROW_COLUMNS = ("rows", "hard_rows", "sketch")
+# the sparse rows' stored dtype (int8 steps, feature format 6; the readers here return them in float32)
+# and the sketch's (float16, upcast by its readers)
 STORED_DTYPE = np.dtype(schemas.STORED_ROW_DTYPE)
-# fingerprint settings a newer feature format added: absent from an older format's registration
-NEWER_SETTINGS = ("sketch_dim",)
+SKETCH_DTYPE = np.dtype(schemas.SKETCH_DTYPE)
+# row columns and the scale column each is stored with
+SCALED_COLUMNS = {"rows": "rows_scale", "hard_rows": "hard_rows_scale"}
+# fingerprint settings of side columns only (the sketch, new in format 5; the pooled error vector): no
+# stored value of a row depends on them, so a registration that differs in them alone (or lacks them) holds
+# the same features in another format
+SIDE_SETTINGS = ("sketch_dim", "error_dim")
 
 
 def features_uri(ws: Workspace, model_fp: str) -> str:
@@ -68,19 +74,19 @@ def older_format(ws: Workspace, settings: dict) -> int | None:
     samples are extracted again under the new fingerprint), or None.
 
     Args:
-        settings: the fingerprint settings (:func:`~valuegate.engine.model.fingerprint_settings`). A setting
-            an older format did not have (:data:`NEWER_SETTINGS`: ``sketch_dim``, new in format 5) is not
-            compared with a registration that lacks it.
+        settings: the fingerprint settings (:func:`~valuegate.engine.model.fingerprint_settings`). The
+            side columns' widths (:data:`SIDE_SETTINGS`: ``sketch_dim``, new in format 5, and ``error_dim``,
+            both defaulting to 0 since format 6) are not compared.
     """
     if not ws.table_exists(schemas.FEATURE_SETS):
         return None
-    rest = json.loads(json.dumps({k: v for k, v in settings.items() if k != "format"}, sort_keys=True))
+    rest = json.loads(json.dumps({k: v for k, v in settings.items() if k not in ("format", *SIDE_SETTINGS)},
+                                 sort_keys=True))
     found = []
     for text in ws.read(schemas.FEATURE_SETS, columns=["settings"])["settings"].to_pylist():
-        other = json.loads(text)
+        other = {k: v for k, v in json.loads(text).items() if k not in SIDE_SETTINGS}
         fmt = other.pop("format", None)
-        if (isinstance(fmt, int) and fmt < settings["format"]
-                and other == {k: v for k, v in rest.items() if k in other or k not in NEWER_SETTINGS}):
+        if isinstance(fmt, int) and fmt < settings["format"] and other == rest:
             found.append(fmt)
     return max(found, default=None)
 
@@ -101,24 +107,29 @@ def truncated_ids(ws: Workspace, model_fp: str, ids: list[str]) -> list[str]:
 
 
 def _stored_precision(row: dict) -> dict:
-    """``row`` with its ``rows``/``hard_rows``/``sketch`` arrays in the stored float16 (the extraction
-    gives them so already, :func:`valuegate.engine.extraction.stored_features`; other writers' float32
-    arrays are rounded here).
+    """``row`` in the stored form: ``rows``/``hard_rows`` as int8 steps with their ``*_scale`` (the
+    extraction's rounded rows and scales give back the same steps exactly,
+    :func:`valuegate.engine.extraction.stored_features`; other writers' float rows are rounded here), the
+    ``sketch`` in float16.
 
     Raises:
-        ValueError: a value beyond float16's range (it would be stored as infinity), naming the id.
+        ValueError: a sketch value beyond float16's range (it would be stored as infinity), naming the id.
     """
-    out = row
-    for col in STORED_ROW_COLUMNS:
+    out = dict(row)
+    for col, tok in (("rows", "token_ids"), ("hard_rows", "hard_token_ids")):
         v = row.get(col)
         if v is None or getattr(v, "dtype", None) == STORED_DTYPE:
             continue
+        q, scale = stored_int8(v, len(row[tok]), row.get(f"{col}_scale"))
+        out[col], out[f"{col}_scale"] = q.reshape(-1), scale
+    v = row.get("sketch")
+    if v is not None and getattr(v, "dtype", None) != SKETCH_DTYPE:
         with np.errstate(over="ignore"):  # checked below
-            r = np.asarray(v, dtype=np.float32).astype(STORED_DTYPE)
+            r = np.asarray(v, dtype=np.float32).astype(SKETCH_DTYPE)
         if not np.isfinite(r).all():
-            raise ValueError(f"feature row {row.get('id')!r}: column {col} holds a value beyond the range of "
-                             f"{schemas.STORED_ROW_DTYPE} ({float(np.abs(np.asarray(v)).max()):.4g})")
-        out = {**out, col: r}
+            raise ValueError(f"feature row {row.get('id')!r}: its sketch holds a value beyond the range of "
+                             f"{schemas.SKETCH_DTYPE} ({float(np.abs(np.asarray(v)).max()):.4g})")
+        out["sketch"] = r
     return out
 
 
@@ -145,9 +156,9 @@ def read_features(ws: Workspace, model_fp: str, ids: list[str] | None = None,
     (:meth:`Workspace.read_by_key`; ``bench_store --only storage`` measures it).
     """
     table = schemas.features_table(model_fp)
-    if ids is None:
-        return ws.read(table, columns=columns)
-    return ws.read_by_key(table, "id", ids, columns)
+    fetch = with_scales(columns)
+    t = ws.read(table, columns=fetch) if ids is None else ws.read_by_key(table, "id", ids, fetch)
+    return dequantized(t, columns)
 
 
 def iter_features(ws: Workspace, model_fp: str, columns: list[str], batch_rows: int = 8192):
@@ -160,10 +171,57 @@ def iter_features(ws: Workspace, model_fp: str, columns: list[str], batch_rows: 
         :class:`pyarrow.RecordBatch` of ``columns``, at most ``batch_rows`` rows each.
     """
     tbl = ws.open(schemas.features_table(model_fp))
-    reader = tbl.search().select(list(columns)).to_batches(batch_rows)
+    reader = tbl.search().select(with_scales(columns)).to_batches(batch_rows)
     for batch in reader:
         if batch.num_rows:
-            yield batch
+            yield dequantized(batch, columns)
+
+
+def with_scales(columns: list[str] | None) -> list[str] | None:
+    """``columns`` and the scale column of every row column among them (None: every column)."""
+    if columns is None:
+        return None
+    cols = list(columns)
+    return cols + [SCALED_COLUMNS[c] for c in cols if c in SCALED_COLUMNS and SCALED_COLUMNS[c] not in cols]
+
+
+def dequantized(t, columns: list[str] | None = None):
+    """A feature table or record batch with its int8 row columns as float32 rows (``q · scale`` per
+    support entry, :func:`valuegate.engine.quantize.dequantize_rows`), and only ``columns`` (None: all
+    read). Row columns already in a float type (tables of an older format) are left as they are."""
+    names = t.schema.names
+    arrays = {n: t.column(n) for n in names}
+    fields = {n: t.schema.field(n) for n in names}
+    for col, scale_col in SCALED_COLUMNS.items():
+        if col not in arrays or scale_col not in arrays or not pa.types.is_int8(fields[col].type.value_type):
+            continue
+        arrays[col] = _dequantize_column(arrays[col], arrays[scale_col])
+        fields[col] = fields[col].with_type(pa.list_(pa.float32()))
+    keep = [n for n in names if columns is None or n in columns]
+    schema = pa.schema([fields[n] for n in keep])
+    if isinstance(t, pa.RecordBatch):
+        return pa.RecordBatch.from_arrays([_one_chunk(arrays[n]) for n in keep], schema=schema)
+    return pa.Table.from_arrays([arrays[n] for n in keep], schema=schema)
+
+
+def _one_chunk(a):
+    return a.combine_chunks() if isinstance(a, pa.ChunkedArray) else a
+
+
+def _dequantize_column(rows, scales) -> pa.Array:
+    """``list<int8>`` rows and their ``list<float32>`` scales as one ``list<float32>`` array (nulls kept)."""
+    rows, scales = _one_chunk(rows), _one_chunk(scales)
+    q = rows.flatten().to_numpy(zero_copy_only=False)
+    s = scales.flatten().to_numpy(zero_copy_only=False)
+    values = np.zeros(0, dtype=np.float32)
+    if s.size:
+        if q.size % s.size:
+            raise ValueError(f"feature rows hold {q.size} values for {s.size} scales")
+        values = dequantize_rows(q, s).reshape(-1)
+    offsets = rows.offsets.to_numpy(zero_copy_only=False)
+    offsets = pa.array(offsets - offsets[0], type=pa.int32())
+    return pa.ListArray.from_arrays(offsets, pa.array(values, type=pa.float32()),
+                                    mask=rows.is_null() if rows.null_count else None)
 
 
 def sparse_arrays(t: pa.Table, width: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

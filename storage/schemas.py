@@ -33,6 +33,7 @@ from valuegate.engine.columns import (  # noqa: F401  (re-exported: the store na
     BASELINE_COLUMNS,
     FEATURE_FORMAT,
     SIGNAL_COLUMNS,
+    SKETCH_DTYPE,
     STORED_ROW_DTYPE,
 )
 
@@ -119,12 +120,13 @@ feature_sets_schema = pa.schema([
 
 
 def features_schema(hidden_size: int, error_dim: int, sketch_dim: int = 0) -> pa.Schema:
-    """Schema of a ``features__<fp>`` table (feature format 5).
+    """Schema of a ``features__<fp>`` table (feature format 6).
 
-    ``rows`` holds the sparse rows ``(|U|, row_width)`` flattened row-major, float16
-    (:data:`STORED_ROW_DTYPE`; readers upcast before any arithmetic), ``token_ids`` the support ``U``
-    (int32); ``hard_rows`` likewise. ``self_influence`` is ``Σ_u ‖R[u]‖²`` of the stored (float16) rows,
-    in float64. ``pooled_hidden`` ``(d,)`` and ``pooled_error`` ``(k_e,)`` are the dense vectors for vector
+    ``rows`` holds the sparse rows ``(|U|, row_width)`` flattened row-major, in int8 steps
+    (:data:`STORED_ROW_DTYPE`), ``rows_scale`` ``(|U|,)`` float32 the step of each support entry's block
+    (:mod:`valuegate.engine.quantize`: a row is ``rows · rows_scale``, what the store's readers return in
+    float32), ``token_ids`` the support ``U`` (int32); ``hard_rows`` / ``hard_rows_scale`` likewise.
+    ``self_influence`` is ``Σ_u ‖R[u]‖²`` of the stored rows, in float64. ``pooled_hidden`` ``(d,)`` and ``pooled_error`` ``(k_e,)`` are the dense vectors for vector
     search (float32: ``Σ_t h_t`` grows with the sample's length and can leave float16's range).
     ``error_sum`` stays float32 (|U| floats: the centred rows ``R − error_sum ⊗ P_h μ`` are a difference).
     ``sketch`` ``(sketch_dim,)`` float16 is the count sketch of the stored rows
@@ -132,12 +134,13 @@ def features_schema(hidden_size: int, error_dim: int, sketch_dim: int = 0) -> pa
     seed ``extract.seed``); absent when ``sketch_dim`` is 0.
     """
     row = pa.type_for_alias(STORED_ROW_DTYPE)
-    sketch = [pa.field("sketch", pa.list_(row, sketch_dim))] if sketch_dim > 0 else []
+    sketch = [pa.field("sketch", pa.list_(pa.type_for_alias(SKETCH_DTYPE), sketch_dim))] if sketch_dim > 0 else []
     return pa.schema([
         pa.field("id", pa.string(), nullable=False),
         pa.field("truncated", pa.bool_()),                  # the sample was cut at max_length
         pa.field("token_ids", pa.list_(pa.int32()), nullable=False),
         pa.field("rows", pa.list_(row), nullable=False),
+        pa.field("rows_scale", pa.list_(pa.float32()), nullable=False),
         pa.field("n_tokens", pa.int32(), nullable=False),
         pa.field("mean_loss", pa.float32()),
         pa.field("uncond_loss", pa.float32()),              # mean loss of the response alone (null: no prompt)
@@ -149,6 +152,7 @@ def features_schema(hidden_size: int, error_dim: int, sketch_dim: int = 0) -> pa
         # the same rows on the hardest `hard_fraction` of the counted positions (null when not extracted)
         pa.field("hard_token_ids", pa.list_(pa.int32())),
         pa.field("hard_rows", pa.list_(row)),
+        pa.field("hard_rows_scale", pa.list_(pa.float32())),
         pa.field("hard_error_sum", pa.list_(pa.float32())),
         pa.field("hard_n_tokens", pa.int32()),
         pa.field("hard_mean_loss", pa.float32()),

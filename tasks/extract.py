@@ -88,16 +88,19 @@ def feature_row(sample_id: str, f: SparseFeatures, batch: int, seconds: float, t
     """A :class:`SparseFeatures` as a row of a ``features__<fp>`` table (``truncated``: the sample was cut at
     ``max_length``; ``uncond_loss``: mean loss of its response alone, None or NaN when it has none).
 
-    ``f`` in the stored form (:func:`~valuegate.engine.extraction.stored_features`: float16 rows, their
-    self-influence and sketch); float32 rows are rounded by the store's writer, without a sketch."""
+    ``f`` in the stored form (:func:`~valuegate.engine.extraction.stored_features`: rows rounded to int8
+    steps with their scales, their self-influence and sketch); other rows are rounded by the store's
+    writer, without a sketch."""
     uncond = None if uncond_loss is None or not np.isfinite(uncond_loss) else float(uncond_loss)
-    return {"id": sample_id, "truncated": truncated, "token_ids": f.token_ids, "rows": f.rows.reshape(-1), "n_tokens": f.n_tokens,
+    return {"id": sample_id, "truncated": truncated, "token_ids": f.token_ids, "rows": f.rows.reshape(-1),
+            "rows_scale": f.rows_scale, "n_tokens": f.n_tokens,
             "mean_loss": f.mean_loss, "uncond_loss": uncond, "dropped_mass": f.dropped_mass, "self_influence": f.self_influence,
             "pooled_hidden": f.pooled_hidden,
             "pooled_error": f.pooled_error if f.pooled_error.size else np.zeros(1, np.float32),
             "error_sum": f.error_sum,
             "hard_token_ids": None if f.hard is None else f.hard.token_ids,
             "hard_rows": None if f.hard is None else f.hard.rows.reshape(-1),
+            "hard_rows_scale": None if f.hard is None else f.hard.rows_scale,
             "hard_error_sum": None if f.hard is None else f.hard.error_sum,
             "hard_n_tokens": None if f.hard is None else f.hard.n_tokens,
             "hard_mean_loss": None if f.hard is None else f.hard.mean_loss,

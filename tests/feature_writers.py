@@ -31,7 +31,9 @@ def synthetic_rows(ids: list[str], seed: int) -> list[dict]:
     out = []
     for i in ids:
         out.append({"id": i, "token_ids": rng.integers(0, 49152, SUPPORT, dtype=np.int32),
-                    "rows": rng.standard_normal(SUPPORT * WIDTH).astype(np.float16), "n_tokens": 40,
+                    # in the stored form (int8 steps and their scales): the `insert` mode upserts them as they are
+                    "rows": rng.integers(-127, 128, SUPPORT * WIDTH).astype(np.int8),
+                    "rows_scale": rng.uniform(0.01, 0.1, SUPPORT).astype(np.float32), "n_tokens": 40,
                     "mean_loss": 1.5, "dropped_mass": 0.01, "self_influence": 3.0,
                     "pooled_hidden": rng.standard_normal(HIDDEN).astype(np.float32),
                     "pooled_error": rng.standard_normal(ERROR_DIM).astype(np.float32),

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from test_flow import _config, _run
-from tiny import assert_close_at_float16
+from tiny import assert_close_at_stored_precision
 
 from valuegate.errors import ValuegateError
 from valuegate.settings import load_settings
@@ -74,14 +74,14 @@ def _check_runner(kind: str, tmp_path, tiny_model_dir, local_scores) -> dict:
     assert sorted(got) == sorted(ref)
     a = np.array([got[i] for i in sorted(ref)])
     b = np.array([ref[i] for i in sorted(ref)])
-    assert_close_at_float16(a, b)  # the shards extract in other batches
+    assert_close_at_stored_precision(a, b)  # the shards extract in other batches
     # scored in shards on the workers too, each worker process reading the validation side once; the
     # suspect scores (local reference, calibration) equal the local runner's
     ss = out["score_shards"]
     assert ss["shards"] == ss["submitted"] == 5 and 1 <= ss["workers"] <= 2, ss
     assert ss["context_loads"] == ss["workers"], ss
     sus, ref_sus = _suspects(root, out["run_id"]), _suspects(ref_root, ref_out["run_id"])
-    assert_close_at_float16([sus[i] for i in sorted(ref)], [ref_sus[i] for i in sorted(ref)])
+    assert_close_at_stored_precision([sus[i] for i in sorted(ref)], [ref_sus[i] for i in sorted(ref)])
     # a second run finds nothing missing: no shard, no cluster, the scores from the cache
     again, _ = _run(config)
     assert again["shards"]["shards"] == 0 and again["run_id"] == out["run_id"]
@@ -160,11 +160,11 @@ def test_s3_workspace_end_to_end_on_dask(prefect_harness, tmp_path, tiny_model_d
     assert sorted(got) == sorted(ref)
     a = np.array([got[i] for i in sorted(ref)])
     b = np.array([ref[i] for i in sorted(ref)])
-    assert_close_at_float16(a, b)
+    assert_close_at_stored_precision(a, b)
     data = store.read_release_data(ws, "r", version, columns=["id", "value"], verify=True).sort("id")
     local = store.read_release_data(ref_root, "r", ref_out["version"], columns=["id", "value"]).sort("id")
     assert data["id"].to_list() == local["id"].to_list()
-    assert_close_at_float16(data["value"].to_numpy(), local["value"].to_numpy())
+    assert_close_at_stored_precision(data["value"].to_numpy(), local["value"].to_numpy())
     assert out["report"] == store.release_uri(ws, "r", version) + "/report.html"
     objects = {o["Key"] for o in s3_server.client().list_objects_v2(
         Bucket="vg-flow-dask", Prefix=f"ws/releases/r/{version}/")["Contents"]}

@@ -1,6 +1,7 @@
-"""Feature format 5 (issue 19): the sparse rows are stored in float16 and every sample carries the count
-sketch of its stored rows; what is read back is consistent with itself (self-influence, sketch) and
-within float16 precision of the float32 rows the engine computes."""
+"""Feature formats 5 and 6 (issue 19): the sparse rows are stored in int8 steps with a float32 scale per
+support entry (format 6; float16 in format 5) and a sample can carry the count sketch of its stored rows;
+what is read back is consistent with itself (self-influence, sketch) and within half a step of the float32
+rows the engine computes."""
 
 from __future__ import annotations
 
@@ -55,22 +56,32 @@ def _by_support(t: pa.Table, f32) -> list[int]:
     return [pos[tuple(f.token_ids.tolist())] for f in f32]
 
 
-def test_rows_are_stored_in_float16_within_its_precision(stored):
+def test_rows_are_stored_in_int8_steps_within_their_precision(stored):
     t, f32, _, lm, ws, fp = stored
-    assert t.schema.field("rows").type == pa.list_(pa.float16())
-    assert t.schema.field("hard_rows").type == pa.list_(pa.float16())
+    raw = ws.read(schemas.features_table(fp))  # as stored, not through the store's readers
+    assert raw.schema.field("rows").type == pa.list_(pa.int8())
+    assert raw.schema.field("hard_rows").type == pa.list_(pa.int8())
+    assert raw.schema.field("rows_scale").type == pa.list_(pa.float32())
+    assert t.schema.field("rows").type == pa.list_(pa.float32())  # the readers give float32 rows
+    assert t.schema.field("hard_rows").type == pa.list_(pa.float32())
     assert t.schema.field("pooled_hidden").type.value_type == pa.float32()  # kept: Σ_t h_t can leave float16
+    width = lm.hidden_size
     order = _by_support(t, f32)
+    raw_pos = {i: p for p, i in enumerate(raw["id"].to_pylist())}
     for f, i in zip(f32, order, strict=True):
-        got = np.asarray(t["rows"][i].values.to_numpy(zero_copy_only=False))
-        assert got.dtype == np.float16
-        want = f.rows.reshape(-1)
-        # float16 rounding: 2⁻¹¹ relative (normal range), 2⁻²⁴ absolute below it; 1e-6: batch-order noise
-        np.testing.assert_allclose(got.astype(np.float64), want, rtol=2.0**-11, atol=2.0**-24 + 1e-6)
-        assert not np.array_equal(got.astype(np.float32), want)  # really rounded: not float32 any more
+        got = np.asarray(t["rows"][i].values.to_numpy(zero_copy_only=False)).reshape(-1, width)
+        p = raw_pos[t["id"][i].as_py()]
+        q = np.asarray(raw["rows"][p].values.to_numpy(zero_copy_only=False)).reshape(-1, width)
+        scale = np.asarray(raw["rows_scale"][p].values.to_numpy(zero_copy_only=False))
+        assert q.dtype == np.int8 and np.abs(q).max() <= 127 and scale.shape == (got.shape[0],)
+        np.testing.assert_array_equal(got, q.astype(np.float32) * scale[:, None])  # read = q · scale
+        want = f.rows
+        # half a step per entry (a step: its block's largest |value| / 127); 1e-6: batch-order noise
+        assert np.all(np.abs(got - want) <= scale[:, None] / 2 * (1 + 1e-5) + 1e-6 * np.abs(want).max())
+        assert not np.array_equal(got, want)  # really rounded
         # the self-influence is that of the stored rows, in float64
         assert t["self_influence"][i].as_py() == pytest.approx(np.square(got, dtype=np.float64).sum(), rel=1e-12)
-        assert t["self_influence"][i].as_py() == pytest.approx(f.self_influence, rel=2e-3)
+        assert t["self_influence"][i].as_py() == pytest.approx(f.self_influence, rel=1e-2)
     # every reader upcasts: the CSR parts are float32, the streaming scan's product equals the CSR one
     width = lm.hidden_size
     indptr, indices, data = fstore.sparse_arrays(t, width)
@@ -116,20 +127,26 @@ def test_no_sketch_column_with_sketch_dim_0(tmp_path, tiny_model_dir):
     assert "sketch" not in ws.schema(schemas.features_table(rep.model_fp)).names
 
 
-def test_the_writer_rounds_float32_rows_and_refuses_what_float16_cannot_hold(tmp_path):
+def test_the_writer_rounds_float_rows_to_int8_steps_of_any_magnitude_and_refuses_a_float16_sketch_overflow(
+        tmp_path):
     ws = Workspace(str(tmp_path / "ws"))
     fp = "a" * 64
 
-    def row(i: str, rows: np.ndarray) -> dict:
+    def row(i: str, rows: np.ndarray, **more) -> dict:
         return {"id": i, "token_ids": np.array([1, 4], np.int32), "rows": rows, "n_tokens": 2,
                 "mean_loss": 1.0, "dropped_mass": 0.0, "self_influence": 1.0,
                 "pooled_hidden": np.zeros(4, np.float32), "pooled_error": np.zeros(1, np.float32),
-                "error_sum": np.zeros(2, np.float32), "batch": 0, "seconds": 0.0}
+                "error_sum": np.zeros(2, np.float32), "batch": 0, "seconds": 0.0, **more}
 
-    fstore.write_features(ws, fp, [row("a", np.array([1.0, 1 / 3, -2.5e-3, 7e4 / 2], np.float32))], 4, 1)
-    got = fstore.read_features(ws, fp)["rows"][0].values.to_numpy(zero_copy_only=False)
-    np.testing.assert_array_equal(got, np.array([1.0, 1 / 3, -2.5e-3, 3.5e4], np.float16))
-    with pytest.raises(ValueError, match=r"feature row 'b': column rows holds a value beyond the range of "
+    # two blocks of width 2: steps 1/127 and 3.5e4/127; no float16 limit any more (1e30 is stored too)
+    fstore.write_features(ws, fp, [row("a", np.array([1.0, 1 / 3, -2.5e-3, 3.5e4], np.float32)),
+                                   row("big", np.array([1e30, -1e29, 0, 0], np.float32))], 4, 1)
+    got = {r["id"]: np.asarray(r["rows"], np.float32) for r in fstore.read_features(ws, fp).to_pylist()}
+    np.testing.assert_allclose(got["a"], [1.0, 42 / 127, 0.0, 3.5e4], rtol=1e-6)
+    np.testing.assert_allclose(got["big"], [1e30, -13 / 127 * 1e30, 0, 0], rtol=1e-6)
+    fstore.ensure_feature_set(ws, "b" * 64, {}, 4, 8, 2, 1, sketch_dim=2)
+    with pytest.raises(ValueError, match=r"feature row 'b': its sketch holds a value beyond the range of "
                                          r"float16 \(7e\+04\)"):
-        fstore.write_features(ws, fp, [row("b", np.array([1.0, 0, 0, 7e4], np.float32))], 4, 1)
-    assert fstore.feature_ids(ws, fp) == {"a"}  # nothing of the refused batch was written
+        fstore.write_features(ws, "b" * 64, [row("b", np.ones(4, np.float32), sketch=np.array([1.0, 7e4]))], 4, 1,
+                              sketch_dim=2)
+    assert fstore.feature_ids(ws, "b" * 64) == set()  # nothing of the refused batch was written

@@ -107,15 +107,19 @@ def test_a_table_that_differs_otherwise_is_still_refused(tmp_path):
     assert "truncated" not in ws.schema(schemas.SCORES).names  # nothing half-migrated
 
 
-def test_features_of_an_older_format_are_extracted_again_and_it_is_said(tmp_path, tiny_model_dir, caplog):
+@pytest.mark.parametrize("old", [
+    {"format": 4, "sketch_dim": None},  # format 4 had no sketch_dim: a setting format 5 added
+    {"format": 5, "sketch_dim": 256, "error_dim": 128},  # format 5's defaults of the side columns' widths
+])
+def test_features_of_an_older_format_are_extracted_again_and_it_is_said(tmp_path, tiny_model_dir, caplog, old):
     ws = Workspace(str(tmp_path / "ws"))
     ensure_sample_tables(ws)
     ingest_file(ws, "d", write_jsonl(tmp_path / "t.jsonl", random_rows(4, seed=43)), 10_000)
     settings = _settings(tiny_model_dir(), ws.uri)
     ex = settings.extract
     fps = fingerprint_settings(settings.model, ex, load_tokenizer(settings.model), ex.lowest_likelihood_ratio)
-    # the same settings, stored by the older code (format 4 had no sketch_dim: a setting format 5 added)
-    old_fps = {k: v for k, v in {**fps, "format": schemas.FEATURE_FORMAT - 1}.items() if k != "sketch_dim"}
+    # the same settings, stored by the older code
+    old_fps = {k: v for k, v in {**fps, **old}.items() if not (k in old and v is None)}
     ws.append(schemas.FEATURE_SETS, pa.Table.from_pylist([{
         "model_fp": model_fingerprint(old_fps), "table": schemas.features_table(model_fingerprint(old_fps)),
         "settings": json.dumps(old_fps, sort_keys=True), "hidden_size": 32, "vocab_size": 200,
@@ -124,13 +128,14 @@ def test_features_of_an_older_format_are_extracted_again_and_it_is_said(tmp_path
 
     with caplog.at_level(logging.INFO, logger="valuegate"):
         rep = extract_dataset(ws, "d", settings, progress=False)
-    assert rep.extracted == 4 and rep.older_format == schemas.FEATURE_FORMAT - 1
+    fmt = old["format"]
+    assert rep.extracted == 4 and rep.older_format == fmt
     said = [r.getMessage() for r in caplog.records if "older" in r.getMessage()]
     assert len(said) == 1, said
-    assert (f"feature format {schemas.FEATURE_FORMAT - 1}" in said[0]
+    assert (f"feature format {fmt}" in said[0]
             and f"current format is {schemas.FEATURE_FORMAT}" in said[0] and "extracting 4" in said[0]), said
-    assert f"stored format {schemas.FEATURE_FORMAT - 1} is older" in rep.line()
-    assert rep.line().endswith("; re-extracted: the stored format 4 is older than 5")  # what `extract` prints
+    # what `extract` prints
+    assert rep.line().endswith(f"; re-extracted: the stored format {fmt} is older than {schemas.FEATURE_FORMAT}")
 
     caplog.clear()  # the next run finds its features: nothing to say
     with caplog.at_level(logging.INFO, logger="valuegate"):

@@ -9,7 +9,7 @@ import numpy as np
 import polars as pl
 import pyarrow as pa
 import pytest
-from tiny import assert_close_at_float16, random_rows, write_jsonl
+from tiny import assert_close_at_stored_precision, random_rows, write_jsonl
 
 from valuegate.cli import EXIT_USER_ERROR, main
 from valuegate.errors import ValuegateError
@@ -207,7 +207,7 @@ def test_validation_versions_are_immutable_and_addressable(ws, tmp_path):
 
 def test_score_set_equals_file_scoring_and_is_pinned(ws, tmp_path, tiny_model_dir, monkeypatch):
     """Scores from the store equal `valuegate score` on the same files (same settings), whatever the
-    scoring chunk, up to the float16 rounding of the stored rows."""
+    scoring chunk, up to the int8 rounding of the stored rows."""
     from valuegate.file_scoring import score_files
     from valuegate.tasks import score as score_mod
 
@@ -228,7 +228,7 @@ def test_score_set_equals_file_scoring_and_is_pinned(ws, tmp_path, tiny_model_di
     from valuegate.tasks.ingest import read_source_rows, sample_id, sample_record
 
     ids = [sample_id(sample_record(v.sample)) for v in read_source_rows(train, 10_000)]
-    assert_close_at_float16([stored[i]["value"] for i in ids], df["value"].to_numpy())
+    assert_close_at_stored_precision([stored[i]["value"] for i in ids], df["value"].to_numpy())
     row = stored[ids[0]]
     assert row["valset"] == "val@v1" and row["model_fp"] == rep.model_fp and len(row["nearest_ids"]) == 2
     assert row["nearest_values"][0] >= row["nearest_values"][1]
@@ -237,14 +237,14 @@ def test_score_set_equals_file_scoring_and_is_pinned(ws, tmp_path, tiny_model_di
     mean_rep = score_dataset(ws, "d", "val", settings, progress=False)
     mean_df, _ = score_files(str(train), str(valid), settings, progress=False)
     got = dict(zip(mean_rep.table["id"].to_pylist(), mean_rep.table["value"].to_pylist(), strict=True))
-    assert_close_at_float16([got[i] for i in ids], mean_df["value"].to_numpy())
+    assert_close_at_stored_precision([got[i] for i in ids], mean_df["value"].to_numpy())
     # every signal and the suspect score too (the store path streams chunks; the file path does not)
     stored_t = mean_rep.table.to_pydict()
     pos = {i: n for n, i in enumerate(stored_t["id"])}
     for col in ("suspect", "centred_cosine_nearest", "hard_value_mean", "log_self_influence"):
         # (suspect divides by the validation set's spread around local medians: the rows' rounding is
         # amplified, to 1.6e-4 of the largest |suspect| here, within the bound's 2e-3)
-        assert_close_at_float16([stored_t[col][pos[i]] for i in ids], mean_df[col].to_numpy(), err_msg=col)
+        assert_close_at_stored_precision([stored_t[col][pos[i]] for i in ids], mean_df[col].to_numpy(), err_msg=col)
     np.testing.assert_allclose([stored_t["hard_mean_loss"][pos[i]] for i in ids], mean_df["hard_mean_loss"],
                                rtol=1e-6)  # not from the rows: as extracted
     # with the signals off the values come through the plain CSR path (one weighted vector for mean)

@@ -106,10 +106,10 @@ def test_stored_sketches_are_the_ones_scoring_would_compute(ws):
     from valuegate.engine.sketch import count_sketch
 
     settings = _settings(ws, aggregate="nearest", nearest_candidates=3)
+    settings = settings.model_copy(update={"extract": settings.extract.model_copy(update={"sketch_dim": 64})})
     extracted, _, _ = extract_for_run(ws, "d", "val", settings, progress=False)
     plan = score_mod.plan_run(ws, "d", extracted, settings)
-    if "sketch" not in score_mod._stored_schema(ws, plan.fp_t).names:
-        pytest.skip("this feature format stores no sketch column")
+    assert "sketch" in score_mod._stored_schema(ws, plan.fp_t).names
     cols = score_mod._feature_columns(settings, score_mod._stored_schema(ws, plan.fp_t))
     assert "sketch" in cols
     t = score_mod.fstore.read_features(ws, plan.fp_t, plan.ids, cols)

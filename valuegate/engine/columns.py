@@ -5,12 +5,15 @@ engine share one definition.
 """
 
 # Version of the feature layout: part of every model fingerprint, bumped when a stored feature changes.
-FEATURE_FORMAT = 5  # 3: the `truncated` column; 4: `uncond_loss` (IFD's pass of the response alone);
-# 5: `rows`/`hard_rows` stored in float16 (self_influence of the stored rows), the `sketch` column (issue 19)
+FEATURE_FORMAT = 6  # 3: the `truncated` column; 4: `uncond_loss` (IFD's pass of the response alone);
+# 5: `rows`/`hard_rows` stored in float16 (self_influence of the stored rows), the `sketch` column (issue 19);
+# 6: `rows`/`hard_rows` in int8 with a float32 scale per support entry (`rows_scale`, `hard_rows_scale`;
+# valuegate/engine/quantize.py), issue 19
 
-# The stored precision of the sparse rows (`rows`, `hard_rows`) and of the `sketch` column: numpy/Arrow name.
-# Every reader upcasts before arithmetic (float32 or float64 accumulation, never float16).
-STORED_ROW_DTYPE = "float16"
+# The stored precision of the sparse rows (`rows`, `hard_rows`, with their scales) and of the `sketch`
+# column: numpy/Arrow names. The store's readers give the rows back in float32 (never int8 arithmetic).
+STORED_ROW_DTYPE = "int8"
+SKETCH_DTYPE = "float16"
 
 # The signals of valuegate/engine/signals.py (documented there), on all counted tokens; each also exists on the
 # hardest fraction of them with a ``hard_`` prefix. Every one is a column of a scores run.

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from valuegate.engine.columns import STORED_ROW_DTYPE
+from valuegate.engine.columns import SKETCH_DTYPE
 from valuegate.engine.forvalue import (
     SparseFeatures,
     TokenBlock,
@@ -30,6 +30,7 @@ from valuegate.engine.forvalue import (
     sparse_features,
 )
 from valuegate.engine.model import EncodedSample, LoadedModel, encode_sample, length_batches
+from valuegate.engine.quantize import quantize_rows
 from valuegate.engine.sample import Sample
 from valuegate.engine.sketch import count_sketch
 from valuegate.engine.vlm import batch_model_inputs
@@ -219,45 +220,46 @@ def block_features(block: TokenBlock, cfg: ExtractSettings, ph: torch.Tensor | N
     return feats
 
 
-def _stored_rows(rows: np.ndarray, label: str) -> np.ndarray:
-    """``rows`` (or a sketch) rounded to :data:`STORED_ROW_DTYPE`; an error when a value leaves its range."""
+def _stored_sketch(sketch: np.ndarray, label: str) -> np.ndarray:
+    """A sketch rounded to :data:`SKETCH_DTYPE`; an error when a value leaves its range."""
     with np.errstate(over="ignore"):  # checked below
-        out = rows.astype(STORED_ROW_DTYPE)
+        out = sketch.astype(SKETCH_DTYPE)
     if not np.isfinite(out).all():
-        big = float(np.abs(rows).max())
-        raise ValuegateError(f"{label}: a feature row value ({big:.4g}) exceeds the range of the stored "
-                             f"{STORED_ROW_DTYPE} rows ({float(np.finfo(STORED_ROW_DTYPE).max):.0f})")
+        big = float(np.abs(sketch).max())
+        raise ValuegateError(f"{label}: a feature sketch value ({big:.4g}) exceeds the range of the stored "
+                             f"{SKETCH_DTYPE} sketch ({float(np.finfo(SKETCH_DTYPE).max):.0f}); set "
+                             "extract.sketch_dim = 0")
     return out
 
 
 def stored_features(feats: list[SparseFeatures], cfg: ExtractSettings,
                     labels: list[str] | None = None) -> list[SparseFeatures]:
-    """The features as the feature store keeps them (feature format 5; ``storage/schemas.py``), in place.
+    """The features as the feature store keeps them (feature format 6; ``storage/schemas.py``), in place.
 
-    - ``rows`` and ``hard.rows`` rounded to float16 (:data:`STORED_ROW_DTYPE`, relative error ≤ 2⁻¹¹ per
-      value; readers accumulate in float32/float64);
+    - ``rows`` and ``hard.rows`` rounded to int8 steps with one float32 scale per support entry
+      (:func:`~valuegate.engine.quantize.quantize_rows`: each value within ``1/254`` of its block's
+      largest; ``rows`` becomes the float32 ``q · scale`` a reader gets back, ``rows_scale`` the scales);
     - ``self_influence`` recomputed in float64 from the rounded rows, so every stored quantity is a
-      function of the stored rows (``cosine(z, z) = 1`` and Cauchy–Schwarz hold on what is read back;
-      it differs from the float32 rows' by about 1e-4 relative);
+      function of the stored rows (``cosine(z, z) = 1`` and Cauchy–Schwarz hold on what is read back);
     - ``sketch``: :func:`~valuegate.engine.sketch.count_sketch` ``(cfg.sketch_dim,)`` of the rounded rows
       (CSR columns ``token·width + j``, seed ``cfg.seed``: train and validation rows share it), stored in
       float16, so it equals, up to that rounding, the sketch a reader computes from the stored rows;
-      None when ``cfg.sketch_dim`` is 0. Costs about 1.4 ms per sample of 3,700 entries.
+      None when ``cfg.sketch_dim`` is 0 (the default). Costs about 1.4 ms per sample of 3,700 entries.
 
     Args:
         feats: one block's features (:func:`block_features`). labels: per sample, how an error names it.
 
     Raises:
-        ValuegateError: a row value beyond float16's range (about 65,504), naming the sample.
+        ValuegateError: a sketch value beyond float16's range (about 65,504), naming the sample.
     """
     import scipy.sparse as sp
 
     names = labels if labels is not None else [f"sample {i}" for i in range(len(feats))]
-    for f, name in zip(feats, names, strict=True):
-        f.rows = _stored_rows(f.rows, name)
+    for f in feats:
+        _, f.rows_scale, f.rows = quantize_rows(f.rows)
         f.self_influence = float(np.square(f.rows, dtype=np.float64).sum())
         if f.hard is not None:
-            f.hard.rows = _stored_rows(f.hard.rows, name)
+            _, f.hard.rows_scale, f.hard.rows = quantize_rows(f.hard.rows)
             f.hard.self_influence = float(np.square(f.hard.rows, dtype=np.float64).sum())
     if cfg.sketch_dim > 0 and feats:
         width = feats[0].rows.shape[1]
@@ -268,7 +270,7 @@ def stored_features(feats: list[SparseFeatures], cfg: ExtractSettings,
         indptr = np.concatenate([[0], np.cumsum(lengths * width)])
         m = sp.csr_matrix((data, indices, indptr), shape=(len(feats), (int(tok.max()) + 1) * width))
         for f, sk, name in zip(feats, count_sketch(m, cfg.sketch_dim, seed=cfg.seed), names, strict=True):
-            f.sketch = _stored_rows(sk, name)
+            f.sketch = _stored_sketch(sk, name)
     return feats
 
 

@@ -260,14 +260,14 @@ class SparseFeatures:
 
     Attributes:
         token_ids: ``(|U|,)`` int32, the sorted support ``U = ∪_t ({y_t} ∪ top-k(p_t))``.
-        rows: ``(|U|, k_h)`` float32, ``R = A[:, U]ᵀ (H P_hᵀ)`` (``k_h = d`` when unprojected); float16 in
-            the stored form (:func:`valuegate.engine.extraction.stored_features`).
+        rows: ``(|U|, k_h)`` float32, ``R = A[:, U]ᵀ (H P_hᵀ)`` (``k_h = d`` when unprojected); in the
+            stored form (:func:`valuegate.engine.extraction.stored_features`) rounded to int8 steps.
         n_tokens: counted positions behind the rows.
         mean_loss: mean ``−log p_t[y_t]`` over those positions, nats.
         dropped_mass: mean over positions of the probability mass outside the support (the error bound
             of the sparse path: 0 means the rows are exact in the vocabulary).
         self_influence: ``Σ_u ‖R[u]‖²``, the sparse estimate of ``‖Φ(z)‖²_F``, in float64 (of the rows as
-            they are: in the stored form, of the float16 rows).
+            they are: in the stored form, of the rounded rows).
         pooled_hidden: ``(d,)`` float32, ``Σ_t h_t`` (for vector search only).
         pooled_error: ``(k_e,)`` float32, ``Σ_t P_e a_t`` on the support (for vector search only).
         error_sum: ``(|U|,)`` float32, ``Σ_t a_t[U]``, aligned with ``token_ids``: with it the rows of the
@@ -276,6 +276,8 @@ class SparseFeatures:
         hard: the same features on the sample's hardest positions only (see :func:`hardest_positions`),
             or None when not extracted.
         sketch: ``(sketch_dim,)`` count sketch of ``rows`` (stored form only), or None.
+        rows_scale: ``(|U|,)`` float32 the int8 scale of each row block (stored form only: ``rows`` are then
+            exactly ``q · rows_scale``, :mod:`valuegate.engine.quantize`), or None.
     """
 
     token_ids: np.ndarray
@@ -289,6 +291,7 @@ class SparseFeatures:
     error_sum: np.ndarray
     hard: SparseFeatures | None = None
     sketch: np.ndarray | None = None
+    rows_scale: np.ndarray | None = None
 
     @property
     def nbytes(self) -> int:

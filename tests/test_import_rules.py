@@ -24,8 +24,9 @@ ROOMS = {"engine": REPO / "valuegate" / "engine", "storage": REPO / "storage", "
 ENGINE_FORBIDDEN = ("prefect", "lancedb", "pyarrow", "great_expectations", "dask", "ray",
                     "valuegate.storage", "valuegate.tasks", "valuegate.flows")
 STORAGE_FORBIDDEN = ("torch", "transformers", "peft", "valuegate.tasks", "valuegate.flows")
-# the engine modules that are plain names (no torch), which the store may share
-STORAGE_MAY_USE_ENGINE = ("valuegate.engine.columns", "valuegate.engine.sample")
+# the engine modules that are plain names or numpy (no torch), which the store may share: the column names,
+# the sample type, and the stored form of the sparse rows (int8 steps, feature format 6)
+STORAGE_MAY_USE_ENGINE = ("valuegate.engine.columns", "valuegate.engine.sample", "valuegate.engine.quantize")
 FLOWS_FORBIDDEN = ("lancedb", "pyarrow", "valuegate.storage.lance")
 # the write API of the workspace (storage/lance.py: Workspace) and of LanceDB whose names say so (flows/ cannot
 # build a workspace: it may not import storage/lance.py) and the prefixes of storage's writing functions

@@ -14,8 +14,9 @@ Sections (each prints a table and writes JSON under --out):
 - oracle gap: autograd per-sample LM-head gradients (the backward pass For-Value replaces) against the
   forward-only path, for the same pairs: time per train sample and agreement.
 - stored (only with ``--only stored``; issue 19): the default sparse rows as the store keeps them
-  (feature format 5: float16, ``stored_features``) against the float32 rows and exact, per set and loss
-  mode: Spearman against exact, influential-data AUC and recall@90, max relative difference to float32.
+  (feature format 6: int8 steps with a scale per support entry, ``stored_features``) and as format 5
+  stored them (float16) against the float32 rows and exact, per set and loss mode: Spearman against exact,
+  influential-data AUC and recall@90, max relative difference to float32.
   ``--sets`` picks the sets.
 """
 
@@ -239,9 +240,23 @@ def bench_oracle_gap(lm, settings: Settings, data: Path, n_train: int = 24, n_va
             "forward_only_s_per_train": t_fwd / n_train, "speedup": t_grad / t_fwd, "max_rel_diff": rel}
 
 
+def _float16(feats: list) -> list:
+    """Copies of sparse features whose rows (and hard rows) are rounded to float16 and back: feature
+    format 5's stored rows."""
+    import copy
+
+    out = copy.deepcopy(feats)
+    for f in out:
+        f.rows = f.rows.astype(np.float16).astype(np.float32)
+        if f.hard is not None:
+            f.hard.rows = f.hard.rows.astype(np.float16).astype(np.float32)
+    return out
+
+
 def bench_stored_fidelity(lm, settings: Settings, data: Path, limit: int | None, sets: list[str]) -> list[dict]:
-    """The default sparse rows in the stored form (float16, :func:`stored_features`) against the float32
-    rows and exact, from one forward pass per set and loss mode."""
+    """The default sparse rows in the stored form (feature format 6, int8 steps with a scale per support
+    entry: :func:`stored_features`) and in format 5's float16 against the float32 rows and exact, from one
+    forward pass per set and loss mode."""
     import copy
 
     out = []
@@ -257,25 +272,29 @@ def bench_stored_fidelity(lm, settings: Settings, data: Path, limit: int | None,
             vblock = TokenBlock.concat([b for _, b in vparts])
             v32 = [f for _, b in vparts for f in sparse_features(b, ex.support_k, ph, None)]
             v32 = [v32[i] for i in inv]
-            v16 = stored_features(copy.deepcopy(v32), ex)
-            exact, s32, s16 = (np.zeros((len(train), len(valid))) for _ in range(3))
+            v16 = _float16(v32)
+            v8 = stored_features(copy.deepcopy(v32), ex)
+            exact, s32, s16, s8 = (np.zeros((len(train), len(valid))) for _ in range(4))
             t_store = 0.0
             for idx, block in iter_token_blocks(lm, enc_t, ex, train, progress=True, desc=f"stored {name} {loss_on}"):
                 exact[idx] = exact_cross(block, vblock).numpy()[:, inv]
                 f32 = sparse_features(block, ex.support_k, ph, None)
                 s32[idx] = sparse_cross(f32, v32, lm.vocab_size)
+                s16[idx] = sparse_cross(_float16(f32), v16, lm.vocab_size)
                 t1 = time.perf_counter()
-                f16 = stored_features(copy.deepcopy(f32), ex)
+                f8 = stored_features(copy.deepcopy(f32), ex)
                 t_store += time.perf_counter() - t1
-                s16[idx] = sparse_cross(f16, v16, lm.vocab_size)
+                s8[idx] = sparse_cross(f8, v8, lm.vocab_size)
             row = {"set": name, "loss_on": loss_on, "n_train": len(train), "n_valid": len(valid)}
-            for label, v in (("exact", exact), ("float32", s32), ("float16", s16)):
+            for label, v in (("exact", exact), ("float32", s32), ("float16", s16), ("int8", s8)):
                 ident = identification(v, tcls, vcls)
                 row[f"{label}_auc"], row[f"{label}_recall@90"] = ident["auc"], ident["recall@90"]
                 if label != "exact":
                     row[f"{label}_spearman"] = spearman_cols(v, exact)
             row["float16_vs_float32_max_rel"] = float(np.abs(s16 - s32).max() / np.abs(s32).max())
             row["float16_vs_float32_spearman"] = spearman_cols(s16, s32)
+            row["int8_vs_float32_max_rel"] = float(np.abs(s8 - s32).max() / np.abs(s32).max())
+            row["int8_vs_float32_spearman"] = spearman_cols(s8, s32)
             row["stored_form_s_per_sample"] = t_store / len(train)
             print(json.dumps(row), flush=True)
             out.append(row)

@@ -369,7 +369,7 @@ def real_features_from_store(ws: Workspace, fp: str) -> pa.Table:
 def float32_rows_schema(schema: pa.Schema) -> pa.Schema:
     """``schema`` with the sparse rows in float32 (feature format 4; the in-memory rows of the engine)."""
     return pa.schema([pa.field(f.name, pa.list_(pa.float32()), f.nullable) if f.name in ("rows", "hard_rows")
-                      else f for f in schema if f.name != "sketch"])
+                      else f for f in schema if f.name not in ("sketch", "rows_scale", "hard_rows_scale")])
 
 
 def real_features_by_extraction(settings: Settings, data: Path, n: int) -> pa.Table:
@@ -1379,6 +1379,14 @@ def _bf16(x: np.ndarray) -> np.ndarray:
     return b.view(np.float32)
 
 
+def _int8_blocks(r: np.ndarray) -> np.ndarray:
+    """``(|U|, width)`` rows rounded to int8 with one scale per support entry (its max |value| / 127),
+    and back to float32."""
+    scale = np.abs(r).max(axis=1, keepdims=True) / np.float32(127)
+    q = np.rint(np.divide(r, scale, out=np.zeros_like(r), where=scale > 0))
+    return (q * scale).astype(np.float32)
+
+
 def _spearman(a: np.ndarray, b: np.ndarray) -> float:
     from scipy.stats import spearmanr
 
@@ -1406,38 +1414,42 @@ def _features_of(real: pa.Table, width: int) -> list:
     return out
 
 
-def stored_bytes(real: pa.Table, width: int, work: Path, copies: int = 5, sketch_dims=(0, 256)) -> list[dict]:
+def stored_bytes(real: pa.Table, width: int, work: Path, copies: int = 5,
+                 variants=((0, 0), (0, 128), (256, 0))) -> list[dict]:
     """Bytes per sample on disk (``du`` of the Lance table) of the real rows written ``copies`` times (new
     ids) as the store writes them: feature format 4 (float32 rows, the columns before the format-5 change)
-    and format 5 (:func:`~valuegate.engine.extraction.stored_features` then ``write_features``) with each
-    ``sketch_dim``; and the seconds per sample of the stored form (rounding, self-influence, sketch)."""
+    and the current format (:func:`~valuegate.engine.extraction.stored_features` then ``write_features``)
+    with each ``(sketch_dim, error_dim)`` of ``variants`` (the defaults are 0 and 0); and the seconds per
+    sample of the stored form (rounding, self-influence, sketch)."""
     from valuegate.engine.extraction import stored_features
     from valuegate.settings import ExtractSettings
     from valuegate.tasks.extract import feature_row
 
     hidden = len(real["pooled_hidden"][0])
-    error_dim = len(real["pooled_error"][0])
     ws = Workspace(str(work / "layout-ws"))
     out = []
-    old_schema = float32_rows_schema(schemas.features_schema(hidden, error_dim))
+    old_schema = float32_rows_schema(schemas.features_schema(hidden, len(real["pooled_error"][0])))
     old = pa.concat_tables([real.select(old_schema.names).set_column(
         0, "id", pa.array([f"c{c}-{i}" for i in range(real.num_rows)])).cast(old_schema) for c in range(copies)])
     ws.ensure("features__format4", old_schema)
     ws.upsert("features__format4", old, on="id", update=False)
-    out.append({"format": 4, "rows": "float32", "sketch_dim": 0,
+    out.append({"format": 4, "rows": "float32", "sketch_dim": 0, "error_dim": len(real["pooled_error"][0]),
                 "bytes_per_sample": du_bytes(f"{ws.uri}/features__format4.lance") / old.num_rows})
     uncond = real["uncond_loss"].to_pylist() if "uncond_loss" in real.column_names else [None] * real.num_rows
-    for dim in sketch_dims:
-        fp = f"s{dim}".ljust(64, "0")  # one table per sketch width (the name keeps 16 characters)
+    rng = np.random.default_rng(0)
+    for dim, error_dim in variants:
+        fp = f"s{dim}e{error_dim}".ljust(64, "0")  # one table per variant (the name keeps 16 characters)
         t0 = time.perf_counter()
         feats = stored_features(_features_of(real, width), ExtractSettings(hidden_dim=width, sketch_dim=dim))
         t_form = (time.perf_counter() - t0) / real.num_rows
+        for f in feats:  # the pooled error vector as extracted at this width (nothing reads its values)
+            f.pooled_error = rng.standard_normal(error_dim).astype(np.float32)
         for c in range(copies):
             rows = [feature_row(f"c{c}-{i}", f, 0, 0.0, False, uncond[i]) for i, f in enumerate(feats)]
             fstore.write_features(ws, fp, rows, hidden, error_dim, dim)
         path = fstore.features_uri(ws, fp)
-        out.append({"format": 5, "rows": schemas.STORED_ROW_DTYPE, "sketch_dim": dim,
-                    "bytes_per_sample": du_bytes(path) / (copies * real.num_rows),
+        out.append({"format": schemas.FEATURE_FORMAT, "rows": schemas.STORED_ROW_DTYPE, "sketch_dim": dim,
+                    "error_dim": error_dim, "bytes_per_sample": du_bytes(path) / (copies * real.num_rows),
                     "stored_form_ms_per_sample": 1000 * t_form})
         log(f"stored bytes {out[-1]}")
     return out
@@ -1496,6 +1508,9 @@ def bench_layout(real: pa.Table, width: int, vocab: int = 49152, n_valid: int = 
     add("bfloat16 rows, fp32 accumulation", [_bf16(r) for r in rows], width, 2)
     add("float16 rows + float16 pooled_hidden", [r.astype(np.float16).astype(np.float32) for r in rows],
         width, 2, ph_bytes=2)
+    # int8 rows with one float32 scale per support entry (max |block| / 127): 1 + 4/width bytes a float
+    add("int8 rows, float32 scale per support entry", [_int8_blocks(r) for r in rows], width, 1 + 4 / width)
+    add("int8 rows + float16 pooled_hidden", [_int8_blocks(r) for r in rows], width, 1 + 4 / width, ph_bytes=2)
     for k in (64, 32):
         g = rng.standard_normal((width, k)).astype(np.float32) / np.float32(np.sqrt(k))
         add(f"k_h {width}→{k} (Gaussian)", [r @ g for r in rows], k, 4)
@@ -1583,11 +1598,12 @@ def print_layout(res: dict) -> None:
               f"{f(c['spearman_nearest'])} | {f(c['max_rel_err'])} | {c['note']} |")
     if res.get("stored"):
         print("\nbytes per sample on disk (Lance), the real rows as each feature format writes them")
-        print("| format | rows | sketch floats | bytes/sample | stored form (ms/sample) |\n|---|---|---|---|---|")
+        print("| format | rows | sketch floats | pooled error floats | bytes/sample | stored form (ms/sample) |\n"
+              "|---|---|---|---|---|---|")
         for r in res["stored"]:
             ms = r.get("stored_form_ms_per_sample")
-            print(f"| {r['format']} | {r['rows']} | {r['sketch_dim']} | {r['bytes_per_sample']:,.0f} | "
-                  f"{'' if ms is None else f'{ms:.2f}'} |")
+            print(f"| {r['format']} | {r['rows']} | {r['sketch_dim']} | {r.get('error_dim', '')} | "
+                  f"{r['bytes_per_sample']:,.0f} | {'' if ms is None else f'{ms:.2f}'} |")
     print("\nnearest: recall of each row's exact top 5 among its C candidates by a dense similarity")
     print("| candidates by | C | of | recall |\n|---|---|---|---|")
     for c in res.get("nearest_candidates", []):

@@ -39,6 +39,11 @@ def print_engine_tables(out: dict) -> None:
         print(table([out["oracle_gap"]], ["n_train", "n_valid", "autograd_s_per_train",
                                           "forward_only_s_per_train", "speedup", "max_rel_diff"],
                     "\noracle gap: autograd LM-head gradients vs forward-only"))
+    if out.get("stored"):
+        print(table(out["stored"], ["set", "loss_on", "exact_auc", "float32_auc", "float16_auc", "int8_auc",
+                                    "float32_spearman", "float16_spearman", "int8_spearman",
+                                    "float16_vs_float32_max_rel", "int8_vs_float32_max_rel"],
+                    "\nstored rows: int8 steps with a scale per support entry (format 6) and float16 (format 5), against exact"))
     if "peak_rss_mb" in out:
         print(f"\npeak RSS: {out['peak_rss_mb']:.0f} MiB")
 

@@ -229,7 +229,7 @@ def sparse_arrays(t: pa.Table, width: int) -> tuple[np.ndarray, np.ndarray, np.n
 
     Returns:
         ``indptr (n+1,)`` int64, ``indices (nnz,)`` int64 column ids ``token·width + j`` and
-        ``data (nnz,)`` float32 (the stored float16 rows upcast), for an ``(n, V·width)`` CSR matrix.
+        ``data (nnz,)`` float32 (the stored int8 steps times their scales, as the readers return them), for an ``(n, V·width)`` CSR matrix.
     """
     tok = t.column("token_ids").combine_chunks()
     rows = t.column("rows").combine_chunks()

@@ -35,7 +35,6 @@ from valuegate.engine.candidates import BlockRows
 from valuegate.engine.columns import SIGNAL_COLUMNS
 from valuegate.engine.model import refusal_reason
 from valuegate.engine.signals import SparseSet, check_reference_size
-from valuegate.engine.upcast import upcast
 from valuegate.errors import ValuegateError
 from valuegate.settings import Settings
 from valuegate.storage import features as fstore
@@ -147,8 +146,7 @@ def _blocks(t, width: int) -> BlockRows:
     tok = t.column("token_ids").combine_chunks()
     return BlockRows.from_arrays(pc.list_value_length(tok).fill_null(0).to_numpy(zero_copy_only=False),
                                  tok.flatten().to_numpy(zero_copy_only=False),
-                                 upcast(t.column("rows").combine_chunks().flatten().to_numpy(zero_copy_only=False)),
-                                 width)
+                                 t.column("rows").combine_chunks().flatten().to_numpy(zero_copy_only=False), width)
 
 
 def pa_array(values: list[str]):
@@ -404,7 +402,7 @@ def score_streaming(ws, plan: ScoringPlan, ctx: ScoringContext, settings: Settin
             tt = tt.filter(pa.array(keep))
         tok_col = tt["token_ids"].combine_chunks()
         tok = tok_col.flatten().to_numpy(zero_copy_only=False)
-        rows = upcast(tt["rows"].combine_chunks().flatten().to_numpy(zero_copy_only=False))
+        rows = tt["rows"].combine_chunks().flatten().to_numpy(zero_copy_only=False)
         lengths = pc.list_value_length(tok_col).fill_null(0).to_numpy(zero_copy_only=False)
         raw = block_inner_products(tok, rows, lengths, ctx.v_mean)
         ids = tt["id"].to_pylist()

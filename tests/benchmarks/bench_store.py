@@ -891,14 +891,13 @@ def scan_inner_products(ws: Workspace, fp: str, vector: np.ndarray) -> tuple[lis
     """``(ids in storage order, (n,) float64)`` each stored row's inner product with ``vector``
     ``(V·width,)``, in one scan: the product ``score_streaming`` runs per batch."""
     from valuegate.engine.aggregate import block_inner_products
-    from valuegate.engine.upcast import upcast
 
     ids: list[str] = []
     parts: list[np.ndarray] = []
     for batch in fstore.iter_features(ws, fp, ["id", "token_ids", "rows"]):
         tok = batch.column(1)
         parts.append(block_inner_products(tok.flatten().to_numpy(zero_copy_only=False),
-                                          upcast(batch.column(2).flatten().to_numpy(zero_copy_only=False)),
+                                          batch.column(2).flatten().to_numpy(zero_copy_only=False),
                                           pc.list_value_length(tok).fill_null(0).to_numpy(zero_copy_only=False),
                                           vector))
         ids += batch.column(0).to_pylist()

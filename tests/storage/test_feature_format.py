@@ -15,7 +15,6 @@ from valuegate.engine.aggregate import block_inner_products
 from valuegate.engine.extraction import extract_sparse_samples
 from valuegate.engine.model import load_model
 from valuegate.engine.sketch import count_sketch
-from valuegate.engine.upcast import upcast
 from valuegate.settings import load_settings
 from valuegate.storage import features as fstore
 from valuegate.storage import schemas
@@ -82,7 +81,7 @@ def test_rows_are_stored_in_int8_steps_within_their_precision(stored):
         # the self-influence is that of the stored rows, in float64
         assert t["self_influence"][i].as_py() == pytest.approx(np.square(got, dtype=np.float64).sum(), rel=1e-12)
         assert t["self_influence"][i].as_py() == pytest.approx(f.self_influence, rel=1e-2)
-    # every reader upcasts: the CSR parts are float32, the streaming scan's product equals the CSR one
+    # the readers give float32 rows: the CSR parts are float32, the streaming scan's product equals the CSR one
     width = lm.hidden_size
     indptr, indices, data = fstore.sparse_arrays(t, width)
     assert data.dtype == np.float32
@@ -93,7 +92,7 @@ def test_rows_are_stored_in_int8_steps_within_their_precision(stored):
         tok = batch.column(1)
         ids += batch.column(0).to_pylist()
         got += list(block_inner_products(tok.flatten().to_numpy(zero_copy_only=False),
-                                         upcast(batch.column(2).flatten().to_numpy(zero_copy_only=False)),
+                                         batch.column(2).flatten().to_numpy(zero_copy_only=False),
                                          np.diff(tok.offsets.to_numpy()), vec))
     want = dict(zip(t["id"].to_pylist(), m @ vec, strict=True))
     np.testing.assert_allclose(got, [want[i] for i in ids], rtol=1e-9)

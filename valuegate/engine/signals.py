@@ -243,8 +243,8 @@ class SparseSet:
     @staticmethod
     def from_arrow(t, vocab: int, width: int, prefix: str = "") -> SparseSet:
         """From a slice of a feature table (columns ``[prefix]token_ids``, ``rows``, ``error_sum``,
-        ``n_tokens``, ``mean_loss``), in the row order of the slice; the stored float16 rows (feature
-        format 5) are upcast to float32 here, and every product runs in float64 (:meth:`matrix`)."""
+        ``n_tokens``, ``mean_loss``), in the row order of the slice, as the store's readers return it (float32
+        rows, feature format 6); every product runs in float64 (:meth:`matrix`)."""
         tok = t.column(prefix + "token_ids").combine_chunks()
 
         def flat(name: str) -> np.ndarray:

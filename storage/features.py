@@ -16,15 +16,17 @@ import json
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from valuegate.engine.quantize import dequantize_rows, stored_int8
 from valuegate.storage import schemas
 from valuegate.storage.lance import Workspace, sql_str
 
-# the sparse rows' stored dtype (int8 steps, feature format 6; the readers here return them in float32)
-# and the sketch's (float16, upcast by its readers)
+# the sparse rows' stored dtype (int8 steps, feature format 6; the readers here return them in float32),
+# the sketch's and the mean hidden state's (float16, upcast by their readers)
 STORED_DTYPE = np.dtype(schemas.STORED_ROW_DTYPE)
 SKETCH_DTYPE = np.dtype(schemas.SKETCH_DTYPE)
+HIDDEN_DTYPE = np.dtype(schemas.HIDDEN_DTYPE)
 # row columns and the scale column each is stored with
 SCALED_COLUMNS = {"rows": "rows_scale", "hard_rows": "hard_rows_scale"}
 # fingerprint settings of side columns only (the sketch, new in format 5; the pooled error vector): no
@@ -107,29 +109,36 @@ def truncated_ids(ws: Workspace, model_fp: str, ids: list[str]) -> list[str]:
 
 
 def _stored_precision(row: dict) -> dict:
-    """``row`` in the stored form: ``rows``/``hard_rows`` as int8 steps with their ``*_scale`` (the
+    """``row`` in the stored form: ``rows``/``hard_rows`` as the bytes of their int8 steps with their
+    ``*_scale`` (the
     extraction's rounded rows and scales give back the same steps exactly,
     :func:`valuegate.engine.extraction.stored_features`; other writers' float rows are rounded here), the
-    ``sketch`` in float16.
+    ``sketch`` and ``mean_hidden`` in float16.
 
     Raises:
-        ValueError: a sketch value beyond float16's range (it would be stored as infinity), naming the id.
+        ValueError: a sketch or mean hidden value beyond float16's range (it would be stored as infinity),
+            naming the id.
     """
     out = dict(row)
     for col, tok in (("rows", "token_ids"), ("hard_rows", "hard_token_ids")):
         v = row.get(col)
-        if v is None or getattr(v, "dtype", None) == STORED_DTYPE:
+        if v is None or isinstance(v, bytes):
+            continue
+        if getattr(v, "dtype", None) == STORED_DTYPE:  # int8 steps already (with their scales)
+            out[col] = np.ascontiguousarray(v).tobytes()
             continue
         q, scale = stored_int8(v, len(row[tok]), row.get(f"{col}_scale"))
-        out[col], out[f"{col}_scale"] = q.reshape(-1), scale
-    v = row.get("sketch")
-    if v is not None and getattr(v, "dtype", None) != SKETCH_DTYPE:
+        out[col], out[f"{col}_scale"] = q.tobytes(), scale
+    for col, dtype in (("sketch", SKETCH_DTYPE), ("mean_hidden", HIDDEN_DTYPE)):
+        v = row.get(col)
+        if v is None or getattr(v, "dtype", None) == dtype:
+            continue
         with np.errstate(over="ignore"):  # checked below
-            r = np.asarray(v, dtype=np.float32).astype(SKETCH_DTYPE)
+            r = np.asarray(v, dtype=np.float32).astype(dtype)
         if not np.isfinite(r).all():
-            raise ValueError(f"feature row {row.get('id')!r}: its sketch holds a value beyond the range of "
-                             f"{schemas.SKETCH_DTYPE} ({float(np.abs(np.asarray(v)).max()):.4g})")
-        out["sketch"] = r
+            raise ValueError(f"feature row {row.get('id')!r}: its {col} holds a value beyond the range of "
+                             f"{dtype} ({float(np.abs(np.asarray(v)).max()):.4g})")
+        out[col] = r
     return out
 
 
@@ -161,11 +170,17 @@ def read_features(ws: Workspace, model_fp: str, ids: list[str] | None = None,
     return dequantized(t, columns)
 
 
-def iter_features(ws: Workspace, model_fp: str, columns: list[str], batch_rows: int = 8192):
+def iter_features(ws: Workspace, model_fp: str, columns: list[str], batch_rows: int = 8192,
+                  steps: bool = False):
     """Stream all feature rows of a fingerprint in storage order, ``batch_rows`` at a time.
 
     For a pass over every row (the ``mean`` aggregate of a whole table): one sequential scan, peak
     memory bounded by ``batch_rows``, not by the table.
+
+    Args:
+        steps: leave the row columns as stored (int8 steps, :func:`row_steps`) and add their scale
+            columns, for a caller that multiplies the steps itself; else float32 rows as from
+            :func:`read_features`.
 
     Yields:
         :class:`pyarrow.RecordBatch` of ``columns``, at most ``batch_rows`` rows each.
@@ -174,7 +189,7 @@ def iter_features(ws: Workspace, model_fp: str, columns: list[str], batch_rows: 
     reader = tbl.search().select(with_scales(columns)).to_batches(batch_rows)
     for batch in reader:
         if batch.num_rows:
-            yield dequantized(batch, columns)
+            yield batch if steps else dequantized(batch, columns)
 
 
 def with_scales(columns: list[str] | None) -> list[str] | None:
@@ -193,10 +208,10 @@ def dequantized(t, columns: list[str] | None = None):
     arrays = {n: t.column(n) for n in names}
     fields = {n: t.schema.field(n) for n in names}
     for col, scale_col in SCALED_COLUMNS.items():
-        if col not in arrays or scale_col not in arrays or not pa.types.is_int8(fields[col].type.value_type):
+        if col not in arrays or scale_col not in arrays or not _holds_steps(fields[col].type):
             continue
         arrays[col] = _dequantize_column(arrays[col], arrays[scale_col])
-        fields[col] = fields[col].with_type(pa.list_(pa.float32()))
+        fields[col] = pa.field(col, pa.list_(pa.float32()), fields[col].nullable)
     keep = [n for n in names if columns is None or n in columns]
     schema = pa.schema([fields[n] for n in keep])
     if isinstance(t, pa.RecordBatch):
@@ -204,23 +219,48 @@ def dequantized(t, columns: list[str] | None = None):
     return pa.Table.from_arrays([arrays[n] for n in keep], schema=schema)
 
 
+def _holds_steps(typ: pa.DataType) -> bool:
+    """Whether a row column of this type holds int8 steps (``binary`` since format 7, ``list<int8>`` in 6)."""
+    return pa.types.is_binary(typ) or (pa.types.is_list(typ) and pa.types.is_int8(typ.value_type))
+
+
 def _one_chunk(a):
     return a.combine_chunks() if isinstance(a, pa.ChunkedArray) else a
 
 
+def row_steps(rows) -> tuple[np.ndarray, np.ndarray]:
+    """The int8 steps of a stored row column (``binary``, or format 6's ``list<int8>``; a null row holds
+    none).
+
+    Returns:
+        ``(offsets (n+1,) int64 from 0, steps (offsets[-1],) int8)``: row i's steps are
+        ``steps[offsets[i]:offsets[i+1]]`` (zero-copy views of the column's buffers where possible).
+    """
+    rows = _one_chunk(rows)
+    if rows.null_count:
+        rows = pc.if_else(rows.is_null(), pa.scalar(b"" if pa.types.is_binary(rows.type) else [],
+                                                   type=rows.type), rows)
+    if pa.types.is_binary(rows.type):
+        off = np.frombuffer(rows.buffers()[1], dtype=np.int32)[rows.offset:rows.offset + len(rows) + 1]
+        data = np.frombuffer(rows.buffers()[2], dtype=np.int8) if len(rows) and off[-1] > off[0] \
+            else np.zeros(0, np.int8)
+        return off.astype(np.int64) - int(off[0]), data[off[0]:off[-1]]
+    off = rows.offsets.to_numpy(zero_copy_only=False).astype(np.int64)
+    return off - off[0], rows.flatten().to_numpy(zero_copy_only=False)
+
+
 def _dequantize_column(rows, scales) -> pa.Array:
-    """``list<int8>`` rows and their ``list<float32>`` scales as one ``list<float32>`` array (nulls kept)."""
+    """Stored int8 rows (:func:`row_steps`) and their ``list<float32>`` scales as one ``list<float32>``
+    array (nulls kept)."""
     rows, scales = _one_chunk(rows), _one_chunk(scales)
-    q = rows.flatten().to_numpy(zero_copy_only=False)
+    off, q = row_steps(rows)
     s = scales.flatten().to_numpy(zero_copy_only=False)
     values = np.zeros(0, dtype=np.float32)
     if s.size:
         if q.size % s.size:
             raise ValueError(f"feature rows hold {q.size} values for {s.size} scales")
         values = dequantize_rows(q, s).reshape(-1)
-    offsets = rows.offsets.to_numpy(zero_copy_only=False)
-    offsets = pa.array(offsets - offsets[0], type=pa.int32())
-    return pa.ListArray.from_arrays(offsets, pa.array(values, type=pa.float32()),
+    return pa.ListArray.from_arrays(pa.array(off, type=pa.int32()), pa.array(values, type=pa.float32()),
                                     mask=rows.is_null() if rows.null_count else None)
 
 
@@ -243,14 +283,16 @@ def sparse_arrays(t: pa.Table, width: int) -> tuple[np.ndarray, np.ndarray, np.n
     return indptr, indices, data
 
 
+SEARCH_COLUMN = "mean_hidden"
+"""The column vector search runs on: each sample's mean final hidden state (float16, feature format 7)."""
 SEARCH_METRIC = "dot"
-"""The metric of vector search on ``pooled_hidden``, with or without an index: a value is an inner
+"""The metric of vector search on :data:`SEARCH_COLUMN`, with or without an index: a value is an inner
 product, so the nearest rows are those of largest ``x·q`` (an index an older valuegate built with
 ``cosine`` is rebuilt by :func:`maybe_index_features`; until then searches bypass it, exactly)."""
 
 
 def maybe_index_features(ws: Workspace, model_fp: str, min_rows: int, stale_fraction: float = 0.2) -> bool:
-    """Build (or rebuild) the vector index on ``pooled_hidden`` once the table is large enough to need one.
+    """Build (or rebuild) the vector index on ``mean_hidden`` once the table is large enough to need one.
 
     Below ``min_rows`` a brute-force search is as fast (see the store benchmark); above it the index is
     rebuilt when more than ``stale_fraction`` of the rows arrived after it was built (new rows are still
@@ -261,17 +303,17 @@ def maybe_index_features(ws: Workspace, model_fp: str, min_rows: int, stale_frac
     rows = ws.count(table)
     if min_rows <= 0 or rows < min_rows:
         return False
-    if (ws.has_vector_index(table, "pooled_hidden")
-            and ws.vector_index_metric(table, "pooled_hidden") == SEARCH_METRIC
-            and rows - ws.indexed_rows(table, "pooled_hidden") <= stale_fraction * rows):
+    if (ws.has_vector_index(table, SEARCH_COLUMN)
+            and ws.vector_index_metric(table, SEARCH_COLUMN) == SEARCH_METRIC
+            and rows - ws.indexed_rows(table, SEARCH_COLUMN) <= stale_fraction * rows):
         return False
-    ws.create_vector_index(table, "pooled_hidden", metric=SEARCH_METRIC)
+    ws.create_vector_index(table, SEARCH_COLUMN, metric=SEARCH_METRIC)
     return True
 
 
 def search_features(ws: Workspace, model_fp: str, vector: np.ndarray, k: int, where: str | None = None,
                     columns: list[str] | None = None) -> pa.Table:
-    """The ``k`` feature rows of largest ``pooled_hidden · vector`` (:data:`SEARCH_METRIC`).
+    """The ``k`` feature rows of largest ``mean_hidden · vector`` (:data:`SEARCH_METRIC`).
 
     Through the ANN index when there is one, with the probe and re-rank settings of
     :meth:`Workspace.search` (chosen in ``bench_store --only storage``), else exact.
@@ -283,5 +325,5 @@ def search_features(ws: Workspace, model_fp: str, vector: np.ndarray, k: int, wh
     Returns:
         Up to ``k`` rows, nearest first.
     """
-    return ws.search(schemas.features_table(model_fp), "pooled_hidden", vector, k, where=where,
+    return ws.search(schemas.features_table(model_fp), SEARCH_COLUMN, vector, k, where=where,
                      metric=SEARCH_METRIC, columns=columns)

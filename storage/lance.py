@@ -74,8 +74,8 @@ SEARCH_NPROBES = 64
 """IVF partitions :meth:`Workspace.search` probes unless told otherwise."""
 SEARCH_REFINE_FACTOR = 20
 """:meth:`Workspace.search` re-ranks ``k ×`` this many index candidates by their exact distance unless
-told otherwise. For IVF_PQ (dot) on ``pooled_hidden`` at 100k rows LanceDB's defaults (20 probes, no
-re-ranking) gave recall@10 of 0.54, re-ranking 10× 0.98 and 20× 0.994 (at 20 to 128 probes alike),
+told otherwise. For IVF_PQ (dot) on the pooled hidden vectors (float32 ``Σ_t h_t`` then) at 100k rows
+LanceDB's defaults (20 probes, no re-ranking) gave recall@10 of 0.54, re-ranking 10× 0.98 and 20× 0.994 (at 20 to 128 probes alike),
 in ``bench_store --only storage`` (README, store benchmark)."""
 
 _TABLE_NAME = re.compile(r"^[A-Za-z0-9_.\-]+$")

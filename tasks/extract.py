@@ -95,7 +95,7 @@ def feature_row(sample_id: str, f: SparseFeatures, batch: int, seconds: float, t
     return {"id": sample_id, "truncated": truncated, "token_ids": f.token_ids, "rows": f.rows.reshape(-1),
             "rows_scale": f.rows_scale, "n_tokens": f.n_tokens,
             "mean_loss": f.mean_loss, "uncond_loss": uncond, "dropped_mass": f.dropped_mass, "self_influence": f.self_influence,
-            "pooled_hidden": f.pooled_hidden,
+            "mean_hidden": f.mean_hidden,
             "pooled_error": f.pooled_error if f.pooled_error.size else np.zeros(1, np.float32),
             "error_sum": f.error_sum,
             "hard_token_ids": None if f.hard is None else f.hard.token_ids,

@@ -27,7 +27,6 @@ from valuegate.engine.aggregate import (
     ScoringContext,
     block_inner_products,
     build_context,
-    mean_hidden,
     score_chunk,
 )
 from valuegate.engine.baselines import baseline_columns
@@ -127,10 +126,11 @@ def _aligned(t, ids: list[str]):
     return t.take(pos)
 
 
-def _pooled(t, n: int) -> np.ndarray:
-    """``(n, d)`` float64 ``Σ_t h_t`` of a feature slice's ``pooled_hidden`` column."""
-    return np.asarray(t["pooled_hidden"].combine_chunks().values.to_numpy(zero_copy_only=False),
-                      dtype=np.float64).reshape(n, -1)
+def _hidden(t, n: int) -> np.ndarray:
+    """``(n, d)`` float32 mean hidden states of a feature slice's ``mean_hidden`` column (stored in
+    float16: float32 holds them exactly)."""
+    return np.asarray(t["mean_hidden"].combine_chunks().values.to_numpy(zero_copy_only=False),
+                      dtype=np.float32).reshape(n, -1)
 
 
 def _feature_matrix(t, ids: list[str], vocab: int, width: int):
@@ -187,7 +187,7 @@ def _feature_columns(settings: Settings, stored: pa.Schema | None = None) -> lis
     candidates and the table ``stored`` has the column)."""
     ex, sc = settings.extract, settings.score
     cols = ["id", "truncated", "token_ids", "rows", "n_tokens", "mean_loss", "uncond_loss", "self_influence",
-            "pooled_hidden"]
+            "mean_hidden"]
     if sc.signals:
         cols.append("error_sum")
         if ex.hard_fraction < 1.0:
@@ -264,12 +264,12 @@ def load_context(ws, plan: ScoringPlan, settings: Settings) -> ScoringContext:
     vrows = fstore.read_features(ws, plan.fp_v, vids, cols)
     # with the signals on, the rows become CSR inside SparseSet (raw and centred): no plain CSR is built
     vm, vt = (None, _aligned(vrows, vids)) if sc.signals else _feature_matrix(vrows, vids, vocab, width)
-    pooled = _pooled(vt, len(vids))
     vs = hard = None
     if sc.signals:
         vs = SparseSet.from_arrow(vt, vocab, width)
         hard = SparseSet.from_arrow(vt, vocab, width, "hard_") if ex.hard_fraction < 1.0 else None
-    ctx = build_context(vids, vt["self_influence"].to_numpy(), vt["n_tokens"].to_numpy().astype(np.int64), pooled,
+    ctx = build_context(vids, vt["self_influence"].to_numpy(), vt["n_tokens"].to_numpy().astype(np.int64),
+                        _hidden(vt, len(vids)),
                         settings, plan.hidden_size, vocab, vm=vm, valid=vs, valid_hard=hard, width=width,
                         v_sketch=_sketches(vt, len(vids)))
     return ctx
@@ -338,7 +338,7 @@ def _chunk_table(plan: ScoringPlan, ctx: ScoringContext, settings: Settings, ids
     t_tok = tt["n_tokens"].to_numpy().astype(np.int64)
     t_loss = tt["mean_loss"].to_numpy().astype(np.float64)
     n = len(ids)
-    t_hidden = mean_hidden(_pooled(tt, n), t_tok)
+    t_hidden = _hidden(tt, n)
     baselines = baseline_columns(t_loss, t_tok, tt["uncond_loss"].to_pylist(), t_hidden, ctx.v_hidden)
     out: ChunkScores = score(t_self, t_tok, t_loss, t_hidden)
     near, signals = out.nearest, out.signals
@@ -375,9 +375,10 @@ def score_streaming(ws, plan: ScoringPlan, ctx: ScoringContext, settings: Settin
                     batch_rows: int = STREAM_BATCH) -> tuple[object, float]:
     """Score every sample of ``plan`` (signals off, ``mean``) in one streaming scan of the training
     feature table: per batch the inner product of each row with the context's weighted validation
-    vector (float64, :func:`~valuegate.engine.aggregate.block_inner_products`) and the rows of the scores
-    table; rows of samples the run does not score (other datasets) are skipped. Peak memory is bounded by
-    ``batch_rows``, not by the table; the values equal the chunked path's (:func:`score_rows`).
+    vector, from the stored int8 steps (:func:`~valuegate.engine.aggregate.block_inner_products`), and the
+    rows of the scores table; rows of samples the run does not score (other datasets) are skipped. Peak
+    memory is bounded by ``batch_rows``, not by the table; the values equal the chunked path's
+    (:func:`score_rows`) up to summation order.
 
     Returns:
         ``(pyarrow table in the order of plan.ids, seconds)``.
@@ -389,9 +390,9 @@ def score_streaming(ws, plan: ScoringPlan, ctx: ScoringContext, settings: Settin
     sc = settings.score
     want = {i: n for n, i in enumerate(plan.ids)}
     cols = ["id", "truncated", "token_ids", "rows", "n_tokens", "mean_loss", "uncond_loss", "self_influence",
-            "pooled_hidden"]
+            "mean_hidden"]
     tables, order = [], []
-    for batch in fstore.iter_features(ws, plan.fp_t, cols, batch_rows):
+    for batch in fstore.iter_features(ws, plan.fp_t, cols, batch_rows, steps=True):
         pos = np.fromiter((want.get(i, -1) for i in batch.column(0).to_pylist()), dtype=np.int64,
                           count=batch.num_rows)
         keep = pos >= 0
@@ -402,9 +403,10 @@ def score_streaming(ws, plan: ScoringPlan, ctx: ScoringContext, settings: Settin
             tt = tt.filter(pa.array(keep))
         tok_col = tt["token_ids"].combine_chunks()
         tok = tok_col.flatten().to_numpy(zero_copy_only=False)
-        rows = tt["rows"].combine_chunks().flatten().to_numpy(zero_copy_only=False)
+        _, steps = fstore.row_steps(tt["rows"])
+        scales = tt["rows_scale"].combine_chunks().flatten().to_numpy(zero_copy_only=False)
         lengths = pc.list_value_length(tok_col).fill_null(0).to_numpy(zero_copy_only=False)
-        raw = block_inner_products(tok, rows, lengths, ctx.v_mean)
+        raw = block_inner_products(tok, steps, lengths, ctx.v_mean, scales)
         ids = tt["id"].to_pylist()
         tables.append(_chunk_table(plan, ctx, settings, ids, tt,
                                    lambda *cols, raw=raw: score_chunk(ctx, sc, *cols, t_mean_raw=raw)))

@@ -32,10 +32,10 @@ def synthetic_rows(ids: list[str], seed: int) -> list[dict]:
     for i in ids:
         out.append({"id": i, "token_ids": rng.integers(0, 49152, SUPPORT, dtype=np.int32),
                     # in the stored form (int8 steps and their scales): the `insert` mode upserts them as they are
-                    "rows": rng.integers(-127, 128, SUPPORT * WIDTH).astype(np.int8),
+                    "rows": rng.integers(-127, 128, SUPPORT * WIDTH).astype(np.int8).tobytes(),
                     "rows_scale": rng.uniform(0.01, 0.1, SUPPORT).astype(np.float32), "n_tokens": 40,
                     "mean_loss": 1.5, "dropped_mass": 0.01, "self_influence": 3.0,
-                    "pooled_hidden": rng.standard_normal(HIDDEN).astype(np.float32),
+                    "mean_hidden": rng.standard_normal(HIDDEN).astype(np.float16),
                     "pooled_error": rng.standard_normal(ERROR_DIM).astype(np.float32),
                     "error_sum": rng.standard_normal(SUPPORT).astype(np.float32),
                     "hard_token_ids": None, "hard_rows": None, "hard_error_sum": None, "hard_n_tokens": None,

@@ -17,7 +17,7 @@ Sections (each prints a table; everything goes to ``--out/store.json``):
   vocabulary overlap taken from real extracted features) written into a fresh ``features__<fp>`` table
   for each N: write rate, disk size, peak RSS, mean-aggregate scoring against a 1,000-row synthetic
   validation set, nearest-aggregate on a 10k subset (extrapolated to N), and dense-vector search on
-  ``pooled_hidden``: numpy brute force vs LanceDB without an index vs with an IVF_PQ index (dot).
+  ``mean_hidden``: numpy brute force vs LanceDB without an index vs with an IVF_PQ index (dot).
   Sizes whose projected disk use exceeds ``--max-disk-gb`` are skipped; 1M is always extrapolated.
 
 - storage (only with ``--only storage``; issue 19): per N of ``--storage-sizes``, synthetic rows as in
@@ -71,7 +71,7 @@ from valuegate.storage import samples as sstore
 from valuegate.storage import schemas
 from valuegate.storage.lance import Workspace
 
-ROW_KEYS = ("token_ids", "rows", "n_tokens", "pooled_hidden", "pooled_error", "mean_loss", "dropped_mass")
+ROW_KEYS = ("token_ids", "rows", "n_tokens", "mean_hidden", "pooled_error", "mean_loss", "dropped_mass")
 SCORE_COLS = ["id", "token_ids", "rows", "n_tokens", "mean_loss", "self_influence"]
 HARD_RSS_MB = 11 * 1024  # the watchdog interrupts the run above this (the machine is shared)
 
@@ -367,9 +367,28 @@ def real_features_from_store(ws: Workspace, fp: str) -> pa.Table:
 
 
 def float32_rows_schema(schema: pa.Schema) -> pa.Schema:
-    """``schema`` with the sparse rows in float32 (feature format 4; the in-memory rows of the engine)."""
-    return pa.schema([pa.field(f.name, pa.list_(pa.float32()), f.nullable) if f.name in ("rows", "hard_rows")
-                      else f for f in schema if f.name not in ("sketch", "rows_scale", "hard_rows_scale")])
+    """``schema`` with the sparse rows and the mean hidden state in float32 (feature format 4's precision;
+    the in-memory rows of the engine)."""
+    def f32(f: pa.Field) -> pa.Field:
+        if f.name in ("rows", "hard_rows"):
+            return pa.field(f.name, pa.list_(pa.float32()), f.nullable)
+        if f.name == "mean_hidden":
+            return pa.field(f.name, pa.list_(pa.float32(), f.type.list_size), f.nullable)
+        return f
+    return pa.schema([f32(f) for f in schema if f.name not in ("sketch", "rows_scale", "hard_rows_scale")])
+
+
+def with_mean_hidden(real: pa.Table) -> pa.Table:
+    """A cached real-feature table of an older bench (``pooled_hidden``, float32 ``Σ_t h_t``) with the
+    ``mean_hidden`` column of feature format 7 in its place (float32)."""
+    if "mean_hidden" in real.column_names or "pooled_hidden" not in real.column_names:
+        return real
+    d = real.schema.field("pooled_hidden").type.list_size
+    ph = real.column("pooled_hidden").combine_chunks().values.to_numpy(zero_copy_only=False).reshape(real.num_rows, d)
+    mean = (ph / np.maximum(real.column("n_tokens").to_numpy(), 1)[:, None]).astype(np.float32)
+    col = pa.FixedSizeListArray.from_arrays(pa.array(mean.reshape(-1)), d)
+    i = real.column_names.index("pooled_hidden")
+    return real.set_column(i, pa.field("mean_hidden", pa.list_(pa.float32(), d)), col)
 
 
 def real_features_by_extraction(settings: Settings, data: Path, n: int) -> pa.Table:
@@ -416,7 +435,7 @@ class SyntheticFeatures:
     Support sizes, n_tokens, mean_loss and dropped_mass are drawn jointly from the real rows; token ids
     are ``|U|`` distinct draws from a Zipf–Mandelbrot law ``p(rank) ∝ (rank + 2.7)^-a`` over the
     vocabulary (ranks mapped to ids by a fixed random permutation); sparse rows and pooled_error are
-    Gaussian with the real element std; pooled_hidden is Gaussian with the real mean and covariance.
+    Gaussian with the real element std; mean_hidden is Gaussian with the real mean and covariance.
     """
 
     def __init__(self, real: pa.Table, vocab: int, width: int, hidden: int, error_dim: int, seed: int = 0):
@@ -435,7 +454,7 @@ class SyntheticFeatures:
                               if "hard_n_tokens" in real.column_names else np.zeros(real.num_rows, dtype=int))
         rows = real.column("rows").combine_chunks().values.to_numpy(zero_copy_only=False)
         self.row_std = float(rows.std())
-        ph = real.column("pooled_hidden").combine_chunks().values.to_numpy(zero_copy_only=False)
+        ph = real.column("mean_hidden").combine_chunks().values.to_numpy(zero_copy_only=False)
         ph = ph.reshape(real.num_rows, -1).astype(np.float64)
         self.ph_mean = ph.mean(0)
         cov = np.cov(ph, rowvar=False) + np.eye(ph.shape[1]) * 1e-6 * np.trace(np.cov(ph, rowvar=False))
@@ -477,7 +496,7 @@ class SyntheticFeatures:
         self.set_exponent(best["a"])
         return tried
 
-    def pooled_hidden(self, n: int) -> np.ndarray:
+    def mean_hidden(self, n: int) -> np.ndarray:
         z = self.rng.standard_normal((n, self.hidden))
         return (self.ph_mean + z @ self.ph_chol.T).astype(np.float32)
 
@@ -489,7 +508,7 @@ class SyntheticFeatures:
         data = self.rng.standard_normal(int(lens.sum()), dtype=np.float32) * np.float32(self.row_std)
         off = np.concatenate([[0], np.cumsum(lens)])
         self_inf = np.add.reduceat(data.astype(np.float64) ** 2, off[:-1])
-        ph = self.pooled_hidden(n)
+        ph = self.mean_hidden(n)
         pe = (self.rng.standard_normal((n, max(self.error_dim, 1)), dtype=np.float32) * np.float32(self.pe_std))
         out = []
         for k in range(n):
@@ -506,7 +525,7 @@ class SyntheticFeatures:
                 "id": hashlib.sha256(f"{prefix}-{start + k}".encode()).hexdigest(),
                 "token_ids": sup[k], "rows": data[off[k]:off[k + 1]], "n_tokens": int(self.n_tokens[p]),
                 "mean_loss": float(self.mean_loss[p]), "dropped_mass": float(self.dropped[p]),
-                "self_influence": float(self_inf[k]), "pooled_hidden": ph[k], "pooled_error": pe[k],
+                "self_influence": float(self_inf[k]), "mean_hidden": ph[k], "pooled_error": pe[k],
                 "batch": start // max(1, n), "seconds": 0.0})
         return out
 
@@ -598,15 +617,16 @@ def nearest_scoring(ws: Workspace, fp: str, ids: list[str], vm, vocab: int, widt
 
 
 def _pooled(t: pa.Table) -> np.ndarray:
-    col = t.column("pooled_hidden").combine_chunks()
-    return col.values.to_numpy(zero_copy_only=False).reshape(t.num_rows, -1)
+    """``(n, d)`` float32 mean hidden states of a feature slice (stored in float16)."""
+    col = t.column("mean_hidden").combine_chunks()
+    return col.values.to_numpy(zero_copy_only=False).reshape(t.num_rows, -1).astype(np.float32)
 
 
 def vector_search(ws: Workspace, table: str, queries: np.ndarray, k: int, flat_cap_s: float) -> dict:
     """Exact top-k by numpy, LanceDB without an index, LanceDB with IVF_PQ (dot): time and recall@k."""
     out: dict = {}
     t0 = time.perf_counter()
-    t = ws.read(table, columns=["id", "pooled_hidden"])
+    t = ws.read(table, columns=["id", "mean_hidden"])
     ids = np.asarray(t.column("id").to_pylist(), dtype=object)
     x = _pooled(t)
     out["bf_read_s"] = time.perf_counter() - t0
@@ -628,7 +648,7 @@ def vector_search(ws: Workspace, table: str, queries: np.ndarray, k: int, flat_c
         start = time.perf_counter()
         for qi, q in enumerate(queries):
             t0 = time.perf_counter()
-            r = ws.search(table, "pooled_hidden", q, k, metric="dot", columns=["id"], **kw)
+            r = ws.search(table, "mean_hidden", q, k, metric="dot", columns=["id"], **kw)
             times.append(time.perf_counter() - t0)
             recalls.append(len(truth[qi] & set(r.column("id").to_pylist())) / k)
             if cap is not None and time.perf_counter() - start > cap:
@@ -639,9 +659,9 @@ def vector_search(ws: Workspace, table: str, queries: np.ndarray, k: int, flat_c
 
     run("flat", cap=flat_cap_s)
     t0 = time.perf_counter()
-    ws.create_vector_index(table, "pooled_hidden", metric="dot", index_type="IVF_PQ")
+    ws.create_vector_index(table, "mean_hidden", metric="dot", index_type="IVF_PQ")
     out["build_s"] = time.perf_counter() - t0
-    out["indexed"] = ws.has_vector_index(table, "pooled_hidden")
+    out["indexed"] = ws.has_vector_index(table, "mean_hidden")
     run("ivf", nprobes=None, refine_factor=None)  # LanceDB's defaults (Workspace.search has its own)
     run("ivf_refine10", nprobes=None, refine_factor=10)
     run("ivf_np64_refine10", nprobes=64, refine_factor=10)
@@ -701,7 +721,7 @@ def bench_scale(settings: Settings, real: pa.Table, sizes: list[int], work: Path
     wv = write_synthetic(ws, gen, fp_v, n_valid, 5000, "valid")
     vids = wv["ids"]
     vm, vt, _, _ = _matrix(ws, fp_v, vids, vocab, width)
-    queries = _pooled(fstore.read_features(ws, fp_v, vids[:100], ["id", "pooled_hidden"]))
+    queries = _pooled(fstore.read_features(ws, fp_v, vids[:100], ["id", "mean_hidden"]))
     bytes_per_nnz = None  # measured on the first one-piece mean run
     bytes_per_sample = est
     for n in sizes:
@@ -928,20 +948,20 @@ def bench_stream_mean(ws: Workspace, fp: str, vm, vocab: int, width: int, disk_b
 
 def bench_search(ws: Workspace, table: str, queries: np.ndarray, k: int = 10) -> dict:
     """IVF_PQ (dot) recall@k against numpy's exact dot top-k, over :data:`SEARCH_GRID`."""
-    t = ws.read(table, columns=["id", "pooled_hidden"])
+    t = ws.read(table, columns=["id", "mean_hidden"])
     ids = np.asarray(t.column("id").to_pylist(), dtype=object)
     x = _pooled(t)
     s = queries @ x.T
     truth = [set(ids[r]) for r in np.argpartition(-s, k, axis=1)[:, :k]]
     del t, x, s
     t0 = time.perf_counter()
-    ws.create_vector_index(table, "pooled_hidden", metric="dot", index_type="IVF_PQ")
+    ws.create_vector_index(table, "mean_hidden", metric="dot", index_type="IVF_PQ")
     out: dict = {"build_s": time.perf_counter() - t0, "grid": []}
     for nprobes, refine in SEARCH_GRID:
         times, recalls = [], []
         for qi, q in enumerate(queries):
             t0 = time.perf_counter()
-            r = ws.search(table, "pooled_hidden", q, k, metric="dot", columns=["id"], nprobes=nprobes,
+            r = ws.search(table, "mean_hidden", q, k, metric="dot", columns=["id"], nprobes=nprobes,
                           refine_factor=refine)
             times.append(time.perf_counter() - t0)
             recalls.append(len(truth[qi] & set(r.column("id").to_pylist())) / k)
@@ -1030,7 +1050,7 @@ def bench_storage(settings: Settings, real: pa.Table, sizes: list[int], work: Pa
     fp_v = _fp("valid-storage")
     vids = write_synthetic(ws, gen, fp_v, 1000, 5000, "valid")["ids"]
     vm = _csr(ws, fp_v, vids, vocab, width)
-    queries = _pooled(fstore.read_features(ws, fp_v, vids[:100], ["id", "pooled_hidden"]))
+    queries = _pooled(fstore.read_features(ws, fp_v, vids[:100], ["id", "mean_hidden"]))
     rng = np.random.default_rng(3)
     res: dict = {"sizes": [], "read_call_ids": READ_CALL, "read_budget_s": read_budget_s}
     per_sample = None
@@ -1408,7 +1428,7 @@ def _features_of(real: pa.Table, width: int) -> list:
                                   np.zeros(0, np.float32), arr(r["hard_error_sum"], np.float32))
         out.append(SparseFeatures(arr(r["token_ids"], np.int32), arr(r["rows"], np.float32).reshape(-1, width),
                                   r["n_tokens"], r["mean_loss"], r["dropped_mass"], r["self_influence"],
-                                  arr(r["pooled_hidden"], np.float32), arr(r["pooled_error"], np.float32),
+                                  arr(r["mean_hidden"], np.float32), arr(r["pooled_error"], np.float32),
                                   arr(r["error_sum"], np.float32), hard))
     return out
 
@@ -1424,7 +1444,7 @@ def stored_bytes(real: pa.Table, width: int, work: Path, copies: int = 5,
     from valuegate.settings import ExtractSettings
     from valuegate.tasks.extract import feature_row
 
-    hidden = len(real["pooled_hidden"][0])
+    hidden = len(real["mean_hidden"][0])
     ws = Workspace(str(work / "layout-ws"))
     out = []
     old_schema = float32_rows_schema(schemas.features_schema(hidden, len(real["pooled_error"][0])))
@@ -1457,7 +1477,7 @@ def stored_bytes(real: pa.Table, width: int, work: Path, copies: int = 5,
 def bench_layout(real: pa.Table, width: int, vocab: int = 49152, n_valid: int = 40,
                  work: Path | None = None) -> dict:
     """Candidate feature-row layouts on real extracted rows: bytes per sample (the columns as stored,
-    with the candidate's ``rows``/``hard_rows``/``pooled_hidden`` sizes) and the Spearman correlation
+    with the candidate's ``rows``/``hard_rows``/``mean_hidden`` sizes) and the Spearman correlation
     of the ``mean`` and ``nearest`` aggregates against the float32 rows (format 4) (a proxy: the fidelity bar
     of issue 19 is against exact scores and the DataInf AUCs, which need the model).
 
@@ -1495,8 +1515,8 @@ def bench_layout(real: pa.Table, width: int, vocab: int = 49152, n_valid: int = 
         v = values(rws, w)
         floats = sum(r.size for r in rws) / n
         hard_floats = col_bytes["hard_rows"] / 4 * (w / width)
-        size = (base_bytes - col_bytes["rows"] - col_bytes["hard_rows"] - col_bytes["pooled_hidden"]
-                + (floats + hard_floats) * row_bytes_per_float + col_bytes["pooled_hidden"] * ph_bytes / 4)
+        size = (base_bytes - col_bytes["rows"] - col_bytes["hard_rows"] - col_bytes["mean_hidden"]
+                + (floats + hard_floats) * row_bytes_per_float + col_bytes["mean_hidden"] * ph_bytes / 4)
         out.append({"layout": name, "bytes_per_sample": size, "spearman_mean": _spearman(v.mean(1), ref_mean),
                     "spearman_nearest": _spearman(v.max(1), ref_near),
                     "max_rel_err": float(np.abs(v - ref).max() / np.abs(ref).max()), "note": note})
@@ -1505,11 +1525,11 @@ def bench_layout(real: pa.Table, width: int, vocab: int = 49152, n_valid: int = 
     add("float32 (format 4)", rows, width, 4)
     add("float16 rows, fp32 accumulation", [r.astype(np.float16).astype(np.float32) for r in rows], width, 2)
     add("bfloat16 rows, fp32 accumulation", [_bf16(r) for r in rows], width, 2)
-    add("float16 rows + float16 pooled_hidden", [r.astype(np.float16).astype(np.float32) for r in rows],
+    add("float16 rows + float16 mean_hidden", [r.astype(np.float16).astype(np.float32) for r in rows],
         width, 2, ph_bytes=2)
     # int8 rows with one float32 scale per support entry (max |block| / 127): 1 + 4/width bytes a float
     add("int8 rows, float32 scale per support entry", [_int8_blocks(r) for r in rows], width, 1 + 4 / width)
-    add("int8 rows + float16 pooled_hidden", [_int8_blocks(r) for r in rows], width, 1 + 4 / width, ph_bytes=2)
+    add("int8 rows + float16 mean_hidden", [_int8_blocks(r) for r in rows], width, 1 + 4 / width, ph_bytes=2)
     for k in (64, 32):
         g = rng.standard_normal((width, k)).astype(np.float32) / np.float32(np.sqrt(k))
         add(f"k_h {width}→{k} (Gaussian)", [r @ g for r in rows], k, 4)
@@ -1534,8 +1554,8 @@ def bench_layout(real: pa.Table, width: int, vocab: int = 49152, n_valid: int = 
     fac = float(np.mean(n_tok * sup + n_tok * width))
     hard_idx = col_bytes["hard_token_ids"]
     for label, b in (("float32", 4), ("float16", 2)):
-        size = (base_bytes - col_bytes["rows"] - col_bytes["hard_rows"] - col_bytes["pooled_hidden"]
-                + fac * b + hard_idx + col_bytes["pooled_hidden"] * b / 4)
+        size = (base_bytes - col_bytes["rows"] - col_bytes["hard_rows"] - col_bytes["mean_hidden"]
+                + fac * b + hard_idx + col_bytes["mean_hidden"] * b / 4)
         out.append({"layout": f"per-token factors, {label} (size only)", "bytes_per_sample": size,
                     "spearman_mean": None, "spearman_nearest": None, "max_rel_err": None,
                     "note": f"exact in float32; mean T={n_tok.mean():.1f}, |U|={sup.mean():.1f}; needs extraction "
@@ -1549,7 +1569,7 @@ def nearest_candidate_recall(real: pa.Table, rows: list[np.ndarray], tok: list, 
                              k: int = 5, cands: tuple[int, ...] = (10, 25, 50, 100)) -> list[dict]:
     """Candidates for the ``nearest`` aggregate from the dense pooled vectors: every real row against all
     others, the share of its exact top-``k`` (sparse values) found among the ``C`` others of largest
-    ``pooled_hidden`` dot product, and of largest cosine of the mean hidden states."""
+    ``Σ_t h_t`` dot product (what format 6 stored), and of largest cosine of the mean hidden states."""
     import scipy.sparse as sp
 
     n = real.num_rows
@@ -1561,9 +1581,9 @@ def nearest_candidate_recall(real: pa.Table, rows: list[np.ndarray], tok: list, 
     v = np.asarray((m @ m.T).todense())
     np.fill_diagonal(v, -np.inf)
     truth = np.argsort(-v, axis=1)[:, :k]
-    ph = real.column("pooled_hidden").combine_chunks().values.to_numpy(zero_copy_only=False).reshape(n, -1)
-    ph = ph.astype(np.float64)
-    mean_h = ph / np.maximum(real.column("n_tokens").to_numpy(), 1)[:, None]
+    mean_h = real.column("mean_hidden").combine_chunks().values.to_numpy(zero_copy_only=False).reshape(n, -1)
+    mean_h = mean_h.astype(np.float64)
+    ph = mean_h * real.column("n_tokens").to_numpy()[:, None]  # Σ_t h_t, what format 6 stored
     unit = mean_h / np.maximum(np.linalg.norm(mean_h, axis=1, keepdims=True), 1e-30)
     out = []
     sims = [("pooled dot", ph @ ph.T), ("mean-hidden cosine", unit @ unit.T)]
@@ -1705,7 +1725,7 @@ def main() -> None:
             elif a.real_cache is not None and a.real_cache.exists():
                 import pyarrow.parquet as pq
 
-                real = pq.read_table(a.real_cache)
+                real = with_mean_hidden(pq.read_table(a.real_cache))
                 out["real_features_source"] = f"{a.real_cache} (cached extraction)"
             else:
                 real = real_features_by_extraction(settings, a.data, 60 if a.quick else 200)

@@ -191,12 +191,10 @@ def compute_signals(data: Path, out: Path, loss_on: str, quick: bool, every: int
 
 
 def _mean_hidden_of(ws, fp: str, ids: list[str]) -> np.ndarray:
-    from valuegate.engine.aggregate import mean_hidden
     from valuegate.storage import features as fstore
-    from valuegate.tasks.score import _aligned, _pooled
+    from valuegate.tasks.score import _aligned, _hidden
 
-    t = _aligned(fstore.read_features(ws, fp, ids, ["id", "pooled_hidden", "n_tokens"]), ids)
-    return mean_hidden(_pooled(t, len(ids)), t["n_tokens"].to_numpy())
+    return _hidden(_aligned(fstore.read_features(ws, fp, ids, ["id", "mean_hidden"]), ids), len(ids))
 
 
 def _valid_hidden(ws, settings, valset: str) -> tuple[list[str], np.ndarray]:
@@ -227,7 +225,7 @@ def reference_table(ws, settings, valset: str) -> pl.DataFrame:
     from valuegate.engine.signals import SparseSet, ValidSide
     from valuegate.storage import features as fstore
     from valuegate.storage.valsets import read_valset
-    from valuegate.tasks.score import _feature_matrix
+    from valuegate.tasks.score import _feature_matrix, _hidden
     from valuegate.tasks.validation_set import valset_samples
 
     _, vrows = read_valset(ws, valset)
@@ -236,13 +234,12 @@ def reference_table(ws, settings, valset: str) -> pl.DataFrame:
     fp = model_fingerprint(fingerprint_settings(settings.model, ex, load_tokenizer(settings.model), 1.0))
     meta = fstore.read_feature_set(ws, fp)
     vocab, width = int(meta["vocab_size"]), int(meta["row_width"])
-    cols = ["id", "token_ids", "rows", "n_tokens", "mean_loss", "self_influence", "error_sum", "pooled_hidden",
+    cols = ["id", "token_ids", "rows", "n_tokens", "mean_loss", "self_influence", "error_sum", "mean_hidden",
             "hard_token_ids", "hard_rows", "hard_error_sum", "hard_n_tokens", "hard_mean_loss"]
     _, vt = _feature_matrix(fstore.read_features(ws, fp, vids, cols), vids, vocab, width)
     vs = SparseSet.from_arrow(vt, vocab, width)
-    pooled = np.asarray(vt["pooled_hidden"].combine_chunks().values.to_numpy(zero_copy_only=False),
-                        dtype=np.float64).reshape(len(vids), -1)
-    vside = ValidSide.build(vs, projected_centre(ex, int(meta["hidden_size"]), vocab, pooled, vs.tokens))
+    vside = ValidSide.build(vs, projected_centre(ex, int(meta["hidden_size"]), vocab, _hidden(vt, len(vids)),
+                                                 vs.tokens))
     ref = reference_signals(vs, SparseSet.from_arrow(vt, vocab, width, "hard_"), vside, settings.score.nearest_k)
     from valuegate.engine.signals import hidden_neighbours
 

@@ -117,7 +117,7 @@ def bench_family(family: str, root: Path, pics: list[Path], n: int, batch_size: 
     pairs = [(a, b) for w in workers for a, b in zip(feats[0], feats[w], strict=True)]
     same_tokens = all(np.array_equal(a.token_ids, b.token_ids) for a, b in pairs)
     diff = max(float(np.abs(x - y).max()) for a, b in pairs
-               for x, y in ((a.rows, b.rows), (a.pooled_hidden, b.pooled_hidden)))
+               for x, y in ((a.rows, b.rows), (a.mean_hidden, b.mean_hidden)))
     best_w = min(workers, key=lambda w: t_run[w])
     n_img = sum(len(s.images) for s in samples)
     return {"family": family, "samples": n, "images": n_img, "decode_s": t_decode, "processor_s": t_proc,

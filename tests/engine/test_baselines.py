@@ -151,8 +151,9 @@ def test_store_path_stores_the_unconditional_loss_and_scores_the_same(files, tmp
     df = read_score_run(ws, rep.run_id, "d")
     files_df, _ = score_files(str(train_path), str(valid_path), settings, progress=False)
     by_row = df.sort("row")
-    for col in BASELINE_COLUMNS:
-        np.testing.assert_allclose(by_row[col].to_numpy(), files_df[col].to_numpy(), rtol=1e-5, err_msg=col)
+    for col in BASELINE_COLUMNS:  # the store keeps the mean hidden state in float16 (feature format 7)
+        tol = {"rtol": 0, "atol": 2**-11} if col.startswith("rds") else {"rtol": 1e-5}
+        np.testing.assert_allclose(by_row[col].to_numpy(), files_df[col].to_numpy(), err_msg=col, **tol)
     stored = pl.from_arrow(ws.read(schemas.SCORES))
     assert set(BASELINE_COLUMNS) <= set(stored.columns) and stored["ifd"].null_count() == 0
 
@@ -177,7 +178,7 @@ def _kept(policy: str, frame: pl.DataFrame = FRAME, **cfg) -> list[str]:
 
 
 def test_rds_columns_equal_the_float64_cosines_across_chunks():
-    """rds_mean through the mean unit vector and rds_max in float32 chunks equal the plain float64 cosine
+    """rds_mean through the mean unit vector and rds_max, in float32 chunks, equal the plain float64 cosine
     matrix's mean and max (a zero row has cosine 0 with everything)."""
     from valuegate.engine.baselines import rds_columns
 
@@ -188,7 +189,7 @@ def test_rds_columns_equal_the_float64_cosines_across_chunks():
                                where=np.linalg.norm(x, axis=1, keepdims=True) > 0)
     cos = unit(t) @ unit(v).T
     mean, mx = rds_columns(t, v, rows=4)
-    np.testing.assert_allclose(mean, cos.mean(1), rtol=0, atol=1e-12)
+    np.testing.assert_allclose(mean, cos.mean(1), rtol=0, atol=1e-6)
     np.testing.assert_allclose(mx, cos.max(1), rtol=0, atol=1e-6)
     assert mx[3] == 0 and mean[3] == 0
 

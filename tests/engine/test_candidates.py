@@ -19,6 +19,7 @@ from valuegate.engine.aggregate import (
 )
 from valuegate.engine.candidates import BlockRows, CandidateSide, candidate_values, top_candidates
 from valuegate.engine.forvalue import sparse_cross_csr
+from valuegate.engine.quantize import quantize_rows
 from valuegate.engine.sketch import count_sketch
 from valuegate.settings import load_settings
 
@@ -152,8 +153,10 @@ def test_top_candidates_are_the_largest_sketch_products():
 
 @pytest.mark.parametrize("how", ["none", "length", "cosine"])
 def test_mean_by_streamed_blocks_equals_the_csr_mean(how):
-    """The streaming scan's per-batch product (block_inner_products with the context's weighted validation
-    vector) equals mean_aggregate on the CSR rows to 1e-12."""
+    """The streaming scan's per-batch product (block_inner_products of the stored int8 steps and their
+    scales with the context's weighted validation vector, float32) equals mean_aggregate on the CSR of the
+    rows those steps stand for (the readers' float32 rows) within the vector's float32 rounding, and the
+    chunked path's product with the same vector to 1e-12; float rows without scales give the same."""
     rng = np.random.default_rng(5)
     tm, vm = block_csr(rng, 30), block_csr(rng, 11)
     s = _settings(aggregate="mean", normalize=how)
@@ -161,11 +164,16 @@ def test_mean_by_streamed_blocks_equals_the_csr_mean(how):
     t_self, t_tok, t_loss, t_hidden = _train_cols(tm)
     ref = mean_aggregate(tm, vm, t_self, ctx.v_self, t_tok, ctx.v_tok, how)
     lengths = np.diff(tm.indptr) // WIDTH
-    raw = block_inner_products(tm.indices[::WIDTH] // WIDTH, tm.data.astype(np.float16), lengths, ctx.v_mean)
-    streamed = score_chunk(ctx, s.score, t_self, t_tok, t_loss, t_hidden, t_mean_raw=raw)
-    f16 = tm.copy()
-    f16.data = f16.data.astype(np.float16).astype(np.float32)
-    np.testing.assert_allclose(streamed.value, mean_aggregate(f16, vm, t_self, ctx.v_self, t_tok, ctx.v_tok, how),
-                               rtol=1e-12, atol=1e-15)
+    q, scales, rounded = quantize_rows(tm.data.reshape(-1, WIDTH))
+    stored = tm.copy()
+    stored.data = rounded.reshape(-1)
+    want = mean_aggregate(stored, vm, t_self, ctx.v_self, t_tok, ctx.v_tok, how)
+    for rows, sc in ((q, scales), (rounded, None)):
+        raw = block_inner_products(tm.indices[::WIDTH] // WIDTH, rows, lengths, ctx.v_mean, sc,
+                                   blocks_per_step=7)  # several steps, the last one partial
+        streamed = score_chunk(ctx, s.score, t_self, t_tok, t_loss, t_hidden, t_mean_raw=raw)
+        np.testing.assert_allclose(streamed.value, want, rtol=1e-6, atol=1e-7 * np.abs(want).max())
+        chunked = score_chunk(ctx, s.score, t_self, t_tok, t_loss, t_hidden, train_csr=stored)
+        np.testing.assert_allclose(streamed.value, chunked.value, rtol=1e-12, atol=1e-15)
     chunked = score_chunk(ctx, s.score, t_self, t_tok, t_loss, t_hidden, train_csr=tm)
-    np.testing.assert_allclose(chunked.value, ref, rtol=1e-12, atol=1e-15)
+    np.testing.assert_allclose(chunked.value, ref, rtol=1e-6, atol=1e-7 * np.abs(ref).max())

@@ -51,8 +51,22 @@ def test_rows_of_any_magnitude_are_stored_and_a_sketch_beyond_float16_is_an_erro
     assert np.isfinite(big.rows).all() and np.abs(big.rows).max() > 1e5
     feats = [_feats(np.random.default_rng(0)), _feats(np.random.default_rng(1), scale=1e6)]
     with pytest.raises(ValuegateError, match=r"^sample abc: a feature sketch value \(.*\) exceeds the range of "
-                                             r"the stored float16 sketch \(65504\); set extract.sketch_dim = 0"):
+                                             r"the stored float16 feature sketch \(65504\); set extract.sketch_dim = 0"):
         stored_features(feats, ExtractSettings(sketch_dim=8), ["sample xyz", "sample abc"])
+
+
+def test_the_mean_hidden_state_is_rounded_to_float16_and_one_beyond_its_range_is_an_error_naming_the_sample():
+    """Feature format 7 stores the mean hidden state in float16; the engine keeps the same rounded values."""
+    f = _feats(np.random.default_rng(4))
+    f.mean_hidden = np.array([1 / 3, -2.0e4, 1e-3], np.float32)
+    out = stored_features([f], ExtractSettings())[0]
+    assert out.mean_hidden.dtype == np.float32
+    np.testing.assert_array_equal(out.mean_hidden, np.array([1 / 3, -2.0e4, 1e-3], np.float16).astype(np.float32))
+    g = _feats(np.random.default_rng(5))
+    g.mean_hidden = np.array([0.0, 7e4, 1.0], np.float32)
+    with pytest.raises(ValuegateError, match=r"^sample abc: a mean hidden state value \(7e\+04\) exceeds the "
+                                             r"range of the stored float16 mean hidden state \(65504\)$"):
+        stored_features([_feats(np.random.default_rng(6)), g], ExtractSettings(), ["sample xyz", "sample abc"])
 
 
 def test_quantize_rows_round_trip_and_edge_cases():

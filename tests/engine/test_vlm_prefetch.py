@@ -31,7 +31,7 @@ def _settings(settings):
 
 def _fields(f):
     hard = f.hard
-    return [f.token_ids, f.rows, f.pooled_hidden, f.pooled_error, f.error_sum, np.float64(f.mean_loss),
+    return [f.token_ids, f.rows, f.mean_hidden, f.pooled_error, f.error_sum, np.float64(f.mean_loss),
             np.float64(f.self_influence), np.int64(f.n_tokens),
             *([] if hard is None else [hard.token_ids, hard.rows, hard.error_sum])]
 

@@ -1,5 +1,6 @@
-"""Feature formats 5 and 6 (issue 19): the sparse rows are stored in int8 steps with a float32 scale per
-support entry (format 6; float16 in format 5) and a sample can carry the count sketch of its stored rows;
+"""Feature formats 5 to 7 (issue 19): the sparse rows are stored in int8 steps with a float32 scale per
+support entry (format 6; float16 in format 5), the mean hidden state in float16 (format 7) and a sample can
+carry the count sketch of its stored rows;
 what is read back is consistent with itself (self-influence, sketch) and within half a step of the float32
 rows the engine computes."""
 
@@ -58,19 +59,24 @@ def _by_support(t: pa.Table, f32) -> list[int]:
 def test_rows_are_stored_in_int8_steps_within_their_precision(stored):
     t, f32, _, lm, ws, fp = stored
     raw = ws.read(schemas.features_table(fp))  # as stored, not through the store's readers
-    assert raw.schema.field("rows").type == pa.list_(pa.int8())
-    assert raw.schema.field("hard_rows").type == pa.list_(pa.int8())
+    assert raw.schema.field("rows").type == pa.binary()  # format 7: the int8 steps' bytes
+    assert raw.schema.field("hard_rows").type == pa.binary()
     assert raw.schema.field("rows_scale").type == pa.list_(pa.float32())
     assert t.schema.field("rows").type == pa.list_(pa.float32())  # the readers give float32 rows
     assert t.schema.field("hard_rows").type == pa.list_(pa.float32())
-    assert t.schema.field("pooled_hidden").type.value_type == pa.float32()  # kept: Σ_t h_t can leave float16
     width = lm.hidden_size
     order = _by_support(t, f32)
+    # format 7: the mean hidden state in float16, the float32 mean within float16's rounding
+    assert raw.schema.field("mean_hidden").type == pa.list_(pa.float16(), lm.hidden_size)
+    for f, i in zip(f32, order, strict=True):
+        got = np.asarray(t["mean_hidden"][i].values.to_numpy(zero_copy_only=False))
+        assert got.dtype == np.float16
+        np.testing.assert_allclose(got.astype(np.float32), f.mean_hidden, rtol=2**-10, atol=1e-6)
     raw_pos = {i: p for p, i in enumerate(raw["id"].to_pylist())}
     for f, i in zip(f32, order, strict=True):
         got = np.asarray(t["rows"][i].values.to_numpy(zero_copy_only=False)).reshape(-1, width)
         p = raw_pos[t["id"][i].as_py()]
-        q = np.asarray(raw["rows"][p].values.to_numpy(zero_copy_only=False)).reshape(-1, width)
+        q = np.frombuffer(raw["rows"][p].as_py(), dtype=np.int8).reshape(-1, width)
         scale = np.asarray(raw["rows_scale"][p].values.to_numpy(zero_copy_only=False))
         assert q.dtype == np.int8 and np.abs(q).max() <= 127 and scale.shape == (got.shape[0],)
         np.testing.assert_array_equal(got, q.astype(np.float32) * scale[:, None])  # read = q · scale
@@ -87,15 +93,21 @@ def test_rows_are_stored_in_int8_steps_within_their_precision(stored):
     assert data.dtype == np.float32
     m = sp.csr_matrix((data.astype(np.float64), indices, indptr), shape=(t.num_rows, lm.vocab_size * width))
     vec = np.asarray(m.mean(0)).reshape(-1)
-    ids, got = [], []
-    for batch in fstore.iter_features(ws, fp, ["id", "token_ids", "rows"], batch_rows=4):
-        tok = batch.column(1)
-        ids += batch.column(0).to_pylist()
-        got += list(block_inner_products(tok.flatten().to_numpy(zero_copy_only=False),
-                                         batch.column(2).flatten().to_numpy(zero_copy_only=False),
-                                         np.diff(tok.offsets.to_numpy()), vec))
     want = dict(zip(t["id"].to_pylist(), m @ vec, strict=True))
-    np.testing.assert_allclose(got, [want[i] for i in ids], rtol=1e-9)
+    for steps in (False, True):  # float32 rows, and the int8 steps with their scales (the scan's path)
+        ids, got = [], []
+        for batch in fstore.iter_features(ws, fp, ["id", "token_ids", "rows"], batch_rows=4, steps=steps):
+            tok = batch.column(1)
+            ids += batch.column(0).to_pylist()
+            if steps:
+                rows = fstore.row_steps(batch.column("rows"))[1]
+                assert rows.dtype == np.int8
+                scales = batch.column("rows_scale").flatten().to_numpy(zero_copy_only=False)
+            else:
+                rows, scales = batch.column("rows").flatten().to_numpy(zero_copy_only=False), None
+            got += list(block_inner_products(tok.flatten().to_numpy(zero_copy_only=False), rows,
+                                             np.diff(tok.offsets.to_numpy()), vec, scales))
+        np.testing.assert_allclose(got, [want[i] for i in ids], rtol=1e-9)
 
 
 def test_the_sketch_is_the_count_sketch_of_the_stored_rows(stored):
@@ -134,7 +146,7 @@ def test_the_writer_rounds_float_rows_to_int8_steps_of_any_magnitude_and_refuses
     def row(i: str, rows: np.ndarray, **more) -> dict:
         return {"id": i, "token_ids": np.array([1, 4], np.int32), "rows": rows, "n_tokens": 2,
                 "mean_loss": 1.0, "dropped_mass": 0.0, "self_influence": 1.0,
-                "pooled_hidden": np.zeros(4, np.float32), "pooled_error": np.zeros(1, np.float32),
+                "mean_hidden": np.zeros(4, np.float32), "pooled_error": np.zeros(1, np.float32),
                 "error_sum": np.zeros(2, np.float32), "batch": 0, "seconds": 0.0, **more}
 
     # two blocks of width 2: steps 1/127 and 3.5e4/127; no float16 limit any more (1e30 is stored too)
@@ -149,3 +161,8 @@ def test_the_writer_rounds_float_rows_to_int8_steps_of_any_magnitude_and_refuses
         fstore.write_features(ws, "b" * 64, [row("b", np.ones(4, np.float32), sketch=np.array([1.0, 7e4]))], 4, 1,
                               sketch_dim=2)
     assert fstore.feature_ids(ws, "b" * 64) == set()  # nothing of the refused batch was written
+    with pytest.raises(ValueError, match=r"feature row 'h': its mean_hidden holds a value beyond the range of "
+                                         r"float16 \(9e\+04\)"):
+        fstore.write_features(ws, fp, [row("h", np.ones(4, np.float32), mean_hidden=np.array([0, 9e4, 0, 1.0]))],
+                              4, 1)
+    assert "h" not in fstore.feature_ids(ws, fp)

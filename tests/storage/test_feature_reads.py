@@ -32,7 +32,7 @@ def _rows(rng: np.random.Generator, start: int, n: int) -> list[dict]:
         out.append({"id": f"s{i:04d}", "truncated": bool(i % 7 == 0), "token_ids": sup,
                     "rows": rng.normal(size=sup.size * WIDTH).astype(np.float32), "n_tokens": 3,
                     "mean_loss": 1.0, "dropped_mass": 0.0, "self_influence": 1.0,
-                    "pooled_hidden": (rng.normal(size=HIDDEN) * rng.uniform(0.1, 10)).astype(np.float32),
+                    "mean_hidden": (rng.normal(size=HIDDEN) * rng.uniform(0.1, 10)).astype(np.float32),
                     "pooled_error": np.zeros(1, np.float32), "error_sum": np.zeros(sup.size, np.float32),
                     "batch": 0, "seconds": 0.0})
     return out
@@ -55,7 +55,7 @@ def test_reads_by_id_return_the_rows_of_the_in_query(ws):
     rng = np.random.default_rng(0)
     table = _table(ws, rng, 250)
     ws.delete(table, "id IN ('s0003', 's0150')")  # deletions shift the offsets of later rows
-    cols = ["id", "token_ids", "rows", "pooled_hidden", "truncated"]
+    cols = ["id", "token_ids", "rows", "mean_hidden", "truncated"]
     ids = [f"s{i:04d}" for i in rng.permutation(250)] + ["nope", "s0007"]  # a missing id, a repeat
     got = fstore.read_features(ws, FP, ids, cols)
     expected_ids = [i for i in dict.fromkeys(ids) if i not in ("nope", "s0003", "s0150")]
@@ -92,25 +92,25 @@ def test_vector_search_is_dot_with_and_without_the_index(ws):
     same top-k (it built a cosine index before, so the indexed search ranked by cosine)."""
     rng = np.random.default_rng(2)
     _table(ws, rng, 300)
-    t = fstore.read_features(ws, FP, columns=["id", "pooled_hidden"])
-    x = t["pooled_hidden"].combine_chunks().values.to_numpy().reshape(-1, HIDDEN)
+    t = fstore.read_features(ws, FP, columns=["id", "mean_hidden"])
+    x = t["mean_hidden"].combine_chunks().values.to_numpy().reshape(-1, HIDDEN)
     ids = np.array(t["id"].to_pylist())
     queries = rng.normal(size=(5, HIDDEN)).astype(np.float32)
     truth = [list(ids[np.argsort(-(x @ q), kind="stable")[:10]]) for q in queries]
     assert [fstore.search_features(ws, FP, q, 10, columns=["id"])["id"].to_pylist() for q in queries] == truth
     assert fstore.maybe_index_features(ws, FP, min_rows=256)
     table = schemas.features_table(FP)
-    assert ws.vector_index_metric(table, "pooled_hidden") == fstore.SEARCH_METRIC == "dot"
-    assert [ws.search(table, "pooled_hidden", q, 10, columns=["id"])["id"].to_pylist() for q in queries] == truth
+    assert ws.vector_index_metric(table, "mean_hidden") == fstore.SEARCH_METRIC == "dot"
+    assert [ws.search(table, "mean_hidden", q, 10, columns=["id"])["id"].to_pylist() for q in queries] == truth
     assert [fstore.search_features(ws, FP, q, 10, columns=["id"])["id"].to_pylist() for q in queries] == truth
 
 
 def test_a_cosine_index_of_an_older_valuegate_is_rebuilt_as_dot(ws):
     rng = np.random.default_rng(3)
     table = _table(ws, rng, 300)
-    ws.create_vector_index(table, "pooled_hidden", metric="cosine")  # what maybe_index_features built before
+    ws.create_vector_index(table, "mean_hidden", metric="cosine")  # what maybe_index_features built before
     assert fstore.maybe_index_features(ws, FP, min_rows=256)  # not stale, but the wrong metric
-    assert ws.vector_index_metric(table, "pooled_hidden") == "dot"
+    assert ws.vector_index_metric(table, "mean_hidden") == "dot"
     assert not fstore.maybe_index_features(ws, FP, min_rows=256)
 
 
@@ -122,13 +122,14 @@ def test_a_streaming_scan_yields_every_row_once_and_its_product_is_the_csr_mean(
     valid = sp.random(6, VOCAB * WIDTH, density=0.5, format="csr", random_state=5, dtype=np.float32)
     v = np.asarray(valid.astype(np.float64).mean(axis=0)).reshape(-1)
     ids, parts = [], []
-    for batch in fstore.iter_features(ws, FP, ["id", "token_ids", "rows"], batch_rows=64):  # several batches
-        assert batch.num_rows <= 64
+    for batch in fstore.iter_features(ws, FP, ["id", "token_ids", "rows"], batch_rows=64, steps=True):
+        assert batch.num_rows <= 64  # several batches
         tok = batch.column(1)
         ids += batch.column(0).to_pylist()
         parts.append(block_inner_products(tok.flatten().to_numpy(zero_copy_only=False),
-                                          batch.column(2).flatten().to_numpy(zero_copy_only=False),
-                                          np.diff(tok.offsets.to_numpy()), v))
+                                          fstore.row_steps(batch.column("rows"))[1],
+                                          np.diff(tok.offsets.to_numpy()), v,
+                                          batch.column("rows_scale").flatten().to_numpy(zero_copy_only=False)))
     values = np.concatenate(parts)
     t = fstore.read_features(ws, FP, ids, ["id", "token_ids", "rows"])
     assert t["id"].to_pylist() == ids  # both in storage order

@@ -147,7 +147,7 @@ def test_scores_rows_keep_no_view_of_the_feature_batch(ws):
     plan = score_mod.plan_run(ws, "d", extracted, settings)
     ctx = score_mod.load_context(ws, plan, settings)
     batch = next(score_mod.fstore.iter_features(ws, plan.fp_t, ["id", "truncated", "n_tokens", "mean_loss",
-                                                               "uncond_loss", "self_influence", "pooled_hidden"]))
+                                                               "uncond_loss", "self_influence", "mean_hidden"]))
     tt = score_mod.pa.Table.from_batches([batch])
     spans = [(b.address, b.address + b.size) for col in tt.columns for chunk in col.chunks
              for b in chunk.buffers() if b is not None]

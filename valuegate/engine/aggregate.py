@@ -210,15 +210,17 @@ def _exact_values(lm: LoadedModel, enc_train: list[EncodedSample], enc_valid: li
     return _with_suspect(vm, settings)
 
 
-def projected_centre(cfg, hidden_size: int, vocab_size: int, pooled_hidden: np.ndarray,
+def projected_centre(cfg, hidden_size: int, vocab_size: int, hidden: np.ndarray,
                      n_tokens: np.ndarray) -> np.ndarray:
-    """``P_h μ`` (``(width,)`` float64) for the mean validation hidden state ``μ = Σ pooled / Σ tokens``.
+    """``P_h μ`` (``(width,)`` float64) for the mean validation hidden state over every counted position,
+    ``μ = Σ_j n_j h̄_j / Σ_j n_j``.
 
     Args:
-        cfg: extraction settings (projection seed and width). pooled_hidden: ``(n_v, d)`` ``Σ_t h_t`` per
-        validation sample. n_tokens: ``(n_v,)`` their counted positions.
+        cfg: extraction settings (projection seed and width). hidden: ``(n_v, d)`` each validation
+        sample's mean hidden state ``h̄_j``. n_tokens: ``(n_v,)`` their counted positions ``n_j``.
     """
-    mu = np.asarray(pooled_hidden, dtype=np.float64).sum(0) / max(int(np.sum(n_tokens)), 1)
+    n = np.asarray(n_tokens, dtype=np.float64)
+    mu = n @ np.asarray(hidden, dtype=np.float64) / max(float(n.sum()), 1.0)
     ph, _ = projections(cfg, hidden_size, vocab_size)
     return mu if ph is None else ph.double().numpy() @ mu
 
@@ -269,8 +271,8 @@ def compute_values(lm: LoadedModel, train: list[Sample], valid: list[Sample], se
     ft = extract_sparse(lm, enc_train, ex, train, ex.lowest_likelihood_ratio, progress, "train", stats)
     timings["extract_train"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    hidden = (mean_hidden(np.stack([f.pooled_hidden for f in ft]), np.array([f.n_tokens for f in ft])),
-              mean_hidden(np.stack([f.pooled_hidden for f in fv]), np.array([f.n_tokens for f in fv])))
+    hidden = (np.stack([f.mean_hidden for f in ft]).astype(np.float64),
+              np.stack([f.mean_hidden for f in fv]).astype(np.float64))
     if not settings.score.signals:
         values = sparse_cross(ft, fv, lm.vocab_size)
         timings["score"] = time.perf_counter() - t0
@@ -280,8 +282,7 @@ def compute_values(lm: LoadedModel, train: list[Sample], valid: list[Sample], se
                            np.array([f.mean_loss for f in ft]), timings, stats, train_hidden=hidden[0],
                            valid_hidden=hidden[1])
     k = settings.score.nearest_k
-    centre = projected_centre(ex, lm.hidden_size, lm.vocab_size, np.stack([f.pooled_hidden for f in fv]),
-                              np.array([f.n_tokens for f in fv]))
+    centre = projected_centre(ex, lm.hidden_size, lm.vocab_size, hidden[1], np.array([f.n_tokens for f in fv]))
     vs = SparseSet.from_features(fv, lm.vocab_size)
     vside = ValidSide.build(vs, centre)
     has_hard = ex.hard_fraction < 1.0
@@ -397,11 +398,13 @@ def mean_aggregate(train, valid, train_self: np.ndarray, valid_self: np.ndarray,
 
 
 def mean_vector(valid, valid_self: np.ndarray, valid_tokens: np.ndarray, how: str) -> np.ndarray:
-    """``Σ_j w_j Φ(z'_j)`` ``(V·width,)`` float64, the weighted validation vector of the ``mean``
-    aggregate under ``how`` (``w_j`` = :func:`valid_scale` / n_v): one inner product with it and
-    :func:`mean_finish` give :func:`mean_aggregate`. valid: ``(n_v, V·width)`` CSR."""
+    """``Σ_j w_j Φ(z'_j)`` ``(V·width,)``, the weighted validation vector of the ``mean`` aggregate under
+    ``how`` (``w_j`` = :func:`valid_scale` / n_v): one inner product with it and :func:`mean_finish`
+    give :func:`mean_aggregate` (within float32 rounding). Summed in float64, returned in float32: the
+    streaming scan gathers its blocks for every training block, and the stored rows it meets are int8
+    steps; every stored path multiplies with this one vector in float64. valid: ``(n_v, V·width)`` CSR."""
     w = valid_scale(how, valid_self, valid_tokens) / valid.shape[0]
-    return np.asarray(valid.astype(np.float64).T @ w).reshape(-1)
+    return np.asarray(valid.astype(np.float64).T @ w).reshape(-1).astype(np.float32)
 
 
 def mean_finish(raw: np.ndarray, train_self: np.ndarray, train_tokens: np.ndarray, how: str) -> np.ndarray:
@@ -418,32 +421,42 @@ def mean_finish(raw: np.ndarray, train_self: np.ndarray, train_tokens: np.ndarra
 
 
 def block_inner_products(tok: np.ndarray, rows: np.ndarray, lengths: np.ndarray, vector: np.ndarray,
-                         blocks_per_step: int = 4096) -> np.ndarray:
-    """``Σ_{u ∈ U_i} R_i[u] · vector[u]`` for n rows given as blocks, float64 (what a CSR product with
-    ``vector`` gives, without building the CSR): the ``mean`` aggregate of a streamed batch.
+                         scales: np.ndarray | None = None, blocks_per_step: int = 1024) -> np.ndarray:
+    """``Σ_{u ∈ U_i} R_i[u] · vector[u]`` ``(n,)`` float64 for n rows given as blocks (what a CSR product
+    with ``vector`` gives, without building the CSR): the ``mean`` aggregate of a streamed batch.
 
-    The blocks are upcast and the vector's blocks gathered ``blocks_per_step`` at a time into two reused
-    float64 buffers (``np.take``, not fancy indexing): a whole batch's temporaries were fresh pages each
-    batch, and that gather was 7-10x slower (issue 19's mean scan).
+    The blocks are taken ``blocks_per_step`` at a time into a reused float32 buffer (with ``scales``,
+    the stored int8 steps times their scale: the very float32 rows the store's readers return, so no
+    float32 copy of the batch is made) and the vector's blocks gathered into a reused one of the
+    vector's dtype (``np.take``, not fancy indexing; :func:`mean_vector` is float32); the buffers stay in
+    cache. Products and sums are float64, so the result equals the CSR product of the float32 rows with
+    the vector up to summation order (issue 19's mean scan: about 3x faster per batch than dequantizing
+    the batch, then upcasting it and the vector to float64).
 
     Args:
         tok: ``(nb,)`` every row's support tokens, concatenated. rows: ``(nb·width,)`` or ``(nb, width)``
-            their blocks (any float dtype). lengths: ``(n,)`` blocks per row. vector: ``(V·width,)``.
+            their blocks (int8 steps with ``scales``, else float). lengths: ``(n,)`` blocks per row.
+            vector: ``(V·width,)``. scales: ``(nb,)`` float32 the step of each block, or None.
     """
     n = len(lengths)
     if not len(tok):
         return np.zeros(n)
     r = np.asarray(rows).reshape(len(tok), -1)
-    dense = np.asarray(vector, dtype=np.float64).reshape(-1, r.shape[1])
+    width = r.shape[1]
+    dense = np.asarray(vector).reshape(-1, width)
     tok = np.asarray(tok, dtype=np.int64)
+    s = None if scales is None else np.asarray(scales, dtype=np.float32)
     dots = np.empty(len(tok))
     step = min(blocks_per_step, len(tok))
-    x, y = np.empty((step, r.shape[1])), np.empty((step, r.shape[1]))
+    x = np.empty((step, width), np.result_type(r.dtype, np.float32))
+    y = np.empty((step, width), dense.dtype)
     for lo in range(0, len(tok), step):
         m = min(step, len(tok) - lo)
-        np.copyto(x[:m], r[lo:lo + m])
+        np.copyto(x[:m], r[lo:lo + m], casting="unsafe")
+        if s is not None:
+            x[:m] *= s[lo:lo + m, None]
         np.take(dense, tok[lo:lo + m], axis=0, out=y[:m])
-        dots[lo:lo + m] = np.einsum("ij,ij->i", x[:m], y[:m])
+        dots[lo:lo + m] = np.einsum("ij,ij->i", x[:m], y[:m], dtype=np.float64)
     owner = np.repeat(np.arange(n), lengths)
     return np.bincount(owner, weights=dots, minlength=n)
 
@@ -490,7 +503,7 @@ def sketch_dim(settings: Settings) -> int:
     return int(getattr(settings.extract, "sketch_dim", 0) or 256)
 
 
-def build_context(vids: list[str], v_self: np.ndarray, v_tok: np.ndarray, pooled: np.ndarray, settings: Settings,
+def build_context(vids: list[str], v_self: np.ndarray, v_tok: np.ndarray, hidden: np.ndarray, settings: Settings,
                   hidden_size: int, vocab: int, vm: object = None, valid: SparseSet | None = None,
                   valid_hard: SparseSet | None = None, width: int = 1,
                   v_sketch: np.ndarray | None = None) -> ScoringContext:
@@ -498,7 +511,8 @@ def build_context(vids: list[str], v_self: np.ndarray, v_tok: np.ndarray, pooled
 
     Args:
         vids: the validation ids in scoring order (n_v). v_self, v_tok: ``(n_v,)`` ``‖Φ'‖²`` and counted
-            positions. pooled: ``(n_v, d)`` ``Σ_t h_t``. hidden_size, vocab: the feature set's ``d`` and ``V``.
+            positions. hidden: ``(n_v, d)`` mean hidden states. hidden_size, vocab: the feature set's ``d``
+            and ``V``.
         vm: ``(n_v, V·width)`` CSR of the sparse rows (signals off). valid, valid_hard: the rows as
             :class:`SparseSet` (signals on; ``valid_hard`` when ``extract.hard_fraction < 1``).
         width: floats per support entry of ``vm`` (its blocks, for the candidates' rescoring).
@@ -515,9 +529,9 @@ def build_context(vids: list[str], v_self: np.ndarray, v_tok: np.ndarray, pooled
         ctx.cand = CandidateSide.build(vm, width, sk, valid_scale(sc.normalize, v_self, v_tok))
     elif not sc.signals and sc.aggregate != "mean" and vm is not None:
         ctx.groups = TokenGroups.build(BlockRows.from_csr(vm, width), vocab)
-    ctx.v_hidden = mean_hidden(pooled, ctx.v_tok)  # the rds baselines, and the local suspect reference
+    ctx.v_hidden = np.asarray(hidden, dtype=np.float64)  # the rds baselines, and the local suspect reference
     if sc.signals:
-        ctx.vside = ValidSide.build(valid, projected_centre(ex, hidden_size, vocab, pooled, ctx.v_tok))
+        ctx.vside = ValidSide.build(valid, projected_centre(ex, hidden_size, vocab, ctx.v_hidden, ctx.v_tok))
         ctx.reference = reference_signals(valid, valid_hard, ctx.vside, sc.nearest_k)
         if sc.suspect_neighbours > 0:
             ctx.valid_nb = hidden_neighbours(ctx.v_hidden, ctx.v_hidden, ctx.v_hidden.mean(0),
@@ -609,7 +623,8 @@ def score_chunk(ctx: ScoringContext, sc, t_self: np.ndarray, t_tok: np.ndarray, 
         raw = terms.raw
     elif sc.aggregate == "mean":
         if t_mean_raw is None:
-            t_mean_raw = (np.asarray(train_csr.astype(np.float64) @ ctx.v_mean).reshape(-1) if ctx.v_mean is not None
+            t_mean_raw = (np.asarray(train_csr.astype(np.float64) @ ctx.v_mean.astype(np.float64)).reshape(-1)
+                          if ctx.v_mean is not None
                           else sparse_mean_csr(train_csr, ctx.vm, valid_scale(sc.normalize, ctx.v_self, ctx.v_tok)
                                                / ctx.vm.shape[0]))
         out.value = mean_finish(t_mean_raw, t_self, t_tok, sc.normalize)

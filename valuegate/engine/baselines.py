@@ -25,7 +25,7 @@ Columns (one value per training sample):
   of the sample's mean-pooled final hidden state with each validation sample's, averaged (the mean of the
   cosines, not the cosine with the mean vector: every validation sample counts as one query, as RDS+ scores
   each query) and maximised over the validation set. The pooled state is the plain mean over the counted
-  positions, the one the features store (``pooled_hidden``); RDS+ itself pools with position weights over
+  positions, the one the features store (``mean_hidden``, float16); RDS+ itself pools with position weights over
   every token of the base model's input: a difference of pooling, not of method.
 
 With ``extract.lowest_likelihood_ratio < 1`` a training sample's features cover only its hardest counted
@@ -122,9 +122,10 @@ def unconditional_losses(lm: LoadedModel, samples: list[Sample], cfg: ExtractSet
     return out
 
 
-def _unit(x: np.ndarray) -> np.ndarray:
-    x = np.asarray(x, dtype=np.float64)
-    norm = np.linalg.norm(x, axis=1, keepdims=True)
+def _unit(x: np.ndarray, dtype=np.float64) -> np.ndarray:
+    """``(n, d)`` rows of ``x`` scaled to unit length in ``dtype`` (all-zero rows stay 0)."""
+    x = np.asarray(x, dtype=dtype)
+    norm = np.sqrt(np.einsum("ij,ij->i", x, x))[:, None]
     return np.divide(x, norm, out=np.zeros_like(x), where=norm > 0)
 
 
@@ -156,16 +157,20 @@ def baseline_columns(mean_loss: np.ndarray, n_tokens: np.ndarray, uncond_loss: n
 def rds_columns(train_hidden: np.ndarray, valid_hidden: np.ndarray, rows: int = 8192) -> tuple[np.ndarray, np.ndarray]:
     """``rds_mean`` and ``rds_max`` ``(n,)`` float64 of pooled states ``(n, d)`` against ``(n_v, d)``.
 
-    The mean of the cosines is the cosine-weighted product with the mean unit validation vector, one
-    float64 matrix-vector product (exact). The max needs every cosine: one float32 product per ``rows``
-    training rows (cosines within about 1e-6 of float64's; half the time and memory of the float64 product,
-    which was a third of a signals-off mean scan, issue 19).
+    The mean of the cosines is the product with the mean unit validation vector; the max needs every
+    cosine. Both run in float32 (``rows`` training rows at a time): cosines within about 1e-6 of
+    float64's, far inside the float16 the mean hidden states are stored in (feature format 7), at half
+    the time and memory of float64 (the max's product is the largest cost of a signals-off mean scan
+    after the reads, issue 19).
     """
-    t, v = _unit(train_hidden), _unit(valid_hidden)
-    rds_mean = t @ v.mean(0) if len(v) else np.full(len(t), np.nan)
-    rds_max = np.full(len(t), np.nan)
-    if len(v):
-        v32 = v.astype(np.float32).T
-        for lo in range(0, len(t), rows):
-            rds_max[lo:lo + rows] = (t[lo:lo + rows].astype(np.float32) @ v32).max(1)
+    n = len(train_hidden)
+    rds_mean, rds_max = np.full(n, np.nan), np.full(n, np.nan)
+    if not len(valid_hidden):
+        return rds_mean, rds_max
+    v = _unit(valid_hidden)
+    v_mean, v32 = v.mean(0).astype(np.float32), v.astype(np.float32).T
+    for lo in range(0, n, rows):
+        t = _unit(train_hidden[lo:lo + rows], np.float32)
+        rds_mean[lo:lo + rows] = t @ v_mean
+        rds_max[lo:lo + rows] = (t @ v32).max(1)
     return rds_mean, rds_max

@@ -5,15 +5,19 @@ engine share one definition.
 """
 
 # Version of the feature layout: part of every model fingerprint, bumped when a stored feature changes.
-FEATURE_FORMAT = 6  # 3: the `truncated` column; 4: `uncond_loss` (IFD's pass of the response alone);
+FEATURE_FORMAT = 7  # 3: the `truncated` column; 4: `uncond_loss` (IFD's pass of the response alone);
 # 5: `rows`/`hard_rows` stored in float16 (self_influence of the stored rows), the `sketch` column (issue 19);
 # 6: `rows`/`hard_rows` in int8 with a float32 scale per support entry (`rows_scale`, `hard_rows_scale`;
-# valuegate/engine/quantize.py), issue 19
+# valuegate/engine/quantize.py), issue 19; 7: `mean_hidden` (float16 mean hidden state) replaces `pooled_hidden`
+# (float32 Σ_t h_t), and the int8 rows are stored as one `binary` value per sample (Lance decodes those bytes
+# about 4x faster than `list<int8>`), issue 19
 
-# The stored precision of the sparse rows (`rows`, `hard_rows`, with their scales) and of the `sketch`
-# column: numpy/Arrow names. The store's readers give the rows back in float32 (never int8 arithmetic).
+# The stored precision of the sparse rows (`rows`, `hard_rows`, with their scales), of the `sketch`
+# column and of `mean_hidden`: numpy/Arrow names. The store's readers give the rows back in float32; the
+# streaming mean scan multiplies the int8 steps themselves (valuegate/engine/aggregate.py: block_inner_products).
 STORED_ROW_DTYPE = "int8"
 SKETCH_DTYPE = "float16"
+HIDDEN_DTYPE = "float16"
 
 # The signals of valuegate/engine/signals.py (documented there), on all counted tokens; each also exists on the
 # hardest fraction of them with a ``hard_`` prefix. Every one is a column of a scores run.

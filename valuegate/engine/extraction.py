@@ -21,7 +21,6 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from valuegate.engine.columns import SKETCH_DTYPE
 from valuegate.engine.forvalue import (
     SparseFeatures,
     TokenBlock,
@@ -220,21 +219,21 @@ def block_features(block: TokenBlock, cfg: ExtractSettings, ph: torch.Tensor | N
     return feats
 
 
-def _stored_sketch(sketch: np.ndarray, label: str) -> np.ndarray:
-    """A sketch rounded to :data:`SKETCH_DTYPE`; an error when a value leaves its range."""
+def _stored_half(values: np.ndarray, label: str, what: str, hint: str = "") -> np.ndarray:
+    """``values`` rounded to float16 (the stored dtype of the sketch and of ``mean_hidden``,
+    ``engine/columns.py``); an error naming the sample and ``what`` when a value leaves its range."""
     with np.errstate(over="ignore"):  # checked below
-        out = sketch.astype(SKETCH_DTYPE)
+        out = np.asarray(values).astype(np.float16)
     if not np.isfinite(out).all():
-        big = float(np.abs(sketch).max())
-        raise ValuegateError(f"{label}: a feature sketch value ({big:.4g}) exceeds the range of the stored "
-                             f"{SKETCH_DTYPE} sketch ({float(np.finfo(SKETCH_DTYPE).max):.0f}); set "
-                             "extract.sketch_dim = 0")
+        big = float(np.abs(values).max())
+        raise ValuegateError(f"{label}: a {what} value ({big:.4g}) exceeds the range of the stored float16 "
+                             f"{what} ({float(np.finfo(np.float16).max):.0f})" + (f"; {hint}" if hint else ""))
     return out
 
 
 def stored_features(feats: list[SparseFeatures], cfg: ExtractSettings,
                     labels: list[str] | None = None) -> list[SparseFeatures]:
-    """The features as the feature store keeps them (feature format 6; ``storage/schemas.py``), in place.
+    """The features as the feature store keeps them (feature format 7; ``storage/schemas.py``), in place.
 
     - ``rows`` and ``hard.rows`` rounded to int8 steps with one float32 scale per support entry
       (:func:`~valuegate.engine.quantize.quantize_rows`: each value within ``1/254`` of its block's
@@ -244,18 +243,22 @@ def stored_features(feats: list[SparseFeatures], cfg: ExtractSettings,
     - ``sketch``: :func:`~valuegate.engine.sketch.count_sketch` ``(cfg.sketch_dim,)`` of the rounded rows
       (CSR columns ``token·width + j``, seed ``cfg.seed``: train and validation rows share it), stored in
       float16, so it equals, up to that rounding, the sketch a reader computes from the stored rows;
-      None when ``cfg.sketch_dim`` is 0 (the default). Costs about 1.4 ms per sample of 3,700 entries.
+      None when ``cfg.sketch_dim`` is 0 (the default). Costs about 1.4 ms per sample of 3,700 entries;
+    - ``mean_hidden`` rounded to float16 (kept as the float32 of those values: every reader, stored or in
+      memory, sees the same mean hidden state).
 
     Args:
         feats: one block's features (:func:`block_features`). labels: per sample, how an error names it.
 
     Raises:
-        ValuegateError: a sketch value beyond float16's range (about 65,504), naming the sample.
+        ValuegateError: a sketch or mean hidden value beyond float16's range (about 65,504), naming the
+            sample.
     """
     import scipy.sparse as sp
 
     names = labels if labels is not None else [f"sample {i}" for i in range(len(feats))]
-    for f in feats:
+    for f, name in zip(feats, names, strict=True):
+        f.mean_hidden = _stored_half(f.mean_hidden, name, "mean hidden state").astype(np.float32)
         _, f.rows_scale, f.rows = quantize_rows(f.rows)
         f.self_influence = float(np.square(f.rows, dtype=np.float64).sum())
         if f.hard is not None:
@@ -270,7 +273,7 @@ def stored_features(feats: list[SparseFeatures], cfg: ExtractSettings,
         indptr = np.concatenate([[0], np.cumsum(lengths * width)])
         m = sp.csr_matrix((data, indices, indptr), shape=(len(feats), (int(tok.max()) + 1) * width))
         for f, sk, name in zip(feats, count_sketch(m, cfg.sketch_dim, seed=cfg.seed), names, strict=True):
-            f.sketch = _stored_sketch(sk, name)
+            f.sketch = _stored_half(sk, name, "feature sketch", "set extract.sketch_dim = 0")
     return feats
 
 

@@ -268,7 +268,9 @@ class SparseFeatures:
             of the sparse path: 0 means the rows are exact in the vocabulary).
         self_influence: ``Σ_u ‖R[u]‖²``, the sparse estimate of ``‖Φ(z)‖²_F``, in float64 (of the rows as
             they are: in the stored form, of the rounded rows).
-        pooled_hidden: ``(d,)`` float32, ``Σ_t h_t`` (for vector search only).
+        mean_hidden: ``(d,)`` float32, the mean final hidden state ``Σ_t h_t / n_tokens`` over the counted
+            positions (the RDS baselines, the local suspect reference, the signals' centre, vector search);
+            in the stored form rounded to float16.
         pooled_error: ``(k_e,)`` float32, ``Σ_t P_e a_t`` on the support (for vector search only).
         error_sum: ``(|U|,)`` float32, ``Σ_t a_t[U]``, aligned with ``token_ids``: with it the rows of the
             sample with hidden states centred on any vector ``μ`` are ``R − error_sum ⊗ P_h μ``, so the
@@ -286,7 +288,7 @@ class SparseFeatures:
     mean_loss: float
     dropped_mass: float
     self_influence: float
-    pooled_hidden: np.ndarray
+    mean_hidden: np.ndarray
     pooled_error: np.ndarray
     error_sum: np.ndarray
     hard: SparseFeatures | None = None
@@ -363,7 +365,7 @@ def sparse_features(block: TokenBlock, support_k: int, hidden_proj: torch.Tensor
             mean_loss=loss,
             dropped_mass=float((1.0 - kept_mass).clamp_min(0).double().mean()),
             self_influence=float(rows.double().pow(2).sum()),
-            pooled_hidden=block.hidden[lo:hi].sum(0).cpu().numpy(),
+            mean_hidden=block.hidden[lo:hi].double().mean(0).float().cpu().numpy(),
             pooled_error=pooled_error,
             error_sum=err.sum(0).cpu().numpy().astype(np.float32, copy=False),
         ))

@@ -117,7 +117,7 @@ def _stored_precision(row: dict) -> dict:
 
     Raises:
         ValueError: a sketch or mean hidden value beyond float16's range (it would be stored as infinity),
-            naming the id.
+            or int8 rows without their scales, naming the id.
     """
     out = dict(row)
     for col, tok in (("rows", "token_ids"), ("hard_rows", "hard_token_ids")):
@@ -125,6 +125,9 @@ def _stored_precision(row: dict) -> dict:
         if v is None or isinstance(v, bytes):
             continue
         if getattr(v, "dtype", None) == STORED_DTYPE:  # int8 steps already (with their scales)
+            if row.get(f"{col}_scale") is None:
+                raise ValueError(f"feature row {row.get('id')!r}: its {col} are int8 steps without "
+                                 f"{col}_scale (a step per support entry)")
             out[col] = np.ascontiguousarray(v).tobytes()
             continue
         q, scale = stored_int8(v, len(row[tok]), row.get(f"{col}_scale"))

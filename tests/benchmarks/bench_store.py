@@ -1198,8 +1198,9 @@ def recall_rows(real: pa.Table, workspace: Path | None) -> pa.Table:
     if workspace is not None:
         ws = Workspace(str(workspace))
         for name in ws.table_names():
-            if name.startswith("features__"):
-                parts.append(ws.read(name, columns=cols).cast(schema))
+            if name.startswith("features__"):  # float32 rows, whatever the table's format stored
+                fetch = [c for c in fstore.with_scales(cols) if c in ws.schema(name).names]
+                parts.append(fstore.dequantized(ws.read(name, columns=fetch), cols).cast(schema))
     return pa.concat_tables(parts)
 
 

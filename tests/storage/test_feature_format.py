@@ -166,3 +166,7 @@ def test_the_writer_rounds_float_rows_to_int8_steps_of_any_magnitude_and_refuses
         fstore.write_features(ws, fp, [row("h", np.ones(4, np.float32), mean_hidden=np.array([0, 9e4, 0, 1.0]))],
                               4, 1)
     assert "h" not in fstore.feature_ids(ws, fp)
+    # int8 steps are only meaningful with their scales: one line naming the row, not Arrow's null error
+    with pytest.raises(ValueError, match=r"^feature row 'q': its rows are int8 steps without rows_scale"):
+        fstore.write_features(ws, fp, [row("q", np.ones(4, np.int8))], 4, 1)
+    assert "q" not in fstore.feature_ids(ws, fp)

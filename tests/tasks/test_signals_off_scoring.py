@@ -122,6 +122,26 @@ def test_stored_sketches_are_the_ones_scoring_would_compute(ws):
     assert ctx.cand.sketch is not None and ctx.cand.sketch.shape == (7, sketch_dim(settings))
 
 
+def test_candidates_without_stored_sketches_are_said_once(ws, caplog):
+    """``nearest_candidates > 0`` on features stored without a sketch (``extract.sketch_dim = 0``, the
+    default) sketches every row while scoring, about 1.4 ms a row: the run says so, once; the exact
+    nearest (the default) and stored sketches say nothing."""
+    import logging
+
+    with caplog.at_level(logging.WARNING, logger="valuegate"):
+        score_dataset(ws, "d", "val", _settings(ws, aggregate="nearest", nearest_candidates=3), progress=False,
+                      write=False)
+    said = [r.getMessage() for r in caplog.records if "nearest_candidates" in r.getMessage()]
+    assert len(said) == 1 and "no count sketch" in said[0] and "extract.sketch_dim" in said[0], said
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="valuegate"):
+        score_dataset(ws, "d", "val", _settings(ws, aggregate="nearest"), progress=False, write=False)
+        settings = _settings(ws, aggregate="nearest", nearest_candidates=3)
+        settings = settings.model_copy(update={"extract": settings.extract.model_copy(update={"sketch_dim": 64})})
+        score_dataset(ws, "d", "val", settings, progress=False, write=False)
+    assert not [r for r in caplog.records if "nearest_candidates" in r.getMessage()]
+
+
 def test_score_shards_with_signals_off_equal_the_streamed_run(ws):
     """The dask/ray path scores shards by id (no scan): the same values as the one-scan run."""
     from valuegate.storage.lance import sql_str

@@ -110,8 +110,7 @@ def truncated_ids(ws: Workspace, model_fp: str, ids: list[str]) -> list[str]:
 
 def _stored_precision(row: dict) -> dict:
     """``row`` in the stored form: ``rows``/``hard_rows`` as the bytes of their int8 steps with their
-    ``*_scale`` (the
-    extraction's rounded rows and scales give back the same steps exactly,
+    ``*_scale`` (the extraction's rounded rows and scales give back the same steps exactly,
     :func:`valuegate.engine.extraction.stored_features`; other writers' float rows are rounded here), the
     ``sketch`` and ``mean_hidden`` in float16.
 
@@ -240,13 +239,14 @@ def row_steps(rows) -> tuple[np.ndarray, np.ndarray]:
         ``steps[offsets[i]:offsets[i+1]]`` (zero-copy views of the column's buffers where possible).
     """
     rows = _one_chunk(rows)
+    if len(rows) == 0:
+        return np.zeros(1, np.int64), np.zeros(0, np.int8)
     if rows.null_count:
         rows = pc.if_else(rows.is_null(), pa.scalar(b"" if pa.types.is_binary(rows.type) else [],
                                                    type=rows.type), rows)
     if pa.types.is_binary(rows.type):
         off = np.frombuffer(rows.buffers()[1], dtype=np.int32)[rows.offset:rows.offset + len(rows) + 1]
-        data = np.frombuffer(rows.buffers()[2], dtype=np.int8) if len(rows) and off[-1] > off[0] \
-            else np.zeros(0, np.int8)
+        data = np.frombuffer(rows.buffers()[2], dtype=np.int8) if off[-1] > off[0] else np.zeros(0, np.int8)
         return off.astype(np.int64) - int(off[0]), data[off[0]:off[-1]]
     off = rows.offsets.to_numpy(zero_copy_only=False).astype(np.int64)
     return off - off[0], rows.flatten().to_numpy(zero_copy_only=False)

@@ -170,3 +170,24 @@ def test_the_writer_rounds_float_rows_to_int8_steps_of_any_magnitude_and_refuses
     with pytest.raises(ValueError, match=r"^feature row 'q': its rows are int8 steps without rows_scale"):
         fstore.write_features(ws, fp, [row("q", np.ones(4, np.int8))], 4, 1)
     assert "q" not in fstore.feature_ids(ws, fp)
+
+
+def test_row_steps_of_binary_and_list_columns_sliced_empty_and_null():
+    """The int8 steps of a stored row column: format 7's ``binary``, format 6's ``list<int8>``; a slice
+    starts at its own first row, a null row holds no steps, an empty column has one offset."""
+    b = pa.array([b"\x01\x02", None, b"\xff", b""], type=pa.binary())
+    off, q = fstore.row_steps(b)
+    assert off.tolist() == [0, 2, 2, 3, 3] and q.tolist() == [1, 2, -1]
+    off, q = fstore.row_steps(b.slice(2))
+    assert off.tolist() == [0, 1, 1] and q.tolist() == [-1]
+    off, q = fstore.row_steps(pa.chunked_array([b.slice(0, 1), b.slice(2, 1)]))
+    assert off.tolist() == [0, 2, 3] and q.tolist() == [1, 2, -1]
+    off, q = fstore.row_steps(pa.array([[1, 2], None, [-3]], type=pa.list_(pa.int8())))
+    assert off.tolist() == [0, 2, 2, 3] and q.tolist() == [1, 2, -3]
+    off, q = fstore.row_steps(pa.array([], type=pa.binary()))
+    assert off.tolist() == [0] and q.size == 0 and q.dtype == np.int8
+    # read back as float32 rows, nulls kept: [1, 2] · 0.5 and [-1, 3] · 2 (one block of width 2 each)
+    rows = pa.array([b"\x01\x02", None, b"\xff\x03"], type=pa.binary())
+    got = fstore.dequantized(pa.table({"rows": rows, "rows_scale": pa.array([[0.5], None, [2.0]],
+                                                                             type=pa.list_(pa.float32()))}))
+    assert got["rows"].to_pylist() == [[0.5, 1.0], None, [-2.0, 6.0]]

@@ -37,7 +37,6 @@ test: model
 bench: model
 	$(BIN)/python -m tests.benchmarks.bench_engine
 	$(BIN)/python -m tests.benchmarks.bench_store
-	$(BIN)/python -m tests.benchmarks.bench_suspect
 	$(BIN)/python -m tests.benchmarks.bench_e2e
 	$(BIN)/python -m tests.benchmarks.bench_selection
 	$(BIN)/python -m tests.benchmarks.bench_baselines

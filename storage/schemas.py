@@ -31,6 +31,7 @@ import pyarrow as pa
 from valuegate.engine.columns import (  # noqa: F401  (re-exported: the store names its columns so)
     BASE_SIGNALS,
     BASELINE_COLUMNS,
+    FAULT_SCORE_COLUMNS,
     FEATURE_FORMAT,
     HIDDEN_DTYPE,
     SIGNAL_COLUMNS,
@@ -152,6 +153,9 @@ def features_schema(hidden_size: int, error_dim: int, sketch_dim: int = 0) -> pa
         pa.field("n_tokens", pa.int32(), nullable=False),
         pa.field("mean_loss", pa.float32()),
         pa.field("uncond_loss", pa.float32()),              # mean loss of the response alone (null: no prompt)
+        pa.field("max_loss", pa.float32()),                 # the largest token surprisal (valuegate/engine/ending.py)
+        pa.field("end_loss", pa.float32()),                 # −log p(end of answer) (null: truncated, no end token)
+        pa.field("prompt_overlap", pa.float32()),           # share of response bigrams found in the prompt
         pa.field("dropped_mass", pa.float32()),
         pa.field("self_influence", pa.float64()),
         pa.field("mean_hidden", pa.list_(pa.type_for_alias(HIDDEN_DTYPE), hidden_size)),
@@ -206,8 +210,10 @@ scores_schema = pa.schema([
     pa.field("ifd", pa.float64()),
     pa.field("rds_mean", pa.float64()),
     pa.field("rds_max", pa.float64()),
-    pa.field("suspect", pa.float64()),                       # combined signal score, null when off
-    pa.field("suspect_reason", pa.string()),                 # the largest deviations behind it
+    pa.field("suspect", pa.float64()),                       # the largest fault detector score, null when off
+    pa.field("fault", pa.string()),                          # the detector that gives it (valuegate/engine/faults.py)
+    pa.field("suspect_reason", pa.string()),                 # its sentence
+    *[pa.field(name, pa.float64()) for name in FAULT_SCORE_COLUMNS],  # each built-in detector's score
     # every signal of valuegate/engine/signals.py but mean_loss (above; null when not computed)
     *[pa.field(name, pa.float64()) for name in SIGNAL_COLUMNS if name != "mean_loss"],
     pa.field("valset", pa.string(), nullable=False),         # name@vN

@@ -91,6 +91,6 @@ def read_score_run(ws: Workspace, run_id: str, dataset: str) -> pl.DataFrame:
         meta = meta.rename({c: f"meta_{c}" for c in meta.columns if c in reserved})
         first = pl.concat([first, meta], how="horizontal")
     keep = ["id", "value", "nearest_ids", "nearest_values", "n_tokens", "truncated", "mean_loss", "self_influence",
-            *BASELINE_COLUMNS, "suspect",
-            "suspect_reason", *(c for c in schemas.SIGNAL_COLUMNS if c != "mean_loss"), "valset", "model_fp"]
+            *BASELINE_COLUMNS, "suspect", "fault",
+            "suspect_reason", *schemas.FAULT_SCORE_COLUMNS, *(c for c in schemas.SIGNAL_COLUMNS if c != "mean_loss"), "valset", "model_fp"]
     return content.join(first, on="id", how="left").join(scores.select(keep), on="id", how="inner")

@@ -83,6 +83,10 @@ class StoreExtractReport:
                    if self.older_format is not None else ""))
 
 
+def _finite_or_none(x: float) -> float | None:
+    return float(x) if x is not None and np.isfinite(x) else None
+
+
 def feature_row(sample_id: str, f: SparseFeatures, batch: int, seconds: float, truncated: bool = False,
                 uncond_loss: float | None = None) -> dict:
     """A :class:`SparseFeatures` as a row of a ``features__<fp>`` table (``truncated``: the sample was cut at
@@ -94,7 +98,9 @@ def feature_row(sample_id: str, f: SparseFeatures, batch: int, seconds: float, t
     uncond = None if uncond_loss is None or not np.isfinite(uncond_loss) else float(uncond_loss)
     return {"id": sample_id, "truncated": truncated, "token_ids": f.token_ids, "rows": f.rows.reshape(-1),
             "rows_scale": f.rows_scale, "n_tokens": f.n_tokens,
-            "mean_loss": f.mean_loss, "uncond_loss": uncond, "dropped_mass": f.dropped_mass, "self_influence": f.self_influence,
+            "mean_loss": f.mean_loss, "uncond_loss": uncond, "max_loss": _finite_or_none(f.max_loss),
+            "end_loss": _finite_or_none(f.end_loss), "prompt_overlap": _finite_or_none(f.prompt_overlap),
+            "dropped_mass": f.dropped_mass, "self_influence": f.self_influence,
             "mean_hidden": f.mean_hidden,
             "pooled_error": f.pooled_error if f.pooled_error.size else np.zeros(1, np.float32),
             "error_sum": f.error_sum,

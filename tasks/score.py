@@ -33,6 +33,7 @@ from valuegate.engine.aggregate import (
 from valuegate.engine.baselines import baseline_columns
 from valuegate.engine.candidates import BlockRows
 from valuegate.engine.columns import SIGNAL_COLUMNS
+from valuegate.engine.faults import FaultReference, detect, fault_columns, pool_sample, reference_of
 from valuegate.engine.model import refusal_reason
 from valuegate.engine.signals import SparseSet, check_reference_size
 from valuegate.errors import ValuegateError
@@ -192,12 +193,53 @@ def _feature_columns(settings: Settings, stored: pa.Schema | None = None) -> lis
     cols = ["id", "truncated", "token_ids", "rows", "n_tokens", "mean_loss", "uncond_loss", "self_influence",
             "mean_hidden"]
     if sc.signals:
-        cols.append("error_sum")
+        cols += ["error_sum", *FAULT_FEATURES]
         if ex.hard_fraction < 1.0:
             cols += ["hard_token_ids", "hard_rows", "hard_error_sum", "hard_n_tokens", "hard_mean_loss"]
     elif sc.aggregate == "nearest" and sc.nearest_candidates > 0 and stored is not None and "sketch" in stored.names:
         cols.append("sketch")
     return cols
+
+
+# the scalar feature columns the fault detectors read beside mean_loss, uncond_loss and self_influence
+FAULT_FEATURES = ("max_loss", "end_loss", "prompt_overlap")
+
+
+def fault_inputs(t) -> dict[str, np.ndarray]:
+    """The fault detectors' per-row inputs of a feature slice (name → ``(n,)`` float64, NaN for null;
+    ``hard_mean_loss`` falls back to ``mean_loss`` when no hard features were extracted)."""
+    def col(name: str) -> np.ndarray:
+        if name not in t.column_names:
+            return np.full(t.num_rows, np.nan)
+        return np.asarray(t[name].to_numpy(zero_copy_only=False), dtype=np.float64)
+
+    out = {name: col(name) for name in ("mean_loss", "uncond_loss", "self_influence", "n_tokens", "hard_mean_loss",
+                                        *FAULT_FEATURES)}
+    out["hard_mean_loss"] = np.where(np.isfinite(out["hard_mean_loss"]), out["hard_mean_loss"], out["mean_loss"])
+    return out
+
+
+def fault_context(ws, plan: ScoringPlan, settings: Settings, vt, v_hidden: np.ndarray):
+    """The fault detectors' reference (:mod:`valuegate.engine.faults`): the validation rows ``vt`` and a sample of
+    ``score.fault_pool`` of the run's training rows (by id: the same pool whatever the chunking or the runner).
+
+    Returns:
+        ``(FaultReference, {training id: its position in the pool})``.
+    """
+    sc = settings.score
+    pool = pool_sample(len(plan.ids), sc.fault_pool, plan.ids)
+    pool_ids = [plan.ids[i] for i in pool]
+    cols = ["id", "mean_loss", "uncond_loss", "self_influence", "n_tokens", "mean_hidden", *FAULT_FEATURES]
+    if settings.extract.hard_fraction < 1.0:
+        cols.append("hard_mean_loss")
+    pt = _aligned(fstore.read_features(ws, plan.fp_t, pool_ids, cols), pool_ids) if pool_ids else None
+    valid_in = fault_inputs(vt)
+    if pt is None:
+        ref = FaultReference.build(valid_in, v_hidden, list(sc.suspect), sc.suspect_neighbours)
+        return ref, {}
+    ref = reference_of(fault_inputs(pt), _hidden(pt, len(pool_ids)), valid_in, v_hidden, list(sc.suspect),
+                       sc.suspect_neighbours, np.arange(len(pool_ids)))
+    return ref, {i: n for n, i in enumerate(pool_ids)}
 
 
 def _stored_schema(ws, fp: str) -> pa.Schema:
@@ -277,9 +319,12 @@ def load_context(ws, plan: ScoringPlan, settings: Settings) -> ScoringContext:
                     "(extract.sketch_dim = 0), so every row is sketched while scoring, about 1.4 ms a row; set "
                     "extract.sketch_dim (e.g. 256) to store them once at extraction, or nearest_candidates = 0 "
                     "for the exact nearest (the default)", sc.nearest_candidates)
-    return build_context(vids, vt["self_influence"].to_numpy(), vt["n_tokens"].to_numpy().astype(np.int64),
-                         _hidden(vt, len(vids)), settings, plan.hidden_size, vocab, vm=vm, valid=vs,
-                         valid_hard=hard, width=width, v_sketch=v_sketch)
+    ctx = build_context(vids, vt["self_influence"].to_numpy(), vt["n_tokens"].to_numpy().astype(np.int64),
+                        _hidden(vt, len(vids)), settings, plan.hidden_size, vocab, vm=vm, valid=vs,
+                        valid_hard=hard, width=width, v_sketch=v_sketch)
+    if sc.signals:
+        ctx.faults, ctx.fault_pool = fault_context(ws, plan, settings, vt, ctx.v_hidden)
+    return ctx
 
 
 def score_rows(ws, plan: ScoringPlan, ctx: ScoringContext, settings: Settings,
@@ -349,6 +394,10 @@ def _chunk_table(plan: ScoringPlan, ctx: ScoringContext, settings: Settings, ids
     baselines = baseline_columns(t_loss, t_tok, tt["uncond_loss"].to_pylist(), t_hidden, ctx.v_hidden)
     out: ChunkScores = score(t_self, t_tok, t_loss, t_hidden)
     near, signals = out.nearest, out.signals
+    verdict = None
+    if ctx.faults is not None:
+        own = np.fromiter((ctx.fault_pool.get(i, -1) for i in ids), dtype=np.int64, count=n)
+        verdict = detect(ctx.faults, fault_inputs(tt), t_hidden, own)
     now = dt.datetime.now(dt.timezone.utc)
     none = [None] * n
     rows = {
@@ -359,8 +408,7 @@ def _chunk_table(plan: ScoringPlan, ctx: ScoringContext, settings: Settings, ids
         "n_tokens": t_tok, "truncated": tt["truncated"].fill_null(False).to_numpy(zero_copy_only=False).copy(),
         "mean_loss": t_loss,
         "self_influence": t_self, **baselines,
-        "suspect": out.suspect if out.suspect is not None else none,
-        "suspect_reason": out.suspect_reason if out.suspect_reason is not None else none,
+        **fault_columns(verdict, n),
         **{c: signals.get(c, none) for c in SIGNAL_COLUMNS if c != "mean_loss"},
         "valset": [plan.valset] * n, "model_fp": [plan.fp_t] * n, "settings": [plan.settings_json] * n,
         "at": [now] * n,

@@ -17,12 +17,15 @@ from valuegate.storage.scores import read_score_run
 
 
 def select_samples(scored: pl.DataFrame, cfg: SelectSettings) -> pl.DataFrame:
-    """Add ``keep`` (bool) and ``reason`` (str, empty when kept) to a table of scored samples.
+    """Add ``keep`` (bool), ``reason`` (str, a sentence; empty when kept) and ``reason_code`` (str, a short code
+    from a fixed vocabulary a person can count: :data:`REASON_CODES`; empty when kept) to a table of scored
+    samples.
 
     Policies:
 
-    - ``suspect``: drop ``suspect > suspect_threshold``: samples that lie far from what the validation set
-      itself looks like on the value signals (robust z units; the reason names the deviations).
+    - ``suspect``: drop ``suspect > suspect_threshold``: a fault detector fired (:mod:`valuegate.engine.faults`;
+      calibrated robust z units). ``reason_code`` is the detector (``mismatch``, ``echo``, ``garbled``, ``cut``),
+      ``reason`` its sentence.
     - ``drop_negative``: drop ``value < 0``: to first order, a gradient step on such a sample raises the
       validation loss (its LM-head gradient points away from the validation gradients).
     - ``top_fraction``: keep the ``ceil(fraction · n)`` highest values (ties broken by id, so the choice
@@ -64,19 +67,24 @@ def select_samples(scored: pl.DataFrame, cfg: SelectSettings) -> pl.DataFrame:
         sus = scored["suspect"].fill_null(float("inf")).to_numpy().astype(np.float64)
         why = (scored["suspect_reason"].fill_null("").to_list() if "suspect_reason" in scored.columns
                else [""] * n)
+        fault = scored["fault"].fill_null("").to_list() if "fault" in scored.columns else [""] * n
         keep = sus <= cfg.suspect_threshold
-        reason = ["" if k else f"suspect {x:.3g} > {cfg.suspect_threshold:g} ({w})"
-                  for k, x, w in zip(keep, sus, why, strict=True)]
+        code = ["" if k else (f or "suspect") for k, f in zip(keep, fault, strict=True)]
+        reason = ["" if k else f"{w or 'unlike the validation set'} ({c}: suspect {x:.3g} > {cfg.suspect_threshold:g})"
+                  for k, x, w, c in zip(keep, sus, why, code, strict=True)]
     elif cfg.policy == "keep_all":
         keep = np.ones(n, dtype=bool)
         reason = [""] * n
+        code = reason
     elif cfg.policy == "drop_negative":
         keep = values >= 0
         reason = ["" if k else f"value {v:.4g} < 0" for k, v in zip(keep, values, strict=True)]
+        code = ["" if k else "negative_value" for k in keep]
     elif cfg.policy == "threshold":
         keep = values >= cfg.threshold
         reason = ["" if k else f"value {v:.4g} < threshold {cfg.threshold:g}"
                   for k, v in zip(keep, values, strict=True)]
+        code = ["" if k else "below_threshold" for k in keep]
     elif cfg.policy == "top_fraction":
         k = math.ceil(cfg.fraction * n - 1e-9)
         order = np.lexsort((scored["id"].to_numpy(), -values))  # by value desc, then id
@@ -85,17 +93,20 @@ def select_samples(scored: pl.DataFrame, cfg: SelectSettings) -> pl.DataFrame:
         cut = values[order[k - 1]] if k else float("inf")
         reason = ["" if kk else f"not in the top {cfg.fraction:.0%} (value {v:.4g} < {cut:.4g})"
                   for kk, v in zip(keep, values, strict=True)]
+        code = ["" if kk else "not_in_top" for kk in keep]
     elif cfg.policy in _BASELINES:
-        keep, reason = _baseline_selection(scored, cfg)
+        keep, reason, code = _baseline_selection(scored, cfg)
     elif cfg.policy == "random":
         k = math.ceil(cfg.fraction * n - 1e-9)
         keys = np.array([hashlib.sha256(f"{cfg.seed}:{i}".encode()).hexdigest() for i in scored["id"].to_list()])
         keep = np.zeros(n, dtype=bool)
         keep[np.argsort(keys, kind="stable")[:k]] = True
         reason = ["" if kk else f"not in the random {cfg.fraction:.0%} (seed {cfg.seed})" for kk in keep]
+        code = ["" if kk else "not_sampled" for kk in keep]
     else:  # pragma: no cover - the settings model forbids it
         raise ValuegateError(f"unknown selection policy {cfg.policy!r}")
-    return scored.with_columns(pl.Series("keep", keep), pl.Series("reason", reason, dtype=pl.String))
+    return scored.with_columns(pl.Series("keep", keep), pl.Series("reason", reason, dtype=pl.String),
+                               pl.Series("reason_code", code, dtype=pl.String))
 
 
 # baseline policy → (the column it reads, how the kept ones rank: "top" highest first, "lowest", "longest")
@@ -103,8 +114,8 @@ _BASELINES = {"ifd": ("ifd", "top"), "perplexity": ("perplexity", "lowest"), "rd
               "length": ("length", "longest")}
 
 
-def _baseline_selection(scored: pl.DataFrame, cfg: SelectSettings) -> tuple[np.ndarray, list[str]]:
-    """``keep`` ``(n,)`` and the reasons of a baseline policy (see :func:`select_samples`)."""
+def _baseline_selection(scored: pl.DataFrame, cfg: SelectSettings) -> tuple[np.ndarray, list[str], list[str]]:
+    """``keep`` ``(n,)``, the reasons and the reason codes of a baseline policy (see :func:`select_samples`)."""
     col, rank = _BASELINES[cfg.policy]
     if col not in scored.columns:
         raise ValuegateError(f"select.policy = {cfg.policy} needs the {col!r} column; the scores have "
@@ -127,8 +138,10 @@ def _baseline_selection(scored: pl.DataFrame, cfg: SelectSettings) -> tuple[np.n
     keep[order[:k]] = True
     cut = x[order[min(k, len(order)) - 1]] if len(order) and k else float("nan")
     share = f"{cfg.fraction:.0%}"
-    reason = []
+    reason, code = [], []
     for kk, v, nl in zip(keep, x, null, strict=True):
+        code.append("" if kk else "no_ifd" if cfg.policy == "ifd" and nl
+                    else "ifd_at_least_1" if cfg.policy == "ifd" and v >= 1.0 else f"not_in_{rank}_{cfg.policy}")
         if kk:
             reason.append("")
         elif cfg.policy == "ifd" and nl:
@@ -141,14 +154,17 @@ def _baseline_selection(scored: pl.DataFrame, cfg: SelectSettings) -> tuple[np.n
             reason.append(f"not in the longest {share} ({col} {v:.4g} < {cut:.4g})")
         else:
             reason.append(f"not in the top {share} by {col} ({col} {v:.4g} < {cut:.4g})")
-    return keep, reason
+    return keep, reason, code
+
+
+# the reason codes select_samples writes (besides the fault detectors' codes, valuegate.engine.faults)
+REASON_CODES = ("negative_value", "below_threshold", "not_in_top", "not_sampled", "no_ifd", "ifd_at_least_1",
+                "not_in_top_ifd", "not_in_lowest_perplexity", "not_in_top_rds", "not_in_longest_length", "suspect")
 
 
 _REASON_KINDS: list[tuple[re.Pattern[str], str]] = [
-    # "suspect 4.1 > 3 (mean_loss z=+4.1, ...)": the threshold and the largest deviation, with its direction
-    (re.compile(r"^suspect \S+ > (?P<t>\S+) \((?P<s>\w+) z=\+"), "suspect > {t}: {s} high"),
-    (re.compile(r"^suspect \S+ > (?P<t>\S+) \((?P<s>\w+) z=-"), "suspect > {t}: {s} low"),
-    (re.compile(r"^suspect \S+ > (?P<t>\S+)"), "suspect > {t}"),
+    # "the answer stops before it is finished (cut: suspect 4.1 > 3)": the detector and its sentence
+    (re.compile(r"^(?P<w>.+) \((?P<c>\w+): suspect \S+ > \S+\)$"), "{c}: {w}"),
     (re.compile(r"^value \S+ < (?P<rest>.+)$"), "value < {rest}"),
     (re.compile(r"^(?P<top>not in the (?:top|lowest|longest|random) \S+(?: by \w+)?)"), "{top}"),
     (re.compile(r"^ifd \S+ >= 1 (?P<why>.*)$"), "ifd >= 1 {why}"),
@@ -157,7 +173,7 @@ _REASON_KINDS: list[tuple[re.Pattern[str], str]] = [
 
 def reason_kind(reason: str) -> str:
     """A drop reason without the sample's own numbers, so that reasons can be counted: ``"value -0.3 < 0"``
-    → ``"value < 0"``; ``"suspect 4.1 > 3 (mean_loss z=+4.1, ...)"`` → ``"suspect > 3: mean_loss high"``."""
+    → ``"value < 0"``; ``"the answer stops ... (cut: suspect 4.1 > 3)"`` → ``"cut: the answer stops ..."``."""
     for pattern, template in _REASON_KINDS:
         m = pattern.match(reason)
         if m:

@@ -31,10 +31,12 @@ def _selected(n: int = 12, shift: float = 0.0) -> pl.DataFrame:
         "family": ["ab"[i % 2] for i in range(n)],
         "value": values, "nearest_ids": [["v1", "v2"]] * n, "nearest_values": [[0.1, 0.2]] * n,
         "n_tokens": [10 + i for i in range(n)], "truncated": [False] * n, "mean_loss": [2.0] * n,
-        "self_influence": [0.5] * n, "suspect": suspect, "suspect_reason": ["mean_loss z=+1.0"] * n,
+        "self_influence": [0.5] * n, "suspect": suspect, "fault": ["cut"] * n,
+        "suspect_reason": ["the answer stops before it is finished"] * n,
         "valset": ["grammars@v2"] * n, "model_fp": ["f" * 64] * n,
         "keep": [s <= 2.0 for s in suspect],
-        "reason": ["" if s <= 2.0 else f"suspect {s:.3g} > 2 (mean_loss z=+1.0)" for s in suspect],
+        "reason": ["" if s <= 2.0 else f"the answer stops before it is finished (cut: suspect {s:.3g} > 2)"
+                   for s in suspect],
     })
 
 
@@ -68,7 +70,7 @@ def test_load_dataset_on_a_release_dir_returns_the_kept_rows_and_its_card(tmp_pa
     assert data_cols == ["id", "kind", "prompt", "response", "messages", "text", "source", "row", "family", "value"]
     scores = store.read_release_scores(tmp_path, NAME, out["version"])
     assert {*SCORE_COLUMNS[:8], "reason", "kept"} <= set(scores.columns) and scores.height == selected.height
-    assert scores.filter(~pl.col("kept"))["reason"].str.starts_with("suspect").all()
+    assert scores.filter(~pl.col("kept"))["reason"].str.starts_with("the answer stops").all()
 
     ds = datasets.load_dataset(str(rdir), cache_dir=str(tmp_path / "hf-cache"))
     assert list(ds) == ["train"]  # only data.parquet: not scores.parquet, not the gate's Data Docs

@@ -21,7 +21,7 @@ from typing import Any
 import polars as pl
 import pyarrow as pa
 
-from valuegate.engine.columns import BASELINE_COLUMNS, SIGNAL_COLUMNS
+from valuegate.engine.columns import BASELINE_COLUMNS, FAULT_SCORE_COLUMNS, SIGNAL_COLUMNS
 
 __all__ = ["CARD_FILE", "SCORE_COLUMNS", "card_extra", "card_features", "data_schema", "release_frames",
            "render_card", "write_card"]
@@ -30,7 +30,8 @@ CARD_FILE = "README.md"
 
 #: Columns of a scored sample that describe its score, not the sample: they go to ``scores.parquet`` only.
 SCORE_COLUMNS = ("nearest_ids", "nearest_values", "n_tokens", "truncated", "mean_loss", "self_influence",
-                 "suspect", "suspect_reason", *(c for c in SIGNAL_COLUMNS if c != "mean_loss"),
+                 "suspect", "fault", "suspect_reason", *FAULT_SCORE_COLUMNS,
+                 *(c for c in SIGNAL_COLUMNS if c != "mean_loss"),
                  *BASELINE_COLUMNS, "valset", "model_fp")
 
 
@@ -42,14 +43,15 @@ def release_frames(selected: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame]:
             content and metadata columns and any of :data:`SCORE_COLUMNS`.
 
     Returns:
-        ``(data, scores)``: ``data`` the kept rows, ``(n_kept, columns)``, without ``keep``, ``reason`` and
-        the score columns (``id``, the content and metadata columns, ``value``); ``scores`` every scored
-        sample, ``(n_scored, columns)``: ``id``, ``value``, the score columns it has and ``reason`` (empty
-        when kept); the release adds ``kept``.
+        ``(data, scores)``: ``data`` the kept rows, ``(n_kept, columns)``, without ``keep``, ``reason``,
+        ``reason_code`` and the score columns (``id``, the content and metadata columns, ``value``); ``scores``
+        every scored sample, ``(n_scored, columns)``: ``id``, ``value``, the score columns it has, ``reason`` and
+        ``reason_code`` (empty when kept); the release adds ``kept``.
     """
     score_cols = [c for c in SCORE_COLUMNS if c in selected.columns]
-    data = selected.filter(pl.col("keep")).drop("keep", "reason", *score_cols)
-    scores = selected.select("id", "value", *score_cols, "reason")
+    why = [c for c in ("reason", "reason_code") if c in selected.columns]
+    data = selected.filter(pl.col("keep")).drop("keep", *why, *score_cols)
+    scores = selected.select("id", "value", *score_cols, *why)
     return data, scores
 
 

@@ -13,7 +13,13 @@ import polars as pl
 
 from valuegate.engine.aggregate import ValueMatrix, aggregate, compute_values, normalize
 from valuegate.engine.baselines import BASELINE_COLUMNS, baseline_columns, unconditional_losses
-from valuegate.engine.columns import SIGNAL_COLUMNS
+from valuegate.engine.columns import FAULT_SCORE_COLUMNS, SIGNAL_COLUMNS
+from valuegate.engine.faults import (
+    detect,
+    fault_columns,
+    pool_sample,
+    reference_of,
+)
 from valuegate.engine.model import LoadedModel, encode_samples, load_model, load_tokenizer
 from valuegate.engine.sample import Sample
 from valuegate.engine.signals import check_reference_size
@@ -24,7 +30,8 @@ from valuegate.tasks.ingest import read_samples
 __all__ = ["OUTPUT_COLUMNS", "score_files", "score_samples", "summary_line"]
 
 OUTPUT_COLUMNS = ("row", "value", "nearest_rows", "n_tokens", "truncated", "mean_loss", "self_influence",
-                  *BASELINE_COLUMNS, "suspect", "suspect_reason",
+                  *BASELINE_COLUMNS, "suspect", "fault", "suspect_reason",
+                  *FAULT_SCORE_COLUMNS,
                   *(c for c in SIGNAL_COLUMNS if c != "mean_loss"))
 
 
@@ -82,11 +89,28 @@ def score_samples(train_df: pl.DataFrame, train: list[Sample], valid: list[Sampl
     uncond = unconditional_losses(lm, train, ex)  # IFD's one extra forward pass, of the responses alone
     vm.timings["unconditional"] = time.perf_counter() - t0
     cols.update(baseline_columns(vm.train_loss, vm.train_tokens, uncond, vm.train_hidden, vm.valid_hidden))
+    if sc.signals:
+        t0 = time.perf_counter()
+        cols.update(fault_columns(_faults(lm, vm, uncond, valid, settings), len(train)))
+        vm.timings["faults"] = time.perf_counter() - t0
     if vm.signals is not None:
-        cols["suspect"] = vm.suspect
-        cols["suspect_reason"] = vm.suspect_reason
         cols.update({name: col for name, col in vm.signals.items() if name != "mean_loss"})
     return pl.concat([train_df, pl.DataFrame(cols)], how="horizontal"), vm
+
+
+def _faults(lm: LoadedModel, vm: ValueMatrix, uncond: np.ndarray, valid: list[Sample], settings: Settings):
+    """The fault detectors' verdict on the training rows (:mod:`valuegate.engine.faults`): the reference pool is
+    a seeded sample of ``score.fault_pool`` training rows and every validation row."""
+    sc = settings.score
+    v_uncond = unconditional_losses(lm, valid, settings.extract)
+    train_in = {**vm.train_inputs, "uncond_loss": np.asarray(uncond, dtype=np.float64)}
+    valid_in = {**vm.valid_inputs, "uncond_loss": v_uncond}
+    pool = pool_sample(len(vm.train_hidden), sc.fault_pool)
+    ref = reference_of(train_in, vm.train_hidden, valid_in, vm.valid_hidden, list(sc.suspect), sc.suspect_neighbours,
+                       pool)
+    self_index = np.full(len(vm.train_hidden), -1, dtype=np.int64)
+    self_index[pool] = np.arange(len(pool))
+    return detect(ref, train_in, vm.train_hidden, self_index)
 
 
 def summary_line(df: pl.DataFrame, vm: ValueMatrix, settings: Settings, out: str) -> str:

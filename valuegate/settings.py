@@ -122,9 +122,8 @@ class ExtractSettings(_Section):
         "default: the CPU cores, at most 4). Never changes a feature, so it is not part of the fingerprint.")
 
 
-# Which signals the `suspect` score combines, and on which side (see valuegate/engine/signals.py and the
-# mislabeled-detection benchmark, tests/benchmarks/bench_suspect.py).
-DEFAULT_SUSPECT = ("centred_value_mean:low", "log_self_influence:two", "mean_loss:two")
+# The fault detectors the `suspect` score takes the largest of (valuegate/engine/faults.py, issue 27).
+DEFAULT_SUSPECT = ("mismatch", "echo", "garbled", "cut")
 
 
 class ScoreSettings(_Section):
@@ -151,15 +150,18 @@ class ScoreSettings(_Section):
                           "score (mean/nearest only). Costs four train × validation products per chunk; "
                           "turn off for very large validation sets when only `value` is needed.")
     suspect: list[str] = Field(
-        default_factory=lambda: list(DEFAULT_SUSPECT), description="The signals the `suspect` score "
-        "combines, each as SIGNAL:SIDE with SIDE low, high or two (which deviations from the validation set "
-        "count). Chosen by the mislabeled-detection benchmark (README).")
-    suspect_combine: Literal["rms", "max"] = Field(
-        "rms", description="How the per-signal robust z-scores combine: root mean square or maximum.")
+        default_factory=lambda: list(DEFAULT_SUSPECT), description="The fault detectors whose largest "
+        "calibrated score is `suspect` (valuegate/engine/faults.py): mismatch (the answer does not depend on "
+        "the question), echo (the answer repeats the question), garbled (scrambled or inserted tokens), cut "
+        "(the answer stops before it is finished). `fault` names the one that fired.")
     suspect_neighbours: int = Field(
-        5, ge=0, description="Local suspect reference: a sample's signals are compared with those of its k "
-        "nearest validation samples (cosine of the centred mean hidden states), so a validation set that "
-        "mixes tasks judges each sample by its own task's standard. 0: compare with the whole validation set.")
+        10, ge=1, description="Fault detectors: each row is compared with its k most similar rows of the "
+        "reference pool (cosine of the centred mean hidden states), so a terse task's rows are judged against "
+        "terse rows.")
+    fault_pool: int = Field(
+        2000, ge=0, description="Fault detectors: training rows (a seeded sample by id) that join the "
+        "validation samples in the reference pool; most training rows are clean, and medians of neighbours "
+        "tolerate a large contaminated share. 0: the validation samples alone.")
 
 
 class DataSettings(_Section):

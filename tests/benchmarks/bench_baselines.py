@@ -1,6 +1,6 @@
 """valuegate against the cheap filters a user would pick instead: perplexity, IFD, RDS+ similarity, length.
 
-    .venv/bin/python -m tests.benchmarks.bench_baselines [--parts detection,cost,selection] [--clean 500]
+    .venv/bin/python -m tests.benchmarks.bench_baselines [--parts cost,selection] [--clean 500]
         [--per-type 25] [--calib-per-type 25] [--steps 60] [--seeds 0,1,2] [--conditions ...]
         [--selection-sets demo,math_without_reason] [--out bench-results] [--data DIR]
 
@@ -8,26 +8,10 @@ One run, one table per question (issue 18); every number comes from valuegate's 
 (``valuegate.score(train, valid)``, default settings, the default model SmolLM2-135M-Instruct), so it is what
 a user gets. Scored tables are cached in ``<out>/baselines-scores-<set>.parquet`` (delete them to rescore).
 
-**Detection.** A corruption zoo (:mod:`tests.benchmarks.zoo`) per DataInf set (``grammars``,
-``math_without_reason``; ``--data``, default ``../shared/data/datainf``): ``--clean`` untouched training rows
-and, from other training rows, ``--per-type`` rows per generator (copy, swap, truncate, shuffle, wrong,
-junk, delete; a generator that does not apply to a row skips it). The validation file (``*_test.jsonl``, 100
-rows) is split in two seeded halves: the *reference* half is the validation set every row is scored against;
-the *calibration* half is trusted data that the label-free calibration (below) corrupts with the same
-generators (``--calib-per-type`` rows per generator, from a different seed) and scores against the
-reference half in the same call. The demo (``infra/demo/data/train.jsonl``, its ``corruption`` column: swap,
-copy, wrong) is scored the same way against half of ``valid.jsonl`` (30 rows). Reported per set and
-corruption type: ROC AUC of flagging the corrupted rows (versus the clean training rows) for ``suspect``,
-``value`` (low = suspect), every baseline in the direction its filter drops (perplexity high, IFD high,
-RDS mean/max low, length short), the best single signal or baseline on its better side (what makes a type
-*perceivable*: ≥ 0.75), and the fitted suspect under leave-one-corruption-type-out.
-
-**Fitted suspect (issue 18 item 3).** :func:`valuegate.engine.signals.fit_suspect` fits a logistic
-regression on the calibration rows (clean calibration half vs its zoo-corrupted copies): features are every
-signal column, ``suspect``, log IFD, RDS mean/max and log length, standardised on the clean calibration rows,
-each as ``z`` and ``|z|``. Leave-one-type-out: to score corruption type T on the training zoo the fit never
-sees T (the calibration rows of T are left out). Its threshold: the robust z of its logit against the clean
-calibration rows' own logits, cut at the default ``select.suspect_threshold`` (2.0), as ``suspect`` is.
+**Detection** (which rows are broken, and whether the fault is named) is :mod:`tests.benchmarks.bench_faults`.
+The zoo (:mod:`tests.benchmarks.zoo`) per DataInf set (``--data``, default ``../shared/data/datainf``):
+``--clean`` untouched training rows and ``--per-type`` rows per generator; the validation file is split in two
+seeded halves, the *reference* half being the validation set the math zoo is scored against.
 
 **Cost.** Seconds per 1,000 training samples (the math zoo's rows), side by side in one process, one torch
 thread: tokenising (length), a bare forward pass (final hidden states), the loss (perplexity: forward + the
@@ -137,129 +121,6 @@ def auc(score: np.ndarray, label: np.ndarray) -> float:
     score = np.nan_to_num(np.asarray(score, dtype=np.float64), nan=-1e300)
     label = np.asarray(label, dtype=bool)
     return detection_auc(score, label) if 0 < label.sum() < label.size else float("nan")
-
-
-def feature_matrix(df: pl.DataFrame) -> tuple[np.ndarray, list[str]]:
-    """``(n, F)`` label-free features of the fitted suspect and their names."""
-    from valuegate.engine.columns import SIGNAL_COLUMNS
-
-    names = [s for s in SIGNAL_COLUMNS if s in df.columns or s == "mean_loss"] + [
-        "suspect", "log_ifd", "rds_mean", "rds_max", "log_length"]
-    cols = []
-    for n in names:
-        if n == "log_ifd":
-            x = np.log(np.clip(df["ifd"].cast(pl.Float64).fill_null(1.0).to_numpy(), 1e-6, None))
-        elif n == "log_length":
-            x = np.log(np.maximum(df["length"].cast(pl.Float64).to_numpy(), 1.0))
-        else:
-            x = df[n].cast(pl.Float64).fill_null(float("nan")).to_numpy()
-        cols.append(x)
-    return np.stack(cols, axis=1), names
-
-
-def fitted_scores(df: pl.DataFrame, leave_out: str | None, monotone: bool = True) -> tuple[np.ndarray, dict]:
-    """The fitted suspect of every row of ``df`` (robust z against the clean calibration rows), fitted on the
-    calibration rows without corruption type ``leave_out``."""
-    from valuegate.engine.signals import fit_suspect, robust_z
-
-    x, names = feature_matrix(df)
-    role = df["role"].to_numpy()
-    cor = df["corruption"].to_numpy()
-    clean = (role == "calib") & (cor == "")
-    bad = (role == "calib") & (cor != "") & (cor != (leave_out or "\0"))
-    fit = fit_suspect(x[clean], x[bad], names, monotone=monotone)
-    logit = fit.score(x)
-    z = robust_z(logit, logit[clean])
-    top = np.argsort(-np.abs(fit.weights))[:4]
-    return z, {"n_clean": int(clean.sum()), "n_corrupt": int(bad.sum()),
-               "top_terms": [f"{fit.terms[j]} {fit.weights[j]:+.2f}" for j in top]}
-
-
-def detection(name: str, df: pl.DataFrame) -> dict:
-    """Per corruption type of the training rows: AUCs of every method, the fitted suspect (LOTO), the
-    clean rows dropped and the recall at the default threshold."""
-    from valuegate.engine.columns import SIGNAL_COLUMNS
-
-    tr = df.filter(pl.col("role") == "train")
-    cor = tr["corruption"].to_numpy()
-    clean = cor == ""
-    kinds = [k for k in KINDS if (cor == k).any()] + sorted({k for k in cor if k and k not in KINDS})
-    sus = tr["suspect"].fill_null(float("inf")).to_numpy()
-    value = tr["value"].to_numpy()
-    base = {b: s * tr[b].cast(pl.Float64).fill_null(float("nan")).to_numpy() for b, s in BASELINE_SIDES.items()}
-    sig = {s: tr[s].cast(pl.Float64).to_numpy() for s in SIGNAL_COLUMNS if s in tr.columns}
-    sig["mean_loss"] = tr["mean_loss"].to_numpy()
-    trained_idx = np.flatnonzero((df["role"] == "train").to_numpy())
-    x_all, names = feature_matrix(df)
-    x_train = x_all[trained_idx]
-    fitted_all, info_all = fitted_scores(df, None)
-    fitted_all = fitted_all[trained_idx]
-    rows, fits = [], {}
-    for k in kinds:
-        m = clean | (cor == k)
-        lab = cor[m] == k
-        fz, info = fitted_scores(df, k)
-        fz = fz[trained_idx]
-        fz_free = fitted_scores(df, k, monotone=False)[0][trained_idx]
-        fits[k] = info
-        r = {"set": name, "corruption": k, "n": int(lab.sum()), "suspect": auc(sus[m], lab), "value": auc(-value[m], lab)}
-        r.update({b: auc(x[m], lab) for b, x in base.items()})
-        sides = {s: auc(x[m], lab) for s, x in sig.items()}
-        best_sig = max(sides, key=lambda s: max(sides[s], 1 - sides[s]))
-        r["best_signal"] = f"{best_sig}:{'high' if sides[best_sig] >= 0.5 else 'low'}"
-        r["best_signal_auc"] = max(sides[best_sig], 1 - sides[best_sig])
-        bb = max(BASELINE_SIDES, key=lambda b: r[b])
-        r["best_baseline"], r["best_baseline_auc"] = bb, r[bb]
-        both = [max(r[b], 1 - r[b]) for b in BASELINE_SIDES]
-        r["perceivable"] = bool(max(r["best_signal_auc"], *both) >= PERCEIVABLE)
-        r["fitted_loto"] = auc(fz[m], lab)
-        r["fitted_loto_free"] = auc(fz_free[m], lab)
-        r["fitted_all"] = auc(fitted_all[m], lab)
-        r["supervised_cv"] = supervised_cv(x_train[m], lab, names)
-        r["recall_suspect@2"] = float((sus[m][lab] > THRESHOLD).mean())
-        r["recall_fitted@2"] = float((fz[m][lab] > THRESHOLD).mean())
-        r["signals"] = sides
-        rows.append(r)
-    fz_all = fitted_all
-    return {"set": name, "rows": rows, "n_clean": int(clean.sum()), "fits": fits, "fit_all": info_all,
-            "clean_dropped_suspect": float((sus[clean] > THRESHOLD).mean()),
-            "clean_dropped_fitted_all": float((fz_all[clean] > THRESHOLD).mean()),
-            "recall_suspect": float((sus[~clean] > THRESHOLD).mean()),
-            "recall_fitted_all": float((fz_all[~clean] > THRESHOLD).mean())}
-
-
-def supervised_cv(x: np.ndarray, bad: np.ndarray, names: list[str], folds: int = 5, seed: int = 0) -> float:
-    """How far the signals can go on one corruption type *with* its labels: the AUC of
-    :func:`~valuegate.engine.signals.fit_suspect` (unconstrained) fitted on the type's own labelled training
-    rows against the clean ones, ``folds``-fold cross-validated (each row scored by a fit that never saw it).
-    Not a label-free method: a reference for what a better combination of the same columns could reach.
-
-    Args:
-        x: ``(n, F)`` features (:func:`feature_matrix`) of the clean rows and the type's rows. bad: ``(n,)`` bool.
-    """
-    from valuegate.engine.signals import fit_suspect
-
-    fold = np.random.default_rng(seed).permutation(len(bad)) % folds
-    out = np.zeros(len(bad))
-    for k in range(folds):
-        fit = fit_suspect(x[(fold != k) & ~bad], x[(fold != k) & bad], names, monotone=False)
-        out[fold == k] = fit.score(x[fold == k])
-    return auc(out, bad)
-
-
-def targets(res: dict) -> dict:
-    """The issue's detection targets on one set."""
-    out = {}
-    for form in ("suspect", "fitted_loto"):
-        fails = []
-        for r in res["rows"]:
-            if not r["perceivable"]:
-                continue
-            if r[form] < 0.90 or r[form] < r["best_baseline_auc"] - 0.02:
-                fails.append(f"{r['corruption']} {r[form]:.3f} (best baseline {r['best_baseline']} "
-                             f"{r['best_baseline_auc']:.3f})")
-        out[form] = fails
-    return out
 
 
 # --------------------------------------------------------------------------------------------------
@@ -439,15 +300,6 @@ def print_tables(res: dict) -> None:
     m = res["machine"]
     print(f"\nmachine: {m['cpu']}, {m['cores']} cores, torch {m['torch']}; load average {os.getloadavg()}")
     print(f"configuration: {json.dumps(res['config'])}")
-    for d in res.get("detection", []):
-        cols = ["corruption", "n", "perceivable", "suspect", "supervised_cv", "fitted_loto", "fitted_loto_free", "fitted_all", "value", *BASELINE_SIDES,
-                "best_baseline_auc", "best_signal", "best_signal_auc", "recall_suspect@2", "recall_fitted@2"]
-        print(table(d["rows"], cols, f"\ndetection AUC, {d['set']} ({d['n_clean']} clean training rows): "
-                    f"clean dropped at suspect > 2: suspect {d['clean_dropped_suspect']:.1%}, fitted "
-                    f"{d['clean_dropped_fitted_all']:.1%}; recall suspect {d['recall_suspect']:.1%}, fitted "
-                    f"{d['recall_fitted_all']:.1%}"))
-        print(f"targets missed: {json.dumps(d['targets'])}")
-        print(f"fitted on every calibration type: {d['fit_all']}")
     if "cost" in res:
         print(table(res["cost"]["rows"], ["method", "s_per_1000", "x_bare_forward"],
                     f"\ncost per 1,000 samples ({res['cost']['n']} math rows, {res['cost']['threads']} thread(s))"))
@@ -462,14 +314,13 @@ def print_tables(res: dict) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--parts", default="detection,cost,selection")
+    ap.add_argument("--parts", default="cost,selection")
     ap.add_argument("--data", type=Path, default=DEFAULT_DATA)
     ap.add_argument("--out", type=Path, default=Path("bench-results"))
     ap.add_argument("--seed", type=int, default=0, help="seed of the zoo and the validation halves")
     ap.add_argument("--clean", type=int, default=500, help="clean training rows per DataInf set")
     ap.add_argument("--per-type", type=int, default=25, help="corrupted training rows per generator")
     ap.add_argument("--calib-per-type", type=int, default=25, help="corrupted calibration rows per generator")
-    ap.add_argument("--detection-sets", default="grammars,math_without_reason,demo")
     ap.add_argument("--cost-rows", type=int, default=200)
     ap.add_argument("--selection-sets", default="demo,math_without_reason")
     ap.add_argument("--steps", type=int, default=60)
@@ -492,16 +343,6 @@ def main() -> None:
     res: dict = {"machine": machine(), "config": {k: (str(v) if isinstance(v, Path) else v)
                                                   for k, v in vars(a).items()}}
     t_start = time.perf_counter()
-    if "detection" in parts:
-        res["detection"] = []
-        for name in a.detection_sets.split(","):
-            frame, ref, _ = build_set(name, a)
-            df, secs = scored(name, frame, ref, a, name + "-ref")
-            d = detection(name, df)
-            d["score_seconds"] = secs
-            d["targets"] = targets(d)
-            res["detection"].append(d)
-            path.write_text(json.dumps(res, indent=1))
     if "cost" in parts:
         frame, ref, _ = build_set("math_without_reason", a)
         res["cost"] = cost(frame.filter(pl.col("role") == "train"), a.cost_rows)

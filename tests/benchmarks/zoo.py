@@ -36,16 +36,24 @@ def _generator(name: str):
     return register
 
 
-def _split(response: str) -> tuple[str, list[str], str]:
-    """Leading whitespace, the words, and the end marker (``""`` when none)."""
+def _split(response: str) -> tuple[str, list[str], str, list[str]]:
+    """Leading whitespace, the words, the end marker (``""`` when none) and the separators: ``seps[k]`` is
+    the whitespace after word ``k`` (the last is ``""``). Keeping the separators is what lets a corrupted
+    multi-line answer keep its newlines: a generator that joined words by spaces would leave a formatting
+    tell (a one-line answer among multi-line ones) that a detector could key on instead of the fault."""
     marker = next((m for m in MARKERS if response.endswith(m)), "")
     body = response[:len(response) - len(marker)]
     lead = body[:len(body) - len(body.lstrip())]
-    return lead, body.split(), marker
+    rest = body[len(lead):]
+    words = re.findall(r"\S+", rest)
+    seps = re.findall(r"\s+", rest.rstrip())
+    seps.append(rest[len(rest.rstrip()):])
+    return lead, words, marker, seps
 
 
-def _join(lead: str, words: list[str], marker: str) -> str:
-    return lead + " ".join(words) + marker
+def _join(lead: str, words: list[str], marker: str, seps: list[str]) -> str:
+    """The inverse of :func:`_split`: ``seps[k]`` follows ``words[k]`` (as many separators as words)."""
+    return lead + "".join(w + s for w, s in zip(words, seps, strict=True)) + marker
 
 
 @_generator("copy")
@@ -54,8 +62,8 @@ def copy_input(rows: list[dict], i: int, rng: np.random.Generator, cls: str) -> 
     if not lines:
         return None
     text = re.sub(r"\s*(->|=|:)\s*$", "", lines[-1]).strip()
-    lead, _, marker = _split(rows[i]["response"])
-    return (lead or " ") + text + marker if text else None
+    lead, _, marker, _ = _split(rows[i]["response"])
+    return lead + text + marker if text else None
 
 
 @_generator("swap")
@@ -66,21 +74,22 @@ def swap_class(rows: list[dict], i: int, rng: np.random.Generator, cls: str) -> 
 
 @_generator("truncate")
 def truncate(rows: list[dict], i: int, rng: np.random.Generator, cls: str) -> str | None:
-    lead, words, marker = _split(rows[i]["response"])
+    lead, words, marker, seps = _split(rows[i]["response"])
     if len(words) < 2:
         return None
-    return _join(lead, words[:min(len(words) - 1, max(1, len(words) // 2))], marker)
+    k = min(len(words) - 1, max(1, len(words) // 2))
+    return _join(lead, words[:k], marker, [*seps[:k - 1], seps[-1]])
 
 
 @_generator("shuffle")
 def shuffle_words(rows: list[dict], i: int, rng: np.random.Generator, cls: str) -> str | None:
-    lead, words, marker = _split(rows[i]["response"])
+    lead, words, marker, seps = _split(rows[i]["response"])
     if len(set(words)) < 2:
         return None
     for _ in range(20):
         perm = [words[k] for k in rng.permutation(len(words))]
         if perm != words:
-            return _join(lead, perm, marker)
+            return _join(lead, perm, marker, seps)
     return None
 
 
@@ -100,24 +109,26 @@ _JUNK = "qxzjkvwQXZJ#@%&*~^|0123456789"
 
 @_generator("junk")
 def junk_tokens(rows: list[dict], i: int, rng: np.random.Generator, cls: str) -> str | None:
-    lead, words, marker = _split(rows[i]["response"])
-    words = list(words)
+    lead, words, marker, seps = _split(rows[i]["response"])
+    words, seps = list(words), list(seps)
     for _ in range(int(rng.integers(1, 4))):
         junk = "".join(rng.choice(list(_JUNK), size=int(rng.integers(3, 7))))
-        words.insert(int(rng.integers(0, len(words) + 1)), junk)
-    return _join(lead, words, marker)
+        at = int(rng.integers(0, len(words) + 1))
+        words.insert(at, junk)
+        seps.insert(at if at < len(words) - 1 else at - 1, " ")
+    return _join(lead, words, marker, seps)
 
 
 @_generator("delete")
 def delete_span(rows: list[dict], i: int, rng: np.random.Generator, cls: str) -> str | None:
-    lead, words, marker = _split(rows[i]["response"])
+    lead, words, marker, seps = _split(rows[i]["response"])
     if len(words) < 2:
         return None
     if len(words) < 3:
-        return _join(lead, words[1:], marker)
+        return _join(lead, words[1:], marker, seps[1:])
     span = max(1, len(words) // 3)
     start = int(rng.integers(0, len(words) - span))  # the span never covers the last word
-    return _join(lead, words[:start] + words[start + span:], marker)
+    return _join(lead, words[:start] + words[start + span:], marker, seps[:start] + seps[start + span:])
 
 
 def corrupt_rows(rows: list[dict], kinds: list[str], per_kind: int, seed: int, cls: str,

@@ -111,6 +111,7 @@ def test_a_table_that_differs_otherwise_is_still_refused(tmp_path):
     {"format": 4, "sketch_dim": None},  # format 4 had no sketch_dim: a setting format 5 added
     {"format": 5, "sketch_dim": 256, "error_dim": 128},  # format 5's defaults of the side columns' widths
     {"format": 6},  # float32 pooled_hidden (Σ_t h_t) where format 7 stores the float16 mean_hidden
+    {"format": 7},  # no max_loss / end_loss / prompt_overlap (format 8: the fault detectors' statistics)
 ])
 def test_features_of_an_older_format_are_extracted_again_and_it_is_said(tmp_path, tiny_model_dir, caplog, old):
     ws = Workspace(str(tmp_path / "ws"))

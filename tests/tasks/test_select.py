@@ -13,7 +13,9 @@ SCORED = pl.DataFrame({
     "id": ["a", "b", "c", "d", "e"],
     "value": [0.5, -0.2, 0.1, 0.0, 2.0],
     "suspect": [0.4, 5.0, 3.0, 3.1, None],
-    "suspect_reason": ["mean_loss z=+0.4", "mean_loss z=+5.0", "", "log_self_influence z=-3.1", None],
+    "fault": ["garbled", "garbled", None, "cut", None],
+    "suspect_reason": ["the answer has words that make no sense", "the answer has words that make no sense", None,
+                       "the answer stops before it is finished", None],
 })
 
 
@@ -30,11 +32,30 @@ def test_each_policy_keeps_what_it_says():
     assert _keep(policy="suspect", suspect_threshold=3.0) == [True, False, True, False, False]
 
 
-def test_suspect_reason_names_the_deviations():
+def test_suspect_reason_says_the_fault_in_words_and_as_a_code():
+    from valuegate.tasks.select import dropped_reason_counts
+
     out = select_samples(SCORED, SelectSettings(policy="suspect", suspect_threshold=3.0))
-    assert out["reason"][1] == "suspect 5 > 3 (mean_loss z=+5.0)"
-    assert out["reason"][3].startswith("suspect 3.1 > 3 (log_self_influence")
-    assert out["reason"][0] == ""
+    assert out["reason"][1] == "the answer has words that make no sense (garbled: suspect 5 > 3)"
+    assert out["reason"][3] == "the answer stops before it is finished (cut: suspect 3.1 > 3)"
+    assert out["reason"][0] == "" and out["reason_code"].to_list() == ["", "garbled", "", "cut", "suspect"]
+    # a row without a score is dropped, never silently kept, with a code of its own
+    assert out["reason"][4].endswith("(suspect: suspect inf > 3)")
+    assert dropped_reason_counts(out) == {"cut: the answer stops before it is finished": 1,
+                                          "garbled: the answer has words that make no sense": 1,
+                                          "suspect: unlike the validation set": 1}
+
+
+def test_every_policy_writes_reason_codes_from_the_vocabulary():
+    from valuegate.tasks.select import REASON_CODES
+
+    for cfg in ({"policy": "drop_negative"}, {"policy": "threshold", "threshold": 0.1},
+                {"policy": "top_fraction", "fraction": 0.4}, {"policy": "random", "fraction": 0.4},
+                {"policy": "keep_all"}):
+        out = select_samples(SCORED, SelectSettings(**cfg))
+        codes = set(out["reason_code"].to_list()) - {""}
+        assert codes <= set(REASON_CODES), (cfg, codes)
+        assert (out["reason_code"] == "").to_list() == out["keep"].to_list()
 
 
 def test_top_fraction_ties_are_broken_by_id_and_errors_are_clear():

@@ -67,5 +67,6 @@ def test_context_reads_only_the_validation_side(ws, tmp_path, tiny_model_dir):
     settings = load_settings(overrides={"model": {"name": str(model), "device": "cpu"}, "workspace": ws.uri})
     plan, _, _, _ = plan_scoring(ws, "d", "val", settings, progress=False)
     ctx = load_context(ws, plan, settings)
-    assert list(ctx.vids) == plan.vids and ctx.valid_nb.shape == (3, 2)
-    assert set(ctx.reference) == set(schemas.SIGNAL_COLUMNS)
+    assert list(ctx.vids) == plan.vids
+    # the fault reference: the 3 validation samples and the run's 4 training rows (fewer than score.fault_pool)
+    assert ctx.faults is not None and ctx.faults.pool_unit.shape[0] == 7 and len(ctx.fault_pool) == 4

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 from tiny import random_rows, write_jsonl
 
-from valuegate.engine.signals import MIN_REFERENCE, calibrated_suspect, robust_z
+from valuegate.engine.faults import FaultReference
+from valuegate.engine.signals import MIN_REFERENCE
 from valuegate.errors import ValuegateError
 from valuegate.file_scoring import score_files
 from valuegate.settings import load_settings
@@ -53,10 +54,10 @@ def test_smallest_reference_gives_finite_modest_suspect_scores(tmp_path, tiny_mo
 
 
 def test_a_spread_of_rounding_noise_is_no_scale():
-    """Validation scores equal up to rounding (two symmetric samples give exactly that) have no spread: the
-    scale falls back to 1 instead of dividing by ~1e-16."""
-    ref = np.array([1.0, 1.0 + 2e-16, 1.0 - 2e-16])
-    assert abs(robust_z(np.array([2.0]), ref)[0] - 1.0) < 1e-9
-    own = {"s": np.array([0.5, 0.5 + 1e-16, 0.5])}
-    out = calibrated_suspect({"s": np.array([0.5, 3.0])}, own, [("s", "two")])
-    assert np.isfinite(out).all() and np.abs(out).max() < 10
+    """A pool whose statistic is equal up to rounding has no spread: the scale falls back to 1 instead of
+    dividing by ~1e-16, so a row far from it gets a finite, modest score."""
+    hidden = np.eye(4)[[0, 1, 2, 3, 0, 1]] + 0.01
+    loss = np.array([0.5, 0.5 + 1e-16, 0.5, 0.5, 0.5 - 1e-16, 0.5])
+    ref = FaultReference.build({"hard_mean_loss": loss}, hidden, ["garbled"], 3)
+    out = ref.scores({"hard_mean_loss": np.array([0.5, 3.0])}, hidden[:2])["garbled"]
+    assert np.isfinite(out).all() and out.max() < 10 and out[0] == 0.0

@@ -1,9 +1,10 @@
 """Scoring math on feature matrices (docs/ARCHITECTURE.md §4): the value matrix of two extracted sets,
-its normalisations and aggregates over the validation set, the signals' reference and the suspect score.
+its normalisations and aggregates over the validation set, and the value signals.
 
 torch/numpy/scipy only: the store side (reading feature rows, writing a scores run) is ``tasks/score.py``
 and ``storage/scores.py``; scoring files in memory is :mod:`valuegate.file_scoring`. Every entry point
-(``score_files``, ``score_dataset``, ``score_shard``) builds the suspect score through :func:`suspect_of`.
+(``score_files``, ``score_dataset``, ``score_shard``) adds the suspect score of the fault detectors
+(:mod:`valuegate.engine.faults`) beside these values: :func:`valuegate.engine.faults.fault_columns`.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import numpy as np
 import torch
 
 from valuegate.engine.candidates import BlockRows, CandidateSide, candidate_values, top_candidates
+from valuegate.engine.ending import block_inputs, feature_inputs
 from valuegate.engine.extraction import (
     ExtractionStats,
     extract_sparse,
@@ -22,6 +24,7 @@ from valuegate.engine.extraction import (
     iter_token_blocks,
     projections,
 )
+from valuegate.engine.faults import FaultReference
 from valuegate.engine.forvalue import (
     exact_cross,
     exact_self,
@@ -35,14 +38,9 @@ from valuegate.engine.sample import Sample
 from valuegate.engine.signals import (
     CrossTerms,
     SparseSet,
-    SuspectReference,
     ValidSide,
-    calibrated_suspect,
     cross_terms_exact,
     cross_terms_sparse,
-    explain_suspect,
-    hidden_neighbours,
-    parse_suspect,
     signals_from_terms,
 )
 from valuegate.engine.sketch import count_sketch
@@ -52,8 +50,8 @@ from valuegate.settings import Settings
 
 __all__ = ["ChunkScores", "ScoringContext", "ValueMatrix", "aggregate", "block_inner_products", "build_context",
            "compute_values", "mean_aggregate", "mean_finish", "mean_hidden", "mean_vector", "nearest_of_candidates",
-           "neighbours_of", "normalize", "normalized", "projected_centre", "reference_signals", "score_chunk",
-           "sketch_dim", "sparse_signal_terms", "suspect_of", "top_k", "valid_scale"]
+           "normalize", "normalized", "projected_centre", "score_chunk",
+           "sketch_dim", "sparse_signal_terms", "top_k", "valid_scale"]
 
 
 @dataclass
@@ -74,6 +72,8 @@ class ValueMatrix:
             deviations behind it, per sample.
         train_hidden, valid_hidden: ``(n, d)`` mean final hidden states over the counted positions (the
             ``rds`` baselines).
+        train_inputs, valid_inputs: the fault detectors' per-sample inputs (name → ``(n,)``,
+            :func:`valuegate.engine.ending.feature_inputs`), without ``uncond_loss``.
     """
 
     values: np.ndarray
@@ -92,6 +92,8 @@ class ValueMatrix:
     suspect_reason: list[str] | None = None
     train_hidden: np.ndarray | None = None
     valid_hidden: np.ndarray | None = None
+    train_inputs: dict[str, np.ndarray] | None = None
+    valid_inputs: dict[str, np.ndarray] | None = None
 
 
 def _token_counts(block_sample: torch.Tensor, n: int) -> np.ndarray:
@@ -102,43 +104,10 @@ def _stack(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
     return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]} if parts else {}
 
 
-def suspect_of(signals: dict[str, np.ndarray], reference: dict[str, np.ndarray], sc,
-               neighbours: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[np.ndarray, list[str]]:
-    """The suspect score ``(n,)`` of ``score`` settings ``sc`` and, per sample, the deviations behind it.
-
-    Args:
-        neighbours: ``(train (n, k), validation (n_v, k))`` nearest validation samples, for the local
-            reference (``sc.suspect_neighbours > 0``); None: global.
-    """
-    spec = parse_suspect(sc.suspect, list(signals))
-    train_nb, valid_nb = neighbours if neighbours is not None else (None, None)
-    ref = SuspectReference(reference, valid_nb)
-    return (calibrated_suspect(signals, ref, spec, sc.suspect_combine, train_nb),
-            explain_suspect(signals, ref, spec, neighbours=train_nb))
-
-
 def mean_hidden(pooled: np.ndarray, tokens: np.ndarray) -> np.ndarray:
     """``(n, d)`` float64 mean hidden state per sample from ``Σ_t h_t`` ``(n, d)`` and counted positions
     ``(n,)``."""
     return np.asarray(pooled, dtype=np.float64) / np.maximum(np.asarray(tokens), 1)[:, None]
-
-
-def neighbours_of(train_hidden: np.ndarray, valid_hidden: np.ndarray, sc) -> tuple[np.ndarray, np.ndarray] | None:
-    """The local reference's neighbourhoods (training, validation leave-one-out) from mean hidden states
-    ``(n, d)`` and ``(n_v, d)``; None when ``sc.suspect_neighbours`` is 0 (global reference)."""
-    k = sc.suspect_neighbours
-    if not k:
-        return None
-    mu = valid_hidden.mean(0)
-    return (hidden_neighbours(train_hidden, valid_hidden, mu, k),
-            hidden_neighbours(valid_hidden, valid_hidden, mu, k, loo=True))
-
-
-def _with_suspect(vm: ValueMatrix, settings: Settings) -> ValueMatrix:
-    if vm.signals is not None and vm.reference is not None:
-        nb = (vm.train_neighbours, vm.valid_neighbours) if vm.train_neighbours is not None else None
-        vm.suspect, vm.suspect_reason = suspect_of(vm.signals, vm.reference, settings.score, nb)
-    return vm
 
 
 def _block_mean_hidden(block) -> np.ndarray:
@@ -168,7 +137,7 @@ def _exact_values(lm: LoadedModel, enc_train: list[EncodedSample], enc_valid: li
     values = np.zeros((n_t, len(valid)))
     train_self, train_loss = np.zeros(n_t), np.zeros(n_t)
     train_tokens = np.zeros(n_t, dtype=np.int64)
-    sig_parts, order, hidden_parts = [], [], []
+    sig_parts, order, hidden_parts, input_parts = [], [], [], []
     t0 = time.perf_counter()
     for idx, block in iter_token_blocks(lm, enc_train, ex, train, 1.0, progress, "train", stats):
         main = block.hardest(ratio)
@@ -190,24 +159,19 @@ def _exact_values(lm: LoadedModel, enc_train: list[EncodedSample], enc_valid: li
             train_loss[idx] = loss.numpy() / np.maximum(train_tokens[idx], 1)
         order.extend(idx)
         hidden_parts.append(_block_mean_hidden(main))
+        input_parts.append(block_inputs(block, hard))
     timings["extract_train+score"] = time.perf_counter() - t0
     vm = ValueMatrix(values, train_self, valid_self, train_tokens, _token_counts(vblock.sample, vblock.n_samples),
                      train_loss, timings, stats)
     inv = np.argsort(np.asarray(order))
     vm.train_hidden, vm.valid_hidden = np.concatenate(hidden_parts)[inv], _block_mean_hidden(vblock)
+    vm.train_inputs = {name: col[inv] for name, col in _stack(input_parts).items()}
+    vm.train_inputs["self_influence"] = train_self
+    vm.valid_inputs = {**block_inputs(vblock, hard), "self_influence": valid_self}
     if with_signals:
         t0 = time.perf_counter()
         vm.signals = {name: col[inv] for name, col in _stack(sig_parts).items()}
-        ref = signals_from_terms(cross_terms_exact(vblock, vblock, vcent, mu, vselfs), k, loo=True)
-        if hard < 1.0:
-            ref.update(signals_from_terms(cross_terms_exact(vblock.hardest(hard), vblock, vcent, mu, vselfs),
-                                          k, loo=True, prefix="hard_"))
-        vm.reference = ref
-        nb = neighbours_of(vm.train_hidden, vm.valid_hidden, settings.score)
-        if nb is not None:
-            vm.train_neighbours, vm.valid_neighbours = nb
-        timings["reference"] = time.perf_counter() - t0
-    return _with_suspect(vm, settings)
+    return vm
 
 
 def projected_centre(cfg, hidden_size: int, vocab_size: int, hidden: np.ndarray,
@@ -233,15 +197,6 @@ def sparse_signal_terms(train: SparseSet, train_hard: SparseSet | None, vside: V
     if train_hard is not None:
         sig.update(signals_from_terms(cross_terms_sparse(train_hard, vside), k, prefix="hard_"))
     return terms, sig
-
-
-def reference_signals(valid: SparseSet, valid_hard: SparseSet | None, vside: ValidSide,
-                      k: int) -> dict[str, np.ndarray]:
-    """Every signal of the validation samples against the rest of the validation set (leave one out)."""
-    ref = signals_from_terms(cross_terms_sparse(valid, vside), k, loo=True)
-    if valid_hard is not None:
-        ref.update(signals_from_terms(cross_terms_sparse(valid_hard, vside), k, loo=True, prefix="hard_"))
-    return ref
 
 
 def compute_values(lm: LoadedModel, train: list[Sample], valid: list[Sample], settings: Settings,
@@ -280,7 +235,7 @@ def compute_values(lm: LoadedModel, train: list[Sample], valid: list[Sample], se
                            np.array([f.n_tokens for f in ft], dtype=np.int64),
                            np.array([f.n_tokens for f in fv], dtype=np.int64),
                            np.array([f.mean_loss for f in ft]), timings, stats, train_hidden=hidden[0],
-                           valid_hidden=hidden[1])
+                           valid_hidden=hidden[1], train_inputs=feature_inputs(ft), valid_inputs=feature_inputs(fv))
     k = settings.score.nearest_k
     centre = projected_centre(ex, lm.hidden_size, lm.vocab_size, hidden[1], np.array([f.n_tokens for f in fv]))
     vs = SparseSet.from_features(fv, lm.vocab_size)
@@ -292,15 +247,9 @@ def compute_values(lm: LoadedModel, train: list[Sample], valid: list[Sample], se
 
     terms, sig = sparse_signal_terms(SparseSet.from_features(ft, lm.vocab_size), hard_of(ft), vside, k)
     timings["score"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    ref = reference_signals(vs, hard_of(fv), vside, k)
-    vm = ValueMatrix(terms.raw, terms.self_raw, vside.self_raw, terms.tokens, vs.tokens, terms.loss, timings,
-                     stats, sig, ref, train_hidden=hidden[0], valid_hidden=hidden[1])
-    nb = neighbours_of(vm.train_hidden, vm.valid_hidden, settings.score)
-    if nb is not None:
-        vm.train_neighbours, vm.valid_neighbours = nb
-    timings["reference"] = time.perf_counter() - t0
-    return _with_suspect(vm, settings)
+    return ValueMatrix(terms.raw, terms.self_raw, vside.self_raw, terms.tokens, vs.tokens, terms.loss, timings,
+                       stats, sig, train_hidden=hidden[0], valid_hidden=hidden[1],
+                       train_inputs=feature_inputs(ft), valid_inputs=feature_inputs(fv))
 
 
 def normalize(vm: ValueMatrix, how: str) -> np.ndarray:
@@ -474,8 +423,9 @@ class ScoringContext:
     Attributes:
         vids: ``(n_v,)`` object array of validation ids. v_self, v_tok: ``(n_v,)`` ``‖Φ'‖²`` and counted
             positions. vside: the sparse right-hand side of every product (signals on); vm: plain CSR
-            ``(n_v, V·width)`` (signals off). reference: the leave-one-out signals; v_hidden: ``(n_v, d)``
-            mean hidden states and valid_nb ``(n_v, k)`` their nearest others (local suspect reference).
+            ``(n_v, V·width)`` (signals off). v_hidden: ``(n_v, d)`` mean hidden states (the rds baselines).
+        faults: the fault detectors' reference pool (signals on; :mod:`valuegate.engine.faults`), and
+            fault_pool: training id → its position in that pool (a row is never its own neighbour).
         v_mean: ``(V·width,)`` the weighted validation vector of the ``mean`` aggregate (signals off,
             :func:`mean_vector`). cand: the candidate search and rescoring side of the ``nearest`` aggregate
             (signals off, ``score.nearest_candidates`` > 0); sketch_seed: the seed of its count sketches.
@@ -488,9 +438,9 @@ class ScoringContext:
     v_tok: np.ndarray
     vside: ValidSide | None = None
     vm: object = None
-    reference: dict[str, np.ndarray] | None = None
     v_hidden: np.ndarray | None = None
-    valid_nb: np.ndarray | None = None
+    faults: FaultReference | None = None
+    fault_pool: dict[str, int] = field(default_factory=dict)
     v_mean: np.ndarray | None = None
     cand: CandidateSide | None = None
     sketch_seed: int = 0
@@ -532,10 +482,6 @@ def build_context(vids: list[str], v_self: np.ndarray, v_tok: np.ndarray, hidden
     ctx.v_hidden = np.asarray(hidden, dtype=np.float64)  # the rds baselines, and the local suspect reference
     if sc.signals:
         ctx.vside = ValidSide.build(valid, projected_centre(ex, hidden_size, vocab, ctx.v_hidden, ctx.v_tok))
-        ctx.reference = reference_signals(valid, valid_hard, ctx.vside, sc.nearest_k)
-        if sc.suspect_neighbours > 0:
-            ctx.valid_nb = hidden_neighbours(ctx.v_hidden, ctx.v_hidden, ctx.v_hidden.mean(0),
-                                             sc.suspect_neighbours, loo=True)
     return ctx
 
 
@@ -615,11 +561,6 @@ def score_chunk(ctx: ScoringContext, sc, t_self: np.ndarray, t_tok: np.ndarray, 
     out = ChunkScores(np.empty(0))
     if sc.signals:
         terms, out.signals = sparse_signal_terms(train, train_hard, ctx.vside, k)
-        nb = None
-        if ctx.valid_nb is not None:
-            nb = (hidden_neighbours(t_hidden, ctx.v_hidden, ctx.v_hidden.mean(0), sc.suspect_neighbours),
-                  ctx.valid_nb)
-        out.suspect, out.suspect_reason = suspect_of(out.signals, ctx.reference, sc, nb)
         raw = terms.raw
     elif sc.aggregate == "mean":
         if t_mean_raw is None:

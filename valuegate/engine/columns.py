@@ -5,12 +5,13 @@ engine share one definition.
 """
 
 # Version of the feature layout: part of every model fingerprint, bumped when a stored feature changes.
-FEATURE_FORMAT = 7  # 3: the `truncated` column; 4: `uncond_loss` (IFD's pass of the response alone);
+FEATURE_FORMAT = 8  # 3: the `truncated` column; 4: `uncond_loss` (IFD's pass of the response alone);
 # 5: `rows`/`hard_rows` stored in float16 (self_influence of the stored rows), the `sketch` column (issue 19);
 # 6: `rows`/`hard_rows` in int8 with a float32 scale per support entry (`rows_scale`, `hard_rows_scale`;
 # valuegate/engine/quantize.py), issue 19; 7: `mean_hidden` (float16 mean hidden state) replaces `pooled_hidden`
 # (float32 Σ_t h_t), and the int8 rows are stored as one `binary` value per sample (Lance decodes those bytes
-# about 4x faster than `list<int8>`), issue 19
+# about 4x faster than `list<int8>`), issue 19; 8: `max_loss`, `end_loss` and `prompt_overlap`, the per-sample
+# statistics the fault detectors read (valuegate/engine/ending.py, valuegate/engine/faults.py), issue 27
 
 # The stored precision of the sparse rows (`rows`, `hard_rows`, with their scales), of the `sketch`
 # column and of `mean_hidden`: numpy/Arrow names. The store's readers give the rows back in float32; the
@@ -29,3 +30,9 @@ SIGNAL_COLUMNS = BASE_SIGNALS + tuple(f"hard_{s}" for s in BASE_SIGNALS)
 
 # The baselines of valuegate/engine/baselines.py (documented there): columns of every scored frame and scores run.
 BASELINE_COLUMNS = ("perplexity", "length", "ifd", "rds_mean", "rds_max")
+
+# The built-in fault detectors of valuegate/engine/faults.py (issue 27): each has a calibrated score column
+# ``fault_<code>`` in every scored frame and scores run, beside ``suspect`` (the largest), ``fault`` (its code)
+# and ``suspect_reason`` (its sentence). A detector registered later still feeds those three.
+FAULT_CODES = ("mismatch", "echo", "garbled", "cut")
+FAULT_SCORE_COLUMNS = tuple(f"fault_{c}" for c in FAULT_CODES)

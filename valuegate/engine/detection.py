@@ -1,6 +1,6 @@
 """How well a score finds rows known to be bad: ROC AUC per corruption type, for valuegate's scores and the
 cheap filters a user would use instead (issue 18). Plain numpy; the release report and the benchmarks
-(``bench_baselines``, ``bench_suspect``) share it, so they measure the same thing.
+(``bench_baselines`` and the tests) share it, so they measure the same thing.
 
 A *known-bad column* marks each row clean or bad: a string (empty or null = clean, else the corruption
 type, e.g. the demo's ``corruption`` = swap / copy / wrong), a boolean (true = bad, type ``bad``) or a

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from valuegate.engine.ending import end_log_probs, end_positions, end_token_ids, prompt_overlap
 from valuegate.engine.forvalue import (
     SparseFeatures,
     TokenBlock,
@@ -127,6 +128,7 @@ def _forward_batches(lm: LoadedModel, encoded: list[EncodedSample], batches: lis
     pad_id = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0
     factor = 3 if lm.softcap is None and lm.logit_scale == 1.0 else 4  # logits, log-probs, probs (+ jac)
     max_rows = max(1, (cfg.prob_budget_mb << 20) // (lm.vocab_size * 4 * factor))
+    end_ids = () if lm.is_vision else end_token_ids(lm.tokenizer)
     for batch in batches:
         t0 = time.perf_counter()
         items = [encoded[i] for i in batch]
@@ -136,8 +138,10 @@ def _forward_batches(lm: LoadedModel, encoded: list[EncodedSample], batches: lis
             hidden = lm.final_hidden(ids, mask, **extras)
             counted = counted_mask(items, mask)
             counts = [e.n_counted for e in items]
+            per_sample = _sample_stats(lm, items, hidden, ids, counted, end_ids)
             for lo, hi in _chunks_by_budget(counts, max_rows):
                 block = _token_block(lm, hidden[lo:hi], ids[lo:hi], counted[lo:hi], counts[lo:hi])
+                block.sample_stats = {k: v[lo:hi] for k, v in per_sample.items()}
                 _check_finite(block, [batch[i] for i in range(lo, hi)], samples)
                 block = block.hardest(lowest_likelihood_ratio)
                 yield batch[lo:hi], block
@@ -147,6 +151,16 @@ def _forward_batches(lm: LoadedModel, encoded: list[EncodedSample], batches: lis
             stats.model_tokens += int(ids.numel())
             stats.seconds += time.perf_counter() - t0
         bar.update(len(batch))
+
+
+def _sample_stats(lm: LoadedModel, items: list[EncodedSample], hidden: torch.Tensor, ids: torch.Tensor,
+                  counted: torch.Tensor, end_ids: tuple[int, ...]) -> dict[str, torch.Tensor]:
+    """Per-sample statistics of a batch beyond the counted positions (:mod:`valuegate.engine.ending`):
+    ``end_log_prob`` and ``prompt_overlap``, each ``(B,)`` float32 on the CPU (NaN where undefined)."""
+    lengths = [len(e.input_ids) for e in items]
+    where = end_positions(ids, counted, lengths, end_ids, [bool(e.truncated) for e in items])
+    overlap = torch.tensor([prompt_overlap(e.input_ids, e.counted) for e in items], dtype=torch.float32)
+    return {"end_log_prob": end_log_probs(lm, hidden, where, end_ids), "prompt_overlap": overlap}
 
 
 def _token_block(lm: LoadedModel, hidden: torch.Tensor, ids: torch.Tensor, counted: torch.Tensor,
@@ -192,10 +206,15 @@ def extract_token_blocks(lm: LoadedModel, encoded: list[EncodedSample], cfg: Ext
     # reorder rows so sample i of the block is encoded[i]
     new_sample = torch.from_numpy(np.asarray(order, dtype=np.int64))[block.sample]
     perm = torch.argsort(new_sample, stable=True)
+    stats = None
+    if block.sample_stats is not None:
+        inverse = torch.empty(len(order), dtype=torch.long)
+        inverse[torch.tensor(order, dtype=torch.long)] = torch.arange(len(order))
+        stats = {k: v[inverse] for k, v in block.sample_stats.items()}
     return TokenBlock(hidden=block.hidden[perm], probs=block.probs[perm], targets=block.targets[perm],
                       sample=new_sample[perm], n_samples=block.n_samples,
                       logit_jac=None if block.logit_jac is None else block.logit_jac[perm],
-                      log_likelihood=block.log_likelihood[perm])
+                      log_likelihood=block.log_likelihood[perm], sample_stats=stats)
 
 
 def projections(cfg: ExtractSettings, hidden_size: int, vocab_size: int) -> tuple[torch.Tensor | None,

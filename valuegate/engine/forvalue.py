@@ -54,6 +54,9 @@ class TokenBlock:
             which extraction refuses before a block is built).
         logit_jac: ``(N, V)`` float32 or None, the Jacobian ``s_t`` of the logit transform; None means 1.
         log_likelihood: ``(N,)`` float32, ``log p_t[y_t]`` in nats.
+        sample_stats: per-sample statistics of the forward pass beyond the counted positions, name →
+            ``(n_samples,)`` float32 (``end_log_prob``, ``prompt_overlap``: :mod:`valuegate.engine.ending`), or
+            None. Carried unchanged by :meth:`subset`, :meth:`centred` and :meth:`hardest`.
     """
 
     hidden: torch.Tensor
@@ -63,6 +66,7 @@ class TokenBlock:
     n_samples: int
     logit_jac: torch.Tensor | None = None
     log_likelihood: torch.Tensor | None = None
+    sample_stats: dict[str, torch.Tensor] | None = None
     _bounds: list[tuple[int, int]] | None = field(default=None, repr=False)
 
     def bounds(self) -> list[tuple[int, int]]:
@@ -88,13 +92,15 @@ class TokenBlock:
         return TokenBlock(hidden=self.hidden[keep], probs=self.probs[keep], targets=self.targets[keep],
                           sample=self.sample[keep], n_samples=self.n_samples,
                           logit_jac=None if self.logit_jac is None else self.logit_jac[keep],
-                          log_likelihood=None if self.log_likelihood is None else self.log_likelihood[keep])
+                          log_likelihood=None if self.log_likelihood is None else self.log_likelihood[keep],
+                          sample_stats=self.sample_stats)
 
     def centred(self, mu: torch.Tensor) -> TokenBlock:
         """The block with every hidden state replaced by ``h_t − μ`` (``μ``: ``(d,)``)."""
         return TokenBlock(hidden=self.hidden - mu.to(self.hidden), probs=self.probs, targets=self.targets,
                           sample=self.sample, n_samples=self.n_samples, logit_jac=self.logit_jac,
-                          log_likelihood=self.log_likelihood, _bounds=self._bounds)
+                          log_likelihood=self.log_likelihood, sample_stats=self.sample_stats,
+                          _bounds=self._bounds)
 
     def hardest(self, ratio: float) -> TokenBlock:
         """The block restricted to each sample's hardest ``ratio`` of positions (:func:`hardest_positions`)."""
@@ -112,6 +118,10 @@ class TokenBlock:
         offsets = np.cumsum([0] + [b.n_samples for b in blocks[:-1]]).tolist()
         has_jac = blocks[0].logit_jac is not None
         has_ll = all(b.log_likelihood is not None for b in blocks)
+        stats = None
+        if all(b.sample_stats is not None for b in blocks):
+            names = set.intersection(*(set(b.sample_stats) for b in blocks))
+            stats = {k: torch.cat([b.sample_stats[k] for b in blocks]) for k in sorted(names)}
         return TokenBlock(
             hidden=torch.cat([b.hidden for b in blocks]),
             probs=torch.cat([b.probs for b in blocks]),
@@ -120,6 +130,7 @@ class TokenBlock:
             n_samples=sum(b.n_samples for b in blocks),
             logit_jac=torch.cat([b.logit_jac for b in blocks]) if has_jac else None,
             log_likelihood=torch.cat([b.log_likelihood for b in blocks]) if has_ll else None,
+            sample_stats=stats,
         )
 
 
@@ -280,6 +291,10 @@ class SparseFeatures:
         sketch: ``(sketch_dim,)`` count sketch of ``rows`` (stored form only), or None.
         rows_scale: ``(|U|,)`` float32 the int8 scale of each row block (stored form only: ``rows`` are then
             exactly ``q · rows_scale``, :mod:`valuegate.engine.quantize`), or None.
+        max_loss: the largest ``−log p_t[y_t]`` over the positions, nats (the surprisal spike).
+        end_loss: ``−log p(end of answer)`` after the response (:mod:`valuegate.engine.ending`), NaN when the
+            sample has no end (truncated) or the block carries none.
+        prompt_overlap: share of the response's token bigrams found in the prompt, NaN when not computed.
     """
 
     token_ids: np.ndarray
@@ -294,6 +309,9 @@ class SparseFeatures:
     hard: SparseFeatures | None = None
     sketch: np.ndarray | None = None
     rows_scale: np.ndarray | None = None
+    max_loss: float = float("nan")
+    end_loss: float = float("nan")
+    prompt_overlap: float = float("nan")
 
     @property
     def nbytes(self) -> int:
@@ -341,8 +359,11 @@ def sparse_features(block: TokenBlock, support_k: int, hidden_proj: torch.Tensor
     top = torch.topk(block.probs, k, dim=1, sorted=False).indices if k < vocab else None
     hp = block.hidden if hidden_proj is None else block.hidden @ hidden_proj.T
     ll = block.log_likelihood
+    stats = {k: v.double().cpu().numpy() for k, v in (block.sample_stats or {}).items()}
+    end_lp = stats.get("end_log_prob", np.full(block.n_samples, np.nan))
+    overlap = stats.get("prompt_overlap", np.full(block.n_samples, np.nan))
     out: list[SparseFeatures] = []
-    for lo, hi in block.bounds():
+    for i, (lo, hi) in enumerate(block.bounds()):
         p, y, jac = block.probs[lo:hi], block.targets[lo:hi], None
         if block.logit_jac is not None:
             jac = block.logit_jac[lo:hi]
@@ -368,6 +389,9 @@ def sparse_features(block: TokenBlock, support_k: int, hidden_proj: torch.Tensor
             mean_hidden=block.hidden[lo:hi].double().mean(0).float().cpu().numpy(),
             pooled_error=pooled_error,
             error_sum=err.sum(0).cpu().numpy().astype(np.float32, copy=False),
+            max_loss=float(-ll[lo:hi].double().min()) if ll is not None and hi > lo else float("nan"),
+            end_loss=float(-end_lp[i]),
+            prompt_overlap=float(overlap[i]),
         ))
     return out
 

@@ -1,0 +1,146 @@
+"""The fault detectors (issue 27): each statistic on its side, the dense local reference, calibration, the
+verdict's words, and the per-sample inputs read from the forward pass (end of answer, spike, overlap)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from valuegate.engine.columns import FAULT_CODES, FAULT_SCORE_COLUMNS
+from valuegate.engine.ending import end_positions, prompt_overlap
+from valuegate.engine.faults import (
+    DETECTORS,
+    Detector,
+    FaultReference,
+    detect,
+    fault_columns,
+    pool_sample,
+    register,
+    statistics,
+)
+from valuegate.errors import ValuegateError
+
+
+def _two_tasks(n: int = 40, seed: int = 0):
+    """Pool rows of two tasks: A (hidden +x, hard loss ~1) and B (hidden +y, hard loss ~5)."""
+    rng = np.random.default_rng(seed)
+    hidden = np.concatenate([np.tile([1.0, 0.0, 0.0], (n, 1)), np.tile([0.0, 1.0, 0.0], (n, 1))])
+    hidden += rng.normal(scale=0.05, size=hidden.shape)
+    loss = np.concatenate([rng.normal(1.0, 0.1, n), rng.normal(5.0, 0.1, n)])
+    return hidden, loss
+
+
+def test_the_built_in_detectors_are_the_documented_four_with_sentences():
+    assert tuple(DETECTORS)[:4] == FAULT_CODES
+    for code in FAULT_CODES:
+        d = DETECTORS[code]
+        assert d.reason and d.reason[0].islower() and len(d.reason.split()) >= 5  # words, not a signal name
+        assert "_" not in d.reason
+
+
+def test_each_statistic_points_at_its_fault():
+    rows = {"mean_loss": np.array([1.0, 2.0]), "uncond_loss": np.array([3.0, 2.05]),
+            "prompt_overlap": np.array([0.05, 0.9]), "self_influence": np.array([50.0, 0.5]),
+            "hard_mean_loss": np.array([2.0, 9.0]), "end_loss": np.array([0.1, 6.0]), "max_loss": np.array([3.0, 12.0]),
+            "n_tokens": np.array([20.0, 20.0])}
+    stats = statistics(rows, list(FAULT_CODES))
+    for code in FAULT_CODES:  # row 1 is the faulty one on every mechanism
+        assert stats[code][1] > stats[code][0], code
+    # the prompt making the answer much easier (IFD 1/3) is the opposite of a mismatch (IFD ~1)
+    assert stats["mismatch"][0] < -1.0 and abs(stats["mismatch"][1]) < 0.05
+
+
+def test_a_local_reference_judges_each_task_by_its_own_rows():
+    """Against the pooled rows every clean row of the high-loss task would look garbled; against its
+    neighbours it does not, while a low-loss-task row with a loss of 2.5 (extreme only for its own task) does."""
+    hidden, loss = _two_tasks()
+    ref = FaultReference.build({"hard_mean_loss": loss}, hidden, ["garbled"], 8)
+    rows_h = np.array([[0.0, 1.0, 0.0], [1.0, 0.0, 0.0], [1.0, 0.02, 0.0]])
+    rows = {"hard_mean_loss": np.array([5.1, 1.0, 2.5])}
+    got = ref.scores(rows, rows_h)["garbled"]
+    assert got[0] < 2 and got[1] < 2 and got[2] > 5
+    verdict = detect(ref, rows, rows_h)
+    assert verdict.fault == [verdict.fault[0], verdict.fault[1], "garbled"]
+    assert verdict.reason[2] == DETECTORS["garbled"].reason
+    assert verdict.suspect[2] == pytest.approx(got[2])
+    # one-sided: a row far *below* its neighbours is not suspect
+    low = ref.scores({"hard_mean_loss": np.array([0.0])}, rows_h[1:2])["garbled"]
+    assert low[0] == 0.0
+
+
+def test_a_pool_row_is_never_its_own_neighbour():
+    hidden, loss = _two_tasks(n=6)
+    loss[0] = 3.0  # a faulty row of task A inside the pool
+    ref = FaultReference.build({"hard_mean_loss": loss}, hidden, ["garbled"], 3)
+    with_self = ref.scores({"hard_mean_loss": loss[:1]}, hidden[:1])["garbled"][0]
+    without = ref.scores({"hard_mean_loss": loss[:1]}, hidden[:1], np.array([0]))["garbled"][0]
+    assert without > with_self  # its own value no longer pulls its neighbourhood's median up
+
+
+def test_heavy_tailed_clean_rows_are_calibrated_to_the_same_share():
+    """Two detectors, one with normal and one with heavy-tailed clean statistics: after calibration each flags
+    a similar small share of the clean pool at the same cut."""
+    rng = np.random.default_rng(1)
+    n = 2000
+    hidden = rng.normal(size=(n, 4))
+    rows = {"hard_mean_loss": rng.normal(2.0, 0.3, n), "end_loss": rng.standard_t(2, n) * 0.3 + 1.0,
+            "max_loss": np.zeros(n)}
+    ref = FaultReference.build(rows, hidden, ["garbled", "cut"], 10)
+    got = ref.scores(rows, hidden, np.arange(n))
+    shares = {c: float(np.mean(got[c] > 2.5)) for c in ("garbled", "cut")}
+    assert ref.tail["cut"] > 1.2 and ref.tail["garbled"] == pytest.approx(1.0, abs=0.15)
+    assert all(s < 0.03 for s in shares.values()), shares
+
+
+def test_unknown_or_missing_inputs_are_one_line_errors():
+    hidden, loss = _two_tasks(n=5)
+    with pytest.raises(ValuegateError, match="unknown fault detector 'nope'; known: mismatch, echo"):
+        FaultReference.build({"hard_mean_loss": loss}, hidden, ["nope"], 3)
+    with pytest.raises(ValuegateError, match="needs the 'end_loss' column"):
+        FaultReference.build({"hard_mean_loss": loss}, hidden, ["cut"], 3)
+    with pytest.raises(ValuegateError, match="at least 3 rows"):
+        FaultReference.build({"hard_mean_loss": loss[:2]}, hidden[:2], ["garbled"], 3)
+
+
+def test_a_new_detector_is_one_registration():
+    """Adding a fault is one Detector and one register call: it is then configurable and can fire."""
+    toy = register(Detector("too_long", "the answer is far longer than answers like it", ("n_tokens",),
+                            lambda f: np.log(f["n_tokens"])))
+    try:
+        hidden, _ = _two_tasks(n=10)
+        tokens = np.full(len(hidden), 20.0) + np.arange(len(hidden)) % 3
+        ref = FaultReference.build({"n_tokens": tokens}, hidden, ["too_long"], 5)
+        v = detect(ref, {"n_tokens": np.array([400.0])}, hidden[:1])
+        assert v.fault == ["too_long"] and v.reason == [toy.reason] and v.suspect[0] > 5
+        cols = fault_columns(v, 1)  # a detector outside the built-ins feeds suspect, fault and the sentence
+        assert cols["fault"] == ["too_long"] and all(cols[c] == [None] for c in FAULT_SCORE_COLUMNS)
+    finally:
+        DETECTORS.pop("too_long")
+
+
+def test_fault_columns_and_pool_sample():
+    none = fault_columns(None, 2)
+    assert set(none) == {"suspect", "fault", "suspect_reason", *FAULT_SCORE_COLUMNS} and none["fault"] == [None] * 2
+    ids = [f"id{i}" for i in range(50)]
+    a = pool_sample(50, 10, ids)
+    b = pool_sample(50, 10, ids[::-1])
+    assert sorted(ids[i] for i in a) == sorted(ids[::-1][i] for i in b)  # the same ids whatever the order
+    np.testing.assert_array_equal(pool_sample(5, 10), np.arange(5))
+
+
+def test_end_of_answer_position_and_prompt_overlap():
+    """The end is read where the first end token is predicted (chat: the template's end-of-turn token is
+    counted), else at the last token (plain text); a truncated sample has none."""
+    end = 9
+    # prompt 1 2 3, response 4 5, end token 9, then a newline 7 (counted too, as a chat template renders it)
+    ids = torch.tensor([[1, 2, 3, 4, 5, 9, 7], [1, 2, 3, 4, 5, 0, 0]])
+    counted = torch.tensor([[0, 0, 1, 1, 1, 1, 0], [0, 0, 1, 1, 0, 0, 0]], dtype=torch.bool)
+    got = end_positions(ids, counted, [7, 5], (end,), [False, False])
+    assert got == [4, 4]  # sample 0: position 4 predicts the end token; sample 1: its last token
+    assert end_positions(ids, counted, [7, 5], (end,), [True, False])[0] is None
+    # two of the response's three bigrams (2,3), (3,2) occur in the prompt 1 2 3 2
+    inp = np.array([1, 2, 3, 2, 2, 3, 2, 8])
+    cnt = np.array([0, 0, 0, 1, 1, 1, 1], dtype=bool)
+    assert prompt_overlap(inp, cnt) == pytest.approx(2 / 3)
+    assert prompt_overlap(inp, np.zeros(7, dtype=bool)) == 0.0

@@ -1,0 +1,336 @@
+"""Named fault detectors: what is wrong with a training row, in words (issue 27).
+
+The For-Value ``value`` says what a row is worth for the validation target (selection). Faults are a separate
+question: is the row *broken*? Each detector tests one mechanism a broken row leaves in the forward pass, on
+one side only, against rows like it:
+
+=============  ==========================================================  ===============================
+detector       mechanism (statistic, higher = more suspect)                 what it catches
+=============  ==========================================================  ===============================
+``mismatch``   ``log(mean_loss / uncond_loss)``: the prompt does not make   an answer moved from another row,
+               the answer easier (IFD near 1, pointwise mutual              an answer to another question
+               information near 0)
+``echo``       ``prompt_overlap`` of the response's token bigrams, with the the prompt copied back as the
+               answer *easier* than like rows (``−log self-influence``)    answer
+``garbled``    ``hard_mean_loss``: the mean surprisal of the hardest 20%    scrambled words, injected junk
+               of the answer's tokens                                       tokens
+``cut``        ``end_loss``: ``−log p(end of answer)`` where the answer     a truncated answer, a deleted
+               stops, and the surprisal spike ``max_loss``                  span
+=============  ==========================================================  ===============================
+
+**Dense reference.** "Like rows" are a row's ``k`` nearest rows of a reference *pool*: the validation samples
+and a seeded sample of the training rows themselves (most training rows are clean; a median of neighbours and
+a median absolute deviation tolerate a large contaminated share), by the cosine of their centred mean hidden
+states. A detector's deviation is the row's statistic minus its neighbours' median, divided by the robust
+spread of the pool rows' own deviations from *their* neighbours (leave one out). Tasks then judge their rows by
+their own standard: a terse answer is compared with terse answers.
+
+**Calibration.** A detector's score is that deviation in robust z units, positive side only. The clean bulk of
+real data has heavier tails than a normal, so each detector is calibrated on the pool: its score is divided by
+the ratio of the pool's upper ``CALIBRATION_QUANTILE`` deviation to what a normal gives there (never below 1),
+so that at the default threshold each detector flags about the same small share of clean rows whatever its
+tails. ``suspect`` is the largest calibrated detector score, ``fault`` the detector that gives it, and
+``suspect_reason`` its sentence.
+
+What the default model cannot perceive: a wrong final number in a worked answer changes one token the 135M
+model barely predicts either way; no detector here sees it (README benchmark).
+
+Adding a detector is one :class:`Detector` and one :func:`register` call (docs/extending.md).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from statistics import NormalDist
+
+import numpy as np
+
+from valuegate.engine.columns import FAULT_CODES, FAULT_SCORE_COLUMNS
+from valuegate.errors import ValuegateError
+
+__all__ = ["CALIBRATION_QUANTILE", "DETECTORS", "FAULT_INPUTS", "Detector", "FaultReference",
+           "FaultScores", "check_codes", "detect", "detector_names", "fault_columns", "pool_sample", "reference_of",
+           "register", "statistics"]
+
+# the per-row inputs the built-in detectors read (feature columns of the store, SparseFeatures fields)
+FAULT_INPUTS = ("mean_loss", "uncond_loss", "hard_mean_loss", "max_loss", "end_loss", "prompt_overlap",
+                "self_influence", "n_tokens")
+CALIBRATION_QUANTILE = 0.95
+_Z_AT_Q = NormalDist().inv_cdf(CALIBRATION_QUANTILE)
+_EPS = 1e-6
+
+
+@dataclass(frozen=True)
+class Detector:
+    """One fault: a one-sided statistic of per-row inputs and the words that say it.
+
+    Attributes:
+        code: the short name a person counts (``reason_code``), e.g. ``"cut"``.
+        reason: one sentence a person understands, e.g. ``"the answer stops before it is finished"``.
+        inputs: the per-row input columns it reads (:data:`FAULT_INPUTS` or any column the caller passes).
+        statistic: inputs → ``(n,)`` float64, higher = more suspect; NaN where it does not apply (the row
+            then gets no score from this detector).
+    """
+
+    code: str
+    reason: str
+    inputs: tuple[str, ...]
+    statistic: Callable[[Mapping[str, np.ndarray]], np.ndarray]
+
+
+DETECTORS: dict[str, Detector] = {}
+
+
+def register(detector: Detector) -> Detector:
+    """Add a detector to :data:`DETECTORS` (its ``code`` becomes a name ``score.suspect`` accepts)."""
+    DETECTORS[detector.code] = detector
+    return detector
+
+
+def detector_names() -> list[str]:
+    """The registered detectors' codes, in registration order."""
+    return list(DETECTORS)
+
+
+def _log(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(x > 0, np.log(np.maximum(x, 1e-300)), np.nan)
+
+
+register(Detector(
+    "mismatch", "the answer does not depend on the question: the model finds it as likely without the prompt",
+    ("mean_loss", "uncond_loss"), lambda f: _log(f["mean_loss"] + _EPS) - _log(f["uncond_loss"] + _EPS)))
+register(Detector(
+    "echo", "the answer repeats the question instead of answering it",
+    ("prompt_overlap", "self_influence"),
+    lambda f: np.asarray(f["prompt_overlap"], dtype=np.float64) - 0.1 * _log(f["self_influence"])))
+register(Detector(
+    "garbled", "the answer has words or tokens that make no sense where they stand (scrambled or inserted)",
+    ("hard_mean_loss",), lambda f: np.asarray(f["hard_mean_loss"], dtype=np.float64)))
+register(Detector(
+    "cut", "the answer stops before it is finished, or a part of it is missing",
+    ("end_loss", "max_loss"), lambda f: np.asarray(f["end_loss"], dtype=np.float64)))
+
+
+def _unit_rows(x: np.ndarray, centre: np.ndarray) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float64) - centre
+    norm = np.linalg.norm(x, axis=1, keepdims=True)
+    return np.divide(x, norm, out=np.zeros_like(x), where=norm > 0)
+
+
+def _neighbours(unit: np.ndarray, pool_unit: np.ndarray, k: int, self_index: np.ndarray | None,
+                rows: int = 4096) -> np.ndarray:
+    """``(n, k)`` indices of each row's ``k`` most similar pool rows (never itself: ``self_index[i]`` is row
+    i's position in the pool or −1). Chunked over rows, so memory stays ``rows × m``."""
+    m = pool_unit.shape[0]
+    k = max(1, min(k, m - 1 if self_index is not None and (self_index >= 0).any() else m))
+    out = np.empty((unit.shape[0], k), dtype=np.int64)
+    for lo in range(0, unit.shape[0], rows):
+        sim = unit[lo:lo + rows] @ pool_unit.T
+        if self_index is not None:
+            own = self_index[lo:lo + rows]
+            hit = np.flatnonzero(own >= 0)
+            sim[hit, own[hit]] = -np.inf
+        part = np.argpartition(-sim, k - 1, axis=1)[:, :k] if k < m else np.broadcast_to(np.arange(m), sim.shape)
+        order = np.argsort(-np.take_along_axis(sim, part, 1), axis=1, kind="stable")
+        out[lo:lo + rows] = np.take_along_axis(part, order, 1)
+    return out
+
+
+def _spread(dev: np.ndarray) -> float:
+    """Robust spread ``1.4826 · MAD`` of finite deviations; the standard deviation, then 1, when that is 0."""
+    d = dev[np.isfinite(dev)]
+    if d.size == 0:
+        return 1.0
+    s = 1.4826 * float(np.median(np.abs(d - np.median(d))))
+    if not s > 1e-12:
+        s = float(d.std())
+    return s if s > 1e-12 else 1.0
+
+
+@dataclass
+class FaultReference:
+    """What clean rows look like to every detector: a pool of rows (validation samples and a sample of the
+    training rows), their statistics, neighbourhoods, spreads and tail calibration.
+
+    Attributes:
+        codes: the detectors, in order. k: neighbours per row.
+        centre: ``(d,)`` the pool's mean hidden state. pool_unit: ``(m, d)`` the pool's centred unit hidden
+            states. stats: code → ``(m,)`` the pool's statistics. scale: code → the robust spread of the
+            pool's leave-one-out deviations. tail: code → the tail calibration factor (≥ 1). offset: code → the
+            median of those deviations (a neighbourhood's median is biased when the statistic is skewed).
+    """
+
+    codes: list[str]
+    k: int
+    centre: np.ndarray
+    pool_unit: np.ndarray
+    stats: dict[str, np.ndarray]
+    scale: dict[str, float] = field(default_factory=dict)
+    tail: dict[str, float] = field(default_factory=dict)
+    offset: dict[str, float] = field(default_factory=dict)
+
+    @staticmethod
+    def build(inputs: Mapping[str, np.ndarray], hidden: np.ndarray, codes: list[str], k: int) -> FaultReference:
+        """The reference of a pool.
+
+        Args:
+            inputs: column → ``(m,)`` the pool rows' inputs. hidden: ``(m, d)`` their mean hidden states.
+            codes: detectors (:data:`DETECTORS` keys). k: neighbours per row.
+
+        Raises:
+            ValuegateError: an unknown detector, a missing input column, or a pool of fewer than 3 rows.
+        """
+        check_codes(codes)
+        hidden = np.asarray(hidden, dtype=np.float64)
+        if hidden.shape[0] < 3:
+            raise ValuegateError(f"the fault reference needs at least 3 rows; it has {hidden.shape[0]}")
+        centre = hidden.mean(0)
+        ref = FaultReference(list(codes), int(k), centre, _unit_rows(hidden, centre), {})
+        ref.stats = statistics(inputs, codes)
+        own = np.arange(hidden.shape[0])
+        nb = _neighbours(ref.pool_unit, ref.pool_unit, ref.k, own)
+        for c in codes:
+            x = ref.stats[c]
+            dev = x - _location(x, nb)
+            ref.scale[c] = _spread(dev)
+            z = (dev - np.nanmedian(dev) if np.isfinite(dev).any() else dev) / ref.scale[c]
+            z = z[np.isfinite(z)]
+            q = float(np.quantile(z, CALIBRATION_QUANTILE)) if z.size else _Z_AT_Q
+            ref.tail[c] = max(1.0, q / _Z_AT_Q)
+        ref.offset = {c: float(np.nanmedian(ref.stats[c] - _location(ref.stats[c], nb)))
+                      if np.isfinite(ref.stats[c] - _location(ref.stats[c], nb)).any() else 0.0 for c in codes}
+        return ref
+
+    def scores(self, inputs: Mapping[str, np.ndarray], hidden: np.ndarray,
+               self_index: np.ndarray | None = None) -> dict[str, np.ndarray]:
+        """Calibrated one-sided scores, code → ``(n,)`` float64 ≥ 0 (NaN where the detector does not apply).
+
+        Args:
+            inputs: column → ``(n,)``. hidden: ``(n, d)``. self_index: ``(n,)`` each row's position in the
+                pool, or −1 (a row is never its own neighbour).
+        """
+        nb = _neighbours(_unit_rows(hidden, self.centre), self.pool_unit, self.k, self_index)
+        stats = statistics(inputs, self.codes)
+        out = {}
+        for c in self.codes:
+            dev = stats[c] - _location(self.stats[c], nb) - self.offset.get(c, 0.0)
+            z = dev / self.scale[c] / self.tail[c]
+            out[c] = np.where(np.isfinite(z), np.maximum(z, 0.0), np.nan)
+        return out
+
+
+def _location(pool_stat: np.ndarray, nb: np.ndarray) -> np.ndarray:
+    """``(n,)`` the median of each row's neighbours' statistic (NaN-aware; NaN when none applies)."""
+    vals = pool_stat[nb]
+    with np.errstate(all="ignore"):
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            return np.nanmedian(vals, axis=1)
+
+
+def check_codes(codes: list[str]) -> None:
+    """Refuse unknown detector names (one line listing the known ones)."""
+    unknown = [c for c in codes if c not in DETECTORS]
+    if unknown or not codes:
+        raise ValuegateError(f"score.suspect: unknown fault detector {unknown[0]!r}; known: "
+                             f"{', '.join(DETECTORS)}" if unknown else "score.suspect: name at least one fault "
+                             f"detector ({', '.join(DETECTORS)})")
+
+
+def statistics(inputs: Mapping[str, np.ndarray], codes: list[str]) -> dict[str, np.ndarray]:
+    """code → ``(n,)`` float64 statistic of each detector (NaN where it does not apply)."""
+    out = {}
+    for c in codes:
+        det = DETECTORS[c]
+        missing = [name for name in det.inputs if name not in inputs]
+        if missing:
+            raise ValuegateError(f"fault detector {c!r} needs the {missing[0]!r} column; extract the features "
+                                 "again with this valuegate")
+        cols = {name: np.asarray([np.nan if v is None else v for v in inputs[name]], dtype=np.float64)
+                for name in det.inputs}
+        with np.errstate(all="ignore"):
+            out[c] = np.asarray(det.statistic(cols), dtype=np.float64)
+    return out
+
+
+@dataclass
+class FaultScores:
+    """The detectors' verdict on n rows.
+
+    Attributes:
+        scores: code → ``(n,)`` calibrated score (NaN: not applicable). suspect: ``(n,)`` the largest score
+            (0 when none applies). fault: ``(n,)`` the code of that detector (None when every score is 0 or
+            NaN). reason: ``(n,)`` its sentence (None likewise).
+    """
+
+    scores: dict[str, np.ndarray]
+    suspect: np.ndarray
+    fault: list[str | None]
+    reason: list[str | None]
+
+
+def detect(ref: FaultReference, inputs: Mapping[str, np.ndarray], hidden: np.ndarray,
+           self_index: np.ndarray | None = None) -> FaultScores:
+    """Score rows against the reference (see the module docstring).
+
+    Args:
+        inputs: column → ``(n,)`` per-row inputs. hidden: ``(n, d)`` mean hidden states.
+        self_index: ``(n,)`` each row's position in the pool, or −1.
+    """
+    scores = ref.scores(inputs, hidden, self_index)
+    n = np.asarray(hidden).shape[0]
+    if not ref.codes:
+        return FaultScores({}, np.zeros(n), [None] * n, [None] * n)
+    mat = np.stack([np.nan_to_num(scores[c], nan=0.0) for c in ref.codes], axis=1)
+    best = mat.argmax(1)
+    suspect = mat[np.arange(n), best]
+    fault = [ref.codes[b] if s > 0 else None for b, s in zip(best, suspect, strict=True)]
+    reason = [None if f is None else DETECTORS[f].reason for f in fault]
+    return FaultScores(scores, suspect, fault, reason)
+
+
+def fault_columns(result: FaultScores | None, n: int) -> dict[str, list]:
+    """The scores-table columns of a verdict: ``suspect`` (float), ``fault`` (the detector's code),
+    ``suspect_reason`` (its sentence) and ``fault_<code>`` of each built-in detector
+    (:data:`~valuegate.engine.columns.FAULT_CODES`: its calibrated score, null where it does not apply or is
+    not configured); every column null when ``result`` is None (suspect off)."""
+    if result is None:
+        none = [None] * n
+        return {"suspect": none, "fault": none, "suspect_reason": none, **{c: none for c in FAULT_SCORE_COLUMNS}}
+    cols: dict[str, list] = {"suspect": [float(x) for x in result.suspect], "fault": list(result.fault),
+                             "suspect_reason": list(result.reason)}
+    for code, name in zip(FAULT_CODES, FAULT_SCORE_COLUMNS, strict=True):
+        col = result.scores.get(code)
+        cols[name] = [None] * n if col is None else [None if not np.isfinite(x) else float(x) for x in col]
+    return cols
+
+
+def pool_sample(n: int, size: int, keys: list[str] | None = None) -> np.ndarray:
+    """Which of ``n`` training rows join the reference pool: all when ``n <= size``, else the ``size`` rows of
+    smallest ``sha256(key)`` (``keys``: the rows' ids; None: the row numbers), so the pool of a row set does
+    not depend on its order. Returns sorted indices, ``(min(n, size),)`` int64."""
+    import hashlib
+
+    if n <= size:
+        return np.arange(n, dtype=np.int64)
+    keys = keys if keys is not None else [str(i) for i in range(n)]
+    digest = np.array([hashlib.sha256(k.encode()).hexdigest() for k in keys])
+    return np.sort(np.argsort(digest, kind="stable")[:size]).astype(np.int64)
+
+
+def reference_of(train_inputs: Mapping[str, np.ndarray], train_hidden: np.ndarray,
+                 valid_inputs: Mapping[str, np.ndarray], valid_hidden: np.ndarray, codes: list[str], k: int,
+                 pool: np.ndarray) -> FaultReference:
+    """The reference of a pool made of the training rows ``pool`` (indices) and every validation row (the
+    pool's first ``len(pool)`` rows are those training rows, in that order)."""
+    names = sorted(set(train_inputs) & set(valid_inputs))
+    inputs = {c: np.concatenate([np.asarray(train_inputs[c], dtype=np.float64)[pool],
+                                 np.asarray(valid_inputs[c], dtype=np.float64)]) for c in names}
+    hidden = np.concatenate([np.asarray(train_hidden, dtype=np.float64)[pool],
+                             np.asarray(valid_hidden, dtype=np.float64)])
+    return FaultReference.build(inputs, hidden, codes, k)

@@ -68,6 +68,7 @@ from valuegate.flows import (
 from valuegate.flows.stale_runs import check_stale_runs
 from valuegate.flows.user_errors import retry_unless_user_error
 from valuegate.flows.validation import register_validation_version
+from valuegate.inputs.readers import source_files
 from valuegate.settings import Settings, load_settings
 from valuegate.storage import schemas
 from valuegate.storage.versions import table_versions, workspace_uri
@@ -109,8 +110,8 @@ def _ingest_key(params: dict[str, Any]) -> dict[str, Any]:
     change to the dataset by anyone, this step included, is a new key)."""
     s: Settings = params["settings"]
     return {"workspace": workspace_uri(s.workspace), "dataset": s.data.dataset,
-            "ingest": s.ingest.model_dump(mode="json"),
-            "sources": [[str(Path(p).resolve()), file_hash(p)] for p in s.data.sources],
+            "ingest": s.ingest.model_dump(mode="json"), "fields": s.data.fields,
+            "sources": [[str(Path(p).resolve()), file_hash(p)] for src in s.data.sources for p in source_files(src)],
             "tables": table_versions(s.workspace, [schemas.MEMBERS, schemas.QUARANTINE, schemas.INGESTS]),
             "code": code_fingerprint()}
 
@@ -512,7 +513,8 @@ def refresh(config: str | None = None, overrides: dict[str, Any] | None = None) 
     ingested = step("ingest", persisted(ingest_sources, ws), settings)
     counts = {k: v for k, v in ingested.items() if k != "dataset_fp"}
     valset = step("validation-set", persisted(register_validation_version, ws),
-                  ws, settings.data.valset, settings.data.valset_file, settings.ingest.max_chars)
+                  ws, settings.data.valset, settings.data.valset_file, settings.ingest.max_chars,
+                  settings.data.fields)
     sharded = None
     if settings.runner.kind != "local":  # dask/ray: the training features first, in shards on the cluster
         t0 = time.perf_counter()

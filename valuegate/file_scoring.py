@@ -18,14 +18,14 @@ from valuegate.engine.model import LoadedModel, encode_samples, load_model, load
 from valuegate.engine.sample import Sample
 from valuegate.engine.signals import check_reference_size
 from valuegate.errors import ValuegateError
+from valuegate.inputs.rows import read_samples
 from valuegate.settings import Settings
-from valuegate.tasks.ingest import read_samples
 
 __all__ = ["OUTPUT_COLUMNS", "score_files", "score_samples", "summary_line"]
 
 OUTPUT_COLUMNS = ("row", "value", "nearest_rows", "n_tokens", "truncated", "mean_loss", "self_influence",
                   *BASELINE_COLUMNS, "suspect", "suspect_reason",
-                  *(c for c in SIGNAL_COLUMNS if c != "mean_loss"))
+                  *(c for c in SIGNAL_COLUMNS if c != "mean_loss"), "keep", "reason")
 
 
 def score_files(train_path: str, valid_path: str, settings: Settings, progress: bool = True,
@@ -39,8 +39,8 @@ def score_files(train_path: str, valid_path: str, settings: Settings, progress: 
     ``rds_max`` (:mod:`valuegate.engine.baselines`), and with ``score.signals`` the combined ``suspect`` score and one column per signal
     (:mod:`valuegate.engine.signals`); for ``pairwise`` it is long: ``train_row``, ``valid_row``, ``value``.
     """
-    train_df, train = read_samples(train_path)
-    _, valid = read_samples(valid_path)
+    train_df, train = read_samples(train_path, settings.data.fields)
+    _, valid = read_samples(valid_path, settings.data.fields)
     return score_samples(train_df, train, valid, settings, progress, lm, str(train_path), str(valid_path))
 
 
@@ -59,8 +59,8 @@ def score_samples(train_df: pl.DataFrame, train: list[Sample], valid: list[Sampl
     # every input is checked (tokenized) before any weight is read
     tok = lm.tokenizer if lm is not None else load_tokenizer(settings.model)
     ex = settings.extract
-    encoded = (encode_samples(tok, train, ex.loss_on, ex.max_length, ex.truncation),
-               encode_samples(tok, valid, ex.loss_on, ex.max_length, ex.truncation))
+    encoded = (encode_samples(tok, train, ex.loss_on, ex.max_length, ex.truncation, ex.template),
+               encode_samples(tok, valid, ex.loss_on, ex.max_length, ex.truncation, ex.template))
     if lm is None:
         lm = load_model(settings.model, tok, progress)
     vm = compute_values(lm, train, valid, settings, progress, encoded)
@@ -86,7 +86,29 @@ def score_samples(train_df: pl.DataFrame, train: list[Sample], valid: list[Sampl
         cols["suspect"] = vm.suspect
         cols["suspect_reason"] = vm.suspect_reason
         cols.update({name: col for name, col in vm.signals.items() if name != "mean_loss"})
-    return pl.concat([train_df, pl.DataFrame(cols)], how="horizontal"), vm
+    scored = pl.concat([train_df, pl.DataFrame(cols)], how="horizontal")
+    return with_selection(scored, train, settings), vm
+
+
+def with_selection(scored: pl.DataFrame, train: list[Sample], settings: Settings) -> pl.DataFrame:
+    """``scored`` with what the ``select`` step of a run would decide for each row: ``keep`` (bool) and
+    ``reason`` (why dropped; empty when kept), and any other column the policy adds
+    (:func:`valuegate.tasks.select.select_samples`, the very code of the run; ties broken by sample id as
+    there). A policy that needs a column the scores lack (``suspect`` without ``score.signals``) adds
+    nothing and warns."""
+    import warnings
+
+    from valuegate.tasks.ingest import sample_id, sample_record
+    from valuegate.tasks.select import select_samples
+
+    ids = [sample_id(sample_record(s)) for s in train]
+    try:
+        selected = select_samples(scored.with_columns(pl.Series("id", ids, dtype=pl.String)), settings.select)
+    except ValuegateError as exc:
+        warnings.warn(f"no keep column: select.policy = {settings.select.policy}: {exc}", stacklevel=3)
+        return scored
+    added = [c for c in selected.columns if c not in scored.columns and c != "id"]
+    return scored.with_columns(selected.select(added))
 
 
 def summary_line(df: pl.DataFrame, vm: ValueMatrix, settings: Settings, out: str) -> str:

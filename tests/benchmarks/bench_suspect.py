@@ -175,7 +175,8 @@ def compute_signals(data: Path, out: Path, loss_on: str, quick: bool, every: int
                                                      *(c for c in SIGNAL_COLUMNS if c != "mean_loss"))
             scored = scored.with_columns(pl.Series("nb", list(_train_neighbours(
                 ws, rep.model_fp, scored["id"].to_list(), settings, f"{dataset}-val"))))
-            from valuegate.tasks.ingest import sample_id, sample_record, samples_from_frame
+            from valuegate.inputs.rows import samples_from_frame
+            from valuegate.tasks.ingest import sample_id, sample_record
 
             ids = [sample_id(sample_record(s)) for s in samples_from_frame(pl.DataFrame(rows), str(path))]
             lab = pl.DataFrame({"id": ids, "corrupted": labels}).unique("id", keep="first")

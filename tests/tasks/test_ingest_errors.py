@@ -16,10 +16,11 @@ from tiny import random_rows, write_jsonl
 
 from valuegate.cli import EXIT_USER_ERROR, main
 from valuegate.errors import ValuegateError
+from valuegate.inputs.rows import read_samples
 from valuegate.storage import samples as sstore
 from valuegate.storage import schemas
 from valuegate.storage.lance import Workspace
-from valuegate.tasks.ingest import ingest_file, read_samples, sample_id, sample_record
+from valuegate.tasks.ingest import ingest_file, sample_id, sample_record
 
 
 @pytest.fixture

@@ -85,7 +85,7 @@ from valuegate.tasks.extract import ExtractResult
 from valuegate.tasks.ingest import file_hash
 from valuegate.tasks.release import staging_dir
 from valuegate.tasks.score import unscored_counts
-from valuegate.tasks.select import dropped_reason_counts
+from valuegate.tasks.select import check_group_by, dropped_reason_counts
 
 
 def _docs_dir(settings: Settings, version: str) -> str:
@@ -111,9 +111,18 @@ def _ingest_key(params: dict[str, Any]) -> dict[str, Any]:
     s: Settings = params["settings"]
     return {"workspace": workspace_uri(s.workspace), "dataset": s.data.dataset,
             "ingest": s.ingest.model_dump(mode="json"), "fields": s.data.fields,
-            "sources": [[str(Path(p).resolve()), file_hash(p)] for src in s.data.sources for p in source_files(src)],
+            "sources": [_source_key(src) for src in s.data.sources],
             "tables": table_versions(s.workspace, [schemas.MEMBERS, schemas.QUARANTINE, schemas.INGESTS]),
             "code": code_fingerprint()}
+
+
+def _source_key(spec: str) -> list[Any]:
+    """A configured source's files and their content hashes (a folder or glob, expanded); one that cannot be
+    read is keyed by its spelling alone, and the step's body says what is wrong with it."""
+    try:
+        return [[str(Path(p).resolve()), file_hash(p)] for p in source_files(spec)]
+    except (ValuegateError, OSError):
+        return [spec, None]
 
 
 def _score_key(params: dict[str, Any]) -> dict[str, Any]:
@@ -512,6 +521,7 @@ def refresh(config: str | None = None, overrides: dict[str, Any] | None = None) 
     step = _Steps()
     ingested = step("ingest", persisted(ingest_sources, ws), settings)
     counts = {k: v for k, v in ingested.items() if k != "dataset_fp"}
+    check_group_by(settings)  # a group_by column the data lacks: said now, not at the gate after extraction
     valset = step("validation-set", persisted(register_validation_version, ws),
                   ws, settings.data.valset, settings.data.valset_file, settings.ingest.max_chars,
                   settings.data.fields)
@@ -542,6 +552,16 @@ def refresh(config: str | None = None, overrides: dict[str, Any] | None = None) 
 
     inputs = allocate_step.release_inputs(settings)
     previous = allocate_step.current_release(settings)
+    same = allocate_step.unchanged_release(settings, previous, run["run_id"], inputs)
+    if same is not None:  # the very release that is current: said, not written again
+        get_run_logger().info(f"nothing changed since {previous}: release {name}/{previous} stays current")
+        step.timings["total"] = round(time.perf_counter() - t_start, 3)
+        return {"version": previous, "current": True, "previous": previous, "unchanged": True,
+                "counts": same[0].get("counts", {}), "report": same[1],
+                "model_fp": run["model_fp"], "kept": int(selected["keep"].sum()),
+                "dropped_reasons": dropped_reason_counts(selected),
+                "gate": {"passed": True, "failures": []}, "valset": valset["valset"], "run_id": run["run_id"],
+                "timings": dict(step.timings), "cached_steps": list(step.cached), "resumed": False}
     release_key = allocate_step.release_key(settings, previous, run["run_id"], inputs)
     resume = allocate_step.pending_release(settings, release_key)
     version = step("allocate", allocate_release, settings, resume, run["run_id"], release_key)

@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -581,7 +582,7 @@ def refresh(config: str | None = None, overrides: dict[str, Any] | None = None) 
         report_path = step("report", report, settings, selected, version, previous, record)
         if not verdict["passed"]:
             step.timings["total"] = round(time.perf_counter() - t_start, 3)
-            _artifacts(selected, parts["counts"], version, verdict, report_path, step)
+            _artifacts(selected, parts["counts"], version, verdict, report_path, step, name)
             raise GateFailed(f"gate failed for release {name}/{version} (current stays "
                              f"{allocate_step.current_release(settings) or 'none'}): " + "; ".join(verdict["failures"]))
         promoted = step("promote", promote_task, settings, version)
@@ -591,7 +592,7 @@ def refresh(config: str | None = None, overrides: dict[str, Any] | None = None) 
     finally:
         allocate_step.unclaim(settings, version)
     step.timings["total"] = round(time.perf_counter() - t_start, 3)
-    _artifacts(selected, parts["counts"], version, verdict, report_path, step)
+    _artifacts(selected, parts["counts"], version, verdict, report_path, step, name)
     return {"version": version, "current": promoted["current"], "previous": promoted["previous"],
             **({} if promoted["current"] else {"reason": promoted["reason"]}), "counts": parts["counts"],
             "report": report_path, "model_fp": run["model_fp"],
@@ -602,14 +603,22 @@ def refresh(config: str | None = None, overrides: dict[str, Any] | None = None) 
             **({"shards": sharded, "score_shards": run["score_shards"]} if sharded is not None else {})}
 
 
+def artifact_key(kind: str, release: str) -> str:
+    """A Prefect artifact key namespaced by release (keys allow lowercase letters, digits and dashes):
+    ``artifact_key("release-summary", "My_Set")`` → ``"release-summary-my-set"``."""
+    return f"{kind}-{re.sub(r'[^a-z0-9-]+', '-', release.lower()).strip('-')}"
+
+
 def _artifacts(selected: Any, counts: dict[str, int], version: str, verdict: dict, report_path: str,
-               step: _Steps) -> None:
-    """Prefect artifacts: lowest/highest valued samples; the summary (counts, wall time per step, the gate)."""
+               step: _Steps, release: str) -> None:
+    """Prefect artifacts, keyed by release (:func:`artifact_key`): lowest/highest valued samples; the summary
+    (counts, wall time per step, the gate)."""
     cols = [c for c in ("id", "value", "keep", "reason", "prompt", "response", "text") if c in selected.columns]
     ranked = selected.sort("value").select(cols)
     for key, part in (("lowest-valued", ranked.head(10)), ("highest-valued", ranked.tail(10).reverse())):
         rows = [{k: (str(v)[:120] if isinstance(v, str) else v) for k, v in r.items()} for r in part.to_dicts()]
-        create_table_artifact(key=key, table=rows, description=f"{key} samples of release {version}")
+        create_table_artifact(key=artifact_key(key, release), table=rows,
+                              description=f"{key} samples of release {release}/{version}")
     lines = [f"# release {version}", "", "| step | count |", "|---|---|"]
     lines += [f"| {k} | {v} |" for k, v in counts.items()]
     lines += ["", "| step | wall s | |", "|---|---:|---|"]
@@ -620,7 +629,7 @@ def _artifacts(selected: Any, counts: dict[str, int], version: str, verdict: dic
     lines += ["", f"Report: [{report_path}]({link})"]
     if verdict.get("docs_index"):
         lines += ["", f"Data Docs: {verdict['docs_index']}"]
-    create_markdown_artifact(key="release-summary", markdown="\n".join(lines))
+    create_markdown_artifact(key=artifact_key("release-summary", release), markdown="\n".join(lines))
 
 
 __all__ = ["refresh"]

@@ -290,3 +290,32 @@ class Workspace:
 
 
 __all__ = ["TableLike", "Workspace", "read_input", "resolve_settings", "score", "score_inputs"]
+
+
+def load_release(workspace: str | os.PathLike, name: str, version: str | None = None) -> pl.DataFrame:
+    """The kept rows of a release: the current one (``CURRENT``), or ``version``.
+
+    Args:
+        workspace: the workspace (a folder or an ``s3://`` URI).
+        name: the release name (``release.name``).
+        version: ``vNNNN`` (or N); None: the current release.
+
+    Returns:
+        ``data.parquet`` of that release as a polars DataFrame (``id``, the sample fields, metadata,
+        ``value``); ``.to_pandas()`` or ``datasets.Dataset.from_polars(...)`` from there. (``datasets``
+        itself reads the current release with ``load_dataset("<workspace>/releases/<name>")``.)
+
+    Raises:
+        ValuegateError: no release of that name is current (or the version is not a complete release).
+    """
+    from valuegate.storage import releases as rstore
+    from valuegate.storage.lance import Workspace as Store
+
+    root = Store.from_env(os.fspath(workspace))
+    if version is None:
+        version = rstore.read_current(root, name)
+        if version is None:
+            names = rstore.list_release_names(root)
+            raise ValuegateError(f"release {name!r}: none is current in {root.uri}"
+                                 + (f" (releases: {', '.join(names)})" if names else " (no releases yet)"))
+    return rstore.read_release_data(root, name, version)

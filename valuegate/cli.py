@@ -105,7 +105,12 @@ def _parser() -> argparse.ArgumentParser:
     sv = sub.add_parser("serve", parents=[cfg], help="register refresh as a cron-scheduled deployment and serve it")
     sv.add_argument("--cron", default="0 3 * * *", help="schedule (default: every night at 03:00 UTC)")
     sv.add_argument("--name", default="nightly", help="deployment name")
-    srv = sub.add_parser("server", parents=[cfg], help="start the local Prefect server on 127.0.0.1 (blocks)")
+    srv = sub.add_parser("server", parents=[cfg], help="start the local Prefect server on 127.0.0.1 (blocks)",
+                         description="Start the local Prefect server on 127.0.0.1 (blocks until stopped). A run "
+                         "reaches it through the environment variable PREFECT_API_URL: in another shell, "
+                         "`export PREFECT_API_URL=http://127.0.0.1:PORT/api`, then `valuegate run --config "
+                         "vg.toml`; its flow runs, logs and artifacts show in the UI at http://127.0.0.1:PORT. "
+                         "Without PREFECT_API_URL a run starts a temporary server of its own. See docs/your-data.md.")
     srv.add_argument("--port", type=int, default=4200)
 
     rel = sub.add_parser("release", parents=[cfg], help="list, show, diff and roll back releases")

@@ -141,5 +141,5 @@ def setting_overrides(args: argparse.Namespace) -> dict[str, Any]:
         node = out
         for part in path[:-1]:
             node = node.setdefault(part, {})
-        node[path[-1]] = dict(value) if value and isinstance(value[0], tuple) else value
+        node[path[-1]] = dict(value) if isinstance(value, list) and value and isinstance(value[0], tuple) else value
     return out

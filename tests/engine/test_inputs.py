@@ -147,3 +147,16 @@ def test_length_batches_sort_by_length_and_respect_budgets():
     assert batches == [[1, 3], [4, 0], [5, 2]]
     assert length_batches(lengths, batch_size=10, max_batch_tokens=10) == [[1, 3, 4], [0], [5], [2]]
     assert sorted(i for b in length_batches(lengths, 3, 12) for i in b) == list(range(6))
+
+
+def test_the_rendering_is_in_the_fingerprint(tiny_model_dir):
+    """extract.template changes the features of prompt/response samples, so it changes the fingerprint; "none"
+    (the plain concatenation of earlier versions) adds nothing, so those features keep theirs."""
+    from valuegate.engine.model import fingerprint_settings, load_tokenizer, model_fingerprint
+    from valuegate.settings import ExtractSettings, ModelSettings
+
+    cfg = ModelSettings(name=str(tiny_model_dir()), device="cpu")
+    tok = load_tokenizer(cfg)
+    fps = {t: fingerprint_settings(cfg, ExtractSettings(template=t), tok, 1.0) for t in ("auto", "chat", "none")}
+    assert fps["auto"] == fps["chat"] and fps["chat"]["template"] == "chat" and "template" not in fps["none"]
+    assert model_fingerprint(fps["chat"]) != model_fingerprint(fps["none"])

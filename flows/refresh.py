@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -68,6 +69,7 @@ from valuegate.flows import (
 from valuegate.flows.stale_runs import check_stale_runs
 from valuegate.flows.user_errors import retry_unless_user_error
 from valuegate.flows.validation import register_validation_version
+from valuegate.inputs.readers import source_files
 from valuegate.settings import Settings, load_settings
 from valuegate.storage import schemas
 from valuegate.storage.versions import table_versions, workspace_uri
@@ -84,7 +86,7 @@ from valuegate.tasks.extract import ExtractResult
 from valuegate.tasks.ingest import file_hash
 from valuegate.tasks.release import staging_dir
 from valuegate.tasks.score import unscored_counts
-from valuegate.tasks.select import dropped_reason_counts
+from valuegate.tasks.select import check_group_by, dropped_reason_counts
 
 
 def _docs_dir(settings: Settings, version: str) -> str:
@@ -109,10 +111,19 @@ def _ingest_key(params: dict[str, Any]) -> dict[str, Any]:
     change to the dataset by anyone, this step included, is a new key)."""
     s: Settings = params["settings"]
     return {"workspace": workspace_uri(s.workspace), "dataset": s.data.dataset,
-            "ingest": s.ingest.model_dump(mode="json"),
-            "sources": [[str(Path(p).resolve()), file_hash(p)] for p in s.data.sources],
+            "ingest": s.ingest.model_dump(mode="json"), "fields": s.data.fields,
+            "sources": [_source_key(src) for src in s.data.sources],
             "tables": table_versions(s.workspace, [schemas.MEMBERS, schemas.QUARANTINE, schemas.INGESTS]),
             "code": code_fingerprint()}
+
+
+def _source_key(spec: str) -> list[Any]:
+    """A configured source's files and their content hashes (a folder or glob, expanded); one that cannot be
+    read is keyed by its spelling alone, and the step's body says what is wrong with it."""
+    try:
+        return [[str(Path(p).resolve()), file_hash(p)] for p in source_files(spec)]
+    except (ValuegateError, OSError):
+        return [spec, None]
 
 
 def _score_key(params: dict[str, Any]) -> dict[str, Any]:
@@ -511,8 +522,10 @@ def refresh(config: str | None = None, overrides: dict[str, Any] | None = None) 
     step = _Steps()
     ingested = step("ingest", persisted(ingest_sources, ws), settings)
     counts = {k: v for k, v in ingested.items() if k != "dataset_fp"}
+    check_group_by(settings)  # a group_by column the data lacks: said now, not at the gate after extraction
     valset = step("validation-set", persisted(register_validation_version, ws),
-                  ws, settings.data.valset, settings.data.valset_file, settings.ingest.max_chars)
+                  ws, settings.data.valset, settings.data.valset_file, settings.ingest.max_chars,
+                  settings.data.fields)
     sharded = None
     if settings.runner.kind != "local":  # dask/ray: the training features first, in shards on the cluster
         t0 = time.perf_counter()
@@ -540,6 +553,16 @@ def refresh(config: str | None = None, overrides: dict[str, Any] | None = None) 
 
     inputs = allocate_step.release_inputs(settings)
     previous = allocate_step.current_release(settings)
+    same = allocate_step.unchanged_release(settings, previous, run["run_id"], inputs)
+    if same is not None:  # the very release that is current: said, not written again
+        get_run_logger().info(f"nothing changed since {previous}: release {name}/{previous} stays current")
+        step.timings["total"] = round(time.perf_counter() - t_start, 3)
+        return {"version": previous, "current": True, "previous": previous, "unchanged": True,
+                "counts": same[0].get("counts", {}), "report": same[1],
+                "model_fp": run["model_fp"], "kept": int(selected["keep"].sum()),
+                "dropped_reasons": dropped_reason_counts(selected),
+                "gate": {"passed": True, "failures": []}, "valset": valset["valset"], "run_id": run["run_id"],
+                "timings": dict(step.timings), "cached_steps": list(step.cached), "resumed": False}
     release_key = allocate_step.release_key(settings, previous, run["run_id"], inputs)
     resume = allocate_step.pending_release(settings, release_key)
     version = step("allocate", allocate_release, settings, resume, run["run_id"], release_key)
@@ -559,7 +582,7 @@ def refresh(config: str | None = None, overrides: dict[str, Any] | None = None) 
         report_path = step("report", report, settings, selected, version, previous, record)
         if not verdict["passed"]:
             step.timings["total"] = round(time.perf_counter() - t_start, 3)
-            _artifacts(selected, parts["counts"], version, verdict, report_path, step)
+            _artifacts(selected, parts["counts"], version, verdict, report_path, step, name)
             raise GateFailed(f"gate failed for release {name}/{version} (current stays "
                              f"{allocate_step.current_release(settings) or 'none'}): " + "; ".join(verdict["failures"]))
         promoted = step("promote", promote_task, settings, version)
@@ -569,7 +592,7 @@ def refresh(config: str | None = None, overrides: dict[str, Any] | None = None) 
     finally:
         allocate_step.unclaim(settings, version)
     step.timings["total"] = round(time.perf_counter() - t_start, 3)
-    _artifacts(selected, parts["counts"], version, verdict, report_path, step)
+    _artifacts(selected, parts["counts"], version, verdict, report_path, step, name)
     return {"version": version, "current": promoted["current"], "previous": promoted["previous"],
             **({} if promoted["current"] else {"reason": promoted["reason"]}), "counts": parts["counts"],
             "report": report_path, "model_fp": run["model_fp"],
@@ -580,14 +603,22 @@ def refresh(config: str | None = None, overrides: dict[str, Any] | None = None) 
             **({"shards": sharded, "score_shards": run["score_shards"]} if sharded is not None else {})}
 
 
+def artifact_key(kind: str, release: str) -> str:
+    """A Prefect artifact key namespaced by release (keys allow lowercase letters, digits and dashes):
+    ``artifact_key("release-summary", "My_Set")`` → ``"release-summary-my-set"``."""
+    return f"{kind}-{re.sub(r'[^a-z0-9-]+', '-', release.lower()).strip('-')}"
+
+
 def _artifacts(selected: Any, counts: dict[str, int], version: str, verdict: dict, report_path: str,
-               step: _Steps) -> None:
-    """Prefect artifacts: lowest/highest valued samples; the summary (counts, wall time per step, the gate)."""
+               step: _Steps, release: str) -> None:
+    """Prefect artifacts, keyed by release (:func:`artifact_key`): lowest/highest valued samples; the summary
+    (counts, wall time per step, the gate)."""
     cols = [c for c in ("id", "value", "keep", "reason", "prompt", "response", "text") if c in selected.columns]
     ranked = selected.sort("value").select(cols)
     for key, part in (("lowest-valued", ranked.head(10)), ("highest-valued", ranked.tail(10).reverse())):
         rows = [{k: (str(v)[:120] if isinstance(v, str) else v) for k, v in r.items()} for r in part.to_dicts()]
-        create_table_artifact(key=key, table=rows, description=f"{key} samples of release {version}")
+        create_table_artifact(key=artifact_key(key, release), table=rows,
+                              description=f"{key} samples of release {release}/{version}")
     lines = [f"# release {version}", "", "| step | count |", "|---|---|"]
     lines += [f"| {k} | {v} |" for k, v in counts.items()]
     lines += ["", "| step | wall s | |", "|---|---:|---|"]
@@ -598,7 +629,7 @@ def _artifacts(selected: Any, counts: dict[str, int], version: str, verdict: dic
     lines += ["", f"Report: [{report_path}]({link})"]
     if verdict.get("docs_index"):
         lines += ["", f"Data Docs: {verdict['docs_index']}"]
-    create_markdown_artifact(key="release-summary", markdown="\n".join(lines))
+    create_markdown_artifact(key=artifact_key("release-summary", release), markdown="\n".join(lines))
 
 
 __all__ = ["refresh"]

@@ -31,15 +31,17 @@ def _valset_key(params: dict[str, Any]) -> dict[str, Any]:
     its table version, so a registry change is never answered from the cache)."""
     file = params.get("file")
     return {"workspace": workspace_uri(params["workspace"]), "ref": params["ref"], "max_chars": params["max_chars"],
+            "fields": params.get("fields") or {},
             "file": [str(Path(file).resolve()), file_hash(file)] if file else None,
             "registry": table_versions(params["workspace"], [schemas.VALSET_VERSIONS]), "code": code_fingerprint()}
 
 
 @task(name="validation-set", retries=2, retry_delay_seconds=2, retry_condition_fn=retry_unless_user_error,
       cache_policy=KeyedOn(parts=_valset_key), result_serializer="json")
-def register_validation_version(workspace: str, ref: str, file: str | None, max_chars: int) -> dict[str, Any]:
+def register_validation_version(workspace: str, ref: str, file: str | None, max_chars: int,
+                                fields: dict[str, str] | None = None) -> dict[str, Any]:
     """Register ``file`` as the next version of the set ``ref`` names and pin the version to use
-    (:func:`valuegate.tasks.validation_set.run`).
+    (:func:`valuegate.tasks.validation_set.run`; ``fields``: the column mapping, ``data.fields``).
 
     Retried: every step is workspace I/O, and registering identical content twice is a no-op; a user
     error (a bad or missing file) is not retried.
@@ -49,7 +51,7 @@ def register_validation_version(workspace: str, ref: str, file: str | None, max_
         ``name``, ``version``, ``rows``, ``content_hash``, ``source`` (the file the version was registered
         from) and ``new`` (whether this call registered a new version).
     """
-    res = validation_set.run(workspace, ref, file, max_chars)
+    res = validation_set.run(workspace, ref, file, max_chars, fields)
     get_run_logger().info(res.line())
     return dataclasses.asdict(res)
 
@@ -75,7 +77,7 @@ def register_validation_set(name: str, file: str, workspace: str | None = None,
     settings = load_settings(config, {"workspace": workspace} if workspace else None)
     t0 = time.perf_counter()
     rec = persisted(register_validation_version, settings.workspace)(
-        settings.workspace, name, str(file), settings.ingest.max_chars)
+        settings.workspace, name, str(file), settings.ingest.max_chars, settings.data.fields)
     seconds = round(time.perf_counter() - t0, 3)
     what = "registered as a new version" if rec["new"] else "unchanged content: already registered"
     lines = [f"# validation set {rec['valset']}", "", what, "", "| field | value |", "|---|---|",

@@ -6,6 +6,10 @@ Layout, under the workspace root (a directory, or the workspace's ``s3://bucket/
         CURRENT                 first line: the version that is current (absent: none yet); second line:
                                 ``promotion <n>``, the number of promotions so far (every promotion
                                 writes a new n, so no two CURRENT contents are ever the same)
+        README.md               written by each promotion: a dataset card whose only config is the
+                                current version's data.parquet, so ``datasets.load_dataset(<this
+                                folder>)`` loads the current release (locally under CURRENT's lock; on
+                                S3 right after the compare-and-swap, from CURRENT read back)
         v0001/                  one release (versions allocated exclusively, never reused)
             .allocated          the allocation marker (created only if absent)
             data.parquet        the kept training rows: plain Arrow columns (no extension, dictionary,
@@ -104,6 +108,7 @@ DATA_FILE = "data.parquet"
 SCORES_FILE = "scores.parquet"
 MANIFEST_FILE = "manifest.json"
 CURRENT_FILE = "CURRENT"
+CURRENT_CARD = "README.md"  # beside CURRENT: datasets.load_dataset(releases/<name>) reads the current release
 ALLOCATED_FILE = ".allocated"
 _LOCK_FILE = ".CURRENT.lock"
 _RESERVED = {DATA_FILE, SCORES_FILE, MANIFEST_FILE, CURRENT_FILE}
@@ -740,6 +745,16 @@ def _check_forward(name: str, version: str, current: str | None, backwards: bool
         raise NewerIsCurrent(name, version, current)
 
 
+def current_card(name: str, version: str) -> bytes:
+    """The ``README.md`` beside CURRENT: a card whose one config is ``<version>/data.parquet``, so that
+    ``datasets.load_dataset(<releases/name>)`` loads the current release and nothing else (never the gate's
+    Data Docs records)."""
+    return (f"---\nconfigs:\n- config_name: default\n  data_files:\n  - split: train\n    path: {version}/{DATA_FILE}\n"
+            f"---\n\n# {name}: the current release\n\nThe current release of `{name}` is **{version}** (the "
+            f"folder `{version}/`: its own README.md says what it holds). Written by each promotion; "
+            "`CURRENT` is the record.\n").encode()
+
+
 def promote(root: Any, name: str, version: str | int, *, backwards: bool = False) -> str | None:
     """Make ``version`` the current release of ``name`` (atomic, linearisable move of ``CURRENT``).
 
@@ -777,6 +792,7 @@ def promote(root: Any, name: str, version: str | int, *, backwards: bool = False
             _check_forward(name, version, previous, backwards)
             if previous != version:
                 r.write_atomic(key, _current_payload(version, seq + 1))
+            r.write_atomic(f"{_base(name)}/{CURRENT_CARD}", current_card(name, version))
         return previous
 
     def compare_and_swap() -> tuple[bool, str | None]:
@@ -793,6 +809,9 @@ def promote(root: Any, name: str, version: str | int, *, backwards: bool = False
                                 result_kind=lambda res: None if res[0] else "another promoter won",
                                 error_kind=lambda exc: None)  # the requests retry their own failures
     if done:
+        now, _ = _parse_current(r.read_bytes(key))  # a later promoter may have moved it again: its card wins
+        if now is not None:
+            r.write_atomic(f"{_base(name)}/{CURRENT_CARD}", current_card(name, now))
         return previous
     raise ValuegateError(f"could not move {r.uri_of(key)} after {policy.attempts} tries: other promoters "
                          "kept winning the conditional write")

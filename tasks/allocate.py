@@ -29,7 +29,7 @@ from valuegate.storage.lance import Workspace
 from valuegate.tasks.ingest import file_hash
 
 __all__ = ["AllocateResult", "claim", "current_release", "pending_release", "release_inputs", "release_key",
-           "remember_release", "run", "unclaim"]
+           "remember_release", "run", "unchanged_release", "unclaim"]
 
 
 @dataclass(frozen=True)
@@ -179,13 +179,38 @@ def run(settings: Settings, resume: str | None, run_id: str, release_key: str) -
 
 
 def release_inputs(settings: Settings) -> list[dict[str, str]]:
-    """The run's sources as the manifest records them: ``{"source": absolute path, "sha256": of its bytes}``."""
-    return [{"source": str(Path(s).resolve()), "sha256": file_hash(s)} for s in settings.data.sources]
+    """The run's source files as the manifest records them: ``{"source": absolute path, "sha256": of its
+    bytes}`` (a folder of shards or a glob: one entry per file)."""
+    from valuegate.inputs.readers import source_files
+
+    return [{"source": str(Path(f).resolve()), "sha256": file_hash(f)}
+            for s in settings.data.sources for f in source_files(s)]
 
 
 def current_release(settings: Settings) -> str | None:
     """The version of ``settings.release.name`` that is current (None: none is)."""
     return store.read_current(Workspace.from_env(settings.workspace), settings.release.name)
+
+
+def unchanged_release(settings: Settings, previous: str | None, run_id: str,
+                      inputs: list[dict[str, str]]) -> tuple[dict, str] | None:
+    """The manifest of the current release and where its report is, when this run would cut the very same
+    release from it: the same
+    scores run (same data, validation version, model and scoring settings), the same source files and every
+    other setting the same; else None (a new release is written).
+
+    An unchanged re-run then says "nothing changed since vN" instead of writing a copy."""
+    if previous is None:
+        return None
+    root = Workspace.from_env(settings.workspace)
+    try:
+        manifest = store.read_manifest(root, settings.release.name, previous)
+    except (OSError, ValueError):
+        return None
+    same = (manifest.get("run_id") == run_id and manifest.get("inputs") == inputs
+            and manifest.get("settings") == json.loads(settings.model_dump_json())
+            and (manifest.get("gate") or {}).get("passed") is True)
+    return (manifest, f"{store.release_uri(root, settings.release.name, previous)}/report.html") if same else None
 
 
 def release_key(settings: Settings, previous: str | None, run_id: str, inputs: list[dict[str, str]]) -> str:

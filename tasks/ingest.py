@@ -1,25 +1,14 @@
-"""Read training and validation files with polars and turn rows into samples.
+"""The ``ingest`` step: stream every configured source into the workspace's samples, members and quarantine.
 
-A sample is one of three shapes (the first that a file's columns allow):
-
-- ``prompt`` + ``response``: the text is ``prompt + response`` (no separator is added);
-- ``messages``: a chat list of ``{role, content}``, rendered with the tokenizer's chat template;
-- ``text``: plain text.
-
-Prompt/response and chat samples may carry images (an ``images`` column; see ``valuegate/engine/images.py``): a
-prompt marks where each image goes with ``<image>`` (none: the images go before the prompt), a chat puts
-them in its user/system turns, as ``{"type": "image"}`` parts of a list content (the processors' chat
-convention) or as ``<image>`` markers in a string content. Every image is opened and checked with Pillow;
-a bad image refuses its row with the reason.
-
-Every other column is carried through untouched. Row checks return ``(keep, reason)`` verdicts
-(:func:`check_row`); :func:`read_samples` turns the first refusal into a :class:`ValuegateError` that
-names the file, the 0-based row and the field.
+Reading files and recognising their format is :mod:`valuegate.inputs` (readers, formats, row checks);
+this module normalises the samples, gives them content ids (:func:`sample_id`), carries every other
+column as metadata and stores kept and refused rows (``storage/samples.py``). A source in
+``data.sources`` may be a file, a ``save_to_disk`` folder, a folder of shards or a glob: each file it
+names is ingested as a source of its own (:func:`valuegate.inputs.readers.source_files`).
 """
 
 from __future__ import annotations
 
-import codecs
 import hashlib
 import json
 import unicodedata
@@ -28,261 +17,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import polars as pl
-
 from valuegate.digests import sha256_path
-from valuegate.engine.sample import Sample, SampleKind
+from valuegate.engine.sample import Sample
 from valuegate.errors import ValuegateError
+from valuegate.inputs.formats import Format, recognise
+from valuegate.inputs.readers import RawRow, iter_source_records, source_files
+from valuegate.inputs.rows import row_sample
 from valuegate.names import check_name
 from valuegate.settings import Settings
-
-READABLE_SUFFIXES = (".jsonl", ".json", ".ndjson", ".parquet", ".csv")
-CHAT_ROLES = ("system", "user", "assistant", "tool")
-IMAGE_MARKER = "<image>"  # where an image goes in a prompt or a string chat turn
-
-
-def read_table(path: str | Path) -> tuple[pl.DataFrame, list[dict[str, Any]] | None]:
-    """Read a JSONL, Parquet or CSV file into a data frame.
-
-    Returns:
-        the frame, and for JSON lines the parsed records as they came (the frame may have unified the
-        types of a column across rows; row checks must see the raw values), else None.
-
-    Raises:
-        ValuegateError: the file is missing, has an unknown suffix, or does not parse (the message says
-            which line when polars can tell).
-    """
-    p = Path(path)
-    if not p.exists():
-        raise ValuegateError(f"{p}: no such file")
-    suffix = p.suffix.lower()
-    try:
-        if suffix in (".jsonl", ".ndjson", ".json"):
-            records = _read_jsonl(p)
-            return (pl.DataFrame(records, infer_schema_length=None, strict=False) if records
-                    else pl.DataFrame()), records
-        if suffix == ".parquet":
-            return pl.read_parquet(p), None
-        if suffix == ".csv":
-            return pl.read_csv(p, infer_schema_length=0), None  # every column as text: no silent casts
-    except ValuegateError:
-        raise
-    except Exception as exc:  # polars raises many types; the user needs the file and the cause
-        raise ValuegateError(f"{p}: cannot be read as {suffix[1:]}: {exc}") from exc
-    raise ValuegateError(f"{p}: unsupported file type {suffix or '(none)'}; use one of "
-                         + ", ".join(READABLE_SUFFIXES))
-
-
-def read_jsonl_lines(p: Path) -> tuple[list[dict[str, Any] | None], list[tuple[int, str, str]]]:
-    """Parse JSON lines, keeping bad lines aside instead of failing.
-
-    Rows are numbered over the non-empty lines, from 0.
-
-    Returns:
-        one entry per row (None where the line was refused), and ``(row, raw, reason)`` of each refused
-        line (raw decoded with replacement characters where it was not UTF-8).
-    """
-    rows: list[dict[str, Any] | None] = []
-    bad: list[tuple[int, str, str]] = []
-    with p.open("rb") as f:
-        for i, raw in enumerate(f):
-            raw = raw.removeprefix(codecs.BOM_UTF8) if i == 0 else raw  # a BOM, as the CSV reader takes it
-            if not raw.strip():
-                continue
-            obj, why = _parse_json_line(raw, i)
-            if obj is None:
-                bad.append((len(rows), raw.decode("utf-8", errors="replace").rstrip("\n"), why))
-            rows.append(obj)
-    return rows, bad
-
-
-def _read_jsonl(p: Path) -> list[dict[str, Any]]:
-    """JSON lines, one object per non-empty line; a bad line is an error naming its row."""
-    rows, bad = read_jsonl_lines(p)
-    if bad:
-        row, _, why = bad[0]
-        raise ValuegateError(f"{p}: row {row} ({why.replace(': ', '): ', 1)}")
-    return rows  # type: ignore[return-value]
-
-
-def sample_kind(columns: list[str], source: str) -> SampleKind:
-    """The sample shape a file's columns allow, or an error saying which columns are expected."""
-    cols = set(columns)
-    if {"prompt", "response"} <= cols:
-        return "prompt_response"
-    if "messages" in cols:
-        return "messages"
-    if "text" in cols:
-        return "text"
-    raise ValuegateError(
-        f"{source}: no sample fields: expected columns 'prompt' and 'response', or 'messages', or 'text'; "
-        f"found {sorted(cols) or 'no columns'}")
-
-
-def _image_parts(content: Any, j: int, role: str) -> tuple[list[dict[str, str]] | None, str]:
-    """A turn's content as ``{"type": "text"|"image"}`` parts (``<image>`` markers of a string split out)."""
-    if isinstance(content, str):
-        pieces = content.split(IMAGE_MARKER)
-        parts: list[dict[str, str]] = []
-        for k, piece in enumerate(pieces):
-            if k:
-                parts.append({"type": "image"})
-            if piece:
-                parts.append({"type": "text", "text": piece})
-        return parts, ""
-    if not isinstance(content, (list, tuple)):
-        return None, f"messages[{j}].content must be a string or a list of parts"
-    parts = []
-    for k, part in enumerate(content):
-        kind = part.get("type") if isinstance(part, dict) else None
-        if kind == "text" and isinstance(part.get("text"), str):
-            parts.append({"type": "text", "text": part["text"]})
-        elif kind == "image":
-            parts.append({"type": "image"})  # the image itself comes from the row's images, in order
-        else:
-            return None, f"messages[{j}].content[{k}] must be {{type: text, text}} or {{type: image}}"
-    return parts, ""
-
-
-def _parse_messages(value: Any, with_images: bool = False) -> tuple[tuple[dict[str, Any], ...] | None, str]:
-    if isinstance(value, str):  # CSV or a JSON-encoded column
-        try:
-            value = json.loads(value)
-        except json.JSONDecodeError:
-            return None, "messages is a string that is not a JSON list of turns"
-    if not isinstance(value, (list, tuple)) or not value:
-        return None, "messages must be a non-empty list of {role, content} turns"
-    turns = []
-    for j, turn in enumerate(value):
-        if not isinstance(turn, dict):
-            return None, f"messages[{j}] is not an object with role and content"
-        role, content = turn.get("role"), turn.get("content")
-        if role not in CHAT_ROLES:
-            return None, f"messages[{j}].role must be one of {', '.join(CHAT_ROLES)} (got {role!r})"
-        if with_images:
-            parts, why = _image_parts(content, j, role)
-            if parts is None:
-                return None, why
-            if role in ("assistant", "tool") and any(p["type"] == "image" for p in parts):
-                return None, f"messages[{j}]: an image in a {role} turn (images go in user or system turns)"
-            if not any(p["type"] == "image" or p["text"].strip() for p in parts):
-                return None, f"messages[{j}].content must not be empty"
-            has_image = any(p["type"] == "image" for p in parts)
-            turns.append({"role": role, "content": parts if has_image else "".join(p["text"] for p in parts)})
-            continue
-        if not isinstance(content, str) or not content.strip():
-            return None, f"messages[{j}].content must be a non-empty string"
-        turns.append({"role": role, "content": content})
-    return tuple(turns), ""
-
-
-def _count_image_slots(sample_kind_: SampleKind, prompt: str | None, turns: tuple[dict[str, Any], ...] | None) -> int:
-    if sample_kind_ == "prompt_response":
-        return (prompt or "").count(IMAGE_MARKER)
-    return sum(1 for t in turns or () if not isinstance(t["content"], str)
-               for p in t["content"] if p["type"] == "image")
-
-
-def _with_images(record: dict[str, Any], sample: Sample, source: str) -> tuple[Sample | None, str]:
-    """Open and check the row's images and attach them (hashes and bytes) to its sample."""
-    from valuegate.engine.images import images_from_field
-
-    base = Path(source).parent if source and Path(source).suffix else None
-    imgs, why = images_from_field(record.get("images"), base)
-    if imgs is None:
-        return None, why
-    if not imgs:
-        return sample, ""
-    if sample.kind == "text":
-        return None, "images: text samples cannot carry images (give prompt/response or messages)"
-    slots = _count_image_slots(sample.kind, sample.prompt, sample.messages)
-    if sample.kind == "messages" and slots != len(imgs):
-        return None, (f"images: {len(imgs)} images but {slots} image placeholders in the user turns "
-                      f"({{type: image}} parts or {IMAGE_MARKER} markers)")
-    if sample.kind == "prompt_response" and slots not in (0, len(imgs)):
-        return None, f"images: {len(imgs)} images but {slots} {IMAGE_MARKER} markers in the prompt (give one each, or none)"
-    if sample.kind == "prompt_response" and IMAGE_MARKER in sample.response:
-        return None, f"response: an {IMAGE_MARKER} marker in the response (images go in the prompt)"
-    return Sample(sample.kind, sample.row, sample.source, prompt=sample.prompt, response=sample.response,
-                  messages=sample.messages, images=tuple(i.sha256 for i in imgs),
-                  image_data=tuple(i.data for i in imgs)), ""
-
-
-def check_row(record: dict[str, Any], kind: SampleKind, row: int, source: str) -> tuple[Sample | None, str]:
-    """Validate one row. Returns ``(sample, "")`` when kept, ``(None, "field: reason")`` when refused.
-
-    A row with a non-empty ``images`` field has every image opened and checked (``valuegate/engine/images.py``);
-    relative image paths are relative to the folder of ``source``.
-    """
-    sample, why = _check_fields(record, kind, row, source)
-    if sample is None or record.get("images") is None:
-        return sample, why
-    return _with_images(record, sample, source)
-
-
-def _check_fields(record: dict[str, Any], kind: SampleKind, row: int, source: str) -> tuple[Sample | None, str]:
-    if kind == "prompt_response":
-        for name in ("prompt", "response"):
-            v = record.get(name)
-            if not isinstance(v, str):
-                return None, f"{name}: expected a string, got {type(v).__name__ if v is not None else 'null'}"
-        if not record["response"].strip():
-            return None, "response: empty"
-        # an empty prompt is allowed (continuation data); the response alone counts
-        return Sample(kind, row, source, prompt=record["prompt"], response=record["response"]), ""
-    if kind == "messages":
-        turns, why = _parse_messages(record.get("messages"), _has_images(record.get("images")))
-        if turns is None:
-            return None, f"messages: {why}"
-        return Sample(kind, row, source, messages=turns), ""
-    v = record.get("text")
-    if not isinstance(v, str):
-        return None, f"text: expected a string, got {type(v).__name__ if v is not None else 'null'}"
-    if not v.strip():
-        return None, "text: empty"
-    return Sample(kind, row, source, text=v), ""
-
-
-def _has_images(value: Any) -> bool:
-    if value is None:
-        return False
-    if isinstance(value, str):
-        return value.strip() not in ("", "[]")
-    return not isinstance(value, (list, tuple)) or len(value) > 0
-
-
-def samples_from_frame(df: pl.DataFrame, source: str,
-                       records: list[dict[str, Any]] | None = None) -> list[Sample]:
-    """All rows of a frame as samples; the first refused row raises an error naming file, row and field.
-
-    Args:
-        df: the rows. source: file name for messages. records: the raw rows when the frame may have
-            coerced them (JSON lines); checked instead of the frame.
-    """
-    if df.height == 0:
-        raise ValuegateError(f"{source}: the file has no rows")
-    kind = sample_kind(df.columns, source)
-    wanted = {"prompt_response": ["prompt", "response"], "messages": ["messages"], "text": ["text"]}[kind]
-    wanted += ["images"] if "images" in df.columns else []
-    rows = records if records is not None else df.select(wanted).iter_rows(named=True)
-    out = []
-    for i, record in enumerate(rows):
-        sample, why = check_row(record, kind, i, source)
-        if sample is None:
-            raise ValuegateError(f"{source}: row {i}: {why}")
-        out.append(sample)
-    return out
-
-
-def read_samples(path: str | Path) -> tuple[pl.DataFrame, list[Sample]]:
-    """Read a file and validate every row.
-
-    Returns:
-        the frame as read (every input column, in order) and one sample per row.
-    """
-    df, records = read_table(path)
-    return df, samples_from_frame(df, str(path), records)
-
 
 # --------------------------------------------------------------------------------------------------
 # Ingestion into a workspace: normalisation, content ids, verdicts, quarantine.
@@ -345,156 +87,27 @@ class RowVerdict:
     metadata: dict[str, Any] | None = None
 
 
-RawRow = tuple[int, "dict[str, Any] | None", str, str]  # (row, record or None, raw if refused, reason)
 
-
-def _hf_files(p: Path) -> list[Path]:
-    if not p.is_dir():
-        return [p]
-    if (p / "dataset_dict.json").exists():
-        splits = json.loads((p / "dataset_dict.json").read_text()).get("splits", [])
-        raise ValuegateError(f"{p}: a DatasetDict folder; give one split folder, e.g. {p / (splits or ['train'])[0]}")
-    state = p / "state.json"
-    if not state.exists():
-        raise ValuegateError(f"{p}: a folder that is not a Hugging Face save_to_disk dataset (no state.json)")
-    return [p / f["filename"] for f in json.loads(state.read_text()).get("_data_files", [])]
-
-
-def _arrow_batches(files: list[Path], chunk_rows: int,
-                   types: dict[str, Any] | None = None) -> Iterator[list[dict[str, Any]]]:
-    import pyarrow as pa
-
-    for f in files:
-        with pa.memory_map(str(f)) as src:
-            try:
-                reader = pa.ipc.open_stream(src)
-                batches = iter(reader)
-            except pa.ArrowInvalid:
-                reader = pa.ipc.open_file(src)
-                batches = (reader.get_batch(i) for i in range(reader.num_record_batches))
-            for b in batches:
-                _note_types(b.schema, types)
-                for lo in range(0, b.num_rows, chunk_rows):
-                    yield b.slice(lo, chunk_rows).to_pylist()
-
-
-def _note_types(schema: Any, types: dict[str, Any] | None) -> None:
-    if types is not None:
-        types.update((f.name, f.type) for f in schema)
-
-
-def iter_source_records(path: str | Path, chunk_rows: int = 50_000,
-                        types: dict[str, Any] | None = None) -> Iterator[list[RawRow]]:
-    """Stream a source in chunks of rows, never holding the whole file: JSONL line by line, Parquet by
-    row group batches, CSV through Arrow's streaming reader (every column as text), Arrow IPC by batch.
-
-    ``types``, when given, receives the Arrow type of each column of a Parquet or Arrow source (column →
-    ``pa.DataType``), for the metadata of typed columns (:mod:`valuegate.storage.metadata`).
-
-    Yields:
-        lists of ``(row, record, raw, reason)``; ``record`` is None for a line that could not be parsed,
-        with its raw text and the reason.
-    """
-    p = Path(path)
-    if not p.exists():
-        raise ValuegateError(f"{p}: no such file")
-    suffix = p.suffix.lower()
-    row = 0
-
-    def numbered(records: list[dict[str, Any]]) -> list[RawRow]:
-        nonlocal row
-        out = [(row + i, r, "", "") for i, r in enumerate(records)]
-        row += len(records)
-        return out
-
-    try:
-        if p.is_dir() or suffix == ".arrow":
-            for recs in _arrow_batches(_hf_files(p), chunk_rows, types):
-                yield numbered(recs)
-        elif suffix in (".jsonl", ".ndjson", ".json"):
-            chunk: list[RawRow] = []
-            with p.open("rb") as f:
-                for i, raw in enumerate(f):
-                    raw = raw.removeprefix(codecs.BOM_UTF8) if i == 0 else raw  # a leading UTF-8 BOM
-                    if not raw.strip():
-                        continue
-                    rec, why = _parse_json_line(raw, i)
-                    chunk.append((row, rec, "" if rec is not None else raw.decode("utf-8", "replace").rstrip("\n"), why))
-                    row += 1
-                    if len(chunk) >= chunk_rows:
-                        yield chunk
-                        chunk = []
-            if chunk:
-                yield chunk
-        elif suffix == ".parquet":
-            import pyarrow.parquet as pq
-
-            for b in pq.ParquetFile(p).iter_batches(batch_size=chunk_rows):
-                _note_types(b.schema, types)
-                yield numbered(b.to_pylist())
-        elif suffix == ".csv":
-            import csv
-
-            import pyarrow as pa
-            import pyarrow.csv as pacsv
-
-            with p.open(newline="", encoding="utf-8", errors="replace") as fh:
-                header = next(csv.reader(fh), [])
-            conv = pacsv.ConvertOptions(column_types={c: pa.string() for c in header}, strings_can_be_null=False)
-            reader = pacsv.open_csv(p, read_options=pacsv.ReadOptions(block_size=1 << 24), convert_options=conv)
-            for b in reader:
-                for lo in range(0, b.num_rows, chunk_rows):
-                    yield numbered(b.slice(lo, chunk_rows).to_pylist())
-        else:
-            raise ValuegateError(f"{p}: unsupported file type {suffix or '(none)'}; use one of "
-                                 + ", ".join(READABLE_SUFFIXES) + ", a save_to_disk folder or .arrow")
-    except ValuegateError:
-        raise
-    except Exception as exc:  # a reader's own error: name the file and the cause
-        raise ValuegateError(f"{p}: cannot be read: {exc}") from exc
-
-
-def _parse_json_line(raw: bytes, line_index: int) -> tuple[dict[str, Any] | None, str]:
-    try:
-        obj = json.loads(raw.decode("utf-8"))
-    except UnicodeDecodeError as exc:
-        return None, f"line {line_index + 1}: invalid UTF-8 ({exc.reason})"
-    except json.JSONDecodeError as exc:
-        return None, f"line {line_index + 1}: malformed JSON: {exc.msg}"
-    if not isinstance(obj, dict):
-        return None, f"line {line_index + 1}: expected a JSON object, got {type(obj).__name__}"
-    if b"\\u" in raw and _has_lone_surrogate(obj):  # "\ud800" parses, but is no character: no text holds it
-        return None, f"line {line_index + 1}: invalid Unicode (a lone surrogate escape)"
-    return obj, ""
-
-
-def _has_lone_surrogate(obj: Any) -> bool:
-    try:
-        json.dumps(obj, ensure_ascii=False).encode("utf-8")
-    except UnicodeEncodeError:
-        return True
-    return False
-
-
-def verdicts_for(chunk: list[RawRow], kind: SampleKind, source: str, max_chars: int,
+def verdicts_for(chunk: list[RawRow], fmt: Format, source: str, max_chars: int,
                  types: dict[str, Any] | None = None) -> list[RowVerdict]:
-    """Check every row of a chunk (see :func:`check_row`), adding the oversize and the assistant-turn
-    checks. A kept row's other columns become its metadata (:func:`valuegate.storage.metadata.encode_metadata`;
-    ``types``: the Arrow type of each column, when the source has them)."""
+    """Check every row of a chunk of a file of format ``fmt`` (see :func:`valuegate.inputs.rows.row_sample`),
+    adding the oversize and the assistant-turn checks. A kept row's other columns become its metadata
+    (:func:`valuegate.storage.metadata.encode_metadata`; ``types``: the Arrow type of each column, when the
+    source has them)."""
     from valuegate.storage.metadata import describe, encode_metadata
 
-    sample_cols = {"prompt_response": {"prompt", "response"}, "messages": {"messages"}, "text": {"text"}}[kind]
+    sample_cols = fmt.columns
     out = []
     for i, rec, raw, why in chunk:
         if rec is None:
             out.append(RowVerdict(i, None, raw, why))
             continue
         raw = json.dumps({k: describe(v) for k, v in rec.items()}, ensure_ascii=False)
-        sample, why = check_row(rec, kind, i, source)
+        sample, why = row_sample(rec, fmt, i, source)
         if sample is not None and sample.kind == "messages" and not any(
                 m["role"] == "assistant" for m in sample.messages or ()):
             # the response loss (chat's default) counts assistant turns only: such a row can never be valued
-            sample, why = None, "messages: no assistant turn"
+            sample, why = None, f"{'conversations' if fmt.name == 'sharegpt' else 'messages'}: no assistant turn"
         if sample is not None:
             size = sum(len(x) for x in (sample.prompt, sample.response, sample.text) if x) + sum(
                 len(m["content"]) if isinstance(m["content"], str)
@@ -502,40 +115,44 @@ def verdicts_for(chunk: list[RawRow], kind: SampleKind, source: str, max_chars: 
             if size > max_chars:
                 sample, why = None, f"{sample.counted_field}: oversized ({size} characters > {max_chars})"
         meta = encode_metadata({k: v for k, v in rec.items() if k not in sample_cols}, types) if sample else None
-        if meta is not None and "images" in rec:
+        images_col = fmt.source_name("images")
+        if meta is not None and images_col in rec:
             # the release carries the images by content hash (resolved in the workspace's image table)
+            meta.pop(images_col, None)
             meta["images"] = list(sample.images or ())
         out.append(RowVerdict(i, sample, raw, why, meta))
     return out
 
 
-def iter_source_verdicts(path: str | Path, max_chars: int, chunk_rows: int = 50_000) -> Iterator[list[RowVerdict]]:
-    """Every row of a source with its verdict, chunk by chunk; nothing dropped.
+def iter_source_verdicts(path: str | Path, max_chars: int, chunk_rows: int = 50_000,
+                         fields: dict[str, str] | None = None) -> Iterator[list[RowVerdict]]:
+    """Every row of a source file with its verdict, chunk by chunk; nothing dropped.
 
-    The sample shape is decided by the columns of the first chunk that has a parsed row; later rows
-    lacking those columns are refused with the field named.
+    The format is recognised from the columns of the first chunk that has a parsed row
+    (:func:`valuegate.inputs.formats.recognise`, with the column mapping ``fields``); later rows lacking
+    those columns are refused with the field named.
     """
-    kind: SampleKind | None = None
+    fmt: Format | None = None
     pending: list[list[RawRow]] = []
     types: dict[str, Any] = {}
     for chunk in iter_source_records(path, chunk_rows, types):
-        if kind is None:
+        if fmt is None:
             cols = sorted({k for _, r, _, _ in chunk if r is not None for k in r})
             if not cols:
                 pending.append(chunk)
                 continue
-            kind = sample_kind(cols, str(path))
+            fmt = recognise(cols, str(path), fields)
         for c in [*pending, chunk]:
-            yield verdicts_for(c, kind, str(path), max_chars, types)
+            yield verdicts_for(c, fmt, str(path), max_chars, types)
         pending = []
     for c in pending:  # a file of nothing but unparseable lines and empty objects
         yield [RowVerdict(i, None, raw if rec is None else "{}", why or "no sample fields: an empty object")
                for i, rec, raw, why in c]
 
 
-def read_source_rows(path: str | Path, max_chars: int) -> list[RowVerdict]:
+def read_source_rows(path: str | Path, max_chars: int, fields: dict[str, str] | None = None) -> list[RowVerdict]:
     """All rows of a source with their verdicts (see :func:`iter_source_verdicts`), in one list."""
-    return [v for chunk in iter_source_verdicts(path, max_chars) for v in chunk]
+    return [v for chunk in iter_source_verdicts(path, max_chars, fields=fields) for v in chunk]
 
 
 # the counts of ingesting a source, summed over the sources by the ingest step: rows read, kept (accepted
@@ -573,8 +190,11 @@ def _reason_key(reason: str) -> str:
     return head.split(": ", 1)[-1] if head.startswith("line ") else head
 
 
-def ingest_file(ws: Any, dataset: str, path: str | Path, max_chars: int, chunk_rows: int = 50_000) -> FileReport:
-    """Ingest one source into ``dataset`` of workspace ``ws``, streaming it in chunks of rows.
+def ingest_file(ws: Any, dataset: str, path: str | Path, max_chars: int, chunk_rows: int = 50_000,
+                fields: dict[str, str] | None = None) -> FileReport:
+    """Ingest one source file into ``dataset`` of workspace ``ws``, streaming it in chunks of rows
+    (``fields``: the column mapping, :mod:`valuegate.inputs.formats`; part of the file's content hash, so a
+    changed mapping re-reads the file).
 
     Re-ingesting an unchanged file is a no-op; a changed file replaces the source's rows: new contents
     are added, and ids that only the old version held are recorded as left. Rows are upserted on their
@@ -596,6 +216,8 @@ def ingest_file(ws: Any, dataset: str, path: str | Path, max_chars: int, chunk_r
     check_name(dataset, "dataset")
     source = str(Path(path).resolve())
     digest = file_hash(path)
+    if fields:
+        digest = hashlib.sha256(f"{digest}\n{json.dumps(fields, sort_keys=True)}".encode()).hexdigest()
     last = store.read_last_ingest(ws, dataset, source)
     if last is not None and last["source_hash"] == digest:
         return FileReport(source, unchanged=True)
@@ -607,7 +229,7 @@ def ingest_file(ws: Any, dataset: str, path: str | Path, max_chars: int, chunk_r
     rep = FileReport(source, reasons={})
     reasons: Counter[str] = Counter()
     seen: set[str] = set()
-    for verdicts in iter_source_verdicts(path, max_chars, chunk_rows):
+    for verdicts in iter_source_verdicts(path, max_chars, chunk_rows, fields):
         kept = [v for v in verdicts if v.sample is not None]
         refused = [v for v in verdicts if v.sample is None]
         records = [sample_record(v.sample) for v in kept]
@@ -701,8 +323,9 @@ def run(settings: Settings, on_file: Callable[[FileReport], None] | None = None)
     if not settings.data.sources:
         raise ValuegateError("no sources configured: set data.sources (a list of files) in the config")
     totals = dict.fromkeys(INGEST_COUNTS, 0)
-    for src in settings.data.sources:
-        rep = ingest_file(ws, settings.data.dataset, src, settings.ingest.max_chars)
+    files = [f for src in settings.data.sources for f in source_files(src)]  # folders and globs, expanded
+    for f in files:
+        rep = ingest_file(ws, settings.data.dataset, f, settings.ingest.max_chars, fields=settings.data.fields)
         if on_file is not None:
             on_file(rep)
         for k in INGEST_COUNTS:

@@ -157,6 +157,224 @@ def _dropped_html(selected: pl.DataFrame, kinds: list[str], examples: int = 3) -
     return "".join(out) + "</table>"
 
 
+def _reason_codes(selected: pl.DataFrame, kinds: list[str]) -> list[str]:
+    """Each row's short drop reason ("" when kept): the select step's ``reason_code`` when the table has it,
+    else the reason without the sample's own numbers (:func:`valuegate.tasks.select.reason_kind`)."""
+    if "reason_code" in selected.columns:
+        keep = selected["keep"].to_list()
+        return ["" if k else (c or "") for k, c in zip(keep, selected["reason_code"].cast(pl.String).to_list(),
+                                                       strict=True)]
+    return kinds
+
+
+def funnel_rows(counts: dict[str, Any], selected: pl.DataFrame, codes: list[str]) -> list[tuple[str, int, str, int]]:
+    """The run's counts as one funnel, each stage a subset of the one before it.
+
+    Returns:
+        ``(stage, count, what it means, indent)`` rows: rows read, quarantined, rows accepted, unique samples,
+        not valued, scored, kept, dropped (then one row per drop reason, indent 1), released. A count the
+        manifest lacks (an older release) is left out.
+    """
+    rows: list[tuple[str, int, str, int]] = []
+    accepted, quarantined = counts.get("dataset_rows"), counts.get("dataset_quarantined")
+    if accepted is not None and quarantined is not None:
+        rows.append(("rows read", accepted + quarantined, "rows of every source of the dataset, as they stand", 0))
+        rows.append(("quarantined", quarantined, "rows refused at ingest (a malformed or empty field, oversized); "
+                     "their reasons are in the workspace's quarantine table", 0))
+        rows.append(("rows accepted", accepted, "rows read minus quarantined", 0))
+    scored = selected.height
+    unscored = int(counts.get("unscored") or 0)
+    rows.append(("unique samples", scored + unscored, "distinct contents among the accepted rows (a duplicate "
+                 "row counts once)", 0))
+    if unscored:
+        rows.append(("not valued", unscored, "samples the model could not value (every counted token beyond "
+                     "max_length, or none at all)", 0))
+    rows.append(("scored", scored, "samples valued against the validation set", 0))
+    kept = int(selected["keep"].sum())
+    rows.append(("kept", kept, "scored samples the selection policy keeps", 0))
+    rows.append(("dropped", scored - kept, "scored samples the selection policy drops, by reason:", 0))
+    for code, n in sorted(Counter(c for c in codes if c).items(), key=lambda kv: (-kv[1], kv[0])):
+        rows.append((code, n, "", 1))
+    if counts.get("released") is not None:
+        rows.append(("released", int(counts["released"]), "rows of data.parquet: the kept samples, one row each", 0))
+    return rows
+
+
+def _funnel_html(counts: dict[str, Any], selected: pl.DataFrame, codes: list[str]) -> str:
+    body = "".join(
+        f"<tr class='funnel-row{' funnel-reason' if indent else ''}'><td>{'&nbsp;&nbsp;&nbsp;&nbsp;' * indent}"
+        f"{html.escape(stage)}</td><td class='num'>{n}</td><td>{html.escape(what)}</td></tr>"
+        for stage, n, what, indent in funnel_rows(counts, selected, codes))
+    return ("<h2>From rows to release</h2><table class='funnel'><tr><th>stage</th><th>count</th><th>what it "
+            "means</th></tr>" + body + "</table>")
+
+
+def _gate_html(gate: dict[str, Any]) -> str:
+    """Every gate check with what was observed (the manifest's ``gate.results``), and the Data Docs link."""
+    results = gate.get("results") or []
+    out = ["<h2>Gate checks</h2>"]
+    if results:
+        out.append("<table class='gate'><tr><th>check</th><th>observed</th><th>expected</th><th>result</th></tr>"
+                   + "".join(f"<tr class='gate-row'><td>{html.escape(str(r.get('name')))}</td>"
+                             f"<td>{html.escape(str(r.get('observed')))}</td><td>{html.escape(str(r.get('bound')))}"
+                             f"</td><td class='{'ok' if r.get('success') else 'bad'}'>"
+                             f"{'passed' if r.get('success') else 'FAILED'}</td></tr>" for r in results)
+                   + "</table>")
+    if gate.get("docs_index"):
+        from valuegate.tasks.gate import DOCS_INDEX
+
+        out.append(f"<p>Great Expectations' own Data Docs: <a href='gate/{DOCS_INDEX.as_posix()}'>gate/"
+                   f"{html.escape(DOCS_INDEX.as_posix())}</a> (they load their styles and scripts, Bootstrap, "
+                   "jQuery and Vega, from the web: offline their index lists nothing; the table above holds "
+                   "every check).</p>")
+    return "".join(out)
+
+
+# the longest text of one field the dropped-rows table carries (the full text is in the release's files)
+DROPPED_TEXT_CHARS = 2000
+
+
+def _clip(text: str | None) -> str:
+    text = text or ""
+    return text if len(text) <= DROPPED_TEXT_CHARS else text[:DROPPED_TEXT_CHARS] + "…"
+
+
+def _prompt_response(row: dict[str, Any]) -> tuple[str, str]:
+    """A row's prompt and response as text: a chat's turns before its last assistant turn, and that turn;
+    a text sample's text as the response."""
+    if row.get("messages"):
+        import json
+
+        try:
+            turns = json.loads(row["messages"]) if isinstance(row["messages"], str) else list(row["messages"])
+        except ValueError:
+            return "", str(row["messages"])
+        last = max((i for i, t in enumerate(turns) if t.get("role") == "assistant"), default=len(turns))
+
+        def said(t: dict[str, Any]) -> str:
+            c = t.get("content")
+            c = c if isinstance(c, str) else " ".join(p.get("text", "[image]") for p in c or [])
+            return f"{t.get('role')}: {c}"
+
+        return "\n".join(said(t) for t in turns[:last]), "\n".join(said(t) for t in turns[last:])
+    if row.get("text"):
+        return "", row["text"]
+    return row.get("prompt") or "", row.get("response") or ""
+
+
+DROPPED_SCRIPT = r"""
+function vgRows(rows, query, reason, key, dir) {
+  var q = (query || "").toLowerCase();
+  var out = rows.filter(function (r) {
+    if (reason && r.code !== reason) return false;
+    if (!q) return true;
+    return [r.code, r.reason, r.prompt, r.response, r.nearest].some(function (v) {
+      return String(v == null ? "" : v).toLowerCase().indexOf(q) >= 0;
+    });
+  });
+  if (key) {
+    out.sort(function (a, b) {
+      var x = a[key], y = b[key];
+      if (x == null && y == null) return 0;
+      if (x == null) return 1;
+      if (y == null) return -1;
+      var c = (typeof x === "number" && typeof y === "number") ? x - y : String(x).localeCompare(String(y));
+      return dir * c;
+    });
+  }
+  return out;
+}
+(function () {
+  var holder = document.getElementById("dropped-data");
+  if (!holder || typeof document.querySelector !== "function") return;
+  var rows = JSON.parse(holder.textContent), page = 0, size = 100, key = null, dir = 1;
+  var body = document.querySelector("#dropped-table tbody"), info = document.getElementById("dropped-info");
+  var search = document.getElementById("dropped-search"), pick = document.getElementById("dropped-reason");
+  function cell(text, cls) {
+    var td = document.createElement("td");
+    td.textContent = text == null ? "" : text;
+    if (cls) td.className = cls;
+    return td;
+  }
+  function draw() {
+    var shown = vgRows(rows, search.value, pick.value, key, dir);
+    var pages = Math.max(1, Math.ceil(shown.length / size));
+    page = Math.min(page, pages - 1);
+    body.textContent = "";
+    shown.slice(page * size, page * size + size).forEach(function (r) {
+      var tr = document.createElement("tr");
+      tr.className = "dropped-row";
+      tr.appendChild(cell(r.code));
+      tr.appendChild(cell(r.reason, "why"));
+      tr.appendChild(cell(r.value == null ? "" : r.value.toPrecision(4), "num"));
+      tr.appendChild(cell(r.suspect == null ? "" : r.suspect.toPrecision(3), "num"));
+      tr.appendChild(cell(r.prompt, "text"));
+      tr.appendChild(cell(r.response, "text"));
+      tr.appendChild(cell(r.nearest, "text"));
+      body.appendChild(tr);
+    });
+    info.textContent = shown.length + " of " + rows.length + " dropped rows match; page " + (page + 1) + " of " + pages;
+  }
+  search.addEventListener("input", function () { page = 0; draw(); });
+  pick.addEventListener("change", function () { page = 0; draw(); });
+  document.getElementById("dropped-prev").addEventListener("click", function () { page = Math.max(0, page - 1); draw(); });
+  document.getElementById("dropped-next").addEventListener("click", function () { page += 1; draw(); });
+  Array.prototype.forEach.call(document.querySelectorAll("#dropped-table th[data-key]"), function (th) {
+    th.addEventListener("click", function () {
+      var k = th.getAttribute("data-key");
+      dir = (key === k) ? -dir : 1;
+      key = k;
+      draw();
+    });
+  });
+  draw();
+})();
+"""
+
+
+def dropped_records(selected: pl.DataFrame, codes: list[str], valid_text: dict[str, str]) -> list[dict[str, Any]]:
+    """Every dropped row as the report's table holds it: ``code`` (the short reason), ``reason`` (the
+    sentence), ``value``, ``suspect``, ``prompt``, ``response`` (each clipped at :data:`DROPPED_TEXT_CHARS`)
+    and ``nearest`` (its nearest validation sample), lowest value first."""
+    frame = selected.with_columns(pl.Series("_code", codes, dtype=pl.String)).filter(~pl.col("keep")).sort("value")
+    out = []
+    for r in frame.to_dicts():
+        prompt, response = _prompt_response(r)
+        near = next(iter(r.get("nearest_ids") or []), None)
+        sus = r.get("suspect")
+        out.append({"code": r["_code"], "reason": r.get("reason") or "",
+                    "value": float(r["value"]) if r.get("value") is not None else None,
+                    "suspect": float(sus) if sus is not None and np.isfinite(sus) else None,
+                    "prompt": _clip(prompt), "response": _clip(response),
+                    "nearest": _clip(valid_text.get(near, "") if near else "")})
+    return out
+
+
+def _dropped_rows_html(selected: pl.DataFrame, codes: list[str], valid_text: dict[str, str]) -> str:
+    """Every dropped row in one table, searched, filtered by reason, sorted by any column and paged in the
+    page itself (inline data and script: no network)."""
+    import json
+
+    records = dropped_records(selected, codes, valid_text)
+    if not records:
+        return ""
+    data = json.dumps(records, ensure_ascii=False).replace("</", "<\\/")
+    options = "".join(f"<option value='{html.escape(c, quote=True)}'>{html.escape(c)} ({n})</option>"
+                      for c, n in sorted(Counter(r["code"] for r in records).items(), key=lambda kv: (-kv[1], kv[0])))
+    heads = [("code", "reason"), ("reason", "why"), ("value", "value"), ("suspect", "suspect"),
+             ("prompt", "prompt"), ("response", "response"), ("nearest", "nearest validation sample")]
+    return (f"<h2>Every dropped row</h2><p>All {len(records)} dropped rows. Type to search every column, pick a "
+            f"reason, click a column's title to sort (again: the other way). Texts longer than "
+            f"{DROPPED_TEXT_CHARS} characters are cut here; the release's scores.parquet has every row in full."
+            "</p><p><input id='dropped-search' type='search' placeholder='search the dropped rows' size='40'> "
+            f"<select id='dropped-reason'><option value=''>every reason</option>{options}</select> "
+            "<button id='dropped-prev'>previous</button> <button id='dropped-next'>next</button> "
+            "<span id='dropped-info'></span></p><table id='dropped-table' class='dropped-all'><thead><tr>"
+            + "".join(f"<th data-key='{k}' title='sort by {t}'>{t} ⇅</th>" for k, t in heads)
+            + "</tr></thead><tbody></tbody></table>"
+            f"<script type='application/json' id='dropped-data'>{data}</script><script>{DROPPED_SCRIPT}</script>")
+
+
 def _signal_columns(selected: pl.DataFrame) -> list[str]:
     """The value signals the table carries (``self_influence`` and :data:`SIGNAL_COLUMNS`), not all null."""
     return [c for c in ("self_influence", *SIGNAL_COLUMNS)
@@ -226,6 +444,12 @@ def _detection_html(selected: pl.DataFrame, keep: np.ndarray, column: str) -> st
         "the score points the other way); each filter on the side it drops; the best of each column in bold. "
         "A score missing on some samples (IFD of a text sample) is measured on the others.</small></p>")
     return "".join(out)
+
+
+def _plain_text(row: dict[str, Any]) -> str:
+    """A sample's content as plain text (not escaped): the text, the chat's turns, or prompt ⟶ response."""
+    prompt, response = _prompt_response(row)
+    return f"{prompt} ⟶ {response}" if prompt else response
 
 
 def _sample_text(row: dict[str, Any], limit: int = 160) -> str:
@@ -320,6 +544,7 @@ def render_report(selected: pl.DataFrame, manifest: dict[str, Any], valid_rows: 
     if "images" in selected.columns and thumbs is None:
         thumbs = _shown_thumbnails(selected, manifest)
     vtext = {r["id"]: _sample_text(r, 100) for r in valid_rows}
+    vtext_full = {r["id"]: _plain_text(r) for r in valid_rows}
     gate = manifest.get("gate", {})
     verdict = "passed" if gate.get("passed") else "FAILED"
     parts = [
@@ -331,6 +556,8 @@ def render_report(selected: pl.DataFrame, manifest: dict[str, Any], valid_rows: 
         "border:1px solid #ddd;padding:6px;margin:.3em 0 1em}.ctx{color:#999}.tok{border-radius:2px}"
         ".thumb{max-height:96px;max-width:96px;margin:0 4px 4px 0;border:1px solid #ccc}.nothumb{color:#999}"
         ".plots{display:flex;flex-wrap:wrap;gap:4px 16px}th{background:#f3f3f3;text-align:left}"
+        ".num{text-align:right}.funnel-reason td{color:#555}#dropped-table th{cursor:pointer}"
+        "#dropped-table td.text{white-space:pre-wrap;max-width:320px;word-break:break-word}"
         "</style></head><body>",
         f"<h1>Release {html.escape(str(manifest.get('name')))} / {html.escape(str(manifest.get('version')))}</h1>",
         f"<p>Validation set <b>{html.escape(str(manifest.get('valset')))}</b>, model fingerprint "
@@ -341,10 +568,9 @@ def render_report(selected: pl.DataFrame, manifest: dict[str, Any], valid_rows: 
     ]
     if gate.get("failures"):
         parts.append("<ul>" + "".join(f"<li class='bad'>{html.escape(f)}</li>" for f in gate["failures"]) + "</ul>")
-    counts = manifest.get("counts", {})
-    parts.append("<h2>Counts</h2><table>" + "".join(
-        f"<tr><td>{html.escape(str(k))}</td><td>{v}</td></tr>" for k, v in counts.items()) + "</table>")
     kinds = _reason_kinds(selected)
+    codes = _reason_codes(selected, kinds)
+    parts.append(_funnel_html(manifest.get("counts", {}), selected, codes))
     policy = manifest.get("policy") or {}
     reads_suspect = policy.get("policy") == "suspect"
     cut = None if reads_suspect else policy_cutoff(manifest, selected.filter(pl.col("keep"))["value"])
@@ -356,6 +582,7 @@ def render_report(selected: pl.DataFrame, manifest: dict[str, Any], valid_rows: 
     if group_by and group_by in selected.columns:
         parts.append(_groups_html(selected, group_by, kinds, values, keep, span, cut, cut_label))
     parts.append(_dropped_html(selected, kinds))
+    parts.append(_dropped_rows_html(selected, codes, vtext_full))
     if known_bad and known_bad in selected.columns:  # e.g. the demo marks the rows it corrupted
         parts.append(_detection_html(selected, keep, known_bad))
     if "suspect" in selected.columns and selected["suspect"].null_count() < selected.height:
@@ -382,6 +609,7 @@ def render_report(selected: pl.DataFrame, manifest: dict[str, Any], valid_rows: 
         for label, row, tc in explained:
             parts.append(f"<h3>{html.escape(label)}: value {row['value']:.4g} (tokens sum to {tc.total:.4g})</h3>"
                          + _tokens_html(tc))
+    parts.append(_gate_html(gate))
     parts.append("<h2>Since the previous release</h2><pre>"
                  + html.escape(diff_text or "no previous release") + "</pre>")
     parts.append("</body></html>")

@@ -187,6 +187,34 @@ def dropped_reason_counts(selected: pl.DataFrame) -> dict[str, int]:
     return dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
 
 
+# the columns every scored row has besides its metadata (storage/scores.py: read_score_run)
+ROW_COLUMNS = ("id", "kind", "prompt", "response", "messages", "text", "source", "row")
+
+
+def check_group_by(settings: Settings) -> None:
+    """Refuse a ``select.group_by`` that no row of the dataset has, before any extraction (the gate would
+    find it only after the model ran).
+
+    Raises:
+        ValuegateError: one line naming the setting, the dataset and the columns its rows have.
+    """
+    import json
+
+    from valuegate.storage.samples import read_members
+
+    col = settings.select.group_by
+    if not col or col in ROW_COLUMNS:
+        return
+    metas = read_members(Workspace.from_env(settings.workspace), settings.data.dataset,
+                         columns=["metadata"])["metadata"].to_pylist()
+    needle = json.dumps(col, ensure_ascii=False) + ":"
+    if any(m and needle in m and col in json.loads(m) for m in metas):
+        return
+    seen = sorted({k for m in metas[:1000] if m for k in json.loads(m)})
+    raise ValuegateError(f"select.group_by = {col!r}: no row of dataset {settings.data.dataset!r} has that column "
+                         f"(its columns: {', '.join([*ROW_COLUMNS[1:], *seen])})")
+
+
 def run(settings: Settings, run_id: str) -> pl.DataFrame:
     """The ``select`` step of the refresh DAG: the scores run ``run_id`` of ``settings.data.dataset`` joined
     with its samples (:func:`valuegate.storage.scores.read_score_run`), with the policy's ``keep`` and

@@ -21,13 +21,13 @@ from valuegate.storage.lance import Workspace
 from valuegate.tasks.ingest import read_source_rows, sample_from_record, sample_id, sample_record
 
 
-def valset_rows(path: str | Path, max_chars: int) -> pa.Table:
+def valset_rows(path: str | Path, max_chars: int, fields: dict[str, str] | None = None) -> pa.Table:
     """Read a validation file into ``valset_schema`` rows; a validation set must be clean.
 
     Raises:
         ValuegateError: any refused row (naming file, row and field) or an empty file.
     """
-    verdicts = read_source_rows(path, max_chars)
+    verdicts = read_source_rows(path, max_chars, fields)
     bad = [v for v in verdicts if v.sample is None]
     if bad:
         raise ValuegateError(f"{path}: row {bad[0].row}: {bad[0].reason} (a validation set must have no "
@@ -55,17 +55,18 @@ def content_hash(rows: pa.Table) -> str:
 _REGISTER_WAIT_S = 60
 
 
-def register_valset(ws: Workspace, name: str, path: str | Path, max_chars: int) -> tuple[dict, bool]:
-    """Register ``path`` as the next version of ``name``.
+def register_valset(ws: Workspace, name: str, path: str | Path, max_chars: int,
+                    fields: dict[str, str] | None = None) -> tuple[dict, bool]:
+    """Register ``path`` as the next version of ``name`` (``fields``: the column mapping, ``data.fields``).
 
     Returns:
         the version record and whether it is new (False: identical content was registered before, and
         that version is returned).
     """
     check_name(name, "validation set")
-    rows = valset_rows(path, max_chars)
+    rows = valset_rows(path, max_chars, fields)
     if any(rows["images"].to_pylist()):  # image-text validation samples: their images, by content hash
-        store_sample_images(ws, [v.sample for v in read_source_rows(path, max_chars)])
+        store_sample_images(ws, [v.sample for v in read_source_rows(path, max_chars, fields)])
     digest = content_hash(rows)
     deadline = time.monotonic() + _REGISTER_WAIT_S
     while True:
@@ -118,7 +119,8 @@ class ValidationSetResult:
         return ("registered " if self.new else "using ") + f"{self.valset} ({self.rows} rows)"
 
 
-def run(workspace: str, ref: str, file: str | None, max_chars: int) -> ValidationSetResult:
+def run(workspace: str, ref: str, file: str | None, max_chars: int,
+        fields: dict[str, str] | None = None) -> ValidationSetResult:
     """Register ``file`` as the next version of the set ``ref`` names (identical content: a no-op that
     returns the version registered before), then pin the version to use: ``ref``'s own version when it
     names one (``NAME@vN``), else the registered one, else (no file) the latest.
@@ -130,7 +132,7 @@ def run(workspace: str, ref: str, file: str | None, max_chars: int) -> Validatio
     name, pinned = store.parse_ref(ref)
     new = False
     if file:
-        rec, new = register_valset(ws, name, file, max_chars)
+        rec, new = register_valset(ws, name, file, max_chars, fields)
         ref = ref if pinned is not None else f"{name}@v{rec['version']}"
     rec, _ = store.read_valset(ws, ref)
     return ValidationSetResult(f"{rec['name']}@v{rec['version']}", rec["name"], int(rec["version"]), int(rec["rows"]),

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 
 # the shared test helpers (tiny.py, tiny_vlm.py, ...) and the test modules of every room import each other by
-# plain name; the tests mirror the layout: engine/, storage/, tasks/, flows/ and the shell's at the top
+# plain name; the tests mirror the layout: engine/, inputs/, storage/, tasks/, flows/ and the shell's at the top
 HERE = Path(__file__).parent
-for folder in (HERE, *(HERE / room for room in ("engine", "storage", "tasks", "flows"))):
+for folder in (HERE, *(HERE / room for room in ("engine", "inputs", "storage", "tasks", "flows"))):
     sys.path.insert(0, str(folder))
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 

@@ -147,9 +147,40 @@ def test_readme_five_line_example(tiny_model_dir, data_files, tmp_path, monkeypa
     import valuegate
     scores = valuegate.score("train.jsonl", "valid.jsonl", model=tiny)   # polars.DataFrame, one row per sample
     print(scores.sort("suspect", descending=True).select("row", "value", "suspect").head(3))
-    kept = scores.filter(scores["suspect"] <= 2.0)            # what the default policy keeps
+    kept = scores.filter(scores["keep"])                      # what a run's policy (select.policy) keeps
     kept.write_parquet("kept.parquet")
     # ---
     kept = pl.read_parquet(tmp_path / "kept.parquet")
     assert scores.height == 9 and 0 < kept.height <= 9 and (kept["suspect"] <= 2.0).all()
     assert kept.columns == scores.columns
+
+
+def test_score_returns_the_run_policys_keep_and_reads_mapped_columns(tiny_model_dir, tmp_path):
+    """Issue 28: `keep` and `reason` are the select step's own decision under the configured policy (not a
+    re-implementation), and `fields=` / `--field` name the columns of any other shape."""
+    from valuegate.inputs.rows import samples_from_frame
+    from valuegate.settings import SelectSettings
+    from valuegate.tasks.ingest import sample_id, sample_record
+    from valuegate.tasks.select import select_samples
+
+    rows = random_rows(12, seed=5)
+    qa = pl.DataFrame({"question": [r["prompt"] for r in rows], "answer": [r["response"] for r in rows]})
+    train = tmp_path / "qa.csv"
+    qa.write_csv(train)
+    valid = write_jsonl(tmp_path / "v.jsonl", random_rows(5, seed=6))
+    model = {"name": str(tiny_model_dir()), "device": "cpu"}
+    policy = {"policy": "top_fraction", "fraction": 0.5}
+    out = valuegate.score(train, valid, fields={"prompt": "question", "response": "answer"}, model=model,
+                          select=policy)
+    assert out.columns[:2] == ["question", "answer"] and out["keep"].sum() == 6
+    ids = [sample_id(sample_record(s)) for s in samples_from_frame(qa, "qa", fields={"prompt": "question",
+                                                                                   "response": "answer"})]
+    want = select_samples(out.with_columns(pl.Series("id", ids)), SelectSettings(**policy))
+    assert out["keep"].to_list() == want["keep"].to_list() and out["reason"].to_list() == want["reason"].to_list()
+    cli = _cli_scores(model["name"], train, valid, tmp_path / "o.parquet", "--field", "prompt=question",
+                      "--field", "response=answer", "--select.policy", "top_fraction", "--select.fraction", "0.5")
+    assert cli["keep"].to_list() == out["keep"].to_list()
+    with pytest.warns(UserWarning, match="no keep column: select.policy = suspect"):
+        quiet = valuegate.score(train, valid, fields={"prompt": "question", "response": "answer"}, model=model,
+                                score={"signals": False})
+    assert "keep" not in quiet.columns

@@ -173,3 +173,17 @@ def test_adapter_is_merged_and_changes_the_scores(tiny_model_dir, data_files, tm
     merged = pl.read_parquet(tmp_path / "merged.parquet")["value"].to_numpy()
     np.testing.assert_allclose(vals["adapter"], merged, rtol=1e-4, atol=1e-6 * np.abs(merged).max())
     assert not np.allclose(vals["adapter"], vals["base"], rtol=1e-2)
+
+
+def test_server_help_says_how_a_run_reaches_it(capsys):
+    with pytest.raises(SystemExit):
+        main(["server", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "PREFECT_API_URL=http://127.0.0.1:PORT/api" in text and "valuegate run --config" in text
+
+
+def test_artifact_keys_are_namespaced_by_release():
+    from valuegate.flows.refresh import artifact_key
+
+    assert artifact_key("release-summary", "My_Set.v2") == "release-summary-my-set-v2"
+    assert artifact_key("lowest-valued", "demo") == "lowest-valued-demo"

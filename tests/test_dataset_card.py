@@ -53,6 +53,13 @@ def _publish(root, selected: pl.DataFrame, passed: bool = True) -> dict:
                            counts=counts, settings={"model": {"name": "tiny-test-model"}})
 
 
+def test_release_sources_are_relative_to_their_common_folder():
+    from valuegate.dataset_card import relative_sources
+
+    assert relative_sources(["/d/a/x.jsonl", "/d/b/y.jsonl", None]) == ["a/x.jsonl", "b/y.jsonl", None]
+    assert relative_sources(["/d/a/x.jsonl", "/d/a/x.jsonl"]) == ["x.jsonl", "x.jsonl"]
+
+
 def _header(card: str) -> dict:
     assert card.startswith("---\n")
     return yaml.safe_load(card.split("---\n", 2)[1])
@@ -66,8 +73,10 @@ def test_load_dataset_on_a_release_dir_returns_the_kept_rows_and_its_card(tmp_pa
     assert CARD_FILE in manifest["files"]  # written before the manifest, listed in it
 
     # data.parquet: the training columns of the kept rows; the per-signal columns only in scores.parquet
+    # (issue 28) without the sample fields no kept row uses (messages, text) and without the absolute path
     data_cols = pq.read_schema(rdir / "data.parquet").names
-    assert data_cols == ["id", "kind", "prompt", "response", "messages", "text", "source", "row", "family", "value"]
+    assert data_cols == ["id", "kind", "prompt", "response", "source", "row", "family", "value"]
+    assert set(pl.read_parquet(rdir / "data.parquet")["source"].to_list()) == {"train.jsonl"}
     scores = store.read_release_scores(tmp_path, NAME, out["version"])
     assert {*SCORE_COLUMNS[:8], "reason", "kept"} <= set(scores.columns) and scores.height == selected.height
     assert scores.filter(~pl.col("kept"))["reason"].str.starts_with("the answer stops").all()

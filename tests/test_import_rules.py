@@ -4,6 +4,8 @@ one fails here rather than in a reader's head.
 - ``valuegate/engine/`` (the math and the model side) imports no Prefect, LanceDB, pyarrow or
   Great Expectations, and nothing of ``tasks/``, ``storage/`` or ``flows/``;
 - ``storage/`` imports no torch (nor transformers/peft), directly or through what it imports;
+- ``valuegate/inputs/`` (reading the files people have) imports no torch, LanceDB, Prefect, settings, and
+  nothing of ``tasks/``, ``storage/`` or ``flows/``; of the engine only the sample type and the image checks;
 - ``flows/`` (wiring) writes no table: it imports no LanceDB/pyarrow, calls no write method of the
   workspace and imports no writing function of ``storage/``; table I/O goes through ``tasks/``.
 """
@@ -19,7 +21,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 ROOMS = {"engine": REPO / "valuegate" / "engine", "storage": REPO / "storage", "flows": REPO / "flows",
-         "tasks": REPO / "tasks"}
+         "tasks": REPO / "tasks", "inputs": REPO / "valuegate" / "inputs"}
 
 ENGINE_FORBIDDEN = ("prefect", "lancedb", "pyarrow", "great_expectations", "dask", "ray",
                     "valuegate.storage", "valuegate.tasks", "valuegate.flows")
@@ -27,6 +29,9 @@ STORAGE_FORBIDDEN = ("torch", "transformers", "peft", "valuegate.tasks", "valueg
 # the engine modules that are plain names or numpy (no torch), which the store may share: the column names,
 # the sample type, and the stored form of the sparse rows (int8 steps, feature format 6)
 STORAGE_MAY_USE_ENGINE = ("valuegate.engine.columns", "valuegate.engine.sample", "valuegate.engine.quantize")
+INPUTS_FORBIDDEN = ("torch", "transformers", "lancedb", "prefect", "dask", "ray", "great_expectations",
+                    "valuegate.storage", "valuegate.tasks", "valuegate.flows", "valuegate.settings")
+INPUTS_MAY_USE_ENGINE = ("valuegate.engine.sample", "valuegate.engine.images")
 FLOWS_FORBIDDEN = ("lancedb", "pyarrow", "valuegate.storage.lance")
 # the write API of the workspace (storage/lance.py: Workspace) and of LanceDB whose names say so (flows/ cannot
 # build a workspace: it may not import storage/lance.py) and the prefixes of storage's writing functions
@@ -83,6 +88,14 @@ def test_storage_pulls_no_torch_in_at_import():
     assert out.strip() == "[]"
 
 
+def test_inputs_read_files_and_nothing_else():
+    bad = [f"{p.relative_to(REPO)}:{line} imports {mod}" for p in _files("inputs")
+           for line, mod, names in _imports(p)
+           if _hits(mod, names, INPUTS_FORBIDDEN)
+           or (_hits(mod, names, ("valuegate.engine",)) and not _hits(mod, names, INPUTS_MAY_USE_ENGINE))]
+    assert not bad, "\n".join(bad)
+
+
 def _write_calls(path: Path) -> list[str]:
     found = []
     for node in ast.walk(ast.parse(path.read_text(), str(path))):
@@ -101,7 +114,7 @@ def test_flows_write_no_table():
     assert not bad, "\n".join(bad)
 
 
-@pytest.mark.parametrize("room", ["tasks", "flows", "engine"])
+@pytest.mark.parametrize("room", ["tasks", "flows", "engine", "inputs"])
 def test_nothing_outside_storage_imports_lancedb(room):
     bad = [f"{p.relative_to(REPO)}:{line} imports {mod}" for p in _files(room)
            for line, mod, names in _imports(p) if _hits(mod, names, ("lancedb",))]

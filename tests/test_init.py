@@ -71,7 +71,7 @@ def test_init_then_run_on_a_chat_parquet(prefect_harness, tmp_path, tiny_model_d
     pl.DataFrame(rows).write_parquet(train)
     pl.DataFrame(random_rows(6, seed=32, kind="messages")).write_parquet(valid)
     err, settings = _init_and_run(capsys, monkeypatch, tmp_path, train, valid, tiny_model_dir())
-    assert settings.select.group_by == "source" and "chat (messages)" in err
+    assert settings.select.group_by == "source" and "chat (OpenAI messages)" in err
 
 
 def _error(capsys, *argv) -> str:
@@ -86,9 +86,9 @@ def _error(capsys, *argv) -> str:
 def test_wrong_inputs_are_one_line_and_exit_2(tmp_path, capsys):
     train, valid = _prompt_response_files(tmp_path)
     cfg = tmp_path / "vg.toml"
-    nofields = write_jsonl(tmp_path / "q.jsonl", [{"question": "w1", "answer": "w2"}])
+    nofields = write_jsonl(tmp_path / "q.jsonl", [{"left": "w1", "right": "w2"}])
     err = _error(capsys, "init", str(nofields), str(valid), "--out", str(cfg))
-    assert f"{nofields}: no sample fields" in err and "['answer', 'question']" in err
+    assert f"{nofields}: no sample fields" in err and "['left', 'right']" in err and "--field prompt=COLUMN" in err
     err = _error(capsys, "init", str(train), str(tmp_path / "missing.jsonl"), "--out", str(cfg))
     assert "missing.jsonl: no such file" in err
     txt = tmp_path / "rows.txt"

@@ -54,7 +54,9 @@ def test_run_ends_with_human_lines(prefect_harness, tmp_path, tiny_model_dir):
     assert lines[-1].startswith("report: file://") and report.is_file(), out
     assert report.is_relative_to(tmp_path / "ws"), report
 
-    assert _run(prefect_harness, "--config", config).splitlines()[0] == "release r/v0002 is current (previous: v0001)"
+    again = _run(prefect_harness, "--config", config).splitlines()  # the same inputs: nothing to write (issue 28)
+    assert again[0].startswith("nothing changed since v0001: release r/v0001 stays current"), again
+    assert again[-1] == lines[-1]  # the current release's report
 
 
 def test_truncated_samples_are_said(prefect_harness, tmp_path, tiny_model_dir):

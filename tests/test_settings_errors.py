@@ -176,3 +176,23 @@ def test_config_relative_paths_are_normalised(tmp_path, monkeypatch):
     s = load_settings(cfg)
     assert s.data.sources == [str(tmp_path / "data" / "x.jsonl")]
     assert s.data.valset_file == str(tmp_path / "data" / "v.jsonl")
+
+
+def test_a_config_that_is_a_directory_says_so(tmp_path, capsys):
+    folder = tmp_path / "proj"
+    folder.mkdir()
+    err = _one_error_line(capsys, _list(folder, tmp_path))
+    assert err == f"valuegate: error: --config {folder}: a directory; give the TOML file (none in it: " \
+                  "`valuegate init` writes one)"
+    (folder / "vg.toml").write_text("")
+    assert _one_error_line(capsys, _list(folder, tmp_path)).endswith(f"e.g. {folder / 'vg.toml'}")
+
+
+@pytest.mark.parametrize(("fields", "message"), [
+    ('{ promt = "q" }', "unknown field 'promt': map one of prompt, response, system, messages, text, images"),
+    ('{ prompt = "q", response = "q" }', "two fields name the same column"),
+])
+def test_a_bad_column_mapping_is_one_line(tmp_path, capsys, fields, message):
+    cfg = tmp_path / "vg.toml"
+    cfg.write_text(f"[data]\nfields = {fields}\n")
+    assert message in _one_error_line(capsys, _list(cfg, tmp_path))

@@ -97,12 +97,13 @@ def _as_polars(obj: Any, role: str) -> tuple[pl.DataFrame, str]:
                     f"got {type(obj).__module__}.{type(obj).__qualname__}")
 
 
-def read_input(obj: TableLike, role: str) -> tuple[pl.DataFrame, list[Sample]]:
+def read_input(obj: TableLike, role: str, fields: dict[str, str] | None = None) -> tuple[pl.DataFrame, list[Sample]]:
     """Rows of a path or a frame and their samples.
 
     Args:
         obj: a path (read as ``valuegate score`` reads it) or a frame.
         role: ``"train"`` or ``"valid"``: names a frame in messages, e.g. ``train (pandas.DataFrame): row 3: ...``.
+        fields: a column mapping (``data.fields``, :mod:`valuegate.inputs.formats`).
 
     Returns:
         the frame (n rows, every input column in order) and its n samples.
@@ -111,12 +112,12 @@ def read_input(obj: TableLike, role: str) -> tuple[pl.DataFrame, list[Sample]]:
         ValuegateError: no sample columns (the message lists the columns), a bad row (row and field), no rows.
         TypeError: ``obj`` is none of the kinds above.
     """
-    from valuegate.tasks.ingest import read_samples, samples_from_frame
+    from valuegate.inputs.rows import read_samples, samples_from_frame
 
     if isinstance(obj, (str, os.PathLike)):
-        return read_samples(os.fspath(obj))
+        return read_samples(os.fspath(obj), fields)
     df, what = _as_polars(obj, role)
-    return df, samples_from_frame(df, f"{role} ({what})")
+    return df, samples_from_frame(df, f"{role} ({what})", fields=fields)
 
 
 def score_inputs(train: TableLike, valid: TableLike, settings: Settings,
@@ -125,25 +126,30 @@ def score_inputs(train: TableLike, valid: TableLike, settings: Settings,
     summary from it). Returns ``(table, ValueMatrix)``; the table is described in :func:`score`."""
     from valuegate.file_scoring import score_samples
 
-    train_df, train_samples = read_input(train, "train")
-    _, valid_samples = read_input(valid, "valid")
+    train_df, train_samples = read_input(train, "train", settings.data.fields)
+    _, valid_samples = read_input(valid, "valid", settings.data.fields)
     t_src = os.fspath(train) if isinstance(train, (str, os.PathLike)) else "train"
     v_src = os.fspath(valid) if isinstance(valid, (str, os.PathLike)) else "valid"
     return score_samples(train_df, train_samples, valid_samples, settings, progress, None, t_src, v_src)
 
 
 def score(train: TableLike, valid: TableLike, settings: Settings | None = None, *,
-          config: str | os.PathLike | None = None, progress: bool = False, **sections: Any) -> pl.DataFrame:
+          config: str | os.PathLike | None = None, progress: bool = False, fields: dict[str, str] | None = None,
+          **sections: Any) -> pl.DataFrame:
     """Value every training sample against the validation samples: the table ``valuegate score`` writes.
 
     Args:
-        train: n training rows: a JSONL / Parquet / CSV path, a polars or pandas DataFrame, or a
-            ``datasets.Dataset``; its columns form samples (``prompt`` + ``response``, ``messages``, or
-            ``text``), every other column is carried through.
+        train: n training rows: a path (JSON lines, a JSON array, CSV, Parquet, a ``save_to_disk`` folder, a
+            folder or glob of shards), a polars or pandas DataFrame, or a ``datasets.Dataset``; its columns form
+            samples (``prompt`` + ``response``, OpenAI ``messages``, ShareGPT ``conversations``, Alpaca
+            ``instruction``/``input``/``output``, or ``text``: docs/your-data.md), every other column is
+            carried through.
         valid: m validation rows, the same kinds.
         settings: a :class:`~valuegate.settings.Settings` (e.g. ``load_settings("vg.toml")``).
         config: a TOML settings file instead (as ``--config``).
         progress: progress bars on stderr.
+        fields: which of your columns is which canonical field, e.g. ``{"prompt": "question", "response":
+            "answer"}`` (the config's ``[data.fields]``; applies to both inputs where they have those columns).
         **sections: settings sections as dicts, e.g. ``model={"name": "Qwen/Qwen2.5-0.5B", "device": "cuda"}``,
             ``extract={"max_length": 512}``, ``score={"aggregate": "nearest"}``.
 
@@ -152,13 +158,18 @@ def score(train: TableLike, valid: TableLike, settings: Settings | None = None, 
         (0..n-1), ``value`` (float; above zero: the sample helps the validation loss to first order),
         ``nearest_rows`` (list of the k validation rows it aligns with best), ``n_tokens``, ``truncated``,
         ``mean_loss``, ``self_influence``, and with ``score.signals`` ``suspect`` (robust z against the
-        validation set; high: unlike it), ``suspect_reason`` and one column per signal. For ``pairwise``
+        validation set; high: unlike it), ``suspect_reason`` and one column per signal; then ``keep`` (bool)
+        and ``reason`` (why dropped, empty when kept): what the configured ``select.policy`` of a run
+        would decide (the select step's own code; with a policy that needs a column the scores lack, e.g.
+        ``suspect`` without signals, neither, and a warning). For ``pairwise``
         n·m rows: ``train_row``, ``valid_row``, ``value``.
 
     Raises:
         ValuegateError: a bad setting, file, row or field (one line naming it).
         TypeError: an input of another kind.
     """
+    if fields is not None:
+        sections["data"] = {**sections.get("data", {}), "fields": dict(fields)}
     resolved = resolve_settings(settings, config, sections)
     return score_inputs(train, valid, resolved, progress)[0]
 
@@ -212,13 +223,15 @@ class Workspace:
             one report per file (``rows``, ``kept``, ``new_samples``, ``duplicates``, ``quarantined`` with
             ``reasons``, ``left``, ``unchanged``; ``line()`` says it in words).
         """
+        from valuegate.inputs.readers import source_files
         from valuegate.storage.samples import ensure_sample_tables
         from valuegate.tasks.ingest import ingest_file
 
         if not files:
             raise ValuegateError(f"ingest {name!r}: no files given")
         ensure_sample_tables(self.store)
-        return [ingest_file(self.store, name, os.fspath(f), self.settings.ingest.max_chars) for f in files]
+        return [ingest_file(self.store, name, f, self.settings.ingest.max_chars, fields=self.settings.data.fields)
+                for spec in files for f in source_files(os.fspath(spec))]
 
     def register_valset(self, name: str, file: str | os.PathLike) -> dict[str, Any]:
         """Register ``file`` as the next version of validation set ``name`` (identical content: the existing
@@ -230,7 +243,8 @@ class Workspace:
         """
         from valuegate.tasks.validation_set import register_valset
 
-        record, new = register_valset(self.store, name, os.fspath(file), self.settings.ingest.max_chars)
+        record, new = register_valset(self.store, name, os.fspath(file), self.settings.ingest.max_chars,
+                                      self.settings.data.fields)
         return {**record, "new": new}
 
     def extract(self, name: str, **sections: Any) -> StoreExtractReport:
@@ -276,3 +290,32 @@ class Workspace:
 
 
 __all__ = ["TableLike", "Workspace", "read_input", "resolve_settings", "score", "score_inputs"]
+
+
+def load_release(workspace: str | os.PathLike, name: str, version: str | None = None) -> pl.DataFrame:
+    """The kept rows of a release: the current one (``CURRENT``), or ``version``.
+
+    Args:
+        workspace: the workspace (a folder or an ``s3://`` URI).
+        name: the release name (``release.name``).
+        version: ``vNNNN`` (or N); None: the current release.
+
+    Returns:
+        ``data.parquet`` of that release as a polars DataFrame (``id``, the sample fields, metadata,
+        ``value``); ``.to_pandas()`` or ``datasets.Dataset.from_polars(...)`` from there. (``datasets``
+        itself reads the current release with ``load_dataset("<workspace>/releases/<name>")``.)
+
+    Raises:
+        ValuegateError: no release of that name is current (or the version is not a complete release).
+    """
+    from valuegate.storage import releases as rstore
+    from valuegate.storage.lance import Workspace as Store
+
+    root = Store.from_env(os.fspath(workspace))
+    if version is None:
+        version = rstore.read_current(root, name)
+        if version is None:
+            names = rstore.list_release_names(root)
+            raise ValuegateError(f"release {name!r}: none is current in {root.uri}"
+                                 + (f" (releases: {', '.join(names)})" if names else " (no releases yet)"))
+    return rstore.read_release_data(root, name, version)

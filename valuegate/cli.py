@@ -15,7 +15,7 @@ from importlib import resources
 from pathlib import Path
 
 from valuegate import __version__
-from valuegate.cli_flags import add_setting_flags, setting_overrides
+from valuegate.cli_flags import add_setting_flag, add_setting_flags, setting_overrides
 from valuegate.errors import BadInput, ClusterLost, GateFailed, InternalError, ValuegateError
 
 EXIT_USER_ERROR = BadInput.exit_code
@@ -46,13 +46,16 @@ def _parser() -> argparse.ArgumentParser:
     cfg.add_argument("--config", default=argparse.SUPPRESS, help="TOML settings file")
 
     s = sub.add_parser("score", parents=[cfg], help="value every sample of TRAIN against the validation set VALID",
-                       description="Value every sample of TRAIN against VALID (JSONL, Parquet or CSV with "
-                       "prompt+response, messages, or text) and write a Parquet table.")
+                       description="Value every sample of TRAIN against VALID (JSON lines, a JSON array, CSV, "
+                       "Parquet or a save_to_disk folder; prompt/response, OpenAI messages, ShareGPT, Alpaca or "
+                       "text, or any columns named with --field prompt=COLUMN --field response=COLUMN: "
+                       "docs/your-data.md) and write a Parquet table with keep and reason per select.policy.")
     s.add_argument("train", help="training file")
     s.add_argument("valid", help="validation file")
     s.add_argument("--out", required=True, help="output .parquet file")
     s.add_argument("--quiet", action="store_true", help="no progress bar")
-    add_setting_flags(s, (*_MODEL_SIDE, "score"))
+    add_setting_flag(s, ("data", "fields"))
+    add_setting_flags(s, (*_MODEL_SIDE, "score", "select"))
 
     w = argparse.ArgumentParser(add_help=False)
     w.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -62,6 +65,7 @@ def _parser() -> argparse.ArgumentParser:
                        "dataset NAME: dedup by content, refused rows to quarantine, re-ingest is a no-op.")
     i.add_argument("name", help="dataset name")
     i.add_argument("files", nargs="+", help="files or folders")
+    add_setting_flag(i, ("data", "fields"))
     add_setting_flags(i, ("workspace", "ingest"))
 
     e = sub.add_parser("extract", parents=[w, cfg], help="extract features of a dataset (only what is missing)")
@@ -73,6 +77,7 @@ def _parser() -> argparse.ArgumentParser:
     vr = vsub.add_parser("register", parents=[w, cfg], help="register FILE as the next version of NAME")
     vr.add_argument("name")
     vr.add_argument("file")
+    add_setting_flag(vr, ("data", "fields"))
     add_setting_flags(vr, ("workspace", "ingest"))
     vl = vsub.add_parser("list", parents=[w, cfg], help="list validation sets or the versions of one")
     vl.add_argument("name", nargs="?")
@@ -100,7 +105,12 @@ def _parser() -> argparse.ArgumentParser:
     sv = sub.add_parser("serve", parents=[cfg], help="register refresh as a cron-scheduled deployment and serve it")
     sv.add_argument("--cron", default="0 3 * * *", help="schedule (default: every night at 03:00 UTC)")
     sv.add_argument("--name", default="nightly", help="deployment name")
-    srv = sub.add_parser("server", parents=[cfg], help="start the local Prefect server on 127.0.0.1 (blocks)")
+    srv = sub.add_parser("server", parents=[cfg], help="start the local Prefect server on 127.0.0.1 (blocks)",
+                         description="Start the local Prefect server on 127.0.0.1 (blocks until stopped). A run "
+                         "reaches it through the environment variable PREFECT_API_URL: in another shell, "
+                         "`export PREFECT_API_URL=http://127.0.0.1:PORT/api`, then `valuegate run --config "
+                         "vg.toml`; its flow runs, logs and artifacts show in the UI at http://127.0.0.1:PORT. "
+                         "Without PREFECT_API_URL a run starts a temporary server of its own. See docs/your-data.md.")
     srv.add_argument("--port", type=int, default=4200)
 
     rel = sub.add_parser("release", parents=[cfg], help="list, show, diff and roll back releases")
@@ -124,8 +134,10 @@ def _parser() -> argparse.ArgumentParser:
     it = sub.add_parser("init", help="inspect TRAIN and VALID and write a commented vg.toml for `valuegate run`",
                         description="Inspect TRAIN and VALID (format, the columns that form a sample, a group_by "
                         "column) and write a commented config; then run `valuegate run --config vg.toml`.")
-    it.add_argument("train", help="training file (JSONL, Parquet, CSV) or save_to_disk folder")
+    it.add_argument("train", help="training source: a file (JSON lines, a JSON array, CSV, Parquet), a "
+                    "save_to_disk folder, a folder of shards or a glob")
     it.add_argument("valid", help="validation file")
+    add_setting_flag(it, ("data", "fields"))
     it.add_argument("--model", help="hub id or local directory (default: the embedded smollm2-135m)")
     it.add_argument("--out", default="vg.toml", help="config file to write (default vg.toml)")
     it.add_argument("--force", action="store_true", help="overwrite an existing --out")
@@ -163,14 +175,15 @@ def _settings_and_ws(args: argparse.Namespace):
 
 
 def _cmd_ingest(args: argparse.Namespace) -> int:
+    from valuegate.inputs.readers import source_files
     from valuegate.storage.samples import ensure_sample_tables
     from valuegate.tasks.ingest import ingest_file
 
     settings, ws = _settings_and_ws(args)
     ensure_sample_tables(ws)
     totals = {"rows": 0, "kept": 0, "new": 0, "dup": 0, "quarantined": 0, "left": 0}
-    for f in args.files:
-        rep = ingest_file(ws, args.name, f, settings.ingest.max_chars)
+    for f in [f for spec in args.files for f in source_files(spec)]:
+        rep = ingest_file(ws, args.name, f, settings.ingest.max_chars, fields=settings.data.fields)
         print(rep.line(), file=sys.stderr)
         for k, v in (("rows", rep.rows), ("kept", rep.kept), ("new", rep.new_samples), ("dup", rep.duplicates),
                      ("quarantined", rep.quarantined), ("left", rep.left)):
@@ -198,7 +211,7 @@ def _cmd_valset(args: argparse.Namespace) -> int:
 
     settings, ws = _settings_and_ws(args)
     if args.valset_command == "register":
-        rec, new = register_valset(ws, args.name, args.file, settings.ingest.max_chars)
+        rec, new = register_valset(ws, args.name, args.file, settings.ingest.max_chars, settings.data.fields)
         what = "registered" if new else "unchanged content: already registered as"
         print(f"{what} {rec['name']}@v{rec['version']} ({rec['rows']} rows, content {rec['content_hash'][:12]})")
         return 0
@@ -325,7 +338,8 @@ def _cmd_init(args: argparse.Namespace) -> int:
 
     from valuegate.init_config import write_config
 
-    path, said = write_config(args.train, args.valid, args.out, args.model, args.force)
+    fields = setting_overrides(args).get("data", {}).get("fields")
+    path, said = write_config(args.train, args.valid, args.out, args.model, args.force, fields)
     for line in said:
         print(f"valuegate: {line}", file=sys.stderr)
     print(f"valuegate: wrote {path}; next:", file=sys.stderr)

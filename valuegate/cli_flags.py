@@ -8,7 +8,8 @@ without any change to the CLI. Every flag defaults to None (unset), so an unset 
 config file or a ``VALUEGATE_*`` variable (:func:`valuegate.settings.load_settings` skips None values).
 
 Types: ``bool`` → ``--x`` / ``--no-x``; ``Literal[...]`` → its choices; ``list[str]`` → repeat the flag,
-one item each; ``int``, ``float``, ``str`` (and ``X | None``) → one value of that type.
+one item each; ``dict[str, str]`` → repeat the flag, one ``KEY=VALUE`` each; ``int``, ``float``, ``str``
+(and ``X | None``) → one value of that type.
 """
 
 from __future__ import annotations
@@ -78,6 +79,9 @@ def _argument(path: tuple[str, ...], field: FieldInfo) -> tuple[list[str], dict[
     elif origin is list and typing.get_args(ann) in ((str,), (int,), (float,)):
         kw.update(action="append", type=typing.get_args(ann)[0], metavar="ITEM")
         text += " Repeat the flag for each item."
+    elif origin is dict and typing.get_args(ann) == (str, str):
+        kw.update(action="append", type=key_value, metavar="KEY=VALUE")
+        text += " Repeat the flag for each KEY=VALUE."
     elif ann in (int, float, str):
         kw.update(type=ann, metavar={int: "INT", float: "FLOAT", str: path[-1].upper()}[ann])
     else:
@@ -85,6 +89,25 @@ def _argument(path: tuple[str, ...], field: FieldInfo) -> tuple[list[str], dict[
     # argparse %-formats help: a literal % must be doubled
     kw["help"] = f"{text} (default: {shown_default(_default(field))})".replace("%", "%%")
     return names, kw
+
+
+def key_value(text: str) -> tuple[str, str]:
+    """``"prompt=question"`` → ``("prompt", "question")`` (an ``argparse`` type)."""
+    key, eq, value = text.partition("=")
+    if not eq or not key.strip() or not value.strip():
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, e.g. prompt=question; got {text!r}")
+    return key.strip(), value.strip()
+
+
+def add_setting_flag(parser: argparse.ArgumentParser, path: tuple[str, ...]) -> None:
+    """Add the flag of one leaf setting (``("data", "fields")``) to ``parser``."""
+    field = Settings.model_fields[path[0]]
+    for p, leaf in setting_fields(field.annotation, (path[0],)):
+        if p == path:
+            flags, kw = _argument(p, leaf)
+            parser.add_argument(*flags, **kw)
+            return
+    raise KeyError(path)
 
 
 def add_setting_flags(parser: argparse.ArgumentParser, names: Iterable[str]) -> None:
@@ -118,5 +141,5 @@ def setting_overrides(args: argparse.Namespace) -> dict[str, Any]:
         node = out
         for part in path[:-1]:
             node = node.setdefault(part, {})
-        node[path[-1]] = value
+        node[path[-1]] = dict(value) if isinstance(value, list) and value and isinstance(value[0], tuple) else value
     return out

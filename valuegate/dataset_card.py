@@ -8,8 +8,9 @@ the split's size; ``license`` only when one is given) and a body for people: whe
 gate's thresholds, the gate's verdict and the counts.
 
 A release splits the scored samples in two (:func:`release_frames`): ``data.parquet`` holds the training
-columns of the kept rows (the sample, its metadata and ``value``), ``scores.parquet`` every scored sample
-with the per-signal columns (:data:`SCORE_COLUMNS`), ``kept`` and the drop ``reason``.
+columns of the kept rows (the sample fields its rows use, its metadata with ``source`` relative to the
+sources' common folder, and ``value``), ``scores.parquet`` every scored sample with the per-signal columns
+(:data:`SCORE_COLUMNS`), ``kept`` and the drop ``reason``.
 """
 
 from __future__ import annotations
@@ -49,10 +50,31 @@ def release_frames(selected: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame]:
         ``reason_code`` (empty when kept); the release adds ``kept``.
     """
     score_cols = [c for c in SCORE_COLUMNS if c in selected.columns]
-    why = [c for c in ("reason", "reason_code") if c in selected.columns]
-    data = selected.filter(pl.col("keep")).drop("keep", *why, *score_cols)
-    scores = selected.select("id", "value", *score_cols, *why)
+    decision = [c for c in ("keep", "reason", "reason_code") if c in selected.columns]
+    data = selected.filter(pl.col("keep")).drop(*decision, *score_cols)
+    # the sample fields no kept row uses (messages and text of prompt/response data) are left out
+    empty = [c for c in CONTENT_COLUMNS if c in data.columns and data.height and data[c].null_count() == data.height]
+    data = data.drop(empty)
+    if "source" in data.columns and data.height:
+        data = data.with_columns(pl.Series("source", relative_sources(data["source"].to_list()), dtype=pl.String))
+    scores = selected.select("id", "value", *score_cols, *(c for c in ("reason", "reason_code") if c in selected.columns))
     return data, scores
+
+
+# the sample fields of a scored row; those null in every kept row are not written to data.parquet
+CONTENT_COLUMNS = ("prompt", "response", "messages", "text", "images")
+
+
+def relative_sources(sources: list[str | None]) -> list[str | None]:
+    """Source paths relative to the folder that holds them all (a file's name when there is one folder), so
+    a release names its inputs without the machine's absolute paths (the manifest keeps those, with hashes)."""
+    import os
+
+    given = sorted({s for s in sources if s})
+    if not given:
+        return sources
+    base = os.path.commonpath([os.path.dirname(s) for s in given]) if len(given) > 1 else os.path.dirname(given[0])
+    return [Path(os.path.relpath(s, base)).as_posix() if s and base else s for s in sources]
 
 
 # --------------------------------------------------------------------------------------------------

@@ -24,15 +24,14 @@ from valuegate.engine.model import LoadedModel, encode_samples, load_model, load
 from valuegate.engine.sample import Sample
 from valuegate.engine.signals import check_reference_size
 from valuegate.errors import ValuegateError
+from valuegate.inputs.rows import read_samples
 from valuegate.settings import Settings
-from valuegate.tasks.ingest import read_samples
 
 __all__ = ["OUTPUT_COLUMNS", "score_files", "score_samples", "summary_line"]
 
 OUTPUT_COLUMNS = ("row", "value", "nearest_rows", "n_tokens", "truncated", "mean_loss", "self_influence",
-                  *BASELINE_COLUMNS, "suspect", "fault", "suspect_reason",
-                  *FAULT_SCORE_COLUMNS,
-                  *(c for c in SIGNAL_COLUMNS if c != "mean_loss"))
+                  *BASELINE_COLUMNS, "suspect", "fault", "suspect_reason", *FAULT_SCORE_COLUMNS,
+                  *(c for c in SIGNAL_COLUMNS if c != "mean_loss"), "keep", "reason", "reason_code")
 
 
 def score_files(train_path: str, valid_path: str, settings: Settings, progress: bool = True,
@@ -46,8 +45,8 @@ def score_files(train_path: str, valid_path: str, settings: Settings, progress: 
     ``rds_max`` (:mod:`valuegate.engine.baselines`), and with ``score.signals`` the combined ``suspect`` score and one column per signal
     (:mod:`valuegate.engine.signals`); for ``pairwise`` it is long: ``train_row``, ``valid_row``, ``value``.
     """
-    train_df, train = read_samples(train_path)
-    _, valid = read_samples(valid_path)
+    train_df, train = read_samples(train_path, settings.data.fields)
+    _, valid = read_samples(valid_path, settings.data.fields)
     return score_samples(train_df, train, valid, settings, progress, lm, str(train_path), str(valid_path))
 
 
@@ -66,8 +65,8 @@ def score_samples(train_df: pl.DataFrame, train: list[Sample], valid: list[Sampl
     # every input is checked (tokenized) before any weight is read
     tok = lm.tokenizer if lm is not None else load_tokenizer(settings.model)
     ex = settings.extract
-    encoded = (encode_samples(tok, train, ex.loss_on, ex.max_length, ex.truncation),
-               encode_samples(tok, valid, ex.loss_on, ex.max_length, ex.truncation))
+    encoded = (encode_samples(tok, train, ex.loss_on, ex.max_length, ex.truncation, ex.template),
+               encode_samples(tok, valid, ex.loss_on, ex.max_length, ex.truncation, ex.template))
     if lm is None:
         lm = load_model(settings.model, tok, progress)
     vm = compute_values(lm, train, valid, settings, progress, encoded)
@@ -95,7 +94,29 @@ def score_samples(train_df: pl.DataFrame, train: list[Sample], valid: list[Sampl
         vm.timings["faults"] = time.perf_counter() - t0
     if vm.signals is not None:
         cols.update({name: col for name, col in vm.signals.items() if name != "mean_loss"})
-    return pl.concat([train_df, pl.DataFrame(cols)], how="horizontal"), vm
+    scored = pl.concat([train_df, pl.DataFrame(cols)], how="horizontal")
+    return with_selection(scored, train, settings), vm
+
+
+def with_selection(scored: pl.DataFrame, train: list[Sample], settings: Settings) -> pl.DataFrame:
+    """``scored`` with what the ``select`` step of a run would decide for each row: ``keep`` (bool) and
+    ``reason`` (why dropped; empty when kept), and any other column the policy adds
+    (:func:`valuegate.tasks.select.select_samples`, the very code of the run; ties broken by sample id as
+    there). A policy that needs a column the scores lack (``suspect`` without ``score.signals``) adds
+    nothing and warns."""
+    import warnings
+
+    from valuegate.tasks.ingest import sample_id, sample_record
+    from valuegate.tasks.select import select_samples
+
+    ids = [sample_id(sample_record(s)) for s in train]
+    try:
+        selected = select_samples(scored.with_columns(pl.Series("id", ids, dtype=pl.String)), settings.select)
+    except ValuegateError as exc:
+        warnings.warn(f"no keep column: select.policy = {settings.select.policy}: {exc}", stacklevel=3)
+        return scored
+    added = [c for c in selected.columns if c not in scored.columns and c != "id"]
+    return scored.with_columns(selected.select(added))
 
 
 def _faults(lm: LoadedModel, vm: ValueMatrix, uncond: np.ndarray, valid: list[Sample], settings: Settings):

@@ -1,9 +1,12 @@
 """``valuegate init TRAIN VALID``: inspect two data files and write a commented starter ``vg.toml``.
 
-Each file is read the way ``valuegate run`` will ingest it (:func:`valuegate.tasks.ingest.iter_source_records`,
-the first :data:`INSPECT_ROWS` rows): its format (by suffix; for an unknown suffix the content is sniffed, to
-say what to rename it to), the sample shape its columns form (:func:`valuegate.tasks.ingest.sample_kind`),
-how many of the inspected rows are usable samples (:func:`valuegate.tasks.ingest.check_row`), and in the
+Each file is read the way ``valuegate run`` will ingest it (:func:`valuegate.inputs.readers.iter_source_records`,
+the first :data:`INSPECT_ROWS` rows of its first file): its file type (by suffix; for an unknown suffix the
+content is sniffed, to say what to rename it to), the format its columns are
+(:func:`valuegate.inputs.formats.recognise`: prompt/response, OpenAI messages, ShareGPT, Alpaca, text; when
+none, a column mapping guessed from common names, :func:`valuegate.inputs.formats.guess_fields`, written to
+``[data.fields]``), how many of the inspected rows are usable samples (:func:`valuegate.inputs.rows.row_sample`),
+and in the
 training file a plausible ``select.group_by`` column: a string column, not a sample field, with 2 to
 :data:`MAX_GROUPS` distinct values and at most one value per :data:`MIN_ROWS_PER_GROUP` rows on average.
 A guess that cannot be made is an error naming the file and what it has, never a silent default.
@@ -23,8 +26,6 @@ from valuegate.errors import ValuegateError
 INSPECT_ROWS = 10_000
 MAX_GROUPS = 50
 MIN_ROWS_PER_GROUP = 3
-SAMPLE_FIELDS = ("prompt", "response", "messages", "text", "images")
-KIND_WORDS = {"prompt_response": "prompt/response", "messages": "chat (messages)", "text": "plain text"}
 FORMATS = {".jsonl": "JSON lines", ".ndjson": "JSON lines", ".json": "JSON lines", ".parquet": "Parquet",
            ".csv": "CSV", ".arrow": "Arrow"}
 
@@ -34,9 +35,12 @@ class FileShape:
     """What :func:`inspect_file` found in one file.
 
     Attributes:
-        path: the file. format: ``"JSON lines"``, ``"Parquet"``, ``"CSV"``, ``"Arrow"`` or
-            ``"save_to_disk folder"``. rows: rows inspected. more: whether the file has rows past them.
-        columns: column names, in order of first appearance. kind: the sample shape.
+        path: the source as given. format: ``"JSON lines"``, ``"JSON array"``, ``"Parquet"``, ``"CSV"``,
+            ``"Arrow"``, ``"save_to_disk folder"``, or ``"N shards (...)"``. rows: rows inspected. more: whether
+            the source has rows past them. columns: column names, in order of first appearance.
+        kind: the recognised format (:data:`valuegate.inputs.formats.FORMAT_WORDS`). fields: the column
+            mapping used (given, or guessed; empty when the columns are a known format).
+        guessed: whether ``fields`` was guessed.
         usable: inspected rows that are valid samples. first_refusal: ``"row N: field: reason"`` of the
             first refused row, or "". groups: ``{column: {value: rows}}`` of the group_by candidates.
     """
@@ -48,6 +52,8 @@ class FileShape:
     columns: list[str]
     kind: str
     usable: int
+    fields: dict[str, str] = field(default_factory=dict)
+    guessed: bool = False
     first_refusal: str = ""
     groups: dict[str, dict[str, int]] = field(default_factory=dict)
 
@@ -56,8 +62,11 @@ class FileShape:
         seen = f"the first {self.rows} rows" if self.more else f"{self.rows} rows"
         bad = (f"; {self.rows - self.usable} not usable, ingest will quarantine them (first: {self.first_refusal})"
                if self.usable < self.rows else "")
-        return (f"{self.path}: {self.format}, {seen}, {KIND_WORDS[self.kind]} samples; columns: "
-                f"{', '.join(self.columns)}{bad}")
+        from valuegate.inputs.formats import Format
+
+        return (f"{self.path}: {self.format}, {seen}, {Format(self.kind, self.fields).words} samples"
+                + (" (a guessed mapping: check it)" if self.guessed else "")
+                + f"; columns: {', '.join(self.columns)}{bad}")
 
 
 def _sniff(p: Path) -> str:
@@ -78,54 +87,73 @@ def _sniff(p: Path) -> str:
     return f" (it looks like {what}: rename it to {p.with_suffix(suffix).name})"
 
 
-def inspect_file(path: str | os.PathLike, max_rows: int = INSPECT_ROWS) -> FileShape:
-    """Read the first ``max_rows`` rows of a data file as ingest reads them and describe them.
+def inspect_file(path: str | os.PathLike, max_rows: int = INSPECT_ROWS,
+                 fields: dict[str, str] | None = None) -> FileShape:
+    """Read the first ``max_rows`` rows of a data source as ingest reads them and describe them.
+
+    ``fields``: a column mapping to use; without one, a source in none of the known formats gets a mapping
+    guessed from common column names when one fits (``question``/``answer``, ...).
 
     Raises:
         ValuegateError: one line naming the file: missing, of an unsupported type (with what its content
             looks like), unreadable, without rows, without sample fields (with the columns it has), or with
             no usable row among those inspected (with the first row's reason).
     """
-    from valuegate.tasks.ingest import READABLE_SUFFIXES, check_row, iter_source_records, sample_kind
+    from valuegate.inputs.formats import guess_fields, recognise
+    from valuegate.inputs.readers import READABLE_SUFFIXES, is_json_array, iter_source_records, source_files
+    from valuegate.inputs.rows import row_sample
 
     p = Path(path)
-    if not p.exists():
-        raise ValuegateError(f"{p}: no such file")
-    suffix = p.suffix.lower()
-    if not p.is_dir() and suffix not in (*READABLE_SUFFIXES, ".arrow"):
-        raise ValuegateError(f"{p}: unsupported file type {suffix or '(none)'}{_sniff(p)}; use one of "
-                             + ", ".join(READABLE_SUFFIXES) + ", a save_to_disk folder or .arrow")
-    chunks = iter_source_records(p, chunk_rows=max_rows)
+    if p.exists() and not p.is_dir() and p.suffix.lower() not in READABLE_SUFFIXES:
+        raise ValuegateError(f"{p}: unsupported file type {p.suffix.lower() or '(none)'}{_sniff(p)}; use one of "
+                             + ", ".join(READABLE_SUFFIXES) + " or a save_to_disk folder")
+    files = source_files(path)
+    first_file = files[0]
+    suffix = first_file.suffix.lower()
+    chunks = iter_source_records(first_file, chunk_rows=max_rows)
     first = next(chunks, [])
-    more = next(chunks, None) is not None
+    more = next(chunks, None) is not None or len(files) > 1
     records = [rec for _, rec, _, _ in first if rec is not None]
     if not records:
         why = next((reason for _, rec, _, reason in first if rec is None), "")
-        raise ValuegateError(f"{p}: no rows" + (f" that parse (first: {why})" if why else ""))
+        raise ValuegateError(f"{first_file}: no rows" + (f" that parse (first: {why})" if why else ""))
     columns = list(dict.fromkeys(k for rec in records for k in rec))
-    kind = sample_kind(columns, str(p))  # no sample fields: the message names the file and its columns
+    guessed = False
+    if not fields:
+        try:
+            recognise(columns, str(first_file))
+        except ValuegateError:
+            fields = guess_fields(columns)
+            guessed = fields is not None
+            if fields is None:
+                raise
+    fmt = recognise(columns, str(first_file), fields)  # no sample fields: the message names the file and columns
     usable, refusal = 0, ""
     for row, rec, _, reason in first:
-        sample, why = check_row(rec, kind, row, str(p)) if rec is not None else (None, reason)
+        sample, why = row_sample(rec, fmt, row, str(first_file)) if rec is not None else (None, reason)
         usable += sample is not None
         refusal = refusal or ("" if sample is not None else f"row {row}: {why}")
     if usable == 0:
-        raise ValuegateError(f"{p}: no usable row among the {len(first)} inspected ({KIND_WORDS[kind]} samples); "
+        raise ValuegateError(f"{first_file}: no usable row among the {len(first)} inspected ({fmt.words} samples); "
                              f"first: {refusal}")
-    shape = FileShape(p, "save_to_disk folder" if p.is_dir() else FORMATS[suffix], len(first), more, columns,
-                      kind, usable, refusal)
-    shape.groups = group_candidates([rec for _, rec, _, _ in first], columns)
+    kind_of_file = ("save_to_disk folder" if first_file.is_dir()
+                    else "JSON array" if suffix == ".json" and is_json_array(first_file) else FORMATS[suffix])
+    shown = f"{len(files)} shards ({kind_of_file})" if len(files) > 1 else kind_of_file
+    shape = FileShape(Path(path), shown, len(first), more, columns, fmt.name, usable, fields=dict(fmt.fields),
+                      guessed=guessed, first_refusal=refusal)
+    shape.groups = group_candidates([rec for _, rec, _, _ in first], columns, fmt.columns)
     return shape
 
 
-def group_candidates(records: list[dict[str, Any] | None], columns: list[str]) -> dict[str, dict[str, int]]:
+def group_candidates(records: list[dict[str, Any] | None], columns: list[str],
+                     sample_columns: set[str] | frozenset[str] = frozenset()) -> dict[str, dict[str, int]]:
     """``{column: {value: rows}}`` of each column that looks like groups: every row a non-empty string,
     not a sample field, 2 to :data:`MAX_GROUPS` distinct values, at least :data:`MIN_ROWS_PER_GROUP` rows per
     value on average. Fewest groups first."""
     out: dict[str, dict[str, int]] = {}
     rows = [r for r in records if r is not None]
     for col in columns:
-        if col in SAMPLE_FIELDS:
+        if col in sample_columns or col == "images":
             continue
         counts: dict[str, int] = {}
         for r in rows:
@@ -158,7 +186,7 @@ def _relative(path: Path, base: Path) -> str:
 
 def config_text(train: FileShape, valid: FileShape, out: Path, model: str | None) -> tuple[str, str | None]:
     """The commented TOML for ``out`` and the chosen group_by column (None: none found)."""
-    from valuegate.settings import GateSettings, ModelSettings, SelectSettings
+    from valuegate.settings import ExtractSettings, GateSettings, ModelSettings, SelectSettings
 
     base = out.parent
     dataset = _name(train.path.stem, "train")
@@ -172,6 +200,13 @@ def config_text(train: FileShape, valid: FileShape, out: Path, model: str | None
         shown = _relative(local, base) if local.exists() and not local.is_absolute() else model
         model_line = f"name = {_toml(shown)}"
     sel, gate = SelectSettings(), GateSettings()
+    fields = train.fields or valid.fields
+    field_lines = []
+    if fields:
+        guessed = train.guessed or valid.guessed
+        field_lines = ["", "[data.fields]", "# which of your columns is which sample field" + (
+            " (guessed from the column names: check it)" if guessed else ""),
+            *(f"{k} = {_toml(v)}" for k, v in fields.items())]
     group = next(iter(train.groups), None)
     if group is not None:
         counts = train.groups[group]
@@ -199,10 +234,17 @@ def config_text(train: FileShape, valid: FileShape, out: Path, model: str | None
         f"# {valid.line()}",
         f"valset = {_toml(valset)}  # registered as a new version whenever valset_file's content changes",
         f"valset_file = {_toml(_relative(valid.path, base))}",
+        *field_lines,
         "",
         "[model]",
         "# The model whose forward pass values the samples (the one you fine-tune, or a small one of its family).",
         model_line,
+        "",
+        "[extract]",
+        "# How prompt/response (and Alpaca) rows are rendered: auto = with the model's chat template when it has",
+        "# one (user turn = prompt, assistant turn = response: what an instruct model is fine-tuned on);",
+        "# none = prompt + response as they are (base models, continuation data); chat = the template or an error.",
+        f"template = {_toml(ExtractSettings().template)}",
         "",
         "[select]",
         "# Which samples a release keeps. suspect: drop the samples that look unlike the validation set;",
@@ -224,9 +266,32 @@ def config_text(train: FileShape, valid: FileShape, out: Path, model: str | None
     return "\n".join(lines) + "\n", group
 
 
+def inspect_pair(train: str | os.PathLike, valid: str | os.PathLike,
+                 fields: dict[str, str] | None = None) -> tuple[FileShape, FileShape]:
+    """Both sources, read with one column mapping (``fields``, else the one guessed for either).
+
+    Raises:
+        ValuegateError: as :func:`inspect_file`, or the two need different guessed mappings.
+    """
+    t = inspect_file(train, fields=fields)
+    mapping = fields or t.fields or None
+    try:
+        v = inspect_file(valid, fields=mapping)
+    except ValuegateError:
+        if not mapping or fields:
+            raise
+        v = inspect_file(valid)
+    if v.fields and t.fields and v.fields != t.fields:
+        raise ValuegateError(f"{t.path} and {v.path} need different column mappings ({t.fields} and {v.fields}); "
+                             "give them the same columns, or name them with --field")
+    return t, v
+
+
 def write_config(train: str | os.PathLike, valid: str | os.PathLike, out: str | os.PathLike = "vg.toml",
-                 model: str | None = None, force: bool = False) -> tuple[Path, list[str]]:
-    """Inspect both files, write the commented config to ``out`` and check that it loads.
+                 model: str | None = None, force: bool = False,
+                 fields: dict[str, str] | None = None) -> tuple[Path, list[str]]:
+    """Inspect both sources, write the commented config to ``out`` and check that it loads (``fields``: a
+    column mapping to use instead of recognising or guessing one).
 
     Returns:
         the config's path and the lines to tell the user (what was found in each file, the group_by choice).
@@ -244,7 +309,7 @@ def write_config(train: str | os.PathLike, valid: str | os.PathLike, out: str | 
         raise ValuegateError(f"--out {dest}: directory {dest.parent} does not exist")
     if dest.exists() and not force:
         raise ValuegateError(f"{dest} exists; pass --force to overwrite it, or --out another file")
-    shapes = inspect_file(train), inspect_file(valid)
+    shapes = inspect_pair(train, valid, fields)
     text, group = config_text(*shapes, dest, model)
     tmp = dest.with_name(f".{dest.name}.tmp")
     tmp.write_text(text, encoding="utf-8")
@@ -255,6 +320,10 @@ def write_config(train: str | os.PathLike, valid: str | os.PathLike, out: str | 
         tmp.unlink(missing_ok=True)
     counts = shapes[0].groups.get(group, {}) if group else {}
     said = [s.line() for s in shapes]
+    mapping = shapes[0].fields or shapes[1].fields
+    if mapping:
+        said.append("[data.fields] " + ", ".join(f"{k} = {v}" for k, v in mapping.items())
+                    + (" (guessed from the column names: check it)" if shapes[0].guessed or shapes[1].guessed else ""))
     if group is not None:
         sizes = ", ".join(f"{k} {v}" for k, v in list(counts.items())[:8]) + (", ..." if len(counts) > 8 else "")
         said.append(f"group_by = {group} ({len(counts)} groups: {sizes})")

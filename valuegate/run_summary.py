@@ -49,6 +49,9 @@ def summary_lines(summary: dict[str, Any], release: str, max_length: int) -> lis
     """
     c = summary["counts"]
     where = f"release {release}/{summary['version']}"
+    if summary.get("unchanged"):
+        return [f"nothing changed since {summary['version']}: {where} stays current (same data, validation set, "
+                "model and settings; no new release written)", f"report: {report_url(summary['report'])}"]
     if summary["current"]:
         lines = [f"{where} is current (previous: {summary['previous'] or 'none'})"]
     else:

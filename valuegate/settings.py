@@ -85,6 +85,12 @@ class ExtractSettings(_Section):
     loss_on: Literal["auto", "response", "all"] = Field(
         "auto", description="Which tokens count: response (the tokens SFT trains on: the response, or the "
         "assistant turns) or all. auto = response for prompt/response and chat data, all for text.")
+    template: Literal["auto", "chat", "none"] = Field(
+        "auto", description="How prompt/response (and Alpaca) samples are rendered: chat = with the model's chat "
+        "template (user turn = the prompt, assistant turn = the response: the text an instruct model is "
+        "fine-tuned on); none = prompt + response as they are, no separator (base models, continuation data); "
+        "auto = chat when the tokenizer has a chat template, else none. Chat (messages) samples always use the "
+        "template. Part of the fingerprint.")
     max_length: int = Field(1024, ge=8, description="Tokens per sample; longer samples are cut at the end.")
     batch_size: int = Field(16, ge=1, description="Samples per forward pass (batches are formed by length).")
     max_batch_tokens: int = Field(16384, ge=64, description="Upper bound on padded tokens per forward pass.")
@@ -168,7 +174,13 @@ class DataSettings(_Section):
     """What a refresh reads: the training sources and the validation set."""
 
     dataset: str = Field("train", description="Dataset name in the workspace the sources are ingested into.")
-    sources: list[str] = Field(default_factory=list, description="Training files or folders.")
+    sources: list[str] = Field(default_factory=list, description="Training sources: files (JSON lines, a JSON "
+                               "array, CSV, Parquet, Arrow), a datasets save_to_disk folder, a folder of shards or "
+                               "a glob such as data/*.jsonl (docs/your-data.md).")
+    fields: dict[str, str] = Field(default_factory=dict, description="Column mapping for files in none of the "
+                                   "recognised formats: canonical field = your column, e.g. prompt = \"question\", "
+                                   "response = \"answer\" (fields: prompt, response, system, messages, text, images). "
+                                   "Applies to every file that has the named columns (training and validation).")
     valset: str = Field("val", description="Validation set NAME (latest version) or NAME@vN (pinned).")
     valset_file: str | None = Field(None, description="When set, registered as the next version of "
                                     "`valset` first (identical content keeps the existing version).")
@@ -177,6 +189,21 @@ class DataSettings(_Section):
     @classmethod
     def _dataset_name(cls, value: str) -> str:
         return _checked_name(value, "dataset")
+
+    @field_validator("fields")
+    @classmethod
+    def _mappable(cls, value: dict[str, str]) -> dict[str, str]:
+        from valuegate.inputs.formats import MAPPABLE
+
+        for key, column in value.items():
+            if key not in MAPPABLE:
+                raise PydanticCustomError("unknown_field", "unknown field {key}: map one of {known}",
+                                          {"key": repr(key), "known": ", ".join(MAPPABLE)})
+            if not column.strip():
+                raise PydanticCustomError("empty_column", "{key}: the column name is empty", {"key": key})
+        if len(set(value.values())) < len(value):
+            raise PydanticCustomError("same_column", "two fields name the same column", {})
+        return value
 
     @field_validator("valset")
     @classmethod
@@ -317,7 +344,7 @@ SHORT_FLAGS: dict[str, str] = {
     "extract.support_k": "--support-k", "extract.hidden_dim": "--hidden-dim", "extract.seed": "--seed",
     "extract.lowest_likelihood_ratio": "--lowest-likelihood-ratio",
     "score.method": "--method", "score.aggregate": "--aggregate", "score.nearest_k": "--nearest-k",
-    "score.normalize": "--normalize",
+    "score.normalize": "--normalize", "data.fields": "--field",
     "runner.kind": "--runner", "runner.workers": "--workers", "runner.address": "--address",
     "runner.shard_size": "--shard-size",
 }
@@ -465,6 +492,10 @@ def load_settings(config_file: str | Path | None = None, overrides: dict[str, An
             bounds contradict each other, or the workspace is a file (one line naming file, key or path).
     """
     path = Path(config_file) if config_file else None
+    if path is not None and path.is_dir():
+        inside = sorted(p.name for p in path.glob("*.toml"))
+        raise ValuegateError(f"--config {path}: a directory; give the TOML file"
+                             + (f", e.g. {path / inside[0]}" if inside else " (none in it: `valuegate init` writes one)"))
     if path is not None and not path.is_file():
         raise ValuegateError(f"{path}: config file not found")
     data = _read_config(path) if path is not None else None

@@ -134,8 +134,8 @@ def cost(frame: pl.DataFrame, n: int) -> dict:
     from valuegate.engine.baselines import _unit, unconditional_losses
     from valuegate.engine.extraction import _token_block, counted_mask, extract_sparse, pad_batch
     from valuegate.engine.model import encode_samples, length_batches, load_model, load_tokenizer
+    from valuegate.inputs.rows import samples_from_frame
     from valuegate.settings import load_settings
-    from valuegate.tasks.ingest import samples_from_frame
 
     st = load_settings(None, {})
     ex = st.extract
@@ -224,7 +224,7 @@ def selection(sets: dict[str, tuple[pl.DataFrame, pl.DataFrame, str]], a, result
     from tests.benchmarks.bench_selection import evaluate, finetune, load_base
     from valuegate.engine.default_model import ensure_default_model
     from valuegate.engine.model import encode_samples
-    from valuegate.tasks.ingest import samples_from_frame
+    from valuegate.inputs.rows import samples_from_frame
 
     torch.set_num_threads(a.threads)
     model_dir = ensure_default_model()

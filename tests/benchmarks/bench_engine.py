@@ -38,8 +38,8 @@ from tests.tiny import autograd_head_gradient
 from valuegate.engine.extraction import iter_token_blocks, pad_batch, projections, stored_features
 from valuegate.engine.forvalue import TokenBlock, exact_cross, sparse_cross, sparse_features
 from valuegate.engine.model import encode_samples, length_batches, load_model
+from valuegate.inputs.rows import read_samples
 from valuegate.settings import Settings, default_settings
-from valuegate.tasks.ingest import read_samples
 
 DEFAULT_DATA = Path(__file__).resolve().parents[3] / "shared" / "data" / "datainf"
 SETS = ("grammars", "math_without_reason")

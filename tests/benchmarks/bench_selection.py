@@ -55,7 +55,7 @@ from tests.benchmarks.bench_engine import machine, peak_rss_mb
 from tests.benchmarks.tables import table
 from valuegate.engine.extraction import pad_batch
 from valuegate.engine.model import EncodedSample, encode_samples
-from valuegate.tasks.ingest import read_samples
+from valuegate.inputs.rows import read_samples
 
 ROOT = Path(__file__).resolve().parents[2]
 DEMO = ROOT / "infra" / "demo"

@@ -171,7 +171,8 @@ def du_bytes(path: str | Path) -> int:
 
 def _distinct_rows(path: Path) -> list[tuple[str, dict]]:
     """(sample id, raw JSON row) of a JSONL file, first occurrence of each content only."""
-    from valuegate.tasks.ingest import read_samples, sample_id, sample_record
+    from valuegate.inputs.rows import read_samples
+    from valuegate.tasks.ingest import sample_id, sample_record
 
     _, samples = read_samples(path)
     raw = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
@@ -396,8 +397,8 @@ def real_features_by_extraction(settings: Settings, data: Path, n: int) -> pa.Ta
     (the engine's, before the store rounds them), in a table of :func:`float32_rows_schema`."""
     from valuegate.engine.extraction import extract_sparse
     from valuegate.engine.model import encode_samples, load_model
+    from valuegate.inputs.rows import read_samples
     from valuegate.tasks.extract import feature_row
-    from valuegate.tasks.ingest import read_samples
 
     lm = load_model(settings.model, progress=False)
     ex = settings.extract

@@ -44,8 +44,8 @@ from valuegate.engine.extraction import extract_sparse, extract_sparse_samples, 
 from valuegate.engine.images import decode_image
 from valuegate.engine.model import encode_samples, length_batches, load_model
 from valuegate.engine.vlm import batch_model_inputs
+from valuegate.inputs.rows import check_row
 from valuegate.settings import tiny_settings
-from valuegate.tasks.ingest import check_row
 
 
 def photos(folder: Path, n: int, size: tuple[int, int]) -> list[Path]:

@@ -72,7 +72,7 @@ def test_exact_matches_autograd_on_the_default_model(lm):
     """Φ·Φ' from one forward pass equals the Frobenius product of autograd LM-head gradients."""
     settings = load_settings(overrides={"model": {"device": "cpu"}})
     rows = pl.DataFrame(TRAIN[:3])
-    from valuegate.tasks.ingest import samples_from_frame
+    from valuegate.inputs.rows import samples_from_frame
 
     samples = samples_from_frame(rows, "mem")
     enc = encode_samples(lm.tokenizer, samples, "all", 64)

@@ -10,8 +10,8 @@ from tiny import FAMILIES, autograd_head_gradient, random_rows
 from valuegate.engine.extraction import extract_sparse, extract_token_blocks
 from valuegate.engine.forvalue import TokenBlock, exact_cross, exact_self, hardest_positions, sparse_cross
 from valuegate.engine.model import encode_samples, load_model
+from valuegate.inputs.rows import samples_from_frame
 from valuegate.settings import tiny_settings
-from valuegate.tasks.ingest import samples_from_frame
 
 RTOL = 1e-4  # of the matrix scale: float32 kernels vs float64 autograd
 

@@ -11,7 +11,7 @@ from tiny import random_rows, tiny_tokenizer, write_jsonl
 
 from valuegate.engine.model import encode_sample, length_batches
 from valuegate.errors import ValuegateError
-from valuegate.tasks.ingest import read_samples, samples_from_frame
+from valuegate.inputs.rows import read_samples, samples_from_frame
 
 
 @pytest.fixture(scope="module")
@@ -39,18 +39,47 @@ def test_every_format_reads_the_same_samples_and_keeps_other_columns(tmp_path, f
 
 def test_response_mask_counts_exactly_the_response_tokens(tok):
     s = _one(prompt="w1 w2 w3 ", response="w4 w5")
-    enc = encode_sample(tok, s, "response", 64)
+    enc = encode_sample(tok, s, "response", 64, template="none")
     ids = enc.input_ids.tolist()
     assert tok.convert_ids_to_tokens(ids) == ["w1", "w2", "w3", "w4", "w5"]
     # counted[t] is the prediction of ids[t+1]: w4 and w5 only
     assert enc.counted.tolist() == [False, False, True, True]
-    enc_all = encode_sample(tok, s, "all", 64)
+    enc_all = encode_sample(tok, s, "all", 64, template="none")
     assert enc_all.counted.tolist() == [True, True, True, True]
+
+
+def test_a_pair_is_rendered_with_the_chat_template_as_trained(tok):
+    """template auto/chat: the prompt is the user turn, the response the assistant turn, which alone counts
+    (its end-of-turn token too), exactly as the chat sample of the same two turns."""
+    s = _one(prompt="w1 w2 w3", response="w4 w5")
+    enc = encode_sample(tok, s, "response", 64)  # auto: this tokenizer has a template
+    chat = samples_from_frame(pl.DataFrame([{"messages": [{"role": "user", "content": "w1 w2 w3"},
+                                                          {"role": "assistant", "content": "w4 w5"}]}]), "c")[0]
+    as_chat = encode_sample(tok, chat, "response", 64)
+    assert enc.input_ids.tolist() == as_chat.input_ids.tolist()
+    assert enc.counted.tolist() == as_chat.counted.tolist()
+    tokens = tok.convert_ids_to_tokens(enc.input_ids.tolist())
+    assert "<|im_start|>" in tokens
+    assert [tokens[t + 1] for t in np.nonzero(enc.counted)[0]] == ["w4", "w5", "<|im_end|>"]
+    assert encode_sample(tok, s, "response", 64, template="chat").input_ids.tolist() == enc.input_ids.tolist()
+
+
+def test_template_chat_without_a_chat_template_is_an_error_and_auto_falls_back(tok):
+    import copy
+
+    base = copy.deepcopy(tok)
+    base.chat_template = None
+    s = _one(prompt="w1 w2 ", response="w3")
+    with pytest.raises(ValuegateError, match=r"extract.template = chat: this model's tokenizer has no chat template"):
+        encode_sample(base, s, "response", 64, template="chat")
+    assert (encode_sample(base, s, "response", 64).input_ids.tolist()
+            == encode_sample(tok, s, "response", 64, template="none").input_ids.tolist())
 
 
 def test_auto_loss_on_is_response_for_pairs_and_all_for_text(tok):
     pair = _one(prompt="w1 w2 ", response="w3")
-    assert encode_sample(tok, pair, "auto", 64).n_counted == 1
+    assert encode_sample(tok, pair, "auto", 64, template="none").n_counted == 1
+    assert encode_sample(tok, pair, "auto", 64).n_counted == 2  # the chat template's end-of-turn token too
     text = samples_from_frame(pl.DataFrame([{"text": "w1 w2 w3 w4"}]), "t.jsonl")[0]
     assert encode_sample(tok, text, "auto", 64).n_counted == 3
     with pytest.raises(ValuegateError, match=r"row 0.*text samples have no response"):
@@ -73,8 +102,8 @@ def test_chat_mask_counts_assistant_turns_only(tok):
 def test_truncation_that_removes_every_counted_token_is_an_error(tok):
     s = _one(prompt="w1 w2 w3 w4 w5 w6 w7 w8 w9 w10 ", response="w11")
     with pytest.raises(ValuegateError, match=r"f.jsonl: row 0: response: every counted token lies beyond max_length"):
-        encode_sample(tok, s, "response", 8)
-    assert encode_sample(tok, s, "response", 11).n_counted == 1
+        encode_sample(tok, s, "response", 8, template="none")
+    assert encode_sample(tok, s, "response", 11, template="none").n_counted == 1
 
 
 @pytest.mark.parametrize(("rows", "message"), [
@@ -85,7 +114,9 @@ def test_truncation_that_removes_every_counted_token_is_an_error(tok):
     ([{"messages": [{"role": "user", "content": "w1"}, {"role": "robot", "content": "w2"}]}],
      r"row 0: messages: messages\[1\].role must be one of"),
     ([{"messages": []}], r"row 0: messages: messages must be a non-empty list"),
-    ([{"foo": 1}], r"no sample fields: expected columns 'prompt' and 'response', or 'messages', or 'text'"),
+    ([{"foo": 1}], r"no sample fields: expected columns 'prompt' and 'response', 'messages' \(OpenAI chat\), "
+     r"'conversations' \(ShareGPT\), 'instruction' and 'output' \(Alpaca\), or 'text'; found \['foo'\]\. "
+     r"Name yours in the config's \[data.fields\]"),
 ])
 def test_bad_rows_name_file_row_and_field(tmp_path, rows, message):
     path = tmp_path / "bad.jsonl"
@@ -116,3 +147,16 @@ def test_length_batches_sort_by_length_and_respect_budgets():
     assert batches == [[1, 3], [4, 0], [5, 2]]
     assert length_batches(lengths, batch_size=10, max_batch_tokens=10) == [[1, 3, 4], [0], [5], [2]]
     assert sorted(i for b in length_batches(lengths, 3, 12) for i in b) == list(range(6))
+
+
+def test_the_rendering_is_in_the_fingerprint(tiny_model_dir):
+    """extract.template changes the features of prompt/response samples, so it changes the fingerprint; "none"
+    (the plain concatenation of earlier versions) adds nothing, so those features keep theirs."""
+    from valuegate.engine.model import fingerprint_settings, load_tokenizer, model_fingerprint
+    from valuegate.settings import ExtractSettings, ModelSettings
+
+    cfg = ModelSettings(name=str(tiny_model_dir()), device="cpu")
+    tok = load_tokenizer(cfg)
+    fps = {t: fingerprint_settings(cfg, ExtractSettings(template=t), tok, 1.0) for t in ("auto", "chat", "none")}
+    assert fps["auto"] == fps["chat"] and fps["chat"]["template"] == "chat" and "template" not in fps["none"]
+    assert model_fingerprint(fps["chat"]) != model_fingerprint(fps["none"])

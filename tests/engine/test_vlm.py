@@ -14,8 +14,8 @@ from valuegate.engine.forvalue import exact_cross, exact_self, sparse_cross
 from valuegate.engine.model import encode_samples, load_model
 from valuegate.engine.vlm import VisionProcessor, batch_model_inputs
 from valuegate.errors import ValuegateError
+from valuegate.inputs.rows import check_row
 from valuegate.settings import tiny_settings
-from valuegate.tasks.ingest import check_row
 
 
 @pytest.fixture(scope="session")

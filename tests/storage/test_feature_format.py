@@ -16,13 +16,14 @@ from valuegate.engine.aggregate import block_inner_products
 from valuegate.engine.extraction import extract_sparse_samples
 from valuegate.engine.model import load_model
 from valuegate.engine.sketch import count_sketch
+from valuegate.inputs.rows import read_samples
 from valuegate.settings import load_settings
 from valuegate.storage import features as fstore
 from valuegate.storage import schemas
 from valuegate.storage.lance import Workspace
 from valuegate.storage.samples import ensure_sample_tables
 from valuegate.tasks.extract import extract_dataset
-from valuegate.tasks.ingest import ingest_file, read_samples
+from valuegate.tasks.ingest import ingest_file
 
 SKETCH_DIM = 2048  # wide, so the sketch's estimate of the rows' inner products is close on 10 samples
 

@@ -16,10 +16,11 @@ from tiny import random_rows, write_jsonl
 
 from valuegate.cli import EXIT_USER_ERROR, main
 from valuegate.errors import ValuegateError
+from valuegate.inputs.rows import read_samples
 from valuegate.storage import samples as sstore
 from valuegate.storage import schemas
 from valuegate.storage.lance import Workspace
-from valuegate.tasks.ingest import ingest_file, read_samples, sample_id, sample_record
+from valuegate.tasks.ingest import ingest_file, sample_id, sample_record
 
 
 @pytest.fixture
@@ -63,17 +64,17 @@ def test_run_with_a_missing_source_fails_once_with_one_line(prefect_harness, tin
     import valuegate.tasks.ingest as ingest_mod
 
     attempts: list[str] = []
-    real_ingest_file = ingest_mod.ingest_file
+    real_source_files = ingest_mod.source_files  # the body's first read of a source (folders and globs expanded)
 
-    def counted(*args, **kwargs):
-        attempts.append(str(args[2]))
-        return real_ingest_file(*args, **kwargs)
+    def counted(spec):
+        attempts.append(str(spec))
+        return real_source_files(spec)
 
-    monkeypatch.setattr(ingest_mod, "ingest_file", counted)
+    monkeypatch.setattr(ingest_mod, "source_files", counted)
     state = refresh(config=cfg, return_state=True)
     assert state.is_failed()
     assert attempts == [str(missing)]  # once: a user error is not retried (retries=2 otherwise)
-    monkeypatch.setattr(ingest_mod, "ingest_file", real_ingest_file)
+    monkeypatch.setattr(ingest_mod, "source_files", real_source_files)
     with pytest.raises(ValuegateError, match="no such file"):  # the task's own error, not a wrapper
         state.result()
 

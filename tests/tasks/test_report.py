@@ -145,3 +145,63 @@ def test_pick_explained_takes_each_kind_once():
     labels = [lab for lab, _ in picks]
     assert labels.count("lowest value") == labels.count("highest value") == labels.count("most suspect") == 2
     assert len({row["id"] for _, row in picks}) == 6
+
+
+def test_the_counts_are_one_funnel_and_every_dropped_row_is_in_the_page():
+    """Issue 28: rows read -> quarantined -> unique samples -> scored -> kept / dropped by reason -> released,
+    and every dropped row (not 3 per reason) in a table the page itself searches and sorts."""
+    from valuegate.tasks.report import dropped_records, funnel_rows
+
+    sel = _selected()
+    manifest = {**_manifest(), "counts": {"rows": 0, "kept": 0, "dataset_rows": 64, "dataset_quarantined": 6,
+                                          "scored": 60, "unscored": 2, "released": int(sel["keep"].sum())},
+                "gate": {"passed": True, "failures": [], "docs_index": "/x/gx/index.html",
+                         "results": [{"name": "retained_fraction", "observed": 0.5, "bound": ">= 0.25",
+                                      "success": True}]}}
+    stages = {stage: n for stage, n, _, indent in funnel_rows(manifest["counts"], sel, [""] * 60) if not indent}
+    dropped = int((~sel["keep"]).sum())
+    assert list(stages) == ["rows read", "quarantined", "rows accepted", "unique samples", "not valued", "scored",
+                            "kept", "dropped", "released"]
+    assert (stages["rows read"], stages["quarantined"], stages["unique samples"], stages["scored"]) == (70, 6, 62, 60)
+    assert stages["kept"] + stages["dropped"] == 60 and stages["dropped"] == dropped
+    html_text = render_report(sel, manifest, [{"id": "v1", "prompt": "a validation question", "response": "ok"}])
+    assert "From rows to release" in html_text and "<h2>Counts</h2>" not in html_text
+    assert "value &lt; 0" in html_text.split("From rows to release")[1].split("</table>")[0]  # dropped by reason
+    records = dropped_records(sel, ["" if k else "value < 0" for k in sel["keep"].to_list()],
+                              {"v1": "a validation question ⟶ ok"})
+    assert len(records) == dropped and [r["value"] for r in records] == sorted(r["value"] for r in records)
+    assert records[0]["prompt"].startswith("prompt ") and records[0]["nearest"] == "a validation question ⟶ ok"
+    import re
+
+    assert html_text.count("id='dropped-data'") == 1
+    assert re.search(r"(src|href)=['\"]?(https?:)?//", html_text) is None  # nothing from the network
+    assert "Gate checks" in html_text and "gate/gx/uncommitted/data_docs/local_site/index.html" in html_text
+    # a reason code column, when the select step writes one, is what the table and the funnel group by
+    coded = sel.with_columns(reason_code=pl.when(pl.col("keep")).then(pl.lit("")).otherwise(pl.lit("negative_value")))
+    assert "negative_value" in render_report(coded, manifest, [])
+
+
+@pytest.mark.skipif(shutil.which("node") is None, reason="node is not installed")
+def test_the_dropped_rows_script_filters_and_sorts(tmp_path):
+    """The page's own filter and sort (vgRows), run by node on the rows the page embeds."""
+    import json
+    import re
+
+    from valuegate.tasks.report import DROPPED_SCRIPT
+
+    sel = _selected()
+    page = render_report(sel, _manifest(), [])
+    data = re.search(r"<script type='application/json' id='dropped-data'>(.*?)</script>", page, re.S).group(1)
+    js = tmp_path / "t.js"
+    js.write_text("var document = {getElementById: function () { return null; }};\n" + DROPPED_SCRIPT
+                  + f"\nvar rows = {data};\n"
+                  "var hit = vgRows(rows, 'PROMPT 1', '', 'value', -1);\n"
+                  "var byReason = vgRows(rows, '', rows[0].code, null, 1);\n"
+                  "console.log(JSON.stringify({n: rows.length, hit: hit.map(function (r) { return r.prompt; }),"
+                  " values: hit.map(function (r) { return r.value; }), reason: byReason.length}));\n")
+    out = json.loads(subprocess.run(["node", str(js)], check=True, capture_output=True, text=True).stdout)
+    dropped = sel.filter(~pl.col("keep"))
+    assert out["n"] == dropped.height
+    want = dropped.filter(pl.col("prompt").str.to_lowercase().str.contains("prompt 1")).sort("value", descending=True)
+    assert out["hit"] == want["prompt"].to_list() and out["values"] == want["value"].to_list()
+    assert out["reason"] == dropped.height  # one reason kind in this table: "value < 0"

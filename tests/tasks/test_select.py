@@ -66,3 +66,31 @@ def test_top_fraction_ties_are_broken_by_id_and_errors_are_clear():
         select_samples(pl.DataFrame({"id": ["a"], "value": [float("nan")]}), SelectSettings(policy="keep_all"))
     with pytest.raises(ValuegateError, match="suspect score"):
         select_samples(tied, SelectSettings(policy="suspect"))
+
+
+def test_a_group_by_column_the_data_lacks_is_refused_before_extraction(tmp_path):
+    """Issue 28: said right after ingest (the flow calls this before the extract step), with the columns."""
+    from tiny import random_rows, write_jsonl
+
+    from valuegate.settings import Settings
+    from valuegate.storage.lance import Workspace
+    from valuegate.storage.samples import ensure_sample_tables
+    from valuegate.tasks.ingest import ingest_file
+    from valuegate.tasks.select import check_group_by
+
+    rows = random_rows(6, seed=1)
+    for i, r in enumerate(rows):
+        r["family"] = "ab"[i % 2]
+    src = write_jsonl(tmp_path / "t.jsonl", rows)
+    ws = Workspace(str(tmp_path / "ws"))
+    ensure_sample_tables(ws)
+    ingest_file(ws, "d", src, 10_000)
+
+    def settings(group_by):
+        return Settings(workspace=str(tmp_path / "ws"), data={"dataset": "d"}, select={"group_by": group_by})
+
+    check_group_by(settings("family"))
+    check_group_by(settings("source"))  # a column of every row
+    with pytest.raises(ValuegateError, match=r"select.group_by = 'familly': no row of dataset 'd' has that column "
+                                             r"\(its columns: .*family, tag\)"):
+        check_group_by(settings("familly"))

@@ -14,11 +14,12 @@ from test_flow import _run
 from tiny import write_jsonl
 from tiny_vlm import build_tiny_vlm, image_bytes, image_rows, write_images
 
+from valuegate.inputs.rows import read_samples
 from valuegate.storage import images as istore
 from valuegate.storage import samples as sstore
 from valuegate.storage.images import export_images
 from valuegate.storage.lance import Workspace
-from valuegate.tasks.ingest import ingest_file, read_samples
+from valuegate.tasks.ingest import ingest_file
 
 
 @pytest.fixture

@@ -212,8 +212,8 @@ def compute_values(lm: LoadedModel, train: list[Sample], valid: list[Sample], se
     ex = settings.extract
     tok = lm.tokenizer
     if encoded is None:
-        encoded = (encode_samples(tok, train, ex.loss_on, ex.max_length, ex.truncation),
-                   encode_samples(tok, valid, ex.loss_on, ex.max_length, ex.truncation))
+        encoded = (encode_samples(tok, train, ex.loss_on, ex.max_length, ex.truncation, ex.template),
+                   encode_samples(tok, valid, ex.loss_on, ex.max_length, ex.truncation, ex.template))
     enc_train, enc_valid = encoded
     if settings.score.method == "exact":
         return _exact_values(lm, enc_train, enc_valid, train, valid, settings, progress)

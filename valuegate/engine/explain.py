@@ -63,7 +63,7 @@ def token_contributions(lm: LoadedModel, samples: list[Sample], valid_mean: np.n
         one :class:`TokenContributions` per sample, in order.
     """
     ph, _ = projections(cfg, lm.hidden_size, lm.vocab_size)
-    encoded = [encode_sample(lm.tokenizer, s, cfg.loss_on, cfg.max_length) for s in samples]
+    encoded = [encode_sample(lm.tokenizer, s, cfg.loss_on, cfg.max_length, template=cfg.template) for s in samples]
     rv = torch.from_numpy(valid_mean)
     out: list[TokenContributions | None] = [None] * len(samples)
     for idx, block in iter_token_blocks(lm, encoded, cfg, samples, 1.0, False):

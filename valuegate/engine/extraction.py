@@ -339,7 +339,7 @@ _THREAD_STATE = threading.local()
 
 
 def _encode_in_worker(tokenizer: object, sample: Sample, loss_on: str, max_length: int,
-                      truncation: str = "truncate") -> EncodedSample | str:
+                      truncation: str = "truncate", template: str = "auto") -> EncodedSample | str:
     """Encode one sample in a pool thread, with that thread's own copy of the processor (HF processors and
     fast tokenizers are not documented as thread-safe). A refusal (ValuegateError) comes back as its message;
     anything else is raised and reaches the consumer through the future."""
@@ -350,15 +350,15 @@ def _encode_in_worker(tokenizer: object, sample: Sample, loss_on: str, max_lengt
     if tok is None:
         tok = own[id(tokenizer)] = copy.deepcopy(tokenizer)
     try:
-        return encode_sample(tok, sample, loss_on, max_length, truncation)
+        return encode_sample(tok, sample, loss_on, max_length, truncation, template)
     except ValuegateError as exc:
         return str(exc)
 
 
 def _encode_inline(tokenizer: object, sample: Sample, loss_on: str, max_length: int,
-                   index: int = 0, truncation: str = "truncate") -> EncodedSample | str:
+                   index: int = 0, truncation: str = "truncate", template: str = "auto") -> EncodedSample | str:
     try:
-        return encode_sample(tokenizer, sample, loss_on, max_length, truncation)
+        return encode_sample(tokenizer, sample, loss_on, max_length, truncation, template)
     except ValuegateError as exc:
         return str(exc)
     except Exception as exc:
@@ -385,7 +385,8 @@ def _encoded_windows(tokenizer: object, samples: list[Sample], cfg: ExtractSetti
     starts = range(0, len(samples), window)
     if workers == 0:
         for lo in starts:
-            yield lo, [_encode_inline(tokenizer, s, cfg.loss_on, cfg.max_length, lo + k, cfg.truncation)
+            yield lo, [_encode_inline(tokenizer, s, cfg.loss_on, cfg.max_length, lo + k, cfg.truncation,
+                                      cfg.template)
                        for k, s in enumerate(samples[lo:lo + window])]
         return
     pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="valuegate-encode")
@@ -396,7 +397,7 @@ def _encoded_windows(tokenizer: object, samples: list[Sample], cfg: ExtractSetti
         lo = next(todo, None)
         if lo is not None:
             pending.append((lo, [pool.submit(_encode_in_worker, tokenizer, s, cfg.loss_on, cfg.max_length,
-                                             cfg.truncation)
+                                             cfg.truncation, cfg.template)
                                  for s in samples[lo:lo + window]]))
 
     try:
@@ -459,7 +460,7 @@ def iter_sample_blocks(lm: LoadedModel, samples: list[Sample], cfg: ExtractSetti
     if not lm.is_vision:
         keep, enc = [], []
         for i, s in enumerate(samples):
-            e = _encode_inline(lm.tokenizer, s, cfg.loss_on, cfg.max_length, i, cfg.truncation)
+            e = _encode_inline(lm.tokenizer, s, cfg.loss_on, cfg.max_length, i, cfg.truncation, cfg.template)
             if isinstance(e, str):
                 refuse(i, e)
             else:

@@ -14,6 +14,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -291,12 +292,29 @@ def resolve_loss_on(loss_on: str, sample: Sample) -> str:
     return loss_on
 
 
-def _chat_text_and_spans(tokenizer: object, sample: Sample) -> tuple[str, list[tuple[int, int]]]:
+def resolve_template(template: str, tokenizer: object) -> str:
+    """``extract.template`` resolved for a tokenizer: ``"chat"`` or ``"none"`` (``auto``: chat when the
+    tokenizer has a chat template).
+
+    Raises:
+        ValuegateError: ``chat`` asked of a tokenizer without a chat template.
+    """
+    has = bool(getattr(tokenizer, "chat_template", None))
+    if template == "auto":
+        return "chat" if has else "none"
+    if template == "chat" and not has:
+        raise ValuegateError("extract.template = chat: this model's tokenizer has no chat template; set "
+                             "extract.template = \"none\" (prompt + response as they are, for base models)")
+    return template
+
+
+def _chat_text_and_spans(tokenizer: object, sample: Sample,
+                         msgs: list[dict[str, Any]] | None = None) -> tuple[str, list[tuple[int, int]]]:
     """Render a chat with the tokenizer's template; return the text and the assistant turns' char spans."""
     if not getattr(tokenizer, "chat_template", None):
         raise ValuegateError(f"{sample.source}: row {sample.row}: messages need a tokenizer with a chat "
                              "template, and this model's tokenizer has none")
-    msgs = list(sample.messages or ())
+    msgs = list(sample.messages or ()) if msgs is None else msgs
     full = tokenizer.apply_chat_template(msgs, tokenize=False)
     spans = []
     for i, m in enumerate(msgs):
@@ -319,8 +337,12 @@ def too_long(sample: Sample, n_tokens: int, max_length: int) -> ValuegateError:
 
 
 def encode_sample(tokenizer: object, sample: Sample, loss_on: str, max_length: int,
-                  truncation: str = "truncate") -> EncodedSample:
+                  truncation: str = "truncate", template: str = "auto") -> EncodedSample:
     """Tokenize one sample and mark the counted predictions.
+
+    A prompt/response sample is rendered as it will be trained (``template``, :func:`resolve_template`):
+    with ``chat`` the tokenizer's chat template renders a user turn (the prompt) and an assistant turn (the
+    response), and the assistant turn counts; with ``none`` the text is ``prompt + response`` (no separator).
 
     A token counts (``loss_on = response``) when its characters reach into the response (or an assistant
     turn): the text is tokenized once as a whole, as a model sees it, and token offsets decide. Special
@@ -342,7 +364,11 @@ def encode_sample(tokenizer: object, sample: Sample, loss_on: str, max_length: i
                              "value image-text samples with a vision-language model")
     mode = resolve_loss_on(loss_on, sample)
     special = True
-    if sample.kind == "prompt_response":
+    if sample.kind == "prompt_response" and resolve_template(template, tokenizer) == "chat":
+        text, spans = _chat_text_and_spans(tokenizer, sample, [
+            {"role": "user", "content": sample.prompt}, {"role": "assistant", "content": sample.response}])
+        special = False  # the template already holds the special tokens
+    elif sample.kind == "prompt_response":
         text, spans = sample.prompt + sample.response, [(len(sample.prompt), len(sample.prompt + sample.response))]
     elif sample.kind == "messages":
         text, spans = _chat_text_and_spans(tokenizer, sample)
@@ -380,9 +406,9 @@ def counted_from_offsets(offsets: list[tuple[int, int]], spans: list[tuple[int, 
 
 
 def encode_samples(tokenizer: object, samples: list[Sample], loss_on: str, max_length: int,
-                   truncation: str = "truncate") -> list[EncodedSample]:
+                   truncation: str = "truncate", template: str = "auto") -> list[EncodedSample]:
     """:func:`encode_sample` over a list (order kept)."""
-    return [encode_sample(tokenizer, s, loss_on, max_length, truncation) for s in samples]
+    return [encode_sample(tokenizer, s, loss_on, max_length, truncation, template) for s in samples]
 
 
 def length_batches(lengths: list[int], batch_size: int, max_batch_tokens: int) -> list[list[int]]:
@@ -473,9 +499,20 @@ def fingerprint_settings(cfg: ModelSettings, ex: ExtractSettings, tokenizer: obj
         "seed": ex.seed,
         "max_length": ex.max_length,
         "chat_template": hashlib.sha256(template.encode()).hexdigest()[:16],
+        # how prompt/response samples are rendered (absent when "none": the rendering before extract.template,
+        # so the features of a base model without a template keep their fingerprint)
+        **({"template": rendered} if (rendered := _fingerprint_template(ex, tokenizer)) != "none" else {}),
         "vocab": len(tokenizer),
         **(tokenizer.fingerprint() if hasattr(type(tokenizer), "fingerprint") else {}),
     }
+
+
+def _fingerprint_template(ex: ExtractSettings, tokenizer: object) -> str:
+    from valuegate.engine.vlm import VisionProcessor
+
+    if isinstance(tokenizer, VisionProcessor):
+        return "none"  # a vision-language processor renders its samples itself (valuegate/engine/vlm.py)
+    return resolve_template(ex.template, tokenizer)
 
 
 def model_fingerprint(settings: dict[str, object]) -> str:

@@ -14,12 +14,7 @@ import polars as pl
 from valuegate.engine.aggregate import ValueMatrix, aggregate, compute_values, normalize
 from valuegate.engine.baselines import BASELINE_COLUMNS, baseline_columns, unconditional_losses
 from valuegate.engine.columns import FAULT_SCORE_COLUMNS, SIGNAL_COLUMNS
-from valuegate.engine.faults import (
-    detect,
-    fault_columns,
-    pool_sample,
-    reference_of,
-)
+from valuegate.engine.faults import fault_columns, verdict
 from valuegate.engine.model import LoadedModel, encode_samples, load_model, load_tokenizer
 from valuegate.engine.sample import Sample
 from valuegate.engine.signals import check_reference_size
@@ -120,18 +115,13 @@ def with_selection(scored: pl.DataFrame, train: list[Sample], settings: Settings
 
 
 def _faults(lm: LoadedModel, vm: ValueMatrix, uncond: np.ndarray, valid: list[Sample], settings: Settings):
-    """The fault detectors' verdict on the training rows (:mod:`valuegate.engine.faults`): the reference pool is
-    a seeded sample of ``score.fault_pool`` training rows and every validation row."""
+    """The fault detectors' verdict on the training rows (:func:`valuegate.engine.faults.verdict`); the
+    unconditional losses join ``vm.train_inputs`` and ``vm.valid_inputs`` (the validation rows' pass runs here)."""
     sc = settings.score
-    v_uncond = unconditional_losses(lm, valid, settings.extract)
-    train_in = {**vm.train_inputs, "uncond_loss": np.asarray(uncond, dtype=np.float64)}
-    valid_in = {**vm.valid_inputs, "uncond_loss": v_uncond}
-    pool = pool_sample(len(vm.train_hidden), sc.fault_pool)
-    ref = reference_of(train_in, vm.train_hidden, valid_in, vm.valid_hidden, list(sc.suspect), sc.suspect_neighbours,
-                       pool)
-    self_index = np.full(len(vm.train_hidden), -1, dtype=np.int64)
-    self_index[pool] = np.arange(len(pool))
-    return detect(ref, train_in, vm.train_hidden, self_index)
+    vm.train_inputs["uncond_loss"] = np.asarray(uncond, dtype=np.float64)
+    vm.valid_inputs["uncond_loss"] = unconditional_losses(lm, valid, settings.extract)
+    return verdict(vm.train_inputs, vm.train_hidden, vm.valid_inputs, vm.valid_hidden, list(sc.suspect),
+                   sc.suspect_neighbours, sc.fault_pool)
 
 
 def summary_line(df: pl.DataFrame, vm: ValueMatrix, settings: Settings, out: str) -> str:

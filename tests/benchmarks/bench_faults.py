@@ -80,18 +80,51 @@ def build_set(name: str, a) -> tuple[pl.DataFrame, pl.DataFrame]:
 
 
 def scored(name: str, train: pl.DataFrame, valid: pl.DataFrame, a) -> pl.DataFrame:
-    """``valuegate.score(train, valid)`` at the defaults, cached."""
-    import valuegate
+    """``valuegate.score(train, valid)`` at the defaults (the API's own path), cached with the fault detectors'
+    per-row inputs and hidden states, so that the verdict (:func:`with_verdict`) can be recomputed by the
+    current detector code without another forward pass."""
+    from valuegate.api import resolve_settings, score_inputs
 
     path = a.out / f"faults-scores-{name}.parquet"
     if path.exists():
         return pl.read_parquet(path)
     t0 = time.perf_counter()
-    out = valuegate.score(train, valid)
+    out, vm = score_inputs(train, valid, resolve_settings(None, None, {}), False)
+    secs = time.perf_counter() - t0
+    n, n_v = out.height, valid.height
+    extra = {f"in_{k}": np.asarray(v, dtype=np.float64) for k, v in vm.train_inputs.items()}
+    extra["hidden"] = [list(map(float, h)) for h in vm.train_hidden]
+    vextra = {f"in_{k}": np.asarray(v, dtype=np.float64) for k, v in vm.valid_inputs.items()}
+    vextra["hidden"] = [list(map(float, h)) for h in vm.valid_hidden]
+    frame = pl.concat([out.with_columns(pl.lit("train").alias("role"), *[pl.Series(k, v) for k, v in extra.items()]),
+                       pl.DataFrame({"prompt": valid["prompt"], "response": valid["response"],
+                                     "role": ["valid"] * n_v, **vextra})], how="diagonal_relaxed")
     a.out.mkdir(parents=True, exist_ok=True)
-    out.write_parquet(path)
-    print(f"scored {name}: {train.height} rows against {valid.height} in {time.perf_counter() - t0:.0f}s", flush=True)
-    return out
+    frame.write_parquet(path)
+    print(f"scored {name}: {n} rows against {n_v} in {secs:.0f}s", flush=True)
+    return frame
+
+
+def with_verdict(df: pl.DataFrame) -> pl.DataFrame:
+    """The training rows with ``suspect``, ``fault``, ``suspect_reason`` and ``fault_<code>`` recomputed from the
+    cached inputs by the current detector code (:func:`valuegate.engine.faults.verdict`, what ``valuegate.score``
+    runs) at the default settings."""
+    from valuegate.engine.faults import fault_columns, verdict
+    from valuegate.settings import load_settings
+
+    sc = load_settings(None, {}).score
+    tr, va = df.filter(pl.col("role") == "train"), df.filter(pl.col("role") == "valid")
+    names = [c[3:] for c in df.columns if c.startswith("in_")]
+
+    def side(t: pl.DataFrame) -> tuple[dict, np.ndarray]:
+        return ({k: t[f"in_{k}"].to_numpy().astype(np.float64) for k in names},
+                np.array(t["hidden"].to_list(), dtype=np.float64))
+
+    (ti, th), (vi, vh) = side(tr), side(va)
+    v = verdict(ti, th, vi, vh, list(sc.suspect), sc.suspect_neighbours, sc.fault_pool)
+    cols = fault_columns(v, tr.height)
+    return tr.with_columns(*[pl.Series(k, c, dtype=pl.Float64 if k not in ("fault", "suspect_reason") else pl.String)
+                             for k, c in cols.items()])
 
 
 def auc(score: np.ndarray, label: np.ndarray) -> float:
@@ -176,7 +209,7 @@ def main() -> None:
     res = {"machine": machine(), "threshold": threshold, "sets": []}
     for name in a.sets.split(","):
         train, valid = build_set(name, a)
-        df = scored(name, train, valid, a)
+        df = with_verdict(scored(name, train, valid, a))
         d = detection(name, df, threshold)
         if name in REAL_SETS:
             d["top_clean"] = [{k: r[k] for k in ("suspect", "fault", "suspect_reason")} for r in top_clean(name, df, a.out)]

@@ -51,7 +51,7 @@ from valuegate.errors import ValuegateError
 
 __all__ = ["CALIBRATION_QUANTILE", "DETECTORS", "FAULT_INPUTS", "Detector", "FaultReference",
            "FaultScores", "check_codes", "detect", "detector_names", "fault_columns", "pool_sample", "reference_of",
-           "register", "statistics"]
+           "register", "statistics", "verdict"]
 
 # the per-row inputs the built-in detectors read (feature columns of the store, SparseFeatures fields)
 FAULT_INPUTS = ("mean_loss", "uncond_loss", "hard_mean_loss", "max_loss", "end_loss", "prompt_overlap",
@@ -334,3 +334,21 @@ def reference_of(train_inputs: Mapping[str, np.ndarray], train_hidden: np.ndarra
     hidden = np.concatenate([np.asarray(train_hidden, dtype=np.float64)[pool],
                              np.asarray(valid_hidden, dtype=np.float64)])
     return FaultReference.build(inputs, hidden, codes, k)
+
+
+def verdict(train_inputs: Mapping[str, np.ndarray], train_hidden: np.ndarray, valid_inputs: Mapping[str, np.ndarray],
+            valid_hidden: np.ndarray, codes: list[str], k: int, pool_size: int) -> FaultScores:
+    """The detectors' verdict on every training row of an in-memory set (``valuegate score``): the reference
+    pool is a seeded sample of ``pool_size`` training rows (:func:`pool_sample`) and every validation row.
+
+    Args:
+        train_inputs, valid_inputs: column → ``(n,)`` / ``(n_v,)`` per-row inputs. train_hidden, valid_hidden:
+            ``(n, d)`` / ``(n_v, d)`` mean hidden states. codes, k, pool_size: ``score.suspect``,
+            ``score.suspect_neighbours``, ``score.fault_pool``.
+    """
+    n = len(train_hidden)
+    pool = pool_sample(n, pool_size)
+    ref = reference_of(train_inputs, train_hidden, valid_inputs, valid_hidden, codes, k, pool)
+    self_index = np.full(n, -1, dtype=np.int64)
+    self_index[pool] = np.arange(len(pool))
+    return detect(ref, train_inputs, train_hidden, self_index)

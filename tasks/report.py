@@ -112,7 +112,7 @@ def _histogram_svg(kept: np.ndarray, dropped: np.ndarray, title: str, width: int
 
 
 VALUE_AXIS = "value (For-Value score, unitless; higher = more useful to the validation set)"
-SUSPECT_AXIS = "suspect score (robust z units)"
+SUSPECT_AXIS = "suspect score (calibrated robust z units)"
 
 
 def _reason_kinds(selected: pl.DataFrame) -> list[str]:
@@ -382,20 +382,37 @@ def _signal_columns(selected: pl.DataFrame) -> list[str]:
 
 
 def _signals_html(selected: pl.DataFrame, keep: np.ndarray) -> str:
-    """The per-signal view behind ``suspect``: each signal's median over the kept and the dropped samples."""
+    """The faults behind ``suspect``: per fault detector, how many rows it names, how many of them were dropped,
+    and its sentence; then each value signal's median over the kept and the dropped samples."""
+    from valuegate.engine.faults import DETECTORS
+
+    parts = []
+    if "fault" in selected.columns:
+        fault = selected["fault"].fill_null("").to_numpy()
+        rows = []
+        for code, det in DETECTORS.items():
+            named = fault == code
+            if named.any():
+                rows.append(f"<tr><td>{html.escape(code)}</td><td>{int(named.sum())}</td>"
+                            f"<td>{int((named & ~keep).sum())}</td><td>{html.escape(det.reason)}</td></tr>")
+        if rows:
+            parts.append("<h3>The faults behind the suspect score</h3><p>Each sample's suspect score is the largest "
+                         "of the fault detectors' calibrated scores; the detector that gives it is its fault.</p>"
+                         "<table class='signals'><tr><th>fault</th><th>samples it names</th><th>dropped</th>"
+                         "<th>what it means</th></tr>" + "".join(rows) + "</table>")
     cols = _signal_columns(selected)
-    if not cols:
-        return ""
-    rows = []
-    for c in cols:
-        x = selected[c].cast(pl.Float64).fill_null(np.nan).to_numpy()
-        med = [float(np.nanmedian(x[m])) if np.isfinite(x[m]).any() else None for m in (keep, ~keep)]
-        rows.append(f"<tr><td>{html.escape(c)}</td>" + "".join(
-            f"<td>{v:.4g}</td>" if v is not None else "<td>–</td>" for v in med) + "</tr>")
-    return ("<h3>The signals behind the suspect score</h3><p>Median of each value signal over the kept and the "
-            "dropped samples (the suspect score is the largest robust z deviation of these from the validation "
-            "set's own; each sample's reason names its largest ones).</p><table class='signals'><tr><th>signal"
-            "</th><th>median, kept</th><th>median, dropped</th></tr>" + "".join(rows) + "</table>")
+    if cols:
+        rows = []
+        for c in cols:
+            x = selected[c].cast(pl.Float64).fill_null(np.nan).to_numpy()
+            med = [float(np.nanmedian(x[m])) if np.isfinite(x[m]).any() else None for m in (keep, ~keep)]
+            rows.append(f"<tr><td>{html.escape(c)}</td>" + "".join(
+                f"<td>{v:.4g}</td>" if v is not None else "<td>–</td>" for v in med) + "</tr>")
+        parts.append("<h3>Value signals</h3><p>Median of each value signal over the kept and the dropped samples "
+                     "(what a sample is worth to the validation set, beside its faults).</p><table class='signals'>"
+                     "<tr><th>signal</th><th>median, kept</th><th>median, dropped</th></tr>" + "".join(rows)
+                     + "</table>")
+    return "".join(parts)
 
 
 _FILTER_LABELS = {"perplexity": "perplexity filter (drops high)", "ifd": "IFD filter (drops high)",
@@ -588,8 +605,8 @@ def render_report(selected: pl.DataFrame, manifest: dict[str, Any], valid_rows: 
     if "suspect" in selected.columns and selected["suspect"].null_count() < selected.height:
         sus = selected["suspect"].fill_null(np.nan).to_numpy().astype(np.float64)
         ok = np.isfinite(sus)
-        parts.append("<h2>Suspect score</h2><p>How far each sample lies from what the validation set itself "
-                     "looks like on the value signals (robust z units; higher = more suspect)"
+        parts.append("<h2>Suspect score</h2><p>How strongly the most confident fault detector fires on each "
+                     "sample, against samples like it (calibrated robust z units; higher = more suspect)"
                      + (f"; the policy drops samples above {suspect_threshold:g}" if suspect_threshold else "")
                      + ".</p>")
         parts.append(_histogram_svg(sus[ok & keep], sus[ok & ~keep], "suspect (green kept, red dropped)",

@@ -28,7 +28,8 @@ def _selected(n: int = 60) -> pl.DataFrame:
         "value": values, "keep": values >= 0,
         "reason": ["" if v >= 0 else f"value {v:.3g} < 0" for v in values],
         "nearest_ids": [["v1", "v2"]] * n,
-        "suspect": np.abs(values) * 2, "suspect_reason": ["mean_loss z=+1.0"] * n,
+        "suspect": np.abs(values) * 2, "fault": ["cut"] * n,
+        "suspect_reason": ["the answer stops before it is finished, or a part of it is missing"] * n,
         "mean_loss": 2.0 - values / 2,
     })
 
@@ -56,9 +57,10 @@ def test_report_content_is_complete_and_escaped(tmp_path):
     assert "cut-off 0 (drop_negative)" in html_text and "threshold 3" in html_text  # the cut-offs are marked
     assert html_text.count("class='group-row'") == 2 and "why dropped" in html_text
     assert "Dropped samples by reason" in html_text and "value &lt; 0" in html_text
-    assert "The signals behind the suspect score" in html_text and "<td>mean_loss</td>" in html_text
+    assert "The faults behind the suspect score" in html_text and "<td>cut</td><td>60</td>" in html_text
+    assert "Value signals" in html_text and "<td>mean_loss</td>" in html_text
     assert html_text.count("class='detection-row ") == 3  # suspect, value, mean_loss (no baseline columns)
-    assert "Most suspect samples" in html_text and "mean_loss z=+1.0" in html_text
+    assert "Most suspect samples" in html_text and "the answer stops before it is finished" in html_text
     assert "Which tokens carry the value" in html_text and "title='+0.7'" in html_text
     assert "rgba(201,42,42" in html_text and "&lt;b&gt;" in html_text  # negative token, escaped
     assert "marks 12 of 60 samples as bad" in html_text and "Detection AUC" in html_text

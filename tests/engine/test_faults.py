@@ -55,9 +55,9 @@ def test_a_local_reference_judges_each_task_by_its_own_rows():
     """Against the pooled rows every clean row of the high-loss task would look garbled; against its
     neighbours it does not, while a low-loss-task row with a loss of 2.5 (extreme only for its own task) does."""
     hidden, loss = _two_tasks()
-    ref = FaultReference.build({"hard_mean_loss": loss}, hidden, ["garbled"], 8)
+    ref = FaultReference.build({"hard_mean_loss": loss, "mean_loss": 0 * loss}, hidden, ["garbled"], 8)
     rows_h = np.array([[0.0, 1.0, 0.0], [1.0, 0.0, 0.0], [1.0, 0.02, 0.0]])
-    rows = {"hard_mean_loss": np.array([5.1, 1.0, 2.5])}
+    rows = {"hard_mean_loss": np.array([5.1, 1.0, 2.5]), "mean_loss": np.zeros(3)}
     got = ref.scores(rows, rows_h)["garbled"]
     assert got[0] < 2 and got[1] < 2 and got[2] > 5
     verdict = detect(ref, rows, rows_h)
@@ -65,16 +65,16 @@ def test_a_local_reference_judges_each_task_by_its_own_rows():
     assert verdict.reason[2] == DETECTORS["garbled"].reason
     assert verdict.suspect[2] == pytest.approx(got[2])
     # one-sided: a row far *below* its neighbours is not suspect
-    low = ref.scores({"hard_mean_loss": np.array([0.0])}, rows_h[1:2])["garbled"]
+    low = ref.scores({"hard_mean_loss": np.array([0.0]), "mean_loss": 0 * np.array([0.0])}, rows_h[1:2])["garbled"]
     assert low[0] == 0.0
 
 
 def test_a_pool_row_is_never_its_own_neighbour():
     hidden, loss = _two_tasks(n=6)
     loss[0] = 3.0  # a faulty row of task A inside the pool
-    ref = FaultReference.build({"hard_mean_loss": loss}, hidden, ["garbled"], 3)
-    with_self = ref.scores({"hard_mean_loss": loss[:1]}, hidden[:1])["garbled"][0]
-    without = ref.scores({"hard_mean_loss": loss[:1]}, hidden[:1], np.array([0]))["garbled"][0]
+    ref = FaultReference.build({"hard_mean_loss": loss, "mean_loss": 0 * loss}, hidden, ["garbled"], 3)
+    with_self = ref.scores({"hard_mean_loss": loss[:1], "mean_loss": 0 * loss[:1]}, hidden[:1])["garbled"][0]
+    without = ref.scores({"hard_mean_loss": loss[:1], "mean_loss": 0 * loss[:1]}, hidden[:1], np.array([0]))["garbled"][0]
     assert without > with_self  # its own value no longer pulls its neighbourhood's median up
 
 
@@ -84,7 +84,8 @@ def test_heavy_tailed_clean_rows_are_calibrated_to_the_same_share():
     rng = np.random.default_rng(1)
     n = 2000
     hidden = rng.normal(size=(n, 4))
-    rows = {"hard_mean_loss": rng.normal(2.0, 0.3, n), "end_loss": rng.standard_t(2, n) * 0.3 + 1.0,
+    rows = {"hard_mean_loss": rng.normal(2.0, 0.3, n), "mean_loss": np.zeros(n),
+            "end_loss": rng.standard_t(2, n) * 0.3 + 1.0,
             "max_loss": np.zeros(n)}
     ref = FaultReference.build(rows, hidden, ["garbled", "cut"], 10)
     got = ref.scores(rows, hidden, np.arange(n))
@@ -96,11 +97,11 @@ def test_heavy_tailed_clean_rows_are_calibrated_to_the_same_share():
 def test_unknown_or_missing_inputs_are_one_line_errors():
     hidden, loss = _two_tasks(n=5)
     with pytest.raises(ValuegateError, match="unknown fault detector 'nope'; known: mismatch, echo"):
-        FaultReference.build({"hard_mean_loss": loss}, hidden, ["nope"], 3)
+        FaultReference.build({"hard_mean_loss": loss, "mean_loss": 0 * loss}, hidden, ["nope"], 3)
     with pytest.raises(ValuegateError, match="needs the 'end_loss' column"):
-        FaultReference.build({"hard_mean_loss": loss}, hidden, ["cut"], 3)
+        FaultReference.build({"hard_mean_loss": loss, "mean_loss": 0 * loss}, hidden, ["cut"], 3)
     with pytest.raises(ValuegateError, match="at least 3 rows"):
-        FaultReference.build({"hard_mean_loss": loss[:2]}, hidden[:2], ["garbled"], 3)
+        FaultReference.build({"hard_mean_loss": loss[:2], "mean_loss": 0 * loss[:2]}, hidden[:2], ["garbled"], 3)
 
 
 def test_a_new_detector_is_one_registration():

@@ -58,6 +58,6 @@ def test_a_spread_of_rounding_noise_is_no_scale():
     dividing by ~1e-16, so a row far from it gets a finite, modest score."""
     hidden = np.eye(4)[[0, 1, 2, 3, 0, 1]] + 0.01
     loss = np.array([0.5, 0.5 + 1e-16, 0.5, 0.5, 0.5 - 1e-16, 0.5])
-    ref = FaultReference.build({"hard_mean_loss": loss}, hidden, ["garbled"], 3)
-    out = ref.scores({"hard_mean_loss": np.array([0.5, 3.0])}, hidden[:2])["garbled"]
+    ref = FaultReference.build({"hard_mean_loss": loss, "mean_loss": 0 * loss}, hidden, ["garbled"], 3)
+    out = ref.scores({"hard_mean_loss": np.array([0.5, 3.0]), "mean_loss": 0 * np.array([0.5, 3.0])}, hidden[:2])["garbled"]
     assert np.isfinite(out).all() and out.max() < 10 and out[0] == 0.0

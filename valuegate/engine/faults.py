@@ -12,10 +12,11 @@ detector       mechanism (statistic, higher = more suspect)                 what
                information near 0)
 ``echo``       ``prompt_overlap`` of the response's token bigrams, with the the prompt copied back as the
                answer *easier* than like rows (``−log self-influence``)    answer
-``garbled``    ``hard_mean_loss``: the mean surprisal of the hardest 20%    scrambled words, injected junk
-               of the answer's tokens                                       tokens
-``cut``        ``end_loss``: ``−log p(end of answer)`` where the answer     a truncated answer, a deleted
-               stops, and the surprisal spike ``max_loss``                  span
+``garbled``    ``hard_mean_loss + mean_loss``: the surprisal of the answer  scrambled words (every token
+               with its hardest 20% of tokens counted twice                 harder), injected junk tokens
+                                                                            (the hardest ones)
+``cut``        ``end_loss``: ``−log p(end of answer)`` where the answer     a truncated answer
+               stops
 =============  ==========================================================  ===============================
 
 **Dense reference.** "Like rows" are a row's ``k`` nearest rows of a reference *pool*: the validation samples
@@ -108,10 +109,11 @@ register(Detector(
     lambda f: np.asarray(f["prompt_overlap"], dtype=np.float64) - 0.1 * _log(f["self_influence"])))
 register(Detector(
     "garbled", "the answer has words or tokens that make no sense where they stand (scrambled or inserted)",
-    ("hard_mean_loss",), lambda f: np.asarray(f["hard_mean_loss"], dtype=np.float64)))
+    ("hard_mean_loss", "mean_loss"),
+    lambda f: np.asarray(f["hard_mean_loss"], dtype=np.float64) + np.asarray(f["mean_loss"], dtype=np.float64)))
 register(Detector(
-    "cut", "the answer stops before it is finished, or a part of it is missing",
-    ("end_loss", "max_loss"), lambda f: np.asarray(f["end_loss"], dtype=np.float64)))
+    "cut", "the answer stops before it is finished",
+    ("end_loss",), lambda f: np.asarray(f["end_loss"], dtype=np.float64)))
 
 
 def _unit_rows(x: np.ndarray, centre: np.ndarray) -> np.ndarray:

@@ -230,8 +230,11 @@ def _gate_html(gate: dict[str, Any]) -> str:
     return "".join(out)
 
 
-# the longest text of one field the dropped-rows table carries (the full text is in the release's files)
+# the longest text of one field the dropped-rows table carries (the full text is in the release's files), and
+# the most rows it carries (about 1 MB of page per 1,000 rows of a few hundred characters: a browser still
+# searches 50,000 at once; the rest are said and are in scores.parquet)
 DROPPED_TEXT_CHARS = 2000
+DROPPED_ROWS_MAX = 50_000
 
 
 def _clip(text: str | None) -> str:
@@ -358,15 +361,18 @@ def _dropped_rows_html(selected: pl.DataFrame, codes: list[str], valid_text: dic
     records = dropped_records(selected, codes, valid_text)
     if not records:
         return ""
+    total, records = len(records), records[:DROPPED_ROWS_MAX]
+    left_out = (f" The {total - len(records)} dropped rows of highest value past the first {len(records)} are "
+                "not in this page (scores.parquet lists them)." if total > len(records) else "")
     data = json.dumps(records, ensure_ascii=False).replace("</", "<\\/")
     options = "".join(f"<option value='{html.escape(c, quote=True)}'>{html.escape(c)} ({n})</option>"
                       for c, n in sorted(Counter(r["code"] for r in records).items(), key=lambda kv: (-kv[1], kv[0])))
     heads = [("code", "reason"), ("reason", "why"), ("value", "value"), ("suspect", "suspect"),
              ("prompt", "prompt"), ("response", "response"), ("nearest", "nearest validation sample")]
-    return (f"<h2>Every dropped row</h2><p>All {len(records)} dropped rows. Type to search every column, pick a "
-            f"reason, click a column's title to sort (again: the other way). Texts longer than "
-            f"{DROPPED_TEXT_CHARS} characters are cut here; the release's scores.parquet has every row in full."
-            "</p><p><input id='dropped-search' type='search' placeholder='search the dropped rows' size='40'> "
+    return (f"<h2>Every dropped row</h2><p>{'All ' if not left_out else ''}{len(records)} dropped rows, lowest value "
+            f"first.{left_out} Type to search every column, pick a reason, click a column's title to sort (again: "
+            f"the other way). Texts longer than {DROPPED_TEXT_CHARS} characters are cut here (the workspace's "
+            "samples hold them in full; the release's scores.parquet lists every dropped id and its reason).</p><p><input id='dropped-search' type='search' placeholder='search the dropped rows' size='40'> "
             f"<select id='dropped-reason'><option value=''>every reason</option>{options}</select> "
             "<button id='dropped-prev'>previous</button> <button id='dropped-next'>next</button> "
             "<span id='dropped-info'></span></p><table id='dropped-table' class='dropped-all'><thead><tr>"

@@ -33,8 +33,9 @@ def test_every_leaf_setting_has_a_flag_with_its_description_and_default_in_run_h
         default = field.get_default(call_default_factory=True)
         assert f"{flag_of(path)} " in text or f"{flag_of(path)}," in text, path
         assert f"{_words(field.description)} " in text, path
-        assert f"{_words(field.description)}{' Repeat the flag for each item.' if isinstance(default, list) else ''}" \
-               f" (default: {shown_default(default)})" in text, path
+        repeat = (" Repeat the flag for each item." if isinstance(default, list)
+                  else " Repeat the flag for each KEY=VALUE." if isinstance(default, dict) else "")
+        assert f"{_words(field.description)}{repeat} (default: {shown_default(default)})" in text, path
     assert "(default: 16)" in text and "(default: smollm2-135m)" in text and "(default: unset)" in text
 
 
@@ -51,6 +52,8 @@ def _other_value(field) -> tuple[list[str], typing.Any]:
         return [value], value
     if typing.get_origin(ann) is list:
         return ["mean_loss:two"], ["mean_loss:two"]
+    if typing.get_origin(ann) is dict:
+        return ["prompt=question"], {"prompt": "question"}
     if ann is int:
         return [str((default or 0) + 1)], (default or 0) + 1
     if ann is float:

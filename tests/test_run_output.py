@@ -60,7 +60,8 @@ def test_run_ends_with_human_lines(prefect_harness, tmp_path, tiny_model_dir):
 
 
 def test_truncated_samples_are_said(prefect_harness, tmp_path, tiny_model_dir):
-    config = _config(tmp_path, tiny_model_dir(), max_length=8)
+    # prompt + response as they are (the chat template's turn headers alone would fill 8 tokens)
+    config = _config(tmp_path, tiny_model_dir(), max_length=8, template="none")
     out = _run(prefect_harness, "--config", config)
     summary = json.loads(_run(prefect_harness, "--config", config, "--json"))
     n = summary["counts"]["truncated"]

@@ -66,8 +66,10 @@ class Reference:
 
 
 def _settings(model_dir, ws_uri: str | None = None, **score):
+    # prompt + response as they are: what the plain reference below tokenizes
     over = {"model": {"name": str(model_dir), "device": "cpu"},
-            "extract": {"support_k": 8, "hidden_dim": 0, "error_dim": 8, "batch_size": 3}, "score": score}
+            "extract": {"support_k": 8, "hidden_dim": 0, "error_dim": 8, "batch_size": 3, "template": "none"},
+            "score": score}
     if ws_uri:
         over["workspace"] = ws_uri
     return load_settings(overrides=over)

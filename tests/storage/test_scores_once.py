@@ -72,7 +72,7 @@ def test_the_flow_counts_truncated_and_unscored_samples_alike_on_every_runner(pr
     def words(i: int, n: int) -> str:
         return " ".join(WORDS[(i + j) % 40] for j in range(n))
 
-    config = _config(tmp_path, tiny_model_dir(), extract={"max_length": 12},
+    config = _config(tmp_path, tiny_model_dir(), extract={"max_length": 12, "template": "none"},  # words = tokens
                      runner={"kind": "dask", "workers": 1, "shard_size": 10})
     extra = [{"prompt": words(1, 2) + " ", "response": words(9, 16), "family": "a"},  # cut at 12 tokens
              {"prompt": words(3, 14) + " ", "response": words(5, 2), "family": "b"}]  # response past 12

@@ -207,3 +207,14 @@ def test_the_dropped_rows_script_filters_and_sorts(tmp_path):
     want = dropped.filter(pl.col("prompt").str.to_lowercase().str.contains("prompt 1")).sort("value", descending=True)
     assert out["hit"] == want["prompt"].to_list() and out["values"] == want["value"].to_list()
     assert out["reason"] == dropped.height  # one reason kind in this table: "value < 0"
+
+
+def test_a_dropped_rows_table_past_its_limit_says_what_it_leaves_out(monkeypatch):
+    from valuegate.tasks import report as report_mod
+
+    monkeypatch.setattr(report_mod, "DROPPED_ROWS_MAX", 5)
+    sel = _selected()
+    dropped = int((~sel["keep"]).sum())
+    page = render_report(sel, _manifest(), [])
+    assert f"The {dropped - 5} dropped rows of highest value past the first 5 are not in this page" in page
+    assert page.split("id='dropped-data'>")[1].count('"code"') == 5

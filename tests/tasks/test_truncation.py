@@ -38,7 +38,8 @@ def _valid() -> list[dict]:
 
 def _settings(model_dir, truncation: str, uri: str | None = None):
     return load_settings(overrides={"model": {"name": str(model_dir), "device": "cpu"},
-                                    "extract": {"support_k": 8, "hidden_dim": 0, "error_dim": 8,
+                                    # prompt + response as they are: the token counts below are the words
+                                    "extract": {"support_k": 8, "hidden_dim": 0, "error_dim": 8, "template": "none",
                                                 "max_length": MAX_LENGTH, "truncation": truncation},
                                     **({"workspace": uri} if uri else {})})
 

@@ -99,29 +99,6 @@ def read_json_array(p: Path) -> list[RawRow]:
     return out
 
 
-def read_jsonl_lines(p: Path) -> tuple[list[dict[str, Any] | None], list[tuple[int, str, str]]]:
-    """Parse JSON lines, keeping bad lines aside instead of failing.
-
-    Rows are numbered over the non-empty lines, from 0.
-
-    Returns:
-        one entry per row (None where the line was refused), and ``(row, raw, reason)`` of each refused
-        line (raw decoded with replacement characters where it was not UTF-8).
-    """
-    rows: list[dict[str, Any] | None] = []
-    bad: list[tuple[int, str, str]] = []
-    with p.open("rb") as f:
-        for i, raw in enumerate(f):
-            raw = raw.removeprefix(codecs.BOM_UTF8) if i == 0 else raw  # a BOM, as the CSV reader takes it
-            if not raw.strip():
-                continue
-            obj, why = _parse_json_line(raw, i)
-            if obj is None:
-                bad.append((len(rows), raw.decode("utf-8", errors="replace").rstrip("\n"), why))
-            rows.append(obj)
-    return rows, bad
-
-
 def _hf_files(p: Path) -> list[Path]:
     if not p.is_dir():
         return [p]

@@ -45,7 +45,8 @@ pytest_plugins = ["s3server", "fault_plugin"]
 
 # Tests that start real services or processes (a Prefect API server, a Dask/Ray cluster, the S3 test
 # server, a browser, a fresh virtual environment, `valuegate run` as its own process) are marked
-# `integration`, so that `pytest -m "not integration"` is the fast loop; `make test` runs everything.
+# `integration`; with the `slow` ones below they stay out of the fast tier (`make check`); `make test` runs
+# everything.
 INTEGRATION_FIXTURES = {"prefect_harness", "s3_server", "fault_spec"}
 INTEGRATION_MODULES = {"test_processes", "test_server_ui", "test_runners", "test_wheel", "test_concurrent_runs",
                        "test_flow_faults", "test_release_crash", "test_release_cleanup"}

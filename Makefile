@@ -1,4 +1,4 @@
-# valuegate — the two commands a newcomer needs: `make demo` and `make test`.
+# valuegate — the two commands a newcomer needs: `make demo` and `make test`; `make check` while you work.
 PYTHON ?= python3
 VENV   ?= .venv
 # The CPU wheel of torch that lies on this machine; with a GPU: make install TORCH=torch (or install
@@ -7,7 +7,7 @@ TORCH  ?= torch==2.13.0
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.valuegate-installed
 
-.PHONY: install model demo test bench lint clean server
+.PHONY: install model demo test check bench lint clean server
 
 install: $(STAMP)
 
@@ -29,9 +29,16 @@ demo: model
 	$(BIN)/valuegate run
 	$(BIN)/valuegate release list demo
 
+# Every test (CI runs this), with the 25 slowest printed.
 test: model
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=25
+
+# The loop while you work: ruff and the fast tier (no services, processes or slow modules; tests/conftest.py
+# marks them `integration` and `slow`). Needs no model download: the default-model tests are `slow`.
+check: install
+	$(BIN)/ruff check .
+	$(BIN)/python -m pytest -q -m "not integration and not slow" --durations=10
 
 # Every benchmark (about 2 hours on 2 CPU cores); each prints its tables and writes JSON to bench-results/.
 bench: model

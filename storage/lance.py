@@ -76,7 +76,7 @@ SEARCH_REFINE_FACTOR = 20
 """:meth:`Workspace.search` re-ranks ``k ×`` this many index candidates by their exact distance unless
 told otherwise. For IVF_PQ (dot) on the pooled hidden vectors (float32 ``Σ_t h_t`` then) at 100k rows
 LanceDB's defaults (20 probes, no re-ranking) gave recall@10 of 0.54, re-ranking 10× 0.98 and 20× 0.994 (at 20 to 128 probes alike),
-in ``bench_store --only storage`` (README, store benchmark)."""
+in ``bench_store --only storage`` (docs/benchmarks.md, "Storage at scale")."""
 
 _TABLE_NAME = re.compile(r"^[A-Za-z0-9_.\-]+$")
 _OBJECT_STORE_SCHEMES = ("s3://", "s3+ddb://", "gs://", "az://", "abfs://", "memory://")
@@ -770,8 +770,8 @@ class Workspace:
         Linear in the table, not in ``len(values)`` × the table: the key column is scanned once per
         table version (cached for the last few tables: about 70 bytes per row for sha256 hex ids) and
         the matching rows are fetched by row offset (``take_offsets``), instead of one ``IN (...)``
-        query per chunk of keys, each scanning the key column of the whole table (README, store
-        benchmark: 3.3× faster than that at 1M rows).
+        query per chunk of keys, each scanning the key column of the whole table (docs/benchmarks.md,
+        "Storage at scale": 3.3× faster than that at 1M rows).
 
         Args:
             name: table name.

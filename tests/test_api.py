@@ -139,7 +139,7 @@ def test_workspace_ingest_valset_extract_score(tiny_model_dir, data_files, tmp_p
         np.testing.assert_array_equal(cli[c].to_numpy(), scores.sort("id")[c].to_numpy(), err_msg=c)
 
 def test_readme_five_line_example(tiny_model_dir, data_files, tmp_path, monkeypatch):
-    """The README's five lines, with the tiny model named where the README relies on the default one."""
+    """The README's five lines ("From Python"), with the tiny model named where the README relies on the default one."""
     assert {p.name for p in data_files} == {"train.jsonl", "valid.jsonl"}
     monkeypatch.chdir(tmp_path)
     tiny = {"name": str(tiny_model_dir())}

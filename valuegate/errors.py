@@ -55,7 +55,7 @@ class InternalError(ValuegateError):
     exit_code = 70
 
 
-#: exit code → the class, for the CLI's help and the README (the codes of ``valuegate``).
+#: exit code → the class, for the CLI's help and docs/configuration.md (the codes of ``valuegate``).
 EXIT_CODES: dict[int, type[ValuegateError]] = {
     BadInput.exit_code: BadInput, GateFailed.exit_code: GateFailed, ClusterLost.exit_code: ClusterLost,
     InternalError.exit_code: InternalError,

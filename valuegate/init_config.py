@@ -222,7 +222,7 @@ def config_text(train: FileShape, valid: FileShape, out: Path, model: str | None
     lines = [
         f"# valuegate settings written by `valuegate init` from {train.path.name} and {valid.path.name}.",
         "# Relative paths are relative to this file's folder. Every key, its default and its meaning:",
-        "# README, Configuration. Next: valuegate run --config " + out.name,
+        "# docs/configuration.md. Next: valuegate run --config " + out.name,
         "",
         "# Where the tables, features and releases live: a folder, or s3://bucket/prefix.",
         f"workspace = {_toml('valuegate-workspace')}",

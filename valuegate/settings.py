@@ -145,7 +145,7 @@ class ScoreSettings(_Section):
     nearest_candidates: int = Field(
         0, ge=0, description="Signals off, nearest aggregate. 0 (default): exact, every validation sample "
         "valued (the product grouped by token: its cost grows with the validation set; 1M x 1,000 in "
-        "minutes, README 'Storage at scale'). C > 0: per training sample only the C validation samples of "
+        "minutes, docs/benchmarks.md 'Scoring with the signals off'). C > 0: per training sample only the C validation samples of "
         "largest count-sketch inner product (`extract.sketch_dim` floats) are valued exactly and the top "
         "nearest_k of them kept: a cost that does not grow with the validation set, at a measured recall "
         "of the exact top k of 0.97-0.99 at C = 50 (for validation sets well above 1,000 samples).")

@@ -1,4 +1,4 @@
-"""Print benchmark results as plain tables (also used to fill the README)."""
+"""Print benchmark results as plain tables (also used to fill docs/benchmarks.md)."""
 
 from __future__ import annotations
 

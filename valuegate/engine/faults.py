@@ -34,7 +34,7 @@ tails. ``suspect`` is the largest calibrated detector score, ``fault`` the detec
 ``suspect_reason`` its sentence.
 
 What the default model cannot perceive: a wrong final number in a worked answer changes one token the 135M
-model barely predicts either way; no detector here sees it (README benchmark).
+model barely predicts either way; no detector here sees it (docs/benchmarks.md, "Fault detection (issue 27)").
 
 Adding a detector is one :class:`Detector` and one :func:`register` call (docs/extending.md).
 """

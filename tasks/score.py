@@ -235,7 +235,8 @@ def fault_context(ws, plan: ScoringPlan, settings: Settings, vt, v_hidden: np.nd
     pt = _aligned(fstore.read_features(ws, plan.fp_t, pool_ids, cols), pool_ids) if pool_ids else None
     valid_in = fault_inputs(vt)
     if pt is None:
-        ref = FaultReference.build(valid_in, v_hidden, list(sc.suspect), sc.suspect_neighbours)
+        ref = FaultReference.build(valid_in, v_hidden, list(sc.suspect), sc.suspect_neighbours,
+                                   np.ones(len(v_hidden), dtype=bool))
         return ref, {}
     ref = reference_of(fault_inputs(pt), _hidden(pt, len(pool_ids)), valid_in, v_hidden, list(sc.suspect),
                        sc.suspect_neighbours, np.arange(len(pool_ids)))

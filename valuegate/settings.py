@@ -152,9 +152,9 @@ class ScoreSettings(_Section):
     normalize: Literal["none", "length", "cosine"] = Field(
         "none", description="none (the paper's raw inner product), length (per counted token of each "
         "side) or cosine (divided by both norms ‖Φ‖).")
-    signals: bool = Field(True, description="Compute the per-signal columns and the combined `suspect` "
-                          "score (mean/nearest only). Costs four train × validation products per chunk; "
-                          "turn off for very large validation sets when only `value` is needed.")
+    signals: bool = Field(True, description="Compute the value-signal columns and the fault detectors' `suspect`, "
+                          "`fault` and `suspect_reason` (mean/nearest only). Costs four train × validation "
+                          "products per chunk; turn off for very large validation sets when only `value` is needed.")
     suspect: list[str] = Field(
         default_factory=lambda: list(DEFAULT_SUSPECT), description="The fault detectors whose largest "
         "calibrated score is `suspect` (valuegate/engine/faults.py): mismatch (the answer does not depend on "
@@ -223,16 +223,17 @@ class SelectSettings(_Section):
 
     policy: Literal["suspect", "drop_negative", "top_fraction", "threshold", "keep_all",
                     "ifd", "perplexity", "rds", "length", "random"] = Field(
-        "suspect", description="suspect: drop samples whose suspect score exceeds `suspect_threshold` (they "
-        "look unlike the validation set on the value signals); drop_negative: drop samples valued below "
+        "suspect", description="suspect: drop samples whose suspect score exceeds `suspect_threshold` (a fault "
+        "detector fired: the answer does not fit its question, repeats it, is garbled or cut; `reason_code` "
+        "names the fault); drop_negative: drop samples valued below "
         "zero (to first order they raise the validation loss); top_fraction: keep the best `fraction`; "
         "threshold: keep value >= `threshold`; keep_all: keep every sample (scores and report only). "
         "The baselines, each keeping `fraction` of the samples: ifd: the highest IFD among samples with "
         "IFD < 1 (Cherry LLM / Superfiltering); perplexity: the lowest perplexity; rds: the highest rds_mean "
         "(RDS+ embedding similarity to the validation set); length: the longest; random: a random "
         "fraction (`seed`).")
-    suspect_threshold: float = Field(2.0, description="suspect: largest suspect score kept (robust z units "
-                                     "against the validation set's own suspect scores).")
+    suspect_threshold: float = Field(3.0, description="suspect: largest suspect score kept (calibrated robust z "
+                                     "units of the fault detectors against rows like each sample, docs/faults.md).")
     aggregate: Literal["mean", "nearest"] = Field("mean", description="The aggregate the policy reads.")
     fraction: float = Field(0.8, gt=0.0, le=1.0, description="top_fraction and the baseline policies (ifd, "
                             "perplexity, rds, length, random): share of samples kept, ceil(fraction · n).")

@@ -43,13 +43,14 @@ import polars as pl
 from tests.benchmarks.bench_engine import DEFAULT_DATA, machine, peak_rss_mb
 from tests.benchmarks.tables import table
 from tests.benchmarks.zoo import GENERATORS, corrupt_rows
+from valuegate.settings import SelectSettings
 
 ROOT = Path(__file__).resolve().parents[2]
 DEMO = ROOT / "infra" / "demo" / "data"
 SETS = {"grammars": "variation", "math_without_reason": "variation", "demo": "family"}
 KINDS = list(GENERATORS)
 PERCEIVABLE = 0.75
-THRESHOLD = 2.0  # select.suspect_threshold's default
+THRESHOLD = SelectSettings().suspect_threshold  # the default policy's cut
 # baseline column → sign that makes "higher = flagged" (the side its filter drops)
 BASELINE_SIDES = {"perplexity": 1, "ifd": 1, "rds_mean": -1, "rds_max": -1, "length": -1}
 POLICIES = {"perplexity": "perplexity", "ifd": "ifd", "rds": "rds", "length": "length"}

@@ -87,11 +87,32 @@ def test_heavy_tailed_clean_rows_are_calibrated_to_the_same_share():
     rows = {"hard_mean_loss": rng.normal(2.0, 0.3, n), "mean_loss": np.zeros(n),
             "end_loss": rng.standard_t(2, n) * 0.3 + 1.0,
             "max_loss": np.zeros(n)}
-    ref = FaultReference.build(rows, hidden, ["garbled", "cut"], 10)
+    trusted = np.arange(n) < 200  # the validation rows of the pool
+    ref = FaultReference.build(rows, hidden, ["garbled", "cut"], 10, trusted)
     got = ref.scores(rows, hidden, np.arange(n))
     shares = {c: float(np.mean(got[c] > 2.5)) for c in ("garbled", "cut")}
-    assert ref.tail["cut"] > 1.2 and ref.tail["garbled"] == pytest.approx(1.0, abs=0.15)
-    assert all(s < 0.03 for s in shares.values()), shares
+    assert ref.tail["cut"] > 1.1 and ref.tail["garbled"] == pytest.approx(1.0, abs=0.15)
+    assert shares["garbled"] < 0.02 and shares["cut"] < 0.05, shares  # t(2): tails heavier than q90 sees
+    # without the calibration the heavy-tailed detector would flag far more clean rows
+    raw = got["cut"] * ref.tail["cut"]
+    assert float(np.mean(raw > 2.5)) > shares["cut"]
+
+
+def test_a_broken_quarter_of_the_training_rows_does_not_shrink_the_scores():
+    """The tails are read from the trusted (validation) rows: a pool whose training rows are a quarter broken
+    gives the same calibration as a clean one, so broken rows keep their scores."""
+    rng = np.random.default_rng(2)
+    n_t, n_v = 400, 60
+    hidden = rng.normal(size=(n_t + n_v, 4))
+    clean = rng.normal(2.0, 0.3, n_t + n_v)
+    broken = clean.copy()
+    broken[: n_t // 4] += 3.0  # a quarter of the training rows garbled
+    trusted = np.arange(n_t + n_v) >= n_t
+    tails = []
+    for x in (clean, broken):
+        ref = FaultReference.build({"hard_mean_loss": x, "mean_loss": 0 * x}, hidden, ["garbled"], 50, trusted)
+        tails.append(ref.tail["garbled"])
+    assert tails[1] == pytest.approx(tails[0], rel=0.25)
 
 
 def test_unknown_or_missing_inputs_are_one_line_errors():

@@ -27,10 +27,11 @@ spread of the pool rows' own deviations from *their* neighbours (leave one out).
 their own standard: a terse answer is compared with terse answers.
 
 **Calibration.** A detector's score is that deviation in robust z units, positive side only. The clean bulk of
-real data has heavier tails than a normal, so each detector is calibrated on the pool: its score is divided by
-the ratio of the pool's upper ``CALIBRATION_QUANTILE`` deviation to what a normal gives there (never below 1),
-so that at the default threshold each detector flags about the same small share of clean rows whatever its
-tails. ``suspect`` is the largest calibrated detector score, ``fault`` the detector that gives it, and
+real data has heavier tails than a normal, so each detector is calibrated on rows known to be clean, the
+validation samples: its score is divided by the ratio of their upper ``CALIBRATION_QUANTILE`` deviation to what a
+normal gives there (never below 1), so that at the default threshold each detector flags about the same small
+share of clean rows whatever its tails. (The pool's training rows are not used for this: a quarter of them broken
+would inflate the quantile and shrink every score.) ``suspect`` is the largest calibrated detector score, ``fault`` the detector that gives it, and
 ``suspect_reason`` its sentence.
 
 What the default model cannot perceive: a wrong final number in a worked answer changes one token the 135M
@@ -50,15 +51,32 @@ import numpy as np
 from valuegate.engine.columns import FAULT_CODES, FAULT_SCORE_COLUMNS
 from valuegate.errors import ValuegateError
 
-__all__ = ["CALIBRATION_QUANTILE", "DETECTORS", "FAULT_INPUTS", "Detector", "FaultReference",
-           "FaultScores", "check_codes", "detect", "detector_names", "fault_columns", "pool_sample", "reference_of",
-           "register", "statistics", "verdict"]
+__all__ = [
+    "CALIBRATION_QUANTILE",
+    "DETECTORS",
+    "FAULT_INPUTS",
+    "MIN_TRUSTED",
+    "Detector",
+    "FaultReference",
+    "FaultScores",
+    "check_codes",
+    "detect",
+    "detector_names",
+    "fault_columns",
+    "pool_sample",
+    "reference_of",
+    "register",
+    "statistics",
+    "verdict",
+]
 
 # the per-row inputs the built-in detectors read (feature columns of the store, SparseFeatures fields)
 FAULT_INPUTS = ("mean_loss", "uncond_loss", "hard_mean_loss", "max_loss", "end_loss", "prompt_overlap",
                 "self_influence", "n_tokens")
-CALIBRATION_QUANTILE = 0.95
-_Z_AT_Q = NormalDist().inv_cdf(CALIBRATION_QUANTILE)
+CALIBRATION_QUANTILE = 0.9
+# fewest trusted (validation) rows the tail calibration is read from; below it, from the whole pool at 0.95
+MIN_TRUSTED = 20
+POOL_QUANTILE = 0.95
 _EPS = 1e-6
 
 
@@ -175,12 +193,17 @@ class FaultReference:
     offset: dict[str, float] = field(default_factory=dict)
 
     @staticmethod
-    def build(inputs: Mapping[str, np.ndarray], hidden: np.ndarray, codes: list[str], k: int) -> FaultReference:
+    def build(inputs: Mapping[str, np.ndarray], hidden: np.ndarray, codes: list[str], k: int,
+              trusted: np.ndarray | None = None) -> FaultReference:
         """The reference of a pool.
 
         Args:
             inputs: column → ``(m,)`` the pool rows' inputs. hidden: ``(m, d)`` their mean hidden states.
             codes: detectors (:data:`DETECTORS` keys). k: neighbours per row.
+            trusted: ``(m,)`` bool, the pool rows known to be clean (the validation samples): the tail
+                calibration reads their deviations when there are at least :data:`MIN_TRUSTED` (the training
+                rows of a pool may hold a large broken share, which would inflate its upper quantiles), else
+                the whole pool's at :data:`POOL_QUANTILE`.
 
         Raises:
             ValuegateError: an unknown detector, a missing input column, or a pool of fewer than 3 rows.
@@ -194,16 +217,20 @@ class FaultReference:
         ref.stats = statistics(inputs, codes)
         own = np.arange(hidden.shape[0])
         nb = _neighbours(ref.pool_unit, ref.pool_unit, ref.k, own)
+        use = np.ones(hidden.shape[0], dtype=bool) if trusted is None else np.asarray(trusted, dtype=bool)
+        if use.sum() < MIN_TRUSTED:
+            use, quantile = np.ones(hidden.shape[0], dtype=bool), POOL_QUANTILE
+        else:
+            quantile = CALIBRATION_QUANTILE
         for c in codes:
             x = ref.stats[c]
             dev = x - _location(x, nb)
+            ref.offset[c] = float(np.nanmedian(dev)) if np.isfinite(dev).any() else 0.0
             ref.scale[c] = _spread(dev)
-            z = (dev - np.nanmedian(dev) if np.isfinite(dev).any() else dev) / ref.scale[c]
+            z = (dev[use] - ref.offset[c]) / ref.scale[c]
             z = z[np.isfinite(z)]
-            q = float(np.quantile(z, CALIBRATION_QUANTILE)) if z.size else _Z_AT_Q
-            ref.tail[c] = max(1.0, q / _Z_AT_Q)
-        ref.offset = {c: float(np.nanmedian(ref.stats[c] - _location(ref.stats[c], nb)))
-                      if np.isfinite(ref.stats[c] - _location(ref.stats[c], nb)).any() else 0.0 for c in codes}
+            q = float(np.quantile(z, quantile)) if z.size else 0.0
+            ref.tail[c] = max(1.0, q / NormalDist().inv_cdf(quantile))
         return ref
 
     def scores(self, inputs: Mapping[str, np.ndarray], hidden: np.ndarray,
@@ -329,13 +356,15 @@ def reference_of(train_inputs: Mapping[str, np.ndarray], train_hidden: np.ndarra
                  valid_inputs: Mapping[str, np.ndarray], valid_hidden: np.ndarray, codes: list[str], k: int,
                  pool: np.ndarray) -> FaultReference:
     """The reference of a pool made of the training rows ``pool`` (indices) and every validation row (the
-    pool's first ``len(pool)`` rows are those training rows, in that order)."""
+    pool's first ``len(pool)`` rows are those training rows, in that order; the validation rows calibrate the
+    tails)."""
     names = sorted(set(train_inputs) & set(valid_inputs))
     inputs = {c: np.concatenate([np.asarray(train_inputs[c], dtype=np.float64)[pool],
                                  np.asarray(valid_inputs[c], dtype=np.float64)]) for c in names}
     hidden = np.concatenate([np.asarray(train_hidden, dtype=np.float64)[pool],
                              np.asarray(valid_hidden, dtype=np.float64)])
-    return FaultReference.build(inputs, hidden, codes, k)
+    trusted = np.r_[np.zeros(len(pool), dtype=bool), np.ones(len(valid_hidden), dtype=bool)]
+    return FaultReference.build(inputs, hidden, codes, k, trusted)
 
 
 def verdict(train_inputs: Mapping[str, np.ndarray], train_hidden: np.ndarray, valid_inputs: Mapping[str, np.ndarray],

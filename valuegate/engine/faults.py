@@ -254,12 +254,11 @@ class FaultReference:
 def _location(pool_stat: np.ndarray, nb: np.ndarray) -> np.ndarray:
     """``(n,)`` the median of each row's neighbours' statistic (NaN-aware; NaN when none applies)."""
     vals = pool_stat[nb]
-    with np.errstate(all="ignore"):
-        import warnings
-
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)
-            return np.nanmedian(vals, axis=1)
+    out = np.full(vals.shape[0], np.nan)
+    some = np.isfinite(vals).any(axis=1)
+    if some.any():
+        out[some] = np.nanmedian(vals[some], axis=1)
+    return out
 
 
 def check_codes(codes: list[str]) -> None:

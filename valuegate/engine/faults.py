@@ -26,12 +26,14 @@ states. A detector's deviation is the row's statistic minus its neighbours' medi
 spread of the pool rows' own deviations from *their* neighbours (leave one out). Tasks then judge their rows by
 their own standard: a terse answer is compared with terse answers.
 
-**Calibration.** A detector's score is that deviation in robust z units, positive side only. The clean bulk of
-real data has heavier tails than a normal, so each detector is calibrated on rows known to be clean, the
-validation samples: its score is divided by the ratio of their upper ``CALIBRATION_QUANTILE`` deviation to what a
-normal gives there (never below 1), so that at the default threshold each detector flags about the same small
-share of clean rows whatever its tails. (The pool's training rows are not used for this: a quarter of them broken
-would inflate the quantile and shrink every score.) ``suspect`` is the largest calibrated detector score, ``fault`` the detector that gives it, and
+**Calibration.** What a *clean* deviation looks like is read from the rows known to be clean, the validation
+samples (each compared with its own pool neighbours, leave one out): a detector's score is the row's deviation
+less their median deviation, over their robust spread, positive side only, and divided by the ratio of their
+upper ``CALIBRATION_QUANTILE`` score to what a normal gives there (never below 1; the clean bulk of real data has
+heavier tails than a normal on some statistics), so that at the default threshold each detector flags about the
+same small share of clean rows whatever its tails. The pool's training rows set the *location* (the
+neighbours' median, which a broken share does not move) but not the spread: a quarter of them broken, of any
+kind (junk also raises IFD), would inflate it and shrink every score. ``suspect`` is the largest calibrated detector score, ``fault`` the detector that gives it, and
 ``suspect_reason`` its sentence.
 
 What the default model cannot perceive: a wrong final number in a worked answer changes one token the 135M
@@ -200,10 +202,11 @@ class FaultReference:
         Args:
             inputs: column → ``(m,)`` the pool rows' inputs. hidden: ``(m, d)`` their mean hidden states.
             codes: detectors (:data:`DETECTORS` keys). k: neighbours per row.
-            trusted: ``(m,)`` bool, the pool rows known to be clean (the validation samples): the tail
-                calibration reads their deviations when there are at least :data:`MIN_TRUSTED` (the training
-                rows of a pool may hold a large broken share, which would inflate its upper quantiles), else
-                the whole pool's at :data:`POOL_QUANTILE`.
+            trusted: ``(m,)`` bool, the pool rows known to be clean (the validation samples). When there are at
+                least :data:`MIN_TRUSTED`, what a clean deviation looks like (its median, spread and tail) is
+                read from them alone: the training rows of a pool may hold a large broken share, and broken
+                rows of other kinds move this detector's statistic too (junk raises IFD), which would inflate
+                its spread and shrink every score. Else from the whole pool, the tail at :data:`POOL_QUANTILE`.
 
         Raises:
             ValuegateError: an unknown detector, a missing input column, or a pool of fewer than 3 rows.
@@ -224,10 +227,10 @@ class FaultReference:
             quantile = CALIBRATION_QUANTILE
         for c in codes:
             x = ref.stats[c]
-            dev = x - _location(x, nb)
+            dev = (x - _location(x, nb))[use]
             ref.offset[c] = float(np.nanmedian(dev)) if np.isfinite(dev).any() else 0.0
             ref.scale[c] = _spread(dev)
-            z = (dev[use] - ref.offset[c]) / ref.scale[c]
+            z = (dev - ref.offset[c]) / ref.scale[c]
             z = z[np.isfinite(z)]
             q = float(np.quantile(z, quantile)) if z.size else 0.0
             ref.tail[c] = max(1.0, q / NormalDist().inv_cdf(quantile))

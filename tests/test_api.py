@@ -151,7 +151,8 @@ def test_readme_five_line_example(tiny_model_dir, data_files, tmp_path, monkeypa
     kept.write_parquet("kept.parquet")
     # ---
     kept = pl.read_parquet(tmp_path / "kept.parquet")
-    assert scores.height == 9 and 0 < kept.height <= 9 and (kept["suspect"] <= 2.0).all()
+    threshold = valuegate.settings.SelectSettings().suspect_threshold
+    assert scores.height == 9 and 0 < kept.height <= 9 and (kept["suspect"] <= threshold).all()
     assert kept.columns == scores.columns
 
 

@@ -45,9 +45,11 @@ ENV_PREFIX = "VALUEGATE_"
 
 
 class _Section(BaseModel):
-    """A settings section: an unknown key is an error (a misspelled key must never fall back to a default)."""
+    """A settings section: an unknown key is an error (a misspelled key must never fall back to a default),
+    and so is a float that is not finite (NaN, inf, -inf: pydantic's ``allow_inf_nan=False``), whatever
+    the field's own range says (issue 26: a NaN threshold compared false with every score)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 def _checked_name(value: str, kind: str) -> str:

@@ -43,6 +43,7 @@ import pyarrow as pa
 
 from valuegate.errors import ValuegateError
 from valuegate.storage import retry
+from valuegate.storage.failures import store_failure
 from valuegate.storage.retry import RetryPolicy, classify_error
 
 if TYPE_CHECKING:
@@ -380,8 +381,15 @@ class Workspace:
             with self._lock:
                 self._retry_counts[kind] += 1
 
-        return retry.call(fn, what=what, policy=self._retry, on_retry=count,
-                          before_retry=(lambda: self._refresh(table)) if table is not None else None)
+        try:
+            return retry.call(fn, what=what, policy=self._retry, on_retry=count,
+                              before_retry=(lambda: self._refresh(table)) if table is not None else None)
+        except Exception as exc:  # a full device or a damaged table: one line that says so (issue 26)
+            where = f"table {table} of {self._uri}" if table else f"{what} in {self._uri}"
+            failure = store_failure(exc, where, table, self._uri)
+            if failure is None:
+                raise
+            raise failure from exc
 
     def _refresh(self, name: str) -> None:
         with self._lock:

@@ -9,6 +9,7 @@ import argparse
 import contextlib
 import json
 import os
+import signal
 import sys
 import traceback
 from importlib import resources
@@ -16,7 +17,15 @@ from pathlib import Path
 
 from valuegate import __version__
 from valuegate.cli_flags import add_setting_flags, setting_overrides
-from valuegate.errors import BadInput, ClusterLost, GateFailed, InternalError, ValuegateError
+from valuegate.errors import (
+    BadInput,
+    ClusterLost,
+    DamagedTable,
+    GateFailed,
+    InternalError,
+    NoSpace,
+    ValuegateError,
+)
 
 EXIT_USER_ERROR = BadInput.exit_code
 
@@ -29,8 +38,10 @@ EXIT_CODES_HELP = f"""exit codes:
   {BadInput.exit_code:<4} bad input or config (a file, row, column, setting or name to fix; also a usage error)
   {GateFailed.exit_code:<4} the gate failed: the release is written for inspection, the previous one stays current
   {ClusterLost.exit_code:<4} the Dask/Ray cluster was lost mid-run: what was stored stays, a re-run resumes
+  {NoSpace.exit_code:<4} no space left on device: nothing half-written is visible; free space, a re-run resumes
+  {DamagedTable.exit_code:<4} a damaged table or release: run `valuegate verify` (docs/reliability.md)
   {InternalError.exit_code:<4} internal error: a broken invariant, a bug in valuegate (its traceback is printed)
-  130  interrupted
+  130  interrupted (SIGINT or SIGTERM): stopped within a batch, nothing half-written; a re-run resumes
 Every error is one line on stderr: valuegate: error: <message>."""
 
 
@@ -354,6 +365,7 @@ def main(argv: list[str] | None = None) -> int:
                 "extract": _cmd_extract, "valset": _cmd_valset, "score-set": _cmd_score_set, "run": _cmd_run,
                 "release": _cmd_release, "serve": _cmd_serve, "server": _cmd_server,
                 "init": _cmd_init}
+    previous = _stop_on_signals()
     try:
         return handlers[args.command](args)
     except (InternalError, AssertionError) as exc:  # a broken invariant: a bug, so its traceback too
@@ -366,7 +378,38 @@ def main(argv: list[str] | None = None) -> int:
         return exc.exit_code
     except KeyboardInterrupt:
         print("valuegate: interrupted", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
+    except Exception as exc:  # a full disk or a damaged table met outside the workspace's own calls
+        from valuegate.storage.failures import store_failure
+
+        failure = store_failure(exc)
+        if failure is None:
+            raise
+        print(f"valuegate: error: {failure}", file=sys.stderr)
+        return failure.exit_code
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+EXIT_INTERRUPTED = 130
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    """SIGINT and SIGTERM: stop where Python next runs (within a batch) by raising KeyboardInterrupt; every
+    write is atomic, so nothing half-written is left, and ``main`` says ``valuegate: interrupted``."""
+    raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
+def _stop_on_signals() -> dict[int, object]:
+    """Install :func:`_interrupt` for SIGINT and SIGTERM (also where SIGINT was inherited ignored, as a
+    shell's background job or a scheduler starts it); returns the handlers to put back. Prefect's flow
+    engine hands SIGTERM back to this handler after marking the run Crashed."""
+    previous: dict[int, object] = {}
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(ValueError, OSError):  # not the main thread (an embedding caller): left alone
+            previous[sig] = signal.signal(sig, _interrupt)
+    return previous
 
 
 if __name__ == "__main__":

@@ -28,6 +28,7 @@ _DAMAGE_MARKERS = (
     "failed to decode",
     "decodeerror",
 )
+_RUST_PLACE = re.compile(r",?\s*/\S+\.rs:\d+:\d+")
 _TABLE_PATH = re.compile(r"([A-Za-z0-9_\-.]+?)\.lance/(?:data|_versions|_indices|_transactions|_deletions)/")
 
 
@@ -84,7 +85,8 @@ def store_failure(exc: BaseException, what: str | None = None, table: str | None
     if is_damage(exc):
         name = table or table_of(exc) or "a table"
         hint = f"valuegate verify --workspace {workspace}" if workspace else "valuegate verify"
-        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = _RUST_PLACE.sub("", first)[:200]  # the Rust source place says nothing to a user
         return DamagedTable(f"table {name} is damaged ({first}); run `{hint}` to see what is damaged and "
                             "repair what can be derived again")
     return None

@@ -260,7 +260,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from valuegate.flows.refresh import refresh
     from valuegate.flows.user_errors import quiet_user_error_tracebacks
     from valuegate.run_summary import summary_json, summary_lines
-    from valuegate.settings import load_settings
+    from valuegate.settings import check_run_inputs, load_settings
 
     config = args.config
     overrides = setting_overrides(args)
@@ -270,6 +270,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
             print(f"valuegate: no --config: running the embedded demo ({config})", file=sys.stderr)
         # a config mistake is one line here, before the flow and its server start
         settings = load_settings(config, overrides)
+        check_run_inputs(settings)  # a missing source: one line before any server starts or table is made
         quiet_user_error_tracebacks()  # a user error raised in a step: its one line below, no Prefect traceback
         start_temporary_api_dying_with_process()  # no PREFECT_API_URL: Prefect's temporary server, gone with us
         summary = refresh(config=config, overrides=overrides)

@@ -433,6 +433,23 @@ def _check_workspace(workspace: str) -> None:
             return
 
 
+def check_run_inputs(settings: Settings) -> None:
+    """What a run reads must be there before anything runs (no server, no table): every ``data.sources``
+    entry (a file or a folder) and ``data.valset_file`` when set; URIs (``scheme://``) are left to their
+    reader.
+
+    Raises:
+        ValuegateError: one line naming the key and the path that is missing.
+    """
+    if not settings.data.sources:
+        raise ValuegateError("data.sources: no sources configured: set data.sources (a list of files) in the config")
+    named = [("data.sources", s) for s in settings.data.sources]
+    named += [("data.valset_file", settings.data.valset_file)] if settings.data.valset_file else []
+    for key, path in named:
+        if "://" not in path and not Path(path).expanduser().exists():
+            raise ValuegateError(f"{key}: {path}: no such file or folder")
+
+
 def _describe(exc: ValidationError) -> str:
     """One line for every error of a validation: the key and pydantic's message, or the unknown key."""
     parts = []

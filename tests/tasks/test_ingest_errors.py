@@ -52,14 +52,14 @@ def test_ingest_file_of_a_missing_file_raises_a_user_error(ws, tmp_path):
         ingest_file(ws, "d", tmp_path / "missing.jsonl", 10_000)
 
 
-def test_run_with_a_missing_source_fails_once_with_one_line(prefect_harness, tiny_model_dir, tmp_path,
-                                                            capsys, monkeypatch):
+def test_run_with_a_missing_source_is_refused_before_anything_runs(prefect_harness, tiny_model_dir, tmp_path,
+                                                                   capsys, monkeypatch):
+    """Issue 26: a missing source was refused only after the server started and the flow created the
+    workspace's tables; now before any step runs (no ingest attempt, no table)."""
     from valuegate.flows.refresh import refresh
 
     missing = tmp_path / "missing.jsonl"
     cfg = _config(tmp_path, tiny_model_dir(), data={"sources": [str(missing)]})
-    # count the ingest step's attempts at its body (the task's own run record reaches the API through the
-    # events client, asynchronously, and is lost when an earlier test left that client broken)
     import valuegate.tasks.ingest as ingest_mod
 
     attempts: list[str] = []
@@ -72,16 +72,34 @@ def test_run_with_a_missing_source_fails_once_with_one_line(prefect_harness, tin
     monkeypatch.setattr(ingest_mod, "ingest_file", counted)
     state = refresh(config=cfg, return_state=True)
     assert state.is_failed()
-    assert attempts == [str(missing)]  # once: a user error is not retried (retries=2 otherwise)
+    assert attempts == []  # refused before the ingest step
     monkeypatch.setattr(ingest_mod, "ingest_file", real_ingest_file)
-    with pytest.raises(ValuegateError, match="no such file"):  # the task's own error, not a wrapper
+    with pytest.raises(ValuegateError, match="no such file"):  # the flow's own error, not a wrapper
         state.result()
+    assert not list((tmp_path / "ws").glob("*.lance"))
 
     capsys.readouterr()
     rc = main(["run", "--config", cfg])
     err = capsys.readouterr().err
     assert rc == EXIT_USER_ERROR
-    _one_error_line(err, f"valuegate: error: {missing}: no such file")
+    _one_error_line(err, f"valuegate: error: data.sources: {missing}: no such file or folder")
+
+
+def test_valuegate_run_refuses_a_missing_source_before_its_server_starts(tiny_model_dir, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    missing = tmp_path / "missing.jsonl"
+    cfg = _config(tmp_path, tiny_model_dir(), data={"sources": [str(missing)]})
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    env["PREFECT_HOME"] = str(tmp_path / "prefect-home")
+    p = subprocess.run([sys.executable, "-m", "valuegate.cli", "run", "--config", cfg], env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == EXIT_USER_ERROR
+    # one line: no "Starting temporary server" before it, and no workspace made
+    assert p.stderr.strip() == f"valuegate: error: data.sources: {missing}: no such file or folder"
+    assert not (tmp_path / "ws").exists()
 
 
 # ---- a UTF-8 BOM -----------------------------------------------------------------------------------

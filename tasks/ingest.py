@@ -500,7 +500,7 @@ def verdicts_for(chunk: list[RawRow], kind: SampleKind, source: str, max_chars: 
                 len(m["content"]) if isinstance(m["content"], str)
                 else sum(len(p.get("text", "")) for p in m["content"]) for m in (sample.messages or ()))
             if size > max_chars:
-                sample, why = None, f"{sample.counted_field}: oversized ({size} characters > {max_chars})"
+                sample, why = None, f"{sample.longest_field}: oversized ({size} characters > {max_chars})"
         meta = encode_metadata({k: v for k, v in rec.items() if k not in sample_cols}, types) if sample else None
         if meta is not None and "images" in rec:
             # the release carries the images by content hash (resolved in the workspace's image table)

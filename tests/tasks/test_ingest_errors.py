@@ -234,3 +234,23 @@ def test_a_prompt_response_row_with_an_empty_response_is_quarantined(ws, tmp_pat
                                                 {"prompt": "w1 ", "response": " \n "}])
     rep = ingest_file(ws, "d", path, 10_000)
     assert (rep.kept, rep.quarantined, rep.reasons) == (1, 2, {"response: empty": 2})
+
+
+# ---- an oversized row names its long field (issue 26) ----------------------------------------------------
+
+
+def test_an_oversized_row_names_the_field_that_is_long(ws, tmp_path):
+    from valuegate.tasks.ingest import ingest_file
+
+    big = "w" * (21 * 1024 * 1024)  # a 21 MB prompt, as a clumsy export makes
+    rows = [{"prompt": big, "response": "ok"}, {"prompt": "ok", "response": big[:300_000]},
+            {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": big[:300_000]}]}]
+    reasons = []
+    for n, row in enumerate(rows):
+        path = tmp_path / f"row{n}.jsonl"
+        path.write_text(json.dumps(row) + "\n")
+        rep = ingest_file(ws, f"d{n}", path, 200_000)
+        assert rep.quarantined == 1
+        (q,) = sstore.read_quarantine(ws, f"d{n}").to_pylist()
+        reasons.append(q["reason"].split(":")[0])
+    assert reasons == ["prompt", "response", "messages[1]"]

@@ -254,3 +254,29 @@ def test_an_oversized_row_names_the_field_that_is_long(ws, tmp_path):
         (q,) = sstore.read_quarantine(ws, f"d{n}").to_pylist()
         reasons.append(q["reason"].split(":")[0])
     assert reasons == ["prompt", "response", "messages[1]"]
+
+
+def test_one_sample_in_two_sources_keeps_the_typed_columns_of_both(ws, tmp_path):
+    """Issue 26: the same samples in a JSONL (first by name, an extra ``note``) and a Parquet with binary,
+    timestamp and decimal columns: the typed columns silently vanished from the release frame (only the
+    first source row's metadata was read). Now the union: every column, nulls where no row has a value."""
+    from valuegate.settings import SelectSettings
+    from valuegate.storage.scores import read_score_run
+    from valuegate.tasks.select import select_samples
+
+    source = _typed_parquet(tmp_path / "b-typed.parquet")
+    rows = [{"prompt": p, "response": r, "note": f"n{i}"} for i, (p, r) in
+            enumerate(zip(source.column("prompt").to_pylist(), source.column("response").to_pylist(), strict=True))]
+    write_jsonl(tmp_path / "a-plain.jsonl", rows)
+    assert ingest_file(ws, "d", tmp_path / "a-plain.jsonl", 10_000).new_samples == 3
+    assert ingest_file(ws, "d", tmp_path / "b-typed.parquet", 10_000).new_samples == 0  # the same samples
+    _score_rows(ws, "d", "run1")
+    frame = read_score_run(ws, "run1", "d")
+    assert frame.height == 3 and frame["source"].to_list() == [str(tmp_path / "a-plain.jsonl")] * 3
+    out = select_samples(frame, SelectSettings(policy="keep_all")).sort("prompt")
+    assert out["note"].to_list() == ["n0", "n1", "n2"]
+    for name, (_, values) in TYPED.items():
+        assert name in out.columns, f"column {name} of the Parquet source vanished"
+        assert out[name].null_count() == sum(v is None for v in values), name
+    for name in ("blob", "seen_at", "day", "price", "tag"):
+        assert out[name].to_list() == TYPED[name][1], name

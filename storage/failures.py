@@ -14,7 +14,7 @@ import re
 
 from valuegate.errors import DamagedTable, NoSpace, ValuegateError
 
-__all__ = ["is_damage", "is_no_space", "store_failure", "table_of"]
+__all__ = ["is_damage", "is_no_space", "short_reason", "store_failure", "table_of"]
 
 _NO_SPACE_MARKERS = ("no space left on device", "os error 28", "errno 28", "disk quota exceeded", "os error 122")
 # what Lance says when a data file, a manifest or an index is truncated, zeroed or gone
@@ -85,11 +85,16 @@ def store_failure(exc: BaseException, what: str | None = None, table: str | None
     if is_damage(exc):
         name = table or table_of(exc) or "a table"
         hint = f"valuegate verify --workspace {workspace}" if workspace else "valuegate verify"
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        first = _RUST_PLACE.sub("", first)[:200]  # the Rust source place says nothing to a user
-        return DamagedTable(f"table {name} is damaged ({first}); run `{hint}` to see what is damaged and "
+        return DamagedTable(f"table {name} is damaged ({short_reason(exc)}); run `{hint}` to see what is damaged and "
                             "repair what can be derived again")
     return None
+
+
+def short_reason(exc: BaseException) -> str:
+    """The first line of an error, without the Rust source place (which says nothing to a user), at most
+    200 characters."""
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return _RUST_PLACE.sub("", first)[:200]
 
 
 def _chain(exc: BaseException):

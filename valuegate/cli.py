@@ -141,6 +141,14 @@ def _parser() -> argparse.ArgumentParser:
     it.add_argument("--out", default="vg.toml", help="config file to write (default vg.toml)")
     it.add_argument("--force", action="store_true", help="overwrite an existing --out")
 
+    vf = sub.add_parser("verify", parents=[w, cfg], help="check every table and release; repair what can be derived "
+                        "again", description="Read every table whole and check every release against its "
+                        "manifest (sha256). A damaged features, feature_sets or scores table is dropped (the "
+                        "next run extracts and scores again); samples, validation sets and releases are only "
+                        "reported, never rewritten. Exit 0: sound (or repaired), 6: damage left to fix.")
+    vf.add_argument("--no-repair", action="store_true", help="only report; drop nothing")
+    add_setting_flags(vf, ("workspace",))
+
     f = sub.add_parser("fetch-model", parents=[cfg], help="fetch and convert the embedded default model into the cache")
     f.add_argument("--home", help="cache directory (default $VALUEGATE_HOME or ~/.cache/valuegate)")
     return ap
@@ -345,6 +353,30 @@ def _cmd_init(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_verify(args: argparse.Namespace) -> int:
+    from valuegate.flows import forget_derived_results
+    from valuegate.storage.verify import check_releases, check_tables, repair
+
+    settings, ws = _settings_and_ws(args)
+    findings = check_tables(ws) + check_releases(ws)
+    dropped = [] if args.no_repair else repair(ws, findings)
+    if dropped:
+        forget_derived_results(settings.workspace)
+    for f in findings:
+        if not f.damaged:
+            print(f"ok       {f.kind} {f.name}" + (f" ({f.detail})" if f.detail else ""))
+        elif f.name in dropped:
+            print(f"REPAIRED {f.kind} {f.name}: {f.problem}; dropped: the next run derives it again")
+        else:
+            what = ("run `valuegate verify` without --no-repair to drop it" if f.derived else
+                    "never rewritten: restore it from a copy (a release: cut a new one with `valuegate run`)")
+            print(f"DAMAGED  {f.kind} {f.name}: {f.problem}; {what}")
+    left = [f for f in findings if f.damaged and f.name not in dropped]
+    print(f"valuegate verify {ws.uri}: {len(findings)} checked, {len(dropped)} repaired, {len(left)} damaged",
+          file=sys.stderr)
+    return DamagedTable.exit_code if left else 0
+
+
 def _cmd_fetch_model(args: argparse.Namespace) -> int:
     from valuegate.engine.default_model import ensure_default_model
 
@@ -365,7 +397,7 @@ def main(argv: list[str] | None = None) -> int:
     handlers = {"score": _cmd_score, "fetch-model": _cmd_fetch_model, "ingest": _cmd_ingest,
                 "extract": _cmd_extract, "valset": _cmd_valset, "score-set": _cmd_score_set, "run": _cmd_run,
                 "release": _cmd_release, "serve": _cmd_serve, "server": _cmd_server,
-                "init": _cmd_init}
+                "init": _cmd_init, "verify": _cmd_verify}
     previous = _stop_on_signals()
     try:
         return handlers[args.command](args)

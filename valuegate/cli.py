@@ -264,7 +264,7 @@ DEMO_CONFIG = resources.files("valuegate.demo") / "demo.toml"
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from valuegate.flows.child_processes import start_temporary_api_dying_with_process
+    from valuegate.flows.child_processes import check_api_reachable, start_temporary_api_dying_with_process
     from valuegate.flows.refresh import refresh
     from valuegate.flows.user_errors import quiet_user_error_tracebacks
     from valuegate.run_summary import summary_json, summary_lines
@@ -280,6 +280,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         settings = load_settings(config, overrides)
         check_run_inputs(settings)  # a missing source: one line before any server starts or table is made
         quiet_user_error_tracebacks()  # a user error raised in a step: its one line below, no Prefect traceback
+        check_api_reachable()  # PREFECT_API_URL set: it must answer (one line, not Prefect's traceback)
         start_temporary_api_dying_with_process()  # no PREFECT_API_URL: Prefect's temporary server, gone with us
         summary = refresh(config=config, overrides=overrides)
     if args.json:

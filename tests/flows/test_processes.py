@@ -225,3 +225,15 @@ def test_a_signal_during_extraction_stops_the_run_at_once_with_exit_130(tmp_path
     (table,) = [p.name[: -len(".lance")] for p in ws.glob("features__*.lance")]
     stored = Workspace(str(ws)).count(table)
     assert stored < n, f"every sample was extracted ({stored}): the signal did not stop the run"
+
+
+def test_a_dead_prefect_api_url_is_one_line_before_the_run_starts(tmp_path, tiny_model_dir):
+    """Issue 26: PREFECT_API_URL pointing at a port nobody listens on ended in Prefect's 110-line traceback."""
+    config = tiny_config(tmp_path, tiny_model_dir())
+    url = f"http://127.0.0.1:{free_port()}/api"
+    p = subprocess.run([sys.executable, "-m", "valuegate.cli", "run", "--config", config],
+                       env={**clean_env(tmp_path), "PREFECT_API_URL": url}, capture_output=True, text=True,
+                       timeout=300)
+    assert p.returncode == 2, p.stderr
+    assert p.stderr.strip().startswith(f"valuegate: error: PREFECT_API_URL {url}: no Prefect API answers there")
+    assert len(p.stderr.strip().splitlines()) == 1 and not (tmp_path / "ws").exists()

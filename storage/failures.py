@@ -9,12 +9,14 @@ file, ``invalid magic`` for a zeroed one, ``Not found: .../<table>.lance/data/..
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import re
+from collections.abc import Iterator
 
 from valuegate.errors import DamagedTable, NoSpace, ValuegateError
 
-__all__ = ["is_damage", "is_no_space", "short_reason", "store_failure", "table_of"]
+__all__ = ["is_damage", "is_no_space", "no_space_as_error", "short_reason", "store_failure", "table_of"]
 
 _NO_SPACE_MARKERS = ("no space left on device", "os error 28", "errno 28", "disk quota exceeded", "os error 122")
 # what Lance says when a data file, a manifest or an index is truncated, zeroed or gone
@@ -88,6 +90,19 @@ def store_failure(exc: BaseException, what: str | None = None, table: str | None
         return DamagedTable(f"table {name} is damaged ({short_reason(exc)}); run `{hint}` to see what is damaged and "
                             "repair what can be derived again")
     return None
+
+
+@contextlib.contextmanager
+def no_space_as_error(what: str) -> Iterator[None]:
+    """Within the block, a full device (``OSError`` ENOSPC) becomes :class:`NoSpace` naming ``what`` (a
+    file being written), which no task retries."""
+    try:
+        yield
+    except OSError as exc:
+        if not is_no_space(exc):
+            raise
+        raise NoSpace(f"no space left on device while writing {what} (free space and run again: nothing "
+                      "half-written is visible)") from exc
 
 
 def short_reason(exc: BaseException) -> str:

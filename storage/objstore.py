@@ -50,6 +50,7 @@ import pyarrow.parquet as pq
 from valuegate.digests import sha256_file
 from valuegate.errors import ValuegateError
 from valuegate.storage import retry
+from valuegate.storage.failures import no_space_as_error
 
 __all__ = ["Root", "link_under", "open_root", "refuse_links", "workspace_id"]
 
@@ -438,7 +439,8 @@ class Root:
     def write_atomic(self, key: str, payload: bytes) -> None:
         """Write ``key`` whole: readers see the old bytes or the new ones (local: temporary + rename)."""
         if self.local is not None:
-            _write_local_atomic(self.write_path(key), payload)
+            with no_space_as_error(self.uri_of(key)):
+                _write_local_atomic(self.write_path(key), payload)
         else:
             self._s3.put(self._key(key), payload)
 
@@ -516,21 +518,22 @@ class Root:
             fd, name = tempfile.mkstemp(suffix=".parquet", prefix="valuegate-release-")
             os.close(fd)
             tmp = Path(name)
-        try:
-            with pq.ParquetWriter(tmp, schema, compression="zstd") as writer:
-                for batch in table.to_batches(max_chunksize=batch_rows):
-                    writer.write_table(pa.Table.from_batches([batch]).cast(schema), row_group_size=batch_rows)
-            digest = sha256_file(tmp)
-            if self.local is not None:
-                with open(tmp, "rb+") as fh:
-                    os.fsync(fh.fileno())
-                os.replace(tmp, self.local / key)
-                _fsync_dir(directory)
-            else:
-                self.upload_file(tmp, key)
-        finally:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
+        with no_space_as_error(self.uri_of(key)):
+            try:
+                with pq.ParquetWriter(tmp, schema, compression="zstd") as writer:
+                    for batch in table.to_batches(max_chunksize=batch_rows):
+                        writer.write_table(pa.Table.from_batches([batch]).cast(schema), row_group_size=batch_rows)
+                digest = sha256_file(tmp)
+                if self.local is not None:
+                    with open(tmp, "rb+") as fh:
+                        os.fsync(fh.fileno())
+                    os.replace(tmp, self.local / key)
+                    _fsync_dir(directory)
+                else:
+                    self.upload_file(tmp, key)
+            finally:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(tmp)
         return digest
 
     def copy_in(self, src: Path, key: str) -> None:
@@ -542,6 +545,10 @@ class Root:
             else:
                 self.upload_file(src, key)
             return
+        with no_space_as_error(self.uri_of(key)):
+            self._copy_in_local(src, key)
+
+    def _copy_in_local(self, src: Path, key: str) -> None:
         dest = self.write_path(key)
         dest.parent.mkdir(parents=True, exist_ok=True)
         tmp = _tmp_name(dest.parent, dest.name)

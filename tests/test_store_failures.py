@@ -88,3 +88,35 @@ def test_damage_found_outside_the_workspace_calls_is_translated_at_the_cli(tmp_p
     assert main(["fetch-model"]) == 6
     err = capsys.readouterr().err
     assert err.startswith("valuegate: error: table scores is damaged") and len(err.strip().splitlines()) == 1
+
+
+_RELEASE_ON_A_FULL_DISK = """
+import os, sys
+import numpy as np, polars as pl
+from valuegate.errors import NoSpace
+from valuegate.storage import releases as store
+ws = sys.argv[1]
+version = store.allocate_version(ws, "r")
+rng = np.random.default_rng(0)
+data = pl.DataFrame({"id": [str(i) for i in range(200_000)], "value": rng.random(200_000),
+                     "noise": rng.random(200_000)})
+try:
+    store.write_release(ws, "r", version, data, {"gate": {"passed": True}})
+except NoSpace as exc:
+    print("NoSpace", exc)
+left = sorted(os.path.relpath(os.path.join(d, f), ws) for d, _, fs in os.walk(ws) for f in fs)
+print("files", *left)
+"""
+
+
+@pytest.mark.skipif(not _unshare_works(), reason="needs unprivileged user and mount namespaces (unshare -rm)")
+def test_a_release_on_a_full_disk_names_its_file_and_leaves_no_temporary(tmp_path):
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    script = (f"mount -t tmpfs -o size=400k tmpfs {mnt} && "
+              f"{sys.executable} -c '{_RELEASE_ON_A_FULL_DISK}' {mnt}/ws")
+    out = subprocess.run(["unshare", "-rm", "sh", "-c", script], capture_output=True, text=True, timeout=300)
+    said, files = out.stdout.strip().splitlines()
+    assert said.startswith(f"NoSpace no space left on device while writing {mnt}/ws/releases/r/v0001/data.parquet"), \
+        out.stdout + out.stderr
+    assert files.split() == ["files", "releases/r/v0001/.allocated"]  # no temporary, no manifest

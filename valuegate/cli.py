@@ -264,10 +264,6 @@ DEMO_CONFIG = resources.files("valuegate.demo") / "demo.toml"
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from valuegate.flows.child_processes import check_api_reachable, start_temporary_api_dying_with_process
-    from valuegate.flows.refresh import refresh
-    from valuegate.flows.user_errors import quiet_user_error_tracebacks
-    from valuegate.run_summary import summary_json, summary_lines
     from valuegate.settings import check_run_inputs, load_settings
 
     config = args.config
@@ -276,12 +272,16 @@ def _cmd_run(args: argparse.Namespace) -> int:
         if config is None:  # the demo's data resolve against its folder; its workspace is ./valuegate-workspace
             config = str(stack.enter_context(resources.as_file(DEMO_CONFIG)))
             print(f"valuegate: no --config: running the embedded demo ({config})", file=sys.stderr)
-        # a config mistake is one line here, before the flow and its server start
+        # a config mistake is one line here, before Prefect is even imported (let alone its server started)
         settings = load_settings(config, overrides)
         check_run_inputs(settings)  # a missing source: one line before any server starts or table is made
-        quiet_user_error_tracebacks()  # a user error raised in a step: its one line below, no Prefect traceback
-        check_api_reachable()  # PREFECT_API_URL set: it must answer (one line, not Prefect's traceback)
-        start_temporary_api_dying_with_process()  # no PREFECT_API_URL: Prefect's temporary server, gone with us
+        from valuegate.flows import child_processes, user_errors
+        from valuegate.flows.refresh import refresh
+        from valuegate.run_summary import summary_json, summary_lines
+
+        user_errors.quiet_user_error_tracebacks()  # a user error raised in a step: its one line below, no Prefect traceback
+        child_processes.check_api_reachable()  # PREFECT_API_URL set: it must answer (one line, not Prefect's traceback)
+        child_processes.start_temporary_api_dying_with_process()  # no PREFECT_API_URL: Prefect's temporary server, gone with us
         summary = refresh(config=config, overrides=overrides)
     if args.json:
         print(json.dumps(summary_json(summary, settings.release.name), indent=1, default=str))

@@ -55,6 +55,34 @@ def results_dir(workspace: str) -> Path | None:
     return Path(uri).expanduser().resolve() / RESULTS_DIR
 
 
+# what the cached record of ``extract`` (ExtractResult) and of ``score`` (ScoreResult) holds, and no other
+# step's record does: the answers that name derived tables (features, scores)
+_DERIVED_RESULT_KEYS = (b'train_fp', b'run_id')
+
+
+def forget_derived_results(workspace: str) -> int:
+    """Remove the cached answers of ``extract`` and ``score`` (and ``plan-scores``) of ``workspace``, so
+    that the next run extracts and scores again once ``valuegate verify`` dropped a damaged features or
+    scores table (their cache keys do not read the tables). Other records (ingest, validation set, the
+    resume records and claims in sub-folders) stay. Never follows a symbolic link. Returns the records
+    removed."""
+    where = results_dir(workspace)
+    if where is None or not where.is_dir() or where.is_symlink():
+        return 0
+    removed = 0
+    for path in where.iterdir():
+        if path.is_symlink() or not path.is_file():
+            continue
+        try:
+            raw = path.read_bytes()
+        except OSError:
+            continue
+        if any(key in raw for key in _DERIVED_RESULT_KEYS):
+            path.unlink(missing_ok=True)
+            removed += 1
+    return removed
+
+
 def persisted(task: Any, workspace: str) -> Any:
     """``task`` with its results persisted under :func:`results_dir` (what caching and resuming read back),
     read back only when they are the project's plain JSON (:mod:`valuegate.flows.trusted_results`)."""

@@ -89,3 +89,29 @@ def start_temporary_api_dying_with_process() -> str | None:
     server = cls()
     server.start()
     return server.api_url
+
+
+def check_api_reachable(timeout_s: float = 10.0) -> None:
+    """When ``PREFECT_API_URL`` is set, make sure a Prefect API answers there before a run starts (else
+    Prefect fails deep in its client with a long traceback, issue 26).
+
+    Raises:
+        ValuegateError: one line naming the URL and what to do.
+    """
+    import httpx
+    from prefect.settings import PREFECT_API_URL
+
+    from valuegate.errors import ValuegateError
+
+    url = PREFECT_API_URL.value()
+    if not url:
+        return
+    try:
+        answer = httpx.get(f"{url.rstrip('/')}/health", timeout=timeout_s)
+    except httpx.HTTPError as exc:
+        why = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ValuegateError(f"PREFECT_API_URL {url}: no Prefect API answers there ({why}); start one "
+                             "(`valuegate server`) or unset PREFECT_API_URL to run with a temporary one") from exc
+    if answer.status_code != 200:
+        raise ValuegateError(f"PREFECT_API_URL {url}: the health check answered HTTP {answer.status_code}; "
+                             "is it a Prefect API?")

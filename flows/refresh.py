@@ -70,7 +70,7 @@ from valuegate.flows.stale_runs import check_stale_runs
 from valuegate.flows.user_errors import retry_unless_user_error
 from valuegate.flows.validation import register_validation_version
 from valuegate.inputs.readers import source_files
-from valuegate.settings import Settings, load_settings
+from valuegate.settings import Settings, check_run_inputs, load_settings
 from valuegate.storage import schemas
 from valuegate.storage.versions import table_versions, workspace_uri
 from valuegate.tasks import allocate as allocate_step
@@ -517,6 +517,7 @@ def refresh(config: str | None = None, overrides: dict[str, Any] | None = None) 
     """
     t_start = time.perf_counter()
     settings = load_settings(config, overrides)
+    check_run_inputs(settings)  # a missing source: refused before anything is written
     check_stale_runs(settings.workspace)  # earlier runs here killed without finishing: marked Crashed
     name, ws = settings.release.name, settings.workspace
     step = _Steps()

@@ -64,6 +64,10 @@ def crash_stale_runs(workspace: str, flow_run_id: str, logger: Any) -> list[str]
     if base is None:
         return []
     where = base / RUNS_DIR
+    link = next((p for p in (base, where) if p.is_symlink()), None)
+    if link is not None:  # records are deleted here: never through a link (issue 26)
+        logger.warning(f"{link} is a symbolic link: the records of earlier runs there are left alone")
+        return []
     host = socket.gethostname()
     crashed = []
     try:

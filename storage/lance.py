@@ -41,8 +41,9 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import numpy as np
 import pyarrow as pa
 
-from valuegate.errors import ValuegateError
+from valuegate.errors import DamagedTable, ValuegateError
 from valuegate.storage import retry
+from valuegate.storage.failures import store_failure
 from valuegate.storage.retry import RetryPolicy, classify_error
 
 if TYPE_CHECKING:
@@ -380,8 +381,15 @@ class Workspace:
             with self._lock:
                 self._retry_counts[kind] += 1
 
-        return retry.call(fn, what=what, policy=self._retry, on_retry=count,
-                          before_retry=(lambda: self._refresh(table)) if table is not None else None)
+        try:
+            return retry.call(fn, what=what, policy=self._retry, on_retry=count,
+                              before_retry=(lambda: self._refresh(table)) if table is not None else None)
+        except Exception as exc:  # a full device or a damaged table: one line that says so (issue 26)
+            where = f"table {table} of {self._uri}" if table else f"{what} in {self._uri}"
+            failure = store_failure(exc, where, table, self._uri)
+            if failure is None:
+                raise
+            raise failure from exc
 
     def _refresh(self, name: str) -> None:
         with self._lock:
@@ -1075,3 +1083,23 @@ class Workspace:
             return query.to_arrow()
 
         return self._retrying(f"search {name}.{column}", op, name)
+
+    def scan(self, name: str, version: int | str | None = None, batch_rows: int = 8192) -> int:
+        """Read every column of every row of table ``name`` (at ``version``, a number or a tag, else the
+        latest), ``batch_rows`` at a time, and return the rows read: what ``valuegate verify`` does to find
+        a truncated, zeroed or missing data file (:class:`~valuegate.errors.DamagedTable`).
+
+        Raises:
+            DamagedTable: a file of the table cannot be read, or fewer rows come back than the table counts.
+        """
+
+        def op() -> int:
+            tbl = self._table(name) if version is None else self._at_version(name, version)
+            expected = tbl.count_rows()
+            got = sum(batch.num_rows for batch in tbl.search().to_batches(batch_rows))
+            if got != expected:
+                raise DamagedTable(f"table {name} is damaged: {got} rows read, {expected} counted; run "
+                                   f"`valuegate verify --workspace {self._uri}`")
+            return got
+
+        return self._retrying(f"scan {name}", op, name)

@@ -50,8 +50,9 @@ import pyarrow.parquet as pq
 from valuegate.digests import sha256_file
 from valuegate.errors import ValuegateError
 from valuegate.storage import retry
+from valuegate.storage.failures import no_space_as_error
 
-__all__ = ["Root", "open_root", "workspace_id"]
+__all__ = ["Root", "link_under", "open_root", "refuse_links", "workspace_id"]
 
 T = TypeVar("T")
 WORKSPACE_ID_FILE = ".valuegate-workspace-id"
@@ -94,6 +95,33 @@ def _write_local_atomic(path: Path, payload: bytes) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
     _fsync_dir(path.parent)
+
+
+def link_under(base: Path, path: Path) -> Path | None:
+    """The first symbolic link on the way from ``base`` (not itself checked: the workspace root may be a
+    link the user chose) down to ``path`` (included), or None. ``path`` must lie under ``base``."""
+    current = base
+    for part in path.relative_to(base).parts:
+        current = current / part
+        if current.is_symlink():
+            return current
+    return None
+
+
+def refuse_links(base: Path, path: Path) -> Path:
+    """``path`` when nothing between ``base`` and it is a symbolic link; what deletes, moves or overwrites
+    a file of the workspace goes through this, so it never follows a link out of the workspace.
+
+    Raises:
+        ValuegateError: one line naming the link.
+    """
+    base = Path(base).absolute()
+    path = Path(path).absolute()
+    link = link_under(base, path)
+    if link is not None:
+        raise ValuegateError(f"{link} is a symbolic link; valuegate never writes or deletes through a link "
+                             "inside the workspace (remove the link, or give the real directory)")
+    return path
 
 
 # --------------------------------------------------------------------------------------------------
@@ -325,6 +353,17 @@ class Root:
         assert self.local is not None
         return self.local / key
 
+    def write_path(self, key: str) -> Path:
+        """Local only: the path of ``key`` for a write or a delete (:func:`refuse_links`: no component
+        under the root is a symbolic link)."""
+        assert self.local is not None
+        return refuse_links(self.local, self.local / key)
+
+    def link_in(self, key: str) -> Path | None:
+        """Local only: the first symbolic link on the way from the root down to ``key``, or None."""
+        assert self.local is not None
+        return link_under(self.local, self.local / key)
+
     def uri_of(self, key: str) -> str:
         """``key`` as a local path or ``s3://`` URI (a string)."""
         return str(self.local / key) if self.local is not None else f"{self.uri}/{key}"
@@ -393,21 +432,22 @@ class Root:
         """Remove the file or object ``key`` (absent: nothing happens). On S3 one ``DELETE``: unlike
         pyarrow's ``delete_file`` it leaves no empty directory marker (``<parent>/``) behind."""
         if self.local is not None:
-            (self.local / key).unlink(missing_ok=True)
+            self.write_path(key).unlink(missing_ok=True)
             return
         self._s3.delete(self._key(key))
 
     def write_atomic(self, key: str, payload: bytes) -> None:
         """Write ``key`` whole: readers see the old bytes or the new ones (local: temporary + rename)."""
         if self.local is not None:
-            _write_local_atomic(self.local / key, payload)
+            with no_space_as_error(self.uri_of(key)):
+                _write_local_atomic(self.write_path(key), payload)
         else:
             self._s3.put(self._key(key), payload)
 
     def create(self, key: str, payload: bytes = b"") -> bool:
         """Create ``key`` only if absent; False when it exists (exactly one concurrent caller wins)."""
         if self.local is not None:
-            path = self.local / key
+            path = self.write_path(key)
             path.parent.mkdir(parents=True, exist_ok=True)
             try:
                 fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
@@ -435,7 +475,7 @@ class Root:
     def lock(self, key: str) -> Iterator[None]:
         """Local only: an exclusive ``flock`` on ``key`` (created if missing) for a read-modify-write."""
         assert self.local is not None
-        path = self.local / key
+        path = self.write_path(key)
         path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
@@ -469,7 +509,7 @@ class Root:
         Locally through a temporary file, fsync and rename; on S3 staged in a local temporary file, then
         one upload."""
         if self.local is not None:
-            directory = (self.local / key).parent
+            directory = self.write_path(key).parent
             directory.mkdir(parents=True, exist_ok=True)
             tmp = _tmp_name(directory, Path(key).name)
         else:
@@ -478,21 +518,22 @@ class Root:
             fd, name = tempfile.mkstemp(suffix=".parquet", prefix="valuegate-release-")
             os.close(fd)
             tmp = Path(name)
-        try:
-            with pq.ParquetWriter(tmp, schema, compression="zstd") as writer:
-                for batch in table.to_batches(max_chunksize=batch_rows):
-                    writer.write_table(pa.Table.from_batches([batch]).cast(schema), row_group_size=batch_rows)
-            digest = sha256_file(tmp)
-            if self.local is not None:
-                with open(tmp, "rb+") as fh:
-                    os.fsync(fh.fileno())
-                os.replace(tmp, self.local / key)
-                _fsync_dir(directory)
-            else:
-                self.upload_file(tmp, key)
-        finally:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
+        with no_space_as_error(self.uri_of(key)):
+            try:
+                with pq.ParquetWriter(tmp, schema, compression="zstd") as writer:
+                    for batch in table.to_batches(max_chunksize=batch_rows):
+                        writer.write_table(pa.Table.from_batches([batch]).cast(schema), row_group_size=batch_rows)
+                digest = sha256_file(tmp)
+                if self.local is not None:
+                    with open(tmp, "rb+") as fh:
+                        os.fsync(fh.fileno())
+                    os.replace(tmp, self.local / key)
+                    _fsync_dir(directory)
+                else:
+                    self.upload_file(tmp, key)
+            finally:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(tmp)
         return digest
 
     def copy_in(self, src: Path, key: str) -> None:
@@ -504,7 +545,11 @@ class Root:
             else:
                 self.upload_file(src, key)
             return
-        dest = self.local / key
+        with no_space_as_error(self.uri_of(key)):
+            self._copy_in_local(src, key)
+
+    def _copy_in_local(self, src: Path, key: str) -> None:
+        dest = self.write_path(key)
         dest.parent.mkdir(parents=True, exist_ok=True)
         tmp = _tmp_name(dest.parent, dest.name)
         try:

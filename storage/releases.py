@@ -59,6 +59,7 @@ This module never imports torch or LanceDB.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import time
@@ -117,6 +118,7 @@ _VERSION = re.compile(r"^v(\d{4,})$")
 _STAGING = re.compile(r"^\.(v\d{4,})-[A-Za-z0-9_]+$")  # .v0003-gate, .v0003-report: local staging folders
 ABANDONED_AFTER_S = 3600.0  # object store: an incomplete version this long untouched counts as abandoned
 _ALLOCATE_ATTEMPTS = 1000
+log = logging.getLogger(__name__)
 
 
 def _root(root: Any) -> Root:
@@ -132,7 +134,7 @@ def _remove_temporaries(r: Root, key: str) -> None:
         return
     import shutil
 
-    directory = r.path(key)
+    directory = r.write_path(key)
     for entry in os.listdir(directory):
         if entry.startswith(".") and entry.endswith(".tmp"):
             p = directory / entry
@@ -270,7 +272,7 @@ def allocate_version(root: Any, name: str, *, claim: Callable[[str], bool] | Non
 
 def clean_abandoned(root: Any, name: str, *, keep: Iterable[str] = (),
                     claim: Callable[[str], bool] | None = None, unclaim: Callable[[str], None] | None = None,
-                    min_age_s: float | None = None) -> list[str]:
+                    min_age_s: float | None = None, warn: Callable[[str], None] | None = None) -> list[str]:
     """Empty the versions of ``name`` that killed or failed runs left incomplete, down to their
     ``.allocated`` marker (which keeps the number taken: numbers are never reused), and remove their hidden
     staging folders (``.vNNNN-gate``, ``.vNNNN-report`` beside the versions, local roots only).
@@ -295,6 +297,9 @@ def clean_abandoned(root: Any, name: str, *, keep: Iterable[str] = (),
         claim: ``claim(version) -> bool``: take the version's claim, False when a live run holds it.
         unclaim: ``unclaim(version)``: drop a claim ``claim`` took.
         min_age_s: the age rule (seconds); None: an hour on an object store, none locally.
+        warn: ``warn(line)`` for each symbolic link met (default: a logged warning). A link is never a
+            version: the link (a version, a staging folder, a file in a version, or ``releases/<name>``
+            itself) is named once and left alone, and nothing is removed through it.
 
     Returns:
         the versions something was removed from, ascending (``["v0002", ...]``); empty when nothing was.
@@ -302,18 +307,28 @@ def clean_abandoned(root: Any, name: str, *, keep: Iterable[str] = (),
     r = _root(root)
     base = _base(name)
     kept = {_canonical(v) for v in keep}
+    warn = warn or log.warning
+    links: set[str] = set()
+    if r.is_local:
+        link = r.link_in(base)
+        if link is not None:
+            warn(f"{link} is a symbolic link, not a release folder: left alone (no version cleaned through it)")
+            return []
+        links = {e for e in r.list(base, hidden=True) if r.path(f"{base}/{e}").is_symlink()}
+        for entry in sorted(links):
+            warn(f"{r.path(f'{base}/{entry}')} is a symbolic link, not a release version: left alone")
     staging: dict[str, list[str]] = {}
     for entry in (r.list(base, hidden=True) if r.is_local else []):
-        if (m := _STAGING.match(entry)) and _VERSION.match(m.group(1)):
+        if (m := _STAGING.match(entry)) and _VERSION.match(m.group(1)) and entry not in links:
             staging.setdefault(_canonical(m.group(1)), []).append(entry)
     incomplete = {format_version(n) for n in _version_numbers(r, name)
-                  if not r.is_file(_vkey(name, n, MANIFEST_FILE))}
+                  if format_version(n) not in links and not r.is_file(_vkey(name, n, MANIFEST_FILE))}
     age = min_age_s if min_age_s is not None else (None if r.is_local else ABANDONED_AFTER_S)
     cleaned = []
     for version in sorted(incomplete | set(staging), key=parse_version):
         if version in kept:
             continue
-        files = _version_files(r, name, version) if version in incomplete else []
+        files = _version_files(r, name, version, warn) if version in incomplete else []
         if not files and not staging.get(version):
             continue  # the marker only: nothing to clean
         if age is not None and not r.is_local and files and time.time() - max(t for _, t in files) < age:
@@ -323,9 +338,9 @@ def clean_abandoned(root: Any, name: str, *, keep: Iterable[str] = (),
         try:
             if not release_exists(r, name, version):  # completed by its run in the meantime: keep its files
                 for key, _ in files:
-                    _remove_local(r.path(key)) if r.is_local else r.delete(key)
+                    _remove_local(r.write_path(key)) if r.is_local else r.delete(key)
             for entry in staging.get(version, []):
-                _remove_local(r.path(f"{base}/{entry}"))
+                _remove_local(r.write_path(f"{base}/{entry}"))
         finally:
             if claim is not None and unclaim is not None:
                 unclaim(version)
@@ -333,17 +348,24 @@ def clean_abandoned(root: Any, name: str, *, keep: Iterable[str] = (),
     return cleaned
 
 
-def _version_files(r: Root, name: str, version: str) -> list[tuple[str, float]]:
+def _version_files(r: Root, name: str, version: str,
+                   warn: Callable[[str], None] = log.warning) -> list[tuple[str, float]]:
     """(key, last-modified epoch seconds) of everything in a version but its ``.allocated`` marker: the
-    top-level entries locally (a folder is one entry), every object on an object store."""
+    top-level entries locally (a folder is one entry; a symbolic link is named with ``warn`` and left
+    out), every object on an object store."""
     vkey = _vkey(name, version)
     if r.is_local:
         directory = r.path(vkey)
+        if directory.is_symlink():
+            return []
         try:
             entries = os.listdir(directory)
         except (FileNotFoundError, NotADirectoryError):
             return []
-        return [(f"{vkey}/{e}", (directory / e).lstat().st_mtime) for e in entries if e != ALLOCATED_FILE]
+        for e in sorted(e for e in entries if (directory / e).is_symlink()):
+            warn(f"{directory / e} is a symbolic link in an incomplete release version: left alone")
+        return [(f"{vkey}/{e}", (directory / e).lstat().st_mtime) for e in entries
+                if e != ALLOCATED_FILE and not (directory / e).is_symlink()]
     from pyarrow import fs as pafs
 
     prefix = r.uri_of(vkey)[len("s3://"):]
@@ -787,6 +809,7 @@ def promote(root: Any, name: str, version: str | int, *, backwards: bool = False
                              "it cannot become current")
     key = f"{_base(name)}/{CURRENT_FILE}"
     if r.is_local:
+        r.write_path(key)  # CURRENT is replaced: never through a symbolic link (one line naming it)
         with r.lock(f"{_base(name)}/{_LOCK_FILE}"):
             previous, seq = _parse_current(r.read_bytes(key))
             _check_forward(name, version, previous, backwards)

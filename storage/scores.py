@@ -71,7 +71,8 @@ def read_score_run(ws: Workspace, run_id: str, dataset: str) -> pl.DataFrame:
 
     Returns:
         one row per scored sample: ``id``, the content columns (``kind``, ``prompt``, ``response``,
-        ``messages``, ``text``), the metadata columns of the sample's first source row, ``value``,
+        ``messages``, ``text``), the metadata columns of the sample's source rows (their union: per column
+        the first non-null value in (source, row) order; ``source``, ``row``: the first row), ``value``,
         ``nearest_ids``, ``n_tokens``, ``mean_loss``, ``self_influence``, ``valset``, ``model_fp``.
     """
     if ws.table_exists(schemas.SCORES):  # a table of an older valuegate gains its new columns (null)
@@ -83,13 +84,17 @@ def read_score_run(ws: Workspace, run_id: str, dataset: str) -> pl.DataFrame:
     content = pl.from_arrow(sstore.read_samples_by_id(ws, ids)).select(
         "id", "kind", "prompt", "response", "messages", "text")
     members = pl.from_arrow(sstore.read_members(ws, dataset, columns=["id", "source", "row", "metadata"]))
-    members = members.sort("source", "row").unique("id", keep="first", maintain_order=True)
+    members = members.sort("source", "row")
+    first = members.unique("id", keep="first", maintain_order=True).select("id", "source", "row")
+    # the union of the extra columns of every row of a sample (one sample in a JSONL and in a Parquet with
+    # other, typed columns keeps them all, issue 26): per column, the first row's value that is not null
     meta = metadata_frame(members["metadata"].to_list())  # typed columns (bytes, timestamps...) with their types
-    first = members.select("id", "source", "row")
     if meta is not None:
         reserved = set(content.columns) | set(scores.columns) | {"source", "row"}
         meta = meta.rename({c: f"meta_{c}" for c in meta.columns if c in reserved})
-        first = pl.concat([first, meta], how="horizontal")
+        merged = pl.concat([members.select("id"), meta], how="horizontal").group_by("id", maintain_order=True).agg(
+            pl.all().drop_nulls().first())
+        first = first.join(merged, on="id", how="left")
     keep = ["id", "value", "nearest_ids", "nearest_values", "n_tokens", "truncated", "mean_loss", "self_influence",
             *BASELINE_COLUMNS, "suspect", "fault",
             "suspect_reason", *schemas.FAULT_SCORE_COLUMNS, *(c for c in schemas.SIGNAL_COLUMNS if c != "mean_loss"), "valset", "model_fp"]

@@ -163,7 +163,8 @@ def run(settings: Settings, resume: str | None, run_id: str, release_key: str) -
     warnings: list[str] = []
     cleaned: list[str] = []
     try:  # versions killed or failed runs left incomplete (their claims free): emptied to their marker
-        cleaned = list(store.clean_abandoned(root, name, keep=[resume] if resumed else [], **claims))
+        cleaned = list(store.clean_abandoned(root, name, keep=[resume] if resumed else [], **claims,
+                                             warn=warnings.append))  # a symbolic link: named, left alone
     except Exception as exc:  # e.g. a permission error: the run goes on, the next one tries again
         warnings.append(f"could not clean abandoned release versions of {name}: {exc}")
     if resumed:

@@ -113,7 +113,7 @@ def verdicts_for(chunk: list[RawRow], fmt: Format, source: str, max_chars: int,
                 len(m["content"]) if isinstance(m["content"], str)
                 else sum(len(p.get("text", "")) for p in m["content"]) for m in (sample.messages or ()))
             if size > max_chars:
-                sample, why = None, f"{sample.counted_field}: oversized ({size} characters > {max_chars})"
+                sample, why = None, f"{sample.longest_field}: oversized ({size} characters > {max_chars})"
         meta = encode_metadata({k: v for k, v in rec.items() if k not in sample_cols}, types) if sample else None
         images_col = fmt.source_name("images")
         if meta is not None and images_col in rec:

@@ -39,6 +39,7 @@ from valuegate.errors import ValuegateError
 from valuegate.settings import Settings
 from valuegate.storage import releases as store
 from valuegate.storage.lance import Workspace
+from valuegate.storage.objstore import open_root
 from valuegate.tasks.select import dropped_reason_counts
 
 __all__ = [
@@ -391,11 +392,12 @@ def is_object_store(settings: Settings) -> bool:
 def staging_dir(settings: Settings, version: str, what: str) -> str:
     """A local folder for a file rendered before it is copied into the release (``what``: ``gate``,
     ``card``, ``report``): beside the release on a local workspace, a local temporary folder for an
-    object-store one."""
+    object-store one. It is written into and removed, so no part of it under the workspace may be a
+    symbolic link (a ValuegateError names the link)."""
     if is_object_store(settings):
         return str(Path(tempfile.gettempdir()) / f"valuegate-{settings.release.name}-{version}-{what}-"
                    f"{uuid.uuid4().hex[:8]}")
-    return str(Path(settings.workspace) / "releases" / settings.release.name / f".{version}-{what}")
+    return str(open_root(settings.workspace).write_path(f"releases/{settings.release.name}/.{version}-{what}"))
 
 
 @dataclass(frozen=True)

@@ -196,3 +196,36 @@ def test_a_bad_column_mapping_is_one_line(tmp_path, capsys, fields, message):
     cfg = tmp_path / "vg.toml"
     cfg.write_text(f"[data]\nfields = {fields}\n")
     assert message in _one_error_line(capsys, _list(cfg, tmp_path))
+
+
+def _float_keys() -> list[str]:
+    from valuegate.settings import setting_fields
+
+    return [".".join(path) for path, field in setting_fields() if field.annotation is float]
+
+
+def test_every_float_setting_is_covered():
+    assert {"select.suspect_threshold", "select.threshold", "gate.max_quarantine_rate"} <= set(_float_keys())
+
+
+@pytest.mark.parametrize("key", _float_keys())
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf"])
+def test_a_float_setting_that_is_not_finite_is_refused_naming_its_key(key, value, tmp_path, capsys, monkeypatch):
+    """Issue 26: NaN or -inf suspect_threshold was accepted, every row dropped, the manifest said null."""
+    section, field = key.split(".")
+    monkeypatch.setenv(f"VALUEGATE_{section.upper()}__{field.upper()}", value)
+    err = _one_error_line(capsys, ["valset", "list", "--workspace", tmp_path / "ws"])
+    assert f"{key}: " in err and "finite" in err, err
+
+
+@pytest.mark.parametrize("how", ["flag", "file"])
+@pytest.mark.parametrize("value", ["nan", "-inf"])
+def test_a_nan_threshold_from_a_flag_or_a_file_is_refused(how, value, tmp_path, capsys):
+    cfg = tmp_path / "vg.toml"
+    if how == "flag":
+        cfg.write_text("")
+        argv = ["run", "--config", cfg, "--workspace", tmp_path / "ws", f"--select.suspect-threshold={value}"]
+    else:
+        cfg.write_text(f"[select]\nsuspect_threshold = {value}\n")
+        argv = _list(cfg, tmp_path)
+    assert "select.suspect_threshold: Input should be a finite number" in _one_error_line(capsys, argv)

@@ -9,6 +9,7 @@ import argparse
 import contextlib
 import json
 import os
+import signal
 import sys
 import traceback
 from importlib import resources
@@ -16,7 +17,15 @@ from pathlib import Path
 
 from valuegate import __version__
 from valuegate.cli_flags import add_setting_flag, add_setting_flags, setting_overrides
-from valuegate.errors import BadInput, ClusterLost, GateFailed, InternalError, ValuegateError
+from valuegate.errors import (
+    BadInput,
+    ClusterLost,
+    DamagedTable,
+    GateFailed,
+    InternalError,
+    NoSpace,
+    ValuegateError,
+)
 
 EXIT_USER_ERROR = BadInput.exit_code
 
@@ -29,8 +38,10 @@ EXIT_CODES_HELP = f"""exit codes:
   {BadInput.exit_code:<4} bad input or config (a file, row, column, setting or name to fix; also a usage error)
   {GateFailed.exit_code:<4} the gate failed: the release is written for inspection, the previous one stays current
   {ClusterLost.exit_code:<4} the Dask/Ray cluster was lost mid-run: what was stored stays, a re-run resumes
+  {NoSpace.exit_code:<4} no space left on device: nothing half-written is visible; free space, a re-run resumes
+  {DamagedTable.exit_code:<4} a damaged table or release: run `valuegate verify` (docs/reliability.md)
   {InternalError.exit_code:<4} internal error: a broken invariant, a bug in valuegate (its traceback is printed)
-  130  interrupted
+  130  interrupted (SIGINT or SIGTERM): stopped within a batch, nothing half-written; a re-run resumes
 Every error is one line on stderr: valuegate: error: <message>."""
 
 
@@ -141,6 +152,14 @@ def _parser() -> argparse.ArgumentParser:
     it.add_argument("--model", help="hub id or local directory (default: the embedded smollm2-135m)")
     it.add_argument("--out", default="vg.toml", help="config file to write (default vg.toml)")
     it.add_argument("--force", action="store_true", help="overwrite an existing --out")
+
+    vf = sub.add_parser("verify", parents=[w, cfg], help="check every table and release; repair what can be derived "
+                        "again", description="Read every table whole and check every release against its "
+                        "manifest (sha256). A damaged features, feature_sets or scores table is dropped (the "
+                        "next run extracts and scores again); samples, validation sets and releases are only "
+                        "reported, never rewritten. Exit 0: sound (or repaired), 6: damage left to fix.")
+    vf.add_argument("--no-repair", action="store_true", help="only report; drop nothing")
+    add_setting_flags(vf, ("workspace",))
 
     f = sub.add_parser("fetch-model", parents=[cfg], help="fetch and convert the embedded default model into the cache")
     f.add_argument("--home", help="cache directory (default $VALUEGATE_HOME or ~/.cache/valuegate)")
@@ -258,11 +277,7 @@ DEMO_CONFIG = resources.files("valuegate.demo") / "demo.toml"
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from valuegate.flows.child_processes import start_temporary_api_dying_with_process
-    from valuegate.flows.refresh import refresh
-    from valuegate.flows.user_errors import quiet_user_error_tracebacks
-    from valuegate.run_summary import summary_json, summary_lines
-    from valuegate.settings import load_settings
+    from valuegate.settings import check_run_inputs, load_settings
 
     config = args.config
     overrides = setting_overrides(args)
@@ -270,10 +285,16 @@ def _cmd_run(args: argparse.Namespace) -> int:
         if config is None:  # the demo's data resolve against its folder; its workspace is ./valuegate-workspace
             config = str(stack.enter_context(resources.as_file(DEMO_CONFIG)))
             print(f"valuegate: no --config: running the embedded demo ({config})", file=sys.stderr)
-        # a config mistake is one line here, before the flow and its server start
+        # a config mistake is one line here, before Prefect is even imported (let alone its server started)
         settings = load_settings(config, overrides)
-        quiet_user_error_tracebacks()  # a user error raised in a step: its one line below, no Prefect traceback
-        start_temporary_api_dying_with_process()  # no PREFECT_API_URL: Prefect's temporary server, gone with us
+        check_run_inputs(settings)  # a missing source: one line before any server starts or table is made
+        from valuegate.flows import child_processes, user_errors
+        from valuegate.flows.refresh import refresh
+        from valuegate.run_summary import summary_json, summary_lines
+
+        user_errors.quiet_user_error_tracebacks()  # a user error raised in a step: its one line below, no Prefect traceback
+        child_processes.check_api_reachable()  # PREFECT_API_URL set: it must answer (one line, not Prefect's traceback)
+        child_processes.start_temporary_api_dying_with_process()  # no PREFECT_API_URL: Prefect's temporary server, gone with us
         summary = refresh(config=config, overrides=overrides)
     if args.json:
         print(json.dumps(summary_json(summary, settings.release.name), indent=1, default=str))
@@ -347,6 +368,30 @@ def _cmd_init(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_verify(args: argparse.Namespace) -> int:
+    from valuegate.flows import forget_derived_results
+    from valuegate.storage.verify import check_releases, check_tables, repair
+
+    settings, ws = _settings_and_ws(args)
+    findings = check_tables(ws) + check_releases(ws)
+    dropped = [] if args.no_repair else repair(ws, findings)
+    if dropped:
+        forget_derived_results(settings.workspace)
+    for f in findings:
+        if not f.damaged:
+            print(f"ok       {f.kind} {f.name}" + (f" ({f.detail})" if f.detail else ""))
+        elif f.name in dropped:
+            print(f"REPAIRED {f.kind} {f.name}: {f.problem}; dropped: the next run derives it again")
+        else:
+            what = ("run `valuegate verify` without --no-repair to drop it" if f.derived else
+                    "never rewritten: restore it from a copy (a release: cut a new one with `valuegate run`)")
+            print(f"DAMAGED  {f.kind} {f.name}: {f.problem}; {what}")
+    left = [f for f in findings if f.damaged and f.name not in dropped]
+    print(f"valuegate verify {ws.uri}: {len(findings)} checked, {len(dropped)} repaired, {len(left)} damaged",
+          file=sys.stderr)
+    return DamagedTable.exit_code if left else 0
+
+
 def _cmd_fetch_model(args: argparse.Namespace) -> int:
     from valuegate.engine.default_model import ensure_default_model
 
@@ -367,7 +412,8 @@ def main(argv: list[str] | None = None) -> int:
     handlers = {"score": _cmd_score, "fetch-model": _cmd_fetch_model, "ingest": _cmd_ingest,
                 "extract": _cmd_extract, "valset": _cmd_valset, "score-set": _cmd_score_set, "run": _cmd_run,
                 "release": _cmd_release, "serve": _cmd_serve, "server": _cmd_server,
-                "init": _cmd_init}
+                "init": _cmd_init, "verify": _cmd_verify}
+    previous = _stop_on_signals()
     try:
         return handlers[args.command](args)
     except (InternalError, AssertionError) as exc:  # a broken invariant: a bug, so its traceback too
@@ -380,7 +426,38 @@ def main(argv: list[str] | None = None) -> int:
         return exc.exit_code
     except KeyboardInterrupt:
         print("valuegate: interrupted", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
+    except Exception as exc:  # a full disk or a damaged table met outside the workspace's own calls
+        from valuegate.storage.failures import store_failure
+
+        failure = store_failure(exc)
+        if failure is None:
+            raise
+        print(f"valuegate: error: {failure}", file=sys.stderr)
+        return failure.exit_code
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+EXIT_INTERRUPTED = 130
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    """SIGINT and SIGTERM: stop where Python next runs (within a batch) by raising KeyboardInterrupt; every
+    write is atomic, so nothing half-written is left, and ``main`` says ``valuegate: interrupted``."""
+    raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
+def _stop_on_signals() -> dict[int, object]:
+    """Install :func:`_interrupt` for SIGINT and SIGTERM (also where SIGINT was inherited ignored, as a
+    shell's background job or a scheduler starts it); returns the handlers to put back. Prefect's flow
+    engine hands SIGTERM back to this handler after marking the run Crashed."""
+    previous: dict[int, object] = {}
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(ValueError, OSError):  # not the main thread (an embedding caller): left alone
+            previous[sig] = signal.signal(sig, _interrupt)
+    return previous
 
 
 if __name__ == "__main__":

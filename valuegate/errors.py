@@ -14,7 +14,13 @@ exit    class                   meaning
                                 the previous release stays current
 4       :class:`ClusterLost`    the Dask/Ray cluster went away mid-run: what was stored stays, a re-run
                                 resumes
+5       :class:`NoSpace`        no space left on the device being written: nothing half-written is
+                                visible; free space and run again (it resumes)
+6       :class:`DamagedTable`   a table or release of the workspace is damaged (a truncated or zeroed
+                                file): ``valuegate verify`` says what and repairs what can be derived again
 70      :class:`InternalError`  a broken invariant (a bug in valuegate); EX_SOFTWARE of sysexits.h
+130     (KeyboardInterrupt)     interrupted by SIGINT or SIGTERM: ``valuegate: interrupted``, stopped
+                                within a batch, nothing half-written; a re-run resumes
 ======  ======================  ==========================================================================
 """
 
@@ -49,6 +55,21 @@ class ClusterLost(ValuegateError):
     exit_code = 4
 
 
+class NoSpace(ValuegateError):
+    """The device being written is full (``OSError`` ENOSPC): one line saying what was being written (exit 5).
+    Every write is atomic (a Lance commit, a temporary file renamed), so nothing half-written is visible and
+    a re-run after freeing space resumes."""
+
+    exit_code = 5
+
+
+class DamagedTable(ValuegateError):
+    """A table (or a release) of the workspace cannot be read: a truncated, zeroed or missing data file
+    (exit 6). The line names the table and says to run ``valuegate verify``."""
+
+    exit_code = 6
+
+
 class InternalError(ValuegateError):
     """A broken invariant: a bug in valuegate, not in the input (exit 70, EX_SOFTWARE)."""
 
@@ -58,5 +79,5 @@ class InternalError(ValuegateError):
 #: exit code → the class, for the CLI's help and docs/configuration.md (the codes of ``valuegate``).
 EXIT_CODES: dict[int, type[ValuegateError]] = {
     BadInput.exit_code: BadInput, GateFailed.exit_code: GateFailed, ClusterLost.exit_code: ClusterLost,
-    InternalError.exit_code: InternalError,
+    NoSpace.exit_code: NoSpace, DamagedTable.exit_code: DamagedTable, InternalError.exit_code: InternalError,
 }

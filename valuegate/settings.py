@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextvars
 import difflib
+import glob
 import os
 import re
 import sys
@@ -45,9 +46,11 @@ ENV_PREFIX = "VALUEGATE_"
 
 
 class _Section(BaseModel):
-    """A settings section: an unknown key is an error (a misspelled key must never fall back to a default)."""
+    """A settings section: an unknown key is an error (a misspelled key must never fall back to a default),
+    and so is a float that is not finite (NaN, inf, -inf: pydantic's ``allow_inf_nan=False``), whatever
+    the field's own range says (issue 26: a NaN threshold compared false with every score)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 def _checked_name(value: str, kind: str) -> str:
@@ -461,6 +464,28 @@ def _check_workspace(workspace: str) -> None:
                 where = workspace if p == path else f"{workspace}: {p}"
                 raise ValuegateError(f"workspace {where} is a file, not a directory")
             return
+
+
+def check_run_inputs(settings: Settings) -> None:
+    """What a run reads must be there before anything runs (no server, no table): every ``data.sources``
+    entry (a file or a folder) and ``data.valset_file`` when set; URIs (``scheme://``) are left to their
+    reader.
+
+    Raises:
+        ValuegateError: one line naming the key and the path that is missing.
+    """
+    if not settings.data.sources:
+        raise ValuegateError("data.sources: no sources configured: set data.sources (a list of files) in the config")
+    named = [("data.sources", s) for s in settings.data.sources]
+    named += [("data.valset_file", settings.data.valset_file)] if settings.data.valset_file else []
+    for key, path in named:
+        if "://" in path:
+            continue
+        if any(c in path for c in "*?["):  # a glob of shards (valuegate/inputs/readers.py) must match something
+            if not glob.glob(str(Path(path).expanduser()), recursive=True):
+                raise ValuegateError(f"{key}: {path}: no file matches")
+        elif not Path(path).expanduser().exists():
+            raise ValuegateError(f"{key}: {path}: no such file or folder")
 
 
 def _describe(exc: ValidationError) -> str:

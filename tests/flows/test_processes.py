@@ -188,3 +188,52 @@ def test_the_next_run_marks_a_killed_run_of_its_workspace_crashed(harness, tmp_p
     # the killed and the finished runs are forgotten; the live one and this run are recorded
     assert sorted(p.stem for p in runs.glob("*.json")) == sorted([alive, own])
     assert json.loads((runs / f"{own}.json").read_text())["pid"] == os.getpid()
+
+
+def _ignore_sigint() -> None:
+    """As a shell starts a background job (``cmd &``) or a scheduler its task: SIGINT inherited ignored."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=lambda s: s.name)
+def test_a_signal_during_extraction_stops_the_run_at_once_with_exit_130(tmp_path, tiny_model_dir, sig):
+    """Issue 26: SIGINT to a run's pid during extraction was ignored (the flow finished minutes later, rc 0).
+    Now SIGINT and SIGTERM stop it where Python next runs, with one line and exit 130, leaving no release,
+    no temporary file, and the feature rows committed so far readable (a re-run extracts the rest)."""
+    from valuegate.storage.lance import Workspace
+
+    n = 600
+    config = run_config(tmp_path, tiny_model_dir(), train=(n, 43), valid=(4, 44),
+                        extract={"batch_size": 1}, select={"policy": "keep_all"})
+    ws = tmp_path / "ws"
+    run = subprocess.Popen([sys.executable, "-m", "valuegate.cli", "run", "--config", config],
+                           env=clean_env(tmp_path), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                           text=True, preexec_fn=_ignore_sigint)
+    try:
+        deadline = time.monotonic() + 240
+        while not list(ws.glob("features__*.lance")):  # extraction has started
+            assert run.poll() is None and time.monotonic() < deadline, "the run ended before extracting"
+            time.sleep(0.2)
+        run.send_signal(sig)
+        _, err = run.communicate(timeout=120)
+    finally:
+        if run.poll() is None:
+            run.kill()
+    assert run.returncode == 130, err
+    assert err.strip().splitlines().count("valuegate: interrupted") == 1 and "Traceback" not in err, err
+    assert not list(ws.rglob("manifest.json")) and not [p for p in ws.rglob("*.tmp")]
+    (table,) = [p.name[: -len(".lance")] for p in ws.glob("features__*.lance")]
+    stored = Workspace(str(ws)).count(table)
+    assert stored < n, f"every sample was extracted ({stored}): the signal did not stop the run"
+
+
+def test_a_dead_prefect_api_url_is_one_line_before_the_run_starts(tmp_path, tiny_model_dir):
+    """Issue 26: PREFECT_API_URL pointing at a port nobody listens on ended in Prefect's 110-line traceback."""
+    config = tiny_config(tmp_path, tiny_model_dir())
+    url = f"http://127.0.0.1:{free_port()}/api"
+    p = subprocess.run([sys.executable, "-m", "valuegate.cli", "run", "--config", config],
+                       env={**clean_env(tmp_path), "PREFECT_API_URL": url}, capture_output=True, text=True,
+                       timeout=300)
+    assert p.returncode == 2, p.stderr
+    assert p.stderr.strip().startswith(f"valuegate: error: PREFECT_API_URL {url}: no Prefect API answers there")
+    assert len(p.stderr.strip().splitlines()) == 1 and not (tmp_path / "ws").exists()

@@ -171,3 +171,30 @@ def test_a_user_error_in_a_retried_task_runs_once(prefect_harness, tiny_model_di
     with get_client(sync_client=True) as client:
         run = client.read_task_run(out["task_run_id"])
     assert (run.run_count, run.state.type.value) == (1, "FAILED")
+
+
+def test_a_run_never_deletes_through_links_planted_in_its_releases(prefect_harness, tiny_model_dir, tmp_path):
+    """Issue 26: ``ln -s /some/dir releases/r/v0009`` made the next run delete every file of /some/dir while
+    it cleaned abandoned versions. Now each link is named in a warning and left alone; the run releases."""
+    cfg = _config(tmp_path, tiny_model_dir())
+    outside = tmp_path / "outside"
+    keep = {"a.txt": "keep me", "sub/b.txt": "me too", "data.parquet": "not a release"}
+    _plant(outside, keep)
+    base = tmp_path / "ws" / "releases" / "r"
+    _plant(base, {"v0002/.allocated": "", "v0002/data.parquet": "partial"})  # a real abandoned version
+    (base / "v0009").symlink_to(outside, target_is_directory=True)
+    (base / "v0002" / "gate").symlink_to(outside, target_is_directory=True)
+    (base / ".v0003-report").symlink_to(outside, target_is_directory=True)
+    out, _ = _run(cfg)
+    assert out["version"] == "v0010" and out["current"]
+    assert {str(p.relative_to(outside)): p.read_text() for p in outside.rglob("*") if p.is_file()} == keep
+    assert all((base / link).is_symlink() for link in ("v0009", "v0002/gate", ".v0003-report"))
+    assert not (base / "v0002" / "data.parquet").exists()  # the real abandoned version was still cleaned
+    # the allocate step's warnings (logged by the run) name each link once
+    from valuegate.settings import load_settings
+    from valuegate.tasks import allocate
+
+    res = allocate.run(load_settings(cfg), None, "another-run", "another-key")
+    warned = [w for w in res.warnings if "symbolic link" in w]
+    for link in ("v0009", "v0002/gate", ".v0003-report"):
+        assert sum(str(base / link) in w for w in warned) == 1, warned

@@ -53,14 +53,14 @@ def test_ingest_file_of_a_missing_file_raises_a_user_error(ws, tmp_path):
         ingest_file(ws, "d", tmp_path / "missing.jsonl", 10_000)
 
 
-def test_run_with_a_missing_source_fails_once_with_one_line(prefect_harness, tiny_model_dir, tmp_path,
-                                                            capsys, monkeypatch):
+def test_run_with_a_missing_source_is_refused_before_anything_runs(prefect_harness, tiny_model_dir, tmp_path,
+                                                                   capsys, monkeypatch):
+    """Issue 26: a missing source was refused only after the server started and the flow created the
+    workspace's tables; now before any step runs (no ingest attempt, no table)."""
     from valuegate.flows.refresh import refresh
 
     missing = tmp_path / "missing.jsonl"
     cfg = _config(tmp_path, tiny_model_dir(), data={"sources": [str(missing)]})
-    # count the ingest step's attempts at its body (the task's own run record reaches the API through the
-    # events client, asynchronously, and is lost when an earlier test left that client broken)
     import valuegate.tasks.ingest as ingest_mod
 
     attempts: list[str] = []
@@ -73,16 +73,34 @@ def test_run_with_a_missing_source_fails_once_with_one_line(prefect_harness, tin
     monkeypatch.setattr(ingest_mod, "source_files", counted)
     state = refresh(config=cfg, return_state=True)
     assert state.is_failed()
-    assert attempts == [str(missing)]  # once: a user error is not retried (retries=2 otherwise)
+    assert attempts == []  # refused before the ingest step
     monkeypatch.setattr(ingest_mod, "source_files", real_source_files)
-    with pytest.raises(ValuegateError, match="no such file"):  # the task's own error, not a wrapper
+    with pytest.raises(ValuegateError, match="no such file"):  # the flow's own error, not a wrapper
         state.result()
+    assert not list((tmp_path / "ws").glob("*.lance"))
 
     capsys.readouterr()
     rc = main(["run", "--config", cfg])
     err = capsys.readouterr().err
     assert rc == EXIT_USER_ERROR
-    _one_error_line(err, f"valuegate: error: {missing}: no such file")
+    _one_error_line(err, f"valuegate: error: data.sources: {missing}: no such file or folder")
+
+
+def test_valuegate_run_refuses_a_missing_source_before_its_server_starts(tiny_model_dir, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    missing = tmp_path / "missing.jsonl"
+    cfg = _config(tmp_path, tiny_model_dir(), data={"sources": [str(missing)]})
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    env["PREFECT_HOME"] = str(tmp_path / "prefect-home")
+    p = subprocess.run([sys.executable, "-m", "valuegate.cli", "run", "--config", cfg], env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == EXIT_USER_ERROR
+    # one line: no "Starting temporary server" before it, and no workspace made
+    assert p.stderr.strip() == f"valuegate: error: data.sources: {missing}: no such file or folder"
+    assert not (tmp_path / "ws").exists()
 
 
 # ---- a UTF-8 BOM -----------------------------------------------------------------------------------
@@ -217,3 +235,49 @@ def test_a_prompt_response_row_with_an_empty_response_is_quarantined(ws, tmp_pat
                                                 {"prompt": "w1 ", "response": " \n "}])
     rep = ingest_file(ws, "d", path, 10_000)
     assert (rep.kept, rep.quarantined, rep.reasons) == (1, 2, {"response: empty": 2})
+
+
+# ---- an oversized row names its long field (issue 26) ----------------------------------------------------
+
+
+def test_an_oversized_row_names_the_field_that_is_long(ws, tmp_path):
+    from valuegate.tasks.ingest import ingest_file
+
+    big = "w" * (21 * 1024 * 1024)  # a 21 MB prompt, as a clumsy export makes
+    rows = [{"prompt": big, "response": "ok"}, {"prompt": "ok", "response": big[:300_000]},
+            {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": big[:300_000]}]}]
+    reasons = []
+    for n, row in enumerate(rows):
+        path = tmp_path / f"row{n}.jsonl"
+        path.write_text(json.dumps(row) + "\n")
+        rep = ingest_file(ws, f"d{n}", path, 200_000)
+        assert rep.quarantined == 1
+        (q,) = sstore.read_quarantine(ws, f"d{n}").to_pylist()
+        reasons.append(q["reason"].split(":")[0])
+    assert reasons == ["prompt", "response", "messages[1]"]
+
+
+def test_one_sample_in_two_sources_keeps_the_typed_columns_of_both(ws, tmp_path):
+    """Issue 26: the same samples in a JSONL (first by name, an extra ``note``) and a Parquet with binary,
+    timestamp and decimal columns: the typed columns silently vanished from the release frame (only the
+    first source row's metadata was read). Now the union: every column, nulls where no row has a value."""
+    from valuegate.settings import SelectSettings
+    from valuegate.storage.scores import read_score_run
+    from valuegate.tasks.select import select_samples
+
+    source = _typed_parquet(tmp_path / "b-typed.parquet")
+    rows = [{"prompt": p, "response": r, "note": f"n{i}"} for i, (p, r) in
+            enumerate(zip(source.column("prompt").to_pylist(), source.column("response").to_pylist(), strict=True))]
+    write_jsonl(tmp_path / "a-plain.jsonl", rows)
+    assert ingest_file(ws, "d", tmp_path / "a-plain.jsonl", 10_000).new_samples == 3
+    assert ingest_file(ws, "d", tmp_path / "b-typed.parquet", 10_000).new_samples == 0  # the same samples
+    _score_rows(ws, "d", "run1")
+    frame = read_score_run(ws, "run1", "d")
+    assert frame.height == 3 and frame["source"].to_list() == [str(tmp_path / "a-plain.jsonl")] * 3
+    out = select_samples(frame, SelectSettings(policy="keep_all")).sort("prompt")
+    assert out["note"].to_list() == ["n0", "n1", "n2"]
+    for name, (_, values) in TYPED.items():
+        assert name in out.columns, f"column {name} of the Parquet source vanished"
+        assert out[name].null_count() == sum(v is None for v in values), name
+    for name in ("blob", "seen_at", "day", "price", "tag"):
+        assert out[name].to_list() == TYPED[name][1], name

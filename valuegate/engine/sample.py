@@ -44,3 +44,15 @@ class Sample:
     def counted_field(self) -> str:
         """The field whose tokens the response-only loss counts (used in error messages)."""
         return {"prompt_response": "response", "messages": "messages", "text": "text"}[self.kind]
+
+    @property
+    def longest_field(self) -> str:
+        """The field of most characters, named when the sample is refused as oversized: ``prompt`` or
+        ``response``, ``messages[i]`` (the longest turn), or ``text``."""
+        if self.kind == "prompt_response":
+            return "prompt" if len(self.prompt or "") > len(self.response or "") else "response"
+        if self.kind == "messages" and self.messages:
+            sizes = [len(m["content"]) if isinstance(m["content"], str)
+                     else sum(len(p.get("text", "")) for p in m["content"]) for m in self.messages]
+            return f"messages[{max(range(len(sizes)), key=sizes.__getitem__)}]"
+        return self.counted_field

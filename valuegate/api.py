@@ -123,13 +123,16 @@ def score_inputs(train: TableLike, valid: TableLike, settings: Settings,
                  progress: bool = False) -> tuple[pl.DataFrame, ValueMatrix]:
     """:func:`score` with resolved settings, also returning the value matrix (``valuegate score`` prints its
     summary from it). Returns ``(table, ValueMatrix)``; the table is described in :func:`score`."""
+    from valuegate.engine.model_cache import kept_model, shared_model
     from valuegate.file_scoring import score_samples
 
     train_df, train_samples = read_input(train, "train")
     _, valid_samples = read_input(valid, "valid")
     t_src = os.fspath(train) if isinstance(train, (str, os.PathLike)) else "train"
     v_src = os.fspath(valid) if isinstance(valid, (str, os.PathLike)) else "valid"
-    return score_samples(train_df, train_samples, valid_samples, settings, progress, None, t_src, v_src)
+    # the model stays loaded in this process for the next call with the same model (a notebook's second call)
+    return score_samples(train_df, train_samples, valid_samples, settings, progress, kept_model(settings.model),
+                         t_src, v_src, loader=shared_model)
 
 
 def score(train: TableLike, valid: TableLike, settings: Settings | None = None, *,

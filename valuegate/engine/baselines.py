@@ -42,6 +42,7 @@ import torch
 
 from valuegate.engine.columns import BASELINE_COLUMNS
 from valuegate.engine.model import EncodedSample, LoadedModel, length_batches
+from valuegate.engine.progress import Progress
 from valuegate.engine.sample import Sample
 from valuegate.settings import ExtractSettings
 
@@ -84,7 +85,8 @@ def _log_likelihood(lm: LoadedModel, hidden: torch.Tensor, targets: torch.Tensor
     return torch.log_softmax(logits, dim=-1).gather(1, targets[:, None])[:, 0]
 
 
-def unconditional_losses(lm: LoadedModel, samples: list[Sample], cfg: ExtractSettings) -> np.ndarray:
+def unconditional_losses(lm: LoadedModel, samples: list[Sample], cfg: ExtractSettings, progress: bool = True,
+                         desc: str = "IFD") -> np.ndarray:
     """Mean loss (nats) of each sample's response alone: one forward pass, batched by length like extraction
     (``batch_size``, ``max_batch_tokens``; the head in float32 on chunks within ``prob_budget_mb``).
 
@@ -106,6 +108,8 @@ def unconditional_losses(lm: LoadedModel, samples: list[Sample], cfg: ExtractSet
             which.append(i)
     pad_id = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0
     max_rows = max(1, (cfg.prob_budget_mb << 20) // (lm.vocab_size * 4 * 2))
+    bar = Progress(len(samples), desc, bar=progress)
+    bar.update(len(samples) - len(enc))
     for batch in length_batches([len(e.input_ids) for e in enc], cfg.batch_size, cfg.max_batch_tokens):
         items = [enc[i] for i in batch]
         ids, mask = pad_batch(items, pad_id, lm.device)
@@ -119,6 +123,8 @@ def unconditional_losses(lm: LoadedModel, samples: list[Sample], cfg: ExtractSet
                 bounds = np.concatenate([[0], np.cumsum(counts[lo:hi])])
                 for k in range(hi - lo):
                     out[which[batch[lo + k]]] = -ll[bounds[k]:bounds[k + 1]].mean()
+        bar.update(len(batch))
+    bar.close()
     return out
 
 

@@ -19,7 +19,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from valuegate.engine.forvalue import (
     SparseFeatures,
@@ -29,6 +28,7 @@ from valuegate.engine.forvalue import (
     sparse_features,
 )
 from valuegate.engine.model import EncodedSample, LoadedModel, encode_sample, length_batches
+from valuegate.engine.progress import Progress
 from valuegate.engine.quantize import quantize_rows
 from valuegate.engine.sample import Sample
 from valuegate.engine.sketch import count_sketch
@@ -101,8 +101,9 @@ def iter_token_blocks(lm: LoadedModel, encoded: list[EncodedSample], cfg: Extrac
         cfg: batch size, token and memory budgets.
         samples: the samples (only to name file and row in errors).
         lowest_likelihood_ratio: keep only this fraction of each sample's counted positions, the hardest.
-        progress: show a progress bar on stderr.
-        desc: label of the progress bar.
+        progress: a progress bar when stderr is a terminal (else, and without it, a log line every ~10 s:
+            :class:`~valuegate.engine.progress.Progress`).
+        desc: label of the progress.
         stats: filled in as the work goes.
 
     Yields:
@@ -113,7 +114,7 @@ def iter_token_blocks(lm: LoadedModel, encoded: list[EncodedSample], cfg: Extrac
     """
     lengths = [len(e.input_ids) for e in encoded]
     batches = length_batches(lengths, cfg.batch_size, cfg.max_batch_tokens)
-    bar = tqdm(total=len(encoded), desc=desc, unit="sample", disable=not progress, leave=False)
+    bar = Progress(len(encoded), desc, bar=progress)
     try:
         yield from _forward_batches(lm, encoded, batches, cfg, samples, lowest_likelihood_ratio, stats, bar)
     finally:
@@ -122,7 +123,7 @@ def iter_token_blocks(lm: LoadedModel, encoded: list[EncodedSample], cfg: Extrac
 
 def _forward_batches(lm: LoadedModel, encoded: list[EncodedSample], batches: list[list[int]], cfg: ExtractSettings,
                      samples: list[Sample] | None, lowest_likelihood_ratio: float, stats: ExtractionStats | None,
-                     bar: tqdm) -> Iterator[tuple[list[int], TokenBlock]]:
+                     bar: Progress) -> Iterator[tuple[list[int], TokenBlock]]:
     """The forward passes of :func:`iter_token_blocks` over given batches (indices into ``encoded``)."""
     pad_id = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0
     factor = 3 if lm.softcap is None and lm.logit_scale == 1.0 else 4  # logits, log-probs, probs (+ jac)
@@ -453,7 +454,7 @@ def iter_sample_blocks(lm: LoadedModel, samples: list[Sample], cfg: ExtractSetti
         return
     n_workers = encode_workers(cfg) if workers is None else workers
     window = max(1, cfg.batch_size * ENCODE_WINDOW_BATCHES)
-    bar = tqdm(total=len(samples), desc=desc, unit="sample", disable=not progress, leave=False)
+    bar = Progress(len(samples), desc, bar=progress)
     windows = _encoded_windows(lm.tokenizer, samples, cfg, window, n_workers)
     # On CPU the forward's intra-op threads and the encoding threads share the cores: torch's OpenMP threads
     # spin between parallel regions and starve the encoders (on 2 cores, 2 encoders beside 2 torch threads

@@ -35,7 +35,7 @@ from valuegate.engine.model import (
     load_tokenizer,
     model_fingerprint,
 )
-from valuegate.engine.progress import use_progress_interval
+from valuegate.engine.progress import Progress, use_progress_interval
 from valuegate.engine.sample import Sample
 from valuegate.engine.signals import check_reference_size
 from valuegate.errors import ValuegateError
@@ -156,17 +156,16 @@ def extract_to_store(ws, lm_loader, ids: list[str], samples: list[Sample], cfg: 
     ph, pe = projections(cfg, lm.hidden_size, lm.vocab_size)
     ph = ph.to(lm.device) if ph is not None else None
     pe = pe.to(lm.device) if pe is not None else None
-    t0 = time.perf_counter()  # IFD's pass of the responses alone, first: each row is written once, whole
-    if unconditional:
-        uncond = unconditional_losses(lm, todo_samples, cfg, progress=progress, desc=f"{desc} (IFD)")
-    else:
-        uncond = np.full(len(todo_samples), np.nan)
-    report.uncond_seconds = time.perf_counter() - t0
+    # IFD's pass of the responses alone runs ahead of the main pass, window by window of its batches: each row
+    # is written once, whole, and rows are committed as they come (not after a pass over every sample)
+    ahead = UnconditionalAhead(lm, todo_samples, cfg, commit_seconds / 2, progress, f"{desc} (IFD)") \
+        if unconditional and not lm.is_vision else None
+    uncond = ahead.losses if ahead is not None else np.full(len(todo_samples), np.nan)
     batch_no = time.time_ns() // 1000  # unique per run; rows carry the batch they were committed in
     buffer: list[dict] = []
     t_last = t_commit = time.perf_counter()
     for idx, block in iter_sample_blocks(lm, todo_samples, cfg, 1.0, progress, desc, report.stats, refused,
-                                         truncated=cut):
+                                         truncated=cut, before=ahead.before if ahead is not None else None):
         feats = stored_features(block_features(block, cfg, ph, pe, lowest_likelihood_ratio), cfg,
                                 [f"sample {todo_ids[i][:12]}" for i in idx])
         now = time.perf_counter()
@@ -184,10 +183,62 @@ def extract_to_store(ws, lm_loader, ids: list[str], samples: list[Sample], cfg: 
         fstore.write_features(ws, model_fp, buffer, lm.hidden_size, cfg.error_dim, cfg.sketch_dim)
         report.extracted += len(buffer)
         report.batches += 1
+    if ahead is not None:
+        ahead.close()
+        report.uncond_seconds = ahead.seconds
     report.refused.extend((todo_ids[i], why) for i, why in refused)
     report.truncated = len(cut)
     report.indexed = fstore.maybe_index_features(ws, model_fp, cfg.vector_index_min_rows)
     return report
+
+
+class UnconditionalAhead:
+    """IFD's unconditional pass run ahead of the main pass of :func:`extract_to_store`, a window of the main
+    pass's batches at a time (its ``before`` hook): before batch ``k`` runs, the responses of every sample of
+    batches ``k`` .. ``m`` have their loss in :attr:`losses`.
+
+    A window's samples have similar lengths (the main batches are length-sorted), so their responses batch with
+    little padding (sorted again by their own length, in batches of ``batch_size`` × the window's longest
+    response in tokens: :func:`~valuegate.engine.baselines.unconditional_losses`). The window
+    grows while the pass over it takes under ``budget_s`` seconds (so rows are still committed about every
+    ``2 × budget_s``), from 4 batches up to 256: on a fast device the windows become large, the batches of
+    the pass nearly those of a pass sorted over every sample.
+
+    Attributes:
+        losses: ``(n,)`` float64, NaN until computed (and where undefined).
+        seconds: time spent in the pass.
+    """
+
+    MIN_BATCHES, MAX_BATCHES = 4, 256
+
+    def __init__(self, lm: LoadedModel, samples: list[Sample], cfg: ExtractSettings, budget_s: float,
+                 progress: bool, desc: str) -> None:
+        self.lm, self.samples, self.cfg, self.budget_s = lm, samples, cfg, budget_s
+        self.losses = np.full(len(samples), np.nan)
+        self.bar = Progress(len(samples), desc, bar=progress)
+        self.done_upto = 0  # batches of the main plan whose samples have their loss
+        self.window = self.MIN_BATCHES
+        self.seconds = 0.0
+
+    def before(self, plan: list[list[int]], k: int) -> None:
+        """The main pass's hook: run the pass over the next window when batch ``k`` is not covered yet."""
+        if k < self.done_upto:
+            return
+        hi = min(len(plan), k + self.window)
+        idx = [i for b in plan[k:hi] for i in b]
+        t0 = time.perf_counter()
+        self.losses[idx] = unconditional_losses(self.lm, [self.samples[i] for i in idx], self.cfg, bar=self.bar)
+        took = time.perf_counter() - t0
+        self.seconds += took
+        self.done_upto = hi
+        if took < self.budget_s / 2:
+            self.window = min(self.MAX_BATCHES, self.window * 2)
+        elif took > self.budget_s:
+            self.window = max(self.MIN_BATCHES, self.window // 2)
+
+    def close(self) -> None:
+        """End the pass's progress."""
+        self.bar.close()
 
 
 def say_older_format(ws, model_fp: str, fp_settings: dict, n: int) -> int | None:

@@ -89,3 +89,27 @@ def test_run_summary_names_the_choice():
                "report": "/tmp/r.html", "unconditional": {"setting": "auto", "ran": False}}
     lines = summary_lines(summary, "r", 64)
     assert "IFD pass (each response alone): skipped, ifd is null (extract.unconditional = auto)" in lines
+
+
+def test_the_pass_run_ahead_in_windows_equals_one_pass(tmp_path, tiny_model_dir):
+    """Stored ``uncond_loss`` (the pass run a window of the main batches at a time, windows growing, token
+    sized batches) equals the pass over every sample at once, within float32 rounding."""
+    from valuegate.engine.baselines import unconditional_losses
+    from valuegate.engine.model import load_model
+
+    rows = random_rows(30, seed=26)
+    ws = valuegate.Workspace(tmp_path / "ws", model={"name": str(tiny_model_dir()), "device": "cpu"},
+                             extract={"batch_size": 2, "unconditional": "always"})
+    ws.ingest("d", write_jsonl(tmp_path / "t.jsonl", rows))
+    rep = ws.extract("d")
+    ids = sorted(fstore.feature_ids(ws.store, rep.model_fp))
+    got = fstore.read_features(ws.store, rep.model_fp, ids, ["id", "uncond_loss"]).to_pylist()
+    from valuegate.storage import samples as sstore
+    from valuegate.tasks.ingest import sample_from_record
+
+    recs = {r["id"]: sample_from_record(r) for r in sstore.read_samples_by_id(ws.store, ids).to_pylist()}
+    lm = load_model(ws.settings.model, progress=False)
+    want = unconditional_losses(lm, [recs[r["id"]] for r in got], ws.settings.extract, progress=False)
+    have = np.array([np.nan if r["uncond_loss"] is None else r["uncond_loss"] for r in got])
+    assert len(got) == 30 and np.isfinite(have).all() and np.isfinite(want).all()
+    np.testing.assert_allclose(have, want, rtol=1e-5)

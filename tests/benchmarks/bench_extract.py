@@ -1,6 +1,6 @@
 """``valuegate extract`` as a user runs it, against a bare forward over the same rows (issue 29).
 
-    python -m tests.benchmarks.bench_extract [--rows 64] [--rounds 3] [--out bench-results]
+    python -m tests.benchmarks.bench_extract [--rows 64] [--rounds 3] [--out bench-results] [--only startup]
 
 On the embedded default model (SmolLM2-135M-Instruct), for short-answer rows (DataInf grammars, read from
 ``../shared/data/datainf``) and long-answer rows (GSM8K worked answers, ``tests/benchmarks/data``), per
@@ -17,6 +17,9 @@ round and interleaved (one process; the model loaded once, outside every timing)
 Ratios are of summed seconds over the rounds: ``extract_never / bare`` (target <= 1.05),
 ``extract_always / bare`` (target <= 1.05 x (1 + share), ``share`` = response-alone tokens / row tokens)
 and ``uncond / (share x bare)`` (the extra pass against its share of a bare forward, target <= 1.05).
+
+``--only startup``: a one-off ``valuegate.score`` of 8 GSM8K rows against 8 others in a fresh process (import,
+tokenising, model load, the passes), then a second call in the same process (the model kept loaded).
 """
 
 from __future__ import annotations
@@ -110,13 +113,60 @@ def bench_set(lm, settings, name: str, path: Path, rows: int, rounds: int) -> di
             "uncond_x_bare_response": t["uncond"] / t["bare_response"]}
 
 
+STARTUP = """
+import json, sys, time
+t0 = time.perf_counter()
+import valuegate
+from valuegate.api import resolve_settings, score_inputs
+t_import = time.perf_counter() - t0
+rows, valid = sys.argv[1], sys.argv[2]
+s = resolve_settings(None, None, {})
+out = {"import_s": t_import}
+for call in ("first", "second"):
+    t0 = time.perf_counter()
+    _, vm = score_inputs(rows, valid, s)
+    out[call] = {"total_s": time.perf_counter() - t0, **{k: round(v, 3) for k, v in vm.timings.items()}}
+print(json.dumps(out))
+"""
+
+
+def bench_startup(path: Path, rows: int = 8) -> dict:
+    """A one-off ``valuegate.score`` of ``rows`` rows against ``rows`` others in a fresh process, then a second
+    call in that process: seconds of the import, tokenising, the model load, the passes (first batch
+    included) and in all."""
+    import subprocess
+    import sys
+
+    _, samples = read_samples(str(path))
+    with tempfile.TemporaryDirectory() as tmp:
+        files = []
+        for name, part in (("train", samples[:rows]), ("valid", samples[rows:2 * rows])):
+            f = Path(tmp) / f"{name}.jsonl"
+            f.write_text("".join(json.dumps({"prompt": x.prompt, "response": x.response}) + "\n" for x in part))
+            files.append(str(f))
+        t0 = time.perf_counter()
+        res = subprocess.run([sys.executable, "-c", STARTUP, *files], capture_output=True, text=True, check=True)
+        wall = time.perf_counter() - t0
+    return {"rows": rows, "process_wall_s": wall, **json.loads(res.stdout.strip().splitlines()[-1])}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rows", type=int, default=64)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--out", default="bench-results")
     ap.add_argument("--dtype", default="auto", help="model.dtype (auto: float32 on CPU, bfloat16 on CUDA)")
+    ap.add_argument("--only", choices=["extract", "startup"], default=None)
+    ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's); "
+                    "on a machine whose cores other processes share, 1 avoids OpenMP's waits on preempted threads")
     a = ap.parse_args()
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    if a.only == "startup":
+        res = bench_startup(SETS["gsm8k (worked answers)"])
+        print(json.dumps(res, indent=1))
+        write_json(a.out, "bench_startup", res)
+        return
     settings = default_settings()
     settings = settings.model_copy(update={"model": settings.model.model_copy(update={"dtype": a.dtype})})
     t0 = time.perf_counter()
@@ -130,6 +180,7 @@ def main() -> None:
             print(f"skipped {name}: {path} not found")
             continue
         out["sets"].append(bench_set(lm, settings, name, path, a.rows, a.rounds))
+        print(json.dumps(out["sets"][-1]), flush=True)
     m = out["machine"]
     print(f"\nmachine: {m['cpu']}, {m['cores']} cores ({m['threads']} torch threads), {m['device']} {m['dtype']}; "
           f"model {out['model']}")

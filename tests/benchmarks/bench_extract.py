@@ -48,15 +48,23 @@ SETS = {"datainf grammars (short answers)": DATAINF / "grammars_train.jsonl",
         "gsm8k (worked answers)": HERE / "data" / "gsm8k_sample.jsonl"}
 
 
+def _sync(lm) -> None:
+    """Wait for the GPU's queued work (a CUDA timing is of the work, not of its launch)."""
+    if lm.device.type == "cuda":
+        torch.cuda.synchronize(lm.device)
+
+
 def _bare(lm, encoded, ex) -> float:
     """Seconds of ``model(**batch)`` over ``encoded`` in extraction's length-sorted batches."""
     pad = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0
     t = 0.0
     for batch in length_batches([len(e.input_ids) for e in encoded], ex.batch_size, ex.max_batch_tokens):
         ids, mask = pad_batch([encoded[i] for i in batch], pad, lm.device)
+        _sync(lm)
         t0 = time.perf_counter()
         with torch.inference_mode():
             lm.model(input_ids=ids, attention_mask=mask)
+        _sync(lm)
         t += time.perf_counter() - t0
     return t
 
@@ -156,6 +164,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--out", default="bench-results")
     ap.add_argument("--dtype", default="auto", help="model.dtype (auto: float32 on CPU, bfloat16 on CUDA)")
+    ap.add_argument("--datainf", default=str(DATAINF), help="folder of the DataInf JSONL files")
     ap.add_argument("--only", choices=["extract", "startup"], default=None)
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's); "
                     "on a machine whose cores other processes share, 1 avoids OpenMP's waits on preempted threads")
@@ -175,7 +184,8 @@ def main() -> None:
     out = {"machine": {"cpu": cpu_name(), "cores": os.cpu_count(), "threads": torch.get_num_threads(),
                        "torch": torch.__version__, "device": str(lm.device), "dtype": str(lm.model.dtype)},
            "model": settings.model.name, "model_load_s": load_s, "sets": []}
-    for name, path in SETS.items():
+    sets = {**SETS, "datainf grammars (short answers)": Path(a.datainf) / "grammars_train.jsonl"}
+    for name, path in sets.items():
         if not path.exists():
             print(f"skipped {name}: {path} not found")
             continue

@@ -277,11 +277,13 @@ def cached_model(cache: dict, model_cfg: ModelSettings, tokenizer: object, progr
 
 def feature_fingerprint(settings: Settings, tokenizer: object, ratio: float) -> tuple[dict, str]:
     """The fingerprint settings and hash features of ``settings`` are stored under: those of the model and
-    extraction (:func:`~valuegate.engine.model.fingerprint_settings`) and ``unconditional``, whether IFD's pass
-    of the responses alone runs (:func:`~valuegate.settings.needs_unconditional`: a table either holds
-    every ``uncond_loss`` it can or none)."""
-    fps = {**fingerprint_settings(settings.model, settings.extract, tokenizer, ratio),
-           "unconditional": needs_unconditional(settings)}
+    extraction (:func:`~valuegate.engine.model.fingerprint_settings`) and, when IFD's pass of the responses
+    alone does not run (:func:`~valuegate.settings.needs_unconditional`), ``"unconditional": False``: a
+    table holds every ``uncond_loss`` it can, or none. Absent, the pass runs, as it always did before
+    ``extract.unconditional``: features stored by an earlier valuegate keep their fingerprint."""
+    fps = fingerprint_settings(settings.model, settings.extract, tokenizer, ratio)
+    if not needs_unconditional(settings):
+        fps["unconditional"] = False
     return fps, model_fingerprint(fps)
 
 
@@ -531,7 +533,8 @@ def extract_for_run(ws: Workspace, dataset: str, valset_ref: str, settings: Sett
         raise ValuegateError(f"{valset}: a validation sample cannot be valued: {rep_v.refused[0][1]}")
     timings["extract"] = time.perf_counter() - t0
     result = ExtractResult(valset, fp_t, fp_v, len(ids), rep_t.extracted, rep_v.extracted,
-                           [tuple(p) for p in rep_t.refused or []], timings, bool(fp_t_settings["unconditional"]))
+                           [tuple(p) for p in rep_t.refused or []], timings,
+                           bool(fp_t_settings.get("unconditional", True)))
     return result, rep_t, rep_v
 
 

@@ -113,3 +113,18 @@ def test_the_pass_run_ahead_in_windows_equals_one_pass(tmp_path, tiny_model_dir)
     have = np.array([np.nan if r["uncond_loss"] is None else r["uncond_loss"] for r in got])
     assert len(got) == 30 and np.isfinite(have).all() and np.isfinite(want).all()
     np.testing.assert_allclose(have, want, rtol=1e-5)
+
+
+def test_features_stored_before_the_setting_keep_their_fingerprint(tiny_model_dir):
+    """With the pass (the defaults), the fingerprint is the one valuegate used before the setting existed (the
+    pass always ran): a workspace extracted then is not extracted again; without it, another fingerprint."""
+    from valuegate.engine.model import fingerprint_settings, load_tokenizer, model_fingerprint
+    from valuegate.tasks.extract import feature_fingerprint
+
+    s = _settings(model={"name": str(tiny_model_dir()), "device": "cpu"})
+    tok = load_tokenizer(s.model)
+    before = model_fingerprint(fingerprint_settings(s.model, s.extract, tok, 1.0))
+    assert feature_fingerprint(s, tok, 1.0)[1] == before
+    never = s.model_copy(update={"extract": s.extract.model_copy(update={"unconditional": "never"})})
+    fps, fp = feature_fingerprint(never, tok, 1.0)
+    assert fp != before and fps["unconditional"] is False

@@ -158,6 +158,9 @@ def score(train: TableLike, valid: TableLike, settings: Settings | None = None, 
         validation set; high: unlike it), ``suspect_reason`` and one column per signal. For ``pairwise``
         n·m rows: ``train_row``, ``valid_row``, ``value``.
 
+    The model stays loaded in the process (one model: ``valuegate.engine.model_cache``), so the next call
+    with the same model settings starts at once; ``valuegate.engine.model_cache.clear_model_cache()`` frees it.
+
     Raises:
         ValuegateError: a bad setting, file, row or field (one line naming it).
         TypeError: an input of another kind.

@@ -41,7 +41,7 @@ import numpy as np
 import torch
 
 from valuegate.engine.columns import BASELINE_COLUMNS
-from valuegate.engine.model import EncodedSample, LoadedModel, length_batches
+from valuegate.engine.model import EncodedSample, LoadedModel
 from valuegate.engine.progress import Progress
 from valuegate.engine.sample import Sample
 from valuegate.settings import ExtractSettings
@@ -86,13 +86,35 @@ def _log_likelihood(lm: LoadedModel, hidden: torch.Tensor, targets: torch.Tensor
     return logits.gather(1, targets[:, None])[:, 0] - torch.logsumexp(logits, dim=-1)
 
 
+def tight_batches(lengths: list[int], max_tokens: int, max_padding: float = 0.1) -> list[list[int]]:
+    """Indices of ``lengths`` sorted by length (stable), cut into batches of at most ``max_tokens`` padded tokens
+    whose padding is at most ``max_padding`` of their real tokens (a batch closes when the next, longer sample
+    would pad it beyond that): few batches, little padding."""
+    order = sorted(range(len(lengths)), key=lambda i: (lengths[i], i))
+    out: list[list[int]] = []
+    cur: list[int] = []
+    real = 0
+    for i in order:
+        n = lengths[i]
+        padded = n * (len(cur) + 1)
+        if cur and (padded > max_tokens or padded > (1 + max_padding) * (real + n)):
+            out.append(cur)
+            cur, real = [], 0
+        cur.append(i)
+        real += n
+    if cur:
+        out.append(cur)
+    return out
+
+
 def unconditional_losses(lm: LoadedModel, samples: list[Sample], cfg: ExtractSettings, progress: bool = True,
                          desc: str = "IFD", bar: Progress | None = None,
                          batch_tokens: int | None = None) -> np.ndarray:
     """Mean loss (nats) of each sample's response alone: one forward pass over the responses sorted by length,
     in batches of at most ``batch_tokens`` padded tokens (default ``batch_size`` × the longest response, so
     never more than a batch of extraction; the batch holds as many short responses as fit, not
-    ``batch_size``), the head in float32 at the counted positions only, in chunks within ``prob_budget_mb``.
+    ``batch_size``) and at most 10% padding (:func:`tight_batches`), the head in float32 at the counted
+    positions only, in chunks within ``prob_budget_mb``.
 
     Args:
         progress, desc: a bar on a terminal, else log lines (:class:`~valuegate.engine.progress.Progress`).
@@ -126,7 +148,7 @@ def unconditional_losses(lm: LoadedModel, samples: list[Sample], cfg: ExtractSet
     tracker.update(len(samples) - len(enc))
     lengths = [len(e.input_ids) for e in enc]
     budget = min(cfg.max_batch_tokens, batch_tokens or cfg.batch_size * max(lengths, default=1))
-    for batch in length_batches(lengths, len(enc) or 1, budget):
+    for batch in tight_batches(lengths, budget):
         items = [enc[i] for i in batch]
         ids, mask = pad_batch(items, pad_id, lm.device)
         with torch.inference_mode():

@@ -128,3 +128,16 @@ def test_features_stored_before_the_setting_keep_their_fingerprint(tiny_model_di
     never = s.model_copy(update={"extract": s.extract.model_copy(update={"unconditional": "never"})})
     fps, fp = feature_fingerprint(never, tok, 1.0)
     assert fp != before and fps["unconditional"] is False
+
+
+def test_tight_batches_cover_every_sample_once_within_the_padding_and_token_bounds():
+    from valuegate.engine.baselines import tight_batches
+
+    rng = np.random.default_rng(0)
+    lengths = [int(x) for x in rng.integers(2, 300, size=200)]
+    batches = tight_batches(lengths, max_tokens=2000, max_padding=0.1)
+    assert sorted(i for b in batches for i in b) == list(range(200))
+    for b in batches:
+        padded, real = len(b) * max(lengths[i] for i in b), sum(lengths[i] for i in b)
+        assert len(b) == 1 or (padded <= 2000 and padded <= 1.1 * real)
+    assert tight_batches([], 100) == []

@@ -7,7 +7,7 @@ TORCH  ?= torch==2.13.0
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.valuegate-installed
 
-.PHONY: install model demo test check bench lint clean server
+.PHONY: install model demo test check bench bench-gpu lint clean server
 
 install: $(STAMP)
 
@@ -50,6 +50,12 @@ bench: model
 	$(BIN)/python -m tests.benchmarks.bench_vlm
 	$(BIN)/python -m tests.benchmarks.bench_runners
 	$(BIN)/python -m tests.benchmarks.bench_writers
+
+# The GPU benchmark in one command, on a machine with a CUDA GPU and no network (nothing is fetched: run
+# `make model` while online first): valuegate extract in bfloat16 and float32 against a bare forward, and
+# the start-up of a one-off valuegate.score; JSON to bench-results/gpu/.
+bench-gpu:
+	$(BIN)/python -m tests.benchmarks.bench_gpu
 
 lint: install
 	$(BIN)/ruff check .

@@ -70,7 +70,7 @@ from valuegate.flows.stale_runs import check_stale_runs
 from valuegate.flows.user_errors import retry_unless_user_error
 from valuegate.flows.validation import register_validation_version
 from valuegate.inputs.readers import source_files
-from valuegate.settings import Settings, check_run_inputs, load_settings
+from valuegate.settings import Settings, check_run_inputs, load_settings, needs_unconditional
 from valuegate.storage import schemas
 from valuegate.storage.versions import table_versions, workspace_uri
 from valuegate.tasks import allocate as allocate_step
@@ -136,7 +136,8 @@ def _score_key(params: dict[str, Any]) -> dict[str, Any]:
             "valset": [valset["valset"], valset["content_hash"]],
             "model": s.model.model_dump(mode="json"), "model_files": files_stat(model_dir),
             "adapter_files": files_stat(s.model.adapter), "extract": s.extract.model_dump(mode="json", exclude={"encode_workers"}),
-            "score": s.score.model_dump(mode="json"), "code": code_fingerprint()}
+            "score": s.score.model_dump(mode="json"), "unconditional": needs_unconditional(s),
+            "code": code_fingerprint()}
 
 
 def _extract_key(params: dict[str, Any]) -> dict[str, Any]:
@@ -506,7 +507,9 @@ def refresh(config: str | None = None, overrides: dict[str, Any] | None = None) 
         frequent first), ``gate`` (``passed``, ``failures``), ``timings`` (wall seconds per step:
         ``ingest``, ``validation-set``, ``extract``, ``score``, ``select``, ``allocate``, ``gate``,
         ``release``, ``report``, ``promote``, and ``total``), ``cached_steps`` (steps answered by the cache),
-        ``resumed`` (whether the release was one a failed run left); with a dask/ray runner also
+        ``resumed`` (whether the release was one a failed run left), ``unconditional`` (``setting``, the
+        configured ``extract.unconditional``, and ``ran``, whether IFD's pass of the responses alone ran:
+        without it ``ifd`` is null); with a dask/ray runner also
         ``shards`` (``missing``, ``shards``, ``extracted``, ``workers``, ``model_loads``; the shards' wall
         time counts in ``timings["extract"]``) and ``score_shards`` (``shards``, ``submitted``, ``workers``,
         ``context_loads``: reads of the validation side, one per worker process).
@@ -600,6 +603,8 @@ def refresh(config: str | None = None, overrides: dict[str, Any] | None = None) 
             "kept": int(selected["keep"].sum()), "dropped_reasons": dropped_reason_counts(selected),
             "gate": {"passed": verdict["passed"], "failures": verdict["failures"]},
             "valset": valset["valset"], "run_id": run["run_id"],
+            "unconditional": {"setting": settings.extract.unconditional,
+                              "ran": bool(extracted.get("unconditional", True))},
             "timings": dict(step.timings), "cached_steps": list(step.cached), "resumed": version == resume,
             **({"shards": sharded, "score_shards": run["score_shards"]} if sharded is not None else {})}
 

@@ -35,10 +35,11 @@ from valuegate.engine.model import (
     load_tokenizer,
     model_fingerprint,
 )
+from valuegate.engine.progress import Progress, use_progress_interval
 from valuegate.engine.sample import Sample
 from valuegate.engine.signals import check_reference_size
 from valuegate.errors import ValuegateError
-from valuegate.settings import ExtractSettings, ModelSettings, Settings
+from valuegate.settings import ExtractSettings, ModelSettings, Settings, needs_unconditional
 from valuegate.storage import features as fstore
 from valuegate.storage import samples as sstore
 from valuegate.storage.images import attach_image_data
@@ -69,6 +70,7 @@ class StoreExtractReport:
     stats: ExtractionStats | None = None
     indexed: bool = False
     uncond_seconds: float = 0.0  # the unconditional pass (IFD) over the extracted samples
+    unconditional: bool = True  # whether the unconditional pass ran (extract.unconditional, resolved)
 
     def line(self) -> str:
         """One human line."""
@@ -115,7 +117,8 @@ def feature_row(sample_id: str, f: SparseFeatures, batch: int, seconds: float, t
 
 def extract_to_store(ws, lm_loader, ids: list[str], samples: list[Sample], cfg: ExtractSettings,
                      model_fp: str, fp_settings: dict, lowest_likelihood_ratio: float = 1.0,
-                     write_every: int = 256, progress: bool = True, desc: str = "extract") -> StoreExtractReport:
+                     write_every: int = 256, progress: bool = True, desc: str = "extract",
+                     commit_seconds: float = 60.0) -> StoreExtractReport:
     """Extract features for the ``ids`` that have none for ``model_fp`` and write them as they come.
 
     Args:
@@ -125,9 +128,15 @@ def extract_to_store(ws, lm_loader, ids: list[str], samples: list[Sample], cfg: 
         ids, samples: the samples to cover (same order).
         cfg: extraction settings. model_fp, fp_settings: the fingerprint and what it covers.
         lowest_likelihood_ratio: for training sets; validation sets use 1.
-        write_every: samples per committed batch.
+        write_every: samples per committed batch (at most; a batch is also committed once
+            ``commit_seconds`` have passed since the last commit, so a crash loses little).
+
+    The unconditional pass (IFD's response alone) runs when ``fp_settings["unconditional"]`` is true (the
+    resolved ``extract.unconditional``; absent: true); otherwise every row's ``uncond_loss`` is null.
     """
-    report = StoreExtractReport(model_fp, requested=len(set(ids)), refused=[], stats=ExtractionStats())
+    unconditional = bool(fp_settings.get("unconditional", True))
+    report = StoreExtractReport(model_fp, requested=len(set(ids)), refused=[], stats=ExtractionStats(),
+                                unconditional=unconditional)
     have = fstore.feature_ids(ws, model_fp)
     todo: dict[str, Sample] = {}
     for sid, s in zip(ids, samples, strict=True):
@@ -153,14 +162,16 @@ def extract_to_store(ws, lm_loader, ids: list[str], samples: list[Sample], cfg: 
     ph, pe = projections(cfg, lm.hidden_size, lm.vocab_size)
     ph = ph.to(lm.device) if ph is not None else None
     pe = pe.to(lm.device) if pe is not None else None
-    t0 = time.perf_counter()  # IFD's pass of the responses alone, first: each row is written once, whole
-    uncond = unconditional_losses(lm, todo_samples, cfg)
-    report.uncond_seconds = time.perf_counter() - t0
+    # IFD's pass of the responses alone runs ahead of the main pass, window by window of its batches: each row
+    # is written once, whole, and rows are committed as they come (not after a pass over every sample)
+    ahead = UnconditionalAhead(lm, todo_samples, cfg, commit_seconds / 2, progress, f"{desc} (IFD)") \
+        if unconditional and not lm.is_vision else None
+    uncond = ahead.losses if ahead is not None else np.full(len(todo_samples), np.nan)
     batch_no = time.time_ns() // 1000  # unique per run; rows carry the batch they were committed in
     buffer: list[dict] = []
-    t_last = time.perf_counter()
+    t_last = t_commit = time.perf_counter()
     for idx, block in iter_sample_blocks(lm, todo_samples, cfg, 1.0, progress, desc, report.stats, refused,
-                                         truncated=cut):
+                                         truncated=cut, before=ahead.before if ahead is not None else None):
         feats = stored_features(block_features(block, cfg, ph, pe, lowest_likelihood_ratio), cfg,
                                 [f"sample {todo_ids[i][:12]}" for i in idx])
         now = time.perf_counter()
@@ -168,19 +179,72 @@ def extract_to_store(ws, lm_loader, ids: list[str], samples: list[Sample], cfg: 
         t_last = now
         buffer.extend(feature_row(todo_ids[i], f, batch_no + report.batches, share, i in cut, uncond[i])
                       for i, f in zip(idx, feats, strict=True))
-        if len(buffer) >= write_every:
+        if len(buffer) >= write_every or now - t_commit >= commit_seconds:
             fstore.write_features(ws, model_fp, buffer, lm.hidden_size, cfg.error_dim, cfg.sketch_dim)
             report.extracted += len(buffer)
             report.batches += 1
             buffer = []
+            t_commit = time.perf_counter()
     if buffer:
         fstore.write_features(ws, model_fp, buffer, lm.hidden_size, cfg.error_dim, cfg.sketch_dim)
         report.extracted += len(buffer)
         report.batches += 1
+    if ahead is not None:
+        ahead.close()
+        report.uncond_seconds = ahead.seconds
     report.refused.extend((todo_ids[i], why) for i, why in refused)
     report.truncated = len(cut)
     report.indexed = fstore.maybe_index_features(ws, model_fp, cfg.vector_index_min_rows)
     return report
+
+
+class UnconditionalAhead:
+    """IFD's unconditional pass run ahead of the main pass of :func:`extract_to_store`, a window of the main
+    pass's batches at a time (its ``before`` hook): before batch ``k`` runs, the responses of every sample of
+    batches ``k`` .. ``m`` have their loss in :attr:`losses`.
+
+    A window's samples have similar lengths (the main batches are length-sorted), so their responses batch with
+    little padding (sorted again by their own length, in batches of ``batch_size`` × the window's longest
+    response in tokens: :func:`~valuegate.engine.baselines.unconditional_losses`). The window
+    grows while the pass over it takes under ``budget_s`` seconds (so rows are still committed about every
+    ``2 × budget_s``), from 4 batches up to 256: on a fast device the windows become large, the batches of
+    the pass nearly those of a pass sorted over every sample.
+
+    Attributes:
+        losses: ``(n,)`` float64, NaN until computed (and where undefined).
+        seconds: time spent in the pass.
+    """
+
+    MIN_BATCHES, MAX_BATCHES = 4, 256
+
+    def __init__(self, lm: LoadedModel, samples: list[Sample], cfg: ExtractSettings, budget_s: float,
+                 progress: bool, desc: str) -> None:
+        self.lm, self.samples, self.cfg, self.budget_s = lm, samples, cfg, budget_s
+        self.losses = np.full(len(samples), np.nan)
+        self.bar = Progress(len(samples), desc, bar=progress)
+        self.done_upto = 0  # batches of the main plan whose samples have their loss
+        self.window = self.MIN_BATCHES
+        self.seconds = 0.0
+
+    def before(self, plan: list[list[int]], k: int) -> None:
+        """The main pass's hook: run the pass over the next window when batch ``k`` is not covered yet."""
+        if k < self.done_upto:
+            return
+        hi = min(len(plan), k + self.window)
+        idx = [i for b in plan[k:hi] for i in b]
+        t0 = time.perf_counter()
+        self.losses[idx] = unconditional_losses(self.lm, [self.samples[i] for i in idx], self.cfg, bar=self.bar)
+        took = time.perf_counter() - t0
+        self.seconds += took
+        self.done_upto = hi
+        if took < self.budget_s / 2:
+            self.window = min(self.MAX_BATCHES, self.window * 2)
+        elif took > self.budget_s:
+            self.window = max(self.MIN_BATCHES, self.window // 2)
+
+    def close(self) -> None:
+        """End the pass's progress."""
+        self.bar.close()
 
 
 def say_older_format(ws, model_fp: str, fp_settings: dict, n: int) -> int | None:
@@ -217,6 +281,18 @@ def cached_model(cache: dict, model_cfg: ModelSettings, tokenizer: object, progr
     return loader
 
 
+def feature_fingerprint(settings: Settings, tokenizer: object, ratio: float) -> tuple[dict, str]:
+    """The fingerprint settings and hash features of ``settings`` are stored under: those of the model and
+    extraction (:func:`~valuegate.engine.model.fingerprint_settings`) and, when IFD's pass of the responses
+    alone does not run (:func:`~valuegate.settings.needs_unconditional`), ``"unconditional": False``: a
+    table holds every ``uncond_loss`` it can, or none. Absent, the pass runs, as it always did before
+    ``extract.unconditional``: features stored by an earlier valuegate keep their fingerprint."""
+    fps = fingerprint_settings(settings.model, settings.extract, tokenizer, ratio)
+    if not needs_unconditional(settings):
+        fps["unconditional"] = False
+    return fps, model_fingerprint(fps)
+
+
 def dataset_fingerprint(ws, dataset: str, settings, tokenizer: object,
                         ratio: float) -> tuple[list[str], dict, str]:
     """A dataset's ids and the fingerprint (settings, hash) its training features are stored under.
@@ -227,8 +303,8 @@ def dataset_fingerprint(ws, dataset: str, settings, tokenizer: object,
     ids = sstore.dataset_ids(ws, dataset)
     if not ids:
         raise ValuegateError(f"dataset {dataset!r} has no samples in {ws.uri}; run `valuegate ingest {dataset} FILE`")
-    fps = fingerprint_settings(settings.model, settings.extract, tokenizer, ratio)
-    return ids, fps, model_fingerprint(fps)
+    fps, fp = feature_fingerprint(settings, tokenizer, ratio)
+    return ids, fps, fp
 
 
 def extract_dataset(ws, dataset: str, settings, progress: bool = True, lm_cache: dict | None = None,
@@ -247,6 +323,7 @@ def extract_dataset(ws, dataset: str, settings, progress: bool = True, lm_cache:
     Raises:
         ValuegateError: the dataset has no samples.
     """
+    use_progress_interval(settings.progress_seconds)
     ex = settings.extract
     ratio = ex.lowest_likelihood_ratio if lowest_likelihood_ratio is None else lowest_likelihood_ratio
     tok = tokenizer if tokenizer is not None else load_tokenizer(settings.model)
@@ -344,6 +421,7 @@ def extract_shard(workspace: str, ids: list[str], settings, model_fp: str, fp_se
         ``extracted``, ``already``, ``refused`` (ids), ``batches``, ``seconds`` (forward passes), ``pid``
         and ``model_loads`` (loads of this fingerprint so far in the worker process).
     """
+    use_progress_interval(settings.progress_seconds)
     ws = Workspace.from_env(workspace)
     recs = {r["id"]: sample_from_record(r) for r in sstore.read_samples_by_id(ws, list(ids)).to_pylist()}
     lost = [i for i in ids if i not in recs]
@@ -380,6 +458,8 @@ class ExtractResult:
             (left out of the scores run).
         timings (dict[str, float]): seconds: ``resolve`` (ids, validation version, fingerprints) and
             ``extract`` (the forward passes and writes).
+        unconditional (bool): whether features carry IFD's unconditional loss (``extract.unconditional``
+            resolved, :func:`~valuegate.settings.needs_unconditional`).
     """
 
     valset: str
@@ -390,6 +470,7 @@ class ExtractResult:
     extracted_valid: int
     refused: list[tuple[str, str]]
     timings: dict[str, float]
+    unconditional: bool = True
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ExtractResult:
@@ -400,7 +481,8 @@ class ExtractResult:
         """One human line."""
         return (f"features {self.train_fp[:12]} of {self.n_train} samples ({self.extracted} extracted"
                 + (f", {len(self.refused)} refused" if self.refused else "")
-                + f"), validation {self.valset} {self.valid_fp[:12]} ({self.extracted_valid} extracted)")
+                + f"), validation {self.valset} {self.valid_fp[:12]} ({self.extracted_valid} extracted)"
+                + ("" if self.unconditional else "; no IFD pass (extract.unconditional)"))
 
 
 def check_scoring_settings(settings: Settings) -> None:
@@ -432,6 +514,7 @@ def extract_for_run(ws: Workspace, dataset: str, valset_ref: str, settings: Sett
         ValuegateError: settings a stored run cannot use (:func:`check_scoring_settings`), an empty dataset,
             a validation set too small for the signals, a validation sample the model cannot value.
     """
+    use_progress_interval(settings.progress_seconds)
     ex, sc = settings.extract, settings.score
     check_scoring_settings(settings)
     t0 = time.perf_counter()
@@ -444,9 +527,8 @@ def extract_for_run(ws: Workspace, dataset: str, valset_ref: str, settings: Sett
     if sc.signals:
         check_reference_size(len(vids), valset)
     tok = load_tokenizer(settings.model)
-    fp_t_settings = fingerprint_settings(settings.model, ex, tok, ex.lowest_likelihood_ratio)
-    fp_v_settings = fingerprint_settings(settings.model, ex, tok, 1.0)
-    fp_t, fp_v = model_fingerprint(fp_t_settings), model_fingerprint(fp_v_settings)
+    fp_t_settings, fp_t = feature_fingerprint(settings, tok, ex.lowest_likelihood_ratio)
+    fp_v_settings, fp_v = feature_fingerprint(settings, tok, 1.0)
     cache = {} if cache is None else cache
     timings = {"resolve": time.perf_counter() - t0}
     t0 = time.perf_counter()
@@ -457,7 +539,8 @@ def extract_for_run(ws: Workspace, dataset: str, valset_ref: str, settings: Sett
         raise ValuegateError(f"{valset}: a validation sample cannot be valued: {rep_v.refused[0][1]}")
     timings["extract"] = time.perf_counter() - t0
     result = ExtractResult(valset, fp_t, fp_v, len(ids), rep_t.extracted, rep_v.extracted,
-                           [tuple(p) for p in rep_t.refused or []], timings)
+                           [tuple(p) for p in rep_t.refused or []], timings,
+                           bool(fp_t_settings.get("unconditional", True)))
     return result, rep_t, rep_v
 
 

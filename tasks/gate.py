@@ -50,6 +50,7 @@ from urllib.request import url2pathname
 
 import polars as pl
 
+from valuegate.engine.progress import Progress, use_progress_interval
 from valuegate.errors import ValuegateError
 from valuegate.settings import GateSettings, Settings
 
@@ -414,10 +415,14 @@ def run_gate(inp: GateInput, cfg: GateSettings, docs_dir: Path) -> GateResult:
         context = _open_context(Path(docs_dir))
         suites = gate_suites(frames, inp, cfg)
         runs = []
+        bar = Progress(len(suites) + 1, "gate", unit="step", bar=False)  # each suite, then the Data Docs
         for frame, expectations in suites.items():
             checkpoint = _checkpoint(context, frame, expectations)
             runs.append((frame, checkpoint.run(batch_parameters={"dataframe": frames[frame]})))
+            bar.update()
         docs_index = _docs_index(context)
+        bar.update()
+        bar.close()
 
     results: list[dict] = []
     failures: list[str] = []
@@ -448,6 +453,7 @@ def run(settings: Settings, selected: pl.DataFrame, counts: dict[str, int], vals
             (``dataset_rows``, ``dataset_quarantined``). valset: the pinned validation version (``valset``,
             ``rows``). docs_dir: where the Data Docs are rendered.
     """
+    use_progress_interval(settings.progress_seconds)
     inp = GateInput(candidate=selected.filter(selected["keep"]), scored=selected, group_by=settings.select.group_by,
                     ingested_rows=counts["dataset_rows"] + counts["dataset_quarantined"],
                     quarantined_rows=counts["dataset_quarantined"],

@@ -17,10 +17,8 @@ from valuegate.engine.explain import TokenContributions, mean_rows, token_contri
 from valuegate.engine.images import thumbnail_data_uri
 from valuegate.engine.model import (
     LoadedModel,
-    fingerprint_settings,
     load_model,
     load_tokenizer,
-    model_fingerprint,
 )
 from valuegate.errors import ValuegateError
 from valuegate.settings import Settings
@@ -30,6 +28,7 @@ from valuegate.storage.images import attach_image_data, read_image_data
 from valuegate.storage.lance import Workspace
 from valuegate.storage.schemas import SIGNAL_COLUMNS
 from valuegate.storage.valsets import read_valset
+from valuegate.tasks.extract import feature_fingerprint
 from valuegate.tasks.ingest import sample_from_record
 from valuegate.tasks.release import diff_candidate, format_diff, policy_cutoff, staging_dir
 from valuegate.tasks.score import _feature_matrix
@@ -711,7 +710,7 @@ def explain_stored(ws, settings, valset_ref: str, records: list[dict], lm: Loade
     if not records:
         return []
     tok = lm.tokenizer if lm is not None else load_tokenizer(settings.model)
-    fp_v = model_fingerprint(fingerprint_settings(settings.model, settings.extract, tok, 1.0))
+    _, fp_v = feature_fingerprint(settings, tok, 1.0)
     meta = fstore.read_feature_set(ws, fp_v)
     if meta is None:
         raise ValuegateError(f"no validation features for {valset_ref}: score the dataset first")

@@ -35,6 +35,7 @@ from valuegate.engine.candidates import BlockRows
 from valuegate.engine.columns import SIGNAL_COLUMNS
 from valuegate.engine.faults import FaultReference, detect, fault_columns, pool_sample, reference_of
 from valuegate.engine.model import refusal_reason
+from valuegate.engine.progress import Progress, use_progress_interval
 from valuegate.engine.signals import SparseSet, check_reference_size
 from valuegate.errors import ValuegateError
 from valuegate.settings import Settings
@@ -428,7 +429,7 @@ def streams_mean(ws, plan: ScoringPlan, settings: Settings) -> bool:
 
 
 def score_streaming(ws, plan: ScoringPlan, ctx: ScoringContext, settings: Settings,
-                    batch_rows: int = STREAM_BATCH) -> tuple[object, float]:
+                    batch_rows: int = STREAM_BATCH, bar: Progress | None = None) -> tuple[object, float]:
     """Score every sample of ``plan`` (signals off, ``mean``) in one streaming scan of the training
     feature table: per batch the inner product of each row with the context's weighted validation
     vector, from the stored int8 steps (:func:`~valuegate.engine.aggregate.block_inner_products`), and the
@@ -467,6 +468,8 @@ def score_streaming(ws, plan: ScoringPlan, ctx: ScoringContext, settings: Settin
         tables.append(_chunk_table(plan, ctx, settings, ids, tt,
                                    lambda *cols, raw=raw: score_chunk(ctx, sc, *cols, t_mean_raw=raw)))
         order.append(pos[keep])
+        if bar is not None:
+            bar.update(int(keep.sum()))
     got = np.concatenate(order) if order else np.zeros(0, dtype=np.int64)
     if got.size != len(plan.ids):
         raise ValuegateError(f"{len(plan.ids) - np.unique(got).size} samples have no stored features; run "
@@ -487,6 +490,7 @@ def score_dataset(ws: Workspace, dataset: str, valset_ref: str, settings: Settin
     features stream in chunks of :data:`SCORE_CHUNK`: memory holds one chunk's sparse rows (float64 while
     multiplied), never the whole dataset's.
     """
+    use_progress_interval(settings.progress_seconds)
     if extracted is None:
         plan, rep_t, rep_v, timings = plan_scoring(ws, dataset, valset_ref, settings, progress)
         unscored_ids = list(rep_t.refused or [])
@@ -498,8 +502,9 @@ def score_dataset(ws: Workspace, dataset: str, valset_ref: str, settings: Settin
     timings["read"] = time.perf_counter() - t0
     timings["score"] = 0.0
     tables = []
+    bar = Progress(len(plan.ids), "score", bar=progress)
     if streams_mean(ws, plan, settings):
-        table, timings["score"] = score_streaming(ws, plan, ctx, settings)  # the reads included (one scan)
+        table, timings["score"] = score_streaming(ws, plan, ctx, settings, bar=bar)  # the reads included (one scan)
         tables.append(table)
     else:
         for lo in range(0, len(plan.ids), SCORE_CHUNK):
@@ -507,6 +512,8 @@ def score_dataset(ws: Workspace, dataset: str, valset_ref: str, settings: Settin
             tables.append(table)
             timings["read"] += t_read
             timings["score"] += t_score
+            bar.update(table.num_rows)
+    bar.close()
     table = pa.concat_tables(tables) if tables else empty_scores()
     if write:
         t0 = time.perf_counter()

@@ -124,13 +124,16 @@ def score_inputs(train: TableLike, valid: TableLike, settings: Settings,
                  progress: bool = False) -> tuple[pl.DataFrame, ValueMatrix]:
     """:func:`score` with resolved settings, also returning the value matrix (``valuegate score`` prints its
     summary from it). Returns ``(table, ValueMatrix)``; the table is described in :func:`score`."""
+    from valuegate.engine.model_cache import kept_model, shared_model
     from valuegate.file_scoring import score_samples
 
     train_df, train_samples = read_input(train, "train", settings.data.fields)
     _, valid_samples = read_input(valid, "valid", settings.data.fields)
     t_src = os.fspath(train) if isinstance(train, (str, os.PathLike)) else "train"
     v_src = os.fspath(valid) if isinstance(valid, (str, os.PathLike)) else "valid"
-    return score_samples(train_df, train_samples, valid_samples, settings, progress, None, t_src, v_src)
+    # the model stays loaded in this process for the next call with the same model (a notebook's second call)
+    return score_samples(train_df, train_samples, valid_samples, settings, progress, kept_model(settings.model),
+                         t_src, v_src, loader=shared_model)
 
 
 def score(train: TableLike, valid: TableLike, settings: Settings | None = None, *,
@@ -163,6 +166,9 @@ def score(train: TableLike, valid: TableLike, settings: Settings | None = None, 
         would decide (the select step's own code; with a policy that needs a column the scores lack, e.g.
         ``suspect`` without signals, neither, and a warning). For ``pairwise``
         n·m rows: ``train_row``, ``valid_row``, ``value``.
+
+    The model stays loaded in the process (one model: ``valuegate.engine.model_cache``), so the next call
+    with the same model settings starts at once; ``valuegate.engine.model_cache.clear_model_cache()`` frees it.
 
     Raises:
         ValuegateError: a bad setting, file, row or field (one line naming it).

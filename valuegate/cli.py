@@ -8,10 +8,12 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import logging
 import os
 import signal
 import sys
 import traceback
+from collections.abc import Iterator
 from importlib import resources
 from pathlib import Path
 
@@ -31,7 +33,8 @@ EXIT_USER_ERROR = BadInput.exit_code
 
 # the settings sections each command reads (its flags: valuegate.cli_flags)
 _MODEL_SIDE = ("model", "extract")
-_RUN_SETTINGS = ("workspace", "data", "ingest", "model", "extract", "score", "select", "gate", "release", "runner")
+_RUN_SETTINGS = ("workspace", "data", "ingest", "model", "extract", "score", "select", "gate", "release", "runner",
+                 "progress_seconds")
 
 EXIT_CODES_HELP = f"""exit codes:
   0    success
@@ -66,7 +69,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True, help="output .parquet file")
     s.add_argument("--quiet", action="store_true", help="no progress bar")
     add_setting_flag(s, ("data", "fields"))
-    add_setting_flags(s, (*_MODEL_SIDE, "score", "select"))
+    add_setting_flags(s, (*_MODEL_SIDE, "score", "select", "progress_seconds"))
 
     w = argparse.ArgumentParser(add_help=False)
     w.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -81,7 +84,7 @@ def _parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("extract", parents=[w, cfg], help="extract features of a dataset (only what is missing)")
     e.add_argument("name", help="dataset name")
-    add_setting_flags(e, ("workspace", *_MODEL_SIDE))
+    add_setting_flags(e, ("workspace", *_MODEL_SIDE, "progress_seconds"))
 
     v = sub.add_parser("valset", parents=[cfg], help="versioned validation sets")
     vsub = v.add_subparsers(dest="valset_command", required=True)
@@ -104,7 +107,7 @@ def _parser() -> argparse.ArgumentParser:
     ss = sub.add_parser("score-set", parents=[w, cfg], help="score a dataset against a validation-set version")
     ss.add_argument("name", help="dataset name")
     ss.add_argument("--valset", required=True, help="NAME or NAME@vN (latest when no version)")
-    add_setting_flags(ss, ("workspace", *_MODEL_SIDE, "score"))
+    add_setting_flags(ss, ("workspace", *_MODEL_SIDE, "score", "progress_seconds"))
 
     r = sub.add_parser("run", parents=[w, cfg], help="run the refresh DAG (ingest → extract → score → gate → "
                        "release); with no --config, the embedded demo", epilog=EXIT_CODES_HELP,
@@ -400,6 +403,35 @@ def _cmd_fetch_model(args: argparse.Namespace) -> int:
     return 0
 
 
+class _StderrHandler(logging.StreamHandler):
+    """A handler writing to whatever ``sys.stderr`` is when a record comes (not the one at creation)."""
+
+    @property
+    def stream(self):  # type: ignore[override]
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
+@contextlib.contextmanager
+def _progress_to_stderr(wanted: bool) -> Iterator[None]:
+    """While the command runs, print the progress lines of long steps on stderr (logged when stderr is not a
+    terminal; on one, a bar shows instead); nothing when not ``wanted``."""
+    from valuegate.engine.progress import LOGGER
+
+    logger = logging.getLogger(LOGGER)
+    handler = _StderrHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s valuegate: %(message)s", "%H:%M:%S"))
+    if wanted:
+        logger.addHandler(handler)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``valuegate`` console script."""
     # No usage telemetry from a local Prefect server (the machine may have no internet, and its insert
@@ -408,14 +440,19 @@ def main(argv: list[str] | None = None) -> int:
     # The temporary API server of a run creates its database on first start: Prefect's 20 s wait is too
     # short on a loaded 2-core machine (a fresh install's first run timed out there); 120 s is generous.
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+    # Progress lines of long steps (valuegate/engine/progress.py) reach Prefect's UI in a run.
+    os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "valuegate.progress")
     args = _parser().parse_args(argv)
+    # run, serve, server: Prefect's own handlers print them
+    wanted = args.command not in ("run", "serve", "server") and not getattr(args, "quiet", False)
     handlers = {"score": _cmd_score, "fetch-model": _cmd_fetch_model, "ingest": _cmd_ingest,
                 "extract": _cmd_extract, "valset": _cmd_valset, "score-set": _cmd_score_set, "run": _cmd_run,
                 "release": _cmd_release, "serve": _cmd_serve, "server": _cmd_server,
                 "init": _cmd_init, "verify": _cmd_verify}
     previous = _stop_on_signals()
     try:
-        return handlers[args.command](args)
+        with _progress_to_stderr(wanted):
+            return handlers[args.command](args)
     except (InternalError, AssertionError) as exc:  # a broken invariant: a bug, so its traceback too
         traceback.print_exception(type(exc), exc, exc.__traceback__, file=sys.stderr)
         print(f"valuegate: error: internal error: {exc or type(exc).__name__} (a bug in valuegate; please report "

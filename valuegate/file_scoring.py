@@ -7,6 +7,7 @@ The math is :mod:`valuegate.engine.aggregate`; nothing here touches a workspace.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 import numpy as np
 import polars as pl
@@ -16,11 +17,12 @@ from valuegate.engine.baselines import BASELINE_COLUMNS, baseline_columns, uncon
 from valuegate.engine.columns import FAULT_SCORE_COLUMNS, SIGNAL_COLUMNS
 from valuegate.engine.faults import fault_columns, verdict
 from valuegate.engine.model import LoadedModel, encode_samples, load_model, load_tokenizer
+from valuegate.engine.progress import use_progress_interval
 from valuegate.engine.sample import Sample
 from valuegate.engine.signals import check_reference_size
 from valuegate.errors import ValuegateError
 from valuegate.inputs.rows import read_samples
-from valuegate.settings import Settings
+from valuegate.settings import Settings, needs_unconditional
 
 __all__ = ["OUTPUT_COLUMNS", "score_files", "score_samples", "summary_line"]
 
@@ -47,10 +49,15 @@ def score_files(train_path: str, valid_path: str, settings: Settings, progress: 
 
 def score_samples(train_df: pl.DataFrame, train: list[Sample], valid: list[Sample], settings: Settings,
                   progress: bool = True, lm: LoadedModel | None = None, train_source: str = "train",
-                  valid_source: str = "valid") -> tuple[pl.DataFrame, ValueMatrix]:
+                  valid_source: str = "valid", loader: Callable[..., LoadedModel] = load_model
+                  ) -> tuple[pl.DataFrame, ValueMatrix]:
     """:func:`score_files` on rows already read: ``train_df`` (n rows, its columns carried through) and its
     ``train`` samples (n), the ``valid`` samples (m); ``*_source`` name them in messages. Returns the table
-    :func:`score_files` describes (n rows; n·m for ``pairwise``) and the value matrix."""
+    :func:`score_files` describes (n rows; n·m for ``pairwise``) and the value matrix. Without ``lm`` the model
+    is ``loader(settings.model, tokenizer, progress)`` (e.g. the process-wide
+    :func:`~valuegate.engine.model_cache.shared_model`), called once every input is tokenized. The value
+    matrix's timings include ``tokenize`` and ``load_model`` (0 when ``lm`` is given)."""
+    use_progress_interval(settings.progress_seconds)
     sc = settings.score
     if sc.signals and sc.aggregate != "pairwise":
         check_reference_size(len(valid), valid_source)
@@ -58,13 +65,18 @@ def score_samples(train_df: pl.DataFrame, train: list[Sample], valid: list[Sampl
     if clash:
         raise ValuegateError(f"{train_source}: has column(s) {clash} that the output adds; rename them")
     # every input is checked (tokenized) before any weight is read
+    t0 = time.perf_counter()
     tok = lm.tokenizer if lm is not None else load_tokenizer(settings.model)
     ex = settings.extract
     encoded = (encode_samples(tok, train, ex.loss_on, ex.max_length, ex.truncation, ex.template),
                encode_samples(tok, valid, ex.loss_on, ex.max_length, ex.truncation, ex.template))
+    t_tok = time.perf_counter() - t0
+    t0 = time.perf_counter()
     if lm is None:
-        lm = load_model(settings.model, tok, progress)
+        lm = loader(settings.model, tok, progress)
+    t_load = time.perf_counter() - t0
     vm = compute_values(lm, train, valid, settings, progress, encoded)
+    vm.timings = {"tokenize": t_tok, "load_model": t_load, **vm.timings}
     values = normalize(vm, sc.normalize)
     if sc.aggregate == "pairwise":
         n_t, n_v = values.shape
@@ -79,13 +91,13 @@ def score_samples(train_df: pl.DataFrame, train: list[Sample], valid: list[Sampl
     cols = {"row": np.arange(len(train)), "value": agg, "nearest_rows": [list(map(int, r)) for r in nearest]}
     cols.update({"n_tokens": vm.train_tokens, "truncated": [e.truncated for e in encoded[0]],
                  "mean_loss": vm.train_loss, "self_influence": vm.train_self})
-    t0 = time.perf_counter()
-    uncond = unconditional_losses(lm, train, ex)  # IFD's one extra forward pass, of the responses alone
+    t0 = time.perf_counter()  # IFD's one extra forward pass, of the responses alone, when something reads it
+    uncond = unconditional_losses(lm, train, ex, progress, "IFD") if needs_unconditional(settings) else None
     vm.timings["unconditional"] = time.perf_counter() - t0
     cols.update(baseline_columns(vm.train_loss, vm.train_tokens, uncond, vm.train_hidden, vm.valid_hidden))
     if sc.signals:
         t0 = time.perf_counter()
-        cols.update(fault_columns(_faults(lm, vm, uncond, valid, settings), len(train)))
+        cols.update(fault_columns(_faults(lm, vm, uncond, valid, settings, progress), len(train)))
         vm.timings["faults"] = time.perf_counter() - t0
     if vm.signals is not None:
         cols.update({name: col for name, col in vm.signals.items() if name != "mean_loss"})
@@ -114,12 +126,18 @@ def with_selection(scored: pl.DataFrame, train: list[Sample], settings: Settings
     return scored.with_columns(selected.select(added))
 
 
-def _faults(lm: LoadedModel, vm: ValueMatrix, uncond: np.ndarray, valid: list[Sample], settings: Settings):
+def _faults(lm: LoadedModel, vm: ValueMatrix, uncond: np.ndarray | None, valid: list[Sample], settings: Settings,
+            progress: bool = False):
     """The fault detectors' verdict on the training rows (:func:`valuegate.engine.faults.verdict`); the
-    unconditional losses join ``vm.train_inputs`` and ``vm.valid_inputs`` (the validation rows' pass runs here)."""
+    unconditional losses join ``vm.train_inputs`` and ``vm.valid_inputs`` (the validation rows' pass runs here;
+    with ``extract.unconditional = "never"`` neither runs and ``mismatch`` does not apply)."""
     sc = settings.score
-    vm.train_inputs["uncond_loss"] = np.asarray(uncond, dtype=np.float64)
-    vm.valid_inputs["uncond_loss"] = unconditional_losses(lm, valid, settings.extract)
+    if uncond is None:
+        vm.train_inputs["uncond_loss"] = np.full(len(vm.train_hidden), np.nan)
+        vm.valid_inputs["uncond_loss"] = np.full(len(vm.valid_hidden), np.nan)
+    else:
+        vm.train_inputs["uncond_loss"] = np.asarray(uncond, dtype=np.float64)
+        vm.valid_inputs["uncond_loss"] = unconditional_losses(lm, valid, settings.extract, progress, "IFD (validation)")
     return verdict(vm.train_inputs, vm.train_hidden, vm.valid_inputs, vm.valid_hidden, list(sc.suspect),
                    sc.suspect_neighbours, sc.fault_pool)
 

@@ -40,7 +40,8 @@ def summary_json(summary: dict[str, Any], release: str) -> dict[str, Any]:
 
 def summary_lines(summary: dict[str, Any], release: str, max_length: int) -> list[str]:
     """A few lines for people: the release and whether it is current, kept / dropped with the top reasons,
-    the gate, truncated / unscored / quarantined counts when there are any, and the report's URL.
+    the gate, truncated / unscored / quarantined counts when there are any, whether IFD's pass ran, and the
+    report's URL.
 
     Args:
         summary: the dict :func:`~valuegate.flows.refresh.refresh` returns.
@@ -72,5 +73,9 @@ def summary_lines(summary: dict[str, Any], release: str, max_length: int) -> lis
         lines.append(f"unscored: {c['unscored']} samples not valued (the score step's log names them and why)")
     if c.get("quarantined"):
         lines.append(f"quarantined: {c['quarantined']} of {c['rows']} rows read this run were refused at ingest")
+    unc = summary.get("unconditional")
+    if unc is not None:
+        lines.append(f"IFD pass (each response alone): {'run' if unc['ran'] else 'skipped, ifd is null'} "
+                     f"(extract.unconditional = {unc['setting']})")
     lines.append(f"report: {report_url(summary['report'])}")
     return lines

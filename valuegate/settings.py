@@ -125,6 +125,11 @@ class ExtractSettings(_Section):
     hard_fraction: float = Field(
         0.2, gt=0.0, le=1.0, description="The suspect signals are also computed on each sample's hardest "
         "fraction of counted tokens (extracted in the same forward pass); 1 disables the hard signals.")
+    unconditional: Literal["auto", "always", "never"] = Field(
+        "auto", description="IFD's extra forward pass of each response alone (the `uncond_loss` feature and the "
+        "`ifd` column): auto = only when something reads it (the selection policy ifd, or the value signals "
+        "and suspect score: score.signals on, or select.policy = suspect); always; never (`ifd` null). The "
+        "resolved choice is part of the fingerprint and named in the run's summary.")
     encode_workers: int | None = Field(
         None, ge=0, description="Vision-language models: threads that decode and process the images of the next "
         "samples while the model runs the current batch (0: inline, before each window's forward passes; "
@@ -298,6 +303,9 @@ class Settings(BaseSettings):
     workspace: str = Field("./valuegate-workspace", description="Where every table lives: a local "
                            "directory or an object-store URI (s3://bucket/prefix; endpoint and keys from the "
                            "usual AWS_* environment variables).")
+    progress_seconds: float = Field(10.0, ge=0.0, description="Long steps (extraction, the IFD pass, "
+                                    "scoring, the gate) show a bar on a terminal; otherwise they log one "
+                                    "progress line (done / total, rate, ETA) at most every this many seconds.")
     data: DataSettings = Field(default_factory=DataSettings)
     ingest: IngestSettings = Field(default_factory=IngestSettings)
     model: ModelSettings = Field(default_factory=ModelSettings)
@@ -325,6 +333,19 @@ class Settings(BaseSettings):
         if data:
             sources.append(InitSettingsSource(settings_cls, init_kwargs=data))
         return tuple(sources)
+
+
+def needs_unconditional(settings: Settings) -> bool:
+    """Whether extraction runs IFD's pass of the responses alone (``extract.unconditional`` resolved).
+
+    ``auto`` runs it when something reads ``uncond_loss``: the ``ifd`` selection policy, or the value signals
+    and the ``suspect`` score (``score.signals`` on, or ``select.policy = "suspect"``). Extend here when a new
+    reader of the unconditional loss is added; the answer is part of the feature fingerprint.
+    """
+    choice = settings.extract.unconditional
+    if choice != "auto":
+        return choice == "always"
+    return settings.select.policy in ("ifd", "suspect") or settings.score.signals
 
 
 def setting_fields(model: type[BaseModel] = Settings, prefix: tuple[str, ...] = ()
@@ -536,8 +557,9 @@ def load_settings(config_file: str | Path | None = None, overrides: dict[str, An
         # Sections are merged field by field: a flag for one field keeps the others from file and env.
         base = Settings()
         merged = _deep_update(base.model_dump(), clean)
-        if "workspace" in (overrides or {}) and overrides["workspace"] is not None:
-            merged["workspace"] = overrides["workspace"]
+        for key, value in (overrides or {}).items():  # top-level settings (workspace, progress_seconds)
+            if value is not None and not isinstance(value, dict):
+                merged[key] = value
         settings = Settings.model_validate(merged)
     except ValidationError as exc:
         where = f" in {path}" if path else ""

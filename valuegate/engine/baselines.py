@@ -41,7 +41,8 @@ import numpy as np
 import torch
 
 from valuegate.engine.columns import BASELINE_COLUMNS
-from valuegate.engine.model import EncodedSample, LoadedModel, length_batches
+from valuegate.engine.model import EncodedSample, LoadedModel
+from valuegate.engine.progress import Progress
 from valuegate.engine.sample import Sample
 from valuegate.settings import ExtractSettings
 
@@ -79,14 +80,47 @@ def encode_unconditional(tokenizer: object, sample: Sample, max_length: int) -> 
 
 
 def _log_likelihood(lm: LoadedModel, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """``log p(target)`` ``(N,)`` float32 at hidden states ``(N, d)``, with the model's logit scale and cap."""
+    """``log p(target)`` ``(N,)`` float32 at hidden states ``(N, d)``, with the model's logit scale and cap:
+    the target's logit minus the log-sum-exp of the row (no ``(N, V)`` log-probabilities written)."""
     logits = lm.scaled_logits(lm.raw_logits(hidden))
-    return torch.log_softmax(logits, dim=-1).gather(1, targets[:, None])[:, 0]
+    return logits.gather(1, targets[:, None])[:, 0] - torch.logsumexp(logits, dim=-1)
 
 
-def unconditional_losses(lm: LoadedModel, samples: list[Sample], cfg: ExtractSettings) -> np.ndarray:
-    """Mean loss (nats) of each sample's response alone: one forward pass, batched by length like extraction
-    (``batch_size``, ``max_batch_tokens``; the head in float32 on chunks within ``prob_budget_mb``).
+def tight_batches(lengths: list[int], max_tokens: int, max_padding: float = 0.1) -> list[list[int]]:
+    """Indices of ``lengths`` sorted by length (stable), cut into batches of at most ``max_tokens`` padded tokens
+    whose padding is at most ``max_padding`` of their real tokens (a batch closes when the next, longer sample
+    would pad it beyond that): few batches, little padding."""
+    order = sorted(range(len(lengths)), key=lambda i: (lengths[i], i))
+    out: list[list[int]] = []
+    cur: list[int] = []
+    real = 0
+    for i in order:
+        n = lengths[i]
+        padded = n * (len(cur) + 1)
+        if cur and (padded > max_tokens or padded > (1 + max_padding) * (real + n)):
+            out.append(cur)
+            cur, real = [], 0
+        cur.append(i)
+        real += n
+    if cur:
+        out.append(cur)
+    return out
+
+
+def unconditional_losses(lm: LoadedModel, samples: list[Sample], cfg: ExtractSettings, progress: bool = True,
+                         desc: str = "IFD", bar: Progress | None = None,
+                         batch_tokens: int | None = None) -> np.ndarray:
+    """Mean loss (nats) of each sample's response alone: one forward pass over the responses sorted by length,
+    in batches of at most ``batch_tokens`` padded tokens (default ``batch_size`` × the longest response, so
+    never more than a batch of extraction; the batch holds as many short responses as fit, not
+    ``batch_size``) and at most 10% padding (:func:`tight_batches`), the head in float32 at the counted
+    positions only, in chunks within ``prob_budget_mb``.
+
+    Args:
+        progress, desc: a bar on a terminal, else log lines (:class:`~valuegate.engine.progress.Progress`).
+        bar: count the samples on this progress instead (not closed here: a caller running the pass in
+            windows keeps one).
+        batch_tokens: padded tokens per batch (at most ``max_batch_tokens``).
 
     Returns:
         ``(len(samples),)`` float64, NaN where undefined (see :func:`unconditional_text`; a vision-language
@@ -95,7 +129,12 @@ def unconditional_losses(lm: LoadedModel, samples: list[Sample], cfg: ExtractSet
     from valuegate.engine.extraction import _chunks_by_budget, counted_mask, pad_batch
 
     out = np.full(len(samples), np.nan)
+    own = bar is None
+    tracker = Progress(len(samples), desc, bar=progress) if own else bar
     if lm.is_vision or not samples:
+        tracker.update(len(samples))
+        if own:
+            tracker.close()
         return out
     enc: list[EncodedSample] = []
     which: list[int] = []
@@ -106,7 +145,10 @@ def unconditional_losses(lm: LoadedModel, samples: list[Sample], cfg: ExtractSet
             which.append(i)
     pad_id = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0
     max_rows = max(1, (cfg.prob_budget_mb << 20) // (lm.vocab_size * 4 * 2))
-    for batch in length_batches([len(e.input_ids) for e in enc], cfg.batch_size, cfg.max_batch_tokens):
+    tracker.update(len(samples) - len(enc))
+    lengths = [len(e.input_ids) for e in enc]
+    budget = min(cfg.max_batch_tokens, batch_tokens or cfg.batch_size * max(lengths, default=1))
+    for batch in tight_batches(lengths, budget):
         items = [enc[i] for i in batch]
         ids, mask = pad_batch(items, pad_id, lm.device)
         with torch.inference_mode():
@@ -119,6 +161,9 @@ def unconditional_losses(lm: LoadedModel, samples: list[Sample], cfg: ExtractSet
                 bounds = np.concatenate([[0], np.cumsum(counts[lo:hi])])
                 for k in range(hi - lo):
                     out[which[batch[lo + k]]] = -ll[bounds[k]:bounds[k + 1]].mean()
+        tracker.update(len(batch))
+    if own:
+        tracker.close()
     return out
 
 

@@ -13,13 +13,12 @@ import os
 import threading
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from valuegate.engine.ending import end_log_probs, end_positions, end_token_ids, prompt_overlap
 from valuegate.engine.forvalue import (
@@ -30,6 +29,7 @@ from valuegate.engine.forvalue import (
     sparse_features,
 )
 from valuegate.engine.model import EncodedSample, LoadedModel, encode_sample, length_batches
+from valuegate.engine.progress import Progress
 from valuegate.engine.quantize import quantize_rows
 from valuegate.engine.sample import Sample
 from valuegate.engine.sketch import count_sketch
@@ -93,7 +93,9 @@ def _chunks_by_budget(counts: list[int], max_rows: int) -> list[tuple[int, int]]
 def iter_token_blocks(lm: LoadedModel, encoded: list[EncodedSample], cfg: ExtractSettings,
                       samples: list[Sample] | None = None, lowest_likelihood_ratio: float = 1.0,
                       progress: bool = True, desc: str = "extract",
-                      stats: ExtractionStats | None = None) -> Iterator[tuple[list[int], TokenBlock]]:
+                      stats: ExtractionStats | None = None,
+                      before: Callable[[list[list[int]], int], None] | None = None
+                      ) -> Iterator[tuple[list[int], TokenBlock]]:
     """Run the model over the samples and yield token blocks of counted positions.
 
     Args:
@@ -102,9 +104,13 @@ def iter_token_blocks(lm: LoadedModel, encoded: list[EncodedSample], cfg: Extrac
         cfg: batch size, token and memory budgets.
         samples: the samples (only to name file and row in errors).
         lowest_likelihood_ratio: keep only this fraction of each sample's counted positions, the hardest.
-        progress: show a progress bar on stderr.
-        desc: label of the progress bar.
+        progress: a progress bar when stderr is a terminal (else, and without it, a log line every ~10 s:
+            :class:`~valuegate.engine.progress.Progress`).
+        desc: label of the progress.
         stats: filled in as the work goes.
+        before: called as ``before(batches, k)`` before the forward pass of batch ``k`` of ``batches`` (the
+            whole plan: lists of indices into ``encoded``, length-sorted), e.g. to run another pass over
+            the samples of the batches ahead (IFD's unconditional pass, ``tasks/extract.py``).
 
     Yields:
         ``(indices, block)``: ``indices[i]`` is the position in ``encoded`` of the block's sample i.
@@ -114,22 +120,26 @@ def iter_token_blocks(lm: LoadedModel, encoded: list[EncodedSample], cfg: Extrac
     """
     lengths = [len(e.input_ids) for e in encoded]
     batches = length_batches(lengths, cfg.batch_size, cfg.max_batch_tokens)
-    bar = tqdm(total=len(encoded), desc=desc, unit="sample", disable=not progress, leave=False)
+    bar = Progress(len(encoded), desc, bar=progress)
     try:
-        yield from _forward_batches(lm, encoded, batches, cfg, samples, lowest_likelihood_ratio, stats, bar)
+        yield from _forward_batches(lm, encoded, batches, cfg, samples, lowest_likelihood_ratio, stats, bar,
+                                    before)
     finally:
         bar.close()
 
 
 def _forward_batches(lm: LoadedModel, encoded: list[EncodedSample], batches: list[list[int]], cfg: ExtractSettings,
                      samples: list[Sample] | None, lowest_likelihood_ratio: float, stats: ExtractionStats | None,
-                     bar: tqdm) -> Iterator[tuple[list[int], TokenBlock]]:
+                     bar: Progress, before: Callable[[list[list[int]], int], None] | None = None
+                     ) -> Iterator[tuple[list[int], TokenBlock]]:
     """The forward passes of :func:`iter_token_blocks` over given batches (indices into ``encoded``)."""
     pad_id = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0
     factor = 3 if lm.softcap is None and lm.logit_scale == 1.0 else 4  # logits, log-probs, probs (+ jac)
     max_rows = max(1, (cfg.prob_budget_mb << 20) // (lm.vocab_size * 4 * factor))
     end_ids = () if lm.is_vision else end_token_ids(lm.tokenizer)
-    for batch in batches:
+    for k, batch in enumerate(batches):
+        if before is not None:
+            before(batches, k)
         t0 = time.perf_counter()
         items = [encoded[i] for i in batch]
         ids, mask = pad_batch(items, pad_id, lm.device)
@@ -423,7 +433,8 @@ def _encoded_windows(tokenizer: object, samples: list[Sample], cfg: ExtractSetti
 def iter_sample_blocks(lm: LoadedModel, samples: list[Sample], cfg: ExtractSettings,
                        lowest_likelihood_ratio: float = 1.0, progress: bool = True, desc: str = "extract",
                        stats: ExtractionStats | None = None, refused: list[tuple[int, str]] | None = None,
-                       workers: int | None = None, truncated: set[int] | None = None
+                       workers: int | None = None, truncated: set[int] | None = None,
+                       before: Callable[[list[list[int]], int], None] | None = None
                        ) -> Iterator[tuple[list[int], TokenBlock]]:
     """Encode the samples and run the model over them: :func:`iter_token_blocks` from samples.
 
@@ -439,6 +450,8 @@ def iter_sample_blocks(lm: LoadedModel, samples: list[Sample], cfg: ExtractSetti
         workers: encoding threads (None: :func:`encode_workers` of ``cfg``).
         truncated: where to collect the indices of samples cut at ``cfg.max_length`` (``cfg.truncation =
             "truncate"``; under ``"refuse"`` they are refused).
+        before: as :func:`iter_token_blocks`, with indices into ``samples`` (a text model's batches only: a
+            vision-language model's windows never call it).
         (the rest as :func:`iter_token_blocks`)
 
     Yields:
@@ -467,13 +480,21 @@ def iter_sample_blocks(lm: LoadedModel, samples: list[Sample], cfg: ExtractSetti
                 keep.append(i)
                 enc.append(e)
                 kept(i, e)
+        plan: list[list[int]] | None = None
+
+        def mapped(batches: list[list[int]], k: int) -> None:  # the plan in indices into ``samples``, once
+            nonlocal plan
+            if plan is None:
+                plan = [[keep[i] for i in b] for b in batches]
+            before(plan, k)
+
         for idx, block in iter_token_blocks(lm, enc, cfg, [samples[i] for i in keep], lowest_likelihood_ratio,
-                                            progress, desc, stats):
+                                            progress, desc, stats, mapped if before is not None else None):
             yield [keep[i] for i in idx], block
         return
     n_workers = encode_workers(cfg) if workers is None else workers
     window = max(1, cfg.batch_size * ENCODE_WINDOW_BATCHES)
-    bar = tqdm(total=len(samples), desc=desc, unit="sample", disable=not progress, leave=False)
+    bar = Progress(len(samples), desc, bar=progress)
     windows = _encoded_windows(lm.tokenizer, samples, cfg, window, n_workers)
     # On CPU the forward's intra-op threads and the encoding threads share the cores: torch's OpenMP threads
     # spin between parallel regions and starve the encoders (on 2 cores, 2 encoders beside 2 torch threads

@@ -212,8 +212,7 @@ def test_every_float_setting_is_covered():
 @pytest.mark.parametrize("value", ["nan", "inf", "-inf"])
 def test_a_float_setting_that_is_not_finite_is_refused_naming_its_key(key, value, tmp_path, capsys, monkeypatch):
     """Issue 26: NaN or -inf suspect_threshold was accepted, every row dropped, the manifest said null."""
-    section, field = key.split(".")
-    monkeypatch.setenv(f"VALUEGATE_{section.upper()}__{field.upper()}", value)
+    monkeypatch.setenv("VALUEGATE_" + "__".join(part.upper() for part in key.split(".")), value)
     err = _one_error_line(capsys, ["valset", "list", "--workspace", tmp_path / "ws"])
     assert f"{key}: " in err and "finite" in err, err
 

@@ -298,7 +298,7 @@ class Settings(BaseSettings):
     """Root settings of valuegate."""
 
     model_config = SettingsConfigDict(env_prefix="VALUEGATE_", env_nested_delimiter="__", extra="forbid",
-                                      validate_default=True)
+                                      validate_default=True, allow_inf_nan=False)
 
     workspace: str = Field("./valuegate-workspace", description="Where every table lives: a local "
                            "directory or an object-store URI (s3://bucket/prefix; endpoint and keys from the "

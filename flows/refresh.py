@@ -566,7 +566,8 @@ def refresh(config: str | None = None, overrides: dict[str, Any] | None = None) 
                 "model_fp": run["model_fp"], "kept": int(selected["keep"].sum()),
                 "dropped_reasons": dropped_reason_counts(selected),
                 "gate": {"passed": True, "failures": []}, "valset": valset["valset"], "run_id": run["run_id"],
-                "timings": dict(step.timings), "cached_steps": list(step.cached), "resumed": False}
+                "timings": dict(step.timings), "cached_steps": list(step.cached), "resumed": False,
+                **_sharding(sharded, run)}
     release_key = allocate_step.release_key(settings, previous, run["run_id"], inputs)
     resume = allocate_step.pending_release(settings, release_key)
     version = step("allocate", allocate_release, settings, resume, run["run_id"], release_key)
@@ -606,7 +607,12 @@ def refresh(config: str | None = None, overrides: dict[str, Any] | None = None) 
             "unconditional": {"setting": settings.extract.unconditional,
                               "ran": bool(extracted.get("unconditional", True))},
             "timings": dict(step.timings), "cached_steps": list(step.cached), "resumed": version == resume,
-            **({"shards": sharded, "score_shards": run["score_shards"]} if sharded is not None else {})}
+            **_sharding(sharded, run)}
+
+
+def _sharding(sharded: dict | None, run: dict) -> dict:
+    """The summary's ``shards`` and ``score_shards`` entries on a cluster runner (none on the local one)."""
+    return {} if sharded is None else {"shards": sharded, "score_shards": run["score_shards"]}
 
 
 def artifact_key(kind: str, release: str) -> str:

@@ -29,11 +29,13 @@ def test_score_subprocess_writes_table_and_summary(tiny_model_dir, data_files, t
                        capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr
     df = pl.read_parquet(out)
+    from valuegate.engine.columns import FAULT_SCORE_COLUMNS
     from valuegate.storage.schemas import SIGNAL_COLUMNS
 
     assert df.columns == ["prompt", "response", "tag", "row", "value", "nearest_rows", "n_tokens", "truncated",
                           "mean_loss", "self_influence", "perplexity", "length", "ifd", "rds_mean", "rds_max",
-                          "suspect", "suspect_reason", *(c for c in SIGNAL_COLUMNS if c != "mean_loss")]
+                          "suspect", "fault", "suspect_reason", *FAULT_SCORE_COLUMNS,
+                          *(c for c in SIGNAL_COLUMNS if c != "mean_loss"), "keep", "reason", "reason_code"]
     assert df["suspect"].is_finite().all() and df["hard_value_mean"].is_finite().all()
     assert df["row"].to_list() == list(range(9))
     assert df["tag"].to_list() == [f"r{i}" for i in range(9)]

@@ -172,7 +172,7 @@ def test_s3_workspace_end_to_end_on_dask(prefect_harness, tmp_path, tiny_model_d
                                                      "report.html")} <= objects
     assert any("/gate/" in k for k in objects)  # the gate's Data Docs went along
 
-    # a second run: the cached steps answer from the local results folder, no shard, a new release
+    # a second run: the cached steps answer from the local results folder, no shard, nothing new to release
     again, _ = _run(config)
     assert again["shards"]["shards"] == 0 and again["run_id"] == out["run_id"]
     assert "score" in again["cached_steps"] and again["previous"] == version

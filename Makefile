@@ -50,6 +50,9 @@ bench: model
 	$(BIN)/python -m tests.benchmarks.bench_vlm
 	$(BIN)/python -m tests.benchmarks.bench_runners
 	$(BIN)/python -m tests.benchmarks.bench_writers
+	$(BIN)/python -m tests.benchmarks.bench_extract
+	$(BIN)/python -m tests.benchmarks.bench_ingest
+	$(BIN)/python -m tests.benchmarks.bench_faults
 
 # The GPU benchmark in one command, on a machine with a CUDA GPU and no network (nothing is fetched: run
 # `make model` while online first): valuegate extract in bfloat16 and float32 against a bare forward, and

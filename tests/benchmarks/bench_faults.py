@@ -4,8 +4,11 @@
         [--clean 500] [--per-type 25] [--valid 60] [--seed 0] [--out bench-results] [--data DIR]
 
 Every number comes from valuegate's own API (``valuegate.score(train, valid)``, default settings, the default
-model), so it is what a user gets. Scored tables are cached in ``<out>/faults-scores-<set>.parquet``
-(delete them to rescore: the cache knows nothing of code changes).
+model), so it is what a user gets. Scored tables (the detectors' per-row inputs and hidden states with them) are
+cached in ``<out>/faults-scores-<set>-v<valid>-c<clean>-p<per-type>-s<seed>.parquet`` (the demo's:
+``faults-scores-demo.parquet``); the verdict is recomputed from them by the current detector code on every run,
+so a change to the detectors or their calibration needs no forward pass. Delete a cached table after a change to
+the extraction.
 
 **Sets.** Real, human-written instruction data checked in under ``tests/benchmarks/data/real/`` (GSM8K worked
 answers, PIQA solutions and CosmosQA answers from Super-NaturalInstructions; its README says where each comes
@@ -79,13 +82,19 @@ def build_set(name: str, a) -> tuple[pl.DataFrame, pl.DataFrame]:
             pl.DataFrame([{"prompt": r["prompt"], "response": r["response"]} for r in valid]))
 
 
+def set_key(name: str, a) -> str:
+    """The name a set's cached table and top-clean file carry: the set and what built it (``gsm8k-v30-c250-p12-s0``;
+    the demo, scored as shipped, ``demo``)."""
+    return name if name == "demo" else f"{name}-v{a.valid}-c{a.clean}-p{a.per_type}-s{a.seed}"
+
+
 def scored(name: str, train: pl.DataFrame, valid: pl.DataFrame, a) -> pl.DataFrame:
     """``valuegate.score(train, valid)`` at the defaults (the API's own path), cached with the fault detectors'
     per-row inputs and hidden states, so that the verdict (:func:`with_verdict`) can be recomputed by the
     current detector code without another forward pass."""
     from valuegate.api import resolve_settings, score_inputs
 
-    path = a.out / f"faults-scores-{name}.parquet"
+    path = a.out / f"faults-scores-{set_key(name, a)}.parquet"
     if path.exists():
         return pl.read_parquet(path)
     t0 = time.perf_counter()
@@ -180,7 +189,8 @@ def detection(name: str, df: pl.DataFrame, threshold: float) -> dict:
 
 
 def top_clean(name: str, df: pl.DataFrame, out: Path, n: int = 20) -> list[dict]:
-    """The ``n`` clean rows of highest ``suspect``, with their fault and reason, as a Markdown file to read."""
+    """The ``n`` clean rows of highest ``suspect``, with their fault and reason, as a Markdown file to read
+    (``name``: the set's key, :func:`set_key`)."""
     top = (df.filter(pl.col("corruption").fill_null("") == "").sort("suspect", descending=True).head(n)
            .select("suspect", "fault", "suspect_reason", "prompt", "response").to_dicts())
     lines = [f"# {name}: the {n} clean rows of highest suspect\n"]
@@ -190,6 +200,15 @@ def top_clean(name: str, df: pl.DataFrame, out: Path, n: int = 20) -> list[dict]
                   f"- prompt (end): {prompt}", f"- response: {r['response'][:600]}\n"]
     (out / f"faults-top-clean-{name}.md").write_text("\n".join(lines))
     return top
+
+
+def write_json(path: Path, res: dict) -> None:
+    """Write this run's sets into ``path``, keeping the sets an earlier run wrote there under other keys (one
+    file for runs with different sizes per set)."""
+    keys = {d["key"] for d in res["sets"]}
+    old = json.loads(path.read_text()).get("sets", []) if path.exists() else []
+    merged = {**res, "sets": [d for d in old if d.get("key") not in keys] + res["sets"]}
+    path.write_text(json.dumps(merged, indent=1, default=float))
 
 
 def main() -> None:
@@ -212,14 +231,15 @@ def main() -> None:
         df = with_verdict(scored(name, train, valid, a))
         d = detection(name, df, threshold)
         if name in REAL_SETS:
-            d["top_clean"] = [{k: r[k] for k in ("suspect", "fault", "suspect_reason")} for r in top_clean(name, df, a.out)]
+            d["top_clean"] = [{k: r[k] for k in ("suspect", "fault", "suspect_reason")} for r in top_clean(set_key(name, a), df, a.out)]
+        d["key"] = set_key(name, a)
         res["sets"].append(d)
         cols = ["corruption", "n", "perceivable", "suspect", "mismatch", "echo", "garbled", "cut", "value",
                 *BASELINE_SIDES, "best_baseline_auc", "best_signal", "best_signal_auc", "recall", "named_right",
                 "target_met"]
         print(table(d["rows"], cols, f"\n{name} ({d['n_clean']} clean rows): clean dropped {d['clean_dropped']:.1%} "
                     f"{d['clean_dropped_by_fault']}, recall {d['recall']:.1%} at suspect > {threshold:g}"), flush=True)
-        (a.out / "faults.json").write_text(json.dumps(res, indent=1, default=float))
+        write_json(a.out / "faults.json", res)
 
 
 if __name__ == "__main__":

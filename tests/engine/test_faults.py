@@ -115,6 +115,25 @@ def test_a_broken_quarter_of_the_training_rows_does_not_shrink_the_scores():
     assert tails[1] == pytest.approx(tails[0], rel=0.25)
 
 
+def test_short_answers_sharing_one_bigram_with_the_prompt_are_not_echoes():
+    """Most answers share no bigram with their prompt, so the robust spread of the overlap is near 0: without a
+    floor, a three-bigram answer ``"Answer: 14"`` whose number stands in the question (one shared bigram of
+    three, overlap 0.33) scored 10 (18% of DataInf's clean math rows dropped). A difference of less than a tenth
+    of the answer's bigrams is no evidence; the prompt copied back (overlap 0.9) still is."""
+    rng = np.random.default_rng(3)
+    n = 60
+    hidden = np.tile([1.0, 0.0, 0.0], (n, 1)) + rng.normal(scale=0.05, size=(n, 3))
+    u = rng.random(n)  # the clean bulk: most share one bigram of nine with the prompt, a few none or one of three
+    overlap = np.where(u < 0.9, 1 / 9, np.where(u < 0.95, 0.0, 1 / 3))
+    si = np.full(n, 15000.0)
+    trusted = np.r_[np.zeros(30, dtype=bool), np.ones(30, dtype=bool)]
+    ref = FaultReference.build({"prompt_overlap": overlap, "self_influence": si}, hidden, ["echo"], 20, trusted)
+    assert ref.scale["echo"] >= DETECTORS["echo"].min_spread == 0.1
+    rows = {"prompt_overlap": np.array([1 / 3, 0.9]), "self_influence": np.array([15000.0, 28000.0])}
+    got = ref.scores(rows, hidden[:2])["echo"]
+    assert got[0] < 3 < got[1], got
+
+
 def test_unknown_or_missing_inputs_are_one_line_errors():
     hidden, loss = _two_tasks(n=5)
     with pytest.raises(ValuegateError, match="unknown fault detector 'nope'; known: mismatch, echo"):

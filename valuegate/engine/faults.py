@@ -11,7 +11,8 @@ detector       mechanism (statistic, higher = more suspect)                 what
                the answer easier (IFD near 1, pointwise mutual              an answer to another question
                information near 0)
 ``echo``       ``prompt_overlap`` of the response's token bigrams, with the the prompt copied back as the
-               answer *easier* than like rows (``−log self-influence``)    answer
+               answer *easier* than like rows (``−log self-influence``);   answer
+               a difference under 0.1 means nothing (``min_spread``)
 ``garbled``    ``hard_mean_loss + mean_loss``: the surprisal of the answer  scrambled words (every token
                with its hardest 20% of tokens counted twice                 harder), injected junk tokens
                                                                             (the hardest ones)
@@ -92,12 +93,16 @@ class Detector:
         inputs: the per-row input columns it reads (:data:`FAULT_INPUTS` or any column the caller passes).
         statistic: inputs → ``(n,)`` float64, higher = more suspect; NaN where it does not apply (the row
             then gets no score from this detector).
+        min_spread: the smallest spread a deviation is divided by, in the statistic's own units: the least
+            difference from like rows that means anything (a statistic that is 0 on most rows has a robust
+            spread near 0, and any small difference would be a large score).
     """
 
     code: str
     reason: str
     inputs: tuple[str, ...]
     statistic: Callable[[Mapping[str, np.ndarray]], np.ndarray]
+    min_spread: float = 0.0
 
 
 DETECTORS: dict[str, Detector] = {}
@@ -126,7 +131,8 @@ register(Detector(
 register(Detector(
     "echo", "the answer repeats the question instead of answering it",
     ("prompt_overlap", "self_influence"),
-    lambda f: np.asarray(f["prompt_overlap"], dtype=np.float64) - 0.1 * _log(f["self_influence"])))
+    lambda f: np.asarray(f["prompt_overlap"], dtype=np.float64) - 0.1 * _log(f["self_influence"]),
+    min_spread=0.1))
 register(Detector(
     "garbled", "the answer has words or tokens that make no sense where they stand (scrambled or inserted)",
     ("hard_mean_loss", "mean_loss"),
@@ -229,7 +235,7 @@ class FaultReference:
             x = ref.stats[c]
             dev = (x - _location(x, nb))[use]
             ref.offset[c] = float(np.nanmedian(dev)) if np.isfinite(dev).any() else 0.0
-            ref.scale[c] = _spread(dev)
+            ref.scale[c] = max(_spread(dev), DETECTORS[c].min_spread)
             z = (dev - ref.offset[c]) / ref.scale[c]
             z = z[np.isfinite(z)]
             q = float(np.quantile(z, quantile)) if z.size else 0.0

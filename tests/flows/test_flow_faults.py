@@ -112,7 +112,8 @@ def test_sigkill_then_rerun(prefect_harness, tmp_path, tiny_model_dir, point):
 def test_interleaved_promotions_never_move_current_back(prefect_harness, tmp_path, tiny_model_dir,
                                                         monkeypatch):
     """Another run promotes while this one is between its allocation and its promotion: first an older
-    version (this run replaces it, and says so), then a newer one (this run does not go back over it)."""
+    version (this run replaces it, and says so), then a newer one (this run does not go back over it); then a
+    person rolls back while this run is in its gate."""
     import polars as pl
 
     from valuegate.storage import releases as rstore
@@ -165,3 +166,21 @@ def test_interleaved_promotions_never_move_current_back(prefect_harness, tmp_pat
     assert late["current"] is False and late["reason"] == "not promoted: newer release v0005 is current"
     assert rstore.read_current(root, "r") == "v0005"
     assert [m["version"] for m in rstore.list_releases(root, "r")] == [f"v000{i}" for i in range(1, 6)]
+
+    # a person runs `valuegate release rollback r` while this run is in its gate (its v0006 allocated, not
+    # complete): the rollback goes to the newest complete passed release before the current one, never to the
+    # run's incomplete version; the run then promotes v0006 over the rolled-back one and says which it replaced
+    from valuegate.tasks.release import rollback
+
+    rolled: list[str] = []
+
+    def gate_while_rolled_back(*a, **k):
+        rolled.append(rollback(root, "r"))
+        return real_gate(*a, **k)
+
+    monkeypatch.setattr(rstore, "allocate_version", real_allocate)
+    monkeypatch.setattr(gate_mod, "run_gate", gate_while_rolled_back)
+    after, _ = _run(_config(tmp_path, tiny_model_dir(), gate={"min_retained_fraction": 0.35}))
+    assert rolled == ["v0004"] and after["version"] == "v0006"
+    assert after["current"] and after["previous"] == "v0004"
+    assert rstore.read_current(root, "r") == "v0006"

@@ -7,15 +7,18 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from valuegate.errors import InternalError, ValuegateError
+from valuegate.errors import InternalError, StoreUnreachable, ValuegateError
 
 
 def retry_unless_user_error(task: Any, task_run: Any, state: Any) -> bool:
     """Prefect ``retry_condition_fn``: False (end the task as failed now) when the failed ``state`` holds
-    a :class:`ValuegateError`, which would only fail again; True for anything else (I/O, a lost worker)
-    so the task's own retry policy applies."""
+    a :class:`ValuegateError`, which would only fail again; True for anything else (I/O, a lost worker,
+    an object store that stopped answering: :class:`StoreUnreachable`) so the task's own retry policy
+    applies."""
     try:
         state.result()
+    except StoreUnreachable:  # an object store that stopped answering may be back by the next attempt
+        return True
     except ValuegateError:
         return False
     except Exception:  # any other failure may be transient

@@ -1,10 +1,13 @@
-"""What a failure of the store means for the user: a full device or a damaged table, as one line (issue 26).
+"""What a failure of the store means for the user: a full device, a damaged table or an object store that
+stopped answering, as one line (issue 26).
 
 LanceDB reports both from Rust, as ``OSError``, ``RuntimeError`` or ``ValueError`` whose text says what
 happened (``No space left on device (os error 28)``; ``failed to fill whole buffer`` for a truncated data
 file, ``invalid magic`` for a zeroed one, ``Not found: .../<table>.lance/data/...`` for a missing one).
-:func:`store_failure` reads that text (and ``errno``) and returns the :class:`~valuegate.errors.NoSpace` or
-:class:`~valuegate.errors.DamagedTable` to raise instead, or None for anything else.
+:func:`store_failure` reads that text (and ``errno``) and returns the :class:`~valuegate.errors.NoSpace`,
+:class:`~valuegate.errors.DamagedTable` or :class:`~valuegate.errors.StoreUnreachable` to raise instead, or None
+for anything else. A transport failure (what :func:`valuegate.storage.retry.classify_error` calls transient) is
+only translated at the edge, after the requests' and the steps' own retries gave up.
 """
 
 from __future__ import annotations
@@ -14,9 +17,10 @@ import errno
 import re
 from collections.abc import Iterator
 
-from valuegate.errors import DamagedTable, NoSpace, ValuegateError
+from valuegate.errors import DamagedTable, NoSpace, StoreUnreachable, ValuegateError
 
-__all__ = ["is_damage", "is_no_space", "no_space_as_error", "short_reason", "store_failure", "table_of"]
+__all__ = ["is_damage", "is_no_space", "is_unreachable", "no_space_as_error", "short_reason", "store_failure",
+           "table_of"]
 
 _NO_SPACE_MARKERS = ("no space left on device", "os error 28", "errno 28", "disk quota exceeded", "os error 122")
 # what Lance says when a data file, a manifest or an index is truncated, zeroed or gone
@@ -31,6 +35,8 @@ _DAMAGE_MARKERS = (
     "decodeerror",
 )
 _RUST_PLACE = re.compile(r",?\s*/\S+\.rs:\d+:\d+")
+_HOST = re.compile(r"(?:connect to|connecting to|host) '?([A-Za-z0-9.\-]+:\d+)")
+_BUCKET = re.compile(r"bucket '([^']+)'")
 _TABLE_PATH = re.compile(r"([A-Za-z0-9_\-.]+?)\.lance/(?:data|_versions|_indices|_transactions|_deletions)/")
 
 
@@ -57,6 +63,23 @@ def is_damage(exc: BaseException) -> bool:
     return False
 
 
+def is_unreachable(exc: BaseException) -> bool:
+    """Whether ``exc`` is the object store not answering: a transport failure (connection refused, reset,
+    timed out; :func:`valuegate.storage.retry.classify_error`), not a full device or a denied request."""
+    from valuegate.storage.retry import classify_error
+
+    return any(not isinstance(e, ValuegateError) and classify_error(e) == "transient" for e in _chain(exc))
+
+
+def _store_named(exc: BaseException) -> str:
+    """``at <host:port>`` or ``of bucket <name>`` as the error says it, else nothing."""
+    for e in _chain(exc):
+        host, bucket = _HOST.search(str(e)), _BUCKET.search(str(e))
+        if host or bucket:
+            return f" at {host.group(1)}" if host else f" of bucket {bucket.group(1)}"
+    return ""
+
+
 def table_of(exc: BaseException) -> str | None:
     """The table whose file the error names (``features__ab12`` of ``.../features__ab12.lance/data/x``)."""
     for e in _chain(exc):
@@ -76,7 +99,7 @@ def store_failure(exc: BaseException, what: str | None = None, table: str | None
         table: the table concerned, when the caller knows it (else read from the error's path).
         workspace: the workspace URI, for the ``valuegate verify`` hint.
     """
-    if isinstance(exc, (NoSpace, DamagedTable)):
+    if isinstance(exc, (NoSpace, DamagedTable, StoreUnreachable)):
         return exc
     if isinstance(exc, ValuegateError):
         return None
@@ -89,6 +112,10 @@ def store_failure(exc: BaseException, what: str | None = None, table: str | None
         hint = f"valuegate verify --workspace {workspace}" if workspace else "valuegate verify"
         return DamagedTable(f"table {name} is damaged ({short_reason(exc)}); run `{hint}` to see what is damaged and "
                             "repair what can be derived again")
+    if is_unreachable(exc):
+        return StoreUnreachable(f"the object store{_store_named(exc)} did not answer after every retry "
+                                f"({short_reason(exc)}); run again when it is back: what was committed stays, "
+                                "nothing half-written is visible")
     return None
 
 

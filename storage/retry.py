@@ -48,6 +48,8 @@ _CONFLICT_MARKERS = (
 _TRANSIENT_MARKERS = (
     "retryerror",
     "connection refused",
+    "could not connect",  # pyarrow's AWS SDK: "curlCode: 7, Could not connect to server"
+    "network_connection",  # pyarrow's AWS SDK: "AWS Error NETWORK_CONNECTION during ..."
     "connectionrefused",
     "connection reset",
     "connectionreset",

@@ -94,6 +94,9 @@ def remember_release(settings: Settings, key: str, version: str | None) -> str |
 # --------------------------------------------------------------------------------------------------
 
 _CLAIMS: dict[str, int] = {}  # claim file → open descriptor holding its flock, for this process's runs
+# (workspace, release name, version) → its claim file: unclaim finds it without the workspace (whose id names
+# the results folder), so a run whose object store stopped answering still lets go of its version
+_CLAIMED: dict[tuple[str, str, str], str] = {}
 _CLAIMS_LOCK = threading.Lock()
 
 
@@ -127,14 +130,16 @@ def claim(settings: Settings, version: str) -> bool:
             os.close(fd)
             return False
         _CLAIMS[str(path)] = fd
+        _CLAIMED[(str(settings.workspace), settings.release.name, version)] = str(path)
         return True
 
 
 def unclaim(settings: Settings, version: str) -> None:
-    """Let go of a version :func:`claim` held (closing the descriptor drops the ``flock``)."""
-    path = _claim_file(settings, version)
+    """Let go of a version :func:`claim` held (closing the descriptor drops the ``flock``). Reads nothing from
+    the workspace."""
     with _CLAIMS_LOCK:
-        fd = _CLAIMS.pop(str(path), None) if path is not None else None
+        path = _CLAIMED.pop((str(settings.workspace), settings.release.name, version), None)
+        fd = _CLAIMS.pop(path, None) if path is not None else None
     if fd is not None:
         os.close(fd)
 

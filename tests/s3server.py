@@ -175,3 +175,87 @@ def s3_server(tmp_path_factory) -> Iterator[S3Server]:
     finally:
         with contextlib.suppress(Exception):
             _stop(server.process)
+
+
+class Outage:
+    """A TCP proxy in front of the S3 server that can go down and come back on the same port, so a store
+    "dies" (connections refused, open ones reset) and returns with its objects (moto keeps them in memory,
+    so the server itself must stay up).
+
+    ``endpoint`` is the proxy's ``http://127.0.0.1:<port>``; :meth:`down` and :meth:`up` switch it;
+    :meth:`close` stops it.
+    """
+
+    def __init__(self, server: S3Server) -> None:
+        import threading
+
+        self.upstream = server.endpoint.rsplit(":", 1)
+        self.upstream_port = int(self.upstream[1])
+        self.port = _free_port()
+        self.endpoint = f"http://{HOST}:{self.port}"
+        self.storage_options = {**server.storage_options, "aws_endpoint": self.endpoint}
+        self._lock = threading.Lock()
+        self._conns: list[socket.socket] = []
+        self._listener: socket.socket | None = None
+        self.up()
+
+    def up(self) -> None:
+        """Listen again on the same port."""
+        import threading
+
+        s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind((HOST, self.port))
+        s.listen(64)
+        self._listener = s
+        threading.Thread(target=self._accept, args=(s,), daemon=True).start()
+
+    def down(self) -> None:
+        """Stop listening (new connections are refused) and reset every open connection."""
+        with self._lock:
+            listener, self._listener = self._listener, None
+            conns, self._conns = self._conns, []
+        if listener is not None:
+            with contextlib.suppress(OSError):
+                listener.shutdown(socket.SHUT_RDWR)
+            listener.close()
+        for c in conns:
+            with contextlib.suppress(OSError):
+                c.shutdown(socket.SHUT_RDWR)
+            c.close()
+
+    close = down
+
+    def _accept(self, listener: socket.socket) -> None:
+        import threading
+
+        while True:
+            try:
+                client, _ = listener.accept()
+            except OSError:
+                return
+            try:
+                upstream = socket.create_connection((HOST, self.upstream_port))
+            except OSError:
+                client.close()
+                continue
+            with self._lock:
+                if self._listener is not listener:  # went down meanwhile
+                    client.close()
+                    upstream.close()
+                    return
+                self._conns += [client, upstream]
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pump(src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                with contextlib.suppress(OSError):
+                    s.shutdown(socket.SHUT_RDWR)

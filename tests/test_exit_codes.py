@@ -87,3 +87,21 @@ def test_a_failed_gate_exits_3_through_prefect(prefect_harness, tmp_path, tiny_m
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("valuegate: error: gate failed for release r/v0001 (current stays none): "), last
     assert "retained" in last and proc.stdout == ""
+
+
+def test_an_unreachable_store_is_retried_by_a_task_and_exits_7_in_one_line(monkeypatch, capsys):
+    from valuegate.errors import StoreUnreachable
+
+    assert StoreUnreachable.exit_code == 7 and issubclass(StoreUnreachable, ValuegateError)
+    assert retry_unless_user_error(None, None, Failed(data=StoreUnreachable("x"))) is True  # it may be back
+
+    def fails(args):  # what pyarrow raises once its own retries gave up, met outside the workspace's calls
+        raise OSError("When getting information for key 'ws/x' in bucket 'b': AWS Error NETWORK_CONNECTION during "
+                      "HeadObject operation: curlCode: 7, Could not connect to server; Details: Failed to connect "
+                      "to 10.0.0.9:9000 after 0 ms: Could not connect to server")
+
+    monkeypatch.setattr(cli, "_cmd_fetch_model", fails)
+    assert cli.main(["fetch-model"]) == 7
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("valuegate: error: the object store at 10.0.0.9:9000 did not "
+                                                   "answer after every retry (When getting information"), err

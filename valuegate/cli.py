@@ -26,6 +26,7 @@ from valuegate.errors import (
     GateFailed,
     InternalError,
     NoSpace,
+    StoreUnreachable,
     ValuegateError,
 )
 
@@ -43,6 +44,7 @@ EXIT_CODES_HELP = f"""exit codes:
   {ClusterLost.exit_code:<4} the Dask/Ray cluster was lost mid-run: what was stored stays, a re-run resumes
   {NoSpace.exit_code:<4} no space left on device: nothing half-written is visible; free space, a re-run resumes
   {DamagedTable.exit_code:<4} a damaged table or release: run `valuegate verify` (docs/reliability.md)
+  {StoreUnreachable.exit_code:<4} the workspace's object store stopped answering: run again when it is back; it resumes
   {InternalError.exit_code:<4} internal error: a broken invariant, a bug in valuegate (its traceback is printed)
   130  interrupted (SIGINT or SIGTERM): stopped within a batch, nothing half-written; a re-run resumes
 Every error is one line on stderr: valuegate: error: <message>."""

@@ -70,6 +70,14 @@ class DamagedTable(ValuegateError):
     exit_code = 6
 
 
+class StoreUnreachable(ValuegateError):
+    """The object store of the workspace stopped answering (connections refused, reset or timed out) after
+    every retry (exit 7). Every write is atomic, so what was committed stays and nothing half-written is
+    visible; a re-run once the store is back resumes."""
+
+    exit_code = 7
+
+
 class InternalError(ValuegateError):
     """A broken invariant: a bug in valuegate, not in the input (exit 70, EX_SOFTWARE)."""
 
@@ -79,5 +87,6 @@ class InternalError(ValuegateError):
 #: exit code → the class, for the CLI's help and docs/configuration.md (the codes of ``valuegate``).
 EXIT_CODES: dict[int, type[ValuegateError]] = {
     BadInput.exit_code: BadInput, GateFailed.exit_code: GateFailed, ClusterLost.exit_code: ClusterLost,
-    NoSpace.exit_code: NoSpace, DamagedTable.exit_code: DamagedTable, InternalError.exit_code: InternalError,
+    NoSpace.exit_code: NoSpace, DamagedTable.exit_code: DamagedTable, StoreUnreachable.exit_code: StoreUnreachable,
+    InternalError.exit_code: InternalError,
 }

@@ -11,7 +11,7 @@ import polars as pl
 import pytest
 from test_release import NAME, _fields, _kept, _publish, _scores
 
-from valuegate.errors import ValuegateError
+from valuegate.errors import StoreUnreachable, ValuegateError
 from valuegate.storage import releases as store
 from valuegate.storage.lance import Workspace
 from valuegate.storage.objstore import Root, open_root, workspace_id
@@ -148,9 +148,10 @@ def test_conditional_write_edge_cases_and_errors(s3_server, caplog):
 
     closed = Root("s3://b/ws", {**s3_server.storage_options, "aws_endpoint": "http://127.0.0.1:1"})
     caplog.set_level("INFO", logger="valuegate.storage.retry")
-    with pytest.raises(ValuegateError) as err:
+    with pytest.raises(StoreUnreachable) as err:  # a store that does not answer: exit 7, run again later
         closed.create("k", b"1")
-    assert str(err.value).startswith("S3 PUT s3://b/ws/k: ") and "\n" not in str(err.value)
+    assert str(err.value).startswith("the object store at 127.0.0.1:1 did not answer after every retry (S3 PUT "
+                                     "s3://b/ws/k: ") and "\n" not in str(err.value)
     retries = [m for m in caplog.messages if m.startswith("S3 PUT s3://b/ws/k: transient on attempt")]
     assert len(retries) == retry.S3_REQUESTS.attempts - 1
 

@@ -317,8 +317,24 @@ function vgRows(rows, query, reason, key, dir) {
     });
     info.textContent = shown.length + " of " + rows.length + " dropped rows match; page " + (page + 1) + " of " + pages;
   }
-  search.addEventListener("input", function () { page = 0; draw(); });
-  pick.addEventListener("change", function () { page = 0; draw(); });
+  // the filter lives in the address too (#q=<text>&reason=<code>): a filtered view is a link to share
+  function fromHash() {
+    var h = (typeof location === "object" && location.hash) ? location.hash.slice(1) : "";
+    h.split("&").forEach(function (kv) {
+      var i = kv.indexOf("="), k = kv.slice(0, i), v = decodeURIComponent(kv.slice(i + 1).replace(/\+/g, " "));
+      if (k === "q") search.value = v;
+      if (k === "reason") pick.value = v;
+    });
+  }
+  function toHash() {
+    if (typeof history !== "object" || !history.replaceState) return;
+    var parts = [];
+    if (search.value) parts.push("q=" + encodeURIComponent(search.value));
+    if (pick.value) parts.push("reason=" + encodeURIComponent(pick.value));
+    history.replaceState(null, "", parts.length ? "#" + parts.join("&") : location.pathname + location.search);
+  }
+  search.addEventListener("input", function () { page = 0; toHash(); draw(); });
+  pick.addEventListener("change", function () { page = 0; toHash(); draw(); });
   document.getElementById("dropped-prev").addEventListener("click", function () { page = Math.max(0, page - 1); draw(); });
   document.getElementById("dropped-next").addEventListener("click", function () { page += 1; draw(); });
   Array.prototype.forEach.call(document.querySelectorAll("#dropped-table th[data-key]"), function (th) {
@@ -329,6 +345,7 @@ function vgRows(rows, query, reason, key, dir) {
       draw();
     });
   });
+  fromHash();
   draw();
 })();
 """

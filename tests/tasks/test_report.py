@@ -98,6 +98,36 @@ def test_report_renders_in_headless_chromium(tmp_path):
     assert dom.count('class="reason-row"') == 1 and dom.count('class="detection-row ') == 3
 
 
+@pytest.mark.skipif(CHROMIUM is None, reason="Debian chromium is not installed (CI installs it: apt-get "
+                    "install chromium)")
+def test_the_dropped_rows_table_filters_in_chromium(tmp_path):
+    """The page's own script, in a real browser: the whole table, then the view a link with a filter opens
+    (``#q=...``, what typing in the search box writes to the address), then a reason picked by the link."""
+    import re
+    from urllib.parse import quote
+
+    sel = _selected()
+    path = write_report(tmp_path / "report.html", render_report(sel, _manifest(), []))
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+             "--disable-background-networking", "--disable-component-update", "--disable-sync",
+             f"--user-data-dir={tmp_path / 'profile'}"]
+
+    def shown(fragment: str) -> tuple[int, str]:
+        dom = subprocess.run([CHROMIUM, *flags, "--dump-dom", path.as_uri() + fragment], check=True, timeout=120,
+                             capture_output=True, text=True).stdout
+        info = re.search(r'<span id="dropped-info">(.*?)</span>', dom).group(1)
+        return dom.count('class="dropped-row"'), info
+
+    dropped = sel.filter(~pl.col("keep"))
+    assert shown("") == (dropped.height, f"{dropped.height} of {dropped.height} dropped rows match; page 1 of 1")
+    want = dropped.filter(pl.col("prompt").str.contains("prompt 1")).height  # prompt 1, 10-19 (the dropped ones)
+    assert 0 < want < dropped.height
+    assert shown("#q=" + quote("PROMPT 1")) == (want, f"{want} of {dropped.height} dropped rows match; page 1 of 1")
+    (code,) = re.findall(r"<option value='([^']+)'>", path.read_text(encoding="utf-8"))  # one reason here
+    assert shown(f"#reason={code}&q=" + quote("prompt 1"))[0] == want
+    assert shown("#q=no+such+row") == (0, f"0 of {dropped.height} dropped rows match; page 1 of 1")
+
+
 def test_detection_table_sets_valuegate_against_the_cheap_filters_per_corruption_type():
     """Issue 18: with a known-bad column the report has a row per cheap filter (each on the side it drops) and a
     column per corruption type, the best per column in bold; the column is a setting; booleans work."""

@@ -44,6 +44,21 @@ def _listing(root: Path) -> dict[str, int]:
     return {str(p.relative_to(root)): p.stat().st_size for p in root.rglob("*") if p.is_file()}
 
 
+def _alpaca(path: Path, n: int, offset: int = 0) -> None:
+    """``n`` Alpaca rows (instruction, input, output) as one indented JSON array, the way alpaca_data.json
+    ships; every third row has an input."""
+    import json
+
+    rows = []
+    for i in range(offset, offset + n):
+        a, b = i % 17 + 2, i % 5 + 3
+        rows.append({"instruction": f"Add {a} and {b}, and say the sum in a sentence.", "input": "",
+                     "output": f"{a} plus {b} is {a + b}."} if i % 3 else
+                    {"instruction": "Rewrite the sentence in the past tense.", "input": f"I walk {a} miles to the lake.",
+                     "output": f"I walked {a} miles to the lake."})
+    path.write_text(json.dumps(rows, indent=4))
+
+
 def test_wheel_runs_the_demo_in_an_empty_directory(tmp_path):
     timings: dict[str, float] = {}
     clock = time.perf_counter()
@@ -81,12 +96,28 @@ def test_wheel_runs_the_demo_in_an_empty_directory(tmp_path):
     clock = time.perf_counter()
     proc = _run([str(venv / "bin" / "valuegate"), "run", "--quiet"], 1800, cwd=here, env=env)
     timings["run"] = time.perf_counter() - clock
-    print("wall seconds:", {k: round(v, 1) for k, v in timings.items()})
 
     assert "release demo/v0001 is current" in proc.stdout, proc.stdout
     current = here / "valuegate-workspace" / "releases" / "demo" / "CURRENT"
     assert current.read_text().split()[0] == "v0001"
     assert (here / "valuegate-workspace" / "releases" / "demo" / "v0001").is_dir()
+    # the most common shape of instruction data, as its authors ship it (one indented JSON array of
+    # instruction/input/output): `valuegate init` writes the config, `valuegate run` releases it
+    mine = tmp_path / "mine"
+    (mine / "data").mkdir(parents=True)
+    _alpaca(mine / "data" / "train.json", 16)
+    _alpaca(mine / "data" / "valid.json", 6, offset=100)
+    clock = time.perf_counter()
+    init = _run([str(venv / "bin" / "valuegate"), "init", "data/train.json", "data/valid.json", "--out", "vg.toml"],
+                300, cwd=mine, env=env)
+    assert "instruction/input/output" in init.stdout + init.stderr, init.stdout + init.stderr
+    proc = _run([str(venv / "bin" / "valuegate"), "run", "--config", "vg.toml", "--select.policy", "keep_all",
+                 "--quiet"], 1800, cwd=mine, env=env)
+    timings["alpaca"] = time.perf_counter() - clock
+    print("wall seconds:", {k: round(v, 1) for k, v in timings.items()})
+    assert "release train/v0001 is current" in proc.stdout, proc.stdout
+    assert (mine / "valuegate-workspace" / "releases" / "train" / "CURRENT").read_text().split()[0] == "v0001"
+
     after = _listing(site)
     added = sorted(set(after) - set(before))
     changed = sorted(k for k in before.keys() & after.keys() if before[k] != after[k])

@@ -29,6 +29,7 @@ from valuegate.errors import (
     StoreUnreachable,
     ValuegateError,
 )
+from valuegate.home import prefect_home
 
 EXIT_USER_ERROR = BadInput.exit_code
 
@@ -444,6 +445,10 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     # Progress lines of long steps (valuegate/engine/progress.py) reach Prefect's UI in a run.
     os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "valuegate.progress")
+    # valuegate's own Prefect home (database, logs), not the ~/.prefect every Prefect user of the machine shares
+    home = prefect_home(os.environ)
+    if home is not None:
+        os.environ["PREFECT_HOME"] = str(home)
     args = _parser().parse_args(argv)
     # run, serve, server: Prefect's own handlers print them
     wanted = args.command not in ("run", "serve", "server") and not getattr(args, "quiet", False)

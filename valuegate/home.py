@@ -19,3 +19,23 @@ def valuegate_home() -> Path:
     if xdg and Path(xdg).expanduser().is_absolute():
         return Path(xdg).expanduser() / "valuegate"
     return Path.home() / ".cache" / "valuegate"
+
+
+def prefect_home(environ: dict[str, str] | os._Environ) -> Path | None:
+    """The ``PREFECT_HOME`` valuegate's commands set when the user chose none: ``<valuegate_home()>/prefect``,
+    so that the Prefect database, logs and profiles of valuegate's runs and its local server are its own, not
+    the ``~/.prefect`` every other Prefect user and project on the machine shares.
+
+    None (Prefect's own choice stands) when ``PREFECT_HOME`` or ``PREFECT_PROFILES_PATH`` is set, or when the
+    profiles of ``~/.prefect`` name an API (``PREFECT_API_URL``: a Prefect Cloud login or a server the user
+    runs), which must stay in force.
+    """
+    if environ.get("PREFECT_HOME") or environ.get("PREFECT_PROFILES_PATH"):
+        return None
+    profiles = Path.home() / ".prefect" / "profiles.toml"
+    try:
+        if "PREFECT_API_URL" in profiles.read_text(encoding="utf-8", errors="replace"):
+            return None
+    except OSError:
+        pass
+    return valuegate_home() / "prefect"

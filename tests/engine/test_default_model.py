@@ -7,6 +7,7 @@ already on this machine and is skipped when there is none (``make model`` puts o
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import time
@@ -38,6 +39,38 @@ def test_valuegate_home_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> 
     monkeypatch.delenv("XDG_CACHE_HOME")
     monkeypatch.setenv("HOME", str(tmp_path / "h"))
     assert dm.valuegate_home() == tmp_path / "h" / ".cache" / "valuegate"
+
+
+def test_prefect_home_is_valuegates_own_unless_the_user_chose_one(monkeypatch: pytest.MonkeyPatch,
+                                                                  tmp_path: Path) -> None:
+    """valuegate's runs and server keep their Prefect database and logs under its home, not in the ~/.prefect
+    every Prefect user of the machine shares (issue 28); a Prefect home, profiles path or API profile the
+    user set stays in force."""
+    from valuegate.home import prefect_home
+
+    monkeypatch.setenv("HOME", str(tmp_path / "h"))
+    monkeypatch.setenv("VALUEGATE_HOME", str(tmp_path / "vg"))
+    assert prefect_home({}) == tmp_path / "vg" / "prefect"
+    assert prefect_home({"PREFECT_HOME": "/somewhere"}) is None
+    assert prefect_home({"PREFECT_PROFILES_PATH": "/p.toml"}) is None
+    profiles = tmp_path / "h" / ".prefect" / "profiles.toml"
+    profiles.parent.mkdir(parents=True)
+    profiles.write_text('active = "local"\n[profiles.local]\n')
+    assert prefect_home({}) == tmp_path / "vg" / "prefect"
+    profiles.write_text('active = "cloud"\n[profiles.cloud]\nPREFECT_API_URL = "https://api.prefect.cloud/x"\n')
+    assert prefect_home({}) is None
+
+
+def test_the_cli_sets_its_prefect_home(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from valuegate.cli import main
+
+    monkeypatch.setenv("HOME", str(tmp_path / "h"))
+    monkeypatch.setenv("VALUEGATE_HOME", str(tmp_path / "vg"))
+    monkeypatch.delenv("PREFECT_HOME", raising=False)
+    monkeypatch.delenv("PREFECT_PROFILES_PATH", raising=False)
+    with pytest.raises(SystemExit):
+        main(["--version"])
+    assert os.environ["PREFECT_HOME"] == str(tmp_path / "vg" / "prefect")
 
 
 def test_incomplete_cache_is_not_cached(tmp_path: Path) -> None:

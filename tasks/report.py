@@ -351,15 +351,18 @@ function vgRows(rows, query, reason, key, dir) {
 """
 
 
-def dropped_records(selected: pl.DataFrame, codes: list[str], valid_text: dict[str, str]) -> list[dict[str, Any]]:
+def dropped_records(selected: pl.DataFrame, codes: list[str], valid_text: dict[str, str],
+                    similar: dict[str, str] | None = None) -> list[dict[str, Any]]:
     """Every dropped row as the report's table holds it: ``code`` (the short reason), ``reason`` (the
     sentence), ``value``, ``suspect``, ``prompt``, ``response`` (each clipped at :data:`DROPPED_TEXT_CHARS`)
-    and ``nearest`` (its nearest validation sample), lowest value first."""
+    and ``nearest``: the validation sample most like it (``similar``: id → validation id, from
+    :func:`similar_validation`), else the one its value aligns with most (``nearest_ids``); lowest value
+    first."""
     frame = selected.with_columns(pl.Series("_code", codes, dtype=pl.String)).filter(~pl.col("keep")).sort("value")
     out = []
     for r in frame.to_dicts():
         prompt, response = _prompt_response(r)
-        near = next(iter(r.get("nearest_ids") or []), None)
+        near = (similar or {}).get(r["id"]) or next(iter(r.get("nearest_ids") or []), None)
         sus = r.get("suspect")
         out.append({"code": r["_code"], "reason": r.get("reason") or "",
                     "value": float(r["value"]) if r.get("value") is not None else None,
@@ -369,12 +372,34 @@ def dropped_records(selected: pl.DataFrame, codes: list[str], valid_text: dict[s
     return out
 
 
-def _dropped_rows_html(selected: pl.DataFrame, codes: list[str], valid_text: dict[str, str]) -> str:
+def similar_validation(root: Workspace, model_fp: str, ids: list[str], valid_ids: list[str]) -> dict[str, str]:
+    """id → the validation sample most like it (:func:`valuegate.engine.faults.most_similar`: the cosine of
+    the stored mean hidden states, centred on the validation set's), for the ``ids`` whose features are
+    stored; empty when there are none or no validation sample has features."""
+    from valuegate.engine.faults import most_similar
+
+    if not ids or not valid_ids or not fstore.features_exist(root, model_fp):
+        return {}
+    t = fstore.read_features(root, model_fp, ids=list(dict.fromkeys([*ids, *valid_ids])), columns=["id", "mean_hidden"])
+    got = t["id"].to_pylist()
+    hidden = np.asarray(t["mean_hidden"].combine_chunks().values.to_numpy(zero_copy_only=False),
+                        dtype=np.float32).reshape(len(got), -1) if got else np.zeros((0, 0), np.float32)
+    pos = {i: k for k, i in enumerate(got)}
+    vid = [v for v in valid_ids if v in pos]
+    rows = [i for i in ids if i in pos]
+    if not vid or not rows:
+        return {}
+    best = most_similar(hidden[[pos[i] for i in rows]], hidden[[pos[v] for v in vid]])
+    return {i: vid[b] for i, b in zip(rows, best, strict=True)}
+
+
+def _dropped_rows_html(selected: pl.DataFrame, codes: list[str], valid_text: dict[str, str],
+                       similar: dict[str, str] | None = None) -> str:
     """Every dropped row in one table, searched, filtered by reason, sorted by any column and paged in the
     page itself (inline data and script: no network)."""
     import json
 
-    records = dropped_records(selected, codes, valid_text)
+    records = dropped_records(selected, codes, valid_text, similar)
     if not records:
         return ""
     total, records = len(records), records[:DROPPED_ROWS_MAX]
@@ -384,7 +409,7 @@ def _dropped_rows_html(selected: pl.DataFrame, codes: list[str], valid_text: dic
     options = "".join(f"<option value='{html.escape(c, quote=True)}'>{html.escape(c)} ({n})</option>"
                       for c, n in sorted(Counter(r["code"] for r in records).items(), key=lambda kv: (-kv[1], kv[0])))
     heads = [("code", "reason"), ("reason", "why"), ("value", "value"), ("suspect", "suspect"),
-             ("prompt", "prompt"), ("response", "response"), ("nearest", "nearest validation sample")]
+             ("prompt", "prompt"), ("response", "response"), ("nearest", "most similar validation sample")]
     return (f"<h2>Every dropped row</h2><p>{'All ' if not left_out else ''}{len(records)} dropped rows, lowest value "
             f"first.{left_out} Type to search every column, pick a reason, click a column's title to sort (again: "
             f"the other way). Texts longer than {DROPPED_TEXT_CHARS} characters are cut here (the workspace's "
@@ -561,7 +586,7 @@ def render_report(selected: pl.DataFrame, manifest: dict[str, Any], valid_rows: 
                   diff_text: str | None = None, group_by: str | None = None,
                   explained: list[tuple[str, dict[str, Any], Any]] | None = None,
                   suspect_threshold: float | None = None, thumbnails: dict[str, str] | None = None,
-                  known_bad: str | None = "corruption") -> str:
+                  known_bad: str | None = "corruption", similar: dict[str, str] | None = None) -> str:
     """The report of one release as an HTML string.
 
     Args:
@@ -576,6 +601,8 @@ def render_report(selected: pl.DataFrame, manifest: dict[str, Any], valid_rows: 
             detection table of valuegate's scores against the cheap filters; None: never.
         thumbnails: sha256 → image URI for samples with an ``images`` column (content hashes); by default
             loaded from the workspace named in ``manifest["settings"]`` for the samples the report shows.
+        similar: dropped id → the validation sample most like it (:func:`similar_validation`), shown in the
+            table of every dropped row (else the one its value aligns with most).
     """
     values = selected["value"].to_numpy()
     keep = selected["keep"].to_numpy()
@@ -621,7 +648,7 @@ def render_report(selected: pl.DataFrame, manifest: dict[str, Any], valid_rows: 
     if group_by and group_by in selected.columns:
         parts.append(_groups_html(selected, group_by, kinds, values, keep, span, cut, cut_label))
     parts.append(_dropped_html(selected, kinds))
-    parts.append(_dropped_rows_html(selected, codes, vtext_full))
+    parts.append(_dropped_rows_html(selected, codes, vtext_full, similar))
     if known_bad and known_bad in selected.columns:  # e.g. the demo marks the rows it corrupted
         parts.append(_detection_html(selected, keep, known_bad))
     if "suspect" in selected.columns and selected["suspect"].null_count() < selected.height:
@@ -771,8 +798,10 @@ def run(settings: Settings, selected: pl.DataFrame, version: str, previous: str 
                                            selected.select("id", *measures))) if previous else None
     explained, warning = _explain(settings, selected, record["valset"])
     threshold = settings.select.suspect_threshold if settings.select.policy == "suspect" else None
+    dropped = selected.filter(~selected["keep"]).sort("value")["id"].head(DROPPED_ROWS_MAX).to_list()
+    similar = similar_validation(root, record["model_fp"], dropped, valset_samples(vrows)[0])
     html_text = render_report(selected, record, vrows.to_pylist(), diff_text, settings.select.group_by,
-                              explained, threshold, known_bad=settings.release.known_bad_column)
+                              explained, threshold, known_bad=settings.release.known_bad_column, similar=similar)
     staged = Path(staging_dir(settings, version, "report")) / "report.html"
     staged.parent.mkdir(parents=True, exist_ok=True)
     try:

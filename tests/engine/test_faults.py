@@ -185,3 +185,12 @@ def test_end_of_answer_position_and_prompt_overlap():
     cnt = np.array([0, 0, 0, 1, 1, 1, 1], dtype=bool)
     assert prompt_overlap(inp, cnt) == pytest.approx(2 / 3)
     assert prompt_overlap(inp, np.zeros(7, dtype=bool)) == 0.0
+
+
+def test_most_similar_is_by_direction_after_centring():
+    from valuegate.engine.faults import most_similar
+
+    others = np.array([[10.0, 0.0, 1.0], [10.0, 0.0, -1.0], [10.0, 1.0, 0.0]])  # all share a large common part
+    rows = np.array([[10.0, 0.1, 3.0], [10.0, 0.0, -0.2], [10.0, 5.0, 0.1]])
+    assert most_similar(rows, others).tolist() == [0, 1, 2]  # uncentred, every row would be nearest to one
+    assert most_similar(rows, others[:1]).tolist() == [0, 0, 0]

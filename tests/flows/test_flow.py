@@ -56,7 +56,13 @@ def _version_dirs(root, name: str = "r") -> list[str]:
 
 
 def test_refresh_releases_and_a_failed_gate_keeps_the_previous_release(prefect_harness, tmp_path, tiny_model_dir):
-    from valuegate.storage.releases import list_releases, read_current, read_manifest, read_release_data
+    from valuegate.storage.releases import (
+        list_releases,
+        read_current,
+        read_manifest,
+        read_release_data,
+        read_release_scores,
+    )
 
     config = _config(tmp_path, tiny_model_dir())
     out, run_id = _run(config)
@@ -79,6 +85,36 @@ def test_refresh_releases_and_a_failed_gate_keeps_the_previous_release(prefect_h
     report_html = (root / "releases" / "r" / "v0001" / "report.html").read_text()
     assert "Which tokens carry the value" in report_html and report_html.count("class='tokens'") == 6
     assert "Most suspect samples" in report_html
+    # every dropped row is shown beside the validation sample most like it (centred cosine of the stored mean
+    # hidden states), as computed here independently
+    import json
+    import re
+
+    import numpy as np
+
+    from valuegate.storage import features as fstore
+    from valuegate.storage.valsets import read_valset
+    from valuegate.tasks.report import similar_validation
+
+    scores = read_release_scores(root, "r", "v0001")
+    dropped = scores.filter(~pl.col("kept"))["id"].to_list()
+    from valuegate.storage.lance import Workspace
+
+    ws = Workspace(str(root))
+    vids = read_valset(ws, "v@v1")[1].sort_by("row")["id"].to_pylist()
+    t = fstore.read_features(ws, out["model_fp"], ids=dropped + vids, columns=["id", "mean_hidden"])
+    h = {i: np.asarray(v, dtype=np.float64) for i, v in zip(t["id"].to_pylist(), t["mean_hidden"].to_pylist(),
+                                                            strict=True)}
+    centre = np.mean([h[v] for v in vids], axis=0)
+
+    def unit(x):
+        return (x - centre) / np.linalg.norm(x - centre)
+
+    want = {i: vids[int(np.argmax([unit(h[i]) @ unit(h[v]) for v in vids]))] for i in dropped}
+    assert similar_validation(ws, out["model_fp"], dropped, vids) == want
+    shown = json.loads(re.search(r"id='dropped-data'>(.*?)</script>", report_html, re.S).group(1))
+    assert len(shown) == len(dropped) == 6 and all(r["nearest"] for r in shown)
+    assert "most similar validation sample" in report_html
     # the current release is what datasets loads from the release name's folder (issue 28)
     import datasets
 

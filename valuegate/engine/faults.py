@@ -66,6 +66,7 @@ __all__ = [
     "detect",
     "detector_names",
     "fault_columns",
+    "most_similar",
     "pool_sample",
     "reference_of",
     "register",
@@ -165,6 +166,18 @@ def _neighbours(unit: np.ndarray, pool_unit: np.ndarray, k: int, self_index: np.
         order = np.argsort(-np.take_along_axis(sim, part, 1), axis=1, kind="stable")
         out[lo:lo + rows] = np.take_along_axis(part, order, 1)
     return out
+
+
+def most_similar(hidden: np.ndarray, others: np.ndarray) -> np.ndarray:
+    """``(n,)`` int64: for each row, the index of the row of ``others`` most like it, by the cosine of their
+    mean hidden states centred on ``others``' mean (the likeness the fault reference's neighbourhoods use).
+
+    Args:
+        hidden: ``(n, d)`` mean hidden states. others: ``(m, d)``, ``m ≥ 1``.
+    """
+    others = np.asarray(others, dtype=np.float64)
+    centre = others.mean(0)
+    return _neighbours(_unit_rows(hidden, centre), _unit_rows(others, centre), 1, None)[:, 0]
 
 
 def _spread(dev: np.ndarray) -> float:

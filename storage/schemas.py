@@ -155,7 +155,7 @@ def features_schema(hidden_size: int, error_dim: int, sketch_dim: int = 0) -> pa
         pa.field("uncond_loss", pa.float32()),              # mean loss of the response alone (null: no prompt)
         pa.field("max_loss", pa.float32()),                 # the largest token surprisal (valuegate/engine/ending.py)
         pa.field("end_loss", pa.float32()),                 # −log p(end of answer) (null: truncated, no end token)
-        pa.field("prompt_overlap", pa.float32()),           # share of response bigrams found in the prompt
+        pa.field("prompt_overlap", pa.float32()),           # longest verbatim run of the prompt in the response, share
         pa.field("dropped_mass", pa.float32()),
         pa.field("self_influence", pa.float64()),
         pa.field("mean_hidden", pa.list_(pa.type_for_alias(HIDDEN_DTYPE), hidden_size)),

@@ -96,7 +96,7 @@ def scored(name: str, train: pl.DataFrame, valid: pl.DataFrame, a) -> pl.DataFra
 
     path = a.out / f"faults-scores-{set_key(name, a)}.parquet"
     if path.exists():
-        return pl.read_parquet(path)
+        return with_text_inputs(pl.read_parquet(path))
     t0 = time.perf_counter()
     out, vm = score_inputs(train, valid, resolve_settings(None, None, {}), False)
     secs = time.perf_counter() - t0
@@ -112,6 +112,25 @@ def scored(name: str, train: pl.DataFrame, valid: pl.DataFrame, a) -> pl.DataFra
     frame.write_parquet(path)
     print(f"scored {name}: {n} rows against {n_v} in {secs:.0f}s", flush=True)
     return frame
+
+
+def with_text_inputs(df: pl.DataFrame) -> pl.DataFrame:
+    """The cached rows with the inputs that need no forward pass (``prompt_overlap``: tokens only) recomputed
+    by the current code, as valuegate renders and tokenizes the rows at the default settings."""
+    from valuegate.api import resolve_settings
+    from valuegate.engine.ending import prompt_overlap
+    from valuegate.engine.model import encode_sample, load_tokenizer
+    from valuegate.engine.sample import Sample
+
+    s = resolve_settings(None, None, {})
+    tok = load_tokenizer(s.model)
+    ex = s.extract
+    overlap = []
+    for i, (p, r) in enumerate(zip(df["prompt"].to_list(), df["response"].to_list(), strict=True)):
+        e = encode_sample(tok, Sample(kind="prompt_response", row=i, source="bench", prompt=p, response=r),
+                          ex.loss_on, ex.max_length, ex.truncation, ex.template)
+        overlap.append(prompt_overlap(e.input_ids, e.counted))
+    return df.with_columns(pl.Series("in_prompt_overlap", overlap, dtype=pl.Float64))
 
 
 def with_verdict(df: pl.DataFrame) -> pl.DataFrame:

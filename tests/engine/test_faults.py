@@ -116,14 +116,15 @@ def test_a_broken_quarter_of_the_training_rows_does_not_shrink_the_scores():
 
 
 def test_short_answers_sharing_one_bigram_with_the_prompt_are_not_echoes():
-    """Most answers share no bigram with their prompt, so the robust spread of the overlap is near 0: without a
-    floor, a three-bigram answer ``"Answer: 14"`` whose number stands in the question (one shared bigram of
-    three, overlap 0.33) scored 10 (18% of DataInf's clean math rows dropped). A difference of less than a tenth
-    of the answer's bigrams is no evidence; the prompt copied back (overlap 0.9) still is."""
+    """Most answers share about as much with their prompt, so the robust spread of the overlap is near 0:
+    without a floor, a short answer ``"Answer: 14"`` whose number stands in the question (overlap 0.33 where like
+    rows have 0.11) scored 10 (18% of DataInf's clean math rows dropped, with the bigram share the overlap was
+    then). A difference of less than a tenth of the answer is no evidence; the prompt copied back (overlap 0.9)
+    still is."""
     rng = np.random.default_rng(3)
     n = 60
     hidden = np.tile([1.0, 0.0, 0.0], (n, 1)) + rng.normal(scale=0.05, size=(n, 3))
-    u = rng.random(n)  # the clean bulk: most share one bigram of nine with the prompt, a few none or one of three
+    u = rng.random(n)  # the clean bulk: most at 1/9, a few at 0 or 1/3
     overlap = np.where(u < 0.9, 1 / 9, np.where(u < 0.95, 0.0, 1 / 3))
     si = np.full(n, 15000.0)
     trusted = np.r_[np.zeros(30, dtype=bool), np.ones(30, dtype=bool)]
@@ -180,11 +181,17 @@ def test_end_of_answer_position_and_prompt_overlap():
     got = end_positions(ids, counted, [7, 5], (end,), [False, False])
     assert got == [4, 4]  # sample 0: position 4 predicts the end token; sample 1: its last token
     assert end_positions(ids, counted, [7, 5], (end,), [True, False])[0] is None
-    # two of the response's three bigrams (2,3), (3,2) occur in the prompt 1 2 3 2
+    # the response 2 3 2 8: its longest run in the prompt 1 2 3 2 is 2 3 2, three of its four tokens
     inp = np.array([1, 2, 3, 2, 2, 3, 2, 8])
     cnt = np.array([0, 0, 0, 1, 1, 1, 1], dtype=bool)
-    assert prompt_overlap(inp, cnt) == pytest.approx(2 / 3)
+    assert prompt_overlap(inp, cnt) == pytest.approx(3 / 4)
     assert prompt_overlap(inp, np.zeros(7, dtype=bool)) == 0.0
+    # the prompt's words reused in pieces (every bigram of 1 2 9 2 3 but one stands in the prompt 1 2 3) is not
+    # the prompt repeated: runs of two of five tokens; the prompt copied back is all of it
+    pieces = np.array([1, 2, 3, 1, 2, 9, 2, 3])
+    assert prompt_overlap(pieces, np.array([0, 0, 1, 1, 1, 1, 1], dtype=bool)) == pytest.approx(2 / 5)
+    copy = np.array([1, 2, 3, 1, 2, 3])
+    assert prompt_overlap(copy, np.array([0, 0, 1, 1, 1], dtype=bool)) == 1.0
 
 
 def test_most_similar_is_by_direction_after_centring():

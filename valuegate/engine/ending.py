@@ -8,9 +8,11 @@
   text: the prediction just past the end of the response). A truncated sample has no end: NaN.
 - **Surprisal spike** (``max_loss``): the largest ``−log p_t[y_t]`` over the counted positions: a deleted span or
   an injected token leaves one position the model could not have predicted.
-- **Prompt overlap** (``prompt_overlap``): the share of the response's token bigrams (consecutive counted
-  targets) that also occur in the prompt (the tokens before the first counted target): an answer that restates
-  its question.
+- **Prompt overlap** (``prompt_overlap``): the longest run of the response's tokens (consecutive counted
+  targets) that stands verbatim in the prompt (the tokens before the first counted target), as a share of the
+  response's tokens: near 1 for an answer that repeats its question, small for an answer that reuses the
+  prompt's words in its own sentences (a reading-comprehension answer quoting its context, a grammar
+  transformation), where a share of shared bigrams was high too.
 
 All three come from tensors the extraction already holds; the only extra work is one ``(d → V)`` head row per
 sample whose end lies past the counted positions.
@@ -110,22 +112,29 @@ def end_log_probs(lm, hidden: torch.Tensor, positions: list[int | None], end_ids
 
 
 def prompt_overlap(input_ids: np.ndarray, counted: np.ndarray) -> float:
-    """Share of the response's token bigrams that occur in the prompt (see the module docstring).
+    """The longest run of the response's tokens found verbatim in the prompt, over the response's length (see
+    the module docstring). ``O(response × prompt)``: one vectorised step per response token.
 
     Args:
         input_ids: ``(T,)`` the sample's token ids. counted: ``(T−1,)`` bool, counted predictions.
 
     Returns:
-        in ``[0, 1]``; 0 when the response has fewer than two tokens or there is no prompt.
+        in ``[0, 1]``; 0 when nothing is counted or there is no prompt.
     """
     pos = np.flatnonzero(counted)
-    if pos.size < 2 or pos[0] < 1:
+    if pos.size < 1 or pos[0] < 1:
         return 0.0
-    prompt = input_ids[: pos[0] + 1]
-    targets = input_ids[pos + 1]
-    have = set(zip(prompt[:-1].tolist(), prompt[1:].tolist(), strict=True))
-    pairs = list(zip(targets[:-1].tolist(), targets[1:].tolist(), strict=True))
-    return float(sum(p in have for p in pairs) / len(pairs)) if pairs else 0.0
+    prompt = np.asarray(input_ids[: pos[0] + 1])
+    targets = np.asarray(input_ids)[pos + 1]
+    run = np.zeros(prompt.size + 1, dtype=np.int64)  # run[j + 1]: the common run ending at prompt[j]
+    best = 0
+    for tok in targets.tolist():
+        nxt = np.zeros_like(run)
+        hit = prompt == tok
+        nxt[1:][hit] = run[:-1][hit] + 1
+        run = nxt
+        best = max(best, int(run.max()))
+    return best / targets.size
 
 
 def block_inputs(block, hard_fraction: float) -> dict[str, np.ndarray]:

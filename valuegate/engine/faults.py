@@ -10,9 +10,10 @@ detector       mechanism (statistic, higher = more suspect)                 what
 ``mismatch``   ``log(mean_loss / uncond_loss)``: the prompt does not make   an answer moved from another row,
                the answer easier (IFD near 1, pointwise mutual              an answer to another question
                information near 0)
-``echo``       ``prompt_overlap`` of the response's token bigrams, with the the prompt copied back as the
-               answer *easier* than like rows (``−log self-influence``);   answer
-               a difference under 0.1 means nothing (``min_spread``)
+``echo``       ``prompt_overlap`` (the longest verbatim run of the prompt  the prompt copied back as the
+               in the answer, as a share of the answer), with the answer   answer
+               *easier* than like rows (``−log self-influence``); a
+               difference under 0.1 means nothing (``min_spread``)
 ``garbled``    ``hard_mean_loss + mean_loss``: the surprisal of the answer  scrambled words (every token
                with its hardest 20% of tokens counted twice                 harder), injected junk tokens
                                                                             (the hardest ones)

@@ -294,7 +294,8 @@ class SparseFeatures:
         max_loss: the largest ``−log p_t[y_t]`` over the positions, nats (the surprisal spike).
         end_loss: ``−log p(end of answer)`` after the response (:mod:`valuegate.engine.ending`), NaN when the
             sample has no end (truncated) or the block carries none.
-        prompt_overlap: share of the response's token bigrams found in the prompt, NaN when not computed.
+        prompt_overlap: the longest run of the response's tokens found verbatim in the prompt, as a share of
+            the response's tokens (:func:`valuegate.engine.ending.prompt_overlap`); NaN when not computed.
     """
 
     token_ids: np.ndarray

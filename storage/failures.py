@@ -20,7 +20,7 @@ from collections.abc import Iterator
 from valuegate.errors import DamagedTable, NoSpace, StoreUnreachable, ValuegateError
 
 __all__ = ["is_damage", "is_no_space", "is_unreachable", "no_space_as_error", "short_reason", "store_failure",
-           "table_of"]
+           "table_of", "unreachable"]
 
 _NO_SPACE_MARKERS = ("no space left on device", "os error 28", "errno 28", "disk quota exceeded", "os error 122")
 # what Lance says when a data file, a manifest or an index is truncated, zeroed or gone
@@ -71,6 +71,13 @@ def is_unreachable(exc: BaseException) -> bool:
     return any(not isinstance(e, ValuegateError) and classify_error(e) == "transient" for e in _chain(exc))
 
 
+def unreachable(where: str, detail: str) -> StoreUnreachable:
+    """The one line of an object store that stopped answering: ``where`` (`` at <host:port>`` or empty),
+    ``detail`` (the request and what it met)."""
+    return StoreUnreachable(f"the object store{where} did not answer after every retry ({detail}); run again when "
+                            "it is back: what was committed stays, nothing half-written is visible")
+
+
 def _store_named(exc: BaseException) -> str:
     """``at <host:port>`` or ``of bucket <name>`` as the error says it, else nothing."""
     for e in _chain(exc):
@@ -113,9 +120,7 @@ def store_failure(exc: BaseException, what: str | None = None, table: str | None
         return DamagedTable(f"table {name} is damaged ({short_reason(exc)}); run `{hint}` to see what is damaged and "
                             "repair what can be derived again")
     if is_unreachable(exc):
-        return StoreUnreachable(f"the object store{_store_named(exc)} did not answer after every retry "
-                                f"({short_reason(exc)}); run again when it is back: what was committed stays, "
-                                "nothing half-written is visible")
+        return unreachable(_store_named(exc), short_reason(exc))
     return None
 
 

@@ -48,9 +48,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from valuegate.digests import sha256_file
-from valuegate.errors import StoreUnreachable, ValuegateError
+from valuegate.errors import ValuegateError
 from valuegate.storage import retry
-from valuegate.storage.failures import no_space_as_error
+from valuegate.storage.failures import no_space_as_error, unreachable
 
 __all__ = ["Root", "link_under", "open_root", "refuse_links", "workspace_id"]
 
@@ -243,10 +243,8 @@ class _S3:
                               error_kind=kind)
         except (BaseError, OSError) as exc:
             if kind(exc) == "transient":  # every attempt met a store that did not answer
-                raise StoreUnreachable(f"the object store at {self.netloc if self.endpoint_given else 'S3'} did "
-                                       f"not answer after every retry (S3 {what} s3://{self.bucket}/{key}: "
-                                       f"{_one_line(exc)}); run again when it is back: what was committed "
-                                       "stays, nothing half-written is visible") from exc
+                where = f" at {self.netloc if self.endpoint_given else 'S3'}"
+                raise unreachable(where, f"S3 {what} s3://{self.bucket}/{key}: {_one_line(exc)}") from exc
             raise ValuegateError(f"S3 {what} s3://{self.bucket}/{key}: {_one_line(exc)}") from exc
 
     def get(self, key: str) -> tuple[bytes | None, str | None]:

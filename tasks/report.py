@@ -31,7 +31,7 @@ from valuegate.storage.valsets import read_valset
 from valuegate.tasks.extract import feature_fingerprint
 from valuegate.tasks.ingest import sample_from_record
 from valuegate.tasks.release import diff_candidate, format_diff, policy_cutoff, staging_dir
-from valuegate.tasks.score import _feature_matrix
+from valuegate.tasks.score import _feature_matrix, _hidden
 from valuegate.tasks.select import reason_kind
 from valuegate.tasks.validation_set import valset_samples
 
@@ -382,8 +382,9 @@ def similar_validation(root: Workspace, model_fp: str, ids: list[str], valid_ids
         return {}
     t = fstore.read_features(root, model_fp, ids=list(dict.fromkeys([*ids, *valid_ids])), columns=["id", "mean_hidden"])
     got = t["id"].to_pylist()
-    hidden = np.asarray(t["mean_hidden"].combine_chunks().values.to_numpy(zero_copy_only=False),
-                        dtype=np.float32).reshape(len(got), -1) if got else np.zeros((0, 0), np.float32)
+    if not got:
+        return {}
+    hidden = _hidden(t, len(got))
     pos = {i: k for k, i in enumerate(got)}
     vid = [v for v in valid_ids if v in pos]
     rows = [i for i in ids if i in pos]

@@ -58,6 +58,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.futures import wait
 
+from valuegate.digests import sha256_path
 from valuegate.engine.default_model import DEFAULT_MODEL_ALIAS, default_model_dir
 from valuegate.errors import ClusterLost, GateFailed, InternalError, ValuegateError
 from valuegate.flows import (
@@ -83,7 +84,6 @@ from valuegate.tasks import report as report_step
 from valuegate.tasks import score as score_step
 from valuegate.tasks import select as select_step
 from valuegate.tasks.extract import ExtractResult
-from valuegate.tasks.ingest import file_hash
 from valuegate.tasks.release import staging_dir
 from valuegate.tasks.score import unscored_counts
 from valuegate.tasks.select import check_group_by, dropped_reason_counts
@@ -121,7 +121,7 @@ def _source_key(spec: str) -> list[Any]:
     """A configured source's files and their content hashes (a folder or glob, expanded); one that cannot be
     read is keyed by its spelling alone, and the step's body says what is wrong with it."""
     try:
-        return [[str(Path(p).resolve()), file_hash(p)] for p in source_files(spec)]
+        return [[str(Path(p).resolve()), sha256_path(p)] for p in source_files(spec)]
     except (ValuegateError, OSError):
         return [spec, None]
 

@@ -15,6 +15,7 @@ from typing import Any
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
+from valuegate.digests import sha256_path
 from valuegate.errors import ValuegateError
 from valuegate.flows import KeyedOn, code_fingerprint, persisted
 from valuegate.flows.user_errors import retry_unless_user_error
@@ -22,7 +23,6 @@ from valuegate.settings import load_settings
 from valuegate.storage import schemas
 from valuegate.storage.versions import table_versions, workspace_uri
 from valuegate.tasks import validation_set
-from valuegate.tasks.ingest import file_hash
 
 
 def _valset_key(params: dict[str, Any]) -> dict[str, Any]:
@@ -32,7 +32,7 @@ def _valset_key(params: dict[str, Any]) -> dict[str, Any]:
     file = params.get("file")
     return {"workspace": workspace_uri(params["workspace"]), "ref": params["ref"], "max_chars": params["max_chars"],
             "fields": params.get("fields") or {},
-            "file": [str(Path(file).resolve()), file_hash(file)] if file else None,
+            "file": [str(Path(file).resolve()), sha256_path(file)] if file else None,
             "registry": table_versions(params["workspace"], [schemas.VALSET_VERSIONS]), "code": code_fingerprint()}
 
 

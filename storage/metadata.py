@@ -26,28 +26,17 @@ from __future__ import annotations
 
 import base64
 import decimal
-import hashlib
 import json
 from typing import Any
 
 import polars as pl
 import pyarrow as pa
 
+from valuegate.inputs.values import describe
+
 TAG = "__valuegate__"
 _INTS = {"timestamp": pa.int64(), "date32": pa.int32(), "date64": pa.int64(), "time32": pa.int32(),
          "time64": pa.int64(), "duration": pa.int64()}
-
-
-def describe(v: Any) -> Any:
-    """A JSON-able stand-in of any value: bytes by length and sha256 (never inlined), other non-JSON
-    values by ``str``, lists and objects recursively (for quarantine's ``raw`` and nested values)."""
-    if isinstance(v, (bytes, bytearray, memoryview)):
-        return f"<{len(v)} bytes, sha256 {hashlib.sha256(bytes(v)).hexdigest()}>"
-    if isinstance(v, list):
-        return [describe(x) for x in v]
-    if isinstance(v, dict):
-        return {k: describe(x) for k, x in v.items()}
-    return v if isinstance(v, (str, int, float, bool, type(None))) else str(v)
 
 
 def _type_tag(t: pa.DataType) -> dict[str, Any] | None:

@@ -21,12 +21,12 @@ from pathlib import Path
 from prefect.results import ResultStore
 from prefect.serializers import JSONSerializer
 
+from valuegate.digests import sha256_path
 from valuegate.flows import digest, results_dir
 from valuegate.flows.trusted_results import results_storage
 from valuegate.settings import Settings
 from valuegate.storage import releases as store
 from valuegate.storage.lance import Workspace
-from valuegate.tasks.ingest import file_hash
 
 __all__ = ["AllocateResult", "claim", "current_release", "pending_release", "release_inputs", "release_key",
            "remember_release", "run", "unchanged_release", "unclaim"]
@@ -189,7 +189,7 @@ def release_inputs(settings: Settings) -> list[dict[str, str]]:
     bytes}`` (a folder of shards or a glob: one entry per file)."""
     from valuegate.inputs.readers import source_files
 
-    return [{"source": str(Path(f).resolve()), "sha256": file_hash(f)}
+    return [{"source": str(Path(f).resolve()), "sha256": sha256_path(f)}
             for s in settings.data.sources for f in source_files(s)]
 
 

@@ -39,13 +39,13 @@ from valuegate.engine.progress import Progress, use_progress_interval
 from valuegate.engine.sample import Sample
 from valuegate.engine.signals import check_reference_size
 from valuegate.errors import ValuegateError
+from valuegate.inputs.identity import sample_from_record
 from valuegate.settings import ExtractSettings, ModelSettings, Settings, needs_unconditional
 from valuegate.storage import features as fstore
 from valuegate.storage import samples as sstore
 from valuegate.storage.images import attach_image_data
 from valuegate.storage.lance import Workspace
 from valuegate.storage.valsets import read_valset
-from valuegate.tasks.ingest import sample_from_record
 from valuegate.tasks.validation_set import valset_samples
 
 log = logging.getLogger(__name__)

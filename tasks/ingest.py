@@ -1,8 +1,9 @@
 """The ``ingest`` step: stream every configured source into the workspace's samples, members and quarantine.
 
-Reading files and recognising their format is :mod:`valuegate.inputs` (readers, formats, row checks);
-this module normalises the samples, gives them content ids (:func:`sample_id`), carries every other
-column as metadata and stores kept and refused rows (``storage/samples.py``). A source in
+Reading files, recognising their format and judging each row is :mod:`valuegate.inputs` (readers, formats,
+row checks and verdicts, sample identity); this module stores what they give: new samples by content id,
+every row's membership with its other columns as metadata, refused rows in quarantine
+(``storage/samples.py``), and removes the rows an earlier version of a file left. A source in
 ``data.sources`` may be a file, a ``save_to_disk`` folder, a folder of shards or a glob: each file it
 names is ingested as a source of its own (:func:`valuegate.inputs.readers.source_files`).
 """
@@ -11,8 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import unicodedata
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,140 +20,11 @@ from typing import Any
 from valuegate.digests import sha256_path
 from valuegate.engine.sample import Sample
 from valuegate.errors import ValuegateError
-from valuegate.inputs.formats import Format, recognise
-from valuegate.inputs.readers import RawRow, iter_source_records, source_files
-from valuegate.inputs.rows import row_sample
+from valuegate.inputs.identity import sample_id, sample_record
+from valuegate.inputs.readers import source_files
+from valuegate.inputs.verdicts import iter_source_verdicts
 from valuegate.names import check_name
 from valuegate.settings import Settings
-
-# --------------------------------------------------------------------------------------------------
-# Ingestion into a workspace: normalisation, content ids, verdicts, quarantine.
-# --------------------------------------------------------------------------------------------------
-
-CONTENT_FIELDS = ("kind", "prompt", "response", "messages", "text", "images")
-
-
-def _norm_text(s: str | None) -> str | None:
-    """Unicode NFC and ``\\r\\n`` → ``\\n``: representation only, never the words or spacing."""
-    if s is None:
-        return None
-    return unicodedata.normalize("NFC", s.replace("\r\n", "\n"))
-
-
-def sample_record(sample: Sample) -> dict[str, Any]:
-    """The normalised content of a sample as stored (``messages`` as canonical JSON)."""
-    msgs = None
-    if sample.messages is not None:
-        msgs = json.dumps([{"role": m["role"], "content": _norm_content(m["content"])} for m in sample.messages],
-                          ensure_ascii=False, sort_keys=True, separators=(",", ":"))
-    return {"kind": sample.kind, "prompt": _norm_text(sample.prompt), "response": _norm_text(sample.response),
-            "messages": msgs, "text": _norm_text(sample.text), "images": list(sample.images or ())}
-
-
-def _norm_content(content: Any) -> Any:
-    if isinstance(content, str):
-        return _norm_text(content)
-    return [{**p, "text": _norm_text(p["text"])} if p.get("type") == "text" else dict(p) for p in content]
-
-
-def sample_id(record: dict[str, Any]) -> str:
-    """sha256 (hex) of the canonical JSON of a normalised record's content fields (images by the sha256
-    of their bytes, never by path: the same picture under two names is one sample)."""
-    canon = json.dumps({k: record.get(k) for k in CONTENT_FIELDS}, ensure_ascii=False, sort_keys=True,
-                       separators=(",", ":"))
-    return hashlib.sha256(canon.encode("utf-8")).hexdigest()
-
-
-def sample_from_record(record: dict[str, Any], row: int = 0, source: str = "store") -> Sample:
-    """Rebuild a :class:`Sample` from a stored record (inverse of :func:`sample_record`)."""
-    msgs = tuple(json.loads(record["messages"])) if record.get("messages") else None
-    return Sample(record["kind"], row, source, prompt=record.get("prompt"), response=record.get("response"),
-                  messages=msgs, text=record.get("text"), images=tuple(record.get("images") or ()) or None)
-
-
-def file_hash(path: str | Path) -> str:
-    """sha256 of a file's bytes, or of every file of a folder (sorted by relative path)."""
-    return sha256_path(path)
-
-
-@dataclass
-class RowVerdict:
-    """One source row: the sample kept (with its record and metadata), or the reason it was refused."""
-
-    row: int
-    sample: Sample | None
-    raw: str
-    reason: str
-    metadata: dict[str, Any] | None = None
-
-
-
-def verdicts_for(chunk: list[RawRow], fmt: Format, source: str, max_chars: int,
-                 types: dict[str, Any] | None = None) -> list[RowVerdict]:
-    """Check every row of a chunk of a file of format ``fmt`` (see :func:`valuegate.inputs.rows.row_sample`),
-    adding the oversize and the assistant-turn checks. A kept row's other columns become its metadata
-    (:func:`valuegate.storage.metadata.encode_metadata`; ``types``: the Arrow type of each column, when the
-    source has them)."""
-    from valuegate.storage.metadata import describe, encode_metadata
-
-    sample_cols = fmt.columns
-    out = []
-    for i, rec, raw, why in chunk:
-        if rec is None:
-            out.append(RowVerdict(i, None, raw, why))
-            continue
-        raw = json.dumps({k: describe(v) for k, v in rec.items()}, ensure_ascii=False)
-        sample, why = row_sample(rec, fmt, i, source)
-        if sample is not None and sample.kind == "messages" and not any(
-                m["role"] == "assistant" for m in sample.messages or ()):
-            # the response loss (chat's default) counts assistant turns only: such a row can never be valued
-            sample, why = None, f"{'conversations' if fmt.name == 'sharegpt' else 'messages'}: no assistant turn"
-        if sample is not None:
-            size = sum(len(x) for x in (sample.prompt, sample.response, sample.text) if x) + sum(
-                len(m["content"]) if isinstance(m["content"], str)
-                else sum(len(p.get("text", "")) for p in m["content"]) for m in (sample.messages or ()))
-            if size > max_chars:
-                sample, why = None, f"{sample.longest_field}: oversized ({size} characters > {max_chars})"
-        meta = encode_metadata({k: v for k, v in rec.items() if k not in sample_cols}, types) if sample else None
-        images_col = fmt.source_name("images")
-        if meta is not None and images_col in rec:
-            # the release carries the images by content hash (resolved in the workspace's image table)
-            meta.pop(images_col, None)
-            meta["images"] = list(sample.images or ())
-        out.append(RowVerdict(i, sample, raw, why, meta))
-    return out
-
-
-def iter_source_verdicts(path: str | Path, max_chars: int, chunk_rows: int = 50_000,
-                         fields: dict[str, str] | None = None) -> Iterator[list[RowVerdict]]:
-    """Every row of a source file with its verdict, chunk by chunk; nothing dropped.
-
-    The format is recognised from the columns of the first chunk that has a parsed row
-    (:func:`valuegate.inputs.formats.recognise`, with the column mapping ``fields``); later rows lacking
-    those columns are refused with the field named.
-    """
-    fmt: Format | None = None
-    pending: list[list[RawRow]] = []
-    types: dict[str, Any] = {}
-    for chunk in iter_source_records(path, chunk_rows, types):
-        if fmt is None:
-            cols = sorted({k for _, r, _, _ in chunk if r is not None for k in r})
-            if not cols:
-                pending.append(chunk)
-                continue
-            fmt = recognise(cols, str(path), fields)
-        for c in [*pending, chunk]:
-            yield verdicts_for(c, fmt, str(path), max_chars, types)
-        pending = []
-    for c in pending:  # a file of nothing but unparseable lines and empty objects
-        yield [RowVerdict(i, None, raw if rec is None else "{}", why or "no sample fields: an empty object")
-               for i, rec, raw, why in c]
-
-
-def read_source_rows(path: str | Path, max_chars: int, fields: dict[str, str] | None = None) -> list[RowVerdict]:
-    """All rows of a source with their verdicts (see :func:`iter_source_verdicts`), in one list."""
-    return [v for chunk in iter_source_verdicts(path, max_chars, fields=fields) for v in chunk]
-
 
 # the counts of ingesting a source, summed over the sources by the ingest step: rows read, kept (accepted
 # into the dataset), new samples, duplicates, quarantined, ids left
@@ -210,12 +81,13 @@ def ingest_file(ws: Any, dataset: str, path: str | Path, max_chars: int, chunk_r
 
     from valuegate.storage import samples as store
     from valuegate.storage import schemas
+    from valuegate.storage.metadata import encode_metadata
 
     if not Path(path).exists():  # before hashing it: one line naming the file, never an OSError
         raise ValuegateError(f"{path}: no such file")
     check_name(dataset, "dataset")
     source = str(Path(path).resolve())
-    digest = file_hash(path)
+    digest = sha256_path(path)
     if fields:
         digest = hashlib.sha256(f"{digest}\n{json.dumps(fields, sort_keys=True)}".encode()).hexdigest()
     last = store.read_last_ingest(ws, dataset, source)
@@ -249,7 +121,8 @@ def ingest_file(ws: Any, dataset: str, path: str | Path, max_chars: int, chunk_r
         store.write_members(ws, [
             {"key": store.row_key(dataset, source, v.row), "dataset": dataset, "source": source,
              "row": v.row, "id": sid,
-             "metadata": json.dumps(v.metadata, ensure_ascii=False, sort_keys=True), "source_hash": digest}
+             "metadata": json.dumps(encode_metadata(v.extra, v.types), ensure_ascii=False, sort_keys=True),
+             "source_hash": digest}
             for v, sid in zip(kept, ids, strict=True)])
         for sid in ids:
             rep.duplicates += sid in seen or sid in other_ids

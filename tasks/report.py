@@ -21,6 +21,7 @@ from valuegate.engine.model import (
     load_tokenizer,
 )
 from valuegate.errors import ValuegateError
+from valuegate.inputs.identity import sample_from_record
 from valuegate.settings import Settings
 from valuegate.storage import features as fstore
 from valuegate.storage import releases as rstore
@@ -29,7 +30,6 @@ from valuegate.storage.lance import Workspace
 from valuegate.storage.schemas import SIGNAL_COLUMNS
 from valuegate.storage.valsets import read_valset
 from valuegate.tasks.extract import feature_fingerprint
-from valuegate.tasks.ingest import sample_from_record
 from valuegate.tasks.release import diff_candidate, format_diff, policy_cutoff, staging_dir
 from valuegate.tasks.score import _feature_matrix, _hidden
 from valuegate.tasks.select import reason_kind

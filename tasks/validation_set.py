@@ -13,12 +13,14 @@ import pyarrow as pa
 
 from valuegate.engine.sample import Sample
 from valuegate.errors import ValuegateError
+from valuegate.inputs.identity import sample_from_record, sample_id, sample_record
+from valuegate.inputs.verdicts import read_source_rows
 from valuegate.names import check_name
 from valuegate.storage import schemas
 from valuegate.storage import valsets as store
 from valuegate.storage.images import store_sample_images
 from valuegate.storage.lance import Workspace
-from valuegate.tasks.ingest import read_source_rows, sample_from_record, sample_id, sample_record
+from valuegate.storage.metadata import encode_metadata
 
 
 def valset_rows(path: str | Path, max_chars: int, fields: dict[str, str] | None = None) -> pa.Table:
@@ -38,7 +40,7 @@ def valset_rows(path: str | Path, max_chars: int, fields: dict[str, str] | None 
     for v in verdicts:
         rec = sample_record(v.sample)
         rows.append({"id": sample_id(rec), **rec, "row": v.row,
-                     "metadata": json.dumps(v.metadata, ensure_ascii=False, sort_keys=True)})
+                     "metadata": json.dumps(encode_metadata(v.extra, v.types), ensure_ascii=False, sort_keys=True)})
     return pa.Table.from_pylist(rows, schema=schemas.valset_schema)
 
 

@@ -159,9 +159,9 @@ def test_readme_five_line_example(tiny_model_dir, data_files, tmp_path, monkeypa
 def test_score_returns_the_run_policys_keep_and_reads_mapped_columns(tiny_model_dir, tmp_path):
     """Issue 28: `keep` and `reason` are the select step's own decision under the configured policy (not a
     re-implementation), and `fields=` / `--field` name the columns of any other shape."""
+    from valuegate.inputs.identity import sample_id, sample_record
     from valuegate.inputs.rows import samples_from_frame
     from valuegate.settings import SelectSettings
-    from valuegate.tasks.ingest import sample_id, sample_record
     from valuegate.tasks.select import select_samples
 
     rows = random_rows(12, seed=5)

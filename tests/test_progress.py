@@ -12,12 +12,13 @@ from tiny import random_rows, write_jsonl
 from valuegate.cli import main
 from valuegate.engine.model import load_tokenizer
 from valuegate.engine.progress import Progress, progress_every
+from valuegate.inputs.identity import sample_from_record
 from valuegate.settings import tiny_settings
 from valuegate.storage import features as fstore
 from valuegate.storage import samples as sstore
 from valuegate.storage.lance import Workspace
 from valuegate.tasks.extract import cached_model, dataset_fingerprint, extract_to_store
-from valuegate.tasks.ingest import ingest_file, sample_from_record
+from valuegate.tasks.ingest import ingest_file
 
 LINE = re.compile(r"^(\d\d:\d\d:\d\d) valuegate: (?P<desc>[^:]+): (?P<done>\d+)/(?P<total>\d+) samples "
                   r"\(\d+%\), [\d.e+-]+ samples/s, (?P<tail>ETA \S+|done in \S+)$")

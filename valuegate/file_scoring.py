@@ -113,7 +113,7 @@ def with_selection(scored: pl.DataFrame, train: list[Sample], settings: Settings
     nothing and warns."""
     import warnings
 
-    from valuegate.tasks.ingest import sample_id, sample_record
+    from valuegate.inputs.identity import sample_id, sample_record
     from valuegate.tasks.select import select_samples
 
     ids = [sample_id(sample_record(s)) for s in train]

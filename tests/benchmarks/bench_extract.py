@@ -38,9 +38,9 @@ from valuegate.api import Workspace
 from valuegate.engine.baselines import encode_unconditional, unconditional_losses
 from valuegate.engine.extraction import pad_batch
 from valuegate.engine.model import encode_samples, length_batches, load_model
+from valuegate.inputs.rows import read_samples
 from valuegate.settings import default_settings
 from valuegate.tasks.extract import extract_dataset
-from valuegate.tasks.ingest import read_samples
 
 HERE = Path(__file__).resolve().parent
 DATAINF = HERE.parents[2] / "shared" / "data" / "datainf"

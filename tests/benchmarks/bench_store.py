@@ -171,8 +171,8 @@ def du_bytes(path: str | Path) -> int:
 
 def _distinct_rows(path: Path) -> list[tuple[str, dict]]:
     """(sample id, raw JSON row) of a JSONL file, first occurrence of each content only."""
+    from valuegate.inputs.identity import sample_id, sample_record
     from valuegate.inputs.rows import read_samples
-    from valuegate.tasks.ingest import sample_id, sample_record
 
     _, samples = read_samples(path)
     raw = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

@@ -225,7 +225,8 @@ def test_score_set_equals_file_scoring_and_is_pinned(ws, tmp_path, tiny_model_di
     assert rep.extract_train.extracted == 12 and rep.extract_valid.extracted == 4
     df, _ = score_files(str(train), str(valid), settings, progress=False)
     stored = {r["id"]: r for r in ws.read(schemas.SCORES).to_pylist()}
-    from valuegate.tasks.ingest import read_source_rows, sample_id, sample_record
+    from valuegate.inputs.identity import sample_id, sample_record
+    from valuegate.inputs.verdicts import read_source_rows
 
     ids = [sample_id(sample_record(v.sample)) for v in read_source_rows(train, 10_000)]
     assert_close_at_stored_precision([stored[i]["value"] for i in ids], df["value"].to_numpy())

@@ -16,11 +16,12 @@ from tiny import random_rows, write_jsonl
 
 from valuegate.cli import EXIT_USER_ERROR, main
 from valuegate.errors import ValuegateError
+from valuegate.inputs.identity import sample_id, sample_record
 from valuegate.inputs.rows import read_samples
 from valuegate.storage import samples as sstore
 from valuegate.storage import schemas
 from valuegate.storage.lance import Workspace
-from valuegate.tasks.ingest import ingest_file, sample_id, sample_record
+from valuegate.tasks.ingest import ingest_file
 
 
 @pytest.fixture

@@ -104,8 +104,8 @@ def test_the_pass_run_ahead_in_windows_equals_one_pass(tmp_path, tiny_model_dir)
     rep = ws.extract("d")
     ids = sorted(fstore.feature_ids(ws.store, rep.model_fp))
     got = fstore.read_features(ws.store, rep.model_fp, ids, ["id", "uncond_loss"]).to_pylist()
+    from valuegate.inputs.identity import sample_from_record
     from valuegate.storage import samples as sstore
-    from valuegate.tasks.ingest import sample_from_record
 
     recs = {r["id"]: sample_from_record(r) for r in sstore.read_samples_by_id(ws.store, ids).to_pylist()}
     lm = load_model(ws.settings.model, progress=False)

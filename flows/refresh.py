@@ -58,8 +58,8 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.futures import wait
 
+from valuegate.default_model import DEFAULT_MODEL_ALIAS, default_model_dir
 from valuegate.digests import sha256_path
-from valuegate.engine.default_model import DEFAULT_MODEL_ALIAS, default_model_dir
 from valuegate.errors import ClusterLost, GateFailed, InternalError, ValuegateError
 from valuegate.flows import (
     KeyedOn,

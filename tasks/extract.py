@@ -19,6 +19,7 @@ import numpy as np
 
 from valuegate.engine.baselines import unconditional_losses
 from valuegate.engine.columns import FEATURE_FORMAT
+from valuegate.engine.encoding import TOO_LONG
 from valuegate.engine.extraction import (
     ExtractionStats,
     block_features,
@@ -28,7 +29,6 @@ from valuegate.engine.extraction import (
 )
 from valuegate.engine.forvalue import SparseFeatures
 from valuegate.engine.model import (
-    TOO_LONG,
     LoadedModel,
     fingerprint_settings,
     load_model,

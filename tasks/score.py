@@ -33,8 +33,8 @@ from valuegate.engine.aggregate import (
 from valuegate.engine.baselines import baseline_columns
 from valuegate.engine.candidates import BlockRows
 from valuegate.engine.columns import SIGNAL_COLUMNS
+from valuegate.engine.encoding import refusal_reason
 from valuegate.engine.faults import FaultReference, detect, fault_columns, pool_sample, reference_of
-from valuegate.engine.model import refusal_reason
 from valuegate.engine.progress import Progress, use_progress_interval
 from valuegate.engine.signals import SparseSet, check_reference_size
 from valuegate.errors import ValuegateError
@@ -70,7 +70,7 @@ class ScoreResult:
         n_train (int): training samples scored.
         truncated (int): of them, valued on their first ``max_length`` tokens only.
         unscored (dict[str, int]): samples of the dataset left out, by reason
-            (:func:`~valuegate.engine.model.refusal_reason`).
+            (:func:`~valuegate.engine.encoding.refusal_reason`).
         unscored_ids (list[tuple[str, str]]): their ``(id, message)``.
         timings (dict[str, float]): seconds per part: ``read``, ``score``, ``write``.
     """
@@ -104,7 +104,7 @@ class ScoreRunReport:
     @property
     def unscored(self) -> dict[str, int]:
         """Samples of the dataset that reached extraction and got no score, by reason
-        (:func:`~valuegate.engine.model.refusal_reason`); their ids and full messages: ``unscored_ids``."""
+        (:func:`~valuegate.engine.encoding.refusal_reason`); their ids and full messages: ``unscored_ids``."""
         return unscored_counts(self.unscored_ids)
 
     def line(self) -> str:
@@ -119,7 +119,7 @@ class ScoreRunReport:
 
 def unscored_counts(unscored_ids) -> dict[str, int]:
     """``{reason: count}`` of ``(id, refusal message)`` pairs, keyed by
-    :func:`~valuegate.engine.model.refusal_reason` (what every runner reports as ``unscored``)."""
+    :func:`~valuegate.engine.encoding.refusal_reason` (what every runner reports as ``unscored``)."""
     return dict(Counter(refusal_reason(why) for _, why in unscored_ids))
 
 

@@ -2,7 +2,9 @@
 one fails here rather than in a reader's head.
 
 - ``valuegate/engine/`` (the math and the model side) imports no Prefect, LanceDB, pyarrow or
-  Great Expectations, and nothing of ``tasks/``, ``storage/`` or ``flows/``;
+  Great Expectations, nothing of ``tasks/``, ``storage/`` or ``flows/``, and installs nothing (no subprocess,
+  no zip files);
+- no room's modules import each other in a cycle;
 - ``storage/`` imports no torch (nor transformers/peft), directly or through what it imports;
 - ``valuegate/inputs/`` (reading the files people have) imports no torch, LanceDB, Prefect, settings, and
   nothing of ``tasks/``, ``storage/`` or ``flows/``; of the engine only the sample type and the image checks;
@@ -24,7 +26,9 @@ ROOMS = {"engine": REPO / "valuegate" / "engine", "storage": REPO / "storage", "
          "tasks": REPO / "tasks", "inputs": REPO / "valuegate" / "inputs"}
 
 ENGINE_FORBIDDEN = ("prefect", "lancedb", "pyarrow", "great_expectations", "dask", "ray",
-                    "valuegate.storage", "valuegate.tasks", "valuegate.flows")
+                    "valuegate.storage", "valuegate.tasks", "valuegate.flows",
+                    # installing the default model (pip, wheels as zip files) is valuegate/default_model.py's
+                    "subprocess", "zipfile")
 STORAGE_FORBIDDEN = ("torch", "transformers", "peft", "valuegate.tasks", "valuegate.flows")
 # the engine modules that are plain names or numpy (no torch), which the store may share: the column names,
 # the sample type, and the stored form of the sparse rows (int8 steps, feature format 6)
@@ -119,3 +123,39 @@ def test_nothing_outside_storage_imports_lancedb(room):
     bad = [f"{p.relative_to(REPO)}:{line} imports {mod}" for p in _files(room)
            for line, mod, names in _imports(p) if _hits(mod, names, ("lancedb",))]
     assert not bad, "\n".join(bad)
+
+
+def _cycle(graph: dict[str, set[str]]) -> list[str]:
+    """One import cycle of ``graph`` (module → modules it imports), or [] when there is none."""
+    state: dict[str, int] = {}
+    stack: list[str] = []
+
+    def visit(m: str) -> list[str]:
+        state[m] = 1
+        stack.append(m)
+        for n in sorted(graph.get(m, ())):
+            if state.get(n) == 1:
+                return [*stack[stack.index(n):], n]
+            if n not in state and (found := visit(n)):
+                return found
+        stack.pop()
+        state[m] = 2
+        return []
+
+    for m in sorted(graph):
+        if m not in state and (found := visit(m)):
+            return found
+    return []
+
+
+@pytest.mark.parametrize("room", ["engine", "inputs", "storage", "tasks"])
+def test_no_import_cycle_in_a_room(room):
+    """A room's modules import each other in one direction (function-local imports included): no module has
+    to be read before itself (e.g. the model loader and the vision-language processor)."""
+    package = {"engine": "valuegate.engine", "inputs": "valuegate.inputs", "storage": "valuegate.storage",
+               "tasks": "valuegate.tasks"}[room]
+    mods = {p.stem: p for p in _files(room) if p.stem != "__init__"}
+    graph = {stem: {mod.rsplit(".", 1)[-1] for _, mod, _ in _imports(p)
+                    if mod.startswith(package + ".") and mod.rsplit(".", 1)[-1] in mods} - {stem}
+             for stem, p in mods.items()}
+    assert not _cycle(graph), " → ".join(_cycle(graph))

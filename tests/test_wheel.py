@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from valuegate.engine.default_model import default_model_cached, default_model_dir, valuegate_home
+from valuegate.default_model import default_model_cached, default_model_dir, valuegate_home
 
 REPO = Path(__file__).resolve().parents[1]
 TORCH = "torch==2.13.0"  # the README's (and the Makefile's) pin

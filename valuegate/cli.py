@@ -399,7 +399,7 @@ def _cmd_verify(args: argparse.Namespace) -> int:
 
 
 def _cmd_fetch_model(args: argparse.Namespace) -> int:
-    from valuegate.engine.default_model import ensure_default_model
+    from valuegate.default_model import ensure_default_model
 
     path = ensure_default_model(Path(args.home) if args.home else None)
     print(path)

@@ -133,8 +133,9 @@ def cost(frame: pl.DataFrame, n: int) -> dict:
     import torch
 
     from valuegate.engine.baselines import _unit, unconditional_losses
+    from valuegate.engine.encoding import length_batches
     from valuegate.engine.extraction import _token_block, counted_mask, extract_sparse, pad_batch
-    from valuegate.engine.model import encode_samples, length_batches, load_model, load_tokenizer
+    from valuegate.engine.model import encode_samples, load_model, load_tokenizer
     from valuegate.inputs.rows import samples_from_frame
     from valuegate.settings import load_settings
 
@@ -223,7 +224,7 @@ def selection(sets: dict[str, tuple[pl.DataFrame, pl.DataFrame, str]], a, result
     from transformers import AutoTokenizer
 
     from tests.benchmarks.bench_selection import evaluate, finetune, load_base
-    from valuegate.engine.default_model import ensure_default_model
+    from valuegate.default_model import ensure_default_model
     from valuegate.engine.model import encode_samples
     from valuegate.inputs.rows import samples_from_frame
 

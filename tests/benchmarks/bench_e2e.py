@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-rerun", action="store_true", help="skip the second (cached) run")
     args = ap.parse_args(argv)
 
-    from valuegate.engine.default_model import default_model_cached
+    from valuegate.default_model import default_model_cached
 
     if args.model is None and not default_model_cached():
         print("fetching the embedded default model (valuegate fetch-model) ...", file=sys.stderr)

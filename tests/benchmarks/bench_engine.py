@@ -35,9 +35,10 @@ import torch
 
 from tests.benchmarks.tables import cpu_name
 from tests.tiny import autograd_head_gradient
+from valuegate.engine.encoding import length_batches
 from valuegate.engine.extraction import iter_token_blocks, pad_batch, projections, stored_features
 from valuegate.engine.forvalue import TokenBlock, exact_cross, sparse_cross, sparse_features
-from valuegate.engine.model import encode_samples, length_batches, load_model
+from valuegate.engine.model import encode_samples, load_model
 from valuegate.inputs.rows import read_samples
 from valuegate.settings import Settings, default_settings
 

@@ -36,8 +36,9 @@ import torch
 from tests.benchmarks.tables import cpu_name, table, write_json
 from valuegate.api import Workspace
 from valuegate.engine.baselines import encode_unconditional, unconditional_losses
+from valuegate.engine.encoding import length_batches
 from valuegate.engine.extraction import pad_batch
-from valuegate.engine.model import encode_samples, length_batches, load_model
+from valuegate.engine.model import encode_samples, load_model
 from valuegate.inputs.rows import read_samples
 from valuegate.settings import default_settings
 from valuegate.tasks.extract import extract_dataset

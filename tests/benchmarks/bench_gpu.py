@@ -37,7 +37,7 @@ def main() -> int:
     os.environ.update(env)
     import torch
 
-    from valuegate.engine.default_model import default_model_cached, default_model_dir
+    from valuegate.default_model import default_model_cached, default_model_dir
 
     if not torch.cuda.is_available():
         print("bench-gpu: torch sees no CUDA device (install a CUDA build of torch: make install TORCH=torch)",

@@ -163,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
         print("RESULT " + json.dumps(res))
         return 0
 
-    from valuegate.engine.default_model import default_model_cached
+    from valuegate.default_model import default_model_cached
 
     if not default_model_cached():
         subprocess.run([sys.executable, "-m", "valuegate.cli", "fetch-model"], check=True, cwd=REPO)

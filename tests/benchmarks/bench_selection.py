@@ -53,8 +53,9 @@ import torch
 
 from tests.benchmarks.bench_engine import machine, peak_rss_mb
 from tests.benchmarks.tables import table
+from valuegate.engine.encoding import EncodedSample
 from valuegate.engine.extraction import pad_batch
-from valuegate.engine.model import EncodedSample, encode_samples
+from valuegate.engine.model import encode_samples
 from valuegate.inputs.rows import read_samples
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -349,7 +350,7 @@ def main() -> None:
 
     from transformers import AutoTokenizer
 
-    from valuegate.engine.default_model import ensure_default_model
+    from valuegate.default_model import ensure_default_model
 
     model_dir = ensure_default_model()
     tok = AutoTokenizer.from_pretrained(model_dir)

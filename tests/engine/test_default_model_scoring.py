@@ -9,7 +9,7 @@ import pytest
 import torch
 from tiny import autograd_head_gradient
 
-from valuegate.engine.default_model import default_model_cached, default_model_dir
+from valuegate.default_model import default_model_cached, default_model_dir
 from valuegate.engine.extraction import extract_token_blocks
 from valuegate.engine.forvalue import exact_cross
 from valuegate.engine.model import encode_samples, load_model

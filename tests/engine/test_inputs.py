@@ -9,7 +9,8 @@ import polars as pl
 import pytest
 from tiny import random_rows, tiny_tokenizer, write_jsonl
 
-from valuegate.engine.model import encode_sample, length_batches
+from valuegate.engine.encoding import length_batches
+from valuegate.engine.model import encode_sample
 from valuegate.errors import ValuegateError
 from valuegate.inputs.rows import read_samples, samples_from_frame
 

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from valuegate.engine.candidates import BlockRows, CandidateSide, candidate_values, top_candidates
+from valuegate.engine.encoding import EncodedSample
 from valuegate.engine.ending import block_inputs, feature_inputs
 from valuegate.engine.extraction import (
     ExtractionStats,
@@ -33,7 +34,7 @@ from valuegate.engine.forvalue import (
     sparse_mean_csr,
     sparse_self,
 )
-from valuegate.engine.model import EncodedSample, LoadedModel, encode_samples
+from valuegate.engine.model import LoadedModel, encode_samples
 from valuegate.engine.sample import Sample
 from valuegate.engine.signals import (
     CrossTerms,

@@ -41,7 +41,8 @@ import numpy as np
 import torch
 
 from valuegate.engine.columns import BASELINE_COLUMNS
-from valuegate.engine.model import EncodedSample, LoadedModel
+from valuegate.engine.encoding import EncodedSample
+from valuegate.engine.model import LoadedModel
 from valuegate.engine.progress import Progress
 from valuegate.engine.sample import Sample
 from valuegate.settings import ExtractSettings

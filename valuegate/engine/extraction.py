@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from valuegate.engine.encoding import EncodedSample, length_batches
 from valuegate.engine.ending import end_log_probs, end_positions, end_token_ids, prompt_overlap
 from valuegate.engine.forvalue import (
     SparseFeatures,
@@ -28,7 +29,7 @@ from valuegate.engine.forvalue import (
     logit_jacobian,
     sparse_features,
 )
-from valuegate.engine.model import EncodedSample, LoadedModel, encode_sample, length_batches
+from valuegate.engine.model import LoadedModel, encode_sample
 from valuegate.engine.progress import Progress
 from valuegate.engine.quantize import quantize_rows
 from valuegate.engine.sample import Sample

@@ -32,6 +32,13 @@ from typing import Any
 import numpy as np
 import torch
 
+from valuegate.engine.encoding import (
+    EncodedSample,
+    chat_text_and_spans,
+    counted_from_offsets,
+    resolve_loss_on,
+    too_long,
+)
 from valuegate.errors import ValuegateError
 
 __all__ = [
@@ -217,10 +224,8 @@ class VisionProcessor:
     def render(self, sample: Any) -> tuple[str, list[tuple[int, int]], bool]:
         """The text the processor sees, the character spans whose tokens count (``loss_on = response``) and
         whether the tokenizer adds its special tokens (not for a chat template, which holds them)."""
-        from valuegate.engine.model import _chat_text_and_spans
-
         if sample.kind == "messages":
-            text, spans = _chat_text_and_spans(self, sample)
+            text, spans = chat_text_and_spans(self, sample)
             return text, spans, False
         if sample.kind == "prompt_response":
             prompt = sample.prompt
@@ -236,7 +241,7 @@ class VisionProcessor:
         """Token ids, counted predictions and the model's image inputs of one sample.
 
         Returns:
-            an :class:`~valuegate.engine.model.EncodedSample` whose ``image_inputs`` hold the processor's
+            an :class:`~valuegate.engine.encoding.EncodedSample` whose ``image_inputs`` hold the processor's
             image tensors (``pixel_values``, ``image_grid_thw``, ``pixel_attention_mask``...) and
             ``token_inputs`` its per-token inputs (``mm_token_type_ids``), both None for a text sample.
 
@@ -245,7 +250,6 @@ class VisionProcessor:
                 token counts (names file, row and field).
         """
         from valuegate.engine.images import decode_image
-        from valuegate.engine.model import EncodedSample, counted_from_offsets, resolve_loss_on
 
         mode = resolve_loss_on(loss_on, sample)
         where = f"{sample.source}: row {sample.row}"
@@ -289,7 +293,6 @@ class VisionProcessor:
                                  f"{int(np.nonzero(in_image)[0][-1]) + 1}); raise --max-length")
         truncated = len(ids) > max_length
         if truncated and truncation == "refuse":
-            from valuegate.engine.model import too_long
 
             raise too_long(sample, len(ids), max_length)
         ids, in_target, in_image = ids[:max_length], in_target[:max_length], in_image[:max_length]

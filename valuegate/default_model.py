@@ -629,7 +629,7 @@ def _install(tmp: Path, target: Path) -> None:
 
 
 def main() -> int:
-    """``python -m valuegate.engine.default_model``: fetch/convert if needed, then print the marker."""
+    """``python -m valuegate.default_model``: fetch/convert if needed, then print the marker."""
     path = ensure_default_model()
     print(json.dumps(default_model_marker() or {}, indent=2))
     print(path)

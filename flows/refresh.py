@@ -564,7 +564,7 @@ def refresh(config: str | None = None, overrides: dict[str, Any] | None = None) 
         return {"version": previous, "current": True, "previous": previous, "unchanged": True,
                 "counts": same[0].get("counts", {}), "report": same[1],
                 "model_fp": run["model_fp"], "kept": int(selected["keep"].sum()),
-                "dropped_reasons": dropped_reason_counts(selected),
+                "dropped_reasons": dropped_reason_counts(selected, settings.select),
                 "gate": {"passed": True, "failures": []}, "valset": valset["valset"], "run_id": run["run_id"],
                 "timings": dict(step.timings), "cached_steps": list(step.cached), "resumed": False,
                 **_sharding(sharded, run)}
@@ -601,7 +601,7 @@ def refresh(config: str | None = None, overrides: dict[str, Any] | None = None) 
     return {"version": version, "current": promoted["current"], "previous": promoted["previous"],
             **({} if promoted["current"] else {"reason": promoted["reason"]}), "counts": parts["counts"],
             "report": report_path, "model_fp": run["model_fp"],
-            "kept": int(selected["keep"].sum()), "dropped_reasons": dropped_reason_counts(selected),
+            "kept": int(selected["keep"].sum()), "dropped_reasons": dropped_reason_counts(selected, settings.select),
             "gate": {"passed": verdict["passed"], "failures": verdict["failures"]},
             "valset": valset["valset"], "run_id": run["run_id"],
             "unconditional": {"setting": settings.extract.unconditional,

@@ -441,7 +441,7 @@ def run(settings: Settings, selected: pl.DataFrame, manifest_parts: dict[str, An
                                   counts={**manifest_parts["counts"], "released": data.height}, **fields)
         extra = {"gate": Path(docs_dir)} if Path(docs_dir).is_dir() else {}
         card_dir = Path(staging_dir(settings, version, "card"))
-        extra |= card_extra(card_dir, manifest, data, dropped_reason_counts(selected))  # README.md
+        extra |= card_extra(card_dir, manifest, data, dropped_reason_counts(selected, settings.select))  # README.md
         record = store.stage_release(root, name, version, data, {**manifest, **beside}, extra, scores=scores)
         shutil.rmtree(card_dir, ignore_errors=True)
     shutil.rmtree(docs_dir, ignore_errors=True)  # copied into the release as gate/

@@ -32,7 +32,7 @@ from valuegate.tasks.extract import feature_fingerprint
 from valuegate.tasks.ingest import sample_from_record
 from valuegate.tasks.release import diff_candidate, format_diff, policy_cutoff, staging_dir
 from valuegate.tasks.score import _feature_matrix, _hidden
-from valuegate.tasks.select import reason_kind
+from valuegate.tasks.select import reason_kinds
 from valuegate.tasks.validation_set import valset_samples
 
 KEEP_COLOUR, DROP_COLOUR = "#2b8a3e", "#c92a2a"
@@ -114,9 +114,10 @@ VALUE_AXIS = "value (For-Value score, unitless; higher = more useful to the vali
 SUSPECT_AXIS = "suspect score (calibrated robust z units)"
 
 
-def _reason_kinds(selected: pl.DataFrame) -> list[str]:
-    """The reason of every row without the sample's own numbers ("" when kept), so reasons can be grouped."""
-    return [reason_kind(r) if r else "" for r in selected["reason"].fill_null("").to_list()]
+def _reason_kinds(selected: pl.DataFrame, policy: dict[str, Any]) -> list[str]:
+    """The reason of every row without the sample's own numbers ("" when kept), so reasons can be grouped
+    (:func:`valuegate.tasks.select.reason_kinds`, under the manifest's ``policy``)."""
+    return reason_kinds(selected, policy)
 
 
 def _top_reasons(kinds: list[str], mask: np.ndarray, n: int = 3) -> str:
@@ -158,7 +159,7 @@ def _dropped_html(selected: pl.DataFrame, kinds: list[str], examples: int = 3) -
 
 def _reason_codes(selected: pl.DataFrame, kinds: list[str]) -> list[str]:
     """Each row's short drop reason ("" when kept): the select step's ``reason_code`` when the table has it,
-    else the reason without the sample's own numbers (:func:`valuegate.tasks.select.reason_kind`)."""
+    else the reason without the sample's own numbers (:func:`valuegate.tasks.select.reason_kinds`)."""
     if "reason_code" in selected.columns:
         keep = selected["keep"].to_list()
         return ["" if k else (c or "") for k, c in zip(keep, selected["reason_code"].cast(pl.String).to_list(),
@@ -635,7 +636,7 @@ def render_report(selected: pl.DataFrame, manifest: dict[str, Any], valid_rows: 
     ]
     if gate.get("failures"):
         parts.append("<ul>" + "".join(f"<li class='bad'>{html.escape(f)}</li>" for f in gate["failures"]) + "</ul>")
-    kinds = _reason_kinds(selected)
+    kinds = _reason_kinds(selected, manifest.get("policy") or {})
     codes = _reason_codes(selected, kinds)
     parts.append(_funnel_html(manifest.get("counts", {}), selected, codes))
     policy = manifest.get("policy") or {}

@@ -28,6 +28,10 @@ from valuegate.storage import releases as store
 from valuegate.storage.lance import Workspace
 from valuegate.tasks.ingest import file_hash
 
+# only the steps after scoring run this module: it stays out of the cached steps' code fingerprint
+# (valuegate.flows.after_scoring)
+AFTER_SCORING = True
+
 __all__ = ["AllocateResult", "claim", "current_release", "pending_release", "release_inputs", "release_key",
            "remember_release", "run", "unchanged_release", "unclaim"]
 

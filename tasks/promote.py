@@ -8,6 +8,10 @@ from valuegate.settings import Settings
 from valuegate.storage import releases as rstore
 from valuegate.storage.lance import Workspace
 
+# only the steps after scoring run this module: it stays out of the cached steps' code fingerprint
+# (valuegate.flows.after_scoring)
+AFTER_SCORING = True
+
 __all__ = ["PromoteResult", "run"]
 
 

@@ -42,6 +42,10 @@ from valuegate.storage.lance import Workspace
 from valuegate.storage.objstore import open_root
 from valuegate.tasks.select import dropped_reason_counts
 
+# only the steps after scoring run this module: it stays out of the cached steps' code fingerprint
+# (valuegate.flows.after_scoring)
+AFTER_SCORING = True
+
 __all__ = [
     "REASONS",
     "ReleaseResult",

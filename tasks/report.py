@@ -35,6 +35,10 @@ from valuegate.tasks.score import _feature_matrix, _hidden
 from valuegate.tasks.select import reason_kinds
 from valuegate.tasks.validation_set import valset_samples
 
+# only the steps after scoring run this module: it stays out of the cached steps' code fingerprint
+# (valuegate.flows.after_scoring)
+AFTER_SCORING = True
+
 KEEP_COLOUR, DROP_COLOUR = "#2b8a3e", "#c92a2a"
 
 

@@ -17,6 +17,10 @@ from valuegate.settings import SelectSettings, Settings
 from valuegate.storage.lance import Workspace
 from valuegate.storage.scores import read_score_run
 
+# only the steps after scoring run this module: it stays out of the cached steps' code fingerprint
+# (valuegate.flows.after_scoring)
+AFTER_SCORING = True
+
 
 def select_samples(scored: pl.DataFrame, cfg: SelectSettings) -> pl.DataFrame:
     """Add ``keep`` (bool), ``reason`` (str, a sentence; empty when kept) and ``reason_code`` (str, a short code

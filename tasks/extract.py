@@ -43,7 +43,7 @@ from valuegate.settings import ExtractSettings, ModelSettings, Settings, needs_u
 from valuegate.storage import features as fstore
 from valuegate.storage import samples as sstore
 from valuegate.storage.images import attach_image_data
-from valuegate.storage.lance import Workspace
+from valuegate.storage.store import Store, open_store
 from valuegate.storage.valsets import read_valset
 from valuegate.tasks.ingest import sample_from_record
 from valuegate.tasks.validation_set import valset_samples
@@ -422,7 +422,7 @@ def extract_shard(workspace: str, ids: list[str], settings, model_fp: str, fp_se
         and ``model_loads`` (loads of this fingerprint so far in the worker process).
     """
     use_progress_interval(settings.progress_seconds)
-    ws = Workspace.from_env(workspace)
+    ws = open_store(workspace)
     recs = {r["id"]: sample_from_record(r) for r in sstore.read_samples_by_id(ws, list(ids)).to_pylist()}
     lost = [i for i in ids if i not in recs]
     if lost:
@@ -501,7 +501,7 @@ def check_scoring_settings(settings: Settings) -> None:
                              "(`valuegate score` gives the pairwise matrix)")
 
 
-def extract_for_run(ws: Workspace, dataset: str, valset_ref: str, settings: Settings, progress: bool = True,
+def extract_for_run(ws: Store, dataset: str, valset_ref: str, settings: Settings, progress: bool = True,
                     cache: dict | None = None) -> tuple[ExtractResult, StoreExtractReport, StoreExtractReport]:
     """Resolve what a scores run of ``dataset`` against ``valset_ref`` reads (the dataset's ids, the pinned
     validation version, both fingerprints) and extract the features still missing (training samples here
@@ -547,7 +547,7 @@ def extract_for_run(ws: Workspace, dataset: str, valset_ref: str, settings: Sett
 def run(settings: Settings, valset_ref: str) -> ExtractResult:
     """The ``extract`` step of the refresh DAG: :func:`extract_for_run` of ``settings.data.dataset`` in
     ``settings.workspace`` (no progress bar)."""
-    return extract_for_run(Workspace.from_env(settings.workspace), settings.data.dataset, valset_ref, settings,
+    return extract_for_run(open_store(settings.workspace), settings.data.dataset, valset_ref, settings,
                            progress=False)[0]
 
 
@@ -558,17 +558,17 @@ def run(settings: Settings, valset_ref: str) -> ExtractResult:
 
 def shard_plan(settings: Settings) -> ShardPlan:
     """:func:`plan_extract_shards` of ``settings.data.dataset`` in shards of ``settings.runner.shard_size``."""
-    return plan_extract_shards(Workspace.from_env(settings.workspace), settings.data.dataset, settings,
+    return plan_extract_shards(open_store(settings.workspace), settings.data.dataset, settings,
                                settings.runner.shard_size)
 
 
 def stored_count(settings: Settings, model_fp: str, ids: set[str]) -> int:
     """How many of ``ids`` have features stored for ``model_fp``."""
-    return len(ids & fstore.feature_ids(Workspace.from_env(settings.workspace), model_fp))
+    return len(ids & fstore.feature_ids(open_store(settings.workspace), model_fp))
 
 
 def index_features(settings: Settings, model_fp: str) -> bool:
     """(Re)build the vector index of the feature set ``model_fp`` once it is large enough
     (``extract.vector_index_min_rows``); whether it was built."""
-    return fstore.maybe_index_features(Workspace.from_env(settings.workspace), model_fp,
+    return fstore.maybe_index_features(open_store(settings.workspace), model_fp,
                                        settings.extract.vector_index_min_rows)

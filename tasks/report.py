@@ -25,8 +25,8 @@ from valuegate.settings import Settings
 from valuegate.storage import features as fstore
 from valuegate.storage import releases as rstore
 from valuegate.storage.images import attach_image_data, read_image_data
-from valuegate.storage.lance import Workspace
 from valuegate.storage.schemas import SIGNAL_COLUMNS
+from valuegate.storage.store import Store, open_store
 from valuegate.storage.valsets import read_valset
 from valuegate.tasks.extract import feature_fingerprint
 from valuegate.tasks.ingest import sample_from_record
@@ -377,7 +377,7 @@ def dropped_records(selected: pl.DataFrame, codes: list[str], valid_text: dict[s
     return out
 
 
-def similar_validation(root: Workspace, model_fp: str, ids: list[str], valid_ids: list[str]) -> dict[str, str]:
+def similar_validation(root: Store, model_fp: str, ids: list[str], valid_ids: list[str]) -> dict[str, str]:
     """id → the validation sample most like it (:func:`valuegate.engine.faults.most_similar`: the cosine of
     the stored mean hidden states, centred on the validation set's), for the ``ids`` whose features are
     stored; empty when there are none or no validation sample has features."""
@@ -547,7 +547,7 @@ def load_thumbnails(workspace: str | None, hashes: list[str], px: int = 96) -> d
     """sha256 → thumbnail ``data:`` URI for the images the workspace holds ({} without a workspace)."""
     if not workspace or not hashes:
         return {}
-    data = read_image_data(Workspace.from_env(workspace), hashes)
+    data = read_image_data(open_store(workspace), hashes)
     return {h: thumbnail_data_uri(b, px) for h, b in data.items()}
 
 
@@ -778,7 +778,7 @@ def _explain(settings: Settings, selected: pl.DataFrame, valset: str) -> tuple[l
     and None; or no contributions and why (the report is still written)."""
     picked = pick_explained(selected)
     try:
-        tcs = explain_stored(Workspace.from_env(settings.workspace), settings, valset, [row for _, row in picked])
+        tcs = explain_stored(open_store(settings.workspace), settings, valset, [row for _, row in picked])
     except (ValuegateError, OSError) as exc:
         return [], f"report: no per-token highlighting ({exc})"
     return [(label, row, tc) for (label, row), tc in zip(picked, tcs, strict=True)], None
@@ -792,7 +792,7 @@ def run(settings: Settings, selected: pl.DataFrame, version: str, previous: str 
 
     Idempotent: a version already complete (a resumed one) is left as it is.
     """
-    root = Workspace.from_env(settings.workspace)
+    root = open_store(settings.workspace)
     name = settings.release.name
     where = f"{rstore.release_uri(root, name, version)}/report.html"
     if rstore.release_exists(root, name, version):

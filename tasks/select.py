@@ -14,8 +14,8 @@ import polars as pl
 from valuegate.errors import ValuegateError
 from valuegate.reasons import REASON_FORMS, UNLIKE, Reason, kinds_of
 from valuegate.settings import SelectSettings, Settings
-from valuegate.storage.lance import Workspace
 from valuegate.storage.scores import read_score_run
+from valuegate.storage.store import open_store
 
 # only the steps after scoring run this module: it stays out of the cached steps' code fingerprint
 # (valuegate.flows.after_scoring)
@@ -206,7 +206,7 @@ def check_group_by(settings: Settings) -> None:
     col = settings.select.group_by
     if not col or col in ROW_COLUMNS:
         return
-    metas = read_members(Workspace.from_env(settings.workspace), settings.data.dataset,
+    metas = read_members(open_store(settings.workspace), settings.data.dataset,
                          columns=["metadata"])["metadata"].to_pylist()
     needle = json.dumps(col, ensure_ascii=False) + ":"
     if any(m and needle in m and col in json.loads(m) for m in metas):
@@ -220,5 +220,5 @@ def run(settings: Settings, run_id: str) -> pl.DataFrame:
     """The ``select`` step of the refresh DAG: the scores run ``run_id`` of ``settings.data.dataset`` joined
     with its samples (:func:`valuegate.storage.scores.read_score_run`), with the policy's ``keep`` and
     ``reason`` (:func:`select_samples`)."""
-    scored = read_score_run(Workspace.from_env(settings.workspace), run_id, settings.data.dataset)
+    scored = read_score_run(open_store(settings.workspace), run_id, settings.data.dataset)
     return select_samples(scored, settings.select)

@@ -316,7 +316,6 @@ def _extract_sharded(settings: Settings) -> dict[str, Any]:
         out["forward_s"] = round(out["forward_s"] + res["seconds"], 3)
         loads[res["pid"]] = max(loads.get(res["pid"], 0), res["model_loads"])
     out["workers"], out["model_loads"] = len(loads), sum(loads.values())
-    extract_step.index_features(settings, plan["model_fp"])
     get_run_logger().info(f"extracted {out['extracted']} of {plan['n_missing']} missing samples in "
                           f"{out['shards']} shards on {out['workers']} {settings.runner.kind} workers "
                           f"({out['model_loads']} model loads)")

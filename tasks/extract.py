@@ -68,7 +68,6 @@ class StoreExtractReport:
     older_format: int | None = None  # these settings' features are stored in this older format (not read)
     batches: int = 0
     stats: ExtractionStats | None = None
-    indexed: bool = False
     uncond_seconds: float = 0.0  # the unconditional pass (IFD) over the extracted samples
     unconditional: bool = True  # whether the unconditional pass ran (extract.unconditional, resolved)
 
@@ -80,7 +79,6 @@ class StoreExtractReport:
                 f"{self.extracted} extracted in {self.batches} batches{rate}"
                 + (f", {self.truncated} truncated at max_length" if self.truncated else "")
                 + (f", {len(self.refused)} refused" if self.refused else "")
-                + (", vector index (re)built" if self.indexed else "")
                 + (f"; re-extracted: the stored format {self.older_format} is older than {FEATURE_FORMAT}"
                    if self.older_format is not None else ""))
 
@@ -194,7 +192,6 @@ def extract_to_store(ws, lm_loader, ids: list[str], samples: list[Sample], cfg: 
         report.uncond_seconds = ahead.seconds
     report.refused.extend((todo_ids[i], why) for i, why in refused)
     report.truncated = len(cut)
-    report.indexed = fstore.maybe_index_features(ws, model_fp, cfg.vector_index_min_rows)
     return report
 
 
@@ -427,9 +424,8 @@ def extract_shard(workspace: str, ids: list[str], settings, model_fp: str, fp_se
     lost = [i for i in ids if i not in recs]
     if lost:
         raise ValuegateError(f"shard: {len(lost)} ids are not in the samples table of {ws.uri} (e.g. {lost[0]})")
-    cfg = settings.extract.model_copy(update={"vector_index_min_rows": 0})  # index: once, by the caller
     rep = extract_to_store(ws, lambda: worker_model(model_fp, settings.model), list(ids),
-                           [recs[i] for i in ids], cfg, model_fp, fp_settings, lowest_likelihood_ratio,
+                           [recs[i] for i in ids], settings.extract, model_fp, fp_settings, lowest_likelihood_ratio,
                            progress=False, desc="shard")
     stats = rep.stats or ExtractionStats()
     return {"extracted": rep.extracted, "already": rep.already, "refused": [i for i, _ in rep.refused or []],
@@ -565,10 +561,3 @@ def shard_plan(settings: Settings) -> ShardPlan:
 def stored_count(settings: Settings, model_fp: str, ids: set[str]) -> int:
     """How many of ``ids`` have features stored for ``model_fp``."""
     return len(ids & fstore.feature_ids(open_store(settings.workspace), model_fp))
-
-
-def index_features(settings: Settings, model_fp: str) -> bool:
-    """(Re)build the vector index of the feature set ``model_fp`` once it is large enough
-    (``extract.vector_index_min_rows``); whether it was built."""
-    return fstore.maybe_index_features(open_store(settings.workspace), model_fp,
-                                       settings.extract.vector_index_min_rows)

@@ -35,7 +35,7 @@ INPUTS_MAY_USE_ENGINE = ("valuegate.engine.sample", "valuegate.engine.images")
 FLOWS_FORBIDDEN = ("lancedb", "pyarrow", "valuegate.storage.lance")
 # the write API of the workspace (storage/lance.py: Workspace) and of LanceDB whose names say so (flows/ cannot
 # build a workspace: it may not import storage/lance.py) and the prefixes of storage's writing functions
-WRITE_METHODS = {"overwrite", "upsert", "add_null_columns", "delete_tag", "create_vector_index", "merge_insert",
+WRITE_METHODS = {"overwrite", "upsert", "add_null_columns", "delete_tag", "merge_insert",
                  "create_table", "create_scalar_index", "write_parquet", "write_table"}
 WRITE_PREFIXES = ("write", "stage", "complete", "promote", "register", "allocate", "clean", "ensure", "insert",
                   "append", "delete", "record", "remember")

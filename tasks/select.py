@@ -12,7 +12,7 @@ import numpy as np
 import polars as pl
 
 from valuegate.errors import ValuegateError
-from valuegate.reasons import REASON_FORMS, UNLIKE, Reason, kinds_of
+from valuegate.reasons import RANKED, REASON_FORMS, UNLIKE, Reason, ReasonForm, kinds_of, register_reason
 from valuegate.settings import SelectSettings, Settings
 from valuegate.storage.scores import read_score_run
 from valuegate.storage.store import open_store
@@ -121,6 +121,8 @@ def _words(codes: list[str], params: list[dict[str, Any]]) -> list[str]:
 # baseline policy → (the column it reads, how the kept ones rank: "top" highest first, "lowest", "longest")
 _BASELINES = {"ifd": ("ifd", "top"), "perplexity": ("perplexity", "lowest"), "rds": ("rds_mean", "top"),
               "length": ("length", "longest")}
+for _policy, (_, _rank) in _BASELINES.items():  # their drop reason, not_in_<rank>_<policy> (valuegate.reasons)
+    register_reason(ReasonForm(f"not_in_{_rank}_{_policy}", *RANKED[_rank]))
 
 
 def _baseline_selection(scored: pl.DataFrame, cfg: SelectSettings) -> tuple[np.ndarray, list[str], list[str]]:

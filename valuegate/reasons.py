@@ -7,7 +7,8 @@ reason back out of its words: counts group by the code and the policy's paramete
 (:func:`kinds_of`). A fault detector's code (``cut``, ``echo``, ... of :mod:`valuegate.engine.faults`) has
 no form of its own: it renders through the ``suspect`` form with the detector's sentence.
 
-A new selection policy adds its codes with :func:`register_reason` beside the policy.
+A new selection policy adds its codes with :func:`register_reason` beside the policy; a baseline policy gets
+``not_in_<rank>_<policy>`` from its entry in ``tasks/select.py``'s ``_BASELINES`` (:data:`RANKED`).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["REASON_FORMS", "Reason", "ReasonForm", "kinds_of", "register_reason"]
+__all__ = ["RANKED", "REASON_FORMS", "Reason", "ReasonForm", "kinds_of", "register_reason"]
 
 
 @dataclass(frozen=True)
@@ -86,18 +87,19 @@ for _form in (
     ReasonForm("no_ifd", "no ifd (no prompt)", "no ifd (no prompt)"),
     ReasonForm("ifd_at_least_1", "ifd {value:.4g} >= 1 (the prompt does not help)",
                "ifd >= 1 (the prompt does not help)"),
-    # the baselines (tasks/select.py _BASELINES): not_in_<rank>_<policy>
-    ReasonForm("not_in_top_ifd", "not in the top {fraction:.0%} by {column} ({column} {value:.4g} < {cut:.4g})",
-               "not in the top {fraction:.0%} by {column}"),
-    ReasonForm("not_in_top_rds", "not in the top {fraction:.0%} by {column} ({column} {value:.4g} < {cut:.4g})",
-               "not in the top {fraction:.0%} by {column}"),
-    ReasonForm("not_in_lowest_perplexity",
-               "not in the lowest {fraction:.0%} by {column} ({column} {value:.4g} > {cut:.4g})",
-               "not in the lowest {fraction:.0%} by {column}"),
-    ReasonForm("not_in_longest_length", "not in the longest {fraction:.0%} ({column} {value:.4g} < {cut:.4g})",
-               "not in the longest {fraction:.0%}"),
 ):
     register_reason(_form)
+
+#: how a baseline's drop reads, by how it ranks (``top``: highest first, ``lowest``, ``longest``): the
+#: words and the kind of ``not_in_<rank>_<policy>``, over ``fraction``, ``column``, ``value`` and ``cut``
+RANKED = {
+    "top": ("not in the top {fraction:.0%} by {column} ({column} {value:.4g} < {cut:.4g})",
+            "not in the top {fraction:.0%} by {column}"),
+    "lowest": ("not in the lowest {fraction:.0%} by {column} ({column} {value:.4g} > {cut:.4g})",
+               "not in the lowest {fraction:.0%} by {column}"),
+    "longest": ("not in the longest {fraction:.0%} ({column} {value:.4g} < {cut:.4g})",
+                "not in the longest {fraction:.0%}"),
+}
 
 UNLIKE = "unlike the validation set"  # the sentence of a suspect score no detector explains
 

@@ -168,8 +168,8 @@ def reason_kinds(selected: pl.DataFrame, policy: SelectSettings | Mapping[str, A
 
     A table without ``reason_code`` (not written by :func:`select_samples`) has no codes: its kinds are its
     reasons as they stand."""
-    if isinstance(policy, SelectSettings):
-        policy = policy.model_dump()
+    # a manifest's policy of an older valuegate may lack a parameter: the settings' default stands in
+    policy = {**SelectSettings().model_dump(), **(policy.model_dump() if isinstance(policy, SelectSettings) else policy)}
     if "reason_code" not in selected.columns:
         return selected["reason"].fill_null("").to_list()
     keep = selected["keep"].to_list()

@@ -116,5 +116,6 @@ def test_reason_kinds_come_from_the_codes_never_from_the_words():
         assert set(counts) == want, (kw, counts)
         assert dropped_reason_counts(out.with_columns(pl.lit("something else").alias("reason")), cfg) == counts
         assert dropped_reason_counts(out, cfg.model_dump(mode="json")) == counts  # a manifest's policy
+        assert dropped_reason_counts(out, {"policy": cfg.policy, **kw}) == counts  # one that lacks the others
     assert Reason("negative_value", {"value": -0.25}).words() == "value -0.25 < 0"
     assert Reason("negative_value", {"value": -0.25}).kind() == "value < 0"

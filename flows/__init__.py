@@ -12,11 +12,12 @@ pickle record, or one whose serializer or payload would import code, is a cache 
 
 from __future__ import annotations
 
+import ast
 import functools
 import hashlib
 import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -103,31 +104,51 @@ def digest(*parts: Any) -> str:
     return hashlib.sha256(payload.encode()).hexdigest()
 
 
-# Modules only the steps after scoring run (selection, allocation, gate, release, report and its
-# explanations, promotion): editing them cannot change what a cached step computed, so they stay out of
-# its code fingerprint.
-DOWNSTREAM_MODULES = frozenset({"tasks/select.py", "tasks/allocate.py", "tasks/gate.py", "tasks/release.py",
-                                "tasks/report.py", "tasks/promote.py", "engine/explain.py",
-                                "storage/releases.py"})
+#: The name a module of ``tasks/``, ``storage/`` or ``valuegate/engine/`` that only the steps after scoring run
+#: (selection, allocation, gate, release, report and its explanations, promotion) sets to True at its top level
+#: (``AFTER_SCORING = True``): editing it cannot change what a cached step computed, so it stays out of their
+#: code fingerprint. Read from the source (:func:`after_scoring`), never by importing the module.
+AFTER_SCORING = "AFTER_SCORING"
+
+
+def after_scoring(path: Path) -> bool:
+    """Whether the module at ``path`` declares ``AFTER_SCORING = True`` at its top level."""
+    source = path.read_bytes()
+    if AFTER_SCORING.encode() not in source:
+        return False
+    for node in ast.parse(source, str(path)).body:
+        targets = (node.targets if isinstance(node, ast.Assign) else [node.target] if isinstance(node, ast.AnnAssign)
+                   else [])
+        if any(isinstance(t, ast.Name) and t.id == AFTER_SCORING for t in targets):
+            return isinstance(node.value, ast.Constant) and node.value.value is True
+    return False
+
+
+def fingerprint_of(rooms: Iterable[tuple[str, Iterable[Path]]]) -> str:
+    """sha256 over the modules of each ``(room, folders)``: every ``*.py`` (its room-relative name and its
+    bytes, in name order) but those declaring :data:`AFTER_SCORING`."""
+    h = hashlib.sha256()
+    for room, folders in rooms:
+        for path in sorted(Path(p) for d in folders for p in Path(d).glob("*.py")):
+            if after_scoring(path):
+                continue
+            h.update(f"{room}/{path.name}".encode())
+            h.update(path.read_bytes())
+    return h.hexdigest()
 
 
 @functools.lru_cache(maxsize=1)
 def code_fingerprint() -> str:
     """sha256 over the source files of ``valuegate.tasks``, ``valuegate.storage`` and ``valuegate.engine``
-    (the scoring math) but :data:`DOWNSTREAM_MODULES`: a cached result is never reused by code that would
-    compute it differently (a new module counts until it is listed as downstream)."""
+    (the scoring math) but the modules declaring ``AFTER_SCORING = True`` (:func:`fingerprint_of`): a cached
+    result is never reused by code that would compute it differently (a new module counts unless it says it
+    runs after scoring)."""
     import valuegate.engine
     import valuegate.storage
     import valuegate.tasks
 
-    h = hashlib.sha256()
-    for room, pkg in (("tasks", valuegate.tasks), ("storage", valuegate.storage), ("engine", valuegate.engine)):
-        for path in sorted(Path(p) for d in pkg.__path__ for p in Path(d).glob("*.py")):
-            if f"{room}/{path.name}" in DOWNSTREAM_MODULES:
-                continue
-            h.update(f"{room}/{path.name}".encode())
-            h.update(path.read_bytes())
-    return h.hexdigest()
+    return fingerprint_of((room, pkg.__path__) for room, pkg in (
+        ("tasks", valuegate.tasks), ("storage", valuegate.storage), ("engine", valuegate.engine)))
 
 
 def files_stat(path: str | None) -> list[tuple[str, int, int]] | None:

@@ -316,7 +316,6 @@ def _extract_sharded(settings: Settings) -> dict[str, Any]:
         out["forward_s"] = round(out["forward_s"] + res["seconds"], 3)
         loads[res["pid"]] = max(loads.get(res["pid"], 0), res["model_loads"])
     out["workers"], out["model_loads"] = len(loads), sum(loads.values())
-    extract_step.index_features(settings, plan["model_fp"])
     get_run_logger().info(f"extracted {out['extracted']} of {plan['n_missing']} missing samples in "
                           f"{out['shards']} shards on {out['workers']} {settings.runner.kind} workers "
                           f"({out['model_loads']} model loads)")
@@ -564,7 +563,7 @@ def refresh(config: str | None = None, overrides: dict[str, Any] | None = None) 
         return {"version": previous, "current": True, "previous": previous, "unchanged": True,
                 "counts": same[0].get("counts", {}), "report": same[1],
                 "model_fp": run["model_fp"], "kept": int(selected["keep"].sum()),
-                "dropped_reasons": dropped_reason_counts(selected),
+                "dropped_reasons": dropped_reason_counts(selected, settings.select),
                 "gate": {"passed": True, "failures": []}, "valset": valset["valset"], "run_id": run["run_id"],
                 "timings": dict(step.timings), "cached_steps": list(step.cached), "resumed": False,
                 **_sharding(sharded, run)}
@@ -601,7 +600,7 @@ def refresh(config: str | None = None, overrides: dict[str, Any] | None = None) 
     return {"version": version, "current": promoted["current"], "previous": promoted["previous"],
             **({} if promoted["current"] else {"reason": promoted["reason"]}), "counts": parts["counts"],
             "report": report_path, "model_fp": run["model_fp"],
-            "kept": int(selected["keep"].sum()), "dropped_reasons": dropped_reason_counts(selected),
+            "kept": int(selected["keep"].sum()), "dropped_reasons": dropped_reason_counts(selected, settings.select),
             "gate": {"passed": verdict["passed"], "failures": verdict["failures"]},
             "valset": valset["valset"], "run_id": run["run_id"],
             "unconditional": {"setting": settings.extract.unconditional,

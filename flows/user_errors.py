@@ -7,7 +7,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from valuegate.errors import InternalError, StoreUnreachable, ValuegateError
+from valuegate.errors import ValuegateError
 
 
 def retry_unless_user_error(task: Any, task_run: Any, state: Any) -> bool:
@@ -17,23 +17,20 @@ def retry_unless_user_error(task: Any, task_run: Any, state: Any) -> bool:
     applies."""
     try:
         state.result()
-    except StoreUnreachable:  # an object store that stopped answering may be back by the next attempt
-        return True
-    except ValuegateError:
-        return False
+    except ValuegateError as exc:  # its kind says (an object store that stopped answering may be back)
+        return exc.kind.retried
     except Exception:  # any other failure may be transient
         return True
     return True
 
 
 class _NoUserErrorTraceback(logging.Filter):
-    """Drops the traceback of a record whose exception is a :class:`ValuegateError` (its message, which
+    """Drops the traceback of a record whose exception is a :class:`ValuegateError` whose kind shows none (its message, which
     names the error, stays). On the console handler of the root logger only: Prefect's run loggers hand
     a record to their API handler (the UI keeps the traceback) before it propagates to the root."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.exc_info and isinstance(record.exc_info[1], ValuegateError) and not isinstance(
-                record.exc_info[1], InternalError):
+        if record.exc_info and isinstance(record.exc_info[1], ValuegateError) and not record.exc_info[1].kind.traceback:
             record.exc_info, record.exc_text = None, None
         return True
 

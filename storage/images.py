@@ -25,23 +25,24 @@ from PIL import Image
 from valuegate.engine.sample import Sample
 from valuegate.errors import ValuegateError
 from valuegate.storage import schemas
-from valuegate.storage.lance import Workspace, sql_in
+from valuegate.storage.lance import sql_in
+from valuegate.storage.store import Store
 
 __all__ = ["attach_image_data", "export_images", "image_rows", "images_exist", "images_uri", "read_image_data",
            "read_images", "store_sample_images", "write_images"]
 
 
-def images_uri(ws: Workspace) -> str:
+def images_uri(ws: Store) -> str:
     """Where the image table lives."""
     return f"{ws.uri}/{schemas.IMAGES}.lance"
 
 
-def images_exist(ws: Workspace) -> bool:
+def images_exist(ws: Store) -> bool:
     """Whether any image was ever stored."""
     return ws.table_exists(schemas.IMAGES)
 
 
-def write_images(ws: Workspace, rows: list[dict]) -> int:
+def write_images(ws: Store, rows: list[dict]) -> int:
     """Store images (``sha256``, ``data``, ``width``, ``height``, ``format``, ``mode``) not stored yet.
 
     Returns:
@@ -56,7 +57,7 @@ def write_images(ws: Workspace, rows: list[dict]) -> int:
     return len(uniq)
 
 
-def read_images(ws: Workspace, hashes: list[str], columns: list[str] | None = None,
+def read_images(ws: Store, hashes: list[str], columns: list[str] | None = None,
                 chunk: int = 500) -> dict[str, dict]:
     """Rows of the image table by hash (missing hashes are absent from the answer)."""
     want = sorted(set(hashes))

@@ -1,7 +1,8 @@
 """The workspace: one LanceDB database at a local path or an object-store URI (docs/ARCHITECTURE.md §3.1).
 
 This is the only module that imports :mod:`lancedb`. Everything else asks a :class:`Workspace` for
-tables, versions, tags and vector search and gets plain :class:`pyarrow.Table` objects back.
+tables, versions and tags and gets plain :class:`pyarrow.Table` objects back; :class:`Workspace` implements
+:class:`valuegate.storage.store.Store`, the interface the steps need (:func:`~valuegate.storage.store.open_store`).
 
 Behaviour of LanceDB 0.40 (lance 13) that this module relies on, each checked by running it:
 
@@ -19,12 +20,6 @@ Behaviour of LanceDB 0.40 (lance 13) that this module relies on, each checked by
   version before the retry (``checkout_latest``), otherwise the same stale read version fails forever.
 * Transient object-store failures (connection refused/reset, timeouts, 5xx, ``SlowDown``) arrive as
   ``RuntimeError`` or ``ValueError`` too, after the object store's own three quick retries.
-* ``IVF_PQ`` with 8-bit codes needs at least 256 rows: below that ``create_index`` *succeeds* but
-  builds an empty, untrained index (``num_indexed_rows=0``) and every search is a brute-force scan.
-  ``IVF_FLAT``, ``IVF_SQ`` and ``IVF_HNSW_SQ`` train from a single row.
-* A vector query without an explicit distance type uses the index's metric when an index exists and
-  **L2** when none does (or when the rows are not indexed yet), so :meth:`Workspace.search` always
-  passes the metric. For ``dot`` the ``_distance`` column is ``1 - x·q`` (smaller is closer).
 """
 
 from __future__ import annotations
@@ -51,13 +46,9 @@ if TYPE_CHECKING:
     from lancedb.table import LanceTable
 
 __all__ = [
-    "DISTANCE_COLUMN",
-    "SEARCH_NPROBES",
-    "SEARCH_REFINE_FACTOR",
     "RetryPolicy",
     "Workspace",
     "classify_error",
-    "min_rows_for_index",
     "primary_key",
     "sql_in",
     "sql_str",
@@ -68,24 +59,11 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 DEFAULT_WORKSPACE = "./valuegate-workspace"
-DISTANCE_COLUMN = "_distance"
-"""Column that :meth:`Workspace.search` adds: for ``dot`` it is ``1 - x·q``, for ``l2`` the squared
-euclidean distance, for ``cosine`` ``1 - cos``; smaller is always closer."""
-SEARCH_NPROBES = 64
-"""IVF partitions :meth:`Workspace.search` probes unless told otherwise."""
-SEARCH_REFINE_FACTOR = 20
-""":meth:`Workspace.search` re-ranks ``k ×`` this many index candidates by their exact distance unless
-told otherwise. For IVF_PQ (dot) on the pooled hidden vectors (float32 ``Σ_t h_t`` then) at 100k rows
-LanceDB's defaults (20 probes, no re-ranking) gave recall@10 of 0.54, re-ranking 10× 0.98 and 20× 0.994 (at 20 to 128 probes alike),
-in ``bench_store --only storage`` (docs/benchmarks.md, "Storage at scale")."""
-
 _TABLE_NAME = re.compile(r"^[A-Za-z0-9_.\-]+$")
 _OBJECT_STORE_SCHEMES = ("s3://", "s3+ddb://", "gs://", "az://", "abfs://", "memory://")
 
 
-_INDEX_CONFIGS = ("IVF_PQ", "IVF_FLAT", "IVF_SQ", "IVF_HNSW_SQ")
 _KEY_MAPS_KEPT = 4  # key maps of read_by_key kept per workspace (tables × key columns)
-_METRICS = ("dot", "l2", "cosine")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -163,20 +141,6 @@ def _key_bytes(col: pa.Array | pa.ChunkedArray) -> np.ndarray:
     if arr.null_count:
         raise ValuegateError(f"the key column has {arr.null_count} null values")
     return np.asarray(arr.cast(pa.binary()).to_numpy(zero_copy_only=False), dtype=np.bytes_)
-
-
-def min_rows_for_index(index_type: str = "IVF_PQ", num_bits: int = 8) -> int:
-    """Fewest rows with which ``index_type`` trains a real index (measured on lance 13).
-
-    ``IVF_PQ`` learns ``2**num_bits`` centroids per sub-vector (256 for the default 8 bits); with fewer
-    rows LanceDB writes an empty index and searches by brute force. The others train from one row.
-    """
-    index_type = index_type.upper()
-    if index_type not in _INDEX_CONFIGS:
-        raise ValuegateError(
-            f"unknown vector index type {index_type!r}; use one of {', '.join(_INDEX_CONFIGS)}"
-        )
-    return 2**num_bits if index_type == "IVF_PQ" else 1
 
 
 # --------------------------------------------------------------------------------------------------
@@ -896,193 +860,6 @@ class Workspace:
         if tag not in self.tags(name):
             raise ValuegateError(f"table {name!r} has no tag {tag!r} (tags: {sorted(self.tags(name))})")
         self._retrying(f"delete tag {name}@{tag}", lambda: self._table(name).tags.delete(tag), name)
-
-    # ---------------------------------------------------------------- vectors
-
-    def _vector_dim(self, name: str, column: str) -> int:
-        schema = self.schema(name)
-        if column not in schema.names:
-            raise ValuegateError(f"table {name!r} has no column {column!r} (columns: {schema.names})")
-        typ = schema.field(column).type
-        if not (pa.types.is_fixed_size_list(typ) and pa.types.is_floating(typ.value_type)):
-            raise ValuegateError(
-                f"column {column!r} of table {name!r} is {typ}; a vector column must be a "
-                "fixed-size list of floats (pa.list_(pa.float32(), d))"
-            )
-        return typ.list_size
-
-    def _vector_indices(self, name: str, column: str) -> list[Any]:
-        return [
-            idx
-            for idx in self._table(name).list_indices()
-            if list(idx.columns) == [column]
-            and ("ivf" in idx.index_type.lower() or "hnsw" in idx.index_type.lower())
-        ]
-
-    def create_vector_index(
-        self,
-        name: str,
-        column: str,
-        metric: str = "dot",
-        num_partitions: int | None = None,
-        num_sub_vectors: int | None = None,
-        *,
-        index_type: str = "IVF_PQ",
-        num_bits: int = 8,
-    ) -> None:
-        """Build (or rebuild) an ANN index on vector column ``column`` of table ``name``.
-
-        Rows appended later are not in the index but are still found (searched by brute force) until
-        the index is rebuilt.
-
-        Args:
-            name: table name.
-            column: a fixed-size-list-of-float column, shape ``(d,)`` per row.
-            metric: ``"dot"``, ``"l2"`` or ``"cosine"``; searches must use the same.
-            num_partitions: IVF partitions; LanceDB's default (about ``sqrt(rows)``) when None.
-            num_sub_vectors: PQ sub-vectors, must divide ``d``; LanceDB's default (``d/16``) when None.
-                More sub-vectors = better recall, larger index.
-            index_type: ``IVF_PQ`` (default), or ``IVF_FLAT`` / ``IVF_SQ`` / ``IVF_HNSW_SQ``, which
-                also work on small tables.
-            num_bits: PQ code bits (4 or 8).
-
-        Raises:
-            ValuegateError: the table has fewer rows than :func:`min_rows_for_index` (LanceDB would
-                silently build an empty index), or a bad column / metric / ``num_sub_vectors``.
-        """
-        from lancedb.index import HnswSq, IvfFlat, IvfPq, IvfSq
-
-        metric = metric.lower()
-        if metric not in _METRICS:
-            raise ValuegateError(f"unknown metric {metric!r}; use one of {', '.join(_METRICS)}")
-        index_type = index_type.upper()
-        need = min_rows_for_index(index_type, num_bits)
-        dim = self._vector_dim(name, column)
-        rows = self.count(name)
-        if rows < need:
-            hint = (
-                " or use index_type='IVF_FLAT', which trains on any number of rows"
-                if index_type == "IVF_PQ"
-                else ""
-            )
-            raise ValuegateError(
-                f"table {name!r} has {rows} rows; a {index_type} index needs at least {need}. "
-                f"Search without an index (exact brute force, fine at this size){hint}."
-            )
-        if index_type == "IVF_PQ":
-            if num_sub_vectors is not None and (num_sub_vectors < 1 or dim % num_sub_vectors):
-                raise ValuegateError(
-                    f"num_sub_vectors={num_sub_vectors} must divide the vector dimension {dim} of {column!r}"
-                )
-            config: Any = IvfPq(
-                distance_type=metric,
-                num_partitions=num_partitions,
-                num_sub_vectors=num_sub_vectors,
-                num_bits=num_bits,
-            )
-        elif index_type == "IVF_FLAT":
-            config = IvfFlat(distance_type=metric, num_partitions=num_partitions)
-        elif index_type == "IVF_SQ":
-            config = IvfSq(distance_type=metric, num_partitions=num_partitions)
-        else:
-            config = HnswSq(distance_type=metric, num_partitions=num_partitions)
-        self._retrying(
-            f"index {name}.{column}",
-            lambda: self._table(name).create_index(column, config=config, replace=True),
-            name,
-        )
-
-    def has_vector_index(self, name: str, column: str) -> bool:
-        """Whether vector column ``column`` of table ``name`` has an ANN index."""
-        return bool(self._retrying(f"indices of {name}", lambda: self._vector_indices(name, column), name))
-
-    def indexed_rows(self, name: str, column: str) -> int:
-        """Rows of table ``name`` covered by the vector index on ``column`` (0 without an index).
-
-        Rows appended after the index was built are found by brute force until it is rebuilt.
-        """
-
-        def op() -> int:
-            found = self._vector_indices(name, column)
-            return int(found[0].num_indexed_rows or 0) if found else 0
-
-        return int(self._retrying(f"index stats of {name}", op, name))
-
-    def vector_index_metric(self, name: str, column: str) -> str | None:
-        """The metric (``dot``/``l2``/``cosine``) of the vector index on ``column``, None without one."""
-
-        def op() -> str | None:
-            found = self._vector_indices(name, column)
-            if not found:
-                return None
-            stats = self._table(name).index_stats(found[0].name)
-            return str(stats.distance_type).lower() if stats is not None else None
-
-        return self._retrying(f"index metric of {name}.{column}", op, name)
-
-    def search(
-        self,
-        name: str,
-        column: str,
-        vector: np.ndarray,
-        k: int,
-        where: str | None = None,
-        nprobes: int | None = SEARCH_NPROBES,
-        *,
-        metric: str | None = None,
-        refine_factor: int | None = SEARCH_REFINE_FACTOR,
-        columns: list[str] | None = None,
-    ) -> pa.Table:
-        """The ``k`` rows of table ``name`` nearest to ``vector`` in column ``column``.
-
-        Uses the column's ANN index when there is one (approximate), else an exact brute-force scan.
-
-        Args:
-            name: table name.
-            column: vector column, ``(d,)`` floats per row.
-            vector: the query, shape ``(d,)``; cast to float32.
-            k: number of neighbours (≥ 1).
-            where: SQL predicate applied before the vector search (prefilter).
-            nprobes: IVF partitions to probe (more = better recall, slower); :data:`SEARCH_NPROBES`
-                unless given, LanceDB's default if None.
-            metric: ``dot``/``l2``/``cosine``; the index's metric when None, ``dot`` without an index.
-                Must equal the index's metric, else the index is bypassed by an exact scan.
-            refine_factor: re-rank ``k * refine_factor`` candidates with exact distances (PQ only);
-                :data:`SEARCH_REFINE_FACTOR` unless given, no re-ranking if None.
-            columns: columns to return besides :data:`DISTANCE_COLUMN`; all when None.
-
-        Returns:
-            Up to ``k`` rows sorted by :data:`DISTANCE_COLUMN` ascending (for ``dot``: ``1 - x·q``).
-        """
-        if k < 1:
-            raise ValuegateError(f"search in {name!r}: k must be >= 1, got {k}")
-        dim = self._vector_dim(name, column)
-        q = np.asarray(vector, dtype=np.float32)
-        if q.shape != (dim,):
-            raise ValuegateError(
-                f"search in {name!r}: query has shape {q.shape}, column {column!r} needs ({dim},)"
-            )
-        if not np.all(np.isfinite(q)):
-            raise ValuegateError(f"search in {name!r}: the query vector has NaN or infinite values")
-        if metric is None:
-            metric = self.vector_index_metric(name, column) or "dot"
-        metric = metric.lower()
-        if metric not in _METRICS:
-            raise ValuegateError(f"unknown metric {metric!r}; use one of {', '.join(_METRICS)}")
-
-        def op() -> pa.Table:
-            query = self._table(name).search(q, vector_column_name=column).distance_type(metric).limit(k)
-            if where is not None:
-                query = query.where(where, prefilter=True)
-            if nprobes is not None:
-                query = query.nprobes(nprobes)
-            if refine_factor is not None:
-                query = query.refine_factor(refine_factor)
-            if columns is not None:  # naming the distance column too keeps lance 13 from warning
-                query = query.select([c for c in columns if c != DISTANCE_COLUMN] + [DISTANCE_COLUMN])
-            return query.to_arrow()
-
-        return self._retrying(f"search {name}.{column}", op, name)
 
     def scan(self, name: str, version: int | str | None = None, batch_rows: int = 8192) -> int:
         """Read every column of every row of table ``name`` (at ``version``, a number or a tag, else the

@@ -75,6 +75,10 @@ from valuegate.names import check_name, is_valid_name
 from valuegate.storage import retry
 from valuegate.storage.objstore import Root, open_root
 
+# only the steps after scoring run this module: it stays out of the cached steps' code fingerprint
+# (valuegate.flows.after_scoring)
+AFTER_SCORING = True
+
 __all__ = [
     "CURRENT_FILE",
     "DATA_FILE",

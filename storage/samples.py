@@ -11,10 +11,11 @@ from __future__ import annotations
 import pyarrow as pa
 
 from valuegate.storage import schemas
-from valuegate.storage.lance import Workspace, sql_in, sql_str
+from valuegate.storage.lance import sql_in, sql_str
+from valuegate.storage.store import Store
 
 
-def ensure_sample_tables(ws: Workspace) -> None:
+def ensure_sample_tables(ws: Store) -> None:
     """Create the ingestion tables where missing."""
     ws.ensure(schemas.SAMPLES, schemas.samples_schema)
     ws.ensure(schemas.MEMBERS, schemas.members_schema)
@@ -26,7 +27,7 @@ def _where_source(dataset: str, source: str) -> str:
     return f"dataset = {sql_str(dataset)} AND source = {sql_str(source)}"
 
 
-def read_last_ingest(ws: Workspace, dataset: str, source: str) -> dict | None:
+def read_last_ingest(ws: Store, dataset: str, source: str) -> dict | None:
     """The latest completion record of ``source`` in ``dataset``, or None."""
     if not ws.table_exists(schemas.INGESTS):
         return None
@@ -37,14 +38,14 @@ def read_last_ingest(ws: Workspace, dataset: str, source: str) -> dict | None:
     return max(rows, key=lambda r: r["at"])
 
 
-def read_ingests(ws: Workspace, dataset: str | None = None) -> pa.Table:
+def read_ingests(ws: Store, dataset: str | None = None) -> pa.Table:
     """Every ingest record (of one dataset)."""
     if not ws.table_exists(schemas.INGESTS):
         return schemas.ingests_schema.empty_table()
     return ws.read(schemas.INGESTS, where=None if dataset is None else f"dataset = {sql_str(dataset)}")
 
 
-def read_members(ws: Workspace, dataset: str, source: str | None = None,
+def read_members(ws: Store, dataset: str, source: str | None = None,
                  columns: list[str] | None = None) -> pa.Table:
     """Member rows of a dataset (or of one of its sources)."""
     if not ws.table_exists(schemas.MEMBERS):
@@ -53,17 +54,17 @@ def read_members(ws: Workspace, dataset: str, source: str | None = None,
     return ws.read(schemas.MEMBERS, where=where, columns=columns)
 
 
-def dataset_ids(ws: Workspace, dataset: str) -> list[str]:
+def dataset_ids(ws: Store, dataset: str) -> list[str]:
     """The distinct sample ids currently in a dataset, sorted."""
     return sorted(set(read_members(ws, dataset, columns=["id"])["id"].to_pylist()))
 
 
-def dataset_exists(ws: Workspace, dataset: str) -> bool:
+def dataset_exists(ws: Store, dataset: str) -> bool:
     """Whether anything was ever ingested into ``dataset``."""
     return ws.table_exists(schemas.INGESTS) and ws.count(schemas.INGESTS, f"dataset = {sql_str(dataset)}") > 0
 
 
-def known_sample_ids(ws: Workspace, ids: list[str], chunk: int = 2000) -> set[str]:
+def known_sample_ids(ws: Store, ids: list[str], chunk: int = 2000) -> set[str]:
     """The subset of ``ids`` already in the ``samples`` table."""
     if not ids or not ws.table_exists(schemas.SAMPLES):
         return set()
@@ -74,32 +75,32 @@ def known_sample_ids(ws: Workspace, ids: list[str], chunk: int = 2000) -> set[st
     return found
 
 
-def write_samples(ws: Workspace, rows: pa.Table) -> None:
+def write_samples(ws: Store, rows: pa.Table) -> None:
     """Add sample contents, merging on ``id`` (the same content twice stays one row)."""
     if rows.num_rows:
         ws.upsert(schemas.SAMPLES, rows.cast(schemas.samples_schema), on="id", update=False)
 
 
-def write_members(ws: Workspace, rows: list[dict]) -> None:
+def write_members(ws: Store, rows: list[dict]) -> None:
     """Upsert dataset membership rows (:data:`~valuegate.storage.schemas.members_schema`) on their row key
     (:func:`row_key`): a concurrent ingest of the same source (two runs at once) cannot leave a row twice."""
     if rows:
         ws.upsert(schemas.MEMBERS, pa.Table.from_pylist(rows, schema=schemas.members_schema), "key")
 
 
-def write_quarantine(ws: Workspace, rows: list[dict]) -> None:
+def write_quarantine(ws: Store, rows: list[dict]) -> None:
     """Upsert quarantined rows (:data:`~valuegate.storage.schemas.quarantine_schema`) on their row key."""
     if rows:
         ws.upsert(schemas.QUARANTINE, pa.Table.from_pylist(rows, schema=schemas.quarantine_schema), "key")
 
 
-def read_samples_by_id(ws: Workspace, ids: list[str], chunk: int = 2000) -> pa.Table:
+def read_samples_by_id(ws: Store, ids: list[str], chunk: int = 2000) -> pa.Table:
     """Sample contents for ``ids`` (in no particular order)."""
     parts = [ws.read(schemas.SAMPLES, where=sql_in("id", ids[i:i + chunk])) for i in range(0, len(ids), chunk)]
     return pa.concat_tables(parts) if parts else schemas.samples_schema.empty_table()
 
 
-def delete_stale_source_rows(ws: Workspace, table: str, dataset: str, source: str, source_hash: str) -> int:
+def delete_stale_source_rows(ws: Store, table: str, dataset: str, source: str, source_hash: str) -> int:
     """Delete the rows ``source`` of ``dataset`` holds in ``table`` (members or quarantine) from any other
     version of the file than ``source_hash``; returns how many there were."""
     where = f"{_where_source(dataset, source)} AND source_hash != {sql_str(source_hash)}"
@@ -109,13 +110,13 @@ def delete_stale_source_rows(ws: Workspace, table: str, dataset: str, source: st
     return n
 
 
-def write_ingest_record(ws: Workspace, record: dict) -> None:
+def write_ingest_record(ws: Store, record: dict) -> None:
     """Append the completion record of one file's ingest."""
     ws.append(schemas.INGESTS, pa.Table.from_pylist([record], schema=schemas.ingests_schema),
               schemas.ingests_schema)
 
 
-def read_quarantine(ws: Workspace, dataset: str | None = None) -> pa.Table:
+def read_quarantine(ws: Store, dataset: str | None = None) -> pa.Table:
     """Refused rows (of one dataset)."""
     if not ws.table_exists(schemas.QUARANTINE):
         return schemas.quarantine_schema.empty_table()

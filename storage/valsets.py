@@ -10,20 +10,21 @@ import pyarrow as pa
 from valuegate.errors import ValuegateError
 from valuegate.names import check_name
 from valuegate.storage import schemas
-from valuegate.storage.lance import Workspace, sql_str
+from valuegate.storage.lance import sql_str
+from valuegate.storage.store import Store
 
 
-def valset_uri(ws: Workspace, name: str) -> str:
+def valset_uri(ws: Store, name: str) -> str:
     """Where a validation set's table lives."""
     return f"{ws.uri}/{schemas.valset_table(name)}.lance"
 
 
-def valset_exists(ws: Workspace, name: str) -> bool:
+def valset_exists(ws: Store, name: str) -> bool:
     """Whether any version of ``name`` was registered."""
     return bool(read_valset_versions(ws, name))
 
 
-def read_valset_versions(ws: Workspace, name: str | None = None) -> list[dict]:
+def read_valset_versions(ws: Store, name: str | None = None) -> list[dict]:
     """Registry rows (of one set), oldest first."""
     if not ws.table_exists(schemas.VALSET_VERSIONS):
         return []
@@ -36,7 +37,7 @@ class VersionTaken(ValuegateError):
     """Another registration of the same set tagged the version this one was about to take."""
 
 
-def write_valset_version(ws: Workspace, name: str, rows: pa.Table, content_hash: str, source: str) -> dict:
+def write_valset_version(ws: Store, name: str, rows: pa.Table, content_hash: str, source: str) -> dict:
     """Register a new version: overwrite the set's table (a new Lance version), tag it ``vN``, record it.
 
     The tag is the claim: when another registration of ``name`` already tagged ``vN`` (two runs registering
@@ -85,7 +86,7 @@ def parse_ref(ref: str) -> tuple[str, int | None]:
     return name, int(digits)
 
 
-def read_valset(ws: Workspace, ref: str) -> tuple[dict, pa.Table]:
+def read_valset(ws: Store, ref: str) -> tuple[dict, pa.Table]:
     """The registry record and the rows of ``name@vN`` (latest when no version is given).
 
     Raises:
@@ -112,7 +113,7 @@ def read_valset(ws: Workspace, ref: str) -> tuple[dict, pa.Table]:
     return record, rows
 
 
-def prune_valset_version(ws: Workspace, name: str, version: int) -> dict:
+def prune_valset_version(ws: Store, name: str, version: int) -> dict:
     """Prune ``name@vN``: drop its tag (so Lance may clean up its data) and mark it pruned in the registry.
 
     Scores computed against it keep their ``name@vN`` provenance; reading the version afterwards is an

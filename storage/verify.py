@@ -1,7 +1,7 @@
 """``valuegate verify``: check every table and every release of a workspace, and repair what can be derived
 again (issue 26).
 
-* **tables**: every table is read whole, every column of every row (:meth:`Workspace.scan`), and each
+* **tables**: every table is read whole, every column of every row (:meth:`Store.scan`), and each
   tagged version of a validation set too. A table that cannot be read is damaged. The derived tables,
   ``features__<fp>``, ``feature_sets`` and ``scores``, are computed from the samples by a run: repairing
   drops a damaged one, so the next run extracts / scores again what it needs (releases keep their own copy
@@ -13,7 +13,7 @@ again (issue 26).
   (releases are immutable); an incomplete version (no manifest) is not a release and is only counted;
   a symbolic link is named and never followed.
 
-Nothing here writes but :func:`repair` (``Workspace.drop`` of the damaged derived tables).
+Nothing here writes but :func:`repair` (``Store.drop`` of the damaged derived tables).
 """
 
 from __future__ import annotations
@@ -28,8 +28,8 @@ from valuegate.names import is_valid_name
 from valuegate.storage import releases as rstore
 from valuegate.storage import schemas
 from valuegate.storage.failures import short_reason
-from valuegate.storage.lance import Workspace
 from valuegate.storage.objstore import open_root
+from valuegate.storage.store import Store
 
 __all__ = ["Finding", "check_releases", "check_tables", "is_derived", "repair"]
 
@@ -72,7 +72,7 @@ def _one_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
-def check_tables(ws: Workspace) -> list[Finding]:
+def check_tables(ws: Store) -> list[Finding]:
     """Read every table of ``ws`` whole (and each tagged version of a validation set); one finding each."""
     out = []
     for name in ws.table_names():
@@ -151,7 +151,7 @@ def _check_release(r: Any, name: str, version: str) -> Finding:
     return Finding("release", label, None, f"{checked} checksums, {len(manifest.get('files', []))} files")
 
 
-def repair(ws: Workspace, findings: list[Finding]) -> list[str]:
+def repair(ws: Store, findings: list[Finding]) -> list[str]:
     """Drop each damaged derived table (features, feature sets, scores), so the next run derives it again;
     returns the tables dropped. Nothing else is ever changed."""
     dropped = []

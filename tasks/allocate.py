@@ -26,7 +26,11 @@ from valuegate.flows import digest, results_dir
 from valuegate.flows.trusted_results import results_storage
 from valuegate.settings import Settings
 from valuegate.storage import releases as store
-from valuegate.storage.lance import Workspace
+from valuegate.storage.store import open_store
+
+# only the steps after scoring run this module: it stays out of the cached steps' code fingerprint
+# (valuegate.flows.after_scoring)
+AFTER_SCORING = True
 
 __all__ = ["AllocateResult", "claim", "current_release", "pending_release", "release_inputs", "release_key",
            "remember_release", "run", "unchanged_release", "unclaim"]
@@ -159,7 +163,7 @@ def run(settings: Settings, resume: str | None, run_id: str, release_key: str) -
     empties the versions other runs left incomplete and no live run claims
     (:func:`valuegate.storage.releases.clean_abandoned`; a failure there is a warning).
     """
-    root, name = Workspace.from_env(settings.workspace), settings.release.name
+    root, name = open_store(settings.workspace), settings.release.name
     claims = {"claim": lambda v: claim(settings, v), "unclaim": lambda v: unclaim(settings, v)}
     resumed = bool(resume and store.version_exists(root, name, resume) and store.read_current(root, name) != resume
                    and (not store.release_exists(root, name, resume)
@@ -195,7 +199,7 @@ def release_inputs(settings: Settings) -> list[dict[str, str]]:
 
 def current_release(settings: Settings) -> str | None:
     """The version of ``settings.release.name`` that is current (None: none is)."""
-    return store.read_current(Workspace.from_env(settings.workspace), settings.release.name)
+    return store.read_current(open_store(settings.workspace), settings.release.name)
 
 
 def unchanged_release(settings: Settings, previous: str | None, run_id: str,
@@ -208,7 +212,7 @@ def unchanged_release(settings: Settings, previous: str | None, run_id: str,
     An unchanged re-run then says "nothing changed since vN" instead of writing a copy."""
     if previous is None:
         return None
-    root = Workspace.from_env(settings.workspace)
+    root = open_store(settings.workspace)
     try:
         manifest = store.read_manifest(root, settings.release.name, previous)
     except (OSError, ValueError):
@@ -223,6 +227,6 @@ def release_key(settings: Settings, previous: str | None, run_id: str, inputs: l
     """The key of the resume record: everything the release is cut from (the workspace, the release that was
     current, the scores run, the inputs' hashes and every setting)."""
     ws = settings.workspace
-    root = Workspace.from_env(ws).uri if "://" in ws and not ws.startswith("file://") else str(Path(ws).resolve())
+    root = open_store(ws).uri if "://" in ws and not ws.startswith("file://") else str(Path(ws).resolve())
     return "pending-release-" + digest(root, settings.release.name, previous, run_id, inputs,
                                        json.loads(settings.model_dump_json()))

@@ -44,7 +44,7 @@ from valuegate.settings import ExtractSettings, ModelSettings, Settings, needs_u
 from valuegate.storage import features as fstore
 from valuegate.storage import samples as sstore
 from valuegate.storage.images import attach_image_data
-from valuegate.storage.lance import Workspace
+from valuegate.storage.store import Store, open_store
 from valuegate.storage.valsets import read_valset
 from valuegate.tasks.validation_set import valset_samples
 
@@ -68,7 +68,6 @@ class StoreExtractReport:
     older_format: int | None = None  # these settings' features are stored in this older format (not read)
     batches: int = 0
     stats: ExtractionStats | None = None
-    indexed: bool = False
     uncond_seconds: float = 0.0  # the unconditional pass (IFD) over the extracted samples
     unconditional: bool = True  # whether the unconditional pass ran (extract.unconditional, resolved)
 
@@ -80,7 +79,6 @@ class StoreExtractReport:
                 f"{self.extracted} extracted in {self.batches} batches{rate}"
                 + (f", {self.truncated} truncated at max_length" if self.truncated else "")
                 + (f", {len(self.refused)} refused" if self.refused else "")
-                + (", vector index (re)built" if self.indexed else "")
                 + (f"; re-extracted: the stored format {self.older_format} is older than {FEATURE_FORMAT}"
                    if self.older_format is not None else ""))
 
@@ -194,7 +192,6 @@ def extract_to_store(ws, lm_loader, ids: list[str], samples: list[Sample], cfg: 
         report.uncond_seconds = ahead.seconds
     report.refused.extend((todo_ids[i], why) for i, why in refused)
     report.truncated = len(cut)
-    report.indexed = fstore.maybe_index_features(ws, model_fp, cfg.vector_index_min_rows)
     return report
 
 
@@ -422,14 +419,13 @@ def extract_shard(workspace: str, ids: list[str], settings, model_fp: str, fp_se
         and ``model_loads`` (loads of this fingerprint so far in the worker process).
     """
     use_progress_interval(settings.progress_seconds)
-    ws = Workspace.from_env(workspace)
+    ws = open_store(workspace)
     recs = {r["id"]: sample_from_record(r) for r in sstore.read_samples_by_id(ws, list(ids)).to_pylist()}
     lost = [i for i in ids if i not in recs]
     if lost:
         raise ValuegateError(f"shard: {len(lost)} ids are not in the samples table of {ws.uri} (e.g. {lost[0]})")
-    cfg = settings.extract.model_copy(update={"vector_index_min_rows": 0})  # index: once, by the caller
     rep = extract_to_store(ws, lambda: worker_model(model_fp, settings.model), list(ids),
-                           [recs[i] for i in ids], cfg, model_fp, fp_settings, lowest_likelihood_ratio,
+                           [recs[i] for i in ids], settings.extract, model_fp, fp_settings, lowest_likelihood_ratio,
                            progress=False, desc="shard")
     stats = rep.stats or ExtractionStats()
     return {"extracted": rep.extracted, "already": rep.already, "refused": [i for i, _ in rep.refused or []],
@@ -501,7 +497,7 @@ def check_scoring_settings(settings: Settings) -> None:
                              "(`valuegate score` gives the pairwise matrix)")
 
 
-def extract_for_run(ws: Workspace, dataset: str, valset_ref: str, settings: Settings, progress: bool = True,
+def extract_for_run(ws: Store, dataset: str, valset_ref: str, settings: Settings, progress: bool = True,
                     cache: dict | None = None) -> tuple[ExtractResult, StoreExtractReport, StoreExtractReport]:
     """Resolve what a scores run of ``dataset`` against ``valset_ref`` reads (the dataset's ids, the pinned
     validation version, both fingerprints) and extract the features still missing (training samples here
@@ -547,7 +543,7 @@ def extract_for_run(ws: Workspace, dataset: str, valset_ref: str, settings: Sett
 def run(settings: Settings, valset_ref: str) -> ExtractResult:
     """The ``extract`` step of the refresh DAG: :func:`extract_for_run` of ``settings.data.dataset`` in
     ``settings.workspace`` (no progress bar)."""
-    return extract_for_run(Workspace.from_env(settings.workspace), settings.data.dataset, valset_ref, settings,
+    return extract_for_run(open_store(settings.workspace), settings.data.dataset, valset_ref, settings,
                            progress=False)[0]
 
 
@@ -558,17 +554,10 @@ def run(settings: Settings, valset_ref: str) -> ExtractResult:
 
 def shard_plan(settings: Settings) -> ShardPlan:
     """:func:`plan_extract_shards` of ``settings.data.dataset`` in shards of ``settings.runner.shard_size``."""
-    return plan_extract_shards(Workspace.from_env(settings.workspace), settings.data.dataset, settings,
+    return plan_extract_shards(open_store(settings.workspace), settings.data.dataset, settings,
                                settings.runner.shard_size)
 
 
 def stored_count(settings: Settings, model_fp: str, ids: set[str]) -> int:
     """How many of ``ids`` have features stored for ``model_fp``."""
-    return len(ids & fstore.feature_ids(Workspace.from_env(settings.workspace), model_fp))
-
-
-def index_features(settings: Settings, model_fp: str) -> bool:
-    """(Re)build the vector index of the feature set ``model_fp`` once it is large enough
-    (``extract.vector_index_min_rows``); whether it was built."""
-    return fstore.maybe_index_features(Workspace.from_env(settings.workspace), model_fp,
-                                       settings.extract.vector_index_min_rows)
+    return len(ids & fstore.feature_ids(open_store(settings.workspace), model_fp))

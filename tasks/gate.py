@@ -54,6 +54,10 @@ from valuegate.engine.progress import Progress, use_progress_interval
 from valuegate.errors import ValuegateError
 from valuegate.settings import GateSettings, Settings
 
+# only the steps after scoring run this module: it stays out of the cached steps' code fingerprint
+# (valuegate.flows.after_scoring)
+AFTER_SCORING = True
+
 if TYPE_CHECKING:
     import pandas as pd
 

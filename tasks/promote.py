@@ -6,7 +6,11 @@ from dataclasses import dataclass
 
 from valuegate.settings import Settings
 from valuegate.storage import releases as rstore
-from valuegate.storage.lance import Workspace
+from valuegate.storage.store import open_store
+
+# only the steps after scoring run this module: it stays out of the cached steps' code fingerprint
+# (valuegate.flows.after_scoring)
+AFTER_SCORING = True
 
 __all__ = ["PromoteResult", "run"]
 
@@ -37,7 +41,7 @@ def run(settings: Settings, version: str) -> PromoteResult:
         ValuegateError: ``version`` is not a complete release.
     """
     try:
-        previous = rstore.promote(Workspace.from_env(settings.workspace), settings.release.name, version)
+        previous = rstore.promote(open_store(settings.workspace), settings.release.name, version)
     except rstore.NewerIsCurrent as newer:
         return PromoteResult(False, newer.current, newer.reason, str(newer))
     return PromoteResult(True, previous, None)

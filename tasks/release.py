@@ -38,9 +38,13 @@ from valuegate.dataset_card import card_extra, release_frames
 from valuegate.errors import ValuegateError
 from valuegate.settings import Settings
 from valuegate.storage import releases as store
-from valuegate.storage.lance import Workspace
 from valuegate.storage.objstore import open_root
+from valuegate.storage.store import open_store
 from valuegate.tasks.select import dropped_reason_counts
+
+# only the steps after scoring run this module: it stays out of the cached steps' code fingerprint
+# (valuegate.flows.after_scoring)
+AFTER_SCORING = True
 
 __all__ = [
     "REASONS",
@@ -125,7 +129,7 @@ def publish_release(root: Any, name: str, data: pl.DataFrame, *, scores: pl.Data
     :mod:`valuegate.dataset_card`) and promote it when its gate passed.
 
     Args:
-        root, name: workspace root (directory, s3:// URI or Workspace) and release name.
+        root, name: workspace root (directory, s3:// URI or Store) and release name.
         data, scores, extra: as :func:`valuegate.storage.releases.write_release`.
         dropped: ``{reason: dropped samples}`` for the card.
         **manifest_fields: the keyword arguments of :func:`build_manifest` except ``name``/``version``.
@@ -161,7 +165,7 @@ def rollback(root: Any, name: str, to: str | None = None) -> str:
     gate passed can become current.
 
     Args:
-        root, name: workspace root (directory, s3:// URI or Workspace) and release name.
+        root, name: workspace root (directory, s3:// URI or Store) and release name.
         to: the version to make current; None: the newest passed release older than the current one.
 
     Returns:
@@ -260,7 +264,7 @@ def diff_releases(root: Any, name: str, a: str, b: str, examples: int = 5) -> di
     """What changed between releases ``a`` and ``b`` of ``name``: ids that entered and left, with reasons.
 
     Args:
-        root, name: workspace root (directory, s3:// URI or Workspace) and release name.
+        root, name: workspace root (directory, s3:// URI or Store) and release name.
         a, b: versions (``a`` is the "before"; either order works).
         examples: how many ids to show per reason (largest value moves first for value changes, by id
             otherwise).
@@ -429,7 +433,7 @@ def run(settings: Settings, selected: pl.DataFrame, manifest_parts: dict[str, An
     Idempotent: staging an incomplete version writes every file again whatever a crash left; a version
     already complete (a resumed one) is returned as it is.
     """
-    root, name = Workspace.from_env(settings.workspace), settings.release.name
+    root, name = open_store(settings.workspace), settings.release.name
     staged = not store.release_exists(root, name, version)
     if not staged:
         record = store.read_manifest(root, name, version)
@@ -441,7 +445,7 @@ def run(settings: Settings, selected: pl.DataFrame, manifest_parts: dict[str, An
                                   counts={**manifest_parts["counts"], "released": data.height}, **fields)
         extra = {"gate": Path(docs_dir)} if Path(docs_dir).is_dir() else {}
         card_dir = Path(staging_dir(settings, version, "card"))
-        extra |= card_extra(card_dir, manifest, data, dropped_reason_counts(selected))  # README.md
+        extra |= card_extra(card_dir, manifest, data, dropped_reason_counts(selected, settings.select))  # README.md
         record = store.stage_release(root, name, version, data, {**manifest, **beside}, extra, scores=scores)
         shutil.rmtree(card_dir, ignore_errors=True)
     shutil.rmtree(docs_dir, ignore_errors=True)  # copied into the release as gate/

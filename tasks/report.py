@@ -26,14 +26,18 @@ from valuegate.settings import Settings
 from valuegate.storage import features as fstore
 from valuegate.storage import releases as rstore
 from valuegate.storage.images import attach_image_data, read_image_data
-from valuegate.storage.lance import Workspace
 from valuegate.storage.schemas import SIGNAL_COLUMNS
+from valuegate.storage.store import Store, open_store
 from valuegate.storage.valsets import read_valset
 from valuegate.tasks.extract import feature_fingerprint
 from valuegate.tasks.release import diff_candidate, format_diff, policy_cutoff, staging_dir
 from valuegate.tasks.score import _feature_matrix, _hidden
-from valuegate.tasks.select import reason_kind
+from valuegate.tasks.select import reason_kinds
 from valuegate.tasks.validation_set import valset_samples
+
+# only the steps after scoring run this module: it stays out of the cached steps' code fingerprint
+# (valuegate.flows.after_scoring)
+AFTER_SCORING = True
 
 KEEP_COLOUR, DROP_COLOUR = "#2b8a3e", "#c92a2a"
 
@@ -114,9 +118,10 @@ VALUE_AXIS = "value (For-Value score, unitless; higher = more useful to the vali
 SUSPECT_AXIS = "suspect score (calibrated robust z units)"
 
 
-def _reason_kinds(selected: pl.DataFrame) -> list[str]:
-    """The reason of every row without the sample's own numbers ("" when kept), so reasons can be grouped."""
-    return [reason_kind(r) if r else "" for r in selected["reason"].fill_null("").to_list()]
+def _reason_kinds(selected: pl.DataFrame, policy: dict[str, Any]) -> list[str]:
+    """The reason of every row without the sample's own numbers ("" when kept), so reasons can be grouped
+    (:func:`valuegate.tasks.select.reason_kinds`, under the manifest's ``policy``)."""
+    return reason_kinds(selected, policy)
 
 
 def _top_reasons(kinds: list[str], mask: np.ndarray, n: int = 3) -> str:
@@ -158,7 +163,7 @@ def _dropped_html(selected: pl.DataFrame, kinds: list[str], examples: int = 3) -
 
 def _reason_codes(selected: pl.DataFrame, kinds: list[str]) -> list[str]:
     """Each row's short drop reason ("" when kept): the select step's ``reason_code`` when the table has it,
-    else the reason without the sample's own numbers (:func:`valuegate.tasks.select.reason_kind`)."""
+    else the reason without the sample's own numbers (:func:`valuegate.tasks.select.reason_kinds`)."""
     if "reason_code" in selected.columns:
         keep = selected["keep"].to_list()
         return ["" if k else (c or "") for k, c in zip(keep, selected["reason_code"].cast(pl.String).to_list(),
@@ -372,7 +377,7 @@ def dropped_records(selected: pl.DataFrame, codes: list[str], valid_text: dict[s
     return out
 
 
-def similar_validation(root: Workspace, model_fp: str, ids: list[str], valid_ids: list[str]) -> dict[str, str]:
+def similar_validation(root: Store, model_fp: str, ids: list[str], valid_ids: list[str]) -> dict[str, str]:
     """id → the validation sample most like it (:func:`valuegate.engine.faults.most_similar`: the cosine of
     the stored mean hidden states, centred on the validation set's), for the ``ids`` whose features are
     stored; empty when there are none or no validation sample has features."""
@@ -542,7 +547,7 @@ def load_thumbnails(workspace: str | None, hashes: list[str], px: int = 96) -> d
     """sha256 → thumbnail ``data:`` URI for the images the workspace holds ({} without a workspace)."""
     if not workspace or not hashes:
         return {}
-    data = read_image_data(Workspace.from_env(workspace), hashes)
+    data = read_image_data(open_store(workspace), hashes)
     return {h: thumbnail_data_uri(b, px) for h, b in data.items()}
 
 
@@ -635,7 +640,7 @@ def render_report(selected: pl.DataFrame, manifest: dict[str, Any], valid_rows: 
     ]
     if gate.get("failures"):
         parts.append("<ul>" + "".join(f"<li class='bad'>{html.escape(f)}</li>" for f in gate["failures"]) + "</ul>")
-    kinds = _reason_kinds(selected)
+    kinds = _reason_kinds(selected, manifest.get("policy") or {})
     codes = _reason_codes(selected, kinds)
     parts.append(_funnel_html(manifest.get("counts", {}), selected, codes))
     policy = manifest.get("policy") or {}
@@ -773,7 +778,7 @@ def _explain(settings: Settings, selected: pl.DataFrame, valset: str) -> tuple[l
     and None; or no contributions and why (the report is still written)."""
     picked = pick_explained(selected)
     try:
-        tcs = explain_stored(Workspace.from_env(settings.workspace), settings, valset, [row for _, row in picked])
+        tcs = explain_stored(open_store(settings.workspace), settings, valset, [row for _, row in picked])
     except (ValuegateError, OSError) as exc:
         return [], f"report: no per-token highlighting ({exc})"
     return [(label, row, tc) for (label, row), tc in zip(picked, tcs, strict=True)], None
@@ -787,7 +792,7 @@ def run(settings: Settings, selected: pl.DataFrame, version: str, previous: str 
 
     Idempotent: a version already complete (a resumed one) is left as it is.
     """
-    root = Workspace.from_env(settings.workspace)
+    root = open_store(settings.workspace)
     name = settings.release.name
     where = f"{rstore.release_uri(root, name, version)}/report.html"
     if rstore.release_exists(root, name, version):

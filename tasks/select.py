@@ -4,22 +4,28 @@ from __future__ import annotations
 
 import hashlib
 import math
-import re
 from collections import Counter
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 import polars as pl
 
 from valuegate.errors import ValuegateError
+from valuegate.reasons import RANKED, REASON_FORMS, UNLIKE, Reason, ReasonForm, kinds_of, register_reason
 from valuegate.settings import SelectSettings, Settings
-from valuegate.storage.lance import Workspace
 from valuegate.storage.scores import read_score_run
+from valuegate.storage.store import open_store
+
+# only the steps after scoring run this module: it stays out of the cached steps' code fingerprint
+# (valuegate.flows.after_scoring)
+AFTER_SCORING = True
 
 
 def select_samples(scored: pl.DataFrame, cfg: SelectSettings) -> pl.DataFrame:
     """Add ``keep`` (bool), ``reason`` (str, a sentence; empty when kept) and ``reason_code`` (str, a short code
     from a fixed vocabulary a person can count: :data:`REASON_CODES`; empty when kept) to a table of scored
-    samples.
+    samples. Each drop is a :class:`valuegate.reasons.Reason` (its code and parameters), ``reason`` its words.
 
     Policies:
 
@@ -70,30 +76,28 @@ def select_samples(scored: pl.DataFrame, cfg: SelectSettings) -> pl.DataFrame:
         fault = scored["fault"].fill_null("").to_list() if "fault" in scored.columns else [""] * n
         keep = sus <= cfg.suspect_threshold
         code = ["" if k else (f or "suspect") for k, f in zip(keep, fault, strict=True)]
-        reason = ["" if k else f"{w or 'unlike the validation set'} ({c}: suspect {x:.3g} > {cfg.suspect_threshold:g})"
-                  for k, x, w, c in zip(keep, sus, why, code, strict=True)]
+        reason = _words(code, [{"why": w or UNLIKE, "suspect": x, "threshold": cfg.suspect_threshold}
+                               for x, w in zip(sus, why, strict=True)])
     elif cfg.policy == "keep_all":
         keep = np.ones(n, dtype=bool)
         reason = [""] * n
         code = reason
     elif cfg.policy == "drop_negative":
         keep = values >= 0
-        reason = ["" if k else f"value {v:.4g} < 0" for k, v in zip(keep, values, strict=True)]
         code = ["" if k else "negative_value" for k in keep]
+        reason = _words(code, [{"value": v} for v in values])
     elif cfg.policy == "threshold":
         keep = values >= cfg.threshold
-        reason = ["" if k else f"value {v:.4g} < threshold {cfg.threshold:g}"
-                  for k, v in zip(keep, values, strict=True)]
         code = ["" if k else "below_threshold" for k in keep]
+        reason = _words(code, [{"value": v, "threshold": cfg.threshold} for v in values])
     elif cfg.policy == "top_fraction":
         k = math.ceil(cfg.fraction * n - 1e-9)
         order = np.lexsort((scored["id"].to_numpy(), -values))  # by value desc, then id
         keep = np.zeros(n, dtype=bool)
         keep[order[:k]] = True
         cut = values[order[k - 1]] if k else float("inf")
-        reason = ["" if kk else f"not in the top {cfg.fraction:.0%} (value {v:.4g} < {cut:.4g})"
-                  for kk, v in zip(keep, values, strict=True)]
         code = ["" if kk else "not_in_top" for kk in keep]
+        reason = _words(code, [{"value": v, "fraction": cfg.fraction, "cut": cut} for v in values])
     elif cfg.policy in _BASELINES:
         keep, reason, code = _baseline_selection(scored, cfg)
     elif cfg.policy == "random":
@@ -101,17 +105,24 @@ def select_samples(scored: pl.DataFrame, cfg: SelectSettings) -> pl.DataFrame:
         keys = np.array([hashlib.sha256(f"{cfg.seed}:{i}".encode()).hexdigest() for i in scored["id"].to_list()])
         keep = np.zeros(n, dtype=bool)
         keep[np.argsort(keys, kind="stable")[:k]] = True
-        reason = ["" if kk else f"not in the random {cfg.fraction:.0%} (seed {cfg.seed})" for kk in keep]
         code = ["" if kk else "not_sampled" for kk in keep]
+        reason = _words(code, [{"fraction": cfg.fraction, "seed": cfg.seed}] * n)
     else:  # pragma: no cover - the settings model forbids it
         raise ValuegateError(f"unknown selection policy {cfg.policy!r}")
     return scored.with_columns(pl.Series("keep", keep), pl.Series("reason", reason, dtype=pl.String),
                                pl.Series("reason_code", code, dtype=pl.String))
 
 
+def _words(codes: list[str], params: list[dict[str, Any]]) -> list[str]:
+    """The ``reason`` column: each dropped row's :class:`Reason` (its code, its parameters) in words."""
+    return [Reason(c, p).words() if c else "" for c, p in zip(codes, params, strict=True)]
+
+
 # baseline policy → (the column it reads, how the kept ones rank: "top" highest first, "lowest", "longest")
 _BASELINES = {"ifd": ("ifd", "top"), "perplexity": ("perplexity", "lowest"), "rds": ("rds_mean", "top"),
               "length": ("length", "longest")}
+for _policy, (_, _rank) in _BASELINES.items():  # their drop reason, not_in_<rank>_<policy> (valuegate.reasons)
+    register_reason(ReasonForm(f"not_in_{_rank}_{_policy}", *RANKED[_rank]))
 
 
 def _baseline_selection(scored: pl.DataFrame, cfg: SelectSettings) -> tuple[np.ndarray, list[str], list[str]]:
@@ -137,53 +148,45 @@ def _baseline_selection(scored: pl.DataFrame, cfg: SelectSettings) -> tuple[np.n
     keep = np.zeros(n, dtype=bool)
     keep[order[:k]] = True
     cut = x[order[min(k, len(order)) - 1]] if len(order) and k else float("nan")
-    share = f"{cfg.fraction:.0%}"
-    reason, code = [], []
-    for kk, v, nl in zip(keep, x, null, strict=True):
-        code.append("" if kk else "no_ifd" if cfg.policy == "ifd" and nl
-                    else "ifd_at_least_1" if cfg.policy == "ifd" and v >= 1.0 else f"not_in_{rank}_{cfg.policy}")
-        if kk:
-            reason.append("")
-        elif cfg.policy == "ifd" and nl:
-            reason.append("no ifd (no prompt)")
-        elif cfg.policy == "ifd" and v >= 1.0:
-            reason.append(f"ifd {v:.4g} >= 1 (the prompt does not help)")
-        elif rank == "lowest":
-            reason.append(f"not in the lowest {share} by {col} ({col} {v:.4g} > {cut:.4g})")
-        elif rank == "longest":
-            reason.append(f"not in the longest {share} ({col} {v:.4g} < {cut:.4g})")
-        else:
-            reason.append(f"not in the top {share} by {col} ({col} {v:.4g} < {cut:.4g})")
+    code = ["" if kk else "no_ifd" if cfg.policy == "ifd" and nl
+            else "ifd_at_least_1" if cfg.policy == "ifd" and v >= 1.0 else f"not_in_{rank}_{cfg.policy}"
+            for kk, v, nl in zip(keep, x, null, strict=True)]
+    reason = _words(code, [{"value": v, "fraction": cfg.fraction, "column": col, "cut": cut} for v in x])
     return keep, reason, code
 
 
-# the reason codes select_samples writes (besides the fault detectors' codes, valuegate.engine.faults)
-REASON_CODES = ("negative_value", "below_threshold", "not_in_top", "not_sampled", "no_ifd", "ifd_at_least_1",
-                "not_in_top_ifd", "not_in_lowest_perplexity", "not_in_top_rds", "not_in_longest_length", "suspect")
+# the reason codes select_samples writes (besides the fault detectors' codes, valuegate.engine.faults), each
+# with its words and its kind in valuegate.reasons
+REASON_CODES = tuple(REASON_FORMS)
 
 
-_REASON_KINDS: list[tuple[re.Pattern[str], str]] = [
-    # "the answer stops before it is finished (cut: suspect 4.1 > 3)": the detector and its sentence
-    (re.compile(r"^(?P<w>.+) \((?P<c>\w+): suspect \S+ > \S+\)$"), "{c}: {w}"),
-    (re.compile(r"^value \S+ < (?P<rest>.+)$"), "value < {rest}"),
-    (re.compile(r"^(?P<top>not in the (?:top|lowest|longest|random) \S+(?: by \w+)?)"), "{top}"),
-    (re.compile(r"^ifd \S+ >= 1 (?P<why>.*)$"), "ifd >= 1 {why}"),
-]
+def reason_kinds(selected: pl.DataFrame, policy: SelectSettings | Mapping[str, Any]) -> list[str]:
+    """Each row's drop reason without the sample's own numbers ("" when kept), so that reasons can be counted:
+    ``value -0.3 < 0`` → ``value < 0``; a detector's ``the answer stops ... (cut: suspect 4.1 > 3)`` → ``cut: the
+    answer stops ...``. Rendered from the row's ``reason_code`` (and ``suspect_reason``) and the ``policy``'s
+    parameters (the select settings, or the release manifest's ``policy``), never read back out of the words.
+
+    A table without ``reason_code`` (not written by :func:`select_samples`) has no codes: its kinds are its
+    reasons as they stand."""
+    # a manifest's policy of an older valuegate may lack a parameter: the settings' default stands in
+    policy = {**SelectSettings().model_dump(), **(policy.model_dump() if isinstance(policy, SelectSettings) else policy)}
+    if "reason_code" not in selected.columns:
+        return selected["reason"].fill_null("").to_list()
+    keep = selected["keep"].to_list()
+    codes = ["" if k else c for k, c in zip(keep, selected["reason_code"].fill_null("").to_list(), strict=True)]
+    whys = (selected["suspect_reason"].fill_null("").to_list() if "suspect_reason" in selected.columns
+            else [""] * selected.height)
+    name = policy.get("policy")
+    params = {"fraction": policy.get("fraction"), "threshold": policy.get("threshold"),
+              "column": _BASELINES[name][0] if name in _BASELINES else None}
+    return kinds_of(codes, whys, params)
 
 
-def reason_kind(reason: str) -> str:
-    """A drop reason without the sample's own numbers, so that reasons can be counted: ``"value -0.3 < 0"``
-    → ``"value < 0"``; ``"the answer stops ... (cut: suspect 4.1 > 3)"`` → ``"cut: the answer stops ..."``."""
-    for pattern, template in _REASON_KINDS:
-        m = pattern.match(reason)
-        if m:
-            return template.format(**m.groupdict())
-    return reason
-
-
-def dropped_reason_counts(selected: pl.DataFrame) -> dict[str, int]:
-    """``{reason kind: dropped samples}`` of a :func:`select_samples` table, most frequent first."""
-    counts = Counter(reason_kind(r) for r in selected.filter(~pl.col("keep"))["reason"].to_list())
+def dropped_reason_counts(selected: pl.DataFrame, policy: SelectSettings | Mapping[str, Any]) -> dict[str, int]:
+    """``{reason kind: dropped samples}`` of a :func:`select_samples` table under ``policy``, most frequent
+    first."""
+    kinds = reason_kinds(selected, policy)
+    counts = Counter(k for k, kept in zip(kinds, selected["keep"].to_list(), strict=True) if not kept)
     return dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
 
 
@@ -205,7 +208,7 @@ def check_group_by(settings: Settings) -> None:
     col = settings.select.group_by
     if not col or col in ROW_COLUMNS:
         return
-    metas = read_members(Workspace.from_env(settings.workspace), settings.data.dataset,
+    metas = read_members(open_store(settings.workspace), settings.data.dataset,
                          columns=["metadata"])["metadata"].to_pylist()
     needle = json.dumps(col, ensure_ascii=False) + ":"
     if any(m and needle in m and col in json.loads(m) for m in metas):
@@ -219,5 +222,5 @@ def run(settings: Settings, run_id: str) -> pl.DataFrame:
     """The ``select`` step of the refresh DAG: the scores run ``run_id`` of ``settings.data.dataset`` joined
     with its samples (:func:`valuegate.storage.scores.read_score_run`), with the policy's ``keep`` and
     ``reason`` (:func:`select_samples`)."""
-    scored = read_score_run(Workspace.from_env(settings.workspace), run_id, settings.data.dataset)
+    scored = read_score_run(open_store(settings.workspace), run_id, settings.data.dataset)
     return select_samples(scored, settings.select)

@@ -19,8 +19,8 @@ from valuegate.names import check_name
 from valuegate.storage import schemas
 from valuegate.storage import valsets as store
 from valuegate.storage.images import store_sample_images
-from valuegate.storage.lance import Workspace
 from valuegate.storage.metadata import encode_metadata
+from valuegate.storage.store import Store, open_store
 
 
 def valset_rows(path: str | Path, max_chars: int, fields: dict[str, str] | None = None) -> pa.Table:
@@ -57,7 +57,7 @@ def content_hash(rows: pa.Table) -> str:
 _REGISTER_WAIT_S = 60
 
 
-def register_valset(ws: Workspace, name: str, path: str | Path, max_chars: int,
+def register_valset(ws: Store, name: str, path: str | Path, max_chars: int,
                     fields: dict[str, str] | None = None) -> tuple[dict, bool]:
     """Register ``path`` as the next version of ``name`` (``fields``: the column mapping, ``data.fields``).
 
@@ -130,7 +130,7 @@ def run(workspace: str, ref: str, file: str | None, max_chars: int,
     Raises:
         ValuegateError: a bad or missing file, an unknown set or version.
     """
-    ws = Workspace.from_env(workspace)
+    ws = open_store(workspace)
     name, pinned = store.parse_ref(ref)
     new = False
     if file:

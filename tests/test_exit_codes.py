@@ -105,3 +105,24 @@ def test_an_unreachable_store_is_retried_by_a_task_and_exits_7_in_one_line(monke
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("valuegate: error: the object store at 10.0.0.9:9000 did not "
                                                    "answer after every retry (When getting information"), err
+
+
+def test_an_error_kind_is_data_that_the_edge_reads_never_its_words(monkeypatch, capsys):
+    """Issue 30: the exit code, the retry and the traceback come from the class's kind
+    (valuegate.errors.ErrorKind), not from its message: a new error class declares a kind and is done."""
+    from valuegate.errors import EXIT_CODES, KINDS, STORE_UNREACHABLE, kind_of
+
+    assert [k.exit_code for k in KINDS] == sorted(EXIT_CODES) and all(EXIT_CODES[k.exit_code].kind is k for k in KINDS)
+    assert kind_of(AssertionError("x")) is InternalError.kind and kind_of(OSError("x")) is None
+
+    class Elsewhere(ValuegateError):  # a new kind of error: one class naming its kind
+        kind = STORE_UNREACHABLE
+
+    assert Elsewhere.exit_code == 7 and retry_unless_user_error(None, None, Failed(data=Elsewhere("x"))) is True
+
+    def fails(args):  # words that name another kind change nothing
+        raise Elsewhere("internal error: gate failed for release r/v0002")
+
+    monkeypatch.setattr(cli, "_cmd_fetch_model", fails)
+    assert cli.main(["fetch-model"]) == 7
+    assert capsys.readouterr().err == "valuegate: error: internal error: gate failed for release r/v0002\n"

@@ -39,7 +39,7 @@ INPUTS_MAY_USE_ENGINE = ("valuegate.engine.sample", "valuegate.engine.images")
 FLOWS_FORBIDDEN = ("lancedb", "pyarrow", "valuegate.storage.lance")
 # the write API of the workspace (storage/lance.py: Workspace) and of LanceDB whose names say so (flows/ cannot
 # build a workspace: it may not import storage/lance.py) and the prefixes of storage's writing functions
-WRITE_METHODS = {"overwrite", "upsert", "add_null_columns", "delete_tag", "create_vector_index", "merge_insert",
+WRITE_METHODS = {"overwrite", "upsert", "add_null_columns", "delete_tag", "merge_insert",
                  "create_table", "create_scalar_index", "write_parquet", "write_table"}
 WRITE_PREFIXES = ("write", "stage", "complete", "promote", "register", "allocate", "clean", "ensure", "insert",
                   "append", "delete", "record", "remember")
@@ -159,3 +159,20 @@ def test_no_import_cycle_in_a_room(room):
                     if mod.startswith(package + ".") and mod.rsplit(".", 1)[-1] in mods} - {stem}
              for stem, p in mods.items()}
     assert not _cycle(graph), " → ".join(_cycle(graph))
+
+
+# the steps not yet moved onto the Store interface (issue 30 item 3: their files were being changed by the one-scorer
+# and layout work at the time); shrink it, never grow it
+TASKS_STILL_ON_LANCE = {"score.py", "ingest.py"}
+
+
+def test_tasks_reach_the_workspace_through_the_store_interface():
+    """tasks/ open a workspace with ``storage.store.open_store`` and annotate ``Store``; the LanceDB
+    implementation (``storage/lance.py``: ``Workspace``) is storage's own business."""
+    bad = [f"{p.relative_to(REPO)}:{line} imports {mod}" for p in _files("tasks")
+           for line, mod, names in _imports(p)
+           if p.name not in TASKS_STILL_ON_LANCE and _hits(mod, names, ("valuegate.storage.lance.Workspace",))]
+    assert not bad, "\n".join(bad)
+    still = {p.name for p in _files("tasks") for _, mod, names in _imports(p)
+             if _hits(mod, names, ("valuegate.storage.lance.Workspace",))}
+    assert still <= TASKS_STILL_ON_LANCE, still

@@ -19,16 +19,7 @@ from pathlib import Path
 
 from valuegate import __version__
 from valuegate.cli_flags import add_setting_flag, add_setting_flags, setting_overrides
-from valuegate.errors import (
-    BadInput,
-    ClusterLost,
-    DamagedTable,
-    GateFailed,
-    InternalError,
-    NoSpace,
-    StoreUnreachable,
-    ValuegateError,
-)
+from valuegate.errors import KINDS, BadInput, DamagedTable, ValuegateError, kind_of
 from valuegate.home import prefect_home
 
 EXIT_USER_ERROR = BadInput.exit_code
@@ -38,15 +29,8 @@ _MODEL_SIDE = ("model", "extract")
 _RUN_SETTINGS = ("workspace", "data", "ingest", "model", "extract", "score", "select", "gate", "release", "runner",
                  "progress_seconds")
 
-EXIT_CODES_HELP = f"""exit codes:
-  0    success
-  {BadInput.exit_code:<4} bad input or config (a file, row, column, setting or name to fix; also a usage error)
-  {GateFailed.exit_code:<4} the gate failed: the release is written for inspection, the previous one stays current
-  {ClusterLost.exit_code:<4} the Dask/Ray cluster was lost mid-run: what was stored stays, a re-run resumes
-  {NoSpace.exit_code:<4} no space left on device: nothing half-written is visible; free space, a re-run resumes
-  {DamagedTable.exit_code:<4} a damaged table or release: run `valuegate verify` (docs/reliability.md)
-  {StoreUnreachable.exit_code:<4} the workspace's object store stopped answering: run again when it is back; it resumes
-  {InternalError.exit_code:<4} internal error: a broken invariant, a bug in valuegate (its traceback is printed)
+# the exit codes, rendered from the error kinds (valuegate.errors.KINDS: data, never read back out of a message)
+EXIT_CODES_HELP = "exit codes:\n  0    success\n" + "".join(f"  {k.exit_code:<4} {k.meaning}\n" for k in KINDS) + """\
   130  interrupted (SIGINT or SIGTERM): stopped within a batch, nothing half-written; a re-run resumes
 Every error is one line on stderr: valuegate: error: <message>."""
 
@@ -460,14 +444,16 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with _progress_to_stderr(wanted):
             return handlers[args.command](args)
-    except (InternalError, AssertionError) as exc:  # a broken invariant: a bug, so its traceback too
-        traceback.print_exception(type(exc), exc, exc.__traceback__, file=sys.stderr)
-        print(f"valuegate: error: internal error: {exc or type(exc).__name__} (a bug in valuegate; please report "
-              "it with the traceback above)", file=sys.stderr)
-        return InternalError.exit_code
-    except ValuegateError as exc:  # BadInput (and a plain ValuegateError), GateFailed, ClusterLost
-        print(f"valuegate: error: {exc}", file=sys.stderr)
-        return exc.exit_code
+    except (ValuegateError, AssertionError) as exc:  # the error's kind (data) says the exit code and the words
+        kind = kind_of(exc)
+        assert kind is not None
+        if kind.traceback:  # a broken invariant: a bug, so its traceback too
+            traceback.print_exception(type(exc), exc, exc.__traceback__, file=sys.stderr)
+            print(f"valuegate: error: internal error: {exc or type(exc).__name__} (a bug in valuegate; please "
+                  "report it with the traceback above)", file=sys.stderr)
+        else:
+            print(f"valuegate: error: {exc}", file=sys.stderr)
+        return kind.exit_code
     except KeyboardInterrupt:
         print("valuegate: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
@@ -478,7 +464,7 @@ def main(argv: list[str] | None = None) -> int:
         if failure is None:
             raise
         print(f"valuegate: error: {failure}", file=sys.stderr)
-        return failure.exit_code
+        return failure.kind.exit_code
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)

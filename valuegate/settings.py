@@ -117,8 +117,8 @@ class ExtractSettings(_Section):
         "tokens, flagged in the `truncated` column and counted) or refuse (not valued; reported with the reason). "
         "Never changes a stored feature, so it is not part of the fingerprint.")
     vector_index_min_rows: int = Field(
-        100_000, ge=0, description="Build an ANN index on the pooled hidden vectors once a feature table "
-        "holds this many rows (below it a brute-force search is as fast); 0 never builds one.")
+        100_000, ge=0, description="Unused: valuegate builds no vector index any more (nothing searched it); "
+        "accepted so that older configs still load.")
     lowest_likelihood_ratio: float = Field(
         1.0, gt=0.0, le=1.0, description="Value a training sample on only this fraction of its counted "
         "tokens, those of lowest likelihood (For-Value's option); 1 uses every counted token.")

@@ -16,15 +16,15 @@ Sections (each prints a table; everything goes to ``--out/store.json``):
 - scale: synthetic features shaped like the default model's real ones (support sizes, token counts and
   vocabulary overlap taken from real extracted features) written into a fresh ``features__<fp>`` table
   for each N: write rate, disk size, peak RSS, mean-aggregate scoring against a 1,000-row synthetic
-  validation set, nearest-aggregate on a 10k subset (extrapolated to N), and dense-vector search on
-  ``mean_hidden``: numpy brute force vs LanceDB without an index vs with an IVF_PQ index (dot).
+  validation set, and nearest-aggregate on a 10k subset (extrapolated to N). (The dense-vector search
+  on ``mean_hidden`` it once measured went with the vector index, which nothing in valuegate read: issue 30.)
   Sizes whose projected disk use exceeds ``--max-disk-gb`` are skipped; 1M is always extrapolated.
 
 - storage (only with ``--only storage``; issue 19): per N of ``--storage-sizes``, synthetic rows as in
   scale (error and hard-token columns included): reading every id in 8,000-id calls four ways (``id IN``
   per 2,000 ids as before, a scan with ``is_in``, a BTREE index on ``id``, and ``read_features`` now), the
   ``mean`` aggregate by one streaming scan against the disk's sequential read rate (``dd``, direct and
-  buffered), the IVF_PQ (dot) recall@10 / latency sweep over nprobes × refine_factor, peak RSS per step
+  buffered), peak RSS per step
   and growth exponents per step; and thin rows (id + 1 KB) read by id up to ``--key-read-sizes``.
   About 17 min for 10k,100k plus 8 min for the thin rows up to 1M on the loaded 2 cores.
 - scoring (only with ``--only scoring``; issue 19): per N of ``--scoring-sizes``, synthetic rows with their
@@ -617,62 +617,6 @@ def nearest_scoring(ws: Workspace, fp: str, ids: list[str], vm, vocab: int, widt
             "finite": bool(np.isfinite(agg).all()), "top_shape": list(top.shape)}
 
 
-def _pooled(t: pa.Table) -> np.ndarray:
-    """``(n, d)`` float32 mean hidden states of a feature slice (stored in float16)."""
-    col = t.column("mean_hidden").combine_chunks()
-    return col.values.to_numpy(zero_copy_only=False).reshape(t.num_rows, -1).astype(np.float32)
-
-
-def vector_search(ws: Workspace, table: str, queries: np.ndarray, k: int, flat_cap_s: float) -> dict:
-    """Exact top-k by numpy, LanceDB without an index, LanceDB with IVF_PQ (dot): time and recall@k."""
-    out: dict = {}
-    t0 = time.perf_counter()
-    t = ws.read(table, columns=["id", "mean_hidden"])
-    ids = np.asarray(t.column("id").to_pylist(), dtype=object)
-    x = _pooled(t)
-    out["bf_read_s"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    s = queries @ x.T
-    top = np.argpartition(-s, k, axis=1)[:, :k]
-    out["bf_batch_s"] = time.perf_counter() - t0
-    truth = [set(ids[r]) for r in top]
-    t0 = time.perf_counter()
-    for q in queries:
-        sq = x @ q
-        np.argpartition(-sq, k)[:k]
-    out["bf_loop_ms_per_q"] = 1000 * (time.perf_counter() - t0) / len(queries)
-    out["bf_batch_ms_per_q"] = 1000 * out["bf_batch_s"] / len(queries)
-    del x, t, s
-
-    def run(label: str, cap: float | None = None, **kw) -> None:
-        times, recalls = [], []
-        start = time.perf_counter()
-        for qi, q in enumerate(queries):
-            t0 = time.perf_counter()
-            r = ws.search(table, "mean_hidden", q, k, metric="dot", columns=["id"], **kw)
-            times.append(time.perf_counter() - t0)
-            recalls.append(len(truth[qi] & set(r.column("id").to_pylist())) / k)
-            if cap is not None and time.perf_counter() - start > cap:
-                break
-        out[f"{label}_ms_per_q"] = 1000 * float(np.mean(times))
-        out[f"{label}_recall"] = float(np.mean(recalls))
-        out[f"{label}_queries"] = len(times)
-
-    run("flat", cap=flat_cap_s)
-    t0 = time.perf_counter()
-    ws.create_vector_index(table, "mean_hidden", metric="dot", index_type="IVF_PQ")
-    out["build_s"] = time.perf_counter() - t0
-    out["indexed"] = ws.has_vector_index(table, "mean_hidden")
-    run("ivf", nprobes=None, refine_factor=None)  # LanceDB's defaults (Workspace.search has its own)
-    run("ivf_refine10", nprobes=None, refine_factor=10)
-    run("ivf_np64_refine10", nprobes=64, refine_factor=10)
-    run("ivf_np128_refine20", nprobes=128, refine_factor=20)
-    for cfg in ("ivf", "ivf_refine10", "ivf_np64_refine10", "ivf_np128_refine20"):
-        saved_s = (out["flat_ms_per_q"] - out[f"{cfg}_ms_per_q"]) / 1000
-        out[f"{cfg}_breakeven_queries"] = out["build_s"] / saved_s if saved_s > 0 else float("inf")
-    return out
-
-
 def _power(n: np.ndarray, y: np.ndarray, target: float) -> tuple[float, float]:
     """Extrapolate with a power law through the two largest points: (value at target, exponent)."""
     if len(n) < 2 or y[-1] <= 0 or y[-2] <= 0:
@@ -722,7 +666,6 @@ def bench_scale(settings: Settings, real: pa.Table, sizes: list[int], work: Path
     wv = write_synthetic(ws, gen, fp_v, n_valid, 5000, "valid")
     vids = wv["ids"]
     vm, vt, _, _ = _matrix(ws, fp_v, vids, vocab, width)
-    queries = _pooled(fstore.read_features(ws, fp_v, vids[:100], ["id", "mean_hidden"]))
     bytes_per_nnz = None  # measured on the first one-piece mean run
     bytes_per_sample = est
     for n in sizes:
@@ -773,11 +716,6 @@ def bench_scale(settings: Settings, real: pa.Table, sizes: list[int], work: Path
         row["nearest_extrapolated_s"] = nr["compute_s"] * n / sub
         row["nearest_matrix_gb"] = n * len(vids) * 16 / 1e9  # values (float64) + argsort (int64)
         log(f"N={n}: nearest {json.dumps(nr)}")
-        # dense vector search
-        log(f"N={n}: vector search")
-        vs = vector_search(ws, table, queries, 10, flat_cap_s=30 if quick else 120)
-        row.update({f"vs_{k}": v for k, v in vs.items()})
-        log(f"N={n}: search {json.dumps(vs)}")
         row["peak_rss_mb"] = hwm_mb()
         res["sizes"].append(row)
         if not keep:
@@ -792,8 +730,6 @@ def bench_scale(settings: Settings, real: pa.Table, sizes: list[int], work: Path
 # --------------------------------------------------------------------------------------------------
 
 READ_CALL = 8000  # ids per read_features call, as a scoring chunk reads them (tasks/score.py SCORE_CHUNK)
-SEARCH_GRID = [(None, None), (20, None), (20, 10), (40, 10), (64, 10), (64, 20), (128, 20)]
-"""(nprobes, refine_factor) pairs of the vector search sweep; None is LanceDB's default."""
 
 
 def _csr(ws: Workspace, fp: str, ids: list[str], vocab: int, width: int):
@@ -947,31 +883,6 @@ def bench_stream_mean(ws: Workspace, fp: str, vm, vocab: int, width: int, disk_b
             "rss_delta_mb": mw.delta_mb, "max_rel_err_vs_csr": err, "finite": bool(np.isfinite(values).all())}
 
 
-def bench_search(ws: Workspace, table: str, queries: np.ndarray, k: int = 10) -> dict:
-    """IVF_PQ (dot) recall@k against numpy's exact dot top-k, over :data:`SEARCH_GRID`."""
-    t = ws.read(table, columns=["id", "mean_hidden"])
-    ids = np.asarray(t.column("id").to_pylist(), dtype=object)
-    x = _pooled(t)
-    s = queries @ x.T
-    truth = [set(ids[r]) for r in np.argpartition(-s, k, axis=1)[:, :k]]
-    del t, x, s
-    t0 = time.perf_counter()
-    ws.create_vector_index(table, "mean_hidden", metric="dot", index_type="IVF_PQ")
-    out: dict = {"build_s": time.perf_counter() - t0, "grid": []}
-    for nprobes, refine in SEARCH_GRID:
-        times, recalls = [], []
-        for qi, q in enumerate(queries):
-            t0 = time.perf_counter()
-            r = ws.search(table, "mean_hidden", q, k, metric="dot", columns=["id"], nprobes=nprobes,
-                          refine_factor=refine)
-            times.append(time.perf_counter() - t0)
-            recalls.append(len(truth[qi] & set(r.column("id").to_pylist())) / k)
-        out["grid"].append({"nprobes": nprobes, "refine_factor": refine, "ms_per_q": 1000 * float(np.mean(times)),
-                            f"recall@{k}": float(np.mean(recalls))})
-        log(f"search {out['grid'][-1]}")
-    return out
-
-
 def _exponents(rows: list[dict], keys: list[str]) -> list[dict]:
     """Per step ``N_i → N_{i+1}``: ``log(y_{i+1}/y_i) / log(N_{i+1}/N_i)`` of each key."""
     out = []
@@ -1035,13 +946,13 @@ def print_key_reads(res: dict) -> None:
 
 
 GROWTH_KEYS = ["write_s", "reads_scan_take_s", "reads_in_2000_s", "reads_isin_scan_s", "reads_btree_in_s",
-               "stream_mean_s", "search_build_s", "peak_rss_mb"]
+               "stream_mean_s", "peak_rss_mb"]
 
 
 def bench_storage(settings: Settings, real: pa.Table, sizes: list[int], work: Path, max_disk_gb: float,
-                  read_budget_s: float, search_max_n: int) -> dict:
-    """Per N: write synthetic features, read every id four ways, the streaming mean, vector search
-    settings (up to ``search_max_n``), with time and peak RSS per step and fitted growth exponents."""
+                  read_budget_s: float) -> dict:
+    """Per N: write synthetic features, read every id four ways, the streaming mean, with time and peak RSS
+    per step and fitted growth exponents."""
     ex = settings.extract
     vocab, hidden = 49152, 576
     width = ex.hidden_dim or hidden
@@ -1051,7 +962,6 @@ def bench_storage(settings: Settings, real: pa.Table, sizes: list[int], work: Pa
     fp_v = _fp("valid-storage")
     vids = write_synthetic(ws, gen, fp_v, 1000, 5000, "valid")["ids"]
     vm = _csr(ws, fp_v, vids, vocab, width)
-    queries = _pooled(fstore.read_features(ws, fp_v, vids[:100], ["id", "mean_hidden"]))
     rng = np.random.default_rng(3)
     res: dict = {"sizes": [], "read_call_ids": READ_CALL, "read_budget_s": read_budget_s}
     per_sample = None
@@ -1080,9 +990,6 @@ def bench_storage(settings: Settings, real: pa.Table, sizes: list[int], work: Pa
         row["reads"] = rd
         for m in ("scan_take", "in_2000", "isin_scan", "btree_in"):
             row[f"reads_{m}_s"] = rd[f"{m}_all"]["s"]
-        if n <= search_max_n:
-            row["search"] = bench_search(ws, table, queries)
-            row["search_build_s"] = row["search"]["build_s"]
         row["peak_rss_mb"] = hwm_mb()
         res["sizes"].append(row)
         ws.drop(table)
@@ -1113,13 +1020,6 @@ def print_storage(res: dict) -> None:
               f"{r['stream_mean']['s']:.1f} | {r['stream_mean']['scan_only_s']:.1f}, "
               f"{r['stream_mean']['scan_mb_per_s']:.0f} | "
               f"{d.get('direct_mb_per_s') or 0:.0f} / {d.get('buffered_mb_per_s') or 0:.0f} | {r['peak_rss_mb']:.0f} |")
-    for r in done:
-        if "search" in r:
-            print(f"\nIVF_PQ (dot) at N={r['n']:,}, built in {r['search']['build_s']:.1f} s; 100 queries, k=10")
-            print("| nprobes | refine_factor | ms/query | recall@10 |\n|---|---|---|---|")
-            for g in r["search"]["grid"]:
-                print(f"| {g['nprobes'] or 'default'} | {g['refine_factor'] or 'none'} | {g['ms_per_q']:.1f} | "
-                      f"{g['recall@10']:.3f} |")
     if res.get("growth"):
         keys = [k for k in GROWTH_KEYS if any(k in g for g in res["growth"])]
         print("\ngrowth exponents per step (time ∝ N^b)")
@@ -1634,7 +1534,7 @@ def print_layout(res: dict) -> None:
 # quantities that touch every row: never extrapolated below linear growth (noise can make the measured
 # exponent < 1, e.g. a fixed-size IVF training sample dominating the index build at these sizes)
 _AT_LEAST_LINEAR = ("disk_bytes", "write_s", "mean_read_s", "mean_matrix_s", "mean_aggregate_s",
-                    "nearest_extrapolated_s", "vs_bf_read_s", "vs_bf_batch_s", "vs_flat_ms_per_q", "vs_build_s")
+                    "nearest_extrapolated_s")
 
 
 def project(rows: list[dict], target: int, max_disk_gb: float | None = None) -> dict:
@@ -1646,9 +1546,8 @@ def project(rows: list[dict], target: int, max_disk_gb: float | None = None) -> 
          if isinstance(done[-1][k], (int, float)) and not isinstance(done[-1][k], bool)}
     out: dict = {"n": target, "measured_up_to": int(n[-1]),
                  "method": "power law through the two largest sizes, exponent at least 1 for what touches "
-                           "every row; per-query index search times as measured"}
-    for key in (*_AT_LEAST_LINEAR, "vs_ivf_ms_per_q", "vs_ivf_refine10_ms_per_q", "vs_ivf_np64_refine10_ms_per_q",
-                "vs_ivf_np128_refine20_ms_per_q"):
+                           "every row"}
+    for key in _AT_LEAST_LINEAR:
         if key in g and np.isfinite(g[key]).all():
             v, b = _power(n, g[key], target)
             if key in _AT_LEAST_LINEAR and b < 1.0:
@@ -1663,11 +1562,6 @@ def project(rows: list[dict], target: int, max_disk_gb: float | None = None) -> 
     if bpn:
         out["mean_one_piece_mb"] = bpn * nnz_per_sample * target / 2**20
     out["nearest_matrix_gb"] = done[-1]["nearest_matrix_gb"] * target / done[-1]["n"]
-    if "vs_flat_ms_per_q" in out and "vs_build_s" in out:
-        for cfg in ("ivf", "ivf_refine10", "ivf_np64_refine10", "ivf_np128_refine20"):
-            if f"vs_{cfg}_ms_per_q" in out:
-                saved = (out["vs_flat_ms_per_q"] - out[f"vs_{cfg}_ms_per_q"]) / 1000
-                out[f"{cfg}_breakeven_queries"] = out["vs_build_s"] / saved if saved > 0 else float("inf")
     return out
 
 
@@ -1687,7 +1581,6 @@ def main() -> None:
     ap.add_argument("--storage-sizes", default="10000,100000", help="comma-separated N of the storage section")
     ap.add_argument("--read-budget-s", type=float, default=60.0,
                     help="storage: seconds per read method and size before extrapolating the rest")
-    ap.add_argument("--search-max-n", type=int, default=100000, help="storage: the search sweep up to this N")
     ap.add_argument("--key-read-sizes", default="100000,1000000",
                     help="storage: N of the thin-row reads by id (empty: skip)")
     ap.add_argument("--real-cache", type=Path, default=None,
@@ -1751,8 +1644,7 @@ def main() -> None:
             if key_sizes:
                 out["key_reads"] = bench_key_reads(work, key_sizes, a.read_budget_s)
             if sizes:
-                out["storage"] = bench_storage(settings, real, sizes, work, a.max_disk_gb, a.read_budget_s,
-                                               a.search_max_n)
+                out["storage"] = bench_storage(settings, real, sizes, work, a.max_disk_gb, a.read_budget_s)
         if a.only in (None, "scale"):
             sizes = [int(s) for s in a.scale_sizes.split(",") if s.strip()]
             if a.quick:

@@ -93,19 +93,6 @@ def print_store_tables(out: dict) -> None:
                            "mean_aggregate_s", "mean_total_s", "mean_rss_delta_mb", "mean_one_piece_projected_mb",
                            "nearest_rows", "nearest_compute_s", "nearest_extrapolated_s", "nearest_matrix_gb"],
                     f"\nscale: scoring against {sc.get('n_valid')} synthetic validation rows"))
-        print(table(done, ["n", "vs_bf_read_s", "vs_bf_batch_ms_per_q", "vs_bf_loop_ms_per_q", "vs_flat_ms_per_q",
-                           "vs_flat_recall", "vs_flat_queries", "vs_build_s"],
-                    "\nscale: top-10 dot search on pooled_hidden, 100 validation queries: numpy brute force "
-                    "(read once; batched / one query at a time), LanceDB without an index, IVF_PQ build"))
-        cfgs = [("ivf", "IVF_PQ defaults"), ("ivf_refine10", "refine_factor=10"),
-                ("ivf_np64_refine10", "nprobes=64, refine_factor=10"),
-                ("ivf_np128_refine20", "nprobes=128, refine_factor=20")]
-        rows = [{"n": r["n"], "search": label, "ms_per_q": r.get(f"vs_{c}_ms_per_q"),
-                 "recall@10": r.get(f"vs_{c}_recall"), "flat_ms_per_q": r.get("vs_flat_ms_per_q"),
-                 "build_s": r.get("vs_build_s"), "breakeven_queries": r.get(f"vs_{c}_breakeven_queries")}
-                for r in done for c, label in cfgs if f"vs_{c}_ms_per_q" in r]
-        print(table(rows, ["n", "search", "ms_per_q", "recall@10", "flat_ms_per_q", "build_s", "breakeven_queries"],
-                    "\nscale: with the IVF_PQ index (dot); break-even = build_s / (flat - indexed) seconds per query"))
         p = sc.get("projection_1m") or {}
         if p:
             print(f"\nprojection to {p['n']:,} samples (NOT measured: {p['method']}; measured up to "

@@ -201,11 +201,12 @@ def test_ifd_keeps_the_highest_ifd_below_one():
     assert _kept("ifd", fraction=0.5) == ["b", "e", "f"]
     # a budget larger than the eligible samples keeps all of them, never one at IFD >= 1 or without IFD
     assert _kept("ifd", fraction=1.0) == ["a", "b", "e", "f"]
-    out = select_samples(FRAME, SelectSettings(policy="ifd", fraction=0.5))
+    cfg = SelectSettings(policy="ifd", fraction=0.5)
+    out = select_samples(FRAME, cfg)
     why = dict(zip(out["id"], out["reason"], strict=True))
     assert why["c"].startswith("ifd 1.2 >= 1") and why["d"].startswith("no ifd")
     assert why["a"].startswith("not in the top 50% by ifd") and why["f"] == ""
-    assert dropped_reason_counts(out) == {"ifd >= 1 (the prompt does not help)": 1,
+    assert dropped_reason_counts(out, cfg) == {"ifd >= 1 (the prompt does not help)": 1,
                                           "no ifd (no prompt)": 1, "not in the top 50% by ifd": 1}
 
 

@@ -87,33 +87,6 @@ def test_read_by_key_sees_a_write_of_another_workspace_handle(ws):
     assert sorted(got["id"].to_pylist()) == ["s0012", "s0501"]
 
 
-def test_vector_search_is_dot_with_and_without_the_index(ws):
-    """Without an index the search is exact dot; the index maybe_index_features builds must give the
-    same top-k (it built a cosine index before, so the indexed search ranked by cosine)."""
-    rng = np.random.default_rng(2)
-    _table(ws, rng, 300)
-    t = fstore.read_features(ws, FP, columns=["id", "mean_hidden"])
-    x = t["mean_hidden"].combine_chunks().values.to_numpy().reshape(-1, HIDDEN)
-    ids = np.array(t["id"].to_pylist())
-    queries = rng.normal(size=(5, HIDDEN)).astype(np.float32)
-    truth = [list(ids[np.argsort(-(x @ q), kind="stable")[:10]]) for q in queries]
-    assert [fstore.search_features(ws, FP, q, 10, columns=["id"])["id"].to_pylist() for q in queries] == truth
-    assert fstore.maybe_index_features(ws, FP, min_rows=256)
-    table = schemas.features_table(FP)
-    assert ws.vector_index_metric(table, "mean_hidden") == fstore.SEARCH_METRIC == "dot"
-    assert [ws.search(table, "mean_hidden", q, 10, columns=["id"])["id"].to_pylist() for q in queries] == truth
-    assert [fstore.search_features(ws, FP, q, 10, columns=["id"])["id"].to_pylist() for q in queries] == truth
-
-
-def test_a_cosine_index_of_an_older_valuegate_is_rebuilt_as_dot(ws):
-    rng = np.random.default_rng(3)
-    table = _table(ws, rng, 300)
-    ws.create_vector_index(table, "mean_hidden", metric="cosine")  # what maybe_index_features built before
-    assert fstore.maybe_index_features(ws, FP, min_rows=256)  # not stale, but the wrong metric
-    assert ws.vector_index_metric(table, "mean_hidden") == "dot"
-    assert not fstore.maybe_index_features(ws, FP, min_rows=256)
-
-
 def test_a_streaming_scan_yields_every_row_once_and_its_product_is_the_csr_mean(ws):
     from valuegate.engine.aggregate import block_inner_products
 

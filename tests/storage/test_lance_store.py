@@ -11,17 +11,14 @@ import uuid
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-import numpy as np
 import pyarrow as pa
 import pytest
 
 from valuegate.errors import ValuegateError
 from valuegate.storage.lance import (
-    DISTANCE_COLUMN,
     RetryPolicy,
     Workspace,
     classify_error,
-    min_rows_for_index,
     primary_key,
     sql_in,
     sql_str,
@@ -34,10 +31,6 @@ SCHEMA = pa.schema(
         pa.field("value", pa.float64()),
     ]
 )
-DIM = 32
-VEC_SCHEMA = pa.schema(
-    [pa.field("id", pa.string(), nullable=False), pa.field("vec", pa.list_(pa.float32(), DIM))]
-)
 FAST_RETRY = RetryPolicy(attempts=8, base_delay_s=0.01, max_delay_s=0.2)
 
 
@@ -46,11 +39,6 @@ def rows(ids, group="g", value=1.0) -> pa.Table:
     return pa.table(
         {"id": ids, "group": [group] * len(ids), "value": [float(value)] * len(ids)}, schema=SCHEMA
     )
-
-
-def vectors(ids, x: np.ndarray) -> pa.Table:
-    flat = pa.array(np.ascontiguousarray(x, dtype=np.float32).ravel())
-    return pa.table({"id": list(ids), "vec": pa.FixedSizeListArray.from_arrays(flat, DIM)}, schema=VEC_SCHEMA)
 
 
 @pytest.fixture(params=["local", "s3"])
@@ -299,70 +287,6 @@ def test_appends_racing_an_overwrite_are_retried(ws_args, writers):
     assert len(ids) == len(set(ids))
     assert set(_batch_ids("overwrite", 0, N_COMMITS - 1)) <= set(ids)  # the last overwrite is there
     print(_report(uri, f"{N_PROCS - 1} appenders racing 1 overwriter", results, elapsed))
-
-
-# ------------------------------------------------------------------------------------------ vectors
-
-
-def _planted(n: int, seed: int) -> tuple[np.ndarray, np.ndarray, int]:
-    """``n`` random vectors and a query whose largest dot product is, by a wide margin, row ``j``."""
-    rng = np.random.default_rng(seed)
-    x = rng.standard_normal((n, DIM)).astype(np.float32)
-    q = rng.standard_normal(DIM).astype(np.float32)
-    j = int(rng.integers(n))
-    x[j] = 3.0 * q  # x_j·q = 3|q|² ≈ 96; the others ~ N(0, |q|²), max ≈ 4|q| ≈ 23
-    return x, q, j
-
-
-def test_vector_index_and_search(ws):
-    n = 3000
-    x, q, j = _planted(n, seed=0)
-    ws.append("emb", vectors([f"r{i}" for i in range(n)], x), VEC_SCHEMA)
-    assert not ws.has_vector_index("emb", "vec")
-
-    exact = ws.search("emb", "vec", q, k=5)  # no index: exact scan, dot metric
-    assert exact["id"][0].as_py() == f"r{j}"
-    top = np.argsort(-(x @ q))[:5]
-    assert exact["id"].to_pylist() == [f"r{i}" for i in top]
-    np.testing.assert_allclose(exact[DISTANCE_COLUMN].to_numpy(), 1.0 - (x @ q)[top], rtol=1e-4, atol=1e-3)
-
-    ws.create_vector_index("emb", "vec", metric="dot")
-    assert ws.has_vector_index("emb", "vec") and ws.vector_index_metric("emb", "vec") == "dot"
-    hit = ws.search("emb", "vec", q, k=3, nprobes=8)
-    assert hit.num_rows == 3 and hit["id"][0].as_py() == f"r{j}"
-    assert DISTANCE_COLUMN in hit.column_names
-    assert np.all(np.diff(hit[DISTANCE_COLUMN].to_numpy()) >= 0)
-
-    filtered = ws.search("emb", "vec", q, k=3, where=f"id != 'r{j}'", columns=["id"])
-    assert f"r{j}" not in filtered["id"].to_pylist() and filtered.column_names == ["id", DISTANCE_COLUMN]
-
-    # rows appended after the index are still found (brute force over the unindexed part)
-    ws.append("emb", vectors(["late"], (4.0 * q)[None, :]), VEC_SCHEMA)
-    assert ws.search("emb", "vec", q, k=1)["id"].to_pylist() == ["late"]
-
-    with pytest.raises(ValuegateError, match="shape"):
-        ws.search("emb", "vec", np.ones(DIM + 1), k=1)
-    with pytest.raises(ValuegateError, match="must divide"):
-        ws.create_vector_index("emb", "vec", num_sub_vectors=5)
-
-
-def test_vector_index_needs_enough_rows(ws):
-    need = min_rows_for_index("IVF_PQ")
-    assert need == 256
-    x, q, j = _planted(need - 1, seed=1)
-    ws.append("small", vectors([f"r{i}" for i in range(need - 1)], x), VEC_SCHEMA)
-    with pytest.raises(ValuegateError, match=rf"has {need - 1} rows; a IVF_PQ index needs at least {need}"):
-        ws.create_vector_index("small", "vec")
-    assert not ws.has_vector_index("small", "vec")
-    assert ws.search("small", "vec", q, k=1)["id"].to_pylist() == [f"r{j}"]  # exact search works anyway
-
-    ws.create_vector_index("small", "vec", index_type="IVF_FLAT")  # trains on any number of rows
-    assert ws.has_vector_index("small", "vec")
-    assert ws.search("small", "vec", q, k=1)["id"].to_pylist() == [f"r{j}"]
-
-    ws.append("novec", rows(["a"]), SCHEMA)
-    with pytest.raises(ValuegateError, match="fixed-size list"):
-        ws.create_vector_index("novec", "value")
 
 
 # ------------------------------------------------------------------- helpers (no object store needed)

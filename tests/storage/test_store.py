@@ -319,26 +319,3 @@ def test_mean_through_one_vector_equals_mean_of_the_pairwise_matrix(how):
     full = ValueMatrix((tm @ vm.T).toarray(), t_self, v_self, t_tok, v_tok, np.zeros(30))
     np.testing.assert_allclose(mean_aggregate(tm, vm, t_self, v_self, t_tok, v_tok, how),
                                normalize(full, how).mean(1), rtol=1e-10, atol=1e-12)
-
-
-def test_vector_index_is_built_past_the_threshold_and_rebuilt_when_stale(ws):
-    rng = np.random.default_rng(1)
-    fp = "f" * 64
-    fstore.ensure_feature_set(ws, fp, {"x": 1}, hidden_size=8, vocab_size=10, row_width=2, error_dim=1)
-
-    def rows(n, start):
-        return [{"id": f"s{start + i}", "token_ids": np.array([1], np.int32), "rows": np.zeros(2, np.float32),
-                 "n_tokens": 1, "mean_loss": 0.0, "dropped_mass": 0.0, "self_influence": 0.0,
-                 "mean_hidden": rng.normal(size=8).astype(np.float32), "pooled_error": np.zeros(1, np.float32),
-                 "error_sum": np.zeros(1, np.float32), "batch": 0, "seconds": 0.0} for i in range(n)]
-
-    fstore.write_features(ws, fp, rows(300, 0), 8, 1)
-    table = schemas.features_table(fp)
-    assert not fstore.maybe_index_features(ws, fp, min_rows=400)
-    assert fstore.maybe_index_features(ws, fp, min_rows=256)
-    assert ws.indexed_rows(table, "mean_hidden") == 300
-    fstore.write_features(ws, fp, rows(30, 300), 8, 1)
-    assert not fstore.maybe_index_features(ws, fp, min_rows=256)  # 30 of 330 unindexed: not stale yet
-    fstore.write_features(ws, fp, rows(100, 330), 8, 1)
-    assert fstore.maybe_index_features(ws, fp, min_rows=256)
-    assert ws.indexed_rows(table, "mean_hidden") == 430

@@ -35,13 +35,14 @@ def test_each_policy_keeps_what_it_says():
 def test_suspect_reason_says_the_fault_in_words_and_as_a_code():
     from valuegate.tasks.select import dropped_reason_counts
 
-    out = select_samples(SCORED, SelectSettings(policy="suspect", suspect_threshold=3.0))
+    cfg = SelectSettings(policy="suspect", suspect_threshold=3.0)
+    out = select_samples(SCORED, cfg)
     assert out["reason"][1] == "the answer has words that make no sense (garbled: suspect 5 > 3)"
     assert out["reason"][3] == "the answer stops before it is finished (cut: suspect 3.1 > 3)"
     assert out["reason"][0] == "" and out["reason_code"].to_list() == ["", "garbled", "", "cut", "suspect"]
     # a row without a score is dropped, never silently kept, with a code of its own
     assert out["reason"][4].endswith("(suspect: suspect inf > 3)")
-    assert dropped_reason_counts(out) == {"cut: the answer stops before it is finished": 1,
+    assert dropped_reason_counts(out, cfg) == {"cut: the answer stops before it is finished": 1,
                                           "garbled: the answer has words that make no sense": 1,
                                           "suspect: unlike the validation set": 1}
 
@@ -94,3 +95,27 @@ def test_a_group_by_column_the_data_lacks_is_refused_before_extraction(tmp_path)
     with pytest.raises(ValuegateError, match=r"select.group_by = 'familly': no row of dataset 'd' has that column "
                                              r"\(its columns: .*family, tag\)"):
         check_group_by(settings("familly"))
+
+
+def test_reason_kinds_come_from_the_codes_never_from_the_words():
+    """A reason is data (valuegate.reasons): the counts are rendered from ``reason_code`` and the policy, so
+    words that say something else do not change them; the words are the same reason with the numbers."""
+    from valuegate.reasons import Reason
+    from valuegate.tasks.select import dropped_reason_counts
+
+    for kw, want in (({"policy": "drop_negative"}, {"value < 0"}),
+                     ({"policy": "threshold", "threshold": 0.1}, {"value < threshold 0.1"}),
+                     ({"policy": "top_fraction", "fraction": 0.4}, {"not in the top 40%"}),
+                     ({"policy": "random", "fraction": 0.4}, {"not in the random 40%"}),
+                     ({"policy": "suspect", "suspect_threshold": 3.0},
+                      {"cut: the answer stops before it is finished", "suspect: unlike the validation set",
+                       "garbled: the answer has words that make no sense"})):
+        cfg = SelectSettings(**kw)
+        out = select_samples(SCORED, cfg)
+        counts = dropped_reason_counts(out, cfg)
+        assert set(counts) == want, (kw, counts)
+        assert dropped_reason_counts(out.with_columns(pl.lit("something else").alias("reason")), cfg) == counts
+        assert dropped_reason_counts(out, cfg.model_dump(mode="json")) == counts  # a manifest's policy
+        assert dropped_reason_counts(out, {"policy": cfg.policy, **kw}) == counts  # one that lacks the others
+    assert Reason("negative_value", {"value": -0.25}).words() == "value -0.25 < 0"
+    assert Reason("negative_value", {"value": -0.25}).kind() == "value < 0"

@@ -39,3 +39,30 @@ def test_nothing_else_in_tasks_is_a_module():
     modules = {HELPERS.get(s, s.replace("-", "_")) for s in steps}
     extra = sorted(p.stem for p in (REPO / "tasks").glob("*.py") if p.stem != "__init__" and p.stem not in modules)
     assert not extra, f"tasks/ holds modules that are no step: {extra}"
+
+
+def test_a_step_after_scoring_says_so_in_its_own_module(tmp_path):
+    """Issue 30: a new post-scoring step is one file (``AFTER_SCORING = True`` in it) plus its registration in
+    the flow; no list in flows/ names it. A toy step module is picked up: editing it leaves the cached steps'
+    code fingerprint as it was, while editing a module that does not declare it changes the fingerprint."""
+    from valuegate.flows import after_scoring, fingerprint_of
+
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    (tasks / "score.py").write_text("def run(settings):\n    return 1\n")
+    toy = tasks / "toy_step.py"
+    toy.write_text('"""A toy step after scoring."""\n\nAFTER_SCORING = True\n\n\ndef run(settings):\n    return 1\n')
+    before = fingerprint_of([("tasks", [tasks])])
+    toy.write_text(toy.read_text() + "\n\ndef more():\n    return 2\n")
+    assert after_scoring(toy) and fingerprint_of([("tasks", [tasks])]) == before
+    (tasks / "score.py").write_text("def run(settings):\n    return 2\n")
+    assert fingerprint_of([("tasks", [tasks])]) != before
+    # a mention that is not the top-level declaration (False, a comment, a nested name) does not count
+    for text in ("AFTER_SCORING = False\n", "# AFTER_SCORING = True\n", "def f():\n    AFTER_SCORING = True\n"):
+        toy.write_text(text)
+        assert not after_scoring(toy), text
+    # the steps after scoring and what only they use declare it (no hidden list in flows/__init__.py)
+    declared = {f"{p.parent.name}/{p.name}" for room in ("tasks", "storage", "valuegate/engine")
+                for p in (REPO / room).glob("*.py") if after_scoring(p)}
+    assert declared == {"tasks/select.py", "tasks/allocate.py", "tasks/gate.py", "tasks/release.py",
+                        "tasks/report.py", "tasks/promote.py", "engine/explain.py", "storage/releases.py"}

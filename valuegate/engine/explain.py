@@ -25,6 +25,10 @@ from valuegate.engine.model import LoadedModel, encode_sample
 from valuegate.engine.sample import Sample
 from valuegate.settings import ExtractSettings
 
+# only the steps after scoring run this module: it stays out of the cached steps' code fingerprint
+# (valuegate.flows.after_scoring)
+AFTER_SCORING = True
+
 __all__ = ["TokenContributions", "mean_rows", "token_contributions"]
 
 

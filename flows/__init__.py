@@ -139,16 +139,19 @@ def fingerprint_of(rooms: Iterable[tuple[str, Iterable[Path]]]) -> str:
 
 @functools.lru_cache(maxsize=1)
 def code_fingerprint() -> str:
-    """sha256 over the source files of ``valuegate.tasks``, ``valuegate.storage`` and ``valuegate.engine``
-    (the scoring math) but the modules declaring ``AFTER_SCORING = True`` (:func:`fingerprint_of`): a cached
-    result is never reused by code that would compute it differently (a new module counts unless it says it
-    runs after scoring)."""
+    """sha256 over the source files of ``valuegate.tasks``, ``valuegate.storage``, ``valuegate.engine`` (the
+    scoring math) and ``valuegate.inputs`` (the readers and row checks that decide what ingest keeps and each
+    sample's id) but the modules declaring ``AFTER_SCORING = True`` (:func:`fingerprint_of`): a cached result
+    is never reused by code that would compute it differently (a new module counts unless it says it runs
+    after scoring)."""
     import valuegate.engine
+    import valuegate.inputs
     import valuegate.storage
     import valuegate.tasks
 
     return fingerprint_of((room, pkg.__path__) for room, pkg in (
-        ("tasks", valuegate.tasks), ("storage", valuegate.storage), ("engine", valuegate.engine)))
+        ("tasks", valuegate.tasks), ("storage", valuegate.storage), ("engine", valuegate.engine),
+        ("inputs", valuegate.inputs)))
 
 
 def files_stat(path: str | None) -> list[tuple[str, int, int]] | None:

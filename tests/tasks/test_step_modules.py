@@ -66,3 +66,24 @@ def test_a_step_after_scoring_says_so_in_its_own_module(tmp_path):
                 for p in (REPO / room).glob("*.py") if after_scoring(p)}
     assert declared == {"tasks/select.py", "tasks/allocate.py", "tasks/gate.py", "tasks/release.py",
                         "tasks/report.py", "tasks/promote.py", "engine/explain.py", "storage/releases.py"}
+
+
+def test_the_code_fingerprint_covers_the_row_checks(monkeypatch, tmp_path):
+    """The readers, row checks and sample ids (valuegate/inputs/) decide what ingest keeps and under which id:
+    a change there must not reuse a cached ingest or extraction. The fingerprint reads every room's files."""
+    import valuegate.inputs
+    from valuegate import flows
+
+    copy = tmp_path / "inputs"
+    copy.mkdir()
+    for p in Path(valuegate.inputs.__path__[0]).glob("*.py"):
+        (copy / p.name).write_text(p.read_text())
+    flows.code_fingerprint.cache_clear()
+    monkeypatch.setattr(valuegate.inputs, "__path__", [str(copy)])
+    before = flows.code_fingerprint()
+    (copy / "rows.py").write_text((copy / "rows.py").read_text() + "\n# a changed row check\n")
+    flows.code_fingerprint.cache_clear()
+    try:
+        assert flows.code_fingerprint() != before
+    finally:
+        flows.code_fingerprint.cache_clear()

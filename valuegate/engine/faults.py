@@ -36,7 +36,9 @@ heavier tails than a normal on some statistics), so that at the default threshol
 same small share of clean rows whatever its tails. The pool's training rows set the *location* (the
 neighbours' median, which a broken share does not move) but not the spread: a quarter of them broken, of any
 kind (junk also raises IFD), would inflate it and shrink every score. ``suspect`` is the largest calibrated detector score, ``fault`` the detector that gives it, and
-``suspect_reason`` its sentence.
+``suspect_reason`` its sentence. Other combinations (sum, Fisher's, Bonferroni's), locations (the pool's median,
+shrunk neighbourhoods, a trimmed pool), calibration scales and a length weighting were measured and chosen
+leave-one-set-out; none beat this one on the set it was not chosen on (``tests/benchmarks/bench_faults_variants``).
 
 What the default model cannot perceive: a wrong final number in a worked answer changes one token the 135M
 model barely predicts either way; no detector here sees it (docs/benchmarks.md, "Fault detection (issue 27)").

@@ -1,0 +1,252 @@
+"""Alternatives to the fault detectors' reference, calibration and combination, chosen leave-one-set-out
+(issue 27, the cells where a one-line baseline still wins).
+
+    .venv/bin/python -m tests.benchmarks.bench_faults_variants [--out bench-results]
+
+Reads only what ``bench_faults`` cached and wrote (``<out>/faults-scores-*.parquet``, ``<out>/faults.json``: run
+that first, with the sizes of docs/benchmarks.md); no forward pass. Each variant recomputes ``suspect`` from the
+cached inputs with :mod:`valuegate.engine.faults`' own pieces (neighbours, robust spread) and changes one thing:
+
+- **combination** of the calibrated scores (the default: the largest): sum, root-sum-square, the two largest,
+  a soft maximum, Fisher's and Bonferroni's combination of one-sided normal p-values; each re-calibrated on the
+  validation rows' own combined score so that the threshold keeps its meaning;
+- **location** of a row's reference: the pool's median (``global``), the neighbours' median shrunk toward it
+  by a fixed weight, or by a slope fitted on the validation rows (``beta``, ``theil``), or whichever gives the
+  validation rows the smaller spread (``choose``); for ``garbled`` alone;
+- **trimming**: a second pass whose neighbourhoods leave out the pool's training rows scored above ``t``;
+- **calibration scale**: from the whole pool (training rows too, robust upper quantiles) or from the
+  validation rows at other quantiles;
+- **length**: a deviation of a mean over a row's tokens times ``sqrt(n_tokens / median)`` (its sampling noise
+  falls as ``1/sqrt(n)``; the clean rows that outrank broken ones are mostly short answers).
+
+A variant is *admissible* on a set when it drops at most 3% of a real set's clean rows (10% of the demo's) and,
+on the DataInf zoo, has no lower recall at the threshold than the default. Leave-one-set-out: for each set,
+the admissible variant (on the other five) with the fewest missed cells on the other five is chosen and
+scored on the held-out set. Cells of fewer than 5 broken rows are not counted. Prints the table per variant
+and the choice per fold; writes ``<out>/faults-variants.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from statistics import NormalDist
+
+import numpy as np
+import polars as pl
+from scipy.stats import chi2, norm
+
+from tests.benchmarks.bench_faults import auc, with_text_inputs
+from valuegate.engine import faults as F
+
+CODES = ["mismatch", "echo", "garbled", "cut"]
+BASELINES = ("perplexity", "ifd", "rds_mean", "rds_max", "length")
+Q = 0.9  # the default calibration quantile (faults.CALIBRATION_QUANTILE)
+
+
+def load(out: Path) -> tuple[dict, dict]:
+    ref = {d["key"]: d for d in json.loads((out / "faults.json").read_text())["sets"]}
+    sets = {}
+    for key in ref:
+        df = with_text_inputs(pl.read_parquet(out / f"faults-scores-{key}.parquet"))
+        tr, va = df.filter(pl.col("role") == "train"), df.filter(pl.col("role") == "valid")
+        names = [c[3:] for c in df.columns if c.startswith("in_")]
+
+        def side(t: pl.DataFrame, names=names) -> tuple[dict, np.ndarray]:
+            return ({n: t[f"in_{n}"].to_numpy().astype(np.float64) for n in names},
+                    np.array(t["hidden"].to_list(), dtype=np.float64))
+
+        (ti, th), (vi, vh) = side(tr), side(va)
+        sets[key] = {"ti": ti, "th": th, "vi": vi, "vh": vh, "cor": tr["corruption"].fill_null("").to_numpy()}
+    return sets, ref
+
+
+def deviations(s: dict, loc: float | str | dict = 1.0, trim: float | None = None, k: int = 100,
+               pool_size: int = 2000, length: tuple = ()) -> tuple[dict, np.ndarray]:
+    """code → {"pool": the pool rows' leave-one-out deviations, "train": the training rows'}, and the trusted
+    (validation) mask of the pool. ``loc``: the weight of the neighbours' median against the pool's median
+    (1: the default), a rule name, or code → weight."""
+    ti, th, vi, vh = s["ti"], s["th"], s["vi"], s["vh"]
+    n = len(th)
+    pool = F.pool_sample(n, pool_size)
+    pin = {c: np.concatenate([ti[c][pool], vi[c]]) for c in sorted(set(ti) & set(vi))}
+    ph = np.concatenate([th[pool], vh])
+    trusted = np.r_[np.zeros(len(pool), bool), np.ones(len(vh), bool)]
+    centre = ph.mean(0)
+    pu, tu = F._unit_rows(ph, centre), F._unit_rows(th, centre)
+    ps, ts = F.statistics(pin, CODES), F.statistics(ti, CODES)
+    pool_pos = np.full(n, -1)
+    pool_pos[pool] = np.arange(len(pool))
+    keep = np.ones(len(ph), bool)
+    for rnd in range(2 if trim else 1):
+        idx = np.flatnonzero(keep)
+        own = np.full(len(ph), -1)
+        own[idx] = np.arange(len(idx))
+        nbp = idx[F._neighbours(pu, pu[idx], k, own)]
+        nbt = idx[F._neighbours(tu, pu[idx], k, np.where(pool_pos >= 0, own[np.maximum(pool_pos, 0)], -1))]
+        out = {}
+        for c in CODES:
+            g = float(np.nanmedian(ps[c]))
+            lp, lt = F._location(ps[c], nbp), F._location(ps[c], nbt)
+            b = _weight(loc, c, ps[c][trusted] - g, lp[trusted] - g)
+            out[c] = {"pool": ps[c] - (g + b * (lp - g)), "train": ts[c] - (g + b * (lt - g))}
+            if c in length:  # a mean over n tokens: its noise falls as 1/sqrt(n)
+                n_med = float(np.median(pin["n_tokens"]))
+                out[c]["pool"] = out[c]["pool"] * np.sqrt(np.maximum(pin["n_tokens"], 1) / n_med)
+                out[c]["train"] = out[c]["train"] * np.sqrt(np.maximum(ti["n_tokens"], 1) / n_med)
+        if trim and rnd == 0:
+            zmax = np.zeros(len(ph))
+            for c in CODES:
+                off, sc, tail = _calibration(out[c]["pool"][trusted], c)
+                zmax = np.maximum(zmax, np.nan_to_num((out[c]["pool"] - off) / sc / tail, nan=0.0))
+            keep = trusted | (zmax <= trim)
+    return out, trusted
+
+
+def _weight(loc, code: str, y: np.ndarray, x: np.ndarray) -> float:
+    if isinstance(loc, dict):
+        return float(loc.get(code, 1.0))
+    if not isinstance(loc, str):
+        return float(loc)
+    ok = np.isfinite(x) & np.isfinite(y)
+    x, y = x[ok], y[ok]
+    if loc == "beta":
+        return float(np.clip((x * y).sum() / max((x * x).sum(), 1e-12), 0, 1))
+    if loc == "choose":
+        return 1.0 if F._spread(y - x) < F._spread(y) else 0.0
+    slopes = [(y[i] - y[j]) / (x[i] - x[j]) for i in range(len(x)) for j in range(i) if abs(x[i] - x[j]) > 1e-9]
+    return float(np.clip(np.median(slopes), 0, 1)) if slopes else 0.0  # theil
+
+
+def _calibration(dev: np.ndarray, code: str, q: float = Q) -> tuple[float, float, float]:
+    """(offset, spread, tail) as FaultReference.build reads them from clean deviations."""
+    dev = dev[np.isfinite(dev)]
+    off = float(np.median(dev))
+    sc = max(F._spread(dev - off), F.DETECTORS[code].min_spread) if code else F._spread(dev - off)
+    z = (dev - off) / sc
+    return off, sc, max(1.0, float(np.quantile(z, q)) / NormalDist().inv_cdf(q))
+
+
+def calibrated(d: dict, trusted: np.ndarray, cal: tuple | None) -> tuple[dict, dict]:
+    """code → calibrated training-row scores and validation-row scores (unclipped)."""
+    zt, zv = {}, {}
+    for c in CODES:
+        v = d[c]["pool"][trusted]
+        if cal is None:
+            off, sc, tail = _calibration(v, c)
+        else:
+            base, p = cal
+            allp = d[c]["pool"] if base == "pool" else v
+            allp = allp[np.isfinite(allp)]
+            off = float(np.median(v[np.isfinite(v)]))
+            if p < 0.85:  # an upper semi-quantile spread, no tail factor
+                sc = max((np.quantile(allp, p) - off) / NormalDist().inv_cdf(p), F.DETECTORS[c].min_spread, 1e-9)
+                tail = 1.0
+            else:
+                _, sc, tail = _calibration(allp - np.median(allp) + off, c, p)
+        zt[c], zv[c] = (d[c]["train"] - off) / sc / tail, (v - off) / sc / tail
+    return zt, zv
+
+
+def _pos(z: dict) -> np.ndarray:
+    return np.stack([np.nan_to_num(np.maximum(z[c], 0), nan=0.0) for c in CODES], 1)
+
+
+def _full(z: dict) -> np.ndarray:
+    return np.stack([np.nan_to_num(z[c], nan=0.0) for c in CODES], 1)
+
+
+COMBINE = {
+    "sum": lambda z: _pos(z).sum(1),
+    "rss": lambda z: np.sqrt((_pos(z) ** 2).sum(1)),
+    "top2": lambda z: np.sort(_pos(z), 1)[:, -2:].sum(1),
+    "softmax": lambda z: (lambda m: m.max(1) + 0.5 * np.log(np.exp((m - m.max(1, keepdims=True)) / 0.5).sum(1)))(_pos(z)),
+    "fisher": lambda z: norm.isf(chi2.sf(-2 * np.log(norm.sf(_full(z))).sum(1), 2 * len(CODES))),
+    "bonferroni": lambda z: norm.isf(np.minimum(1.0, norm.sf(_full(z)).min(1) * len(CODES))),
+}
+
+
+def suspect(s: dict, loc=1.0, trim=None, cal=None, combine=None, length=()) -> np.ndarray:
+    d, trusted = deviations(s, loc, trim, length=length)
+    zt, zv = calibrated(d, trusted, cal)
+    if combine is None:
+        return _pos(zt).max(1)
+    f = COMBINE[combine]
+    off, sc, tail = _calibration(f(zv), "")
+    return (f(zt) - off) / sc / tail
+
+
+VARIANTS: dict[str, dict] = {
+    "default (largest calibrated score)": {},
+    **{f"combine: {c}": {"combine": c} for c in COMBINE},
+    **{f"location: {m}": {"loc": m} for m in ("beta", "theil", "choose")},
+    **{f"location: neighbours weight {b}": {"loc": b} for b in (0.0, 0.25, 0.5, 0.75)},
+    **{f"location: garbled weight {b}": {"loc": {"garbled": b}} for b in (0.0, 0.25, 0.5, 0.75)},
+    **{f"trim pool rows above {t}": {"trim": t} for t in (1.5, 2.0, 3.0)},
+    "scale: pool upper quartile": {"cal": ("pool", 0.75)},
+    "scale: pool, tail q0.9": {"cal": ("pool", 0.9)},
+    "scale: validation upper quartile": {"cal": ("valid", 0.75)},
+    "length: garbled, mismatch deviations times sqrt(n / median n)": {"length": ("garbled", "mismatch")},
+    "length: garbled": {"length": ("garbled",)},
+    "length: every detector": {"length": tuple(CODES)},
+}
+
+
+def evaluate(sus: np.ndarray, s: dict, ref: dict, threshold: float) -> dict:
+    cor = s["cor"]
+    clean = cor == ""
+    out = {"drop": float((sus[clean] > threshold).mean()), "recall": float((sus[~clean] > threshold).mean()),
+           "missed": []}
+    for r in ref["rows"]:
+        if r["n"] < 5 or not r["perceivable"]:
+            continue
+        m = clean | (cor == r["corruption"])
+        a = auc(sus[m], cor[m] == r["corruption"])
+        best_any = max(r["best_signal_auc"], *[max(r[b], 1 - r[b]) for b in BASELINES if np.isfinite(r[b])])
+        if not (a >= r["best_baseline_auc"] - 0.02 and (a >= 0.95 or best_any < 0.95)):
+            out["missed"].append(f"{r['corruption']} {a:.3f}")
+    return out
+
+
+def main() -> None:
+    from valuegate.settings import load_settings
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", type=Path, default=Path("bench-results"))
+    a = ap.parse_args()
+    threshold = load_settings(None, {}).select.suspect_threshold
+    sets, ref = load(a.out)
+    res = {v: {k: evaluate(suspect(s, **kw), s, ref[k], threshold) for k, s in sets.items()}
+           for v, kw in VARIANTS.items()}
+    default = next(iter(VARIANTS))
+
+    def admissible(v: str, k: str) -> bool:
+        r = res[v][k]
+        if r["drop"] > (0.10 if k == "demo" else 0.03):
+            return False
+        return not (k.startswith(("grammars", "math")) and r["recall"] < res[default][k]["recall"] - 1e-9)
+
+    short = {k: k.split("-")[0] for k in sets}
+    print("variant | missed | " + " | ".join(f"{short[k]} missed/clean dropped/recall" for k in sets))
+    for v in VARIANTS:
+        cells = [f"{len(res[v][k]['missed'])}/{res[v][k]['drop']:.1%}/{res[v][k]['recall']:.0%}"
+                 + ("" if admissible(v, k) else " (not admissible)") for k in sets]
+        print(f"{v} | {sum(len(res[v][k]['missed']) for k in sets)} | " + " | ".join(cells))
+    folds = []
+    for held in sets:
+        rest = [k for k in sets if k != held]
+        ok = [v for v in VARIANTS if all(admissible(v, k) for k in rest)]
+        chosen = min(ok, key=lambda v: (sum(len(res[v][k]["missed"]) for k in rest), list(VARIANTS).index(v)))
+        r = res[chosen][held]
+        folds.append({"held_out": held, "chosen": chosen, "missed": r["missed"], "drop": r["drop"],
+                      "recall": r["recall"], "admissible": admissible(chosen, held),
+                      "default_missed": res[default][held]["missed"]})
+        print(f"held out {short[held]}: chosen {chosen!r}; held-out missed {r['missed']} (default "
+              f"{res[default][held]['missed']}), clean dropped {r['drop']:.1%}, recall {r['recall']:.1%}"
+              f"{'' if admissible(chosen, held) else ', not admissible there'}")
+    (a.out / "faults-variants.json").write_text(json.dumps({"variants": res, "folds": folds}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

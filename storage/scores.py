@@ -12,7 +12,7 @@ from typing import Any
 import polars as pl
 import pyarrow as pa
 
-from valuegate.engine.columns import BASELINE_COLUMNS
+from valuegate.engine.columns import SAMPLE_SCORE_COLUMNS
 from valuegate.errors import ValuegateError
 from valuegate.storage import samples as sstore
 from valuegate.storage import schemas
@@ -95,7 +95,5 @@ def read_score_run(ws: Workspace, run_id: str, dataset: str) -> pl.DataFrame:
         merged = pl.concat([members.select("id"), meta], how="horizontal").group_by("id", maintain_order=True).agg(
             pl.all().drop_nulls().first())
         first = first.join(merged, on="id", how="left")
-    keep = ["id", "value", "nearest_ids", "nearest_values", "n_tokens", "truncated", "mean_loss", "self_influence",
-            *BASELINE_COLUMNS, "suspect", "fault",
-            "suspect_reason", *schemas.FAULT_SCORE_COLUMNS, *(c for c in schemas.SIGNAL_COLUMNS if c != "mean_loss"), "valset", "model_fp"]
+    keep = ["id", "value", "nearest_ids", "nearest_values", *SAMPLE_SCORE_COLUMNS, "valset", "model_fp"]
     return content.join(first, on="id", how="left").join(scores.select(keep), on="id", how="inner")

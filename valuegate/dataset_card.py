@@ -22,7 +22,12 @@ from typing import Any
 import polars as pl
 import pyarrow as pa
 
-from valuegate.engine.columns import BASELINE_COLUMNS, FAULT_SCORE_COLUMNS, SIGNAL_COLUMNS
+from valuegate.engine.columns import (
+    BASELINE_COLUMNS,
+    MEASURE_COLUMNS,
+    SIGNAL_OUTPUT_COLUMNS,
+    VERDICT_COLUMNS,
+)
 
 __all__ = ["CARD_FILE", "SCORE_COLUMNS", "card_extra", "card_features", "data_schema", "release_frames",
            "render_card", "write_card"]
@@ -30,9 +35,9 @@ __all__ = ["CARD_FILE", "SCORE_COLUMNS", "card_extra", "card_features", "data_sc
 CARD_FILE = "README.md"
 
 #: Columns of a scored sample that describe its score, not the sample: they go to ``scores.parquet`` only.
-SCORE_COLUMNS = ("nearest_ids", "nearest_values", "n_tokens", "truncated", "mean_loss", "self_influence",
-                 "suspect", "fault", "suspect_reason", *FAULT_SCORE_COLUMNS,
-                 *(c for c in SIGNAL_COLUMNS if c != "mean_loss"),
+# the score columns of valuegate/engine/columns.py; a release's scores.parquet keeps the order it has always had
+# (the baselines after the signals), so a release of the same scores stays the same bytes
+SCORE_COLUMNS = ("nearest_ids", "nearest_values", *MEASURE_COLUMNS, *VERDICT_COLUMNS, *SIGNAL_OUTPUT_COLUMNS,
                  *BASELINE_COLUMNS, "valset", "model_fp")
 
 

@@ -36,3 +36,11 @@ BASELINE_COLUMNS = ("perplexity", "length", "ifd", "rds_mean", "rds_max")
 # and ``suspect_reason`` (its sentence). A detector registered later still feeds those three.
 FAULT_CODES = ("mismatch", "echo", "garbled", "cut")
 FAULT_SCORE_COLUMNS = tuple(f"fault_{c}" for c in FAULT_CODES)
+
+# The per-sample columns of every scored frame, by group, in the order valuegate/engine/score_columns.py gives
+# them after `value` (and the nearest validation samples): `valuegate score`'s output, the stored scores table
+# (storage/schemas.py) and a release's scores.parquet (valuegate/dataset_card.py) all take their names from here.
+MEASURE_COLUMNS = ("n_tokens", "truncated", "mean_loss", "self_influence")
+VERDICT_COLUMNS = ("suspect", "fault", "suspect_reason", *FAULT_SCORE_COLUMNS)
+SIGNAL_OUTPUT_COLUMNS = tuple(c for c in SIGNAL_COLUMNS if c != "mean_loss")  # mean_loss is a measure
+SAMPLE_SCORE_COLUMNS = (*MEASURE_COLUMNS, *BASELINE_COLUMNS, *VERDICT_COLUMNS, *SIGNAL_OUTPUT_COLUMNS)

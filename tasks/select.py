@@ -10,6 +10,7 @@ from collections import Counter
 import numpy as np
 import polars as pl
 
+from valuegate.engine.baseline_registry import baseline_policies
 from valuegate.errors import ValuegateError
 from valuegate.settings import SelectSettings, Settings
 from valuegate.storage.lance import Workspace
@@ -18,7 +19,7 @@ from valuegate.storage.scores import read_score_run
 
 def select_samples(scored: pl.DataFrame, cfg: SelectSettings) -> pl.DataFrame:
     """Add ``keep`` (bool), ``reason`` (str, a sentence; empty when kept) and ``reason_code`` (str, a short code
-    from a fixed vocabulary a person can count: :data:`REASON_CODES`; empty when kept) to a table of scored
+    from a fixed vocabulary a person can count: :func:`reason_codes`; empty when kept) to a table of scored
     samples.
 
     Policies:
@@ -42,6 +43,8 @@ def select_samples(scored: pl.DataFrame, cfg: SelectSettings) -> pl.DataFrame:
     - ``perplexity``: the ``k`` lowest ``perplexity`` (a perplexity filter drops the highest).
     - ``rds``: the ``k`` highest ``rds_mean`` (RDS+: the most similar to the validation set).
     - ``length``: the ``k`` longest (``length``, counted tokens).
+    - any baseline registered with a policy (:mod:`valuegate.engine.baseline_registry`): the ``k`` best by
+      its column as it ranks (``top``, ``lowest``, ``longest``).
     - ``random``: ``k`` samples at random: those of smallest ``sha256(f"{seed}:{id}")``, so the same
       ``seed`` keeps the same ids whatever the order of the rows.
 
@@ -94,7 +97,7 @@ def select_samples(scored: pl.DataFrame, cfg: SelectSettings) -> pl.DataFrame:
         reason = ["" if kk else f"not in the top {cfg.fraction:.0%} (value {v:.4g} < {cut:.4g})"
                   for kk, v in zip(keep, values, strict=True)]
         code = ["" if kk else "not_in_top" for kk in keep]
-    elif cfg.policy in _BASELINES:
+    elif cfg.policy in baseline_policies():
         keep, reason, code = _baseline_selection(scored, cfg)
     elif cfg.policy == "random":
         k = math.ceil(cfg.fraction * n - 1e-9)
@@ -109,14 +112,10 @@ def select_samples(scored: pl.DataFrame, cfg: SelectSettings) -> pl.DataFrame:
                                pl.Series("reason_code", code, dtype=pl.String))
 
 
-# baseline policy → (the column it reads, how the kept ones rank: "top" highest first, "lowest", "longest")
-_BASELINES = {"ifd": ("ifd", "top"), "perplexity": ("perplexity", "lowest"), "rds": ("rds_mean", "top"),
-              "length": ("length", "longest")}
-
-
 def _baseline_selection(scored: pl.DataFrame, cfg: SelectSettings) -> tuple[np.ndarray, list[str], list[str]]:
     """``keep`` ``(n,)``, the reasons and the reason codes of a baseline policy (see :func:`select_samples`)."""
-    col, rank = _BASELINES[cfg.policy]
+    baseline = baseline_policies()[cfg.policy]  # the column it reads, how the kept ones rank
+    col, rank = baseline.column, baseline.rank
     if col not in scored.columns:
         raise ValuegateError(f"select.policy = {cfg.policy} needs the {col!r} column; the scores have "
                              f"{scored.columns} (score the data again with this valuegate)")
@@ -141,7 +140,7 @@ def _baseline_selection(scored: pl.DataFrame, cfg: SelectSettings) -> tuple[np.n
     reason, code = [], []
     for kk, v, nl in zip(keep, x, null, strict=True):
         code.append("" if kk else "no_ifd" if cfg.policy == "ifd" and nl
-                    else "ifd_at_least_1" if cfg.policy == "ifd" and v >= 1.0 else f"not_in_{rank}_{cfg.policy}")
+                    else "ifd_at_least_1" if cfg.policy == "ifd" and v >= 1.0 else baseline.drop_code)
         if kk:
             reason.append("")
         elif cfg.policy == "ifd" and nl:
@@ -157,9 +156,11 @@ def _baseline_selection(scored: pl.DataFrame, cfg: SelectSettings) -> tuple[np.n
     return keep, reason, code
 
 
-# the reason codes select_samples writes (besides the fault detectors' codes, valuegate.engine.faults)
-REASON_CODES = ("negative_value", "below_threshold", "not_in_top", "not_sampled", "no_ifd", "ifd_at_least_1",
-                "not_in_top_ifd", "not_in_lowest_perplexity", "not_in_top_rds", "not_in_longest_length", "suspect")
+def reason_codes() -> tuple[str, ...]:
+    """The reason codes select_samples writes (besides the fault detectors' codes, valuegate.engine.faults):
+    its own and each registered baseline policy's."""
+    own = ("negative_value", "below_threshold", "not_in_top", "not_sampled")
+    return (*own, *(c for b in baseline_policies().values() for c in (*b.reason_codes, b.drop_code)), "suspect")
 
 
 _REASON_KINDS: list[tuple[re.Pattern[str], str]] = [

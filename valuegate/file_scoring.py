@@ -17,7 +17,7 @@ import numpy as np
 import polars as pl
 
 from valuegate.engine.baselines import unconditional_losses
-from valuegate.engine.columns import SAMPLE_SCORE_COLUMNS
+from valuegate.engine.columns import sample_score_columns
 from valuegate.engine.ending import feature_inputs
 from valuegate.engine.extraction import ExtractionStats, extract_sparse
 from valuegate.engine.faults import verdict
@@ -32,9 +32,12 @@ from valuegate.errors import ValuegateError
 from valuegate.inputs.rows import read_samples
 from valuegate.settings import Settings, needs_unconditional
 
-__all__ = ["OUTPUT_COLUMNS", "FileScoring", "score_files", "score_samples", "summary_line"]
+__all__ = ["FileScoring", "output_columns", "score_files", "score_samples", "summary_line"]
 
-OUTPUT_COLUMNS = ("row", "value", "nearest_rows", *SAMPLE_SCORE_COLUMNS, "keep", "reason", "reason_code")
+
+def output_columns() -> tuple[str, ...]:
+    """The columns the output adds to the training file's (``mean``/``nearest``)."""
+    return ("row", "value", "nearest_rows", *sample_score_columns(), "keep", "reason", "reason_code")
 
 
 @dataclass
@@ -95,7 +98,7 @@ def score_samples(train_df: pl.DataFrame, train: list[Sample], valid: list[Sampl
     sc = settings.score
     if sc.signals and sc.aggregate != "pairwise":
         check_reference_size(len(valid), valid_source)
-    clash = [c for c in OUTPUT_COLUMNS if c in train_df.columns] if sc.aggregate != "pairwise" else []
+    clash = [c for c in output_columns() if c in train_df.columns] if sc.aggregate != "pairwise" else []
     if clash:
         raise ValuegateError(f"{train_source}: has column(s) {clash} that the output adds; rename them")
     # every input is checked (tokenized) before any weight is read

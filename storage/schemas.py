@@ -28,9 +28,9 @@ from __future__ import annotations
 
 import pyarrow as pa
 
+from valuegate.engine.baseline_registry import registered
 from valuegate.engine.columns import (  # noqa: F401  (re-exported: the store names its columns so)
     BASE_SIGNALS,
-    BASELINE_COLUMNS,
     FAULT_SCORE_COLUMNS,
     FEATURE_FORMAT,
     HIDDEN_DTYPE,
@@ -191,6 +191,10 @@ valset_versions_schema = pa.schema([
     pa.field("pruned", pa.bool_()),
 ])
 
+def _baseline_field(b) -> pa.Field:
+    return pa.field(b.column, {"float64": pa.float64(), "int32": pa.int32()}[b.dtype])
+
+
 scores_schema = pa.schema([
     pa.field("run_id", pa.string(), nullable=False),
     pa.field("dataset", pa.string(), nullable=False),
@@ -204,12 +208,9 @@ scores_schema = pa.schema([
     pa.field("truncated", pa.bool_()),                       # valued on its first max_length tokens only
     pa.field("mean_loss", pa.float32()),
     pa.field("self_influence", pa.float64()),
-    # the baselines of valuegate/engine/baselines.py (null in rows of an older valuegate; ifd null without a prompt)
-    pa.field("perplexity", pa.float64()),
-    pa.field("length", pa.int32()),
-    pa.field("ifd", pa.float64()),
-    pa.field("rds_mean", pa.float64()),
-    pa.field("rds_max", pa.float64()),
+    # the baselines of valuegate/engine/baseline_registry.py (null in rows of an older valuegate; ifd null without
+    # a prompt): perplexity, length, ifd, rds_mean, rds_max, then any registered at import
+    *[_baseline_field(b) for b in registered()],
     pa.field("suspect", pa.float64()),                       # the largest fault detector score, null when off
     pa.field("fault", pa.string()),                          # the detector that gives it (valuegate/engine/faults.py)
     pa.field("suspect_reason", pa.string()),                 # its sentence
@@ -221,6 +222,18 @@ scores_schema = pa.schema([
     pa.field("settings", pa.string(), nullable=False),       # JSON of the resolved settings
     pa.field("at", TIMESTAMP, nullable=False),
 ])
+
+
+def current_scores_schema() -> pa.Schema:
+    """:data:`scores_schema` with a field for every baseline registered since it was built (a baseline
+    registered after import, e.g. in a test), placed after the others' (an older table gains it as null)."""
+    have = set(scores_schema.names)
+    extra = [_baseline_field(b) for b in registered() if b.column not in have]
+    if not extra:
+        return scores_schema
+    at = scores_schema.get_field_index("suspect")
+    fields = list(scores_schema)
+    return pa.schema(fields[:at] + extra + fields[at:])
 
 
 def features_table(model_fp: str) -> str:

@@ -12,7 +12,7 @@ from typing import Any
 import polars as pl
 import pyarrow as pa
 
-from valuegate.engine.columns import BASELINE_COLUMNS
+from valuegate.engine.columns import sample_score_columns
 from valuegate.errors import ValuegateError
 from valuegate.storage import samples as sstore
 from valuegate.storage import schemas
@@ -25,7 +25,7 @@ __all__ = ["count_run", "empty_scores", "read_score_run", "run_ids", "scores_tab
 def scores_table(rows: dict[str, Any]) -> pa.Table:
     """Rows of a scores run as a table of :data:`~valuegate.storage.schemas.scores_schema` (``rows``: column
     name → n values, every column of the schema)."""
-    return pa.Table.from_pydict(rows, schema=schemas.scores_schema)
+    return pa.Table.from_pydict(rows, schema=schemas.current_scores_schema())
 
 
 def empty_scores() -> pa.Table:
@@ -45,7 +45,7 @@ def write_scores(ws: Workspace, table: pa.Table) -> int:
     Returns:
         The scores table's version after the commit.
     """
-    ws.ensure(schemas.SCORES, schemas.scores_schema)  # also gives an older table its new columns
+    ws.ensure(schemas.SCORES, schemas.current_scores_schema())  # also gives an older table its new columns
     return ws.upsert(schemas.SCORES, table, ["run_id", "id"], update=False)
 
 
@@ -76,7 +76,7 @@ def read_score_run(ws: Workspace, run_id: str, dataset: str) -> pl.DataFrame:
         ``nearest_ids``, ``n_tokens``, ``mean_loss``, ``self_influence``, ``valset``, ``model_fp``.
     """
     if ws.table_exists(schemas.SCORES):  # a table of an older valuegate gains its new columns (null)
-        ws.ensure(schemas.SCORES, schemas.scores_schema)
+        ws.ensure(schemas.SCORES, schemas.current_scores_schema())
     scores = pl.from_arrow(ws.read(schemas.SCORES, where=_run_where(run_id)))
     if scores.height == 0:
         raise ValuegateError(f"no scores for run {run_id!r}")
@@ -95,7 +95,5 @@ def read_score_run(ws: Workspace, run_id: str, dataset: str) -> pl.DataFrame:
         merged = pl.concat([members.select("id"), meta], how="horizontal").group_by("id", maintain_order=True).agg(
             pl.all().drop_nulls().first())
         first = first.join(merged, on="id", how="left")
-    keep = ["id", "value", "nearest_ids", "nearest_values", "n_tokens", "truncated", "mean_loss", "self_influence",
-            *BASELINE_COLUMNS, "suspect", "fault",
-            "suspect_reason", *schemas.FAULT_SCORE_COLUMNS, *(c for c in schemas.SIGNAL_COLUMNS if c != "mean_loss"), "valset", "model_fp"]
+    keep = ["id", "value", "nearest_ids", "nearest_values", *sample_score_columns(), "valset", "model_fp"]
     return content.join(first, on="id", how="left").join(scores.select(keep), on="id", how="inner")

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import polars as pl
 
-from valuegate.engine.detection import FLAG_SIDES, bad_kinds, detection_rows
+from valuegate.engine.detection import bad_kinds, detection_rows, flag_sides
 from valuegate.engine.explain import TokenContributions, mean_rows, token_contributions
 from valuegate.engine.images import thumbnail_data_uri
 from valuegate.engine.model import (
@@ -468,16 +468,12 @@ def _signals_html(selected: pl.DataFrame, keep: np.ndarray) -> str:
     return "".join(parts)
 
 
-_FILTER_LABELS = {"perplexity": "perplexity filter (drops high)", "ifd": "IFD filter (drops high)",
-                  "rds_mean": "RDS+ mean similarity (drops low)", "rds_max": "RDS+ max similarity (drops low)",
-                  "length": "length filter (drops short)"}
-
-
 def _detection_html(selected: pl.DataFrame, keep: np.ndarray, column: str) -> str:
-    """How well the release, the suspect score, the value, the cheap filters (:data:`FLAG_SIDES`) and each
+    """How well the release, the suspect score, the value, the cheap filters (:func:`flag_sides`) and each
     signal find the rows the known-bad ``column`` marks: the dropped counts per corruption type, then one
     AUC table (a column per type, the best of each column in bold)."""
     kinds = bad_kinds(selected[column].to_list())
+    filters = flag_sides()
     bad = kinds != ""
     types = sorted({k for k in kinds if k})
     out = [f"<h2>Known-bad samples</h2><p>The column <code>{html.escape(column)}</code> marks "
@@ -492,7 +488,7 @@ def _detection_html(selected: pl.DataFrame, keep: np.ndarray, column: str) -> st
     labels: dict[str, str] = {}
     for col, side, what in [("suspect", 1.0, "suspect score (valuegate; high = bad)"),
                             ("value", -1.0, "value (valuegate; low = bad)"),
-                            *((c, s, _FILTER_LABELS[c]) for c, s in FLAG_SIDES.items()),
+                            *((c, s, what) for c, (s, what) in filters.items()),
                             *((c, 1.0, f"signal {c} (high = bad)") for c in _signal_columns(selected))]:
         if col in selected.columns and selected[col].null_count() < selected.height:
             scores[col] = (selected[col].cast(pl.Float64).fill_null(np.nan).to_numpy(), side)
@@ -502,7 +498,7 @@ def _detection_html(selected: pl.DataFrame, keep: np.ndarray, column: str) -> st
     best = {h: max((r.auc[h] for r in rows if r.auc[h] is not None), default=None) for h in heads}
     body = []
     for r in rows:
-        cls = "baseline" if r.score in FLAG_SIDES else "valuegate" if r.score in ("suspect", "value") else "signal"
+        cls = "baseline" if r.score in filters else "valuegate" if r.score in ("suspect", "value") else "signal"
         cells = "".join("<td>–</td>" if r.auc[h] is None else
                         (f"<td><b>{r.auc[h]:.3f}</b></td>" if r.auc[h] == best[h] else f"<td>{r.auc[h]:.3f}</td>")
                         for h in heads)

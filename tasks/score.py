@@ -30,12 +30,11 @@ from valuegate.engine.aggregate import (
     build_context,
     score_chunk,
 )
-from valuegate.engine.baselines import baseline_columns
 from valuegate.engine.candidates import BlockRows
-from valuegate.engine.columns import SIGNAL_COLUMNS
 from valuegate.engine.encoding import refusal_reason
-from valuegate.engine.faults import FaultReference, detect, fault_columns, pool_sample, reference_of
+from valuegate.engine.faults import FaultReference, detect, pool_sample, reference_of
 from valuegate.engine.progress import Progress, use_progress_interval
+from valuegate.engine.score_columns import score_columns
 from valuegate.engine.signals import SparseSet, check_reference_size
 from valuegate.errors import ValuegateError
 from valuegate.settings import Settings
@@ -393,25 +392,22 @@ def _chunk_table(plan: ScoringPlan, ctx: ScoringContext, settings: Settings, ids
     t_loss = tt["mean_loss"].to_numpy().astype(np.float64)
     n = len(ids)
     t_hidden = _hidden(tt, n)
-    baselines = baseline_columns(t_loss, t_tok, tt["uncond_loss"].to_pylist(), t_hidden, ctx.v_hidden)
     out: ChunkScores = score(t_self, t_tok, t_loss, t_hidden)
-    near, signals = out.nearest, out.signals
     verdict = None
     if ctx.faults is not None:
         own = np.fromiter((ctx.fault_pool.get(i, -1) for i in ids), dtype=np.int64, count=n)
         verdict = detect(ctx.faults, fault_inputs(tt), t_hidden, own)
+    cols = score_columns(out, t_tok, tt["truncated"].fill_null(False).to_numpy(zero_copy_only=False).copy(), t_loss,
+                         tt["uncond_loss"].to_pylist(), t_hidden, ctx.v_hidden, verdict, self_influence=t_self)
+    near, near_values = cols.pop("nearest"), cols.pop("nearest_values")
     now = dt.datetime.now(dt.timezone.utc)
     none = [None] * n
     rows = {
-        "run_id": [plan.run_id] * n, "dataset": [plan.dataset] * n, "id": ids, "value": out.value,
+        "run_id": [plan.run_id] * n, "dataset": [plan.dataset] * n, "id": ids, "value": cols.pop("value"),
         "aggregate": [sc.aggregate] * n, "normalize": [sc.normalize] * n,
         "nearest_ids": [list(ctx.vids[r]) for r in near] if near is not None else none,
-        "nearest_values": [list(r) for r in out.nearest_values] if out.nearest_values is not None else none,
-        "n_tokens": t_tok, "truncated": tt["truncated"].fill_null(False).to_numpy(zero_copy_only=False).copy(),
-        "mean_loss": t_loss,
-        "self_influence": t_self, **baselines,
-        **fault_columns(verdict, n),
-        **{c: signals.get(c, none) for c in SIGNAL_COLUMNS if c != "mean_loss"},
+        "nearest_values": [list(r) for r in near_values] if near_values is not None else none,
+        **cols,
         "valset": [plan.valset] * n, "model_fp": [plan.fp_t] * n, "settings": [plan.settings_json] * n,
         "at": [now] * n,
     }

@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 import polars as pl
 
+from valuegate.engine.baseline_registry import baseline_policies
 from valuegate.errors import ValuegateError
 from valuegate.reasons import RANKED, REASON_FORMS, UNLIKE, Reason, ReasonForm, kinds_of, register_reason
 from valuegate.settings import SelectSettings, Settings
@@ -24,7 +25,7 @@ AFTER_SCORING = True
 
 def select_samples(scored: pl.DataFrame, cfg: SelectSettings) -> pl.DataFrame:
     """Add ``keep`` (bool), ``reason`` (str, a sentence; empty when kept) and ``reason_code`` (str, a short code
-    from a fixed vocabulary a person can count: :data:`REASON_CODES`; empty when kept) to a table of scored
+    from a fixed vocabulary a person can count: :func:`reason_codes`; empty when kept) to a table of scored
     samples. Each drop is a :class:`valuegate.reasons.Reason` (its code and parameters), ``reason`` its words.
 
     Policies:
@@ -48,6 +49,8 @@ def select_samples(scored: pl.DataFrame, cfg: SelectSettings) -> pl.DataFrame:
     - ``perplexity``: the ``k`` lowest ``perplexity`` (a perplexity filter drops the highest).
     - ``rds``: the ``k`` highest ``rds_mean`` (RDS+: the most similar to the validation set).
     - ``length``: the ``k`` longest (``length``, counted tokens).
+    - any baseline registered with a policy (:mod:`valuegate.engine.baseline_registry`): the ``k`` best by
+      its column as it ranks (``top``, ``lowest``, ``longest``).
     - ``random``: ``k`` samples at random: those of smallest ``sha256(f"{seed}:{id}")``, so the same
       ``seed`` keeps the same ids whatever the order of the rows.
 
@@ -98,7 +101,7 @@ def select_samples(scored: pl.DataFrame, cfg: SelectSettings) -> pl.DataFrame:
         cut = values[order[k - 1]] if k else float("inf")
         code = ["" if kk else "not_in_top" for kk in keep]
         reason = _words(code, [{"value": v, "fraction": cfg.fraction, "cut": cut} for v in values])
-    elif cfg.policy in _BASELINES:
+    elif cfg.policy in baseline_policies():
         keep, reason, code = _baseline_selection(scored, cfg)
     elif cfg.policy == "random":
         k = math.ceil(cfg.fraction * n - 1e-9)
@@ -118,16 +121,21 @@ def _words(codes: list[str], params: list[dict[str, Any]]) -> list[str]:
     return [Reason(c, p).words() if c else "" for c, p in zip(codes, params, strict=True)]
 
 
-# baseline policy → (the column it reads, how the kept ones rank: "top" highest first, "lowest", "longest")
-_BASELINES = {"ifd": ("ifd", "top"), "perplexity": ("perplexity", "lowest"), "rds": ("rds_mean", "top"),
-              "length": ("length", "longest")}
-for _policy, (_, _rank) in _BASELINES.items():  # their drop reason, not_in_<rank>_<policy> (valuegate.reasons)
-    register_reason(ReasonForm(f"not_in_{_rank}_{_policy}", *RANKED[_rank]))
+def _baseline_reasons() -> None:
+    """Each registered baseline policy's drop reason, ``not_in_<rank>_<policy>``, with the words of its rank
+    (:data:`valuegate.reasons.RANKED`); a baseline registered later gets its form when it is first used."""
+    for b in baseline_policies().values():
+        if b.drop_code not in REASON_FORMS:
+            register_reason(ReasonForm(b.drop_code, *RANKED[b.rank]))
+
+
+_baseline_reasons()
 
 
 def _baseline_selection(scored: pl.DataFrame, cfg: SelectSettings) -> tuple[np.ndarray, list[str], list[str]]:
     """``keep`` ``(n,)``, the reasons and the reason codes of a baseline policy (see :func:`select_samples`)."""
-    col, rank = _BASELINES[cfg.policy]
+    baseline = baseline_policies()[cfg.policy]  # the column it reads, how the kept ones rank
+    col, rank = baseline.column, baseline.rank
     if col not in scored.columns:
         raise ValuegateError(f"select.policy = {cfg.policy} needs the {col!r} column; the scores have "
                              f"{scored.columns} (score the data again with this valuegate)")
@@ -148,16 +156,19 @@ def _baseline_selection(scored: pl.DataFrame, cfg: SelectSettings) -> tuple[np.n
     keep = np.zeros(n, dtype=bool)
     keep[order[:k]] = True
     cut = x[order[min(k, len(order)) - 1]] if len(order) and k else float("nan")
+    _baseline_reasons()
     code = ["" if kk else "no_ifd" if cfg.policy == "ifd" and nl
-            else "ifd_at_least_1" if cfg.policy == "ifd" and v >= 1.0 else f"not_in_{rank}_{cfg.policy}"
+            else "ifd_at_least_1" if cfg.policy == "ifd" and v >= 1.0 else baseline.drop_code
             for kk, v, nl in zip(keep, x, null, strict=True)]
     reason = _words(code, [{"value": v, "fraction": cfg.fraction, "column": col, "cut": cut} for v in x])
     return keep, reason, code
 
 
-# the reason codes select_samples writes (besides the fault detectors' codes, valuegate.engine.faults), each
-# with its words and its kind in valuegate.reasons
-REASON_CODES = tuple(REASON_FORMS)
+def reason_codes() -> tuple[str, ...]:
+    """The reason codes select_samples writes (besides the fault detectors' codes, valuegate.engine.faults):
+    its own and each registered baseline policy's."""
+    own = ("negative_value", "below_threshold", "not_in_top", "not_sampled")
+    return (*own, *(c for b in baseline_policies().values() for c in (*b.reason_codes, b.drop_code)), "suspect")
 
 
 def reason_kinds(selected: pl.DataFrame, policy: SelectSettings | Mapping[str, Any]) -> list[str]:
@@ -177,8 +188,10 @@ def reason_kinds(selected: pl.DataFrame, policy: SelectSettings | Mapping[str, A
     whys = (selected["suspect_reason"].fill_null("").to_list() if "suspect_reason" in selected.columns
             else [""] * selected.height)
     name = policy.get("policy")
+    _baseline_reasons()
+    baselines = baseline_policies()
     params = {"fraction": policy.get("fraction"), "threshold": policy.get("threshold"),
-              "column": _BASELINES[name][0] if name in _BASELINES else None}
+              "column": baselines[name].column if name in baselines else None}
     return kinds_of(codes, whys, params)
 
 

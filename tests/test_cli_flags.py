@@ -12,7 +12,7 @@ import pytest
 
 from valuegate.cli import _parser, main
 from valuegate.cli_flags import dest_of, flag_of, setting_overrides, shown_default
-from valuegate.settings import SHORT_FLAGS, load_settings, setting_fields
+from valuegate.settings import SHORT_FLAGS, Choices, load_settings, setting_fields
 
 LEAVES = setting_fields()
 
@@ -49,6 +49,10 @@ def _other_value(field) -> tuple[list[str], typing.Any]:
         return [], not default
     if typing.get_origin(ann) is typing.Literal:
         value = next(c for c in typing.get_args(ann) if c != default)
+        return [value], value
+    known = [m.known() for m in field.metadata if isinstance(m, Choices)]  # a registry's values (select.policy)
+    if known:
+        value = next(c for c in known[0] if c != default)
         return [value], value
     if typing.get_origin(ann) is list:
         return ["mean_loss:two"], ["mean_loss:two"]

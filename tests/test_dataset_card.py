@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from valuegate.dataset_card import CARD_FILE, SCORE_COLUMNS, card_features, release_frames
+from valuegate.dataset_card import CARD_FILE, card_features, release_frames, score_columns
 from valuegate.storage import releases as store
 from valuegate.tasks.release import diff_releases, publish_release
 
@@ -78,7 +78,7 @@ def test_load_dataset_on_a_release_dir_returns_the_kept_rows_and_its_card(tmp_pa
     assert data_cols == ["id", "kind", "prompt", "response", "source", "row", "family", "value"]
     assert set(pl.read_parquet(rdir / "data.parquet")["source"].to_list()) == {"train.jsonl"}
     scores = store.read_release_scores(tmp_path, NAME, out["version"])
-    assert {*SCORE_COLUMNS[:8], "reason", "kept"} <= set(scores.columns) and scores.height == selected.height
+    assert {*score_columns()[:8], "reason", "kept"} <= set(scores.columns) and scores.height == selected.height
     assert scores.filter(~pl.col("kept"))["reason"].str.starts_with("the answer stops").all()
 
     ds = datasets.load_dataset(str(rdir), cache_dir=str(tmp_path / "hf-cache"))

@@ -31,8 +31,10 @@ ENGINE_FORBIDDEN = ("prefect", "lancedb", "pyarrow", "great_expectations", "dask
                     "subprocess", "zipfile")
 STORAGE_FORBIDDEN = ("torch", "transformers", "peft", "valuegate.tasks", "valuegate.flows")
 # the engine modules that are plain names or numpy (no torch), which the store may share: the column names,
-# the sample type, and the stored form of the sparse rows (int8 steps, feature format 6)
-STORAGE_MAY_USE_ENGINE = ("valuegate.engine.columns", "valuegate.engine.sample", "valuegate.engine.quantize")
+# the sample type, the stored form of the sparse rows (int8 steps, feature format 6), and the baseline registry
+# (the scores schema has a column per registered baseline) with the built-in baselines it imports
+STORAGE_MAY_USE_ENGINE = ("valuegate.engine.columns", "valuegate.engine.sample", "valuegate.engine.quantize",
+                          "valuegate.engine.baseline_registry", "valuegate.engine.cheap_baselines")
 INPUTS_FORBIDDEN = ("torch", "transformers", "lancedb", "prefect", "dask", "ray", "great_expectations",
                     "valuegate.storage", "valuegate.tasks", "valuegate.flows", "valuegate.settings")
 INPUTS_MAY_USE_ENGINE = ("valuegate.engine.sample", "valuegate.engine.images")

@@ -25,8 +25,8 @@ if TYPE_CHECKING:
     import datasets
     import pandas
 
-    from valuegate.engine.aggregate import ValueMatrix
     from valuegate.engine.sample import Sample
+    from valuegate.file_scoring import FileScoring
     from valuegate.storage import lance
     from valuegate.tasks.extract import StoreExtractReport
     from valuegate.tasks.ingest import FileReport
@@ -121,9 +121,9 @@ def read_input(obj: TableLike, role: str, fields: dict[str, str] | None = None) 
 
 
 def score_inputs(train: TableLike, valid: TableLike, settings: Settings,
-                 progress: bool = False) -> tuple[pl.DataFrame, ValueMatrix]:
-    """:func:`score` with resolved settings, also returning the value matrix (``valuegate score`` prints its
-    summary from it). Returns ``(table, ValueMatrix)``; the table is described in :func:`score`."""
+                 progress: bool = False) -> tuple[pl.DataFrame, FileScoring]:
+    """:func:`score` with resolved settings, also returning what the scoring did (``valuegate score`` prints its
+    summary from it). Returns ``(table, FileScoring)``; the table is described in :func:`score`."""
     from valuegate.engine.model_cache import kept_model, shared_model
     from valuegate.file_scoring import score_samples
 

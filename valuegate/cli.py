@@ -167,11 +167,11 @@ def _cmd_score(args: argparse.Namespace) -> int:
         raise ValuegateError(f"--out {out}: the output is Parquet; give a path ending in .parquet")
     if not out.parent.exists():
         raise ValuegateError(f"--out {out}: directory {out.parent} does not exist")
-    df, vm = score_inputs(args.train, args.valid, settings, progress=not args.quiet)  # as valuegate.score
+    df, report = score_inputs(args.train, args.valid, settings, progress=not args.quiet)  # as valuegate.score
     tmp = out.with_name(f".{out.name}.tmp")
     df.write_parquet(tmp)
     os.replace(tmp, out)  # never leave a half-written output under the final name
-    print(summary_line(df, vm, settings, str(out)), file=sys.stderr)
+    print(summary_line(df, report, settings, str(out)), file=sys.stderr)
     return 0
 
 

@@ -24,7 +24,7 @@ from typing import Any, Literal
 from pydantic import BaseModel
 from pydantic.fields import FieldInfo
 
-from valuegate.settings import ENV_PREFIX, SHORT_FLAGS, Settings, setting_fields
+from valuegate.settings import ENV_PREFIX, SHORT_FLAGS, Choices, Settings, setting_fields
 
 
 def flag_of(path: tuple[str, ...]) -> str:
@@ -76,6 +76,8 @@ def _argument(path: tuple[str, ...], field: FieldInfo) -> tuple[list[str], dict[
         kw["action"] = argparse.BooleanOptionalAction
     elif origin is Literal:
         kw["choices"] = list(typing.get_args(ann))
+    elif ann is str and any(isinstance(m, Choices) for m in field.metadata):
+        kw["choices"] = list(next(m for m in field.metadata if isinstance(m, Choices)).known())
     elif origin is list and typing.get_args(ann) in ((str,), (int,), (float,)):
         kw.update(action="append", type=typing.get_args(ann)[0], metavar="ITEM")
         text += " Repeat the flag for each item."

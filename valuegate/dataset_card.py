@@ -10,7 +10,7 @@ gate's thresholds, the gate's verdict and the counts.
 A release splits the scored samples in two (:func:`release_frames`): ``data.parquet`` holds the training
 columns of the kept rows (the sample fields its rows use, its metadata with ``source`` relative to the
 sources' common folder, and ``value``), ``scores.parquet`` every scored sample with the per-signal columns
-(:data:`SCORE_COLUMNS`), ``kept`` and the drop ``reason``.
+(:func:`score_columns`), ``kept`` and the drop ``reason``.
 """
 
 from __future__ import annotations
@@ -22,18 +22,31 @@ from typing import Any
 import polars as pl
 import pyarrow as pa
 
-from valuegate.engine.columns import BASELINE_COLUMNS, FAULT_SCORE_COLUMNS, SIGNAL_COLUMNS
+from valuegate.engine.baseline_registry import baseline_names
+from valuegate.engine.columns import MEASURE_COLUMNS, SIGNAL_OUTPUT_COLUMNS, VERDICT_COLUMNS
 
-__all__ = ["CARD_FILE", "SCORE_COLUMNS", "card_extra", "card_features", "data_schema", "release_frames",
-           "render_card", "write_card"]
+__all__ = [
+    "CARD_FILE",
+    "card_extra",
+    "card_features",
+    "data_schema",
+    "release_frames",
+    "render_card",
+    "score_columns",
+    "write_card",
+]
 
 CARD_FILE = "README.md"
 
 #: Columns of a scored sample that describe its score, not the sample: they go to ``scores.parquet`` only.
-SCORE_COLUMNS = ("nearest_ids", "nearest_values", "n_tokens", "truncated", "mean_loss", "self_influence",
-                 "suspect", "fault", "suspect_reason", *FAULT_SCORE_COLUMNS,
-                 *(c for c in SIGNAL_COLUMNS if c != "mean_loss"),
-                 *BASELINE_COLUMNS, "valset", "model_fp")
+
+
+def score_columns() -> tuple[str, ...]:
+    """The score columns of a release's scores.parquet: those of valuegate/engine/columns.py, in the order the
+    file has always had (the baselines, registered ones included, after the signals: a release of the same
+    scores stays the same bytes)."""
+    return ("nearest_ids", "nearest_values", *MEASURE_COLUMNS, *VERDICT_COLUMNS, *SIGNAL_OUTPUT_COLUMNS,
+            *baseline_names(), "valset", "model_fp")
 
 
 def release_frames(selected: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame]:
@@ -41,7 +54,7 @@ def release_frames(selected: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame]:
 
     Args:
         selected: every scored sample, ``(n_scored, columns)``: ``id``, ``value``, ``keep``, ``reason``, the
-            content and metadata columns and any of :data:`SCORE_COLUMNS`.
+            content and metadata columns and any of :func:`score_columns`.
 
     Returns:
         ``(data, scores)``: ``data`` the kept rows, ``(n_kept, columns)``, without ``keep``, ``reason``,
@@ -49,7 +62,7 @@ def release_frames(selected: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame]:
         every scored sample, ``(n_scored, columns)``: ``id``, ``value``, the score columns it has, ``reason`` and
         ``reason_code`` (empty when kept); the release adds ``kept``.
     """
-    score_cols = [c for c in SCORE_COLUMNS if c in selected.columns]
+    score_cols = [c for c in score_columns() if c in selected.columns]
     decision = [c for c in ("keep", "reason", "reason_code") if c in selected.columns]
     data = selected.filter(pl.col("keep")).drop(*decision, *score_cols)
     # the sample fields no kept row uses (messages and text of prompt/response data) are left out

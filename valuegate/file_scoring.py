@@ -1,38 +1,72 @@
 """In-memory scoring of files (``valuegate score``, :func:`valuegate.score`): read a training and a
 validation file, value every training sample against the validation set, return one table.
 
-The math is :mod:`valuegate.engine.aggregate`; nothing here touches a workspace.
+The extracted features go through the store's chunk scorer as one chunk
+(:mod:`valuegate.engine.memory_scoring`); ``exact`` and ``pairwise`` through the dense oracle
+(:mod:`valuegate.engine.oracle`); the columns are :func:`valuegate.engine.score_columns.score_columns`, as the
+store's. Nothing here touches a workspace.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import numpy as np
 import polars as pl
 
-from valuegate.engine.aggregate import ValueMatrix, aggregate, compute_values, normalize
-from valuegate.engine.baselines import BASELINE_COLUMNS, baseline_columns, unconditional_losses
-from valuegate.engine.columns import FAULT_SCORE_COLUMNS, SIGNAL_COLUMNS
-from valuegate.engine.faults import fault_columns, verdict
+from valuegate.engine.baselines import unconditional_losses
+from valuegate.engine.columns import sample_score_columns
+from valuegate.engine.ending import feature_inputs
+from valuegate.engine.extraction import ExtractionStats, extract_sparse
+from valuegate.engine.faults import verdict
+from valuegate.engine.memory_scoring import memory_context, score_memory
 from valuegate.engine.model import LoadedModel, encode_samples, load_model, load_tokenizer
+from valuegate.engine.oracle import ValueMatrix, chunk_of_matrix, compute_values, normalize
 from valuegate.engine.progress import use_progress_interval
 from valuegate.engine.sample import Sample
+from valuegate.engine.score_columns import score_columns
 from valuegate.engine.signals import check_reference_size
 from valuegate.errors import ValuegateError
 from valuegate.inputs.rows import read_samples
 from valuegate.settings import Settings, needs_unconditional
 
-__all__ = ["OUTPUT_COLUMNS", "score_files", "score_samples", "summary_line"]
+__all__ = ["FileScoring", "output_columns", "score_files", "score_samples", "summary_line"]
 
-OUTPUT_COLUMNS = ("row", "value", "nearest_rows", "n_tokens", "truncated", "mean_loss", "self_influence",
-                  *BASELINE_COLUMNS, "suspect", "fault", "suspect_reason", *FAULT_SCORE_COLUMNS,
-                  *(c for c in SIGNAL_COLUMNS if c != "mean_loss"), "keep", "reason", "reason_code")
+
+def output_columns() -> tuple[str, ...]:
+    """The columns the output adds to the training file's (``mean``/``nearest``)."""
+    return ("row", "value", "nearest_rows", *sample_score_columns(), "keep", "reason", "reason_code")
+
+
+@dataclass
+class FileScoring:
+    """What scoring two files did, beside the table.
+
+    Attributes:
+        n_train, n_valid: samples valued and validated against. timings: seconds per step (``tokenize``,
+            ``load_model``, ``extract_valid``, ``extract_train``, ``score``, ...). stats: the extraction's.
+        matrix: the dense value matrix ``(n_train, n_valid)`` of the oracle paths (``score.method = "exact"``
+            or ``score.aggregate = "pairwise"``, :mod:`valuegate.engine.oracle`); None on the chunk scorer's.
+        train_inputs, valid_inputs: the fault detectors' per-row inputs (name → ``(n,)``; ``uncond_loss``
+            among them once the detectors ran). train_hidden, valid_hidden: ``(n, d)`` float64 mean hidden
+            states (the rds baselines, the detectors' neighbourhoods). None for ``pairwise``.
+    """
+
+    n_train: int
+    n_valid: int
+    timings: dict[str, float] = field(default_factory=dict)
+    stats: ExtractionStats = field(default_factory=ExtractionStats)
+    matrix: ValueMatrix | None = None
+    train_inputs: dict[str, np.ndarray] | None = None
+    valid_inputs: dict[str, np.ndarray] | None = None
+    train_hidden: np.ndarray | None = None
+    valid_hidden: np.ndarray | None = None
 
 
 def score_files(train_path: str, valid_path: str, settings: Settings, progress: bool = True,
-                lm: LoadedModel | None = None) -> tuple[pl.DataFrame, ValueMatrix]:
+                lm: LoadedModel | None = None) -> tuple[pl.DataFrame, FileScoring]:
     """``valuegate score``: read both files, value every train sample, return the output table.
 
     For ``mean``/``nearest`` the table has every input column of TRAIN plus ``row``, ``value``,
@@ -50,18 +84,21 @@ def score_files(train_path: str, valid_path: str, settings: Settings, progress: 
 def score_samples(train_df: pl.DataFrame, train: list[Sample], valid: list[Sample], settings: Settings,
                   progress: bool = True, lm: LoadedModel | None = None, train_source: str = "train",
                   valid_source: str = "valid", loader: Callable[..., LoadedModel] = load_model
-                  ) -> tuple[pl.DataFrame, ValueMatrix]:
+                  ) -> tuple[pl.DataFrame, FileScoring]:
     """:func:`score_files` on rows already read: ``train_df`` (n rows, its columns carried through) and its
     ``train`` samples (n), the ``valid`` samples (m); ``*_source`` name them in messages. Returns the table
-    :func:`score_files` describes (n rows; n·m for ``pairwise``) and the value matrix. Without ``lm`` the model
-    is ``loader(settings.model, tokenizer, progress)`` (e.g. the process-wide
-    :func:`~valuegate.engine.model_cache.shared_model`), called once every input is tokenized. The value
-    matrix's timings include ``tokenize`` and ``load_model`` (0 when ``lm`` is given)."""
+    :func:`score_files` describes (n rows; n·m for ``pairwise``) and a :class:`FileScoring` (the dense value
+    matrix only for ``exact`` and ``pairwise``). Without ``lm`` the model is ``loader(settings.model, tokenizer,
+    progress)`` (e.g. the process-wide :func:`~valuegate.engine.model_cache.shared_model`), called once every
+    input is tokenized. The timings include ``tokenize`` and ``load_model`` (0 when ``lm`` is given).
+
+    ``nearest_rows`` is null for ``mean`` without the signals: that path values each sample with one
+    weighted validation vector, never the ``(n, m)`` matrix (as the store does)."""
     use_progress_interval(settings.progress_seconds)
     sc = settings.score
     if sc.signals and sc.aggregate != "pairwise":
         check_reference_size(len(valid), valid_source)
-    clash = [c for c in OUTPUT_COLUMNS if c in train_df.columns] if sc.aggregate != "pairwise" else []
+    clash = [c for c in output_columns() if c in train_df.columns] if sc.aggregate != "pairwise" else []
     if clash:
         raise ValuegateError(f"{train_source}: has column(s) {clash} that the output adds; rename them")
     # every input is checked (tokenized) before any weight is read
@@ -75,34 +112,51 @@ def score_samples(train_df: pl.DataFrame, train: list[Sample], valid: list[Sampl
     if lm is None:
         lm = loader(settings.model, tok, progress)
     t_load = time.perf_counter() - t0
-    vm = compute_values(lm, train, valid, settings, progress, encoded)
-    vm.timings = {"tokenize": t_tok, "load_model": t_load, **vm.timings}
-    values = normalize(vm, sc.normalize)
-    if sc.aggregate == "pairwise":
-        n_t, n_v = values.shape
-        out = pl.DataFrame({
-            "train_row": np.repeat(np.arange(n_t), n_v),
-            "valid_row": np.tile(np.arange(n_v), n_t),
-            "value": values.reshape(-1),
-        })
-        return out, vm
-    agg, _ = aggregate(values, sc.aggregate, sc.nearest_k)
-    _, nearest = aggregate(values, "nearest", sc.nearest_k)
-    cols = {"row": np.arange(len(train)), "value": agg, "nearest_rows": [list(map(int, r)) for r in nearest]}
-    cols.update({"n_tokens": vm.train_tokens, "truncated": [e.truncated for e in encoded[0]],
-                 "mean_loss": vm.train_loss, "self_influence": vm.train_self})
+    timings = {"tokenize": t_tok, "load_model": t_load}
+    n, n_v = len(train), len(valid)
+    if sc.method == "exact" or sc.aggregate == "pairwise":  # the oracle: the dense value matrix
+        vm = compute_values(lm, train, valid, settings, progress, encoded)
+        timings.update(vm.timings)
+        report = FileScoring(n, n_v, timings, vm.stats, vm)
+        if sc.aggregate == "pairwise":
+            values = normalize(vm, sc.normalize)
+            return pl.DataFrame({"train_row": np.repeat(np.arange(n), n_v), "valid_row": np.tile(np.arange(n_v), n),
+                                 "value": values.reshape(-1)}), report
+        chunk, tokens, loss = chunk_of_matrix(vm, sc), vm.train_tokens, vm.train_loss
+        hidden, inputs = (vm.train_hidden, vm.valid_hidden), (vm.train_inputs, vm.valid_inputs)
+    else:  # the store's chunk scorer, on the in-memory features as one chunk
+        report = FileScoring(n, n_v, timings)
+        t0 = time.perf_counter()
+        fv = extract_sparse(lm, encoded[1], ex, valid, 1.0, progress, "validation")
+        timings["extract_valid"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        ft = extract_sparse(lm, encoded[0], ex, train, ex.lowest_likelihood_ratio, progress, "train", report.stats)
+        timings["extract_train"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        ctx = memory_context(fv, settings, lm.hidden_size, lm.vocab_size)
+        chunk, rows = score_memory(ctx, ft, settings, lm.vocab_size)
+        timings["score"] = time.perf_counter() - t0
+        tokens, loss = rows.tokens, rows.loss
+        hidden, inputs = (rows.hidden, ctx.v_hidden), (feature_inputs(ft), feature_inputs(fv))
+    report.train_inputs, report.valid_inputs = inputs
+    report.train_hidden, report.valid_hidden = hidden
     t0 = time.perf_counter()  # IFD's one extra forward pass, of the responses alone, when something reads it
     uncond = unconditional_losses(lm, train, ex, progress, "IFD") if needs_unconditional(settings) else None
-    vm.timings["unconditional"] = time.perf_counter() - t0
-    cols.update(baseline_columns(vm.train_loss, vm.train_tokens, uncond, vm.train_hidden, vm.valid_hidden))
+    timings["unconditional"] = time.perf_counter() - t0
+    faults = None
     if sc.signals:
         t0 = time.perf_counter()
-        cols.update(fault_columns(_faults(lm, vm, uncond, valid, settings, progress), len(train)))
-        vm.timings["faults"] = time.perf_counter() - t0
-    if vm.signals is not None:
-        cols.update({name: col for name, col in vm.signals.items() if name != "mean_loss"})
-    scored = pl.concat([train_df, pl.DataFrame(cols)], how="horizontal")
-    return with_selection(scored, train, settings), vm
+        faults = _faults(lm, inputs, hidden, uncond, valid, settings, progress)
+        timings["faults"] = time.perf_counter() - t0
+    cols = score_columns(chunk, tokens, [e.truncated for e in encoded[0]], loss, uncond, *hidden, faults,
+                         complete=False)
+    nearest = cols.pop("nearest")
+    del cols["nearest_values"]
+    near = pl.Series("nearest_rows", [list(map(int, r)) for r in nearest] if nearest is not None else [None] * n,
+                     dtype=pl.List(pl.Int64))
+    scored = pl.concat([train_df, pl.DataFrame({"row": np.arange(n), "value": cols.pop("value")}).with_columns(near),
+                        pl.DataFrame(cols)], how="horizontal")
+    return with_selection(scored, train, settings), report
 
 
 def with_selection(scored: pl.DataFrame, train: list[Sample], settings: Settings) -> pl.DataFrame:
@@ -126,31 +180,37 @@ def with_selection(scored: pl.DataFrame, train: list[Sample], settings: Settings
     return scored.with_columns(selected.select(added))
 
 
-def _faults(lm: LoadedModel, vm: ValueMatrix, uncond: np.ndarray | None, valid: list[Sample], settings: Settings,
-            progress: bool = False):
-    """The fault detectors' verdict on the training rows (:func:`valuegate.engine.faults.verdict`); the
-    unconditional losses join ``vm.train_inputs`` and ``vm.valid_inputs`` (the validation rows' pass runs here;
-    with ``extract.unconditional = "never"`` neither runs and ``mismatch`` does not apply)."""
+def _faults(lm: LoadedModel, inputs: tuple[dict[str, np.ndarray], dict[str, np.ndarray]],
+            hidden: tuple[np.ndarray, np.ndarray], uncond: np.ndarray | None, valid: list[Sample],
+            settings: Settings, progress: bool = False):
+    """The fault detectors' verdict on the training rows (:func:`valuegate.engine.faults.verdict`).
+
+    Args:
+        inputs: the detectors' per-row inputs of the training and the validation rows (name → ``(n,)``,
+            ``(n_v,)``), without ``uncond_loss``: the unconditional losses join them here (the validation rows'
+            pass runs here; with ``extract.unconditional = "never"`` neither runs and ``mismatch`` does not
+            apply). hidden: ``(n, d)`` and ``(n_v, d)`` mean hidden states.
+    """
     sc = settings.score
+    train_in, valid_in = inputs
     if uncond is None:
-        vm.train_inputs["uncond_loss"] = np.full(len(vm.train_hidden), np.nan)
-        vm.valid_inputs["uncond_loss"] = np.full(len(vm.valid_hidden), np.nan)
+        train_in["uncond_loss"] = np.full(len(hidden[0]), np.nan)
+        valid_in["uncond_loss"] = np.full(len(hidden[1]), np.nan)
     else:
-        vm.train_inputs["uncond_loss"] = np.asarray(uncond, dtype=np.float64)
-        vm.valid_inputs["uncond_loss"] = unconditional_losses(lm, valid, settings.extract, progress, "IFD (validation)")
-    return verdict(vm.train_inputs, vm.train_hidden, vm.valid_inputs, vm.valid_hidden, list(sc.suspect),
-                   sc.suspect_neighbours, sc.fault_pool)
+        train_in["uncond_loss"] = np.asarray(uncond, dtype=np.float64)
+        valid_in["uncond_loss"] = unconditional_losses(lm, valid, settings.extract, progress, "IFD (validation)")
+    return verdict(train_in, hidden[0], valid_in, hidden[1], list(sc.suspect), sc.suspect_neighbours,
+                   sc.fault_pool)
 
 
-def summary_line(df: pl.DataFrame, vm: ValueMatrix, settings: Settings, out: str) -> str:
+def summary_line(df: pl.DataFrame, report: FileScoring, settings: Settings, out: str) -> str:
     """The one-line summary the CLI prints at the end."""
     sc = settings.score
-    n_t, n_v = vm.values.shape
-    secs = sum(vm.timings.values())
+    secs = sum(report.timings.values())
     v = df["value"].to_numpy()
-    neg = int((v < 0).sum()) if sc.aggregate != "pairwise" else int((vm.values < 0).sum())
+    neg = int((v < 0).sum())
     what = "pairs" if sc.aggregate == "pairwise" else "samples"
     cut = int(df["truncated"].sum()) if "truncated" in df.columns else 0
-    return (f"scored {n_t} train × {n_v} validation samples ({sc.method}, {sc.aggregate}, normalize={sc.normalize}) "
-            f"in {secs:.1f}s: value median {np.median(v):.4g}, {neg} {what} below zero"
+    return (f"scored {report.n_train} train × {report.n_valid} validation samples ({sc.method}, {sc.aggregate}, "
+            f"normalize={sc.normalize}) in {secs:.1f}s: value median {np.median(v):.4g}, {neg} {what} below zero"
             + (f", {cut} truncated at max_length={settings.extract.max_length}" if cut else "") + f" → {out}")

@@ -7,8 +7,9 @@ reason back out of its words: counts group by the code and the policy's paramete
 (:func:`kinds_of`). A fault detector's code (``cut``, ``echo``, ... of :mod:`valuegate.engine.faults`) has
 no form of its own: it renders through the ``suspect`` form with the detector's sentence.
 
-A new selection policy adds its codes with :func:`register_reason` beside the policy; a baseline policy gets
-``not_in_<rank>_<policy>`` from its entry in ``tasks/select.py``'s ``_BASELINES`` (:data:`RANKED`).
+A new selection policy adds its codes with :func:`register_reason` beside the policy; a baseline policy
+(:mod:`valuegate.engine.baseline_registry`) gets ``not_in_<rank>_<policy>`` with the words of its rank
+(:data:`RANKED`, registered by ``tasks/select.py``).
 """
 
 from __future__ import annotations

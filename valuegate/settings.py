@@ -24,8 +24,9 @@ import glob
 import os
 import re
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic.fields import FieldInfo
@@ -226,11 +227,28 @@ class DataSettings(_Section):
         return value
 
 
+class Choices:
+    """Marks a ``str`` setting whose values a registry gives at call time (``Annotated[str, Choices(fn)]``): the
+    command line offers ``fn()`` as its choices (``valuegate/cli_flags.py``) and the setting's validator
+    refuses anything else in one line naming the key and the known values."""
+
+    def __init__(self, known: Callable[[], tuple[str, ...]]):
+        self.known = known
+
+
+def select_policies() -> tuple[str, ...]:
+    """Every ``select.policy``: the select step's own and the registered baselines' (ifd, length, perplexity,
+    rds, and any registered later: valuegate/engine/baseline_registry.py)."""
+    from valuegate.engine.baseline_registry import baseline_policies
+
+    return ("suspect", "drop_negative", "top_fraction", "threshold", "keep_all", *sorted(baseline_policies()),
+            "random")
+
+
 class SelectSettings(_Section):
     """Which scored samples the release keeps."""
 
-    policy: Literal["suspect", "drop_negative", "top_fraction", "threshold", "keep_all",
-                    "ifd", "perplexity", "rds", "length", "random"] = Field(
+    policy: Annotated[str, Choices(select_policies)] = Field(
         "suspect", description="suspect: drop samples whose suspect score exceeds `suspect_threshold` (a fault "
         "detector fired: the answer does not fit its question, repeats it, is garbled or cut; `reason_code` "
         "names the fault); drop_negative: drop samples valued below "
@@ -239,7 +257,7 @@ class SelectSettings(_Section):
         "The baselines, each keeping `fraction` of the samples: ifd: the highest IFD among samples with "
         "IFD < 1 (Cherry LLM / Superfiltering); perplexity: the lowest perplexity; rds: the highest rds_mean "
         "(RDS+ embedding similarity to the validation set); length: the longest; random: a random "
-        "fraction (`seed`).")
+        "fraction (`seed`); or the policy of a baseline registered in valuegate/engine/baseline_registry.py.")
     suspect_threshold: float = Field(3.0, description="suspect: largest suspect score kept (calibrated robust z "
                                      "units of the fault detectors against rows like each sample, docs/faults.md).")
     aggregate: Literal["mean", "nearest"] = Field("mean", description="The aggregate the policy reads.")
@@ -250,6 +268,15 @@ class SelectSettings(_Section):
     threshold: float = Field(0.0, description="threshold: smallest value kept.")
     group_by: str | None = Field(None, description="Metadata column whose groups the gate checks one by one "
                                  "(retention per group).")
+
+    @field_validator("policy")
+    @classmethod
+    def _known_policy(cls, value: str) -> str:
+        known = select_policies()
+        if value not in known:
+            raise PydanticCustomError("unknown_policy", "unknown policy {value}: use one of {known}",
+                                      {"value": repr(value), "known": ", ".join(known)})
+        return value
 
 
 class GateSettings(_Section):

@@ -132,7 +132,8 @@ def cost(frame: pl.DataFrame, n: int) -> dict:
     """Seconds per 1,000 samples of each method on the first ``n`` rows of ``frame``."""
     import torch
 
-    from valuegate.engine.baselines import _unit, unconditional_losses
+    from valuegate.engine.baselines import unconditional_losses
+    from valuegate.engine.cheap_baselines import unit_rows as _unit
     from valuegate.engine.encoding import length_batches
     from valuegate.engine.extraction import _token_block, counted_mask, extract_sparse, pad_batch
     from valuegate.engine.model import encode_samples, load_model, load_tokenizer

@@ -182,7 +182,7 @@ def _kept(policy: str, frame: pl.DataFrame = FRAME, **cfg) -> list[str]:
 def test_rds_columns_equal_the_float64_cosines_across_chunks():
     """rds_mean through the mean unit vector and rds_max, in float32 chunks, equal the plain float64 cosine
     matrix's mean and max (a zero row has cosine 0 with everything)."""
-    from valuegate.engine.baselines import rds_columns
+    from valuegate.engine.cheap_baselines import rds_columns
 
     rng = np.random.default_rng(5)
     t, v = rng.normal(size=(25, 16)) * 40, rng.normal(size=(7, 16))

@@ -9,16 +9,15 @@ import pytest
 import scipy.sparse as sp
 
 from valuegate.engine.aggregate import (
-    ValueMatrix,
     aggregate,
     block_inner_products,
     build_context,
     mean_aggregate,
-    normalize,
     score_chunk,
 )
 from valuegate.engine.candidates import BlockRows, CandidateSide, candidate_values, top_candidates
 from valuegate.engine.forvalue import sparse_cross_csr
+from valuegate.engine.oracle import ValueMatrix, normalize
 from valuegate.engine.quantize import quantize_rows
 from valuegate.engine.sketch import count_sketch
 from valuegate.settings import load_settings

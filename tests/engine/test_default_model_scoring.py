@@ -53,7 +53,8 @@ def test_scores_on_the_default_model(lm, tmp_path):
     for method in ("exact", "sparse"):
         settings = load_settings(overrides={"score": {"method": method, "aggregate": "pairwise"},
                                             "model": {"device": "cpu"}})
-        _, vm = score_files(str(train), str(valid), settings, progress=False, lm=lm)
+        _, report = score_files(str(train), str(valid), settings, progress=False, lm=lm)
+        vm = report.matrix
         assert np.isfinite(vm.values).all()
         # the nonsense answer is the one the model finds least likely
         assert int(np.argmax(vm.train_loss)) == 2 and vm.train_loss.min() > 0

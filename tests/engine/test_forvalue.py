@@ -121,7 +121,7 @@ def test_sparse_close_to_exact_when_truncated_and_projected(tiny_model_dir):
 
 @pytest.mark.parametrize("method", ["exact", "sparse"])
 def test_scores_do_not_depend_on_batching_order_or_padding_side(tiny_model_dir, method):
-    from valuegate.engine.aggregate import compute_values
+    from valuegate.engine.oracle import compute_values
 
     settings, lm, train, valid = _setup(tiny_model_dir("llama-tied"), n_train=11, n_valid=3, support_k=6,
                                         hidden_dim=8)
@@ -145,8 +145,8 @@ def test_scores_do_not_depend_on_batching_order_or_padding_side(tiny_model_dir, 
 
 def test_chunked_probability_blocks_change_nothing(tiny_model_dir):
     """A zero memory budget forces one sample per probability chunk: same values as one chunk per batch."""
-    from valuegate.engine.aggregate import compute_values
     from valuegate.engine.extraction import _chunks_by_budget
+    from valuegate.engine.oracle import compute_values
 
     assert _chunks_by_budget([3, 4, 5, 6], max_rows=5) == [(0, 1), (1, 2), (2, 3), (3, 4)]
     assert _chunks_by_budget([1, 1, 1, 9], max_rows=3) == [(0, 3), (3, 4)]

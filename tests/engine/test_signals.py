@@ -8,9 +8,9 @@ import pytest
 import torch
 from test_forvalue import _setup, phi_from_block
 
-from valuegate.engine.aggregate import compute_values
 from valuegate.engine.extraction import extract_token_blocks
 from valuegate.engine.model import encode_samples
+from valuegate.engine.oracle import compute_values
 from valuegate.storage.schemas import SIGNAL_COLUMNS
 
 

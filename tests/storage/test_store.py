@@ -306,7 +306,8 @@ def test_s3_workspace_end_to_end(s3_server, tmp_path, tiny_model_dir):
 def test_mean_through_one_vector_equals_mean_of_the_pairwise_matrix(how):
     import scipy.sparse as sp
 
-    from valuegate.engine.aggregate import ValueMatrix, mean_aggregate, normalize
+    from valuegate.engine.aggregate import mean_aggregate
+    from valuegate.engine.oracle import ValueMatrix, normalize
 
     rng = np.random.default_rng(0)
     tm = sp.random(30, 400, density=0.05, random_state=1, format="csr")

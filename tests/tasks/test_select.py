@@ -48,14 +48,14 @@ def test_suspect_reason_says_the_fault_in_words_and_as_a_code():
 
 
 def test_every_policy_writes_reason_codes_from_the_vocabulary():
-    from valuegate.tasks.select import REASON_CODES
+    from valuegate.tasks.select import reason_codes
 
     for cfg in ({"policy": "drop_negative"}, {"policy": "threshold", "threshold": 0.1},
                 {"policy": "top_fraction", "fraction": 0.4}, {"policy": "random", "fraction": 0.4},
                 {"policy": "keep_all"}):
         out = select_samples(SCORED, SelectSettings(**cfg))
         codes = set(out["reason_code"].to_list()) - {""}
-        assert codes <= set(REASON_CODES), (cfg, codes)
+        assert codes <= set(reason_codes()), (cfg, codes)
         assert (out["reason_code"] == "").to_list() == out["keep"].to_list()
 
 

@@ -1,178 +1,35 @@
-"""Scoring math on feature matrices (docs/ARCHITECTURE.md §4): the value matrix of two extracted sets,
-its normalisations and aggregates over the validation set, and the value signals.
+"""The chunk scorer (docs/ARCHITECTURE.md §4): value a chunk of training samples against a validation side
+built once, with the normalisations and aggregates over the validation set, and the value signals.
 
-torch/numpy/scipy only: the store side (reading feature rows, writing a scores run) is ``tasks/score.py``
-and ``storage/scores.py``; scoring files in memory is :mod:`valuegate.file_scoring`. Every entry point
-(``score_files``, ``score_dataset``, ``score_shard``) adds the suspect score of the fault detectors
-(:mod:`valuegate.engine.faults`) beside these values: :func:`valuegate.engine.faults.fault_columns`.
+One scorer for every path: ``valuegate score`` feeds its in-memory features through it as one chunk
+(:mod:`valuegate.engine.memory_scoring`), the ``score`` step feeds it stored feature rows chunk by chunk
+(``tasks/score.py``). The dense ``(n_train, n_valid)`` matrix of ``exact`` and ``pairwise`` is the oracle,
+:mod:`valuegate.engine.oracle`; the columns of scored chunks are :mod:`valuegate.engine.score_columns`.
+
+torch/numpy/scipy only: reading feature rows and writing a scores run are ``tasks/score.py`` and
+``storage/scores.py``.
 """
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
 from valuegate.engine.candidates import BlockRows, CandidateSide, candidate_values, top_candidates
-from valuegate.engine.encoding import EncodedSample
-from valuegate.engine.ending import block_inputs, feature_inputs
-from valuegate.engine.extraction import (
-    ExtractionStats,
-    extract_sparse,
-    extract_token_blocks,
-    iter_token_blocks,
-    projections,
-)
+from valuegate.engine.extraction import projections
 from valuegate.engine.faults import FaultReference
-from valuegate.engine.forvalue import (
-    exact_cross,
-    exact_self,
-    sparse_cross,
-    sparse_cross_csr,
-    sparse_mean_csr,
-    sparse_self,
-)
-from valuegate.engine.model import LoadedModel, encode_samples
-from valuegate.engine.sample import Sample
-from valuegate.engine.signals import (
-    CrossTerms,
-    SparseSet,
-    ValidSide,
-    cross_terms_exact,
-    cross_terms_sparse,
-    signals_from_terms,
-)
+from valuegate.engine.forvalue import sparse_cross_csr, sparse_mean_csr
+from valuegate.engine.signals import CrossTerms, SparseSet, ValidSide, cross_terms_sparse, signals_from_terms
 from valuegate.engine.sketch import count_sketch
 from valuegate.engine.token_products import TokenGroups, grouped_values
 from valuegate.errors import ValuegateError
 from valuegate.settings import Settings
 
-__all__ = ["ChunkScores", "ScoringContext", "ValueMatrix", "aggregate", "block_inner_products", "build_context",
-           "compute_values", "mean_aggregate", "mean_finish", "mean_hidden", "mean_vector", "nearest_of_candidates",
-           "normalize", "normalized", "projected_centre", "score_chunk",
-           "sketch_dim", "sparse_signal_terms", "top_k", "valid_scale"]
-
-
-@dataclass
-class ValueMatrix:
-    """Raw For-Value between every train and validation sample, and the per-sample terms beside it.
-
-    Attributes:
-        values: ``(n_train, n_valid)`` float64, ``⟨Φ(z), Φ(z')⟩_F``.
-        train_self, valid_self: ``(n,)`` float64 self-influence ``‖Φ‖²``.
-        train_tokens, valid_tokens: ``(n,)`` int64 counted positions.
-        train_loss: ``(n_train,)`` float64 mean token loss in nats.
-        timings: seconds per step (``extract_valid``, ``extract_train``, ``score``).
-        signals: name → ``(n_train,)`` every signal of :mod:`valuegate.engine.signals` (None when off).
-        reference: name → ``(n_valid,)`` the same of the validation samples, leave-one-out.
-        train_neighbours, valid_neighbours: ``(n, k)`` the nearest validation samples of each training and
-            (leave one out) validation sample, for the local suspect reference (None when global).
-        suspect: ``(n_train,)`` the combined suspect score (None when off); suspect_reason: the largest
-            deviations behind it, per sample.
-        train_hidden, valid_hidden: ``(n, d)`` mean final hidden states over the counted positions (the
-            ``rds`` baselines).
-        train_inputs, valid_inputs: the fault detectors' per-sample inputs (name → ``(n,)``,
-            :func:`valuegate.engine.ending.feature_inputs`), without ``uncond_loss``.
-    """
-
-    values: np.ndarray
-    train_self: np.ndarray
-    valid_self: np.ndarray
-    train_tokens: np.ndarray
-    valid_tokens: np.ndarray
-    train_loss: np.ndarray
-    timings: dict[str, float] = field(default_factory=dict)
-    stats: ExtractionStats = field(default_factory=ExtractionStats)
-    signals: dict[str, np.ndarray] | None = None
-    reference: dict[str, np.ndarray] | None = None
-    train_neighbours: np.ndarray | None = None
-    valid_neighbours: np.ndarray | None = None
-    suspect: np.ndarray | None = None
-    suspect_reason: list[str] | None = None
-    train_hidden: np.ndarray | None = None
-    valid_hidden: np.ndarray | None = None
-    train_inputs: dict[str, np.ndarray] | None = None
-    valid_inputs: dict[str, np.ndarray] | None = None
-
-
-def _token_counts(block_sample: torch.Tensor, n: int) -> np.ndarray:
-    return torch.bincount(block_sample, minlength=n).cpu().numpy().astype(np.int64)
-
-
-def _stack(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
-    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]} if parts else {}
-
-
-def mean_hidden(pooled: np.ndarray, tokens: np.ndarray) -> np.ndarray:
-    """``(n, d)`` float64 mean hidden state per sample from ``Σ_t h_t`` ``(n, d)`` and counted positions
-    ``(n,)``."""
-    return np.asarray(pooled, dtype=np.float64) / np.maximum(np.asarray(tokens), 1)[:, None]
-
-
-def _block_mean_hidden(block) -> np.ndarray:
-    """``(n_samples, d)`` float64 mean hidden state of every sample of a token block."""
-    pooled = torch.zeros(block.n_samples, block.hidden.shape[1], dtype=torch.float64).index_add_(
-        0, block.sample.cpu(), block.hidden.double().cpu())
-    return mean_hidden(pooled.numpy(), _token_counts(block.sample.cpu(), block.n_samples))
-
-
-def _exact_values(lm: LoadedModel, enc_train: list[EncodedSample], enc_valid: list[EncodedSample],
-                  train: list[Sample], valid: list[Sample], settings: Settings, progress: bool) -> ValueMatrix:
-    """The exact path: the validation set's full-vocabulary probabilities stay in memory
-    (``Σ positions × V × 4`` bytes); the training set streams block by block."""
-    ex, k = settings.extract, settings.score.nearest_k
-    ratio, hard = ex.lowest_likelihood_ratio, ex.hard_fraction
-    with_signals = settings.score.signals
-    timings: dict[str, float] = {}
-    stats = ExtractionStats()
-    t0 = time.perf_counter()
-    vblock = extract_token_blocks(lm, enc_valid, ex, valid, 1.0, progress, "validation")
-    timings["extract_valid"] = time.perf_counter() - t0
-    mu = vblock.hidden.mean(0)
-    vcent = vblock.centred(mu)
-    valid_self = exact_self(vblock).numpy()
-    vselfs = (valid_self, exact_self(vcent).numpy())
-    n_t = len(train)
-    values = np.zeros((n_t, len(valid)))
-    train_self, train_loss = np.zeros(n_t), np.zeros(n_t)
-    train_tokens = np.zeros(n_t, dtype=np.int64)
-    sig_parts, order, hidden_parts, input_parts = [], [], [], []
-    t0 = time.perf_counter()
-    for idx, block in iter_token_blocks(lm, enc_train, ex, train, 1.0, progress, "train", stats):
-        main = block.hardest(ratio)
-        if with_signals:
-            terms = cross_terms_exact(main, vblock, vcent, mu, vselfs)
-            sig = signals_from_terms(terms, k)
-            if hard < 1.0:
-                sig.update(signals_from_terms(cross_terms_exact(block.hardest(hard), vblock, vcent, mu, vselfs),
-                                              k, prefix="hard_"))
-            sig_parts.append(sig)
-            values[idx], train_self[idx] = terms.raw, terms.self_raw
-            train_tokens[idx], train_loss[idx] = terms.tokens, terms.loss
-        else:
-            values[idx] = exact_cross(main, vblock).cpu().numpy()
-            train_self[idx] = exact_self(main).numpy()
-            train_tokens[idx] = _token_counts(main.sample, main.n_samples)
-            loss = torch.zeros(main.n_samples, dtype=torch.float64).index_add_(
-                0, main.sample, -main.log_likelihood.double())
-            train_loss[idx] = loss.numpy() / np.maximum(train_tokens[idx], 1)
-        order.extend(idx)
-        hidden_parts.append(_block_mean_hidden(main))
-        input_parts.append(block_inputs(block, hard))
-    timings["extract_train+score"] = time.perf_counter() - t0
-    vm = ValueMatrix(values, train_self, valid_self, train_tokens, _token_counts(vblock.sample, vblock.n_samples),
-                     train_loss, timings, stats)
-    inv = np.argsort(np.asarray(order))
-    vm.train_hidden, vm.valid_hidden = np.concatenate(hidden_parts)[inv], _block_mean_hidden(vblock)
-    vm.train_inputs = {name: col[inv] for name, col in _stack(input_parts).items()}
-    vm.train_inputs["self_influence"] = train_self
-    vm.valid_inputs = {**block_inputs(vblock, hard), "self_influence": valid_self}
-    if with_signals:
-        t0 = time.perf_counter()
-        vm.signals = {name: col[inv] for name, col in _stack(sig_parts).items()}
-    return vm
+__all__ = ["ChunkScores", "ScoringContext", "aggregate", "aggregates_of", "block_inner_products", "build_context",
+           "mean_aggregate", "mean_finish", "mean_vector", "nearest_of_candidates", "normalized",
+           "projected_centre", "score_chunk", "sketch_dim", "sparse_signal_terms", "top_k", "valid_scale"]
 
 
 def projected_centre(cfg, hidden_size: int, vocab_size: int, hidden: np.ndarray,
@@ -198,69 +55,6 @@ def sparse_signal_terms(train: SparseSet, train_hard: SparseSet | None, vside: V
     if train_hard is not None:
         sig.update(signals_from_terms(cross_terms_sparse(train_hard, vside), k, prefix="hard_"))
     return terms, sig
-
-
-def compute_values(lm: LoadedModel, train: list[Sample], valid: list[Sample], settings: Settings,
-                   progress: bool = True,
-                   encoded: tuple[list[EncodedSample], list[EncodedSample]] | None = None) -> ValueMatrix:
-    """Extract both sets and compute the full value matrix with ``settings.score.method``, and (when
-    ``settings.score.signals``) every signal and the suspect score.
-
-    The exact path keeps the validation set's full-vocabulary probabilities in memory
-    (``Σ positions × V × 4`` bytes) and streams the training set batch by batch; the sparse path keeps
-    only the sparse rows of both sets.
-    """
-    ex = settings.extract
-    tok = lm.tokenizer
-    if encoded is None:
-        encoded = (encode_samples(tok, train, ex.loss_on, ex.max_length, ex.truncation, ex.template),
-                   encode_samples(tok, valid, ex.loss_on, ex.max_length, ex.truncation, ex.template))
-    enc_train, enc_valid = encoded
-    if settings.score.method == "exact":
-        return _exact_values(lm, enc_train, enc_valid, train, valid, settings, progress)
-    timings: dict[str, float] = {}
-    stats = ExtractionStats()
-    t0 = time.perf_counter()
-    fv = extract_sparse(lm, enc_valid, ex, valid, 1.0, progress, "validation")
-    timings["extract_valid"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    ft = extract_sparse(lm, enc_train, ex, train, ex.lowest_likelihood_ratio, progress, "train", stats)
-    timings["extract_train"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    hidden = (np.stack([f.mean_hidden for f in ft]).astype(np.float64),
-              np.stack([f.mean_hidden for f in fv]).astype(np.float64))
-    if not settings.score.signals:
-        values = sparse_cross(ft, fv, lm.vocab_size)
-        timings["score"] = time.perf_counter() - t0
-        return ValueMatrix(values, sparse_self(ft), sparse_self(fv),
-                           np.array([f.n_tokens for f in ft], dtype=np.int64),
-                           np.array([f.n_tokens for f in fv], dtype=np.int64),
-                           np.array([f.mean_loss for f in ft]), timings, stats, train_hidden=hidden[0],
-                           valid_hidden=hidden[1], train_inputs=feature_inputs(ft), valid_inputs=feature_inputs(fv))
-    k = settings.score.nearest_k
-    centre = projected_centre(ex, lm.hidden_size, lm.vocab_size, hidden[1], np.array([f.n_tokens for f in fv]))
-    vs = SparseSet.from_features(fv, lm.vocab_size)
-    vside = ValidSide.build(vs, centre)
-    has_hard = ex.hard_fraction < 1.0
-
-    def hard_of(fs: list) -> SparseSet | None:
-        return SparseSet.from_features([f.hard for f in fs], lm.vocab_size) if has_hard else None
-
-    terms, sig = sparse_signal_terms(SparseSet.from_features(ft, lm.vocab_size), hard_of(ft), vside, k)
-    timings["score"] = time.perf_counter() - t0
-    return ValueMatrix(terms.raw, terms.self_raw, vside.self_raw, terms.tokens, vs.tokens, terms.loss, timings,
-                       stats, sig, train_hidden=hidden[0], valid_hidden=hidden[1],
-                       train_inputs=feature_inputs(ft), valid_inputs=feature_inputs(fv))
-
-
-def normalize(vm: ValueMatrix, how: str) -> np.ndarray:
-    """Normalised value matrix ``(n_train, n_valid)``.
-
-    - ``none``: the raw inner product ``⟨Φ, Φ'⟩`` (the paper's value).
-    - ``length``: divided by the counted tokens of both samples (per-token alignment).
-    - ``cosine``: divided by ``‖Φ‖ ‖Φ'‖`` (direction only, in [-1, 1]).
-    """
-    return normalized(vm.values, how, vm.train_self, vm.train_tokens, vm.valid_self, vm.valid_tokens)
 
 
 def normalized(values: np.ndarray, how: str, t_self: np.ndarray, t_tok: np.ndarray, v_self: np.ndarray,
@@ -454,7 +248,7 @@ def sketch_dim(settings: Settings) -> int:
     return int(getattr(settings.extract, "sketch_dim", 0) or 256)
 
 
-def build_context(vids: list[str], v_self: np.ndarray, v_tok: np.ndarray, hidden: np.ndarray, settings: Settings,
+def build_context(vids: list[str], v_self: np.ndarray | None, v_tok: np.ndarray, hidden: np.ndarray, settings: Settings,
                   hidden_size: int, vocab: int, vm: object = None, valid: SparseSet | None = None,
                   valid_hard: SparseSet | None = None, width: int = 1,
                   v_sketch: np.ndarray | None = None) -> ScoringContext:
@@ -462,7 +256,7 @@ def build_context(vids: list[str], v_self: np.ndarray, v_tok: np.ndarray, hidden
 
     Args:
         vids: the validation ids in scoring order (n_v). v_self, v_tok: ``(n_v,)`` ``‖Φ'‖²`` and counted
-            positions. hidden: ``(n_v, d)`` mean hidden states. hidden_size, vocab: the feature set's ``d``
+            positions (v_self None, signals on: the row norms of ``valid``, as the in-memory path). hidden: ``(n_v, d)`` mean hidden states. hidden_size, vocab: the feature set's ``d``
             and ``V``.
         vm: ``(n_v, V·width)`` CSR of the sparse rows (signals off). valid, valid_hard: the rows as
             :class:`SparseSet` (signals on; ``valid_hard`` when ``extract.hard_fraction < 1``).
@@ -483,6 +277,8 @@ def build_context(vids: list[str], v_self: np.ndarray, v_tok: np.ndarray, hidden
     ctx.v_hidden = np.asarray(hidden, dtype=np.float64)  # the rds baselines, and the local suspect reference
     if sc.signals:
         ctx.vside = ValidSide.build(valid, projected_centre(ex, hidden_size, vocab, ctx.v_hidden, ctx.v_tok))
+        if ctx.v_self is None:
+            ctx.v_self = ctx.vside.self_raw
     return ctx
 
 
@@ -495,6 +291,7 @@ class ChunkScores:
             validation ids of the top alignments (None on the ``mean`` path without signals);
             nearest_values: ``(n, k)`` their normalised values. suspect: ``(n,)`` (signals on, else None);
             suspect_reason: per sample, the deviations behind it. signals: name → ``(n,)`` every signal.
+            self_influence: ``(n,)`` the ``‖Φ‖²`` the normalisation used (the caller's, or the rows' own).
     """
 
     value: np.ndarray
@@ -503,6 +300,7 @@ class ChunkScores:
     suspect: np.ndarray | None = None
     suspect_reason: list[str] | None = None
     signals: dict[str, np.ndarray] = field(default_factory=dict)
+    self_influence: np.ndarray | None = None
 
 
 def nearest_of_candidates(ctx: ScoringContext, sc, t_self: np.ndarray, t_tok: np.ndarray, train_csr,
@@ -542,14 +340,15 @@ def nearest_of_candidates(ctx: ScoringContext, sc, t_self: np.ndarray, t_tok: np
     return near_values.mean(axis=1), np.take_along_axis(cand, top, axis=1), near_values
 
 
-def score_chunk(ctx: ScoringContext, sc, t_self: np.ndarray, t_tok: np.ndarray, t_loss: np.ndarray,
+def score_chunk(ctx: ScoringContext, sc, t_self: np.ndarray | None, t_tok: np.ndarray, t_loss: np.ndarray,
                 t_hidden: np.ndarray, train_csr: object = None, train: SparseSet | None = None,
                 train_hard: SparseSet | None = None, t_sketch: np.ndarray | None = None,
                 t_mean_raw: np.ndarray | None = None, train_blocks: BlockRows | None = None) -> ChunkScores:
     """Value n training samples against the context with ``score`` settings ``sc``.
 
     Args:
-        t_self, t_tok, t_loss: ``(n,)`` ``‖Φ‖²``, counted positions, mean loss. t_hidden: ``(n, d)`` mean
+        t_self, t_tok, t_loss: ``(n,)`` ``‖Φ‖²`` (None, signals on: the row norms of ``train``, as the
+            in-memory path), counted positions, mean loss. t_hidden: ``(n, d)`` mean
             hidden states. train_csr: ``(n, V·width)`` CSR of the sparse rows (signals off). train,
             train_hard: the rows as :class:`SparseSet` (signals on). t_sketch: ``(n, D)`` stored sketches
             (signals off, nearest by candidates); train_blocks: the rows as blocks (the same, and the
@@ -563,6 +362,8 @@ def score_chunk(ctx: ScoringContext, sc, t_self: np.ndarray, t_tok: np.ndarray, 
     if sc.signals:
         terms, out.signals = sparse_signal_terms(train, train_hard, ctx.vside, k)
         raw = terms.raw
+        if t_self is None:
+            t_self = terms.self_raw
     elif sc.aggregate == "mean":
         if t_mean_raw is None:
             t_mean_raw = (np.asarray(train_csr.astype(np.float64) @ ctx.v_mean.astype(np.float64)).reshape(-1)
@@ -581,9 +382,20 @@ def score_chunk(ctx: ScoringContext, sc, t_self: np.ndarray, t_tok: np.ndarray, 
     else:
         raw = sparse_cross_csr(train_csr, ctx.vm)
     if raw is not None:
-        values = normalize(ValueMatrix(raw, t_self, ctx.v_self, t_tok, ctx.v_tok, t_loss), sc.normalize)
-        out.value, out.nearest = aggregate(values, "nearest", k)
-        if sc.aggregate != "nearest":
-            out.value = aggregate(values, sc.aggregate, k)[0]
-        out.nearest_values = np.take_along_axis(values, out.nearest, 1)
+        scored = aggregates_of(normalized(raw, sc.normalize, t_self, t_tok, ctx.v_self, ctx.v_tok), sc)
+        scored.signals = out.signals
+        out = scored
+    out.self_influence = t_self
+    return out
+
+
+def aggregates_of(values: np.ndarray, sc) -> ChunkScores:
+    """:class:`ChunkScores` of a normalised value matrix ``(n, n_v)``: the ``sc.aggregate`` value ``(n,)``,
+    the ``sc.nearest_k`` nearest validation indices ``(n, k)`` and their values (what :func:`score_chunk`
+    does with a chunk's matrix, and the oracle with the whole one)."""
+    out = ChunkScores(np.empty(0))
+    out.value, out.nearest = aggregate(values, "nearest", sc.nearest_k)
+    if sc.aggregate != "nearest":
+        out.value = aggregate(values, sc.aggregate, sc.nearest_k)[0]
+    out.nearest_values = np.take_along_axis(values, out.nearest, 1)
     return out

@@ -1,4 +1,6 @@
-"""The baselines a user would pick instead of valuegate (issue 18), as columns of every scored frame.
+"""The baselines a user would pick instead of valuegate (issue 18), as columns of every scored frame: what
+they mean, and IFD's extra forward pass. Their columns are computed in :mod:`valuegate.engine.cheap_baselines`
+and registered in :mod:`valuegate.engine.baseline_registry` (a new baseline: docs/extending.md).
 
 All but IFD come from the extraction valuegate already runs; IFD needs one more forward pass, of the
 response alone (:func:`unconditional_losses`), run in the same extraction and stored with the features
@@ -35,20 +37,17 @@ tokens, and so do ``mean_loss``, ``n_tokens`` and the pooled state: the baseline
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import torch
 
-from valuegate.engine.columns import BASELINE_COLUMNS
 from valuegate.engine.encoding import EncodedSample
 from valuegate.engine.model import LoadedModel
 from valuegate.engine.progress import Progress
 from valuegate.engine.sample import Sample
 from valuegate.settings import ExtractSettings
 
-__all__ = ["BASELINE_COLUMNS", "baseline_columns", "encode_unconditional", "rds_columns", "unconditional_losses",
-           "unconditional_text"]
+__all__ = ["encode_unconditional", "unconditional_losses", "unconditional_text"]
+
 
 def unconditional_text(sample: Sample) -> str | None:
     """The response of ``sample`` without its prompt: a prompt/response sample's response, a chat's assistant
@@ -166,57 +165,3 @@ def unconditional_losses(lm: LoadedModel, samples: list[Sample], cfg: ExtractSet
     if own:
         tracker.close()
     return out
-
-
-def _unit(x: np.ndarray, dtype=np.float64) -> np.ndarray:
-    """``(n, d)`` rows of ``x`` scaled to unit length in ``dtype`` (all-zero rows stay 0)."""
-    x = np.asarray(x, dtype=dtype)
-    norm = np.sqrt(np.einsum("ij,ij->i", x, x))[:, None]
-    return np.divide(x, norm, out=np.zeros_like(x), where=norm > 0)
-
-
-def baseline_columns(mean_loss: np.ndarray, n_tokens: np.ndarray, uncond_loss: np.ndarray | None,
-                     train_hidden: np.ndarray, valid_hidden: np.ndarray) -> dict[str, list]:
-    """Every baseline column of a run of training samples (see the module docstring).
-
-    Args:
-        mean_loss: ``(n,)`` mean response loss with the prompt, nats. n_tokens: ``(n,)`` counted tokens.
-        uncond_loss: ``(n,)`` mean loss of the response alone, NaN (or None) where undefined; None: not
-            extracted (every ``ifd`` null).
-        train_hidden: ``(n, d)`` and valid_hidden ``(n_v, d)`` pooled final hidden states (any positive scale:
-            only their directions count).
-
-    Returns:
-        ``{column: (n,) values}`` in :data:`BASELINE_COLUMNS` order; ``ifd`` holds None where undefined.
-    """
-    loss = np.asarray(mean_loss, dtype=np.float64)
-    if uncond_loss is None:
-        ifd: list[float | None] = [None] * len(loss)
-    else:
-        u = np.array([np.nan if x is None else x for x in uncond_loss], dtype=np.float64)
-        ifd = [float(c / w) if math.isfinite(w) and w > 0 else None for c, w in zip(loss, u, strict=True)]
-    rds_mean, rds_max = rds_columns(train_hidden, valid_hidden)
-    return {"perplexity": list(np.exp(loss)), "length": list(np.asarray(n_tokens, dtype=np.int64)),
-            "ifd": ifd, "rds_mean": list(rds_mean), "rds_max": list(rds_max)}
-
-
-def rds_columns(train_hidden: np.ndarray, valid_hidden: np.ndarray, rows: int = 8192) -> tuple[np.ndarray, np.ndarray]:
-    """``rds_mean`` and ``rds_max`` ``(n,)`` float64 of pooled states ``(n, d)`` against ``(n_v, d)``.
-
-    The mean of the cosines is the product with the mean unit validation vector; the max needs every
-    cosine. Both run in float32 (``rows`` training rows at a time): cosines within about 1e-6 of
-    float64's, far inside the float16 the mean hidden states are stored in (feature format 7), at half
-    the time and memory of float64 (the max's product is the largest cost of a signals-off mean scan
-    after the reads, issue 19).
-    """
-    n = len(train_hidden)
-    rds_mean, rds_max = np.full(n, np.nan), np.full(n, np.nan)
-    if not len(valid_hidden):
-        return rds_mean, rds_max
-    v = _unit(valid_hidden)
-    v_mean, v32 = v.mean(0).astype(np.float32), v.astype(np.float32).T
-    for lo in range(0, n, rows):
-        t = _unit(train_hidden[lo:lo + rows], np.float32)
-        rds_mean[lo:lo + rows] = t @ v_mean
-        rds_max[lo:lo + rows] = (t @ v32).max(1)
-    return rds_mean, rds_max

@@ -1,8 +1,10 @@
 """The names the engine produces: the feature layout's version and the signal and baseline columns.
 
-Plain constants (no torch, no pyarrow), so the store's schemas (``storage/schemas.py``) and the
-engine share one definition.
+Plain constants and the baseline registry's names (no torch, no pyarrow), so the store's schemas
+(``storage/schemas.py``) and the engine share one definition.
 """
+
+from valuegate.engine.baseline_registry import baseline_names
 
 # Version of the feature layout: part of every model fingerprint, bumped when a stored feature changes.
 FEATURE_FORMAT = 8  # 3: the `truncated` column; 4: `uncond_loss` (IFD's pass of the response alone);
@@ -28,11 +30,22 @@ BASE_SIGNALS = (
 )
 SIGNAL_COLUMNS = BASE_SIGNALS + tuple(f"hard_{s}" for s in BASE_SIGNALS)
 
-# The baselines of valuegate/engine/baselines.py (documented there): columns of every scored frame and scores run.
-BASELINE_COLUMNS = ("perplexity", "length", "ifd", "rds_mean", "rds_max")
 
 # The built-in fault detectors of valuegate/engine/faults.py (issue 27): each has a calibrated score column
 # ``fault_<code>`` in every scored frame and scores run, beside ``suspect`` (the largest), ``fault`` (its code)
 # and ``suspect_reason`` (its sentence). A detector registered later still feeds those three.
 FAULT_CODES = ("mismatch", "echo", "garbled", "cut")
 FAULT_SCORE_COLUMNS = tuple(f"fault_{c}" for c in FAULT_CODES)
+
+# The per-sample columns of every scored frame, by group, in the order valuegate/engine/score_columns.py gives
+# them after `value` (and the nearest validation samples): `valuegate score`'s output, the stored scores table
+# (storage/schemas.py) and a release's scores.parquet (valuegate/dataset_card.py) all take their names from here;
+# the baselines' from valuegate/engine/baseline_registry.py, at call time (a baseline registered later counts).
+MEASURE_COLUMNS = ("n_tokens", "truncated", "mean_loss", "self_influence")
+VERDICT_COLUMNS = ("suspect", "fault", "suspect_reason", *FAULT_SCORE_COLUMNS)
+SIGNAL_OUTPUT_COLUMNS = tuple(c for c in SIGNAL_COLUMNS if c != "mean_loss")  # mean_loss is a measure
+
+
+def sample_score_columns() -> tuple[str, ...]:
+    """The per-sample score columns, in order: measures, baselines (registered), verdict, signals."""
+    return (*MEASURE_COLUMNS, *baseline_names(), *VERDICT_COLUMNS, *SIGNAL_OUTPUT_COLUMNS)

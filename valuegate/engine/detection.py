@@ -14,12 +14,16 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.stats import rankdata
 
-__all__ = ["FLAG_SIDES", "DetectionRow", "bad_kinds", "detection_auc", "detection_rows"]
+from valuegate.engine.baseline_registry import registered
 
-# Each baseline on the side its filter drops (+1: high values are flagged, -1: low ones), the papers' use:
-# perplexity drops the highest, IFD the highest (≥ 1 means the prompt does not help), RDS the least similar,
-# length the shortest.
-FLAG_SIDES = {"perplexity": 1.0, "ifd": 1.0, "rds_mean": -1.0, "rds_max": -1.0, "length": -1.0}
+__all__ = ["DetectionRow", "bad_kinds", "detection_auc", "detection_rows", "flag_sides"]
+
+
+def flag_sides() -> dict[str, tuple[float, str]]:
+    """Each registered baseline column → (the side its filter drops: +1 high values are flagged, -1 low ones;
+    the filter's label), the papers' use: perplexity drops the highest, IFD the highest (≥ 1 means the prompt
+    does not help), RDS the least similar, length the shortest (:mod:`valuegate.engine.baseline_registry`)."""
+    return {b.column: (b.flags, b.label) for b in registered()}
 
 
 def detection_auc(score: np.ndarray, positive: np.ndarray) -> float:

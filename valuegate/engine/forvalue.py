@@ -37,6 +37,7 @@ __all__ = [
     "logit_jacobian",
     "sparse_cross",
     "sparse_features",
+    "sparse_matrix",
     "sparse_self",
 ]
 
@@ -397,7 +398,7 @@ def sparse_features(block: TokenBlock, support_k: int, hidden_proj: torch.Tensor
     return out
 
 
-def _sparse_matrix(feats: list[SparseFeatures], vocab: int) -> sp.csr_matrix:
+def sparse_matrix(feats: list[SparseFeatures], vocab: int) -> sp.csr_matrix:
     """``(n, V·k_h)`` CSR matrix whose row i is sample i's rows flattened by token id."""
     width = feats[0].rows.shape[1] if feats else 0
     indptr = np.zeros(len(feats) + 1, dtype=np.int64)
@@ -424,9 +425,9 @@ def sparse_cross(train: list[SparseFeatures], valid: list[SparseFeatures], vocab
     out = np.zeros((len(train), len(valid)), dtype=np.float64)
     if not train or not valid:
         return out
-    vt = _sparse_matrix(valid, vocab).T.tocsc()
+    vt = sparse_matrix(valid, vocab).T.tocsc()
     for lo in range(0, len(train), train_chunk):
-        part = _sparse_matrix(train[lo:lo + train_chunk], vocab)
+        part = sparse_matrix(train[lo:lo + train_chunk], vocab)
         out[lo:lo + part.shape[0]] = (part @ vt).toarray()
     return out
 

@@ -152,6 +152,19 @@ def test_arbitrary_column_types_in_parquet_never_crash_ingest(table):
     _check_ingest(write)
 
 
+def test_an_images_column_of_another_type_is_kept_as_hashes():
+    """Found by the property above: a text row whose ``images`` column is typed (a timestamp, all null) keeps
+    ``images`` in its metadata as the images' content hashes, never encoded with the source column's type."""
+    table = pa.table({"text": pa.array(["0"]), "images": pa.array([None], pa.timestamp("us", tz="UTC"))})
+
+    def write(folder: Path) -> Path:
+        path = folder / "src.parquet"
+        pq.write_table(table, path)
+        return path
+
+    _check_ingest(write)
+
+
 # ---- CSV: arbitrary text cells ---------------------------------------------------------------------
 
 CELL = (st.text(max_size=8) | st.integers().map(str) | st.floats().map(str) | st.dates().map(str)

@@ -70,11 +70,14 @@ def verdicts_for(chunk: list[RawRow], fmt: Format, source: str, max_chars: int,
                 sample, why = None, f"{sample.longest_field}: oversized ({size} characters > {max_chars})"
         extra = {k: v for k, v in rec.items() if k not in sample_cols} if sample else None
         images_col = fmt.source_name("images")
+        row_types = types
         if extra is not None and images_col in rec:
+            # ``images`` now holds content hashes (strings), whatever the source column's type was
+            row_types = {k: t for k, t in (types or {}).items() if k not in (images_col, "images")}
             # the release carries the images by content hash (resolved in the workspace's image table)
             extra.pop(images_col, None)
             extra["images"] = list(sample.images or ())
-        out.append(RowVerdict(i, sample, raw, why, extra, types if extra is not None else None))
+        out.append(RowVerdict(i, sample, raw, why, extra, row_types if extra is not None else None))
     return out
 
 

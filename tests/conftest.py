@@ -15,6 +15,13 @@ HERE = Path(__file__).parent
 for folder in (HERE, *(HERE / room for room in ("engine", "inputs", "storage", "tasks", "flows"))):
     sys.path.insert(0, str(folder))
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+# `make test` runs the tests on every core (pytest-xdist, one worker per core, a test module per worker): each
+# worker's torch, and the processes it starts, take their share of the cores (OpenMP threads beyond the cores
+# spin against each other and slow every worker)
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _WORKERS > 1:
+    for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ.setdefault(_var, str(max(1, (os.cpu_count() or 1) // _WORKERS)))
 
 from tiny import build_tiny_model, random_rows, write_jsonl  # noqa: E402  (found through the path above)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import sys
@@ -24,6 +25,24 @@ if _WORKERS > 1:
         os.environ.setdefault(_var, str(max(1, (os.cpu_count() or 1) // _WORKERS)))
 
 from tiny import build_tiny_model, random_rows, write_jsonl  # noqa: E402  (found through the path above)
+
+
+def pytest_runtest_setup(item):
+    """Prefect's console handlers write where ``sys.stderr`` pointed when its logging was last set up: when that
+    happened inside a test capturing its output (``capsys``), the stream is closed after it, and the next
+    flow's first log line fails (``I/O operation on closed file``; in a flow that logs its prints, the
+    traceback logging prints is logged again, to a RecursionError). Which test sets logging up first depends on the order, and so on the xdist worker: before each
+    test's fixtures (a module's fixture may run a flow), a handler on a closed stream is pointed at the current
+    ``sys.stderr`` (pytest's capture) again."""
+    if "prefect.logging.handlers" not in sys.modules:
+        return
+    from prefect.logging.handlers import PrefectConsoleHandler
+
+    loggers = [logging.getLogger(), *(lg for lg in logging.Logger.manager.loggerDict.values()
+                                      if isinstance(lg, logging.Logger))]
+    for handler in (h for lg in loggers for h in lg.handlers if isinstance(h, PrefectConsoleHandler)):
+        if getattr(handler.stream, "closed", False):  # (not setStream: it flushes the closed stream)
+            handler.stream = handler.console.file = sys.stderr
 
 
 @pytest.fixture(scope="session")

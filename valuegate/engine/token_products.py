@@ -22,6 +22,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import numpy.typing as npt
 
 from valuegate.engine.candidates import BlockRows, rowwise_dots
 
@@ -41,14 +42,14 @@ class TokenGroups:
         wide_data: ``(F, n_v, width)`` float32 those tokens' blocks, zero-filled to every validation row.
     """
 
-    ctok: np.ndarray
-    start: np.ndarray
-    count: np.ndarray
-    data: np.ndarray
-    row: np.ndarray
+    ctok: npt.NDArray[np.int64]
+    start: npt.NDArray[np.int64]
+    count: npt.NDArray[np.int64]
+    data: npt.NDArray[np.float32]
+    row: npt.NDArray[np.int64]
     n_valid: int
-    wide: np.ndarray
-    wide_data: np.ndarray
+    wide: npt.NDArray[np.int64]
+    wide_data: npt.NDArray[np.float32]
 
     @property
     def width(self) -> int:

@@ -60,6 +60,7 @@ from prefect.futures import wait
 
 from valuegate.default_model import DEFAULT_MODEL_ALIAS, default_model_dir
 from valuegate.digests import sha256_path
+from valuegate.engine.encoding import Unvalued
 from valuegate.errors import ClusterLost, GateFailed, InternalError, ValuegateError
 from valuegate.flows import (
     KeyedOn,
@@ -333,7 +334,7 @@ def plan_scores(settings: Settings, valset: dict[str, Any], dataset_fp: str,
 
     Returns:
         ``plan`` (:class:`~valuegate.tasks.score.ScoringPlan` as a dict) and the samples the run leaves out
-        as ``score`` reports them: ``unscored`` ({reason: count}) and ``unscored_ids`` ([id, message] pairs).
+        as ``score`` reports them: ``unscored`` ({reason: count}) and ``unscored_ids`` ([id, reason, message]).
     """
     ext = ExtractResult.from_dict(extracted)
     plan = score_step.plan_for(_scoring_settings(settings), ext)
@@ -394,7 +395,7 @@ def _score_sharded(settings: Settings, planned: dict[str, Any]) -> dict[str, Any
                           f"validation side){said}")
     return {"run_id": plan["run_id"], "model_fp": plan["fp_t"], "n_train": len(plan["ids"]),
             "timings": timings, "truncated": truncated,
-            "unscored": unscored, "unscored_ids": [tuple(p) for p in planned.get("unscored_ids", [])],
+            "unscored": unscored, "unscored_ids": [Unvalued(*p) for p in planned.get("unscored_ids", [])],
             "score_shards": {"shards": len(shards), "submitted": len(todo), "workers": len(loads),
                              "context_loads": sum(loads.values())}}
 

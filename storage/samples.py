@@ -100,6 +100,20 @@ def read_samples_by_id(ws: Store, ids: list[str], chunk: int = 2000) -> pa.Table
     return pa.concat_tables(parts) if parts else schemas.samples_schema.empty_table()
 
 
+def first_rows(ws: Store, dataset: str, ids: list[str], chunk: int = 2000) -> dict[str, tuple[str, int]]:
+    """``{id: (source, row)}``: the first source row of ``dataset`` that holds each of ``ids`` (what a message
+    about the sample names); an id no member row of the dataset holds is left out."""
+    where: dict[str, tuple[str, int]] = {}
+    if not ids or not ws.table_exists(schemas.MEMBERS):
+        return where
+    for i in range(0, len(ids), chunk):
+        t = ws.read(schemas.MEMBERS, where=f"dataset = {sql_str(dataset)} AND {sql_in('id', ids[i:i + chunk])}",
+                    columns=["id", "source", "row"])
+        for sid, source, row in zip(*(t[c].to_pylist() for c in ("id", "source", "row")), strict=True):
+            where[sid] = min(where.get(sid, (source, row)), (source, row))
+    return where
+
+
 def delete_stale_source_rows(ws: Store, table: str, dataset: str, source: str, source_hash: str) -> int:
     """Delete the rows ``source`` of ``dataset`` holds in ``table`` (members or quarantine) from any other
     version of the file than ``source_hash``; returns how many there were."""

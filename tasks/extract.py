@@ -19,7 +19,7 @@ import numpy as np
 
 from valuegate.engine.baselines import unconditional_losses
 from valuegate.engine.columns import FEATURE_FORMAT
-from valuegate.engine.encoding import TOO_LONG
+from valuegate.engine.encoding import TOO_LONG, Refusal, Unvalued
 from valuegate.engine.extraction import (
     ExtractionStats,
     block_features,
@@ -63,7 +63,7 @@ class StoreExtractReport:
     requested: int = 0
     already: int = 0
     extracted: int = 0
-    refused: list[tuple[str, str]] | None = None  # (id, reason message)
+    refused: list[Unvalued] | None = None  # samples the model cannot value
     truncated: int = 0  # extracted here from a sample cut at max_length (stored with truncated = true)
     older_format: int | None = None  # these settings' features are stored in this older format (not read)
     batches: int = 0
@@ -155,7 +155,7 @@ def extract_to_store(ws, lm_loader, ids: list[str], samples: list[Sample], cfg: 
     fstore.ensure_feature_set(ws, model_fp, fp_settings, lm.hidden_size, lm.vocab_size, width, cfg.error_dim,
                               cfg.sketch_dim)
     todo_ids, todo_samples = list(todo), list(todo.values())
-    refused: list[tuple[int, str]] = []
+    refused: list[tuple[int, Refusal]] = []
     cut: set[int] = set()
     ph, pe = projections(cfg, lm.hidden_size, lm.vocab_size)
     ph = ph.to(lm.device) if ph is not None else None
@@ -190,7 +190,7 @@ def extract_to_store(ws, lm_loader, ids: list[str], samples: list[Sample], cfg: 
     if ahead is not None:
         ahead.close()
         report.uncond_seconds = ahead.seconds
-    report.refused.extend((todo_ids[i], why) for i, why in refused)
+    report.refused.extend(Unvalued(todo_ids[i], why.reason, str(why)) for i, why in refused)
     report.truncated = len(cut)
     return report
 
@@ -258,10 +258,20 @@ def say_older_format(ws, model_fp: str, fp_settings: dict, n: int) -> int | None
     return old
 
 
-def refused_truncated(ws, model_fp: str, ids: list[str], max_length: int) -> list[tuple[str, str]]:
-    """``(id, reason)`` of the ``ids`` whose stored features are of a sample cut at ``max_length`` (extracted
-    under ``truncation = "truncate"``): what ``"refuse"`` refuses without running the model again."""
-    return [(i, f"sample {i[:12]}: {TOO_LONG}={max_length} (extract.truncation = refuse)")
+def dataset_samples(ws: Store, dataset: str, ids: list[str]) -> dict[str, Sample]:
+    """``{id: Sample}`` of the stored ``ids``, each named by the first file row of ``dataset`` that holds it
+    (what a refusal of the sample says: file, row, field), else as ``store: row 0``."""
+    if not ids:
+        return {}
+    where = sstore.first_rows(ws, dataset, ids)
+    return {r["id"]: sample_from_record(r, row, source) for r in sstore.read_samples_by_id(ws, ids).to_pylist()
+            for source, row in [where.get(r["id"], ("store", 0))]}
+
+
+def refused_truncated(ws, model_fp: str, ids: list[str], max_length: int) -> list[Unvalued]:
+    """The ``ids`` whose stored features are of a sample cut at ``max_length`` (extracted under ``truncation
+    = "truncate"``): what ``"refuse"`` refuses without running the model again."""
+    return [Unvalued(i, TOO_LONG, f"sample {i[:12]}: {TOO_LONG}={max_length} (extract.truncation = refuse)")
             for i in fstore.truncated_ids(ws, model_fp, ids)]
 
 
@@ -328,7 +338,7 @@ def extract_dataset(ws, dataset: str, settings, progress: bool = True, lm_cache:
     loader = cached_model(lm_cache if lm_cache is not None else {}, settings.model, tok, progress)
     have = fstore.feature_ids(ws, fp)
     missing = [i for i in ids if i not in have]
-    recs = {r["id"]: sample_from_record(r) for r in sstore.read_samples_by_id(ws, missing).to_pylist()} if missing else {}
+    recs = dataset_samples(ws, dataset, missing)
     rep = extract_to_store(ws, loader, missing, [recs[i] for i in missing], ex, fp, fps, ratio,
                            progress=progress, desc="train")
     rep.requested, rep.already = len(ids), len(ids) - len(missing)
@@ -420,7 +430,7 @@ def extract_shard(workspace: str, ids: list[str], settings, model_fp: str, fp_se
     """
     use_progress_interval(settings.progress_seconds)
     ws = open_store(workspace)
-    recs = {r["id"]: sample_from_record(r) for r in sstore.read_samples_by_id(ws, list(ids)).to_pylist()}
+    recs = dataset_samples(ws, settings.data.dataset, list(ids))
     lost = [i for i in ids if i not in recs]
     if lost:
         raise ValuegateError(f"shard: {len(lost)} ids are not in the samples table of {ws.uri} (e.g. {lost[0]})")
@@ -428,7 +438,7 @@ def extract_shard(workspace: str, ids: list[str], settings, model_fp: str, fp_se
                            [recs[i] for i in ids], settings.extract, model_fp, fp_settings, lowest_likelihood_ratio,
                            progress=False, desc="shard")
     stats = rep.stats or ExtractionStats()
-    return {"extracted": rep.extracted, "already": rep.already, "refused": [i for i, _ in rep.refused or []],
+    return {"extracted": rep.extracted, "already": rep.already, "refused": [u.id for u in rep.refused or []],
             "batches": rep.batches, "seconds": round(stats.seconds, 3), "pid": os.getpid(),
             "model_loads": _WORKER_LOADS.get(model_fp, 0)}
 
@@ -450,8 +460,8 @@ class ExtractResult:
         n_train (int): samples of the dataset.
         extracted (int): training samples extracted by this call (0: all were stored already).
         extracted_valid (int): validation samples extracted by this call.
-        refused (list[tuple[str, str]]): ``(id, message)`` of training samples the model cannot value
-            (left out of the scores run).
+        refused (list[Unvalued]): ``(id, reason, message)`` of training samples the model cannot value (left
+            out of the scores run).
         timings (dict[str, float]): seconds: ``resolve`` (ids, validation version, fingerprints) and
             ``extract`` (the forward passes and writes).
         unconditional (bool): whether features carry IFD's unconditional loss (``extract.unconditional``
@@ -464,14 +474,14 @@ class ExtractResult:
     n_train: int
     extracted: int
     extracted_valid: int
-    refused: list[tuple[str, str]]
+    refused: list[Unvalued]
     timings: dict[str, float]
     unconditional: bool = True
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ExtractResult:
         """The result of ``dataclasses.asdict`` (e.g. read back from the step's cache), rebuilt."""
-        return cls(**{**d, "refused": [tuple(p) for p in d["refused"]]})
+        return cls(**{**d, "refused": [Unvalued(*p) for p in d["refused"]]})
 
     def line(self) -> str:
         """One human line."""
@@ -532,10 +542,10 @@ def extract_for_run(ws: Store, dataset: str, valset_ref: str, settings: Settings
     rep_v = extract_to_store(ws, cached_model(cache, settings.model, tok, progress), vids, vsamples, ex, fp_v,
                              fp_v_settings, 1.0, progress=progress, desc="validation")
     if rep_v.refused:
-        raise ValuegateError(f"{valset}: a validation sample cannot be valued: {rep_v.refused[0][1]}")
+        raise ValuegateError(f"{valset}: a validation sample cannot be valued: {rep_v.refused[0].message}")
     timings["extract"] = time.perf_counter() - t0
     result = ExtractResult(valset, fp_t, fp_v, len(ids), rep_t.extracted, rep_v.extracted,
-                           [tuple(p) for p in rep_t.refused or []], timings,
+                           list(rep_t.refused or []), timings,
                            bool(fp_t_settings.get("unconditional", True)))
     return result, rep_t, rep_v
 

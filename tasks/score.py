@@ -31,7 +31,7 @@ from valuegate.engine.aggregate import (
     score_chunk,
 )
 from valuegate.engine.candidates import BlockRows
-from valuegate.engine.encoding import refusal_reason
+from valuegate.engine.encoding import Unvalued
 from valuegate.engine.faults import FaultReference, detect, pool_sample, reference_of
 from valuegate.engine.progress import Progress, use_progress_interval
 from valuegate.engine.score_columns import score_columns
@@ -69,8 +69,8 @@ class ScoreResult:
         n_train (int): training samples scored.
         truncated (int): of them, valued on their first ``max_length`` tokens only.
         unscored (dict[str, int]): samples of the dataset left out, by reason
-            (:func:`~valuegate.engine.encoding.refusal_reason`).
-        unscored_ids (list[tuple[str, str]]): their ``(id, message)``.
+            (:data:`~valuegate.engine.encoding.REFUSAL_REASONS`).
+        unscored_ids (list[Unvalued]): their ``(id, reason, message)``.
         timings (dict[str, float]): seconds per part: ``read``, ``score``, ``write``.
     """
 
@@ -79,7 +79,7 @@ class ScoreResult:
     n_train: int
     truncated: int
     unscored: dict[str, int]
-    unscored_ids: list[tuple[str, str]]
+    unscored_ids: list[Unvalued]
     timings: dict[str, float]
 
 
@@ -98,12 +98,12 @@ class ScoreRunReport:
     timings: dict[str, float] = field(default_factory=dict)
     table: object = None
     truncated: int = 0
-    unscored_ids: list[tuple[str, str]] = field(default_factory=list)
+    unscored_ids: list[Unvalued] = field(default_factory=list)
 
     @property
     def unscored(self) -> dict[str, int]:
         """Samples of the dataset that reached extraction and got no score, by reason
-        (:func:`~valuegate.engine.encoding.refusal_reason`); their ids and full messages: ``unscored_ids``."""
+        (:data:`~valuegate.engine.encoding.REFUSAL_REASONS`); their ids and full messages: ``unscored_ids``."""
         return unscored_counts(self.unscored_ids)
 
     def line(self) -> str:
@@ -116,10 +116,9 @@ class ScoreRunReport:
                 + (f"; not scored: {unscored}" if unscored else ""))
 
 
-def unscored_counts(unscored_ids) -> dict[str, int]:
-    """``{reason: count}`` of ``(id, refusal message)`` pairs, keyed by
-    :func:`~valuegate.engine.encoding.refusal_reason` (what every runner reports as ``unscored``)."""
-    return dict(Counter(refusal_reason(why) for _, why in unscored_ids))
+def unscored_counts(unscored_ids: list[Unvalued]) -> dict[str, int]:
+    """``{reason: count}`` of the samples left out (what every runner reports as ``unscored``)."""
+    return dict(Counter(u.reason for u in unscored_ids))
 
 
 def _aligned(t, ids: list[str]):
@@ -269,7 +268,7 @@ def plan_run(ws: Workspace, dataset: str, extracted: ExtractResult, settings: Se
         ValuegateError: settings a stored scores run cannot use (as :func:`extract_for_run`).
     """
     check_scoring_settings(settings)
-    refused = {i for i, _ in extracted.refused}
+    refused = {p[0] for p in extracted.refused}  # Unvalued, or a list of three read back from a cache
     ids = sstore.dataset_ids(ws, dataset)
     _, vrows = read_valset(ws, extracted.valset)
     vids, _ = valset_samples(vrows)
@@ -492,7 +491,7 @@ def score_dataset(ws: Workspace, dataset: str, valset_ref: str, settings: Settin
         unscored_ids = list(rep_t.refused or [])
     else:
         plan, rep_t, rep_v, timings = plan_run(ws, dataset, extracted, settings), None, None, {}
-        unscored_ids = [tuple(p) for p in extracted.refused]
+        unscored_ids = [Unvalued(*p) for p in extracted.refused]
     t0 = time.perf_counter()
     ctx = load_context(ws, plan, settings)
     timings["read"] = time.perf_counter() - t0
@@ -529,7 +528,7 @@ def run(settings: Settings, extracted: ExtractResult) -> tuple[ScoreResult, str]
     rep = score_dataset(Workspace.from_env(settings.workspace), settings.data.dataset, extracted.valset,
                         settings, progress=False, extracted=extracted)
     return ScoreResult(rep.run_id, rep.model_fp, rep.n_train, rep.truncated, rep.unscored,
-                       [tuple(p) for p in rep.unscored_ids], dict(rep.timings)), rep.line()
+                       list(rep.unscored_ids), dict(rep.timings)), rep.line()
 
 
 # one scoring context per worker process: the validation side of the run its shards belong to

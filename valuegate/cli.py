@@ -209,8 +209,8 @@ def _cmd_extract(args: argparse.Namespace) -> int:
     settings, ws = _settings_and_ws(args)
     rep = extract_dataset(ws, args.name, settings, progress=not args.quiet)
     print(rep.line(), file=sys.stderr)
-    for sid, why in (rep.refused or [])[:5]:
-        print(f"  refused {sid[:12]}: {why}", file=sys.stderr)
+    for u in (rep.refused or [])[:5]:
+        print(f"  refused {u.id[:12]}: {u.message}", file=sys.stderr)
     return 0
 
 

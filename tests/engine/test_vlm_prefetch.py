@@ -94,7 +94,8 @@ def test_corrupt_image_is_refused_naming_the_sample(vlm_dir, pictures):  # noqa:
     refused: list = []
     done = [i for idx, _ in iter_sample_blocks(lm, samples, ex, progress=False, refused=refused, workers=2)
             for i in idx]
-    assert [i for i, _ in refused] == [bad] and "cannot be decoded" in refused[0][1]
+    assert [i for i, _ in refused] == [bad] and "cannot be decoded" in str(refused[0][1])
+    assert refused[0][1].reason == "cannot be encoded"
     assert sorted(done) == [i for i in range(len(samples)) if i != bad]
 
 

@@ -69,7 +69,7 @@ def test_store_scoring_reports_truncated_and_unscored_samples(tmp_path, tiny_mod
     assert rep.n_train == 9 and rep.truncated == 3
     assert "3 truncated at max_length" in rep.extract_train.line() and "3 truncated" in rep.line()
     assert rep.unscored == {"every counted token lies beyond max_length": 1}
-    assert [i for i, _ in rep.unscored_ids] == [beyond_id] and "not scored: 1 every counted" in rep.line()
+    assert [u.id for u in rep.unscored_ids] == [beyond_id] and "not scored: 1 every counted" in rep.line()
     scored = read_score_run(ws, rep.run_id, "d")
     assert {r["id"] for r in scored.filter(scored["truncated"]).to_dicts()} == long_ids
     assert scored.height == 9 and scored["truncated"].sum() == 3
@@ -78,6 +78,22 @@ def test_store_scoring_reports_truncated_and_unscored_samples(tmp_path, tiny_mod
     rep = score_dataset(ws, "d", "v", _settings(tiny_model_dir(), "refuse", ws.uri), progress=False)
     assert rep.extract_train.extracted == 0 and rep.n_train == 6 and rep.truncated == 0
     assert rep.unscored == {"longer than max_length": 4}  # the one cut before its response too
-    assert {i for i, _ in rep.unscored_ids} == long_ids | {beyond_id}
+    assert {u.id for u in rep.unscored_ids} == long_ids | {beyond_id}
     run = ws.read(schemas.SCORES, where=f"run_id = {sql_str(rep.run_id)}", columns=["id"])["id"].to_pylist()
     assert len(run) == 6 and not set(run) & (long_ids | {beyond_id})
+
+
+def test_an_unscored_sample_names_its_file_and_row_and_is_counted_by_its_refusal(tmp_path, tiny_model_dir):
+    """The reason a sample is left out is data its refusal carries (never matched in the message's text), and
+    the message names the file and row the sample came from (it said ``store: row 0``, for every sample)."""
+    root = tmp_path / "ws"
+    ws = Workspace(str(root))
+    sstore.ensure_sample_tables(ws)
+    train = write_jsonl(tmp_path / "longer than max_length.jsonl", _rows())
+    ingest_file(ws, "d", train, 10_000)
+    register_valset(ws, "v", str(write_jsonl(tmp_path / "v.jsonl", _valid())), 10_000)
+    rep = score_dataset(ws, "d", "v", _settings(tiny_model_dir(), "truncate", ws.uri), progress=False)
+    (left,) = rep.unscored_ids
+    assert left.message.startswith(f"{train}: row 9: response: every counted token lies beyond max_length"), left
+    assert left.reason == "every counted token lies beyond max_length"
+    assert rep.unscored == {"every counted token lies beyond max_length": 1}

@@ -9,7 +9,7 @@ and encodes its samples with the same pieces; :func:`valuegate.engine.model.enco
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -20,29 +20,53 @@ from valuegate.errors import ValuegateError
 __all__ = [
     "REFUSAL_REASONS",
     "EncodedSample",
+    "Refusal",
+    "Unvalued",
     "chat_text_and_spans",
     "counted_from_offsets",
     "encode_text_sample",
     "length_batches",
-    "refusal_reason",
+    "refusal_of",
     "resolve_loss_on",
     "resolve_template",
     "too_long",
 ]
 
-# Why a sample reaching extraction is not valued: the phrases the refusals of encode_sample (and of a VLM
-# processor's encode) put in their messages, which refusal_reason maps back to (the keys of the counts).
+# Why a sample reaching extraction is not valued: the reason a :class:`Refusal` carries (data, the keys of the
+# counts of unscored samples; its message says it with the file, row and field).
 TOO_LONG = "longer than max_length"
 BEYOND = "every counted token lies beyond max_length"
 NO_TOKEN = "no token to count"
 NO_ASSISTANT = "no assistant turn to count"
-REFUSAL_REASONS = (TOO_LONG, BEYOND, NO_ASSISTANT, NO_TOKEN)
+CANNOT = "cannot be encoded"  # any other refusal: an image that does not decode, a processor's refusal, ...
+REFUSAL_REASONS = (TOO_LONG, BEYOND, NO_ASSISTANT, NO_TOKEN, CANNOT)
 
 
-def refusal_reason(message: str) -> str:
-    """The short reason of a refusal message (one of :data:`REFUSAL_REASONS`, else ``"cannot be encoded"``):
-    what the counts of unscored samples are keyed on."""
-    return next((r for r in REFUSAL_REASONS if r in message), "cannot be encoded")
+class Refusal(ValuegateError):
+    """A sample the model cannot value (a user error naming file, row and field), with why as data.
+
+    Attributes:
+        reason (str): one of :data:`REFUSAL_REASONS`, what the counts of unscored samples are keyed on.
+    """
+
+    def __init__(self, message: str, reason: str = CANNOT) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+def refusal_of(exc: ValuegateError) -> Refusal:
+    """``exc`` as a :class:`Refusal` (a user error raised while encoding a sample that is no Refusal itself,
+    e.g. an image that does not decode, is one for the reason :data:`CANNOT`)."""
+    return exc if isinstance(exc, Refusal) else Refusal(str(exc), CANNOT)
+
+
+class Unvalued(NamedTuple):
+    """A sample left out of the scores: what every step and runner reports as ``unscored`` (a JSON list of
+    three in a flow's results)."""
+
+    id: str
+    reason: str  # one of REFUSAL_REASONS
+    message: str  # the refusal's one line (file, row, field)
 
 
 @dataclass
@@ -120,10 +144,10 @@ def chat_text_and_spans(tokenizer: object, sample: Sample,
     return full, spans
 
 
-def too_long(sample: Sample, n_tokens: int, max_length: int) -> ValuegateError:
+def too_long(sample: Sample, n_tokens: int, max_length: int) -> Refusal:
     """The refusal of a sample longer than ``max_length`` under ``extract.truncation = refuse``."""
-    return ValuegateError(f"{sample.source}: row {sample.row}: {sample.counted_field}: {n_tokens} tokens, "
-                          f"{TOO_LONG}={max_length} (extract.truncation = refuse)")
+    return Refusal(f"{sample.source}: row {sample.row}: {sample.counted_field}: {n_tokens} tokens, "
+                   f"{TOO_LONG}={max_length} (extract.truncation = refuse)", TOO_LONG)
 
 
 def encode_text_sample(tokenizer: object, sample: Sample, loss_on: str, max_length: int,
@@ -141,9 +165,10 @@ def encode_text_sample(tokenizer: object, sample: Sample, loss_on: str, max_leng
     (``"refuse"``).
 
     Raises:
-        ValuegateError: no token counts (e.g. every counted token was truncated away, or a chat has no
-            assistant turn), or the sample is too long under ``refuse``, naming file, row and field (the
-            message holds one of :data:`REFUSAL_REASONS`).
+        Refusal: no token counts (e.g. every counted token was truncated away, or a chat has no assistant
+            turn), or the sample is too long under ``refuse``, naming file, row and field, its ``reason`` one
+            of :data:`REFUSAL_REASONS`.
+        ValuegateError: the sample carries images (a refusal for :data:`CANNOT`, :func:`refusal_of`).
     """
     if sample.images:
         raise ValuegateError(f"{sample.source}: row {sample.row}: images: the model is a text-only model; "
@@ -172,10 +197,9 @@ def encode_text_sample(tokenizer: object, sample: Sample, loss_on: str, max_leng
     counted = in_target[1:].copy()
     if not counted.any():
         why = BEYOND if truncated and in_target.size else (
-            NO_ASSISTANT if mode == "response" and sample.kind == "messages" and not spans
-            else f"{NO_TOKEN} (too short)")
-        raise ValuegateError(f"{sample.source}: row {sample.row}: {sample.counted_field}: {why} "
-                             f"(loss_on={mode}, max_length={max_length})")
+            NO_ASSISTANT if mode == "response" and sample.kind == "messages" and not spans else NO_TOKEN)
+        raise Refusal(f"{sample.source}: row {sample.row}: {sample.counted_field}: {why}"
+                      f"{' (too short)' if why == NO_TOKEN else ''} (loss_on={mode}, max_length={max_length})", why)
     return EncodedSample(input_ids=ids, counted=counted, truncated=truncated)
 
 

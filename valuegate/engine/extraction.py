@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from valuegate.engine.encoding import EncodedSample, length_batches
+from valuegate.engine.encoding import EncodedSample, Refusal, length_batches, refusal_of
 from valuegate.engine.ending import end_log_probs, end_positions, end_token_ids, prompt_overlap
 from valuegate.engine.forvalue import (
     SparseFeatures,
@@ -350,9 +350,9 @@ _THREAD_STATE = threading.local()
 
 
 def _encode_in_worker(tokenizer: object, sample: Sample, loss_on: str, max_length: int,
-                      truncation: str = "truncate", template: str = "auto") -> EncodedSample | str:
+                      truncation: str = "truncate", template: str = "auto") -> EncodedSample | Refusal:
     """Encode one sample in a pool thread, with that thread's own copy of the processor (HF processors and
-    fast tokenizers are not documented as thread-safe). A refusal (ValuegateError) comes back as its message;
+    fast tokenizers are not documented as thread-safe). A refusal (a ValuegateError) comes back as a Refusal;
     anything else is raised and reaches the consumer through the future."""
     own = getattr(_THREAD_STATE, "copies", None)
     if own is None:
@@ -363,15 +363,15 @@ def _encode_in_worker(tokenizer: object, sample: Sample, loss_on: str, max_lengt
     try:
         return encode_sample(tok, sample, loss_on, max_length, truncation, template)
     except ValuegateError as exc:
-        return str(exc)
+        return refusal_of(exc)
 
 
 def _encode_inline(tokenizer: object, sample: Sample, loss_on: str, max_length: int,
-                   index: int = 0, truncation: str = "truncate", template: str = "auto") -> EncodedSample | str:
+                   index: int = 0, truncation: str = "truncate", template: str = "auto") -> EncodedSample | Refusal:
     try:
         return encode_sample(tokenizer, sample, loss_on, max_length, truncation, template)
     except ValuegateError as exc:
-        return str(exc)
+        return refusal_of(exc)
     except Exception as exc:
         raise _encode_failure(sample, index, exc) from exc
 
@@ -384,9 +384,9 @@ def _encode_failure(sample: Sample, index: int, exc: BaseException) -> Valuegate
 
 
 def _encoded_windows(tokenizer: object, samples: list[Sample], cfg: ExtractSettings, window: int,
-                     workers: int) -> Iterator[tuple[int, list[EncodedSample | str]]]:
+                     workers: int) -> Iterator[tuple[int, list[EncodedSample | Refusal]]]:
     """``(start, encodings)`` of consecutive windows of ``samples``, in order; an encoding is an
-    :class:`EncodedSample` or a refusal's message. With ``workers`` threads, the next
+    :class:`EncodedSample` or a :class:`Refusal`. With ``workers`` threads, the next
     :data:`PREFETCH_WINDOWS` windows are encoded while the caller works on the current one.
 
     Raises:
@@ -433,7 +433,7 @@ def _encoded_windows(tokenizer: object, samples: list[Sample], cfg: ExtractSetti
 
 def iter_sample_blocks(lm: LoadedModel, samples: list[Sample], cfg: ExtractSettings,
                        lowest_likelihood_ratio: float = 1.0, progress: bool = True, desc: str = "extract",
-                       stats: ExtractionStats | None = None, refused: list[tuple[int, str]] | None = None,
+                       stats: ExtractionStats | None = None, refused: list[tuple[int, Refusal]] | None = None,
                        workers: int | None = None, truncated: set[int] | None = None,
                        before: Callable[[list[list[int]], int], None] | None = None
                        ) -> Iterator[tuple[list[int], TokenBlock]]:
@@ -447,7 +447,7 @@ def iter_sample_blocks(lm: LoadedModel, samples: list[Sample], cfg: ExtractSetti
     ``workers`` (0: inline).
 
     Args:
-        refused: where to collect ``(index, reason)`` of samples the encoding refuses (None: raise).
+        refused: where to collect ``(index, refusal)`` of samples the encoding refuses (None: raise the refusal).
         workers: encoding threads (None: :func:`encode_workers` of ``cfg``).
         truncated: where to collect the indices of samples cut at ``cfg.max_length`` (``cfg.truncation =
             "truncate"``; under ``"refuse"`` they are refused).
@@ -462,9 +462,9 @@ def iter_sample_blocks(lm: LoadedModel, samples: list[Sample], cfg: ExtractSetti
         ValuegateError: a sample is refused and ``refused`` is None, its encoding fails (names it), or the
             model's outputs are not finite.
     """
-    def refuse(i: int, why: str) -> None:
+    def refuse(i: int, why: Refusal) -> None:
         if refused is None:
-            raise ValuegateError(why)
+            raise why
         refused.append((i, why))
 
     def kept(i: int, e: EncodedSample) -> None:
@@ -475,7 +475,7 @@ def iter_sample_blocks(lm: LoadedModel, samples: list[Sample], cfg: ExtractSetti
         keep, enc = [], []
         for i, s in enumerate(samples):
             e = _encode_inline(lm.tokenizer, s, cfg.loss_on, cfg.max_length, i, cfg.truncation, cfg.template)
-            if isinstance(e, str):
+            if isinstance(e, Refusal):
                 refuse(i, e)
             else:
                 keep.append(i)
@@ -507,7 +507,7 @@ def iter_sample_blocks(lm: LoadedModel, samples: list[Sample], cfg: ExtractSetti
         for lo, encodings in windows:
             keep, enc = [], []
             for k, e in enumerate(encodings):
-                if isinstance(e, str):
+                if isinstance(e, Refusal):
                     refuse(lo + k, e)
                     bar.update(1)
                 else:

@@ -240,8 +240,9 @@ def encode_sample(tokenizer: object, sample: Sample, loss_on: str, max_length: i
     :func:`valuegate.engine.encoding.encode_text_sample` (what counts, truncation, refusals).
 
     Raises:
-        ValuegateError: the sample cannot be valued (the message names file, row and field and holds one of
-            :data:`~valuegate.engine.encoding.REFUSAL_REASONS`).
+        ValuegateError: the sample cannot be valued (the message names file, row and field; a
+            :class:`~valuegate.engine.encoding.Refusal` carries its reason as data,
+            :func:`~valuegate.engine.encoding.refusal_of` gives one for any other).
     """
     if isinstance(tokenizer, VisionProcessor):
         return tokenizer.encode(sample, loss_on, max_length, truncation)

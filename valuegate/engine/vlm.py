@@ -33,7 +33,10 @@ import numpy as np
 import torch
 
 from valuegate.engine.encoding import (
+    BEYOND,
+    NO_TOKEN,
     EncodedSample,
+    Refusal,
     chat_text_and_spans,
     counted_from_offsets,
     resolve_loss_on,
@@ -293,14 +296,13 @@ class VisionProcessor:
                                  f"{int(np.nonzero(in_image)[0][-1]) + 1}); raise --max-length")
         truncated = len(ids) > max_length
         if truncated and truncation == "refuse":
-
             raise too_long(sample, len(ids), max_length)
         ids, in_target, in_image = ids[:max_length], in_target[:max_length], in_image[:max_length]
         counted = in_target[1:].copy()
         if not counted.any():
-            why = "every counted token lies beyond max_length" if truncated and in_target.size else (
-                "no token to count (too short)")
-            raise ValuegateError(f"{where}: {sample.counted_field}: {why} (loss_on={mode}, max_length={max_length})")
+            why = BEYOND if truncated and in_target.size else NO_TOKEN
+            raise Refusal(f"{where}: {sample.counted_field}: {why}{' (too short)' if why == NO_TOKEN else ''} "
+                          f"(loss_on={mode}, max_length={max_length})", why)
         if bool((counted & in_image[1:]).any()):  # pragma: no cover - guarded by construction above
             raise ValuegateError(f"{where}: internal: an image token would be counted")
         token_inputs, image_inputs = {}, {}

@@ -55,12 +55,6 @@ class FileReport:
                 + (f" [{why}]" if why else "") + (f", {self.left} ids left" if self.left else ""))
 
 
-def _reason_key(reason: str) -> str:
-    """Group reasons for counting: the field and the kind of problem, without row-specific detail."""
-    head = reason.split(" (", 1)[0]
-    return head.split(": ", 1)[-1] if head.startswith("line ") else head
-
-
 def ingest_file(ws: Any, dataset: str, path: str | Path, max_chars: int, chunk_rows: int = 50_000,
                 fields: dict[str, str] | None = None) -> FileReport:
     """Ingest one source file into ``dataset`` of workspace ``ws``, streaming it in chunks of rows
@@ -131,7 +125,7 @@ def ingest_file(ws: Any, dataset: str, path: str | Path, max_chars: int, chunk_r
         rep.kept += len(kept)
         rep.new_samples += len(fresh)
         rep.quarantined += len(refused)
-        reasons.update(_reason_key(v.reason) for v in refused)
+        reasons.update(v.problem.kind for v in refused if v.problem is not None)
     # the rows an earlier version of the file left (after the new ones are in: a concurrent ingest of the
     # same file never sees the source empty)
     for table in (schemas.MEMBERS, schemas.QUARANTINE):

@@ -91,7 +91,7 @@ def test_user_errors_are_one_line_and_name_file_row_field(tiny_model_dir, data_f
     err = _run_error(capsys, "score", str(train), str(badrow), *base[1:])
     assert f"{badrow}: row 2: response: empty" in err
     nonstr = write_jsonl(tmp_path / "nonstr.jsonl", [{"prompt": "w1 ", "response": ["w2"]}])
-    assert "row 0: response: expected a string, got list" in _run_error(capsys, "score", str(nonstr), str(valid),
+    assert "row 0: response: expected a string (got list)" in _run_error(capsys, "score", str(nonstr), str(valid),
                                                                           *base[1:])
     long = write_jsonl(tmp_path / "long.jsonl", [{"prompt": "w1 " * 30, "response": "w2"}])
     err = _run_error(capsys, "score", str(long), str(valid), *base[1:], "--max-length", "16")

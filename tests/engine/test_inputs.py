@@ -110,11 +110,11 @@ def test_truncation_that_removes_every_counted_token_is_an_error(tok):
 @pytest.mark.parametrize(("rows", "message"), [
     ([{"prompt": "w1 ", "response": ""}], r"row 0: response: empty"),
     ([{"prompt": "w1 ", "response": "w2"}, {"prompt": "w1 ", "response": 3}], r"row 1: response: expected a string"),
-    ([{"prompt": "w1 ", "response": "w2"}, {"prompt": None, "response": "w2"}], r"row 1: prompt: expected a string, got null"),
+    ([{"prompt": "w1 ", "response": "w2"}, {"prompt": None, "response": "w2"}], r"row 1: prompt: expected a string \(got null\)"),
     ([{"text": "   "}], r"row 0: text: empty"),
     ([{"messages": [{"role": "user", "content": "w1"}, {"role": "robot", "content": "w2"}]}],
-     r"row 0: messages: messages\[1\].role must be one of"),
-    ([{"messages": []}], r"row 0: messages: messages must be a non-empty list"),
+     r"row 0: messages\[1\]: role must be one of .* \(got 'robot'\)"),
+    ([{"messages": []}], r"row 0: messages: must be a non-empty list"),
     ([{"foo": 1}], r"no sample fields: expected columns 'prompt' and 'response', 'messages' \(OpenAI chat\), "
      r"'conversations' \(ShareGPT\), 'instruction' and 'output' \(Alpaca\), or 'text'; found \['foo'\]\. "
      r"Name yours in the config's \[data.fields\]"),

@@ -93,14 +93,17 @@ def test_each_quarantine_reason_and_nothing_lost(ws, tmp_path, chunk_rows):
     assert sorted(m["row"] for m in sstore.read_members(ws, "d").to_pylist()) == [0, 6, 9]
     q = {r["row"]: r for r in sstore.read_quarantine(ws, "d").to_pylist()}
     assert "malformed JSON" in q[1]["reason"]
-    assert q[2]["reason"].startswith("response: expected a string, got int")
+    assert q[2]["reason"].startswith("response: expected a string (got int)")
     assert q[3]["reason"] == "response: empty"
-    assert q[4]["reason"].startswith("prompt: expected a string, got null")
+    assert q[4]["reason"].startswith("prompt: expected a string (got null)")
     assert "oversized" in q[5]["reason"]
     assert "expected a JSON object" in q[7]["reason"]
     assert "invalid UTF-8" in q[8]["reason"]
     assert all(q[r]["raw"] for r in q) and q[5]["raw"].startswith('{"prompt"')
-    assert rep.reasons and sum(rep.reasons.values()) == 7
+    # counted by the problem's field and what is wrong (data), never by the row's line, value or size
+    assert rep.reasons == {"line: malformed JSON": 1, "response: expected a string": 1, "response: empty": 1,
+                           "prompt: expected a string": 1, "response: oversized": 1,
+                           "line: expected a JSON object": 1, "line: invalid UTF-8": 1}, rep.reasons
 
 
 def test_reingest_is_a_noop_and_a_changed_file_adds_only_new_rows(ws, tmp_path):

@@ -64,9 +64,10 @@ def test_bad_images_are_quarantined_with_their_reason(ws, tmp_path):
     rep = ingest_file(ws, "d", src, 10_000)
     q = {r["row"]: r["reason"] for r in sstore.read_quarantine(ws, "d").to_pylist()}
     expect = {2: "truncated or corrupt image data", 3: "not an image Pillow can read",
-              4: "decompression bomb: 10000×10000 = 100000000 pixels > 40000000", 5: "unsupported mode 'CMYK'",
-              6: "unsupported mode 'I;16'", 7: "file not found: pics/nowhere.png",
-              8: "images: 2 images but 1 image placeholders", 9: "an image in a assistant turn"}
+              4: "decompression bomb (10000×10000 = 100000000 pixels > 40000000)", 5: "unsupported mode ('CMYK'",
+              6: "unsupported mode ('I;16'", 7: "file not found (pics/nowhere.png)",
+              8: "images: not as many images as image placeholders in the user turns (2 images, 1 placeholders",
+              9: "messages[1]: an image in an assistant or tool turn"}
     assert sorted(q) == sorted(expect), q
     for row, why in expect.items():
         assert why in q[row], (row, q[row])
@@ -104,7 +105,7 @@ def test_parquet_image_bytes_and_score_file_errors(ws, tmp_path):
     assert "images[0]: " in q["reason"] and "11 bytes, sha256" in q["raw"]
     # `valuegate score` reads files directly: a bad image is an error naming file, row and field
     write_jsonl(tmp_path / "s.jsonl", [{"prompt": "w1", "response": "w2", "images": ["gone.png"]}])
-    with pytest.raises(Exception, match=r"s\.jsonl: row 0: images\[0\]: file not found: gone\.png"):
+    with pytest.raises(Exception, match=r"s\.jsonl: row 0: images\[0\]: file not found \(gone\.png\)"):
         read_samples(tmp_path / "s.jsonl")
 
 

@@ -23,6 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from valuegate.engine.sample import Problem
+
 __all__ = [
     "MAX_IMAGE_PIXELS",
     "SUPPORTED_MODES",
@@ -60,69 +62,70 @@ def image_sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def check_image_bytes(data: bytes, max_pixels: int = MAX_IMAGE_PIXELS) -> tuple[CheckedImage | None, str]:
+def check_image_bytes(data: bytes, max_pixels: int = MAX_IMAGE_PIXELS) -> tuple[CheckedImage | None, Problem | None]:
     """Open and fully decode an image, refusing what the processors cannot use.
 
     Returns:
-        ``(image, "")`` or ``(None, reason)``; the reason names the problem (not an image, decompression
-        bomb, unsupported mode, truncated or corrupt data).
+        ``(image, None)`` or ``(None, problem)`` of the field ``images``; the problem names what is wrong (not
+        an image, decompression bomb, unsupported mode, truncated or corrupt data).
     """
     from PIL import Image, UnidentifiedImageError
 
     if not data:
-        return None, "empty file"
+        return None, Problem("images", "empty file")
     try:
         with warnings.catch_warnings():  # the cap below decides, not Pillow's warning
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             img = Image.open(io.BytesIO(data))
     except UnidentifiedImageError:
-        return None, "not an image Pillow can read"
+        return None, Problem("images", "not an image Pillow can read")
     except (OSError, ValueError, SyntaxError) as exc:
-        return None, f"cannot be opened as an image ({exc})"
+        return None, Problem("images", "cannot be opened as an image", detail=str(exc))
     with img:
         w, h = img.size
         if w * h > max_pixels:  # from the header: no pixel was decoded yet
-            return None, f"decompression bomb: {w}×{h} = {w * h} pixels > {max_pixels}"
+            return None, Problem("images", "decompression bomb", detail=f"{w}×{h} = {w * h} pixels > {max_pixels}")
         if w < 1 or h < 1:
-            return None, f"empty image ({w}×{h})"
+            return None, Problem("images", "empty image", detail=f"{w}×{h}")
         if img.mode not in SUPPORTED_MODES:
-            return None, f"unsupported mode {img.mode!r} (use one of {', '.join(SUPPORTED_MODES)})"
+            return None, Problem("images", "unsupported mode",
+                                 detail=f"{img.mode!r}; use one of {', '.join(SUPPORTED_MODES)}")
         try:
             img.load()
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
             why = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            return None, f"truncated or corrupt image data ({why})"
-        return CheckedImage(data, image_sha256(data), w, h, str(img.format or "unknown"), img.mode), ""
+            return None, Problem("images", "truncated or corrupt image data", detail=why)
+        return CheckedImage(data, image_sha256(data), w, h, str(img.format or "unknown"), img.mode), None
 
 
-def _one_image(value: Any, base_dir: Path | None) -> tuple[bytes | None, str]:
-    """The bytes of one entry of an ``images`` field, or the reason they cannot be had."""
+def _one_image(value: Any, base_dir: Path | None) -> tuple[bytes | None, Problem | None]:
+    """The bytes of one entry of an ``images`` field, or why they cannot be had."""
     if isinstance(value, dict):  # Hugging Face datasets Image struct: bytes win over the path
         if value.get("bytes"):
             value = value["bytes"]
         elif value.get("path"):
             value = value["path"]
         else:
-            return None, "an image struct with neither bytes nor path"
+            return None, Problem("images", "an image struct with neither bytes nor path")
     if isinstance(value, (bytes, bytearray, memoryview)):
-        return bytes(value), ""
+        return bytes(value), None
     if isinstance(value, str):
         if not value.strip():
-            return None, "an empty path"
+            return None, Problem("images", "an empty path")
         p = Path(value).expanduser()
         if not p.is_absolute() and base_dir is not None:
             p = base_dir / p
         if not p.is_file():
-            return None, f"file not found: {value}"
+            return None, Problem("images", "file not found", detail=value)
         try:
-            return p.read_bytes(), ""
+            return p.read_bytes(), None
         except OSError as exc:
-            return None, f"cannot read {value} ({exc.strerror or exc})"
-    return None, f"expected a path, bytes or {{bytes, path}}, got {type(value).__name__}"
+            return None, Problem("images", "cannot be read", detail=f"{value}: {exc.strerror or exc}")
+    return None, Problem("images", "expected a path, bytes or {bytes, path}", detail=f"got {type(value).__name__}")
 
 
 def images_from_field(value: Any, base_dir: Path | None = None,
-                      max_pixels: int = MAX_IMAGE_PIXELS) -> tuple[list[CheckedImage] | None, str]:
+                      max_pixels: int = MAX_IMAGE_PIXELS) -> tuple[list[CheckedImage] | None, Problem | None]:
     """Every image of a row's ``images`` field, opened and checked.
 
     Args:
@@ -131,26 +134,25 @@ def images_from_field(value: Any, base_dir: Path | None = None,
         max_pixels: the decompression-bomb cap.
 
     Returns:
-        ``(images, "")`` ([] for an empty field) or ``(None, "images[k]: reason")`` for the first refusal.
+        ``(images, None)`` ([] for an empty field) or ``(None, problem)`` of the first refused image (its
+        ``at``: ``[k]``).
     """
     if value is None:
-        return [], ""
+        return [], None
     if isinstance(value, str) and value.lstrip().startswith("["):
         try:
             value = json.loads(value)
         except json.JSONDecodeError:
-            return None, "images: a string that is neither a path nor a JSON list of paths"
+            return None, Problem("images", "a string that is neither a path nor a JSON list of paths")
     items = list(value) if isinstance(value, (list, tuple)) else [value]
     out = []
     for k, item in enumerate(items):
         data, why = _one_image(item, base_dir)
-        if data is None:
-            return None, f"images[{k}]: {why}"
-        img, why = check_image_bytes(data, max_pixels)
+        img, why = check_image_bytes(data, max_pixels) if data is not None else (None, why)
         if img is None:
-            return None, f"images[{k}]: {why}"
+            return None, Problem("images", "refused") if why is None else why._replace(at=f"[{k}]")
         out.append(img)
-    return out, ""
+    return out, None
 
 
 def decode_image(data: bytes) -> Any:

@@ -34,7 +34,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from valuegate.engine.sample import SampleKind
+from valuegate.engine.sample import Problem, SampleKind
 from valuegate.errors import ValuegateError
 
 # the canonical fields a column mapping may name (key: canonical field, value: the file's column)
@@ -128,38 +128,39 @@ def guess_fields(columns: list[str]) -> dict[str, str] | None:
     return out
 
 
-def _string(record: dict[str, Any], name: str) -> tuple[str | None, str]:
+def not_a_string(name: str, v: Any) -> Problem:
+    """The problem of a field ``name`` that holds ``v``, not a string."""
+    return Problem(name, "expected a string", detail=f"got {type(v).__name__ if v is not None else 'null'}")
+
+
+def _string(record: dict[str, Any], name: str) -> tuple[str | None, Problem | None]:
     v = record.get(name)
-    if isinstance(v, str):
-        return v, ""
-    return None, f"{name}: expected a string, got {type(v).__name__ if v is not None else 'null'}"
+    return (v, None) if isinstance(v, str) else (None, not_a_string(name, v))
 
 
-def _optional_string(record: dict[str, Any], name: str) -> tuple[str, str]:
+def _optional_string(record: dict[str, Any], name: str) -> tuple[str, Problem | None]:
     v = record.get(name)
-    if v is None or isinstance(v, str):
-        return v or "", ""
-    return "", f"{name}: expected a string, got {type(v).__name__}"
+    return (v or "", None) if v is None or isinstance(v, str) else ("", not_a_string(name, v))
 
 
-def _history(value: Any, name: str) -> tuple[list[dict[str, str]] | None, str]:
+def _history(value: Any, name: str) -> tuple[list[dict[str, str]] | None, Problem | None]:
     if value is None or (isinstance(value, (list, tuple)) and not value) or value == "":
-        return [], ""
+        return [], None
     if isinstance(value, str):
         import json
 
         try:
             value = json.loads(value)
         except json.JSONDecodeError:
-            return None, f"{name}: a string that is not a JSON list of [instruction, output] pairs"
+            return None, Problem(name, "a string that is not a JSON list of [instruction, output] pairs")
     if not isinstance(value, (list, tuple)):
-        return None, f"{name}: expected a list of [instruction, output] pairs"
+        return None, Problem(name, "expected a list of [instruction, output] pairs")
     turns = []
     for j, pair in enumerate(value):
         if not (isinstance(pair, (list, tuple)) and len(pair) == 2 and all(isinstance(x, str) for x in pair)):
-            return None, f"{name}[{j}]: expected a pair of strings [instruction, output]"
+            return None, Problem(name, "expected a pair of strings [instruction, output]", f"[{j}]")
         turns += [{"role": "user", "content": pair[0]}, {"role": "assistant", "content": pair[1]}]
-    return turns, ""
+    return turns, None
 
 
 def _chat_or_pair(prompt: str, response: str, system: str, history: list[dict[str, str]],
@@ -171,27 +172,27 @@ def _chat_or_pair(prompt: str, response: str, system: str, history: list[dict[st
     return "messages", {"messages": turns, "images": images}
 
 
-def canonical(record: dict[str, Any], fmt: Format) -> tuple[SampleKind | None, dict[str, Any], str]:
+def canonical(record: dict[str, Any], fmt: Format) -> tuple[SampleKind | None, dict[str, Any], Problem | None]:
     """One row in the canonical fields.
 
     Returns:
-        ``(kind, fields, "")``, or ``(None, {}, "column: reason")`` for a row whose format fields are
-        malformed (named by the file's column).
+        ``(kind, fields, None)``, or ``(None, {}, problem)`` for a row whose format fields are malformed (named
+        by the file's column).
     """
     f = fmt.source_name
     images = record.get(f("images"))
     if fmt.name == "text":
-        return "text", {"text": record.get(f("text")), "images": images}, ""
+        return "text", {"text": record.get(f("text")), "images": images}, None
     if fmt.name == "messages":
-        return "messages", {"messages": record.get(f("messages")), "images": images}, ""
+        return "messages", {"messages": record.get(f("messages")), "images": images}, None
     if fmt.name == "prompt_response":
         system, why = _optional_string(record, f("system"))
-        if why:
+        if why is not None:
             return None, {}, why
         p, r = record.get(f("prompt")), record.get(f("response"))
         if system.strip() and isinstance(p, str) and isinstance(r, str):
-            return (*_chat_or_pair(p, r, system, [], images), "")
-        return "prompt_response", {"prompt": p, "response": r, "images": images}, ""
+            return (*_chat_or_pair(p, r, system, [], images), None)
+        return "prompt_response", {"prompt": p, "response": r, "images": images}, None
     if fmt.name == "alpaca":
         instruction, why = _string(record, "instruction")
         output, why2 = _string(record, "output")
@@ -199,12 +200,12 @@ def canonical(record: dict[str, Any], fmt: Format) -> tuple[SampleKind | None, d
         system, why4 = _optional_string(record, "system")
         history, why5 = _history(record.get("history"), "history")
         why = why or why2 or why3 or why4 or why5
-        if why:
+        if why is not None or instruction is None or output is None:
             return None, {}, why
         if not output.strip():
-            return None, {}, "output: empty"
+            return None, {}, Problem("output", "empty")
         prompt = instruction + ("\n\n" + extra if extra.strip() else "")
-        return (*_chat_or_pair(prompt, output, system, history or [], images), "")
+        return (*_chat_or_pair(prompt, output, system, history or [], images), None)
     # sharegpt
     conv = record.get("conversations")
     if isinstance(conv, str):
@@ -213,30 +214,27 @@ def canonical(record: dict[str, Any], fmt: Format) -> tuple[SampleKind | None, d
         try:
             conv = json.loads(conv)
         except json.JSONDecodeError:
-            return None, {}, "conversations: a string that is not a JSON list of turns"
+            return None, {}, Problem("conversations", "a string that is not a JSON list of turns")
     if not isinstance(conv, (list, tuple)) or not conv:
-        return None, {}, "conversations: must be a non-empty list of {from, value} turns"
+        return None, {}, Problem("conversations", "must be a non-empty list of {from, value} turns")
     system, why = _optional_string(record, "system")
-    if why:
+    if why is not None:
         return None, {}, why
     turns = [{"role": "system", "content": system}] if system.strip() else []
     for j, t in enumerate(conv):
         if not isinstance(t, dict):
-            return None, {}, f"conversations[{j}]: not an object with from and value"
+            return None, {}, Problem("conversations", "not an object with from and value", f"[{j}]")
         who, content = (t.get("from"), t.get("value")) if "from" in t else (t.get("role"), t.get("content"))
         role = SHAREGPT_ROLES.get(who.lower()) if isinstance(who, str) else None
         if role is None:
-            return None, {}, (f"conversations[{j}].from must be one of {', '.join(SHAREGPT_ROLES)} "
-                              f"(got {who!r})")
+            return None, {}, Problem("conversations", f"from must be one of {', '.join(SHAREGPT_ROLES)}", f"[{j}]",
+                                     f"got {who!r}")
         turns.append({"role": role, "content": content})
-    return "messages", {"messages": turns, "images": images}, ""
+    return "messages", {"messages": turns, "images": images}, None
 
 
-def source_reason(why: str, fmt: Format) -> str:
-    """A row check's reason (``"prompt: empty"``) with the field named as the file names it
-    (``"question: empty"``; ShareGPT's turns as ``conversations``)."""
-    head, sep, rest = why.partition(":")
-    base, bracket, tail = head.partition("[")
-    names = {"sharegpt": {"messages": "conversations"}, "alpaca": {"prompt": "instruction", "response": "output"}}
-    name = names.get(fmt.name, fmt.fields).get(base, base)
-    return f"{name}{bracket}{tail}{sep}{rest}" if sep else why
+def source_names(fmt: Format) -> dict[str, str]:
+    """Canonical field → the file's name for it, for a row check's problem (``prompt: empty`` of a file whose
+    prompts are its ``question`` column reads ``question: empty``; ShareGPT's turns are ``conversations``)."""
+    return {"sharegpt": {"messages": "conversations"},
+            "alpaca": {"prompt": "instruction", "response": "output"}}.get(fmt.name, fmt.fields)

@@ -24,13 +24,14 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from valuegate.engine.sample import Problem
 from valuegate.errors import ValuegateError
 
 READABLE_SUFFIXES = (".jsonl", ".json", ".ndjson", ".parquet", ".csv", ".arrow")
 JSON_SUFFIXES = (".jsonl", ".ndjson", ".json")
 GLOB_CHARS = "*?["
 
-RawRow = tuple[int, "dict[str, Any] | None", str, str]  # (row, record or None, raw if refused, reason)
+RawRow = tuple[int, "dict[str, Any] | None", str, "Problem | None"]  # (row, record or None, raw if refused, why)
 
 
 def is_hf_folder(p: Path) -> bool:
@@ -92,10 +93,10 @@ def read_json_array(p: Path) -> list[RawRow]:
     out: list[RawRow] = []
     for i, obj in enumerate(data):
         if isinstance(obj, dict):
-            out.append((i, obj, "", ""))
+            out.append((i, obj, "", None))
         else:
             out.append((i, None, json.dumps(obj, ensure_ascii=False)[:1000],
-                        f"element {i}: expected a JSON object, got {type(obj).__name__}"))
+                        Problem("element", "expected a JSON object", f" {i}", f"got {type(obj).__name__}")))
     return out
 
 
@@ -155,7 +156,7 @@ def iter_source_records(path: str | Path, chunk_rows: int = 50_000,
 
     def numbered(records: list[dict[str, Any]]) -> list[RawRow]:
         nonlocal row
-        out = [(row + i, r, "", "") for i, r in enumerate(records)]
+        out: list[RawRow] = [(row + i, r, "", None) for i, r in enumerate(records)]
         row += len(records)
         return out
 
@@ -210,18 +211,19 @@ def iter_source_records(path: str | Path, chunk_rows: int = 50_000,
         raise ValuegateError(f"{p}: cannot be read: {exc}") from exc
 
 
-def _parse_json_line(raw: bytes, line_index: int) -> tuple[dict[str, Any] | None, str]:
+def _parse_json_line(raw: bytes, line_index: int) -> tuple[dict[str, Any] | None, Problem | None]:
+    line = f" {line_index + 1}"
     try:
         obj = json.loads(raw.decode("utf-8"))
     except UnicodeDecodeError as exc:
-        return None, f"line {line_index + 1}: invalid UTF-8 ({exc.reason})"
+        return None, Problem("line", "invalid UTF-8", line, exc.reason)
     except json.JSONDecodeError as exc:
-        return None, f"line {line_index + 1}: malformed JSON: {exc.msg}"
+        return None, Problem("line", "malformed JSON", line, exc.msg)
     if not isinstance(obj, dict):
-        return None, f"line {line_index + 1}: expected a JSON object, got {type(obj).__name__}"
+        return None, Problem("line", "expected a JSON object", line, f"got {type(obj).__name__}")
     if b"\\u" in raw and _has_lone_surrogate(obj):  # "\ud800" parses, but is no character: no text holds it
-        return None, f"line {line_index + 1}: invalid Unicode (a lone surrogate escape)"
-    return obj, ""
+        return None, Problem("line", "invalid Unicode", line, "a lone surrogate escape")
+    return obj, None
 
 
 def _has_lone_surrogate(obj: Any) -> bool:
@@ -248,6 +250,7 @@ def read_records(path: str | Path) -> tuple[list[dict[str, Any]], dict[str, Any]
         for chunk in iter_source_records(f, types=types):
             for row, rec, _, why in chunk:
                 if rec is None:
-                    raise ValuegateError(f"{f}: row {row} ({why.replace(': ', '): ', 1)}")
+                    why = why or Problem("row", "cannot be read")
+                    raise ValuegateError(f"{f}: row {row} ({why.field}{why.at}): {why.words}")
                 records.append(rec)
     return records, types

@@ -1,4 +1,4 @@
-"""Row checks: canonical sample fields (:mod:`valuegate.inputs.formats`) → a :class:`Sample`, or a reason.
+"""Row checks: canonical sample fields (:mod:`valuegate.inputs.formats`) → a :class:`Sample`, or a :class:`Problem`.
 
 A sample is one of three shapes:
 
@@ -14,7 +14,8 @@ them in its user/system turns, as ``{"type": "image"}`` parts of a list content 
 convention) or as ``<image>`` markers in a string content. Every image is opened and checked with Pillow;
 a bad image refuses its row with the reason.
 
-Row checks return ``(sample, reason)`` verdicts (:func:`check_row`, :func:`row_sample`);
+Row checks return ``(sample, problem)`` verdicts (:func:`check_row`, :func:`row_sample`; the problem is data:
+the field, what is wrong, where and the row's detail);
 :func:`samples_from_records` turns the first refusal into a :class:`ValuegateError` that names the file,
 the 0-based row and the field.
 """
@@ -28,9 +29,9 @@ from typing import Any
 
 import polars as pl
 
-from valuegate.engine.sample import Sample, SampleKind
+from valuegate.engine.sample import Problem, Sample, SampleKind
 from valuegate.errors import ValuegateError
-from valuegate.inputs.formats import Format, canonical, recognise, source_reason
+from valuegate.inputs.formats import Format, canonical, not_a_string, recognise, source_names
 
 CHAT_ROLES = ("system", "user", "assistant", "tool")
 IMAGE_MARKER = "<image>"  # where an image goes in a prompt or a string chat turn
@@ -42,16 +43,16 @@ def sample_kind(columns: list[str], source: str, fields: dict[str, str] | None =
     return {"sharegpt": "messages", "alpaca": "prompt_response"}.get(name, name)  # type: ignore[return-value]
 
 
-def row_sample(record: dict[str, Any], fmt: Format, row: int, source: str) -> tuple[Sample | None, str]:
-    """One raw row of a file of format ``fmt``: its sample, or ``(None, "column: reason")`` naming the
-    file's column."""
+def row_sample(record: dict[str, Any], fmt: Format, row: int, source: str) -> tuple[Sample | None, Problem | None]:
+    """One raw row of a file of format ``fmt``: ``(sample, None)``, or ``(None, problem)`` naming the file's
+    column."""
     kind, fields, why = canonical(record, fmt)
     if kind is None:
         return None, why
     sample, why = check_row(fields, kind, row, source)
-    return sample, (source_reason(why, fmt) if sample is None else "")
+    return sample, (why.named(source_names(fmt)) if why is not None else None)
 
-def _image_parts(content: Any, j: int, role: str) -> tuple[list[dict[str, str]] | None, str]:
+def _image_parts(content: Any, j: int, role: str) -> tuple[list[dict[str, str]] | None, Problem | None]:
     """A turn's content as ``{"type": "text"|"image"}`` parts (``<image>`` markers of a string split out)."""
     if isinstance(content, str):
         pieces = content.split(IMAGE_MARKER)
@@ -61,9 +62,9 @@ def _image_parts(content: Any, j: int, role: str) -> tuple[list[dict[str, str]] 
                 parts.append({"type": "image"})
             if piece:
                 parts.append({"type": "text", "text": piece})
-        return parts, ""
+        return parts, None
     if not isinstance(content, (list, tuple)):
-        return None, f"messages[{j}].content must be a string or a list of parts"
+        return None, Problem("messages", "content must be a string or a list of parts", f"[{j}]")
     parts = []
     for k, part in enumerate(content):
         kind = part.get("type") if isinstance(part, dict) else None
@@ -72,40 +73,42 @@ def _image_parts(content: Any, j: int, role: str) -> tuple[list[dict[str, str]] 
         elif kind == "image":
             parts.append({"type": "image"})  # the image itself comes from the row's images, in order
         else:
-            return None, f"messages[{j}].content[{k}] must be {{type: text, text}} or {{type: image}}"
-    return parts, ""
+            return None, Problem("messages", "content parts must be {type: text, text} or {type: image}",
+                                 f"[{j}].content[{k}]")
+    return parts, None
 
 
-def _parse_messages(value: Any, with_images: bool = False) -> tuple[tuple[dict[str, Any], ...] | None, str]:
+def _parse_messages(value: Any, with_images: bool = False) -> tuple[tuple[dict[str, Any], ...] | None, Problem | None]:
     if isinstance(value, str):  # CSV or a JSON-encoded column
         try:
             value = json.loads(value)
         except json.JSONDecodeError:
-            return None, "messages is a string that is not a JSON list of turns"
+            return None, Problem("messages", "a string that is not a JSON list of turns")
     if not isinstance(value, (list, tuple)) or not value:
-        return None, "messages must be a non-empty list of {role, content} turns"
+        return None, Problem("messages", "must be a non-empty list of {role, content} turns")
     turns = []
     for j, turn in enumerate(value):
         if not isinstance(turn, dict):
-            return None, f"messages[{j}] is not an object with role and content"
+            return None, Problem("messages", "not an object with role and content", f"[{j}]")
         role, content = turn.get("role"), turn.get("content")
         if role not in CHAT_ROLES:
-            return None, f"messages[{j}].role must be one of {', '.join(CHAT_ROLES)} (got {role!r})"
+            return None, Problem("messages", f"role must be one of {', '.join(CHAT_ROLES)}", f"[{j}]", f"got {role!r}")
         if with_images:
             parts, why = _image_parts(content, j, role)
             if parts is None:
                 return None, why
             if role in ("assistant", "tool") and any(p["type"] == "image" for p in parts):
-                return None, f"messages[{j}]: an image in a {role} turn (images go in user or system turns)"
+                return None, Problem("messages", "an image in an assistant or tool turn", f"[{j}]",
+                                     "images go in user or system turns")
             if not any(p["type"] == "image" or p["text"].strip() for p in parts):
-                return None, f"messages[{j}].content must not be empty"
+                return None, Problem("messages", "content must not be empty", f"[{j}]")
             has_image = any(p["type"] == "image" for p in parts)
             turns.append({"role": role, "content": parts if has_image else "".join(p["text"] for p in parts)})
             continue
         if not isinstance(content, str) or not content.strip():
-            return None, f"messages[{j}].content must be a non-empty string"
+            return None, Problem("messages", "content must be a non-empty string", f"[{j}]")
         turns.append({"role": role, "content": content})
-    return tuple(turns), ""
+    return tuple(turns), None
 
 
 def _count_image_slots(sample_kind_: SampleKind, prompt: str | None, turns: tuple[dict[str, Any], ...] | None) -> int:
@@ -115,7 +118,7 @@ def _count_image_slots(sample_kind_: SampleKind, prompt: str | None, turns: tupl
                for p in t["content"] if p["type"] == "image")
 
 
-def _with_images(record: dict[str, Any], sample: Sample, source: str) -> tuple[Sample | None, str]:
+def _with_images(record: dict[str, Any], sample: Sample, source: str) -> tuple[Sample | None, Problem | None]:
     """Open and check the row's images and attach them (hashes and bytes) to its sample."""
     from valuegate.engine.images import images_from_field
 
@@ -124,24 +127,26 @@ def _with_images(record: dict[str, Any], sample: Sample, source: str) -> tuple[S
     if imgs is None:
         return None, why
     if not imgs:
-        return sample, ""
+        return sample, None
     if sample.kind == "text":
-        return None, "images: text samples cannot carry images (give prompt/response or messages)"
+        return None, Problem("images", "text samples cannot carry images (give prompt/response or messages)")
     slots = _count_image_slots(sample.kind, sample.prompt, sample.messages)
     if sample.kind == "messages" and slots != len(imgs):
-        return None, (f"images: {len(imgs)} images but {slots} image placeholders in the user turns "
-                      f"({{type: image}} parts or {IMAGE_MARKER} markers)")
+        return None, Problem("images", "not as many images as image placeholders in the user turns",
+                             detail=f"{len(imgs)} images, {slots} placeholders: {{type: image}} parts or "
+                             f"{IMAGE_MARKER} markers")
     if sample.kind == "prompt_response" and slots not in (0, len(imgs)):
-        return None, f"images: {len(imgs)} images but {slots} {IMAGE_MARKER} markers in the prompt (give one each, or none)"
+        return None, Problem("images", f"not as many images as {IMAGE_MARKER} markers in the prompt",
+                             detail=f"{len(imgs)} images, {slots} markers: give one each, or none")
     if sample.kind == "prompt_response" and IMAGE_MARKER in sample.response:
-        return None, f"response: an {IMAGE_MARKER} marker in the response (images go in the prompt)"
+        return None, Problem("response", f"an {IMAGE_MARKER} marker in the response (images go in the prompt)")
     return Sample(sample.kind, sample.row, sample.source, prompt=sample.prompt, response=sample.response,
                   messages=sample.messages, images=tuple(i.sha256 for i in imgs),
-                  image_data=tuple(i.data for i in imgs)), ""
+                  image_data=tuple(i.data for i in imgs)), None
 
 
-def check_row(record: dict[str, Any], kind: SampleKind, row: int, source: str) -> tuple[Sample | None, str]:
-    """Validate one row. Returns ``(sample, "")`` when kept, ``(None, "field: reason")`` when refused.
+def check_row(record: dict[str, Any], kind: SampleKind, row: int, source: str) -> tuple[Sample | None, Problem | None]:
+    """Validate one row. Returns ``(sample, None)`` when kept, ``(None, problem)`` when refused.
 
     A row with a non-empty ``images`` field has every image opened and checked (``valuegate/engine/images.py``);
     relative image paths are relative to the folder of ``source``.
@@ -152,27 +157,28 @@ def check_row(record: dict[str, Any], kind: SampleKind, row: int, source: str) -
     return _with_images(record, sample, source)
 
 
-def _check_fields(record: dict[str, Any], kind: SampleKind, row: int, source: str) -> tuple[Sample | None, str]:
+def _check_fields(record: dict[str, Any], kind: SampleKind, row: int,
+                  source: str) -> tuple[Sample | None, Problem | None]:
     if kind == "prompt_response":
         for name in ("prompt", "response"):
             v = record.get(name)
             if not isinstance(v, str):
-                return None, f"{name}: expected a string, got {type(v).__name__ if v is not None else 'null'}"
+                return None, not_a_string(name, v)
         if not record["response"].strip():
-            return None, "response: empty"
+            return None, Problem("response", "empty")
         # an empty prompt is allowed (continuation data); the response alone counts
-        return Sample(kind, row, source, prompt=record["prompt"], response=record["response"]), ""
+        return Sample(kind, row, source, prompt=record["prompt"], response=record["response"]), None
     if kind == "messages":
         turns, why = _parse_messages(record.get("messages"), _has_images(record.get("images")))
         if turns is None:
-            return None, f"messages: {why}"
-        return Sample(kind, row, source, messages=turns), ""
+            return None, why
+        return Sample(kind, row, source, messages=turns), None
     v = record.get("text")
     if not isinstance(v, str):
-        return None, f"text: expected a string, got {type(v).__name__ if v is not None else 'null'}"
+        return None, not_a_string("text", v)
     if not v.strip():
-        return None, "text: empty"
-    return Sample(kind, row, source, text=v), ""
+        return None, Problem("text", "empty")
+    return Sample(kind, row, source, text=v), None
 
 
 def _has_images(value: Any) -> bool:

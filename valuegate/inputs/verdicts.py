@@ -14,8 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from valuegate.engine.sample import Sample
-from valuegate.inputs.formats import Format, recognise
+from valuegate.engine.sample import Problem, Sample
+from valuegate.inputs.formats import Format, recognise, source_names
 from valuegate.inputs.readers import RawRow, iter_source_records
 from valuegate.inputs.rows import row_sample
 from valuegate.inputs.values import describe
@@ -29,7 +29,7 @@ class RowVerdict:
         row (int): the row's number in its source (from 0).
         sample (Sample | None): the sample, or None when refused.
         raw (str): the row as JSON (bytes described, never inlined; what quarantine keeps).
-        reason (str): why it was refused ("" when kept).
+        problem (Problem | None): why it was refused (None when kept); its words are :attr:`reason`.
         extra (dict | None): a kept row's other columns, its metadata before encoding (an images column
             replaced by the images' content hashes); None when refused.
         types (dict | None): the Arrow type of each column, when the source has them (for encoding ``extra``:
@@ -39,9 +39,14 @@ class RowVerdict:
     row: int
     sample: Sample | None
     raw: str
-    reason: str
+    problem: Problem | None
     extra: dict[str, Any] | None = None
     types: dict[str, Any] | None = None
+
+    @property
+    def reason(self) -> str:
+        """Why the row was refused, in words ("" when kept): what quarantine keeps."""
+        return "" if self.problem is None else str(self.problem)
 
 
 def verdicts_for(chunk: list[RawRow], fmt: Format, source: str, max_chars: int,
@@ -61,13 +66,15 @@ def verdicts_for(chunk: list[RawRow], fmt: Format, source: str, max_chars: int,
         if sample is not None and sample.kind == "messages" and not any(
                 m["role"] == "assistant" for m in sample.messages or ()):
             # the response loss (chat's default) counts assistant turns only: such a row can never be valued
-            sample, why = None, f"{'conversations' if fmt.name == 'sharegpt' else 'messages'}: no assistant turn"
+            sample, why = None, Problem("conversations" if fmt.name == "sharegpt" else "messages", "no assistant turn")
         if sample is not None:
             size = sum(len(x) for x in (sample.prompt, sample.response, sample.text) if x) + sum(
                 len(m["content"]) if isinstance(m["content"], str)
                 else sum(len(p.get("text", "")) for p in m["content"]) for m in (sample.messages or ()))
             if size > max_chars:
-                sample, why = None, f"{sample.longest_field}: oversized ({size} characters > {max_chars})"
+                field, at = sample.longest_field
+                sample, why = None, Problem(source_names(fmt).get(field, field), "oversized", at,
+                                            f"{size} characters > {max_chars}")
         extra = {k: v for k, v in rec.items() if k not in sample_cols} if sample else None
         images_col = fmt.source_name("images")
         row_types = types
@@ -103,7 +110,7 @@ def iter_source_verdicts(path: str | Path, max_chars: int, chunk_rows: int = 50_
             yield verdicts_for(c, fmt, str(path), max_chars, types)
         pending = []
     for c in pending:  # a file of nothing but unparseable lines and empty objects
-        yield [RowVerdict(i, None, raw if rec is None else "{}", why or "no sample fields: an empty object")
+        yield [RowVerdict(i, None, raw if rec is None else "{}", why or Problem("no sample fields", "an empty object"))
                for i, rec, raw, why in c]
 
 

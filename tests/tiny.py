@@ -23,6 +23,7 @@ from transformers import (
     PreTrainedTokenizerFast,
     Qwen2Config,
 )
+from transformers.utils import logging as hf_logging
 
 WORDS = [f"w{i}" for i in range(40)] + ["user", "assistant", "system", "hello", "answer"]
 SPECIALS = ["<pad>", "<eos>", "<unk>", "<|im_start|>", "<|im_end|>"]
@@ -85,8 +86,16 @@ def build_tiny_model(family: str, directory: Path, seed: int = 0) -> Path:
                 p.normal_(0, 0.3)
     model.eval()
     directory.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(directory)
-    tok.save_pretrained(directory)
+    # quietly: the first test to ask for a tiny model builds it, maybe inside its own captured output (a CLI
+    # test that asserts its stderr is one line); which test that is depends on the order (an xdist worker's)
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        model.save_pretrained(directory)
+        tok.save_pretrained(directory)
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
     return directory
 
 

@@ -29,11 +29,11 @@ demo: model
 	$(BIN)/valuegate run
 	$(BIN)/valuegate release list demo
 
-# Every test (CI runs this), on every core (one worker per core, a test module per worker), with the 25
-# slowest printed.
+# Every test (CI runs this), on every core (pytest-xdist: one worker per core, each test module a group, the
+# Dask/Ray ones one group; tests/conftest.py), with the 25 slowest printed.
 test: model
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest -q -n auto --dist loadfile --durations=25
+	$(BIN)/python -m pytest -q -n auto --dist loadgroup --durations=25
 
 # The loop while you work: ruff and the fast tier (no services, processes or slow modules; tests/conftest.py
 # marks them `integration` and `slow`). Needs no model download: the default-model tests are `slow`.

@@ -16,7 +16,7 @@ HERE = Path(__file__).parent
 for folder in (HERE, *(HERE / room for room in ("engine", "inputs", "storage", "tasks", "flows"))):
     sys.path.insert(0, str(folder))
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-# `make test` runs the tests on every core (pytest-xdist, one worker per core, a test module per worker): each
+# `make test` runs the tests on every core (pytest-xdist, one worker per core, a group of tests per worker): each
 # worker's torch, and the processes it starts, take their share of the cores (OpenMP threads beyond the cores
 # spin against each other and slow every worker)
 _WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
@@ -125,8 +125,24 @@ def _is_slow(item) -> bool:
             or item.get_closest_marker("default_model") is not None)
 
 
+# `make test` spreads the tests over the cores (pytest-xdist, `--dist loadgroup`). Each module is one group (its
+# module-scoped Prefect harness starts once), but the modules that start Dask or Ray clusters form one group
+# together, so no two clusters compete for the cores at once; and the longest groups start first (measured:
+# docs/benchmarks.md#test-tiers), so that no worker is left alone with one at the end.
+CLUSTER_MODULES = {"flows/test_runners.py", "flows/test_faults.py", "storage/test_scores_once.py"}
+LONGEST_FIRST = ["test_wheel.py", "clusters", "test_layout.py", "flows/test_concurrent_runs.py",
+                 "flows/test_processes.py", "test_run_output.py", "flows/test_flow_faults.py", "flows/test_flow.py"]
+
+
+def _group(item) -> str:
+    path = item.nodeid.removeprefix("tests/").split("::", 1)[0]
+    return "clusters" if path in CLUSTER_MODULES else path
+
+
 def pytest_collection_modifyitems(config, items):
+    items.sort(key=lambda it: LONGEST_FIRST.index(g) if (g := _group(it)) in LONGEST_FIRST else len(LONGEST_FIRST))
     for item in items:
+        item.add_marker(pytest.mark.xdist_group(_group(item)))
         module = item.module.__name__.rpartition(".")[2] if item.module else ""
         if module in INTEGRATION_MODULES or INTEGRATION_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.integration)

@@ -182,10 +182,10 @@ def run(settings: Settings, on_file: Callable[[FileReport], None] | None = None)
     Raises:
         ValuegateError: no source configured, or a source that cannot be read.
     """
-    from valuegate.storage.lance import Workspace
     from valuegate.storage.samples import ensure_sample_tables, read_members, read_quarantine
+    from valuegate.storage.store import open_store
 
-    ws = Workspace.from_env(settings.workspace)
+    ws = open_store(settings.workspace)
     ensure_sample_tables(ws)
     if not settings.data.sources:
         raise ValuegateError("no sources configured: set data.sources (a list of files) in the config")

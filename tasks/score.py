@@ -42,8 +42,8 @@ from valuegate.storage import features as fstore
 from valuegate.storage import samples as sstore
 from valuegate.storage import schemas
 from valuegate.storage.features import sparse_arrays
-from valuegate.storage.lance import Workspace
 from valuegate.storage.scores import count_run, empty_scores, run_ids, scores_table, write_scores
+from valuegate.storage.store import Store, open_store
 from valuegate.storage.valsets import read_valset
 from valuegate.tasks.extract import ExtractResult, check_scoring_settings, extract_for_run, shard_ids
 from valuegate.tasks.validation_set import valset_samples
@@ -260,7 +260,7 @@ def _sketches(t, n: int, dim: int | None = None) -> np.ndarray | None:
     return flat.reshape(n, -1).astype(np.float32)
 
 
-def plan_run(ws: Workspace, dataset: str, extracted: ExtractResult, settings: Settings) -> ScoringPlan:
+def plan_run(ws: Store, dataset: str, extracted: ExtractResult, settings: Settings) -> ScoringPlan:
     """Resolve the scores run of ``dataset`` on the features ``extracted`` names: the dataset's ids (less
     those the model refused), the validation ids in scoring order, the feature set's shape and a new run id.
 
@@ -286,10 +286,10 @@ def plan_run(ws: Workspace, dataset: str, extracted: ExtractResult, settings: Se
 
 def plan_for(settings: Settings, extracted: ExtractResult) -> ScoringPlan:
     """:func:`plan_run` of ``settings.data.dataset`` in ``settings.workspace``."""
-    return plan_run(Workspace.from_env(settings.workspace), settings.data.dataset, extracted, settings)
+    return plan_run(open_store(settings.workspace), settings.data.dataset, extracted, settings)
 
 
-def plan_scoring(ws: Workspace, dataset: str, valset_ref: str, settings: Settings, progress: bool = True,
+def plan_scoring(ws: Store, dataset: str, valset_ref: str, settings: Settings, progress: bool = True,
                  cache: dict | None = None) -> tuple[ScoringPlan, object, object, dict[str, float]]:
     """Extract what is missing (:func:`valuegate.tasks.extract.extract_for_run`), then :func:`plan_run`.
 
@@ -475,7 +475,7 @@ def score_streaming(ws, plan: ScoringPlan, ctx: ScoringContext, settings: Settin
     return table.take(pa.array(inv)), time.perf_counter() - t0
 
 
-def score_dataset(ws: Workspace, dataset: str, valset_ref: str, settings: Settings, progress: bool = True,
+def score_dataset(ws: Store, dataset: str, valset_ref: str, settings: Settings, progress: bool = True,
                   write: bool = True, extracted: ExtractResult | None = None) -> ScoreRunReport:
     """Score every sample of a stored dataset against ``name@vN`` and write one ``scores`` run.
 
@@ -525,7 +525,7 @@ def run(settings: Settings, extracted: ExtractResult) -> tuple[ScoreResult, str]
     Returns:
         the result and the run's one human line (for the log).
     """
-    rep = score_dataset(Workspace.from_env(settings.workspace), settings.data.dataset, extracted.valset,
+    rep = score_dataset(open_store(settings.workspace), settings.data.dataset, extracted.valset,
                         settings, progress=False, extracted=extracted)
     return ScoreResult(rep.run_id, rep.model_fp, rep.n_train, rep.truncated, rep.unscored,
                        list(rep.unscored_ids), dict(rep.timings)), rep.line()
@@ -546,7 +546,7 @@ def score_shard(plan: ScoringPlan, ids: list[str], settings: Settings) -> dict[s
         seconds.
     """
 
-    ws = Workspace.from_env(plan.workspace)
+    ws = open_store(plan.workspace)
     if _CONTEXT.get("run_id") != plan.run_id:
         t0 = time.perf_counter()
         _CONTEXT.update(run_id=plan.run_id, ctx=load_context(ws, plan, settings),
@@ -564,12 +564,12 @@ def shards_to_score(settings: Settings, plan: dict[str, Any]) -> tuple[list[list
     """The shards of ``plan`` (a :class:`ScoringPlan` as a dict) in ``settings.runner.shard_size``, and
     those still to score ``(k, ids)``: a shard whose every row the run already holds (a resumed run) is
     not scored again."""
-    done = run_ids(Workspace.from_env(settings.workspace), plan["run_id"])
+    done = run_ids(open_store(settings.workspace), plan["run_id"])
     shards = shard_ids(plan["ids"], settings.runner.shard_size)
     return shards, [(k, ids) for k, ids in enumerate(shards) if not done.issuperset(ids)]
 
 
 def run_rows(settings: Settings, run_id: str) -> tuple[int, int]:
     """``(rows, truncated rows)`` scores run ``run_id`` holds."""
-    ws = Workspace.from_env(settings.workspace)
+    ws = open_store(settings.workspace)
     return count_run(ws, run_id), count_run(ws, run_id, truncated=True)

@@ -165,10 +165,15 @@ def run(settings: Settings, resume: str | None, run_id: str, release_key: str) -
     """
     root, name = open_store(settings.workspace), settings.release.name
     claims = {"claim": lambda v: claim(settings, v), "unclaim": lambda v: unclaim(settings, v)}
-    resumed = bool(resume and store.version_exists(root, name, resume) and store.read_current(root, name) != resume
+    # claimed first, then checked: a run that held it lets go only once it is done (promoted or failed), so what
+    # is read under the claim cannot change (checked before, a run promoting in between was taken over)
+    resumed = False
+    if resume and claim(settings, resume):
+        resumed = (store.version_exists(root, name, resume) and store.read_current(root, name) != resume
                    and (not store.release_exists(root, name, resume)
-                        or store.read_manifest(root, name, resume).get("run_id") == run_id)
-                   and claim(settings, resume))
+                        or store.read_manifest(root, name, resume).get("run_id") == run_id))
+        if not resumed:
+            unclaim(settings, resume)
     warnings: list[str] = []
     cleaned: list[str] = []
     try:  # versions killed or failed runs left incomplete (their claims free): emptied to their marker

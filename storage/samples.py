@@ -100,16 +100,17 @@ def read_samples_by_id(ws: Store, ids: list[str], chunk: int = 2000) -> pa.Table
     return pa.concat_tables(parts) if parts else schemas.samples_schema.empty_table()
 
 
-def first_rows(ws: Store, dataset: str, ids: list[str], chunk: int = 2000) -> dict[str, tuple[str, int]]:
+def first_rows(ws: Store, dataset: str, ids: list[str]) -> dict[str, tuple[str, int]]:
     """``{id: (source, row)}``: the first source row of ``dataset`` that holds each of ``ids`` (what a message
-    about the sample names); an id no member row of the dataset holds is left out."""
-    where: dict[str, tuple[str, int]] = {}
+    about the sample names); an id no member row of the dataset holds is left out. One read of the dataset's
+    members (three columns), however many ids."""
     if not ids or not ws.table_exists(schemas.MEMBERS):
-        return where
-    for i in range(0, len(ids), chunk):
-        t = ws.read(schemas.MEMBERS, where=f"dataset = {sql_str(dataset)} AND {sql_in('id', ids[i:i + chunk])}",
-                    columns=["id", "source", "row"])
-        for sid, source, row in zip(*(t[c].to_pylist() for c in ("id", "source", "row")), strict=True):
+        return {}
+    wanted = set(ids)
+    t = read_members(ws, dataset, columns=["id", "source", "row"])
+    where: dict[str, tuple[str, int]] = {}
+    for sid, source, row in zip(*(t[c].to_pylist() for c in ("id", "source", "row")), strict=True):
+        if sid in wanted:
             where[sid] = min(where.get(sid, (source, row)), (source, row))
     return where
 

@@ -31,9 +31,9 @@ def pytest_runtest_setup(item):
     """Prefect's console handlers write where ``sys.stderr`` pointed when its logging was last set up: when that
     happened inside a test capturing its output (``capsys``), the stream is closed after it, and the next
     flow's first log line fails (``I/O operation on closed file``; in a flow that logs its prints, the
-    traceback logging prints is logged again, to a RecursionError). Which test sets logging up first depends on the order, and so on the xdist worker: before each
-    test's fixtures (a module's fixture may run a flow), a handler on a closed stream is pointed at the current
-    ``sys.stderr`` (pytest's capture) again."""
+    traceback logging prints is logged again, to a RecursionError). Which test sets logging up first depends
+    on the order, and so on the xdist worker: before each test's fixtures (a module's fixture may run a flow),
+    a handler on a closed stream is pointed at the current ``sys.stderr`` (pytest's capture) again."""
     if "prefect.logging.handlers" not in sys.modules:
         return
     from prefect.logging.handlers import PrefectConsoleHandler

@@ -48,7 +48,6 @@ class Problem(NamedTuple):
         return self._replace(field=names.get(self.field, self.field))
 
 
-
 @dataclass(frozen=True)
 class Sample:
     """One normalised sample.

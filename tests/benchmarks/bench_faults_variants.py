@@ -1,11 +1,12 @@
 """Alternatives to the fault detectors' reference, calibration and combination, chosen leave-one-set-out
 (issue 27, the cells where a one-line baseline still wins).
 
-    .venv/bin/python -m tests.benchmarks.bench_faults_variants [--out bench-results]
+    .venv/bin/python -m tests.benchmarks.bench_faults_variants [--out bench-results] [--no-mechanisms]
 
-Reads only what ``bench_faults`` cached and wrote (``<out>/faults-scores-*.parquet``, ``<out>/faults.json``: run
-that first, with the sizes of docs/benchmarks.md); no forward pass. Each variant recomputes ``suspect`` from the
-cached inputs with :mod:`valuegate.engine.faults`' own pieces (neighbours, robust spread) and changes one thing:
+Reads what ``bench_faults`` cached and wrote (``<out>/faults-scores-*.parquet``, ``<out>/faults.json``: run
+that first, with the sizes of docs/benchmarks.md); no forward pass but for the mechanism variants (below). Each
+variant recomputes ``suspect`` from the cached inputs with :mod:`valuegate.engine.faults`' own pieces (neighbours,
+robust spread) and changes one thing:
 
 - **combination** of the calibrated scores (the default: the largest): sum, root-sum-square, the two largest,
   a soft maximum, Fisher's and Bonferroni's combination of one-sided normal p-values; each re-calibrated on the
@@ -17,7 +18,13 @@ cached inputs with :mod:`valuegate.engine.faults`' own pieces (neighbours, robus
 - **calibration scale**: from the whole pool (training rows too, robust upper quantiles) or from the
   validation rows at other quantiles;
 - **length**: a deviation of a mean over a row's tokens times ``sqrt(n_tokens / median)`` (its sampling noise
-  falls as ``1/sqrt(n)``; the clean rows that outrank broken ones are mostly short answers).
+  falls as ``1/sqrt(n)``; the clean rows that outrank broken ones are mostly short answers);
+- **mechanisms** that need inputs valuegate does not extract (:mod:`tests.benchmarks.fault_mechanisms`: one
+  forward pass per row, cached in ``<out>/faults-mechanisms-*.npz``; ``--no-mechanisms`` skips them): rows found
+  alike by what was *asked* (the prompt's mean hidden state, or its last position's) instead of the answer's
+  mean hidden state, which a fault of the answer moves; and the end of an answer counted at a line break too
+  (and at a sentence stop), with a floor of log 2 on ``cut``'s spread (a factor of two in the end's
+  probability).
 
 A variant is *admissible* on a set when it drops at most 3% of a real set's clean rows (10% of the demo's) and,
 on the DataInf zoo, has no lower recall at the threshold than the default. Leave-one-set-out: for each set,
@@ -38,6 +45,7 @@ import polars as pl
 from scipy.stats import chi2, norm
 
 from tests.benchmarks.bench_faults import auc, with_text_inputs
+from tests.benchmarks.fault_mechanisms import mechanism_inputs
 from valuegate.engine import faults as F
 
 CODES = ["mismatch", "echo", "garbled", "cut"]
@@ -62,8 +70,31 @@ def load(out: Path) -> tuple[dict, dict]:
     return sets, ref
 
 
+def with_mechanism(s: dict, likeness: str | None = None, end: str | None = None) -> dict:
+    """The set ``s`` with its rows found alike by ``likeness`` (``prompt_mean``, ``prompt_last``, or ``both``: the
+    prompt's mean and the answer's mean hidden state side by side) and its ``end_loss`` counting ``end`` (``break``:
+    a line break ends an answer too; ``stop``: a line break or a sentence stop), from ``s["mech"]``."""
+    if likeness is None and end is None:
+        return s
+    m = s["mech"]
+    s = {**s, "ti": dict(s["ti"]), "vi": dict(s["vi"])}
+    if likeness == "both":
+        s["th"] = np.concatenate([m["train_prompt_mean"], s["th"]], 1)
+        s["vh"] = np.concatenate([m["valid_prompt_mean"], s["vh"]], 1)
+    elif likeness is not None:
+        s["th"], s["vh"] = m[f"train_{likeness}"], m[f"valid_{likeness}"]
+    if end is not None:
+        for side, role in (("ti", "train"), ("vi", "valid")):
+            lp = m[f"{role}_end"]
+            closers = np.logaddexp(lp[:, 0], lp[:, 1])
+            if end == "stop":
+                closers = np.logaddexp(closers, lp[:, 2])
+            s[side]["end_loss"] = np.where(np.isfinite(closers), -closers, s[side]["end_loss"])
+    return s
+
+
 def deviations(s: dict, loc: float | str | dict = 1.0, trim: float | None = None, k: int = 100,
-               pool_size: int = 2000, length: tuple = ()) -> tuple[dict, np.ndarray]:
+               pool_size: int = 2000, length: tuple = (), floor: dict | None = None) -> tuple[dict, np.ndarray]:
     """code → {"pool": the pool rows' leave-one-out deviations, "train": the training rows'}, and the trusted
     (validation) mask of the pool. ``loc``: the weight of the neighbours' median against the pool's median
     (1: the default), a rule name, or code → weight."""
@@ -98,7 +129,7 @@ def deviations(s: dict, loc: float | str | dict = 1.0, trim: float | None = None
         if trim and rnd == 0:
             zmax = np.zeros(len(ph))
             for c in CODES:
-                off, sc, tail = _calibration(out[c]["pool"][trusted], c)
+                off, sc, tail = _calibration(out[c]["pool"][trusted], c, floor=floor)
                 zmax = np.maximum(zmax, np.nan_to_num((out[c]["pool"] - off) / sc / tail, nan=0.0))
             keep = trusted | (zmax <= trim)
     return out, trusted
@@ -119,32 +150,37 @@ def _weight(loc, code: str, y: np.ndarray, x: np.ndarray) -> float:
     return float(np.clip(np.median(slopes), 0, 1)) if slopes else 0.0  # theil
 
 
-def _calibration(dev: np.ndarray, code: str, q: float = Q) -> tuple[float, float, float]:
-    """(offset, spread, tail) as FaultReference.build reads them from clean deviations."""
+def _floor(code: str, floor: dict | None) -> float:
+    return (floor or {}).get(code, F.DETECTORS[code].min_spread)
+
+
+def _calibration(dev: np.ndarray, code: str, q: float = Q, floor: dict | None = None) -> tuple[float, float, float]:
+    """(offset, spread, tail) as FaultReference.build reads them from clean deviations (``floor``: code → a
+    ``min_spread`` other than the detector's)."""
     dev = dev[np.isfinite(dev)]
     off = float(np.median(dev))
-    sc = max(F._spread(dev - off), F.DETECTORS[code].min_spread) if code else F._spread(dev - off)
+    sc = max(F._spread(dev - off), _floor(code, floor)) if code else F._spread(dev - off)
     z = (dev - off) / sc
     return off, sc, max(1.0, float(np.quantile(z, q)) / NormalDist().inv_cdf(q))
 
 
-def calibrated(d: dict, trusted: np.ndarray, cal: tuple | None) -> tuple[dict, dict]:
+def calibrated(d: dict, trusted: np.ndarray, cal: tuple | None, floor: dict | None = None) -> tuple[dict, dict]:
     """code → calibrated training-row scores and validation-row scores (unclipped)."""
     zt, zv = {}, {}
     for c in CODES:
         v = d[c]["pool"][trusted]
         if cal is None:
-            off, sc, tail = _calibration(v, c)
+            off, sc, tail = _calibration(v, c, floor=floor)
         else:
             base, p = cal
             allp = d[c]["pool"] if base == "pool" else v
             allp = allp[np.isfinite(allp)]
             off = float(np.median(v[np.isfinite(v)]))
             if p < 0.85:  # an upper semi-quantile spread, no tail factor
-                sc = max((np.quantile(allp, p) - off) / NormalDist().inv_cdf(p), F.DETECTORS[c].min_spread, 1e-9)
+                sc = max((np.quantile(allp, p) - off) / NormalDist().inv_cdf(p), _floor(c, floor), 1e-9)
                 tail = 1.0
             else:
-                _, sc, tail = _calibration(allp - np.median(allp) + off, c, p)
+                _, sc, tail = _calibration(allp - np.median(allp) + off, c, p, floor)
         zt[c], zv[c] = (d[c]["train"] - off) / sc / tail, (v - off) / sc / tail
     return zt, zv
 
@@ -167,9 +203,10 @@ COMBINE = {
 }
 
 
-def suspect(s: dict, loc=1.0, trim=None, cal=None, combine=None, length=()) -> np.ndarray:
-    d, trusted = deviations(s, loc, trim, length=length)
-    zt, zv = calibrated(d, trusted, cal)
+def suspect(s: dict, loc=1.0, trim=None, cal=None, combine=None, length=(), likeness=None, end=None,
+            floor=None) -> np.ndarray:
+    d, trusted = deviations(with_mechanism(s, likeness, end), loc, trim, length=length, floor=floor)
+    zt, zv = calibrated(d, trusted, cal, floor)
     if combine is None:
         return _pos(zt).max(1)
     f = COMBINE[combine]
@@ -190,6 +227,18 @@ VARIANTS: dict[str, dict] = {
     "length: garbled, mismatch deviations times sqrt(n / median n)": {"length": ("garbled", "mismatch")},
     "length: garbled": {"length": ("garbled",)},
     "length: every detector": {"length": tuple(CODES)},
+}
+LOG2 = {"cut": float(np.log(2.0))}
+# the variants that read tests/benchmarks/fault_mechanisms.py's inputs (a forward pass per row, cached)
+MECHANISMS: dict[str, dict] = {
+    "likeness: the prompt's mean hidden state": {"likeness": "prompt_mean"},
+    "likeness: the prompt's last position": {"likeness": "prompt_last"},
+    "likeness: prompt and answer side by side": {"likeness": "both"},
+    "end: a line break ends an answer": {"end": "break"},
+    "end: a line break ends an answer, cut floor log 2": {"end": "break", "floor": LOG2},
+    "end: a line break or a sentence stop ends an answer, cut floor log 2": {"end": "stop", "floor": LOG2},
+    "prompt's mean likeness and a line break ends an answer, cut floor log 2": {
+        "likeness": "prompt_mean", "end": "break", "floor": LOG2},
 }
 
 
@@ -214,12 +263,19 @@ def main() -> None:
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, default=Path("bench-results"))
+    ap.add_argument("--no-mechanisms", action="store_true",
+                    help="skip the variants that need a forward pass per row (fault_mechanisms)")
     a = ap.parse_args()
     threshold = load_settings(None, {}).select.suspect_threshold
     sets, ref = load(a.out)
+    variants = dict(VARIANTS)
+    if not a.no_mechanisms:
+        for key, s in sets.items():
+            s["mech"] = mechanism_inputs(key, a.out)
+        variants.update(MECHANISMS)
     res = {v: {k: evaluate(suspect(s, **kw), s, ref[k], threshold) for k, s in sets.items()}
-           for v, kw in VARIANTS.items()}
-    default = next(iter(VARIANTS))
+           for v, kw in variants.items()}
+    default = next(iter(variants))
 
     def admissible(v: str, k: str) -> bool:
         r = res[v][k]
@@ -229,15 +285,15 @@ def main() -> None:
 
     short = {k: k.split("-")[0] for k in sets}
     print("variant | missed | " + " | ".join(f"{short[k]} missed/clean dropped/recall" for k in sets))
-    for v in VARIANTS:
+    for v in variants:
         cells = [f"{len(res[v][k]['missed'])}/{res[v][k]['drop']:.1%}/{res[v][k]['recall']:.0%}"
                  + ("" if admissible(v, k) else " (not admissible)") for k in sets]
         print(f"{v} | {sum(len(res[v][k]['missed']) for k in sets)} | " + " | ".join(cells))
     folds = []
     for held in sets:
         rest = [k for k in sets if k != held]
-        ok = [v for v in VARIANTS if all(admissible(v, k) for k in rest)]
-        chosen = min(ok, key=lambda v: (sum(len(res[v][k]["missed"]) for k in rest), list(VARIANTS).index(v)))
+        ok = [v for v in variants if all(admissible(v, k) for k in rest)]
+        chosen = min(ok, key=lambda v: (sum(len(res[v][k]["missed"]) for k in rest), list(variants).index(v)))
         r = res[chosen][held]
         folds.append({"held_out": held, "chosen": chosen, "missed": r["missed"], "drop": r["drop"],
                       "recall": r["recall"], "admissible": admissible(chosen, held),

@@ -37,8 +37,10 @@ same small share of clean rows whatever its tails. The pool's training rows set 
 neighbours' median, which a broken share does not move) but not the spread: a quarter of them broken, of any
 kind (junk also raises IFD), would inflate it and shrink every score. ``suspect`` is the largest calibrated detector score, ``fault`` the detector that gives it, and
 ``suspect_reason`` its sentence. Other combinations (sum, Fisher's, Bonferroni's), locations (the pool's median,
-shrunk neighbourhoods, a trimmed pool), calibration scales and a length weighting were measured and chosen
-leave-one-set-out; none beat this one on the set it was not chosen on (``tests/benchmarks/bench_faults_variants``).
+shrunk neighbourhoods, a trimmed pool), calibration scales, a length weighting, rows found alike by the prompt
+instead of the answer, and a line break or a sentence stop counted as the end of an answer were measured and chosen
+leave-one-set-out; none beat this one on the set it was not chosen on (``tests/benchmarks/bench_faults_variants``,
+docs/benchmarks.md).
 
 What the default model cannot perceive: a wrong final number in a worked answer changes one token the 135M
 model barely predicts either way; no detector here sees it (docs/benchmarks.md, "Fault detection (issue 27)").

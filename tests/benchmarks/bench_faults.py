@@ -1,6 +1,6 @@
 """Do the fault detectors name the fault, and beat the one-line filters, on data nobody tuned on? (issue 27)
 
-    .venv/bin/python -m tests.benchmarks.bench_faults [--sets gsm8k,piqa,cosmosqa,demo,grammars,math_without_reason]
+    .venv/bin/python -m tests.benchmarks.bench_faults [--sets gsm8k,piqa,cosmosqa,quartz,ropes,demo,grammars,math_without_reason]
         [--clean 500] [--per-type 25] [--valid 60] [--seed 0] [--out bench-results] [--data DIR]
 
 Every number comes from valuegate's own API (``valuegate.score(train, valid)``, default settings, the default
@@ -11,11 +11,12 @@ so a change to the detectors or their calibration needs no forward pass. Delete 
 the extraction.
 
 **Sets.** Real, human-written instruction data checked in under ``tests/benchmarks/data/real/`` (GSM8K worked
-answers, PIQA solutions and CosmosQA answers from Super-NaturalInstructions; its README says where each comes
-from), the DataInf sets (``--data``, default ``../shared/data/datainf``) and the demo. Per real or DataInf set:
-``--valid`` clean rows are the validation set, ``--clean`` other rows the clean training rows, and from yet other
-rows the corruption zoo (:mod:`tests.benchmarks.zoo`, ``--per-type`` per generator; the generators keep every
-newline, so no corruption leaves a formatting tell). The demo is scored as shipped (its ``corruption`` column).
+answers; PIQA solutions, CosmosQA answers, QuaRTz explanations and ROPES situations from Super-NaturalInstructions,
+the last two never tuned on; its README says where each comes from), the DataInf sets (``--data``, default
+``../shared/data/datainf``) and the demo. Per real or DataInf set: ``--valid`` clean rows are the validation set,
+``--clean`` other rows the clean training rows, and from yet other rows the corruption zoo
+(:mod:`tests.benchmarks.zoo`, ``--per-type`` per generator; the generators keep every newline, so no corruption
+leaves a formatting tell). The demo is scored as shipped (its ``corruption`` column).
 
 **Reported** per set and corruption type: the ROC AUC of flagging the corrupted rows against the clean training
 rows for ``suspect``, each detector's score, ``value`` (low), every baseline in the direction its filter drops
@@ -43,7 +44,7 @@ from tests.benchmarks.zoo import GENERATORS, corrupt_rows
 ROOT = Path(__file__).resolve().parents[2]
 REAL = ROOT / "tests" / "benchmarks" / "data" / "real"
 DEMO = ROOT / "infra" / "demo" / "data"
-REAL_SETS = ("gsm8k", "piqa", "cosmosqa")
+REAL_SETS = ("gsm8k", "piqa", "cosmosqa", "quartz", "ropes")
 DATAINF_SETS = {"grammars": "variation", "math_without_reason": "variation"}
 KINDS = list(GENERATORS)
 PERCEIVABLE = 0.75
@@ -65,7 +66,7 @@ def build_set(name: str, a) -> tuple[pl.DataFrame, pl.DataFrame]:
                  for r in train]
         return pl.DataFrame(train), pl.DataFrame([{"prompt": r["prompt"], "response": r["response"]} for r in valid])
     if name in REAL_SETS:
-        rows = read_jsonl(REAL / f"{name}.jsonl")
+        rows = fitting(read_jsonl(REAL / f"{name}.jsonl"), name)
         for i, r in enumerate(rows):
             r["cls"] = str(i)  # every row its own class: a swap takes any other row's answer
         cls = "cls"
@@ -80,6 +81,22 @@ def build_set(name: str, a) -> tuple[pl.DataFrame, pl.DataFrame]:
     keep = ("prompt", "response", "corruption")
     return (pl.DataFrame([{k: r[k] for k in keep} for r in clean + bad]),
             pl.DataFrame([{"prompt": r["prompt"], "response": r["response"]} for r in valid]))
+
+
+def fitting(rows: list[dict], name: str) -> list[dict]:
+    """The rows whose prompt and response fit ``extract.max_length`` tokens at the default settings, with room
+    for the chat template (ROPES' background paragraphs can fill it, and valuegate refuses a row none of whose
+    answer it can read); how many were left out is printed."""
+    from valuegate.api import resolve_settings
+    from valuegate.engine.model import load_tokenizer
+
+    s = resolve_settings(None, None, {})
+    tok = load_tokenizer(s.model)
+    room = s.extract.max_length - 32
+    keep = [r for r in rows if len(tok(r["prompt"] + "\n" + r["response"])["input_ids"]) <= room]
+    if len(keep) < len(rows):
+        print(f"{name}: {len(rows) - len(keep)} of {len(rows)} rows left out, longer than {room} tokens", flush=True)
+    return keep
 
 
 def set_key(name: str, a) -> str:
@@ -234,7 +251,7 @@ def main() -> None:
     from valuegate.settings import load_settings
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--sets", default="gsm8k,piqa,cosmosqa,demo,grammars,math_without_reason")
+    ap.add_argument("--sets", default="gsm8k,piqa,cosmosqa,quartz,ropes,demo,grammars,math_without_reason")
     ap.add_argument("--clean", type=int, default=500)
     ap.add_argument("--per-type", type=int, default=25)
     ap.add_argument("--valid", type=int, default=60)

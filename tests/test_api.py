@@ -185,3 +185,18 @@ def test_score_returns_the_run_policys_keep_and_reads_mapped_columns(tiny_model_
         quiet = valuegate.score(train, valid, fields={"prompt": "question", "response": "answer"}, model=model,
                                 score={"signals": False})
     assert "keep" not in quiet.columns
+
+
+def test_one_named_detector_is_the_suspect_score(tiny_model_dir, tmp_path):
+    """docs/faults.md: a user who knows the fault scores that detector alone (`score.suspect = ["mismatch"]`):
+    `suspect` is then its calibrated score, `fault` names only it, and the other detectors' columns are null."""
+    train = write_jsonl(tmp_path / "t.jsonl", random_rows(16, seed=7))
+    valid = write_jsonl(tmp_path / "v.jsonl", random_rows(6, seed=8))
+    model = {"name": str(tiny_model_dir()), "device": "cpu"}
+    both = valuegate.score(train, valid, model=model)
+    one = valuegate.score(train, valid, model=model, score={"suspect": ["mismatch"]})
+    np.testing.assert_allclose(one["suspect"].to_numpy(), one["fault_mismatch"].fill_null(0.0).to_numpy())
+    np.testing.assert_allclose(one["fault_mismatch"].to_numpy(), both["fault_mismatch"].to_numpy())
+    assert set(one["fault"].drop_nulls().to_list()) <= {"mismatch"}
+    assert all(one[c].null_count() == one.height for c in ("fault_echo", "fault_garbled", "fault_cut"))
+    assert set(both["fault"].drop_nulls().to_list()) - {"mismatch"}, "the default names other detectors too"

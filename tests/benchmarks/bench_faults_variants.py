@@ -94,10 +94,12 @@ def with_mechanism(s: dict, likeness: str | None = None, end: str | None = None)
 
 
 def deviations(s: dict, loc: float | str | dict = 1.0, trim: float | None = None, k: int = 100,
-               pool_size: int = 2000, length: tuple = (), floor: dict | None = None) -> tuple[dict, np.ndarray]:
+               pool_size: int = 2000, length: tuple = (), floor: dict | None = None,
+               transform: dict | None = None) -> tuple[dict, np.ndarray]:
     """code → {"pool": the pool rows' leave-one-out deviations, "train": the training rows'}, and the trusted
     (validation) mask of the pool. ``loc``: the weight of the neighbours' median against the pool's median
-    (1: the default), a rule name, or code → weight."""
+    (1: the default), a rule name, or code → weight. ``transform``: code → a function applied to that detector's
+    statistic before anything else (``cut: log1p``)."""
     ti, th, vi, vh = s["ti"], s["th"], s["vi"], s["vh"]
     n = len(th)
     pool = F.pool_sample(n, pool_size)
@@ -107,6 +109,8 @@ def deviations(s: dict, loc: float | str | dict = 1.0, trim: float | None = None
     centre = ph.mean(0)
     pu, tu = F._unit_rows(ph, centre), F._unit_rows(th, centre)
     ps, ts = F.statistics(pin, CODES), F.statistics(ti, CODES)
+    for c, fn in (transform or {}).items():
+        ps[c], ts[c] = fn(ps[c]), fn(ts[c])
     pool_pos = np.full(n, -1)
     pool_pos[pool] = np.arange(len(pool))
     keep = np.ones(len(ph), bool)
@@ -204,8 +208,9 @@ COMBINE = {
 
 
 def suspect(s: dict, loc=1.0, trim=None, cal=None, combine=None, length=(), likeness=None, end=None,
-            floor=None) -> np.ndarray:
-    d, trusted = deviations(with_mechanism(s, likeness, end), loc, trim, length=length, floor=floor)
+            floor=None, transform=None) -> np.ndarray:
+    d, trusted = deviations(with_mechanism(s, likeness, end), loc, trim, length=length, floor=floor,
+                            transform=transform)
     zt, zv = calibrated(d, trusted, cal, floor)
     if combine is None:
         return _pos(zt).max(1)
@@ -227,6 +232,8 @@ VARIANTS: dict[str, dict] = {
     "length: garbled, mismatch deviations times sqrt(n / median n)": {"length": ("garbled", "mismatch")},
     "length: garbled": {"length": ("garbled",)},
     "length: every detector": {"length": tuple(CODES)},
+    "tail: cut reads log(1 + end_loss)": {"transform": {"cut": np.log1p}},
+    "tail: cut reads log(0.1 + end_loss)": {"transform": {"cut": lambda x: np.log(x + 0.1)}},
 }
 LOG2 = {"cut": float(np.log(2.0))}
 # the variants that read tests/benchmarks/fault_mechanisms.py's inputs (a forward pass per row, cached)

@@ -28,19 +28,21 @@ states. A detector's deviation is the row's statistic minus its neighbours' medi
 spread of the pool rows' own deviations from *their* neighbours (leave one out). Tasks then judge their rows by
 their own standard: a terse answer is compared with terse answers.
 
-**Calibration.** What a *clean* deviation looks like is read from the rows known to be clean, the validation
-samples (each compared with its own pool neighbours, leave one out): a detector's score is the row's deviation
-less their median deviation, over their robust spread, positive side only, and divided by the ratio of their
-upper ``CALIBRATION_QUANTILE`` score to what a normal gives there (never below 1; the clean bulk of real data has
-heavier tails than a normal on some statistics), so that at the default threshold each detector flags about the
-same small share of clean rows whatever its tails. The pool's training rows set the *location* (the
-neighbours' median, which a broken share does not move) but not the spread: a quarter of them broken, of any
-kind (junk also raises IFD), would inflate it and shrink every score. ``suspect`` is the largest calibrated detector score, ``fault`` the detector that gives it, and
-``suspect_reason`` its sentence. Other combinations (sum, Fisher's, Bonferroni's), locations (the pool's median,
-shrunk neighbourhoods, a trimmed pool), calibration scales, a length weighting, rows found alike by the prompt
-instead of the answer, and a line break or a sentence stop counted as the end of an answer were measured and chosen
-leave-one-set-out; none beat this one on the set it was not chosen on (``tests/benchmarks/bench_faults_variants``,
-docs/benchmarks.md).
+**Calibration.** What a *clean* deviation looks like is read from the rows known to be clean, the validation samples
+(each compared with its own pool neighbours, leave one out): a detector's score is the row's deviation less their
+median deviation, over their robust spread, positive side only, and divided by the ratio of their upper
+``CALIBRATION_QUANTILE`` score to what a normal gives there (never below 1; the clean bulk of real data has heavier
+tails than a normal on some statistics), so that at the default threshold each detector flags about the same small
+share of clean rows whatever its tails. The pool's training rows set the *location* (the neighbours' median, which a
+broken share does not move) but not the spread: a quarter of them broken, of any kind (junk also raises IFD), would
+inflate it and shrink every score. ``suspect`` is the largest calibrated detector score, ``fault`` the detector that
+gives it, and ``suspect_reason`` its sentence. Other combinations (sum, Fisher's, Bonferroni's), locations (the
+pool's median, shrunk neighbourhoods, a trimmed pool), calibration scales, a length weighting, rows found alike by
+the prompt instead of the answer, a line break or a sentence stop counted as the end of an answer, and
+``log1p(end_loss)`` for ``cut`` (a lighter tail) were measured and chosen leave-one-set-out; none beat this one on
+the set it was not chosen on, nor on three runs it was never tuned on (``tests/benchmarks/bench_faults_variants``,
+docs/benchmarks.md). A user who knows the fault scores its detector alone (``score.suspect = ["mismatch"]``): alone,
+the meant detector often matches the one-line filter that ``suspect`` loses to.
 
 What the default model cannot perceive: a wrong final number in a worked answer changes one token the 135M
 model barely predicts either way; no detector here sees it (docs/benchmarks.md, "Fault detection (issue 27)").

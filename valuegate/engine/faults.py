@@ -38,8 +38,8 @@ broken share does not move) but not the spread: a quarter of them broken, of any
 inflate it and shrink every score. ``suspect`` is the largest calibrated detector score, ``fault`` the detector that
 gives it, and ``suspect_reason`` its sentence. Other combinations (sum, Fisher's, Bonferroni's), locations (the
 pool's median, shrunk neighbourhoods, a trimmed pool), calibration scales, a length weighting, rows found alike by
-the prompt instead of the answer, a line break or a sentence stop counted as the end of an answer, and
-``log1p(end_loss)`` for ``cut`` (a lighter tail), 25, 50 or 200 neighbours were measured and chosen
+the prompt instead of the answer, a line break or a sentence stop counted as the end of an answer,
+a lighter tail for ``cut`` (``log1p(end_loss)``) and 25, 50 or 200 neighbours were measured and chosen
 leave-one-set-out and leave-one-fault-out; none beat this one on the set or fault it was not chosen on, nor on three
 runs it was never tuned on (``tests/benchmarks/bench_faults_variants``, docs/benchmarks.md). A user who knows the
 fault scores its detector alone (``score.suspect = ["mismatch"]``): alone, the meant detector often matches the

@@ -29,7 +29,7 @@ robust spread) and changes one thing:
 
 A variant is *admissible* on a set when it drops at most 3% of a real set's clean rows (10% of the demo's) and, on
 the DataInf zoo, has no lower recall at the threshold than the default. Leave-one-set-out: for each set, the
-admissible variant (on the other five) with the fewest missed cells on the other five is chosen and scored on the
+admissible variant (on the other sets) with the fewest missed cells on the other sets is chosen and scored on the
 held-out set. Leave-one-fault-out: for each fault type, the variant admissible on every set with the fewest missed
 cells of the other types is chosen and scored on that type's cells. Cells of fewer than 5 broken rows are not
 counted. ``--draws``: the clean rows dropped at thresholds 3-4 when other clean rows (seeded draws of 40 and 100)
@@ -287,12 +287,11 @@ def validation_draws(sets: dict, draws: int, sizes=(40, 100), thresholds=(3.0, 3
     the clean rows, the largest such share, and the mean recall."""
     out = []
     for m in sizes:
-        runs = [(k, seed, suspect(redrawn(s, m, seed))) for k, s in sets.items() if k != "demo"
-                and (s["cor"] == "").sum() >= m + 100 for seed in range(draws)]
+        runs = [(t["cor"], suspect(t)) for k, s in sets.items() if k != "demo" and (s["cor"] == "").sum() >= m + 100
+                for t in (redrawn(s, m, seed) for seed in range(draws))]
         for th in thresholds:
             drop, rec = [], []
-            for k, seed, sus in runs:
-                cor = redrawn(sets[k], m, seed)["cor"]
+            for cor, sus in runs:
                 drop.append(float((sus[cor == ""] > th).mean()))
                 rec.append(float((sus[cor != ""] > th).mean()))
             out.append({"validation_rows": m, "threshold": th, "runs": len(runs),

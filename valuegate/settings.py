@@ -258,9 +258,9 @@ class SelectSettings(_Section):
         "IFD < 1 (Cherry LLM / Superfiltering); perplexity: the lowest perplexity; rds: the highest rds_mean "
         "(RDS+ embedding similarity to the validation set); length: the longest; random: a random "
         "fraction (`seed`); or the policy of a baseline registered in valuegate/engine/baseline_registry.py.")
-    suspect_threshold: float = Field(3.5, description="suspect: largest suspect score kept (calibrated robust z "
+    suspect_threshold: float = Field(3.25, description="suspect: largest suspect score kept (calibrated robust z "
                                      "units of the fault detectors against rows like each sample, docs/faults.md). "
-                                     "3.5 keeps the clean rows dropped under 3% on real sets whatever validation "
+                                     "3.25 keeps the clean rows dropped under 3% on real sets whatever validation "
                                      "rows calibrate it (3: more broken rows caught, more clean ones too).")
     aggregate: Literal["mean", "nearest"] = Field("mean", description="The aggregate the policy reads.")
     fraction: float = Field(0.8, gt=0.0, le=1.0, description="top_fraction and the baseline policies (ifd, "

@@ -18,6 +18,7 @@ from valuegate.engine.faults import (
     pool_sample,
     register,
     statistics,
+    verdict,
 )
 from valuegate.errors import ValuegateError
 
@@ -85,7 +86,8 @@ def test_heavy_tailed_clean_rows_are_calibrated_to_the_same_share():
     n = 2000
     hidden = rng.normal(size=(n, 4))
     rows = {"hard_mean_loss": rng.normal(2.0, 0.3, n), "mean_loss": np.zeros(n),
-            "end_loss": rng.standard_t(2, n) * 0.3 + 1.0,
+            # cut reads log(1 + end_loss): this makes its statistic a t(2) (clipped at 0, as a surprisal is)
+            "end_loss": np.expm1(np.maximum(rng.standard_t(2, n) * 0.3 + 1.0, 0.0)),
             "max_loss": np.zeros(n)}
     trusted = np.arange(n) < 200  # the validation rows of the pool
     ref = FaultReference.build(rows, hidden, ["garbled", "cut"], 10, trusted)
@@ -201,3 +203,49 @@ def test_most_similar_is_by_direction_after_centring():
     rows = np.array([[10.0, 0.1, 3.0], [10.0, 0.0, -0.2], [10.0, 5.0, 0.1]])
     assert most_similar(rows, others).tolist() == [0, 1, 2]  # uncentred, every row would be nearest to one
     assert most_similar(rows, others[:1]).tolist() == [0, 0, 0]
+
+
+def test_a_task_whose_answers_could_go_on_is_not_cut_by_the_calibration_of_one_whose_answers_end_surely():
+    """Issue 27, a training set of two tasks whose validation rows are all of one: the model is sure where task A's
+    answers end (end-of-answer surprisal near 0.6 nats) and unsure of task B's (near 6, as GSM8K's "#### 72"), with
+    the same relative noise. The calibration reads A's spread; on raw nats 31% of B's clean rows were dropped
+    here, so ``cut`` reads ``log(1 + end_loss)``, on which a difference means the same in both."""
+    from valuegate.settings import load_settings
+
+    rng = np.random.default_rng(3)
+    n, n_v = 400, 60
+    task = np.arange(n) % 2
+    axis = np.eye(8)[0]
+    hidden = rng.normal(size=(n, 8)) * 0.1 + np.where(task[:, None] == 0, 1.0, -1.0) * axis
+    end = np.where(task == 0, 0.6, 6.0) * np.exp(rng.normal(0, 0.4, n))
+    valid_hidden = rng.normal(size=(n_v, 8)) * 0.1 + axis
+    valid_end = 0.6 * np.exp(rng.normal(0, 0.4, n_v))
+    s = load_settings(None, {})
+    v = verdict({"end_loss": end}, hidden, {"end_loss": valid_end}, valid_hidden, ["cut"],
+                s.score.suspect_neighbours, s.score.fault_pool)
+    dropped = [float(np.mean(v.suspect[task == t] > s.select.suspect_threshold)) for t in (0, 1)]
+    assert dropped[0] < 0.03 and dropped[1] < 0.10, dropped
+
+
+def test_short_answers_are_not_garbled_by_the_calibration_of_long_ones():
+    """Issue 27, a training set of short and long answers whose validation rows are all long: ``garbled`` reads
+    a mean surprisal over the answer's tokens, whose noise falls as ``1/sqrt(n_tokens)``. Calibrated on the long
+    answers' narrow spread, 23% of the short answers' clean rows were dropped here; weighed by
+    ``sqrt(n_tokens / median)``, a deviation means the same at every length."""
+    from valuegate.settings import load_settings
+
+    rng = np.random.default_rng(4)
+    n, n_v = 400, 60
+    task = np.arange(n) % 2  # 0: answers of 8 tokens, 1: of 200
+    tokens = np.where(task == 0, 8.0, 200.0)
+    axis = np.eye(8)[0]
+    hidden = rng.normal(size=(n, 8)) * 0.1 + np.where(task[:, None] == 0, 1.0, -1.0) * axis
+    loss = rng.normal(2.0, 1.0 / np.sqrt(tokens))  # the mean of n per-token surprisals of spread 1
+    valid_loss = rng.normal(2.0, 1.0 / np.sqrt(200.0), n_v)
+    valid_hidden = rng.normal(size=(n_v, 8)) * 0.1 - axis
+    s = load_settings(None, {})
+    v = verdict({"mean_loss": loss, "hard_mean_loss": loss, "n_tokens": tokens}, hidden,
+                {"mean_loss": valid_loss, "hard_mean_loss": valid_loss, "n_tokens": np.full(n_v, 200.0)},
+                valid_hidden, ["garbled"], s.score.suspect_neighbours, s.score.fault_pool)
+    dropped = [float(np.mean(v.suspect[task == t] > s.select.suspect_threshold)) for t in (0, 1)]
+    assert dropped[0] < 0.03 and dropped[1] < 0.03, dropped

@@ -15,10 +15,14 @@ detector       mechanism (statistic, higher = more suspect)                 what
                *easier* than like rows (``−log self-influence``); a
                difference under 0.1 means nothing (``min_spread``)
 ``garbled``    ``hard_mean_loss + mean_loss``: the surprisal of the answer  scrambled words (every token
-               with its hardest 20% of tokens counted twice                 harder), injected junk tokens
-                                                                            (the hardest ones)
-``cut``        ``end_loss``: ``−log p(end of answer)`` where the answer     a truncated answer
-               stops
+               with its hardest 20% of tokens counted twice; a mean over    harder), injected junk tokens
+               the answer's tokens, so its deviation is weighed by          (the hardest ones)
+               ``sqrt(n_tokens / the pool's median)`` (its noise falls as
+               ``1/sqrt(n)``: a short answer's mean wanders more)
+``cut``        ``log(1 + end_loss)``, ``end_loss = −log p(end of answer)``  a truncated answer
+               where the answer stops; the log makes a difference mean
+               the same in tasks whose answers end surely (end_loss near
+               0) and in tasks whose answers could go on
 =============  ==========================================================  ===============================
 
 **Dense reference.** "Like rows" are a row's ``k`` nearest rows of a reference *pool*: the validation samples
@@ -39,9 +43,11 @@ inflate it and shrink every score. ``suspect`` is the largest calibrated detecto
 gives it, and ``suspect_reason`` its sentence. Other combinations (sum, Fisher's, Bonferroni's), locations (the
 pool's median, shrunk neighbourhoods, a trimmed pool), calibration scales, a length weighting, rows found alike by
 the prompt instead of the answer, a line break or a sentence stop counted as the end of an answer,
-a lighter tail for ``cut`` (``log1p(end_loss)``) and 25, 50 or 200 neighbours were measured and chosen
-leave-one-set-out and leave-one-fault-out; none beat this one on the set or fault it was not chosen on, nor on three
-runs it was never tuned on (``tests/benchmarks/bench_faults_variants``, docs/benchmarks.md). A user who knows the
+``end_loss`` itself for ``cut`` (the default before: on a training set of several tasks whose validation rows are
+all of one task, the calibration reads that task's spread, and up to 14% of the other tasks' clean rows were
+dropped), spreads read from each row's own neighbourhood (noisier: more cells missed and clean rows dropped on
+one-task sets) and 25, 50 or 200 neighbours were measured and chosen leave-one-set-out and leave-one-fault-out;
+none beat this one on the set or fault it was not chosen on, nor on three runs it was never tuned on (``tests/benchmarks/bench_faults_variants``, docs/benchmarks.md). A user who knows the
 fault scores its detector alone (``score.suspect = ["mismatch"]``): alone, the meant detector often matches the
 one-line filter that ``suspect`` loses to.
 
@@ -105,6 +111,10 @@ class Detector:
         min_spread: the smallest spread a deviation is divided by, in the statistic's own units: the least
             difference from like rows that means anything (a statistic that is 0 on most rows has a robust
             spread near 0, and any small difference would be a large score).
+        token_mean: the statistic is a mean over the answer's tokens, whose noise falls as ``1/sqrt(n_tokens)``:
+            a deviation is weighed by ``sqrt(n_tokens / the pool's median n_tokens)``, so that short and long
+            answers (and validation rows of another length than the training rows) share one spread. Reads the
+            ``n_tokens`` input where the caller passes it (every valuegate path does), else weighs by 1.
     """
 
     code: str
@@ -112,6 +122,7 @@ class Detector:
     inputs: tuple[str, ...]
     statistic: Callable[[Mapping[str, np.ndarray]], np.ndarray]
     min_spread: float = 0.0
+    token_mean: bool = False
 
 
 DETECTORS: dict[str, Detector] = {}
@@ -145,10 +156,11 @@ register(Detector(
 register(Detector(
     "garbled", "the answer has words or tokens that make no sense where they stand (scrambled or inserted)",
     ("hard_mean_loss", "mean_loss"),
-    lambda f: np.asarray(f["hard_mean_loss"], dtype=np.float64) + np.asarray(f["mean_loss"], dtype=np.float64)))
+    lambda f: np.asarray(f["hard_mean_loss"], dtype=np.float64) + np.asarray(f["mean_loss"], dtype=np.float64),
+    token_mean=True))
 register(Detector(
     "cut", "the answer stops before it is finished",
-    ("end_loss",), lambda f: np.asarray(f["end_loss"], dtype=np.float64)))
+    ("end_loss",), lambda f: np.log1p(np.maximum(np.asarray(f["end_loss"], dtype=np.float64), 0.0))))
 
 
 def _unit_rows(x: np.ndarray, centre: np.ndarray) -> np.ndarray:
@@ -210,6 +222,7 @@ class FaultReference:
             states. stats: code → ``(m,)`` the pool's statistics. scale: code → the robust spread of the
             pool's leave-one-out deviations. tail: code → the tail calibration factor (≥ 1). offset: code → the
             median of those deviations (a neighbourhood's median is biased when the statistic is skewed).
+            n_median: the pool's median ``n_tokens`` (the unit of a ``token_mean`` detector's weight).
     """
 
     codes: list[str]
@@ -220,6 +233,15 @@ class FaultReference:
     scale: dict[str, float] = field(default_factory=dict)
     tail: dict[str, float] = field(default_factory=dict)
     offset: dict[str, float] = field(default_factory=dict)
+    n_median: float = 1.0
+
+    def weight(self, code: str, inputs: Mapping[str, np.ndarray], n: int) -> np.ndarray | float:
+        """``(n,)`` what a row's deviation is weighed by: ``sqrt(n_tokens / n_median)`` for a ``token_mean``
+        detector (1 where ``n_tokens`` is missing), else 1."""
+        if not DETECTORS[code].token_mean or "n_tokens" not in inputs:
+            return 1.0
+        tokens = np.asarray([np.nan if v is None else v for v in inputs["n_tokens"]], dtype=np.float64)[:n]
+        return np.where(np.isfinite(tokens), np.sqrt(np.maximum(tokens, 1.0) / self.n_median), 1.0)
 
     @staticmethod
     def build(inputs: Mapping[str, np.ndarray], hidden: np.ndarray, codes: list[str], k: int,
@@ -245,6 +267,10 @@ class FaultReference:
         centre = hidden.mean(0)
         ref = FaultReference(list(codes), int(k), centre, _unit_rows(hidden, centre), {})
         ref.stats = statistics(inputs, codes)
+        if "n_tokens" in inputs and any(DETECTORS[c].token_mean for c in codes):
+            tokens = np.asarray([np.nan if v is None else v for v in inputs["n_tokens"]], dtype=np.float64)
+            ref.n_median = float(np.nanmedian(tokens)) if np.isfinite(tokens).any() else 1.0
+            ref.n_median = max(ref.n_median, 1.0)
         own = np.arange(hidden.shape[0])
         nb = _neighbours(ref.pool_unit, ref.pool_unit, ref.k, own)
         use = np.ones(hidden.shape[0], dtype=bool) if trusted is None else np.asarray(trusted, dtype=bool)
@@ -254,7 +280,7 @@ class FaultReference:
             quantile = CALIBRATION_QUANTILE
         for c in codes:
             x = ref.stats[c]
-            dev = (x - _location(x, nb))[use]
+            dev = ((x - _location(x, nb)) * ref.weight(c, inputs, len(x)))[use]
             ref.offset[c] = float(np.nanmedian(dev)) if np.isfinite(dev).any() else 0.0
             ref.scale[c] = max(_spread(dev), DETECTORS[c].min_spread)
             z = (dev - ref.offset[c]) / ref.scale[c]
@@ -275,7 +301,8 @@ class FaultReference:
         stats = statistics(inputs, self.codes)
         out = {}
         for c in self.codes:
-            dev = stats[c] - _location(self.stats[c], nb) - self.offset.get(c, 0.0)
+            dev = ((stats[c] - _location(self.stats[c], nb)) * self.weight(c, inputs, len(stats[c]))
+                   - self.offset.get(c, 0.0))
             z = dev / self.scale[c] / self.tail[c]
             out[c] = np.where(np.isfinite(z), np.maximum(z, 0.0), np.nan)
         return out

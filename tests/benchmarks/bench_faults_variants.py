@@ -18,8 +18,13 @@ robust spread) and changes one thing:
 - **calibration scale**: from the whole pool (training rows too, robust upper quantiles) or from the
   validation rows at other quantiles;
 - **neighbours**: ``k`` other than the default 100 (``score.suspect_neighbours``);
-- **length**: a deviation of a mean over a row's tokens times ``sqrt(n_tokens / median)`` (its sampling noise
-  falls as ``1/sqrt(n)``; the clean rows that outrank broken ones are mostly short answers);
+- **spread**: each row's deviation over the robust spread of its neighbours' own deviations (a local spread)
+  before the calibration;
+- **tail**: ``cut`` on ``end_loss`` itself or ``log(0.1 + end_loss)``;
+- **length**: which detectors' deviations are weighed by ``sqrt(n_tokens / median)``, a mean over a row's tokens
+  having a sampling noise that falls as ``1/sqrt(n)`` (the default: ``garbled``'s, the detectors marked
+  ``token_mean``; none, as before; ``mismatch``'s too; every detector's);
+- **the default before** the mixtures below: ``cut`` on ``end_loss`` itself and no deviation weighed by length;
 - **mechanisms** that need inputs valuegate does not extract (:mod:`tests.benchmarks.fault_mechanisms`: one
   forward pass per row, cached in ``<out>/faults-mechanisms-*.npz``; ``--no-mechanisms`` skips them): rows found
   alike by what was *asked* (the prompt's mean hidden state, or its last position's) instead of the answer's
@@ -33,8 +38,11 @@ admissible variant (on the other sets) with the fewest missed cells on the other
 held-out set. Leave-one-fault-out: for each fault type, the variant admissible on every set with the fewest missed
 cells of the other types is chosen and scored on that type's cells. Cells of fewer than 5 broken rows are not
 counted. ``--draws``: the clean rows dropped at thresholds 3-4 when other clean rows (seeded draws of 40 and 100)
-calibrate the detectors, the robustness behind ``select.suspect_threshold``'s default. Prints the table per variant
-and the choice per fold; writes ``<out>/faults-variants.json``.
+calibrate the detectors, the robustness behind ``select.suspect_threshold``'s default. ``--mixtures``: the real sets
+as the tasks of one training set (60 clean rows and 3 of each corruption per task), its validation rows from every
+task or all from one (a validation set that targets one task), for a few variants: the clean rows dropped at
+thresholds 3-3.5, and ``suspect`` against the best one-line filter per fault. Prints the table per variant and the
+choice per fold; writes ``<out>/faults-variants.json``.
 """
 
 from __future__ import annotations
@@ -48,13 +56,15 @@ import numpy as np
 import polars as pl
 from scipy.stats import chi2, norm
 
-from tests.benchmarks.bench_faults import auc, with_text_inputs
+from tests.benchmarks.bench_faults import REAL_SETS, auc, with_text_inputs
 from tests.benchmarks.fault_mechanisms import mechanism_inputs
 from valuegate.engine import faults as F
 
 CODES = ["mismatch", "echo", "garbled", "cut"]
 BASELINES = ("perplexity", "ifd", "rds_mean", "rds_max", "length")
 Q = 0.9  # the default calibration quantile (faults.CALIBRATION_QUANTILE)
+# the detectors whose deviations are weighed by sqrt(n_tokens / median) by default (Detector.token_mean)
+TOKEN_MEAN = tuple(c for c in CODES if F.DETECTORS[c].token_mean)
 
 
 def load(out: Path) -> tuple[dict, dict]:
@@ -70,7 +80,11 @@ def load(out: Path) -> tuple[dict, dict]:
                     np.array(t["hidden"].to_list(), dtype=np.float64))
 
         (ti, th), (vi, vh) = side(tr), side(va)
-        sets[key] = {"ti": ti, "th": th, "vi": vi, "vh": vh, "cor": tr["corruption"].fill_null("").to_numpy()}
+        sets[key] = {"ti": ti, "th": th, "vi": vi, "vh": vh, "cor": tr["corruption"].fill_null("").to_numpy(),
+                     # the one-line filters, each signed so that higher = dropped
+                     "base": {"perplexity": tr["perplexity"].to_numpy().astype(np.float64),
+                              "ifd": tr["ifd"].to_numpy().astype(np.float64),
+                              "length": -tr["length"].to_numpy().astype(np.float64)}}
     return sets, ref
 
 
@@ -98,12 +112,13 @@ def with_mechanism(s: dict, likeness: str | None = None, end: str | None = None)
 
 
 def deviations(s: dict, loc: float | str | dict = 1.0, trim: float | None = None, k: int = 100,
-               pool_size: int = 2000, length: tuple = (), floor: dict | None = None,
-               transform: dict | None = None) -> tuple[dict, np.ndarray]:
+               pool_size: int = 2000, length: tuple | None = None, floor: dict | None = None,
+               transform: dict | None = None, local: bool = False) -> tuple[dict, np.ndarray]:
     """code → {"pool": the pool rows' leave-one-out deviations, "train": the training rows'}, and the trusted
     (validation) mask of the pool. ``loc``: the weight of the neighbours' median against the pool's median
     (1: the default), a rule name, or code → weight. ``transform``: code → a function applied to that detector's
-    statistic before anything else (``cut: log1p``)."""
+    statistic before anything else (``cut: expm1``). ``local``: each deviation over the robust spread of its
+    neighbours' own deviations (then calibrated as usual)."""
     ti, th, vi, vh = s["ti"], s["th"], s["vi"], s["vh"]
     n = len(th)
     pool = F.pool_sample(n, pool_size)
@@ -125,11 +140,16 @@ def deviations(s: dict, loc: float | str | dict = 1.0, trim: float | None = None
         nbp = idx[F._neighbours(pu, pu[idx], k, own)]
         nbt = idx[F._neighbours(tu, pu[idx], k, np.where(pool_pos >= 0, own[np.maximum(pool_pos, 0)], -1))]
         out = {}
+        length = TOKEN_MEAN if length is None else length
         for c in CODES:
             g = float(np.nanmedian(ps[c]))
             lp, lt = F._location(ps[c], nbp), F._location(ps[c], nbt)
             b = _weight(loc, c, ps[c][trusted] - g, lp[trusted] - g)
             out[c] = {"pool": ps[c] - (g + b * (lp - g)), "train": ts[c] - (g + b * (lt - g))}
+            if local:
+                dp = out[c]["pool"]
+                for part, nbx in (("pool", nbp), ("train", nbt)):
+                    out[c][part] = out[c][part] / np.maximum(_local_spread(dp, nbx), max(_floor(c, floor), 1e-9))
             if c in length:  # a mean over n tokens: its noise falls as 1/sqrt(n)
                 n_med = float(np.median(pin["n_tokens"]))
                 out[c]["pool"] = out[c]["pool"] * np.sqrt(np.maximum(pin["n_tokens"], 1) / n_med)
@@ -141,6 +161,13 @@ def deviations(s: dict, loc: float | str | dict = 1.0, trim: float | None = None
                 zmax = np.maximum(zmax, np.nan_to_num((out[c]["pool"] - off) / sc / tail, nan=0.0))
             keep = trusted | (zmax <= trim)
     return out, trusted
+
+
+def _local_spread(dev: np.ndarray, nb: np.ndarray) -> np.ndarray:
+    """``(n,)`` 1.4826 · the median absolute deviation of each row's neighbours' deviations (NaN-aware)."""
+    vals = dev[nb]
+    med = np.nanmedian(vals, axis=1, keepdims=True)
+    return 1.4826 * np.nanmedian(np.abs(vals - med), axis=1)
 
 
 def _weight(loc, code: str, y: np.ndarray, x: np.ndarray) -> float:
@@ -211,10 +238,10 @@ COMBINE = {
 }
 
 
-def suspect(s: dict, loc=1.0, trim=None, cal=None, combine=None, length=(), likeness=None, end=None,
-            floor=None, transform=None, k=100) -> np.ndarray:
+def suspect(s: dict, loc=1.0, trim=None, cal=None, combine=None, length=None, likeness=None, end=None,
+            floor=None, transform=None, k=100, local=False) -> np.ndarray:
     d, trusted = deviations(with_mechanism(s, likeness, end), loc, trim, k=k, length=length, floor=floor,
-                            transform=transform)
+                            transform=transform, local=local)
     zt, zv = calibrated(d, trusted, cal, floor)
     if combine is None:
         return _pos(zt).max(1)
@@ -234,12 +261,22 @@ VARIANTS: dict[str, dict] = {
     "scale: pool, tail q0.9": {"cal": ("pool", 0.9)},
     "scale: validation upper quartile": {"cal": ("valid", 0.75)},
     "length: garbled, mismatch deviations times sqrt(n / median n)": {"length": ("garbled", "mismatch")},
-    "length: garbled": {"length": ("garbled",)},
+    "length: no deviation weighed": {"length": ()},
     "length: every detector": {"length": tuple(CODES)},
     **{f"neighbours: k = {k}": {"k": k} for k in (25, 50, 200)},
-    "tail: cut reads log(1 + end_loss)": {"transform": {"cut": np.log1p}},
-    "tail: cut reads log(0.1 + end_loss)": {"transform": {"cut": lambda x: np.log(x + 0.1)}},
+    # the default ``cut`` reads log(1 + end_loss); expm1 gives end_loss back
+    "tail: cut reads end_loss in nats": {"transform": {"cut": np.expm1}},
+    "tail: cut reads log(0.1 + end_loss)": {"transform": {"cut": lambda x: np.log(np.expm1(x) + 0.1)}},
+    "spread: each row's neighbours' own": {"local": True},
+    # the default before the mixtures: cut on end_loss itself, no deviation weighed by length
+    "the default before (cut in nats, no length weight)": {"transform": {"cut": np.expm1}, "length": ()},
 }
+# the variants the mixtures of real sets are scored with (--mixtures)
+MIXTURE_VARIANTS = ("default (largest calibrated score)", "the default before (cut in nats, no length weight)",
+                    "tail: cut reads end_loss in nats",
+                    "length: no deviation weighed", "spread: each row's neighbours' own",
+                    "neighbours: k = 25", "neighbours: k = 50")
+
 LOG2 = {"cut": float(np.log(2.0))}
 # the variants that read tests/benchmarks/fault_mechanisms.py's inputs (a forward pass per row, cached)
 MECHANISMS: dict[str, dict] = {
@@ -303,6 +340,69 @@ def validation_draws(sets: dict, draws: int, sizes=(40, 100), thresholds=(3.0, 3
     return out
 
 
+def mixture(sets: dict, keys: list[str], seed: int, only: int | None, clean: int = 60, per_type: int = 3,
+            valid: int = 8) -> dict:
+    """One training set of several tasks: from each set of ``keys`` (a task), ``clean`` clean rows and ``per_type``
+    rows of each corruption (seeded draw); the validation rows ``valid`` of each task's own, or when ``only`` is a
+    task's index, 40 of that task's alone (a validation set that targets one task of the training data). ``task``:
+    each training row's task index."""
+    rng = np.random.default_rng([seed, 0 if only is None else only + 1])
+    parts, vparts = [], []
+    for j, key in enumerate(keys):
+        s = sets[key]
+        pick = list(rng.choice(np.flatnonzero(s["cor"] == ""), clean, replace=False))
+        for kind in sorted(set(s["cor"]) - {""}):
+            rows = np.flatnonzero(s["cor"] == kind)
+            pick += list(rng.choice(rows, min(per_type, len(rows)), replace=False))
+        parts.append((j, np.sort(np.array(pick))))
+        n_v = valid if only is None else (40 if j == only else 0)
+        if n_v:
+            vparts.append(np.sort(rng.choice(len(s["vh"]), min(n_v, len(s["vh"])), replace=False)))
+        else:
+            vparts.append(np.array([], dtype=np.int64))
+
+    def cat(field: str, sub: str | None = None, valid_side: bool = False) -> np.ndarray:
+        return np.concatenate([(sets[keys[j]][field] if sub is None else sets[keys[j]][field][sub])[
+            vparts[j] if valid_side else idx] for j, idx in parts])
+
+    names = sorted(set.intersection(*[set(sets[k]["ti"]) for k in keys]))
+    return {"ti": {c: cat("ti", c) for c in names}, "th": cat("th"), "cor": cat("cor"),
+            "vi": {c: cat("vi", c, True) for c in names}, "vh": cat("vh", None, True),
+            "base": {b: cat("base", b) for b in sets[keys[0]]["base"]},
+            "task": np.concatenate([np.full(len(idx), j) for j, idx in parts])}
+
+
+def mixtures(sets: dict, variants: dict, seeds: int = 3, thresholds=(3.0, 3.25, 3.5)) -> dict:
+    """The real sets as the tasks of one training set (:func:`mixture`), with validation rows of every task or of
+    one: per variant and threshold, the share of mixtures dropping over 3% of the clean rows, the largest drop and
+    the mean recall; per fault, the mean of ``suspect``'s AUC less the best one-line filter's (perplexity, IFD,
+    length: RDS depends on the validation rows and is not cached per row)."""
+    keys = [k for k in sets if k.split("-")[0] in REAL_SETS and k.endswith("-s0")]
+    mixes = [mixture(sets, keys, seed, only) for only in [None, *range(len(keys))] for seed in range(seeds)]
+    out = {}
+    for v, kw in variants.items():
+        runs = [(m, suspect(m, **kw)) for m in mixes]
+        res = {"thresholds": {}, "vs_best_filter": {}}
+        for th in thresholds:
+            drops = [float((sus[m["cor"] == ""] > th).mean()) for m, sus in runs]
+            res["thresholds"][th] = {"over_3pct": float(np.mean(np.array(drops) > 0.03)), "max_drop": max(drops),
+                                     "mean_recall": float(np.mean([(sus[m["cor"] != ""] > th).mean() for m, sus in runs]))}
+        for kind in sorted(set(mixes[0]["cor"]) - {""}):
+            diffs = []
+            for m, sus in runs:
+                sel = (m["cor"] == "") | (m["cor"] == kind)
+                lab = m["cor"][sel] == kind
+                diffs.append(auc(sus[sel], lab) - max(auc(b[sel], lab) for b in m["base"].values()))
+            res["vs_best_filter"][kind] = float(np.mean(diffs))
+        out[v] = res
+        cells = " | ".join(f"{r['over_3pct']:.0%} / {r['max_drop']:.1%} / {r['mean_recall']:.0%}"
+                           for r in res["thresholds"].values())
+        print(f"mixtures, {v}: over 3% / largest drop / recall at {', '.join(map(str, thresholds))}: {cells}; "
+              "suspect - best filter: " + ", ".join(f"{k} {d:+.2f}" for k, d in res["vs_best_filter"].items()),
+              flush=True)
+    return {"tasks": keys, "mixtures": len(mixes), "variants": out}
+
+
 def main() -> None:
     from valuegate.settings import load_settings
 
@@ -310,6 +410,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("bench-results"))
     ap.add_argument("--draws", type=int, default=12, help="seeded draws of the validation rows per set and size "
                     "for the threshold's robustness (0: skip)")
+    ap.add_argument("--mixtures", type=int, default=3, help="seeds of the mixtures of the real sets (0: skip)")
     ap.add_argument("--no-mechanisms", action="store_true",
                     help="skip the variants that need a forward pass per row (fault_mechanisms)")
     a = ap.parse_args()
@@ -364,8 +465,9 @@ def main() -> None:
         print(f"held out fault {kind}: chosen {chosen!r}; its missed cells {missed_of(chosen, kind, True)} "
               f"(default {missed_of(default, kind, True)})")
     draws = validation_draws(sets, a.draws) if a.draws else []
-    (a.out / "faults-variants.json").write_text(json.dumps({"variants": res, "folds": folds,
-                                                             "fault_folds": fault_folds, "draws": draws}, indent=1))
+    mixed = mixtures(sets, {v: VARIANTS[v] for v in MIXTURE_VARIANTS}, a.mixtures) if a.mixtures else {}
+    (a.out / "faults-variants.json").write_text(json.dumps({"variants": res, "folds": folds, "fault_folds": fault_folds,
+                                                             "draws": draws, "mixtures": mixed}, indent=1))
 
 
 if __name__ == "__main__":

@@ -20,7 +20,8 @@ robust spread) and changes one thing:
 - **neighbours**: ``k`` other than the default 100 (``score.suspect_neighbours``);
 - **spread**: each row's deviation over the robust spread of its neighbours' own deviations (a local spread)
   before the calibration;
-- **tail**: ``cut`` on ``end_loss`` itself or ``log(0.1 + end_loss)``;
+- **tail**: ``cut`` on ``end_loss`` itself, ``log(1 + end_loss)`` or ``log(0.1 + end_loss)`` (the default:
+  ``sqrt(end_loss)``);
 - **length**: which detectors' deviations are weighed by ``sqrt(n_tokens / median)``, a mean over a row's tokens
   having a sampling noise that falls as ``1/sqrt(n)`` (the default: ``garbled``'s, the detectors marked
   ``token_mean``; none, as before; ``mismatch``'s too; every detector's);
@@ -117,7 +118,7 @@ def deviations(s: dict, loc: float | str | dict = 1.0, trim: float | None = None
     """code → {"pool": the pool rows' leave-one-out deviations, "train": the training rows'}, and the trusted
     (validation) mask of the pool. ``loc``: the weight of the neighbours' median against the pool's median
     (1: the default), a rule name, or code → weight. ``transform``: code → a function applied to that detector's
-    statistic before anything else (``cut: expm1``). ``local``: each deviation over the robust spread of its
+    statistic before anything else (``cut: np.square`` gives ``end_loss`` back). ``local``: each deviation over the robust spread of its
     neighbours' own deviations (then calibrated as usual)."""
     ti, th, vi, vh = s["ti"], s["th"], s["vi"], s["vh"]
     n = len(th)
@@ -264,16 +265,17 @@ VARIANTS: dict[str, dict] = {
     "length: no deviation weighed": {"length": ()},
     "length: every detector": {"length": tuple(CODES)},
     **{f"neighbours: k = {k}": {"k": k} for k in (25, 50, 200)},
-    # the default ``cut`` reads log(1 + end_loss); expm1 gives end_loss back
-    "tail: cut reads end_loss in nats": {"transform": {"cut": np.expm1}},
-    "tail: cut reads log(0.1 + end_loss)": {"transform": {"cut": lambda x: np.log(np.expm1(x) + 0.1)}},
+    # the default ``cut`` reads sqrt(end_loss); its square gives end_loss back
+    "tail: cut reads end_loss in nats": {"transform": {"cut": np.square}},
+    "tail: cut reads log(1 + end_loss)": {"transform": {"cut": lambda x: np.log1p(np.square(x))}},
+    "tail: cut reads log(0.1 + end_loss)": {"transform": {"cut": lambda x: np.log(np.square(x) + 0.1)}},
     "spread: each row's neighbours' own": {"local": True},
     # the default before the mixtures: cut on end_loss itself, no deviation weighed by length
-    "the default before (cut in nats, no length weight)": {"transform": {"cut": np.expm1}, "length": ()},
+    "the default before (cut in nats, no length weight)": {"transform": {"cut": np.square}, "length": ()},
 }
 # the variants the mixtures of real sets are scored with (--mixtures)
 MIXTURE_VARIANTS = ("default (largest calibrated score)", "the default before (cut in nats, no length weight)",
-                    "tail: cut reads end_loss in nats",
+                    "tail: cut reads end_loss in nats", "tail: cut reads log(1 + end_loss)",
                     "length: no deviation weighed", "spread: each row's neighbours' own",
                     "neighbours: k = 25", "neighbours: k = 50")
 

@@ -45,9 +45,11 @@ pool's median, shrunk neighbourhoods, a trimmed pool), calibration scales, a len
 the prompt instead of the answer, a line break or a sentence stop counted as the end of an answer,
 ``end_loss`` itself for ``cut`` (the default before: on a training set of several tasks whose validation rows are
 all of one task, the calibration reads that task's spread, and up to 14% of the clean rows were dropped) or its
-log (as robust, but it squeezes truncated answers under the threshold), spreads read from each row's own neighbourhood (noisier: more cells missed and clean rows dropped on
-one-task sets) and 25, 50 or 200 neighbours were measured and chosen leave-one-set-out and leave-one-fault-out;
-none beat this one on the set or fault it was not chosen on, nor on three runs it was never tuned on (``tests/benchmarks/bench_faults_variants``, docs/benchmarks.md). A user who knows the
+log (as robust, but it squeezes truncated answers under the threshold), spreads read from each row's own
+neighbourhood (noisier: more cells missed and clean rows dropped on one-task sets) and 25, 50 or 200 neighbours were
+measured and chosen leave-one-set-out and leave-one-fault-out, then scored on mixtures of tasks; none beat this one
+on the set or fault it was not chosen on, nor on three runs it was never tuned on, nor on the mixtures
+(``tests/benchmarks/bench_faults_variants``, docs/benchmarks.md). A user who knows the
 fault scores its detector alone (``score.suspect = ["mismatch"]``): alone, the meant detector often matches the
 one-line filter that ``suspect`` loses to.
 
@@ -163,6 +165,13 @@ register(Detector(
     ("end_loss",), lambda f: np.sqrt(np.maximum(np.asarray(f["end_loss"], dtype=np.float64), 0.0))))
 
 
+def _floats(values) -> np.ndarray:
+    """``(n,)`` float64 of a per-row input column (an array, or a list with None for null: NaN)."""
+    if isinstance(values, np.ndarray) and values.dtype != object:
+        return values.astype(np.float64, copy=False)
+    return np.asarray([np.nan if v is None else v for v in values], dtype=np.float64)
+
+
 def _unit_rows(x: np.ndarray, centre: np.ndarray) -> np.ndarray:
     x = np.asarray(x, dtype=np.float64) - centre
     norm = np.linalg.norm(x, axis=1, keepdims=True)
@@ -240,7 +249,7 @@ class FaultReference:
         detector (1 where ``n_tokens`` is missing), else 1."""
         if not DETECTORS[code].token_mean or "n_tokens" not in inputs:
             return 1.0
-        tokens = np.asarray([np.nan if v is None else v for v in inputs["n_tokens"]], dtype=np.float64)[:n]
+        tokens = _floats(inputs["n_tokens"])[:n]
         return np.where(np.isfinite(tokens), np.sqrt(np.maximum(tokens, 1.0) / self.n_median), 1.0)
 
     @staticmethod
@@ -268,7 +277,7 @@ class FaultReference:
         ref = FaultReference(list(codes), int(k), centre, _unit_rows(hidden, centre), {})
         ref.stats = statistics(inputs, codes)
         if "n_tokens" in inputs and any(DETECTORS[c].token_mean for c in codes):
-            tokens = np.asarray([np.nan if v is None else v for v in inputs["n_tokens"]], dtype=np.float64)
+            tokens = _floats(inputs["n_tokens"])
             ref.n_median = float(np.nanmedian(tokens)) if np.isfinite(tokens).any() else 1.0
             ref.n_median = max(ref.n_median, 1.0)
         own = np.arange(hidden.shape[0])
@@ -336,8 +345,7 @@ def statistics(inputs: Mapping[str, np.ndarray], codes: list[str]) -> dict[str, 
         if missing:
             raise ValuegateError(f"fault detector {c!r} needs the {missing[0]!r} column; extract the features "
                                  "again with this valuegate")
-        cols = {name: np.asarray([np.nan if v is None else v for v in inputs[name]], dtype=np.float64)
-                for name in det.inputs}
+        cols = {name: _floats(inputs[name]) for name in det.inputs}
         with np.errstate(all="ignore"):
             out[c] = np.asarray(det.statistic(cols), dtype=np.float64)
     return out
